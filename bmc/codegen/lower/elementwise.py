@@ -1,0 +1,81 @@
+"""Relax lowering of elementwise ops."""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from bmc.codegen.lower import lowering
+from bmc.ir.types import np_dtype
+
+_R = relax.op
+
+_SIMPLE_UNARY = {
+    "neg": _R.negative, "abs": _R.abs, "sign": _R.sign, "exp": _R.exp, "log": _R.log, "sqrt": _R.sqrt,
+    "rsqrt": _R.rsqrt, "tanh": _R.tanh, "sigmoid": _R.sigmoid, "erf": _R.erf, "sin": _R.sin, "cos": _R.cos,
+    "floor": _R.floor, "ceil": _R.ceil, "round": _R.round, "relu": _R.nn.relu, "logical_not": _R.logical_not,
+    "isnan": _R.isnan, "isinf": _R.isinf,
+}
+_BINARY = {
+    "add": _R.add, "sub": _R.subtract, "mul": _R.multiply, "div": _R.divide, "pow": _R.power,
+    "maximum": _R.maximum, "minimum": _R.minimum, "equal": _R.equal, "less": _R.less, "less_equal": _R.less_equal,
+    "greater": _R.greater, "greater_equal": _R.greater_equal, "logical_and": _R.logical_and,
+    "logical_or": _R.logical_or, "logical_xor": _R.logical_xor,
+}
+
+
+def scalar(value, dtype: str) -> relax.Constant:
+    return relax.const(np.array(value, dtype=np_dtype(dtype)))
+
+
+@lowering(*_SIMPLE_UNARY)
+def _unary(ctx, node, args):
+    return _SIMPLE_UNARY[node.op](args[0])
+
+
+@lowering(*_BINARY)
+def _binary(ctx, node, args):
+    return _BINARY[node.op](args[0], args[1])
+
+
+@lowering("reciprocal")
+def _reciprocal(ctx, node, args):
+    return _R.divide(scalar(1, node.inputs[0].type.dtype), args[0])
+
+
+@lowering("softplus")
+def _softplus(ctx, node, args):
+    # log(1 + exp(x)) computed stably as max(x, 0) + log(1 + exp(-|x|))
+    x, dt = args[0], node.inputs[0].type.dtype
+    tail = _R.log(_R.add(scalar(1, dt), ctx.emit(_R.exp(ctx.emit(_R.negative(ctx.emit(_R.abs(x))))))))
+    return _R.add(ctx.emit(_R.maximum(x, scalar(0, dt))), ctx.emit(tail))
+
+
+@lowering("gelu")
+def _gelu(ctx, node, args):
+    return _R.nn.gelu_tanh(args[0]) if node.attrs["approximate"] == "tanh" else _R.nn.gelu(args[0])
+
+
+@lowering("leaky_relu")
+def _leaky_relu(ctx, node, args):
+    return _R.nn.leakyrelu(args[0], node.attrs["alpha"])
+
+
+@lowering("clip")
+def _clip(ctx, node, args):
+    x, dt = args[0], node.inputs[0].type.dtype
+    if node.attrs["min"] is not None:
+        x = ctx.emit(_R.maximum(x, scalar(node.attrs["min"], dt)))
+    if node.attrs["max"] is not None:
+        x = ctx.emit(_R.minimum(x, scalar(node.attrs["max"], dt)))
+    return x
+
+
+@lowering("cast")
+def _cast(ctx, node, args):
+    return _R.astype(args[0], node.attrs["dtype"])
+
+
+@lowering("where")
+def _where(ctx, node, args):
+    return _R.where(*args)

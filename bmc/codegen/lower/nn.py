@@ -1,0 +1,43 @@
+"""Relax lowering of convolution and pooling (1-D and 2-D; NCW / NCHW)."""
+
+from __future__ import annotations
+
+from tvm import relax
+
+from bmc.codegen.lower import lowering
+from bmc.errors import CompileError
+
+_R = relax.op
+
+
+def _spatial(node, what):
+    nd = node.inputs[0].type.rank - 2
+    if nd not in (1, 2):
+        raise CompileError(f"{what} with {nd} spatial dims is not supported yet (1-D and 2-D are)",
+                           where=f"node {node.source or node.op}")
+    return nd
+
+
+def _defaults(node, nd):
+    a = node.attrs
+    return (list(a["strides"]) or [1] * nd, list(a["pads"]) or [0] * (2 * nd), list(a["dilations"]) or [1] * nd)
+
+
+@lowering("conv")
+def _conv(ctx, node, args):
+    nd = _spatial(node, "conv")
+    strides, pads, dil = _defaults(node, nd)
+    fn = _R.nn.conv1d if nd == 1 else _R.nn.conv2d
+    return fn(args[0], args[1], strides=strides, padding=pads, dilation=dil, groups=node.attrs["group"])
+
+
+@lowering("max_pool", "avg_pool")
+def _pool(ctx, node, args):
+    nd = _spatial(node, node.op)
+    strides, pads, dil = _defaults(node, nd)
+    kw = dict(pool_size=list(node.attrs["kernel"]), strides=strides, padding=pads, dilation=dil,
+              ceil_mode=node.attrs["ceil_mode"])
+    if node.op == "max_pool":
+        return (_R.nn.max_pool1d if nd == 1 else _R.nn.max_pool2d)(args[0], **kw)
+    return (_R.nn.avg_pool1d if nd == 1 else _R.nn.avg_pool2d)(args[0], count_include_pad=node.attrs[
+        "count_include_pad"], **kw)

@@ -1,0 +1,82 @@
+"""Relax lowering of reductions and normalizations."""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax, topi
+
+from bmc.codegen.lower import lowering
+from bmc.codegen.lower.elementwise import scalar
+from bmc.ir.types import np_dtype
+
+_R = relax.op
+_REDUCE = {"reduce_sum": _R.sum, "reduce_mean": _R.mean, "reduce_max": _R.max, "reduce_min": _R.min,
+           "reduce_prod": _R.prod}
+
+
+@lowering(*_REDUCE)
+def _reduce(ctx, node, args):
+    axes = node.attrs["axes"]
+    return _REDUCE[node.op](args[0], axis=None if axes is None else list(axes), keepdims=node.attrs["keepdims"])
+
+
+@lowering("argmax", "argmin")
+def _arg(ctx, node, args):
+    fn = _R.argmax if node.op == "argmax" else _R.argmin
+    out = ctx.emit(fn(args[0], axis=node.attrs["axis"], keepdims=node.attrs["keepdims"]))
+    return out if ctx.dtype_of(out) == "int64" else _R.astype(out, "int64")
+
+
+@lowering("softmax")
+def _softmax(ctx, node, args):
+    return _R.nn.softmax(args[0], axis=node.attrs["axis"])
+
+
+@lowering("log_softmax")
+def _log_softmax(ctx, node, args):
+    return _R.nn.log_softmax(args[0], axis=node.attrs["axis"])
+
+
+def _norm_axes(node):
+    rank = node.inputs[0].type.rank
+    return list(range(node.attrs["axis"] % rank, rank))
+
+
+@lowering("layer_norm")
+def _layer_norm(ctx, node, args):
+    x, gamma = args[0], args[1]
+    if len(args) > 2:
+        beta = args[2]
+    else:
+        t = node.inputs[1].type
+        beta = relax.const(np.zeros(t.shape, np_dtype(t.dtype)))
+    return _R.nn.layer_norm(x, gamma, beta, axes=_norm_axes(node), epsilon=node.attrs["epsilon"])
+
+
+@lowering("rms_norm")
+def _rms_norm(ctx, node, args):
+    return _R.nn.rms_norm(args[0], args[1], axes=_norm_axes(node), epsilon=node.attrs["epsilon"])
+
+
+@lowering("batch_norm")
+def _batch_norm(ctx, node, args):
+    x, scale, bias, mean, var = args
+    t = node.inputs[0].type
+    shape = [t.shape[1]] + [1] * (t.rank - 2)
+    r = [ctx.emit(_R.reshape(a, shape)) for a in (scale, bias, mean, var)]
+    inv = ctx.emit(_R.divide(r[0], ctx.emit(_R.sqrt(ctx.emit(_R.add(r[3], scalar(node.attrs["epsilon"], t.dtype)))))))
+    return _R.add(ctx.emit(_R.multiply(ctx.emit(_R.subtract(x, r[2])), inv)), r[1])
+
+
+@lowering("lrn")
+def _lrn(ctx, node, args):
+    a = node.attrs
+    return ctx.bb.emit_te(topi.nn.lrn, args[0], a["size"], 1, a["alpha"], a["beta"], a["bias"])
+
+
+@lowering("cumsum")
+def _cumsum(ctx, node, args):
+    axis = node.attrs["axis"] % node.inputs[0].type.rank
+    x = ctx.emit(_R.flip(args[0], axis)) if node.attrs["reverse"] else args[0]
+    y = ctx.emit(_R.cumsum(x, axis=axis, exclusive=node.attrs["exclusive"]))
+    return _R.flip(y, axis) if node.attrs["reverse"] else y

@@ -1,0 +1,99 @@
+"""Relax lowering of shape and data-movement ops."""
+
+from __future__ import annotations
+
+from itertools import accumulate
+
+from tvm import relax
+
+from bmc.codegen.lower import lowering
+from bmc.errors import CompileError
+from bmc.ops.shape import slice_indices
+
+_R = relax.op
+
+
+@lowering("reshape")
+def _reshape(ctx, node, args):
+    return _R.reshape(args[0], list(node.attrs["shape"]))
+
+
+@lowering("transpose")
+def _transpose(ctx, node, args):
+    return _R.permute_dims(args[0], list(node.attrs["perm"]))
+
+
+@lowering("concat")
+def _concat(ctx, node, args):
+    return _R.concat(list(args), axis=node.attrs["axis"])
+
+
+@lowering("split")
+def _split(ctx, node, args):
+    sizes = node.attrs["sizes"]
+    if len(sizes) == 1:
+        return [args[0]]
+    parts = ctx.emit(_R.split(args[0], list(accumulate(sizes[:-1])), axis=node.attrs["axis"]))
+    return [ctx.emit(relax.TupleGetItem(parts, i)) for i in range(len(sizes))]
+
+
+@lowering("slice")
+def _slice(ctx, node, args):
+    x = args[0]
+    shape = node.inputs[0].type.shape
+    axes, begin, end, strides = [], [], [], []
+    for axis, s in enumerate(slice_indices(shape, node.attrs)):
+        start, stop, step = s.indices(shape[axis])
+        if (start, stop, step) == (0, shape[axis], 1):
+            continue
+        if step < 0:  # slice the flipped axis with a positive step
+            x = ctx.emit(_R.flip(x, axis))
+            start, stop, step = shape[axis] - 1 - start, shape[axis] - 1 - stop, -step
+        axes.append(axis)
+        begin.append(start)
+        end.append(max(stop, start))
+        strides.append(step)
+    if not axes:
+        return x
+    return _R.strided_slice(x, axes, begin, end, strides)
+
+
+@lowering("gather")
+def _gather(ctx, node, args):
+    return _R.take(args[0], args[1], axis=node.attrs["axis"], mode="wrap")
+
+
+@lowering("gather_elements")
+def _gather_elements(ctx, node, args):
+    return _R.gather_elements(args[0], args[1], axis=node.attrs["axis"])
+
+
+@lowering("gather_nd")
+def _gather_nd(ctx, node, args):
+    return _R.gather_nd(args[0], args[1], batch_dims=node.attrs["batch_dims"])
+
+
+@lowering("broadcast_to")
+def _broadcast_to(ctx, node, args):
+    return _R.broadcast_to(args[0], list(node.attrs["shape"]))
+
+
+@lowering("tile")
+def _tile(ctx, node, args):
+    return _R.tile(args[0], list(node.attrs["repeats"]))
+
+
+@lowering("pad")
+def _pad(ctx, node, args):
+    pads, rank = node.attrs["pads"], node.inputs[0].type.rank
+    if any(p < 0 for p in pads):
+        raise CompileError(f"negative pads {pads} are not supported by the Relax lowering",
+                           where=f"node {node.source or node.op}", fix="slice the tensor instead of padding it")
+    width = [v for i in range(rank) for v in (pads[i], pads[i + rank])]
+    mode = {"edge": "edge", "reflect": "reflect", "constant": "constant"}[node.attrs["mode"]]
+    return _R.nn.pad(args[0], width, pad_mode=mode, pad_value=node.attrs["value"])
+
+
+@lowering("constant")
+def _constant(ctx, node, args):
+    return relax.const(node.attrs["value"])

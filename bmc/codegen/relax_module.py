@@ -1,0 +1,66 @@
+"""bmc IR graph → TVM Relax IRModule, built with the Relax block builder.
+
+The Relax function ``main`` takes the graph inputs first, then every parameter (weights are never baked into the
+library as constants; the runtime binds them), carries ``num_input``, and always returns a tuple of the outputs.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from bmc.codegen.lower import load_all
+from bmc.errors import CompileError
+from bmc.ir.graph import Graph, Node, Value
+
+
+class LowerContext:
+    def __init__(self, bb: relax.BlockBuilder):
+        self.bb = bb
+
+    def emit(self, expr):
+        return self.bb.emit(expr)
+
+    @staticmethod
+    def dtype_of(expr) -> str:
+        return str(expr.ty.dtype)
+
+
+def _var(v: Value) -> relax.Var:
+    return relax.Var(v.name, relax.TensorType(list(v.type.shape), v.type.dtype))
+
+
+def _where(node: Node) -> str:
+    return f"node {node.source!r} ({node.op})" if node.source else f"node {node.op}"
+
+
+def to_relax(graph: Graph) -> tvm.IRModule:
+    lowerings = load_all()
+    missing = sorted({n.op for n in graph.nodes if n.op not in lowerings})
+    if missing:
+        raise CompileError(f"no Relax lowering for op(s) {', '.join(missing)}", where=f"graph {graph.name}")
+    bb = relax.BlockBuilder()
+    ctx = LowerContext(bb)
+    params = [_var(v) for v in graph.inputs + graph.params]
+    env: dict[Value, relax.Expr] = dict(zip(graph.inputs + graph.params, params))
+    with bb.function("main", params, attrs={"num_input": len(graph.inputs), "global_symbol": "main"}):
+        with bb.dataflow():
+            for node in graph.nodes:
+                try:
+                    result = lowerings[node.op](ctx, node, [env[v] for v in node.inputs])
+                except CompileError:
+                    raise
+                except Exception as e:  # noqa: BLE001  (TVM raises many types; name the node)
+                    raise CompileError(f"lowering to Relax failed: {e}", where=_where(node)) from e
+                results = result if isinstance(result, list) else [result]
+                for v, expr in zip(node.outputs, results):
+                    env[v] = expr if isinstance(expr, relax.Var) else bb.emit(expr, name_hint=_hint(v.name))
+            outs = [env[v] for v in graph.outputs]
+            gv = bb.emit_output(relax.Tuple(outs))
+        bb.emit_func_output(gv)
+    return bb.get()
+
+
+def _hint(name: str) -> str:
+    hint = "".join(c if c.isalnum() or c == "_" else "_" for c in name).strip("_")
+    return ("v_" + hint if hint[:1].isdigit() else hint)[:48] or "v"
