@@ -17,5 +17,5 @@ from bmc.codegen.lower import lowering
 def _collective(ctx, node, args):
     out = node.outputs[0].type
     attrs = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in node.attrs.items()}, sort_keys=True)
-    return relax.call_dps_packed(f"bmc.{node.op}", [args[0], relax.StringImm(attrs)],
+    return relax.call_dps_packed(f"bmc.{node.op}", [args[0], relax.expr.String(attrs)],
                                  out_ty=relax.TensorType(list(out.shape), out.dtype))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from itertools import accumulate
 
+import numpy as np
 from tvm import relax
 
 from bmc.codegen.lower import lowering
@@ -70,7 +71,8 @@ def _gather_elements(ctx, node, args):
 
 @lowering("gather_nd")
 def _gather_nd(ctx, node, args):
-    return _R.gather_nd(args[0], args[1], batch_dims=node.attrs["batch_dims"])
+    idx = args[1] if node.inputs[1].type.dtype == "int64" else ctx.emit(_R.astype(args[1], "int64"))
+    return _R.gather_nd(args[0], idx, batch_dims=node.attrs["batch_dims"])
 
 
 @lowering("broadcast_to")
@@ -89,9 +91,15 @@ def _pad(ctx, node, args):
     if any(p < 0 for p in pads):
         raise CompileError(f"negative pads {pads} are not supported by the Relax lowering",
                            where=f"node {node.source or node.op}", fix="slice the tensor instead of padding it")
+    if node.attrs["mode"] == "edge":  # Relax's pad has no edge mode: gather with clamped indices per axis
+        x, shape = args[0], node.inputs[0].type.shape
+        for i in range(rank):
+            if pads[i] or pads[i + rank]:
+                idx = np.clip(np.arange(-pads[i], shape[i] + pads[i + rank]), 0, shape[i] - 1).astype(np.int64)
+                x = ctx.emit(_R.take(x, relax.const(idx), axis=i))
+        return x
     width = [v for i in range(rank) for v in (pads[i], pads[i + rank])]
-    mode = {"edge": "edge", "reflect": "reflect", "constant": "constant"}[node.attrs["mode"]]
-    return _R.nn.pad(args[0], width, pad_mode=mode, pad_value=node.attrs["value"])
+    return _R.nn.pad(args[0], width, pad_mode=node.attrs["mode"], pad_value=node.attrs["value"])
 
 
 @lowering("constant")

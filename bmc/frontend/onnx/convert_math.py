@@ -1,0 +1,233 @@
+"""Converters for ONNX elementwise math, matmul/Gemm, reductions and normalizations."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bmc.frontend.onnx.importer import Context, ConvertError, converter
+from bmc.frontend.onnx.loader import to_dtype
+from bmc.ir.types import np_dtype
+
+_UNARY = {
+    "Neg": "neg", "Abs": "abs", "Sign": "sign", "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Reciprocal": "reciprocal",
+    "Tanh": "tanh", "Sigmoid": "sigmoid", "Erf": "erf", "Sin": "sin", "Cos": "cos", "Floor": "floor", "Ceil": "ceil",
+    "Round": "round", "Relu": "relu", "Softplus": "softplus", "Not": "logical_not", "IsNaN": "isnan",
+}
+_BINARY = {
+    "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Equal": "equal", "Less": "less",
+    "LessOrEqual": "less_equal", "Greater": "greater", "GreaterOrEqual": "greater_equal", "And": "logical_and",
+    "Or": "logical_or", "Xor": "logical_xor",
+}
+_VARIADIC = {"Max": "maximum", "Min": "minimum", "Sum": "add"}
+
+
+def scalar_like(ctx: Context, x, value) -> np.ndarray:
+    return np.array(value, dtype=np_dtype(ctx.type(x).dtype))
+
+
+@converter(*_UNARY)
+def _unary(ctx: Context, node):
+    return [ctx.emit1(_UNARY[node.op_type], [ctx.operand(0)])]
+
+
+@converter(*_BINARY)
+def _binary(ctx: Context, node):
+    a, b = ctx.operand(0), ctx.operand(1)
+    if node.op_type == "Pow" and ctx.type(b).dtype != ctx.type(a).dtype:
+        b = ctx.emit1("cast", [b], dtype=ctx.type(a).dtype)
+    return [ctx.emit1(_BINARY[node.op_type], [a, b])]
+
+
+@converter(*_VARIADIC, "Mean")
+def _variadic(ctx: Context, node):
+    ops = [ctx.operand(i) for i in range(len(node.input)) if ctx.has(i)]
+    acc = ops[0]
+    for x in ops[1:]:
+        acc = ctx.emit1(_VARIADIC.get(node.op_type, "add"), [acc, x])
+    if node.op_type == "Mean":
+        acc = ctx.emit1("div", [acc, scalar_like(ctx, acc, len(ops))])
+    elif len(ops) == 1:
+        acc = ctx.emit1("reshape", [acc], shape=ctx.type(acc).shape)
+    return [acc]
+
+
+@converter("IsInf")
+def _isinf(ctx: Context, node):
+    if not (ctx.attr("detect_positive", 1) and ctx.attr("detect_negative", 1)):
+        x = ctx.operand(0)
+        inf = ctx.emit1("isinf", [x])
+        sign = ctx.emit1("greater" if ctx.attr("detect_positive", 1) else "less", [x, scalar_like(ctx, x, 0)])
+        return [ctx.emit1("logical_and", [inf, sign])]
+    return [ctx.emit1("isinf", [ctx.operand(0)])]
+
+
+@converter("Identity", "Dropout")
+def _identity(ctx: Context, node):
+    if node.op_type == "Dropout" and ctx.attr("is_test", 1) == 0 and ctx.opset < 7:
+        raise ConvertError("training-mode Dropout is not supported")
+    if ctx.has(2) and ctx.const(2, "training_mode") is not None and bool(ctx.const(2, "training_mode")):
+        raise ConvertError("Dropout with training_mode=true is not supported", fix="export the model in eval mode")
+    x = ctx.operand(0)
+    outs = [x]
+    if len(node.output) > 1 and node.output[1]:
+        outs.append(np.ones(ctx.type(x).shape, dtype=bool))
+    return outs
+
+
+@converter("Gelu")
+def _gelu(ctx: Context, node):
+    return [ctx.emit1("gelu", [ctx.operand(0)], approximate=ctx.attr("approximate", b"none").decode()
+                      if isinstance(ctx.attr("approximate", "none"), bytes) else ctx.attr("approximate", "none"))]
+
+
+@converter("LeakyRelu")
+def _leaky_relu(ctx: Context, node):
+    return [ctx.emit1("leaky_relu", [ctx.operand(0)], alpha=ctx.attr("alpha", 0.01))]
+
+
+@converter("HardSigmoid")
+def _hard_sigmoid(ctx: Context, node):
+    x = ctx.operand(0)
+    y = ctx.emit1("add", [ctx.emit1("mul", [x, scalar_like(ctx, x, ctx.attr("alpha", 0.2))]),
+                          scalar_like(ctx, x, ctx.attr("beta", 0.5))])
+    return [ctx.emit1("clip", [y], min=0.0, max=1.0)]
+
+
+@converter("Clip")
+def _clip(ctx: Context, node):
+    x = ctx.operand(0)
+    if ctx.opset < 11:
+        return [ctx.emit1("clip", [x], min=ctx.attr("min", None), max=ctx.attr("max", None))]
+    for idx, op in ((1, "maximum"), (2, "minimum")):
+        bound = ctx.optional(idx)
+        if bound is not None:
+            x = ctx.emit1(op, [x, bound])
+    return [x if x is not ctx.operand(0) else ctx.emit1("clip", [x])]
+
+
+@converter("Cast", "CastLike")
+def _cast(ctx: Context, node):
+    x = ctx.operand(0)
+    if node.op_type == "CastLike":
+        dtype = ctx.type(ctx.operand(1)).dtype
+    else:
+        dtype = to_dtype(ctx.attr("to"), f"Cast node {node.name!r}", "Cast")
+    if ctx.type(x).dtype == dtype:
+        return [x]
+    return [ctx.emit1("cast", [x], dtype=dtype)]
+
+
+@converter("Where")
+def _where(ctx: Context, node):
+    return [ctx.emit1("where", [ctx.operand(0), ctx.operand(1), ctx.operand(2)])]
+
+
+@converter("MatMul")
+def _matmul(ctx: Context, node):
+    return [ctx.emit1("matmul", [ctx.operand(0), ctx.operand(1)])]
+
+
+@converter("Gemm")
+def _gemm(ctx: Context, node):
+    a, b = ctx.operand(0), ctx.operand(1)
+    if ctx.attr("transA", 0):
+        a = ctx.emit1("transpose", [a], perm=(1, 0))
+    if ctx.attr("transB", 0):
+        b = ctx.emit1("transpose", [b], perm=(1, 0))
+    y = ctx.emit1("matmul", [a, b])
+    alpha, beta = ctx.attr("alpha", 1.0), ctx.attr("beta", 1.0)
+    if alpha != 1.0:
+        y = ctx.emit1("mul", [y, scalar_like(ctx, y, alpha)])
+    c = ctx.optional(2)
+    if c is not None and beta != 0.0:
+        if beta != 1.0:
+            c = ctx.emit1("mul", [c, scalar_like(ctx, c, beta)])
+        y = ctx.emit1("add", [y, c])
+    return [y]
+
+
+_REDUCE = {"ReduceSum": "reduce_sum", "ReduceMean": "reduce_mean", "ReduceMax": "reduce_max",
+           "ReduceMin": "reduce_min", "ReduceProd": "reduce_prod"}
+
+
+@converter(*_REDUCE, "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp")
+def _reduce(ctx: Context, node):
+    x = ctx.operand(0)
+    axes_from_input = (node.op_type == "ReduceSum" and ctx.opset >= 13) or ctx.opset >= 18
+    axes = ctx.const(1, "axes") if axes_from_input else ctx.attr("axes", None)
+    keepdims = bool(ctx.attr("keepdims", 1))
+    if axes is None or len(axes) == 0:
+        if ctx.attr("noop_with_empty_axes", 0):
+            return [x]
+        axes = None
+    else:
+        axes = tuple(int(a) for a in np.asarray(axes).reshape(-1))
+    if node.op_type == "ReduceSumSquare":
+        return [ctx.emit1("reduce_sum", [ctx.emit1("mul", [x, x])], axes=axes, keepdims=keepdims)]
+    if node.op_type == "ReduceL2":
+        s = ctx.emit1("reduce_sum", [ctx.emit1("mul", [x, x])], axes=axes, keepdims=keepdims)
+        return [ctx.emit1("sqrt", [s])]
+    if node.op_type == "ReduceLogSumExp":
+        m = ctx.emit1("reduce_max", [x], axes=axes, keepdims=True)
+        s = ctx.emit1("reduce_sum", [ctx.emit1("exp", [ctx.emit1("sub", [x, m])])], axes=axes, keepdims=keepdims)
+        m2 = m if keepdims else ctx.emit1("reduce_max", [x], axes=axes, keepdims=False)
+        return [ctx.emit1("add", [ctx.emit1("log", [s]), m2])]
+    return [ctx.emit1(_REDUCE[node.op_type], [x], axes=axes, keepdims=keepdims)]
+
+
+@converter("ArgMax", "ArgMin")
+def _arg(ctx: Context, node):
+    if ctx.attr("select_last_index", 0):
+        raise ConvertError("select_last_index=1 is not supported", fix="remove the attribute or set it to 0")
+    return [ctx.emit1(node.op_type.lower(), [ctx.operand(0)], axis=ctx.attr("axis", 0),
+                      keepdims=bool(ctx.attr("keepdims", 1)))]
+
+
+@converter("Softmax", "LogSoftmax")
+def _softmax(ctx: Context, node):
+    op = "softmax" if node.op_type == "Softmax" else "log_softmax"
+    x = ctx.operand(0)
+    shape = ctx.type(x).shape
+    if ctx.opset >= 13:
+        return [ctx.emit1(op, [x], axis=ctx.attr("axis", -1))]
+    axis = ctx.attr("axis", 1) % max(len(shape), 1)  # before opset 13: coerce to 2-D at axis
+    outer = int(np.prod(shape[:axis]))
+    flat = ctx.emit1("reshape", [x], shape=(outer, int(np.prod(shape[axis:]))))
+    return [ctx.emit1("reshape", [ctx.emit1(op, [flat], axis=1)], shape=shape)]
+
+
+@converter("LayerNormalization")
+def _layer_norm(ctx: Context, node):
+    if any(node.output[1:]):
+        raise ConvertError("LayerNormalization outputs Mean/InvStdDev are not supported (inference only)")
+    x = ctx.operand(0)
+    shape = ctx.type(x).shape
+    axis = ctx.attr("axis", -1) % len(shape)
+    norm_shape = shape[axis:]
+    args = [x]
+    for idx in (1, 2):
+        p = ctx.optional(idx)
+        if p is None:
+            continue
+        if ctx.type(p).shape != norm_shape:
+            p = ctx.emit1("broadcast_to", [p], shape=norm_shape)
+        args.append(p)
+    return [ctx.emit1("layer_norm", args, axis=axis, epsilon=ctx.attr("epsilon", 1e-5))]
+
+
+@converter("RMSNormalization")
+def _rms_norm(ctx: Context, node):
+    x = ctx.operand(0)
+    shape = ctx.type(x).shape
+    axis = ctx.attr("axis", -1) % len(shape)
+    scale = ctx.operand(1)
+    if ctx.type(scale).shape != shape[axis:]:
+        scale = ctx.emit1("broadcast_to", [scale], shape=shape[axis:])
+    return [ctx.emit1("rms_norm", [x, scale], axis=axis, epsilon=ctx.attr("epsilon", 1e-5))]
+
+
+@converter("CumSum")
+def _cumsum(ctx: Context, node):
+    axis = int(np.asarray(ctx.const(1, "axis")).reshape(-1)[0])
+    return [ctx.emit1("cumsum", [ctx.operand(0)], axis=axis, exclusive=bool(ctx.attr("exclusive", 0)),
+                      reverse=bool(ctx.attr("reverse", 0)))]

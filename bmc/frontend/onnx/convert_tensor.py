@@ -1,0 +1,226 @@
+"""Converters for ONNX shape, movement and constant ops. Shape arithmetic folds to compile-time arrays."""
+
+from __future__ import annotations
+
+from math import prod
+
+import numpy as np
+import onnx
+
+from bmc.frontend.onnx.importer import Context, ConvertError, converter, fill
+from bmc.ops.registry import broadcast_shapes
+
+
+def _ints(a) -> tuple[int, ...]:
+    return tuple(int(x) for x in np.asarray(a).reshape(-1))
+
+
+@converter("Constant")
+def _constant(ctx: Context, node):
+    a = node.attribute[0]
+    if a.name == "value":
+        from bmc.frontend.onnx.loader import initializer_tensor
+
+        return [np.array(initializer_tensor(a.t, None).numpy())]
+    if a.name in ("value_float", "value_int"):
+        return [np.array(onnx.helper.get_attribute_value(a), dtype=np.float32 if a.name == "value_float" else np.int64)]
+    if a.name in ("value_floats", "value_ints"):
+        return [np.array(list(onnx.helper.get_attribute_value(a)),
+                         dtype=np.float32 if a.name == "value_floats" else np.int64)]
+    raise ConvertError(f"Constant attribute {a.name!r} is not supported", fix="use value, value_float(s) or value_int(s)")
+
+
+@converter("ConstantOfShape")
+def _constant_of_shape(ctx: Context, node):
+    shape = _ints(ctx.const(0, "shape"))
+    value = ctx.attr("value")
+    arr = np.zeros(1, np.float32) if value is None else onnx.numpy_helper.to_array(value).reshape(-1)
+    return [fill(ctx, shape, arr)]
+
+
+@converter("Shape")
+def _shape(ctx: Context, node):
+    shape = ctx.type(ctx.operand(0)).shape
+    start, end = ctx.attr("start", 0), ctx.attr("end", None)
+    return [np.array(shape[slice(start, end)], dtype=np.int64)]
+
+
+@converter("Size")
+def _size(ctx: Context, node):
+    return [np.array(ctx.type(ctx.operand(0)).numel, dtype=np.int64)]
+
+
+@converter("Range")
+def _range(ctx: Context, node):
+    start, limit, delta = (ctx.const(i, n) for i, n in enumerate(("start", "limit", "delta")))
+    return [np.arange(start, limit, delta).astype(start.dtype)]
+
+
+@converter("Reshape")
+def _reshape(ctx: Context, node):
+    x = ctx.operand(0)
+    in_shape = ctx.type(x).shape
+    target = list(_ints(ctx.const(1, "shape")) if ctx.opset >= 5 else ctx.attr("shape"))
+    if not ctx.attr("allowzero", 0):
+        target = [in_shape[i] if d == 0 else d for i, d in enumerate(target)]
+    if target.count(-1) > 1:
+        raise ConvertError(f"Reshape target {target} has more than one -1")
+    if -1 in target:
+        known = prod(d for d in target if d != -1)
+        if known == 0 or prod(in_shape) % known:
+            raise ConvertError(f"cannot reshape {in_shape} to {target}")
+        target[target.index(-1)] = prod(in_shape) // known
+    return [ctx.emit1("reshape", [x], shape=tuple(target))]
+
+
+@converter("Flatten")
+def _flatten(ctx: Context, node):
+    x = ctx.operand(0)
+    shape = ctx.type(x).shape
+    axis = ctx.attr("axis", 1) % (len(shape) + 1) if shape else 0
+    return [ctx.emit1("reshape", [x], shape=(prod(shape[:axis]), prod(shape[axis:])))]
+
+
+@converter("Squeeze", "Unsqueeze")
+def _squeeze(ctx: Context, node):
+    x = ctx.operand(0)
+    shape = list(ctx.type(x).shape)
+    axes = ctx.const(1, "axes") if ctx.opset >= 13 else ctx.attr("axes", None)
+    axes = None if axes is None else _ints(axes)
+    if node.op_type == "Squeeze":
+        rank = len(shape)
+        drop = {a % rank for a in axes} if axes else {i for i, d in enumerate(shape) if d == 1}
+        if any(shape[a] != 1 for a in drop):
+            raise ConvertError(f"Squeeze axes {axes} select dims that are not 1 in {tuple(shape)}")
+        new = [d for i, d in enumerate(shape) if i not in drop]
+    else:
+        rank = len(shape) + len(axes)
+        new = shape[:]
+        for a in sorted(a % rank for a in axes):
+            new.insert(a, 1)
+    return [ctx.emit1("reshape", [x], shape=tuple(new))]
+
+
+@converter("Transpose")
+def _transpose(ctx: Context, node):
+    x = ctx.operand(0)
+    perm = ctx.attr("perm", None)
+    perm = tuple(reversed(range(len(ctx.type(x).shape)))) if perm is None else tuple(perm)
+    return [ctx.emit1("transpose", [x], perm=perm)]
+
+
+@converter("Concat")
+def _concat(ctx: Context, node):
+    parts = [ctx.operand(i) for i in range(len(node.input)) if ctx.has(i)]
+    parts = [p for p in parts if ctx.type(p).numel or len(parts) == 1]
+    return [ctx.emit1("concat", parts, axis=ctx.attr("axis"))]
+
+
+@converter("Split")
+def _split(ctx: Context, node):
+    x = ctx.operand(0)
+    shape = ctx.type(x).shape
+    axis = ctx.attr("axis", 0) % len(shape)
+    n_out = len(node.output)
+    sizes = ctx.const(1, "split") if ctx.opset >= 13 else ctx.attr("split", None)
+    if sizes is not None and len(sizes):
+        sizes = _ints(sizes)
+    else:
+        n = ctx.attr("num_outputs", n_out)
+        chunk = -(-shape[axis] // n)
+        sizes = tuple(min(chunk, shape[axis] - chunk * i) for i in range(n))
+    return ctx.emit("split", [x], axis=axis, sizes=sizes)
+
+
+@converter("Slice")
+def _slice(ctx: Context, node):
+    x = ctx.operand(0)
+    rank = len(ctx.type(x).shape)
+    if ctx.opset < 10:
+        starts, ends = ctx.attr("starts"), ctx.attr("ends")
+        axes = ctx.attr("axes", list(range(len(starts))))
+        steps = [1] * len(starts)
+    else:
+        starts, ends = _ints(ctx.const(1, "starts")), _ints(ctx.const(2, "ends"))
+        axes = _ints(ctx.const(3, "axes")) if ctx.has(3) else tuple(range(len(starts)))
+        steps = _ints(ctx.const(4, "steps")) if ctx.has(4) else (1,) * len(starts)
+    big = 2**62
+    clamp = [max(min(int(v), big), -big) for v in starts], [max(min(int(v), big), -big) for v in ends]
+    return [ctx.emit1("slice", [x], starts=clamp[0], ends=clamp[1], axes=tuple(a % rank for a in axes),
+                      steps=tuple(steps))]
+
+
+@converter("Gather")
+def _gather(ctx: Context, node):
+    return [ctx.emit1("gather", [ctx.operand(0), ctx.operand(1)], axis=ctx.attr("axis", 0))]
+
+
+@converter("GatherElements")
+def _gather_elements(ctx: Context, node):
+    return [ctx.emit1("gather_elements", [ctx.operand(0), ctx.operand(1)], axis=ctx.attr("axis", 0))]
+
+
+@converter("GatherND")
+def _gather_nd(ctx: Context, node):
+    return [ctx.emit1("gather_nd", [ctx.operand(0), ctx.operand(1)], batch_dims=ctx.attr("batch_dims", 0))]
+
+
+@converter("Expand")
+def _expand(ctx: Context, node):
+    x = ctx.operand(0)
+    shape = broadcast_shapes(ctx.type(x).shape, _ints(ctx.const(1, "shape")))
+    if shape == ctx.type(x).shape:
+        return [x]
+    return [ctx.emit1("broadcast_to", [x], shape=shape)]
+
+
+@converter("Tile")
+def _tile(ctx: Context, node):
+    return [ctx.emit1("tile", [ctx.operand(0)], repeats=_ints(ctx.const(1, "repeats")))]
+
+
+@converter("Pad")
+def _pad(ctx: Context, node):
+    x = ctx.operand(0)
+    rank = len(ctx.type(x).shape)
+    mode = ctx.attr("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode not in ("constant", "reflect", "edge"):
+        raise ConvertError(f"Pad mode {mode!r} is not supported", fix="use constant, reflect or edge")
+    if ctx.opset < 11:
+        pads, value = list(ctx.attr("pads")), ctx.attr("value", 0.0)
+    else:
+        pads = list(_ints(ctx.const(1, "pads")))
+        cv = ctx.const(2, "constant_value")
+        value = 0.0 if cv is None or cv.size == 0 else float(np.asarray(cv).reshape(-1)[0])
+        if ctx.has(3):
+            axes = [a % rank for a in _ints(ctx.const(3, "axes"))]
+            full = [0] * (2 * rank)
+            for k, a in enumerate(axes):
+                full[a], full[a + rank] = pads[k], pads[k + len(axes)]
+            pads = full
+    return [ctx.emit1("pad", [x], pads=tuple(pads), mode=mode, value=value)]
+
+
+@converter("Trilu")
+def _trilu(ctx: Context, node):
+    x = ctx.operand(0)
+    k = int(np.asarray(ctx.const(1, "k")).reshape(-1)[0]) if ctx.has(1) else 0
+    shape = ctx.type(x).shape
+    rows, cols = shape[-2], shape[-1]
+    keep = np.triu(np.ones((rows, cols), bool), k) if ctx.attr("upper", 1) else np.tril(np.ones((rows, cols), bool), k)
+    zero = np.zeros((), dtype=x.dtype if isinstance(x, np.ndarray) else None) if isinstance(x, np.ndarray) else None
+    if zero is None:
+        from bmc.ir.types import np_dtype
+
+        zero = np.zeros((), dtype=np_dtype(ctx.type(x).dtype))
+    return [ctx.emit1("where", [keep, x, zero])]
+
+
+@converter("NonZero", "Unique", "NonMaxSuppression")
+def _data_dependent(ctx: Context, node):
+    x = ctx.operand(0)
+    if isinstance(x, np.ndarray) and node.op_type == "NonZero":
+        return [np.array(np.nonzero(x), dtype=np.int64)]
+    raise ConvertError(f"{node.op_type} has a data-dependent output shape, which bmc's static-shape IR cannot "
+                       "represent", fix="fold it away by binding inputs, or remove it from the model")

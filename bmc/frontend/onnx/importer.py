@@ -1,0 +1,260 @@
+"""ONNX → bmc IR.
+
+The importer walks the ONNX nodes in topological order with an environment mapping each ONNX tensor name to an
+*operand*: either an IR ``Value`` (known only at run time) or a numpy array (known at compile time). Converters
+emit IR through ``Context.emit``; when every operand of an op is known and the result is small, ``emit`` runs the
+op's numpy reference instead of emitting a node. That is how the exporters' shape subgraphs
+(Shape → Gather → Concat → Reshape) fold away: ``Shape`` of a statically typed value is a constant.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from bmc.errors import ModelError, UsageError
+from bmc.frontend.onnx import loader
+from bmc.ir.graph import Graph, Value
+from bmc.ir.tensor import ArrayTensor, FillTensor, Tensor
+from bmc.ir.types import TensorType, dtype_of, np_dtype
+from bmc.ops import OpError, get_op
+from bmc.ops.builder import GraphBuilder
+
+Operand = Value | np.ndarray
+FOLD_LIMIT = 1 << 16  # folded results up to this many elements stay compile-time constants
+SMALL_INITIALIZER = 1 << 10  # initializers up to this many elements are constants, larger ones weights
+
+CONVERTERS: dict[str, Callable[["Context", onnx.NodeProto], Sequence[Operand | None]]] = {}
+
+
+def converter(*op_types: str):
+    def deco(fn):
+        for op in op_types:
+            CONVERTERS[op] = fn
+        return fn
+
+    return deco
+
+
+class ConvertError(Exception):
+    """Raised by converters for a supported op with an unsupported attribute/input form (FAILURES.md 5)."""
+
+    def __init__(self, message: str, fix: str | None = None):
+        super().__init__(message)
+        self.fix = fix
+
+
+@dataclass
+class Context:
+    builder: GraphBuilder
+    opset: int
+    env: dict[str, Operand] = field(default_factory=dict)
+    node: onnx.NodeProto | None = None
+    _materialized: dict[int, Value] = field(default_factory=dict)
+
+    # ---- operands -------------------------------------------------------------------------------------------
+    def has(self, idx: int) -> bool:
+        return idx < len(self.node.input) and self.node.input[idx] != ""
+
+    def operand(self, idx: int) -> Operand:
+        return self.env[self.node.input[idx]]
+
+    def optional(self, idx: int) -> Operand | None:
+        return self.operand(idx) if self.has(idx) else None
+
+    def const(self, idx: int, what: str) -> np.ndarray | None:
+        """The compile-time value of input ``idx`` (None if absent); a ConvertError if only known at run time."""
+        if not self.has(idx):
+            return None
+        x = self.operand(idx)
+        if isinstance(x, np.ndarray):
+            return x
+        raise ConvertError(f"input {idx} ({what}) must be a compile-time constant, but {self.node.input[idx]!r} is "
+                           "computed at run time", fix="bind the input shapes with --input-shape so it can be folded")
+
+    def type(self, x: Operand) -> TensorType:
+        return x.type if isinstance(x, Value) else TensorType(dtype_of(x.dtype), x.shape)
+
+    def value(self, x: Operand) -> Value:
+        """An IR value for an operand, materializing constants (small as constant nodes, large as weights)."""
+        if isinstance(x, Value):
+            return x
+        key = id(x)
+        if key not in self._materialized:
+            if x.size <= FOLD_LIMIT:
+                self._materialized[key] = self.builder.constant(x)
+            else:
+                self._materialized[key] = self.builder.param(f"const.{len(self._materialized)}", ArrayTensor(x))
+            self._keep = getattr(self, "_keep", [])
+            self._keep.append(x)  # keep the array alive so its id is not reused
+        return self._materialized[key]
+
+    # ---- emission -------------------------------------------------------------------------------------------
+    def emit(self, op: str, inputs: Sequence[Operand], **attrs: Any) -> list[Operand]:
+        opdef = get_op(op)
+        if all(isinstance(x, np.ndarray) for x in inputs):
+            full = opdef.check_attrs(attrs)
+            types = opdef.infer([self.type(x) for x in inputs], full)
+            if sum(t.numel for t in types) <= FOLD_LIMIT:
+                return [np.asarray(a) for a in opdef.reference(list(inputs), full)]
+        return self.builder.emit(op, [self.value(x) for x in inputs], **attrs)
+
+    def emit1(self, op: str, inputs: Sequence[Operand], **attrs: Any) -> Operand:
+        (out,) = self.emit(op, inputs, **attrs)
+        return out
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        for a in self.node.attribute:
+            if a.name == name:
+                return onnx.helper.get_attribute_value(a)
+        return default
+
+
+def import_graph(proto: onnx.ModelProto, base_dir, input_shapes: Mapping[str, Sequence[int] | int] | None = None,
+                 name: str = "main") -> Graph:
+    opset = loader.check_versions(proto)
+    g = proto.graph
+    order = loader.check_graph(g)
+    _check_supported(order, opset)
+    b = GraphBuilder(name)
+    ctx = Context(b, opset)
+
+    weights: dict[str, Tensor] = {}
+    for init in g.initializer:
+        weights[init.name] = loader.initializer_tensor(init, base_dir)
+    loader.check_external_overlaps(weights)
+    for init_name, t in weights.items():
+        if t.type.numel <= SMALL_INITIALIZER:
+            ctx.env[init_name] = np.asarray(t.numpy())
+        else:
+            ctx.env[init_name] = b.param(init_name, t)
+
+    for inp, ty in bind_input_shapes(g, input_shapes or {}).items():
+        ctx.env[inp] = b.input(inp, ty)
+
+    for idx, node in enumerate(order):
+        ctx.node = node
+        b.source = node.name or f"{node.op_type}_{idx}"
+        where = loader.node_label(node, idx)
+        try:
+            outs = CONVERTERS[node.op_type](ctx, node)
+        except ConvertError as e:
+            raise ModelError(str(e), where=where, fix=e.fix) from None
+        except OpError as e:
+            raise ModelError(str(e), where=where, fix="check the bound input shapes (--input-shape) and the node's "
+                             "attributes") from None
+        except ModelError:
+            raise
+        for out_name, out in zip(node.output, outs):
+            if out_name and out is not None:
+                ctx.env[out_name] = out
+    outputs = []
+    for o in g.output:
+        out = ctx.env[o.name]
+        v = ctx.value(out)
+        if v.producer is None or v in outputs:  # an input, parameter or repeated output needs its own value
+            v = b.emit1("reshape", [v], shape=v.type.shape)
+        if v.name != o.name and o.name not in (x.name for x in b.graph.values()):
+            v.name = o.name
+        outputs.append(v)
+    graph = b.finish(outputs)
+    return eliminate_dead_code(graph)
+
+
+def _check_supported(nodes: list[onnx.NodeProto], opset: int) -> None:
+    """One error listing every unsupported op, with counts and node names (FAILURES.md 4)."""
+    missing: dict[str, list[str]] = {}
+    for idx, node in enumerate(nodes):
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        if node.domain not in ("", "ai.onnx") or node.op_type not in CONVERTERS:
+            missing.setdefault(key, []).append(node.name or f"#{idx}")
+    if missing:
+        lines = [f"  {op} ×{len(names)}: {', '.join(names[:5])}{' …' if len(names) > 5 else ''}"
+                 for op, names in sorted(missing.items())]
+        raise ModelError(f"{sum(map(len, missing.values()))} node(s) use {len(missing)} unsupported op(s):\n"
+                         + "\n".join(lines), where="model",
+                         fix="bmc supports " + ", ".join(sorted(CONVERTERS)) + " (default domain)")
+
+
+def bind_input_shapes(g: onnx.GraphProto, shapes: Mapping[str, Sequence[int] | int]) -> dict[str, TensorType]:
+    """Static types for the graph inputs. ``shapes`` maps an input name to its full shape, or a symbolic dim name
+    to its size. Unbound symbolic dims are one error listing them all (FAILURES.md 16)."""
+    init_names = {i.name for i in g.initializer}
+    inputs = [i for i in g.input if i.name not in init_names]
+    symbols = {d.dim_param for i in inputs for d in i.type.tensor_type.shape.dim if d.dim_param}
+    unknown = [k for k in shapes if k not in {i.name for i in inputs} and k not in symbols]
+    if unknown:
+        raise UsageError(f"--input-shape names {', '.join(map(repr, unknown))}, which is neither a graph input nor "
+                         f"a symbolic dim", where="--input-shape",
+                         fix=f"inputs are {', '.join(i.name for i in inputs)}"
+                             + (f"; symbolic dims are {', '.join(sorted(symbols))}" if symbols else ""))
+    out, unbound = {}, []
+    for i in inputs:
+        tt = i.type.tensor_type
+        if not i.type.HasField("tensor_type"):
+            raise ModelError("only tensor inputs are supported", where=f"graph input {i.name!r}")
+        dtype = loader.to_dtype(tt.elem_type, f"graph input {i.name!r}", "graph inputs")
+        if i.name in shapes:
+            given = shapes[i.name]
+            dims = (given,) if isinstance(given, int) else tuple(given)
+            declared = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            if tt.HasField("shape") and (len(dims) != len(declared) or any(
+                    d is not None and d != g_ for d, g_ in zip(declared, dims))):
+                raise UsageError(f"shape {dims} given for input {i.name!r} does not match its declared shape "
+                                 f"{tuple(d if d is not None else '?' for d in declared)}", where="--input-shape")
+            out[i.name] = TensorType(dtype, dims)
+            continue
+        dims = []
+        for k, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(d.dim_value)
+            elif d.dim_param and d.dim_param in shapes:
+                dims.append(int(shapes[d.dim_param]))
+            else:
+                unbound.append(f"{i.name}[{k}]" + (f" ({d.dim_param})" if d.dim_param else ""))
+        if not tt.HasField("shape"):
+            unbound.append(f"{i.name} (no shape at all)")
+        out[i.name] = TensorType(dtype, tuple(dims)) if len(dims) == len(tt.shape.dim) else None
+    if unbound:
+        example = next((f"{i.name}=" + ",".join(str(d.dim_value or 1) for d in i.type.tensor_type.shape.dim)
+                        for i in inputs if out.get(i.name) is None), "")
+        raise UsageError(f"dynamic dims are not bound: {', '.join(unbound)}", where="--input-shape",
+                         fix=f"bind them, e.g. --input-shape {example} (or SYMBOL=SIZE for a named dim)")
+    return out
+
+
+def eliminate_dead_code(graph: Graph) -> Graph:
+    """Drop nodes whose results are unused and parameters nothing reads."""
+    live = set(map(id, graph.outputs))
+    kept = []
+    for node in reversed(graph.nodes):
+        if any(id(v) in live for v in node.outputs):
+            kept.append(node)
+            live.update(id(v) for v in node.inputs)
+    graph.nodes = kept[::-1]
+    unused = [p for p in graph.params if id(p) not in live]
+    graph.params = [p for p in graph.params if id(p) in live]
+    for p in unused:
+        del graph.weights[p.name]
+    return graph
+
+
+def fill(ctx: Context, shape: Sequence[int], value: np.ndarray) -> Operand:
+    """ConstantOfShape: a folded array when small, a lazily materialized weight when large."""
+    shape = tuple(int(d) for d in shape)
+    ty = TensorType(dtype_of(value.dtype), shape)
+    if ty.numel <= FOLD_LIMIT:
+        return np.full(shape, value.reshape(-1)[0], dtype=value.dtype)
+    return ctx.builder.param(ctx.node.output[0] or "fill", FillTensor(value.reshape(-1)[0].item(), ty))
+
+
+def np_of(dtype: str):
+    return np_dtype(dtype)
+
+
+def count_ops(nodes) -> Counter:
+    return Counter(n.op_type for n in nodes)

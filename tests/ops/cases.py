@@ -1,0 +1,99 @@
+"""Sample applications of every op in the table: (op, inputs, attrs). Used by the coverage, reference and
+lowering tests; a new op without a case here fails the coverage test."""
+
+from __future__ import annotations
+
+import numpy as np
+
+R = np.random.default_rng(1234)
+
+
+def f32(*shape, lo=-2.0, hi=2.0):
+    return R.uniform(lo, hi, size=shape).astype(np.float32)
+
+
+def i64(*shape, hi=5):
+    return R.integers(0, hi, size=shape).astype(np.int64)
+
+
+def boolean(*shape):
+    return R.random(shape) > 0.5
+
+
+POS = dict(lo=0.1, hi=3.0)
+UNARY_FLOAT = ["neg", "abs", "sign", "exp", "tanh", "sigmoid", "erf", "sin", "cos", "floor", "ceil", "relu",
+               "softplus"]
+UNARY_POSITIVE = ["log", "sqrt", "rsqrt", "reciprocal"]
+BINARY = ["add", "sub", "mul", "div", "maximum", "minimum", "equal", "less", "less_equal", "greater",
+          "greater_equal"]
+
+CASES: list[tuple[str, list[np.ndarray], dict]] = []
+CASES += [(op, [f32(2, 3, 4)], {}) for op in UNARY_FLOAT]
+CASES += [(op, [f32(2, 3, 4, **POS)], {}) for op in UNARY_POSITIVE]
+CASES += [(op, [f32(2, 3, 4), f32(3, 1)], {}) for op in BINARY]
+CASES += [
+    ("round", [np.array([0.4, 1.6, -2.3, 3.7], np.float32)], {}),
+    ("pow", [f32(2, 3, **POS), f32(3)], {}),
+    ("div", [np.array([7, -7, 9], np.int64), np.array([2, 2, -4], np.int64)], {}),
+    ("gelu", [f32(4, 5)], {"approximate": "none"}),
+    ("gelu", [f32(4, 5)], {"approximate": "tanh"}),
+    ("leaky_relu", [f32(4, 5)], {"alpha": 0.2}),
+    ("clip", [f32(4, 5)], {"min": -0.5, "max": 0.7}),
+    ("cast", [f32(3, 4) * 4], {"dtype": "int32"}),
+    ("cast", [i64(3, 4)], {"dtype": "float32"}),
+    ("logical_not", [boolean(3, 4)], {}),
+    ("logical_and", [boolean(3, 4), boolean(4)], {}),
+    ("logical_or", [boolean(3, 4), boolean(3, 4)], {}),
+    ("logical_xor", [boolean(3, 4), boolean(3, 4)], {}),
+    ("isnan", [np.array([1.0, np.nan, np.inf], np.float32)], {}),
+    ("isinf", [np.array([1.0, np.nan, -np.inf], np.float32)], {}),
+    ("where", [boolean(3, 4), f32(3, 4), f32(1, 4)], {}),
+    ("matmul", [f32(2, 5, 3), f32(3, 4)], {}),
+    ("matmul", [f32(2, 1, 5, 3), f32(3, 3, 4)], {}),
+    ("matmul", [f32(3), f32(2, 3, 4)], {}),
+    ("reduce_sum", [f32(2, 3, 4)], {"axes": (1,), "keepdims": True}),
+    ("reduce_mean", [f32(2, 3, 4)], {"axes": (-1, 0), "keepdims": False}),
+    ("reduce_max", [f32(2, 3, 4)], {"axes": None, "keepdims": False}),
+    ("reduce_min", [f32(2, 3, 4)], {"axes": (2,), "keepdims": True}),
+    ("reduce_prod", [f32(2, 3, 4, lo=0.5, hi=1.5)], {"axes": (1,), "keepdims": False}),
+    ("argmax", [f32(2, 3, 4)], {"axis": 1, "keepdims": False}),
+    ("argmin", [f32(2, 3, 4)], {"axis": -1, "keepdims": True}),
+    ("softmax", [f32(2, 3, 5)], {"axis": -1}),
+    ("log_softmax", [f32(2, 3, 5)], {"axis": 1}),
+    ("layer_norm", [f32(2, 3, 8), f32(8), f32(8)], {"axis": -1, "epsilon": 1e-5}),
+    ("layer_norm", [f32(2, 3, 8), f32(3, 8)], {"axis": 1, "epsilon": 1e-5}),
+    ("rms_norm", [f32(2, 3, 8), f32(8)], {"axis": -1, "epsilon": 1e-6}),
+    ("batch_norm", [f32(2, 3, 4, 4), f32(3), f32(3), f32(3), f32(3, **POS)], {"epsilon": 1e-5}),
+    ("lrn", [f32(1, 6, 3, 3)], {"size": 3, "alpha": 1e-2, "beta": 0.75, "bias": 1.0}),
+    ("cumsum", [f32(2, 5)], {"axis": 1}),
+    ("cumsum", [i64(2, 5)], {"axis": 1, "exclusive": True, "reverse": True}),
+    ("reshape", [f32(2, 3, 4)], {"shape": (6, 4)}),
+    ("transpose", [f32(2, 3, 4)], {"perm": (2, 0, 1)}),
+    ("concat", [f32(2, 3), f32(2, 5), f32(2, 1)], {"axis": 1}),
+    ("split", [f32(2, 7)], {"axis": 1, "sizes": (2, 4, 1)}),
+    ("slice", [f32(4, 6)], {"starts": (1, -1), "ends": (3, -100), "axes": (0, 1), "steps": (1, -2)}),
+    ("slice", [f32(4, 6)], {"starts": (2,), "ends": (2**62,), "axes": (1,), "steps": (1,)}),
+    ("gather", [f32(5, 3), np.array([[0, 4], [-1, 2]], np.int64)], {"axis": 0}),
+    ("gather", [f32(2, 5, 3), np.array([1, 3], np.int64)], {"axis": 1}),
+    ("gather_elements", [f32(3, 4), i64(3, 2, hi=4)], {"axis": 1}),
+    ("gather_nd", [f32(2, 3, 4), i64(2, 1, hi=3)], {"batch_dims": 1}),
+    ("broadcast_to", [f32(3, 1)], {"shape": (2, 3, 4)}),
+    ("tile", [f32(2, 3)], {"repeats": (2, 1)}),
+    ("pad", [f32(2, 3)], {"pads": (1, 0, 0, 2), "mode": "constant", "value": 1.5}),
+    ("pad", [f32(3, 4)], {"pads": (1, 1, 1, 1), "mode": "reflect", "value": 0.0}),
+    ("pad", [f32(3, 4)], {"pads": (0, 2, 1, 0), "mode": "edge", "value": 0.0}),
+    ("constant", [], {"value": np.arange(6, dtype=np.float32).reshape(2, 3)}),
+    ("conv", [f32(1, 4, 7, 7), f32(6, 2, 3, 3)], {"strides": (2, 1), "pads": (1, 0, 1, 2), "dilations": (1, 1),
+                                                  "group": 2}),
+    ("conv", [f32(2, 3, 9), f32(4, 3, 3)], {"strides": (1,), "pads": (1, 1), "dilations": (2,), "group": 1}),
+    ("max_pool", [f32(1, 2, 7, 7)], {"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1)}),
+    ("max_pool", [f32(1, 2, 6, 6)], {"kernel": (3, 3), "strides": (2, 2), "pads": (0, 0, 0, 0), "ceil_mode": True}),
+    ("avg_pool", [f32(1, 2, 7, 7)], {"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1),
+                                     "count_include_pad": False}),
+    ("avg_pool", [f32(1, 2, 7, 7)], {"kernel": (2, 2), "strides": (2, 2), "pads": (1, 1, 0, 0),
+                                     "count_include_pad": True}),
+    ("all_reduce", [f32(2, 3)], {"axes": (0,), "group_size": 1, "reduce": "sum"}),
+    ("all_gather", [f32(2, 3)], {"axes": (0,), "group_size": 1, "dim": 1}),
+    ("reduce_scatter", [f32(2, 3)], {"axes": (0,), "group_size": 1, "dim": 0}),
+    ("all_to_all", [f32(2, 4)], {"axes": (0,), "group_size": 1, "split_dim": 1, "concat_dim": 0}),
+]
