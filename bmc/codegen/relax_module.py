@@ -55,10 +55,20 @@ def to_relax(graph: Graph) -> tvm.IRModule:
                 results = result if isinstance(result, list) else [result]
                 for v, expr in zip(node.outputs, results):
                     env[v] = expr if isinstance(expr, relax.Var) else bb.emit(expr, name_hint=_hint(v.name))
+                    _check_type(env[v], v, node)
             outs = [env[v] for v in graph.outputs]
             gv = bb.emit_output(relax.Tuple(outs))
         bb.emit_func_output(gv)
     return bb.get()
+
+
+def _check_type(expr: relax.Expr, v: Value, node: Node) -> None:
+    """The lowering must produce exactly the IR type; a mismatch is a bmc bug caught here, not at run time."""
+    ty = expr.ty
+    shape = tuple(int(d) for d in ty.shape) if getattr(ty, "shape", None) is not None else None
+    if str(ty.dtype) != v.type.dtype or shape != v.type.shape:
+        raise CompileError(f"internal: Relax lowering produced {ty} for %{v.name}, the IR says {v.type}",
+                           where=_where(node))
 
 
 def _hint(name: str) -> str:

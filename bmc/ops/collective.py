@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bmc.ops.registry import Attr, Cost, OpDef, OpError, normalize_axis, register
+from bmc.ops.registry import contiguous, Attr, Cost, OpDef, OpError, normalize_axis, register
 
 
 def _group(attrs):
@@ -68,7 +68,7 @@ def all_gather_group(xs, attrs):
 
 def reduce_scatter_group(xs, attrs):
     total = np.sum(np.stack(xs), axis=0).astype(xs[0].dtype)
-    return [np.ascontiguousarray(p) for p in np.split(total, len(xs), axis=attrs["dim"])]
+    return [contiguous(p) for p in np.split(total, len(xs), axis=attrs["dim"])]
 
 
 def all_to_all_group(xs, attrs):

@@ -8,7 +8,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from bmc.ir.types import FLOAT_DTYPES
-from bmc.ops.registry import Attr, Cost, OpDef, OpError, bytes_moved, register, same_dtype
+from bmc.ops.registry import contiguous, Attr, Cost, OpDef, OpError, bytes_moved, register, same_dtype
 
 
 def window_out_dim(size, k, stride, pad_begin, pad_end, dilation, ceil_mode=False) -> int:
@@ -79,7 +79,7 @@ def _conv(ins, attrs):
     sp = "".join(chr(ord("p") + i) for i in range(nd))
     ks = "".join(chr(ord("h") + i) for i in range(nd))
     y = np.einsum(f"ngc{sp}{ks},gmc{ks}->ngm{sp}", win, wg, optimize=True)
-    return [np.ascontiguousarray(y.reshape((n, m) + out_sp)).astype(x.dtype)]
+    return [contiguous(y.reshape((n, m) + out_sp)).astype(x.dtype)]
 
 
 def _t(a):

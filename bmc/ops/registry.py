@@ -154,6 +154,11 @@ def infer_types(op: str, in_types: Sequence[TensorType], attrs: dict) -> list[Te
 # ---------------------------------------------------------------------------------------------------------------
 # Shape helpers shared by the op families.
 
+def contiguous(a) -> np.ndarray:
+    """C-contiguous array, keeping 0-d arrays 0-d (``np.ascontiguousarray`` makes them 1-d)."""
+    return np.require(a, requirements="C")
+
+
 def normalize_axis(axis: int, rank: int, what: str = "axis") -> int:
     if not -rank <= axis < max(rank, 1):
         raise OpError(f"{what} {axis} is out of range for rank {rank}")

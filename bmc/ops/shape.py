@@ -7,7 +7,7 @@ from math import prod
 import numpy as np
 
 from bmc.ir.types import TensorType, dtype_of
-from bmc.ops.registry import (Attr, Cost, OpDef, OpError, broadcast_shapes, movement_cost, normalize_axis,
+from bmc.ops.registry import (contiguous, Attr, Cost, OpDef, OpError, broadcast_shapes, movement_cost, normalize_axis,
                               register, same_dtype)
 
 
@@ -34,7 +34,7 @@ def _transpose_infer(ins, attrs):
 
 
 register(OpDef("transpose", "shape", (1, 1), {"perm": Attr("ints")}, _transpose_infer,
-               lambda ins, a: [np.ascontiguousarray(np.transpose(ins[0], a["perm"]))], movement_cost))
+               lambda ins, a: [contiguous(np.transpose(ins[0], a["perm"]))], movement_cost))
 
 
 def _concat_infer(ins, attrs):
@@ -64,7 +64,7 @@ def _split_infer(ins, attrs):
 
 def _split(ins, attrs):
     (x,) = ins
-    return [np.ascontiguousarray(p) for p in np.split(x, np.cumsum(attrs["sizes"])[:-1], axis=attrs["axis"])]
+    return [contiguous(p) for p in np.split(x, np.cumsum(attrs["sizes"])[:-1], axis=attrs["axis"])]
 
 
 register(OpDef("split", "shape", (1, 1), {"axis": Attr("int"), "sizes": Attr("ints")}, _split_infer, _split,
@@ -94,7 +94,7 @@ def _slice_infer(ins, attrs):
 
 register(OpDef("slice", "shape", (1, 1), {"starts": Attr("ints"), "ends": Attr("ints"), "axes": Attr("ints"),
                                           "steps": Attr("ints")},
-               _slice_infer, lambda ins, a: [np.ascontiguousarray(ins[0][slice_indices(ins[0].shape, a)])],
+               _slice_infer, lambda ins, a: [contiguous(ins[0][slice_indices(ins[0].shape, a)])],
                movement_cost))
 
 
@@ -173,7 +173,7 @@ def _broadcast_infer(ins, attrs):
 
 
 register(OpDef("broadcast_to", "shape", (1, 1), {"shape": Attr("ints")}, _broadcast_infer,
-               lambda ins, a: [np.ascontiguousarray(np.broadcast_to(ins[0], a["shape"]))], movement_cost))
+               lambda ins, a: [contiguous(np.broadcast_to(ins[0], a["shape"]))], movement_cost))
 
 
 def _tile_infer(ins, attrs):
@@ -210,7 +210,7 @@ def _pad(ins, attrs):
     else:
         y = np.pad(x, pos, mode=attrs["mode"])
     crop = tuple(slice(-min(pads[i], 0), y.shape[i] + min(pads[i + r], 0)) for i in range(r))
-    return [np.ascontiguousarray(y[crop])]
+    return [contiguous(y[crop])]
 
 
 register(OpDef("pad", "shape", (1, 1), {"pads": Attr("ints"), "mode": Attr("str", "constant"),

@@ -22,6 +22,15 @@ def lowering(*ops: str):
     return deco
 
 
+def const(array) -> "relax.Constant":
+    """A Relax constant with exactly the array's dtype (``relax.const`` alone turns int64 into int32)."""
+    import numpy as np
+    from tvm import relax
+
+    array = np.asarray(array, order="C")  # not ascontiguousarray: that turns 0-d into 1-d
+    return relax.const(array, dtype=array.dtype.name)
+
+
 def load_all() -> dict[str, Callable]:
     from bmc.codegen.lower import collective, elementwise, linalg, nn, reduce, shape  # noqa: F401
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax
 
-from bmc.codegen.lower import lowering
+from bmc.codegen.lower import const, lowering
 from bmc.ir.types import np_dtype
 
 _R = relax.op
@@ -25,7 +25,7 @@ _BINARY = {
 
 
 def scalar(value, dtype: str) -> relax.Constant:
-    return relax.const(np.array(value, dtype=np_dtype(dtype)))
+    return const(np.array(value, dtype=np_dtype(dtype)))
 
 
 @lowering(*_SIMPLE_UNARY)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax, topi
 
-from bmc.codegen.lower import lowering
+from bmc.codegen.lower import const, lowering
 from bmc.codegen.lower.elementwise import scalar
 from bmc.ir.types import np_dtype
 
@@ -49,7 +49,7 @@ def _layer_norm(ctx, node, args):
         beta = args[2]
     else:
         t = node.inputs[1].type
-        beta = relax.const(np.zeros(t.shape, np_dtype(t.dtype)))
+        beta = const(np.zeros(t.shape, np_dtype(t.dtype)))
     return _R.nn.layer_norm(x, gamma, beta, axes=_norm_axes(node), epsilon=node.attrs["epsilon"])
 
 

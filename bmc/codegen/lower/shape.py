@@ -7,7 +7,7 @@ from itertools import accumulate
 import numpy as np
 from tvm import relax
 
-from bmc.codegen.lower import lowering
+from bmc.codegen.lower import const, lowering
 from bmc.errors import CompileError
 from bmc.ops.shape import slice_indices
 
@@ -96,7 +96,7 @@ def _pad(ctx, node, args):
         for i in range(rank):
             if pads[i] or pads[i + rank]:
                 idx = np.clip(np.arange(-pads[i], shape[i] + pads[i + rank]), 0, shape[i] - 1).astype(np.int64)
-                x = ctx.emit(_R.take(x, relax.const(idx), axis=i))
+                x = ctx.emit(_R.take(x, const(idx), axis=i))
         return x
     width = [v for i in range(rank) for v in (pads[i], pads[i + rank])]
     return _R.nn.pad(args[0], width, pad_mode=node.attrs["mode"], pad_value=node.attrs["value"])
@@ -104,4 +104,4 @@ def _pad(ctx, node, args):
 
 @lowering("constant")
 def _constant(ctx, node, args):
-    return relax.const(node.attrs["value"])
+    return const(node.attrs["value"])
