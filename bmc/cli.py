@@ -1,0 +1,298 @@
+"""The ``bmc`` command line: ``bmc compile | run | show | verify | demo`` (also ``python -m bmc``).
+
+Exit codes: 0 success; a ``BmcError``'s ``exit_code`` (usage 2, model 3, planning 4, compile 5, artifact 6,
+runtime 7); 2 for argparse usage errors; 130 on Ctrl-C; 143 on SIGTERM (raised as ``SystemExit`` so ``finally``
+blocks, e.g. the artifact writer's cleanup, still run); 70 for anything unexpected, which is a bug and is reported
+with the traceback and the versions. ``-v`` adds the traceback to user errors too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bmc.errors import BmcError, InternalError, UsageError
+
+_SHAPE_GRAMMAR = "NAME=D1,D2,... or NAME=D1xD2x... with positive integers, e.g. input_ids=1,128"
+
+
+class Terminated(SystemExit):
+    """Raised by the SIGTERM handler so cleanup code runs on the way out."""
+
+    def __init__(self):
+        super().__init__(143)
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def install_sigterm_handler() -> None:
+    """Turn SIGTERM into ``Terminated`` (exit 143) so ``finally`` blocks run."""
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+# --- argument helpers ------------------------------------------------------------------------------------------------
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """``name=2,16`` or ``name=2x16`` → ``("name", (2, 16))``; splits on the last ``=``."""
+    name, sep, dims = text.rpartition("=")
+    parts = re.split(r"[,x]", dims.strip()) if dims.strip() else []
+    if not sep or not name or not parts or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise UsageError(f"malformed value {text!r}", where="--input-shape", fix=f"use {_SHAPE_GRAMMAR}")
+    return name, tuple(int(p) for p in parts)
+
+
+def parse_input_shapes(values: list[str] | None) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for text in values or []:
+        name, dims = parse_input_shape(text)
+        if name in shapes:
+            raise UsageError(f"input {name!r} is given twice", where="--input-shape",
+                             fix="give each input's shape once")
+        shapes[name] = dims
+    return shapes
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _fmt(entry: dict) -> str:
+    return f"{entry['name']}: {entry['dtype']}[{','.join(map(str, entry['shape']))}]"
+
+
+# --- commands ------------------------------------------------------------------------------------------------------
+def cmd_compile(args) -> int:
+    if args.cuda_arch and args.target != "cuda":
+        raise UsageError("--cuda-arch needs --target cuda", where="--cuda-arch", fix="add --target cuda")
+    # flags first: a typo fails before anything heavy loads. A single number stays an int so that it can also
+    # bind a symbolic dim by name (SYMBOL=SIZE); the frontend reads an int as a rank-1 shape for an input.
+    input_shapes = {k: (v[0] if len(v) == 1 else v) for k, v in parse_input_shapes(args.input_shape).items()}
+    from bmc.compiler import compile_model
+
+    start = time.perf_counter()
+    summary = compile_model(args.model, args.output, target=args.target,
+                            cuda_archs=tuple(args.cuda_arch or ("sm_90",)), input_shapes=input_shapes,
+                            dump_dir=args.dump_dir)
+    elapsed = time.perf_counter() - start
+    summary = summary if isinstance(summary, dict) else {}
+    output = Path(summary.get("output", args.output))
+    target = summary.get("target", args.target)
+    if isinstance(target, dict):
+        target = " ".join([target.get("kind", "?"), *target.get("archs", [])])
+    size = summary.get("size_bytes", _size(output))
+    print(f"wrote {output} (target {target}, {_human(size)}, {elapsed:.1f} s)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    from bmc.runtime.executor import load
+
+    inputs_path = Path(args.inputs)
+    if not inputs_path.is_file():
+        raise UsageError(f"no such file {str(inputs_path)!r}", where="--inputs",
+                         fix="pass an .npz file whose keys are the model's input names")
+    try:
+        with np.load(inputs_path, allow_pickle=False) as npz:
+            inputs = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {str(inputs_path)!r} as .npz: {e}", where="--inputs",
+                         fix="write it with numpy.savez(path, **{input_name: array})") from e
+    model = load(args.artifact)
+    outputs = model.run(inputs)
+    out = Path(args.output)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
+    try:
+        np.savez(tmp, **outputs)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for name, arr in outputs.items():
+        print(f"{name}: {arr.dtype}[{','.join(map(str, arr.shape))}]")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    import json
+
+    from bmc.runtime.artifact import read_manifest
+
+    m = read_manifest(args.artifact)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    target = m["target"]
+    archs = ",".join(target.get("archs") or [])
+    print(f"artifact   {args.artifact} (format {m['format_version']}, created {m['created']})")
+    print(f"versions   bmc {m['bmc_version']}, tvm {m['tvm_version']}, tvm-ffi {m['tvm_ffi_version']}, "
+          f"onnx {m.get('onnx_version', '?')}, numpy {m.get('numpy_version', '?')}")
+    print(f"target     {target.get('kind')}" + (f" {archs}" if archs else "")
+          + (f" (mcpu {target['mcpu']})" if target.get("mcpu") else ""))
+    mesh = m["mesh"]
+    print(f"mesh       {'x'.join(map(str, mesh['shape']))} axes {','.join(mesh['axes'])}, "
+          f"world size {m['world_size']}")
+    if m["source"]:
+        print("source     " + ", ".join(f"{k}={v}" for k, v in m["source"].items()))
+    sig = m["signature"]
+    for kind in ("inputs", "outputs"):
+        print(f"{kind:<10} " + ("; ".join(_fmt(e) for e in sig[kind]) or "(none)"))
+    print(f"params     {len(sig['params'])} tensors")
+    print("files")
+    for rel, info in m["files"].items():
+        print(f"  {rel:<32} {_human(info['size']):>10}  sha256 {info['sha256'][:16]}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from bmc.runtime.artifact import verify_artifact
+
+    path = Path(args.artifact)
+    manifest = verify_artifact(path, check_versions=not args.skip_versions)
+    print(f"{path}: digests of {len(manifest['files'])} files OK" +
+          ("" if args.skip_versions else f", tvm {manifest['tvm_version']} / tvm-ffi {manifest['tvm_ffi_version']} OK"))
+    bad = weight_nonfinite(path, manifest)
+    if bad:
+        total_nan = sum(n for n, _ in bad.values())
+        total_inf = sum(i for _, i in bad.values())
+        print(f"weights: {total_nan} NaN and {total_inf} Inf values in {len(bad)} tensor(s) (allowed; reported):")
+        for name, (nan, inf) in bad.items():
+            print(f"  {name}: {nan} NaN, {inf} Inf")
+    else:
+        print("weights: all finite")
+    print("OK")
+    return 0
+
+
+def weight_nonfinite(path: Path, manifest: dict, chunk: int = 1 << 22) -> dict[str, tuple[int, int]]:
+    """``{tensor: (NaN count, Inf count)}`` over every rank's weights, for tensors that have any (FAILURES.md 14)."""
+    import numpy as np
+
+    from bmc.ir.types import FLOAT_DTYPES
+    from bmc.runtime.safetensors import SafetensorsFile
+
+    found: dict[str, tuple[int, int]] = {}
+    for rank, rel in manifest["weights"].items():
+        st = SafetensorsFile(path / rel)
+        for name in st.names():
+            if st.info(name)[0] not in FLOAT_DTYPES:
+                continue
+            flat = st.get(name).reshape(-1)
+            nan = inf = 0
+            for i in range(0, flat.size, chunk):  # bounded memory for huge tensors
+                block = flat[i:i + chunk]
+                nan += int(np.isnan(block).sum())
+                inf += int(np.isinf(block).sum())
+            if nan or inf:
+                found[name if len(manifest["weights"]) == 1 else f"[rank {rank}] {name}"] = (nan, inf)
+    return found
+
+
+def cmd_demo(args) -> int:
+    from bmc.demo import main as demo_main
+
+    result = demo_main()
+    return result if isinstance(result, int) else 0
+
+
+# --- parser and main -----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bmc", description="bmc: compile ONNX models with Apache TVM and run them.")
+    p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="compile an ONNX model into a .bmc artifact")
+    c.add_argument("model", help="the .onnx file")
+    c.add_argument("-o", "--output", required=True, help="the artifact folder to write, e.g. model.bmc")
+    c.add_argument("--target", choices=("llvm", "cuda"), default="llvm", help="llvm (host CPU) or cuda")
+    c.add_argument("--cuda-arch", action="append", metavar="SM", help="CUDA architecture, e.g. sm_90 (repeatable)")
+    c.add_argument("--input-shape", action="append", metavar="NAME=DIMS",
+                   help=f"bind an input's shape or a symbolic dim (SYMBOL=SIZE): {_SHAPE_GRAMMAR}")
+    c.add_argument("--dump-dir", help="write the IR after every pass into this folder")
+    c.set_defaults(func=cmd_compile)
+
+    r = sub.add_parser("run", help="run an artifact on inputs from an .npz file")
+    r.add_argument("artifact")
+    r.add_argument("--inputs", required=True, help=".npz whose keys are the input names")
+    r.add_argument("-o", "--output", required=True, help=".npz to write, keyed by output name")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("show", help="print an artifact's manifest summary")
+    s.add_argument("artifact")
+    s.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    s.set_defaults(func=cmd_show)
+
+    v = sub.add_parser("verify", help="check an artifact's digests and versions; report NaN/Inf in the weights")
+    v.add_argument("artifact")
+    v.add_argument("--skip-versions", action="store_true", help="do not compare TVM/tvm-ffi versions")
+    v.set_defaults(func=cmd_verify)
+
+    d = sub.add_parser("demo", help="compile and run a small bundled model end to end")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def _versions() -> str:
+    from bmc.runtime.artifact import installed_versions
+
+    try:
+        v = installed_versions()
+        return (f"bmc {v['bmc_version']}, tvm {v['tvm_version']}, tvm-ffi {v['tvm_ffi_version']}, "
+                f"python {sys.version.split()[0]}")
+    except Exception:  # noqa: BLE001  (never fail while reporting a failure)
+        return f"python {sys.version.split()[0]}"
+
+
+def _report_bug(err: BaseException) -> int:
+    traceback.print_exception(err, file=sys.stderr)
+    print(f"bmc: {InternalError.category}: {type(err).__name__}: {err}", file=sys.stderr)
+    print(f"versions: {_versions()}", file=sys.stderr)
+    return InternalError.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (the console script passes it to ``sys.exit``)."""
+    install_sigterm_handler()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InternalError as err:
+        return _report_bug(err)
+    except BmcError as err:
+        if args.verbose:
+            traceback.print_exception(err, file=sys.stderr)
+        print(f"bmc: {err.category}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        if args.verbose:
+            traceback.print_exc()
+        print("bmc: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("bmc: terminated", file=sys.stderr)
+        return 143
+    except Exception as err:  # noqa: BLE001  (anything else is a bug in bmc)
+        return _report_bug(err)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""The ``.bmc`` artifact: schema, atomic writer and verifier.
+
+An artifact is a directory::
+
+    model.bmc/
+      manifest.json              what the rest is: versions, target, mesh, signature, digests (written last)
+      plan.json                  the sharding plan (``{}`` while there is none)
+      programs/main.so           the compiled program, one for every rank of a homogeneous mesh
+      weights/rank0.safetensors  the weights rank 0 needs, in the order the program takes them
+
+Manifest keys (``format_version`` 1): ``format`` ("bmc-artifact"), ``format_version``, ``bmc_version``,
+``tvm_version``, ``tvm_ffi_version``, ``onnx_version``, ``numpy_version``, ``created`` (UTC ISO 8601), ``target``
+(``{"kind", "archs", "mcpu"}``), ``mesh`` (``{"shape", "axes"}``), ``world_size``, ``rank_map`` (rank → mesh
+coordinate), ``signature`` (``{"inputs", "outputs", "params"}``, each a list of ``{"name", "dtype", "shape"}``; the
+program takes inputs then params in this order and returns a tuple of the outputs), ``programs`` (name → file),
+``weights`` (rank as a string → file), ``source`` (where the model came from), ``files`` (every file but the
+manifest → ``{"sha256", "size"}``), plus any keys the caller adds through ``extra``.
+
+Guarantees:
+
+- Writing is atomic: everything is built in ``.<name>.tmp-<pid>-<random>`` next to the output and renamed into place
+  at the end; on any failure, Ctrl-C included, the temporary directory is removed (FAILURES.md 23, 31).
+- ``verify_artifact`` checks the format version, the TVM and tvm-ffi versions and the size and SHA-256 of every file
+  before anything is loaded or mapped (FAILURES.md 33-35, 38).
+- Out of scope (FAILURES.md 37): the digests live in the manifest itself, so they detect accidental damage, not
+  tampering. Someone who can edit the files can also rewrite ``manifest.json`` to match; only a signature over the
+  manifest (not implemented) would detect that. Load artifacts only from sources you trust: the program is native
+  code.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from datetime import datetime, timezone
+from importlib import metadata as _metadata
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bmc.errors import ArtifactError, BmcError, InternalError, UsageError
+from bmc.ir.types import DTYPES
+from bmc.runtime.safetensors import write_safetensors
+
+FORMAT = "bmc-artifact"
+FORMAT_VERSION = 1
+MIN_FORMAT_VERSION = 1  # oldest format this bmc still loads
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+PROGRAM = "programs/main.so"
+WEIGHTS_RANK0 = "weights/rank0.safetensors"
+
+_REQUIRED = {"format": str, "format_version": int, "bmc_version": str, "tvm_version": str, "tvm_ffi_version": str,
+             "created": str, "target": dict, "mesh": dict, "world_size": int, "rank_map": list, "signature": dict,
+             "programs": dict, "weights": dict, "source": dict, "files": dict}
+
+
+# --- versions ------------------------------------------------------------------------------------------------------
+def _dist_version(name: str) -> str:
+    try:
+        return _metadata.version(name)
+    except _metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def installed_versions() -> dict[str, str]:
+    """Versions of bmc and what an artifact depends on, read without importing TVM or ONNX."""
+    from bmc import __version__
+
+    return {"bmc_version": __version__, "tvm_version": _dist_version("apache-tvm"),
+            "tvm_ffi_version": _dist_version("apache-tvm-ffi"), "onnx_version": _dist_version("onnx"),
+            "numpy_version": np.__version__}
+
+
+# --- signature -----------------------------------------------------------------------------------------------------
+def graph_signature(graph) -> dict:
+    """The signature of a bmc IR graph (duck-typed: ``inputs``, ``outputs``, ``params`` of named typed values)."""
+    def entries(values):
+        return [{"name": v.name, "dtype": v.type.dtype, "shape": list(v.type.shape)} for v in values]
+
+    return {"inputs": entries(graph.inputs), "outputs": entries(graph.outputs), "params": entries(graph.params)}
+
+
+def signature_problems(signature) -> list[str]:
+    """Everything wrong with a signature dict (empty when it is well formed)."""
+    if not isinstance(signature, dict):
+        return ["signature is not an object"]
+    problems = []
+    for kind in ("inputs", "outputs", "params"):
+        items = signature.get(kind)
+        if not isinstance(items, list):
+            problems.append(f"signature.{kind} is not a list")
+            continue
+        seen = set()
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                problems.append(f"signature.{kind}[{i}] has no name")
+                continue
+            name = item["name"]
+            if name in seen:
+                problems.append(f"signature.{kind}: {name!r} appears twice")
+            seen.add(name)
+            if item.get("dtype") not in DTYPES:
+                problems.append(f"signature.{kind} {name!r}: unknown dtype {item.get('dtype')!r}")
+            shape = item.get("shape")
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                problems.append(f"signature.{kind} {name!r}: shape {shape!r} is not a list of non-negative ints")
+    return problems
+
+
+# --- writing -------------------------------------------------------------------------------------------------------
+def write_artifact(output, *, signature: dict, weights: list[tuple[str, Callable[[], np.ndarray]]],
+                   export_library: Callable[[Path], None], target: dict, source: dict,
+                   plan: dict | None = None, extra: dict | None = None) -> Path:
+    """Write a single-rank artifact to ``output`` atomically and return its path.
+
+    ``weights`` are ``(param name, provider)`` in the order of ``signature["params"]``; each provider is called once,
+    while the weights file is streamed, so only one weight is in memory at a time. ``export_library(path)`` writes
+    the compiled program. ``extra`` adds top-level manifest keys (it may not override the ones above).
+    An existing artifact at ``output`` is replaced; any other existing path is refused.
+    """
+    output = Path(output)
+    problems = signature_problems(signature)
+    names = [p["name"] for p in signature.get("params", [])] if not problems else []
+    if not problems and [n for n, _ in weights] != names:
+        problems.append(f"weights {[n for n, _ in weights]} do not match signature params {names}")
+    clash = sorted(set(extra or {}) & (set(_REQUIRED) | {"onnx_version", "numpy_version"}))
+    if clash:
+        problems.append(f"extra manifest keys {clash} would override reserved keys")
+    if problems:
+        raise InternalError("cannot write artifact: " + "; ".join(problems), where=str(output))
+    _check_output(output)
+
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise _os_error(e, output, "create a temporary directory next to") from e
+    try:
+        (tmp / "programs").mkdir()
+        (tmp / "weights").mkdir()
+        files: dict[str, dict] = {}
+        export_library(tmp / PROGRAM)
+        params = {p["name"]: p for p in signature["params"]}
+        files[WEIGHTS_RANK0] = write_safetensors(
+            tmp / WEIGHTS_RANK0,
+            [(n, params[n]["dtype"], tuple(params[n]["shape"]), provider) for n, provider in weights],
+            metadata={"format": FORMAT, "rank": "0"})
+        _write_json(tmp / PLAN, plan if plan is not None else {})
+        for rel in (PROGRAM, PLAN):
+            files[rel] = file_digest(tmp / rel)
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, **installed_versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "target": dict(target), "mesh": {"shape": [1], "axes": ["x"]}, "world_size": 1, "rank_map": [[0]],
+            "signature": signature, "programs": {"main": PROGRAM}, "weights": {"0": WEIGHTS_RANK0},
+            "source": dict(source), "files": dict(sorted(files.items())), **(extra or {}),
+        }
+        for rel in files:
+            _fsync(tmp / rel)
+        _write_json(tmp / MANIFEST, manifest)
+        _fsync(tmp / MANIFEST)
+        _move_into_place(tmp, output)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, BmcError):
+            raise _os_error(e, output, "write") from e
+        raise
+    return output
+
+
+def _check_output(output: Path) -> None:
+    parent = output.parent
+    if not parent.is_dir():
+        raise UsageError(f"the folder {str(parent)!r} for the artifact does not exist", where=str(output),
+                         fix=f"create it first (mkdir -p {parent}) or choose another output path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write into the folder {str(parent)!r} (permission denied)", where=str(output),
+                         fix="choose an output path in a folder you can write to")
+    if output.is_symlink() or (output.exists() and not output.is_dir()):
+        raise UsageError("the output path exists and is not a bmc artifact folder (it is a file or a link)",
+                         where=str(output), fix="choose another output path, or delete that file first")
+    if output.is_dir() and any(output.iterdir()) and not _is_artifact(output):
+        raise UsageError("the output path is an existing folder that is not a bmc artifact; refusing to replace it",
+                         where=str(output), fix="choose a new path such as model.bmc, or empty that folder first")
+
+
+def _is_artifact(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text("utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _move_into_place(tmp: Path, output: Path) -> None:
+    if not output.exists():
+        os.rename(tmp, output)
+        _fsync_dir(output.parent)
+        return
+    aside = output.parent / f".{output.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    os.rename(output, aside)
+    try:
+        os.rename(tmp, output)
+    except BaseException:
+        os.rename(aside, output)  # put the previous artifact back
+        raise
+    _fsync_dir(output.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _os_error(e: OSError, output: Path, action: str) -> BmcError:
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        return ArtifactError(f"disk full while writing the artifact; nothing was left behind ({e.strerror})",
+                             where=str(output), fix="free some space or write to another disk")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UsageError(f"cannot {action} the artifact: {e.strerror}", where=str(output),
+                          fix="choose an output path in a folder you can write to")
+    return ArtifactError(f"could not {action} the artifact: {e}", where=str(output))
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync(path)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the rename is still atomic
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> dict:
+    """``{"sha256", "size"}`` of a file, read in chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            size += len(block)
+    return {"sha256": h.hexdigest(), "size": size}
+
+
+# --- reading and verifying -----------------------------------------------------------------------------------------
+def read_manifest(path) -> dict:
+    """The manifest of the artifact at ``path``, after checking it is an artifact of a format this bmc reads."""
+    path = Path(path)
+    where = str(path)
+    if not path.exists():
+        raise ArtifactError("no such file or directory", where=where, fix="check the artifact path")
+    if not (path / MANIFEST).is_file():
+        kind = "a file" if not path.is_dir() else "a folder"
+        raise ArtifactError(f"not a bmc artifact (no manifest.json): it is {kind} without one", where=where,
+                            fix="pass the .bmc folder written by `bmc compile`")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ArtifactError(f"manifest.json cannot be read: {e}", where=where,
+                            fix="the artifact is damaged; recompile the model") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"not a bmc artifact (manifest.json has no \"format\": \"{FORMAT}\")", where=where,
+                            fix="pass the .bmc folder written by `bmc compile`")
+    _check_format_version(manifest, where)
+    bad = [f"{k} (expected {t.__name__})" for k, t in _REQUIRED.items() if not isinstance(manifest.get(k), t)]
+    bad += signature_problems(manifest.get("signature"))
+    if bad:
+        raise ArtifactError("manifest.json is missing or has malformed keys: " + "; ".join(bad), where=where,
+                            fix="the artifact is damaged; recompile the model")
+    return manifest
+
+
+def _check_format_version(manifest: dict, where: str) -> None:
+    version = manifest.get("format_version")
+    made_by = manifest.get("bmc_version", "?")
+    if type(version) is not int:
+        raise ArtifactError(f"format_version {version!r} is not an integer", where=where,
+                            fix="the artifact is damaged; recompile the model")
+    if version > FORMAT_VERSION:
+        from bmc import __version__
+
+        raise ArtifactError(f"artifact format {version} is newer than this bmc {__version__} reads (up to "
+                            f"{FORMAT_VERSION}); it needs bmc >= {made_by}", where=where,
+                            fix=f"upgrade bmc (pip install 'bmc>={made_by}') or recompile the model with this bmc")
+    if version < MIN_FORMAT_VERSION:
+        model = manifest.get("source", {}).get("model", "MODEL.onnx") if isinstance(manifest.get("source"), dict) \
+            else "MODEL.onnx"
+        raise ArtifactError(f"artifact format {version} (written by bmc {made_by}) is no longer supported; this bmc "
+                            f"reads formats {MIN_FORMAT_VERSION} to {FORMAT_VERSION}", where=where,
+                            fix=f"recompile: bmc compile {model} -o {Path(where).name}")
+
+
+def check_library_versions(manifest: dict, where: str = "artifact") -> None:
+    """Refuse an artifact built against another TVM or tvm-ffi (the program's ABI depends on both)."""
+    here = installed_versions()
+    diffs = [f"{key[:-8].replace('_', '-')} {manifest.get(key)} (artifact) vs {here[key]} (installed)"
+             for key in ("tvm_version", "tvm_ffi_version") if manifest.get(key) != here[key]]
+    if diffs:
+        pins = f"apache-tvm=={manifest.get('tvm_version')} apache-tvm-ffi=={manifest.get('tvm_ffi_version')}"
+        raise ArtifactError("compiled with other library versions: " + "; ".join(diffs), where=where,
+                            fix=f"recompile the model with this installation, or install {pins}")
+
+
+def verify_artifact(path, *, check_versions: bool = True) -> dict:
+    """Check an artifact completely (format, versions, size and SHA-256 of every file); return its manifest.
+
+    Nothing is loaded or mapped: this is what ``bmc.load`` runs before touching the program or the weights.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    if check_versions:
+        check_library_versions(manifest, str(path))
+    files = manifest["files"]
+    referenced = [PLAN, *manifest["programs"].values(), *manifest["weights"].values()]
+    unlisted = sorted(set(referenced) - set(files))
+    if unlisted:
+        raise ArtifactError(f"manifest.json lists no digest for {', '.join(unlisted)}", where=str(path),
+                            fix="the artifact is damaged; recompile the model")
+    root = path.resolve()
+    for rel, expected in files.items():
+        file = (path / rel).resolve()
+        if file.parent != root and root not in file.parents:
+            raise ArtifactError(f"file {rel!r} lies outside the artifact", where=str(path))
+        _verify_file(path, rel, file, expected)
+    return manifest
+
+
+
+def _verify_file(root: Path, rel: str, file: Path, expected) -> None:
+    where = f"{root}/{rel}"
+    fix = "the artifact is damaged; restore it from a good copy or recompile the model"
+    if not isinstance(expected, dict) or not isinstance(expected.get("sha256"), str) \
+            or type(expected.get("size")) is not int:
+        raise ArtifactError(f"manifest entry for {rel} is malformed: {expected!r}", where=str(root), fix=fix)
+    if not file.is_file():
+        raise ArtifactError(f"file {rel} is missing", where=where, fix=fix)
+    size = file.stat().st_size
+    if size != expected["size"]:
+        state = "truncated" if size < expected["size"] else "longer than written"
+        raise ArtifactError(f"file {rel} is {state}: {size} bytes, expected {expected['size']}", where=where, fix=fix)
+    actual = file_digest(file)["sha256"]
+    if actual != expected["sha256"]:
+        raise ArtifactError(f"file {rel} is corrupted: sha256 {actual[:16]}..., expected {expected['sha256'][:16]}...",
+                            where=where, fix=fix)

@@ -1,0 +1,174 @@
+"""Load a verified ``.bmc`` artifact and run it on one device with the TVM Relax VM.
+
+    model = load("model.bmc")
+    logits = model(input_ids=ids)              # one output → the array; several → a tuple in signature order
+    outs = model.run({"input.1": x})           # any input name, identifier or not → {output name: array}
+
+``load`` verifies the artifact (format, TVM/tvm-ffi versions, every digest) before the library is loaded or a weight
+is mapped; the weights are then copied to the device once and reused by every call. Inputs are checked against the
+signature before anything runs (FAILURES.md 44). This module imports only numpy, tvm and bmc's runtime-side modules,
+never the frontend, codegen or sharding (a test enforces it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import tvm
+
+from bmc.errors import ArtifactError, ExecutionError, UsageError
+from bmc.ir.types import np_dtype
+from bmc.runtime.artifact import verify_artifact
+from bmc.runtime.safetensors import SafetensorsFile
+
+
+def _fmt(dtype: str, shape) -> str:
+    return f"{dtype}[{','.join(map(str, shape))}]"
+
+
+class Model:
+    """A loaded artifact: call it with inputs by position or name, or ``run`` it with a dict."""
+
+    def __init__(self, path: Path, manifest: dict, vm, params: list, device):
+        self._path = path
+        self._manifest = manifest
+        self._main = vm["main"]
+        self._vm = vm
+        self._params = params
+        self._device = device
+        self._inputs = manifest["signature"]["inputs"]
+        self._outputs = manifest["signature"]["outputs"]
+
+    @property
+    def manifest(self) -> dict:
+        """The artifact's manifest (versions, target, signature, digests)."""
+        return self._manifest
+
+    @property
+    def signature(self) -> dict:
+        """``{"inputs", "outputs", "params"}``, each a list of ``{"name", "dtype", "shape"}``."""
+        return self._manifest["signature"]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self._inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self._outputs]
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        """Inputs by position (signature order) and/or by name; one output → array, else a tuple."""
+        names = self.input_names
+        if len(args) > len(names):
+            raise ExecutionError(f"{len(args)} positional inputs given but the model takes {len(names)}: "
+                                 f"{', '.join(names)}", where=str(self._path))
+        inputs = dict(zip(names, args))
+        twice = sorted(set(inputs) & set(kwargs))
+        if twice:
+            raise ExecutionError(f"input(s) {', '.join(twice)} given both by position and by name",
+                                 where=str(self._path))
+        inputs.update(kwargs)
+        outs = self._execute(inputs)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run with ``{input name: array}``; returns ``{output name: array}`` in signature order."""
+        return dict(zip(self.output_names, self._execute(dict(inputs))))
+
+    def _execute(self, inputs: dict[str, Any]) -> list[np.ndarray]:
+        arrays = self._check_inputs(inputs)
+        try:
+            args = [tvm.runtime.tensor(a, self._device) for a in arrays]
+            result = self._main(*args, *self._params)
+            return [t.numpy() for t in result]
+        except Exception as e:  # noqa: BLE001  (TVM raises many types; inputs were already checked)
+            raise ExecutionError(f"the program failed: {e}", where=str(self._path)) from e
+
+    def _check_inputs(self, inputs: dict[str, Any]) -> list[np.ndarray]:
+        """Arrays in signature order, or one ``ExecutionError`` listing every problem with expected vs got."""
+        names = self.input_names
+        problems = []
+        unknown = [n for n in inputs if n not in names]
+        missing = [n for n in names if n not in inputs]
+        if unknown:
+            problems.append(f"unknown input(s) {', '.join(map(repr, unknown))}")
+        if missing:
+            problems.append(f"missing input(s) {', '.join(map(repr, missing))}")
+        arrays = []
+        for spec in self._inputs:
+            if spec["name"] not in inputs:
+                continue
+            value, want = inputs[spec["name"]], np_dtype(spec["dtype"])
+            arr = np.asarray(value)
+            if not isinstance(value, np.ndarray) and arr.dtype != want and np.can_cast(arr.dtype, want, "same_kind"):
+                arr = arr.astype(want)  # Python scalars and lists take the declared dtype when that loses no kind
+            expected, got = _fmt(spec["dtype"], spec["shape"]), _fmt(str(arr.dtype), arr.shape)
+            if arr.dtype != want or list(arr.shape) != list(spec["shape"]):
+                problems.append(f"input {spec['name']!r}: expected {expected}, got {got}")
+            arrays.append(np.ascontiguousarray(arr))
+        if problems:
+            real = ", ".join(f"{i['name']}: {_fmt(i['dtype'], i['shape'])}" for i in self._inputs)
+            raise ExecutionError("bad inputs: " + "; ".join(problems), where=str(self._path),
+                                 fix=f"the model takes {real}")
+        return arrays
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{i['name']}: {_fmt(i['dtype'], i['shape'])}" for i in self._inputs)
+        outs = ", ".join(f"{o['name']}: {_fmt(o['dtype'], o['shape'])}" for o in self._outputs)
+        return f"<bmc.Model {self._path} ({ins}) -> ({outs})>"
+
+
+def _device(device: str, target: dict, where: str):
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise UsageError(f"unknown device {device!r}", where="device", fix="use cpu, cuda or cuda:N")
+    wants = "cpu" if target.get("kind") == "llvm" else "cuda"
+    if kind != wants:
+        raise ArtifactError(f"the artifact was compiled for target {target.get('kind')!r} but device {device!r} was "
+                            f"requested", where=where, fix=f"load it with device={wants!r} or recompile for the "
+                                                           f"other target")
+    dev = tvm.cpu(0) if kind == "cpu" else tvm.cuda(int(index or 0))
+    if not dev.exist:
+        raise ExecutionError(f"device {device} is not available on this machine", where=where)
+    return dev
+
+
+def _load_weights(path: Path, manifest: dict, dev) -> list:
+    file = path / manifest["weights"]["0"]
+    st = SafetensorsFile(file)
+    params = []
+    for spec in manifest["signature"]["params"]:
+        if spec["name"] not in st:
+            raise ArtifactError(f"weight {spec['name']!r} of the signature is not in the weights file",
+                                where=str(file), fix="the artifact is inconsistent; recompile the model")
+        dtype, shape = st.info(spec["name"])
+        if dtype != spec["dtype"] or list(shape) != list(spec["shape"]):
+            raise ArtifactError(f"weight {spec['name']!r} is {_fmt(dtype, shape)} in the file but "
+                                f"{_fmt(spec['dtype'], spec['shape'])} in the signature", where=str(file),
+                                fix="the artifact is inconsistent; recompile the model")
+        params.append(tvm.runtime.tensor(st.get(spec["name"]), dev))
+    return params
+
+
+def load(path, *, device: str = "cpu") -> Model:
+    """Verify the artifact at ``path``, then load its program and weights onto ``device`` (``cpu``, ``cuda[:N]``)."""
+    path = Path(path)
+    manifest = verify_artifact(path)
+    if manifest["world_size"] != 1:
+        raise ExecutionError(f"the artifact is for {manifest['world_size']} ranks; this loader runs one",
+                             where=str(path), fix=f"launch it with mpiexec -n {manifest['world_size']}")
+    if "main" not in manifest["programs"] or "0" not in manifest["weights"]:
+        raise ArtifactError("manifest.json names no program 'main' or no weights for rank 0", where=str(path),
+                            fix="the artifact is damaged; recompile the model")
+    dev = _device(device, manifest["target"], str(path))
+    program = path / manifest["programs"]["main"]
+    try:
+        lib = tvm.runtime.load_module(str(program))
+        vm = tvm.runtime.vm.VirtualMachine(lib, dev)
+    except Exception as e:  # noqa: BLE001  (TVM raises many types)
+        raise ArtifactError(f"TVM could not load the program: {e}", where=str(program),
+                            fix="recompile the model for this machine") from e
+    return Model(path, manifest, vm, _load_weights(path, manifest, dev), dev)
