@@ -23,9 +23,13 @@ class Built:
     target: TargetSpec
     timings: dict[str, float] = field(default_factory=dict)
     kernels: dict = field(default_factory=dict)  # per-target kernel info (e.g. compiled CUDA images)
+    device_code: object = field(default=None, repr=False)  # cuda: bmc.codegen.cuda.CudaBuild (the nvcc images)
 
     def export(self, path: Path) -> None:
-        self.executable.export_library(str(path))
+        if self.device_code is not None:  # cuda: link the compiled images instead of TVM's CUDA source
+            self.executable.export_library(str(path), fpack_imports=self.device_code.pack_imports)
+        else:
+            self.executable.export_library(str(path))
 
 
 def cpu_pipeline(target) -> tvm.transform.Pass:
@@ -63,11 +67,23 @@ def build(graph: Graph, target: TargetSpec) -> Built:
         if target.kind == "llvm":
             ex = tvm.compile(mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
         else:
+            from bmc.codegen import cuda
+
+            toolkit = cuda.find_toolkit()  # fail before any TVM work when nvcc is missing
+            tvm_target = tvm.target.Target({"kind": "cuda", "arch": cuda.codegen_arch(target.archs)},
+                                           host=tvm.target.Target({"kind": "llvm"}))
             with tvm_target:
                 mod = gpu_pipeline(tvm_target)(mod)
-            ex = tvm.compile(mod, target=tvm_target)
+            with cuda.codegen_env():
+                ex = tvm.compile(mod, target=tvm_target)
+    except CompileError:
+        raise
     except Exception as e:  # noqa: BLE001  (TVM raises TVMError/ValueError/...)
         raise CompileError(f"TVM failed to compile graph {graph.name} for {target.kind}: {e}",
                            where=f"target {target.kind}") from e
     timings["tvm_compile_s"] = time.perf_counter() - t0
-    return Built(ex, target, timings)
+    if target.kind == "llvm":
+        return Built(ex, target, timings)
+    device_code = cuda.compile_executable(ex, target.archs, toolkit)
+    timings["nvcc_s"] = sum(img.nvcc_s for img in device_code.images)
+    return Built(ex, target, timings, {"cuda": device_code.info()}, device_code)

@@ -126,7 +126,8 @@ def check_graph(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
             elif state[nxt] == 1:
                 path = [graph.node[i] for i, _ in stack]
                 start = next(k for k, (i, _) in enumerate(stack) if i == nxt)
-                cycle = " -> ".join(node_label(n, -1) for n in path[start:]) + " -> " + node_label(graph.node[nxt], -1)
+                loop = [graph.node[nxt]] + path[start:][::-1]  # in dataflow order: producer -> consumer
+                cycle = " -> ".join(node_label(n, -1) for n in loop)
                 raise ModelError(f"the graph has a cycle: {cycle}", where="graph", fix="ONNX graphs must be acyclic")
             elif state[nxt] == 0:
                 state[nxt] = 1

@@ -1,0 +1,214 @@
+"""Benchmark models built with the ONNX helper API (no torch): random weights from a fixed seed.
+
+    from benchmarks.models import gpt2_like
+    path = gpt2_like("benchmarks/.cache/gpt2.onnx")                      # GPT-2 small, ~650 MB of weights
+    tiny = gpt2_like(tmp / "tiny.onnx", layers=2, hidden=64, heads=4, seq=16, vocab=128)
+
+Weights are stored as ONNX external data (one ``<name>.onnx.data`` file next to the model), so a model of any
+size loads lazily and the ``.onnx`` file itself stays small.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from bmc.errors import UsageError
+
+OPSET = 17  # LayerNormalization is opset 17+
+IR_VERSION = 8  # the IR version that goes with opset 17; old enough for every consumer
+GENERATOR_VERSION = 1  # bump when the graph changes, so cached files are regenerated
+MASK_VALUE = -1e9  # finite, so a fully masked row can never produce NaN
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    """Shape of a GPT-2-like decoder; ``ffn`` defaults to ``4 * hidden``."""
+
+    layers: int = 12
+    hidden: int = 768
+    heads: int = 12
+    seq: int = 128
+    batch: int = 1
+    vocab: int = 50257
+    ffn: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.ffn == 0:
+            object.__setattr__(self, "ffn", 4 * self.hidden)
+        problems = [f"{k}={v} must be >= 1" for k, v in asdict(self).items() if k != "seed" and v < 1]
+        if self.hidden % self.heads:
+            problems.append(f"hidden={self.hidden} is not a multiple of heads={self.heads}")
+        if problems:
+            raise UsageError("; ".join(problems), where="gpt2_like", fix="pick sizes with hidden % heads == 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def tag(self) -> str:
+        """A file-name-safe id of this config (and of the generator version), for caching."""
+        return (f"gpt2_L{self.layers}_H{self.hidden}_A{self.heads}_F{self.ffn}_S{self.seq}_B{self.batch}"
+                f"_V{self.vocab}_seed{self.seed}_g{GENERATOR_VERSION}")
+
+
+class _Builder:
+    """Collects nodes and initializers; every weight is drawn from one seeded generator, in creation order."""
+
+    def __init__(self, cfg: GPT2Config):
+        self.cfg = cfg
+        self.rng = np.random.default_rng(cfg.seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self._shared: set[str] = set()
+
+    def weight(self, name: str, shape: tuple[int, ...], std: float = 0.02) -> str:
+        data = self.rng.standard_normal(shape, dtype=np.float32)
+        data *= np.float32(std)
+        return self.const(name, data)
+
+    def const(self, name: str, value) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def shared(self, name: str, value) -> str:
+        """A constant used by every layer (mask, scale, shapes): one initializer, created on first use."""
+        if name not in self._shared:
+            self._shared.add(name)
+            self.const(name, value)
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, **attrs) -> str | list[str]:
+        outs = [name] if n_out == 1 else [f"{name}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def linear(self, x: str, n_in: int, n_out: int, name: str) -> str:
+        w = self.weight(f"{name}.weight", (n_in, n_out))
+        b = self.weight(f"{name}.bias", (n_out,))
+        return self.op("Add", [self.op("MatMul", [x, w], f"{name}.matmul"), b], f"{name}.add")
+
+    def layer_norm(self, x: str, name: str) -> str:
+        h = self.cfg.hidden
+        g = self.const(f"{name}.weight", 1.0 + self.rng.standard_normal(h, dtype=np.float32) * np.float32(0.02))
+        b = self.weight(f"{name}.bias", (h,))
+        return self.op("LayerNormalization", [x, g, b], name, axis=-1, epsilon=1e-5)
+
+    def gelu_tanh(self, x: str, name: str) -> str:
+        """0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))), GPT-2's "gelu_new"."""
+        c = self.shared
+        x3 = self.op("Mul", [self.op("Mul", [x, x], f"{name}.x2"), x], f"{name}.x3")
+        inner = self.op("Add", [x, self.op("Mul", [x3, c("gelu.k", np.float32(0.044715))], f"{name}.kx3")],
+                        f"{name}.inner")
+        t = self.op("Tanh", [self.op("Mul", [inner, c("gelu.sqrt_2_over_pi", np.float32(math.sqrt(2 / math.pi)))],
+                                     f"{name}.scaled")], f"{name}.tanh")
+        half_x = self.op("Mul", [x, c("gelu.half", np.float32(0.5))], f"{name}.halfx")
+        return self.op("Mul", [half_x, self.op("Add", [t, c("gelu.one", np.float32(1.0))], f"{name}.1pt")],
+                       f"{name}.out")
+
+
+def _attention(b: _Builder, x: str, name: str) -> str:
+    cfg = b.cfg
+    h, a, d = cfg.hidden, cfg.heads, cfg.head_dim
+    qkv = b.linear(x, h, 3 * h, f"{name}.qkv")
+    split = b.shared("attn.split", np.array([h, h, h], np.int64))
+    q, k, v = b.op("Split", [qkv, split], f"{name}.split_qkv", n_out=3, axis=-1)
+    heads_shape = b.shared("attn.heads_shape", np.array([cfg.batch, cfg.seq, a, d], np.int64))
+
+    def to_heads(t: str, tag: str, perm: list[int]) -> str:
+        return b.op("Transpose", [b.op("Reshape", [t, heads_shape], f"{name}.{tag}.reshape")],
+                    f"{name}.{tag}.transpose", perm=perm)
+
+    q = to_heads(q, "q", [0, 2, 1, 3])  # [B, A, S, D]
+    kt = to_heads(k, "k", [0, 2, 3, 1])  # [B, A, D, S]
+    v = to_heads(v, "v", [0, 2, 1, 3])
+    scores = b.op("MatMul", [q, kt], f"{name}.scores")
+    scores = b.op("Mul", [scores, b.shared("attn.scale", np.float32(1 / math.sqrt(d)))], f"{name}.scaled")
+    mask = np.triu(np.full((cfg.seq, cfg.seq), MASK_VALUE, np.float32), k=1)
+    scores = b.op("Add", [scores, b.shared("attn.causal_mask", mask)], f"{name}.masked")
+    probs = b.op("Softmax", [scores], f"{name}.softmax", axis=-1)
+    ctx = b.op("Transpose", [b.op("MatMul", [probs, v], f"{name}.context")], f"{name}.merge", perm=[0, 2, 1, 3])
+    merged = b.shared("attn.merged_shape", np.array([cfg.batch, cfg.seq, h], np.int64))
+    return b.linear(b.op("Reshape", [ctx, merged], f"{name}.merge.reshape"), h, h, f"{name}.proj")
+
+
+def _block(b: _Builder, x: str, i: int) -> str:
+    name = f"h.{i}"
+    x = b.op("Add", [x, _attention(b, b.layer_norm(x, f"{name}.ln_1"), f"{name}.attn")], f"{name}.residual_1")
+    fc1 = b.linear(b.layer_norm(x, f"{name}.ln_2"), b.cfg.hidden, b.cfg.ffn, f"{name}.mlp.fc1")
+    fc2 = b.linear(b.gelu_tanh(fc1, f"{name}.mlp.gelu"), b.cfg.ffn, b.cfg.hidden, f"{name}.mlp.fc2")
+    return b.op("Add", [x, fc2], f"{name}.residual_2")
+
+
+def build_gpt2_like(cfg: GPT2Config) -> onnx.ModelProto:
+    """The model as an in-memory ModelProto (weights inline); ``gpt2_like`` saves it with external data."""
+    b = _Builder(cfg)
+    wte = b.weight("wte", (cfg.vocab, cfg.hidden))
+    wpe = b.weight("wpe", (cfg.seq, cfg.hidden), std=0.01)
+    x = b.op("Add", [b.op("Gather", [wte, "input_ids"], "embed.tokens", axis=0), wpe], "embed.add_positions")
+    for i in range(cfg.layers):
+        x = _block(b, x, i)
+    x = b.layer_norm(x, "ln_f")
+    # tied embedding, stored transposed as its own initializer (as exporters emit it)
+    lm_head = b.const("lm_head.weight", np.ascontiguousarray(numpy_helper.to_array(b.inits[0]).T))
+    b.op("MatMul", [x, lm_head], "logits")
+    graph = helper.make_graph(
+        b.nodes, "gpt2_like",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [cfg.batch, cfg.seq])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [cfg.batch, cfg.seq, cfg.vocab])],
+        initializer=b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="bmc-benchmarks")
+    model.ir_version = IR_VERSION
+    model.doc_string = f"gpt2_like {asdict(cfg)}"
+    return model
+
+
+def gpt2_like(path, layers: int = 12, hidden: int = 768, heads: int = 12, seq: int = 128, batch: int = 1,
+              vocab: int = 50257, *, ffn: int = 0, seed: int = 0) -> Path:
+    """Write a GPT-2-like ONNX model to ``path`` (+ ``<name>.onnx.data`` beside it) and return the path.
+
+    Pre-LayerNorm blocks, fused QKV split into heads, causal mask added as a constant, tanh GELU, tied LM head;
+    input ``input_ids`` int64 [batch, seq], output ``logits`` float32 [batch, seq, vocab]. The files are written
+    under temporary names and renamed into place, so a reader never sees half a model.
+    """
+    cfg = GPT2Config(layers, hidden, heads, seq, batch, vocab, ffn, seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = build_gpt2_like(cfg)
+    data_name = f"{path.name}.data"
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-") as tmp:
+        tmp_model = Path(tmp) / path.name
+        onnx.save(model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=data_name, size_threshold=1024)
+        del model
+        for name in (data_name, path.name):
+            _chmod_like_new_file(Path(tmp) / name)
+        os.replace(Path(tmp) / data_name, path.parent / data_name)
+        os.replace(tmp_model, path)
+    return path
+
+
+def _chmod_like_new_file(path: Path) -> None:
+    """onnx writes external data as 0600; give it the mode any new file gets (0666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def initializer_bytes(path) -> int:
+    """Bytes of all initializers of an ONNX model, read from the proto only (external data is not loaded)."""
+    model = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for t in model.graph.initializer:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        total += int(np.prod(t.dims, dtype=np.int64)) * itemsize
+    return total

@@ -1,0 +1,521 @@
+#!/usr/bin/env python3
+"""Single-device benchmark: a GPT-2-small-sized ONNX model through bmc on CPU, against onnxruntime.
+
+    python benchmarks/single_device.py --quick          # small config, < 1 minute: a smoke test
+    python benchmarks/single_device.py                  # GPT-2 small: 12 x 768, 12 heads, vocab 50257, seq 128
+    python benchmarks/single_device.py --layers 4 --threads 2 --json /tmp/out.json
+
+One run measures, each stage in a fresh subprocess so memory and import costs are its own:
+
+1. ``generate``    the ONNX model (helper API, seeded random weights, external data), cached in ``--cache-dir``
+2. ``import``      ``bmc.frontend.onnx.import_model`` time
+3. ``compile``     ``bmc.compiler.compile_model(..., target="llvm")`` time and peak RSS (vs. weight bytes)
+4. ``onnxruntime`` and ``bmc`` latency with the same thread count, warm-up first, best and median
+5. max abs error of bmc's logits against onnxruntime's
+
+The headline is the latency ratio bmc / onnxruntime; absolute numbers sit alongside. A failing stage is reported
+with its reason (and the stages that need it are skipped); the table and the JSON are written either way, and the
+exit status is 1 when any stage failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_CACHE = ROOT / "benchmarks" / ".cache"
+DEFAULT_JSON = ROOT / "benchmarks" / "results" / "single_device.json"
+GOALS = {"compile_s": 60.0, "peak_rss_over_weights": 3.0}
+FULL = dict(layers=12, hidden=768, heads=12, seq=128, vocab=50257, budget=20.0, timeout=3600.0)
+QUICK = dict(layers=2, hidden=128, heads=4, seq=32, vocab=1000, budget=2.0, timeout=300.0)
+SMALL_WEIGHTS = 256 * 2**20  # below this, peak RSS is mostly the interpreter + TVM, not the model
+ORT_MAX_REPEAT = 200  # adaptive repeats stop here even when the time budget is not spent
+
+
+# ---------------------------------------------------------------------------------------------- child side
+# Each stage runs as `python single_device.py --child STAGE SPEC.json RESULT.json` and writes one JSON object.
+
+def _rss_bytes(field: str) -> int | None:
+    """VmRSS / VmHWM of this process from /proc (Linux); VmHWM is the exact peak of this address space."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _memory() -> dict:
+    import resource
+
+    peak = _rss_bytes("VmHWM")
+    if peak is None:  # not Linux: ru_maxrss (kB on Linux/BSD, bytes on macOS)
+        scale = 1 if sys.platform == "darwin" else 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {"peak_rss_bytes": peak, "peak_rss_subprocess_bytes": kids}
+
+
+def _time_calls(fn, *, warmup: int, repeat: int | None, budget_s: float, min_repeat: int, max_repeat: int):
+    """Call ``fn`` ``warmup`` times, then ``repeat`` times (or until ``budget_s`` is spent); return last output."""
+    out = None
+    warm = []
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        out = fn()
+        warm.append(time.perf_counter() - t0)
+    times: list[float] = []
+    cpu0 = time.process_time()  # all threads of this process: cpu / wall says how many cores were busy
+    while True:
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+        if repeat is not None:
+            if len(times) >= repeat:
+                break
+        elif len(times) >= max_repeat or (len(times) >= min_repeat and sum(times) >= budget_s):
+            break
+    cpu = time.process_time() - cpu0
+    return out, {"warmup_s": warm, "times_s": times, "n": len(times), "best_s": min(times),
+                 "median_s": _median(times), "cores_busy": cpu / sum(times)}
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def _first_output(out):
+    """bmc's outputs as one numpy array: accepts an array, a tvm tensor, a dict (``logits`` first) or a list."""
+    import numpy as np
+
+    if isinstance(out, dict):
+        out = out["logits"] if "logits" in out else next(iter(out.values()))
+    elif isinstance(out, (list, tuple)):
+        out = out[0]
+    return out.numpy() if hasattr(out, "numpy") else np.asarray(out)
+
+
+class StageUnavailable(RuntimeError):
+    """A stage needs a part of bmc that is not written (importable) yet: reported without a traceback."""
+
+
+def _import_stage_module(module: str, stage: str):
+    """Import a bmc module, turning "not written yet" into a message that says so."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise StageUnavailable(f"needs {module}, which is not importable yet ({type(err).__name__}: {err}); "
+                               "the other stages still ran") from err
+
+
+def child_generate(spec: dict) -> dict:
+    from benchmarks.models import gpt2_like
+
+    t0 = time.perf_counter()
+    gpt2_like(spec["model"], **spec["config"])
+    return {"generate_s": time.perf_counter() - t0}
+
+
+def child_import(spec: dict) -> dict:
+    t0 = time.perf_counter()
+    frontend = _import_stage_module("bmc.frontend.onnx", "import")
+    t1 = time.perf_counter()
+    graph = frontend.import_model(spec["model"], input_shapes=None)
+    t2 = time.perf_counter()
+    result = {"module_import_s": t1 - t0, "import_s": t2 - t1, "nodes": len(getattr(graph, "nodes", []))}
+    if hasattr(graph, "op_counts"):
+        result["op_counts"] = dict(graph.op_counts())
+    return result
+
+
+def child_compile(spec: dict) -> dict:
+    t0 = time.perf_counter()
+    compiler = _import_stage_module("bmc.compiler", "compile")
+    t1 = time.perf_counter()
+    rss_before = _rss_bytes("VmRSS")
+    summary = compiler.compile_model(spec["model"], spec["artifact"], target="llvm")
+    t2 = time.perf_counter()
+    return {"module_import_s": t1 - t0, "compile_s": t2 - t1, "rss_before_compile_bytes": rss_before,
+            "artifact_bytes": _tree_bytes(Path(spec["artifact"])), "summary": _jsonable(summary)}
+
+
+def child_onnxruntime(spec: dict) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = spec["threads"]
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    t0 = time.perf_counter()
+    sess = ort.InferenceSession(spec["model"], opts, providers=["CPUExecutionProvider"])
+    load_s = time.perf_counter() - t0
+    feeds = {"input_ids": np.load(spec["input_ids"])}
+    out, timing = _time_calls(lambda: sess.run(None, feeds)[0], warmup=spec["warmup"], repeat=spec["repeat"],
+                              budget_s=spec["budget"], min_repeat=3, max_repeat=ORT_MAX_REPEAT)
+    np.save(spec["output"], out)
+    return {"load_s": load_s, **timing}
+
+
+def child_bmc(spec: dict) -> dict:
+    import numpy as np
+
+    import bmc
+
+    _import_stage_module("bmc.runtime.executor", "bmc")
+    t0 = time.perf_counter()
+    model = bmc.load(spec["artifact"])
+    load_s = time.perf_counter() - t0
+    ids = np.load(spec["input_ids"])
+    out, timing = _time_calls(lambda: model(input_ids=ids), warmup=spec["warmup"], repeat=spec["repeat"],
+                              budget_s=spec["budget"], min_repeat=1, max_repeat=ORT_MAX_REPEAT)
+    np.save(spec["output"], _first_output(out))
+    return {"load_s": load_s, "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"), **timing}
+
+
+CHILD_STAGES = {"generate": child_generate, "import": child_import, "compile": child_compile,
+                "onnxruntime": child_onnxruntime, "bmc": child_bmc}
+
+
+def child_main(stage: str, spec_path: str, result_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    try:
+        result = {"ok": True, **CHILD_STAGES[stage](spec)}
+    except StageUnavailable as err:
+        result = {"ok": False, "unavailable": True, "error": str(err)}
+    except Exception as err:  # every failure becomes a row in the table, not a crash of the whole run
+        traceback.print_exc()
+        result = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+    result.update(_memory())
+    _write_json(Path(result_path), result)
+    return 0 if result["ok"] else 1
+
+
+# --------------------------------------------------------------------------------------------- parent side
+
+def run_child(stage: str, spec: dict, workdir: Path, threads: int, timeout: float) -> dict:
+    """Run one stage in a fresh interpreter; its stdout/stderr go to a log whose tail is kept on failure."""
+    spec_path, result_path, log_path = (workdir / f"{stage}.{ext}" for ext in ("spec.json", "result.json", "log"))
+    _write_json(spec_path, spec)
+    env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", stage, str(spec_path), str(result_path)]
+    print(f"[{stage}] running ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        with open(log_path, "w") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        rc = None
+    wall = time.perf_counter() - t0
+    if result_path.exists():
+        result = json.loads(result_path.read_text())
+    elif rc is None:
+        result = {"ok": False, "error": f"timed out after {timeout:.0f} s (raise --timeout)"}
+    else:
+        result = {"ok": False, "error": f"the subprocess died with exit status {rc} before reporting"}
+    result["wall_s"] = wall
+    if not result["ok"] and not result.get("unavailable"):
+        result["log_tail"] = log_path.read_text(errors="replace").splitlines()[-15:]
+    print(f"[{stage}] {'ok' if result['ok'] else 'FAILED'} in {wall:.1f} s", file=sys.stderr, flush=True)
+    return result
+
+
+def skipped(reason: str) -> dict:
+    return {"ok": False, "skipped": True, "error": reason}
+
+
+def ensure_model(cfg, cache_dir: Path, workdir: Path, threads: int, timeout: float) -> tuple[Path, dict]:
+    """The cached model for ``cfg``, generated (in a subprocess) on first use."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    ignore = cache_dir / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("# generated benchmark models and artifacts: never commit\n*\n")
+    path = cache_dir / f"{cfg.tag()}.onnx"
+    if path.exists() and Path(f"{path}.data").exists():
+        return path, {"ok": True, "cached": True, "generate_s": 0.0}
+    result = run_child("generate", {"model": str(path), "config": asdict(cfg)}, workdir, threads, timeout)
+    return path, {"cached": False, **result}
+
+
+def compare(ort_out: Path, bmc_out: Path) -> dict:
+    import numpy as np
+
+    ref, got = np.load(ort_out), np.load(bmc_out)
+    if ref.shape != got.shape:
+        return {"ok": False, "error": f"shape mismatch: bmc {got.shape} vs onnxruntime {ref.shape}"}
+    err = float(np.max(np.abs(got.astype(np.float64) - ref)))
+    scale = float(np.max(np.abs(ref)))
+    return {"ok": bool(np.isfinite(err)), "max_abs_err": err, "max_abs_ref": scale,
+            "max_rel_err": err / max(scale, 1e-30)}
+
+
+def run_benchmark(args, cfg) -> dict:
+    """All stages, in order; a stage that cannot run says why, and what depends on it is skipped."""
+    import numpy as np
+
+    from benchmarks.models import initializer_bytes
+
+    stages: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="run-", dir=_mkdir(args.cache_dir)) as tmp:
+        work = Path(tmp)
+        model, stages["generate"] = ensure_model(cfg, args.cache_dir, work, args.threads, args.timeout)
+        if not stages["generate"]["ok"]:
+            return {"stages": stages, "weight_bytes": None}
+        weight_bytes = initializer_bytes(model)
+        ids_path = work / "input_ids.npy"
+        rng = np.random.default_rng(cfg.seed + 1)
+        np.save(ids_path, rng.integers(0, cfg.vocab, size=(cfg.batch, cfg.seq), dtype=np.int64))
+        artifact = work / f"{cfg.tag()}.bmc"
+        common = {"model": str(model), "artifact": str(artifact), "input_ids": str(ids_path),
+                  "threads": args.threads, "warmup": args.warmup, "repeat": args.repeat, "budget": args.budget}
+
+        def child(stage: str, **extra) -> dict:
+            return run_child(stage, {**common, **extra}, work, args.threads, args.timeout)
+
+        stages["import"] = child("import")
+        stages["compile"] = child("compile")
+        stages["onnxruntime"] = child("onnxruntime", output=str(work / "ort.npy"))
+        if stages["compile"]["ok"]:
+            stages["bmc"] = child("bmc", output=str(work / "bmc.npy"))
+        else:
+            stages["bmc"] = skipped("compile did not succeed")
+        if stages["onnxruntime"]["ok"] and stages["bmc"]["ok"]:
+            stages["accuracy"] = compare(work / "ort.npy", work / "bmc.npy")
+        else:
+            stages["accuracy"] = skipped("needs both onnxruntime and bmc outputs")
+    return {"model": str(model), "stages": stages, "weight_bytes": weight_bytes}
+
+
+def summarize(run: dict) -> dict:
+    """Headline ratios and goal checks from the stage results."""
+    st, wb = run["stages"], run["weight_bytes"]
+    head: dict = {}
+    ort, bm, comp = st.get("onnxruntime", {}), st.get("bmc", {}), st.get("compile", {})
+    if ort.get("ok") and bm.get("ok"):
+        head["latency_ratio_median"] = bm["median_s"] / ort["median_s"]
+        head["latency_ratio_best"] = bm["best_s"] / ort["best_s"]
+    goals = {}
+    if comp.get("ok"):
+        goals["compile_s"] = {"value": comp["compile_s"], "goal": f"< {GOALS['compile_s']:.0f} s",
+                              "met": comp["compile_s"] < GOALS["compile_s"]}
+    if comp.get("ok") and comp.get("peak_rss_bytes") and wb:
+        ratio = comp["peak_rss_bytes"] / wb
+        goals["peak_rss_over_weights"] = {"value": ratio, "goal": f"< {GOALS['peak_rss_over_weights']:.0f}x",
+                                          "met": ratio < GOALS["peak_rss_over_weights"]}
+    return {"headline": head, "goals": goals}
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+def _fmt_s(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _fmt_b(b: float | None) -> str:
+    return "-" if b is None else f"{b / 2**20:.1f} MiB" if b < 2**30 else f"{b / 2**30:.2f} GiB"
+
+
+def _latency_cell(r: dict) -> str:
+    first = f", first {_fmt_s(r['warmup_s'][0])}" if r["warmup_s"] else ""
+    return (f"median {_fmt_s(r['median_s'])}, best {_fmt_s(r['best_s'])} (n={r['n']}{first}, "
+            f"load {_fmt_s(r['load_s'])}, {r['cores_busy']:.1f} cores busy)")
+
+
+def table_rows(report: dict) -> list[tuple[str, str, str]]:
+    """(what, measurement, goal/status) rows; failures show their reason instead of a number."""
+    st, goals, head = report["stages"], report["goals"], report["headline"]
+    rows = []
+    if head:
+        rows.append(("latency bmc / onnxruntime", f"{head['latency_ratio_median']:.1f}x median, "
+                     f"{head['latency_ratio_best']:.1f}x best", "headline"))
+
+    def row(what, key, cell):
+        r = st.get(key)
+        if r is None:
+            return
+        status = "skipped" if r.get("skipped") else "unavailable" if r.get("unavailable") else "FAILED"
+        rows.append((what, cell(r), "") if r.get("ok") else (what, r.get("error", "failed"), status))
+
+    def goal(name):
+        g = goals.get(name)
+        return "" if g is None else f"{g['goal']}: {'met' if g['met'] else 'MISSED'}"
+
+    row("generate model", "generate", lambda r: "cached" if r.get("cached") else _fmt_s(r["generate_s"]))
+    row("bmc import", "import", lambda r: f"{_fmt_s(r['import_s'])} ({r['nodes']} nodes; "
+        f"+{_fmt_s(r['module_import_s'])} module import)")
+    row("bmc compile", "compile", lambda r: f"{_fmt_s(r['compile_s'])} (+{_fmt_s(r['module_import_s'])} import)")
+    if rows and rows[-1][0] == "bmc compile" and rows[-1][2] == "":
+        rows[-1] = (*rows[-1][:2], goal("compile_s"))
+    comp = st.get("compile", {})
+    if "peak_rss_over_weights" in goals:
+        g = goals["peak_rss_over_weights"]
+        rows.append(("peak RSS during compile", f"{_fmt_b(comp['peak_rss_bytes'])} = {g['value']:.2f}x "
+                     f"weights (before compile {_fmt_b(comp.get('rss_before_compile_bytes'))})",
+                     goal("peak_rss_over_weights")))
+    row("latency onnxruntime", "onnxruntime", _latency_cell)
+    row("latency bmc", "bmc", _latency_cell)
+    row("max abs error vs ort", "accuracy", lambda r: f"{r['max_abs_err']:.3g} (max |logit| {r['max_abs_ref']:.3g}, "
+        f"rel {r['max_rel_err']:.2g})")
+    return rows
+
+
+def print_report(report: dict, json_path: Path) -> None:
+    c = report["config"]
+    print(f"\nbmc single-device benchmark: gpt2_like layers={c['layers']} hidden={c['hidden']} heads={c['heads']} "
+          f"ffn={c['ffn']} seq={c['seq']} batch={c['batch']} vocab={c['vocab']}")
+    print(f"weights {_fmt_b(report['weight_bytes'])}, threads={report['threads']} (ORT intra-op, TVM_NUM_THREADS), "
+          f"target llvm, {report['host']['cpu_count']} CPUs, load average {report['host']['load_avg_1min_at_start'] or 0:.2f}\n")
+    rows = table_rows(report)
+    failed = ("FAILED", "skipped", "unavailable")
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max([len(r[1]) for r in rows if r[2] not in failed], default=0)
+    for what, value, note in rows:
+        line = f"{note}: {value}" if note in failed else f"{value:<{w1}}  {note}"
+        print(f"  {what:<{w0}}  {line}".rstrip())
+    if "peak_rss_over_weights" in report["goals"] and report["weight_bytes"] < SMALL_WEIGHTS:
+        print("\n  note: the peak-RSS goal is meant for GPT-2-sized weights; at this size the interpreter and "
+              "library baseline dominates")
+    for stage, r in report["stages"].items():
+        if not r.get("ok") and r.get("log_tail"):
+            print(f"\n[{stage}] last lines of its log:\n    " + "\n    ".join(r["log_tail"]))
+    print(f"\nresults: {json_path}")
+
+
+def environment() -> dict:
+    versions = {}
+    for dist in ("apache-tvm", "apache-tvm-ffi", "onnx", "onnxruntime", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    import bmc
+
+    versions["bmc"] = bmc.__version__
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"versions": versions, "git_commit": commit,
+            "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                     "platform": platform.platform(), "load_avg_1min_at_start": _load_avg()}}
+
+
+def _load_avg() -> float | None:
+    """Other work on the machine skews latencies; recorded so a noisy run can be recognised."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+# -------------------------------------------------------------------------------------------------- glue
+
+def _jsonable(value):
+    """The compile summary as JSON: unknown objects become their repr, so a new field never breaks the run."""
+    return json.loads(json.dumps(value, default=repr))
+
+
+def _tree_bytes(path: Path) -> int | None:
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return None
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_json(path: Path, value) -> None:
+    """Write via ``<path>.tmp`` and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=repr) + "\n")
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in ("layers", "hidden", "heads", "seq", "vocab"):
+        p.add_argument(f"--{name}", type=int, help=f"model {name} (default {FULL[name]}; --quick: {QUICK[name]})")
+    p.add_argument("--ffn", type=int, default=0, help="FFN width (default 4 x hidden)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="weights and input ids seed")
+    p.add_argument("--threads", type=int, default=2, help="threads for onnxruntime and TVM alike (default 2)")
+    p.add_argument("--repeat", type=int, help="timed runs per engine (default: adapt to --budget)")
+    p.add_argument("--budget", type=float, help="seconds of timed runs per engine when --repeat is not given "
+                   f"(default {FULL['budget']:.0f}; --quick: {QUICK['budget']:.0f}); bmc runs at least once")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
+    p.add_argument("--timeout", type=float, help="seconds per stage subprocess "
+                   f"(default {FULL['timeout']:.0f}; --quick: {QUICK['timeout']:.0f})")
+    p.add_argument("--quick", action="store_true", help="a small config that runs in < 1 minute (smoke test)")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where generated models are kept")
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
+    args = p.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("threads", "warmup", "repeat"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            p.error(f"--{name} must be >= {0 if name == 'warmup' else 1}, got {value}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        return child_main(*argv[1:4])
+    args = parse_args(argv)
+    from benchmarks.models import GPT2Config
+    from bmc.errors import BmcError
+
+    try:
+        cfg = GPT2Config(args.layers, args.hidden, args.heads, args.seq, args.batch, args.vocab, args.ffn, args.seed)
+    except BmcError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    t0 = time.perf_counter()
+    env = environment()  # before the run: its load average is the machine's, not ours
+    run = run_benchmark(args, cfg)
+    report = {"benchmark": "single_device", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "config": asdict(cfg), "threads": args.threads, "quick": args.quick, **env, **run,
+              **summarize(run), "goal_thresholds": GOALS, "total_wall_s": time.perf_counter() - t0}
+    failed = [name for name, r in report["stages"].items() if not r.get("ok")]
+    report["failed_stages"] = failed
+    report["ok"] = not failed
+    _write_json(args.json, report)
+    print_report(report, args.json)
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

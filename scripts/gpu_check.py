@@ -1,0 +1,223 @@
+"""Run the CUDA artifacts of ``.gpu/`` on a real GPU, compare with the reference outputs, time them, print a table.
+
+Started by ``scripts/gpu_check.sh`` (which puts the carried tvm-ffi wheel, ``.gpu/site`` and ``.gpu/src`` on the
+path and sets ``TVM_USE_RUNTIME_LIB=1``). ``--dry-run`` does everything that needs no GPU: imports, manifest
+verification, library loading (must not compile anything), VM construction and reading the references; it is what
+``scripts/prepare_gpu_check.py`` runs against a stub driver.
+
+Each model is run twice: through ``bmc.load(path, device="cuda")`` (the real runtime, end to end: host inputs in,
+host outputs out) and through a direct TVM VM with inputs already on the device (kernel time). Pass: every element
+has ``|out - ref| <= 1e-4 * max(1, |ref|)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+RTOL = 1e-4
+
+
+def enable_cuda_runtime(root: Path) -> str:
+    """The hook bmc's executor needs for ``device="cuda"`` on a runtime-only TVM: load ``libtvm_runtime_cuda.so``
+    (which registers the ``cuda`` module loader; runtime-only TVM does not autoload it) and ``tvm.runtime.vm``.
+    Returns which libcudart was used."""
+    cudart = "system libcudart.so.13"
+    try:
+        ctypes.CDLL("libcudart.so.13", mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        ctypes.CDLL(str(root / "lib" / "libcudart.so.13"), mode=ctypes.RTLD_GLOBAL)
+        cudart = str(root / "lib" / "libcudart.so.13")
+    import tvm
+    import tvm.runtime.vm  # noqa: F401  (not imported by `import tvm` when relax is absent)
+    import tvm_ffi
+    from tvm.base import _LOADED_LIBS
+
+    if "ffi.Module.load_from_bytes.cuda" not in tvm_ffi.registry.list_global_func_names():
+        lib = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so"
+        try:
+            _LOADED_LIBS["tvm_runtime_cuda"] = ctypes.CDLL(str(lib))
+        except OSError as e:
+            raise SystemExit(f"cannot load {lib}: {e}\n(it needs the NVIDIA driver's libcuda.so.1 and {cudart})")
+    return cudart
+
+
+def direct_vm(path: Path, dev):
+    """Load an artifact's program and weights with TVM alone (no bmc.runtime.executor): (main, params, manifest)."""
+    import tvm
+
+    from bmc.runtime.artifact import verify_artifact
+    from bmc.runtime.safetensors import SafetensorsFile
+
+    manifest = verify_artifact(path)
+    lib = tvm.runtime.load_module(str(path / manifest["programs"]["main"]))
+    vm = tvm.runtime.vm.VirtualMachine(lib, dev)
+    st = SafetensorsFile(path / manifest["weights"]["0"])
+    params = [tvm.runtime.tensor(st.get(p["name"]), dev) for p in manifest["signature"]["params"]]
+    return vm["main"], params, manifest
+
+
+def compare(outs: dict, ref: dict) -> tuple[float, bool]:
+    import numpy as np
+
+    worst, ok = 0.0, True
+    for name, want in ref.items():
+        got = np.asarray(outs[name], dtype=np.float64)
+        want = np.asarray(want, dtype=np.float64)
+        if got.shape != want.shape:
+            return float("inf"), False
+        err = np.abs(got - want)
+        worst = max(worst, float(err.max(initial=0.0)))
+        ok &= bool(np.all(err <= RTOL * np.maximum(1.0, np.abs(want))))
+    return worst, ok
+
+
+def timed(fn, sync, warmup: int, repeat: int) -> float:
+    """Median wall time of ``fn`` in ms, synchronizing the device after each call."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def check_model(root: Path, name: str, dry: bool, repeat: int) -> dict:
+    import numpy as np
+    import tvm
+
+    from bmc.codegen.cuda import find_fatbins
+
+    path = root / "artifacts" / name
+    row = {"model": name}
+    data = np.load(root / "artifacts" / f"{name}.npz")
+    inputs = {k: data[k] for k in data.files if not k.startswith("output:")}
+    ref = {k[len("output:"):]: data[k] for k in data.files if k.startswith("output:")}
+    dev = tvm.cuda(0)
+    t0 = time.perf_counter()
+    main, params, manifest = direct_vm(path, dev) if not dry else (None, None, None)
+    if dry:
+        from bmc.runtime.artifact import verify_artifact
+
+        manifest = verify_artifact(path)
+        lib = tvm.runtime.load_module(str(path / manifest["programs"]["main"]))
+        try:
+            tvm.runtime.vm.VirtualMachine(lib, dev)
+        except Exception as e:  # noqa: BLE001  (a program with constants allocates them on the device at init)
+            if "cudaErrorInsufficientDriver" not in str(e) and "NO_DEVICE" not in str(e):
+                raise
+            row["vm"] = "needs a device (constants)"
+    row["load_s"] = time.perf_counter() - t0
+    program = (path / manifest["programs"]["main"]).read_bytes()
+    fat = find_fatbins(program)
+    row["sass"] = sorted({e["arch"] for f in fat for e in f if e["kind"] == "elf"})
+    row["kernels"] = manifest.get("kernels", {}).get("cuda", {}).get("num_kernels", "?")
+    if b"__global__" in program or not row["sass"]:
+        raise RuntimeError(f"{path}: the program carries CUDA source or no SASS ({row['sass']})")
+    if dry:  # bmc's own loader gets as far as the device check (no GPU here)
+        try:
+            import bmc
+
+            bmc.load(path, device="cuda")
+            row["bmc_load"] = "loaded"
+        except Exception as e:  # noqa: BLE001
+            row["bmc_load"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        row["status"] = "dry-run ok"
+        return row
+
+    names = [i["name"] for i in manifest["signature"]["inputs"]]
+    args = [tvm.runtime.tensor(inputs[n], dev) for n in names]
+    result = main(*args, *params)
+    outs = dict(zip((o["name"] for o in manifest["signature"]["outputs"]), (t.numpy() for t in result)))
+    row["err_direct"], ok_direct = compare(outs, ref)
+    row["device_ms"] = timed(lambda: main(*args, *params), dev.sync, 3, repeat)
+
+    try:
+        import bmc
+
+        t0 = time.perf_counter()
+        model = bmc.load(path, device="cuda")
+        row["bmc_load_s"] = time.perf_counter() - t0
+        row["err_bmc"], ok_bmc = compare(model.run(inputs), ref)
+        row["e2e_ms"] = timed(lambda: model.run(inputs), dev.sync, 3, repeat)
+    except Exception as e:  # noqa: BLE001  (report and go on: the direct path already checked the kernels)
+        row["bmc_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        ok_bmc = False
+    row["status"] = "PASS" if ok_direct and ok_bmc else ("FAIL" if not ok_direct else "PASS(direct) bmc.load failed")
+    return row
+
+
+def machine_report(dry: bool, cudart: str) -> None:
+    import tvm
+
+    print(f"python {sys.version.split()[0]}  tvm {tvm.__file__}  runtime-only={tvm.base._RUNTIME_ONLY}  "
+          f"cudart: {cudart}")
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,compute_cap,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        print("nvidia-smi:", smi.stdout.strip() or smi.stderr.strip())
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print("nvidia-smi: not available", e)
+    dev = tvm.cuda(0)
+    if not dry:
+        if not dev.exist:
+            raise SystemExit("tvm.cuda(0) does not exist: driver/runtime mismatch? (CUDA 13 runtime needs a >= 580 "
+                             "driver)")
+        print(f"device: {dev.device_name}  compute {dev.compute_version}  SMs {dev.multi_processor_count}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent / ".gpu")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--repeat", type=int, default=50)
+    ap.add_argument("--models", nargs="*")
+    args = ap.parse_args(argv)
+    root = args.root.resolve()
+    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+    sys.path[:0] = [p for p in (str(root / "site"), str(root / "src")) if p not in sys.path]
+    cudart = enable_cuda_runtime(root)
+    machine_report(args.dry_run, cudart)
+    meta = json.loads((root / "MANIFEST.json").read_text())
+    names = args.models or [m["model"] for m in meta["models"]]
+    rows, failed = [], 0
+    for name in names:
+        try:
+            rows.append(check_model(root, name, args.dry_run, args.repeat))
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append({"model": name, "status": f"ERROR {type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+        failed += rows[-1]["status"] != ("dry-run ok" if args.dry_run else "PASS")
+    print_table(rows)
+    print(json.dumps({"gpu_check": rows}, default=str))
+    return 1 if failed else 0
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = [("model", "{}"), ("kernels", "{}"), ("sass", "{}"), ("load_s", "{:.3f}"), ("device_ms", "{:.3f}"),
+            ("e2e_ms", "{:.3f}"), ("err_direct", "{:.2e}"), ("err_bmc", "{:.2e}"), ("status", "{}")]
+    cells = [[c for c, _ in cols]]
+    for r in rows:
+        cells.append([fmt.format(r[c]) if c in r and r[c] is not None else "-" for c, fmt in cols])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    for r in rows:
+        if "bmc_error" in r:
+            print(f"{r['model']}: bmc.load path failed: {r['bmc_error']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

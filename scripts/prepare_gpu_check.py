@@ -1,0 +1,244 @@
+"""Prepare ``.gpu/``: everything ``scripts/gpu_check.sh`` needs on a lent GPU machine that has no TVM and no network.
+
+    python scripts/prepare_gpu_check.py                 # writes .gpu/ (about 30 MiB), then dry-runs the check here
+    python scripts/prepare_gpu_check.py --out DIR --archs sm_90 sm_80 --no-verify
+
+Contents of the folder:
+
+- ``wheels/``: the cp312 ``apache-tvm-ffi`` wheel (the GPU machine runs Python 3.12; downloaded once with
+  ``pip download``, or passed with ``--ffi-wheel``).
+- ``site/tvm``: the installed TVM package without ``libtvm_compiler.so`` (259 MB) and ``3rdparty/``. Imported with
+  ``TVM_USE_RUNTIME_LIB=1`` it loads only ``libtvm_runtime.so`` (tvm/base.py); ``libtvm_runtime_cuda.so`` is then
+  *not* autoloaded (tvm/backend/_autoload_backends.py skips backends in runtime-only mode), so the check loads it.
+  ``site/apache_tvm-<v>.dist-info/METADATA`` makes ``importlib.metadata`` report the TVM version the artifacts'
+  manifests were written with.
+- ``lib/``: the CUDA runtime ``libcudart.so.13`` that ``libtvm_runtime_cuda.so`` links (used only when the machine
+  has none); ``fallback/typing_extensions.py`` (tvm-ffi needs it; used only when missing).
+- ``src/bmc``: the bmc source the artifacts were compiled with.
+- ``artifacts/<model>/``: ``.bmc`` artifacts compiled here for CUDA (kernels are nvcc images, nothing compiles at
+  load), and ``artifacts/<model>.npz``: inputs by name and reference outputs (``output:<name>``) computed here by
+  bmc's reference interpreter.
+- ``MANIFEST.json``: models, archs, nvcc times, kernel counts, sizes, versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bmc.ir.types import TensorType  # noqa: E402
+from bmc.ops.builder import GraphBuilder  # noqa: E402
+
+FFI_VERSION = "0.1.14.post1"
+LIMIT_BYTES = 60 * 2**20
+
+
+# --- models ----------------------------------------------------------------------------------------------------------
+def _w(rng, *shape, scale=None):
+    scale = scale if scale is not None else 1.0 / np.sqrt(shape[0])
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def mlp2():
+    """x f32[8,64] → Linear(64,256) → gelu → Linear(256,64)."""
+    rng = np.random.default_rng(1)
+    b = GraphBuilder("mlp2")
+    x = b.input("x", TensorType("float32", (8, 64)))
+    h = b.emit1("add", [b.emit1("matmul", [x, b.param("w1", _w(rng, 64, 256))]), b.param("b1", _w(rng, 256))])
+    h = b.emit1("gelu", [h])
+    y = b.emit1("add", [b.emit1("matmul", [h, b.param("w2", _w(rng, 256, 64))]), b.param("b2", _w(rng, 64))], "y")
+    return b.finish([y]), {"x": rng.standard_normal((8, 64)).astype(np.float32)}
+
+
+def block():
+    """A pre-LN transformer block: x f32[1,16,64], 4 heads of 16, MLP 128, residuals."""
+    rng = np.random.default_rng(2)
+    d, t, nh, hd = 64, 16, 4, 16
+    b = GraphBuilder("block")
+    x = b.input("x", TensorType("float32", (1, t, d)))
+
+    def linear(v, name, n_in, n_out):
+        return b.emit1("add", [b.emit1("matmul", [v, b.param(f"{name}_w", _w(rng, n_in, n_out))]),
+                               b.param(f"{name}_b", _w(rng, n_out, scale=0.02))])
+
+    def norm(v, name):
+        return b.emit1("layer_norm", [v, b.param(f"{name}_g", 1 + _w(rng, d, scale=0.1)),
+                                      b.param(f"{name}_b", _w(rng, d, scale=0.1))])
+
+    def heads(v, perm):
+        return b.emit1("transpose", [b.emit1("reshape", [v], shape=(1, t, nh, hd))], perm=perm)
+
+    h = norm(x, "ln1")
+    q, k, v = (linear(h, n, d, d) for n in ("q", "k", "v"))
+    scores = b.emit1("matmul", [heads(q, (0, 2, 1, 3)), heads(k, (0, 2, 3, 1))])
+    scores = b.emit1("mul", [scores, b.constant(np.float32(1 / np.sqrt(hd)))])
+    ctx = b.emit1("matmul", [b.emit1("softmax", [scores], axis=-1), heads(v, (0, 2, 1, 3))])
+    ctx = b.emit1("reshape", [b.emit1("transpose", [ctx], perm=(0, 2, 1, 3))], shape=(1, t, d))
+    x = b.emit1("add", [x, linear(ctx, "o", d, d)])
+    m = linear(b.emit1("gelu", [linear(norm(x, "ln2"), "fc1", d, 128)]), "fc2", 128, d)
+    y = b.emit1("add", [x, m], "y")
+    return b.finish([y]), {"x": rng.standard_normal((1, t, d)).astype(np.float32)}
+
+
+def convnet():
+    """conv → relu → max_pool → avg_pool → matmul → gelu → layer_norm → softmax, and a reduce_sum."""
+    rng = np.random.default_rng(3)
+    b = GraphBuilder("convnet")
+    x = b.input("x", TensorType("float32", (2, 4, 16, 16)))
+    y = b.emit1("relu", [b.emit1("conv", [x, b.param("conv_w", _w(rng, 8, 4, 3, 3, scale=0.3))], pads=(1, 1, 1, 1))])
+    y = b.emit1("avg_pool", [b.emit1("max_pool", [y], kernel=(2, 2), strides=(2, 2))], kernel=(2, 2), strides=(2, 2))
+    y = b.emit1("reshape", [y], shape=(2, 128))
+    y = b.emit1("gelu", [b.emit1("matmul", [y, b.param("fc_w", _w(rng, 128, 32))])])
+    y = b.emit1("layer_norm", [y, b.param("ln_g", np.ones(32, np.float32)), b.param("ln_b", np.zeros(32, np.float32))])
+    probs = b.emit1("softmax", [y], "probs")
+    total = b.emit1("reduce_sum", [y], "total", axes=(1,), keepdims=False)
+    return b.finish([probs, total]), {"x": rng.standard_normal((2, 4, 16, 16)).astype(np.float32)}
+
+
+MODELS = {"mlp2": mlp2, "block": block, "convnet": convnet}
+
+
+# --- folder ----------------------------------------------------------------------------------------------------------
+def compile_models(out: Path, archs: tuple[str, ...], names: list[str]) -> list[dict]:
+    from bmc.codegen.build import build
+    from bmc.codegen.targets import TargetSpec
+    from bmc.runtime.artifact import graph_signature, write_artifact
+    from bmc.testing.reference import run_reference
+
+    spec = TargetSpec.parse("cuda", archs)
+    (out / "artifacts").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in names:
+        graph, inputs = MODELS[name]()
+        t0 = time.perf_counter()
+        built = build(graph, spec)
+        build_s = time.perf_counter() - t0
+        path = out / "artifacts" / name
+        write_artifact(path, signature=graph_signature(graph),
+                       weights=[(p.name, graph.weights[p.name].numpy) for p in graph.params],
+                       export_library=built.export, target=spec.to_json(),
+                       source={"model": f"{name} (GraphBuilder, scripts/prepare_gpu_check.py)", "sha256": "0" * 64,
+                               "opset": 0},
+                       extra={"kernels": built.kernels})
+        ref = run_reference(graph, inputs)
+        np.savez(out / "artifacts" / f"{name}.npz", **inputs, **{f"output:{k}": v for k, v in ref.items()})
+        info = built.kernels["cuda"]
+        rows.append({"model": name, "archs": list(archs), "build_s": round(build_s, 2),
+                     "tvm_compile_s": round(built.timings["tvm_compile_s"], 2), "nvcc_s": info["nvcc_s"],
+                     "kernels": info["num_kernels"], "image_bytes": info["image_bytes"],
+                     "artifact_bytes": _size(path)})
+        print(f"  {name:8s} {info['num_kernels']:3d} kernels  tvm {built.timings['tvm_compile_s']:.2f} s  "
+              f"nvcc {info['nvcc_s']:.2f} s  image {info['image_bytes'] / 1024:.0f} KiB", flush=True)
+    return rows
+
+
+def copy_runtime(out: Path, toolkit) -> dict:
+    import tvm
+    from importlib import metadata
+
+    from bmc.codegen import cuda
+
+    src = Path(tvm.__file__).parent
+    shutil.copytree(src, out / "site" / "tvm",
+                    ignore=shutil.ignore_patterns("__pycache__", "3rdparty", "libtvm_compiler.so"))
+    dist = metadata.distribution("apache-tvm")
+    info = out / "site" / f"apache_tvm-{dist.version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(dist.read_text("METADATA"))
+    (info / "INSTALLER").write_text("bmc prepare_gpu_check (runtime only: no libtvm_compiler.so)\n")
+    (out / "lib").mkdir()
+    needed = subprocess.run(["readelf", "-d", str(cuda.runtime_cuda_library())], capture_output=True, text=True,
+                            check=True).stdout
+    cudart = next(w.strip("[]") for w in needed.split() if w.strip("[]").startswith("libcudart.so"))
+    found = [p for p in toolkit.root.glob(f"**/{cudart}") if p.is_file()]
+    if not found:
+        raise SystemExit(f"{cudart} (needed by libtvm_runtime_cuda.so) is not under {toolkit.root}")
+    shutil.copy2(found[0].resolve(), out / "lib" / cudart)
+    import typing_extensions
+
+    (out / "fallback").mkdir()
+    shutil.copy2(typing_extensions.__file__, out / "fallback" / "typing_extensions.py")
+    return {"tvm_version": dist.version, "cudart": cudart}
+
+
+def ffi_wheel(out: Path, given: Path | None) -> Path:
+    (out / "wheels").mkdir()
+    if given:
+        return Path(shutil.copy2(given, out / "wheels" / given.name))
+    cmd = [sys.executable, "-m", "pip", "download", f"apache-tvm-ffi=={FFI_VERSION}", "--no-deps",
+           "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312",
+           "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_24_x86_64", "-d", str(out / "wheels")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"pip download of apache-tvm-ffi=={FFI_VERSION} (cp312) failed; pass --ffi-wheel:\n"
+                         f"{proc.stderr[-2000:]}")
+    return next((out / "wheels").glob("apache_tvm_ffi-*cp312*.whl"))
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def dry_run(out: Path) -> int:
+    """Run gpu_check.py --dry-run here, as the GPU machine would (runtime-only TVM from the folder) but against a
+    stub driver: checks imports, manifests, library loading without nvcc, VM construction and the reference files."""
+    from bmc.codegen import cuda
+
+    with tempfile.TemporaryDirectory(prefix="bmc-gpu-dry-") as tmp:
+        stub = cuda.write_stub_libcuda(Path(tmp))
+        env = {k: v for k, v in os.environ.items() if k not in ("CUDA_PATH", "CUDA_HOME")}
+        env.update(PYTHONPATH=f"{out / 'site'}{os.pathsep}{out / 'src'}", TVM_USE_RUNTIME_LIB="1",
+                   LD_LIBRARY_PATH=str(stub.parent), PATH=f"{tmp}{os.pathsep}{env.get('PATH', '')}")
+        (Path(tmp) / "nvcc").write_text("#!/bin/sh\necho 'nvcc must not run at load time' >&2\nexit 1\n")
+        (Path(tmp) / "nvcc").chmod(0o755)
+        return subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--root", str(out),
+                               "--dry-run"], env=env, cwd=tmp).returncode
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=REPO / ".gpu")
+    ap.add_argument("--archs", nargs="+", default=["sm_90"])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--ffi-wheel", type=Path, help="a local cp312 apache-tvm-ffi wheel (skips pip download)")
+    ap.add_argument("--no-verify", action="store_true", help="skip the dry run of gpu_check.py")
+    args = ap.parse_args(argv)
+
+    from bmc.codegen import cuda
+
+    toolkit = cuda.find_toolkit()
+    out: Path = args.out.resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    t0 = time.perf_counter()
+    print(f"preparing {out} (nvcc {toolkit.version} at {toolkit.nvcc})", flush=True)
+    wheel = ffi_wheel(out, args.ffi_wheel)
+    runtime = copy_runtime(out, toolkit)
+    shutil.copytree(REPO / "bmc", out / "src" / "bmc", ignore=shutil.ignore_patterns("__pycache__"))
+    rows = compile_models(out, tuple(args.archs), args.models)
+    total = _size(out)
+    manifest = {"created_s": round(time.perf_counter() - t0, 1), "archs": args.archs, "ffi_wheel": wheel.name,
+                **runtime, "nvcc": toolkit.version, "models": rows, "bytes": total}
+    (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    print(f"{out}: {total / 2**20:.1f} MiB in {manifest['created_s']} s", flush=True)
+    if total > LIMIT_BYTES:
+        print(f"error: {total / 2**20:.1f} MiB is over the {LIMIT_BYTES / 2**20:.0f} MiB limit", file=sys.stderr)
+        return 1
+    return 0 if args.no_verify else dry_run(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

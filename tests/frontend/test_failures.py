@@ -1,0 +1,253 @@
+"""Bad model inputs (FAILURES.md 1-8, 10, 15, 16, 24): a clear, located error, never a crash or a traceback."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bmc.errors import ModelError, UsageError
+from bmc.frontend.onnx import import_model
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "models"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset=17):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def vi(name, dtype=TensorProto.FLOAT, shape=(2, 3)):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def raw_tensor(name, dims, raw):
+    """A float tensor proto with raw bytes as given (helper.make_tensor refuses inconsistent sizes itself)."""
+    t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(dims))
+    t.raw_data = raw
+    return t
+
+
+def run_cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "bmc", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+# 1 ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content", [b"", b"this is not a protobuf \xff\xfe", None])
+def test_not_a_valid_model(tmp_path, content):
+    path = tmp_path / "bad.onnx"
+    if content is None:  # truncated real model
+        content = (FIXTURES / "gpt2_legacy.onnx").read_bytes()[:5000]
+    path.write_bytes(content)
+    with pytest.raises(ModelError, match="not a valid ONNX model"):
+        import_model(path)
+
+
+def test_cli_reports_invalid_model_without_traceback(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage")
+    r = run_cli("compile", str(bad), "-o", str(tmp_path / "out.bmc"))
+    assert r.returncode == ModelError.exit_code
+    assert "not a valid ONNX model" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out.bmc").exists()
+
+
+# 2 ---------------------------------------------------------------------------------------------------------------
+def test_dangling_input_names_the_node():
+    m = make_model([helper.make_node("Relu", ["nowhere"], ["y"], name="relu_1")], [vi("x")], [vi("y")])
+    with pytest.raises(ModelError, match=r"'relu_1'.*'nowhere' is not a graph input"):
+        import_model(m)
+
+
+def test_cycle_is_reported_with_its_path():
+    nodes = [helper.make_node("Add", ["x", "c"], ["a"], name="n_a"),
+             helper.make_node("Relu", ["a"], ["b"], name="n_b"),
+             helper.make_node("Relu", ["b"], ["c"], name="n_c")]
+    with pytest.raises(ModelError, match=r"cycle: .*n_a.*n_b.*n_c"):
+        import_model(make_model(nodes, [vi("x")], [vi("c")]))
+
+
+def test_duplicate_outputs_are_reported():
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="r1"), helper.make_node("Neg", ["x"], ["y"], name="r2")]
+    with pytest.raises(ModelError, match="'y' is produced more than once"):
+        import_model(make_model(nodes, [vi("x")], [vi("y")]))
+
+
+# 3 ---------------------------------------------------------------------------------------------------------------
+def test_opset_too_new_and_too_old():
+    node = helper.make_node("Relu", ["x"], ["y"])
+    with pytest.raises(ModelError, match=r"opset 99 is newer than supported \(bmc supports opsets 7\.\."):
+        import_model(make_model([node], [vi("x")], [vi("y")], opset=99))
+    with pytest.raises(ModelError, match="(?s)older than supported.*version_converter"):
+        import_model(make_model([node], [vi("x")], [vi("y")], opset=3))
+
+
+# 4 ---------------------------------------------------------------------------------------------------------------
+def test_all_unsupported_ops_in_one_error():
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="ok"),
+             helper.make_node("Hardmax", ["a"], ["b"], name="hm1"),
+             helper.make_node("Det", ["b"], ["c"], name="det1"),
+             helper.make_node("Hardmax", ["c"], ["d"], name="hm2"),
+             helper.make_node("FusedThing", ["d"], ["e"], name="custom1", domain="com.example")]
+    m = make_model(nodes, [vi("x")], [vi("e")])
+    m.opset_import.append(helper.make_opsetid("com.example", 1))
+    with pytest.raises(ModelError) as e:
+        import_model(m)
+    msg = str(e.value)
+    assert "4 node(s) use 3 unsupported op(s)" in msg
+    assert "Hardmax ×2: hm1, hm2" in msg and "Det ×1: det1" in msg and "com.example::FusedThing ×1: custom1" in msg
+
+
+# 5 ---------------------------------------------------------------------------------------------------------------
+def test_unsupported_attribute_names_node_and_attribute():
+    node = helper.make_node("ArgMax", ["x"], ["y"], name="am", axis=1, select_last_index=1)
+    m = make_model([node], [vi("x")], [helper.make_tensor_value_info("y", TensorProto.INT64, (2, 1))])
+    with pytest.raises(ModelError, match="'am'.*select_last_index"):
+        import_model(m)
+
+
+# 6, 7 -------------------------------------------------------------------------------------------------------------
+def test_initializer_byte_length_mismatch():
+    w = raw_tensor("w", (3, 4), b"\x00" * 40)  # needs 48 bytes
+    m = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x")], [vi("y", shape=(2, 4))], [w])
+    with pytest.raises(ModelError, match=r"'w'.*raw data has 40 bytes but dims \(3, 4\) of float32 need 48"):
+        import_model(m)
+
+
+def test_absurd_sizes_rejected_before_allocation():
+    w = raw_tensor("w", (1 << 30, 1 << 30, 4), b"")
+    m = make_model([helper.make_node("Relu", ["w"], ["y"])], [], [vi("y")], [w])
+    with pytest.raises(ModelError, match="over the limit"):
+        import_model(m)
+
+
+# 8, 9, 10 ---------------------------------------------------------------------------------------------------------
+W_SHAPE = (3, 1024)  # large enough to stay a lazily loaded weight, not a folded constant
+W_DATA = np.arange(3 * 1024, dtype=np.float32)
+
+
+def external_model(tmp_path, location, data=W_DATA, offset=0, extra_keys=()):
+    w = numpy_helper.from_array(np.zeros(W_SHAPE, np.float32), "w")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for k, v in [("location", location), ("offset", str(offset)), ("length", str(W_DATA.nbytes)), *extra_keys]:
+        e = w.external_data.add()
+        e.key, e.value = k, v
+    m = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [vi("x")], [vi("y", shape=(2, 1024))],
+                   [w])
+    d = tmp_path / "model"
+    d.mkdir(exist_ok=True)
+    if data is not None:
+        (d / "w.bin").write_bytes(data.tobytes())
+    onnx.save(m, d / "m.onnx")
+    return d / "m.onnx"
+
+
+def test_external_data_is_memory_mapped_not_loaded(tmp_path):
+    from bmc.ir.tensor import ExternalTensor
+
+    g = import_model(external_model(tmp_path, "w.bin"))
+    assert isinstance(g.weights["w"], ExternalTensor)
+    assert isinstance(g.weights["w"].numpy(), np.memmap)
+    np.testing.assert_array_equal(g.weights["w"].numpy(), W_DATA.reshape(W_SHAPE))
+
+
+def test_missing_external_file(tmp_path):
+    with pytest.raises(ModelError, match=r"'w'.*external data file 'w.bin' is missing"):
+        import_model(external_model(tmp_path, "w.bin", data=None))
+
+
+def test_external_data_too_short(tmp_path):
+    with pytest.raises(ModelError, match="does not fit"):
+        import_model(external_model(tmp_path, "w.bin", data=np.zeros(5, np.float32)))
+    with pytest.raises(ModelError, match="does not fit"):
+        import_model(external_model(tmp_path, "w.bin", offset=8))
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "/etc/passwd", "sub/../../x.bin"])
+def test_external_location_leaving_the_folder_is_refused(tmp_path, location):
+    with pytest.raises(ModelError, match="leaves the model folder"):
+        import_model(external_model(tmp_path, location))
+
+
+def test_external_symlink_leaving_the_folder_is_refused(tmp_path):
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(W_DATA.tobytes())
+    path = external_model(tmp_path, "link.bin")
+    (path.parent / "link.bin").symlink_to(outside)
+    with pytest.raises(ModelError, match="symlink"):
+        import_model(path)
+
+
+def test_unknown_external_keys_are_rejected(tmp_path):
+    with pytest.raises(ModelError, match="unknown key.*evil"):
+        import_model(external_model(tmp_path, "w.bin", extra_keys=[("evil", "1")]))
+
+
+# 15 ---------------------------------------------------------------------------------------------------------------
+def test_unsupported_dtype_names_dtype_and_place():
+    m = make_model([helper.make_node("Identity", ["x"], ["y"])], [vi("x", TensorProto.COMPLEX64)],
+                   [vi("y", TensorProto.COMPLEX64)])
+    with pytest.raises(ModelError, match="dtype complex64 is not supported for graph inputs"):
+        import_model(m)
+    m = make_model([helper.make_node("Cast", ["x"], ["y"], name="c8", to=TensorProto.FLOAT8E4M3FN)], [vi("x")],
+                   [vi("y", TensorProto.FLOAT8E4M3FN)])
+    with pytest.raises(ModelError, match="dtype float8e4m3fn is not supported for Cast"):
+        import_model(m)
+
+
+# 16, 17 -----------------------------------------------------------------------------------------------------------
+def test_unbound_dynamic_dims_are_listed_with_the_flag():
+    with pytest.raises(UsageError) as e:
+        import_model(FIXTURES / "bert_legacy.onnx")
+    msg = str(e.value)
+    assert "input_ids[0] (batch)" in msg and "attention_mask[1] (seq)" in msg and "--input-shape" in msg
+
+
+def test_binding_a_nonexistent_input_lists_the_real_ones():
+    with pytest.raises(UsageError, match="inputs are input_ids, attention_mask"):
+        import_model(FIXTURES / "bert_legacy.onnx", {"tokens": (2, 16)})
+
+
+def test_inconsistent_bound_shape_names_the_node():
+    x, y = vi("x", shape=("n", 3)), vi("y", shape=("n", 3))
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, None)
+    m = make_model([helper.make_node("Add", ["x", "y"], ["z"], name="add_xy")], [x, y], [z])
+    with pytest.raises(ModelError, match=r"'add_xy'.*do not broadcast"):
+        import_model(m, {"x": (2, 3), "y": (4, 3)})
+
+
+# 24 ---------------------------------------------------------------------------------------------------------------
+def test_output_path_equal_to_input_is_refused(tmp_path):
+    import bmc
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes((FIXTURES / "gpt2_legacy.onnx").read_bytes())
+    with pytest.raises(UsageError, match="output path is the input model"):
+        bmc.compile(model, model)
+    assert model.read_bytes() == (FIXTURES / "gpt2_legacy.onnx").read_bytes()
+
+
+# 19, 20 -----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mesh", ["8x0", "0x8", "-2x4", "8x", "x", "8*8", "2.5", "2x2x2x2x2"])
+def test_bad_mesh_is_a_usage_error_with_grammar(mesh):
+    from bmc.sharding.mesh import Mesh
+
+    with pytest.raises(UsageError, match=r"(?s)--mesh: invalid mesh .*SIZE\[xSIZE\.\.\.\]"):
+        Mesh.parse(mesh)
+
+
+def test_mesh_axes_must_match_rank_and_be_distinct():
+    from bmc.sharding.mesh import Mesh
+
+    assert Mesh.parse("2x4", "dp,tp").names == ("dp", "tp")
+    with pytest.raises(UsageError, match="--mesh-axes names 3 axes"):
+        Mesh.parse("2x4", "a,b,c")
+    with pytest.raises(UsageError, match="repeat a name"):
+        Mesh.parse("2x4", "a,a")
