@@ -53,9 +53,9 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
     out = _check_output_path(model, output)
     spec = TargetSpec.parse(target, tuple(cuda_archs))
     if spec.kind == "cuda":  # FAILURES.md 30: a missing toolkit is reported before any work
-        from bmc.codegen.cuda import find_cuda_toolkit
+        from bmc.codegen.cuda import find_toolkit
 
-        find_cuda_toolkit()
+        find_toolkit()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     graph = import_model(model, input_shapes)

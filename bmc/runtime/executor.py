@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import tvm
+import tvm.runtime.vm  # noqa: F401  (runtime-only TVM does not import it with `import tvm`)
 
 from bmc.errors import ArtifactError, ExecutionError, UsageError
 from bmc.ir.types import np_dtype
@@ -108,7 +109,7 @@ class Model:
             expected, got = _fmt(spec["dtype"], spec["shape"]), _fmt(str(arr.dtype), arr.shape)
             if arr.dtype != want or list(arr.shape) != list(spec["shape"]):
                 problems.append(f"input {spec['name']!r}: expected {expected}, got {got}")
-            arrays.append(np.ascontiguousarray(arr))
+            arrays.append(np.require(arr, requirements="C"))  # keeps 0-d inputs 0-d
         if problems:
             real = ", ".join(f"{i['name']}: {_fmt(i['dtype'], i['shape'])}" for i in self._inputs)
             raise ExecutionError("bad inputs: " + "; ".join(problems), where=str(self._path),
@@ -130,10 +131,30 @@ def _device(device: str, target: dict, where: str):
         raise ArtifactError(f"the artifact was compiled for target {target.get('kind')!r} but device {device!r} was "
                             f"requested", where=where, fix=f"load it with device={wants!r} or recompile for the "
                                                            f"other target")
+    if kind == "cuda":
+        _enable_cuda(where)
     dev = tvm.cpu(0) if kind == "cpu" else tvm.cuda(int(index or 0))
     if not dev.exist:
         raise ExecutionError(f"device {device} is not available on this machine", where=where)
     return dev
+
+
+def _enable_cuda(where: str) -> None:
+    """Register TVM's CUDA module loader: ``import tvm`` skips libtvm_runtime_cuda.so when it cannot load it (no
+    driver) and runtime-only TVM never loads it, which otherwise surfaces later as 'loader ... not registered'."""
+    import ctypes
+
+    import tvm_ffi
+    from tvm.base import _LOADED_LIBS
+
+    if "ffi.Module.load_from_bytes.cuda" in tvm_ffi.registry.list_global_func_names():
+        return
+    lib = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so"
+    try:
+        _LOADED_LIBS["tvm_runtime_cuda"] = ctypes.CDLL(str(lib))
+    except OSError as e:
+        raise ExecutionError(f"TVM's CUDA runtime cannot be loaded: {e}", where=where,
+                             fix="a CUDA device needs the NVIDIA driver (libcuda.so.1) and libcudart.so.13") from e
 
 
 def _load_weights(path: Path, manifest: dict, dev) -> list:

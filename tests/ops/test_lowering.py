@@ -5,6 +5,7 @@ import pytest
 
 from bmc.ir.types import TensorType, dtype_of
 from bmc.ops.builder import GraphBuilder
+from bmc.testing.compiled import run_compiled
 from bmc.testing.reference import run_reference
 from tests.ops.cases import CASES
 
@@ -17,19 +18,6 @@ def single_op_graph(op, inputs, attrs):
     vals = [b.input(f"in{i}", TensorType(dtype_of(x.dtype), x.shape)) for i, x in enumerate(inputs)]
     outs = b.emit(op, vals, **attrs)
     return b.finish(outs)
-
-
-def run_tvm(graph, inputs):
-    import tvm
-    from tvm import relax
-
-    from bmc.codegen.build import build
-    from bmc.codegen.targets import TargetSpec
-
-    built = build(graph, TargetSpec.parse("llvm"))
-    vm = relax.VirtualMachine(built.executable, tvm.cpu())
-    out = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs])
-    return [o.numpy() for o in out]
 
 
 def _register_fake_collectives():
@@ -51,10 +39,11 @@ def _register_fake_collectives():
 def test_lowering_matches_reference(op, inputs, attrs):
     _register_fake_collectives()
     graph = single_op_graph(op, inputs, attrs)
-    ref = run_reference(graph, {f"in{i}": x for i, x in enumerate(inputs)})
-    got = run_tvm(graph, inputs)
-    for v, g in zip(graph.outputs, got):
-        want = ref[v.name]
+    feeds = {f"in{i}": x for i, x in enumerate(inputs)}
+    ref = run_reference(graph, feeds)
+    got = run_compiled(graph, feeds)
+    for v in graph.outputs:
+        g, want = got[v.name], ref[v.name]
         assert g.shape == want.shape and g.dtype == want.dtype
         if want.dtype.kind == "f":
             scale = max(1.0, float(np.nanmax(np.abs(want))) if want.size else 1.0)
