@@ -85,12 +85,15 @@ def cmd_compile(args) -> int:
     # flags first: a typo fails before anything heavy loads. A single number stays an int so that it can also
     # bind a symbolic dim by name (SYMBOL=SIZE); the frontend reads an int as a rank-1 shape for an input.
     input_shapes = {k: (v[0] if len(v) == 1 else v) for k, v in parse_input_shapes(args.input_shape).items()}
+    from bmc.sharding.mesh import Mesh
+
+    mesh = Mesh.parse(args.mesh, args.mesh_axes)
     from bmc.compiler import compile_model
 
     start = time.perf_counter()
     summary = compile_model(args.model, args.output, target=args.target,
                             cuda_archs=tuple(args.cuda_arch or ("sm_90",)), input_shapes=input_shapes,
-                            dump_dir=args.dump_dir)
+                            dump_dir=args.dump_dir, mesh=mesh)
     elapsed = time.perf_counter() - start
     summary = summary if isinstance(summary, dict) else {}
     output = Path(summary.get("output", args.output))
@@ -227,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cuda-arch", action="append", metavar="SM", help="CUDA architecture, e.g. sm_90 (repeatable)")
     c.add_argument("--input-shape", action="append", metavar="NAME=DIMS",
                    help=f"bind an input's shape or a symbolic dim (SYMBOL=SIZE): {_SHAPE_GRAMMAR}")
+    c.add_argument("--mesh", default="1", help="device mesh, e.g. 8x8 (SIZE[xSIZE...]; default 1)")
+    c.add_argument("--mesh-axes", help="names of the mesh axes, e.g. dp,tp (default x,y,z,w)")
     c.add_argument("--dump-dir", help="write the IR after every pass into this folder")
     c.set_defaults(func=cmd_compile)
 

@@ -45,12 +45,16 @@ def _check_output_path(model, output) -> Path:
 
 def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[str] = ("sm_90",),
                   input_shapes: Mapping[str, Sequence[int] | int] | None = None,
-                  dump_dir: str | Path | None = None) -> dict:
+                  dump_dir: str | Path | None = None, mesh=None) -> dict:
     """Compile ``model`` (path, bytes or ModelProto) into the artifact at ``output``; returns a summary dict."""
     from bmc.codegen.targets import TargetSpec
     from bmc.frontend.onnx import import_model
 
     out = _check_output_path(model, output)
+    if mesh is not None and mesh.size > 1:
+        raise UsageError(f"mesh {mesh} has {mesh.size} devices, but this bmc compiles for one device only: "
+                         "sharding and the MPI runtime are not implemented yet", where="--mesh",
+                         fix="compile with --mesh 1 (the default)")
     spec = TargetSpec.parse(target, tuple(cuda_archs))
     if spec.kind == "cuda":  # FAILURES.md 30: a missing toolkit is reported before any work
         from bmc.codegen.cuda import find_toolkit

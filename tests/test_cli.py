@@ -160,10 +160,14 @@ def test_compile_passes_the_flags_to_compile_model(monkeypatch, tmp_path, capsys
     monkeypatch.setitem(sys.modules, "bmc.compiler", types.SimpleNamespace(compile_model=compile_model))
     out = tmp_path / "m.bmc"
     code = cli.main(["compile", "m.onnx", "-o", str(out), "--target", "cuda", "--cuda-arch", "sm_80",
-                     "--input-shape", "ids=1x8", "--input-shape", "batch=4", "--dump-dir", "dumps"])
+                     "--input-shape", "ids=1x8", "--input-shape", "batch=4", "--dump-dir", "dumps",
+                     "--mesh", "2x4", "--mesh-axes", "dp,tp"])
     assert code == 0
-    assert calls == [("m.onnx", str(out), {"target": "cuda", "cuda_archs": ("sm_80",),
-                                           "input_shapes": {"ids": (1, 8), "batch": 4}, "dump_dir": "dumps"})]
+    (model, output, options), = calls
+    mesh = options.pop("mesh")
+    assert (model, output) == ("m.onnx", str(out)) and (mesh.shape, mesh.names) == ((2, 4), ("dp", "tp"))
+    assert options == {"target": "cuda", "cuda_archs": ("sm_80",), "input_shapes": {"ids": (1, 8), "batch": 4},
+                       "dump_dir": "dumps"}
     assert f"wrote {out} (target cuda sm_80, 2.0 KiB" in capsys.readouterr().out
 
 
@@ -171,6 +175,8 @@ def test_compile_flag_errors_exit_2_before_compiling(capsys):
     assert cli.main(["compile", "m.onnx", "-o", "m.bmc", "--input-shape", "ids=1;8"]) == 2
     assert capsys.readouterr().err.startswith("bmc: usage error: --input-shape: malformed value 'ids=1;8'")
     assert cli.main(["compile", "m.onnx", "-o", "m.bmc", "--cuda-arch", "sm_90"]) == 2
+    assert cli.main(["compile", "m.onnx", "-o", "m.bmc", "--mesh", "8x0"]) == 2
+    assert "--mesh: invalid mesh '8x0'" in capsys.readouterr().err
 
 
 def test_interrupt_exits_130(monkeypatch, tiny_artifact, capsys):
