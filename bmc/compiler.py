@@ -43,45 +43,78 @@ def _check_output_path(model, output) -> Path:
     return out
 
 
+def plan_model(model, *, mesh, shard: Mapping | None = None,
+               input_shapes: Mapping[str, Sequence[int] | int] | None = None, dump_dir: str | Path | None = None):
+    """Import and plan without code generation: ``(global graph, local program, plan.json dict)``."""
+    from bmc.frontend.onnx import import_model
+    from bmc.sharding.partition import partition
+    from bmc.sharding.propagate import propagate
+    from bmc.sharding.report import plan_json
+
+    graph = import_model(model, input_shapes)
+    graph = run_passes(graph, [], verify=verify_graph, dump_dir=dump_dir)
+    verify_graph(graph)
+    prog = partition(graph, propagate(graph, mesh, shard or {}))
+    verify_graph(prog.graph)
+    return graph, prog, plan_json(prog)
+
+
 def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[str] = ("sm_90",),
                   input_shapes: Mapping[str, Sequence[int] | int] | None = None,
-                  dump_dir: str | Path | None = None, mesh=None) -> dict:
-    """Compile ``model`` (path, bytes or ModelProto) into the artifact at ``output``; returns a summary dict."""
+                  dump_dir: str | Path | None = None, mesh=None, shard: Mapping | None = None) -> dict:
+    """Compile ``model`` (path, bytes or ModelProto) into the artifact at ``output``; returns a summary dict.
+    With a mesh of more than one device (or ``shard`` annotations) the program is the partitioned SPMD program and
+    every rank gets its own weight shards."""
     from bmc.codegen.targets import TargetSpec
-    from bmc.frontend.onnx import import_model
+    from bmc.sharding.mesh import Mesh
 
     out = _check_output_path(model, output)
-    if mesh is not None and mesh.size > 1:
-        raise UsageError(f"mesh {mesh} has {mesh.size} devices, but this bmc compiles for one device only: "
-                         "sharding and the MPI runtime are not implemented yet", where="--mesh",
-                         fix="compile with --mesh 1 (the default)")
     spec = TargetSpec.parse(target, tuple(cuda_archs))
+    mesh = mesh if mesh is not None else Mesh.parse("1")
     if spec.kind == "cuda":  # FAILURES.md 30: a missing toolkit is reported before any work
         from bmc.codegen.cuda import find_toolkit
 
         find_toolkit()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    graph = import_model(model, input_shapes)
-    timings["import_s"] = time.perf_counter() - t0
-    graph = run_passes(graph, [], verify=verify_graph, dump_dir=dump_dir)
-    verify_graph(graph)
+    sharded = mesh.size > 1 or bool(shard)
+    if sharded:
+        graph, prog, plan = plan_model(model, mesh=mesh, shard=shard, input_shapes=input_shapes, dump_dir=dump_dir)
+        program = prog.graph
+    else:
+        from bmc.frontend.onnx import import_model
+
+        graph = import_model(model, input_shapes)
+        graph = run_passes(graph, [], verify=verify_graph, dump_dir=dump_dir)
+        verify_graph(graph)
+        program, plan = graph, single_device_plan(graph)
+    timings["import_and_plan_s"] = time.perf_counter() - t0
 
     from bmc.codegen.build import build
     from bmc.runtime.artifact import write_artifact
 
-    built = build(graph, spec)
+    built = build(program, spec)
     timings.update(built.timings)
     t0 = time.perf_counter()
-    source = _source_info(model)
+    extra = {"kernels": built.kernels} if built.kernels else {}
+    if sharded:
+        from bmc.sharding.layout import ShardTensor
+        from bmc.sharding.partition import MESH_COORD
+
+        extra["implicit_inputs"] = [MESH_COORD]
+        weights = {rank: [(p.name, program.weights[p.name].at(mesh.coordinate(rank)).numpy)
+                          if isinstance(program.weights[p.name], ShardTensor) else
+                          (p.name, program.weights[p.name].numpy) for p in program.params]
+                   for rank in range(mesh.size)}
+    else:
+        weights = [(p.name, program.weights[p.name].numpy) for p in program.params]
     path = write_artifact(
-        out, signature=signature_of(graph),
-        weights=[(p.name, graph.weights[p.name].numpy) for p in graph.params],
-        export_library=built.export, target=spec.to_json(), source=source, plan=single_device_plan(graph),
-        extra={"kernels": built.kernels} if built.kernels else None)
+        out, signature=signature_of(program), weights=weights, export_library=built.export,
+        target=spec.to_json(), source=_source_info(model), plan=plan, extra=extra or None, mesh=mesh.to_json())
     timings["package_s"] = time.perf_counter() - t0
-    return {"output": str(path), "target": spec.to_json(), "nodes": len(graph.nodes), "ops": graph.op_counts(),
-            "weight_bytes": graph.weight_bytes(), "timings": timings,
+    return {"output": str(path), "target": spec.to_json(), "nodes": len(program.nodes), "ops": program.op_counts(),
+            "weight_bytes": graph.weight_bytes(), "timings": timings, "mesh": mesh.to_json(),
+            "collectives": len(plan.get("collectives", [])),
             "size_bytes": sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())}
 
 

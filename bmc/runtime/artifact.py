@@ -53,7 +53,7 @@ MIN_FORMAT_VERSION = 1  # oldest format this bmc still loads
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 PROGRAM = "programs/main.so"
-WEIGHTS_RANK0 = "weights/rank0.safetensors"
+
 
 _REQUIRED = {"format": str, "format_version": int, "bmc_version": str, "tvm_version": str, "tvm_ffi_version": str,
              "created": str, "target": dict, "mesh": dict, "world_size": int, "rank_map": list, "signature": dict,
@@ -114,21 +114,30 @@ def signature_problems(signature) -> list[str]:
 
 
 # --- writing -------------------------------------------------------------------------------------------------------
-def write_artifact(output, *, signature: dict, weights: list[tuple[str, Callable[[], np.ndarray]]],
+def write_artifact(output, *, signature: dict,
+                   weights: list[tuple[str, Callable[[], np.ndarray]]] | dict[int, list[tuple[str, Callable]]],
                    export_library: Callable[[Path], None], target: dict, source: dict,
-                   plan: dict | None = None, extra: dict | None = None) -> Path:
-    """Write a single-rank artifact to ``output`` atomically and return its path.
+                   plan: dict | None = None, extra: dict | None = None, mesh: dict | None = None) -> Path:
+    """Write an artifact to ``output`` atomically and return its path.
 
-    ``weights`` are ``(param name, provider)`` in the order of ``signature["params"]``; each provider is called once,
-    while the weights file is streamed, so only one weight is in memory at a time. ``export_library(path)`` writes
-    the compiled program. ``extra`` adds top-level manifest keys (it may not override the ones above).
+    ``weights`` are ``(param name, provider)`` in the order of ``signature["params"]`` — one list for a single
+    device, or ``{rank: list}`` with each rank's own shards; each provider is called once, while its weights file is
+    streamed, so only one weight is in memory at a time. ``mesh`` is ``{"shape": [...], "axes": [...]}`` (default: one
+    device); ranks map to mesh coordinates in row-major order. ``export_library(path)`` writes the compiled program.
+    ``extra`` adds top-level manifest keys (it may not override the ones above).
     An existing artifact at ``output`` is replaced; any other existing path is refused.
     """
     output = Path(output)
+    mesh = dict(mesh or {"shape": [1], "axes": ["x"]})
+    world = int(np.prod(mesh["shape"]))
+    per_rank = weights if isinstance(weights, dict) else {0: weights}
     problems = signature_problems(signature)
     names = [p["name"] for p in signature.get("params", [])] if not problems else []
-    if not problems and [n for n, _ in weights] != names:
-        problems.append(f"weights {[n for n, _ in weights]} do not match signature params {names}")
+    if sorted(per_rank) != list(range(world)):
+        problems.append(f"weights for ranks {sorted(per_rank)} but the mesh {mesh['shape']} has {world} ranks")
+    for rank, ws in per_rank.items():
+        if not problems and [n for n, _ in ws] != names:
+            problems.append(f"rank {rank} weights {[n for n, _ in ws]} do not match signature params {names}")
     clash = sorted(set(extra or {}) & (set(_REQUIRED) | {"onnx_version", "numpy_version"}))
     if clash:
         problems.append(f"extra manifest keys {clash} would override reserved keys")
@@ -147,18 +156,22 @@ def write_artifact(output, *, signature: dict, weights: list[tuple[str, Callable
         files: dict[str, dict] = {}
         export_library(tmp / PROGRAM)
         params = {p["name"]: p for p in signature["params"]}
-        files[WEIGHTS_RANK0] = write_safetensors(
-            tmp / WEIGHTS_RANK0,
-            [(n, params[n]["dtype"], tuple(params[n]["shape"]), provider) for n, provider in weights],
-            metadata={"format": FORMAT, "rank": "0"})
+        weight_files = {}
+        for rank in range(world):
+            rel = weights_path(rank)
+            files[rel] = write_safetensors(
+                tmp / rel, [(n, params[n]["dtype"], tuple(params[n]["shape"]), provider)
+                            for n, provider in per_rank[rank]], metadata={"format": FORMAT, "rank": str(rank)})
+            weight_files[str(rank)] = rel
         _write_json(tmp / PLAN, plan if plan is not None else {})
         for rel in (PROGRAM, PLAN):
             files[rel] = file_digest(tmp / rel)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, **installed_versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "target": dict(target), "mesh": {"shape": [1], "axes": ["x"]}, "world_size": 1, "rank_map": [[0]],
-            "signature": signature, "programs": {"main": PROGRAM}, "weights": {"0": WEIGHTS_RANK0},
+            "target": dict(target), "mesh": {"shape": list(mesh["shape"]), "axes": list(mesh["axes"])},
+            "world_size": world, "rank_map": [list(c) for c in np.ndindex(*mesh["shape"])],
+            "signature": signature, "programs": {"main": PROGRAM}, "weights": weight_files,
             "source": dict(source), "files": dict(sorted(files.items())), **(extra or {}),
         }
         for rel in files:
@@ -172,6 +185,11 @@ def write_artifact(output, *, signature: dict, weights: list[tuple[str, Callable
             raise _os_error(e, output, "write") from e
         raise
     return output
+
+
+def weights_path(rank: int) -> str:
+    """Where rank ``rank``'s weights live inside an artifact."""
+    return f"weights/rank{rank}.safetensors"
 
 
 def _check_output(output: Path) -> None:

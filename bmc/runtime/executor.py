@@ -32,14 +32,14 @@ def _fmt(dtype: str, shape) -> str:
 class Model:
     """A loaded artifact: call it with inputs by position or name, or ``run`` it with a dict."""
 
-    def __init__(self, path: Path, manifest: dict, vm, params: list, device):
+    def __init__(self, path: Path, manifest: dict, ranks: list, device):
         self._path = path
         self._manifest = manifest
-        self._main = vm["main"]
-        self._vm = vm
-        self._params = params
+        self._ranks = ranks  # per simulated rank (one unless simulating): (VM main function, weights)
         self._device = device
-        self._inputs = manifest["signature"]["inputs"]
+        implicit = set(manifest.get("implicit_inputs", []))
+        self._all_inputs = manifest["signature"]["inputs"]
+        self._inputs = [i for i in self._all_inputs if i["name"] not in implicit]
         self._outputs = manifest["signature"]["outputs"]
 
     @property
@@ -80,11 +80,24 @@ class Model:
         return dict(zip(self.output_names, self._execute(dict(inputs))))
 
     def _execute(self, inputs: dict[str, Any]) -> list[np.ndarray]:
-        arrays = self._check_inputs(inputs)
-        try:
+        given = dict(zip(self.input_names, self._check_inputs(inputs)))
+        rank_map = self._manifest["rank_map"]
+
+        def call_rank(rank: int) -> list[np.ndarray]:
+            main, params = self._ranks[rank]
+            arrays = [given[i["name"]] if i["name"] in given else np.array(rank_map[rank], dtype=np.int64)
+                      for i in self._all_inputs]  # the one implicit input is the device's mesh coordinate
             args = [tvm.runtime.tensor(a, self._device) for a in arrays]
-            result = self._main(*args, *self._params)
-            return [t.numpy() for t in result]
+            return [t.numpy() for t in main(*args, *params)]
+
+        try:
+            if len(self._ranks) == 1:
+                return call_rank(0)
+            from bmc.runtime.simulate import run_ranks
+
+            return run_ranks(rank_map, call_rank)[0]  # outputs are replicated: rank 0 has them all
+        except ExecutionError:
+            raise
         except Exception as e:  # noqa: BLE001  (TVM raises many types; inputs were already checked)
             raise ExecutionError(f"the program failed: {e}", where=str(self._path)) from e
 
@@ -157,8 +170,8 @@ def _enable_cuda(where: str) -> None:
                              fix="a CUDA device needs the NVIDIA driver (libcuda.so.1) and libcudart.so.13") from e
 
 
-def _load_weights(path: Path, manifest: dict, dev) -> list:
-    file = path / manifest["weights"]["0"]
+def _load_weights(path: Path, manifest: dict, dev, rank: int = 0) -> list:
+    file = path / manifest["weights"][str(rank)]
     st = SafetensorsFile(file)
     params = []
     for spec in manifest["signature"]["params"]:
@@ -174,22 +187,32 @@ def _load_weights(path: Path, manifest: dict, dev) -> list:
     return params
 
 
-def load(path, *, device: str = "cpu") -> Model:
-    """Verify the artifact at ``path``, then load its program and weights onto ``device`` (``cpu``, ``cuda[:N]``)."""
+def load(path, *, device: str = "cpu", simulate: bool = False) -> Model:
+    """Verify the artifact at ``path``, then load its program and weights onto ``device`` (``cpu``, ``cuda[:N]``).
+    A multi-device artifact runs under ``mpiexec``; ``simulate=True`` runs all of its ranks in this process instead
+    (one thread and one set of weight shards per mesh device, collectives simulated)."""
     path = Path(path)
     manifest = verify_artifact(path)
-    if manifest["world_size"] != 1:
-        raise ExecutionError(f"the artifact is for {manifest['world_size']} ranks; this loader runs one",
-                             where=str(path), fix=f"launch it with mpiexec -n {manifest['world_size']}")
-    if "main" not in manifest["programs"] or "0" not in manifest["weights"]:
-        raise ArtifactError("manifest.json names no program 'main' or no weights for rank 0", where=str(path),
+    world = manifest["world_size"]
+    if world != 1 and not simulate:
+        raise ExecutionError(f"the artifact is for {world} ranks (mesh {manifest['mesh']['shape']}); this process "
+                             "is one", where=str(path),
+                             fix=f"launch it with mpiexec -n {world} bmc run {path} ..., or load it with "
+                                 "simulate=True to run every rank in this process")
+    if "main" not in manifest["programs"] or any(str(r) not in manifest["weights"] for r in range(world)):
+        raise ArtifactError("manifest.json names no program 'main' or misses a rank's weights", where=str(path),
                             fix="the artifact is damaged; recompile the model")
     dev = _device(device, manifest["target"], str(path))
+    if world > 1:
+        from bmc.runtime.simulate import register_simulated_collectives
+
+        register_simulated_collectives()  # before the VMs are built: they resolve function names then
     program = path / manifest["programs"]["main"]
     try:
         lib = tvm.runtime.load_module(str(program))
-        vm = tvm.runtime.vm.VirtualMachine(lib, dev)
+        mains = [tvm.runtime.vm.VirtualMachine(lib, dev)["main"] for _ in range(world)]
     except Exception as e:  # noqa: BLE001  (TVM raises many types)
         raise ArtifactError(f"TVM could not load the program: {e}", where=str(program),
                             fix="recompile the model for this machine") from e
-    return Model(path, manifest, vm, _load_weights(path, manifest, dev), dev)
+    ranks = [(mains[r], _load_weights(path, manifest, dev, r)) for r in range(world)]
+    return Model(path, manifest, ranks, dev)

@@ -1,0 +1,203 @@
+"""Global IR + plan → one local SPMD program that every device of the mesh runs.
+
+Shapes are divided by the specs; the collectives of the reshard table are inserted as IR nodes on every edge whose
+producer spec differs from the spec its consumer's strategy needs; graph inputs are fed whole (replicated) and sliced
+by mesh coordinate; parameters arrive already sharded (each device holds its own block). The local program has one
+extra input, ``mesh_coord`` (int64 [mesh rank]): the device's coordinate, from which block offsets are computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bmc.errors import PlanningError
+from bmc.ir.graph import Graph, Node, Value
+from bmc.ir.types import TensorType
+from bmc.ops import OPS
+from bmc.ops.builder import GraphBuilder
+from bmc.sharding.layout import ShardTensor
+from bmc.sharding.mesh import Mesh
+from bmc.sharding.plan import Plan
+from bmc.sharding.reshard import Step, plan_reshard
+from bmc.sharding.rules import ShardingRule
+from bmc.sharding.spec import Spec, SpecError
+
+MESH_COORD = "mesh_coord"
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One inserted collective, for plan.json and the byte-accounting check."""
+
+    kind: str
+    axes: tuple[str, ...]
+    bytes: int
+    value: str  # the global value it reshards
+    node: str  # the ONNX node (source) whose operand needed it, or "output"
+    time_s: float
+
+
+@dataclass
+class LocalProgram:
+    graph: Graph
+    mesh: Mesh
+    plan: Plan
+    global_graph: Graph
+    collectives: list[Collective] = field(default_factory=list)
+    param_specs: dict[str, Spec] = field(default_factory=dict)
+
+
+def rule_of(node: Node) -> ShardingRule:
+    op = OPS[node.op]
+    if op.factors is None:
+        import bmc.sharding.factors  # noqa: F401  (fills the op table's factor slots)
+    return op.factors([v.type for v in node.inputs], node.attrs)
+
+
+class _Emitter:
+    """The LocalContext that rules' ``local`` hooks see, plus the reshard emission."""
+
+    def __init__(self, mesh: Mesh, name: str):
+        self.mesh = mesh
+        self.b = GraphBuilder(name)
+        self.coord = self.b.input(MESH_COORD, TensorType("int64", (len(mesh.shape),)))
+        self._blocks: dict[tuple[str, ...], Value] = {}
+
+    def emit(self, op, inputs, **attrs):
+        return self.b.emit(op, list(inputs), **attrs)
+
+    def constant(self, value, dtype=None):
+        return self.b.constant(value, dtype)
+
+    def block_index(self, axes: tuple[str, ...]) -> Value:
+        if axes not in self._blocks:
+            idx = None
+            for a in axes:
+                k = self.mesh.names.index(a)
+                c = self.b.emit1("gather", [self.coord, self.b.constant(np.array(k, np.int64))], axis=0)
+                idx = c if idx is None else self.b.emit1(
+                    "add", [self.b.emit1("mul", [idx, self.b.constant(np.array(self.mesh.shape[k], np.int64))]), c])
+            self._blocks[axes] = idx
+        return self._blocks[axes]
+
+    def reshard(self, x: Value, step: Step, global_type: TensorType) -> Value:
+        axes = tuple(self.mesh.names.index(a) for a in step.axes)
+        n = step.group_size(self.mesh)
+        if step.kind == "all_reduce":
+            return self.b.emit1("all_reduce", [x], axes=axes, group_size=n, reduce="sum")
+        if step.kind == "reduce_scatter":
+            return self.b.emit1("reduce_scatter", [x], axes=axes, group_size=n, dim=step.dim)
+        if step.kind == "all_gather":
+            return self.b.emit1("all_gather", [x], axes=axes, group_size=n, dim=step.dim)
+        if step.kind == "all_to_all":
+            return self.b.emit1("all_to_all", [x], axes=axes, group_size=n, split_dim=step.dim2, concat_dim=step.dim)
+        # local_slice: keep this device's block of dim `step.dim`
+        chunk = x.type.shape[step.dim] // n
+        offset = self.b.emit1("mul", [self.block_index(step.axes), self.b.constant(np.array(chunk, np.int64))])
+        idx = self.b.emit1("add", [self.b.constant(np.arange(chunk, dtype=np.int64)), offset])
+        return self.b.emit1("gather", [x, idx], axis=step.dim)
+
+
+def partition(graph: Graph, plan: Plan) -> LocalProgram:
+    mesh = plan.mesh
+    em = _Emitter(mesh, graph.name)
+    prog = LocalProgram(em.b.graph, mesh, plan, graph)
+    local: dict[tuple[int, Spec], Value] = {}  # (global value id, spec) → local value holding it in that spec
+    spec_of: dict[int, Spec] = {}
+
+    def current(v: Value) -> tuple[Value, Spec]:
+        s = spec_of[id(v)]
+        return local[(id(v), s)], s
+
+    def get(v: Value, want: Spec, consumer: str) -> Value:
+        x, have = current(v)
+        if (id(v), want) in local:
+            return local[(id(v), want)]
+        for step in plan_reshard(have, want, mesh):
+            if (id(v), step.after) in local:
+                x = local[(id(v), step.after)]
+                continue
+            x = em.reshard(x, step, v.type)
+            local[(id(v), step.after)] = x
+            if step.kind != "local_slice":
+                prog.collectives.append(Collective(step.kind, step.axes, step.bytes_per_device(v.type, mesh), v.name,
+                                                   consumer, step.time_s(v.type, mesh)))
+        return x
+
+    for v in graph.inputs:
+        x = em.b.input(v.name, v.type)
+        spec_of[id(v)] = Spec.replicated(v.type.rank)
+        local[(id(v), spec_of[id(v)])] = x
+        em.b.source = ""
+        get(v, _checked(plan.specs.get(v.name, Spec.replicated(v.type.rank)), v, mesh), "input")
+        spec_of[id(v)] = plan.specs.get(v.name, Spec.replicated(v.type.rank))
+    for v in graph.params:
+        s = _checked(plan.specs.get(v.name, Spec.replicated(v.type.rank)), v, mesh)
+        data = ShardTensor(graph.weights[v.name], s, mesh, (0,) * len(mesh.shape))
+        x = em.b.param(v.name, data)
+        spec_of[id(v)] = s
+        local[(id(v), s)] = x
+        prog.param_specs[v.name] = s
+    for i, node in enumerate(graph.nodes):
+        em.b.source = node.source
+        rule = rule_of(node)
+        assign = plan.strategies.get(i, rule.replicated())
+        why = rule.check(assign, mesh)
+        if why:
+            raise PlanningError(f"invalid strategy for {node.op}: {why}", where=_where(node))
+        ins = [get(v, s, node.source or node.op) for v, s in zip(node.inputs, rule.operand_specs(assign))]
+        out_specs = rule.result_specs(assign)
+        if rule.local is not None and any(assign):
+            outs = rule.local(em, node, ins, assign, rule)
+        else:
+            outs = em.b.emit(node.op, ins, names=[v.name for v in node.outputs],
+                             **_local_attrs(node, out_specs, mesh))
+        for v, x, s in zip(node.outputs, outs, out_specs):
+            want = TensorType(v.type.dtype, s.local_shape(v.type.shape, mesh))
+            if x.type != want:
+                raise PlanningError(f"internal: local result of {node.op} is {x.type}, the plan says {want} "
+                                    f"(spec {s})", where=_where(node))
+            spec_of[id(v)] = s
+            local[(id(v), s)] = x
+            if v.name in plan.forced:  # an annotation the producer cannot make directly: reshard right away
+                get(v, plan.forced[v.name], node.source or node.op)
+                spec_of[id(v)] = plan.forced[v.name]
+    em.b.source = ""
+    outs = []
+    for v in graph.outputs:
+        x = get(v, plan.output_specs.get(v.name, Spec.replicated(v.type.rank)), "output")
+        outs.append(x)
+    em.b.finish(outs)
+    _dead_code(prog.graph)
+    return prog
+
+
+def _local_attrs(node: Node, out_specs: list[Spec], mesh: Mesh) -> dict:
+    attrs = dict(node.attrs)
+    if "shape" in attrs:  # reshape / broadcast_to take the local result shape
+        attrs["shape"] = out_specs[0].local_shape(node.outputs[0].type.shape, mesh)
+    return attrs
+
+
+def _checked(spec: Spec, v: Value, mesh: Mesh) -> Spec:
+    try:
+        spec.validate(v.type.shape, mesh)
+    except SpecError as e:
+        raise PlanningError(str(e), where=f"tensor {v.name!r}") from None
+    return spec
+
+
+def _where(node: Node) -> str:
+    return f"ONNX node {node.source!r} ({node.op})" if node.source else f"node {node.op}"
+
+
+def _dead_code(graph: Graph) -> None:
+    live = {id(v) for v in graph.outputs}
+    kept = []
+    for node in reversed(graph.nodes):
+        if any(id(v) in live for v in node.outputs):
+            kept.append(node)
+            live.update(id(v) for v in node.inputs)
+    graph.nodes = kept[::-1]

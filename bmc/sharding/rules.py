@@ -1,0 +1,115 @@
+"""Sharding rules in factor form (Shardy's OpShardingRule idea), the one vocabulary that propagation, strategy
+enumeration, cost and partitioning are written against — none of them switches on op names.
+
+A rule names the *factors* of one op application and says, for every operand and result dim, which factors make it
+up (major to minor; a compound dim such as the result of a reshape has several, a broadcast size-1 dim has none)::
+
+    matmul [b,m,k] x [k,n] -> [b,m,n]      factors b, m, k (reduction), n
+    operands ((0,), (1,), (2,)), ((2,), (3,))   results ((0,), (1,), (3,))
+
+Factor kinds:
+  * ``pass``       — may be split over mesh axes; every tensor that has it is split the same way;
+  * ``reduction``  — appears in operands only; splitting it leaves the result a partial sum over those axes;
+  * ``replicate``  — may not be split (softmax's axis, a normalized dim, a sliced or concatenated dim, ...).
+
+A *strategy* (``Assignment``) gives each factor a tuple of mesh axes; it determines every operand's required spec
+and the result specs. Most ops run unchanged on their local shards (``shape``-valued attributes are replaced by the
+local result shape); a rule whose local program differs (an embedding split over its vocabulary) supplies ``local``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+from typing import Callable, Protocol, Sequence
+
+from bmc.ir.graph import Node, Value
+from bmc.sharding.mesh import Mesh
+from bmc.sharding.spec import Spec
+
+KINDS = ("pass", "reduction", "replicate")
+
+DimFactors = tuple[int, ...]  # factor indices making up one tensor dim, major to minor
+Assignment = tuple[tuple[str, ...], ...]  # per factor: the mesh axes splitting it, major to minor
+
+
+@dataclass(frozen=True)
+class Factor:
+    name: str
+    size: int
+    kind: str = "pass"
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown factor kind {self.kind}")
+
+
+class LocalContext(Protocol):
+    """What a rule's ``local`` hook may use while the partitioner emits one device's program."""
+
+    mesh: Mesh
+
+    def emit(self, op: str, inputs: Sequence[Value], **attrs) -> list[Value]: ...
+
+    def constant(self, value, dtype: str | None = None) -> Value: ...
+
+    def block_index(self, axes: tuple[str, ...]) -> Value:
+        """int64 scalar: this device's block index over ``axes`` (major to minor), computed from its coordinate."""
+        ...
+
+
+LocalFn = Callable[[LocalContext, Node, list[Value], Assignment, "ShardingRule"], list[Value]]
+
+
+@dataclass(frozen=True)
+class ShardingRule:
+    factors: tuple[Factor, ...]
+    operands: tuple[tuple[DimFactors, ...], ...]
+    results: tuple[tuple[DimFactors, ...], ...]
+    local: LocalFn | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        n = len(self.factors)
+        for side in (self.operands, self.results):
+            for dims in side:
+                for d in dims:
+                    if any(not 0 <= f < n for f in d):
+                        raise ValueError(f"rule refers to factor {d} outside 0..{n - 1}")
+        if any(self.factors[f].kind == "reduction" for dims in self.results for d in dims for f in d):
+            raise ValueError("a reduction factor cannot appear in a result")
+
+    # ---- specs from a strategy -----------------------------------------------------------------------------------
+    def dim_axes(self, dim: DimFactors, assignment: Assignment) -> tuple[str, ...]:
+        return tuple(a for f in dim for a in assignment[f])
+
+    def operand_specs(self, assignment: Assignment) -> list[Spec]:
+        return [Spec(tuple(self.dim_axes(d, assignment) for d in dims)) for dims in self.operands]
+
+    def result_specs(self, assignment: Assignment) -> list[Spec]:
+        partial = tuple(a for i, f in enumerate(self.factors) if f.kind == "reduction" for a in assignment[i])
+        return [Spec(tuple(self.dim_axes(d, assignment) for d in dims), partial) for dims in self.results]
+
+    def check(self, assignment: Assignment, mesh: Mesh) -> str | None:
+        """Why ``assignment`` is not a valid strategy for this rule on ``mesh`` (None when it is)."""
+        if len(assignment) != len(self.factors):
+            return f"{len(assignment)} factor assignments for {len(self.factors)} factors"
+        used = [a for axes in assignment for a in axes]
+        if len(used) != len(set(used)):
+            return "a mesh axis splits two factors"
+        for f, axes in zip(self.factors, assignment):
+            if not axes:
+                continue
+            if f.kind == "replicate":
+                return f"factor {f.name} may not be split"
+            n = prod(mesh.axis(a).size for a in axes)
+            if f.size % n:
+                return f"factor {f.name} of size {f.size} is not divisible by {n} ({', '.join(axes)})"
+        return None
+
+    def replicated(self) -> Assignment:
+        return ((),) * len(self.factors)
+
+
+def factor_of_dim(rule: ShardingRule, operand: int | None, result: int | None, dim: int) -> DimFactors:
+    side = rule.operands[operand] if operand is not None else rule.results[result]
+    return side[dim]
