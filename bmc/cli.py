@@ -9,6 +9,7 @@ with the traceback and the versions. ``-v`` adds the traceback to user errors to
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -88,12 +89,13 @@ def cmd_compile(args) -> int:
     from bmc.sharding.mesh import Mesh
 
     mesh = Mesh.parse(args.mesh, args.mesh_axes)
+    shard = parse_shards(args.shard)
     from bmc.compiler import compile_model
 
     start = time.perf_counter()
     summary = compile_model(args.model, args.output, target=args.target,
                             cuda_archs=tuple(args.cuda_arch or ("sm_90",)), input_shapes=input_shapes,
-                            dump_dir=args.dump_dir, mesh=mesh)
+                            dump_dir=args.dump_dir, mesh=mesh, **({"shard": shard} if shard else {}))
     elapsed = time.perf_counter() - start
     summary = summary if isinstance(summary, dict) else {}
     output = Path(summary.get("output", args.output))
@@ -102,6 +104,38 @@ def cmd_compile(args) -> int:
         target = " ".join([target.get("kind", "?"), *target.get("archs", [])])
     size = summary.get("size_bytes", _size(output))
     print(f"wrote {output} (target {target}, {_human(size)}, {elapsed:.1f} s)")
+    return 0
+
+
+def parse_shards(values) -> dict:
+    """``--shard NAME=SPEC`` flags → {name: Spec}; a malformed one is a usage error with the grammar."""
+    from bmc.sharding.spec import parse_spec_flag
+
+    out = {}
+    for text in values or []:
+        name, spec = parse_spec_flag(text)
+        out[name] = spec
+    return out
+
+
+def cmd_plan(args) -> int:
+    from bmc.sharding.mesh import Mesh
+
+    mesh = Mesh.parse(args.mesh, args.mesh_axes)
+    shard = parse_shards(args.shard)
+    input_shapes = {k: (v[0] if len(v) == 1 else v) for k, v in parse_input_shapes(args.input_shape).items()}
+    from bmc.compiler import plan_model
+    from bmc.sharding.report import format_plan
+
+    _, prog, data = plan_model(args.model, mesh=mesh, shard=shard, input_shapes=input_shapes)
+    if args.json:
+        out = Path(args.json)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+    else:
+        print(format_plan(prog, data))
     return 0
 
 
@@ -120,7 +154,7 @@ def cmd_run(args) -> int:
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read {str(inputs_path)!r} as .npz: {e}", where="--inputs",
                          fix="write it with numpy.savez(path, **{input_name: array})") from e
-    model = load(args.artifact)
+    model = load(args.artifact, simulate=args.simulate)
     outputs = model.run(inputs)
     out = Path(args.output)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
@@ -232,13 +266,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"bind an input's shape or a symbolic dim (SYMBOL=SIZE): {_SHAPE_GRAMMAR}")
     c.add_argument("--mesh", default="1", help="device mesh, e.g. 8x8 (SIZE[xSIZE...]; default 1)")
     c.add_argument("--mesh-axes", help="names of the mesh axes, e.g. dp,tp (default x,y,z,w)")
+    c.add_argument("--shard", action="append", metavar="NAME=SPEC",
+                   help="sharding annotation for an input, weight or intermediate tensor, e.g. w=[{},{y}]")
     c.add_argument("--dump-dir", help="write the IR after every pass into this folder")
     c.set_defaults(func=cmd_compile)
+
+    pl = sub.add_parser("plan", help="plan the sharding of an ONNX model on a mesh (no code generation)")
+    pl.add_argument("model", help="the .onnx file")
+    pl.add_argument("--mesh", default="1", help="device mesh, e.g. 2x4")
+    pl.add_argument("--mesh-axes", help="names of the mesh axes, e.g. dp,tp")
+    pl.add_argument("--shard", action="append", metavar="NAME=SPEC", help="sharding annotation (repeatable)")
+    pl.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help=f"as for compile: {_SHAPE_GRAMMAR}")
+    pl.add_argument("--json", metavar="PATH", help="write the plan as JSON instead of printing the table")
+    pl.set_defaults(func=cmd_plan)
 
     r = sub.add_parser("run", help="run an artifact on inputs from an .npz file")
     r.add_argument("artifact")
     r.add_argument("--inputs", required=True, help=".npz whose keys are the input names")
     r.add_argument("-o", "--output", required=True, help=".npz to write, keyed by output name")
+    r.add_argument("--simulate", action="store_true",
+                   help="run every rank of a multi-device artifact in this process (simulated collectives)")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("show", help="print an artifact's manifest summary")

@@ -9,7 +9,6 @@ op's numpy reference instead of emitting a node. That is how the exporters' shap
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -20,7 +19,7 @@ from bmc.errors import ModelError, UsageError
 from bmc.frontend.onnx import loader
 from bmc.ir.graph import Graph, Value
 from bmc.ir.tensor import ArrayTensor, FillTensor, Tensor
-from bmc.ir.types import TensorType, dtype_of, np_dtype
+from bmc.ir.types import TensorType, dtype_of
 from bmc.ops import OpError, get_op
 from bmc.ops.builder import GraphBuilder
 
@@ -140,6 +139,7 @@ def import_graph(proto: onnx.ModelProto, base_dir, input_shapes: Mapping[str, Se
         ctx.node = node
         b.source = node.name or f"{node.op_type}_{idx}"
         where = loader.node_label(node, idx)
+        first_new = len(b.graph.nodes)
         try:
             outs = CONVERTERS[node.op_type](ctx, node)
         except ConvertError as e:
@@ -149,8 +149,11 @@ def import_graph(proto: onnx.ModelProto, base_dir, input_shapes: Mapping[str, Se
                              "attributes") from None
         except ModelError:
             raise
+        fresh = {id(v) for n in b.graph.nodes[first_new:] for v in n.outputs}
         for out_name, out in zip(node.output, outs):
             if out_name and out is not None:
+                if isinstance(out, Value) and id(out) in fresh and out.name != out_name:
+                    out.name = b.names(out_name)  # keep the ONNX tensor name (for --shard, plans, errors)
                 ctx.env[out_name] = out
     outputs = []
     for o in g.output:
@@ -251,10 +254,3 @@ def fill(ctx: Context, shape: Sequence[int], value: np.ndarray) -> Operand:
         return np.full(shape, value.reshape(-1)[0], dtype=value.dtype)
     return ctx.builder.param(ctx.node.output[0] or "fill", FillTensor(value.reshape(-1)[0].item(), ty))
 
-
-def np_of(dtype: str):
-    return np_dtype(dtype)
-
-
-def count_ops(nodes) -> Counter:
-    return Counter(n.op_type for n in nodes)
