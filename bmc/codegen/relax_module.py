@@ -48,13 +48,14 @@ def to_relax(graph: Graph) -> tvm.IRModule:
             for node in graph.nodes:
                 try:
                     result = lowerings[node.op](ctx, node, [env[v] for v in node.inputs])
+                    results = result if isinstance(result, list) else [result]
+                    for v, expr in zip(node.outputs, results):
+                        env[v] = expr if isinstance(expr, relax.Var) else bb.emit(expr, name_hint=_hint(v.name))
                 except CompileError:
                     raise
                 except Exception as e:  # noqa: BLE001  (TVM raises many types; name the node)
                     raise CompileError(f"lowering to Relax failed: {e}", where=_where(node)) from e
-                results = result if isinstance(result, list) else [result]
-                for v, expr in zip(node.outputs, results):
-                    env[v] = expr if isinstance(expr, relax.Var) else bb.emit(expr, name_hint=_hint(v.name))
+                for v in node.outputs:
                     _check_type(env[v], v, node)
             outs = [env[v] for v in graph.outputs]
             gv = bb.emit_output(relax.Tuple(outs))

@@ -59,17 +59,28 @@ def _assignment(rule: ShardingRule, specs: list[Spec | None], mesh: Mesh, order:
             continue
         for factors, axes in zip(dims, spec.dims):
             remaining = list(axes)
-            for f in factors:
-                size, got = rule.factors[f].size, []
+            for f in factors:  # axes fill factors major to minor; a minor factor gets axes only once the
+                size, got = rule.factors[f].size, []  # factors before it are split completely (block layout)
                 while remaining and size % (prod(mesh.axis(a).size for a in got + [remaining[0]])) == 0:
                     got.append(remaining.pop(0))
                 if assign[f] is None and got and rule.factors[f].kind != "replicate" \
                         and not taken.intersection(got):
                     assign[f] = tuple(got)
                     taken.update(got)
-                if remaining and not got:
-                    break  # the next axes cannot reach the minor factors of this dim
-    return tuple(a or () for a in assign)
+                if prod(mesh.axis(a).size for a in got) != size:
+                    break
+    result = tuple(a or () for a in assign)
+    return result if rule.check(result, mesh) is None else _drop_invalid(rule, result, mesh)
+
+
+def _drop_invalid(rule: ShardingRule, assign: Assignment, mesh: Mesh) -> Assignment:
+    """Unsplit factors, minor ones first, until the strategy is valid (indivisible sizes, non-block layouts)."""
+    a = list(assign)
+    for f in reversed(range(len(a))):
+        if rule.check(tuple(a), mesh) is None:
+            break
+        a[f] = ()
+    return tuple(a)
 
 
 def propagate(graph: Graph, mesh: Mesh, annotations: Mapping[str, Spec | str] | None = None) -> Plan:

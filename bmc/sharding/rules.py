@@ -104,12 +104,31 @@ class ShardingRule:
             n = prod(mesh.axis(a).size for a in axes)
             if f.size % n:
                 return f"factor {f.name} of size {f.size} is not divisible by {n} ({', '.join(axes)})"
+        return self._compound_violation(assignment, mesh)
+
+    def _compound_violation(self, assignment: Assignment, mesh: Mesh) -> str | None:
+        """In a dim made of several factors, a split factor needs every factor major to it split completely, or a
+        device's elements are not one contiguous block."""
+        for side in (self.operands, self.results):
+            for dims in side:
+                for dim in dims:
+                    for pos, f in enumerate(dim):
+                        if not assignment[f]:
+                            continue
+                        for g in dim[:pos]:
+                            n = prod(mesh.axis(a).size for a in assignment[g])
+                            if n != self.factors[g].size:
+                                return (f"factor {self.factors[f].name} is split but factor {self.factors[g].name} "
+                                        f"(size {self.factors[g].size}) major to it in the same dim is split {n} "
+                                        "ways, so the shards would not be contiguous blocks")
         return None
 
     def replicated(self) -> Assignment:
         return ((),) * len(self.factors)
 
 
+
 def factor_of_dim(rule: ShardingRule, operand: int | None, result: int | None, dim: int) -> DimFactors:
+    """The factors of one dim of an operand (or, with ``operand=None``, of a result)."""
     side = rule.operands[operand] if operand is not None else rule.results[result]
     return side[dim]

@@ -97,3 +97,10 @@ CASES += [
     ("reduce_scatter", [f32(2, 3)], {"axes": (0,), "group_size": 1, "dim": 0}),
     ("all_to_all", [f32(2, 4)], {"axes": (0,), "group_size": 1, "split_dim": 1, "concat_dim": 0}),
 ]
+CASES += [
+    ("gather_elements", [f32(3, 2), np.array([[-1, 0], [1, -2]], np.int64)], {"axis": 0}),
+    ("tile", [f32(2, 3, 4, 5)], {"repeats": (1, 6, 4, 2)}),
+    ("pow", [np.array([1, 2, 3], np.int32), np.array([2, 3, 1], np.int32)], {}),
+    ("reduce_max", [boolean(2, 3)], {"axes": (1,), "keepdims": False}),
+    ("split", [f32(4)], {"axis": 0, "sizes": (0, 4)}),
+]

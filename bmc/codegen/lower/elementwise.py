@@ -6,7 +6,7 @@ import numpy as np
 from tvm import relax
 
 from bmc.codegen.lower import const, lowering
-from bmc.ir.types import np_dtype
+from bmc.ir.types import FLOAT_DTYPES, np_dtype
 
 _R = relax.op
 
@@ -35,6 +35,10 @@ def _unary(ctx, node, args):
 
 @lowering(*_BINARY)
 def _binary(ctx, node, args):
+    dtype = node.inputs[0].type.dtype
+    if node.op == "pow" and dtype not in FLOAT_DTYPES:  # R.power is float-only: compute in float64
+        wide = [ctx.emit(_R.astype(a, "float64")) for a in args]
+        return _R.astype(ctx.emit(_R.power(*wide)), dtype)
     return _BINARY[node.op](args[0], args[1])
 
 

@@ -17,7 +17,11 @@ _REDUCE = {"reduce_sum": _R.sum, "reduce_mean": _R.mean, "reduce_max": _R.max, "
 @lowering(*_REDUCE)
 def _reduce(ctx, node, args):
     axes = node.attrs["axes"]
-    return _REDUCE[node.op](args[0], axis=None if axes is None else list(axes), keepdims=node.attrs["keepdims"])
+    axes = None if axes is None else list(axes)
+    if node.inputs[0].type.dtype == "bool":  # TVM has no min/max identity for bool: reduce as int8
+        x = ctx.emit(_R.astype(args[0], "int8"))
+        return _R.astype(ctx.emit(_REDUCE[node.op](x, axis=axes, keepdims=node.attrs["keepdims"])), "bool")
+    return _REDUCE[node.op](args[0], axis=axes, keepdims=node.attrs["keepdims"])
 
 
 @lowering("argmax", "argmin")

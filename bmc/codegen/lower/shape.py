@@ -31,10 +31,13 @@ def _concat(ctx, node, args):
 
 @lowering("split")
 def _split(ctx, node, args):
-    sizes = node.attrs["sizes"]
+    sizes, axis = node.attrs["sizes"], node.attrs["axis"]
     if len(sizes) == 1:
         return [args[0]]
-    parts = ctx.emit(_R.split(args[0], list(accumulate(sizes[:-1])), axis=node.attrs["axis"]))
+    if 0 in sizes:  # R.split needs strictly increasing indices: cut each piece with a strided slice instead
+        starts = [0, *accumulate(sizes)]
+        return [_R.strided_slice(args[0], [axis], [b], [b + n], [1]) for b, n in zip(starts, sizes)]
+    parts = ctx.emit(_R.split(args[0], list(accumulate(sizes[:-1])), axis=axis))
     return [ctx.emit(relax.TupleGetItem(parts, i)) for i in range(len(sizes))]
 
 
@@ -66,7 +69,12 @@ def _gather(ctx, node, args):
 
 @lowering("gather_elements")
 def _gather_elements(ctx, node, args):
-    return _R.gather_elements(args[0], args[1], axis=node.attrs["axis"])
+    axis = node.attrs["axis"] % node.inputs[0].type.rank
+    idx, dt = args[1], node.inputs[1].type.dtype
+    size = const(np.array(node.inputs[0].type.shape[axis], dtype=np.dtype(dt)))
+    negative = ctx.emit(_R.less(idx, const(np.array(0, dtype=np.dtype(dt)))))
+    idx = ctx.emit(_R.where(negative, ctx.emit(_R.add(idx, size)), idx))  # negative indices count from the end
+    return _R.gather_elements(args[0], idx, axis=axis)
 
 
 @lowering("gather_nd")
@@ -82,7 +90,13 @@ def _broadcast_to(ctx, node, args):
 
 @lowering("tile")
 def _tile(ctx, node, args):
-    return _R.tile(args[0], list(node.attrs["repeats"]))
+    # reshape -> broadcast_to -> reshape (R.tile miscompiles with some -mcpu targets, e.g. znver4)
+    shape, reps = node.inputs[0].type.shape, node.attrs["repeats"]
+    spread = [v for d in shape for v in (1, d)]
+    target = [v for r, d in zip(reps, shape) for v in (r, d)]
+    x = ctx.emit(_R.reshape(args[0], spread))
+    x = ctx.emit(_R.broadcast_to(x, target))
+    return _R.reshape(x, [r * d for r, d in zip(reps, shape)])
 
 
 @lowering("pad")

@@ -77,7 +77,8 @@ def _reshape(ctx: Context, node):
 def _flatten(ctx: Context, node):
     x = ctx.operand(0)
     shape = ctx.type(x).shape
-    axis = ctx.attr("axis", 1) % (len(shape) + 1) if shape else 0
+    axis = ctx.attr("axis", 1)
+    axis = axis + len(shape) if axis < 0 else axis
     return [ctx.emit1("reshape", [x], shape=(prod(shape[:axis]), prod(shape[axis:])))]
 
 

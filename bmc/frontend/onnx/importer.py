@@ -19,13 +19,13 @@ from bmc.errors import ModelError, UsageError
 from bmc.frontend.onnx import loader
 from bmc.ir.graph import Graph, Value
 from bmc.ir.tensor import ArrayTensor, FillTensor, Tensor
-from bmc.ir.types import TensorType, dtype_of
+from bmc.ir.types import FLOAT_DTYPES, TensorType, dtype_of
 from bmc.ops import OpError, get_op
 from bmc.ops.builder import GraphBuilder
 
 Operand = Value | np.ndarray
 FOLD_LIMIT = 1 << 16  # folded results up to this many elements stay compile-time constants
-SMALL_INITIALIZER = 1 << 10  # initializers up to this many elements are constants, larger ones weights
+SMALL_FLOAT_INITIALIZER = 16  # float initializers up to this many elements are constants, larger ones weights
 
 CONVERTERS: dict[str, Callable[["Context", onnx.NodeProto], Sequence[Operand | None]]] = {}
 
@@ -72,6 +72,8 @@ class Context:
         x = self.operand(idx)
         if isinstance(x, np.ndarray):
             return x
+        if isinstance(x, Value) and x.producer is None and x.name in self.builder.graph.weights:
+            return np.asarray(self.builder.graph.weights[x.name].numpy())  # a weight used as a constant
         raise ConvertError(f"input {idx} ({what}) must be a compile-time constant, but {self.node.input[idx]!r} is "
                            "computed at run time", fix="bind the input shapes with --input-shape so it can be folded")
 
@@ -126,11 +128,9 @@ def import_graph(proto: onnx.ModelProto, base_dir, input_shapes: Mapping[str, Se
     for init in g.initializer:
         weights[init.name] = loader.initializer_tensor(init, base_dir)
     loader.check_external_overlaps(weights)
-    for init_name, t in weights.items():
-        if t.type.numel <= SMALL_INITIALIZER:
-            ctx.env[init_name] = np.asarray(t.numpy())
-        else:
-            ctx.env[init_name] = b.param(init_name, t)
+    for init_name, t in weights.items():  # integer/bool tensors are shapes, indices and masks: fold them
+        small = t.type.numel <= (SMALL_FLOAT_INITIALIZER if t.type.dtype in FLOAT_DTYPES else FOLD_LIMIT)
+        ctx.env[init_name] = np.asarray(t.numpy()) if small else b.param(init_name, t)
 
     for inp, ty in bind_input_shapes(g, input_shapes or {}).items():
         ctx.env[inp] = b.input(inp, ty)

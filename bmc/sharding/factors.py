@@ -1,0 +1,478 @@
+"""Factor rules for every op in the op table (the ``factors`` facet), in the form of ``bmc.sharding.rules``.
+
+A rule is built by one of a few pattern helpers, and ops are mapped to rules by two tables (``RULES`` by op name,
+``FAMILY_RULES`` by family as the fallback); ``install()`` fills ``OPS[name].factors`` from them at import. Each rule
+builder takes ``(in_types, out_types, attrs)``; the installed facet has the op table signature
+``rule(in_types, attrs) -> ShardingRule`` (output types are inferred once, by the op's own ``infer``).
+
+Patterns:
+  * broadcast    — one pass factor per result dim; an operand dim of size 1 under a larger result dim has none;
+  * same shape   — one factor per dim, some dims ``replicate`` (softmax's axis, normalized dims, cumsum's axis);
+  * reduce       — reduced dims ``reduction`` (partial sum) or ``replicate``; kept size-1 result dims have none;
+  * permutation  — transpose;
+  * refinement   — reshape: compound factors from the common refinement of input and output shapes;
+  * restructured — tensors of one rank that share untouched dims and change others (concat, split, slice, pad,
+    tile, pooling, collectives): each changed dim gets its own replicate factor per tensor;
+  * window/gather specials — matmul, conv, gather (vocab split with a ``local`` hook), gather_elements, gather_nd.
+
+A compound dim is one contiguous block layout only when every factor major to a split factor is split completely;
+``ShardingRule.check`` enforces that together with divisibility and replicate factors.
+"""
+
+from __future__ import annotations
+
+from math import prod
+from typing import Callable, Sequence
+
+import numpy as np
+
+from bmc.ir.types import FLOAT_DTYPES, INT_DTYPES, TensorType
+from bmc.ops.registry import OPS, broadcast_shapes, normalize_axis
+from bmc.sharding.mesh import Mesh
+from bmc.sharding.rules import Assignment, DimFactors, Factor, ShardingRule
+
+RuleBuilder = Callable[[Sequence[TensorType], Sequence[TensorType], dict], ShardingRule]
+Dims = tuple[DimFactors, ...]
+
+
+class _Factors:
+    """Collects the factors of one rule while its dims are described."""
+
+    def __init__(self):
+        self.factors: list[Factor] = []
+
+    def new(self, name: str, size: int, kind: str = "pass") -> int:
+        self.factors.append(Factor(name, int(size), kind))
+        return len(self.factors) - 1
+
+    def rule(self, operands: Sequence[Sequence[DimFactors]], results: Sequence[Sequence[DimFactors]],
+             local=None) -> ShardingRule:
+        return ShardingRule(tuple(self.factors), tuple(tuple(tuple(d) for d in op) for op in operands),
+                            tuple(tuple(tuple(d) for d in r) for r in results), local)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pattern helpers: each describes the dims of some tensors in terms of new factors.
+
+def broadcast_dims(fs: _Factors, shapes: Sequence[tuple[int, ...]], out_shape: tuple[int, ...],
+                   prefix: str = "d") -> tuple[list[Dims], Dims]:
+    """Numpy broadcasting of ``shapes`` to ``out_shape``: one pass factor per result dim; an operand dim of size 1
+    under a larger result dim has no factor, and missing leading dims are simply absent."""
+    ids = [fs.new(f"{prefix}{i}", d) for i, d in enumerate(out_shape)]
+    operands = []
+    for shape in shapes:
+        off = len(out_shape) - len(shape)
+        operands.append(tuple((ids[off + j],) if d == out_shape[off + j] else () for j, d in enumerate(shape)))
+    return operands, tuple((f,) for f in ids)
+
+
+def same_shape_dims(fs: _Factors, shape: tuple[int, ...], replicate: Sequence[int] = ()) -> Dims:
+    """One factor per dim; the dims in ``replicate`` may not be split."""
+    return tuple((fs.new(f"d{i}", d, "replicate" if i in replicate else "pass"),) for i, d in enumerate(shape))
+
+
+def reduce_dims(fs: _Factors, shape: tuple[int, ...], axes: Sequence[int], keepdims: bool,
+                kind: str) -> tuple[Dims, Dims]:
+    """A reduction over ``axes``: those dims get factors of ``kind``; kept size-1 result dims have none."""
+    dims = tuple((fs.new(f"d{i}", d, kind if i in axes else "pass"),) for i, d in enumerate(shape))
+    result = tuple(() if i in axes else dims[i] for i in range(len(shape)) if keepdims or i not in axes)
+    return dims, result
+
+
+def permuted_dims(fs: _Factors, shape: tuple[int, ...], perm: Sequence[int]) -> tuple[Dims, Dims]:
+    """Result dim ``j`` is operand dim ``perm[j]``."""
+    dims = same_shape_dims(fs, shape)
+    return dims, tuple(dims[p] for p in perm)
+
+
+def restructured_dims(fs: _Factors, shapes: Sequence[tuple[int, ...]], changed: Sequence[int]) -> list[Dims]:
+    """Tensors of one rank that share every dim outside ``changed`` (one pass factor each); every changed dim of
+    every tensor gets its own replicate factor (its size may differ from tensor to tensor)."""
+    rank = len(shapes[0])
+    shared = {i: fs.new(f"d{i}", shapes[0][i]) for i in range(rank) if i not in changed}
+    out = []
+    for t, shape in enumerate(shapes):
+        out.append(tuple((shared[i],) if i in shared else (fs.new(f"t{t}d{i}", d, "replicate"),)
+                         for i, d in enumerate(shape)))
+    return out
+
+
+def refinement_dims(fs: _Factors, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[Dims, Dims]:
+    """Reshape as compound factors. Non-1 dims are grouped into minimal runs of equal product; a run whose
+    cumulative products form a divisibility chain is refined into shared pass factors (``[2,12]→[2,3,4]``: input
+    dim 1 = (f1, f2)); a run that cannot be aligned (``[2,3]→[3,2]``) gets one replicate factor per dim on each side.
+    Size-1 dims have no factor."""
+    ins: list[DimFactors] = [()] * len(in_shape)
+    outs: list[DimFactors] = [()] * len(out_shape)
+    if prod(in_shape) == 0:  # empty tensors: nothing to split
+        ins = [(fs.new(f"i{i}", d, "replicate"),) for i, d in enumerate(in_shape)]
+        outs = [(fs.new(f"o{j}", d, "replicate"),) for j, d in enumerate(out_shape)]
+        return tuple(ins), tuple(outs)
+    for gi, go in _equal_product_runs(in_shape, out_shape):
+        pieces = _common_refinement([in_shape[i] for i in gi], [out_shape[j] for j in go])
+        if pieces is None:
+            for i in gi:
+                ins[i] = (fs.new(f"i{i}", in_shape[i], "replicate"),)
+            for j in go:
+                outs[j] = (fs.new(f"o{j}", out_shape[j], "replicate"),)
+            continue
+        ids = [fs.new(f"r{len(fs.factors)}", p) for p in pieces]
+        for group, shape, side in ((gi, in_shape, ins), (go, out_shape, outs)):
+            k = 0
+            for d in group:
+                start, size = k, 1
+                while size < shape[d]:
+                    size *= pieces[k]
+                    k += 1
+                side[d] = tuple(ids[start:k])
+    return tuple(ins), tuple(outs)
+
+
+def _equal_product_runs(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Minimal runs of non-1 dims of ``a`` and ``b`` with equal products, in order."""
+    ia = [i for i, d in enumerate(a) if d != 1]
+    ib = [j for j, d in enumerate(b) if d != 1]
+    runs, i, j = [], 0, 0
+    while i < len(ia):
+        ga, gb = [ia[i]], [ib[j]]
+        pa, pb = a[ia[i]], b[ib[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                ga.append(ia[i])
+                pa *= a[ia[i]]
+                i += 1
+            else:
+                gb.append(ib[j])
+                pb *= b[ib[j]]
+                j += 1
+        runs.append((ga, gb))
+    return runs
+
+
+def _common_refinement(a: list[int], b: list[int]) -> list[int] | None:
+    """The coarsest sizes whose consecutive products give every dim of ``a`` and of ``b`` (None if none exists)."""
+    cuts = sorted(set(np.cumprod(a).tolist()) | set(np.cumprod(b).tolist()))
+    pieces, prev = [], 1
+    for c in cuts:
+        if c % prev:
+            return None
+        pieces.append(c // prev)
+        prev = c
+    return pieces
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rules by pattern.
+
+def elementwise_rule(ins, outs, attrs) -> ShardingRule:
+    """Unary, binary and select ops with numpy broadcasting; also cast, clip, broadcast_to."""
+    fs = _Factors()
+    operands, result = broadcast_dims(fs, [t.shape for t in ins], outs[0].shape)
+    return fs.rule(operands, [result])
+
+
+def matmul_rule(ins, outs, attrs) -> ShardingRule:
+    """numpy.matmul: broadcast batch dims pass, m and n pass, k is a reduction; 1-D operands have no m (or n)."""
+    a, b = ins[0].shape, ins[1].shape
+    fs = _Factors()
+    (a_batch, b_batch), batch = broadcast_dims(fs, [a[:-2], b[:-2]], broadcast_shapes(a[:-2], b[:-2]), "b")
+    m = (fs.new("m", a[-2]),) if len(a) >= 2 else ()
+    k = fs.new("k", a[-1], "reduction")
+    n = (fs.new("n", b[-1]),) if len(b) >= 2 else ()
+    a_dims = a_batch + ((m,) if m else ()) + ((k,),)
+    b_dims = b_batch + ((k,),) + ((n,) if n else ())
+    return fs.rule([a_dims, b_dims], [batch + ((m,) if m else ()) + ((n,) if n else ())])
+
+
+def _reduce_axes(attrs, rank) -> tuple[int, ...]:
+    axes = attrs["axes"] if "axes" in attrs else (attrs["axis"],)  # reduce_* have axes, argmax/argmin an axis
+    return tuple(range(rank)) if axes is None else tuple(sorted(normalize_axis(a, rank) for a in axes))
+
+
+def reduce_rule(kind: str, local=None, dtypes: frozenset | None = None) -> RuleBuilder:
+    """Reductions over ``axes`` (or ``axis``): reduced dims get ``kind`` when the input dtype is in ``dtypes``
+    (``replicate`` otherwise), and ``local`` is the hook that makes the local op right for a split reduction."""
+
+    def rule(ins, outs, attrs) -> ShardingRule:
+        x = ins[0]
+        ok = dtypes is None or x.dtype in dtypes
+        fs = _Factors()
+        dims, result = reduce_dims(fs, x.shape, _reduce_axes(attrs, x.rank), attrs["keepdims"],
+                                   kind if ok else "replicate")
+        return fs.rule([dims], [result], local if ok and kind == "reduction" else None)
+
+    return rule
+
+
+def _scaled_mean_local(ctx, node, inputs, assignment, rule):
+    """reduce_mean over split dims: the local mean divided by the number of shards is a partial sum of the mean."""
+    (y,) = ctx.emit(node.op, inputs, **node.attrs)
+    shards = prod(ctx.mesh.axis(a).size for f, axes in zip(rule.factors, assignment) if f.kind == "reduction"
+                  for a in axes)
+    if shards == 1:
+        return [y]
+    return ctx.emit("mul", [y, ctx.constant(np.asarray(1.0 / shards), y.type.dtype)])
+
+
+def axis_replicated_rule(ins, outs, attrs) -> ShardingRule:
+    """softmax, log_softmax, cumsum: the ``axis`` dim may not be split, every other dim passes."""
+    x = ins[0]
+    fs = _Factors()
+    dims = same_shape_dims(fs, x.shape, (normalize_axis(attrs["axis"], x.rank),))
+    return fs.rule([dims], [dims])
+
+
+def channel_replicated_rule(ins, outs, attrs) -> ShardingRule:
+    """lrn: the channel dim (1) may not be split (windows cross it)."""
+    fs = _Factors()
+    dims = same_shape_dims(fs, ins[0].shape, (1,))
+    return fs.rule([dims], [dims])
+
+
+def normalized_rule(ins, outs, attrs) -> ShardingRule:
+    """layer_norm, rms_norm: dims axis..rank-1 are normalized (replicate); scale/bias share their factors."""
+    x = ins[0]
+    axis = normalize_axis(attrs["axis"], x.rank)
+    fs = _Factors()
+    dims = same_shape_dims(fs, x.shape, range(axis, x.rank))
+    return fs.rule([dims] + [dims[axis:]] * (len(ins) - 1), [dims])
+
+
+def batch_norm_rule(ins, outs, attrs) -> ShardingRule:
+    """Inference batch norm: every dim passes; the four 1-D parameters share the channel factor."""
+    fs = _Factors()
+    dims = same_shape_dims(fs, ins[0].shape)
+    return fs.rule([dims] + [dims[1:2]] * 4, [dims])
+
+
+def transpose_rule(ins, outs, attrs) -> ShardingRule:
+    """Factors follow the permutation."""
+    fs = _Factors()
+    dims, result = permuted_dims(fs, ins[0].shape, attrs["perm"])
+    return fs.rule([dims], [result])
+
+
+def reshape_rule(ins, outs, attrs) -> ShardingRule:
+    """Compound factors from the common refinement of the two shapes (see ``refinement_dims``)."""
+    fs = _Factors()
+    dims, result = refinement_dims(fs, ins[0].shape, outs[0].shape)
+    return fs.rule([dims], [result])
+
+
+def changed_axes_rule(changed: Callable[[Sequence[TensorType], Sequence[TensorType], dict], Sequence[int]]
+                      ) -> RuleBuilder:
+    """Ops whose operands and results have one rank and share every dim except ``changed(ins, outs, attrs)``."""
+
+    def rule(ins, outs, attrs) -> ShardingRule:
+        fs = _Factors()
+        dims = restructured_dims(fs, [t.shape for t in list(ins) + list(outs)], tuple(changed(ins, outs, attrs)))
+        return fs.rule(dims[:len(ins)], dims[len(ins):])
+
+    return rule
+
+
+def _axis_attr(ins, outs, attrs):
+    return (normalize_axis(attrs["axis"], ins[0].rank),)
+
+
+def _sliced_axes(ins, outs, attrs):
+    steps = {normalize_axis(a, ins[0].rank): s for a, s in zip(attrs["axes"], attrs["steps"])}
+    return [i for i, (d, e) in enumerate(zip(ins[0].shape, outs[0].shape)) if d != e or steps.get(i, 1) != 1]
+
+
+def _padded_axes(ins, outs, attrs):
+    pads, r = attrs["pads"], ins[0].rank
+    return [i for i in range(r) if pads[i] or pads[i + r]]
+
+
+def _repeated_axes(ins, outs, attrs):
+    return [i for i, rep in enumerate(attrs["repeats"]) if rep != 1]
+
+
+def _spatial_axes(ins, outs, attrs):
+    return range(2, ins[0].rank)
+
+
+def conv_rule(ins, outs, attrs) -> ShardingRule:
+    """x [N,C,S...] * w [M,C/g,K...] -> [N,M,O...]: N passes; with group 1, M passes and C is a reduction; with
+    groups, channels are replicated (a local conv would regroup its shard); spatial and kernel dims replicate."""
+    x, w = ins[0].shape, ins[1].shape
+    grouped = attrs["group"] != 1
+    fs = _Factors()
+    n = fs.new("n", x[0])
+    if grouped:
+        c_x, c_w = fs.new("c", x[1], "replicate"), fs.new("cg", w[1], "replicate")
+        m = fs.new("m", w[0], "replicate")
+    else:
+        c_x = c_w = fs.new("c", x[1], "reduction")
+        m = fs.new("m", w[0])
+
+    def windows(name, shape):  # spatial, kernel and output window dims: one replicate factor each
+        return tuple((fs.new(f"{name}{i}", d, "replicate"),) for i, d in enumerate(shape[2:]))
+
+    return fs.rule([((n,), (c_x,)) + windows("s", x), ((m,), (c_w,)) + windows("k", w)],
+                   [((n,), (m,)) + windows("o", outs[0].shape)])
+
+
+def gather_rule(ins, outs, attrs) -> ShardingRule:
+    """numpy.take along ``axis``: other data dims and every index dim pass; the gathered (vocabulary) dim is a
+    reduction implemented by ``gather_vocab_local`` (rows outside a device's vocab block are zero)."""
+    data, idx = ins[0], ins[1]
+    axis = normalize_axis(attrs["axis"], data.rank)
+    fs = _Factors()
+    d = [fs.new(f"d{i}", s) if i != axis else None for i, s in enumerate(data.shape)]
+    splittable = data.dtype != "bool"  # a partial sum of bools is not a sum
+    d[axis] = fs.new("vocab", data.shape[axis], "reduction" if splittable else "replicate")
+    i = [fs.new(f"i{j}", s) for j, s in enumerate(idx.shape)]
+    result = [(f,) for f in d[:axis]] + [(f,) for f in i] + [(f,) for f in d[axis + 1:]]
+    return fs.rule([[(f,) for f in d], [(f,) for f in i]], [result], gather_vocab_local if splittable else None)
+
+
+def gather_vocab_local(ctx, node, inputs, assignment, rule):
+    """One device's gather on a vocab block [offset, offset+chunk): look up ``ids - offset`` where it falls in the
+    block (index 0 elsewhere), then zero the rows looked up outside it; the sum over the vocab axes is the gather."""
+    data, ids = inputs
+    axis = normalize_axis(node.attrs["axis"], data.type.rank)
+    vocab = rule.operands[0][axis][0]
+    axes = assignment[vocab]
+    if not axes:
+        return ctx.emit("gather", [data, ids], **node.attrs)
+    itype, chunk, size = ids.type.dtype, data.type.shape[axis], rule.factors[vocab].size
+    block = ctx.block_index(axes)
+    if itype != "int64":
+        block = ctx.emit("cast", [block], dtype=itype)[0]
+    (offset,) = ctx.emit("mul", [block, ctx.constant(chunk, itype)])
+    zero = ctx.constant(0, itype)
+    (negative,) = ctx.emit("less", [ids, zero])
+    (wrapped,) = ctx.emit("add", [ids, ctx.constant(size, itype)])
+    (ids,) = ctx.emit("where", [negative, wrapped, ids])  # numpy.take counts negative ids from the end
+    (local,) = ctx.emit("sub", [ids, offset])
+    (above,) = ctx.emit("greater_equal", [local, zero])
+    (below,) = ctx.emit("less", [local, ctx.constant(chunk, itype)])
+    (mine,) = ctx.emit("logical_and", [above, below])
+    (safe,) = ctx.emit("where", [mine, local, zero])
+    (rows,) = ctx.emit("gather", [data, safe], **node.attrs)
+    lead, trail = (1,) * axis, (1,) * (data.type.rank - axis - 1)
+    (mask,) = ctx.emit("reshape", [mine], shape=lead + ids.type.shape + trail)
+    return ctx.emit("where", [mask, rows, ctx.constant(0, data.type.dtype)])
+
+
+def gather_elements_rule(ins, outs, attrs) -> ShardingRule:
+    """take_along_axis: the data dim along ``axis`` replicates; the index dim there passes (shared with the
+    result); other dims pass where data and indices agree in size, and replicate otherwise."""
+    data, idx = ins[0].shape, ins[1].shape
+    axis = normalize_axis(attrs["axis"], len(data))
+    fs = _Factors()
+    d_dims, i_dims = [], []
+    for k, (ds, is_) in enumerate(zip(data, idx)):
+        if k != axis and ds == is_:
+            f = fs.new(f"d{k}", ds)
+            d_dims.append((f,))
+            i_dims.append((f,))
+        else:
+            d_dims.append((fs.new(f"data{k}", ds, "replicate"),))
+            i_dims.append((fs.new(f"idx{k}", is_, "replicate" if k != axis else "pass"),))
+    return fs.rule([d_dims, i_dims], [i_dims])
+
+
+def gather_nd_rule(ins, outs, attrs) -> ShardingRule:
+    """data [B..., K..., R...], indices [B..., I..., k] -> [B..., I..., R...]: batch dims B, index dims I and the
+    trailing data dims R pass; the indexed data dims K and the index depth k replicate."""
+    data, idx = ins[0].shape, ins[1].shape
+    nb, depth = attrs["batch_dims"], idx[-1]
+    fs = _Factors()
+    batch = [(fs.new(f"b{k}", s),) if s == idx[k] else None for k, s in enumerate(data[:nb])]
+    data_batch = [b or (fs.new(f"db{k}", data[k], "replicate"),) for k, b in enumerate(batch)]
+    idx_batch = [b or (fs.new(f"ib{k}", idx[k], "replicate"),) for k, b in enumerate(batch)]
+    indexed = [(fs.new(f"k{k}", s, "replicate"),) for k, s in enumerate(data[nb:nb + depth])]
+    rest = [(fs.new(f"r{k}", s),) for k, s in enumerate(data[nb + depth:])]
+    inner = [(fs.new(f"i{k}", s),) for k, s in enumerate(idx[nb:-1])]
+    depth_dim = (fs.new("depth", depth, "replicate"),)
+    return fs.rule([data_batch + indexed + rest, idx_batch + inner + [depth_dim]], [idx_batch + inner + rest])
+
+
+pool_rule = changed_axes_rule(_spatial_axes)  # max_pool, avg_pool: N and C pass, spatial dims replicate
+
+
+def replicated_rule(ins, outs, attrs) -> ShardingRule:
+    """Nothing may be split: constants, and collectives (which only appear after partitioning)."""
+    fs = _Factors()
+
+    def dims(t, k):
+        return tuple((fs.new(f"t{k}d{i}", d, "replicate"),) for i, d in enumerate(t.shape))
+
+    return fs.rule([dims(t, k) for k, t in enumerate(ins)], [dims(t, len(ins) + k) for k, t in enumerate(outs)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tables: by op name first, then by family.
+
+RULES: dict[str, RuleBuilder] = {
+    "matmul": matmul_rule,
+    "reduce_sum": reduce_rule("reduction", dtypes=FLOAT_DTYPES | INT_DTYPES),  # a partial sum of bools is no sum
+    "reduce_mean": reduce_rule("reduction", _scaled_mean_local, dtypes=FLOAT_DTYPES),
+    "reduce_max": reduce_rule("replicate"),
+    "reduce_min": reduce_rule("replicate"),
+    "reduce_prod": reduce_rule("replicate"),
+    "argmax": reduce_rule("replicate"),
+    "argmin": reduce_rule("replicate"),
+    "softmax": axis_replicated_rule,
+    "log_softmax": axis_replicated_rule,
+    "cumsum": axis_replicated_rule,
+    "layer_norm": normalized_rule,
+    "rms_norm": normalized_rule,
+    "batch_norm": batch_norm_rule,
+    "lrn": channel_replicated_rule,
+    "transpose": transpose_rule,
+    "reshape": reshape_rule,
+    "broadcast_to": elementwise_rule,
+    "concat": changed_axes_rule(_axis_attr),
+    "split": changed_axes_rule(_axis_attr),
+    "slice": changed_axes_rule(_sliced_axes),
+    "pad": changed_axes_rule(_padded_axes),
+    "tile": changed_axes_rule(_repeated_axes),
+    "gather": gather_rule,
+    "gather_elements": gather_elements_rule,
+    "gather_nd": gather_nd_rule,
+    "constant": replicated_rule,
+    "conv": conv_rule,
+    "max_pool": pool_rule,
+    "avg_pool": pool_rule,
+}
+FAMILY_RULES: dict[str, RuleBuilder] = {
+    "elementwise": elementwise_rule,
+    "collective": replicated_rule,
+}
+
+
+def _bind(name: str, build: RuleBuilder):
+    """The op-table facet: ``rule(in_types, attrs)`` with output types from the op's own inference."""
+
+    def rule(in_types: Sequence[TensorType], attrs: dict) -> ShardingRule:
+        in_types = list(in_types)
+        return build(in_types, OPS[name].infer(in_types, attrs), attrs)
+
+    rule.__name__ = rule.__qualname__ = f"{name}_factors"
+    rule.__doc__ = build.__doc__
+    return rule
+
+
+def install() -> list[str]:
+    """Fill ``OPS[name].factors`` for every op; returns the ops that no table covers (their slot stays None)."""
+    missing = []
+    for name, op in OPS.items():
+        build = RULES.get(name) or FAMILY_RULES.get(op.family)
+        if build is None:
+            missing.append(name)
+        else:
+            op.factors = _bind(name, build)
+    return missing
+
+
+def rule_for(op: str, in_types: Sequence[TensorType], attrs: dict) -> ShardingRule:
+    """The rule of one application of ``op`` (``attrs`` complete, as stored on IR nodes)."""
+    return OPS[op].factors(list(in_types), attrs)
+
+
+MISSING = install()

@@ -1,0 +1,108 @@
+"""Named manual strategies, expressed as annotations that propagation completes: data parallel (batch split),
+Megatron tensor parallel (column-parallel then row-parallel weight matmuls), and both on a 2-D mesh.
+
+Megatron is found from the graph's structure, not from names (exporters rename weights): walking the nodes in
+order, a matmul whose right operand is a weight (a parameter, possibly through transposes) is *column-parallel*
+when its activation is whole and *row-parallel* when its activation is already split by an earlier
+column-parallel matmul. A column-parallel matmul whose result is cut by a ``split`` (GPT-2's fused QKV) is left
+whole and the split's outputs are split instead, so every layer needs exactly one all-reduce after attention and
+one after the MLP.
+"""
+
+from __future__ import annotations
+
+from bmc.ir.graph import Graph, Node, Value
+from bmc.sharding.spec import Spec
+
+
+def weight_source(v: Value) -> tuple[Value, tuple[int, ...]] | None:
+    """The parameter behind ``v`` and the permutation from ``v``'s dims to its dims (through transposes only)."""
+    perm = tuple(range(v.type.rank))
+    while v.producer is not None:
+        node = v.producer
+        if node.op != "transpose":
+            return None
+        perm = tuple(node.attrs["perm"][p] for p in perm)
+        v = node.inputs[0]
+    return v, perm
+
+
+def data_parallel(graph: Graph, axis: str) -> dict[str, Spec]:
+    """Split dim 0 (the batch) of every graph input over ``axis``."""
+    return {v.name: Spec(((axis,),) + ((),) * (v.type.rank - 1)) for v in graph.inputs if v.type.rank}
+
+
+def megatron(graph: Graph, axis: str, batch_axis: str | None = None) -> dict[str, Spec]:
+    """Megatron annotations over ``axis``; activations it annotates keep their batch dim on ``batch_axis``."""
+    params = {id(p) for p in graph.params}
+    users: dict[int, list[Node]] = {}
+    for n in graph.nodes:
+        for v in n.inputs:
+            users.setdefault(id(v), []).append(n)
+    split_act: set[int] = set()  # activations already split over `axis` by a column-parallel matmul
+    out: dict[str, Spec] = {}
+
+    def weight_matmul(node: Node):
+        if node.op != "matmul" or node.inputs[1].type.rank != 2:
+            return None
+        src = weight_source(node.inputs[1])
+        return src if src is not None and id(src[0]) in params else None
+
+    for node in graph.nodes:
+        src = weight_matmul(node)
+        if src is None:
+            if any(id(v) in split_act for v in node.inputs) and node.op not in ("layer_norm", "rms_norm"):
+                split_act.update(id(v) for v in node.outputs)
+            continue
+        param, perm = src
+        if id(node.inputs[0]) in split_act:  # row-parallel: split the contraction dim; the result is a partial sum
+            out[param.name] = _through(perm, 0, axis)
+            continue
+        fused = _feeds_split(node.output, users)
+        if fused is not None:  # fused QKV: keep the matmul whole, split each part of the split instead
+            for v in fused.outputs:
+                batch = ((batch_axis,) if batch_axis else (),)
+                out[v.name] = Spec(batch + ((),) * (v.type.rank - 2) + ((axis,),))
+                split_act.add(id(v))
+            continue
+        out[param.name] = _through(perm, 1, axis)  # column-parallel: split the output features
+        split_act.add(id(node.output))
+    return out
+
+
+def _through(perm: tuple[int, ...], dim: int, axis: str) -> Spec:
+    """Spec of a 2-D parameter whose transposed view (by ``perm``) is split on ``dim``."""
+    dims = [(), ()]
+    dims[perm[dim]] = (axis,)
+    return Spec(tuple(dims))
+
+
+def _feeds_split(v: Value, users: dict[int, list[Node]]) -> Node | None:
+    """The split node that cuts ``v``'s last dim, looking through elementwise adds (bias) and reshapes."""
+    frontier = [v]
+    for _ in range(4):
+        nxt = []
+        for x in frontier:
+            for n in users.get(id(x), []):
+                if n.op == "split" and n.attrs["axis"] % x.type.rank == x.type.rank - 1:
+                    return n
+                if n.op in ("add", "reshape"):
+                    nxt.extend(n.outputs)
+        frontier = nxt
+    return None
+
+
+def named_strategy(graph: Graph, name: str, mesh_names: tuple[str, ...]) -> dict[str, Spec]:
+    """Annotations of a named manual strategy: replicate | dp | megatron | dp+megatron (dp on the first mesh axis,
+    Megatron on the last)."""
+    if name == "replicate":
+        return {}
+    if name == "dp":
+        return data_parallel(graph, mesh_names[0])
+    if name == "megatron":
+        return megatron(graph, mesh_names[-1])
+    if name == "dp+megatron":
+        if len(mesh_names) < 2:
+            raise ValueError("dp+megatron needs a mesh with two axes")
+        return {**megatron(graph, mesh_names[-1], mesh_names[0]), **data_parallel(graph, mesh_names[0])}
+    raise ValueError(f"unknown strategy {name!r}")
