@@ -95,7 +95,8 @@ def cmd_compile(args) -> int:
     start = time.perf_counter()
     summary = compile_model(args.model, args.output, target=args.target,
                             cuda_archs=tuple(args.cuda_arch or ("sm_90",)), input_shapes=input_shapes,
-                            dump_dir=args.dump_dir, mesh=mesh, **({"shard": shard} if shard else {}))
+                            dump_dir=args.dump_dir, mesh=mesh, **({"shard": shard} if shard else {}),
+                            **({"strategy": args.strategy} if args.strategy else {}))
     elapsed = time.perf_counter() - start
     summary = summary if isinstance(summary, dict) else {}
     output = Path(summary.get("output", args.output))
@@ -127,7 +128,7 @@ def cmd_plan(args) -> int:
     from bmc.compiler import plan_model
     from bmc.sharding.report import format_plan
 
-    _, prog, data = plan_model(args.model, mesh=mesh, shard=shard, input_shapes=input_shapes)
+    _, prog, data = plan_model(args.model, mesh=mesh, shard=shard, strategy=args.strategy, input_shapes=input_shapes)
     if args.json:
         out = Path(args.json)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -268,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mesh-axes", help="names of the mesh axes, e.g. dp,tp (default x,y,z,w)")
     c.add_argument("--shard", action="append", metavar="NAME=SPEC",
                    help="sharding annotation for an input, weight or intermediate tensor, e.g. w=[{},{y}]")
+    c.add_argument("--strategy", choices=("replicate", "dp", "megatron", "dp+megatron"),
+                   help="a named manual plan completed by propagation (--shard annotations win)")
     c.add_argument("--dump-dir", help="write the IR after every pass into this folder")
     c.set_defaults(func=cmd_compile)
 
@@ -276,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--mesh", default="1", help="device mesh, e.g. 2x4")
     pl.add_argument("--mesh-axes", help="names of the mesh axes, e.g. dp,tp")
     pl.add_argument("--shard", action="append", metavar="NAME=SPEC", help="sharding annotation (repeatable)")
+    pl.add_argument("--strategy", choices=("replicate", "dp", "megatron", "dp+megatron"),
+                    help="a named manual plan completed by propagation")
     pl.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help=f"as for compile: {_SHAPE_GRAMMAR}")
     pl.add_argument("--json", metavar="PATH", help="write the plan as JSON instead of printing the table")
     pl.set_defaults(func=cmd_plan)

@@ -43,9 +43,13 @@ def _check_output_path(model, output) -> Path:
     return out
 
 
-def plan_model(model, *, mesh, shard: Mapping | None = None,
+STRATEGIES = ("replicate", "dp", "megatron", "dp+megatron")
+
+
+def plan_model(model, *, mesh, shard: Mapping | None = None, strategy: str | None = None,
                input_shapes: Mapping[str, Sequence[int] | int] | None = None, dump_dir: str | Path | None = None):
-    """Import and plan without code generation: ``(global graph, local program, plan.json dict)``."""
+    """Import and plan without code generation: ``(global graph, local program, plan.json dict)``.
+    ``strategy`` names a manual plan (its annotations, then ``shard``'s, which win); propagation completes it."""
     from bmc.frontend.onnx import import_model
     from bmc.sharding.partition import partition
     from bmc.sharding.propagate import propagate
@@ -54,14 +58,28 @@ def plan_model(model, *, mesh, shard: Mapping | None = None,
     graph = import_model(model, input_shapes)
     graph = run_passes(graph, [], verify=verify_graph, dump_dir=dump_dir)
     verify_graph(graph)
-    prog = partition(graph, propagate(graph, mesh, shard or {}))
+    annotations = {}
+    if strategy:
+        from bmc.sharding.manual import named_strategy
+
+        if strategy not in STRATEGIES:
+            raise UsageError(f"unknown strategy {strategy!r}", where="--strategy", fix=f"use one of {STRATEGIES}")
+        try:
+            annotations = named_strategy(graph, strategy, mesh.names)
+        except ValueError as e:
+            raise UsageError(str(e), where="--strategy", fix="use a mesh with two axes, e.g. --mesh 2x2") from None
+    annotations.update(shard or {})
+    prog = partition(graph, propagate(graph, mesh, annotations))
     verify_graph(prog.graph)
-    return graph, prog, plan_json(prog)
+    data = plan_json(prog)
+    data["strategy"] = strategy or "propagation"
+    return graph, prog, data
 
 
 def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[str] = ("sm_90",),
                   input_shapes: Mapping[str, Sequence[int] | int] | None = None,
-                  dump_dir: str | Path | None = None, mesh=None, shard: Mapping | None = None) -> dict:
+                  dump_dir: str | Path | None = None, mesh=None, shard: Mapping | None = None,
+                  strategy: str | None = None) -> dict:
     """Compile ``model`` (path, bytes or ModelProto) into the artifact at ``output``; returns a summary dict.
     With a mesh of more than one device (or ``shard`` annotations) the program is the partitioned SPMD program and
     every rank gets its own weight shards."""
@@ -79,7 +97,8 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
     t0 = time.perf_counter()
     sharded = mesh.size > 1 or bool(shard)
     if sharded:
-        graph, prog, plan = plan_model(model, mesh=mesh, shard=shard, input_shapes=input_shapes, dump_dir=dump_dir)
+        graph, prog, plan = plan_model(model, mesh=mesh, shard=shard, strategy=strategy, input_shapes=input_shapes,
+                                       dump_dir=dump_dir)
         program = prog.graph
     else:
         from bmc.frontend.onnx import import_model
