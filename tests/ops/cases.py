@@ -104,3 +104,20 @@ CASES += [
     ("reduce_max", [boolean(2, 3)], {"axes": (1,), "keepdims": False}),
     ("split", [f32(4)], {"axis": 0, "sizes": (0, 4)}),
 ]
+
+# reduced precision: the lowering computes normalizations in float32 for bfloat16 (TVM's kernels take f32/f16 only)
+try:
+    import ml_dtypes
+
+    def bf16(*shape):
+        return f32(*shape).astype(ml_dtypes.bfloat16)
+
+    LOW_PRECISION_CASES = [
+        (op, [conv(*s) for s in shapes], attrs)
+        for conv in (lambda *s: f32(*s).astype(np.float16), bf16)
+        for op, shapes, attrs in [("matmul", [(4, 8), (8, 6)], {}), ("softmax", [(3, 8)], {"axis": -1}),
+                                  ("layer_norm", [(3, 8), (8,), (8,)], {"axis": -1, "epsilon": 1e-5}),
+                                  ("rms_norm", [(3, 8), (8,)], {"axis": -1, "epsilon": 1e-5}),
+                                  ("gelu", [(3, 8)], {"approximate": "tanh"}), ("add", [(3, 8), (8,)], {})]]
+except ImportError:  # pragma: no cover
+    LOW_PRECISION_CASES = []

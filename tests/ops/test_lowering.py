@@ -7,7 +7,7 @@ from bmc.ir.types import TensorType, dtype_of
 from bmc.ops.builder import GraphBuilder
 from bmc.testing.compiled import run_compiled
 from bmc.testing.reference import run_reference
-from tests.ops.cases import CASES
+from tests.ops.cases import CASES, LOW_PRECISION_CASES
 
 # float32 kernels vs numpy: relative to the output scale (transcendentals differ in the last bits)
 RTOL = 1e-5
@@ -50,3 +50,16 @@ def test_lowering_matches_reference(op, inputs, attrs):
             np.testing.assert_allclose(g, want, rtol=0, atol=RTOL * scale, equal_nan=True)
         else:
             np.testing.assert_array_equal(g, want)
+
+
+@pytest.mark.parametrize("op,inputs,attrs", LOW_PRECISION_CASES,
+                         ids=[f"{c[0]}-{c[1][0].dtype}" for c in LOW_PRECISION_CASES])
+def test_float16_and_bfloat16_lowerings(op, inputs, attrs):
+    """Relative error <= 1e-2 of the output scale (reduced-precision tolerance), dtype preserved."""
+    graph = single_op_graph(op, inputs, attrs)
+    feeds = {f"in{i}": x for i, x in enumerate(inputs)}
+    want = run_reference(graph, feeds)[graph.outputs[0].name]
+    got = run_compiled(graph, feeds)[graph.outputs[0].name]
+    assert got.dtype == want.dtype and got.shape == want.shape
+    w, g = want.astype(np.float32), got.astype(np.float32)
+    assert float(np.max(np.abs(g - w))) <= 1e-2 * max(1.0, float(np.max(np.abs(w))))

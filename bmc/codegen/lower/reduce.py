@@ -31,12 +31,28 @@ def _arg(ctx, node, args):
     return out if ctx.dtype_of(out) == "int64" else _R.astype(out, "int64")
 
 
+def in_float32(fn):
+    """Compute a normalization in float32 when the IR dtype is bfloat16 (TVM's kernels take only float32/float16;
+    float32 accumulation is also what the reference does), then cast back."""
+
+    def lower(ctx, node, args):
+        dtype = node.inputs[0].type.dtype
+        if dtype != "bfloat16":
+            return fn(ctx, node, args)
+        wide = [ctx.emit(_R.astype(a, "float32")) for a in args]
+        return _R.astype(ctx.emit(fn(ctx, node, wide)), dtype)
+
+    return lower
+
+
 @lowering("softmax")
+@in_float32
 def _softmax(ctx, node, args):
     return _R.nn.softmax(args[0], axis=node.attrs["axis"])
 
 
 @lowering("log_softmax")
+@in_float32
 def _log_softmax(ctx, node, args):
     return _R.nn.log_softmax(args[0], axis=node.attrs["axis"])
 
@@ -47,28 +63,31 @@ def _norm_axes(node):
 
 
 @lowering("layer_norm")
+@in_float32
 def _layer_norm(ctx, node, args):
     x, gamma = args[0], args[1]
     if len(args) > 2:
         beta = args[2]
     else:
         t = node.inputs[1].type
-        beta = const(np.zeros(t.shape, np_dtype(t.dtype)))
+        beta = const(np.zeros(t.shape, np_dtype(ctx.dtype_of(gamma))))
     return _R.nn.layer_norm(x, gamma, beta, axes=_norm_axes(node), epsilon=node.attrs["epsilon"])
 
 
 @lowering("rms_norm")
+@in_float32
 def _rms_norm(ctx, node, args):
     return _R.nn.rms_norm(args[0], args[1], axes=_norm_axes(node), epsilon=node.attrs["epsilon"])
 
 
 @lowering("batch_norm")
+@in_float32
 def _batch_norm(ctx, node, args):
     x, scale, bias, mean, var = args
     t = node.inputs[0].type
     shape = [t.shape[1]] + [1] * (t.rank - 2)
     r = [ctx.emit(_R.reshape(a, shape)) for a in (scale, bias, mean, var)]
-    inv = ctx.emit(_R.divide(r[0], ctx.emit(_R.sqrt(ctx.emit(_R.add(r[3], scalar(node.attrs["epsilon"], t.dtype)))))))
+    inv = ctx.emit(_R.divide(r[0], ctx.emit(_R.sqrt(ctx.emit(_R.add(r[3], scalar(node.attrs["epsilon"], ctx.dtype_of(x))))))))
     return _R.add(ctx.emit(_R.multiply(ctx.emit(_R.subtract(x, r[2])), inv)), r[1])
 
 
