@@ -88,7 +88,7 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
 
     out = _check_output_path(model, output)
     spec = TargetSpec.parse(target, tuple(cuda_archs))
-    mesh = mesh if mesh is not None else Mesh.parse("1")
+    mesh = Mesh.parse(mesh) if isinstance(mesh, str) else mesh if mesh is not None else Mesh.parse("1")
     if spec.kind == "cuda":  # FAILURES.md 30: a missing toolkit is reported before any work
         from bmc.codegen.cuda import find_toolkit
 
