@@ -12,6 +12,11 @@ One run measures, each stage in a fresh subprocess so memory and import costs ar
 3. ``compile``     ``bmc.compiler.compile_model(..., target="llvm")`` time and peak RSS (vs. weight bytes)
 4. ``onnxruntime`` and ``bmc`` latency with the same thread count, warm-up first, best and median
 5. max abs error of bmc's logits against onnxruntime's
+6. ``matmul``      GFLOP/s of bmc's matmul (a one-op graph through bmc's llvm pipeline, same threads) against numpy's
+                   BLAS for the GPT-2 shapes (``--no-matmul`` skips it)
+
+Every stage runs with ``OPENBLAS_CORETYPE``/``OPENBLAS_L2_SIZE`` removed from the environment (set on some machines
+for old OpenBLAS builds, they slow down the one numpy ships, which bmc's matmul kernel uses too).
 
 The headline is the latency ratio bmc / onnxruntime; absolute numbers sit alongside. A failing stage is reported
 with its reason (and the stages that need it are skipped); the table and the JSON are written either way, and the
@@ -39,9 +44,15 @@ if str(ROOT) not in sys.path:
 
 DEFAULT_CACHE = ROOT / "benchmarks" / ".cache"
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "single_device.json"
-GOALS = {"compile_s": 60.0, "peak_rss_over_weights": 3.0}
+GOALS = {"compile_s": 60.0, "peak_rss_over_weights": 3.0, "matmul_vs_numpy": 0.8}
 FULL = dict(layers=12, hidden=768, heads=12, seq=128, vocab=50257, budget=20.0, timeout=3600.0)
 QUICK = dict(layers=2, hidden=128, heads=4, seq=32, vocab=1000, budget=2.0, timeout=300.0)
+#: (batch, M, K, N): GPT-2 small's matmuls at 128 tokens (QKV, attention output, FFN up, FFN down, LM head) and
+#: the batched attention product (12 heads of 128x64 @ 64x128)
+MATMUL_SHAPES = [(1, 128, 768, 2304), (1, 128, 768, 768), (1, 128, 768, 3072), (1, 128, 3072, 768),
+                 (1, 128, 768, 50257), (12, 128, 64, 128)]
+QUICK_MATMUL_SHAPES = [(1, 32, 128, 384), (1, 32, 128, 512), (1, 32, 512, 128), (4, 32, 32, 32)]
+BLAS_ENV_DROP = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # dropped together (see the module doc)
 SMALL_WEIGHTS = 256 * 2**20  # below this, peak RSS is mostly the interpreter + TVM, not the model
 ORT_MAX_REPEAT = 200  # adaptive repeats stop here even when the time budget is not spent
 
@@ -176,12 +187,32 @@ def child_onnxruntime(spec: dict) -> dict:
     return {"load_s": load_s, **timing}
 
 
+def _register_kernels(threads: int) -> dict:
+    """bmc's CPU kernels (BLAS matmul) and thread pools, before the VM is built; {} when this bmc has none."""
+    try:
+        from bmc.runtime.kernels import register_cpu_kernels
+    except ImportError:
+        return {}
+    return register_cpu_kernels(threads=threads)
+
+
+def _blas_threadpools() -> list | None:
+    """What threadpoolctl sees (which BLAS, which kernel, how many threads), when it is installed."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    return [{k: d.get(k) for k in ("user_api", "internal_api", "version", "num_threads", "architecture",
+                                   "filepath")} for d in threadpool_info()]
+
+
 def child_bmc(spec: dict) -> dict:
     import numpy as np
 
     import bmc
 
     _import_stage_module("bmc.runtime.executor", "bmc")
+    kernels = _register_kernels(spec["threads"])
     t0 = time.perf_counter()
     model = bmc.load(spec["artifact"])
     load_s = time.perf_counter() - t0
@@ -189,11 +220,64 @@ def child_bmc(spec: dict) -> dict:
     out, timing = _time_calls(lambda: model(input_ids=ids), warmup=spec["warmup"], repeat=spec["repeat"],
                               budget_s=spec["budget"], min_repeat=1, max_repeat=ORT_MAX_REPEAT)
     np.save(spec["output"], _first_output(out))
-    return {"load_s": load_s, "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"), **timing}
+    return {"load_s": load_s, "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"), "kernels": kernels,
+            "kernels_manifest": model.manifest.get("kernels"), **timing}
+
+
+def _best_of(fn, budget_s: float, min_repeat: int = 3, max_repeat: int = 50) -> float:
+    fn()  # warm-up
+    times: list[float] = []
+    while len(times) < min_repeat or (sum(times) < budget_s and len(times) < max_repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def child_matmul(spec: dict) -> dict:
+    """GFLOP/s of one float32 matmul through bmc (graph → bmc's llvm build → TVM VM) and through numpy, per shape."""
+    import numpy as np
+
+    from bmc.codegen.build import build
+    from bmc.codegen.targets import TargetSpec
+    from bmc.ir.types import TensorType
+    from bmc.ops.builder import GraphBuilder
+
+    import tvm
+    from tvm import relax
+
+    kernels = _register_kernels(spec["threads"])
+    rng = np.random.default_rng(0)
+    target = TargetSpec.parse("llvm")
+    dev = tvm.cpu()
+    rows = []
+    for batch, m, k, n in spec["shapes"]:
+        a_shape = (batch, m, k) if batch > 1 else (m, k)
+        b_shape = (batch, k, n) if batch > 1 else (k, n)
+        a = rng.standard_normal(a_shape, dtype=np.float32)
+        w = rng.standard_normal(b_shape, dtype=np.float32)
+        gb = GraphBuilder("matmul")
+        x = gb.input("a", TensorType("float32", a_shape))
+        y = gb.input("b", TensorType("float32", b_shape))
+        graph = gb.finish([gb.emit1("matmul", [x, y])])
+        built = build(graph, target, threads=spec["threads"])
+        vm = relax.VirtualMachine(built.executable, dev)
+        ta, tw = tvm.runtime.tensor(a, dev), tvm.runtime.tensor(w, dev)
+        flops = 2.0 * batch * m * k * n
+        budget = spec["budget_per_shape"]
+        bmc_s = _best_of(lambda: vm["main"](ta, tw), budget)
+        out = np.empty((batch, m, n) if batch > 1 else (m, n), np.float32)
+        numpy_s = _best_of(lambda: np.matmul(a, w, out=out), budget)
+        got = vm["main"](ta, tw)[0].numpy()
+        rows.append({"shape": [batch, m, k, n], "bmc_s": bmc_s, "numpy_s": numpy_s,
+                     "bmc_gflops": flops / bmc_s / 1e9, "numpy_gflops": flops / numpy_s / 1e9,
+                     "ratio": numpy_s / bmc_s, "kernel": built.kernels.get("cpu", {}).get("matmul"),
+                     "max_rel_err": float(np.max(np.abs(got - out)) / max(float(np.max(np.abs(out))), 1e-30))})
+    return {"rows": rows, "kernels": kernels, "threadpools": _blas_threadpools()}
 
 
 CHILD_STAGES = {"generate": child_generate, "import": child_import, "compile": child_compile,
-                "onnxruntime": child_onnxruntime, "bmc": child_bmc}
+                "onnxruntime": child_onnxruntime, "bmc": child_bmc, "matmul": child_matmul}
 
 
 def child_main(stage: str, spec_path: str, result_path: str) -> int:
@@ -218,6 +302,8 @@ def run_child(stage: str, spec: dict, workdir: Path, threads: int, timeout: floa
     _write_json(spec_path, spec)
     env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    for var in BLAS_ENV_DROP:
+        env.pop(var, None)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", stage, str(spec_path), str(result_path)]
     print(f"[{stage}] running ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -304,6 +390,9 @@ def run_benchmark(args, cfg) -> dict:
             stages["accuracy"] = compare(work / "ort.npy", work / "bmc.npy")
         else:
             stages["accuracy"] = skipped("needs both onnxruntime and bmc outputs")
+        if args.matmul:
+            shapes = QUICK_MATMUL_SHAPES if args.quick else MATMUL_SHAPES
+            stages["matmul"] = child("matmul", shapes=shapes, budget_per_shape=min(2.0, args.budget / 4))
     return {"model": str(model), "stages": stages, "weight_bytes": weight_bytes}
 
 
@@ -348,9 +437,9 @@ def table_rows(report: dict) -> list[tuple[str, str, str]]:
     """(what, measurement, goal/status) rows; failures show their reason instead of a number."""
     st, goals, head = report["stages"], report["goals"], report["headline"]
     rows = []
-    if head:
-        rows.append(("latency bmc / onnxruntime", f"{head['latency_ratio_median']:.1f}x median, "
-                     f"{head['latency_ratio_best']:.1f}x best", "headline"))
+    if head.get("latency_ratio_median") is not None:
+        rows.append(("latency bmc / onnxruntime", f"{head['latency_ratio_median']:.2f}x median, "
+                     f"{head['latency_ratio_best']:.2f}x best", "headline"))
 
     def row(what, key, cell):
         r = st.get(key)
@@ -379,6 +468,21 @@ def table_rows(report: dict) -> list[tuple[str, str, str]]:
     row("latency bmc", "bmc", _latency_cell)
     row("max abs error vs ort", "accuracy", lambda r: f"{r['max_abs_err']:.3g} (max |logit| {r['max_abs_ref']:.3g}, "
         f"rel {r['max_rel_err']:.2g})")
+    kern = (st.get("bmc") or {}).get("kernels")
+    if kern:
+        blas = kern.get("blas") or {}
+        rows.append(("bmc CPU kernels", f"matmul: {kern.get('impl')} ({Path(blas.get('path') or '-').name}, "
+                     f"core {blas.get('core')}), threads {kern.get('threads')}", ""))
+    mm = st.get("matmul")
+    if mm is not None and not mm.get("ok"):
+        row("matmul GFLOP/s", "matmul", lambda r: "")
+    elif mm is not None:
+        for r in mm["rows"]:
+            b, m, k, n = r["shape"]
+            name = f"matmul {'%dx' % b if b > 1 else ''}{m}x{k}x{n}"
+            rows.append((name, f"bmc {r['bmc_gflops']:.1f} GFLOP/s vs numpy {r['numpy_gflops']:.1f} = "
+                         f"{r['ratio'] * 100:.0f}% ({_fmt_s(r['bmc_s'])} vs {_fmt_s(r['numpy_s'])})",
+                         f">= {GOALS['matmul_vs_numpy'] * 100:.0f}%: {'met' if r['ratio'] >= GOALS['matmul_vs_numpy'] else 'MISSED'}"))
     return rows
 
 
@@ -476,6 +580,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--timeout", type=float, help="seconds per stage subprocess "
                    f"(default {FULL['timeout']:.0f}; --quick: {QUICK['timeout']:.0f})")
     p.add_argument("--quick", action="store_true", help="a small config that runs in < 1 minute (smoke test)")
+    p.add_argument("--no-matmul", dest="matmul", action="store_false", help="skip the matmul GFLOP/s table")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where generated models are kept")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
     args = p.parse_args(argv)

@@ -155,7 +155,7 @@ def cmd_run(args) -> int:
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read {str(inputs_path)!r} as .npz: {e}", where="--inputs",
                          fix="write it with numpy.savez(path, **{input_name: array})") from e
-    model = load(args.artifact, simulate=args.simulate)
+    model = load(args.artifact, simulate=args.simulate, threads=args.threads)
     outputs = model.run(inputs)
     out = Path(args.output)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("artifact")
     r.add_argument("--inputs", required=True, help=".npz whose keys are the input names")
     r.add_argument("-o", "--output", required=True, help=".npz to write, keyed by output name")
+    r.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: BMC_NUM_THREADS / OMP_NUM_THREADS "
+                   "or the CPUs this process may use)")
     r.add_argument("--simulate", action="store_true",
                    help="run every rank of a multi-device artifact in this process (simulated collectives)")
     r.set_defaults(func=cmd_run)

@@ -32,12 +32,14 @@ class Built:
             self.executable.export_library(str(path))
 
 
-def cpu_pipeline(target) -> tvm.transform.Pass:
-    """LLVM: decompose inference ops, legalize, fold, fuse; CPU schedule rules slot in after FuseTIR."""
-    return tvm.transform.Sequential([
-        relax.transform.DecomposeOpsForInference(),
-        relax.get_default_pipeline(target),
-    ])
+def cpu_pipeline(target, record: dict | None = None) -> tvm.transform.Pass:
+    """LLVM: decompose inference ops, offload matmuls to BLAS, legalize, fold, fuse, CPU schedule rules, lower.
+
+    The pieces live in :mod:`bmc.codegen.cpu`; ``record`` receives the per-op kernel choices (for the manifest).
+    """
+    from bmc.codegen import cpu
+
+    return cpu.cpu_pipeline(target, record)
 
 
 def gpu_pipeline(target) -> tvm.transform.Pass:
@@ -56,8 +58,11 @@ def gpu_pipeline(target) -> tvm.transform.Pass:
     ])
 
 
-def build(graph: Graph, target: TargetSpec) -> Built:
+def build(graph: Graph, target: TargetSpec, *, threads: int | None = None) -> Built:
+    """Compile ``graph`` for ``target``. llvm: ``threads`` sizes the BLAS/TVM thread pools of this process (the
+    in-process VM that tests build right after; an artifact's loader sizes its own), ``None`` keeps the default."""
     timings: dict[str, float] = {}
+    cpu_record: dict = {}
     t0 = time.perf_counter()
     mod = to_relax(graph)
     timings["to_relax_s"] = time.perf_counter() - t0
@@ -65,7 +70,7 @@ def build(graph: Graph, target: TargetSpec) -> Built:
     t0 = time.perf_counter()
     try:
         if target.kind == "llvm":
-            ex = tvm.compile(mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
+            ex = tvm.compile(mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target, cpu_record))
         else:
             from bmc.codegen import cuda
 
@@ -83,7 +88,16 @@ def build(graph: Graph, target: TargetSpec) -> Built:
                            where=f"target {target.kind}") from e
     timings["tvm_compile_s"] = time.perf_counter() - t0
     if target.kind == "llvm":
-        return Built(ex, target, timings)
+        if cpu_record.get("requires"):
+            # the in-process VM (bmc.testing.compiled, the ONNX backend) is built right after: make the kernels
+            # resolvable now; a loader in another process calls register_cpu_kernels itself
+            from bmc.runtime.kernels import register_cpu_kernels
+
+            register_cpu_kernels(threads=threads)
+        from bmc.codegen.cpu import simd_features
+
+        return Built(ex, target, timings, {"cpu": {"mcpu": target.mcpu, "features": simd_features(tvm_target),
+                                                   **cpu_record}})
     device_code = cuda.compile_executable(ex, target.archs, toolkit)
     timings["nvcc_s"] = sum(img.nvcc_s for img in device_code.images)
     return Built(ex, target, timings, {"cuda": device_code.info()}, device_code)

@@ -187,10 +187,11 @@ def _load_weights(path: Path, manifest: dict, dev, rank: int = 0) -> list:
     return params
 
 
-def load(path, *, device: str = "cpu", simulate: bool = False) -> Model:
+def load(path, *, device: str = "cpu", simulate: bool = False, threads: int | None = None) -> Model:
     """Verify the artifact at ``path``, then load its program and weights onto ``device`` (``cpu``, ``cuda[:N]``).
     A multi-device artifact runs under ``mpiexec``; ``simulate=True`` runs all of its ranks in this process instead
-    (one thread and one set of weight shards per mesh device, collectives simulated)."""
+    (one thread and one set of weight shards per mesh device, collectives simulated). ``threads`` sizes the CPU
+    thread pools (default: BMC_NUM_THREADS, TVM_NUM_THREADS, OMP_NUM_THREADS, then the CPUs this process may use)."""
     path = Path(path)
     manifest = verify_artifact(path)
     world = manifest["world_size"]
@@ -203,6 +204,15 @@ def load(path, *, device: str = "cpu", simulate: bool = False) -> Model:
         raise ArtifactError("manifest.json names no program 'main' or misses a rank's weights", where=str(path),
                             fix="the artifact is damaged; recompile the model")
     dev = _device(device, manifest["target"], str(path))
+    if manifest["target"].get("kind") == "llvm":  # library kernels the program calls (BLAS GEMM), host CPU check
+        from bmc.runtime.kernels import check_host_cpu, register_cpu_kernels
+
+        cpu = (manifest.get("kernels") or {}).get("cpu") or {}
+        try:
+            check_host_cpu(cpu)
+            register_cpu_kernels(required=cpu.get("requires", []), threads=threads)
+        except RuntimeError as e:
+            raise ArtifactError(str(e), where=str(path), fix="recompile the model on this machine") from e
     if world > 1:
         from bmc.runtime.simulate import register_simulated_collectives
 

@@ -1,0 +1,350 @@
+"""CPU library kernels that compiled programs call by name, and the thread settings they run with.
+
+An llvm artifact may call ``bmc.cpu.matmul(a, b, trans_a, trans_b, out)`` (the codegen offloads float32/float64
+matmuls to BLAS, see ``bmc/codegen/cpu.py``; the manifest lists the names under ``kernels.cpu.requires``). The
+TVM VM resolves packed-function names when it is constructed, so the runtime calls
+
+    register_cpu_kernels()            # idempotent, cheap after the first call
+
+before ``tvm.runtime.vm.VirtualMachine(...)``. The implementation is, in order of preference:
+
+1. ``native``: ``libbmc_cpu_kernels.so`` (``cpp/cpu_kernels.cc``) calling ``cblas_sgemm``/``cblas_dgemm`` of the
+   OpenBLAS that numpy's wheel ships (the library numpy itself uses, so one thread pool), when the library is found
+   (``$BMC_NATIVE_LIB``, the build cache ``$BMC_CACHE_DIR/native/<key>/`` or ``<repo>/build/native/``);
+2. ``numpy``: the same contract in Python with ``np.matmul(..., out=...)`` on zero-copy DLPack views (a few µs more
+   per call, the same BLAS underneath). Used, with one warning, when the native library is not built.
+
+``build_native()`` builds the native library into the cache with cmake (+ ninja) from the venv.
+``set_num_threads(n)`` sets both BLAS's and TVM's thread pools; ``default_threads()`` reads ``BMC_NUM_THREADS``,
+``TVM_NUM_THREADS``, ``OMP_NUM_THREADS`` (first set wins), else the CPUs this process may use.
+
+This module imports numpy and tvm-ffi only (it is on the runtime side: no codegen imports).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+MATMUL_KERNEL = "bmc.cpu.matmul"
+#: default TVM_THREAD_POOL_SPIN_COUNT (see set_num_threads); 0: idle TVM workers sleep at once
+TVM_SPIN_COUNT = int(os.environ.get("BMC_TVM_SPIN_COUNT", "0"))
+#: every kernel name an llvm artifact may require, with what ``register_cpu_kernels`` installs for it
+CPU_KERNELS = (MATMUL_KERNEL,)
+
+ROOT = Path(__file__).resolve().parents[2]
+_LOCK = threading.Lock()
+_STATE: dict = {}  # "impl" -> "native" | "numpy", "native_lib", "blas", "warned", "threads"
+
+
+# ------------------------------------------------------------------------------------------ host CPU check
+
+#: SIMD features (LLVM spelling) whose absence makes generated code fault; the compiler records the ones its
+#: target uses in the manifest (``kernels.cpu.features``), :func:`check_host_cpu` compares them with this host
+SIMD_FEATURES = ("sse4.1", "sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512cd", "avx512bw", "avx512dq",
+                 "avx512vl", "avx512vnni", "avx512bf16", "avx512fp16", "avx512vbmi", "amx-tile", "amx-bf16",
+                 "amx-int8", "neon", "sve", "sve2")
+_CPUINFO_NAMES = {"sse4.1": "sse4_1", "sse4.2": "sse4_2", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16",
+                  "avx512fp16": "avx512_fp16", "amx-tile": "amx_tile", "amx-bf16": "amx_bf16",
+                  "amx-int8": "amx_int8", "neon": "asimd"}
+
+
+def host_cpu_features() -> set[str] | None:
+    """This host's SIMD features in LLVM spelling (from /proc/cpuinfo), or None where that cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    if not flags:
+        return None
+    return {f for f in SIMD_FEATURES if _CPUINFO_NAMES.get(f, f) in flags}
+
+
+def check_host_cpu(cpu_record: dict | None) -> None:
+    """Raise ``RuntimeError`` naming what is missing when the artifact's code needs SIMD features this host lacks.
+
+    ``cpu_record`` is the manifest's ``kernels.cpu`` (``{"mcpu": ..., "features": [...]}``); nothing to check when it
+    has no feature list (older artifacts) or the host's features cannot be read.
+    """
+    need = set((cpu_record or {}).get("features") or ())
+    have = host_cpu_features()
+    if not need or have is None:
+        return
+    missing = sorted(need - have)
+    if missing:
+        raise RuntimeError(f"the program was compiled for CPU {cpu_record.get('mcpu')!r} and uses "
+                           f"{', '.join(missing)}, which this CPU lacks")
+
+
+# ------------------------------------------------------------------------------------------ BLAS discovery
+
+def _loaded_libraries() -> list[str]:
+    try:
+        with open("/proc/self/maps") as f:
+            return sorted({line.split()[-1] for line in f if "/" in line and ".so" in line})
+    except OSError:
+        return []
+
+
+def find_openblas() -> dict | None:
+    """numpy's OpenBLAS: ``{"path", "sgemm", "dgemm", "set_threads", "get_threads", "int64", "corename"}``.
+
+    The scipy-openblas build numpy wheels ship prefixes and suffixes its symbols (``scipy_cblas_sgemm64_``: ILP64);
+    a plain ``libopenblas`` has ``cblas_sgemm`` (LP64). Looks at what numpy already loaded, then next to numpy.
+    """
+    if "blas" in _STATE:
+        return _STATE["blas"]
+    import numpy  # noqa: F401  (loads its BLAS)
+
+    candidates = [p for p in _loaded_libraries() if "openblas" in Path(p).name.lower()]
+    np_dir = Path(np.__file__).resolve().parent
+    candidates += sorted(glob.glob(str(np_dir.parent / "numpy.libs" / "*openblas*.so*")))
+    candidates += sorted(glob.glob(str(np_dir / ".dylibs" / "*openblas*")))
+    found = None
+    for path in dict.fromkeys(candidates):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix, int64 in (("scipy_", "64_", True), ("", "64_", True), ("scipy_", "", False),
+                                      ("", "", False)):
+            names = {k: f"{prefix}{stem}{suffix}" for k, stem in
+                     (("sgemm", "cblas_sgemm"), ("dgemm", "cblas_dgemm"),
+                      ("set_threads", "openblas_set_num_threads"), ("get_threads", "openblas_get_num_threads"),
+                      ("corename", "openblas_get_corename"))}
+            if all(hasattr(lib, names[k]) for k in ("sgemm", "dgemm")):
+                found = {"path": path, "int64": int64, **names}
+                try:
+                    fn = getattr(lib, names["corename"])
+                    fn.restype = ctypes.c_char_p
+                    found["core"] = fn().decode()
+                except (AttributeError, OSError):
+                    found["core"] = None
+                break
+        if found:
+            break
+    _STATE["blas"] = found
+    return found
+
+
+def _blas_call(name_key: str, *args):
+    blas = find_openblas()
+    if not blas or not blas.get(name_key):
+        return None
+    fn = getattr(ctypes.CDLL(blas["path"]), blas[name_key], None)
+    return None if fn is None else fn(*args)
+
+
+# ------------------------------------------------------------------------------------------ threads
+
+def default_threads() -> int:
+    """``BMC_NUM_THREADS`` / ``TVM_NUM_THREADS`` / ``OMP_NUM_THREADS`` (first set), else the usable CPUs."""
+    for var in ("BMC_NUM_THREADS", "TVM_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def set_num_threads(threads: int | None = None) -> int:
+    """Size BLAS's and TVM's thread pools (``None``: :func:`default_threads`); returns the number used.
+
+    TVM's pool reads ``TVM_NUM_THREADS`` when it is first used, so the variable is set too (for pools created
+    later, e.g. on other threads), and the live pool is reconfigured with ``runtime.config_threadpool``.
+    """
+    n = default_threads() if threads is None else int(threads)
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    # TVM's pool workers spin after each parallel kernel; OpenBLAS' threads run the next GEMM meanwhile and the
+    # two fight for the cores (GPT-2 small, 2 threads: 2.7 s median spinning vs 0.20 s without). Read when the
+    # pool is (re)created; a user's setting wins.
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(TVM_SPIN_COUNT))
+    _blas_call("set_threads", ctypes.c_int(n))
+    try:
+        import tvm_ffi
+
+        tvm_ffi.get_global_func("runtime.config_threadpool")(0, n)  # mode 0: default affinity, n workers
+    except Exception:  # noqa: BLE001 (older TVM: the environment variable still applies to new pools)
+        pass
+    _STATE["threads"] = n
+    return n
+
+
+# ------------------------------------------------------------------------------------------ numpy kernel
+
+def _matmul_numpy(a, b, trans_a, trans_b, out) -> None:
+    """``bmc.cpu.matmul`` in numpy: out = op(a) @ op(b) on zero-copy views (op = swap the last two axes)."""
+    A, B, C = np.from_dlpack(a), np.from_dlpack(b), np.from_dlpack(out)
+    if trans_a:
+        A = np.swapaxes(A, -1, -2)
+    if trans_b:
+        B = np.swapaxes(B, -1, -2)
+    if A.ndim > 2 and B.ndim == 2 and not trans_a:  # one GEMM with the batches stacked into M
+        np.matmul(A.reshape(-1, A.shape[-1]), B, out=C.reshape(-1, C.shape[-1]))
+    else:
+        np.matmul(A, B, out=C)
+
+
+# ------------------------------------------------------------------------------------------ native library
+
+def _native_key() -> str:
+    """Cache key: the sources, CMakeLists.txt and the tvm-ffi version (the library is built against its headers)."""
+    from importlib import metadata
+
+    h = hashlib.sha256()
+    for p in [ROOT / "cpp" / "cpu_kernels.cc", ROOT / "CMakeLists.txt"]:
+        if p.exists():
+            h.update(p.name.encode() + p.read_bytes())
+    try:
+        h.update(metadata.version("apache-tvm-ffi").encode())
+    except metadata.PackageNotFoundError:
+        pass
+    h.update(sys.version.encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("BMC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bmc")
+    return Path(base)
+
+
+def native_library_path() -> Path | None:
+    """The native library to load, or None: ``$BMC_NATIVE_LIB``, the build cache, then ``<repo>/build/native``."""
+    env = os.environ.get("BMC_NATIVE_LIB")
+    if env:
+        return Path(env) if Path(env).exists() else None
+    if (ROOT / "cpp").is_dir():
+        cached = cache_dir() / "native" / _native_key() / "libbmc_cpu_kernels.so"
+        if cached.exists():
+            return cached
+    local = ROOT / "build" / "native" / "libbmc_cpu_kernels.so"  # a developer's `cmake --build build/native`
+    return local if local.exists() else None
+
+
+def build_native(dest: Path | None = None, *, quiet: bool = True) -> Path:
+    """Configure + build ``libbmc_cpu_kernels.so`` with cmake (ninja when present) into the cache; returns its path.
+
+    Needs cmake (``pip install cmake ninja``), a C++17 compiler and the venv's apache-tvm-ffi; about 5-10 s.
+    """
+    if not (ROOT / "CMakeLists.txt").exists():
+        raise RuntimeError(f"no CMakeLists.txt under {ROOT}: the native sources are not installed")
+    cmake = shutil.which("cmake") or str(Path(sys.executable).parent / "cmake")
+    if not Path(cmake).exists() and not shutil.which(cmake):
+        raise RuntimeError("cmake not found (pip install cmake ninja)")
+    dest = Path(dest) if dest is not None else cache_dir() / "native" / _native_key()
+    build = dest / "build"
+    configure = [cmake, "-S", str(ROOT), "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}"]
+    ninja = shutil.which("ninja") or (str(Path(sys.executable).parent / "ninja")
+                                      if (Path(sys.executable).parent / "ninja").exists() else None)
+    if ninja:
+        configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+    for cmd in (configure, [cmake, "--build", str(build), "--target", "bmc_cpu_kernels"]):
+        proc = subprocess.run(cmd, capture_output=quiet, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stdout or '')[-3000:]}\n{(proc.stderr or '')[-3000:]}")
+    lib = build / "libbmc_cpu_kernels.so"
+    final = dest / "libbmc_cpu_kernels.so"
+    tmp = dest / f".libbmc_cpu_kernels.so.{os.getpid()}"
+    shutil.copy2(lib, tmp)
+    os.replace(tmp, final)  # atomic: a concurrent loader sees the old file or the new one
+    return final
+
+
+def _load_native(path: Path) -> bool:
+    """Load the library and bind numpy's BLAS to it; False (and why, in _STATE) when that is not possible."""
+    import tvm_ffi
+
+    blas = find_openblas()
+    if blas is None:
+        _STATE["native_error"] = "no OpenBLAS with cblas_sgemm found next to numpy"
+        return False
+    try:
+        module = tvm_ffi.load_module(str(path))
+        module["blas_bind"](blas["path"], blas["sgemm"], blas["dgemm"], blas["int64"])
+        matmul = module["cpu_matmul"]
+    except Exception as e:  # noqa: BLE001 (a stale or foreign library: fall back)
+        _STATE["native_error"] = f"{path}: {e}"
+        return False
+    _STATE["native_module"] = module  # keeps the library loaded
+    _STATE["native_matmul"] = matmul
+    _STATE["native_lib"] = str(path)
+    return True
+
+
+# ------------------------------------------------------------------------------------------ registration
+
+def register_cpu_kernels(required=None, *, threads: int | None = None, native: bool | None = None) -> dict:
+    """Register every ``bmc.cpu.*`` kernel (idempotent); returns ``{"impl", "native_lib", "blas", "threads"}``.
+
+    ``required``: kernel names an artifact needs (its manifest's ``kernels.cpu.requires``); unknown names raise
+    ``RuntimeError`` so a newer artifact fails clearly on an older runtime. ``threads``: size the BLAS and TVM
+    thread pools (``None`` keeps them; the first call sizes them from the environment). ``native``: ``True``
+    requires the native library, ``False`` forces numpy, ``None`` (default) prefers native, else numpy with one
+    warning. ``BMC_CPU_KERNELS=numpy|native`` overrides ``native=None``.
+    """
+    unknown = sorted(set(required or ()) - set(CPU_KERNELS))
+    if unknown:
+        raise RuntimeError(f"the program needs CPU kernel(s) {', '.join(unknown)} that this bmc runtime does not "
+                           "provide; upgrade bmc")
+    with _LOCK:
+        if native is None:
+            pref = os.environ.get("BMC_CPU_KERNELS", "").strip().lower()
+            native = {"native": True, "numpy": False}.get(pref)
+        want = "numpy" if native is False else "native"
+        if _STATE.get("impl") and (_STATE["impl"] == want or native is None):
+            if threads is not None:
+                set_num_threads(threads)
+            return info()
+        import tvm_ffi
+
+        impl = "numpy"
+        if native is not False:
+            path = native_library_path()
+            if path is not None and _load_native(path):
+                impl = "native"
+            elif native:
+                raise RuntimeError("the native CPU kernels were requested but cannot be used: "
+                                   f"{_STATE.get('native_error', 'libbmc_cpu_kernels.so is not built')} "
+                                   "(bmc.runtime.kernels.build_native() builds it)")
+            elif not _STATE.get("warned"):
+                _STATE["warned"] = True
+                why = _STATE.get("native_error", "libbmc_cpu_kernels.so is not built")
+                warnings.warn(f"bmc: native CPU kernels unavailable ({why}); using the numpy fallback "
+                              "(same BLAS, a few µs more per matmul). Build them with "
+                              "`python -c 'import bmc.runtime.kernels as k; k.build_native()'`.",
+                              RuntimeWarning, stacklevel=2)
+        if impl == "native":
+            tvm_ffi.register_global_func(MATMUL_KERNEL, _STATE["native_matmul"], override=True)
+        else:
+            tvm_ffi.register_global_func(MATMUL_KERNEL, _matmul_numpy, override=True)
+        _STATE["impl"] = impl
+        if threads is not None or "threads" not in _STATE:
+            set_num_threads(threads)
+        return info()
+
+
+def info() -> dict:
+    blas = _STATE.get("blas")
+    return {"impl": _STATE.get("impl"), "native_lib": _STATE.get("native_lib"),
+            "blas": None if not blas else {"path": blas["path"], "core": blas.get("core"), "int64": blas["int64"]},
+            "threads": _STATE.get("threads")}

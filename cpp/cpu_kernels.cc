@@ -1,0 +1,250 @@
+/*!
+ * \file cpu_kernels.cc
+ * \brief CPU library kernels that bmc's compiled Relax programs call (``R.call_dps_packed``): ``libbmc_cpu_kernels``.
+ *
+ * Exported as tvm-ffi module functions (``tvm_ffi.load_module(path)["cpu_matmul"]``), never as globals, so any
+ * number of copies can be loaded into one process; ``bmc.runtime.kernels`` registers the global ``bmc.cpu.matmul``.
+ *
+ * ``cpu_matmul(a, b, trans_a, trans_b, out)``: numpy ``matmul`` semantics (batched, broadcast batch
+ * dims, 1-D operands promoted) on contiguous row-major float32/float64 CPU tensors; ``trans_a``/``trans_b`` say the
+ * operand is stored with its last two axes swapped. Computed with ``cblas_sgemm``/``cblas_dgemm``.
+ *
+ * The BLAS is not linked: Python finds the OpenBLAS that numpy's wheel ships (already loaded into the process) and
+ * calls ``blas_bind(path, sgemm, dgemm, int64)`` with its symbol names (``scipy_cblas_sgemm64_`` ...,
+ * ILP64 integers), so this library works with whichever numpy is installed and shares numpy's thread pool.
+ */
+#include <dlfcn.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/function.h>
+#include <tvm/ffi/string.h>
+
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace bmc {
+namespace native {
+
+namespace ffi = tvm::ffi;
+
+namespace {
+
+enum { kRowMajor = 101, kNoTrans = 111, kTrans = 112 };  // CBLAS_ORDER / CBLAS_TRANSPOSE values
+
+// cblas_?gemm with 64-bit (ILP64) or 32-bit (LP64) integers; the enums are C ints either way.
+using SgemmI64 = void (*)(int, int, int, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*,
+                          int64_t, float, float*, int64_t);
+using DgemmI64 = void (*)(int, int, int, int64_t, int64_t, int64_t, double, const double*, int64_t, const double*,
+                          int64_t, double, double*, int64_t);
+using SgemmI32 = void (*)(int, int, int, int32_t, int32_t, int32_t, float, const float*, int32_t, const float*,
+                          int32_t, float, float*, int32_t);
+using DgemmI32 = void (*)(int, int, int, int32_t, int32_t, int32_t, double, const double*, int32_t,
+                          const double*, int32_t, double, double*, int32_t);
+
+struct Blas {
+  void* sgemm = nullptr;
+  void* dgemm = nullptr;
+  bool int64 = true;
+  std::string path;
+};
+
+std::mutex bind_mutex;
+std::atomic<const Blas*> bound{nullptr};
+
+const Blas& GetBlas() {
+  const Blas* blas = bound.load(std::memory_order_acquire);
+  if (blas == nullptr) {
+    TVM_FFI_THROW(RuntimeError) << "cpu_matmul: no BLAS bound; call bmc.native.blas_bind first "
+                                << "(bmc.runtime.kernels.register_cpu_kernels() does)";
+  }
+  return *blas;
+}
+
+template <typename T>
+T* Data(const ffi::TensorView& t) {
+  return reinterpret_cast<T*>(static_cast<char*>(t.data_ptr()) + t.byte_offset());
+}
+
+void CheckOperand(const ffi::TensorView& t, DLDataType want, const char* what) {
+  DLDataType dt = t.dtype();
+  if (dt.code != want.code || dt.bits != want.bits || dt.lanes != 1) {
+    TVM_FFI_THROW(TypeError) << "cpu_matmul: " << what << " is " << ffi::DLDataTypeToString(dt)
+                             << " but the output is " << ffi::DLDataTypeToString(want);
+  }
+  if (t.device().device_type != kDLCPU) {
+    TVM_FFI_THROW(ValueError) << "cpu_matmul: " << what << " must be on the CPU";
+  }
+  if (!t.IsContiguous()) {
+    TVM_FFI_THROW(ValueError) << "cpu_matmul: " << what << " must be contiguous";
+  }
+}
+
+/*! \brief One operand as a stack of row-major matrices: batch dims, rows, cols as stored. */
+struct Operand {
+  std::vector<int64_t> batch;
+  int64_t rows = 0, cols = 0;
+};
+
+Operand Describe(const ffi::TensorView& t, bool is_a) {
+  Operand op;
+  int nd = t.ndim();
+  if (nd == 1) {  // a: (K,) -> (1, K); b: (K,) -> (K, 1)
+    op.rows = is_a ? 1 : t.shape()[0];
+    op.cols = is_a ? t.shape()[0] : 1;
+    return op;
+  }
+  for (int i = 0; i < nd - 2; ++i) op.batch.push_back(t.shape()[i]);
+  op.rows = t.shape()[nd - 2];
+  op.cols = t.shape()[nd - 1];
+  return op;
+}
+
+int64_t Prod(const std::vector<int64_t>& v) {
+  int64_t p = 1;
+  for (int64_t x : v) p *= x;
+  return p;
+}
+
+template <typename T>
+void Gemm(const Blas& blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
+          const T* b, int64_t ldb, T* c, int64_t ldc) {
+  int opa = ta ? kTrans : kNoTrans, opb = tb ? kTrans : kNoTrans;
+  if constexpr (sizeof(T) == 4) {
+    if (blas.int64) {
+      reinterpret_cast<SgemmI64>(blas.sgemm)(kRowMajor, opa, opb, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
+    } else {
+      reinterpret_cast<SgemmI32>(blas.sgemm)(kRowMajor, opa, opb, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
+    }
+  } else {
+    if (blas.int64) {
+      reinterpret_cast<DgemmI64>(blas.dgemm)(kRowMajor, opa, opb, m, n, k, 1.0, a, lda, b, ldb, 0.0, c, ldc);
+    } else {
+      reinterpret_cast<DgemmI32>(blas.dgemm)(kRowMajor, opa, opb, m, n, k, 1.0, a, lda, b, ldb, 0.0, c, ldc);
+    }
+  }
+}
+
+template <typename T>
+void MatmulImpl(const Blas& blas, const ffi::TensorView& ta_, const ffi::TensorView& tb_, bool ta, bool tb,
+                const ffi::TensorView& out) {
+  Operand A = Describe(ta_, true), B = Describe(tb_, false);
+  if ((ta && ta_.ndim() < 2) || (tb && tb_.ndim() < 2)) {
+    TVM_FFI_THROW(ValueError) << "cpu_matmul: a transposed operand must have rank >= 2";
+  }
+  int64_t m = ta ? A.cols : A.rows, k = ta ? A.rows : A.cols;
+  int64_t kb = tb ? B.cols : B.rows, n = tb ? B.rows : B.cols;
+  if (k != kb) {
+    TVM_FFI_THROW(ValueError) << "cpu_matmul: contraction dims differ (" << k << " vs " << kb << ")";
+  }
+  // broadcast batch dims, right-aligned
+  size_t nb = std::max(A.batch.size(), B.batch.size());
+  std::vector<int64_t> batch(nb), sa(nb, 0), sb(nb, 0);
+  {
+    int64_t stride_a = 1, stride_b = 1;
+    for (size_t i = 0; i < nb; ++i) {  // i counts from the innermost batch dim
+      size_t ia = i < A.batch.size() ? A.batch.size() - 1 - i : SIZE_MAX;
+      size_t ib = i < B.batch.size() ? B.batch.size() - 1 - i : SIZE_MAX;
+      int64_t da = ia == SIZE_MAX ? 1 : A.batch[ia], db = ib == SIZE_MAX ? 1 : B.batch[ib];
+      if (da != db && da != 1 && db != 1) {
+        TVM_FFI_THROW(ValueError) << "cpu_matmul: batch dims " << da << " and " << db
+                                  << " do not broadcast";
+      }
+      batch[nb - 1 - i] = std::max(da, db);
+      sa[nb - 1 - i] = da == 1 ? 0 : stride_a;
+      sb[nb - 1 - i] = db == 1 ? 0 : stride_b;
+      stride_a *= da;
+      stride_b *= db;
+    }
+  }
+  int64_t count = Prod(batch);
+  if (out.numel() != count * m * n) {
+    TVM_FFI_THROW(ValueError) << "cpu_matmul: out has " << out.numel() << " elements, expected "
+                              << count * m * n;
+  }
+  if (count == 0 || m == 0 || n == 0) return;
+  T* c = Data<T>(out);
+  if (k == 0) {
+    for (int64_t i = 0; i < count * m * n; ++i) c[i] = T(0);
+    return;
+  }
+  const T* a = Data<T>(ta_);
+  const T* b = Data<T>(tb_);
+  int64_t lda = A.cols, ldb = B.cols, ldc = n;
+  int64_t a_mat = A.rows * A.cols, b_mat = B.rows * B.cols;
+  // b is one matrix shared by every batch and a is not transposed: one GEMM with the batches stacked into M
+  if (Prod(B.batch) == 1 && !ta && Prod(A.batch) == count) {
+    Gemm<T>(blas, false, tb, count * m, n, k, a, lda, b, ldb, c, ldc);
+    return;
+  }
+  std::vector<int64_t> idx(nb, 0);
+  for (int64_t i = 0; i < count; ++i) {
+    int64_t oa = 0, ob = 0;
+    for (size_t d = 0; d < nb; ++d) {
+      oa += idx[d] * sa[d];
+      ob += idx[d] * sb[d];
+    }
+    Gemm<T>(blas, ta, tb, m, n, k, a + oa * a_mat, lda, b + ob * b_mat, ldb, c + i * m * n, ldc);
+    for (size_t d = nb; d-- > 0;) {  // odometer increment
+      if (++idx[d] < batch[d]) break;
+      idx[d] = 0;
+    }
+  }
+}
+
+}  // namespace
+
+/*! \brief dlopen \a path (normally already loaded by numpy: the same handle) and resolve the two GEMMs. */
+ffi::String BlasBind(ffi::String path, ffi::String sgemm, ffi::String dgemm, bool int64) {
+  std::lock_guard<std::mutex> lock(bind_mutex);
+  void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (handle == nullptr) {
+    TVM_FFI_THROW(RuntimeError) << "blas_bind: cannot dlopen " << path << ": " << dlerror();
+  }
+  auto* blas = new Blas();  // never freed: kernels may run on other threads until the process exits
+  blas->sgemm = dlsym(handle, sgemm.c_str());
+  blas->dgemm = dlsym(handle, dgemm.c_str());
+  blas->int64 = int64;
+  blas->path = std::string(path);
+  if (blas->sgemm == nullptr || blas->dgemm == nullptr) {
+    std::string missing = blas->sgemm == nullptr ? std::string(sgemm) : std::string(dgemm);
+    delete blas;
+    TVM_FFI_THROW(RuntimeError) << "blas_bind: " << path << " has no symbol " << missing;
+  }
+  bound.store(blas, std::memory_order_release);
+  return ffi::String(blas->path);
+}
+
+/*! \brief The bound BLAS library's path, or "" when none is bound yet. */
+ffi::String BlasBound() {
+  const Blas* blas = bound.load(std::memory_order_acquire);
+  return ffi::String(blas == nullptr ? std::string() : blas->path);
+}
+
+void CpuMatmul(ffi::TensorView a, ffi::TensorView b, int64_t trans_a, int64_t trans_b, ffi::TensorView out) {
+  const Blas& blas = GetBlas();
+  DLDataType dt = out.dtype();
+  if (dt.code != kDLFloat || (dt.bits != 32 && dt.bits != 64) || dt.lanes != 1) {
+    TVM_FFI_THROW(TypeError) << "cpu_matmul: only float32/float64, got "
+                             << ffi::DLDataTypeToString(dt);
+  }
+  CheckOperand(out, dt, "out");
+  CheckOperand(a, dt, "a");
+  CheckOperand(b, dt, "b");
+  if (dt.bits == 32) {
+    MatmulImpl<float>(blas, a, b, trans_a != 0, trans_b != 0, out);
+  } else {
+    MatmulImpl<double>(blas, a, b, trans_a != 0, trans_b != 0, out);
+  }
+}
+
+}  // namespace native
+}  // namespace bmc
+
+// Module functions, not globals: several copies of this library (a cached build, a test's fresh build) can be
+// loaded into one process without clashing; Python registers the one it uses as the global ``bmc.cpu.matmul``.
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(blas_bind, bmc::native::BlasBind);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(blas_bound, bmc::native::BlasBound);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul, bmc::native::CpuMatmul);

@@ -1,0 +1,240 @@
+"""The llvm path's library kernels: matmul offloaded to BLAS (native C++ and the numpy fallback), fast math.
+
+Real TVM and the real OpenBLAS numpy ships throughout; the native library is built with cmake into a temporary
+directory (skipped, saying why, when cmake or a C++ compiler is missing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bmc.ir.types import TensorType
+from bmc.ops.builder import GraphBuilder
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _graph(shapes, dtype, trans=(False, False)):
+    """``matmul(a, b)`` where an operand marked in ``trans`` is given stored transposed plus a transpose node."""
+    b = GraphBuilder("mm")
+    vals = []
+    for i, (shape, t) in enumerate(zip(shapes, trans)):
+        stored = shape[:-2] + (shape[-1], shape[-2]) if t else shape
+        v = b.input(f"in{i}", TensorType(dtype, stored))
+        if t:
+            perm = tuple(range(len(shape) - 2)) + (len(shape) - 1, len(shape) - 2)
+            v = b.emit1("transpose", [v], perm=perm)
+        vals.append(v)
+    return b.finish([b.emit1("matmul", vals)])
+
+
+def _run(graph, arrays, native: bool):
+    """Build with bmc's llvm pipeline, register the chosen implementation, then construct the VM and run."""
+    import tvm
+    from tvm import relax
+
+    from bmc.codegen.build import build
+    from bmc.codegen.targets import TargetSpec
+    from bmc.runtime.kernels import register_cpu_kernels
+
+    built = build(graph, TargetSpec.parse("llvm"))
+    info = register_cpu_kernels(native=native)
+    assert info["impl"] == ("native" if native else "numpy")
+    vm = relax.VirtualMachine(built.executable, tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays])
+    return built, out[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def native_lib(tmp_path_factory):
+    if not shutil.which("cmake") and not (Path(sys.executable).parent / "cmake").exists():
+        pytest.skip("cmake not found (pip install cmake ninja)")
+    if not any(map(shutil.which, ("c++", "g++", "clang++"))) and not os.environ.get("CXX"):
+        pytest.skip("no C++ compiler (apt-get install g++)")
+    from bmc.runtime.kernels import build_native
+
+    return build_native(tmp_path_factory.mktemp("cpu-kernels"))
+
+
+@pytest.fixture(params=["native", "numpy"])
+def impl(request, monkeypatch):
+    if request.param == "native":
+        monkeypatch.setenv("BMC_NATIVE_LIB", str(request.getfixturevalue("native_lib")))
+    yield request.param
+    from bmc.runtime.kernels import register_cpu_kernels
+
+    register_cpu_kernels(native=False)  # leave the process on the implementation that needs nothing built
+
+
+CASES = [  # (a shape, b shape, transposed operands); all >= MIN_BLAS_MACS multiply-adds, so all offloaded
+    ((16, 24), (24, 8), (False, False)),           # 2-D
+    ((3, 16, 24), (3, 24, 8), (False, False)),     # batched
+    ((2, 1, 16, 24), (3, 24, 8), (False, False)),  # broadcast batch dims
+    ((2, 3, 16, 24), (24, 8), (False, False)),     # batch stacked into M (one GEMM)
+    ((64,), (64, 16), (False, False)),             # 1-D a promoted
+    ((3, 16, 24), (24,), (False, False)),          # 1-D b promoted
+    ((1024,), (1024,), (False, False)),            # dot product: 0-d result
+    ((16, 24), (24, 40), (False, True)),           # Gemm transB: transpose folded into the call
+    ((2, 16, 24), (2, 24, 8), (True, False)),      # transposed a, batched
+    ((2, 16, 24), (24, 8), (True, True)),          # both
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("a_shape,b_shape,trans", CASES, ids=[f"{a}@{b}{''.join('T' if t else '' for t in tr)}"
+                                                             for a, b, tr in CASES])
+def test_offloaded_matmul_matches_numpy(impl, dtype, a_shape, b_shape, trans):
+    rng = np.random.default_rng(0)
+    logical = [rng.standard_normal(s).astype(dtype) for s in (a_shape, b_shape)]
+    stored = [np.swapaxes(x, -1, -2).copy() if t else x for x, t in zip(logical, trans)]
+    built, got = _run(_graph((a_shape, b_shape), dtype, trans), stored, native=impl == "native")
+    ref = np.matmul(*logical)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * float(np.max(np.abs(ref))))
+    rec = built.kernels["cpu"]
+    assert rec["requires"] == ["bmc.cpu.matmul"] and rec["matmul"]["blas"] == 1
+    assert rec["matmul"]["transposes_folded"] == sum(trans)
+
+
+def test_small_and_integer_matmuls_stay_in_tvm():
+    from bmc.codegen.cpu import choose_matmul
+
+    assert choose_matmul((4, 4), (4, 4), (4, 4), "float32") == "tvm"  # 64 MACs: the packed call costs more
+    assert choose_matmul((128, 768), (768, 768), (128, 768), "float32") == "blas"
+    assert choose_matmul((128, 768), (768, 768), (128, 768), "int32") == "tvm"
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(-5, 5, (32, 32)).astype("int32"), rng.integers(-5, 5, (32, 32)).astype("int32")
+    built, got = _run(_graph(((32, 32), (32, 32)), "int32"), [a, b], native=False)
+    np.testing.assert_array_equal(got, a @ b)
+    assert built.kernels["cpu"]["requires"] == [] and built.kernels["cpu"]["matmul"] == {
+        "blas": 0, "tvm": 1, "transposes_folded": 0, "shapes": {}}
+
+
+def test_native_matmul_rejects_bad_arguments(native_lib):
+    import tvm
+    import tvm_ffi
+
+    from bmc.runtime.kernels import find_openblas
+
+    mod = tvm_ffi.load_module(str(native_lib))
+    blas = find_openblas()
+    mod["blas_bind"](blas["path"], blas["sgemm"], blas["dgemm"], blas["int64"])
+    out = tvm.runtime.empty((2, 2), "float32")
+    with pytest.raises(TypeError, match="a is float64 but the output is float32"):
+        mod["cpu_matmul"](tvm.runtime.tensor(np.zeros((2, 3))), tvm.runtime.tensor(np.zeros((3, 2), "float32")),
+                          0, 0, out)
+    with pytest.raises(ValueError, match="contraction dims differ"):
+        mod["cpu_matmul"](tvm.runtime.tensor(np.zeros((2, 3), "float32")),
+                          tvm.runtime.tensor(np.zeros((4, 2), "float32")), 0, 0, out)
+
+
+def test_fallback_when_native_library_is_absent(tmp_path):
+    """No native library anywhere: one warning, the numpy kernel, correct results (fresh interpreter)."""
+    script = textwrap.dedent("""
+        import warnings
+        import numpy as np
+        from tests.codegen.test_cpu_kernels import _graph
+        from bmc.testing.compiled import CompiledGraph
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            g = _graph(((8, 32), (32, 16)), "float32")
+            a = np.random.default_rng(0).standard_normal((8, 32)).astype("float32")
+            b = np.random.default_rng(1).standard_normal((32, 16)).astype("float32")
+            outs = [CompiledGraph(g)({"in0": a, "in1": b}) for _ in range(2)]
+        import bmc.runtime.kernels as k
+        err = max(float(np.max(np.abs(o[g.outputs[0].name] - a @ b))) for o in outs)
+        msgs = [str(w.message) for w in caught if "native CPU kernels unavailable" in str(w.message)]
+        print(k.info()["impl"], len(msgs), err)
+    """)
+    env = dict(os.environ, BMC_NATIVE_LIB=str(tmp_path / "missing.so"), BMC_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.pop("BMC_CPU_KERNELS", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    impl, warned, err = proc.stdout.split()
+    assert (impl, warned) == ("numpy", "1") and float(err) < 1e-4
+
+
+def test_manifest_records_kernel_choice(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bmc.compiler import compile_model
+    from bmc.runtime.executor import load
+    from bmc.runtime.kernels import register_cpu_kernels
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((48, 32)).astype("float32")
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1), helper.make_node("Tanh", ["y"], ["out"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 32])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [8, 48])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = compile_model(model, tmp_path / "m.bmc")["output"]
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    cpu = manifest["kernels"]["cpu"]
+    assert cpu["requires"] == ["bmc.cpu.matmul"]
+    assert cpu["matmul"]["blas"] == 1 and cpu["matmul"]["transposes_folded"] == 1
+    assert cpu["fast_math"] == {"tanh": 1} and cpu["mcpu"] == manifest["target"]["mcpu"]
+    assert isinstance(cpu["features"], list)
+    register_cpu_kernels(required=cpu["requires"])
+    x = rng.standard_normal((8, 32)).astype("float32")
+    np.testing.assert_allclose(load(path)(x), np.tanh(x @ w.T), rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="bmc.cpu.flash_attention"):
+        register_cpu_kernels(required=["bmc.cpu.flash_attention"])
+
+
+def test_fast_math_matches_numpy():
+    """float32 exp/tanh/erf/sigmoid/softmax/gelu through the fast-math rewrite stay within float32 rounding."""
+    import tvm
+    from scipy import special
+    from tvm import relax
+
+    from bmc.codegen.build import build
+    from bmc.codegen.targets import TargetSpec
+
+    x = (np.random.default_rng(0).standard_normal((4, 256)) * 6).astype("float32")
+    x64 = x.astype(np.float64)
+    sm = np.exp(x64 - x64.max(-1, keepdims=True))
+    cases = {"exp": ({}, np.exp(x64)), "tanh": ({}, np.tanh(x64)), "erf": ({}, special.erf(x64)),
+             "sigmoid": ({}, 1 / (1 + np.exp(-x64))), "softmax": ({"axis": -1}, sm / sm.sum(-1, keepdims=True)),
+             "gelu": ({"approximate": "none"}, 0.5 * x64 * (1 + special.erf(x64 / np.sqrt(2)))),
+             "gelu:tanh": ({"approximate": "tanh"},
+                           0.5 * x64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64 ** 3))))}
+    for name, (attrs, ref) in cases.items():
+        b = GraphBuilder("fm")
+        v = b.input("x", TensorType("float32", x.shape))
+        g = b.finish([b.emit1(name.split(":")[0], [v], **attrs)])
+        built = build(g, TargetSpec.parse("llvm"))
+        assert sum(built.kernels["cpu"]["fast_math"].values()) == 1, name
+        got = relax.VirtualMachine(built.executable, tvm.cpu())["main"](tvm.runtime.tensor(x))[0].numpy()
+        np.testing.assert_allclose(got, ref, rtol=2e-6, atol=2e-6 * float(np.max(np.abs(ref))), err_msg=name)
+
+
+def test_artifact_cpu_features_are_checked_against_the_host():
+    from bmc.codegen.cpu import simd_features
+    from bmc.codegen.targets import TargetSpec
+    from bmc.runtime.kernels import check_host_cpu, host_cpu_features
+
+    have = host_cpu_features()
+    if have is None:
+        pytest.skip("no /proc/cpuinfo feature flags on this host")
+    features = simd_features(TargetSpec.parse("llvm").tvm_target())
+    assert set(features) <= have  # built for this host: runs here
+    check_host_cpu({"mcpu": "host", "features": features})
+    check_host_cpu({"mcpu": "old", "features": []})  # older artifacts: nothing to check
+    lacking = next(f for f in ("amx-tile", "sve2", "avx512fp16", "avx512f") if f not in have)
+    with pytest.raises(RuntimeError, match=f"uses {lacking}, which this CPU lacks"):
+        check_host_cpu({"mcpu": "future", "features": [*features, lacking]})
