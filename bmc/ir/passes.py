@@ -38,3 +38,19 @@ def run_passes(graph: Graph, passes: Sequence[Pass], *, verify: Callable[[Graph]
         if dump_dir is not None:
             (Path(dump_dir) / f"{i:02d}-{p.name}.bmcir").write_text(print_graph(graph))
     return graph
+
+
+def eliminate_dead_code(graph: Graph) -> Graph:
+    """Drop nodes whose results are unused and parameters nothing reads."""
+    live = set(map(id, graph.outputs))
+    kept = []
+    for node in reversed(graph.nodes):
+        if any(id(v) in live for v in node.outputs):
+            kept.append(node)
+            live.update(id(v) for v in node.inputs)
+    graph.nodes = kept[::-1]
+    unused = [p for p in graph.params if id(p) not in live]
+    graph.params = [p for p in graph.params if id(p) in live]
+    for p in unused:
+        del graph.weights[p.name]
+    return graph

@@ -14,6 +14,7 @@ import numpy as np
 
 from bmc.errors import PlanningError
 from bmc.ir.graph import Graph, Node, Value
+from bmc.ir.passes import eliminate_dead_code
 from bmc.ir.types import TensorType
 from bmc.ops import OPS
 from bmc.ops.builder import GraphBuilder
@@ -170,7 +171,7 @@ def partition(graph: Graph, plan: Plan) -> LocalProgram:
         x = get(v, plan.output_specs.get(v.name, Spec.replicated(v.type.rank)), "output")
         outs.append(x)
     em.b.finish(outs)
-    _dead_code(prog.graph)
+    eliminate_dead_code(prog.graph)
     return prog
 
 
@@ -191,13 +192,3 @@ def _checked(spec: Spec, v: Value, mesh: Mesh) -> Spec:
 
 def _where(node: Node) -> str:
     return f"ONNX node {node.source!r} ({node.op})" if node.source else f"node {node.op}"
-
-
-def _dead_code(graph: Graph) -> None:
-    live = {id(v) for v in graph.outputs}
-    kept = []
-    for node in reversed(graph.nodes):
-        if any(id(v) in live for v in node.outputs):
-            kept.append(node)
-            live.update(id(v) for v in node.inputs)
-    graph.nodes = kept[::-1]

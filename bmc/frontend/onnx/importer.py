@@ -18,6 +18,7 @@ import onnx
 from bmc.errors import ModelError, UsageError
 from bmc.frontend.onnx import loader
 from bmc.ir.graph import Graph, Value
+from bmc.ir.passes import eliminate_dead_code
 from bmc.ir.tensor import ArrayTensor, FillTensor, Tensor
 from bmc.ir.types import FLOAT_DTYPES, TensorType, dtype_of
 from bmc.ops import OpError, get_op
@@ -228,22 +229,6 @@ def bind_input_shapes(g: onnx.GraphProto, shapes: Mapping[str, Sequence[int] | i
         raise UsageError(f"dynamic dims are not bound: {', '.join(unbound)}", where="--input-shape",
                          fix=f"bind them, e.g. --input-shape {example} (or SYMBOL=SIZE for a named dim)")
     return out
-
-
-def eliminate_dead_code(graph: Graph) -> Graph:
-    """Drop nodes whose results are unused and parameters nothing reads."""
-    live = set(map(id, graph.outputs))
-    kept = []
-    for node in reversed(graph.nodes):
-        if any(id(v) in live for v in node.outputs):
-            kept.append(node)
-            live.update(id(v) for v in node.inputs)
-    graph.nodes = kept[::-1]
-    unused = [p for p in graph.params if id(p) not in live]
-    graph.params = [p for p in graph.params if id(p) in live]
-    for p in unused:
-        del graph.weights[p.name]
-    return graph
 
 
 def fill(ctx: Context, shape: Sequence[int], value: np.ndarray) -> Operand:
