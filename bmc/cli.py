@@ -96,7 +96,8 @@ def cmd_compile(args) -> int:
     summary = compile_model(args.model, args.output, target=args.target,
                             cuda_archs=tuple(args.cuda_arch or ("sm_90",)), input_shapes=input_shapes,
                             dump_dir=args.dump_dir, mesh=mesh, **({"shard": shard} if shard else {}),
-                            **({"strategy": args.strategy} if args.strategy else {}))
+                            **({"strategy": args.strategy} if args.strategy else {}),
+                            **({"dtype": args.dtype} if args.dtype != "float32" else {}))
     elapsed = time.perf_counter() - start
     summary = summary if isinstance(summary, dict) else {}
     output = Path(summary.get("output", args.output))
@@ -141,33 +142,96 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
-    import numpy as np
-
+    """Run an artifact. Under ``mpiexec -n N`` every rank runs this: all ranks load (each its own weights), rank 0
+    reads the ``.npz`` (broadcast to the others), writes the outputs and prints; a failure every rank sees is printed
+    once, by rank 0, with the usual exit code; a failure of one rank mid-run is printed as ``[rank k] ...`` and
+    aborts the job (``MPI_Abort``) with that exit code."""
     from bmc.runtime.executor import load
 
-    inputs_path = Path(args.inputs)
+    rank = _launcher_rank()
+    try:
+        model = None
+        inputs_path = Path(args.inputs)
+        if not args.simulate and rank is not None:  # MPI: load first (collective), read the inputs on rank 0 only
+            model = load(args.artifact, threads=args.threads, collectives=args.collectives)
+            rank = model.mpi.rank if model.mpi is not None else 0
+        inputs, error = {}, None
+        if rank in (None, 0):
+            try:
+                inputs = _read_npz(inputs_path)
+            except UsageError as e:
+                if model is None or model.mpi is None:
+                    raise
+                error = e
+        if model is not None and model.mpi is not None:
+            model.mpi.agree(error)  # a bad .npz on rank 0 ends every rank with the same usage error
+        if model is None:
+            model = load(args.artifact, simulate=args.simulate, threads=args.threads, collectives=args.collectives)
+        outputs = model.run(inputs)
+        error = None
+        if rank in (None, 0):
+            try:
+                _write_npz(Path(args.output), outputs)
+            except (UsageError, OSError) as e:
+                error = e if isinstance(e, UsageError) else UsageError(f"cannot write {args.output!r}: {e}",
+                                                                        where="-o/--output")
+                if model.mpi is None:
+                    raise error from e
+        if model.mpi is not None:
+            model.mpi.agree(error)
+    except BmcError as err:
+        if _mpi_rank(rank) not in (None, 0):  # every rank raised the same agreed error: rank 0 prints it
+            return err.exit_code
+        raise
+    if rank in (None, 0):
+        for name, arr in outputs.items():
+            print(f"{name}: {arr.dtype}[{','.join(map(str, arr.shape))}]")
+        if model.mpi is not None:
+            print(f"ran on {model.mpi.size} MPI ranks (mesh {'x'.join(map(str, model.mpi.shape))}, "
+                  f"{model.mpi.impl} collectives)")
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _launcher_rank() -> int | None:
+    """This process's rank when an MPI launcher started it (from its environment; MPI is not initialised here)."""
+    from bmc.runtime.mpi import launcher_env
+
+    env = launcher_env()
+    return None if env is None else (env.get("rank") or 0)
+
+
+def _mpi_rank(fallback: int | None) -> int | None:
+    """MPI's rank of this process once MPI is initialised (a mismatched launcher makes every process rank 0 there)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        return mpi.COMM_WORLD.Get_rank()
+    return fallback
+
+
+def _read_npz(inputs_path: Path) -> dict:
+    import numpy as np
+
     if not inputs_path.is_file():
         raise UsageError(f"no such file {str(inputs_path)!r}", where="--inputs",
                          fix="pass an .npz file whose keys are the model's input names")
     try:
         with np.load(inputs_path, allow_pickle=False) as npz:
-            inputs = {k: npz[k] for k in npz.files}
+            return {k: npz[k] for k in npz.files}
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read {str(inputs_path)!r} as .npz: {e}", where="--inputs",
                          fix="write it with numpy.savez(path, **{input_name: array})") from e
-    model = load(args.artifact, simulate=args.simulate, threads=args.threads)
-    outputs = model.run(inputs)
-    out = Path(args.output)
+
+
+def _write_npz(out: Path, outputs: dict) -> None:
+    import numpy as np
+
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
     try:
         np.savez(tmp, **outputs)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    for name, arr in outputs.items():
-        print(f"{name}: {arr.dtype}[{','.join(map(str, arr.shape))}]")
-    print(f"wrote {out}")
-    return 0
 
 
 def cmd_show(args) -> int:
@@ -265,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cuda-arch", action="append", metavar="SM", help="CUDA architecture, e.g. sm_90 (repeatable)")
     c.add_argument("--input-shape", action="append", metavar="NAME=DIMS",
                    help=f"bind an input's shape or a symbolic dim (SYMBOL=SIZE): {_SHAPE_GRAMMAR}")
+    c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="run a float32 model in this precision (weights converted; inputs/outputs stay float32)")
     c.add_argument("--mesh", default="1", help="device mesh, e.g. 8x8 (SIZE[xSIZE...]; default 1)")
     c.add_argument("--mesh-axes", help="names of the mesh axes, e.g. dp,tp (default x,y,z,w)")
     c.add_argument("--shard", action="append", metavar="NAME=SPEC",
@@ -293,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "or the CPUs this process may use)")
     r.add_argument("--simulate", action="store_true",
                    help="run every rank of a multi-device artifact in this process (simulated collectives)")
+    r.add_argument("--collectives", choices=("auto", "python", "native"),
+                   help="MPI collectives: native C++ (built on first use), python (mpi4py) or auto (native when "
+                        "built; default, or BMC_COLLECTIVES)")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("show", help="print an artifact's manifest summary")

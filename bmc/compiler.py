@@ -46,18 +46,26 @@ def _check_output_path(model, output) -> Path:
 STRATEGIES = ("replicate", "dp", "megatron", "dp+megatron")
 
 
+def import_graph(model, input_shapes=None, dtype: str = "float32", dump_dir: str | Path | None = None) -> Graph:
+    """ONNX → verified bmc IR, in ``dtype`` (float32 models can run in float16/bfloat16)."""
+    from bmc.frontend.onnx import import_model
+    from bmc.ir.passes import Pass
+    from bmc.ops.precision import convert_float32
+
+    passes = [Pass(f"convert_to_{dtype}", lambda g: convert_float32(g, dtype))] if dtype != "float32" else []
+    return run_passes(import_model(model, input_shapes), passes, verify=verify_graph, dump_dir=dump_dir)
+
+
 def plan_model(model, *, mesh, shard: Mapping | None = None, strategy: str | None = None,
-               input_shapes: Mapping[str, Sequence[int] | int] | None = None, dump_dir: str | Path | None = None):
+               input_shapes: Mapping[str, Sequence[int] | int] | None = None, dump_dir: str | Path | None = None,
+               dtype: str = "float32"):
     """Import and plan without code generation: ``(global graph, local program, plan.json dict)``.
     ``strategy`` names a manual plan (its annotations, then ``shard``'s, which win); propagation completes it."""
-    from bmc.frontend.onnx import import_model
     from bmc.sharding.partition import partition
     from bmc.sharding.propagate import propagate
     from bmc.sharding.report import plan_json
 
-    graph = import_model(model, input_shapes)
-    graph = run_passes(graph, [], verify=verify_graph, dump_dir=dump_dir)
-    verify_graph(graph)
+    graph = import_graph(model, input_shapes, dtype, dump_dir)
     annotations = {}
     if strategy:
         from bmc.sharding.manual import named_strategy
@@ -79,7 +87,7 @@ def plan_model(model, *, mesh, shard: Mapping | None = None, strategy: str | Non
 def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[str] = ("sm_90",),
                   input_shapes: Mapping[str, Sequence[int] | int] | None = None,
                   dump_dir: str | Path | None = None, mesh=None, shard: Mapping | None = None,
-                  strategy: str | None = None) -> dict:
+                  strategy: str | None = None, dtype: str = "float32") -> dict:
     """Compile ``model`` (path, bytes or ModelProto) into the artifact at ``output``; returns a summary dict.
     With a mesh of more than one device (or ``shard`` annotations) the program is the partitioned SPMD program and
     every rank gets its own weight shards."""
@@ -98,14 +106,10 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
     sharded = mesh.size > 1 or bool(shard)
     if sharded:
         graph, prog, plan = plan_model(model, mesh=mesh, shard=shard, strategy=strategy, input_shapes=input_shapes,
-                                       dump_dir=dump_dir)
+                                       dump_dir=dump_dir, dtype=dtype)
         program = prog.graph
     else:
-        from bmc.frontend.onnx import import_model
-
-        graph = import_model(model, input_shapes)
-        graph = run_passes(graph, [], verify=verify_graph, dump_dir=dump_dir)
-        verify_graph(graph)
+        graph = import_graph(model, input_shapes, dtype, dump_dir)
         program, plan = graph, single_device_plan(graph)
     timings["import_and_plan_s"] = time.perf_counter() - t0
 

@@ -80,3 +80,21 @@ class FillTensor(Tensor):
 def digest(array: np.ndarray) -> str:
     """SHA-256 of an array's bytes in C order."""
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+@dataclass(eq=False)
+class CastTensor(Tensor):
+    """Another tensor's data converted to ``dtype`` on access (for --dtype float16/bfloat16 weights)."""
+
+    base: Tensor
+    dtype: str
+    type: TensorType = field(init=False)
+
+    def __post_init__(self):
+        self.type = self.base.type.with_dtype(self.dtype)
+
+    def numpy(self) -> np.ndarray:
+        return self.base.numpy().astype(np_dtype(self.dtype))
+
+    def describe(self) -> str:
+        return f"{self.dtype}({self.base.describe()})"

@@ -34,3 +34,13 @@ def test_fixture_compiles_for_sm90(name, tmp_path):
     assert info["num_kernels"] > 0 and all(k["sass_bytes"].get("sm_90", 0) > 0 for k in info["kernels"])
     library = (tmp_path / "m.bmc" / "programs" / "main.so").read_bytes()
     assert b"__global__" not in library  # compiled images only, no CUDA source left for load time
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_reduced_precision_compiles_for_sm80_and_sm90(dtype, tmp_path):
+    bmc.compile(FIXTURES / "llama_dynamo.onnx", tmp_path / "m.bmc", target="cuda", cuda_archs=("sm_80", "sm_90"),
+                dtype=dtype, input_shapes={"batch": 2, "seq": 16})
+    manifest = json.loads((tmp_path / "m.bmc" / "manifest.json").read_text())
+    assert manifest["kernels"]["cuda"]["sass"] == ["sm_80", "sm_90"]
+    assert {p["dtype"] for p in manifest["signature"]["params"]} == {dtype}
+    assert [o["dtype"] for o in manifest["signature"]["outputs"]] == ["float32"]

@@ -77,3 +77,20 @@ def test_other_input_shapes_are_bound_from_symbols(tmp_path):
     assert graph.inputs[0].type.shape == (3, 9)
     ref = run_reference(graph, {"input_ids": ids})
     assert_close(ref["logits"], onnxruntime_outputs(path, {"input_ids": ids})["logits"])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["gpt2_dynamo", "bert_legacy", "llama_dynamo", "opt_legacy", "vit_dynamo"])
+def test_reduced_precision_matches_onnxruntime(name, dtype):
+    """--dtype: the float32 model runs in float16/bfloat16 (float32 accumulation); relative error <= 1e-2."""
+    from bmc.compiler import import_graph
+    from bmc.testing.compiled import run_compiled
+
+    inputs, _ = load_case(name)
+    expected = onnxruntime_outputs(FIXTURES / f"{name}.onnx", inputs)
+    graph = import_graph(FIXTURES / f"{name}.onnx", {k: v.shape for k, v in inputs.items()}, dtype)
+    assert {p.type.dtype for p in graph.params} == {dtype}
+    got = run_compiled(graph, inputs)
+    for k, want in expected.items():
+        assert got[k].dtype == want.dtype  # the signature stays float32
+        assert float(np.max(np.abs(got[k] - want))) <= 1e-2 * max(1.0, float(np.max(np.abs(want))))

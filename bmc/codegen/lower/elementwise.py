@@ -6,7 +6,7 @@ import numpy as np
 from tvm import relax
 
 from bmc.codegen.lower import const, lowering
-from bmc.ir.types import FLOAT_DTYPES, np_dtype
+from bmc.ir.types import np_dtype
 
 _R = relax.op
 
@@ -36,8 +36,8 @@ def _unary(ctx, node, args):
 @lowering(*_BINARY)
 def _binary(ctx, node, args):
     dtype = node.inputs[0].type.dtype
-    if node.op == "pow" and dtype not in FLOAT_DTYPES:  # R.power is float-only: compute in float64
-        wide = [ctx.emit(_R.astype(a, "float64")) for a in args]
+    if node.op == "pow" and dtype not in ("float64", "float32", "float16"):  # TVM's pow takes IEEE floats only
+        wide = [ctx.emit(_R.astype(a, "float32" if dtype == "bfloat16" else "float64")) for a in args]
         return _R.astype(ctx.emit(_R.power(*wide)), dtype)
     return _BINARY[node.op](args[0], args[1])
 

@@ -28,6 +28,11 @@ def _conv(ctx, node, args):
     nd = _spatial(node, "conv")
     strides, pads, dil = _defaults(node, nd)
     fn = _R.nn.conv1d if nd == 1 else _R.nn.conv2d
+    dtype = node.inputs[0].type.dtype
+    if dtype in ("float16", "bfloat16"):  # float32 accumulation
+        y = ctx.emit(fn(args[0], args[1], strides=strides, padding=pads, dilation=dil, groups=node.attrs["group"],
+                        out_dtype="float32"))
+        return _R.astype(y, dtype)
     return fn(args[0], args[1], strides=strides, padding=pads, dilation=dil, groups=node.attrs["group"])
 
 
