@@ -97,7 +97,7 @@ def cmd_compile(args) -> int:
                             cuda_archs=tuple(args.cuda_arch or ("sm_90",)), input_shapes=input_shapes,
                             dump_dir=args.dump_dir, mesh=mesh, **({"shard": shard} if shard else {}),
                             **({"strategy": args.strategy} if args.strategy else {}),
-                            **({"dtype": args.dtype} if args.dtype != "float32" else {}))
+                            **({"dtype": args.dtype} if args.dtype != "float32" else {}), **_plan_options(args))
     elapsed = time.perf_counter() - start
     summary = summary if isinstance(summary, dict) else {}
     output = Path(summary.get("output", args.output))
@@ -120,6 +120,33 @@ def parse_shards(values) -> dict:
     return out
 
 
+def _plan_options(args) -> dict:
+    """--device / --memory-per-device / --mesh-bandwidth / --time-limit, only those given."""
+    from bmc.sharding.cost import parse_size
+
+    out = {}
+    if args.device:
+        out["device"] = args.device
+    if args.memory_per_device:
+        out["memory_per_device"] = parse_size(args.memory_per_device, "--memory-per-device")
+    if args.mesh_bandwidth:
+        out["mesh_bandwidth"] = args.mesh_bandwidth
+    if args.time_limit:
+        out["time_limit_s"] = args.time_limit
+    return out
+
+
+def _add_plan_flags(p) -> None:
+    p.add_argument("--strategy", choices=("auto", "replicate", "dp", "megatron", "dp+megatron"),
+                   help="auto: the ILP search (default on a mesh of several devices); or a named manual plan "
+                        "completed by propagation (--shard annotations win)")
+    p.add_argument("--device", choices=("h100", "a100"), help="device profile for the cost model (default h100)")
+    p.add_argument("--memory-per-device", metavar="SIZE", help="memory budget per device, e.g. 80GB")
+    p.add_argument("--mesh-bandwidth", metavar="AXIS=BW[@LAT],...",
+                   help="link bandwidth/latency per mesh axis, e.g. x=45GB,y=400GB@7us")
+    p.add_argument("--time-limit", type=float, metavar="S", help="solver time limit in seconds (default 20)")
+
+
 def cmd_plan(args) -> int:
     from bmc.sharding.mesh import Mesh
 
@@ -129,7 +156,8 @@ def cmd_plan(args) -> int:
     from bmc.compiler import plan_model
     from bmc.sharding.report import format_plan
 
-    _, prog, data = plan_model(args.model, mesh=mesh, shard=shard, strategy=args.strategy, input_shapes=input_shapes)
+    _, prog, data = plan_model(args.model, mesh=mesh, shard=shard, strategy=args.strategy, input_shapes=input_shapes,
+                               **_plan_options(args))
     if args.json:
         out = Path(args.json)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -335,8 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mesh-axes", help="names of the mesh axes, e.g. dp,tp (default x,y,z,w)")
     c.add_argument("--shard", action="append", metavar="NAME=SPEC",
                    help="sharding annotation for an input, weight or intermediate tensor, e.g. w=[{},{y}]")
-    c.add_argument("--strategy", choices=("replicate", "dp", "megatron", "dp+megatron"),
-                   help="a named manual plan completed by propagation (--shard annotations win)")
+    _add_plan_flags(c)
     c.add_argument("--dump-dir", help="write the IR after every pass into this folder")
     c.set_defaults(func=cmd_compile)
 
@@ -345,8 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--mesh", default="1", help="device mesh, e.g. 2x4")
     pl.add_argument("--mesh-axes", help="names of the mesh axes, e.g. dp,tp")
     pl.add_argument("--shard", action="append", metavar="NAME=SPEC", help="sharding annotation (repeatable)")
-    pl.add_argument("--strategy", choices=("replicate", "dp", "megatron", "dp+megatron"),
-                    help="a named manual plan completed by propagation")
+    _add_plan_flags(pl)
     pl.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help=f"as for compile: {_SHAPE_GRAMMAR}")
     pl.add_argument("--json", metavar="PATH", help="write the plan as JSON instead of printing the table")
     pl.set_defaults(func=cmd_plan)

@@ -43,7 +43,7 @@ def _check_output_path(model, output) -> Path:
     return out
 
 
-STRATEGIES = ("replicate", "dp", "megatron", "dp+megatron")
+STRATEGIES = ("auto", "replicate", "dp", "megatron", "dp+megatron")
 
 
 def import_graph(model, input_shapes=None, dtype: str = "float32", dump_dir: str | Path | None = None) -> Graph:
@@ -58,36 +58,68 @@ def import_graph(model, input_shapes=None, dtype: str = "float32", dump_dir: str
 
 def plan_model(model, *, mesh, shard: Mapping | None = None, strategy: str | None = None,
                input_shapes: Mapping[str, Sequence[int] | int] | None = None, dump_dir: str | Path | None = None,
-               dtype: str = "float32"):
+               dtype: str = "float32", device: str = "h100", memory_per_device: int | None = None,
+               mesh_bandwidth: str | None = None, time_limit_s: float = 20.0, warn=None):
     """Import and plan without code generation: ``(global graph, local program, plan.json dict)``.
-    ``strategy`` names a manual plan (its annotations, then ``shard``'s, which win); propagation completes it."""
+
+    ``strategy`` is ``auto`` (the ILP search; the default on a mesh of several devices), or a named manual plan whose
+    annotations ``shard`` extends (``shard`` wins), completed by propagation. Every plan is priced by one cost model
+    (``device`` profile; mesh links from ``mesh_bandwidth`` or the 8-GPUs-per-node defaults)."""
+    from bmc.sharding.cost import parse_device, parse_mesh_bandwidth, plan_cost, with_links
     from bmc.sharding.partition import partition
     from bmc.sharding.propagate import propagate
     from bmc.sharding.report import plan_json
 
-    graph = import_graph(model, input_shapes, dtype, dump_dir)
-    annotations = {}
-    if strategy:
-        from bmc.sharding.manual import named_strategy
+    if isinstance(mesh, str):
+        from bmc.sharding.mesh import Mesh
 
-        if strategy not in STRATEGIES:
-            raise UsageError(f"unknown strategy {strategy!r}", where="--strategy", fix=f"use one of {STRATEGIES}")
-        try:
-            annotations = named_strategy(graph, strategy, mesh.names)
-        except ValueError as e:
-            raise UsageError(str(e), where="--strategy", fix="use a mesh with two axes, e.g. --mesh 2x2") from None
-    annotations.update(shard or {})
-    prog = partition(graph, propagate(graph, mesh, annotations))
+        mesh = Mesh.parse(mesh)
+    strategy = strategy or ("auto" if mesh.size > 1 and not shard else None)
+    if strategy and strategy not in STRATEGIES:
+        raise UsageError(f"unknown strategy {strategy!r}", where="--strategy", fix=f"use one of {STRATEGIES}")
+    profile = parse_device(device)
+    mesh = with_links(mesh, parse_mesh_bandwidth(mesh_bandwidth, mesh) if mesh_bandwidth else None)
+    budget = memory_per_device or profile.memory_bytes
+    graph = import_graph(model, input_shapes, dtype, dump_dir)
+    stats = None
+    if strategy == "auto":
+        from bmc.sharding.auto import auto_plan
+
+        plan, stats = auto_plan(graph, mesh, shard or {}, device=profile, memory_per_device=budget,
+                                time_limit_s=time_limit_s)
+        for w in stats.get("warnings", []):
+            (warn or _warn)(w)
+    else:
+        annotations = {}
+        if strategy:
+            from bmc.sharding.manual import named_strategy
+
+            try:
+                annotations = named_strategy(graph, strategy, mesh.names)
+            except ValueError as e:
+                raise UsageError(str(e), where="--strategy", fix="use a mesh with two axes, e.g. --mesh 2x2") from None
+        annotations.update(shard or {})
+        plan = propagate(graph, mesh, annotations)
+    prog = partition(graph, plan)
     verify_graph(prog.graph)
-    data = plan_json(prog)
+    data = plan_json(prog, budget)
+    data["cost"] = {**plan_cost(graph, plan, profile).to_json(), "device": profile.name}
     data["strategy"] = strategy or "propagation"
+    if stats is not None:
+        data["solver"] = stats
     return graph, prog, data
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"bmc: warning: {message}", file=sys.stderr)
 
 
 def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[str] = ("sm_90",),
                   input_shapes: Mapping[str, Sequence[int] | int] | None = None,
                   dump_dir: str | Path | None = None, mesh=None, shard: Mapping | None = None,
-                  strategy: str | None = None, dtype: str = "float32") -> dict:
+                  strategy: str | None = None, dtype: str = "float32", **plan_options) -> dict:
     """Compile ``model`` (path, bytes or ModelProto) into the artifact at ``output``; returns a summary dict.
     With a mesh of more than one device (or ``shard`` annotations) the program is the partitioned SPMD program and
     every rank gets its own weight shards."""
@@ -106,7 +138,7 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
     sharded = mesh.size > 1 or bool(shard)
     if sharded:
         graph, prog, plan = plan_model(model, mesh=mesh, shard=shard, strategy=strategy, input_shapes=input_shapes,
-                                       dump_dir=dump_dir, dtype=dtype)
+                                       dump_dir=dump_dir, dtype=dtype, **plan_options)
         program = prog.graph
     else:
         graph = import_graph(model, input_shapes, dtype, dump_dir)

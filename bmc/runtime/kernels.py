@@ -12,7 +12,7 @@ before ``tvm.runtime.vm.VirtualMachine(...)``. The implementation is, in order o
    OpenBLAS that numpy's wheel ships (the library numpy itself uses, so one thread pool), when the library is found
    (``$BMC_NATIVE_LIB``, the build cache ``$BMC_CACHE_DIR/native/<key>/`` or ``<repo>/build/native/``);
 2. ``numpy``: the same contract in Python with ``np.matmul(..., out=...)`` on zero-copy DLPack views (a few µs more
-   per call, the same BLAS underneath). Used, with one warning, when the native library is not built.
+   per call, the same BLAS underneath). Used when the native library is not built.
 
 ``build_native()`` builds the native library into the cache with cmake (+ ninja) from the venv.
 ``set_num_threads(n)`` sets both BLAS's and TVM's thread pools; ``default_threads()`` reads ``BMC_NUM_THREADS``,
@@ -31,7 +31,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,7 @@ CPU_KERNELS = (MATMUL_KERNEL,)
 
 ROOT = Path(__file__).resolve().parents[2]
 _LOCK = threading.Lock()
-_STATE: dict = {}  # "impl" -> "native" | "numpy", "native_lib", "blas", "warned", "threads"
+_STATE: dict = {}  # "impl" -> "native" | "numpy", "native_lib", "blas", "threads"
 
 
 # ------------------------------------------------------------------------------------------ host CPU check
@@ -299,8 +298,7 @@ def register_cpu_kernels(required=None, *, threads: int | None = None, native: b
     ``required``: kernel names an artifact needs (its manifest's ``kernels.cpu.requires``); unknown names raise
     ``RuntimeError`` so a newer artifact fails clearly on an older runtime. ``threads``: size the BLAS and TVM
     thread pools (``None`` keeps them; the first call sizes them from the environment). ``native``: ``True``
-    requires the native library, ``False`` forces numpy, ``None`` (default) prefers native, else numpy with one
-    warning. ``BMC_CPU_KERNELS=numpy|native`` overrides ``native=None``.
+    requires the native library, ``False`` forces numpy, ``None`` (default) prefers native, else numpy. ``BMC_CPU_KERNELS=numpy|native`` overrides ``native=None``.
     """
     unknown = sorted(set(required or ()) - set(CPU_KERNELS))
     if unknown:
@@ -326,13 +324,8 @@ def register_cpu_kernels(required=None, *, threads: int | None = None, native: b
                 raise RuntimeError("the native CPU kernels were requested but cannot be used: "
                                    f"{_STATE.get('native_error', 'libbmc_cpu_kernels.so is not built')} "
                                    "(bmc.runtime.kernels.build_native() builds it)")
-            elif not _STATE.get("warned"):
-                _STATE["warned"] = True
-                why = _STATE.get("native_error", "libbmc_cpu_kernels.so is not built")
-                warnings.warn(f"bmc: native CPU kernels unavailable ({why}); using the numpy fallback "
-                              "(same BLAS, a few µs more per matmul). Build them with "
-                              "`python -c 'import bmc.runtime.kernels as k; k.build_native()'`.",
-                              RuntimeWarning, stacklevel=2)
+            # else: the numpy kernel, silently — same BLAS, within 1-2% of native (benchmarks/single_device.py);
+            # `info()` says which one runs
         if impl == "native":
             tvm_ffi.register_global_func(MATMUL_KERNEL, _STATE["native_matmul"], override=True)
         else:

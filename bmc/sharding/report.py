@@ -78,8 +78,15 @@ def format_plan(prog: LocalProgram, data: dict, top: int = 15) -> str:
     out += ["", f"collectives: {len(prog.collectives)}"]
     for c in prog.collectives:
         out.append(f"  {c.kind:15} axes {','.join(c.axes):6} {c.bytes:>12,} B/device  for {c.node}  ({c.value})")
+    solver = data.get("solver")
+    if solver:
+        out += ["", f"search: {solver.get('status')} in {solver.get('total_s', 0):.2f} s ({solver.get('variables')} "
+                    f"variables, {solver.get('constraints')} constraints, gap {solver.get('gap', 0):.2%}, "
+                    f"{solver.get('problem_nodes')} problem nodes from {solver.get('nodes')}; chosen: "
+                    f"{solver.get('chosen', 'ilp')})"]
     m, cost = data["memory"], data["cost"]
-    out += ["", f"per device: peak {m['peak_bytes_per_device']:,} B (weights {m['weight_bytes_per_device']:,} B); "
+    budget = f" of {m['budget_bytes']:,} B budget" if m.get("budget_bytes") else ""
+    out += ["", f"per device: peak {m['peak_bytes_per_device']:,} B{budget} (weights {m['weight_bytes_per_device']:,} B); "
                 f"estimated time {cost['total_s'] * 1e3:.3f} ms (compute {cost['compute_s'] * 1e3:.3f} ms, "
                 f"communication {cost['comm_s'] * 1e3:.3f} ms, device profile '{cost['device']}')"]
     return "\n".join(out)

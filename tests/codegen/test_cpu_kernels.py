@@ -139,7 +139,7 @@ def test_native_matmul_rejects_bad_arguments(native_lib):
 
 
 def test_fallback_when_native_library_is_absent(tmp_path):
-    """No native library anywhere: one warning, the numpy kernel, correct results (fresh interpreter)."""
+    """No native library anywhere: the numpy kernel, silently (same BLAS), correct results (fresh interpreter)."""
     script = textwrap.dedent("""
         import warnings
         import numpy as np
@@ -153,8 +153,7 @@ def test_fallback_when_native_library_is_absent(tmp_path):
             outs = [CompiledGraph(g)({"in0": a, "in1": b}) for _ in range(2)]
         import bmc.runtime.kernels as k
         err = max(float(np.max(np.abs(o[g.outputs[0].name] - a @ b))) for o in outs)
-        msgs = [str(w.message) for w in caught if "native CPU kernels unavailable" in str(w.message)]
-        print(k.info()["impl"], len(msgs), err)
+        print(k.info()["impl"], len([w for w in caught if issubclass(w.category, RuntimeWarning)]), err)
     """)
     env = dict(os.environ, BMC_NATIVE_LIB=str(tmp_path / "missing.so"), BMC_CACHE_DIR=str(tmp_path / "cache"),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -163,7 +162,7 @@ def test_fallback_when_native_library_is_absent(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     impl, warned, err = proc.stdout.split()
-    assert (impl, warned) == ("numpy", "1") and float(err) < 1e-4
+    assert (impl, warned) == ("numpy", "0") and float(err) < 1e-4
 
 
 def test_manifest_records_kernel_choice(tmp_path):
