@@ -8,10 +8,27 @@
 is mapped; the weights are then copied to the device once and reused by every call. Inputs are checked against the
 signature before anything runs (FAILURES.md 44). This module imports only numpy, tvm and bmc's runtime-side modules,
 never the frontend, codegen or sharding (a test enforces it).
+
+A multi-device artifact runs in one of two ways:
+
+* **under MPI** (``mpiexec -n N python script.py`` / ``mpiexec -n N bmc run ...``): every rank calls
+  ``bmc.load(path)`` (MPI mode is picked automatically when an MPI launcher is detected; ``mpi=True`` forces it).
+  Pre-flight checks the world size against the artifact (``bmc.runtime.mpi``); each rank verifies and reads only
+  its own weights file, registers the collectives (native C++ when built, else mpi4py; ``collectives=``) and builds
+  its VM. ``model(**inputs)`` is called on every rank with the *global* inputs either on rank 0 only (the other ranks
+  call ``model()`` with no inputs: rank 0's are broadcast) or on every rank (used as given, no broadcast); it returns
+  the *global* outputs on every rank (the program ends with replicated outputs). A failure that every rank sees (bad
+  inputs, a damaged weights file) raises the same error on every rank; a failure of one rank during the run prints
+  ``[rank k] ...`` and aborts the whole job (``MPI_Abort``), because the other ranks are inside collectives.
+  ``model.mpi`` holds the rank, mesh coordinate, communicators and the collectives implementation;
+  ``model.stats["bytes_read"]`` the bytes this rank read from the artifact (its weights file, the program and plan).
+* **simulated** (``simulate=True``): every rank in this process, one thread each, collectives in numpy.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,7 +36,7 @@ import numpy as np
 import tvm
 import tvm.runtime.vm  # noqa: F401  (runtime-only TVM does not import it with `import tvm`)
 
-from bmc.errors import ArtifactError, ExecutionError, UsageError
+from bmc.errors import ArtifactError, BmcError, ExecutionError, UsageError
 from bmc.ir.types import np_dtype
 from bmc.runtime.artifact import verify_artifact
 from bmc.runtime.safetensors import SafetensorsFile
@@ -32,8 +49,10 @@ def _fmt(dtype: str, shape) -> str:
 class Model:
     """A loaded artifact: call it with inputs by position or name, or ``run`` it with a dict."""
 
-    def __init__(self, path: Path, manifest: dict, ranks: list, device):
+    def __init__(self, path: Path, manifest: dict, ranks: list, device, mpi=None, stats: dict | None = None):
         self._path = path
+        self.mpi = mpi  # bmc.runtime.mpi.MPIContext under MPI: ranks[0] is this rank's (main, params)
+        self.stats = stats or {}
         self._manifest = manifest
         self._ranks = ranks  # per simulated rank (one unless simulating): (VM main function, weights)
         self._device = device
@@ -80,6 +99,8 @@ class Model:
         return dict(zip(self.output_names, self._execute(dict(inputs))))
 
     def _execute(self, inputs: dict[str, Any]) -> list[np.ndarray]:
+        if self.mpi is not None:
+            return self._execute_mpi(inputs)
         given = dict(zip(self.input_names, self._check_inputs(inputs)))
         rank_map = self._manifest["rank_map"]
 
@@ -100,6 +121,43 @@ class Model:
             raise
         except Exception as e:  # noqa: BLE001  (TVM raises many types; inputs were already checked)
             raise ExecutionError(f"the program failed: {e}", where=str(self._path)) from e
+
+    def _execute_mpi(self, inputs: dict[str, Any]) -> list[np.ndarray]:
+        """This rank's part of an MPI run: agree on the inputs, run the program, return the (replicated) outputs."""
+        ctx = self.mpi
+        error, arrays = None, None
+        if inputs:
+            try:
+                arrays = dict(zip(self.input_names, self._check_inputs(inputs)))
+            except ExecutionError as e:
+                error = e
+        # who holds inputs: every rank (use them as given) or rank 0 (broadcast); one small all-gather decides
+        states = ctx.allgather_bytes(b"e" if error is not None else b"y" if arrays is not None else b"n")
+        if all(s == b"y" for s in states):
+            given = arrays
+        elif states[0] == b"n" and self._inputs:
+            raise ExecutionError("no inputs on rank 0", where=str(self._path),
+                                 fix="pass the global inputs on rank 0 (the others may pass none) or on every rank")
+        else:
+            bad = [r for r, s in enumerate(states) if s == b"e" and r != 0]
+            if states[0] != b"e" and bad:  # a non-root rank passed bad inputs: every rank says so
+                ctx.agree(error)
+            given = ctx.bcast_arrays(arrays, error)
+        coord = np.array(ctx.coord, dtype=np.int64)  # the one implicit input is the device's mesh coordinate
+        main, params = self._ranks[0]
+        try:
+            args = [tvm.runtime.tensor(given[i["name"]] if i["name"] in given else coord, self._device)
+                    for i in self._all_inputs]
+            return [t.numpy() for t in main(*args, *params)]
+        except BaseException as e:  # noqa: BLE001  (the other ranks wait in collectives: end the whole job)
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            what = e.what if isinstance(e, ExecutionError) else f"{type(e).__name__}: {e}"
+            fix = getattr(e, "fix", None)
+            ctx.abort(f"bmc: runtime error: {self._path}: the program failed: {what}" + (f"\n  fix: {fix}" if fix
+                                                                                        else ""),
+                      ExecutionError.exit_code)
+            raise  # pragma: no cover  (abort does not return)
 
     def _check_inputs(self, inputs: dict[str, Any]) -> list[np.ndarray]:
         """Arrays in signature order, or one ``ExecutionError`` listing every problem with expected vs got."""
@@ -187,32 +245,47 @@ def _load_weights(path: Path, manifest: dict, dev, rank: int = 0) -> list:
     return params
 
 
-def load(path, *, device: str = "cpu", simulate: bool = False, threads: int | None = None) -> Model:
+def load(path, *, device: str = "cpu", simulate: bool = False, threads: int | None = None, mpi: bool | None = None,
+         collectives: str | None = None) -> Model:
     """Verify the artifact at ``path``, then load its program and weights onto ``device`` (``cpu``, ``cuda[:N]``).
-    A multi-device artifact runs under ``mpiexec``; ``simulate=True`` runs all of its ranks in this process instead
-    (one thread and one set of weight shards per mesh device, collectives simulated). ``threads`` sizes the CPU
-    thread pools (default: BMC_NUM_THREADS, TVM_NUM_THREADS, OMP_NUM_THREADS, then the CPUs this process may use)."""
+
+    A multi-device artifact runs under ``mpiexec`` (MPI mode: chosen automatically when an MPI launcher is detected,
+    ``mpi=True`` forces it, ``mpi=False`` refuses it; see the module docstring); ``simulate=True`` runs all of its
+    ranks in this process instead (one thread and one set of weight shards per mesh device, collectives simulated).
+    ``threads`` sizes the CPU thread pools (default: BMC_NUM_THREADS, TVM_NUM_THREADS, OMP_NUM_THREADS, then the CPUs
+    this process may use, divided among the MPI ranks on this host). ``collectives``: ``"native"``, ``"python"`` or
+    ``None`` (native when built, else Python; ``BMC_COLLECTIVES``)."""
     path = Path(path)
-    manifest = verify_artifact(path)
+    if simulate or mpi is False:
+        manifest = verify_artifact(path)
+        ctx = None
+        if manifest["world_size"] != 1 and not simulate:
+            from bmc.runtime.mpi import launch_command
+
+            world = manifest["world_size"]
+            raise ExecutionError(f"the artifact is for {world} ranks (mesh {manifest['mesh']['shape']}); this "
+                                 "process is one", where=str(path),
+                                 fix=f"launch it with {launch_command(world)}, or load it with simulate=True to run "
+                                     "every rank in this process")
+    else:
+        from bmc.runtime.artifact import read_manifest
+        from bmc.runtime.mpi import MPIContext, preflight
+
+        manifest = read_manifest(path)
+        MPI = preflight(manifest, str(path), force=bool(mpi))  # FAILURES 39-41, same message on every rank
+        if MPI is None:
+            manifest = verify_artifact(path)
+            ctx = None
+        else:
+            ctx = MPIContext(MPI, manifest, str(path))
+    if ctx is not None:
+        return _load_mpi(path, manifest, ctx, device=device, threads=threads, collectives=collectives)
     world = manifest["world_size"]
-    if world != 1 and not simulate:
-        raise ExecutionError(f"the artifact is for {world} ranks (mesh {manifest['mesh']['shape']}); this process "
-                             "is one", where=str(path),
-                             fix=f"launch it with mpiexec -n {world} bmc run {path} ..., or load it with "
-                                 "simulate=True to run every rank in this process")
     if "main" not in manifest["programs"] or any(str(r) not in manifest["weights"] for r in range(world)):
         raise ArtifactError("manifest.json names no program 'main' or misses a rank's weights", where=str(path),
                             fix="the artifact is damaged; recompile the model")
     dev = _device(device, manifest["target"], str(path))
-    if manifest["target"].get("kind") == "llvm":  # library kernels the program calls (BLAS GEMM), host CPU check
-        from bmc.runtime.kernels import check_host_cpu, register_cpu_kernels
-
-        cpu = (manifest.get("kernels") or {}).get("cpu") or {}
-        try:
-            check_host_cpu(cpu)
-            register_cpu_kernels(required=cpu.get("requires", []), threads=threads)
-        except RuntimeError as e:
-            raise ArtifactError(str(e), where=str(path), fix="recompile the model on this machine") from e
+    _register_kernels(path, manifest, threads)
     if world > 1:
         from bmc.runtime.simulate import register_simulated_collectives
 
@@ -226,3 +299,79 @@ def load(path, *, device: str = "cpu", simulate: bool = False, threads: int | No
                             fix="recompile the model for this machine") from e
     ranks = [(mains[r], _load_weights(path, manifest, dev, r)) for r in range(world)]
     return Model(path, manifest, ranks, dev)
+
+
+def _register_kernels(path: Path, manifest: dict, threads: int | None) -> None:
+    if manifest["target"].get("kind") == "llvm":  # library kernels the program calls (BLAS GEMM), host CPU check
+        from bmc.runtime.kernels import check_host_cpu, register_cpu_kernels
+
+        cpu = (manifest.get("kernels") or {}).get("cpu") or {}
+        try:
+            check_host_cpu(cpu)
+            register_cpu_kernels(required=cpu.get("requires", []), threads=threads)
+        except RuntimeError as e:
+            raise ArtifactError(str(e), where=str(path), fix="recompile the model on this machine") from e
+
+
+def _load_mpi(path: Path, manifest: dict, ctx, *, device: str, threads: int | None, collectives: str | None) -> Model:
+    """MPI mode: this rank verifies and loads only its own files; every step ends with an agreement, so a failure on
+    one rank becomes the same error on every rank instead of a hang."""
+    from bmc.runtime.artifact import PLAN, check_library_versions, _verify_file
+    from bmc.runtime.mpi import place_rank, register_collectives, threads_per_rank
+
+    rank = ctx.rank
+    mine = [PLAN, manifest["programs"].get("main", ""), manifest["weights"].get(str(rank), "")]
+    stats = {"rank": rank, "coord": list(ctx.coord), "bytes_read": 0}
+    error = None
+    try:
+        check_library_versions(manifest, str(path))
+        if not all(mine):
+            raise ArtifactError(f"manifest.json names no program 'main' or no weights for rank {rank}",
+                                where=str(path), fix="the artifact is damaged; recompile the model")
+        root = path.resolve()
+        for rel in mine:  # digests of what this rank reads, and nothing else (other ranks' weights stay unread)
+            if rel not in manifest["files"]:
+                raise ArtifactError(f"manifest.json lists no digest for {rel}", where=str(path),
+                                    fix="the artifact is damaged; recompile the model")
+            file = (path / rel).resolve()
+            if file.parent != root and root not in file.parents:
+                raise ArtifactError(f"file {rel!r} lies outside the artifact", where=str(path))
+            _verify_file(path, rel, file, manifest["files"][rel])
+            stats["bytes_read"] += manifest["files"][rel]["size"]
+        dev = _device(device, manifest["target"], str(path))
+        try:
+            allowed = os.sched_getaffinity(0)
+        except (AttributeError, OSError):
+            allowed = None
+        if threads is None and not any(os.environ.get(v, "").strip() for v in
+                                       ("BMC_NUM_THREADS", "TVM_NUM_THREADS", "OMP_NUM_THREADS")):
+            threads = threads_per_rank(ctx)  # ranks sharing a host share its cores
+        with warnings.catch_warnings():  # one rank says it (e.g. "native CPU kernels unavailable"), not N
+            if rank != 0:
+                warnings.simplefilter("ignore")
+            _register_kernels(path, manifest, threads)
+        if allowed is not None:  # TVM's thread pool set-up pinned this thread to core 0, as on every rank
+            from bmc.runtime.kernels import info
+
+            stats["cores"] = sorted(place_rank(ctx, allowed, int(info().get("threads") or 1)))
+    except BmcError as e:
+        error = e
+    ctx.agree(error)
+    try:
+        stats["collectives"] = register_collectives(ctx, collectives)  # before the VM is built
+    except BmcError as e:
+        error = e
+    ctx.agree(error)
+    program = path / manifest["programs"]["main"]
+    try:
+        lib = tvm.runtime.load_module(str(program))
+        main = tvm.runtime.vm.VirtualMachine(lib, dev)["main"]
+        params = _load_weights(path, manifest, dev, rank)
+    except BmcError as e:
+        error = e
+    except Exception as e:  # noqa: BLE001  (TVM raises many types)
+        error = ArtifactError(f"TVM could not load the program: {e}", where=str(program),
+                              fix="recompile the model for this machine")
+    ctx.agree(error)
+    stats["threads"] = threads
+    return Model(path, manifest, [(main, params)], dev, mpi=ctx, stats=stats)

@@ -1,0 +1,348 @@
+"""Distributed benchmark: collectives, tensor-parallel scaling, and bmc vs PyTorch tensor parallelism.
+
+    python benchmarks/distributed.py            # about 2-4 minutes on 2 cores; prints tables, writes
+                                                # benchmarks/results/distributed.json
+    python benchmarks/distributed.py --quick    # fewer sizes and repetitions
+
+(a) per-collective latency and bandwidth on 2 MPI ranks, 4 KB ... 64 MB (float32): bmc's native C++ collectives,
+    bmc's Python (mpi4py) collectives, and raw mpi4py (blocking ``Allreduce``/``Allgather`` on numpy arrays). All
+    three are called from a Python loop (the native/Python ones through their tvm-ffi function, like the VM calls
+    them), so the difference is the implementations' overhead.
+(b) a compute-bound MLP stack of GPT-2-medium width (d=1024, ffn=4096, ReLU, residual; LAYERS layers, TOKENS tokens),
+    compiled by bmc for 1 device and for mesh 1x2 (Megatron: column- then row-parallel, one all-reduce per layer),
+    run on 1 rank with 1 thread (one device = one core), 1 rank with 2 threads, and 2 MPI ranks with 1 thread each.
+    Parallel efficiency = t(1 rank, 1 thread) / (2 * t(2 ranks)).
+(c) the same MLP with PyTorch tensor parallelism (column/row-parallel shards, ``dist.all_reduce`` over gloo) on 2
+    processes with 1 thread each, from a separate venv (``/work/torch-venv``, ``BMC_TORCH_PYTHON``) so torch never
+    enters bmc's environment; skipped (and said so) when that interpreter has no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "distributed.json"
+MPIEXEC = str(Path(sys.executable).parent / "mpiexec") if (Path(sys.executable).parent / "mpiexec").exists() \
+    else (shutil.which("mpiexec") or "mpiexec")
+TORCH_PYTHON = os.environ.get("BMC_TORCH_PYTHON", "/work/torch-venv/bin/python")
+D, FFN = 1024, 4096
+
+
+# ------------------------------------------------------------------------------------------ (a) collectives
+
+def worker_collectives(out: str, quick: bool) -> None:
+    import tvm
+    import tvm_ffi
+
+    from bmc.runtime import mpi
+
+    manifest = {"world_size": 2, "mesh": {"shape": [2], "axes": ["x"]}, "rank_map": [[0], [1]]}
+    os.environ["BMC_CHECK_COLLECTIVES"] = "0"
+    MPI = mpi.preflight(manifest, "bench", force=True)
+    ctx = mpi.MPIContext(MPI, manifest, "bench", check=False)
+    native = mpi.load_native(ctx, build=True)
+    comm = ctx.group((0,))
+    sizes = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20] if not quick else [4 << 10, 1 << 20, 16 << 20]
+    rows = []
+    for kind in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all"):
+        for nbytes in sizes:
+            n = nbytes // 4
+            x = np.random.default_rng(ctx.rank).standard_normal(n).astype(np.float32)
+            out_n = {"all_reduce": n, "all_gather": 2 * n, "reduce_scatter": n // 2, "all_to_all": n}[kind]
+            attrs = json.dumps({"axes": [0], "group_size": 2, **({"reduce": "sum"} if kind == "all_reduce" else
+                                {"split_dim": 0, "concat_dim": 0} if kind == "all_to_all" else {"dim": 0})},
+                               sort_keys=True)
+            xt, ot = tvm.runtime.tensor(x), tvm.runtime.empty((out_n,), "float32")
+            xa, oa = np.from_dlpack(xt), np.from_dlpack(ot)
+            py_fn = tvm_ffi.convert(lambda a, s, b, kind=kind: ctx.python_collective(kind, a, s, b))
+            impls = {
+                "native": lambda: native[kind](xt, attrs, ot),
+                "python": lambda: py_fn(xt, attrs, ot),
+                "mpi4py": {"all_reduce": lambda: comm.Allreduce(xa, oa, op=MPI.SUM),
+                           "all_gather": lambda: comm.Allgather(xa, oa),
+                           "reduce_scatter": lambda: comm.Reduce_scatter_block(xa, oa, op=MPI.SUM),
+                           "all_to_all": lambda: comm.Alltoall(xa, oa)}[kind],
+            }
+            iters = max(3, min(2000, int((64 << 20) / nbytes) * (2 if quick else 4)))
+            result = {"kind": kind, "bytes": nbytes}
+            for rep in range(2):  # interleaved repetitions, best per implementation
+                for name, fn in impls.items():
+                    for _ in range(min(iters, 10)):
+                        fn()
+                    comm.Barrier()
+                    t0 = time.perf_counter()
+                    for _ in range(iters):
+                        fn()
+                    dt = (time.perf_counter() - t0) / iters
+                    worst = np.zeros(1)
+                    comm.Allreduce(np.array([dt]), worst, op=MPI.MAX)
+                    result[name] = min(result.get(name, 1e9), float(worst[0]))
+            rows.append(result)
+    if ctx.rank == 0:
+        Path(out).write_text(json.dumps(rows))
+
+
+def run_collectives(tmp: Path, quick: bool) -> list[dict]:
+    out = tmp / "collectives.json"
+    cmd = [MPIEXEC, "-n", "2", sys.executable, __file__, "--worker", "collectives", "--out", str(out)] + \
+        (["--quick"] if quick else [])
+    subprocess.run(cmd, check=True, timeout=1200, env=_env())
+    return json.loads(out.read_text())
+
+
+# ------------------------------------------------------------------------------------------ (b) MLP
+
+def make_mlp(path: Path, layers: int, tokens: int) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    x = "x"
+    for i in range(layers):
+        w1 = (rng.standard_normal((D, FFN)) * 0.02).astype(np.float32)
+        b1 = (rng.standard_normal(FFN) * 0.02).astype(np.float32)
+        w2 = (rng.standard_normal((FFN, D)) * 0.02).astype(np.float32)
+        b2 = (rng.standard_normal(D) * 0.02).astype(np.float32)
+        for name, arr in ((f"w1_{i}", w1), (f"b1_{i}", b1), (f"w2_{i}", w2), (f"b2_{i}", b2)):
+            inits.append(numpy_helper.from_array(arr, name))
+        nodes += [helper.make_node("MatMul", [x, f"w1_{i}"], [f"h{i}"]),
+                  helper.make_node("Add", [f"h{i}", f"b1_{i}"], [f"hb{i}"]),
+                  helper.make_node("Relu", [f"hb{i}"], [f"a{i}"]),
+                  helper.make_node("MatMul", [f"a{i}", f"w2_{i}"], [f"o{i}"]),
+                  helper.make_node("Add", [f"o{i}", f"b2_{i}"], [f"ob{i}"]),
+                  helper.make_node("Add", [x, f"ob{i}"], [f"y{i}"])]
+        x = f"y{i}"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [tokens, D])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [tokens, D])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+
+
+def worker_mlp(artifact: str, out: str, iters: int, threads: int | None) -> None:
+    import bmc
+
+    model = bmc.load(artifact, threads=threads)
+    rank = model.mpi.rank if model.mpi is not None else 0
+    shape = next(i["shape"] for i in model.signature["inputs"] if i["name"] == model.input_names[0])
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    inputs = {model.input_names[0]: x}
+    for _ in range(2):
+        y = model.run(inputs)
+    times = []
+    for _ in range(iters):
+        if model.mpi is not None:
+            model.mpi.world.Barrier()
+        t0 = time.perf_counter()
+        y = model.run(inputs)
+        times.append(time.perf_counter() - t0)
+    if rank == 0:
+        np.save(out + ".npy", next(iter(y.values())))
+        Path(out).write_text(json.dumps({"median_s": statistics.median(times), "min_s": min(times),
+                                         "times": times, "stats": model.stats,
+                                         "collectives": model.mpi.impl if model.mpi else None}))
+
+
+def run_mlp(tmp: Path, layers: int, tokens: int, iters: int) -> dict:
+    import bmc
+
+    onnx_path = tmp / "mlp.onnx"
+    make_mlp(onnx_path, layers, tokens)
+    single, tp = tmp / "mlp_1.bmc", tmp / "mlp_1x2.bmc"
+    t0 = time.perf_counter()
+    bmc.compile(onnx_path, single)
+    bmc.compile(onnx_path, tp, mesh="1x2", strategy="dp+megatron")
+    compile_s = time.perf_counter() - t0
+    plan = json.loads((tp / "plan.json").read_text())
+    res = {"layers": layers, "tokens": tokens, "d": D, "ffn": FFN, "compile_s": compile_s,
+           "flops": 4 * tokens * D * FFN * layers,
+           "collectives_in_plan": [c["kind"] for c in plan.get("collectives", [])]}
+    runs = {"1 rank, 1 thread": ([sys.executable], single, 1),
+            "1 rank, 2 threads": ([sys.executable], single, 2),
+            "2 ranks (1x2), 1 thread each": ([MPIEXEC, "-n", "2", sys.executable], tp, None)}
+    outs = {}
+    for name, (launcher, artifact, threads) in runs.items():
+        out = tmp / f"mlp-{len(outs)}.json"
+        cmd = launcher + [__file__, "--worker", "mlp", "--artifact", str(artifact), "--out", str(out),
+                          "--iters", str(iters)] + (["--threads", str(threads)] if threads else [])
+        subprocess.run(cmd, check=True, timeout=1200, env=_env())
+        res[name] = json.loads(out.read_text())
+        outs[name] = np.load(str(out) + ".npy")
+    ref = outs["1 rank, 1 thread"]
+    res["max_abs_diff_tp_vs_single"] = float(np.max(np.abs(outs["2 ranks (1x2), 1 thread each"] - ref)))
+    t1, t2 = res["1 rank, 1 thread"]["median_s"], res["2 ranks (1x2), 1 thread each"]["median_s"]
+    res["speedup"] = t1 / t2
+    res["parallel_efficiency"] = t1 / (2 * t2)
+    return res
+
+
+# ------------------------------------------------------------------------------------------ (c) torch
+
+TORCH_SCRIPT = r"""
+import json, os, statistics, sys, time
+import numpy as np
+import torch, torch.distributed as dist
+torch.set_num_threads(1)
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+dist.init_process_group("gloo", rank=rank, world_size=world)
+layers, tokens, d, ffn, iters, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), \
+    int(sys.argv[5]), sys.argv[6]
+rng = np.random.default_rng(0)
+params = []
+for i in range(layers):  # the same weights as the ONNX model; this rank keeps its Megatron shards
+    w1 = (rng.standard_normal((d, ffn)) * 0.02).astype(np.float32)
+    b1 = (rng.standard_normal(ffn) * 0.02).astype(np.float32)
+    w2 = (rng.standard_normal((ffn, d)) * 0.02).astype(np.float32)
+    b2 = (rng.standard_normal(d) * 0.02).astype(np.float32)
+    s = slice(rank * ffn // world, (rank + 1) * ffn // world)
+    params.append(tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (w1[:, s], b1[s], w2[s, :], b2)))
+x = torch.from_numpy(np.random.default_rng(1).standard_normal((tokens, d)).astype(np.float32))
+@torch.inference_mode()
+def step(x):
+    for w1, b1, w2, b2 in params:
+        h = torch.relu(x @ w1 + b1) @ w2
+        dist.all_reduce(h)
+        x = x + h + b2
+    return x
+for _ in range(2):
+    y = step(x)
+times = []
+for _ in range(iters):
+    dist.barrier()
+    t0 = time.perf_counter()
+    y = step(x)
+    times.append(time.perf_counter() - t0)
+if rank == 0:
+    np.save(out + ".npy", y.numpy())
+    with open(out, "w") as f:
+        json.dump({"median_s": statistics.median(times), "min_s": min(times), "times": times,
+                   "torch": torch.__version__}, f)
+dist.destroy_process_group()
+"""
+
+
+def run_torch(tmp: Path, layers: int, tokens: int, iters: int) -> dict:
+    if not Path(TORCH_PYTHON).exists():
+        return {"skipped": f"no torch interpreter at {TORCH_PYTHON} (set BMC_TORCH_PYTHON)"}
+    probe = subprocess.run([TORCH_PYTHON, "-c", "import torch; print(torch.__version__)"], capture_output=True,
+                           text=True)
+    if probe.returncode != 0:
+        return {"skipped": f"{TORCH_PYTHON} cannot import torch: {probe.stderr.strip()[-300:]}"}
+    script = tmp / "torch_tp.py"
+    script.write_text(TORCH_SCRIPT)
+    out = tmp / "torch.json"
+    port = str(29500 + os.getpid() % 1000)
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "HYDRA_"))}
+        env.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([TORCH_PYTHON, str(script), str(layers), str(tokens), str(D), str(FFN),
+                                       str(iters), str(out)], env=env))
+    for p in procs:
+        if p.wait(timeout=1200) != 0:
+            return {"skipped": f"the torch run failed (exit {p.returncode})"}
+    res = json.loads(out.read_text())
+    res["y"] = str(out) + ".npy"
+    return res
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def _env() -> dict:
+    # (TVM_NUM_THREADS / spin count: set in this process by bmc.compile's thread set-up, not by the user)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "HYDRA_"))
+           and k not in ("TVM_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("BMC_CHECK_COLLECTIVES", "0")
+    return env
+
+
+def _human(n: int) -> str:
+    return f"{n >> 20} MB" if n >= 1 << 20 else f"{n >> 10} KB"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--worker", choices=("collectives", "mlp"))
+    ap.add_argument("--out")
+    ap.add_argument("--artifact")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--skip", action="append", default=[], choices=("a", "b", "c"))
+    args = ap.parse_args()
+    if args.worker == "collectives":
+        worker_collectives(args.out, args.quick)
+        return 0
+    if args.worker == "mlp":
+        worker_mlp(args.artifact, args.out, args.iters, args.threads)
+        return 0
+
+    from bmc.runtime.mpi import build_native, native_library_path
+
+    if native_library_path() is None:
+        build_native()
+    iters = 3 if args.quick else args.iters
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                                 "platform": platform.platform()}, "mpiexec": MPIEXEC}
+    with tempfile.TemporaryDirectory(prefix="bmc-dist-") as tmp_s:
+        tmp = Path(tmp_s)
+        if "a" not in args.skip:
+            rows = run_collectives(tmp, args.quick)
+            results["collectives"] = rows
+            print("\n(a) collectives on 2 ranks, float32; time per call (µs) and algorithm bandwidth (GB/s)")
+            print(f"{'kind':<15}{'size':>8}{'native µs':>12}{'python µs':>12}{'mpi4py µs':>12}"
+                  f"{'native GB/s':>13}{'native/mpi4py':>15}")
+            for r in rows:
+                print(f"{r['kind']:<15}{_human(r['bytes']):>8}{r['native'] * 1e6:>12.1f}{r['python'] * 1e6:>12.1f}"
+                      f"{r['mpi4py'] * 1e6:>12.1f}{r['bytes'] / r['native'] / 1e9:>13.2f}"
+                      f"{r['native'] / r['mpi4py']:>15.3f}")
+        if "b" not in args.skip:
+            mlp = run_mlp(tmp, args.layers, args.tokens, iters)
+            results["mlp"] = mlp
+            gflop = mlp["flops"] / 1e9
+            print(f"\n(b) MLP stack: {mlp['layers']} layers, d={D}, ffn={FFN}, {mlp['tokens']} tokens "
+                  f"({gflop:.1f} GFLOP/step), median of {iters} steps")
+            for name in ("1 rank, 1 thread", "1 rank, 2 threads", "2 ranks (1x2), 1 thread each"):
+                t = mlp[name]["median_s"]
+                print(f"  {name:<32}{t * 1e3:>10.1f} ms{gflop / t:>10.1f} GFLOP/s")
+            print(f"  speedup 2 ranks vs 1 rank/1 thread: {mlp['speedup']:.2f}x, parallel efficiency "
+                  f"{mlp['parallel_efficiency'] * 100:.0f}%  (max |diff| {mlp['max_abs_diff_tp_vs_single']:.2e})")
+        if "c" not in args.skip and "mlp" in results:
+            tr = run_torch(tmp, args.layers, args.tokens, iters)
+            if "y" in tr:
+                y = np.load(tr.pop("y"))
+                ref = np.load(str(tmp / "mlp-0.json") + ".npy")
+                tr["max_abs_diff_vs_bmc"] = float(np.max(np.abs(y - ref)))
+            results["torch"] = tr
+            if "skipped" in tr:
+                print(f"\n(c) PyTorch tensor parallel: skipped: {tr['skipped']}")
+            else:
+                bmc_t = results["mlp"]["2 ranks (1x2), 1 thread each"]["median_s"]
+                tr["bmc_over_torch_time"] = bmc_t / tr["median_s"]
+                print(f"\n(c) PyTorch {tr['torch']} tensor parallel (gloo, 2 processes, 1 thread each): "
+                      f"{tr['median_s'] * 1e3:.1f} ms; bmc {bmc_t * 1e3:.1f} ms -> bmc time / torch time "
+                      f"{tr['bmc_over_torch_time']:.2f} (max |diff| {tr.get('max_abs_diff_vs_bmc', float('nan')):.2e})")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nwrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

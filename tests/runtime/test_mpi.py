@@ -1,0 +1,363 @@
+"""Real MPI runs: ``mpiexec -n N`` subprocesses (2 or 4 ranks, with timeouts) of compiled sharded artifacts, the
+Python and native collectives (bit-identical), and the faults of FAILURES.md 39-43 and 47.
+
+Artifacts are compiled once in this process; the ranks only load them. ``BMC_CPU_KERNELS=numpy`` keeps the ranks
+quiet when the native CPU kernels are not built (the MPI path does not depend on them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.mpi
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "models"
+MPIEXEC = str(Path(sys.executable).parent / "mpiexec") if (Path(sys.executable).parent / "mpiexec").exists() \
+    else shutil.which("mpiexec")
+
+if MPIEXEC is None:  # pragma: no cover
+    pytest.skip("mpiexec is not installed (pip install mpich mpi4py)", allow_module_level=True)
+pytest.importorskip("mpi4py")
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMI_", "OMPI_", "PMIX_", "HYDRA_", "MPI_LOCAL", "BMC_FAULT"))
+           and k not in ("TVM_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")}  # set by this process's compiles
+    env.update(PYTHONPATH=str(ROOT), BMC_CPU_KERNELS="numpy", BMC_CHECK_COLLECTIVES="1",
+               BMC_COLLECTIVE_TIMEOUT_S="60")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def mpirun(n: int, args: list[str], *, timeout: float = 120, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([MPIEXEC, "-n", str(n), *args], capture_output=True, text=True, timeout=timeout,
+                          env=_env(**env), cwd=str(ROOT))
+
+
+def bmc_run(n: int, artifact: Path, inputs: Path, output: Path, *extra: str, timeout: float = 120, **env):
+    args = [sys.executable, "-m", "bmc", "run", str(artifact), "--inputs", str(inputs), "-o", str(output), *extra]
+    return mpirun(n, args, timeout=timeout, **env) if n else subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout, env=_env(**env), cwd=str(ROOT))
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+_ARTIFACTS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mpi")
+
+
+@pytest.fixture(scope="module")
+def compiled(workdir):
+    """``compiled(model, mesh) -> (artifact, inputs.npz, {output name: reference})``, compiled once per module."""
+    import bmc
+
+    def get(model: str, mesh: str):
+        key = (model, mesh)
+        if key not in _ARTIFACTS:
+            data = np.load(FIXTURES / f"{model}_dynamo.npz")
+            out = workdir / f"{model}_{mesh}.bmc"
+            bmc.compile(FIXTURES / f"{model}_dynamo.onnx", out, mesh=mesh, strategy="dp+megatron",
+                        input_shapes={"batch": 2, "seq": 16})
+            inputs = workdir / f"{model}_in.npz"
+            np.savez(inputs, **{k: data[k] for k in data.files if not k.startswith("output:")})
+            refs = [data[k] for k in data.files if k.startswith("output:")]
+            _ARTIFACTS[key] = (out, inputs, refs)
+        return _ARTIFACTS[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def native_lib(tmp_path_factory) -> Path:
+    """The native MPI collectives, built once into a temporary folder (skips when cmake or a compiler is missing)."""
+    from bmc.runtime.mpi import build_native
+
+    try:
+        return build_native(tmp_path_factory.mktemp("mpi-native"))
+    except RuntimeError as e:  # pragma: no cover
+        pytest.skip(f"the native MPI collectives cannot be built here: {e}")
+
+
+def _check(outputs: Path, refs: list[np.ndarray]) -> None:
+    with np.load(outputs) as got:
+        assert len(got.files) == len(refs)
+        for name, want in zip(got.files, refs):
+            err = float(np.max(np.abs(got[name] - want)))
+            assert err <= 1e-4 * max(1.0, float(np.max(np.abs(want)))), (name, err)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+@pytest.mark.parametrize("model,mesh", [("gpt2", "1x2"), ("bert", "2x1")])
+def test_bmc_run_matches_onnxruntime(compiled, workdir, model, mesh):
+    artifact, inputs, refs = compiled(model, mesh)
+    out = workdir / f"{model}_{mesh}.out.npz"
+    r = bmc_run(2, artifact, inputs, out, "--collectives", "python")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("wrote ") == 1 and "ran on 2 MPI ranks" in r.stdout  # only rank 0 prints
+    _check(out, refs)
+
+
+def test_native_and_python_collectives_are_bit_identical_on_2x2(compiled, workdir, native_lib):
+    artifact, inputs, refs = compiled("gpt2", "2x2")
+    outs = {}
+    for impl in ("python", "native"):
+        out = workdir / f"gpt2_2x2.{impl}.npz"
+        r = bmc_run(4, artifact, inputs, out, "--collectives", impl, BMC_MPI_NATIVE_LIB=native_lib)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"ran on 4 MPI ranks (mesh 2x2, {impl} collectives)" in r.stdout
+        _check(out, refs)
+        with np.load(out) as f:
+            outs[impl] = {k: f[k] for k in f.files}
+    for name in outs["python"]:
+        assert outs["python"][name].tobytes() == outs["native"][name].tobytes(), name
+
+
+_SLOW_CASES = [(m, mesh) for m in ("gpt2", "bert", "llama", "opt") for mesh in ("1x2", "2x1", "2x2")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,mesh", _SLOW_CASES)
+@pytest.mark.parametrize("impl", ["python", "native"])
+def test_every_fixture_on_every_mesh(compiled, workdir, native_lib, model, mesh, impl):
+    artifact, inputs, refs = compiled(model, mesh)
+    out = workdir / f"{model}_{mesh}.{impl}.npz"
+    n = int(np.prod([int(s) for s in mesh.split("x")]))
+    r = bmc_run(n, artifact, inputs, out, "--collectives", impl, BMC_MPI_NATIVE_LIB=native_lib)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _check(out, refs)
+
+
+API_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import bmc
+    artifact, inputs, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    model = bmc.load(artifact)
+    rank = model.mpi.rank
+    data = dict(np.load(inputs))
+    a = model.run(data if rank == 0 else {})          # inputs on rank 0 only: broadcast
+    b = model.run(data)                                # inputs on every rank: used as given
+    same = all(np.array_equal(a[k], b[k]) for k in a)
+    with open(f"{out}.r{rank}.json", "w") as f:
+        json.dump({"rank": rank, "coord": model.mpi.coord, "same": same, "stats": model.stats,
+                   "names": list(a), "sum": float(sum(float(v.sum()) for v in a.values()))}, f)
+""")
+
+
+def test_python_api_under_mpi_returns_global_outputs_on_every_rank(compiled, workdir):
+    artifact, inputs, refs = compiled("gpt2", "1x2")
+    script = workdir / "api.py"
+    script.write_text(API_SCRIPT)
+    r = mpirun(2, [sys.executable, str(script), str(artifact), str(inputs), str(workdir / "api")],
+               BMC_COLLECTIVES="python")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [json.loads((workdir / f"api.r{rank}.json").read_text()) for rank in range(2)]
+    assert [d["rank"] for d in rows] == [0, 1] and [d["coord"] for d in rows] == [[0, 0], [0, 1]]
+    assert all(d["same"] for d in rows) and rows[0]["sum"] == rows[1]["sum"]
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    for d in rows:  # each rank reads its own weights file (+ program and plan), never the other's
+        own = manifest["files"][manifest["weights"][str(d["rank"])]]["size"]
+        other = manifest["files"][manifest["weights"][str(1 - d["rank"])]]["size"]
+        program = sum(v["size"] for k, v in manifest["files"].items() if not k.startswith("weights/"))
+        assert own <= d["stats"]["bytes_read"] <= own + program < own + other + program
+
+
+COLLECTIVES_SCRIPT = textwrap.dedent("""
+    # every collective kind on leading and inner dims, on a 2x2 mesh, against GROUP_REFERENCE
+    import json, sys
+    import numpy as np
+    import tvm, tvm_ffi
+    from bmc.runtime import mpi
+    from bmc.ops.collective import GROUP_REFERENCE
+    impl, out_path = sys.argv[1], sys.argv[2]
+    manifest = {"world_size": 4, "mesh": {"shape": [2, 2], "axes": ["x", "y"]},
+                "rank_map": [[0, 0], [0, 1], [1, 0], [1, 1]]}
+    MPI = mpi.preflight(manifest, "test", force=True)
+    ctx = mpi.MPIContext(MPI, manifest, "test")
+    assert mpi.register_collectives(ctx, impl) == impl
+    shape = (4, 8, 12)
+    cases = []
+    for axes in ([0], [1], [0, 1], [1, 0]):
+        n = 4 if len(axes) == 2 else 2
+        for dtype in ("float32", "int64", "float64"):
+            for reduce in ("sum", "max", "min", "mean"):
+                if reduce == "mean" and dtype == "int64":
+                    continue
+                cases.append(("all_reduce", {"axes": axes, "group_size": n, "reduce": reduce}, dtype))
+        for dim in (0, 1, 2, -1):
+            cases.append(("all_gather", {"axes": axes, "dim": dim, "group_size": n}, "float32"))
+            cases.append(("all_gather", {"axes": axes, "dim": dim, "group_size": n}, "bool"))
+            cases.append(("reduce_scatter", {"axes": axes, "dim": dim, "group_size": n}, "float32"))
+        for s in range(3):
+            for c in range(3):
+                cases.append(("all_to_all", {"axes": axes, "split_dim": s, "concat_dim": c, "group_size": n},
+                              "float32"))
+    def make(rank, i, dtype):
+        rng = np.random.default_rng(1000 * i + rank)
+        if dtype == "bool":
+            return rng.random(shape) > 0.5
+        return (rng.standard_normal(shape) * 100).astype(dtype)
+    coords = manifest["rank_map"]
+    results, bad = {}, []
+    for i, (kind, attrs, dtype) in enumerate(cases):
+        x = make(ctx.rank, i, dtype)
+        members = ctx.group_ranks(attrs["axes"])
+        want = GROUP_REFERENCE[kind]([make(r, i, dtype) for r in members], attrs)[members.index(ctx.rank)]
+        out = tvm.runtime.empty(want.shape, dtype)
+        text = json.dumps(attrs, sort_keys=True)
+        tvm_ffi.get_global_func("bmc." + kind)(tvm.runtime.tensor(x), text, out)
+        got = out.numpy()
+        exact = kind not in ("all_reduce", "reduce_scatter") or len(members) == 2 or dtype == "int64" \\
+            or attrs.get("reduce") in ("max", "min")
+        ok = np.array_equal(got, want) if exact else np.allclose(got, want, rtol=1e-5, atol=1e-3)
+        if not ok:
+            bad.append((i, kind, attrs, dtype))
+        results[f"c{i}"] = got
+    np.savez(out_path.replace(".npz", f".r{ctx.rank}.npz"), **results)
+    with open(out_path.replace(".npz", f".r{ctx.rank}.json"), "w") as f:
+        json.dump({"rank": ctx.rank, "cases": len(cases), "bad": bad, "seq": mpi.sequence_number(ctx)}, f)
+""")
+
+
+@pytest.mark.parametrize("check", ["0", "1"])
+def test_each_collective_matches_the_reference_and_native_equals_python(workdir, native_lib, check):
+    script = workdir / "collectives.py"
+    script.write_text(COLLECTIVES_SCRIPT)
+    rows = {}
+    for impl in ("python", "native"):
+        out = workdir / f"coll-{impl}-{check}.npz"
+        r = mpirun(4, [sys.executable, str(script), impl, str(out)], BMC_MPI_NATIVE_LIB=native_lib,
+                   BMC_CHECK_COLLECTIVES=check)
+        assert r.returncode == 0, r.stdout + r.stderr
+        rows[impl] = [json.loads((workdir / f"coll-{impl}-{check}.r{rank}.json").read_text()) for rank in range(4)]
+        assert len(rows[impl]) == 4 and all(not d["bad"] for d in rows[impl]), rows[impl]
+        assert all(d["seq"] == d["cases"] for d in rows[impl])
+    for rank in range(4):
+        with np.load(workdir / f"coll-python-{check}.r{rank}.npz") as p, \
+                np.load(workdir / f"coll-native-{check}.r{rank}.npz") as q:
+            for k in p.files:
+                assert p[k].tobytes() == q[k].tobytes(), (rank, k)
+
+
+# ------------------------------------------------------------------------------------------ faults
+
+def test_wrong_world_size_fails_in_preflight_on_every_rank(compiled, workdir):  # FAILURES.md 39
+    artifact, inputs, _ = compiled("gpt2", "2x2")
+    start = time.monotonic()
+    r = bmc_run(2, artifact, inputs, workdir / "x.npz", timeout=60)
+    assert r.returncode == 7, r.stdout + r.stderr
+    assert r.stderr.count("the artifact is for 4 ranks (mesh 2x2) but 2 MPI ranks were launched") == 1
+    assert "mpiexec -n 4" in r.stderr and "Traceback" not in r.stderr
+    assert time.monotonic() - start < 60
+
+
+def test_no_launcher_gives_the_exact_mpiexec_command(compiled, workdir):  # FAILURES.md 40
+    artifact, inputs, _ = compiled("gpt2", "2x2")
+    out = workdir / "x.npz"
+    r = bmc_run(0, artifact, inputs, out, timeout=60)
+    assert r.returncode == 7 and "not started by an MPI launcher" in r.stderr
+    assert f"mpiexec -n 4 {sys.executable} -m bmc run {artifact} --inputs {inputs} -o {out}" in r.stderr
+    assert "--simulate" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_mismatched_launcher_is_detected(compiled, workdir):  # FAILURES.md 41
+    artifact, inputs, _ = compiled("gpt2", "2x2")
+    # what Open MPI's mpirun sets; the mpich-linked mpi4py then sees every process as rank 0 of 1
+    r = bmc_run(0, artifact, inputs, workdir / "x.npz", timeout=60, OMPI_COMM_WORLD_SIZE=4, OMPI_COMM_WORLD_RANK=2)
+    assert r.returncode == 7, r.stdout + r.stderr
+    assert "mismatched MPI launcher: Open MPI started 4 processes" in r.stderr and "rank 0 of 1" in r.stderr
+    assert "mpiexec" in r.stderr
+
+
+def test_a_rank_raising_aborts_every_rank_promptly(compiled, workdir):  # FAILURES.md 43
+    artifact, inputs, _ = compiled("gpt2", "2x2")
+    start = time.monotonic()
+    r = bmc_run(4, artifact, inputs, workdir / "x.npz", timeout=60, BMC_FAULT_INJECT="raise:1:2")
+    assert r.returncode == 7, r.stdout + r.stderr
+    assert "[rank 1] bmc: runtime error:" in r.stderr and "injected fault" in r.stderr
+    assert "collective #2" in r.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_a_killed_rank_ends_the_job_within_the_timeout(compiled, workdir):  # FAILURES.md 42
+    artifact, inputs, _ = compiled("gpt2", "2x2")
+    start = time.monotonic()
+    r = bmc_run(4, artifact, inputs, workdir / "x.npz", timeout=60, BMC_FAULT_INJECT="kill:2:1",
+                BMC_COLLECTIVE_TIMEOUT_S=5)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "wrote" not in r.stdout
+    assert time.monotonic() - start < 30
+
+
+def test_a_stuck_rank_trips_the_collective_watchdog(compiled, workdir):  # FAILURES.md 42 (no launcher help)
+    artifact, inputs, _ = compiled("gpt2", "2x2")
+    start = time.monotonic()
+    r = bmc_run(4, artifact, inputs, workdir / "x.npz", timeout=60, BMC_FAULT_INJECT="hang:3:1",
+                BMC_COLLECTIVE_TIMEOUT_S=3)
+    assert r.returncode == 7, r.stdout + r.stderr
+    # the first rank whose group includes rank 3 and whose deadline passes reports (which one is a race)
+    assert "did not complete within 3" in r.stderr and "group of world ranks [" in r.stderr
+    assert re.search(r"\[rank [012]\] bmc: runtime error: .*collective #\d+ \((all_reduce|all_gather)", r.stderr)
+    assert time.monotonic() - start < 30
+
+
+def test_bad_inputs_on_rank_0_fail_on_every_rank_without_abort(compiled, workdir):  # FAILURES.md 44 under MPI
+    artifact, _, _ = compiled("gpt2", "1x2")
+    bad = workdir / "bad.npz"
+    np.savez(bad, input_ids=np.zeros((3, 16), np.int64))
+    r = bmc_run(2, artifact, bad, workdir / "x.npz", timeout=60)
+    assert r.returncode == 7, r.stdout + r.stderr
+    assert r.stderr.count("expected int64[2,16], got int64[3,16]") == 1 and "MPI_Abort" not in r.stderr
+
+
+ORDER_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tvm, tvm_ffi
+    from bmc.runtime import mpi
+    manifest = {"world_size": 2, "mesh": {"shape": [2], "axes": ["x"]}, "rank_map": [[0], [1]]}
+    ctx = mpi.MPIContext(mpi.preflight(manifest, "test", force=True), manifest, "test")
+    mpi.register_collectives(ctx, sys.argv[1])
+    x = tvm.runtime.tensor(np.ones(4, np.float32))
+    order = ["all_reduce", "all_gather"] if ctx.rank == 0 else ["all_gather", "all_reduce"]
+    try:
+        for kind in order:
+            attrs = {"axes": [0], "group_size": 2, **({"reduce": "sum"} if kind == "all_reduce" else {"dim": 0})}
+            out = tvm.runtime.empty((4,) if kind == "all_reduce" else (8,), "float32")
+            tvm_ffi.get_global_func("bmc." + kind)(x, json.dumps(attrs, sort_keys=True), out)
+    except Exception as e:
+        ctx.abort(f"bmc: runtime error: {e}")
+    print("no mismatch detected", flush=True)
+""")
+
+
+@pytest.mark.parametrize("impl", ["python", "native"])
+def test_mismatched_collective_order_is_detected(workdir, native_lib, impl):  # FAILURES.md 47
+    script = workdir / "order.py"
+    script.write_text(ORDER_SCRIPT)
+    start = time.monotonic()
+    r = mpirun(2, [sys.executable, str(script), impl], timeout=60, BMC_MPI_NATIVE_LIB=native_lib,
+               BMC_COLLECTIVE_TIMEOUT_S=10)
+    assert r.returncode == 7, r.stdout + r.stderr
+    assert "different orders" in r.stderr
+    assert "rank 0 at collective #0 all_reduce" in r.stderr and "rank 1 at collective #0 all_gather" in r.stderr
+    assert "no mismatch detected" not in r.stdout
+    assert time.monotonic() - start < 30
