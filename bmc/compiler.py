@@ -102,8 +102,7 @@ def plan_model(model, *, mesh, shard: Mapping | None = None, strategy: str | Non
         plan = propagate(graph, mesh, annotations)
     prog = partition(graph, plan)
     verify_graph(prog.graph)
-    data = plan_json(prog, budget)
-    data["cost"] = {**plan_cost(graph, plan, profile).to_json(), "device": profile.name}
+    data = plan_json(prog, plan_cost(graph, plan, profile), budget, profile.name)
     data["strategy"] = strategy or "propagation"
     if stats is not None:
         data["solver"] = stats

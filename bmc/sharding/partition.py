@@ -169,6 +169,11 @@ def partition(graph: Graph, plan: Plan) -> LocalProgram:
     outs = []
     for v in graph.outputs:
         x = get(v, plan.output_specs.get(v.name, Spec.replicated(v.type.rank)), "output")
+        if x.name != v.name:  # the program's outputs keep the model's output names (the shard gets another)
+            for other in em.b.graph.values():
+                if other.name == v.name:
+                    other.name = em.b.names(f"{v.name}.shard")
+            x.name = v.name
         outs.append(x)
     em.b.finish(outs)
     eliminate_dead_code(prog.graph)

@@ -7,58 +7,22 @@ budget_bytes, weight_bytes_per_device}; ``cost`` {total_s, compute_s, comm_s, de
 
 from __future__ import annotations
 
-from bmc.ir.graph import Graph
-from bmc.ops import get_op
 from bmc.sharding.partition import LocalProgram
 
-# A neutral default device for estimates until the cost model (with device profiles) lands: ~H100 fp32 numbers.
-DEFAULT_DEVICE = {"name": "default", "peak_flops": 60e12, "mem_bandwidth_Bps": 3.0e12}
 
-
-def estimate_compute_s(graph: Graph, device: dict = DEFAULT_DEVICE) -> float:
-    """Roofline estimate: each node costs max(flops / peak, bytes / bandwidth)."""
-    total = 0.0
-    for node in graph.nodes:
-        c = get_op(node.op).cost([v.type for v in node.inputs], [v.type for v in node.outputs], node.attrs)
-        total += max(c.flops / device["peak_flops"], c.bytes / device["mem_bandwidth_Bps"])
-    return total
-
-
-def peak_memory(graph: Graph) -> tuple[int, int]:
-    """(peak bytes, weight bytes) per device over a walk of the local program in node order."""
-    last_use: dict[int, int] = {}
-    for i, node in enumerate(graph.nodes):
-        for v in node.inputs:
-            last_use[id(v)] = i
-    for v in graph.outputs:
-        last_use[id(v)] = len(graph.nodes)
-    weights = sum(p.type.nbytes for p in graph.params)
-    live = sum(v.type.nbytes for v in graph.inputs)
-    peak = live
-    for i, node in enumerate(graph.nodes):
-        live += sum(v.type.nbytes for v in node.outputs)
-        peak = max(peak, live)
-        for v in set(node.inputs) | set(node.outputs):
-            if last_use.get(id(v), -1) <= i and v.producer is not None:
-                live -= v.type.nbytes
-    return weights + peak, weights
-
-
-def plan_json(prog: LocalProgram, budget_bytes: int | None = None) -> dict:
+def plan_json(prog: LocalProgram, cost, budget_bytes: int | None = None, device: str = "") -> dict:
+    """``cost`` is the plan's ``bmc.sharding.cost.PlanCost``: the one cost and memory model every plan is priced by."""
     plan, graph = prog.plan, prog.global_graph
     values = {v.name: {"shape": list(v.type.shape), "dtype": v.type.dtype, "spec": str(plan.specs[v.name]),
                        "origin": plan.origins.get(v.name, "default")} for v in graph.values()}
-    peak, weights = peak_memory(prog.graph)
-    compute = estimate_compute_s(prog.graph)
-    comm = sum(c.time_s for c in prog.collectives)
     return {
         "mesh": {"axes": list(plan.mesh.names), "shape": list(plan.mesh.shape)},
         "values": values,
         "collectives": [{"kind": c.kind, "axes": list(c.axes), "bytes": c.bytes, "node": c.node, "value": c.value}
                         for c in prog.collectives],
-        "memory": {"peak_bytes_per_device": peak, "weight_bytes_per_device": weights, "budget_bytes": budget_bytes},
-        "cost": {"total_s": compute + comm, "compute_s": compute, "comm_s": comm, "device": DEFAULT_DEVICE["name"]},
-        "strategy": "propagation",
+        "memory": {"peak_bytes_per_device": cost.memory.peak_bytes, "weight_bytes_per_device": cost.memory.weight_bytes,
+                   "budget_bytes": budget_bytes},
+        "cost": {"total_s": cost.total_s, "compute_s": cost.compute_s, "comm_s": cost.comm_s, "device": device},
     }
 
 

@@ -83,3 +83,8 @@ def test_shard_flag_naming_a_missing_tensor_is_a_usage_error(tmp_path):
                         "--shard", "input_id=[{x},{}]", "--input-shape", "batch=2", "--input-shape", "seq=16"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "did you mean 'input_ids'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_local_program_keeps_the_output_names(sharded_gpt2):
+    manifest = json.loads((sharded_gpt2 / "manifest.json").read_text())
+    assert [o["name"] for o in manifest["signature"]["outputs"]] == ["logits"]
