@@ -105,6 +105,8 @@ def cmd_compile(args) -> int:
     if isinstance(target, dict):
         target = " ".join([target.get("kind", "?"), *target.get("archs", [])])
     size = summary.get("size_bytes", _size(output))
+    if summary.get("plan_text"):
+        print(summary["plan_text"], end="\n\n")
     print(f"wrote {output} (target {target}, {_human(size)}, {elapsed:.1f} s)")
     return 0
 

@@ -166,7 +166,13 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
         out, signature=signature_of(program), weights=weights, export_library=built.export,
         target=spec.to_json(), source=_source_info(model), plan=plan, extra=extra or None, mesh=mesh.to_json())
     timings["package_s"] = time.perf_counter() - t0
+    plan_text = None
+    if sharded:
+        from bmc.sharding.report import format_plan
+
+        plan_text = format_plan(prog, plan)
     return {"output": str(path), "target": spec.to_json(), "nodes": len(program.nodes), "ops": program.op_counts(),
+            "plan_text": plan_text,
             "weight_bytes": graph.weight_bytes(), "timings": timings, "mesh": mesh.to_json(),
             "collectives": len(plan.get("collectives", [])),
             "size_bytes": sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())}
