@@ -47,7 +47,8 @@ def resolve_annotations(graph: Graph, mesh: Mesh, annotations: Mapping[str, Spec
     return out
 
 
-def _assignment(rule: ShardingRule, specs: list[Spec | None], mesh: Mesh, order: list[int] | None = None) -> Assignment:
+def assignment_from_specs(rule: ShardingRule, specs: list[Spec | None], mesh: Mesh,
+                          order: list[int] | None = None) -> Assignment:
     """Factor axes implied by the known specs of the rule's operands then results (``order`` says which tensors
     speak first), dropping anything the rule does not allow (replicate factors, reused axes, indivisible sizes)."""
     assign: list[tuple[str, ...] | None] = [None] * len(rule.factors)
@@ -106,7 +107,7 @@ def propagate(graph: Graph, mesh: Mesh, annotations: Mapping[str, Spec | str] | 
     for i, node in enumerate(graph.nodes):
         rule, n_in = rules[i], len(node.inputs)
         known = [_dims_only(spec[v.name]) for v in list(node.inputs) + list(node.outputs)]
-        a = _assignment(rule, known, mesh, list(range(n_in, len(known))) + list(range(n_in)))
+        a = assignment_from_specs(rule, known, mesh, list(range(n_in, len(known))) + list(range(n_in)))
         strategies[i] = a
         for v, s in zip(node.outputs, rule.result_specs(a)):
             if v.name in fixed and _dims_only(s) != fixed[v.name]:
@@ -128,7 +129,7 @@ def _visit(node: Node, rule: ShardingRule, spec: dict[str, Spec], origin: dict[s
     n_in = len(node.inputs)
     order = (list(range(n_in, len(tensors))) + list(range(n_in)) if direction == "backward"
              else list(range(len(tensors))))
-    assign = _assignment(rule, known, mesh, order)
+    assign = assignment_from_specs(rule, known, mesh, order)
     if not any(assign):
         return False
     changed = False

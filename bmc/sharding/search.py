@@ -39,7 +39,7 @@ from bmc.sharding.cost import DeviceProfile, local_bytes, node_compute_s
 from bmc.sharding.mesh import Mesh
 from bmc.sharding.partition import rule_of
 from bmc.sharding.plan import Plan
-from bmc.sharding.propagate import _assignment as assignment_from_specs
+from bmc.sharding.propagate import assignment_from_specs
 from bmc.sharding.propagate import resolve_annotations
 from bmc.sharding.reshard import reshard_cost
 from bmc.sharding.rules import Assignment, ShardingRule
