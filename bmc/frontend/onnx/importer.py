@@ -54,7 +54,8 @@ class Context:
     opset: int
     env: dict[str, Operand] = field(default_factory=dict)
     node: onnx.NodeProto | None = None
-    _materialized: dict[int, Value] = field(default_factory=dict)
+    _materialized: dict[int, tuple[np.ndarray, Value]] = field(default_factory=dict)  # by id; holds the array
+    # alive so its id cannot be reused by another array
 
     # ---- operands -------------------------------------------------------------------------------------------
     def has(self, idx: int) -> bool:
@@ -87,13 +88,10 @@ class Context:
             return x
         key = id(x)
         if key not in self._materialized:
-            if x.size <= FOLD_LIMIT:
-                self._materialized[key] = self.builder.constant(x)
-            else:
-                self._materialized[key] = self.builder.param(f"const.{len(self._materialized)}", ArrayTensor(x))
-            self._keep = getattr(self, "_keep", [])
-            self._keep.append(x)  # keep the array alive so its id is not reused
-        return self._materialized[key]
+            v = (self.builder.constant(x) if x.size <= FOLD_LIMIT
+                 else self.builder.param(f"const.{len(self._materialized)}", ArrayTensor(x)))
+            self._materialized[key] = (x, v)
+        return self._materialized[key][1]
 
     # ---- emission -------------------------------------------------------------------------------------------
     def emit(self, op: str, inputs: Sequence[Operand], **attrs: Any) -> list[Operand]:
