@@ -17,7 +17,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import resource
 import tempfile
 import time

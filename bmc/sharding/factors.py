@@ -28,8 +28,7 @@ import numpy as np
 
 from bmc.ir.types import FLOAT_DTYPES, INT_DTYPES, TensorType
 from bmc.ops.registry import OPS, broadcast_shapes, normalize_axis
-from bmc.sharding.mesh import Mesh
-from bmc.sharding.rules import Assignment, DimFactors, Factor, ShardingRule
+from bmc.sharding.rules import DimFactors, Factor, ShardingRule
 
 RuleBuilder = Callable[[Sequence[TensorType], Sequence[TensorType], dict], ShardingRule]
 Dims = tuple[DimFactors, ...]

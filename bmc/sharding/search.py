@@ -380,7 +380,6 @@ def build_problem(st: Structure, device: DeviceProfile, budget_bytes: float | No
                   time_limit_s: float = 20.0) -> Problem:
     graph, mesh, nodes = st.graph, st.mesh, st.graph.nodes
     index = {id(n): i for i, n in enumerate(nodes)}
-    nclass = len(st.classes)
     size = [len(st.strategies[r[0]]) for r in st.classes]
     cost = [np.zeros(s) for s in size]
     weights = [np.zeros(s) for s in size]

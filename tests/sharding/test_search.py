@@ -18,7 +18,6 @@ from bmc.sharding.cost import (DEVICES, calibrate, parse_device, parse_mesh_band
                                with_links)
 from bmc.sharding.mesh import Mesh
 from bmc.sharding.partition import partition, rule_of
-from bmc.sharding.spec import Spec
 from bmc.testing.spmd_sim import simulate
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "models"

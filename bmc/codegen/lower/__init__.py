@@ -22,7 +22,7 @@ def lowering(*ops: str):
     return deco
 
 
-def const(array) -> "relax.Constant":
+def const(array):
     """A Relax constant with exactly the array's dtype (``relax.const`` alone turns int64 into int32)."""
     import numpy as np
     from tvm import relax
