@@ -1,8 +1,10 @@
 """Benchmark models built with the ONNX helper API (no torch): random weights from a fixed seed.
 
-    from benchmarks.models import gpt2_like
+    from benchmarks.models import gpt2_like, bert_like, resnet50_path
     path = gpt2_like("benchmarks/.cache/gpt2.onnx")                      # GPT-2 small, ~650 MB of weights
     tiny = gpt2_like(tmp / "tiny.onnx", layers=2, hidden=64, heads=4, seq=16, vocab=128)
+    bert = bert_like("benchmarks/.cache/bert.onnx")                      # BERT-base, ~420 MB of weights
+    resnet = resnet50_path()   # the onnx package's light_resnet50.onnx (weights are ConstantOfShape fills)
 
 Weights are stored as ONNX external data (one ``<name>.onnx.data`` file next to the model), so a model of any
 size loads lazily and the ``.onnx`` file itself stays small.
@@ -96,11 +98,19 @@ class _Builder:
         b = self.weight(f"{name}.bias", (n_out,))
         return self.op("Add", [self.op("MatMul", [x, w], f"{name}.matmul"), b], f"{name}.add")
 
-    def layer_norm(self, x: str, name: str) -> str:
+    def layer_norm(self, x: str, name: str, epsilon: float = 1e-5) -> str:
         h = self.cfg.hidden
         g = self.const(f"{name}.weight", 1.0 + self.rng.standard_normal(h, dtype=np.float32) * np.float32(0.02))
         b = self.weight(f"{name}.bias", (h,))
-        return self.op("LayerNormalization", [x, g, b], name, axis=-1, epsilon=1e-5)
+        return self.op("LayerNormalization", [x, g, b], name, axis=-1, epsilon=epsilon)
+
+    def gelu_erf(self, x: str, name: str) -> str:
+        """0.5 * x * (1 + erf(x / sqrt(2))), BERT's exact GELU as exporters write it (Div, Erf, Add, Mul, Mul)."""
+        c = self.shared
+        e = self.op("Erf", [self.op("Div", [x, c("gelu.sqrt_2", np.float32(math.sqrt(2)))], f"{name}.div")],
+                    f"{name}.erf")
+        y = self.op("Mul", [x, self.op("Add", [e, c("gelu.one", np.float32(1.0))], f"{name}.1pe")], f"{name}.mul")
+        return self.op("Mul", [y, c("gelu.half", np.float32(0.5))], f"{name}.out")
 
     def gelu_tanh(self, x: str, name: str) -> str:
         """0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))), GPT-2's "gelu_new"."""
@@ -172,6 +182,96 @@ def build_gpt2_like(cfg: GPT2Config) -> onnx.ModelProto:
     return model
 
 
+@dataclass(frozen=True)
+class BertConfig:
+    """Shape of a BERT-like encoder (post-LayerNorm, exact GELU); ``ffn`` defaults to ``4 * hidden``."""
+
+    layers: int = 12
+    hidden: int = 768
+    heads: int = 12
+    seq: int = 128
+    batch: int = 1
+    vocab: int = 30522
+    ffn: int = 0
+    seed: int = 0
+
+    __post_init__ = GPT2Config.__post_init__
+    head_dim = GPT2Config.head_dim
+
+    def tag(self) -> str:
+        return (f"bert_L{self.layers}_H{self.hidden}_A{self.heads}_F{self.ffn}_S{self.seq}_B{self.batch}"
+                f"_V{self.vocab}_seed{self.seed}_g{GENERATOR_VERSION}")
+
+
+def _bert_attention(b: _Builder, x: str, name: str) -> str:
+    """Separate Q/K/V projections (as BERT exporters emit them), no mask (every token attends to every token)."""
+    cfg = b.cfg
+    h, a, d = cfg.hidden, cfg.heads, cfg.head_dim
+    heads_shape = b.shared("attn.heads_shape", np.array([cfg.batch, cfg.seq, a, d], np.int64))
+
+    def heads(tag: str, perm: list[int]) -> str:
+        t = b.linear(x, h, h, f"{name}.{tag}")
+        return b.op("Transpose", [b.op("Reshape", [t, heads_shape], f"{name}.{tag}.reshape")],
+                    f"{name}.{tag}.transpose", perm=perm)
+
+    q, kt, v = heads("query", [0, 2, 1, 3]), heads("key", [0, 2, 3, 1]), heads("value", [0, 2, 1, 3])
+    scores = b.op("Div", [b.op("MatMul", [q, kt], f"{name}.scores"),
+                          b.shared("attn.sqrt_d", np.float32(math.sqrt(d)))], f"{name}.scaled")
+    probs = b.op("Softmax", [scores], f"{name}.softmax", axis=-1)
+    ctx = b.op("Transpose", [b.op("MatMul", [probs, v], f"{name}.context")], f"{name}.merge", perm=[0, 2, 1, 3])
+    merged = b.shared("attn.merged_shape", np.array([cfg.batch, cfg.seq, h], np.int64))
+    return b.linear(b.op("Reshape", [ctx, merged], f"{name}.merge.reshape"), h, h, f"{name}.output")
+
+
+def build_bert_like(cfg: BertConfig) -> onnx.ModelProto:
+    """BERT-base-like encoder: word + position + token-type embeddings, LayerNorm, ``layers`` post-LN blocks
+    (attention → add → LayerNorm → FFN with erf GELU → add → LayerNorm); output ``last_hidden_state``."""
+    b = _Builder(cfg)
+    eps = 1e-12
+    words = b.weight("embeddings.word", (cfg.vocab, cfg.hidden))
+    positions = b.weight("embeddings.position", (cfg.seq, cfg.hidden), std=0.01)
+    token_types = b.weight("embeddings.token_type", (2, cfg.hidden))
+    type_ids = b.const("embeddings.token_type_ids", np.zeros((cfg.batch, cfg.seq), np.int64))
+    x = b.op("Add", [b.op("Gather", [words, "input_ids"], "embed.words", axis=0), positions], "embed.add_positions")
+    x = b.op("Add", [x, b.op("Gather", [token_types, type_ids], "embed.types", axis=0)], "embed.add_types")
+    x = b.layer_norm(x, "embeddings.ln", eps)
+    for i in range(cfg.layers):
+        name = f"layer.{i}"
+        x = b.layer_norm(b.op("Add", [x, _bert_attention(b, x, f"{name}.attn")], f"{name}.residual_1"),
+                         f"{name}.attn.ln", eps)
+        up = b.gelu_erf(b.linear(x, cfg.hidden, cfg.ffn, f"{name}.intermediate"), f"{name}.gelu")
+        x = b.layer_norm(b.op("Add", [x, b.linear(up, cfg.ffn, cfg.hidden, f"{name}.output")], f"{name}.residual_2"),
+                         f"{name}.output.ln", eps)
+    b.op("Identity", [x], "last_hidden_state")
+    graph = helper.make_graph(
+        b.nodes, "bert_like",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [cfg.batch, cfg.seq])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, [cfg.batch, cfg.seq, cfg.hidden])],
+        initializer=b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="bmc-benchmarks")
+    model.ir_version = IR_VERSION
+    model.doc_string = f"bert_like {asdict(cfg)}"
+    return model
+
+
+def bert_like(path, layers: int = 12, hidden: int = 768, heads: int = 12, seq: int = 128, batch: int = 1,
+              vocab: int = 30522, *, ffn: int = 0, seed: int = 0) -> Path:
+    """Write a BERT-like ONNX model to ``path`` (+ ``<name>.onnx.data``); input ``input_ids`` int64 [batch, seq],
+    output ``last_hidden_state`` float32 [batch, seq, hidden]."""
+    return _save(build_bert_like(BertConfig(layers, hidden, heads, seq, batch, vocab, ffn, seed)), Path(path))
+
+
+def resnet50_path() -> Path:
+    """The onnx package's ``light_resnet50.onnx`` (opset 9, input ``gpu_0/data_0`` float32 [1, 3, 224, 224]; its
+    weights are ConstantOfShape fills, so the output is uninformative but the work is ResNet-50's)."""
+    path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_resnet50.onnx"
+    if not path.exists():
+        raise UsageError(f"{path} is missing from this onnx installation", where="resnet50_path",
+                         fix="install an onnx wheel that ships backend/test/data/light")
+    return path
+
+
 def gpt2_like(path, layers: int = 12, hidden: int = 768, heads: int = 12, seq: int = 128, batch: int = 1,
               vocab: int = 50257, *, ffn: int = 0, seed: int = 0) -> Path:
     """Write a GPT-2-like ONNX model to ``path`` (+ ``<name>.onnx.data`` beside it) and return the path.
@@ -180,10 +280,12 @@ def gpt2_like(path, layers: int = 12, hidden: int = 768, heads: int = 12, seq: i
     input ``input_ids`` int64 [batch, seq], output ``logits`` float32 [batch, seq, vocab]. The files are written
     under temporary names and renamed into place, so a reader never sees half a model.
     """
-    cfg = GPT2Config(layers, hidden, heads, seq, batch, vocab, ffn, seed)
-    path = Path(path)
+    return _save(build_gpt2_like(GPT2Config(layers, hidden, heads, seq, batch, vocab, ffn, seed)), Path(path))
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    """Save with external data under temporary names, then rename into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = build_gpt2_like(cfg)
     data_name = f"{path.name}.data"
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-") as tmp:
         tmp_model = Path(tmp) / path.name

@@ -1,24 +1,37 @@
 #!/usr/bin/env python3
-"""Single-device benchmark: a GPT-2-small-sized ONNX model through bmc on CPU, against onnxruntime.
+"""Single-device benchmark: GPT-2-small, BERT-base and ResNet-50 ONNX models through bmc on CPU, against onnxruntime.
 
-    python benchmarks/single_device.py --quick          # small config, < 1 minute: a smoke test
-    python benchmarks/single_device.py                  # GPT-2 small: 12 x 768, 12 heads, vocab 50257, seq 128
-    python benchmarks/single_device.py --layers 4 --threads 2 --json /tmp/out.json
+    python benchmarks/single_device.py --quick          # small transformer configs (+ ResNet-50): a smoke test
+    python benchmarks/single_device.py                  # GPT-2 small, BERT-base (12 x 768, 12 heads, seq 128), ResNet-50
+    python benchmarks/single_device.py --models resnet50 --threads 2 --json /tmp/out.json
 
-One run measures, each stage in a fresh subprocess so memory and import costs are its own:
+Models (``--models``, comma-separated, default all three):
 
-1. ``generate``    the ONNX model (helper API, seeded random weights, external data), cached in ``--cache-dir``
+- ``gpt2``     GPT-2-small-shaped decoder (pre-LN, tanh GELU, vocab 50257), ``benchmarks.models.gpt2_like``
+- ``bert``     BERT-base-shaped encoder (post-LN, erf GELU, vocab 30522), ``benchmarks.models.bert_like``
+- ``resnet50`` the onnx package's ``light_resnet50.onnx``, batch 1 x 3 x 224 x 224 (weights are ConstantOfShape
+               fills: fine for timing, the output itself says little)
+
+``--layers/--hidden/--heads/--seq/--vocab/--ffn`` shape both transformers (``--quick``: a tiny config); ResNet-50
+has one size. Per model, each stage in a fresh subprocess so memory and import costs are its own:
+
+1. ``generate``    the ONNX model (helper API, seeded random weights, external data), cached in ``--cache-dir
 2. ``import``      ``bmc.frontend.onnx.import_model`` time
 3. ``compile``     ``bmc.compiler.compile_model(..., target="llvm")`` time and peak RSS (vs. weight bytes)
 4. ``onnxruntime`` and ``bmc`` latency with the same thread count, warm-up first, best and median
-5. max abs error of bmc's logits against onnxruntime's
+5. max abs error of bmc's first output against onnxruntime's
+
+and once per run:
+
 6. ``matmul``      GFLOP/s of bmc's matmul (a one-op graph through bmc's llvm pipeline, same threads) against numpy's
                    BLAS for the GPT-2 shapes (``--no-matmul`` skips it)
 
 Every stage runs with ``OPENBLAS_CORETYPE``/``OPENBLAS_L2_SIZE`` removed from the environment (set on some machines
 for old OpenBLAS builds, they slow down the one numpy ships, which bmc's matmul kernel uses too).
 
-The headline is the latency ratio bmc / onnxruntime; absolute numbers sit alongside. A failing stage is reported
+The headline is one row per model: the latency ratio bmc / onnxruntime, absolute numbers alongside. The JSON keeps
+its older layout for the first model (GPT-2 when selected: ``config``, ``model``, ``stages`` with ``matmul``,
+``headline``, ``goals``) and adds ``models: {name: {config, model, stages, weight_bytes, headline, goals}}``. A failing stage is reported
 with its reason (and the stages that need it are skipped); the table and the JSON are written either way, and the
 exit status is 1 when any stage failed.
 """
@@ -44,9 +57,12 @@ if str(ROOT) not in sys.path:
 
 DEFAULT_CACHE = ROOT / "benchmarks" / ".cache"
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "single_device.json"
-GOALS = {"compile_s": 60.0, "peak_rss_over_weights": 3.0, "matmul_vs_numpy": 0.8}
+GOALS = {"compile_s": 60.0, "peak_rss_over_weights": 3.0, "matmul_vs_numpy": 0.8, "latency_ratio": 2.0}
 FULL = dict(layers=12, hidden=768, heads=12, seq=128, vocab=50257, budget=20.0, timeout=3600.0)
 QUICK = dict(layers=2, hidden=128, heads=4, seq=32, vocab=1000, budget=2.0, timeout=300.0)
+MODELS = ("gpt2", "bert", "resnet50")
+DEFAULT_VOCAB = {"gpt2": 50257, "bert": 30522}
+RESNET_INPUT = ("gpu_0/data_0", (1, 3, 224, 224))
 #: (batch, M, K, N): GPT-2 small's matmuls at 128 tokens (QKV, attention output, FFN up, FFN down, LM head) and
 #: the batched attention product (12 heads of 128x64 @ 64x128)
 MATMUL_SHAPES = [(1, 128, 768, 2304), (1, 128, 768, 768), (1, 128, 768, 3072), (1, 128, 3072, 768),
@@ -139,10 +155,10 @@ def _import_stage_module(module: str, stage: str):
 
 
 def child_generate(spec: dict) -> dict:
-    from benchmarks.models import gpt2_like
+    from benchmarks.models import bert_like, gpt2_like
 
     t0 = time.perf_counter()
-    gpt2_like(spec["model"], **spec["config"])
+    {"gpt2": gpt2_like, "bert": bert_like}[spec.get("kind", "gpt2")](spec["model"], **spec["config"])
     return {"generate_s": time.perf_counter() - t0}
 
 
@@ -180,7 +196,7 @@ def child_onnxruntime(spec: dict) -> dict:
     t0 = time.perf_counter()
     sess = ort.InferenceSession(spec["model"], opts, providers=["CPUExecutionProvider"])
     load_s = time.perf_counter() - t0
-    feeds = {"input_ids": np.load(spec["input_ids"])}
+    feeds = dict(np.load(spec["inputs"]))
     out, timing = _time_calls(lambda: sess.run(None, feeds)[0], warmup=spec["warmup"], repeat=spec["repeat"],
                               budget_s=spec["budget"], min_repeat=3, max_repeat=ORT_MAX_REPEAT)
     np.save(spec["output"], out)
@@ -216,8 +232,8 @@ def child_bmc(spec: dict) -> dict:
     t0 = time.perf_counter()
     model = bmc.load(spec["artifact"])
     load_s = time.perf_counter() - t0
-    ids = np.load(spec["input_ids"])
-    out, timing = _time_calls(lambda: model(input_ids=ids), warmup=spec["warmup"], repeat=spec["repeat"],
+    feeds = dict(np.load(spec["inputs"]))
+    out, timing = _time_calls(lambda: model(**feeds), warmup=spec["warmup"], repeat=spec["repeat"],
                               budget_s=spec["budget"], min_repeat=1, max_repeat=ORT_MAX_REPEAT)
     np.save(spec["output"], _first_output(out))
     return {"load_s": load_s, "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"), "kernels": kernels,
@@ -296,7 +312,7 @@ def child_main(stage: str, spec_path: str, result_path: str) -> int:
 
 # --------------------------------------------------------------------------------------------- parent side
 
-def run_child(stage: str, spec: dict, workdir: Path, threads: int, timeout: float) -> dict:
+def run_child(stage: str, spec: dict, workdir: Path, threads: int, timeout: float, label: str = "") -> dict:
     """Run one stage in a fresh interpreter; its stdout/stderr go to a log whose tail is kept on failure."""
     spec_path, result_path, log_path = (workdir / f"{stage}.{ext}" for ext in ("spec.json", "result.json", "log"))
     _write_json(spec_path, spec)
@@ -305,7 +321,8 @@ def run_child(stage: str, spec: dict, workdir: Path, threads: int, timeout: floa
     for var in BLAS_ENV_DROP:
         env.pop(var, None)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", stage, str(spec_path), str(result_path)]
-    print(f"[{stage}] running ...", file=sys.stderr, flush=True)
+    tag = f"{label}/{stage}" if label else stage
+    print(f"[{tag}] running ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
         with open(log_path, "w") as log:
@@ -323,7 +340,7 @@ def run_child(stage: str, spec: dict, workdir: Path, threads: int, timeout: floa
     result["wall_s"] = wall
     if not result["ok"] and not result.get("unavailable"):
         result["log_tail"] = log_path.read_text(errors="replace").splitlines()[-15:]
-    print(f"[{stage}] {'ok' if result['ok'] else 'FAILED'} in {wall:.1f} s", file=sys.stderr, flush=True)
+    print(f"[{tag}] {'ok' if result['ok'] else 'FAILED'} in {wall:.1f} s", file=sys.stderr, flush=True)
     return result
 
 
@@ -331,8 +348,16 @@ def skipped(reason: str) -> dict:
     return {"ok": False, "skipped": True, "error": reason}
 
 
-def ensure_model(cfg, cache_dir: Path, workdir: Path, threads: int, timeout: float) -> tuple[Path, dict]:
-    """The cached model for ``cfg``, generated (in a subprocess) on first use."""
+def ensure_model(cfg, cache_dir: Path, workdir: Path, threads: int, timeout: float,
+                 kind: str = "gpt2") -> tuple[Path, dict]:
+    """The cached model for ``cfg``, generated (in a subprocess) on first use; ResNet-50 ships with onnx."""
+    if kind == "resnet50":
+        from benchmarks.models import resnet50_path
+
+        try:
+            return resnet50_path(), {"ok": True, "cached": True, "generate_s": 0.0}
+        except Exception as err:  # noqa: BLE001 (reported as the stage's failure)
+            return Path("-"), {"ok": False, "error": str(err)}
     cache_dir.mkdir(parents=True, exist_ok=True)
     ignore = cache_dir / ".gitignore"
     if not ignore.exists():
@@ -340,7 +365,8 @@ def ensure_model(cfg, cache_dir: Path, workdir: Path, threads: int, timeout: flo
     path = cache_dir / f"{cfg.tag()}.onnx"
     if path.exists() and Path(f"{path}.data").exists():
         return path, {"ok": True, "cached": True, "generate_s": 0.0}
-    result = run_child("generate", {"model": str(path), "config": asdict(cfg)}, workdir, threads, timeout)
+    result = run_child("generate", {"model": str(path), "config": asdict(cfg), "kind": kind}, workdir, threads,
+                       timeout)
     return path, {"cached": False, **result}
 
 
@@ -356,44 +382,74 @@ def compare(ort_out: Path, bmc_out: Path) -> dict:
             "max_rel_err": err / max(scale, 1e-30)}
 
 
-def run_benchmark(args, cfg) -> dict:
-    """All stages, in order; a stage that cannot run says why, and what depends on it is skipped."""
+def model_inputs(kind: str, cfg, path: Path) -> dict:
+    """Seeded inputs for one model: token ids for the transformers, a standard-normal image for ResNet-50."""
+    import numpy as np
+
+    if kind == "resnet50":
+        name, shape = RESNET_INPUT
+        return {name: np.random.default_rng(1).standard_normal(shape, dtype=np.float32)}
+    rng = np.random.default_rng(cfg.seed + 1)
+    return {"input_ids": rng.integers(0, cfg.vocab, size=(cfg.batch, cfg.seq), dtype=np.int64)}
+
+
+def run_model(args, kind: str, cfg, work: Path) -> dict:
+    """The per-model stages, in order; a stage that cannot run says why, and what depends on it is skipped."""
     import numpy as np
 
     from benchmarks.models import initializer_bytes
 
     stages: dict[str, dict] = {}
+    tag = cfg.tag() if cfg is not None else kind
+    mwork = _mkdir(work / tag)
+    model, stages["generate"] = ensure_model(cfg, args.cache_dir, mwork, args.threads, args.timeout, kind)
+    if not stages["generate"]["ok"]:
+        return {"model": str(model), "stages": stages, "weight_bytes": None}
+    weight_bytes = initializer_bytes(model)
+    inputs_path = mwork / "inputs.npz"
+    np.savez(inputs_path, **model_inputs(kind, cfg, model))
+    artifact = mwork / f"{tag}.bmc"
+    common = {"model": str(model), "artifact": str(artifact), "inputs": str(inputs_path),
+              "threads": args.threads, "warmup": args.warmup, "repeat": args.repeat, "budget": args.budget}
+
+    def child(stage: str, **extra) -> dict:
+        return run_child(stage, {**common, **extra}, mwork, args.threads, args.timeout, label=kind)
+
+    stages["import"] = child("import")
+    stages["compile"] = child("compile")
+    stages["onnxruntime"] = child("onnxruntime", output=str(mwork / "ort.npy"))
+    if stages["compile"]["ok"]:
+        stages["bmc"] = child("bmc", output=str(mwork / "bmc.npy"))
+    else:
+        stages["bmc"] = skipped("compile did not succeed")
+    if stages["onnxruntime"]["ok"] and stages["bmc"]["ok"]:
+        stages["accuracy"] = compare(mwork / "ort.npy", mwork / "bmc.npy")
+    else:
+        stages["accuracy"] = skipped("needs both onnxruntime and bmc outputs")
+    return {"model": str(model), "stages": stages, "weight_bytes": weight_bytes}
+
+
+def run_benchmark(args, configs: dict) -> dict:
+    """Every selected model, then the matmul table. The first model's results also sit at the top level (the
+    JSON layout before there were several models); ``models`` has them all."""
+    models: dict[str, dict] = {}
+    matmul = None
     with tempfile.TemporaryDirectory(prefix="run-", dir=_mkdir(args.cache_dir)) as tmp:
         work = Path(tmp)
-        model, stages["generate"] = ensure_model(cfg, args.cache_dir, work, args.threads, args.timeout)
-        if not stages["generate"]["ok"]:
-            return {"stages": stages, "weight_bytes": None}
-        weight_bytes = initializer_bytes(model)
-        ids_path = work / "input_ids.npy"
-        rng = np.random.default_rng(cfg.seed + 1)
-        np.save(ids_path, rng.integers(0, cfg.vocab, size=(cfg.batch, cfg.seq), dtype=np.int64))
-        artifact = work / f"{cfg.tag()}.bmc"
-        common = {"model": str(model), "artifact": str(artifact), "input_ids": str(ids_path),
-                  "threads": args.threads, "warmup": args.warmup, "repeat": args.repeat, "budget": args.budget}
-
-        def child(stage: str, **extra) -> dict:
-            return run_child(stage, {**common, **extra}, work, args.threads, args.timeout)
-
-        stages["import"] = child("import")
-        stages["compile"] = child("compile")
-        stages["onnxruntime"] = child("onnxruntime", output=str(work / "ort.npy"))
-        if stages["compile"]["ok"]:
-            stages["bmc"] = child("bmc", output=str(work / "bmc.npy"))
-        else:
-            stages["bmc"] = skipped("compile did not succeed")
-        if stages["onnxruntime"]["ok"] and stages["bmc"]["ok"]:
-            stages["accuracy"] = compare(work / "ort.npy", work / "bmc.npy")
-        else:
-            stages["accuracy"] = skipped("needs both onnxruntime and bmc outputs")
+        for kind, cfg in configs.items():
+            run = run_model(args, kind, cfg, work)
+            models[kind] = {"config": asdict(cfg) if cfg is not None else {"input": list(RESNET_INPUT[1])}, **run,
+                            **summarize(run)}
         if args.matmul:
             shapes = QUICK_MATMUL_SHAPES if args.quick else MATMUL_SHAPES
-            stages["matmul"] = child("matmul", shapes=shapes, budget_per_shape=min(2.0, args.budget / 4))
-    return {"model": str(model), "stages": stages, "weight_bytes": weight_bytes}
+            matmul = run_child("matmul", {"shapes": shapes, "budget_per_shape": min(2.0, args.budget / 4),
+                                          "threads": args.threads}, _mkdir(work / "matmul"), args.threads,
+                               args.timeout)
+    first = next(iter(models.values()))
+    stages = dict(first["stages"])
+    if matmul is not None:
+        stages["matmul"] = matmul
+    return {"model": first["model"], "stages": stages, "weight_bytes": first["weight_bytes"], "models": models}
 
 
 def summarize(run: dict) -> dict:
@@ -471,8 +527,12 @@ def table_rows(report: dict) -> list[tuple[str, str, str]]:
     kern = (st.get("bmc") or {}).get("kernels")
     if kern:
         blas = kern.get("blas") or {}
+        cpu = ((st.get("bmc") or {}).get("kernels_manifest") or {}).get("cpu") or {}
+        offloaded = ", ".join(f"{op} {cpu[op]['blas']} BLAS / {cpu[op]['tvm']} TVM" for op in ("matmul", "conv2d")
+                              if isinstance(cpu.get(op), dict))
         rows.append(("bmc CPU kernels", f"matmul: {kern.get('impl')} ({Path(blas.get('path') or '-').name}, "
-                     f"core {blas.get('core')}), threads {kern.get('threads')}", ""))
+                     f"core {blas.get('core')}), threads {kern.get('threads')}"
+                     + (f"; {offloaded}" if offloaded else ""), ""))
     mm = st.get("matmul")
     if mm is not None and not mm.get("ok"):
         row("matmul GFLOP/s", "matmul", lambda r: "")
@@ -486,25 +546,63 @@ def table_rows(report: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
-def print_report(report: dict, json_path: Path) -> None:
-    c = report["config"]
-    print(f"\nbmc single-device benchmark: gpt2_like layers={c['layers']} hidden={c['hidden']} heads={c['heads']} "
-          f"ffn={c['ffn']} seq={c['seq']} batch={c['batch']} vocab={c['vocab']}")
-    print(f"weights {_fmt_b(report['weight_bytes'])}, threads={report['threads']} (ORT intra-op, TVM_NUM_THREADS), "
-          f"target llvm, {report['host']['cpu_count']} CPUs, load average {report['host']['load_avg_1min_at_start'] or 0:.2f}\n")
-    rows = table_rows(report)
+def summary_rows(report: dict) -> list[tuple[str, str, str]]:
+    """One row per model: bmc / onnxruntime latency ratio (median, best) with the absolute medians."""
+    rows = []
+    for name, m in report.get("models", {}).items():
+        st, head = m["stages"], m["headline"]
+        if head.get("latency_ratio_median") is not None:
+            ratio = head["latency_ratio_median"]
+            rows.append((name, f"{ratio:.2f}x median, {head['latency_ratio_best']:.2f}x best: bmc "
+                         f"{_fmt_s(st['bmc']['median_s'])} vs onnxruntime {_fmt_s(st['onnxruntime']['median_s'])} "
+                         f"(best {_fmt_s(st['bmc']['best_s'])} vs {_fmt_s(st['onnxruntime']['best_s'])})",
+                         f"<= {GOALS['latency_ratio']:.1f}x: {'met' if ratio <= GOALS['latency_ratio'] else 'MISSED'}"))
+        else:
+            bad = next((f"{k}: {r.get('error', 'failed')}" for k, r in st.items() if not r.get("ok")), "no result")
+            rows.append((name, bad, "FAILED"))
+    return rows
+
+
+def _print_rows(rows) -> None:
     failed = ("FAILED", "skipped", "unavailable")
+    if not rows:
+        return
     w0 = max(len(r[0]) for r in rows)
     w1 = max([len(r[1]) for r in rows if r[2] not in failed], default=0)
     for what, value, note in rows:
         line = f"{note}: {value}" if note in failed else f"{value:<{w1}}  {note}"
         print(f"  {what:<{w0}}  {line}".rstrip())
-    if "peak_rss_over_weights" in report["goals"] and report["weight_bytes"] < SMALL_WEIGHTS:
-        print("\n  note: the peak-RSS goal is meant for GPT-2-sized weights; at this size the interpreter and "
-              "library baseline dominates")
-    for stage, r in report["stages"].items():
-        if not r.get("ok") and r.get("log_tail"):
-            print(f"\n[{stage}] last lines of its log:\n    " + "\n    ".join(r["log_tail"]))
+
+
+def _describe(name: str, c: dict) -> str:
+    if name == "resnet50":
+        return f"resnet50 (light_resnet50.onnx) input {'x'.join(map(str, c.get('input', [])))}"
+    return (f"{name} layers={c['layers']} hidden={c['hidden']} heads={c['heads']} ffn={c['ffn']} seq={c['seq']} "
+            f"batch={c['batch']} vocab={c['vocab']}")
+
+
+def print_report(report: dict, json_path: Path) -> None:
+    models = report.get("models") or {}
+    print(f"\nbmc single-device benchmark: {', '.join(models) or '-'}; threads={report['threads']} (ORT intra-op, "
+          f"TVM_NUM_THREADS), target llvm, {report['host']['cpu_count']} CPUs, load average "
+          f"{report['host']['load_avg_1min_at_start'] or 0:.2f}\n")
+    print("latency bmc / onnxruntime (same thread count):")
+    _print_rows(summary_rows(report))
+    for name, m in models.items():
+        print(f"\n{_describe(name, m['config'])}, weights {_fmt_b(m['weight_bytes'])}:")
+        _print_rows(table_rows(m))
+        if "peak_rss_over_weights" in m["goals"] and (m["weight_bytes"] or 0) < SMALL_WEIGHTS:
+            print("  note: the peak-RSS goal is meant for GPT-2-sized weights; at this size the interpreter and "
+                  "library baseline dominates")
+    mm = report["stages"].get("matmul")
+    if mm is not None:
+        print("\nmatmul (GPT-2 shapes):")
+        _print_rows(table_rows({"stages": {"matmul": mm}, "goals": {}, "headline": {}}))
+    for name, m in {**models, "": {"stages": {"matmul": mm} if mm else {}}}.items():
+        for stage, r in m["stages"].items():
+            if not r.get("ok") and r.get("log_tail"):
+                print(f"\n[{name + '/' if name else ''}{stage}] last lines of its log:\n    "
+                      + "\n    ".join(r["log_tail"]))
     print(f"\nresults: {json_path}")
 
 
@@ -568,8 +666,11 @@ def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in ("layers", "hidden", "heads", "seq", "vocab"):
-        p.add_argument(f"--{name}", type=int, help=f"model {name} (default {FULL[name]}; --quick: {QUICK[name]})")
+        p.add_argument(f"--{name}", type=int, help=f"transformer {name} (default {FULL[name]}"
+                       + (", BERT 30522" if name == "vocab" else "") + f"; --quick: {QUICK[name]})")
     p.add_argument("--ffn", type=int, default=0, help="FFN width (default 4 x hidden)")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma-separated, from {', '.join(MODELS)} (default all; the first is the JSON's top level)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="weights and input ids seed")
     p.add_argument("--threads", type=int, default=2, help="threads for onnxruntime and TVM alike (default 2)")
@@ -585,9 +686,15 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
     args = p.parse_args(argv)
     preset = QUICK if args.quick else FULL
+    args.vocab_given = args.vocab is not None
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown or not args.models:
+        p.error(f"--models: unknown {', '.join(unknown) or '(none given)'}; pick from {', '.join(MODELS)}")
+    args.models = list(dict.fromkeys(args.models))
     for name in ("threads", "warmup", "repeat"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
@@ -600,21 +707,32 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         return child_main(*argv[1:4])
     args = parse_args(argv)
-    from benchmarks.models import GPT2Config
+    from benchmarks.models import BertConfig, GPT2Config
     from bmc.errors import BmcError
 
+    configs: dict = {}
     try:
-        cfg = GPT2Config(args.layers, args.hidden, args.heads, args.seq, args.batch, args.vocab, args.ffn, args.seed)
+        for kind in args.models:
+            if kind == "resnet50":
+                configs[kind] = None
+                continue
+            vocab = args.vocab if args.vocab_given or args.quick else DEFAULT_VOCAB[kind]
+            cls = GPT2Config if kind == "gpt2" else BertConfig
+            configs[kind] = cls(args.layers, args.hidden, args.heads, args.seq, args.batch, vocab, args.ffn,
+                                args.seed)
     except BmcError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     t0 = time.perf_counter()
     env = environment()  # before the run: its load average is the machine's, not ours
-    run = run_benchmark(args, cfg)
+    run = run_benchmark(args, configs)
+    first = next(iter(run["models"].values()))
     report = {"benchmark": "single_device", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "config": asdict(cfg), "threads": args.threads, "quick": args.quick, **env, **run,
+              "config": first["config"], "threads": args.threads, "quick": args.quick, **env, **run,
               **summarize(run), "goal_thresholds": GOALS, "total_wall_s": time.perf_counter() - t0}
-    failed = [name for name, r in report["stages"].items() if not r.get("ok")]
+    failed = [f"{name}/{stage}" for name, m in run["models"].items() for stage, r in m["stages"].items()
+              if not r.get("ok")]
+    failed += ["matmul"] * (not report["stages"].get("matmul", {"ok": True}).get("ok"))
     report["failed_stages"] = failed
     report["ok"] = not failed
     _write_json(args.json, report)

@@ -10,6 +10,11 @@ Two things make bmc's llvm code fast, and both live here so the choices are made
    folded into the call as a ``trans_a``/``trans_b`` flag (Gemm ``transB`` weights arrive that way), so the weight is
    not transposed on every call. The runtime registers the kernel (``bmc.runtime.kernels``): native C++ calling
    OpenBLAS' ``cblas_?gemm`` when ``libbmc_runtime`` is built, numpy otherwise.
+   **Convolution offload.** Likewise a float32/float64 NCHW/OIHW ``relax.nn.conv2d`` becomes
+   ``bmc.cpu.conv2d(x, w, stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, dil_w, groups, out)``: im2col plus
+   one BLAS GEMM per image (batched over groups), chosen per op by :func:`choose_conv2d` (tiny convs and
+   depthwise-like groups stay in TVM, whose untuned conv loop nest is ~50-100x slower than BLAS on ResNet-50's
+   convs). ``BMC_CPU_CONV=tvm`` keeps every conv in TVM (for before/after measurements).
 2. **Schedules.** After fusion every PrimFunc gets a schedule from ordered rules (dlight style, fallback last):
    dlight's CPU ``Reduction`` (softmax, layer/RMS norm: parallel rows, vectorized injective parts), then
    :class:`ParallelFallback` (inline what can be inlined, parallelize the leading spatial loops over the thread
@@ -28,13 +33,21 @@ from collections import Counter
 import tvm
 from tvm import relax
 
-from bmc.runtime.kernels import MATMUL_KERNEL
+from bmc.runtime.kernels import CONV2D_KERNEL, MATMUL_KERNEL
 
 #: result dtypes the BLAS kernel handles (sgemm, dgemm); anything else stays a TVM kernel
 BLAS_DTYPES = ("float32", "float64")
 #: below this many multiply-adds a TVM loop nest beats the packed call (a few microseconds); measured on 2 cores:
 #: 8x8x8 float32 is ~1 us either way, 16x16x16 already favours BLAS (see tests/codegen/test_cpu_kernels.py)
 MIN_BLAS_MACS = 512
+#: 2-D convolutions (float32/float64, NCHW/OIHW) go to im2col + BLAS (``bmc.cpu.conv2d``) from this many
+#: multiply-adds on; below it (and for depthwise-like groups, see :func:`choose_conv2d`) TVM's loop nest is kept,
+#: as the im2col copy and the packed call (~20-40 us of Python) cost more than the GEMM saves. Measured on 2 cores,
+#: 3x3 convs: 18k MACs TVM 21 us vs BLAS 39 us; 147k MACs TVM 102 us vs BLAS 46 us; 2.4M MACs 855 vs 173 us
+MIN_CONV_MACS = 1 << 16
+#: per-group GEMM sizes below which a grouped conv stays in TVM (depthwise: M/g = 1, K = KH*KW)
+MIN_CONV_GROUP_M = 8
+MIN_CONV_GROUP_K = 16
 #: a fused loop nest with fewer iterations than this runs on one thread (a parallel launch costs ~2-5 us)
 MIN_PARALLEL_ITERS = 4096
 
@@ -66,6 +79,18 @@ def choose_matmul(a: tuple[int, ...] | None, b: tuple[int, ...] | None, out: tup
     return "blas" if macs >= MIN_BLAS_MACS else "tvm"
 
 
+def choose_conv2d(x: tuple[int, ...] | None, w: tuple[int, ...] | None, out: tuple[int, ...] | None, groups: int,
+                  dtype: str) -> str:
+    """``"blas"`` or ``"tvm"`` for one NCHW/OIHW 2-D convolution, by dtype, size and per-group GEMM shape."""
+    if dtype not in BLAS_DTYPES or x is None or w is None or out is None or len(w) != 4:
+        return "tvm"
+    macs = math.prod(out) * math.prod(w[1:])
+    mg, kg = w[0] // max(groups, 1), math.prod(w[1:])
+    if macs < MIN_CONV_MACS or mg < MIN_CONV_GROUP_M or kg < MIN_CONV_GROUP_K:
+        return "tvm"
+    return "blas"
+
+
 def _swaps_last_two(axes, rank: int) -> bool:
     if rank < 2:
         return False
@@ -79,11 +104,14 @@ def _swaps_last_two(axes, rank: int) -> bool:
 class _MatmulOffloader(relax.PyExprMutator):
     """Rewrites ``R.matmul`` into ``R.call_dps_packed("bmc.cpu.matmul", ...)`` where :func:`choose_matmul` says so."""
 
-    def __init__(self, mod: tvm.IRModule | None = None):
+    def __init__(self, mod: tvm.IRModule | None = None, conv: bool = True):
         super().__init__(mod)
+        self.conv = conv
         self.choices: Counter = Counter()
         self.folded = 0
         self.shapes: Counter = Counter()
+        self.conv_choices: Counter = Counter()
+        self.conv_shapes: Counter = Counter()
 
     def _unpermuted(self, expr):
         """(source, True) when ``expr`` is bound to a permute_dims swapping its last two axes, else (expr, False)."""
@@ -98,8 +126,36 @@ class _MatmulOffloader(relax.PyExprMutator):
                 return src, True
         return expr, False
 
+    def _conv2d(self, call: relax.Call):
+        x, w = call.args
+        a = call.attrs
+        out_ty = call.ty
+        dtype = str(out_ty.dtype)
+        x_shape, w_shape, out_shape = _static_shape(x.ty), _static_shape(w.ty), _static_shape(out_ty)
+        layouts_ok = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) == ("NCHW", "OIHW", "NCHW")
+        if not layouts_ok or str(x.ty.dtype) != dtype or str(w.ty.dtype) != dtype:  # out_dtype casts stay in TVM
+            self.conv_choices["tvm"] += 1
+            return call
+        groups = int(a.groups)
+        choice = choose_conv2d(x_shape, w_shape, out_shape, groups, dtype)
+        self.conv_choices[choice] += 1
+        if choice != "blas":
+            return call
+        strides = [int(v) for v in a.strides]
+        pads = [int(v) for v in a.padding]
+        if len(pads) == 2:
+            pads = pads * 2
+        dil = [int(v) for v in a.dilation]
+        self.conv_shapes[f"{dtype}{list(x_shape)}*{list(w_shape)} s{strides} p{pads} d{dil} g{groups}"] += 1
+        prim = relax.expr.prim_value
+        return relax.call_dps_packed(
+            CONV2D_KERNEL, [x, w, *(prim(v) for v in (*strides, *pads, *dil, groups))],
+            out_ty=relax.TensorType(list(out_shape), dtype))
+
     def visit_call_(self, call: relax.Call):  # noqa: N802 (TVM's visitor naming)
         call = super().visit_call_(call)
+        if self.conv and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d":
+            return self._conv2d(call)
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"):
             return call
         a, b = call.args
@@ -122,12 +178,13 @@ class _MatmulOffloader(relax.PyExprMutator):
             out_ty=relax.TensorType(list(out_shape), dtype))
 
 
-def offload_matmul(record: dict | None = None) -> tvm.transform.Pass:
-    """Module pass: matmuls → BLAS calls (see module doc); fills ``record`` with the choices."""
+def offload_matmul(record: dict | None = None, *, conv: bool = True) -> tvm.transform.Pass:
+    """Module pass: matmuls (and, with ``conv``, large 2-D convolutions) → BLAS calls (see module doc); fills
+    ``record`` with the choices."""
 
     @tvm.transform.module_pass(opt_level=0, name="BmcOffloadMatmul")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        offloader = _MatmulOffloader(mod)
+        offloader = _MatmulOffloader(mod, conv=conv)
         for gv, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
                 offloader.builder_.update_func(gv, offloader.visit_expr(func))
@@ -136,7 +193,11 @@ def offload_matmul(record: dict | None = None) -> tvm.transform.Pass:
             blas = offloader.choices.get("blas", 0)
             record["matmul"] = {"blas": blas, "tvm": offloader.choices.get("tvm", 0),
                                 "transposes_folded": offloader.folded, "shapes": dict(offloader.shapes)}
-            record["requires"] = [MATMUL_KERNEL] if blas else []
+            conv_blas = offloader.conv_choices.get("blas", 0)
+            if offloader.conv_choices:
+                record["conv2d"] = {"blas": conv_blas, "tvm": offloader.conv_choices.get("tvm", 0),
+                                    "shapes": dict(offloader.conv_shapes)}
+            record["requires"] = [MATMUL_KERNEL] * bool(blas) + [CONV2D_KERNEL] * bool(conv_blas)
         # the folded permute_dims are now dead
         return relax.transform.DeadCodeElimination()(mod)
 
@@ -346,15 +407,22 @@ def simd_features(target) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ the pipeline
 
-def cpu_pipeline(target, record: dict | None = None, *, offload: bool = True, schedule: bool = True,
-                 fast_math_ops: bool = True):
-    """The Relax pipeline for llvm: decompose, offload matmuls, fast math, legalize + fuse, schedule, lower."""
+def cpu_pipeline(target, record: dict | None = None, *, offload: bool = True, offload_conv: bool | None = None,
+                 schedule: bool = True, fast_math_ops: bool = True):
+    """The Relax pipeline for llvm: decompose, offload matmuls (+ convs), fast math, legalize + fuse, schedule, lower.
+
+    ``offload_conv`` (default: ``offload``, unless ``BMC_CPU_CONV=tvm`` is set) routes large 2-D convolutions to
+    ``bmc.cpu.conv2d``."""
+    if offload_conv is None:
+        import os
+
+        offload_conv = offload and os.environ.get("BMC_CPU_CONV", "").strip().lower() != "tvm"
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight as dl
 
     passes = [relax.transform.DecomposeOpsForInference()]
     if offload:
-        passes.append(offload_matmul(record))
+        passes.append(offload_matmul(record, conv=offload_conv))
     if fast_math_ops:
         passes.append(fast_math(record))
     passes += cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)

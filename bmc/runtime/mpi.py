@@ -547,6 +547,11 @@ def native_library_path() -> Path | None:
     env = os.environ.get("BMC_MPI_NATIVE_LIB")
     if env:
         return Path(env) if Path(env).exists() else None
+    from bmc.runtime.kernels import packaged_library
+
+    packaged = packaged_library(NATIVE_LIB)
+    if packaged is not None:
+        return packaged
     if not (ROOT / "cpp" / "mpi_collectives.cc").exists():
         return None
     lib = cache_dir() / "native" / _native_key() / NATIVE_LIB

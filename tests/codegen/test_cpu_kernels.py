@@ -166,7 +166,6 @@ def test_fallback_when_native_library_is_absent(tmp_path):
 
 
 def test_manifest_records_kernel_choice(tmp_path):
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from bmc.compiler import compile_model
@@ -237,3 +236,79 @@ def test_artifact_cpu_features_are_checked_against_the_host():
     lacking = next(f for f in ("amx-tile", "sve2", "avx512fp16", "avx512f") if f not in have)
     with pytest.raises(RuntimeError, match=f"uses {lacking}, which this CPU lacks"):
         check_host_cpu({"mcpu": "future", "features": [*features, lacking]})
+
+
+# ------------------------------------------------------------------------------------------ conv2d offload
+
+CONV_CASES = [  # (x shape, w shape, strides, pads (top, left, bottom, right), dilations, groups); all offloaded
+    ((1, 16, 20, 20), (32, 16, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),    # 3x3 "same"
+    ((2, 16, 20, 18), (32, 16, 3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1),    # batch 2, stride 2
+    ((1, 64, 16, 16), (64, 64, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),    # 1x1: no im2col copy
+    ((1, 64, 16, 16), (128, 64, 1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 1),   # 1x1 stride 2 (ResNet downsample)
+    ((1, 3, 40, 40), (32, 3, 7, 7), (2, 2), (3, 3, 3, 3), (1, 1), 1),      # ResNet stem
+    ((1, 16, 21, 19), (24, 16, 3, 2), (2, 1), (0, 1, 2, 0), (2, 1), 1),    # asymmetric pads, dilation, odd sizes
+    ((1, 32, 16, 16), (64, 8, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4),     # grouped
+    ((1, 32, 17, 15), (32, 16, 3, 3), (1, 2), (2, 1, 0, 2), (2, 2), 2),    # grouped, dilated, strided
+]
+
+
+def _conv_graph(x_shape, w_shape, strides, pads, dilations, groups, dtype="float32"):
+    b = GraphBuilder("conv")
+    x = b.input("x", TensorType(dtype, x_shape))
+    w = b.input("w", TensorType(dtype, w_shape))
+    return b.finish([b.emit1("conv", [x, w], strides=strides, pads=pads, dilations=dilations, group=groups)])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=[f"{c[1][2]}x{c[1][3]}s{c[2]}p{c[3]}d{c[4]}g{c[5]}".replace(" ", "")
+                                                  for c in CONV_CASES])
+def test_offloaded_conv2d_matches_reference(dtype, case):
+    from bmc.ops import OPS
+
+    x_shape, w_shape, strides, pads, dilations, groups = case
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    built, got = _run(_conv_graph(*case, dtype=dtype), [x, w], native=False)
+    rec = built.kernels["cpu"]
+    assert rec["conv2d"]["blas"] == 1 and rec["requires"] == ["bmc.cpu.conv2d"], rec
+    (ref,) = OPS["conv"].reference([x, w], {"strides": strides, "pads": pads, "dilations": dilations,
+                                            "group": groups})
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * float(np.max(np.abs(ref))))
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:1] + CONV_CASES[5:])
+def test_conv2d_numpy_kernel_matches_reference(case):
+    """The kernel itself (no compile), allocating its output, against the op's numpy reference."""
+    from bmc.ops import OPS
+    from bmc.runtime.kernels import conv2d_numpy
+
+    x_shape, w_shape, strides, pads, dilations, groups = case
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal(x_shape).astype("float32"), rng.standard_normal(w_shape).astype("float32")
+    (ref,) = OPS["conv"].reference([x, w], {"strides": strides, "pads": pads, "dilations": dilations,
+                                            "group": groups})
+    np.testing.assert_allclose(conv2d_numpy(x, w, strides, pads, dilations, groups), ref, rtol=1e-5,
+                               atol=1e-5 * float(np.max(np.abs(ref))))
+
+
+def test_small_depthwise_and_integer_convs_stay_in_tvm():
+    from bmc.codegen.cpu import choose_conv2d
+
+    assert choose_conv2d((1, 4, 8, 8), (4, 4, 3, 3), (1, 4, 8, 8), 1, "float32") == "tvm"  # 9k MACs: tiny
+    assert choose_conv2d((1, 64, 56, 56), (64, 64, 3, 3), (1, 64, 56, 56), 1, "float32") == "blas"
+    assert choose_conv2d((1, 64, 56, 56), (64, 1, 3, 3), (1, 64, 56, 56), 64, "float32") == "tvm"  # depthwise
+    assert choose_conv2d((1, 64, 56, 56), (64, 64, 3, 3), (1, 64, 56, 56), 1, "float16") == "tvm"
+    rng = np.random.default_rng(2)
+    case = ((1, 32, 16, 16), (32, 1, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 32)  # depthwise: stays in TVM
+    x, w = rng.standard_normal(case[0]).astype("float32"), rng.standard_normal(case[1]).astype("float32")
+    built, got = _run(_conv_graph(*case), [x, w], native=False)
+    assert built.kernels["cpu"]["conv2d"] == {"blas": 0, "tvm": 1, "shapes": {}}
+    assert built.kernels["cpu"]["requires"] == []
+    from bmc.ops import OPS
+
+    (ref,) = OPS["conv"].reference([x, w], {"strides": (1, 1), "pads": (1, 1, 1, 1), "dilations": (1, 1),
+                                            "group": 32})
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
