@@ -97,7 +97,9 @@ def cmd_compile(args) -> int:
                             cuda_archs=tuple(args.cuda_arch or ("sm_90",)), input_shapes=input_shapes,
                             dump_dir=args.dump_dir, mesh=mesh, **({"shard": shard} if shard else {}),
                             **({"strategy": args.strategy} if args.strategy else {}),
-                            **({"dtype": args.dtype} if args.dtype != "float32" else {}), **_plan_options(args))
+                            **({"dtype": args.dtype} if args.dtype != "float32" else {}),
+                            **({"tune_trials": args.tune, "tune_db": args.tune_db} if args.tune else {}),
+                            **_plan_options(args))
     elapsed = time.perf_counter() - start
     summary = summary if isinstance(summary, dict) else {}
     output = Path(summary.get("output", args.output))
@@ -359,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cuda-arch", action="append", metavar="SM", help="CUDA architecture, e.g. sm_90 (repeatable)")
     c.add_argument("--input-shape", action="append", metavar="NAME=DIMS",
                    help=f"bind an input's shape or a symbolic dim (SYMBOL=SIZE): {_SHAPE_GRAMMAR}")
+    c.add_argument("--tune", type=int, default=0, metavar="N",
+                   help="llvm: tune the TVM kernels with N MetaSchedule trials (needs the `tune` extra: "
+                        "pip install 'bmc[tune]'); results are kept in a database reused by later compiles")
+    c.add_argument("--tune-db", metavar="DIR", help="the tuning database folder (default ~/.cache/bmc/tuning/...)")
     c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="run a float32 model in this precision (weights converted; inputs/outputs stay float32)")
     c.add_argument("--mesh", default="1", help="device mesh, e.g. 8x8 (SIZE[xSIZE...]; default 1)")

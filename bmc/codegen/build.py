@@ -32,14 +32,14 @@ class Built:
             self.executable.export_library(str(path))
 
 
-def cpu_pipeline(target, record: dict | None = None) -> tvm.transform.Pass:
+def cpu_pipeline(target, record: dict | None = None, tune=None) -> tvm.transform.Pass:
     """LLVM: decompose inference ops, offload matmuls to BLAS, legalize, fold, fuse, CPU schedule rules, lower.
 
     The pieces live in :mod:`bmc.codegen.cpu`; ``record`` receives the per-op kernel choices (for the manifest).
     """
     from bmc.codegen import cpu
 
-    return cpu.cpu_pipeline(target, record)
+    return cpu.cpu_pipeline(target, record, tune=tune)
 
 
 def gpu_pipeline(target) -> tvm.transform.Pass:
@@ -58,9 +58,12 @@ def gpu_pipeline(target) -> tvm.transform.Pass:
     ])
 
 
-def build(graph: Graph, target: TargetSpec, *, threads: int | None = None) -> Built:
+def build(graph: Graph, target: TargetSpec, *, threads: int | None = None, tune_trials: int = 0,
+          tune_db: Path | str | None = None) -> Built:
     """Compile ``graph`` for ``target``. llvm: ``threads`` sizes the BLAS/TVM thread pools of this process (the
-    in-process VM that tests build right after; an artifact's loader sizes its own), ``None`` keeps the default."""
+    in-process VM that tests build right after; an artifact's loader sizes its own), ``None`` keeps the default.
+    llvm: ``tune_trials > 0`` tunes the TVM kernels with MetaSchedule (:mod:`bmc.codegen.tune`), reusing and
+    extending the JSON database in ``tune_db`` (default ``~/.cache/bmc/tuning/<target hash>/``)."""
     timings: dict[str, float] = {}
     cpu_record: dict = {}
     t0 = time.perf_counter()
@@ -70,7 +73,12 @@ def build(graph: Graph, target: TargetSpec, *, threads: int | None = None) -> Bu
     t0 = time.perf_counter()
     try:
         if target.kind == "llvm":
-            ex = tvm.compile(mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target, cpu_record))
+            tune = None
+            if tune_trials > 0:
+                from bmc.codegen.tune import tune_pass
+
+                tune = tune_pass(tvm_target, tune_trials, Path(tune_db) if tune_db is not None else None, cpu_record)
+            ex = tvm.compile(mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target, cpu_record, tune=tune))
         else:
             from bmc.codegen import cuda
 

@@ -408,11 +408,13 @@ def simd_features(target) -> list[str]:
 # ------------------------------------------------------------------------------------------ the pipeline
 
 def cpu_pipeline(target, record: dict | None = None, *, offload: bool = True, offload_conv: bool | None = None,
-                 schedule: bool = True, fast_math_ops: bool = True):
-    """The Relax pipeline for llvm: decompose, offload matmuls (+ convs), fast math, legalize + fuse, schedule, lower.
+                 schedule: bool = True, fast_math_ops: bool = True, tune=None):
+    """The Relax pipeline for llvm: decompose, offload matmuls (+ convs), fast math, legalize + fuse, [tune],
+    schedule, lower.
 
     ``offload_conv`` (default: ``offload``, unless ``BMC_CPU_CONV=tvm`` is set) routes large 2-D convolutions to
-    ``bmc.cpu.conv2d``."""
+    ``bmc.cpu.conv2d``. ``tune`` is an optional pass (MetaSchedule, ``bmc.codegen.tune.tune_pass``) run after fusion;
+    the dlight rules skip the functions it scheduled."""
     if offload_conv is None:
         import os
 
@@ -426,6 +428,8 @@ def cpu_pipeline(target, record: dict | None = None, *, offload: bool = True, of
     if fast_math_ops:
         passes.append(fast_math(record))
     passes += cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+    if tune is not None:
+        passes.append(tune)
     if schedule:
         passes.append(dl.ApplyDefaultSchedule(*schedule_rules()))
     passes += cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
