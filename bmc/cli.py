@@ -289,7 +289,9 @@ def cmd_show(args) -> int:
         print("source     " + ", ".join(f"{k}={v}" for k, v in m["source"].items()))
     sig = m["signature"]
     for kind in ("inputs", "outputs"):
-        print(f"{kind:<10} " + ("; ".join(_fmt(e) for e in sig[kind]) or "(none)"))
+        implicit = set(m.get("implicit_inputs", [])) if kind == "inputs" else set()
+        entries = [_fmt(e) + (" (supplied by the runtime)" if e["name"] in implicit else "") for e in sig[kind]]
+        print(f"{kind:<10} " + ("; ".join(entries) or "(none)"))
     print(f"params     {len(sig['params'])} tensors")
     print("files")
     for rel, info in m["files"].items():
