@@ -26,7 +26,7 @@ from bmc.errors import UsageError
 
 OPSET = 17  # LayerNormalization is opset 17+
 IR_VERSION = 8  # the IR version that goes with opset 17; old enough for every consumer
-GENERATOR_VERSION = 1  # bump when the graph changes, so cached files are regenerated
+GENERATOR_VERSION = 2  # bump when the graph changes, so cached files are regenerated
 MASK_VALUE = -1e9  # finite, so a fully masked row can never produce NaN
 
 
@@ -203,8 +203,10 @@ class BertConfig:
                 f"_V{self.vocab}_seed{self.seed}_g{GENERATOR_VERSION}")
 
 
-def _bert_attention(b: _Builder, x: str, name: str) -> str:
-    """Separate Q/K/V projections (as BERT exporters emit them), no mask (every token attends to every token)."""
+def separate_qkv_attention(b: _Builder, x: str, name: str, *, causal: bool,
+                           names: tuple[str, str, str, str] = ("query", "key", "value", "output")) -> str:
+    """Multi-head attention with separate Q/K/V projections (BERT, OPT); ``names`` are the four projections'
+    name suffixes; ``causal`` adds the upper-triangular mask (a decoder)."""
     cfg = b.cfg
     h, a, d = cfg.hidden, cfg.heads, cfg.head_dim
     heads_shape = b.shared("attn.heads_shape", np.array([cfg.batch, cfg.seq, a, d], np.int64))
@@ -214,13 +216,16 @@ def _bert_attention(b: _Builder, x: str, name: str) -> str:
         return b.op("Transpose", [b.op("Reshape", [t, heads_shape], f"{name}.{tag}.reshape")],
                     f"{name}.{tag}.transpose", perm=perm)
 
-    q, kt, v = heads("query", [0, 2, 1, 3]), heads("key", [0, 2, 3, 1]), heads("value", [0, 2, 1, 3])
-    scores = b.op("Div", [b.op("MatMul", [q, kt], f"{name}.scores"),
-                          b.shared("attn.sqrt_d", np.float32(math.sqrt(d)))], f"{name}.scaled")
+    q, kt, v = heads(names[0], [0, 2, 1, 3]), heads(names[1], [0, 2, 3, 1]), heads(names[2], [0, 2, 1, 3])
+    scores = b.op("Mul", [b.op("MatMul", [q, kt], f"{name}.scores"), b.shared("attn.scale", np.float32(d ** -0.5))],
+                  f"{name}.scaled")
+    if causal:
+        mask = np.triu(np.full((cfg.seq, cfg.seq), MASK_VALUE, np.float32), k=1)
+        scores = b.op("Add", [scores, b.shared("attn.causal_mask", mask)], f"{name}.masked")
     probs = b.op("Softmax", [scores], f"{name}.softmax", axis=-1)
     ctx = b.op("Transpose", [b.op("MatMul", [probs, v], f"{name}.context")], f"{name}.merge", perm=[0, 2, 1, 3])
     merged = b.shared("attn.merged_shape", np.array([cfg.batch, cfg.seq, h], np.int64))
-    return b.linear(b.op("Reshape", [ctx, merged], f"{name}.merge.reshape"), h, h, f"{name}.output")
+    return b.linear(b.op("Reshape", [ctx, merged], f"{name}.merge.reshape"), h, h, f"{name}.{names[3]}")
 
 
 def build_bert_like(cfg: BertConfig) -> onnx.ModelProto:
@@ -237,7 +242,7 @@ def build_bert_like(cfg: BertConfig) -> onnx.ModelProto:
     x = b.layer_norm(x, "embeddings.ln", eps)
     for i in range(cfg.layers):
         name = f"layer.{i}"
-        x = b.layer_norm(b.op("Add", [x, _bert_attention(b, x, f"{name}.attn")], f"{name}.residual_1"),
+        x = b.layer_norm(b.op("Add", [x, separate_qkv_attention(b, x, f"{name}.attn", causal=False)], f"{name}.residual_1"),
                          f"{name}.attn.ln", eps)
         up = b.gelu_erf(b.linear(x, cfg.hidden, cfg.ffn, f"{name}.intermediate"), f"{name}.gelu")
         x = b.layer_norm(b.op("Add", [x, b.linear(up, cfg.ffn, cfg.hidden, f"{name}.output")], f"{name}.residual_2"),

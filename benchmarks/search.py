@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from benchmarks.models import IR_VERSION, MASK_VALUE, OPSET, GPT2Config, _block, _Builder
+from benchmarks.models import IR_VERSION, OPSET, GPT2Config, _block, _Builder, separate_qkv_attention
 
 RESULTS = Path(__file__).resolve().parent / "results" / "search.json"
 MODELS = {
@@ -77,31 +77,10 @@ class _WeightFreeBuilder(_Builder):
         return self.op("LayerNormalization", [x, g, b], name, axis=-1, epsilon=1e-5)
 
 
-def _attention_separate_qkv(b: _Builder, x: str, name: str) -> str:
-    """OPT-175B's attention: separate Q, K, V projections (GPT-3's fused QKV differs only in one matmul + split)."""
-    cfg = b.cfg
-    h, a, d = cfg.hidden, cfg.heads, cfg.head_dim
-    heads_shape = b.shared("attn.heads_shape", np.array([cfg.batch, cfg.seq, a, d], np.int64))
-
-    def proj(tag: str, perm: list[int]) -> str:
-        t = b.linear(x, h, h, f"{name}.{tag}_proj")
-        return b.op("Transpose", [b.op("Reshape", [t, heads_shape], f"{name}.{tag}.reshape")],
-                    f"{name}.{tag}.transpose", perm=perm)
-
-    q, kt, v = proj("q", [0, 2, 1, 3]), proj("k", [0, 2, 3, 1]), proj("v", [0, 2, 1, 3])
-    scores = b.op("Mul", [b.op("MatMul", [q, kt], f"{name}.scores"), b.shared("attn.scale", np.float32(d ** -0.5))],
-                  f"{name}.scaled")
-    mask = np.triu(np.full((cfg.seq, cfg.seq), MASK_VALUE, np.float32), k=1)
-    probs = b.op("Softmax", [b.op("Add", [scores, b.shared("attn.causal_mask", mask)], f"{name}.masked")],
-                 f"{name}.softmax", axis=-1)
-    ctx = b.op("Transpose", [b.op("MatMul", [probs, v], f"{name}.context")], f"{name}.merge", perm=[0, 2, 1, 3])
-    merged = b.shared("attn.merged_shape", np.array([cfg.batch, cfg.seq, h], np.int64))
-    return b.linear(b.op("Reshape", [ctx, merged], f"{name}.merge.reshape"), h, h, f"{name}.out_proj")
-
-
 def _block_separate_qkv(b: _Builder, x: str, i: int) -> str:
     name = f"h.{i}"
-    x = b.op("Add", [x, _attention_separate_qkv(b, b.layer_norm(x, f"{name}.ln_1"), f"{name}.attn")],
+    x = b.op("Add", [x, separate_qkv_attention(b, b.layer_norm(x, f"{name}.ln_1"), f"{name}.attn", causal=True,
+                                                names=("q_proj", "k_proj", "v_proj", "out_proj"))],
              f"{name}.residual_1")
     fc1 = b.linear(b.layer_norm(x, f"{name}.ln_2"), b.cfg.hidden, b.cfg.ffn, f"{name}.mlp.fc1")
     fc2 = b.linear(b.gelu_tanh(fc1, f"{name}.mlp.gelu"), b.cfg.ffn, b.cfg.hidden, f"{name}.mlp.fc2")
