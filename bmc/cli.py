@@ -185,7 +185,7 @@ def cmd_run(args) -> int:
         model = None
         inputs_path = Path(args.inputs)
         if not args.simulate and rank is not None:  # MPI: load first (collective), read the inputs on rank 0 only
-            model = load(args.artifact, threads=args.threads, collectives=args.collectives)
+            model = load(args.artifact, device=args.device, threads=args.threads, collectives=args.collectives)
             rank = model.mpi.rank if model.mpi is not None else 0
         inputs, error = {}, None
         if rank in (None, 0):
@@ -198,7 +198,8 @@ def cmd_run(args) -> int:
         if model is not None and model.mpi is not None:
             model.mpi.agree(error)  # a bad .npz on rank 0 ends every rank with the same usage error
         if model is None:
-            model = load(args.artifact, simulate=args.simulate, threads=args.threads, collectives=args.collectives)
+            model = load(args.artifact, device=args.device, simulate=args.simulate, threads=args.threads,
+                         collectives=args.collectives)
         outputs = model.run(inputs)
         error = None
         if rank in (None, 0):
@@ -364,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--input-shape", action="append", metavar="NAME=DIMS",
                    help=f"bind an input's shape or a symbolic dim (SYMBOL=SIZE): {_SHAPE_GRAMMAR}")
     c.add_argument("--tune", type=int, default=0, metavar="N",
-                   help="llvm: tune the TVM kernels with N MetaSchedule trials (needs the `tune` extra: "
+                   help="tune the TVM kernels with N MetaSchedule trials (cuda: needs a GPU here; the `tune` extra: "
                         "pip install 'bmc[tune]'); results are kept in a database reused by later compiles")
     c.add_argument("--tune-db", metavar="DIR", help="the tuning database folder (default ~/.cache/bmc/tuning/...)")
     c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
@@ -395,9 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "or the CPUs this process may use)")
     r.add_argument("--simulate", action="store_true",
                    help="run every rank of a multi-device artifact in this process (simulated collectives)")
-    r.add_argument("--collectives", choices=("auto", "python", "native"),
-                   help="MPI collectives: native C++ (built on first use), python (mpi4py) or auto (native when "
-                        "built; default, or BMC_COLLECTIVES)")
+    r.add_argument("--device", metavar="DEV", help="cpu, cuda or cuda:N (default: the artifact's target; under MPI "
+                   "each rank takes a GPU by its rank on the host)")
+    r.add_argument("--collectives", choices=("auto", "python", "native", "nccl", "host"),
+                   help="host tensors: native C++ (built on first use), python (mpi4py); GPU tensors: nccl or host "
+                        "(host-staged MPI); auto (default, or BMC_COLLECTIVES): native when built / NCCL when every "
+                        "rank has its own GPU")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("show", help="print an artifact's manifest summary")

@@ -5,9 +5,15 @@ path and sets ``TVM_USE_RUNTIME_LIB=1``). ``--dry-run`` does everything that nee
 verification, library loading (must not compile anything), VM construction and reading the references; it is what
 ``scripts/prepare_gpu_check.py`` runs against a stub driver.
 
-Each model is run twice: through ``bmc.load(path, device="cuda")`` (the real runtime, end to end: host inputs in,
-host outputs out) and through a direct TVM VM with inputs already on the device (kernel time). Pass: every element
-has ``|out - ref| <= 1e-4 * max(1, |ref|)``.
+Each builder model is run twice: through ``bmc.load(path, device="cuda")`` (the real runtime, end to end: host
+inputs in, host outputs out) and through a direct TVM VM with inputs already on the device (kernel time). Pass:
+every element has ``|out - ref| <= 1e-4 * max(1, |ref|)``.
+
+Each model fixture (``fixtures/``) runs through ``bmc.load`` and is compared with onnxruntime's outputs stored in
+``tests/fixtures/models/<name>.npz``: float32 as above, float16/bfloat16 ``max|out - ref| <= 1e-2 * max|ref|``.
+The two-rank artifact runs under ``mpiexec -n 2 python -m bmc run`` on the one GPU (host-staged collectives) and must
+match onnxruntime and the one-rank run. ``nccl`` is a one-rank smoke test of the NCCL path (a single GPU cannot
+host an NCCL group of two).
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ import traceback
 from pathlib import Path
 
 RTOL = 1e-4
+RTOL_REDUCED = 1e-2
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures" / "models"
 
 
 def enable_cuda_runtime(root: Path) -> str:
@@ -48,6 +57,20 @@ def enable_cuda_runtime(root: Path) -> str:
         except OSError as e:
             raise SystemExit(f"cannot load {lib}: {e}\n(it needs the NVIDIA driver's libcuda.so.1 and {cudart})")
     return cudart
+
+
+def register_cuda_kernels(dry: bool) -> None:
+    """bmc.cuda.matmul (cuBLAS), which the programs call; a dry run (no cuBLAS here) registers the library's
+    function unbound: enough to build a VM, not to run it."""
+    if not dry:
+        from bmc.runtime.cuda import register_kernels
+
+        register_kernels()
+        return
+    import tvm_ffi
+
+    lib = tvm_ffi.load_module(os.environ["BMC_CUDA_KERNELS_LIB"])
+    tvm_ffi.register_global_func("bmc.cuda.matmul", lib["cuda_matmul"], override=True)
 
 
 def direct_vm(path: Path, dev):
@@ -159,6 +182,93 @@ def check_model(root: Path, name: str, dry: bool, repeat: int) -> dict:
     return row
 
 
+def check_fixture(root: Path, row: dict, dry: bool, repeat: int, outputs: dict) -> dict:
+    """One compiled fixture vs onnxruntime's stored outputs (and, for two ranks, vs the one-rank run)."""
+    import numpy as np
+
+    tag, world, dtype = row["artifact"], row["world"], row["dtype"]
+    path = root / "fixtures" / tag
+    data = np.load(FIXTURES / f"{row['fixture']}.npz")
+    inputs = {k: data[k] for k in data.files if not k.startswith("output:")}
+    ref = {k[len("output:"):]: data[k] for k in data.files if k.startswith("output:")}
+    res = {"model": tag, "kernels": row["kernels"], "cublas": row.get("cublas_matmuls", 0)}
+    if dry:
+        from bmc.runtime.artifact import verify_artifact
+
+        verify_artifact(path)
+        res["status"] = "dry-run ok"
+        return res
+    if world == 1:
+        import bmc
+        import tvm
+
+        t0 = time.perf_counter()
+        model = bmc.load(path)
+        res["load_s"] = time.perf_counter() - t0
+        outs = model.run(inputs)
+        res["e2e_ms"] = timed(lambda: model.run(inputs), tvm.cuda(0).sync, 3, repeat)
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            np.savez(f"{tmp}/in.npz", **inputs)
+            cmd = ["mpiexec", "-n", str(world), sys.executable, "-m", "bmc", "run", str(path), "--inputs",
+                   f"{tmp}/in.npz", "--output", f"{tmp}/out.npz"]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            res["wall_s"] = time.perf_counter() - t0
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {proc.returncode}: "
+                                   f"{(proc.stderr or proc.stdout)[-1500:]}")
+            got = np.load(f"{tmp}/out.npz")
+            outs = {k: got[k] for k in got.files}
+        one = outputs.get(f"{row['fixture']}-float32")
+        if one is not None:
+            res["vs_1rank"] = max(float(np.abs(outs[k].astype(np.float64) - one[k]).max()) for k in one)
+    outputs[tag] = outs
+    if dtype == "float32":
+        res["err"], ok = compare(outs, ref)
+    else:  # relative to the largest reference magnitude
+        res["err"] = max(float(np.abs(np.asarray(outs[k], np.float64) - ref[k]).max() / max(np.abs(ref[k]).max(),
+                                                                                             1e-30)) for k in ref)
+        ok = res["err"] <= RTOL_REDUCED
+    if "vs_1rank" in res:
+        ok &= res["vs_1rank"] <= 1e-5
+    res["status"] = "PASS" if ok else "FAIL"
+    return res
+
+
+def nccl_smoke() -> dict:
+    """The NCCL path of bmc.runtime.cuda on one rank: communicator set-up over MPI, all_reduce and all_gather on
+    CUDA tensors (bfloat16 and float32) through CuPy's binding."""
+    import numpy as np
+    import tvm
+    from mpi4py import MPI
+
+    from bmc.runtime import cuda
+    from bmc.runtime.mpi import MPIContext
+
+    why = cuda.nccl_available()
+    if why is not None:
+        return {"model": "nccl (1 rank)", "status": f"n/a: {why[:100]}"}
+    from cupy.cuda import nccl
+
+    ctx = MPIContext(MPI, {"mesh": {"shape": [1]}, "rank_map": [[0]]}, "nccl-smoke", check=False)
+    impl = cuda.Nccl(ctx, 0)
+    dev = tvm.cuda(0)
+    worst = 0.0
+    import ml_dtypes
+
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        x = np.arange(24, dtype=np.float32).reshape(2, 3, 4).astype(dtype)
+        for kind, attrs in (("all_reduce", {"axes": [0], "reduce": "sum"}), ("all_gather", {"axes": [0], "dim": 1})):
+            xt, ot = tvm.runtime.tensor(x, dev), tvm.runtime.tensor(np.zeros_like(x), dev)
+            impl(kind, xt, json.dumps(attrs), ot)
+            worst = max(worst, float(np.abs(ot.numpy().astype(np.float32) - x.astype(np.float32)).max()))
+    return {"model": "nccl (1 rank)", "err": worst, "status": "PASS" if worst == 0 else "FAIL",
+            "nccl": str(nccl.get_version())}
+
+
 def machine_report(dry: bool, cudart: str) -> None:
     import tvm
 
@@ -184,12 +294,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--models", nargs="*")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
     root = args.root.resolve()
     os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
     sys.path[:0] = [p for p in (str(root / "site"), str(root / "src")) if p not in sys.path]
     cudart = enable_cuda_runtime(root)
     machine_report(args.dry_run, cudart)
+    os.environ.setdefault("BMC_CUDA_KERNELS_LIB", str(root / "lib" / "libbmc_cuda_kernels.so"))
+    register_cuda_kernels(args.dry_run)
     meta = json.loads((root / "MANIFEST.json").read_text())
     names = args.models or [m["model"] for m in meta["models"]]
     rows, failed = [], 0
@@ -200,14 +313,42 @@ def main(argv=None) -> int:
             traceback.print_exc()
             rows.append({"model": name, "status": f"ERROR {type(e).__name__}: {str(e).splitlines()[0][:120]}"})
         failed += rows[-1]["status"] != ("dry-run ok" if args.dry_run else "PASS")
+    outputs: dict = {}
+    for row in meta.get("fixtures", []):
+        if args.models and row["artifact"] not in args.models:
+            continue
+        try:
+            rows.append(check_fixture(root, row, args.dry_run, args.repeat, outputs))
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append({"model": row["artifact"], "status": f"ERROR {type(e).__name__}: {str(e)[:300]}"})
+        failed += rows[-1]["status"] != ("dry-run ok" if args.dry_run else "PASS")
+    if not args.dry_run:
+        try:
+            rows.append(nccl_smoke())
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append({"model": "nccl (1 rank)", "status": f"ERROR {type(e).__name__}: {str(e)[:300]}"})
     print_table(rows)
-    print(json.dumps({"gpu_check": rows}, default=str))
+    report = {"gpu_check": rows, "device": _device_name(args.dry_run)}
+    print(json.dumps(report, default=str))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
     return 1 if failed else 0
 
 
+def _device_name(dry: bool) -> str:
+    if dry:
+        return "none (dry run)"
+    import tvm
+
+    return str(tvm.cuda(0).device_name)
+
+
 def print_table(rows: list[dict]) -> None:
-    cols = [("model", "{}"), ("kernels", "{}"), ("sass", "{}"), ("load_s", "{:.3f}"), ("device_ms", "{:.3f}"),
-            ("e2e_ms", "{:.3f}"), ("err_direct", "{:.2e}"), ("err_bmc", "{:.2e}"), ("status", "{}")]
+    cols = [("model", "{}"), ("kernels", "{}"), ("cublas", "{}"), ("sass", "{}"), ("load_s", "{:.3f}"),
+            ("device_ms", "{:.3f}"), ("e2e_ms", "{:.3f}"), ("err_direct", "{:.2e}"), ("err_bmc", "{:.2e}"),
+            ("err", "{:.2e}"), ("vs_1rank", "{:.2e}"), ("status", "{}")]
     cells = [[c for c, _ in cols]]
     for r in rows:
         cells.append([fmt.format(r[c]) if c in r and r[c] is not None else "-" for c, fmt in cols])

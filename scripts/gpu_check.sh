@@ -6,7 +6,8 @@
 #   scripts/gpu_check.sh --dry-run       # no GPU needed (with a stub libcuda.so.1 on LD_LIBRARY_PATH)
 #
 # Needs the carried folder .gpu/ written by `python scripts/prepare_gpu_check.py` on the build machine
-# (device run tool: carry=[".gpu"]). Installs nothing system-wide: the tvm-ffi wheel is unpacked into a temp dir.
+# (device run tool: carry=[".gpu"]). Installs nothing system-wide: the carried wheels (tvm-ffi, mpich, mpi4py) are
+# unpacked into a temp dir. Results: a table on stdout, JSON in $OUT (or .gpu/out): gpu_check.json, gpu.json.
 # Exit status: 0 all PASS, 1 a model failed, 2 setup problem.
 set -euo pipefail
 
@@ -21,22 +22,30 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,c
 deps=$(mktemp -d "${TMPDIR:-/tmp}/bmc-gpu-deps.XXXXXX")
 trap 'rm -rf "$deps"' EXIT
 tag=$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-wheel=$(ls "$gpu"/wheels/apache_tvm_ffi-"$ffi_version"-"$tag"-*.whl 2>/dev/null | head -n1 || true)
-if [ -n "$wheel" ]; then
-  # a wheel is a zip: unpacking it onto sys.path is an install (works without pip)
-  "$py" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$wheel" "$deps"
-elif "$py" -c "import importlib.metadata as m, sys; sys.exit(m.version('apache-tvm-ffi') != '$ffi_version')" 2>/dev/null; then
-  echo "no $tag wheel in $gpu/wheels; using the installed apache-tvm-ffi $ffi_version"
-else
-  echo "no apache-tvm-ffi $ffi_version wheel for $tag in $gpu/wheels (prepare_gpu_check.py fetches cp312)" >&2
-  exit 2
+[ "$tag" = cp312 ] || echo "warning: the carried wheels are cp312; this python is $tag" >&2
+# a wheel is a zip: unpacking it onto sys.path is an install (works without pip); mpich's programs and libmpi sit
+# in its .data folder, which the launcher and mpi4py find through PATH and LD_LIBRARY_PATH
+for w in "$gpu"/wheels/*.whl; do
+  "$py" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$w" "$deps"
+done
+mpich=$(ls -d "$deps"/mpich-*.data/data 2>/dev/null | head -n1 || true)
+if [ -n "$mpich" ]; then
+  chmod +x "$mpich"/bin/*
+  export PATH="$mpich/bin:$PATH" LD_LIBRARY_PATH="$mpich/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
+export BMC_CUDA_KERNELS_LIB="$gpu/lib/libbmc_cuda_kernels.so"
 path="$deps:$gpu/site:$gpu/src"
 "$py" -c 'import typing_extensions' 2>/dev/null || path="$path:$gpu/fallback"
 "$py" -c 'import numpy' || { echo "numpy is missing" >&2; exit 2; }
 
 export PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}"
 export TVM_USE_RUNTIME_LIB=1
+"$py" -c 'import tvm_ffi, mpi4py' || { echo "the carried wheels do not import (tvm-ffi $ffi_version, mpi4py)" >&2; exit 2; }
+out=${OUT:-$repo/.gpu/out}
+mkdir -p "$out"
 rc=0
-"$py" "$repo/scripts/gpu_check.py" --root "$gpu" "$@" || rc=$?
+"$py" "$repo/scripts/gpu_check.py" --root "$gpu" --json "$out/gpu_check.json" "$@" || rc=$?
+if [ -d "$gpu/bench" ] && [[ " $* " != *" --dry-run "* ]]; then
+  "$py" "$repo/benchmarks/gpu.py" run --root "$gpu/bench" --json "$out/gpu.json" || rc=$((rc ? rc : 1))
+fi
 exit "$rc"

@@ -14,11 +14,18 @@ Contents of the folder:
   manifests were written with.
 - ``lib/``: the CUDA runtime ``libcudart.so.13`` that ``libtvm_runtime_cuda.so`` links (used only when the machine
   has none); ``fallback/typing_extensions.py`` (tvm-ffi needs it; used only when missing).
+- ``wheels/``: also the ``mpich`` and ``mpi4py`` wheels this venv uses (cp312), so the two-rank check runs with a
+  known MPI whatever the GPU machine has.
+- ``lib/libbmc_cuda_kernels.so``: bmc's cuBLAS kernel library, built here (it dlopens cuBLAS there).
 - ``src/bmc``: the bmc source the artifacts were compiled with.
 - ``artifacts/<model>/``: ``.bmc`` artifacts compiled here for CUDA (kernels are nvcc images, nothing compiles at
   load), and ``artifacts/<model>.npz``: inputs by name and reference outputs (``output:<name>``) computed here by
   bmc's reference interpreter.
-- ``MANIFEST.json``: models, archs, nvcc times, kernel counts, sizes, versions.
+- ``fixtures/<fixture>-<dtype>/``: the model fixtures (tests/fixtures/models, exported by PyTorch; their .npz holds
+  onnxruntime's outputs and travels with the repository) compiled for CUDA in float32, and some in float16/bfloat16;
+  ``fixtures/<fixture>-mesh2/``: one for 2 ranks (Megatron on a mesh of 2).
+- ``bench/``: the CUDA libraries of ``benchmarks/gpu.py prepare`` (no weights).
+- ``MANIFEST.json``: models, fixtures, archs, nvcc times, kernel counts, sizes, versions.
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ from bmc.ir.types import TensorType  # noqa: E402
 from bmc.ops.builder import GraphBuilder  # noqa: E402
 
 FFI_VERSION = "0.1.14.post1"
-LIMIT_BYTES = 60 * 2**20
+LIMIT_BYTES = 56 * 2**20  # the device tool carries 64 MiB with the repository (~6 MiB)
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+             "manylinux_2_5_x86_64", "manylinux1_x86_64")
 
 
 # --- models ----------------------------------------------------------------------------------------------------------
@@ -144,6 +153,36 @@ def compile_models(out: Path, archs: tuple[str, ...], names: list[str]) -> list[
     return rows
 
 
+FIXTURES = REPO / "tests" / "fixtures" / "models"
+#: (fixture, dtype, mesh): every fixture in float32; reduced precision and two ranks on a few
+FIXTURE_BUILDS = [(p.stem, "float32", "1") for p in sorted(FIXTURES.glob("*.onnx"))] + [
+    ("gpt2_dynamo", "bfloat16", "1"), ("llama_dynamo", "bfloat16", "1"), ("bert_dynamo", "float16", "1"),
+    ("vit_dynamo", "bfloat16", "1"), ("gpt2_dynamo", "float32", "2")]
+
+
+def compile_fixtures(out: Path, archs: tuple[str, ...]) -> list[dict]:
+    import bmc
+
+    rows = []
+    (out / "fixtures").mkdir()
+    for name, dtype, mesh in FIXTURE_BUILDS:
+        data = np.load(FIXTURES / f"{name}.npz")
+        shapes = {k: data[k].shape for k in data.files if not k.startswith("output:")}
+        tag = f"{name}-mesh{mesh}" if mesh != "1" else f"{name}-{dtype}"
+        path = out / "fixtures" / tag
+        t0 = time.perf_counter()
+        extra = {"mesh": mesh, "strategy": "megatron"} if mesh != "1" else {}
+        bmc.compile(FIXTURES / f"{name}.onnx", path, target="cuda", cuda_archs=archs, input_shapes=shapes,
+                    dtype=dtype, **extra)
+        info = json.loads((path / "manifest.json").read_text())["kernels"]["cuda"]
+        rows.append({"artifact": tag, "fixture": name, "dtype": dtype, "world": int(mesh),
+                     "build_s": round(time.perf_counter() - t0, 2), "kernels": info["num_kernels"],
+                     "cublas_matmuls": info.get("matmul", {}).get("blas", 0), "artifact_bytes": _size(path)})
+        print(f"  {tag:22s} {info['num_kernels']:3d} kernels  {rows[-1]['cublas_matmuls']:2d} cuBLAS matmuls  "
+              f"{rows[-1]['build_s']:.1f} s", flush=True)
+    return rows
+
+
 def copy_runtime(out: Path, toolkit) -> dict:
     import tvm
     from importlib import metadata
@@ -166,6 +205,10 @@ def copy_runtime(out: Path, toolkit) -> dict:
     if not found:
         raise SystemExit(f"{cudart} (needed by libtvm_runtime_cuda.so) is not under {toolkit.root}")
     shutil.copy2(found[0].resolve(), out / "lib" / cudart)
+    from bmc.runtime.kernels import build_native
+
+    shutil.copy2(build_native(out / "build-cuda-kernels", target="bmc_cuda_kernels"), out / "lib")
+    shutil.rmtree(out / "build-cuda-kernels")
     import typing_extensions
 
     (out / "fallback").mkdir()
@@ -173,18 +216,30 @@ def copy_runtime(out: Path, toolkit) -> dict:
     return {"tvm_version": dist.version, "cudart": cudart}
 
 
-def ffi_wheel(out: Path, given: Path | None) -> Path:
+def wheels(out: Path, given: Path | None) -> list[str]:
+    """cp312 wheels of apache-tvm-ffi (``--ffi-wheel`` or pip download) and of this venv's mpich and mpi4py."""
+    from importlib import metadata
+
     (out / "wheels").mkdir()
+    want = [f"mpich=={metadata.version('mpich')}", f"mpi4py=={metadata.version('mpi4py')}"]
     if given:
-        return Path(shutil.copy2(given, out / "wheels" / given.name))
-    cmd = [sys.executable, "-m", "pip", "download", f"apache-tvm-ffi=={FFI_VERSION}", "--no-deps",
-           "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312",
-           "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_24_x86_64", "-d", str(out / "wheels")]
+        shutil.copy2(given, out / "wheels" / given.name)
+    else:
+        want.append(f"apache-tvm-ffi=={FFI_VERSION}")
+    cache = Path(os.environ.get("BMC_WHEEL_CACHE", tempfile.gettempdir())) / "bmc-gpu-wheels"
+    cmd = [sys.executable, "-m", "pip", "download", *want, "--no-deps", "--only-binary=:all:", "--python-version",
+           "3.12", "--implementation", "cp", *[f"--platform={p}" for p in PLATFORMS], "-d", str(cache)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"pip download of apache-tvm-ffi=={FFI_VERSION} (cp312) failed; pass --ffi-wheel:\n"
-                         f"{proc.stderr[-2000:]}")
-    return next((out / "wheels").glob("apache_tvm_ffi-*cp312*.whl"))
+        raise SystemExit(f"pip download of {' '.join(want)} (cp312) failed:\n{proc.stderr[-2000:]}")
+    names = []
+    for spec in want:
+        dist, version = spec.split("==")
+        found = sorted(cache.glob(f"{dist.replace('-', '_')}-{version}-*.whl"))
+        if not found:
+            raise SystemExit(f"no wheel for {spec} in {cache}")
+        names.append(Path(shutil.copy2(found[0], out / "wheels" / found[0].name)).name)
+    return names
 
 
 def _size(path: Path) -> int:
@@ -214,6 +269,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--ffi-wheel", type=Path, help="a local cp312 apache-tvm-ffi wheel (skips pip download)")
     ap.add_argument("--no-verify", action="store_true", help="skip the dry run of gpu_check.py")
+    ap.add_argument("--no-fixtures", action="store_true", help="skip the model fixtures")
+    ap.add_argument("--no-bench", action="store_true", help="skip benchmarks/gpu.py prepare")
     args = ap.parse_args(argv)
 
     from bmc.codegen import cuda
@@ -225,13 +282,17 @@ def main(argv=None) -> int:
     out.mkdir(parents=True)
     t0 = time.perf_counter()
     print(f"preparing {out} (nvcc {toolkit.version} at {toolkit.nvcc})", flush=True)
-    wheel = ffi_wheel(out, args.ffi_wheel)
+    wheel_names = wheels(out, args.ffi_wheel)
     runtime = copy_runtime(out, toolkit)
-    shutil.copytree(REPO / "bmc", out / "src" / "bmc", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "bmc", out / "src" / "bmc", ignore=shutil.ignore_patterns("__pycache__", "lib"))
     rows = compile_models(out, tuple(args.archs), args.models)
+    fixtures = compile_fixtures(out, tuple(args.archs)) if not args.no_fixtures else []
+    if not args.no_bench:
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "prepare", "--out", str(out / "bench")],
+                       check=True)
     total = _size(out)
-    manifest = {"created_s": round(time.perf_counter() - t0, 1), "archs": args.archs, "ffi_wheel": wheel.name,
-                **runtime, "nvcc": toolkit.version, "models": rows, "bytes": total}
+    manifest = {"created_s": round(time.perf_counter() - t0, 1), "archs": args.archs, "wheels": wheel_names,
+                **runtime, "nvcc": toolkit.version, "models": rows, "fixtures": fixtures, "bytes": total}
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"{out}: {total / 2**20:.1f} MiB in {manifest['created_s']} s", flush=True)
     if total > LIMIT_BYTES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from tvm import relax
 
 from bmc.codegen.relax_module import to_relax
 from bmc.codegen.targets import TargetSpec
-from bmc.errors import CompileError
+from bmc.errors import BmcError, CompileError
 from bmc.ir.graph import Graph
 
 
@@ -42,30 +43,71 @@ def cpu_pipeline(target, record: dict | None = None, tune=None) -> tvm.transform
     return cpu.cpu_pipeline(target, record, tune=tune)
 
 
-def gpu_pipeline(target) -> tvm.transform.Pass:
-    """CUDA: the same front half, then dlight GPU rules (matmul, GEMV, reductions, fallback last)."""
+def gpu_pipeline(target, record: dict | None = None, tune=None) -> tvm.transform.Pass:
+    """CUDA: the same front half with matmuls offloaded to cuBLAS (``bmc.cuda.matmul``; ``BMC_CUDA_GEMM=tvm`` keeps
+    them as TVM kernels), then dlight GPU rules (matmul, GEMV, reductions, fallback last).
+
+    Why cuBLAS: dlight's tensor-core matmul rule handles float16 only (bfloat16 and float32 get a SIMT schedule),
+    and even its float16 WMMA schedule is far from cuBLAS on Hopper (benchmarks/gpu.py measures both); GEMMs are
+    where a transformer's time goes. Everything else (fused elementwise chains, softmax, norms) stays in TVM.
+    ``tune``: an optional MetaSchedule pass (:mod:`bmc.codegen.tune`) run after fusion; dlight skips what it
+    scheduled."""
     from tvm.s_tir import dlight as dl
 
-    return tvm.transform.Sequential([
-        relax.transform.DecomposeOpsForInference(),
+    from bmc.codegen.cpu import offload_matmul
+    from bmc.runtime.cuda import MATMUL_KERNEL
+
+    passes = [relax.transform.DecomposeOpsForInference()]
+    if os.environ.get("BMC_CUDA_GEMM", "cublas").strip().lower() != "tvm":
+        passes.append(offload_matmul(record, conv=False, kernel=MATMUL_KERNEL, choose=choose_cuda_matmul,
+                                     mixed=(("float16", "float32"), ("bfloat16", "float32"))))
+    return tvm.transform.Sequential(passes + [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
+        *([tune] if tune is not None else []),
         dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
                                 dl.gpu.Fallback()),
     ])
+
+
+#: result dtypes cuBLAS computes for bmc (float32 accumulation in every case)
+CUBLAS_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def choose_cuda_matmul(a, b, out, dtype: str) -> str:
+    """``"blas"`` (cuBLAS) for every float32/float16/bfloat16 matmul with static shapes, else ``"tvm"``."""
+    return "blas" if dtype in CUBLAS_DTYPES and None not in (a, b, out) else "tvm"
+
+
+def _require_gpu_for_tuning() -> None:
+    """MetaSchedule measures every candidate kernel on the device: CUDA tuning needs a GPU in this process."""
+    try:
+        from bmc.runtime.cuda import device_count, enable
+
+        enable()
+        count = device_count()
+    except Exception:  # noqa: BLE001  (no driver: TVM's CUDA runtime does not load)
+        count = 0
+    if count == 0:
+        from bmc.errors import UsageError
+
+        raise UsageError("--tune with --target cuda measures kernels on a GPU, and this machine has none",
+                         where="--tune", fix="compile without --tune here (the kernels keep their dlight "
+                                             "schedules), or compile with --tune on a machine with a GPU")
 
 
 def build(graph: Graph, target: TargetSpec, *, threads: int | None = None, tune_trials: int = 0,
           tune_db: Path | str | None = None) -> Built:
     """Compile ``graph`` for ``target``. llvm: ``threads`` sizes the BLAS/TVM thread pools of this process (the
     in-process VM that tests build right after; an artifact's loader sizes its own), ``None`` keeps the default.
-    llvm: ``tune_trials > 0`` tunes the TVM kernels with MetaSchedule (:mod:`bmc.codegen.tune`), reusing and
-    extending the JSON database in ``tune_db`` (default ``~/.cache/bmc/tuning/<target hash>/``)."""
+    ``tune_trials > 0`` tunes the TVM kernels with MetaSchedule (:mod:`bmc.codegen.tune`; cuda: on this machine's
+    GPU), reusing and extending the JSON database in ``tune_db`` (default ``~/.cache/bmc/tuning/<target hash>/``)."""
     timings: dict[str, float] = {}
     cpu_record: dict = {}
+    cuda_record: dict = {}
     t0 = time.perf_counter()
     mod = to_relax(graph)
     timings["to_relax_s"] = time.perf_counter() - t0
@@ -85,11 +127,18 @@ def build(graph: Graph, target: TargetSpec, *, threads: int | None = None, tune_
             toolkit = cuda.find_toolkit()  # fail before any TVM work when nvcc is missing
             tvm_target = tvm.target.Target({"kind": "cuda", "arch": cuda.codegen_arch(target.archs)},
                                            host=tvm.target.Target({"kind": "llvm"}))
+            tune = None
+            if tune_trials > 0:
+                from bmc.codegen.tune import tune_pass
+
+                _require_gpu_for_tuning()
+                tune = tune_pass(tvm_target, tune_trials, Path(tune_db) if tune_db is not None else None,
+                                 cuda_record)
             with tvm_target:
-                mod = gpu_pipeline(tvm_target)(mod)
+                mod = gpu_pipeline(tvm_target, cuda_record, tune)(mod)
             with cuda.codegen_env():
                 ex = tvm.compile(mod, target=tvm_target)
-    except CompileError:
+    except BmcError:
         raise
     except Exception as e:  # noqa: BLE001  (TVM raises TVMError/ValueError/...)
         raise CompileError(f"TVM failed to compile graph {graph.name} for {target.kind}: {e}",
@@ -108,4 +157,4 @@ def build(graph: Graph, target: TargetSpec, *, threads: int | None = None, tune_
                                                    **cpu_record}})
     device_code = cuda.compile_executable(ex, target.archs, toolkit)
     timings["nvcc_s"] = sum(img.nvcc_s for img in device_code.images)
-    return Built(ex, target, timings, {"cuda": device_code.info()}, device_code)
+    return Built(ex, target, timings, {"cuda": {**device_code.info(), **cuda_record}}, device_code)

@@ -104,9 +104,13 @@ def _swaps_last_two(axes, rank: int) -> bool:
 class _MatmulOffloader(relax.PyExprMutator):
     """Rewrites ``R.matmul`` into ``R.call_dps_packed("bmc.cpu.matmul", ...)`` where :func:`choose_matmul` says so."""
 
-    def __init__(self, mod: tvm.IRModule | None = None, conv: bool = True):
+    def __init__(self, mod: tvm.IRModule | None = None, conv: bool = True, kernel: str = MATMUL_KERNEL,
+                 choose=None, mixed: tuple = ()):
         super().__init__(mod)
         self.conv = conv
+        self.kernel = kernel
+        self.choose = choose or choose_matmul
+        self.mixed = set(mixed)  # (operand dtype, result dtype) pairs the kernel takes besides equal ones
         self.choices: Counter = Counter()
         self.folded = 0
         self.shapes: Counter = Counter()
@@ -162,10 +166,11 @@ class _MatmulOffloader(relax.PyExprMutator):
         out_ty = call.ty
         a_shape, b_shape, out_shape = _static_shape(a.ty), _static_shape(b.ty), _static_shape(out_ty)
         dtype = str(out_ty.dtype)
-        if str(a.ty.dtype) != dtype or str(b.ty.dtype) != dtype:  # out_dtype casts stay in TVM
+        same = str(a.ty.dtype) == str(b.ty.dtype) and (str(a.ty.dtype), dtype) in self.mixed
+        if not same and (str(a.ty.dtype) != dtype or str(b.ty.dtype) != dtype):  # other out_dtype casts stay in TVM
             self.choices["tvm"] += 1
             return call
-        choice = choose_matmul(a_shape, b_shape, out_shape, dtype)
+        choice = self.choose(a_shape, b_shape, out_shape, dtype)
         self.choices[choice] += 1
         if choice != "blas":
             return call
@@ -174,17 +179,20 @@ class _MatmulOffloader(relax.PyExprMutator):
         self.folded += int(trans_a) + int(trans_b)
         self.shapes[f"{dtype}{list(a_shape)}{'^T' if trans_a else ''}@{list(b_shape)}{'^T' if trans_b else ''}"] += 1
         return relax.call_dps_packed(
-            MATMUL_KERNEL, [a_src, b_src, relax.expr.prim_value(int(trans_a)), relax.expr.prim_value(int(trans_b))],
+            self.kernel, [a_src, b_src, relax.expr.prim_value(int(trans_a)), relax.expr.prim_value(int(trans_b))],
             out_ty=relax.TensorType(list(out_shape), dtype))
 
 
-def offload_matmul(record: dict | None = None, *, conv: bool = True) -> tvm.transform.Pass:
-    """Module pass: matmuls (and, with ``conv``, large 2-D convolutions) → BLAS calls (see module doc); fills
-    ``record`` with the choices."""
+def offload_matmul(record: dict | None = None, *, conv: bool = True, kernel: str = MATMUL_KERNEL,
+                   choose=None, mixed: tuple = ()) -> tvm.transform.Pass:
+    """Module pass: matmuls (and, with ``conv``, large 2-D convolutions) → library calls (see module doc); fills
+    ``record`` with the choices. ``kernel``/``choose``: the packed function and the per-matmul ``"blas"``/``"tvm"``
+    choice (defaults: the CPU BLAS kernel, :func:`choose_matmul`; CUDA passes cuBLAS's); ``mixed``: (operand dtype,
+    result dtype) pairs the kernel computes besides equal ones (cuBLAS: bfloat16 operands, float32 result)."""
 
     @tvm.transform.module_pass(opt_level=0, name="BmcOffloadMatmul")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        offloader = _MatmulOffloader(mod, conv=conv)
+        offloader = _MatmulOffloader(mod, conv=conv, kernel=kernel, choose=choose, mixed=mixed)
         for gv, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
                 offloader.builder_.update_func(gv, offloader.visit_expr(func))
@@ -197,7 +205,7 @@ def offload_matmul(record: dict | None = None, *, conv: bool = True) -> tvm.tran
             if offloader.conv_choices:
                 record["conv2d"] = {"blas": conv_blas, "tvm": offloader.conv_choices.get("tvm", 0),
                                     "shapes": dict(offloader.conv_shapes)}
-            record["requires"] = [MATMUL_KERNEL] * bool(blas) + [CONV2D_KERNEL] * bool(conv_blas)
+            record["requires"] = [kernel] * bool(blas) + [CONV2D_KERNEL] * bool(conv_blas)
         # the folded permute_dims are now dead
         return relax.transform.DeadCodeElimination()(mod)
 

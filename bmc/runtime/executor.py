@@ -203,29 +203,13 @@ def _device(device: str, target: dict, where: str):
                             f"requested", where=where, fix=f"load it with device={wants!r} or recompile for the "
                                                            f"other target")
     if kind == "cuda":
-        _enable_cuda(where)
+        from bmc.runtime import cuda
+
+        cuda.enable(where)
     dev = tvm.cpu(0) if kind == "cpu" else tvm.cuda(int(index or 0))
     if not dev.exist:
         raise ExecutionError(f"device {device} is not available on this machine", where=where)
     return dev
-
-
-def _enable_cuda(where: str) -> None:
-    """Register TVM's CUDA module loader: ``import tvm`` skips libtvm_runtime_cuda.so when it cannot load it (no
-    driver) and runtime-only TVM never loads it, which otherwise surfaces later as 'loader ... not registered'."""
-    import ctypes
-
-    import tvm_ffi
-    from tvm.base import _LOADED_LIBS
-
-    if "ffi.Module.load_from_bytes.cuda" in tvm_ffi.registry.list_global_func_names():
-        return
-    lib = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so"
-    try:
-        _LOADED_LIBS["tvm_runtime_cuda"] = ctypes.CDLL(str(lib))
-    except OSError as e:
-        raise ExecutionError(f"TVM's CUDA runtime cannot be loaded: {e}", where=where,
-                             fix="a CUDA device needs the NVIDIA driver (libcuda.so.1) and libcudart.so.13") from e
 
 
 def _load_weights(path: Path, manifest: dict, dev, rank: int = 0) -> list:
@@ -245,16 +229,18 @@ def _load_weights(path: Path, manifest: dict, dev, rank: int = 0) -> list:
     return params
 
 
-def load(path, *, device: str = "cpu", simulate: bool = False, threads: int | None = None, mpi: bool | None = None,
+def load(path, *, device: str | None = None, simulate: bool = False, threads: int | None = None, mpi: bool | None = None,
          collectives: str | None = None) -> Model:
-    """Verify the artifact at ``path``, then load its program and weights onto ``device`` (``cpu``, ``cuda[:N]``).
+    """Verify the artifact at ``path``, then load its program and weights onto ``device`` (``cpu``, ``cuda[:N]``;
+    default: the artifact's target, and under MPI each rank takes a GPU by its rank on the host).
 
     A multi-device artifact runs under ``mpiexec`` (MPI mode: chosen automatically when an MPI launcher is detected,
     ``mpi=True`` forces it, ``mpi=False`` refuses it; see the module docstring); ``simulate=True`` runs all of its
     ranks in this process instead (one thread and one set of weight shards per mesh device, collectives simulated).
     ``threads`` sizes the CPU thread pools (default: BMC_NUM_THREADS, TVM_NUM_THREADS, OMP_NUM_THREADS, then the CPUs
     this process may use, divided among the MPI ranks on this host). ``collectives``: ``"native"``, ``"python"`` or
-    ``None`` (native when built, else Python; ``BMC_COLLECTIVES``)."""
+    ``None`` (native when built, else Python; ``BMC_COLLECTIVES``); for a CUDA artifact ``"nccl"``, ``"host"``
+    (host-staged MPI) or ``None`` (NCCL when every rank has a GPU of its own and NCCL loads, else host-staged)."""
     path = Path(path)
     if simulate or mpi is False:
         manifest = verify_artifact(path)
@@ -278,6 +264,7 @@ def load(path, *, device: str = "cpu", simulate: bool = False, threads: int | No
             ctx = None
         else:
             ctx = MPIContext(MPI, manifest, str(path))
+    device = device or ("cuda" if manifest["target"].get("kind") == "cuda" else "cpu")
     if ctx is not None:
         return _load_mpi(path, manifest, ctx, device=device, threads=threads, collectives=collectives)
     world = manifest["world_size"]
@@ -302,7 +289,17 @@ def load(path, *, device: str = "cpu", simulate: bool = False, threads: int | No
 
 
 def _register_kernels(path: Path, manifest: dict, threads: int | None) -> None:
-    if manifest["target"].get("kind") == "llvm":  # library kernels the program calls (BLAS GEMM), host CPU check
+    if manifest["target"].get("kind") == "cuda":  # library kernels the program calls (cuBLAS GEMMs)
+        required = ((manifest.get("kernels") or {}).get("cuda") or {}).get("requires", [])
+        if required:
+            from bmc.runtime.cuda import register_kernels
+
+            try:
+                register_kernels(required)
+            except RuntimeError as e:
+                raise ArtifactError(str(e), where=str(path), fix="install cuBLAS (nvidia-cublas) or recompile with "
+                                                                 "BMC_CUDA_GEMM=tvm") from e
+    elif manifest["target"].get("kind") == "llvm":  # library kernels the program calls (BLAS GEMM), host CPU check
         from bmc.runtime.kernels import check_host_cpu, register_cpu_kernels
 
         cpu = (manifest.get("kernels") or {}).get("cpu") or {}
@@ -338,6 +335,16 @@ def _load_mpi(path: Path, manifest: dict, ctx, *, device: str, threads: int | No
                 raise ArtifactError(f"file {rel!r} lies outside the artifact", where=str(path))
             _verify_file(path, rel, file, manifest["files"][rel])
             stats["bytes_read"] += manifest["files"][rel]["size"]
+        gpu = None
+        if manifest["target"].get("kind") == "cuda" and device == "cuda":  # each rank takes a GPU of its host
+            from bmc.runtime.cuda import enable, pick_device
+
+            enable(str(path))
+            gpu = pick_device(ctx.local_rank, ctx.local_size)
+            device = f"cuda:{gpu[0]}"
+            stats["gpu"] = {"index": gpu[0], "shared": gpu[1]}
+        elif manifest["target"].get("kind") == "cuda":
+            gpu = (int(device.partition(":")[2] or 0), False)
         dev = _device(device, manifest["target"], str(path))
         try:
             allowed = os.sched_getaffinity(0)
@@ -358,7 +365,7 @@ def _load_mpi(path: Path, manifest: dict, ctx, *, device: str, threads: int | No
         error = e
     ctx.agree(error)
     try:
-        stats["collectives"] = register_collectives(ctx, collectives)  # before the VM is built
+        stats["collectives"] = register_collectives(ctx, collectives, gpu)  # before the VM is built
     except BmcError as e:
         error = e
     ctx.agree(error)

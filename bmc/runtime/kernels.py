@@ -309,7 +309,7 @@ def _native_key() -> str:
     from importlib import metadata
 
     h = hashlib.sha256()
-    for p in [ROOT / "cpp" / "cpu_kernels.cc", ROOT / "CMakeLists.txt"]:
+    for p in [ROOT / "cpp" / "cpu_kernels.cc", ROOT / "cpp" / "cuda_kernels.cc", ROOT / "CMakeLists.txt"]:
         if p.exists():
             h.update(p.name.encode() + p.read_bytes())
     try:
@@ -326,24 +326,27 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def native_library_path() -> Path | None:
-    """The native library to load, or None: ``$BMC_NATIVE_LIB``, the build cache, then ``<repo>/build/native``."""
-    env = os.environ.get("BMC_NATIVE_LIB")
+def native_library_path(target: str = "bmc_cpu_kernels", env_var: str = "BMC_NATIVE_LIB") -> Path | None:
+    """The kernel library ``lib<target>.so`` to load, or None: ``$<env_var>``, the package, the build cache, then
+    ``<repo>/build/native``."""
+    name = f"lib{target}.so"
+    env = os.environ.get(env_var)
     if env:
         return Path(env) if Path(env).exists() else None
-    packaged = packaged_library("libbmc_cpu_kernels.so")
+    packaged = packaged_library(name)
     if packaged is not None:
         return packaged
     if (ROOT / "cpp").is_dir():
-        cached = cache_dir() / "native" / _native_key() / "libbmc_cpu_kernels.so"
+        cached = cache_dir() / "native" / _native_key() / name
         if cached.exists():
             return cached
-    local = ROOT / "build" / "native" / "libbmc_cpu_kernels.so"  # a developer's `cmake --build build/native`
+    local = ROOT / "build" / "native" / name  # a developer's `cmake --build build/native`
     return local if local.exists() else None
 
 
-def build_native(dest: Path | None = None, *, quiet: bool = True) -> Path:
-    """Configure + build ``libbmc_cpu_kernels.so`` with cmake (ninja when present) into the cache; returns its path.
+def build_native(dest: Path | None = None, *, quiet: bool = True, target: str = "bmc_cpu_kernels") -> Path:
+    """Configure + build ``lib<target>.so`` (``bmc_cpu_kernels``, ``bmc_cuda_kernels``) with cmake (ninja when
+    present) into the cache; returns its path.
 
     Needs cmake (``pip install cmake ninja``), a C++17 compiler and the venv's apache-tvm-ffi; about 5-10 s.
     """
@@ -359,13 +362,13 @@ def build_native(dest: Path | None = None, *, quiet: bool = True) -> Path:
                                       if (Path(sys.executable).parent / "ninja").exists() else None)
     if ninja:
         configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
-    for cmd in (configure, [cmake, "--build", str(build), "--target", "bmc_cpu_kernels"]):
+    for cmd in (configure, [cmake, "--build", str(build), "--target", target]):
         proc = subprocess.run(cmd, capture_output=quiet, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stdout or '')[-3000:]}\n{(proc.stderr or '')[-3000:]}")
-    lib = build / "libbmc_cpu_kernels.so"
-    final = dest / "libbmc_cpu_kernels.so"
-    tmp = dest / f".libbmc_cpu_kernels.so.{os.getpid()}"
+    lib = build / f"lib{target}.so"
+    final = dest / lib.name
+    tmp = dest / f".{lib.name}.{os.getpid()}"
     shutil.copy2(lib, tmp)
     os.replace(tmp, final)  # atomic: a concurrent loader sees the old file or the new one
     return final

@@ -45,6 +45,7 @@ import time
 import zlib
 from itertools import combinations, permutations
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -343,10 +344,13 @@ class MPIContext:
                 f"{self.group_ranks(axes)}) on rank {self.rank}")
 
     def python_collective(self, kind: str, x, attrs_text: str, out) -> None:
+        """``bmc.<kind>`` on host tensors (DLPack) or, through :meth:`host_collective`, on numpy arrays."""
+        self.host_collective(kind, np.from_dlpack(x), attrs_text, np.from_dlpack(out))
+
+    def host_collective(self, kind: str, xa: np.ndarray, attrs_text: str, oa: np.ndarray) -> None:
         attrs = json.loads(attrs_text)
         axes = tuple(attrs["axes"])
         comm = self.group(axes)
-        xa, oa = np.from_dlpack(x), np.from_dlpack(out)
         seq = self.next_seq(kind, attrs_text, xa, comm, axes)
         run = _PY_IMPLS[kind]
         run(self, comm, xa, oa, attrs, self.deadline(), lambda: self._describe(seq, kind, axes))
@@ -486,20 +490,27 @@ def _error_from_record(rank: int, rec: dict, own: BaseException | None) -> BmcEr
 _REGISTERED: dict = {}
 
 
-def register_collectives(ctx: MPIContext, impl: str | None = None) -> str:
+def register_collectives(ctx: MPIContext, impl: str | None = None, gpu: tuple[int, bool] | None = None) -> str:
     """Register ``bmc.<kind>`` for this rank (before any VM is built); returns the implementation used.
 
-    ``impl``: ``"python"``, ``"native"`` (builds the native library when missing) or ``None``/``"auto"``
-    (``BMC_COLLECTIVES``, else native when built, else Python). A fault injection (``BMC_FAULT_INJECT``) runs
-    through the Python implementation.
+    Host tensors: ``impl`` is ``"python"``, ``"native"`` (builds the native library when missing) or
+    ``None``/``"auto"`` (``BMC_COLLECTIVES``, else native when built, else Python). A fault injection
+    (``BMC_FAULT_INJECT``) runs through the Python implementation.
+    GPU tensors (``gpu=(device index, shared)``, see :func:`bmc.runtime.cuda.pick_device`): ``"nccl"``, ``"host"``
+    (host-staged Python MPI) or ``"auto"``: NCCL when no GPU is shared by two ranks and NCCL loads on every rank,
+    else host-staged. Every rank makes the same choice (agreed over the world).
     """
     import tvm_ffi
 
     impl = (impl or os.environ.get("BMC_COLLECTIVES", "") or "auto").strip().lower()
-    if impl not in ("auto", "python", "native"):
-        raise ExecutionError(f"unknown collectives implementation {impl!r}", fix="use python, native or auto")
+    allowed = ("auto", "nccl", "host") if gpu is not None else ("auto", "python", "native")
+    if impl not in allowed:
+        raise ExecutionError(f"unknown collectives implementation {impl!r} for "
+                             f"{'GPU' if gpu is not None else 'host'} tensors", fix=f"use {', '.join(allowed)}")
     if ctx._fault:
-        impl = "python"
+        impl = "python" if gpu is None else "host"
+    if gpu is not None:
+        return _register_gpu_collectives(ctx, impl, *gpu)
     native = None
     if impl in ("auto", "native"):
         native = load_native(ctx, build=impl == "native")
@@ -513,6 +524,37 @@ def register_collectives(ctx: MPIContext, impl: str | None = None) -> str:
                 ctx.python_collective(kind, x, attrs, out)
             tvm_ffi.register_global_func(f"bmc.{kind}", fn, override=True)
         ctx.impl = "python"
+    _REGISTERED["ctx"] = ctx
+    return ctx.impl
+
+
+def _register_gpu_collectives(ctx: MPIContext, impl: str, device: int, shared: bool) -> str:
+    import tvm_ffi
+
+    from bmc.runtime import cuda
+
+    why = None
+    if impl != "host":
+        why = "a GPU serves several ranks" if shared else cuda.nccl_available()
+    votes = ctx.allgather_bytes((why or "").encode())  # one choice for all ranks
+    reasons = sorted({f"rank {r}: {w.decode()}" for r, w in enumerate(votes) if w})
+    if impl == "nccl" and reasons:
+        raise ExecutionError(f"NCCL collectives were requested but cannot be used ({'; '.join(reasons)})",
+                             fix="use --collectives host (or auto)")
+    use_nccl = impl != "host" and not reasons
+    nccl = cuda.Nccl(ctx, device) if use_nccl else None
+    for kind in KINDS:
+        if nccl is not None:
+            def fn(x, attrs, out, kind=kind):
+                axes = tuple(json.loads(attrs)["axes"])
+                meta = SimpleNamespace(dtype=np.dtype(cuda.np_dtype(x.dtype)), shape=tuple(x.shape))
+                ctx.next_seq(kind, attrs, meta, ctx.group(axes), axes)  # numbering + the order check
+                nccl(kind, x, attrs, out)
+        else:
+            fn = cuda.host_staged(lambda xa, attrs, oa, kind=kind: ctx.host_collective(kind, xa, attrs, oa))
+        tvm_ffi.register_global_func(f"bmc.{kind}", fn, override=True)
+    ctx.impl = "nccl" if use_nccl else "host"
+    ctx.impl_note = "; ".join(reasons) if reasons and impl == "auto" else ""
     _REGISTERED["ctx"] = ctx
     return ctx.impl
 

@@ -69,8 +69,10 @@ def register_simulated_collectives() -> None:
 
     for kind in GROUP_REFERENCE:
         def impl(x, attrs, out, kind=kind):
-            res = _ACTIVE[-1](kind, np.from_dlpack(x), json.loads(attrs))
-            np.from_dlpack(out)[...] = res
+            if x.device.dlpack_device_type() == 1:  # kDLCPU: zero-copy views
+                np.from_dlpack(out)[...] = _ACTIVE[-1](kind, np.from_dlpack(x), json.loads(attrs))
+            else:  # a GPU tensor: through the host
+                out.copyfrom(_ACTIVE[-1](kind, x.numpy(), json.loads(attrs)))
         tvm_ffi.register_global_func(f"bmc.{kind}", impl, override=True)
 
 

@@ -3,6 +3,8 @@ compiler. Real TVM, real nvcc; the reload runs in a subprocess against a stub dr
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -105,8 +107,10 @@ def test_library_carries_compiled_kernels_for_every_arch(built, tmp_path):
 
 
 _LOAD = textwrap.dedent("""
-    import json, sys, tvm
+    import json, sys, tvm, tvm_ffi
     from tvm import relax
+    # the cuBLAS kernel the program calls: resolvable without cuBLAS (bound only when it runs)
+    tvm_ffi.register_global_func("bmc.cuda.matmul", tvm_ffi.load_module(sys.argv[2])["cuda_matmul"])
     # an arch in scope, so that a library holding CUDA source would get as far as calling nvcc (see the control)
     with tvm.target.Target({"kind": "cuda", "arch": "sm_90"}):
         lib = tvm.runtime.load_module(sys.argv[1])
@@ -119,7 +123,14 @@ _LOAD = textwrap.dedent("""
 """)
 
 
-def _load_without_compiler(lib: Path, tmp: Path):
+@pytest.fixture(scope="module")
+def cuda_kernels_lib(tmp_path_factory) -> Path:
+    from bmc.runtime.kernels import build_native
+
+    return build_native(tmp_path_factory.mktemp("cuda-kernels"), target="bmc_cuda_kernels")
+
+
+def _load_without_compiler(lib: Path, tmp: Path, kernels_lib: Path):
     """Load ``lib`` in a fresh Python with a stub driver, a failing ``nvcc`` first on PATH and no CUDA_PATH."""
     stub = cuda.write_stub_libcuda(tmp / "stub")
     fake = tmp / "fakebin"
@@ -130,15 +141,15 @@ def _load_without_compiler(lib: Path, tmp: Path):
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_PATH", "CUDA_HOME")}
     env.update(PATH=f"{fake}{os.pathsep}{env.get('PATH', '')}", LD_LIBRARY_PATH=str(stub.parent),
                TVM_CUDA_COMPILE_MODE="nvcc")
-    proc = subprocess.run([sys.executable, "-c", _LOAD, str(lib)], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-c", _LOAD, str(lib), str(kernels_lib)], capture_output=True, text=True, env=env,
                           timeout=120)
     return proc, marker.exists()
 
 
 @pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("nm")), reason="needs gcc and nm for the stub driver")
-def test_reload_needs_no_compiler(built, tmp_path):
+def test_reload_needs_no_compiler(built, tmp_path, cuda_kernels_lib):
     result, path = built
-    proc, nvcc_called = _load_without_compiler(path, tmp_path)
+    proc, nvcc_called = _load_without_compiler(path, tmp_path, cuda_kernels_lib)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not nvcc_called
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -147,7 +158,7 @@ def test_reload_needs_no_compiler(built, tmp_path):
     # control: TVM's own export (CUDA source) compiles at load time, so the same harness sees nvcc being called
     source_lib = tmp_path / "source.so"
     result.executable.export_library(str(source_lib))
-    proc, nvcc_called = _load_without_compiler(source_lib, tmp_path / "control")
+    proc, nvcc_called = _load_without_compiler(source_lib, tmp_path / "control", cuda_kernels_lib)
     assert nvcc_called and proc.returncode != 0
 
 
@@ -214,3 +225,59 @@ def test_blob_rewrite_swaps_source_and_keeps_fmap():
     compiled = _blob([(b"cuda", s(b"cubin") + fmap + s(b"\x7fELF"))])
     with pytest.raises(CompileError, match="already holds 'cubin'"):
         cuda.replace_cuda_sources(compiled, {src: b"IMAGE"})
+
+
+def test_matmuls_go_to_cublas_unless_asked_not_to(built, monkeypatch):
+    """The default CUDA pipeline turns the matmul into a call of bmc.cuda.matmul (listed in the manifest's
+    requires); BMC_CUDA_GEMM=tvm keeps it as a dlight-scheduled TVM kernel."""
+    _toolkit_or_skip()
+    from bmc.codegen.build import build
+    from bmc.codegen.targets import TargetSpec
+
+    info = built[0].kernels["cuda"]
+    assert info["requires"] == ["bmc.cuda.matmul"] and info["matmul"]["blas"] == 1 and info["matmul"]["tvm"] == 0
+    assert not any("matmul" in k["name"] for k in info["kernels"])
+    monkeypatch.setenv("BMC_CUDA_GEMM", "tvm")
+    own = build(many_ops_graph(), TargetSpec.parse("cuda", ("sm_90",))).kernels["cuda"]
+    assert "requires" not in own and any("matmul" in k["name"] for k in own["kernels"])
+
+
+def test_cuda_kernel_library_refuses_what_it_cannot_run(cuda_kernels_lib, tmp_path):
+    """Without a GPU: the library loads anywhere (cuBLAS is dlopened, not linked); calling before cublas_bind, or
+    binding a library without cuBLAS' symbols, is a clear error."""
+    import tvm
+    import tvm_ffi
+
+    module = tvm_ffi.load_module(str(cuda_kernels_lib))
+    a = tvm.runtime.tensor(np.ones((4, 4), np.float32))
+    if module["cublas_bound"]() == "":
+        with pytest.raises(Exception, match="no cuBLAS bound"):
+            module["cuda_matmul"](a, a, 0, 0, a)
+    with pytest.raises(Exception, match="cannot dlopen"):
+        module["cublas_bind"](str(tmp_path / "missing.so"), str(tmp_path / "missing.so"))
+    libm = next((p for p in ("/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib64/libm.so.6") if Path(p).exists()), None)
+    if libm:
+        with pytest.raises(Exception, match="has no symbol cublasCreate_v2"):
+            module["cublas_bind"](libm, libm)
+
+
+def test_cuda_tuning_without_a_gpu_is_a_usage_error(tmp_path):
+    """MetaSchedule measures on the device: --tune with --target cuda on a machine without a GPU says so (before
+    compiling) instead of ignoring the flag."""
+    _toolkit_or_skip()
+    from bmc.cli import main
+    from bmc.runtime.cuda import device_count, enable
+
+    try:
+        enable()
+        if device_count() > 0:
+            pytest.skip("this machine has a GPU")
+    except Exception:  # noqa: BLE001  (no driver: no GPU)
+        pass
+    onnx_path = Path(__file__).resolve().parents[1] / "fixtures" / "models" / "gpt2_dynamo.onnx"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["compile", str(onnx_path), "--target", "cuda", "--tune", "4", "--input-shape", "input_ids=1,8",
+                   "-o", str(tmp_path / "m.bmc")])
+    assert rc == 2 and "--tune" in err.getvalue() and "has none" in err.getvalue(), err.getvalue()
+    assert not (tmp_path / "m.bmc").exists()

@@ -1,0 +1,293 @@
+/*!
+ * \file cuda_kernels.cc
+ * \brief GPU library kernels that bmc's compiled CUDA programs call (``R.call_dps_packed``):
+ *        ``libbmc_cuda_kernels``.
+ *
+ * ``cuda_matmul(a, b, trans_a, trans_b, out)``: numpy ``matmul`` semantics (batched, broadcast batch dims, 1-D
+ * operands promoted) on contiguous row-major float32/float16/bfloat16 CUDA tensors (float16/bfloat16 operands may
+ * have a float32 result); ``trans_a``/``trans_b`` say the operand is stored with its last two axes swapped. Computed by cuBLAS (``cublasGemmEx`` /
+ * ``cublasGemmStridedBatchedEx``, float32 accumulation) on the stream TVM launches its kernels on
+ * (``TVMFFIEnvGetStream``), so it is ordered with them without synchronization.
+ *
+ * Neither cuBLAS nor the CUDA runtime is linked, and no CUDA header is needed to build this file: Python finds
+ * ``libcublas.so`` (the ``nvidia-cublas`` wheel that PyTorch/CuPy install, a CUDA toolkit, or ``BMC_CUBLAS``) and
+ * the ``libcudart.so`` already loaded by TVM's CUDA runtime, and calls ``cublas_bind(cublas, cudart)``. The few
+ * entry points and enum values used below are part of cuBLAS' and CUDA's stable C ABI.
+ *
+ * Module functions only (no tvm-ffi globals), like ``cpu_kernels.cc``: ``bmc.runtime.cuda`` registers the global
+ * ``bmc.cuda.matmul``.
+ */
+#include <dlfcn.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/function.h>
+#include <tvm/ffi/string.h>
+
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace bmc {
+namespace native {
+
+namespace ffi = tvm::ffi;
+
+namespace {
+
+// cuBLAS / CUDA runtime ABI (cublas_api.h, library_types.h, driver_types.h)
+using Handle = void*;
+using Stream = void*;
+enum { kOpN = 0, kOpT = 1 };                               // cublasOperation_t
+enum { kR32F = 0, kR16F = 2, kR16BF = 14 };                 // cudaDataType_t
+enum { kCompute32F = 68 };                                  // cublasComputeType_t (CUBLAS_COMPUTE_32F)
+enum { kGemmDefault = -1 };                                 // cublasGemmAlgo_t
+using CublasCreate = int (*)(Handle*);
+using CublasSetStream = int (*)(Handle, Stream);
+using CublasGemmEx = int (*)(Handle, int, int, int, int, int, const void*, const void*, int, int, const void*, int,
+                             int, const void*, void*, int, int, int, int);
+// (handle, op_a, op_b, m, n, k, alpha, A, A type, lda, stride A, B, B type, ldb, stride B, beta, C, C type, ldc,
+//  stride C, batch count, compute type, algo)
+using CublasGemmStridedBatchedEx = int (*)(Handle, int, int, int, int, int, const void*, const void*, int, int,
+                                           int64_t, const void*, int, int, int64_t, const void*, void*, int, int,
+                                           int64_t, int, int, int);
+using CudaGetDevice = int (*)(int*);
+using CudaSetDevice = int (*)(int);
+using CudaMemsetAsync = int (*)(void*, int, size_t, Stream);
+
+constexpr int kMaxDevices = 64;
+
+struct Cublas {
+  CublasCreate create = nullptr;
+  CublasSetStream set_stream = nullptr;
+  CublasGemmEx gemm = nullptr;
+  CublasGemmStridedBatchedEx gemm_batched = nullptr;
+  CudaGetDevice get_device = nullptr;
+  CudaSetDevice set_device = nullptr;
+  CudaMemsetAsync memset_async = nullptr;
+  std::string path;
+  Handle handles[kMaxDevices] = {};
+  std::mutex mutex;  // guards handle creation
+};
+
+std::mutex bind_mutex;
+std::atomic<Cublas*> bound{nullptr};
+
+void* Sym(void* lib, const char* name, const std::string& path) {
+  void* f = dlsym(lib, name);
+  if (f == nullptr) TVM_FFI_THROW(RuntimeError) << "cublas_bind: " << path << " has no symbol " << name;
+  return f;
+}
+
+/*! \brief The cuBLAS handle of \a device (created on first use, with that device current), bound to \a stream. */
+Handle HandleFor(Cublas& c, int device, Stream stream) {
+  if (device < 0 || device >= kMaxDevices) TVM_FFI_THROW(ValueError) << "cuda_matmul: device " << device;
+  Handle h = c.handles[device];
+  if (h == nullptr) {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    if (c.handles[device] == nullptr) {
+      int previous = 0;
+      c.get_device(&previous);
+      c.set_device(device);
+      int rc = c.create(&c.handles[device]);
+      c.set_device(previous);
+      if (rc != 0) TVM_FFI_THROW(RuntimeError) << "cublasCreate failed on device " << device << " (status " << rc << ")";
+    }
+    h = c.handles[device];
+  }
+  c.set_stream(h, stream);
+  return h;
+}
+
+void Check(const ffi::TensorView& t, DLDataType want, int device, const char* what) {
+  DLDataType dt = t.dtype();
+  if (dt.code != want.code || dt.bits != want.bits || dt.lanes != 1) {
+    TVM_FFI_THROW(TypeError) << "cuda_matmul: " << what << " is " << ffi::DLDataTypeToString(dt) << ", expected "
+                             << ffi::DLDataTypeToString(want);
+  }
+  if (t.device().device_type != kDLCUDA || t.device().device_id != device) {
+    TVM_FFI_THROW(ValueError) << "cuda_matmul: " << what << " must be on the output's CUDA device";
+  }
+  if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << "cuda_matmul: " << what << " must be contiguous";
+}
+
+/*! \brief One operand as a stack of row-major matrices: batch dims, rows, cols as stored. */
+struct Operand {
+  std::vector<int64_t> batch;
+  int64_t rows = 0, cols = 0;
+};
+
+Operand Describe(const ffi::TensorView& t, bool is_a) {
+  Operand op;
+  int nd = t.ndim();
+  if (nd == 1) {  // a: (K,) -> (1, K); b: (K,) -> (K, 1)
+    op.rows = is_a ? 1 : t.shape()[0];
+    op.cols = is_a ? t.shape()[0] : 1;
+    return op;
+  }
+  for (int i = 0; i < nd - 2; ++i) op.batch.push_back(t.shape()[i]);
+  op.rows = t.shape()[nd - 2];
+  op.cols = t.shape()[nd - 1];
+  return op;
+}
+
+int64_t Prod(const std::vector<int64_t>& v) {
+  int64_t p = 1;
+  for (int64_t x : v) p *= x;
+  return p;
+}
+
+char* Data(const ffi::TensorView& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
+
+void CheckStatus(int rc, const char* call) {
+  if (rc != 0) TVM_FFI_THROW(RuntimeError) << "cuda_matmul: " << call << " failed (cuBLAS status " << rc << ")";
+}
+
+void CheckInt(int64_t v, const char* what) {
+  if (v > INT32_MAX) TVM_FFI_THROW(ValueError) << "cuda_matmul: " << what << " " << v << " exceeds cuBLAS' int range";
+}
+
+}  // namespace
+
+/*! \brief dlopen cuBLAS and the CUDA runtime (normally already loaded by TVM) and resolve the entry points. */
+ffi::String CublasBind(ffi::String cublas_path, ffi::String cudart_path) {
+  std::lock_guard<std::mutex> lock(bind_mutex);
+  if (Cublas* c = bound.load(std::memory_order_acquire)) return ffi::String(c->path);
+  void* lib = dlopen(cublas_path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (lib == nullptr) TVM_FFI_THROW(RuntimeError) << "cublas_bind: cannot dlopen " << cublas_path << ": " << dlerror();
+  void* rt = dlopen(cudart_path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (rt == nullptr) TVM_FFI_THROW(RuntimeError) << "cublas_bind: cannot dlopen " << cudart_path << ": " << dlerror();
+  auto* c = new Cublas();  // never freed: kernels may run until the process exits
+  std::string path(cublas_path);
+  c->create = reinterpret_cast<CublasCreate>(Sym(lib, "cublasCreate_v2", path));
+  c->set_stream = reinterpret_cast<CublasSetStream>(Sym(lib, "cublasSetStream_v2", path));
+  c->gemm = reinterpret_cast<CublasGemmEx>(Sym(lib, "cublasGemmEx", path));
+  c->gemm_batched = reinterpret_cast<CublasGemmStridedBatchedEx>(Sym(lib, "cublasGemmStridedBatchedEx", path));
+  std::string rt_path(cudart_path);
+  c->get_device = reinterpret_cast<CudaGetDevice>(Sym(rt, "cudaGetDevice", rt_path));
+  c->set_device = reinterpret_cast<CudaSetDevice>(Sym(rt, "cudaSetDevice", rt_path));
+  c->memset_async = reinterpret_cast<CudaMemsetAsync>(Sym(rt, "cudaMemsetAsync", rt_path));
+  c->path = path;
+  bound.store(c, std::memory_order_release);
+  return ffi::String(c->path);
+}
+
+/*! \brief The bound cuBLAS library's path, or "" when none is bound yet. */
+ffi::String CublasBound() {
+  Cublas* c = bound.load(std::memory_order_acquire);
+  return ffi::String(c == nullptr ? std::string() : c->path);
+}
+
+void CudaMatmul(ffi::TensorView a, ffi::TensorView b, int64_t trans_a, int64_t trans_b, ffi::TensorView out) {
+  Cublas* c = bound.load(std::memory_order_acquire);
+  if (c == nullptr) {
+    TVM_FFI_THROW(RuntimeError) << "cuda_matmul: no cuBLAS bound; call cublas_bind first "
+                                << "(bmc.runtime.cuda.register_kernels() does)";
+  }
+  auto type_of = [](DLDataType dt) {
+    return dt.lanes != 1                               ? -1
+           : dt.code == kDLFloat && dt.bits == 32      ? kR32F
+           : dt.code == kDLFloat && dt.bits == 16      ? kR16F
+           : dt.code == kDLBfloat && dt.bits == 16     ? kR16BF
+                                                       : -1;
+  };
+  // operands and result of one type, or float16/bfloat16 operands with a float32 result
+  DLDataType dt = out.dtype(), in_dt = a.dtype();
+  int type = type_of(in_dt), out_type = type_of(dt);
+  if (type < 0 || out_type < 0 || (type != out_type && out_type != kR32F)) {
+    TVM_FFI_THROW(TypeError) << "cuda_matmul: only float32/float16/bfloat16 (or float16/bfloat16 operands with a "
+                             << "float32 result), got " << ffi::DLDataTypeToString(in_dt) << " -> "
+                             << ffi::DLDataTypeToString(dt);
+  }
+  int device = out.device().device_id;
+  Check(out, dt, device, "out");
+  Check(a, in_dt, device, "a");
+  Check(b, in_dt, device, "b");
+  bool ta = trans_a != 0, tb = trans_b != 0;
+  if ((ta && a.ndim() < 2) || (tb && b.ndim() < 2)) {
+    TVM_FFI_THROW(ValueError) << "cuda_matmul: a transposed operand must have rank >= 2";
+  }
+  Operand A = Describe(a, true), B = Describe(b, false);
+  int64_t m = ta ? A.cols : A.rows, k = ta ? A.rows : A.cols;
+  int64_t kb = tb ? B.cols : B.rows, n = tb ? B.rows : B.cols;
+  if (k != kb) TVM_FFI_THROW(ValueError) << "cuda_matmul: contraction dims differ (" << k << " vs " << kb << ")";
+  // broadcast batch dims, right-aligned; sa/sb: each operand's batch stride (in matrices) per output batch dim
+  size_t nb = std::max(A.batch.size(), B.batch.size());
+  std::vector<int64_t> batch(nb), sa(nb, 0), sb(nb, 0);
+  int64_t stride_a = 1, stride_b = 1;
+  for (size_t i = 0; i < nb; ++i) {  // i counts from the innermost batch dim
+    int64_t da = i < A.batch.size() ? A.batch[A.batch.size() - 1 - i] : 1;
+    int64_t db = i < B.batch.size() ? B.batch[B.batch.size() - 1 - i] : 1;
+    if (da != db && da != 1 && db != 1) {
+      TVM_FFI_THROW(ValueError) << "cuda_matmul: batch dims " << da << " and " << db << " do not broadcast";
+    }
+    batch[nb - 1 - i] = std::max(da, db);
+    sa[nb - 1 - i] = da == 1 ? 0 : stride_a;
+    sb[nb - 1 - i] = db == 1 ? 0 : stride_b;
+    stride_a *= da;
+    stride_b *= db;
+  }
+  int64_t count = Prod(batch);
+  if (out.numel() != count * m * n) {
+    TVM_FFI_THROW(ValueError) << "cuda_matmul: out has " << out.numel() << " elements, expected " << count * m * n;
+  }
+  if (count == 0 || m == 0 || n == 0) return;
+  Stream stream = TVMFFIEnvGetStream(kDLCUDA, device);
+  size_t elem = in_dt.bits / 8, out_elem = dt.bits / 8;
+  if (k == 0) {
+    CheckStatus(c->memset_async(Data(out), 0, count * m * n * out_elem, stream), "cudaMemsetAsync");
+    return;
+  }
+  Handle h = HandleFor(*c, device, stream);
+  float one = 1.0f, zero = 0.0f;
+  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: cuBLAS gets (B, A) with m and n swapped; a
+  // stored row-major matrix read column-major is its transpose, so the ops stay as given and ld = stored columns.
+  int op_b = tb ? kOpT : kOpN, op_a = ta ? kOpT : kOpN;
+  int64_t a_mat = A.rows * A.cols, b_mat = B.rows * B.cols;
+  int64_t pa = Prod(A.batch), pb = Prod(B.batch);
+  if (pb == 1 && !ta && pa == count) {  // one shared b, a not transposed: one GEMM with the batches stacked into M
+    CheckInt(count * m, "M");
+    CheckInt(n, "N");
+    CheckInt(k, "K");
+    CheckStatus(c->gemm(h, op_b, op_a, n, count * m, k, &one, Data(b), type, B.cols, Data(a), type, A.cols, &zero,
+                        Data(out), out_type, n, kCompute32F, kGemmDefault),
+                "cublasGemmEx");
+    return;
+  }
+  CheckInt(m, "M");
+  CheckInt(n, "N");
+  CheckInt(k, "K");
+  CheckInt(count, "batch");
+  if ((pa == count || pa == 1) && (pb == count || pb == 1)) {  // uniform strides: one strided-batched call
+    CheckStatus(c->gemm_batched(h, op_b, op_a, n, m, k, &one, Data(b), type, B.cols, pb == 1 ? 0 : b_mat, Data(a),
+                                type, A.cols, pa == 1 ? 0 : a_mat, &zero, Data(out), out_type, n, m * n, count,
+                                kCompute32F, kGemmDefault),
+                "cublasGemmStridedBatchedEx");
+    return;
+  }
+  std::vector<int64_t> idx(nb, 0);  // mixed broadcasting ([2,1] x [1,3]): one GEMM per output matrix
+  for (int64_t i = 0; i < count; ++i) {
+    int64_t oa = 0, ob = 0;
+    for (size_t d = 0; d < nb; ++d) {
+      oa += idx[d] * sa[d];
+      ob += idx[d] * sb[d];
+    }
+    CheckStatus(c->gemm(h, op_b, op_a, n, m, k, &one, Data(b) + ob * b_mat * elem, type, B.cols,
+                        Data(a) + oa * a_mat * elem, type, A.cols, &zero, Data(out) + i * m * n * out_elem,
+                        out_type, n, kCompute32F, kGemmDefault),
+                "cublasGemmEx");
+    for (size_t d = nb; d-- > 0;) {  // odometer increment
+      if (++idx[d] < batch[d]) break;
+      idx[d] = 0;
+    }
+  }
+}
+
+}  // namespace native
+}  // namespace bmc
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cublas_bind, bmc::native::CublasBind);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cublas_bound, bmc::native::CublasBound);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cuda_matmul, bmc::native::CudaMatmul);
