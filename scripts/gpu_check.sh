@@ -34,6 +34,8 @@ if [ -n "$mpich" ]; then
   export PATH="$mpich/bin:$PATH" LD_LIBRARY_PATH="$mpich/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 export BMC_CUDA_KERNELS_LIB="$gpu/lib/libbmc_cuda_kernels.so"
+# the carried libcudart.so.13 (what libtvm_runtime_cuda.so links), after the system's, also for the MPI ranks
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$gpu/lib"
 path="$deps:$gpu/site:$gpu/src"
 "$py" -c 'import typing_extensions' 2>/dev/null || path="$path:$gpu/fallback"
 "$py" -c 'import numpy' || { echo "numpy is missing" >&2; exit 2; }

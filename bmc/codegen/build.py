@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ class Built:
     device_code: object = field(default=None, repr=False)  # cuda: bmc.codegen.cuda.CudaBuild (the nvcc images)
 
     def export(self, path: Path) -> None:
-        if self.device_code is not None:  # cuda: link the compiled images instead of TVM's CUDA source
+        if self.device_code is not None and self.device_code.images:  # cuda: link the nvcc images, not the source
             self.executable.export_library(str(path), fpack_imports=self.device_code.pack_imports)
         else:
             self.executable.export_library(str(path))
@@ -44,42 +43,10 @@ def cpu_pipeline(target, record: dict | None = None, tune=None) -> tvm.transform
 
 
 def gpu_pipeline(target, record: dict | None = None, tune=None) -> tvm.transform.Pass:
-    """CUDA: the same front half with matmuls offloaded to cuBLAS (``bmc.cuda.matmul``; ``BMC_CUDA_GEMM=tvm`` keeps
-    them as TVM kernels), then dlight GPU rules (matmul, GEMV, reductions, fallback last).
+    """CUDA: see :func:`bmc.codegen.gpu.gpu_pipeline`."""
+    from bmc.codegen import gpu
 
-    Why cuBLAS: dlight's tensor-core matmul rule handles float16 only (bfloat16 and float32 get a SIMT schedule),
-    and even its float16 WMMA schedule is far from cuBLAS on Hopper (benchmarks/gpu.py measures both); GEMMs are
-    where a transformer's time goes. Everything else (fused elementwise chains, softmax, norms) stays in TVM.
-    ``tune``: an optional MetaSchedule pass (:mod:`bmc.codegen.tune`) run after fusion; dlight skips what it
-    scheduled."""
-    from tvm.s_tir import dlight as dl
-
-    from bmc.codegen.cpu import offload_matmul
-    from bmc.runtime.cuda import MATMUL_KERNEL
-
-    passes = [relax.transform.DecomposeOpsForInference()]
-    if os.environ.get("BMC_CUDA_GEMM", "cublas").strip().lower() != "tvm":
-        passes.append(offload_matmul(record, conv=False, kernel=MATMUL_KERNEL, choose=choose_cuda_matmul,
-                                     mixed=(("float16", "float32"), ("bfloat16", "float32"))))
-    return tvm.transform.Sequential(passes + [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        *([tune] if tune is not None else []),
-        dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-                                dl.gpu.Fallback()),
-    ])
-
-
-#: result dtypes cuBLAS computes for bmc (float32 accumulation in every case)
-CUBLAS_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def choose_cuda_matmul(a, b, out, dtype: str) -> str:
-    """``"blas"`` (cuBLAS) for every float32/float16/bfloat16 matmul with static shapes, else ``"tvm"``."""
-    return "blas" if dtype in CUBLAS_DTYPES and None not in (a, b, out) else "tvm"
+    return gpu.gpu_pipeline(target, record, tune)
 
 
 def _require_gpu_for_tuning() -> None:

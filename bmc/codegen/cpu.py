@@ -130,6 +130,21 @@ class _MatmulOffloader(relax.PyExprMutator):
                 return src, True
         return expr, False
 
+    def _narrowed(self, call: relax.Call):
+        """``astype(kernel(a, b) -> float32, T)`` with ``T`` the operands' dtype (how reduced-precision matmuls are
+        lowered: float32 result, then a cast) → one kernel call writing ``T`` (the float32 call is then dead)."""
+        src = call.args[0]
+        bound = self.lookup_binding(src) if isinstance(src, relax.Var) else None
+        dtype = str(call.attrs.dtype)
+        if not (isinstance(bound, relax.Call) and bound.op.same_as(tvm.ir.Op.get("relax.call_dps_packed"))
+                and str(bound.args[0].global_symbol) == self.kernel):
+            return call
+        operands = bound.args[1].fields
+        if str(operands[0].ty.dtype) != dtype or (dtype, str(src.ty.dtype)) not in self.mixed:
+            return call
+        return relax.call_dps_packed(self.kernel, list(operands),
+                                     out_ty=relax.TensorType(list(_static_shape(call.ty)), dtype))
+
     def _conv2d(self, call: relax.Call):
         x, w = call.args
         a = call.attrs
@@ -160,6 +175,8 @@ class _MatmulOffloader(relax.PyExprMutator):
         call = super().visit_call_(call)
         if self.conv and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d":
             return self._conv2d(call)
+        if self.mixed and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.astype":
+            return self._narrowed(call)
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"):
             return call
         a, b = call.args
@@ -177,7 +194,7 @@ class _MatmulOffloader(relax.PyExprMutator):
         a_src, trans_a = self._unpermuted(a)
         b_src, trans_b = self._unpermuted(b)
         self.folded += int(trans_a) + int(trans_b)
-        self.shapes[f"{dtype}{list(a_shape)}{'^T' if trans_a else ''}@{list(b_shape)}{'^T' if trans_b else ''}"] += 1
+        self.shapes[f"{a.ty.dtype}{list(a_shape)}{'^T' if trans_a else ''}@{list(b_shape)}{'^T' if trans_b else ''}"] += 1
         return relax.call_dps_packed(
             self.kernel, [a_src, b_src, relax.expr.prim_value(int(trans_a)), relax.expr.prim_value(int(trans_b))],
             out_ty=relax.TensorType(list(out_shape), dtype))

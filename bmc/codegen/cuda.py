@@ -241,10 +241,7 @@ def compile_executable(executable, archs: tuple[str, ...], toolkit: CudaToolkit 
     toolkit = toolkit or find_toolkit()
     flags, sass, ptx = gencode_flags(archs)
     build = CudaBuild(toolkit, tuple(archs), [*NVCC_FLAGS, *flags], sass, ptx)
-    mods = cuda_modules(executable)
-    if not mods:
-        raise CompileError("the TVM executable has no CUDA module (no kernel was generated)", where="target cuda")
-    for m in mods:
+    for m in cuda_modules(executable):  # none when every op became a library call (a lone cuBLAS matmul)
         source = m.inspect_source()
         if "__global__" not in source:
             raise CompileError("the CUDA module holds no CUDA source (was it already compiled?)",

@@ -185,11 +185,13 @@ class Nccl:
         self.comms = {axes: self._communicator(comm) for axes, comm in ctx.groups.items()}
 
     def _communicator(self, comm):
-        uid = np.zeros(128, np.int64)
-        if comm.Get_rank() == 0:
-            uid[:] = self.nccl.get_unique_id()
+        """One NCCL communicator over the MPI group ``comm``: rank 0's unique id (128 bytes) broadcast over MPI."""
+        mine = self.nccl.get_unique_id()  # bytes in recent CuPy, a tuple of 128 small ints in older ones
+        uid = np.frombuffer(mine, np.uint8).copy() if isinstance(mine, bytes) else \
+            np.asarray(mine, np.int64).astype(np.int8).view(np.uint8)
         comm.Bcast(uid, root=0)
-        return self.nccl.NcclCommunicator(comm.Get_size(), tuple(int(v) for v in uid), comm.Get_rank())
+        common = uid.tobytes() if isinstance(mine, bytes) else tuple(int(v) for v in uid.view(np.int8))
+        return self.nccl.NcclCommunicator(comm.Get_size(), common, comm.Get_rank())
 
     def _view(self, t, shape=None):
         """A CuPy byte array over a TVM tensor's memory: (*shape, itemsize) uint8."""

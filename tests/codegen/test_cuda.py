@@ -281,3 +281,18 @@ def test_cuda_tuning_without_a_gpu_is_a_usage_error(tmp_path):
                    "-o", str(tmp_path / "m.bmc")])
     assert rc == 2 and "--tune" in err.getvalue() and "has none" in err.getvalue(), err.getvalue()
     assert not (tmp_path / "m.bmc").exists()
+
+
+def test_a_program_of_library_calls_only_builds(tmp_path):
+    """A lone float32 matmul becomes a cuBLAS call and leaves no CUDA kernel: the build and export still work."""
+    _toolkit_or_skip()
+    from bmc.codegen.build import build
+    from bmc.codegen.targets import TargetSpec
+
+    b = GraphBuilder("mm")
+    x = b.input("x", TensorType("float32", (64, 64)))
+    y = b.emit1("matmul", [x, b.param("w", np.ones((64, 64), np.float32))], "y")
+    result = build(b.finish([y]), TargetSpec.parse("cuda", ("sm_90",)))
+    assert result.kernels["cuda"]["num_kernels"] == 0 and result.kernels["cuda"]["requires"] == ["bmc.cuda.matmul"]
+    result.export(tmp_path / "mm.so")
+    assert (tmp_path / "mm.so").stat().st_size > 0

@@ -24,11 +24,27 @@ _BINARY = {
 }
 
 
+#: unary ops computed in float32 for float16/bfloat16 tensors ("opmath", as PyTorch does): inside the fused kernel
+#: the casts cost no memory traffic, and a transcendental evaluated in 8 or 11 bits loses digits the cast-back keeps
+_OPMATH = {"exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "erf", "sin", "cos", "gelu", "softplus"}
+
+
 def scalar(value, dtype: str) -> relax.Constant:
     return const(np.array(value, dtype=np_dtype(dtype)))
 
 
+def opmath(fn):
+    """Lower ``fn`` on float32 copies of float16/bfloat16 operands, then cast the result back."""
+    def lower(ctx, node, args):
+        dtype = node.inputs[0].type.dtype
+        if dtype not in ("float16", "bfloat16") or node.op not in _OPMATH:
+            return fn(ctx, node, args)
+        return _R.astype(ctx.emit(fn(ctx, node, [ctx.emit(_R.astype(a, "float32")) for a in args])), dtype)
+    return lower
+
+
 @lowering(*_SIMPLE_UNARY)
+@opmath
 def _unary(ctx, node, args):
     return _SIMPLE_UNARY[node.op](args[0])
 
@@ -48,14 +64,16 @@ def _reciprocal(ctx, node, args):
 
 
 @lowering("softplus")
+@opmath
 def _softplus(ctx, node, args):
     # log(1 + exp(x)) computed stably as max(x, 0) + log(1 + exp(-|x|))
-    x, dt = args[0], node.inputs[0].type.dtype
+    x, dt = args[0], ctx.dtype_of(args[0])
     tail = _R.log(_R.add(scalar(1, dt), ctx.emit(_R.exp(ctx.emit(_R.negative(ctx.emit(_R.abs(x))))))))
     return _R.add(ctx.emit(_R.maximum(x, scalar(0, dt))), ctx.emit(tail))
 
 
 @lowering("gelu")
+@opmath
 def _gelu(ctx, node, args):
     return _R.nn.gelu_tanh(args[0]) if node.attrs["approximate"] == "tanh" else _R.nn.gelu(args[0])
 

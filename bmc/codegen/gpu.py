@@ -1,0 +1,133 @@
+"""CUDA (``cuda``) pipeline pieces: the matmul offload to cuBLAS, one-kernel reduced-precision normalizations, and
+dlight schedules for TVM's own kernels.
+
+1. **Matmul offload.** Every ``relax.matmul`` with static shapes and a float32/float16/bfloat16 result becomes a
+   destination-passing call of the runtime kernel ``bmc.cuda.matmul`` (cuBLAS, float32 accumulation;
+   ``cpp/cuda_kernels.cc``), with the same transpose folding as the CPU offload (:mod:`bmc.codegen.cpu`). A
+   float16/bfloat16 matmul is lowered as ``astype(matmul(a, b, out_dtype=float32), T)``; the cast is folded into the
+   call, so cuBLAS writes ``T`` directly. Why: dlight's tensor-core rule handles float16 only (bfloat16 and float32
+   get a SIMT schedule, 2-8% of the H200's peak in ``benchmarks/gpu.py``), while cuBLAS reaches 75%+ on the same
+   shapes. ``BMC_CUDA_GEMM=tvm`` keeps matmuls in TVM (for before/after measurements).
+2. **Normalizations in float32, one kernel.** A bfloat16 softmax / layer norm / RMS norm is lowered as
+   ``astype(f32) → op → astype(bf16)`` (``bmc/codegen/lower/reduce.py``). TVM's FuseOps does not fuse the widening
+   cast into the normalization's kernel, so it would write a float32 copy of the input (1 GB of attention scores per
+   layer for a 1.3B model at 4x2048 tokens) and read it back. :func:`narrow_normalizations` rewrites the three into
+   one TE kernel that reads and writes the narrow dtype and computes in float32 inside.
+3. **Schedules**: dlight's GPU rules (matmul, GEMV, reductions, general reduction, fallback last), after optional
+   MetaSchedule tuning (``tune``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import tvm
+from tvm import relax, topi
+
+#: result dtypes cuBLAS computes for bmc (float32 accumulation in every case)
+CUBLAS_DTYPES = ("float32", "float16", "bfloat16")
+NARROW = ("float16", "bfloat16")
+
+
+def choose_cuda_matmul(a, b, out, dtype: str) -> str:
+    """``"blas"`` (cuBLAS) for every float32/float16/bfloat16 matmul with static shapes, else ``"tvm"``."""
+    return "blas" if dtype in CUBLAS_DTYPES and None not in (a, b, out) else "tvm"
+
+
+def _axes(call) -> list[int]:
+    return [int(a) for a in call.attrs.axes]
+
+
+#: normalization op → its TE form on float32 tensors (the same topi functions LegalizeOps would use)
+_NORMS = {
+    "relax.nn.softmax": lambda call, x: topi.nn.softmax(x, axis=int(call.attrs.axis)),
+    "relax.nn.log_softmax": lambda call, x: topi.nn.log_softmax(x, axis=int(call.attrs.axis)),
+    "relax.nn.layer_norm": lambda call, x, g, b: topi.nn.layer_norm(x, g, b, axis=_axes(call),
+                                                                    epsilon=float(call.attrs.epsilon)),
+    "relax.nn.rms_norm": lambda call, x, w: topi.nn.rms_norm(x, w, axis=_axes(call),
+                                                             epsilon=float(call.attrs.epsilon)),
+}
+
+
+@relax.expr_functor.mutator
+class _NarrowNorms(relax.PyExprMutator):
+    """``astype(norm(astype(x: T, f32), ...), T)`` → one TE kernel on ``x`` (T float16/bfloat16)."""
+
+    def __init__(self, mod=None):
+        super().__init__(mod)
+        self.count = 0
+
+    def _bound(self, expr):
+        return self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+
+    def _widened_from(self, expr, dtype: str):
+        """``x`` when ``expr`` is bound to ``astype(x, float32)`` with ``x`` of ``dtype``, else None."""
+        b = self._bound(expr)
+        if (isinstance(b, relax.Call) and isinstance(b.op, tvm.ir.Op) and b.op.name == "relax.astype"
+                and str(b.args[0].ty.dtype) == dtype):
+            return b.args[0]
+        return None
+
+    def visit_call_(self, call: relax.Call):  # noqa: N802 (TVM's visitor naming)
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.astype"):
+            return call
+        dtype = str(call.attrs.dtype)
+        norm = self._bound(call.args[0])
+        if (dtype not in NARROW or not isinstance(norm, relax.Call) or not isinstance(norm.op, tvm.ir.Op)
+                or norm.op.name not in _NORMS or str(norm.ty.dtype) != "float32"):
+            return call
+        x = self._widened_from(norm.args[0], dtype)
+        if x is None:
+            return call
+        # the other operands (gains, biases) as they were before widening, or as given (float32 constants)
+        args = [x]
+        for a in norm.args[1:]:
+            narrow = self._widened_from(a, dtype)
+            args.append(a if narrow is None else narrow)
+        te_norm = _NORMS[norm.op.name]
+        self.count += 1
+        return self.builder_.call_te(
+            lambda *ts: topi.cast(te_norm(norm, *(topi.cast(t, "float32") for t in ts)), dtype), *args,
+            primfunc_name_hint=norm.op.name.rsplit(".", 1)[-1] + "_float32")
+
+
+def narrow_normalizations(record: dict | None = None) -> tvm.transform.Pass:
+    """Module pass: see the module doc (2); ``record["narrow_normalizations"]`` counts the rewrites."""
+
+    @tvm.transform.module_pass(opt_level=0, name="BmcNarrowNormalizations")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mutator = _NarrowNorms(mod)
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        if record is not None and mutator.count:
+            record["narrow_normalizations"] = mutator.count
+        return relax.transform.DeadCodeElimination()(mutator.builder_.get())
+
+    return _pass
+
+
+def gpu_pipeline(target, record: dict | None = None, tune=None) -> tvm.transform.Pass:
+    """The Relax pipeline for CUDA (module doc); ``tune``: an optional MetaSchedule pass (:mod:`bmc.codegen.tune`)
+    run after fusion, whose schedules dlight then leaves alone."""
+    from tvm.s_tir import dlight as dl
+
+    from bmc.codegen.cpu import offload_matmul
+    from bmc.runtime.cuda import MATMUL_KERNEL
+
+    passes = [relax.transform.DecomposeOpsForInference()]
+    if os.environ.get("BMC_CUDA_GEMM", "cublas").strip().lower() != "tvm":
+        passes.append(offload_matmul(record, conv=False, kernel=MATMUL_KERNEL, choose=choose_cuda_matmul,
+                                     mixed=(("float16", "float32"), ("bfloat16", "float32"))))
+    passes.append(narrow_normalizations(record))
+    return tvm.transform.Sequential(passes + [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        *([tune] if tune is not None else []),
+        dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                                dl.gpu.Fallback()),
+    ])
