@@ -4,6 +4,8 @@
     python3 dev.py demo     # create .venv, install bmc + deps from PyPI, compile and run the embedded model
     python3 dev.py test     # same set-up, then the whole test suite (fast default set)
     python3 dev.py test -m slow   # extra pytest arguments are passed through
+    python3 dev.py gpu-check      # prepare .gpu/ (CUDA artifacts, runtime-only TVM, wheels) for a lent GPU machine,
+                                  # which then runs `bash scripts/gpu_check.sh` (needs nvcc here)
 
 The venv is reinstalled only when pyproject.toml changes (its hash is stored in the venv).
 """
@@ -39,13 +41,15 @@ def ensure_venv() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("demo", "test"):
+    if not argv or argv[0] not in ("demo", "test", "gpu-check"):
         print(__doc__)
         return 2
     ensure_venv()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if argv[0] == "demo":
         cmd = [str(PY), "-m", "bmc", "demo", *argv[1:]]
+    elif argv[0] == "gpu-check":
+        cmd = [str(PY), str(ROOT / "scripts" / "prepare_gpu_check.py"), *argv[1:]]
     else:
         cmd = [str(PY), "-m", "pytest", *argv[1:]]
     return subprocess.call(cmd, cwd=ROOT, env=env)

@@ -361,3 +361,51 @@ def test_mismatched_collective_order_is_detected(workdir, native_lib, impl):  # 
     assert "rank 0 at collective #0 all_reduce" in r.stderr and "rank 1 at collective #0 all_gather" in r.stderr
     assert "no mismatch detected" not in r.stdout
     assert time.monotonic() - start < 30
+
+
+_GPU_SELECTION = textwrap.dedent("""
+    import json, sys
+    import numpy as np, tvm, tvm_ffi
+    from bmc.errors import ExecutionError
+    from bmc.runtime import mpi
+    manifest = {"world_size": 2, "mesh": {"shape": [2], "axes": ["x"]}, "rank_map": [[0], [1]]}
+    MPI = mpi.preflight(manifest, "t", force=True)
+    ctx = mpi.MPIContext(MPI, manifest, "t")
+    out = {}
+    try:  # two ranks on one GPU: NCCL cannot be used, and asking for it says so on every rank
+        mpi.register_collectives(ctx, "nccl", gpu=(0, True))
+    except ExecutionError as e:
+        out["nccl"] = e.what
+    out["auto"] = mpi.register_collectives(ctx, "auto", gpu=(0, True))
+    # the host-staged implementation (tensor.numpy() -> MPI -> copyfrom), on CPU tensors here
+    x = np.arange(8, dtype=np.float32).reshape(2, 4) + 10 * ctx.rank
+    for kind, attrs, shape in (("all_reduce", {"axes": [0], "reduce": "sum"}, (2, 4)),
+                               ("all_gather", {"axes": [0], "dim": 1}, (2, 8)),
+                               ("reduce_scatter", {"axes": [0], "dim": 1}, (2, 2)),
+                               ("all_to_all", {"axes": [0], "split_dim": 1, "concat_dim": 0}, (4, 2))):
+        o = tvm.runtime.tensor(np.zeros(shape, np.float32))
+        tvm_ffi.get_global_func("bmc." + kind)(tvm.runtime.tensor(x), json.dumps(attrs), o)
+        out[kind] = o.numpy().tolist()
+    print("RESULT", ctx.rank, json.dumps(out), flush=True)
+""")
+
+
+def test_gpu_collective_selection_and_host_staging():
+    """Collectives for GPU tensors: with a GPU shared by two ranks, NCCL is refused with the reason and `auto` picks
+    the host-staged path (every rank agrees), whose copy-out / MPI / copy-in plumbing gives the reference results
+    (run here on CPU tensors: the copies are the same calls)."""
+    proc = mpirun(2, [sys.executable, "-c", _GPU_SELECTION], timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT"):
+            _, rank, text = line.split(" ", 2)
+            results[int(rank)] = json.loads(text)
+    assert sorted(results) == [0, 1]
+    xs = [np.arange(8, dtype=np.float32).reshape(2, 4) + 10 * r for r in range(2)]
+    for rank, out in results.items():
+        assert "a GPU serves several ranks" in out["nccl"] and out["auto"] == "host"
+        np.testing.assert_array_equal(out["all_reduce"], xs[0] + xs[1])
+        np.testing.assert_array_equal(out["all_gather"], np.concatenate(xs, axis=1))
+        np.testing.assert_array_equal(out["reduce_scatter"], np.split(xs[0] + xs[1], 2, axis=1)[rank])
+        np.testing.assert_array_equal(out["all_to_all"], np.concatenate([np.split(x, 2, axis=1)[rank] for x in xs]))
