@@ -229,8 +229,8 @@ def _load_weights(path: Path, manifest: dict, dev, rank: int = 0) -> list:
     return params
 
 
-def load(path, *, device: str | None = None, simulate: bool = False, threads: int | None = None, mpi: bool | None = None,
-         collectives: str | None = None) -> Model:
+def load(path, *, device: str | None = None, simulate: bool = False, threads: int | None = None,
+         mpi: bool | None = None, collectives: str | None = None) -> Model:
     """Verify the artifact at ``path``, then load its program and weights onto ``device`` (``cpu``, ``cuda[:N]``;
     default: the artifact's target, and under MPI each rank takes a GPU by its rank on the host).
 
@@ -343,8 +343,8 @@ def _load_mpi(path: Path, manifest: dict, ctx, *, device: str, threads: int | No
             gpu = pick_device(ctx.local_rank, ctx.local_size)
             device = f"cuda:{gpu[0]}"
             stats["gpu"] = {"index": gpu[0], "shared": gpu[1]}
-        elif manifest["target"].get("kind") == "cuda":
-            gpu = (int(device.partition(":")[2] or 0), False)
+        elif manifest["target"].get("kind") == "cuda":  # an explicit device: maybe the same on every rank
+            gpu = (int(device.partition(":")[2] or 0), ctx.local_size > 1)
         dev = _device(device, manifest["target"], str(path))
         try:
             allowed = os.sched_getaffinity(0)

@@ -344,10 +344,11 @@ class MPIContext:
                 f"{self.group_ranks(axes)}) on rank {self.rank}")
 
     def python_collective(self, kind: str, x, attrs_text: str, out) -> None:
-        """``bmc.<kind>`` on host tensors (DLPack) or, through :meth:`host_collective`, on numpy arrays."""
+        """``bmc.<kind>`` on host tensors, through zero-copy numpy views (DLPack)."""
         self.host_collective(kind, np.from_dlpack(x), attrs_text, np.from_dlpack(out))
 
     def host_collective(self, kind: str, xa: np.ndarray, attrs_text: str, oa: np.ndarray) -> None:
+        """``bmc.<kind>`` on numpy arrays (also the host side of the host-staged GPU path)."""
         attrs = json.loads(attrs_text)
         axes = tuple(attrs["axes"])
         comm = self.group(axes)
