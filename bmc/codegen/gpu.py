@@ -8,11 +8,11 @@ dlight schedules for TVM's own kernels.
    call, so cuBLAS writes ``T`` directly. Why: dlight's tensor-core rule handles float16 only (bfloat16 and float32
    get a SIMT schedule, 2-8% of the H200's peak in ``benchmarks/gpu.py``), while cuBLAS reaches 75%+ on the same
    shapes. ``BMC_CUDA_GEMM=tvm`` keeps matmuls in TVM (for before/after measurements).
-2. **Normalizations in float32, one kernel.** A bfloat16 softmax / layer norm / RMS norm is lowered as
+2. **Normalizations in float32, one kernel.** A bfloat16 (log-)softmax / layer norm / RMS norm is lowered as
    ``astype(f32) → op → astype(bf16)`` (``bmc/codegen/lower/reduce.py``). TVM's FuseOps does not fuse the widening
    cast into the normalization's kernel, so it would write a float32 copy of the input (1 GB of attention scores per
-   layer for a 1.3B model at 4x2048 tokens) and read it back. :func:`narrow_normalizations` rewrites the three into
-   one TE kernel that reads and writes the narrow dtype and computes in float32 inside.
+   layer for a 1.3B model at 4x2048 tokens) and read it back. :func:`narrow_normalizations` rewrites each such
+   triple into one TE kernel that reads and writes the narrow dtype and computes in float32 inside.
    A softmax also takes in the elementwise chain that feeds it when nothing else uses it (the attention scale and
    mask: ``softmax(s * c + mask)``), so the scores are read once, in float32 arithmetic.
 3. **Schedules**: ``VectorizedElementwise`` first (injective kernels with 4-lane vector accesses per thread: dlight's
