@@ -19,6 +19,8 @@
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/string.h>
 
+#include "matmul_shapes.h"
+
 #include <atomic>
 #include <cstdint>
 #include <mutex>
@@ -82,32 +84,6 @@ void CheckOperand(const ffi::TensorView& t, DLDataType want, const char* what) {
   }
 }
 
-/*! \brief One operand as a stack of row-major matrices: batch dims, rows, cols as stored. */
-struct Operand {
-  std::vector<int64_t> batch;
-  int64_t rows = 0, cols = 0;
-};
-
-Operand Describe(const ffi::TensorView& t, bool is_a) {
-  Operand op;
-  int nd = t.ndim();
-  if (nd == 1) {  // a: (K,) -> (1, K); b: (K,) -> (K, 1)
-    op.rows = is_a ? 1 : t.shape()[0];
-    op.cols = is_a ? t.shape()[0] : 1;
-    return op;
-  }
-  for (int i = 0; i < nd - 2; ++i) op.batch.push_back(t.shape()[i]);
-  op.rows = t.shape()[nd - 2];
-  op.cols = t.shape()[nd - 1];
-  return op;
-}
-
-int64_t Prod(const std::vector<int64_t>& v) {
-  int64_t p = 1;
-  for (int64_t x : v) p *= x;
-  return p;
-}
-
 template <typename T>
 void Gemm(const Blas& blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
           const T* b, int64_t ldb, T* c, int64_t ldc) {
@@ -139,26 +115,9 @@ void MatmulImpl(const Blas& blas, const ffi::TensorView& ta_, const ffi::TensorV
   if (k != kb) {
     TVM_FFI_THROW(ValueError) << "cpu_matmul: contraction dims differ (" << k << " vs " << kb << ")";
   }
-  // broadcast batch dims, right-aligned
-  size_t nb = std::max(A.batch.size(), B.batch.size());
-  std::vector<int64_t> batch(nb), sa(nb, 0), sb(nb, 0);
-  {
-    int64_t stride_a = 1, stride_b = 1;
-    for (size_t i = 0; i < nb; ++i) {  // i counts from the innermost batch dim
-      size_t ia = i < A.batch.size() ? A.batch.size() - 1 - i : SIZE_MAX;
-      size_t ib = i < B.batch.size() ? B.batch.size() - 1 - i : SIZE_MAX;
-      int64_t da = ia == SIZE_MAX ? 1 : A.batch[ia], db = ib == SIZE_MAX ? 1 : B.batch[ib];
-      if (da != db && da != 1 && db != 1) {
-        TVM_FFI_THROW(ValueError) << "cpu_matmul: batch dims " << da << " and " << db
-                                  << " do not broadcast";
-      }
-      batch[nb - 1 - i] = std::max(da, db);
-      sa[nb - 1 - i] = da == 1 ? 0 : stride_a;
-      sb[nb - 1 - i] = db == 1 ? 0 : stride_b;
-      stride_a *= da;
-      stride_b *= db;
-    }
-  }
+  Batch bt = BroadcastBatch(A, B, "cpu_matmul");
+  const std::vector<int64_t>&batch = bt.dims, &sa = bt.sa, &sb = bt.sb;
+  size_t nb = batch.size();
   int64_t count = Prod(batch);
   if (out.numel() != count * m * n) {
     TVM_FFI_THROW(ValueError) << "cpu_matmul: out has " << out.numel() << " elements, expected "

@@ -15,9 +15,9 @@ dlight schedules for TVM's own kernels.
    triple into one TE kernel that reads and writes the narrow dtype and computes in float32 inside.
    A softmax also takes in the elementwise chain that feeds it when nothing else uses it (the attention scale and
    mask: ``softmax(s * c + mask)``), so the scores are read once, in float32 arithmetic.
-3. **Schedules**, bmc's rules first: ``VectorizedElementwise`` (injective kernels with 4-lane vector accesses per
+3. **Schedules**, bmc's rules first: :func:`vectorized_elementwise` (injective kernels with 4-lane vector accesses per
    thread, where dlight's fallback moves one element per thread: ~1 TB/s on an H200 for the residual adds and
-   bias+GELU) and ``SoftmaxRows`` (a warp per row, the row computed once into shared memory, where dlight's
+   bias+GELU) and :func:`softmax_rows` (a warp per row, the row computed once into shared memory, where dlight's
    GeneralReduction reads the input three times); then dlight's GPU rules (matmul, GEMV, reductions, general
    reduction, fallback last); all after optional MetaSchedule tuning.
 """
@@ -158,54 +158,6 @@ def narrow_normalizations(record: dict | None = None) -> tvm.transform.Pass:
 
 
 THREADS = 256
-
-
-def _vectorized_elementwise():
-    from tvm import s_tir
-    from tvm.s_tir.dlight.analysis import normalize_prim_func
-    from tvm.s_tir.dlight.base import get_extent, try_inline
-    from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
-
-    class VectorizedElementwise(GPUScheduleRule):
-        """An injective PrimFunc (one spatial block after inlining) whose innermost extent is a multiple of the
-        vector width: each thread handles one vector (coalesced 8-16 byte accesses); else None (the next rule
-        schedules it)."""
-
-        def apply(self, func, target, _tunable):
-            if not isinstance(func, tvm.tirx.PrimFunc) or not self.is_target_available(target):
-                return None
-            try:
-                return self._apply(func)
-            except Exception:  # noqa: BLE001  (a PrimFunc this rule does not fit)
-                return None
-
-        def _apply(self, func):
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
-            if infos is None:
-                return None
-            infos = try_inline(sch, infos)
-            if len(infos) != 1 or set(infos[0].dom_kind()) != {"S"}:
-                return None
-            block = infos[0].block_rv
-            loops = sch.get_loops(block)
-            extents = [get_extent(sch, lp) for lp in loops]
-            if not loops or not all(isinstance(e, int) for e in extents):
-                return None
-            # 16 bytes of the output, at most 4 lanes: TVM 0.27's CUDA codegen cannot declare 8-lane float32
-            # vectors (the float32 arithmetic inside a bfloat16 kernel would need them)
-            lanes = max(1, min(4, 128 // sch.get(block).writes[0].source.dtype.bits))
-            if extents[-1] % lanes or math.prod(extents) % (lanes * THREADS):
-                return None
-            _, tx, vec = sch.split(sch.fuse(*loops), factors=[None, THREADS, lanes])
-            sch.bind(sch.get_loops(block)[0], "blockIdx.x")
-            sch.bind(tx, "threadIdx.x")
-            sch.vectorize(vec)
-            return sch
-
-    return VectorizedElementwise()
-
-
 #: softmax rows staged in shared memory as float32: SOFTMAX_ROWS_PER_BLOCK rows (one warp each) of at most
 #: MAX_SOFTMAX_ROW elements (32 KB per thread block)
 SOFTMAX_ROWS_PER_BLOCK = 4
@@ -213,83 +165,116 @@ MAX_SOFTMAX_ROW = 2048
 WARP = 32
 
 
-def _softmax_rows():
-    from tvm import s_tir
-    from tvm.s_tir.dlight.analysis import normalize_prim_func
-    from tvm.s_tir.dlight.base import get_extent
+def _as_rule(schedule_fn):
+    """A dlight GPU rule from ``schedule_fn(func) -> Schedule | None``; a PrimFunc it does not fit (None or an
+    exception) goes to the next rule."""
     from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
-    class SoftmaxRows(GPUScheduleRule):
-        """A softmax over the last axis whose input is computed in the kernel (topi's ``T_softmax_*`` blocks after
-        a producer block, e.g. the float32 cast, scale and mask of :func:`narrow_normalizations`): one warp per
-        row, SOFTMAX_ROWS_PER_BLOCK consecutive rows per thread block. The producer runs once per element into a
-        shared-memory row (float32); the max and the sum are warp-shuffle reductions whose results stay in
-        registers ("local": a shared result written by lane 0 would need a barrier TVM does not insert for a warp);
-        the normalization writes 4-lane vectors. dlight's GeneralReduction gives a row 256 threads with block-wide
-        reductions and recomputes the producer from global memory three times."""
-
+    class Rule(GPUScheduleRule):
         def apply(self, func, target, _tunable):
             if not isinstance(func, tvm.tirx.PrimFunc) or not self.is_target_available(target):
                 return None
             try:
-                return self._apply(func)
+                return schedule_fn(func)
             except Exception:  # noqa: BLE001  (a PrimFunc this rule does not fit)
                 return None
 
-        def _apply(self, func):
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
-            if infos is None:
-                return None
-            order = [sch.get(i.block_rv).name_hint for i in infos]
-            by_name = dict(zip(order, (i.block_rv for i in infos)))
-            if len(by_name) != len(order) or not {"T_softmax_maxelem", "T_softmax_exp", "T_softmax_expsum",
-                                                  "T_softmax_norm"} <= set(by_name):
-                return None
-            first = order.index("T_softmax_maxelem")
-            if infos[first].dom_kind()[-1:] != "R" or infos[first].dom_kind().count("R") != 1:
-                return None
-            producer = str(sch.get(by_name["T_softmax_maxelem"]).reads[0].source.name)
-            if producer not in order[:first]:
-                return None
-            tail = order[order.index("T_softmax_norm"):]
-            loops = sch.get_loops(by_name[tail[-1]])
-            n = get_extent(sch, loops[-1])
-            rows = get_extent(sch, loops[-2]) if len(loops) > 1 else None
-            if not isinstance(n, int) or n % (WARP * 4) or n > MAX_SOFTMAX_ROW or not isinstance(rows, int) \
-                    or rows % SOFTMAX_ROWS_PER_BLOCK:
-                return None
-            for name in order[:first]:  # the producer takes in what feeds it
-                if name != producer:
-                    sch.compute_inline(by_name[name])
-            sch.compute_inline(by_name["T_softmax_exp"])
-            for name in tail[:-1]:  # the normalization (and casts) go into the last block
-                sch.compute_inline(by_name[name])
-            out = by_name[tail[-1]]
-            loops = sch.get_loops(out)
-            outer, row = sch.split(loops[-2], [None, SOFTMAX_ROWS_PER_BLOCK])  # consecutive rows per block
-            blocks = sch.fuse(*loops[:-2], outer)
-            _, tx, vec = sch.split(loops[-1], [None, WARP, 4])
-            sch.bind(blocks, "blockIdx.x")
-            sch.bind(row, "threadIdx.y")
-            sch.bind(tx, "threadIdx.x")
-            sch.vectorize(vec)
-            for name in ("T_softmax_expsum", "T_softmax_maxelem"):
-                block = by_name[name]
-                sch.compute_at(block, row, preserve_unit_loops=True)
-                serial, lane = sch.split(sch.get_loops(block)[-1], [None, WARP])
-                sch.reorder(lane, serial)
-                sch.bind(lane, "threadIdx.x")
-                sch.set_scope(block, 0, "local")
-            block = by_name[producer]
-            sch.compute_at(block, row, preserve_unit_loops=True)
-            sch.set_scope(block, 0, "shared")
-            _, tx, vec = sch.split(sch.get_loops(block)[-1], [None, WARP, 4])
-            sch.bind(tx, "threadIdx.x")
-            sch.vectorize(vec)
-            return sch
+    Rule.__name__ = Rule.__qualname__ = schedule_fn.__name__
+    return Rule()
 
-    return SoftmaxRows()
+
+def vectorized_elementwise(func):
+    """An injective PrimFunc (one spatial block after inlining) whose innermost extent is a multiple of the vector
+    width: each thread handles one vector (coalesced 8-16 byte accesses); else None."""
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import get_extent, try_inline
+
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    infos = try_inline(sch, infos)
+    if len(infos) != 1 or set(infos[0].dom_kind()) != {"S"}:
+        return None
+    block = infos[0].block_rv
+    loops = sch.get_loops(block)
+    extents = [get_extent(sch, lp) for lp in loops]
+    if not loops or not all(isinstance(e, int) for e in extents):
+        return None
+    # 16 bytes of the output, at most 4 lanes: TVM 0.27's CUDA codegen cannot declare 8-lane float32 vectors (the
+    # float32 arithmetic inside a bfloat16 kernel would need them)
+    lanes = max(1, min(4, 128 // sch.get(block).writes[0].source.dtype.bits))
+    if extents[-1] % lanes or math.prod(extents) % (lanes * THREADS):
+        return None
+    _, tx, vec = sch.split(sch.fuse(*loops), factors=[None, THREADS, lanes])
+    sch.bind(sch.get_loops(block)[0], "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    sch.vectorize(vec)
+    return sch
+
+
+def softmax_rows(func):
+    """A softmax over the last axis whose input is computed in the kernel (topi's ``T_softmax_*`` blocks after a
+    producer block, e.g. the float32 cast, scale and mask of :func:`narrow_normalizations`): one warp per row,
+    SOFTMAX_ROWS_PER_BLOCK consecutive rows per thread block. The producer runs once per element into a shared-memory
+    row (float32); the max and the sum are warp-shuffle reductions whose results stay in registers ("local": a
+    shared result written by lane 0 would need a barrier TVM does not insert for a warp); the normalization writes
+    4-lane vectors. dlight's GeneralReduction gives a row 256 threads with block-wide reductions and recomputes the
+    producer from global memory three times. None when the PrimFunc does not have that shape."""
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import get_extent
+
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    order = [sch.get(i.block_rv).name_hint for i in infos]
+    by_name = dict(zip(order, (i.block_rv for i in infos)))
+    if len(by_name) != len(order) or not {"T_softmax_maxelem", "T_softmax_exp", "T_softmax_expsum",
+                                          "T_softmax_norm"} <= set(by_name):
+        return None
+    first = order.index("T_softmax_maxelem")
+    if infos[first].dom_kind()[-1:] != "R" or infos[first].dom_kind().count("R") != 1:
+        return None
+    producer = str(sch.get(by_name["T_softmax_maxelem"]).reads[0].source.name)
+    if producer not in order[:first]:
+        return None
+    tail = order[order.index("T_softmax_norm"):]
+    loops = sch.get_loops(by_name[tail[-1]])
+    n = get_extent(sch, loops[-1])
+    rows = get_extent(sch, loops[-2]) if len(loops) > 1 else None
+    if not isinstance(n, int) or n % (WARP * 4) or n > MAX_SOFTMAX_ROW or not isinstance(rows, int) \
+            or rows % SOFTMAX_ROWS_PER_BLOCK:
+        return None
+    for name in order[:first]:  # the producer takes in what feeds it
+        if name != producer:
+            sch.compute_inline(by_name[name])
+    sch.compute_inline(by_name["T_softmax_exp"])
+    for name in tail[:-1]:  # the normalization (and casts) go into the last block
+        sch.compute_inline(by_name[name])
+    loops = sch.get_loops(by_name[tail[-1]])
+    outer, row = sch.split(loops[-2], [None, SOFTMAX_ROWS_PER_BLOCK])  # consecutive rows per block
+    _, tx, vec = sch.split(loops[-1], [None, WARP, 4])
+    sch.bind(sch.fuse(*loops[:-2], outer), "blockIdx.x")
+    sch.bind(row, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    sch.vectorize(vec)
+    for name in ("T_softmax_expsum", "T_softmax_maxelem"):
+        block = by_name[name]
+        sch.compute_at(block, row, preserve_unit_loops=True)
+        serial, lane = sch.split(sch.get_loops(block)[-1], [None, WARP])
+        sch.reorder(lane, serial)
+        sch.bind(lane, "threadIdx.x")
+        sch.set_scope(block, 0, "local")
+    block = by_name[producer]
+    sch.compute_at(block, row, preserve_unit_loops=True)
+    sch.set_scope(block, 0, "shared")
+    _, tx, vec = sch.split(sch.get_loops(block)[-1], [None, WARP, 4])
+    sch.bind(tx, "threadIdx.x")
+    sch.vectorize(vec)
+    return sch
 
 
 def gpu_pipeline(target, record: dict | None = None, tune=None) -> tvm.transform.Pass:
@@ -312,6 +297,6 @@ def gpu_pipeline(target, record: dict | None = None, tune=None) -> tvm.transform
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
         *([tune] if tune is not None else []),
-        dl.ApplyDefaultSchedule(_vectorized_elementwise(), _softmax_rows(), dl.gpu.Matmul(), dl.gpu.GEMV(),
-                                dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
+        dl.ApplyDefaultSchedule(_as_rule(vectorized_elementwise), _as_rule(softmax_rows), dl.gpu.Matmul(),
+                                dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
     ])

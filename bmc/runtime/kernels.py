@@ -309,7 +309,8 @@ def _native_key() -> str:
     from importlib import metadata
 
     h = hashlib.sha256()
-    for p in [ROOT / "cpp" / "cpu_kernels.cc", ROOT / "cpp" / "cuda_kernels.cc", ROOT / "CMakeLists.txt"]:
+    sources = ("cpp/cpu_kernels.cc", "cpp/cuda_kernels.cc", "cpp/matmul_shapes.h", "CMakeLists.txt")
+    for p in (ROOT / n for n in sources):
         if p.exists():
             h.update(p.name.encode() + p.read_bytes())
     try:
