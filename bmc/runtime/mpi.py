@@ -53,6 +53,7 @@ from bmc.errors import BmcError, ExecutionError
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 DEFAULT_TIMEOUT_S = 300.0
+ABORT_DRAIN_S = 0.5
 ROOT = Path(__file__).resolve().parents[2]
 NATIVE_TARGET = "bmc_mpi_collectives"
 NATIVE_LIB = f"lib{NATIVE_TARGET}.so"
@@ -307,6 +308,9 @@ class MPIContext:
             sys.stdout.flush()
             sys.stderr.write(text + "\n")
             sys.stderr.flush()
+            # the launcher forwards output asynchronously and MPI_Abort tears the job down at once: without a moment
+            # to drain the pipes the message is sometimes lost (seen with MPICH's hydra)
+            time.sleep(ABORT_DRAIN_S)
         finally:
             self.world.Abort(int(exit_code))
             os._exit(int(exit_code))  # pragma: no cover  (MPI_Abort does not return)
