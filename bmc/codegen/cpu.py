@@ -91,6 +91,16 @@ def choose_conv2d(x: tuple[int, ...] | None, w: tuple[int, ...] | None, out: tup
     return "blas"
 
 
+def rewrite_functions(mutator, mod: tvm.IRModule, prepare=None) -> tvm.IRModule:
+    """Run a ``PyExprMutator`` over every Relax function of ``mod`` (``prepare(func)`` first, if given)."""
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            if prepare is not None:
+                prepare(func)
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 def _swaps_last_two(axes, rank: int) -> bool:
     if rank < 2:
         return False
@@ -210,10 +220,7 @@ def offload_matmul(record: dict | None = None, *, conv: bool = True, kernel: str
     @tvm.transform.module_pass(opt_level=0, name="BmcOffloadMatmul")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         offloader = _MatmulOffloader(mod, conv=conv, kernel=kernel, choose=choose, mixed=mixed)
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                offloader.builder_.update_func(gv, offloader.visit_expr(func))
-        mod = offloader.builder_.get()
+        mod = rewrite_functions(offloader, mod)
         if record is not None:
             blas = offloader.choices.get("blas", 0)
             record["matmul"] = {"blas": blas, "tvm": offloader.choices.get("tvm", 0),
@@ -298,12 +305,10 @@ def fast_math(record: dict | None = None) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="BmcFastMath")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         fm = _FastMath(mod)
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                fm.builder_.update_func(gv, fm.visit_expr(func))
+        mod = rewrite_functions(fm, mod)
         if record is not None:
             record["fast_math"] = {k.removeprefix("relax."): v for k, v in sorted(fm.count.items())}
-        return fm.builder_.get()
+        return mod
 
     return _pass
 

@@ -145,14 +145,13 @@ def narrow_normalizations(record: dict | None = None) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="BmcNarrowNormalizations")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        from bmc.codegen.cpu import rewrite_functions
+
         mutator = _NarrowNorms(mod)
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                mutator.uses = _use_counts(func)
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        mod = rewrite_functions(mutator, mod, prepare=lambda func: setattr(mutator, "uses", _use_counts(func)))
         if record is not None and mutator.count:
             record["narrow_normalizations"] = mutator.count
-        return relax.transform.DeadCodeElimination()(mutator.builder_.get())
+        return relax.transform.DeadCodeElimination()(mod)
 
     return _pass
 
