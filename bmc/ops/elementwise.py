@@ -109,7 +109,11 @@ def _cast(ins, attrs):
     return [x.astype(target)]
 
 
-register(OpDef("cast", "elementwise", (1, 1), {"dtype": Attr("dtype")}, _infer_cast, _cast, elementwise_cost(0)))
+#: ``excess_precision``: the input may arrive more precise than its type says (a float16/bfloat16 matmul or norm
+#: computed in float32 by its lowering) and is then converted from that, not rounded to its type first. Set only
+#: on the output casts of ``--dtype`` (``bmc.ops.precision``); a cast from an ONNX model rounds as ONNX says.
+register(OpDef("cast", "elementwise", (1, 1), {"dtype": Attr("dtype"), "excess_precision": Attr("bool", False)},
+               _infer_cast, _cast, elementwise_cost(0)))
 
 
 # ---------------------------------------------------------------------------------------------------------------

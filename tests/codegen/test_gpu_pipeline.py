@@ -1,4 +1,5 @@
-"""CUDA pipeline passes that can be checked on the CPU: the one-kernel reduced-precision normalizations."""
+"""CUDA pipeline passes that can be checked on the CPU: the one-kernel reduced-precision normalizations, and the
+outputs of ``--dtype`` that keep their float32 results."""
 
 from __future__ import annotations
 
@@ -64,3 +65,57 @@ def test_widened_normalizations_become_one_kernel_as_accurate_as_before():
     # noise, which this chain amplifies (softmax of 3x, then an RMS norm of probabilities): no less accurate than
     # before, up to that noise; a wrong axis or a lost operand would be off by O(1)
     assert before < 0.3 and after <= 1.25 * before + 0.02, (before, after)
+
+
+def _outputs_graph(dtype: str | None):
+    """x → layer norm → out ``ln``; x @ w → out ``mm``. ``dtype``: run it converted by ``--dtype`` (float32 outputs
+    cast from the reduced results with ``excess_precision``); None: a native bfloat16 graph whose ONNX-style casts
+    to float32 must round."""
+    from bmc.ops.precision import convert_float32
+
+    rng = np.random.default_rng(1)
+    t = "float32" if dtype else "bfloat16"
+    nt = np.float32 if dtype else ml_dtypes.bfloat16
+    b = GraphBuilder("outs")
+    x = b.input("x", TensorType(t, (8, 64)))
+    ln = b.emit1("layer_norm", [x, b.param("g", (1 + 0.1 * rng.standard_normal(64)).astype(nt)),
+                                b.param("b", (0.1 * rng.standard_normal(64)).astype(nt))], epsilon=1e-5)
+    mm = b.emit1("matmul", [x, b.param("w", rng.standard_normal((64, 48)).astype(nt))])
+    if dtype is None:
+        ln, mm = (b.emit1("cast", [v], dtype="float32") for v in (ln, mm))
+    graph = b.finish([ln, mm])
+    return (convert_float32(graph, dtype) if dtype else graph), rng.standard_normal((8, 64)).astype(np.float32)
+
+
+def _run_all(graph, x):
+    mod = narrow_normalizations()(to_relax(graph))  # the CUDA pass: the norm is its own kernel writing bfloat16
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    params = [tvm.runtime.tensor(graph.weights[p.name].numpy()) for p in graph.params]
+    x = x if graph.inputs[0].type.dtype == "float32" else x.astype(ml_dtypes.bfloat16)
+    return [o.numpy() for o in vm["main"](tvm.runtime.tensor(x), *params)]
+
+
+def _exact_outputs(graph, x):
+    w = {p.name: graph.weights[p.name].numpy().astype(np.float64) for p in graph.params}
+    x = x.astype(ml_dtypes.bfloat16).astype(np.float64)  # what the program computes on
+    mean = x.mean(-1, keepdims=True)
+    ln = (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * w["g"] + w["b"]
+    return [ln, x @ w["w"]]
+
+
+def test_dtype_outputs_keep_the_float32_result_of_their_last_op():
+    """``--dtype bfloat16``: a float32 output takes its producer's float32 result (the norm computed in float32,
+    the matmul's float32 accumulator) instead of that result rounded to bfloat16 (2^-9 relative) and widened."""
+    graph, x = _outputs_graph("bfloat16")
+    assert all(n.attrs["excess_precision"] for n in graph.nodes[-2:] if n.op == "cast")
+    for got, want in zip(_run_all(graph, x), _exact_outputs(graph, x)):
+        assert got.dtype == np.float32
+        assert float(np.abs(got - want).max()) <= 1e-5 * float(np.abs(want).max()), float(np.abs(got - want).max())
+
+
+def test_model_casts_still_round():
+    """The same ops in a bfloat16 model with its own casts to float32 (ONNX semantics): the outputs are rounded."""
+    graph, x = _outputs_graph(None)
+    assert not any(n.attrs["excess_precision"] for n in graph.nodes if n.op == "cast")
+    for got in _run_all(graph, x):
+        assert np.array_equal(got.astype(ml_dtypes.bfloat16).astype(np.float32), got)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import tvm
 from tvm import relax
 
 from bmc.codegen.lower import const, lowering
@@ -95,7 +96,14 @@ def _clip(ctx, node, args):
 
 @lowering("cast")
 def _cast(ctx, node, args):
-    return _R.astype(args[0], node.attrs["dtype"])
+    dtype = node.attrs["dtype"]
+    if node.attrs.get("excess_precision") and node.inputs[0].type.dtype in ("float16", "bfloat16"):
+        # the producer's float32 result where its lowering narrowed one (a matmul accumulator, a norm)
+        bound = ctx.bb.lookup_binding(args[0]) if isinstance(args[0], relax.Var) else None
+        if (isinstance(bound, relax.Call) and bound.op == tvm.ir.Op.get("relax.astype")
+                and ctx.dtype_of(bound.args[0]) == dtype):
+            return bound.args[0]
+    return _R.astype(args[0], dtype)
 
 
 @lowering("where")
