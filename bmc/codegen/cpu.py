@@ -8,7 +8,8 @@ Two things make bmc's llvm code fast, and both live here so the choices are made
    of the runtime kernel ``bmc.cpu.matmul(a, b, trans_a, trans_b, out)`` (numpy ``matmul`` semantics: batched,
    broadcast batch dims, 1-D operands promoted). A ``permute_dims`` that swaps the last two axes of an operand is
    folded into the call as a ``trans_a``/``trans_b`` flag (Gemm ``transB`` weights arrive that way), so the weight is
-   not transposed on every call. The runtime registers the kernel (``bmc.runtime.kernels``): native C++ calling
+   not transposed on every call; a permute that does more (attention's key ``transpose(0, 2, 3, 1)``) keeps the
+   rest, which moves whole rows, and folds the swap. The runtime registers the kernel (``bmc.runtime.kernels``): native C++ calling
    OpenBLAS' ``cblas_?gemm`` when ``libbmc_runtime`` is built, numpy otherwise.
    **Convolution offload.** Likewise a float32/float64 NCHW/OIHW ``relax.nn.conv2d`` becomes
    ``bmc.cpu.conv2d(x, w, stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, dil_w, groups, out)``: im2col plus
@@ -33,6 +34,7 @@ from collections import Counter
 import tvm
 from tvm import relax
 
+from bmc.codegen.rewrite import rewrite_functions, split_slices, static_shape
 from bmc.runtime.kernels import CONV2D_KERNEL, MATMUL_KERNEL
 
 #: result dtypes the BLAS kernel handles (sgemm, dgemm); anything else stays a TVM kernel
@@ -53,16 +55,6 @@ MIN_PARALLEL_ITERS = 4096
 
 
 # ------------------------------------------------------------------------------------------ matmul choice
-
-def _static_shape(ty) -> tuple[int, ...] | None:
-    shape = getattr(ty, "shape", None)
-    if shape is None:
-        return None
-    try:
-        return tuple(int(d) for d in shape)
-    except (TypeError, ValueError):  # symbolic dims
-        return None
-
 
 def matmul_macs(a: tuple[int, ...], b: tuple[int, ...], out: tuple[int, ...]) -> int:
     """Multiply-adds of ``a @ b`` (numpy semantics): numel(out) x K."""
@@ -91,25 +83,6 @@ def choose_conv2d(x: tuple[int, ...] | None, w: tuple[int, ...] | None, out: tup
     return "blas"
 
 
-def rewrite_functions(mutator, mod: tvm.IRModule, prepare=None) -> tvm.IRModule:
-    """Run a ``PyExprMutator`` over every Relax function of ``mod`` (``prepare(func)`` first, if given)."""
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function):
-            if prepare is not None:
-                prepare(func)
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
-    return mutator.builder_.get()
-
-
-def _swaps_last_two(axes, rank: int) -> bool:
-    if rank < 2:
-        return False
-    if axes is None:
-        return rank == 2
-    perm = [int(a) % rank for a in axes]
-    return perm == list(range(rank - 2)) + [rank - 1, rank - 2]
-
-
 @relax.expr_functor.mutator
 class _MatmulOffloader(relax.PyExprMutator):
     """Rewrites ``R.matmul`` into ``R.call_dps_packed("bmc.cpu.matmul", ...)`` where :func:`choose_matmul` says so."""
@@ -128,16 +101,27 @@ class _MatmulOffloader(relax.PyExprMutator):
         self.conv_shapes: Counter = Counter()
 
     def _unpermuted(self, expr):
-        """(source, True) when ``expr`` is bound to a permute_dims swapping its last two axes, else (expr, False)."""
+        """(operand, True) when ``expr`` is bound to a permute_dims that ends by swapping the last two axes, else
+        (expr, False). The operand is the permute's source when that is all it does; else the source permuted by
+        the rest, which must keep the source's last axis last (attention's ``k.transpose(0, 2, 3, 1)`` becomes
+        ``k.transpose(0, 2, 1, 3)``, a copy of contiguous rows instead of a scatter of single elements)."""
         if not isinstance(expr, relax.Var):
             return expr, False
         bound = self.lookup_binding(expr)
-        if (isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op)
+        if not (isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op)
                 and bound.op.name == "relax.permute_dims"):
-            src = bound.args[0]
-            shape = _static_shape(src.ty)
-            if shape is not None and _swaps_last_two(bound.attrs.axes, len(shape)):
-                return src, True
+            return expr, False
+        src = bound.args[0]
+        shape = static_shape(src.ty)
+        if shape is None or len(shape) < 2:
+            return expr, False
+        rank = len(shape)
+        perm = list(range(rank))[::-1] if bound.attrs.axes is None else [int(a) % rank for a in bound.attrs.axes]
+        rest = perm[:-2] + [perm[-1], perm[-2]]  # permute_dims(x, perm) == swap_last_two(permute_dims(x, rest))
+        if rest == list(range(rank)):
+            return src, True
+        if rest[-1] == rank - 1:
+            return self.builder_.emit(relax.op.permute_dims(src, rest)), True
         return expr, False
 
     def _narrowed(self, call: relax.Call):
@@ -153,14 +137,14 @@ class _MatmulOffloader(relax.PyExprMutator):
         if str(operands[0].ty.dtype) != dtype or (dtype, str(src.ty.dtype)) not in self.mixed:
             return call
         return relax.call_dps_packed(self.kernel, list(operands),
-                                     out_ty=relax.TensorType(list(_static_shape(call.ty)), dtype))
+                                     out_ty=relax.TensorType(list(static_shape(call.ty)), dtype))
 
     def _conv2d(self, call: relax.Call):
         x, w = call.args
         a = call.attrs
         out_ty = call.ty
         dtype = str(out_ty.dtype)
-        x_shape, w_shape, out_shape = _static_shape(x.ty), _static_shape(w.ty), _static_shape(out_ty)
+        x_shape, w_shape, out_shape = static_shape(x.ty), static_shape(w.ty), static_shape(out_ty)
         layouts_ok = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) == ("NCHW", "OIHW", "NCHW")
         if not layouts_ok or str(x.ty.dtype) != dtype or str(w.ty.dtype) != dtype:  # out_dtype casts stay in TVM
             self.conv_choices["tvm"] += 1
@@ -191,7 +175,7 @@ class _MatmulOffloader(relax.PyExprMutator):
             return call
         a, b = call.args
         out_ty = call.ty
-        a_shape, b_shape, out_shape = _static_shape(a.ty), _static_shape(b.ty), _static_shape(out_ty)
+        a_shape, b_shape, out_shape = static_shape(a.ty), static_shape(b.ty), static_shape(out_ty)
         dtype = str(out_ty.dtype)
         same = str(a.ty.dtype) == str(b.ty.dtype) and (str(a.ty.dtype), dtype) in self.mixed
         if not same and (str(a.ty.dtype) != dtype or str(b.ty.dtype) != dtype):  # other out_dtype casts stay in TVM
@@ -287,7 +271,7 @@ class _FastMath(relax.PyExprMutator):
             return call
         name = call.op.name
         x = call.args[0]
-        if getattr(x.ty, "dtype", None) is None or str(x.ty.dtype) != "float32" or _static_shape(x.ty) is None:
+        if getattr(x.ty, "dtype", None) is None or str(x.ty.dtype) != "float32" or static_shape(x.ty) is None:
             return call
         if name == "relax.nn.softmax":
             from tvm import topi
@@ -439,8 +423,8 @@ def simd_features(target) -> list[str]:
 
 def cpu_pipeline(target, record: dict | None = None, *, offload: bool = True, offload_conv: bool | None = None,
                  schedule: bool = True, fast_math_ops: bool = True, tune=None):
-    """The Relax pipeline for llvm: decompose, offload matmuls (+ convs), fast math, legalize + fuse, [tune],
-    schedule, lower.
+    """The Relax pipeline for llvm: decompose, splits to slices (:func:`bmc.codegen.rewrite.split_slices`), offload
+    matmuls (+ convs), fast math, legalize + fuse, [tune], schedule, lower.
 
     ``offload_conv`` (default: ``offload``, unless ``BMC_CPU_CONV=tvm`` is set) routes large 2-D convolutions to
     ``bmc.cpu.conv2d``. ``tune`` is an optional pass (MetaSchedule, ``bmc.codegen.tune.tune_pass``) run after fusion;
@@ -452,7 +436,7 @@ def cpu_pipeline(target, record: dict | None = None, *, offload: bool = True, of
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight as dl
 
-    passes = [relax.transform.DecomposeOpsForInference()]
+    passes = [relax.transform.DecomposeOpsForInference(), split_slices(record)]
     if offload:
         passes.append(offload_matmul(record, conv=offload_conv))
     if fast_math_ops:

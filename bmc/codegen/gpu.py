@@ -15,7 +15,11 @@ dlight schedules for TVM's own kernels.
    triple into one TE kernel that reads and writes the narrow dtype and computes in float32 inside.
    A softmax also takes in the elementwise chain that feeds it when nothing else uses it (the attention scale and
    mask: ``softmax(s * c + mask)``), so the scores are read once, in float32 arithmetic.
-3. **Schedules**, bmc's rules first: :func:`vectorized_elementwise` (injective kernels with 4-lane vector accesses per
+3. **Splits become slices** (:func:`bmc.codegen.rewrite.split_slices`, on the CPU too): a QKV projection's
+   ``add+split`` was three kernels each re-reading the projection, then three ``reshape+transpose`` kernels; now
+   each attention head tensor is one kernel. The key's ``transpose(0, 2, 3, 1)`` (a scatter of single elements, 6x
+   slower than the query's) becomes the query's layout plus cuBLAS' ``trans_b`` (the offload's permute folding).
+4. **Schedules**, bmc's rules first: :func:`vectorized_elementwise` (injective kernels with 4-lane vector accesses per
    thread, where dlight's fallback moves one element per thread: ~1 TB/s on an H200 for the residual adds and
    bias+GELU) and :func:`softmax_rows` (a warp per row, the row computed once into shared memory, where dlight's
    GeneralReduction reads the input three times); then dlight's GPU rules (matmul, GEMV, reductions, general
@@ -30,6 +34,8 @@ from collections import Counter
 
 import tvm
 from tvm import relax, topi
+
+from bmc.codegen.rewrite import rewrite_functions, split_slices, static_shape, use_counts
 
 #: result dtypes cuBLAS computes for bmc (float32 accumulation in every case)
 CUBLAS_DTYPES = ("float32", "float16", "bfloat16")
@@ -47,7 +53,7 @@ def _axes(call) -> list[int]:
 
 #: normalization op → its TE form on float32 tensors (the same topi functions LegalizeOps would use)
 _NORMS = {
-    "relax.nn.softmax": lambda call, x: topi.nn.softmax(x, axis=int(call.attrs.axis)),
+    "relax.nn.softmax": lambda call, x: softmax_te(x, int(call.attrs.axis)),
     "relax.nn.log_softmax": lambda call, x: topi.nn.log_softmax(x, axis=int(call.attrs.axis)),
     "relax.nn.layer_norm": lambda call, x, g, b: topi.nn.layer_norm(x, g, b, axis=_axes(call),
                                                                     epsilon=float(call.attrs.epsilon)),
@@ -56,20 +62,32 @@ _NORMS = {
 }
 
 
+def softmax_te(x, axis: int):
+    """topi's float32 softmax, except over the last axis: the same four blocks (``T_softmax_maxelem/exp/expsum/norm``,
+    what :func:`softmax_rows` schedules), with ``exp(t) = exp2(t log2 e)`` (CUDA's ``exp2f`` is the hardware
+    ``ex2`` plus a denormal fix-up, ``expf`` adds a range reduction: ~3x the instructions; the error, a few ulp of
+    float32, is far inside the float16/bfloat16 result's rounding) and one reciprocal per row instead of a division
+    per element. The kernel executes ~40 instructions per element before this, enough to be compute-bound."""
+    from tvm import te, tirx
+
+    rank = len(x.shape)
+    if axis % rank != rank - 1:
+        return topi.nn.softmax(x, axis=axis)
+    n = x.shape[-1]
+    k = te.reduce_axis((0, n), name="k")
+    maxelem = te.compute(x.shape[:-1], lambda *i: te.max(x[(*i, k)], axis=k), name="T_softmax_maxelem")
+    log2e = tirx.const(math.log2(math.e), "float32")
+    exp = te.compute(x.shape, lambda *i: tirx.exp2((x[i] - maxelem[i[:-1]]) * log2e), name="T_softmax_exp")
+    k = te.reduce_axis((0, n), name="k")
+    expsum = te.compute(x.shape[:-1], lambda *i: te.sum(exp[(*i, k)], axis=k), name="T_softmax_expsum")
+    return te.compute(x.shape, lambda *i: exp[i] * (tirx.const(1.0, "float32") / expsum[i[:-1]]),
+                      name="T_softmax_norm")
+
+
 #: elementwise producers a softmax kernel takes in
 _CHAIN = {"relax.add": topi.add, "relax.subtract": topi.subtract, "relax.multiply": topi.multiply,
           "relax.divide": topi.divide}
 _MAX_CHAIN = 4
-
-
-def _use_counts(func: relax.Function) -> Counter:
-    """How many bindings use each variable of ``func`` (its outputs count as a use)."""
-    uses: Counter = Counter()
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            uses.update(relax.analysis.free_vars(binding.value))
-    uses.update(relax.analysis.free_vars(func.body.body))
-    return uses
 
 
 @relax.expr_functor.mutator
@@ -85,7 +103,7 @@ class _NarrowNorms(relax.PyExprMutator):
         """A tree over ``leaves`` for the single-use elementwise chain that computes ``expr`` (leaves: operands)."""
         b = self._bound(expr)
         if (depth < _MAX_CHAIN and isinstance(b, relax.Call) and isinstance(b.op, tvm.ir.Op)
-                and b.op.name in _CHAIN and self.uses[expr] == 1 and _static(b)):
+                and b.op.name in _CHAIN and self.uses[expr] == 1 and static_shape(b.ty) is not None):
             return (_CHAIN[b.op.name], [self._chain(a, leaves, depth + 1) for a in b.args])
         leaves.append(expr)
         return len(leaves) - 1
@@ -97,7 +115,7 @@ class _NarrowNorms(relax.PyExprMutator):
         def build(t, ts):
             return ts[t] if isinstance(t, int) else t[0](*(build(c, ts) for c in t[1]))
 
-        return leaves, lambda norm, *ts: topi.nn.softmax(build(tree, ts), axis=int(norm.attrs.axis))
+        return leaves, lambda norm, *ts: softmax_te(build(tree, ts), int(norm.attrs.axis))
 
     def _bound(self, expr):
         return self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
@@ -135,20 +153,13 @@ class _NarrowNorms(relax.PyExprMutator):
             primfunc_name_hint=norm.op.name.rsplit(".", 1)[-1] + "_float32")
 
 
-def _static(call: relax.Call) -> bool:
-    shape = getattr(call.ty, "shape", None)
-    return shape is not None and all(isinstance(d, tvm.tirx.IntImm) for d in shape)
-
-
 def narrow_normalizations(record: dict | None = None) -> tvm.transform.Pass:
     """Module pass: see the module doc (2); ``record["narrow_normalizations"]`` counts the rewrites."""
 
     @tvm.transform.module_pass(opt_level=0, name="BmcNarrowNormalizations")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        from bmc.codegen.cpu import rewrite_functions
-
         mutator = _NarrowNorms(mod)
-        mod = rewrite_functions(mutator, mod, prepare=lambda func: setattr(mutator, "uses", _use_counts(func)))
+        mod = rewrite_functions(mutator, mod, prepare=lambda func: setattr(mutator, "uses", use_counts(func)))
         if record is not None and mutator.count:
             record["narrow_normalizations"] = mutator.count
         return relax.transform.DeadCodeElimination()(mod)
@@ -255,7 +266,8 @@ def softmax_rows(func):
         sch.compute_inline(by_name[name])
     loops = sch.get_loops(by_name[tail[-1]])
     outer, row = sch.split(loops[-2], [None, SOFTMAX_ROWS_PER_BLOCK])  # consecutive rows per block
-    _, tx, vec = sch.split(loops[-1], [None, WARP, 4])
+    serial, tx, vec = sch.split(loops[-1], [None, WARP, 4])
+    sch.unroll(serial)
     sch.bind(sch.fuse(*loops[:-2], outer), "blockIdx.x")
     sch.bind(row, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
@@ -266,19 +278,21 @@ def softmax_rows(func):
         serial, lane = sch.split(sch.get_loops(block)[-1], [None, WARP])
         sch.reorder(lane, serial)
         sch.bind(lane, "threadIdx.x")
+        sch.unroll(serial)
         sch.set_scope(block, 0, "local")
     block = by_name[producer]
     sch.compute_at(block, row, preserve_unit_loops=True)
     sch.set_scope(block, 0, "shared")
-    _, tx, vec = sch.split(sch.get_loops(block)[-1], [None, WARP, 4])
+    serial, tx, vec = sch.split(sch.get_loops(block)[-1], [None, WARP, 4])
     sch.bind(tx, "threadIdx.x")
     sch.vectorize(vec)
+    sch.unroll(serial)  # all the row's loads in flight at once (the rolled loop: ~1.6 TB/s on an H200, unmeasured since)
     return sch
 
 
 def gpu_pipeline(target, record: dict | None = None, tune=None) -> tvm.transform.Pass:
-    """The Relax pipeline for CUDA (module doc); ``tune``: an optional MetaSchedule pass (:mod:`bmc.codegen.tune`)
-    run after fusion, whose schedules dlight then leaves alone."""
+    """The Relax pipeline for CUDA (module doc: offload, normalizations, slices, schedules); ``tune``: an optional
+    MetaSchedule pass (:mod:`bmc.codegen.tune`) run after fusion, whose schedules dlight then leaves alone."""
     from tvm.s_tir import dlight as dl
 
     from bmc.codegen.cpu import offload_matmul
@@ -288,7 +302,7 @@ def gpu_pipeline(target, record: dict | None = None, tune=None) -> tvm.transform
     if os.environ.get("BMC_CUDA_GEMM", "cublas").strip().lower() != "tvm":
         passes.append(offload_matmul(record, conv=False, kernel=MATMUL_KERNEL, choose=choose_cuda_matmul,
                                      mixed=(("float16", "float32"), ("bfloat16", "float32"))))
-    passes.append(narrow_normalizations(record))
+    passes += [narrow_normalizations(record), split_slices(record)]
     return tvm.transform.Sequential(passes + [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),

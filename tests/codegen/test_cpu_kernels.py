@@ -106,6 +106,22 @@ def test_offloaded_matmul_matches_numpy(impl, dtype, a_shape, b_shape, trans):
     assert rec["matmul"]["transposes_folded"] == sum(trans)
 
 
+def test_attention_key_transpose_folds_into_the_call():
+    """``q.transpose(0, 2, 1, 3) @ k.transpose(0, 2, 3, 1)`` (attention scores from [batch, seq, heads, dim]): the
+    key's permute becomes ``transpose(0, 2, 1, 3)`` (rows stay contiguous) with the last-two swap folded into the
+    call; the query's permute is not a swap and stays."""
+    rng = np.random.default_rng(2)
+    q, k = rng.standard_normal((2, 16, 3, 24)).astype("float32"), rng.standard_normal((2, 20, 3, 24)).astype("float32")
+    b = GraphBuilder("scores")
+    qv, kv = b.input("q", TensorType("float32", q.shape)), b.input("k", TensorType("float32", k.shape))
+    graph = b.finish([b.emit1("matmul", [b.emit1("transpose", [qv], perm=(0, 2, 1, 3)),
+                                         b.emit1("transpose", [kv], perm=(0, 2, 3, 1))])])
+    built, got = _run(graph, [q, k], native=False)
+    ref = np.matmul(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
+    assert built.kernels["cpu"]["matmul"]["transposes_folded"] == 1
+
+
 def test_small_and_integer_matmuls_stay_in_tvm():
     from bmc.codegen.cpu import choose_matmul
 

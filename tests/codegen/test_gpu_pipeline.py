@@ -119,3 +119,4 @@ def test_model_casts_still_round():
     assert not any(n.attrs["excess_precision"] for n in graph.nodes if n.op == "cast")
     for got in _run_all(graph, x):
         assert np.array_equal(got.astype(ml_dtypes.bfloat16).astype(np.float32), got)
+

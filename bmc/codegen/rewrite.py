@@ -1,0 +1,105 @@
+"""Relax rewriting helpers shared by the CPU and CUDA pipelines, and their target-independent passes."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import tvm
+from tvm import relax
+
+
+def static_shape(ty) -> tuple[int, ...] | None:
+    """The static shape of a Relax tensor type, None when unknown or symbolic."""
+    shape = getattr(ty, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return tuple(int(d) for d in shape)
+    except (TypeError, ValueError):  # symbolic dims
+        return None
+
+
+def rewrite_functions(mutator, mod: tvm.IRModule, prepare=None) -> tvm.IRModule:
+    """Run a ``PyExprMutator`` over every Relax function of ``mod`` (``prepare(func)`` first, if given)."""
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            if prepare is not None:
+                prepare(func)
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
+def use_counts(func: relax.Function) -> Counter:
+    """How many bindings use each variable of ``func`` (its outputs count as a use)."""
+    uses: Counter = Counter()
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            uses.update(relax.analysis.free_vars(binding.value))
+    uses.update(relax.analysis.free_vars(func.body.body))
+    return uses
+
+
+#: elementwise producers a split is pushed through (the bias add of a fused QKV projection)
+_SPLIT_THROUGH = {"relax.add": relax.op.add, "relax.subtract": relax.op.subtract,
+                  "relax.multiply": relax.op.multiply, "relax.divide": relax.op.divide}
+
+
+@relax.expr_functor.mutator
+class _SplitSlices(relax.PyExprMutator):
+    """``split(x, axis)`` → one ``strided_slice`` per part; ``split(x ⊙ c)`` with a single-use elementwise ``⊙`` →
+    ``slice(x) ⊙ slice(c)`` per part (``c`` sliced only where it is not broadcast along ``axis``)."""
+
+    def __init__(self, mod=None):
+        super().__init__(mod)
+        self.count = 0
+        self.uses: Counter = Counter()
+
+    def visit_call_(self, call: relax.Call):  # noqa: N802 (TVM's visitor naming)
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.split"):
+            return call
+        x = call.args[0]
+        parts = call.ty.fields
+        rank = len(x.ty.shape)
+        axis = int(call.attrs.axis) % rank
+        if not all(static_shape(t) is not None for t in (x.ty, *parts)):
+            return call
+        bound = self.lookup_binding(x) if isinstance(x, relax.Var) else None
+        through = (isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op)
+                   and bound.op.name in _SPLIT_THROUGH and self.uses[x] == 1
+                   and all(static_shape(a.ty) is not None for a in bound.args))
+
+        def piece(v, begin: int, end: int):
+            dim = axis - (rank - len(v.ty.shape))  # the axis in v (numpy broadcasting aligns on the right)
+            if dim < 0 or int(v.ty.shape[dim]) == 1:
+                return v
+            return self.builder_.emit(relax.op.strided_slice(v, axes=[dim], begin=[begin], end=[end]))
+
+        out, begin = [], 0
+        for t in parts:
+            end = begin + int(t.shape[axis])
+            if through:
+                out.append(self.builder_.emit(_SPLIT_THROUGH[bound.op.name](
+                    *(piece(a, begin, end) for a in bound.args))))
+            else:
+                out.append(piece(x, begin, end))
+            begin = end
+        self.count += 1
+        return relax.Tuple(out)
+
+
+def split_slices(record: dict | None = None) -> tvm.transform.Pass:
+    """Module pass: every static ``split`` becomes slices (:class:`_SplitSlices`), so each part fuses with its own
+    consumers: FuseOps keeps a multi-output split as one function whose parts TVM writes from separate kernels, each
+    re-reading the bias-added input (a QKV projection: ``add+split`` three times, then three ``reshape+transpose``
+    kernels to the attention heads); sliced, each head tensor is one kernel reading its third of the projection."""
+
+    @tvm.transform.module_pass(opt_level=0, name="BmcSplitSlices")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mutator = _SplitSlices(mod)
+        mod = rewrite_functions(mutator, mod, prepare=lambda func: setattr(mutator, "uses", use_counts(func)))
+        if record is not None and mutator.count:
+            record["split_slices"] = mutator.count
+        return relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(mod))
+
+    return _pass
