@@ -98,7 +98,7 @@ def cmd_compile(args) -> int:
                             dump_dir=args.dump_dir, mesh=mesh, **({"shard": shard} if shard else {}),
                             **({"strategy": args.strategy} if args.strategy else {}),
                             **({"dtype": args.dtype} if args.dtype != "float32" else {}),
-                            **({"tune_trials": args.tune, "tune_db": args.tune_db} if args.tune else {}),
+                            **_tune_options(args),
                             **_plan_options(args))
     elapsed = time.perf_counter() - start
     summary = summary if isinstance(summary, dict) else {}
@@ -149,6 +149,42 @@ def _add_plan_flags(p) -> None:
     p.add_argument("--mesh-bandwidth", metavar="AXIS=BW[@LAT],...",
                    help="link bandwidth/latency per mesh axis, e.g. x=45GB,y=400GB@7us")
     p.add_argument("--time-limit", type=float, metavar="S", help="solver time limit in seconds (default 20)")
+
+
+def _tune_options(args) -> dict:
+    if args.tune < 0:
+        raise UsageError(f"--tune must be >= 0, got {args.tune}", where="--tune", fix="give a number of trials")
+    if args.tune_export and not args.tune:
+        raise UsageError("--tune-export writes the candidates of a search: it needs --tune N", where="--tune-export",
+                         fix="add --tune N (e.g. --tune 64)")
+    opts = {"tune_trials": args.tune} if args.tune else {}
+    opts.update({k: v for k, v in (("tune_db", args.tune_db), ("tune_export", args.tune_export)) if v})
+    return opts
+
+
+def cmd_tune_measure(args) -> int:
+    from bmc.runtime.measure import measure_candidates
+
+    result = measure_candidates(Path(args.folder), number=args.number, repeat=args.repeat)
+    done = [v for v in result["candidates"].values() if "secs" in v]
+    print(f"measured {len(done)} of {len(result['candidates'])} candidates on {result['device']}; "
+          f"wrote {Path(args.folder) / 'timings.json'}")
+    for name, v in result["candidates"].items():
+        if "error" in v:
+            print(f"  {name}: {v['error']}")
+    return 0 if done else 1
+
+
+def cmd_tune_import(args) -> int:
+    from bmc.codegen.tune import import_timings
+
+    report = import_timings(Path(args.folder), Path(args.tune_db) if args.tune_db else None)
+    print(f"{'kernel':40} {'default':>12} {'best tuned':>12}  chosen")
+    for k in report["kernels"]:
+        cells = [f"{k[s] * 1e6:10.1f}us" if k[s] is not None else f"{'-':>12}" for s in ("default_s", "best_s")]
+        print(f"{k['kernel'][:40]:40} {cells[0]} {cells[1]}  {k['chosen']}")
+    print(f"database: {report['db']} (compile with --tune-db {report['db']} to apply it)")
+    return 0
 
 
 def cmd_plan(args) -> int:
@@ -367,7 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tune", type=int, default=0, metavar="N",
                    help="tune the TVM kernels with N MetaSchedule trials (cuda: needs a GPU here; the `tune` extra: "
                         "pip install 'bmc[tune]'); results are kept in a database reused by later compiles")
-    c.add_argument("--tune-db", metavar="DIR", help="the tuning database folder (default ~/.cache/bmc/tuning/...)")
+    c.add_argument("--tune-db", metavar="DIR", help="the tuning database folder (default ~/.cache/bmc/tuning/...); "
+                   "given without --tune, its schedules are applied and nothing is tuned")
+    c.add_argument("--tune-export", metavar="DIR", help="with --tune N: write N sampled kernel schedules, compiled, "
+                   "into DIR instead of measuring them here (for a GPU this machine lacks: `bmc tune measure DIR` "
+                   "there, then `bmc tune import DIR` here)")
     c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="run a float32 model in this precision (weights converted; inputs/outputs stay float32)")
     c.add_argument("--mesh", default="1", help="device mesh, e.g. 8x8 (SIZE[xSIZE...]; default 1)")
@@ -413,6 +453,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("artifact")
     v.add_argument("--skip-versions", action="store_true", help="do not compare TVM/tvm-ffi versions")
     v.set_defaults(func=cmd_verify)
+
+    t = sub.add_parser("tune", help="tuning for a device elsewhere: measure exported candidates, import the times")
+    tsub = t.add_subparsers(dest="tune_command", required=True, metavar="ACTION")
+    tm = tsub.add_parser("measure", help="time the candidates of `bmc compile --tune-export DIR` on this machine's "
+                         "device (needs only the TVM runtime); writes DIR/timings.json")
+    tm.add_argument("folder")
+    tm.add_argument("--number", type=int, default=10, help="calls per timing (default 10)")
+    tm.add_argument("--repeat", type=int, default=3, help="timings per candidate (default 3)")
+    tm.set_defaults(func=cmd_tune_measure)
+    ti = tsub.add_parser("import", help="put the measured times into the tuning database (a kernel gets a tuned "
+                         "schedule only when it beats its default one)")
+    ti.add_argument("folder")
+    ti.add_argument("--tune-db", metavar="DIR", help="the database folder (default: the target's, as for compile)")
+    ti.set_defaults(func=cmd_tune_import)
 
     d = sub.add_parser("demo", help="compile and run a small bundled model end to end")
     d.set_defaults(func=cmd_demo)

@@ -119,7 +119,8 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
                   input_shapes: Mapping[str, Sequence[int] | int] | None = None,
                   dump_dir: str | Path | None = None, mesh=None, shard: Mapping | None = None,
                   strategy: str | None = None, dtype: str = "float32", tune_trials: int = 0,
-                  tune_db: str | Path | None = None, **plan_options) -> dict:
+                  tune_db: str | Path | None = None, tune_export: str | Path | None = None,
+                  **plan_options) -> dict:
     """Compile ``model`` (path, bytes or ModelProto) into the artifact at ``output``; returns a summary dict.
     With a mesh of more than one device (or ``shard`` annotations) the program is the partitioned SPMD program and
     every rank gets its own weight shards."""
@@ -148,7 +149,7 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
     from bmc.codegen.build import build
     from bmc.runtime.artifact import write_artifact
 
-    built = build(program, spec, tune_trials=tune_trials, tune_db=tune_db)
+    built = build(program, spec, tune_trials=tune_trials, tune_db=tune_db, tune_export=tune_export)
     timings.update(built.timings)
     t0 = time.perf_counter()
     extra = {"kernels": built.kernels} if built.kernels else {}

@@ -14,6 +14,10 @@ Each model fixture (``fixtures/``) runs through ``bmc.load`` and is compared wit
 The two-rank artifact runs under ``mpiexec -n 2 python -m bmc run`` on the one GPU (host-staged collectives) and must
 match onnxruntime and the one-rank run. ``nccl`` is a one-rank smoke test of the NCCL path (a single GPU cannot
 host an NCCL group of two).
+
+``tune/`` (if prepared) holds MetaSchedule candidates for the 1.3B-shaped layer's TVM kernels, sampled and compiled
+on the build machine (``bmc compile --tune N --tune-export``): they are timed here (``bmc tune measure``) and the
+times, manifest and search records are copied to ``$OUT/tune`` for ``bmc tune import`` on the build machine.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import ctypes
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -269,6 +274,38 @@ def nccl_smoke() -> dict:
             "nccl": str(nccl.get_version())}
 
 
+def measure_tuning(folder: Path, dry: bool, out: Path) -> dict:
+    """Time the MetaSchedule candidates exported on the build machine (``bmc tune measure``) and bring back what
+    ``bmc tune import`` needs there (manifest, search records, times) in ``out/tune``. Dry run: every candidate
+    library loads without a compiler. PASS when every kernel's default schedule and some candidate of each ran."""
+    import tvm
+
+    from bmc.runtime.measure import best_per_kernel, measure_candidates
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    row = {"model": f"tune candidates ({len(manifest['candidates'])})"}
+    if dry:
+        for c in manifest["candidates"]:
+            tvm.runtime.load_module(str(folder / c["file"]))
+        return {**row, "status": "dry-run ok"}
+    timings = measure_candidates(folder)
+    kept = out / "tune"
+    if kept.exists():
+        shutil.rmtree(kept)
+    shutil.copytree(folder, kept, ignore=shutil.ignore_patterns("*.so"))
+    kernels = best_per_kernel(manifest, timings)
+    for k in kernels:
+        gain = k["default_s"] / k["best_s"] if k["default_s"] and k["best_s"] else None
+        print(f"tune {k['kernel'][:48]:48} default {_us(k['default_s'])} best of {k['measured']:3} "
+              f"{_us(k['best_s'])}" + (f"  {gain:.2f}x" if gain else ""))
+    ok = all(k["default_s"] and k["best_s"] for k in kernels)
+    return {**row, "kernels": len(kernels), "status": "PASS" if ok else "FAIL (a kernel did not run)"}
+
+
+def _us(secs) -> str:
+    return f"{secs * 1e6:9.1f} us" if secs else f"{'-':>12}"
+
+
 def machine_report(dry: bool, cudart: str) -> None:
     import tvm
 
@@ -322,6 +359,13 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             rows.append({"model": row["artifact"], "status": f"ERROR {type(e).__name__}: {str(e)[:300]}"})
+        failed += rows[-1]["status"] != ("dry-run ok" if args.dry_run else "PASS")
+    if (root / "tune" / "manifest.json").exists() and not args.models:
+        try:
+            rows.append(measure_tuning(root / "tune", args.dry_run, (args.json or root / "out" / "x").parent))
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append({"model": "tune candidates", "status": f"ERROR {type(e).__name__}: {str(e)[:300]}"})
         failed += rows[-1]["status"] != ("dry-run ok" if args.dry_run else "PASS")
     if not args.dry_run:
         try:

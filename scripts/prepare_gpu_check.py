@@ -25,6 +25,9 @@ Contents of the folder:
   onnxruntime's outputs and travels with the repository) compiled for CUDA in float32, and some in float16/bfloat16;
   ``fixtures/<fixture>-mesh2/``: one for 2 ranks (Megatron on a mesh of 2).
 - ``bench/``: the CUDA libraries of ``benchmarks/gpu.py prepare`` (no weights).
+- ``tune/``: MetaSchedule candidates (``--tune-trials``, sampled at random, compiled to cubin) and the default
+  schedules of the TVM kernels of one 1.3B-shaped bf16 layer of ``benchmarks/gpu.py`` (``--tune-export``), which
+  the check times for ``bmc tune import``.
 - ``MANIFEST.json``: models, fixtures, archs, nvcc times, kernel counts, sizes, versions.
 """
 
@@ -242,6 +245,22 @@ def wheels(out: Path, given: Path | None) -> list[str]:
     return names
 
 
+def export_tuning(out: Path, archs: tuple[str, ...], trials: int) -> dict:
+    """MetaSchedule candidates for the TVM kernels of one 1.3B-shaped layer (the benchmark's stack, bfloat16)."""
+    import importlib.util
+
+    from bmc.codegen.build import build
+    from bmc.codegen.targets import TargetSpec
+
+    spec = importlib.util.spec_from_file_location("bmc_bench_gpu", REPO / "benchmarks" / "gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    graph = bench.stack_graph({**bench.STACKS["1.3b"], "layers": 1})
+    with tempfile.TemporaryDirectory(prefix="bmc-tune-db-") as db:
+        built = build(graph, TargetSpec.parse("cuda", archs), tune_trials=trials, tune_db=db, tune_export=out)
+    return built.kernels["cuda"]["tuning"]["export"]
+
+
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
@@ -271,6 +290,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-verify", action="store_true", help="skip the dry run of gpu_check.py")
     ap.add_argument("--no-fixtures", action="store_true", help="skip the model fixtures")
     ap.add_argument("--no-bench", action="store_true", help="skip benchmarks/gpu.py prepare")
+    ap.add_argument("--tune-trials", type=int, default=64,
+                    help="MetaSchedule candidates to export for the check to time (0: none)")
     args = ap.parse_args(argv)
 
     from bmc.codegen import cuda
@@ -290,9 +311,11 @@ def main(argv=None) -> int:
     if not args.no_bench:
         subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "prepare", "--out", str(out / "bench")],
                        check=True)
+    tuning = export_tuning(out / "tune", tuple(args.archs), args.tune_trials) if args.tune_trials > 0 else None
     total = _size(out)
     manifest = {"created_s": round(time.perf_counter() - t0, 1), "archs": args.archs, "wheels": wheel_names,
-                **runtime, "nvcc": toolkit.version, "models": rows, "fixtures": fixtures, "bytes": total}
+                **runtime, "nvcc": toolkit.version, "models": rows, "fixtures": fixtures, "tuning": tuning,
+                "bytes": total}
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"{out}: {total / 2**20:.1f} MiB in {manifest['created_s']} s", flush=True)
     if total > LIMIT_BYTES:

@@ -66,12 +66,30 @@ def _require_gpu_for_tuning() -> None:
                                              "schedules), or compile with --tune on a machine with a GPU")
 
 
+def _tuning(target: TargetSpec, tvm_target, trials: int, db: Path | str | None, export: Path | str | None,
+            record: dict):
+    """The MetaSchedule pass for :func:`build`, or None: tune in this process (``trials``), export candidates to be
+    measured elsewhere (``export``), or only apply the database (``db`` given, no trials)."""
+    if trials <= 0 and db is None:
+        return None
+    from bmc.codegen.tune import CandidateExport, tune_pass
+
+    if export is not None:
+        export = CandidateExport(Path(export), target.archs)
+    elif target.kind == "cuda" and trials > 0:
+        _require_gpu_for_tuning()
+    return tune_pass(tvm_target, trials, Path(db) if db is not None else None, record, export=export)
+
+
 def build(graph: Graph, target: TargetSpec, *, threads: int | None = None, tune_trials: int = 0,
-          tune_db: Path | str | None = None) -> Built:
+          tune_db: Path | str | None = None, tune_export: Path | str | None = None) -> Built:
     """Compile ``graph`` for ``target``. llvm: ``threads`` sizes the BLAS/TVM thread pools of this process (the
     in-process VM that tests build right after; an artifact's loader sizes its own), ``None`` keeps the default.
     ``tune_trials > 0`` tunes the TVM kernels with MetaSchedule (:mod:`bmc.codegen.tune`; cuda: on this machine's
-    GPU), reusing and extending the JSON database in ``tune_db`` (default ``~/.cache/bmc/tuning/<target hash>/``)."""
+    GPU), reusing and extending the JSON database in ``tune_db`` (default ``~/.cache/bmc/tuning/<target hash>/``);
+    with ``tune_export`` the candidates are written there instead, to be measured on another machine
+    (``bmc tune measure``) and imported into the database (``bmc tune import``); ``tune_db`` alone applies the
+    database's schedules."""
     timings: dict[str, float] = {}
     cpu_record: dict = {}
     cuda_record: dict = {}
@@ -82,25 +100,14 @@ def build(graph: Graph, target: TargetSpec, *, threads: int | None = None, tune_
     t0 = time.perf_counter()
     try:
         if target.kind == "llvm":
-            tune = None
-            if tune_trials > 0:
-                from bmc.codegen.tune import tune_pass
-
-                tune = tune_pass(tvm_target, tune_trials, Path(tune_db) if tune_db is not None else None, cpu_record)
+            tune = _tuning(target, tvm_target, tune_trials, tune_db, tune_export, cpu_record)
             ex = tvm.compile(mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target, cpu_record, tune=tune))
         else:
             from bmc.codegen import cuda
 
             toolkit = cuda.find_toolkit()  # fail before any TVM work when nvcc is missing
-            tvm_target = tvm.target.Target({"kind": "cuda", "arch": cuda.codegen_arch(target.archs)},
-                                           host=tvm.target.Target({"kind": "llvm"}))
-            tune = None
-            if tune_trials > 0:
-                from bmc.codegen.tune import tune_pass
-
-                _require_gpu_for_tuning()
-                tune = tune_pass(tvm_target, tune_trials, Path(tune_db) if tune_db is not None else None,
-                                 cuda_record)
+            tvm_target = cuda.tvm_target(target.archs)
+            tune = _tuning(target, tvm_target, tune_trials, tune_db, tune_export, cuda_record)
             with tvm_target:
                 mod = gpu_pipeline(tvm_target, cuda_record, tune)(mod)
             with cuda.codegen_env():

@@ -139,6 +139,17 @@ def codegen_arch(archs: tuple[str, ...]) -> str:
     return min(archs, key=_arch_key)
 
 
+def tvm_target(archs: tuple[str, ...]):
+    """The TVM target for ``archs`` (host: llvm), with the per-block limits every sm_80+ GPU has. MetaSchedule's
+    CUDA rules refuse a target without ``max_threads_per_block`` (``--tune`` failed on it), dlight reads
+    ``max_shared_memory_per_block`` where it stages data."""
+    import tvm
+
+    return tvm.target.Target({"kind": "cuda", "arch": codegen_arch(archs), "max_threads_per_block": 1024,
+                              "max_shared_memory_per_block": 48 * 1024, "registers_per_block": 65536},
+                             host=tvm.target.Target({"kind": "llvm"}))
+
+
 def gencode_flags(archs: tuple[str, ...]) -> tuple[list[str], list[str], list[str]]:
     """(nvcc -gencode flags, SASS archs, PTX archs). PTX is the newest family asked for (``sm_90a`` → compute_90)."""
     sass = sorted(set(archs), key=_arch_key)

@@ -310,6 +310,13 @@ def gpu_pipeline(target, record: dict | None = None, tune=None) -> tvm.transform
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
         *([tune] if tune is not None else []),
-        dl.ApplyDefaultSchedule(_as_rule(vectorized_elementwise), _as_rule(softmax_rows), dl.gpu.Matmul(),
-                                dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
+        dl.ApplyDefaultSchedule(*schedule_rules()),
     ])
+
+
+def schedule_rules() -> list:
+    """The CUDA schedule rules in order: bmc's, then dlight's (fallback last)."""
+    from tvm.s_tir import dlight as dl
+
+    return [_as_rule(vectorized_elementwise), _as_rule(softmax_rows), dl.gpu.Matmul(), dl.gpu.GEMV(),
+            dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]

@@ -337,3 +337,28 @@ def _bf16():
     import ml_dtypes
 
     return ml_dtypes.bfloat16
+
+
+def test_tuning_candidates_for_a_gpu_elsewhere(tmp_path, capsys):
+    """``--tune N --tune-export``: MetaSchedule's CUDA search runs here (the target carries the block limits its
+    rules need) and writes the sampled schedules and each kernel's default as libraries with compiled kernels (no
+    CUDA source left to compile at load); measuring them needs the GPU, which this machine lacks: a clear error."""
+    _toolkit_or_skip()
+    from bmc.cli import main
+    from bmc.codegen.build import build
+    from bmc.codegen.targets import TargetSpec
+
+    b = GraphBuilder("sm")
+    x = b.input("x", TensorType("float32", (64, 256)))
+    g = b.finish([b.emit1("softmax", [b.emit1("mul", [x, x])], "y", axis=-1)])
+    built = build(g, TargetSpec.parse("cuda", ("sm_90",)), tune_trials=4, tune_db=tmp_path / "db",
+                  tune_export=tmp_path / "cands")
+    info = built.kernels["cuda"]["tuning"]["export"]
+    manifest = json.loads((tmp_path / "cands" / "manifest.json").read_text())
+    assert manifest["kind"] == "cuda" and info["candidates"] == len(manifest["candidates"]) > info["tasks"] >= 1
+    for c in manifest["candidates"]:
+        lib = (tmp_path / "cands" / c["file"]).read_bytes()
+        assert b"__global__" not in lib and lib.count(b"\x7fELF") >= 2, c["file"]  # host ELF + the cubin
+    assert main(["tune", "measure", str(tmp_path / "cands")]) != 0
+    err = capsys.readouterr().err  # no driver here; a driver without a GPU says "no GPU"
+    assert ("libcuda.so.1" in err or "no GPU" in err) and "Traceback" not in err, err

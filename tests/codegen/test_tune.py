@@ -88,3 +88,61 @@ def test_tuned_build_matches_reference_and_reuses_database(tmp_path):
     assert len(records.read_text().splitlines()) == n_records  # no new measurements
     assert second_s < first_s / 5, (first_s, second_s)
     np.testing.assert_allclose(_run(second, x), ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_candidates_measured_elsewhere_are_imported_and_applied(tmp_path):
+    """The flow for a device the compiling machine lacks, here with llvm so that every step runs: the compile
+    writes sampled schedules, compiled, plus each kernel's default (``--tune-export``); ``bmc tune measure`` times
+    them in another process with only the TVM runtime loaded; ``bmc tune import`` keeps, per kernel, the fastest
+    candidate if it beats the default; a compile with ``--tune-db`` applies those and still computes the model."""
+    import os
+    import subprocess
+    import sys
+
+    from bmc.cli import main
+    from bmc.codegen.build import build
+    from bmc.codegen.targets import TargetSpec
+
+    g, db, cands = _graph(), tmp_path / "db", tmp_path / "cands"
+    exported = build(g, TargetSpec.parse("llvm"), tune_trials=4, tune_db=db, tune_export=cands)
+    info = exported.kernels["cpu"]["tuning"]["export"]
+    manifest = json.loads((cands / "manifest.json").read_text())
+    assert info["candidates"] == len(manifest["candidates"]) >= info["tasks"] + 1
+    assert {c["task"] for c in manifest["candidates"] if c["record"] is None} == set(range(info["tasks"]))
+    assert not (db / "database_tuning_record.json").exists() or not (db / "database_tuning_record.json").read_text()
+
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    subprocess.run([sys.executable, "-c", "import tvm, tvm_ffi; "
+                    "assert 'relax.analysis.free_vars' not in tvm_ffi.registry.list_global_func_names()"],
+                   env=env, check=True)  # the compiler is not loaded
+    done = subprocess.run([sys.executable, "-m", "bmc", "tune", "measure", str(cands), "--number", "2"],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    timings = json.loads((cands / "timings.json").read_text())["candidates"]
+    assert set(timings) == {c["file"] for c in manifest["candidates"]}
+    assert all(v["secs"] and min(v["secs"]) > 0 for v in timings.values()), timings
+
+    assert main(["tune", "import", str(cands), "--tune-db", str(db)]) == 0
+    from bmc.codegen.tune import import_timings
+
+    report = import_timings(cands, db)["kernels"]
+    tuned = [k for k in report if k["chosen"] == "tuned"]
+    assert all(k["best_s"] < k["default_s"] for k in tuned)
+    assert all(k["default_s"] is None or k["best_s"] >= k["default_s"] for k in report if k["chosen"] == "default")
+
+    applied = build(g, TargetSpec.parse("llvm"), tune_db=db)
+    assert applied.kernels["cpu"]["tuning"]["applied"] == len(tuned) and applied.kernels["cpu"]["tuning"]["trials"] == 0
+    x = np.random.default_rng(0).standard_normal((64, 256)).astype("float32")
+    ref = _reference(x)
+    np.testing.assert_allclose(_run(applied, x), ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_tune_export_needs_trials_and_import_needs_timings(tmp_path, capsys):
+    from bmc.cli import main
+
+    assert main(["compile", "model.onnx", "-o", str(tmp_path / "m.bmc"), "--tune-export", str(tmp_path / "c")]) == 2
+    assert "--tune-export" in capsys.readouterr().err
+    (tmp_path / "c").mkdir()
+    assert main(["tune", "import", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "manifest" in err and "Traceback" not in err
