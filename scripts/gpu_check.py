@@ -280,7 +280,7 @@ def measure_tuning(folder: Path, dry: bool, out: Path) -> dict:
     library loads without a compiler. PASS when every kernel's default schedule and some candidate of each ran."""
     import tvm
 
-    from bmc.runtime.measure import best_per_kernel, measure_candidates
+    from bmc.runtime.measure import best_per_kernel
 
     manifest = json.loads((folder / "manifest.json").read_text())
     row = {"model": f"tune candidates ({len(manifest['candidates'])})"}
@@ -288,7 +288,13 @@ def measure_tuning(folder: Path, dry: bool, out: Path) -> dict:
         for c in manifest["candidates"]:
             tvm.runtime.load_module(str(folder / c["file"]))
         return {**row, "status": "dry-run ok"}
-    timings = measure_candidates(folder)
+    # its own process: a candidate that faults the GPU must not take the CUDA context of this one with it
+    done = subprocess.run([sys.executable, "-m", "bmc", "tune", "measure", str(folder)], capture_output=True,
+                          text=True, timeout=600)
+    print(done.stdout + done.stderr, end="")
+    if not (folder / "timings.json").exists():
+        return {**row, "status": f"ERROR bmc tune measure exited {done.returncode}"}
+    timings = json.loads((folder / "timings.json").read_text())
     kept = out / "tune"
     if kept.exists():
         shutil.rmtree(kept)

@@ -35,7 +35,7 @@ from collections import Counter
 import tvm
 from tvm import relax, topi
 
-from bmc.codegen.rewrite import rewrite_functions, split_slices, static_shape, use_counts
+from bmc.codegen.rewrite import counting_pass, split_slices, static_shape
 
 #: result dtypes cuBLAS computes for bmc (float32 accumulation in every case)
 CUBLAS_DTYPES = ("float32", "float16", "bfloat16")
@@ -155,16 +155,7 @@ class _NarrowNorms(relax.PyExprMutator):
 
 def narrow_normalizations(record: dict | None = None) -> tvm.transform.Pass:
     """Module pass: see the module doc (2); ``record["narrow_normalizations"]`` counts the rewrites."""
-
-    @tvm.transform.module_pass(opt_level=0, name="BmcNarrowNormalizations")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        mutator = _NarrowNorms(mod)
-        mod = rewrite_functions(mutator, mod, prepare=lambda func: setattr(mutator, "uses", use_counts(func)))
-        if record is not None and mutator.count:
-            record["narrow_normalizations"] = mutator.count
-        return relax.transform.DeadCodeElimination()(mod)
-
-    return _pass
+    return counting_pass("BmcNarrowNormalizations", _NarrowNorms, record, "narrow_normalizations")
 
 
 THREADS = 256

@@ -88,18 +88,27 @@ class _SplitSlices(relax.PyExprMutator):
         return relax.Tuple(out)
 
 
+def counting_pass(name: str, mutator_cls, record: dict | None, key: str, *cleanup) -> tvm.transform.Pass:
+    """A module pass running ``mutator_cls`` (a PyExprMutator with ``uses`` and ``count``) over every function, with
+    each function's use counts, then ``cleanup`` passes and dead-code elimination; ``record[key]`` = rewrites."""
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mutator = mutator_cls(mod)
+        mod = rewrite_functions(mutator, mod, prepare=lambda func: setattr(mutator, "uses", use_counts(func)))
+        if record is not None and mutator.count:
+            record[key] = mutator.count
+        for p in cleanup:
+            mod = p(mod)
+        return relax.transform.DeadCodeElimination()(mod)
+
+    return _pass
+
+
 def split_slices(record: dict | None = None) -> tvm.transform.Pass:
     """Module pass: every static ``split`` becomes slices (:class:`_SplitSlices`), so each part fuses with its own
     consumers: FuseOps keeps a multi-output split as one function whose parts TVM writes from separate kernels, each
     re-reading the bias-added input (a QKV projection: ``add+split`` three times, then three ``reshape+transpose``
     kernels to the attention heads); sliced, each head tensor is one kernel reading its third of the projection."""
-
-    @tvm.transform.module_pass(opt_level=0, name="BmcSplitSlices")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        mutator = _SplitSlices(mod)
-        mod = rewrite_functions(mutator, mod, prepare=lambda func: setattr(mutator, "uses", use_counts(func)))
-        if record is not None and mutator.count:
-            record["split_slices"] = mutator.count
-        return relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(mod))
-
-    return _pass
+    return counting_pass("BmcSplitSlices", _SplitSlices, record, "split_slices",
+                         relax.transform.CanonicalizeBindings())

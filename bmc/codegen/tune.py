@@ -22,7 +22,10 @@ and :func:`fast_build` instead of the default builder function, whose worker imp
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,9 +163,9 @@ class CandidateExport:
 
 def _unmeasured_builder_and_runner():
     """A MetaSchedule builder and runner that build and run nothing: every candidate "takes" UNMEASURED_S."""
+    from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerResult
-    from tvm.ir.utils import derived_object
 
     @derived_object
     class Unbuilt(PyBuilder):
@@ -221,15 +224,10 @@ def export_candidates(mod: tvm.IRModule, target, trials: int, export: CandidateE
     random decisions), compile each, and each kernel's default schedule, into ``export.folder`` with a
     ``manifest.json`` for :func:`bmc.runtime.measure.measure_candidates`. Candidates that fail to compile are left
     out. Writes into a temporary folder renamed into place at the end."""
-    import json
-    import shutil
-    import tempfile
-
-    from tvm_ffi import structural_equal
-
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.relax_integration import extract_tasks, extracted_tasks_to_tune_contexts
+    from tvm_ffi import structural_equal
 
     from bmc.errors import UsageError
 
@@ -253,29 +251,32 @@ def export_candidates(mod: tvm.IRModule, target, trials: int, export: CandidateE
                           num_trials_per_iter=max(1, min(64, trials // len(tasks))), builder=builder,
                           runner=runner, database=search, cost_model="random",
                           measure_callbacks=[ms.measure_callback.AddToDatabase()])
+            _fresh_logging()  # close its log files: the logs of a search that measured nothing are not kept
+            shutil.rmtree(work / "search" / "logs", ignore_errors=True)
+        search = open_database(work / "search")  # as the import will read it (the traces' digests must agree)
         workloads = [search.commit_workload(t.dispatched[0]) for t in tasks]
         candidates, failed = [], 0
 
-        def add(task: int, rec: int | None, scheduled: tvm.IRModule) -> None:
+        def add(task: int, name: str, scheduled: tvm.IRModule, trace: str | None) -> None:
             nonlocal failed
             (gv, func), = scheduled.functions_items()
-            name = f"k{task:03d}_{'default' if rec is None else f'c{rec:04d}'}.so"
             try:
                 _compile_library(scheduled, target, work / name, export.archs)
             except Exception:  # noqa: BLE001  (a sampled schedule that does not compile: not a candidate)
                 failed += 1
                 return
-            candidates.append({"file": name, "task": task, "record": rec, "func": gv.name_hint, "args": _args(func)})
+            candidates.append({"file": name, "task": task, "trace": trace, "func": gv.name_hint,
+                               "args": _args(func)})
 
-        for i, (task, wl) in enumerate(zip(tasks, workloads)):
+        for i, wl in enumerate(workloads):
             base = _default_schedule(wl.mod, target)
             if all(f.attrs and f.attrs.get("tirx.is_scheduled") for _, f in base.functions_items()):
-                add(i, None, base)
+                add(i, f"k{i:03d}_default.so", base, None)
         for j, rec in enumerate(search.get_all_tuning_records()):
             i = next(k for k, wl in enumerate(workloads) if structural_equal(wl.mod, rec.workload.mod))
             sch = s_tir.Schedule(rec.workload.mod)
             rec.trace.apply_to_schedule(sch, remove_postproc=False)
-            add(i, j, sch.mod)
+            add(i, f"k{i:03d}_c{j:04d}.so", sch.mod, trace_digest(rec.trace))
         manifest = {"format": CANDIDATES_FORMAT, "version": CANDIDATES_VERSION, "kind": target.kind.name,
                     "target": str(target), "tvm": tvm.__version__,
                     "archs": list(export.archs), "tasks": [t.task_name for t in tasks], "candidates": candidates}
@@ -293,6 +294,22 @@ def export_candidates(mod: tvm.IRModule, target, trials: int, export: CandidateE
         record["export"] = {"folder": str(final), "tasks": len(tasks), "candidates": len(candidates),
                             "failed": failed, "export_s": round(time.perf_counter() - t0, 3)}
     return final
+
+
+def trace_digest(trace) -> str:
+    """What names a sampled schedule between the export and the import (its trace, as JSON)."""
+    return hashlib.sha256(json.dumps(_plain(trace.as_json()), sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _plain(value):
+    """TVM containers (Array, Map, String) as JSON values."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if hasattr(value, "__iter__"):
+        return [_plain(v) for v in value]
+    return str(value)
 
 
 def import_timings(folder: Path, db_dir: Path | None = None) -> dict:
@@ -313,7 +330,7 @@ def import_timings(folder: Path, db_dir: Path | None = None) -> dict:
     if manifest.get("tvm") != tvm.__version__:
         raise UsageError(f"the candidates were made with TVM {manifest.get('tvm')}, this is TVM {tvm.__version__}",
                          where=str(folder), fix="export and measure them again with this TVM")
-    records = open_database(folder / "search").get_all_tuning_records()
+    records = {trace_digest(r.trace): r for r in open_database(folder / "search").get_all_tuning_records()}
     target = tvm.target.Target(manifest["target"])  # str(Target) is its JSON config, host included
     db_dir = Path(db_dir) if db_dir is not None else default_db_dir(manifest["target"])
     db = open_database(db_dir)
@@ -322,15 +339,16 @@ def import_timings(folder: Path, db_dir: Path | None = None) -> dict:
         k["chosen"] = "tuned" if k["best_s"] is not None and (k["default_s"] is None
                                                               or k["best_s"] < k["default_s"]) else "default"
         if k["chosen"] == "tuned":
-            rec = records[k["record"]]
+            rec = records.get(k["trace"])
+            if rec is None:
+                raise UsageError(f"the search records in {folder / 'search'} do not hold the schedule of {k['kernel']}",
+                                 where=str(folder), fix="measure the folder as it was exported, then import")
             wl = db.commit_workload(rec.workload.mod)
             db.commit_tuning_record(ms.database.TuningRecord(rec.trace, wl, [k["best_s"]], target, rec.args_info))
     return {"db": str(db_dir), "device": timings.get("device"), "kernels": report}
 
 
 def _read_json(path: Path, what: str) -> dict:
-    import json
-
     from bmc.errors import UsageError
 
     try:

@@ -71,7 +71,7 @@ def measure_candidates(folder: Path, *, number: int = 10, repeat: int = 3, min_r
 
 def best_per_kernel(manifest: dict, timings: dict) -> list[dict]:
     """Per kernel of ``manifest``: its default schedule's and its fastest candidate's median seconds (None when
-    nothing of the kind was measured), that candidate's file and search record, and how many candidates ran."""
+    nothing of the kind was measured), that candidate's file and trace digest, and how many candidates ran."""
     import statistics
 
     measured = timings.get("candidates", {})
@@ -80,9 +80,9 @@ def best_per_kernel(manifest: dict, timings: dict) -> list[dict]:
     rows = []
     for i, name in enumerate(manifest["tasks"]):
         mine = [c for c in manifest["candidates"] if c["task"] == i and c["file"] in median]
-        default = next((median[c["file"]] for c in mine if c["record"] is None), None)
-        best = min((c for c in mine if c["record"] is not None), key=lambda c: median[c["file"]], default=None)
+        default = next((median[c["file"]] for c in mine if c["trace"] is None), None)
+        best = min((c for c in mine if c["trace"] is not None), key=lambda c: median[c["file"]], default=None)
         rows.append({"kernel": name, "default_s": default, "best_s": median[best["file"]] if best else None,
-                     "best_file": best["file"] if best else None, "record": best["record"] if best else None,
-                     "measured": sum(c["record"] is not None for c in mine)})
+                     "best_file": best["file"] if best else None, "trace": best["trace"] if best else None,
+                     "measured": sum(c["trace"] is not None for c in mine)})
     return rows

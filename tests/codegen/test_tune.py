@@ -108,7 +108,7 @@ def test_candidates_measured_elsewhere_are_imported_and_applied(tmp_path):
     info = exported.kernels["cpu"]["tuning"]["export"]
     manifest = json.loads((cands / "manifest.json").read_text())
     assert info["candidates"] == len(manifest["candidates"]) >= info["tasks"] + 1
-    assert {c["task"] for c in manifest["candidates"] if c["record"] is None} == set(range(info["tasks"]))
+    assert {c["task"] for c in manifest["candidates"] if c["trace"] is None} == set(range(info["tasks"]))
     assert not (db / "database_tuning_record.json").exists() or not (db / "database_tuning_record.json").read_text()
 
     env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
@@ -123,12 +123,14 @@ def test_candidates_measured_elsewhere_are_imported_and_applied(tmp_path):
     assert all(v["secs"] and min(v["secs"]) > 0 for v in timings.values()), timings
 
     assert main(["tune", "import", str(cands), "--tune-db", str(db)]) == 0
-    from bmc.codegen.tune import import_timings
+    from bmc.codegen.tune import open_database
+    from bmc.runtime.measure import best_per_kernel
 
-    report = import_timings(cands, db)["kernels"]
-    tuned = [k for k in report if k["chosen"] == "tuned"]
-    assert all(k["best_s"] < k["default_s"] for k in tuned)
-    assert all(k["default_s"] is None or k["best_s"] >= k["default_s"] for k in report if k["chosen"] == "default")
+    rows = best_per_kernel(manifest, json.loads((cands / "timings.json").read_text()))
+    assert all(r["default_s"] and r["best_s"] for r in rows) and len(rows) == info["tasks"]
+    tuned = [r for r in rows if r["best_s"] < r["default_s"]]  # only these may enter the database
+    imported = open_database(db).get_all_tuning_records()
+    assert sorted(float(r.run_secs[0]) for r in imported) == pytest.approx(sorted(r["best_s"] for r in tuned))
 
     applied = build(g, TargetSpec.parse("llvm"), tune_db=db)
     assert applied.kernels["cpu"]["tuning"]["applied"] == len(tuned) and applied.kernels["cpu"]["tuning"]["trials"] == 0
