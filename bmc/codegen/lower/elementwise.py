@@ -50,9 +50,27 @@ def _unary(ctx, node, args):
     return _SIMPLE_UNARY[node.op](args[0])
 
 
+def _small_power(node) -> int | None:
+    """2 or 3 when the exponent of ``pow`` is that constant (GELU's ``x ** 3``): computed as products, as
+    onnxruntime does, instead of a ``pow`` call per element."""
+    exp = node.inputs[1].producer
+    if exp is None or exp.op != "constant" or node.inputs[0].type.dtype not in ("float64", "float32", "float16",
+                                                                                "bfloat16"):
+        return None
+    value = np.asarray(exp.attrs["value"])
+    if value.size == 0 or not np.all(value == value.flat[0]) or float(value.flat[0]) not in (2.0, 3.0):
+        return None
+    return int(value.flat[0])
+
+
 @lowering(*_BINARY)
 def _binary(ctx, node, args):
     dtype = node.inputs[0].type.dtype
+    if node.op == "pow" and (n := _small_power(node)) and node.outputs[0].type.shape == node.inputs[0].type.shape:
+        x = args[0] if dtype != "bfloat16" else ctx.emit(_R.astype(args[0], "float32"))
+        y = ctx.emit(_R.multiply(x, x))
+        y = y if n == 2 else ctx.emit(_R.multiply(y, x))
+        return y if dtype != "bfloat16" else _R.astype(y, dtype)
     if node.op == "pow" and dtype not in ("float64", "float32", "float16"):  # TVM's pow takes IEEE floats only
         wide = [ctx.emit(_R.astype(a, "float32" if dtype == "bfloat16" else "float64")) for a in args]
         return _R.astype(ctx.emit(_R.power(*wide)), dtype)
