@@ -14,7 +14,8 @@ and writes ``benchmarks/results/gpu.json`` (or ``--json``); a failing case keeps
 
 Every case is built twice: ``gemm=cublas`` (bmc's default: matmuls offloaded to the runtime kernel
 ``bmc.cuda.matmul``) and ``gemm=tvm`` (``BMC_CUDA_GEMM=tvm``: TVM's dlight kernels); the ``kernel`` column says
-what the library really calls (``cuBLAS`` when it requires ``bmc.cuda.matmul``).
+what the library really calls (``cuBLAS`` when it requires ``bmc.cuda.matmul``). ``prepare --tune-db DIR`` adds
+``gemm=tuned`` stacks: cuBLAS plus the TVM kernels the tuning database has schedules for (``bmc tune import``).
 
 (a) ``mm-*``: one ``matmul`` node ``[M,K] @ [K,N]``: 4096^3 in bfloat16, float16 and float32; the GPT layer GEMMs
     at T = 8192 tokens in bfloat16, GPT-2 small (QKV 768x2304, proj 768x768, fc1 768x3072, fc2 3072x768) and
@@ -136,7 +137,7 @@ def compile_case(out: Path, case: dict, graph) -> dict:
     try:
         if case["gemm"] == "tvm":  # unset: bmc's default (cuBLAS)
             os.environ["BMC_CUDA_GEMM"] = "tvm"
-        built = build(graph, TargetSpec.parse("cuda", ARCHS))
+        built = build(graph, TargetSpec.parse("cuda", ARCHS), tune_db=case.get("tune_db"))
         built.export(out / case["lib"])
     except Exception as e:  # noqa: BLE001  (one case failing to build must not lose the others)
         case["error"] = f"build: {type(e).__name__}: {e}"
@@ -147,6 +148,8 @@ def compile_case(out: Path, case: dict, graph) -> dict:
         if old is not None:
             os.environ["BMC_CUDA_GEMM"] = old
     info = built.kernels["cuda"]
+    if "tune_db" in case:
+        case["tuned_kernels"] = info.get("tuning", {}).get("applied", 0)
     case.update(requires=list(info.get("requires", [])), kernels=info["num_kernels"],
                 build_s=round(time.perf_counter() - t0, 2), nvcc_s=info["nvcc_s"],
                 lib_bytes=(out / case["lib"]).stat().st_size)
@@ -156,7 +159,7 @@ def compile_case(out: Path, case: dict, graph) -> dict:
     return case
 
 
-def prepare(out: Path, quick: bool) -> int:
+def prepare(out: Path, quick: bool, tune_db: Path | None = None) -> int:
     from importlib import metadata
 
     out.mkdir(parents=True, exist_ok=True)
@@ -171,8 +174,10 @@ def prepare(out: Path, quick: bool) -> int:
     for name, cfg in (QUICK_STACKS if quick else STACKS).items():
         d, f, tokens, s = cfg["d"], cfg["ffn"], cfg["batch"] * cfg["seq"], cfg["seq"]
         flops = cfg["layers"] * (2.0 * tokens * (4 * d * d + 2 * d * f) + 4.0 * tokens * s * d)  # see the docstring
-        for gemm in GEMMS:
+        for gemm in GEMMS + (("tuned",) if tune_db else ()):  # tuned: cuBLAS + the database's TVM schedules
             case = {"name": f"stack-{name}", "kind": "stack", "gemm": gemm, "config": cfg, "flops": flops}
+            if gemm == "tuned":
+                case["tune_db"] = str(tune_db)
             cases.append(compile_case(out, case, stack_graph(cfg)))
     bench = {"archs": list(ARCHS), "tvm_version": metadata.version("apache-tvm"), "quick": quick,
              "prepare_s": round(time.perf_counter() - t0, 1), "cases": cases}
@@ -519,6 +524,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("prepare", help="compile the CUDA libraries and write bench.json (needs TVM and nvcc)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help="one small matmul and toy stacks")
+    p.add_argument("--tune-db", type=Path, help="also build the stacks with this tuning database (gemm=tuned)")
     r = sub.add_parser("run", help="time the cases on the GPU (runtime-only TVM, torch)")
     r.add_argument("--root", type=Path, required=True)
     r.add_argument("--json", type=Path, default=DEFAULT_JSON)
@@ -527,7 +533,7 @@ def main(argv=None) -> int:
     r.add_argument("--profile", action="store_true", help="stacks: CUDA time per kernel, bmc and torch")
     args = ap.parse_args(argv)
     if args.mode == "prepare":
-        return prepare(args.out.resolve(), args.quick)
+        return prepare(args.out.resolve(), args.quick, args.tune_db)
     return run(args.root.resolve(), args.json, args.repeat, args.dry_run, args.profile)
 
 

@@ -292,6 +292,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bench", action="store_true", help="skip benchmarks/gpu.py prepare")
     ap.add_argument("--tune-trials", type=int, default=64,
                     help="MetaSchedule candidates to export for the check to time (0: none)")
+    ap.add_argument("--tune-db", type=Path, help="a tuning database (`bmc tune import` of an earlier check's "
+                    "times): the benchmark also builds its stacks with it (gemm=tuned)")
     args = ap.parse_args(argv)
 
     from bmc.codegen import cuda
@@ -309,8 +311,8 @@ def main(argv=None) -> int:
     rows = compile_models(out, tuple(args.archs), args.models)
     fixtures = compile_fixtures(out, tuple(args.archs)) if not args.no_fixtures else []
     if not args.no_bench:
-        subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "prepare", "--out", str(out / "bench")],
-                       check=True)
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "prepare", "--out", str(out / "bench"),
+                        *(["--tune-db", str(args.tune_db.resolve())] if args.tune_db else [])], check=True)
     tuning = export_tuning(out / "tune", tuple(args.archs), args.tune_trials) if args.tune_trials > 0 else None
     total = _size(out)
     manifest = {"created_s": round(time.perf_counter() - t0, 1), "archs": args.archs, "wheels": wheel_names,

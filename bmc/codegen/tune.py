@@ -276,7 +276,7 @@ def export_candidates(mod: tvm.IRModule, target, trials: int, export: CandidateE
             i = next(k for k, wl in enumerate(workloads) if structural_equal(wl.mod, rec.workload.mod))
             sch = s_tir.Schedule(rec.workload.mod)
             rec.trace.apply_to_schedule(sch, remove_postproc=False)
-            add(i, f"k{i:03d}_c{j:04d}.so", sch.mod, trace_digest(rec.trace))
+            add(i, f"k{i:03d}_c{j:04d}.so", sch.mod, record_digest(rec))
         manifest = {"format": CANDIDATES_FORMAT, "version": CANDIDATES_VERSION, "kind": target.kind.name,
                     "target": str(target), "tvm": tvm.__version__,
                     "archs": list(export.archs), "tasks": [t.task_name for t in tasks], "candidates": candidates}
@@ -296,9 +296,13 @@ def export_candidates(mod: tvm.IRModule, target, trials: int, export: CandidateE
     return final
 
 
-def trace_digest(trace) -> str:
-    """What names a sampled schedule between the export and the import (its trace, as JSON)."""
-    return hashlib.sha256(json.dumps(_plain(trace.as_json()), sort_keys=True).encode()).hexdigest()[:24]
+def record_digest(record) -> str:
+    """What names a sampled schedule between the export and the import: its trace, as JSON, and its kernel (two
+    kernels of the same shape can get the same trace)."""
+    from tvm_ffi import structural_hash
+
+    text = json.dumps([_plain(record.trace.as_json()), str(structural_hash(record.workload.mod))], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def _plain(value):
@@ -330,7 +334,7 @@ def import_timings(folder: Path, db_dir: Path | None = None) -> dict:
     if manifest.get("tvm") != tvm.__version__:
         raise UsageError(f"the candidates were made with TVM {manifest.get('tvm')}, this is TVM {tvm.__version__}",
                          where=str(folder), fix="export and measure them again with this TVM")
-    records = {trace_digest(r.trace): r for r in open_database(folder / "search").get_all_tuning_records()}
+    records = {record_digest(r): r for r in open_database(folder / "search").get_all_tuning_records()}
     target = tvm.target.Target(manifest["target"])  # str(Target) is its JSON config, host included
     db_dir = Path(db_dir) if db_dir is not None else default_db_dir(manifest["target"])
     db = open_database(db_dir)

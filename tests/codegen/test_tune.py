@@ -16,14 +16,17 @@ from bmc.ir.types import TensorType
 from bmc.ops.builder import GraphBuilder
 
 
-def _graph():
+def _graph(twins: bool = False):
+    """softmax → layer norm → gelu; ``twins`` adds outputs x + 1 and x + 2: two kernels that differ only in a
+    constant, whose sampled schedules can be the same trace."""
     b = GraphBuilder("tune")
     x = b.input("x", TensorType("float32", (64, 256)))
     scale = b.constant(np.linspace(0.5, 1.5, 256, dtype="float32"))
     bias = b.constant(np.linspace(-0.25, 0.25, 256, dtype="float32"))
     y = b.emit1("softmax", [x], axis=-1)
     y = b.emit1("layer_norm", [y, scale, bias], axis=-1, epsilon=1e-5)
-    return b.finish([b.emit1("gelu", [y], approximate="none")])
+    extra = [b.emit1("add", [x, b.constant(np.float32(c))]) for c in (1, 2)] if twins else []
+    return b.finish([b.emit1("gelu", [y], approximate="none"), *extra])
 
 
 def _reference(x):
@@ -103,12 +106,19 @@ def test_candidates_measured_elsewhere_are_imported_and_applied(tmp_path):
     from bmc.codegen.build import build
     from bmc.codegen.targets import TargetSpec
 
-    g, db, cands = _graph(), tmp_path / "db", tmp_path / "cands"
-    exported = build(g, TargetSpec.parse("llvm"), tune_trials=4, tune_db=db, tune_export=cands)
+    from tvm_ffi import structural_hash
+
+    from bmc.codegen.tune import open_database, record_digest
+
+    g, db, cands = _graph(twins=True), tmp_path / "db", tmp_path / "cands"
+    exported = build(g, TargetSpec.parse("llvm"), tune_trials=8, tune_db=db, tune_export=cands)
     info = exported.kernels["cpu"]["tuning"]["export"]
     manifest = json.loads((cands / "manifest.json").read_text())
-    assert info["candidates"] == len(manifest["candidates"]) >= info["tasks"] + 1
+    assert info["candidates"] == len(manifest["candidates"]) >= info["tasks"] + 1 and info["tasks"] >= 3
     assert {c["task"] for c in manifest["candidates"] if c["trace"] is None} == set(range(info["tasks"]))
+    records = open_database(cands / "search").get_all_tuning_records()
+    pairs = {(str(r.trace), str(structural_hash(r.workload.mod))) for r in records}  # random samples repeat
+    assert len({t for t, _ in pairs}) < len(pairs) == len({record_digest(r) for r in records})  # one trace, 2 kernels
     assert not (db / "database_tuning_record.json").exists() or not (db / "database_tuning_record.json").read_text()
 
     env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
@@ -123,7 +133,6 @@ def test_candidates_measured_elsewhere_are_imported_and_applied(tmp_path):
     assert all(v["secs"] and min(v["secs"]) > 0 for v in timings.values()), timings
 
     assert main(["tune", "import", str(cands), "--tune-db", str(db)]) == 0
-    from bmc.codegen.tune import open_database
     from bmc.runtime.measure import best_per_kernel
 
     rows = best_per_kernel(manifest, json.loads((cands / "timings.json").read_text()))
