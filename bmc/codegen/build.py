@@ -70,6 +70,11 @@ def _tuning(target: TargetSpec, tvm_target, trials: int, db: Path | str | None, 
             record: dict):
     """The MetaSchedule pass for :func:`build`, or None: tune in this process (``trials``), export candidates to be
     measured elsewhere (``export``), or only apply the database (``db`` given, no trials)."""
+    if export is not None and trials <= 0:
+        from bmc.errors import UsageError
+
+        raise UsageError("exporting tuning candidates needs trials to sample", where="--tune-export",
+                         fix="add --tune N (tune_trials=N), N > 0")
     if trials <= 0 and db is None:
         return None
     from bmc.codegen.tune import CandidateExport, tune_pass

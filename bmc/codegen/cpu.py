@@ -9,8 +9,8 @@ Two things make bmc's llvm code fast, and both live here so the choices are made
    broadcast batch dims, 1-D operands promoted). A ``permute_dims`` that swaps the last two axes of an operand is
    folded into the call as a ``trans_a``/``trans_b`` flag (Gemm ``transB`` weights arrive that way), so the weight is
    not transposed on every call; a permute that does more (attention's key ``transpose(0, 2, 3, 1)``) keeps the
-   rest, which moves whole rows, and folds the swap. The runtime registers the kernel (``bmc.runtime.kernels``): native C++ calling
-   OpenBLAS' ``cblas_?gemm`` when ``libbmc_runtime`` is built, numpy otherwise.
+   rest, which moves whole rows, and folds the swap. The runtime registers the kernel (``bmc.runtime.kernels``):
+   native C++ calling OpenBLAS' ``cblas_?gemm`` when ``libbmc_runtime`` is built, numpy otherwise.
    **Convolution offload.** Likewise a float32/float64 NCHW/OIHW ``relax.nn.conv2d`` becomes
    ``bmc.cpu.conv2d(x, w, stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, dil_w, groups, out)``: im2col plus
    one BLAS GEMM per image (batched over groups), chosen per op by :func:`choose_conv2d` (tiny convs and

@@ -46,8 +46,8 @@ _SPLIT_THROUGH = {"relax.add": relax.op.add, "relax.subtract": relax.op.subtract
 
 @relax.expr_functor.mutator
 class _SplitSlices(relax.PyExprMutator):
-    """``split(x, axis)`` → one ``strided_slice`` per part; ``split(x ⊙ c)`` with a single-use elementwise ``⊙`` →
-    ``slice(x) ⊙ slice(c)`` per part (``c`` sliced only where it is not broadcast along ``axis``)."""
+    """``split(x, axis)`` → one ``strided_slice`` per part; ``split(x ⊙ c)`` with a single-use elementwise
+    ``⊙`` → ``slice(x) ⊙ slice(c)`` per part (``c`` sliced only where it is not broadcast along ``axis``)."""
 
     def __init__(self, mod=None):
         super().__init__(mod)

@@ -229,10 +229,6 @@ def export_candidates(mod: tvm.IRModule, target, trials: int, export: CandidateE
     from tvm.s_tir.meta_schedule.relax_integration import extract_tasks, extracted_tasks_to_tune_contexts
     from tvm_ffi import structural_equal
 
-    from bmc.errors import UsageError
-
-    if trials <= 0:
-        raise UsageError("--tune-export needs trials to sample", where="--tune", fix="add --tune N (N > 0)")
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     final = Path(export.folder)
     final.parent.mkdir(parents=True, exist_ok=True)

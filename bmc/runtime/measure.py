@@ -19,17 +19,16 @@ import numpy as np
 from bmc.errors import UsageError
 
 
-def _array(arg: dict, rng: np.random.Generator) -> np.ndarray:
-    dtype = arg["dtype"]
-    shape = tuple(arg["shape"])
-    if dtype == "bfloat16":
-        import ml_dtypes
+def _tensor(arg: dict, rng: np.random.Generator, dev):
+    import tvm
 
-        return rng.standard_normal(shape, dtype=np.float32).astype(ml_dtypes.bfloat16)
+    dtype, shape = arg["dtype"], tuple(arg["shape"])
+    if dtype == "bfloat16":  # the float32 values' upper halves (no ml_dtypes needed on the device's machine)
+        bits = (rng.standard_normal(shape, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        return tvm.runtime.empty(shape, dtype, dev).copyfrom(bits)
     np_dtype = np.dtype(dtype)
-    if np_dtype.kind == "f":
-        return rng.standard_normal(shape).astype(np_dtype)
-    return np.zeros(shape, np_dtype)
+    data = rng.standard_normal(shape).astype(np_dtype) if np_dtype.kind == "f" else np.zeros(shape, np_dtype)
+    return tvm.runtime.tensor(data, dev)
 
 
 def measure_candidates(folder: Path, *, number: int = 10, repeat: int = 3, min_repeat_ms: int = 20) -> dict:
@@ -58,7 +57,7 @@ def measure_candidates(folder: Path, *, number: int = 10, repeat: int = 3, min_r
     for c in manifest["candidates"]:
         try:
             lib = tvm.runtime.load_module(str(folder / c["file"]))
-            args = [tvm.runtime.tensor(_array(a, rng), dev) for a in c["args"]]
+            args = [_tensor(a, rng, dev) for a in c["args"]]
             timer = lib.time_evaluator(c["func"], dev, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
             out["candidates"][c["file"]] = {"secs": [float(t) for t in timer(*args).results]}
         except Exception as e:  # noqa: BLE001  (a candidate that does not run is reported, not fatal)
