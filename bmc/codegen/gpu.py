@@ -92,7 +92,8 @@ _MAX_CHAIN = 4
 
 @relax.expr_functor.mutator
 class _NarrowNorms(relax.PyExprMutator):
-    """``astype(norm(astype(x: T, f32), ...), T)`` → one TE kernel on ``x`` (T float16/bfloat16)."""
+    """``astype(norm(astype(x: T, f32), ...), T)`` → one TE kernel on ``x`` (T float16/bfloat16); a layer/RMS
+    norm of a float32 ``x`` (the residual stream of ``--dtype``) likewise, reading ``x`` in float32."""
 
     def __init__(self, mod=None):
         super().__init__(mod)
@@ -138,6 +139,8 @@ class _NarrowNorms(relax.PyExprMutator):
                 or norm.op.name not in _NORMS or str(norm.ty.dtype) != "float32"):
             return call
         x = self._widened_from(norm.args[0], dtype)
+        if x is None and norm.op.name in ("relax.nn.layer_norm", "relax.nn.rms_norm"):
+            x = norm.args[0]  # a float32 residual stream (bmc.ops.precision): read as it is
         if x is None:
             return call
         # the other operands (gains, biases) as they were before widening, or as given (float32 constants)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
+import pytest
 import tvm
 from tvm import relax
 
@@ -120,3 +121,24 @@ def test_model_casts_still_round():
     for got in _run_all(graph, x):
         assert np.array_equal(got.astype(ml_dtypes.bfloat16).astype(np.float32), got)
 
+
+
+@pytest.mark.parametrize("name", ["vit_dynamo", "gpt2_dynamo", "llama_dynamo", "bert_dynamo", "opt_dynamo"])
+def test_bfloat16_fixtures_with_the_gpus_rounding_points(name):
+    """The GPU check's bf16 criterion (max |out - onnxruntime| <= 1e-2 max |ref|), on the CPU with the CUDA
+    pipeline's rewrites, so that activations are rounded to bfloat16 between kernels as on the GPU (the plain CPU
+    pipeline fuses more and drops some of those roundings: ViT 0.85e-2 here vs 1.02e-2 on an H200 before the
+    float32 residual stream; 0.70e-2 with it)."""
+    from bmc.codegen.rewrite import split_slices
+    from bmc.compiler import import_graph
+    from tests.frontend.test_models import FIXTURES, load_case
+
+    inputs, outputs = load_case(name)
+    graph = import_graph(FIXTURES / f"{name}.onnx", {k: v.shape for k, v in inputs.items()}, "bfloat16")
+    mod = split_slices()(narrow_normalizations()(to_relax(graph)))
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    params = [tvm.runtime.tensor(np.require(graph.weights[p.name].numpy(), requirements="C")) for p in graph.params]
+    got = vm["main"](*[tvm.runtime.tensor(inputs[v.name]) for v in graph.inputs], *params)
+    for out, want in zip(got, outputs.values()):
+        err = float(np.abs(out.numpy() - want).max()) / float(np.abs(want).max())
+        assert err <= 1e-2, err
