@@ -21,7 +21,8 @@ Guarantees:
 - Writing is atomic: everything is built in ``.<name>.tmp-<pid>-<random>`` next to the output and renamed into place
   at the end; on any failure, Ctrl-C included, the temporary directory is removed (FAILURES.md 23, 31).
 - ``verify_artifact`` checks the format version, the TVM and tvm-ffi versions and the size and SHA-256 of every file
-  before anything is loaded or mapped (FAILURES.md 33-35, 38).
+  before anything is loaded or mapped (FAILURES.md 33-35, 38). The loader hashes the weights as it reads them, in
+  one pass (:class:`HashingReader`): no weight is used before its file's digest has matched.
 - Out of scope (FAILURES.md 37): the digests live in the manifest itself, so they detect accidental damage, not
   tampering. Someone who can edit the files can also rewrite ``manifest.json`` to match; only a signature over the
   manifest (not implemented) would detect that. Load artifacts only from sources you trust: the program is native
@@ -36,6 +37,7 @@ import json
 import os
 import secrets
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from importlib import metadata as _metadata
 from pathlib import Path
@@ -330,10 +332,12 @@ def check_library_versions(manifest: dict, where: str = "artifact") -> None:
                             fix=f"recompile the model with this installation, or install {pins}")
 
 
-def verify_artifact(path, *, check_versions: bool = True) -> dict:
+def verify_artifact(path, *, check_versions: bool = True, hash_weights: bool = True) -> dict:
     """Check an artifact completely (format, versions, size and SHA-256 of every file); return its manifest.
 
-    Nothing is loaded or mapped: this is what ``bmc.load`` runs before touching the program or the weights.
+    Nothing is loaded or mapped: this is what ``bmc.load`` runs before touching the program. Without
+    ``hash_weights`` the weight files get every check but the SHA-256, which the caller then owes while it reads
+    them (the loader, through a :class:`HashingReader`: one pass over the bytes instead of two).
     """
     path = Path(path)
     manifest = read_manifest(path)
@@ -345,29 +349,86 @@ def verify_artifact(path, *, check_versions: bool = True) -> dict:
     if unlisted:
         raise ArtifactError(f"manifest.json lists no digest for {', '.join(unlisted)}", where=str(path),
                             fix="the artifact is damaged; recompile the model")
-    root = path.resolve()
+    deferred = set() if hash_weights else set(manifest["weights"].values())
     for rel, expected in files.items():
-        file = (path / rel).resolve()
-        if file.parent != root and root not in file.parents:
-            raise ArtifactError(f"file {rel!r} lies outside the artifact", where=str(path))
-        _verify_file(path, rel, file, expected)
+        verify_file(path, rel, expected, hash=rel not in deferred)
     return manifest
 
 
+_DAMAGED = "the artifact is damaged; restore it from a good copy or recompile the model"
 
-def _verify_file(root: Path, rel: str, file: Path, expected) -> None:
+
+def verify_file(root: Path, rel: str, expected, *, hash: bool = True) -> Path:
+    """Check one file of the artifact at ``root`` against its manifest entry ``expected`` (inside the artifact,
+    present, its size, and with ``hash`` its SHA-256); return its path."""
+    root = Path(root)
     where = f"{root}/{rel}"
-    fix = "the artifact is damaged; restore it from a good copy or recompile the model"
     if not isinstance(expected, dict) or not isinstance(expected.get("sha256"), str) \
             or type(expected.get("size")) is not int:
-        raise ArtifactError(f"manifest entry for {rel} is malformed: {expected!r}", where=str(root), fix=fix)
+        raise ArtifactError(f"manifest entry for {rel} is malformed: {expected!r}", where=str(root), fix=_DAMAGED)
+    resolved_root, file = root.resolve(), (root / rel).resolve()
+    if file.parent != resolved_root and resolved_root not in file.parents:
+        raise ArtifactError(f"file {rel!r} lies outside the artifact", where=str(root))
     if not file.is_file():
-        raise ArtifactError(f"file {rel} is missing", where=where, fix=fix)
+        raise ArtifactError(f"file {rel} is missing", where=where, fix=_DAMAGED)
     size = file.stat().st_size
     if size != expected["size"]:
         state = "truncated" if size < expected["size"] else "longer than written"
-        raise ArtifactError(f"file {rel} is {state}: {size} bytes, expected {expected['size']}", where=where, fix=fix)
-    actual = file_digest(file)["sha256"]
-    if actual != expected["sha256"]:
-        raise ArtifactError(f"file {rel} is corrupted: sha256 {actual[:16]}..., expected {expected['sha256'][:16]}...",
-                            where=where, fix=fix)
+        raise ArtifactError(f"file {rel} is {state}: {size} bytes, expected {expected['size']}", where=where,
+                            fix=_DAMAGED)
+    if hash:
+        _check_digest(rel, file_digest(file)["sha256"], expected["sha256"], where)
+    return file
+
+
+def _check_digest(rel: str, actual: str, expected: str, where: str) -> None:
+    if actual != expected:
+        raise ArtifactError(f"file {rel} is corrupted: sha256 {actual[:16]}..., expected {expected[:16]}...",
+                            where=where, fix=_DAMAGED)
+
+
+class HashingReader:
+    """Reads one artifact file front to back, hashing every byte on the way; :meth:`finish` then compares the
+    SHA-256 with the manifest's. Whatever was read must not be used unless ``finish`` returned.
+
+    The hashing runs on one worker thread, in order, while the next bytes are read (both release the GIL): a load
+    takes about the longer of reading and hashing instead of their sum. A buffer passed to :meth:`readinto` must
+    stay unchanged until ``finish``.
+    """
+
+    def __init__(self, root: Path, rel: str, expected: dict):
+        self.rel, self.where, self.expected = rel, f"{root}/{rel}", expected
+        self._file = open(Path(root) / rel, "rb")
+        self._hash = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bmc-sha256")
+        self._pos = 0
+
+    def readinto(self, buffer) -> None:
+        """Fill ``buffer`` (a writable buffer of bytes) with the next ``len(buffer)`` bytes of the file."""
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view):
+            n = self._file.readinto(view[done:])
+            if not n:
+                raise ArtifactError(f"file {self.rel} ended after {self._pos + done} bytes while being read",
+                                    where=self.where, fix=_DAMAGED)
+            done += n
+        self._hasher.submit(self._hash.update, view)
+        self._pos += done
+
+    def finish(self) -> None:
+        """Check that the whole file was read and that its digest is the manifest's (else ArtifactError)."""
+        self._hasher.shutdown(wait=True)
+        if self._file.read(1) or self._pos != self.expected["size"]:
+            raise ArtifactError(f"file {self.rel} changed size while being read", where=self.where, fix=_DAMAGED)
+        _check_digest(self.rel, self._hash.hexdigest(), self.expected["sha256"], self.where)
+
+    def close(self) -> None:
+        self._hasher.shutdown(wait=True, cancel_futures=True)
+        self._file.close()
+
+    def __enter__(self) -> "HashingReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

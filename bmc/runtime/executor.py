@@ -38,7 +38,7 @@ import tvm.runtime.vm  # noqa: F401  (runtime-only TVM does not import it with `
 
 from bmc.errors import ArtifactError, BmcError, ExecutionError, UsageError
 from bmc.ir.types import np_dtype
-from bmc.runtime.artifact import verify_artifact
+from bmc.runtime.artifact import HashingReader, verify_artifact
 from bmc.runtime.safetensors import SafetensorsFile
 
 
@@ -213,9 +213,12 @@ def _device(device: str, target: dict, where: str):
 
 
 def _load_weights(path: Path, manifest: dict, dev, rank: int = 0) -> list:
-    file = path / manifest["weights"][str(rank)]
+    """Rank ``rank``'s weights on ``dev``, in signature order. The file is read once, front to back, straight into
+    the device tensors (on the CPU) or through a host buffer (elsewhere), hashed on the way, and the tensors are
+    returned only once its SHA-256 matched the manifest's."""
+    rel = manifest["weights"][str(rank)]
+    file = path / rel
     st = SafetensorsFile(file)
-    params = []
     for spec in manifest["signature"]["params"]:
         if spec["name"] not in st:
             raise ArtifactError(f"weight {spec['name']!r} of the signature is not in the weights file",
@@ -225,8 +228,24 @@ def _load_weights(path: Path, manifest: dict, dev, rank: int = 0) -> list:
             raise ArtifactError(f"weight {spec['name']!r} is {_fmt(dtype, shape)} in the file but "
                                 f"{_fmt(spec['dtype'], spec['shape'])} in the signature", where=str(file),
                                 fix="the artifact is inconsistent; recompile the model")
-        params.append(tvm.runtime.tensor(st.get(spec["name"]), dev))
-    return params
+    on_cpu = dev.dlpack_device_type() == tvm.cpu(0).dlpack_device_type()
+    tensors = {}
+    with HashingReader(path, rel, manifest["files"][rel]) as reader:
+        reader.readinto(bytearray(st.data_start))  # the header: hashed, already parsed
+        for name, dtype, shape, nbytes in st.layout():
+            if nbytes == 0:
+                tensors[name] = tvm.runtime.empty(shape, dtype, dev)
+                continue
+            raw = tvm.runtime.empty((nbytes,), "uint8", dev)
+            if on_cpu:
+                reader.readinto(np.from_dlpack(raw))
+            else:  # a host buffer per tensor: the reader hashes it after this returns
+                host = np.empty(nbytes, np.uint8)
+                reader.readinto(host)
+                raw.copyfrom(host)
+            tensors[name] = raw._create_view(shape, dtype)
+        reader.finish()
+    return [tensors[spec["name"]] for spec in manifest["signature"]["params"]]
 
 
 def load(path, *, device: str | None = None, simulate: bool = False, threads: int | None = None,
@@ -243,7 +262,7 @@ def load(path, *, device: str | None = None, simulate: bool = False, threads: in
     (host-staged MPI) or ``None`` (NCCL when every rank has a GPU of its own and NCCL loads, else host-staged)."""
     path = Path(path)
     if simulate or mpi is False:
-        manifest = verify_artifact(path)
+        manifest = verify_artifact(path, hash_weights=False)  # hashed as read
         ctx = None
         if manifest["world_size"] != 1 and not simulate:
             from bmc.runtime.mpi import launch_command
@@ -260,7 +279,7 @@ def load(path, *, device: str | None = None, simulate: bool = False, threads: in
         manifest = read_manifest(path)
         MPI = preflight(manifest, str(path), force=bool(mpi))  # FAILURES 39-41, same message on every rank
         if MPI is None:
-            manifest = verify_artifact(path)
+            manifest = verify_artifact(path, hash_weights=False)  # hashed as read
             ctx = None
         else:
             ctx = MPIContext(MPI, manifest, str(path))
@@ -313,11 +332,12 @@ def _register_kernels(path: Path, manifest: dict, threads: int | None) -> None:
 def _load_mpi(path: Path, manifest: dict, ctx, *, device: str, threads: int | None, collectives: str | None) -> Model:
     """MPI mode: this rank verifies and loads only its own files; every step ends with an agreement, so a failure on
     one rank becomes the same error on every rank instead of a hang."""
-    from bmc.runtime.artifact import PLAN, check_library_versions, _verify_file
+    from bmc.runtime.artifact import PLAN, check_library_versions, verify_file
     from bmc.runtime.mpi import place_rank, register_collectives, threads_per_rank
 
     rank = ctx.rank
-    mine = [PLAN, manifest["programs"].get("main", ""), manifest["weights"].get(str(rank), "")]
+    weights = manifest["weights"].get(str(rank), "")
+    mine = [PLAN, manifest["programs"].get("main", ""), weights]
     stats = {"rank": rank, "coord": list(ctx.coord), "bytes_read": 0}
     error = None
     try:
@@ -325,15 +345,11 @@ def _load_mpi(path: Path, manifest: dict, ctx, *, device: str, threads: int | No
         if not all(mine):
             raise ArtifactError(f"manifest.json names no program 'main' or no weights for rank {rank}",
                                 where=str(path), fix="the artifact is damaged; recompile the model")
-        root = path.resolve()
-        for rel in mine:  # digests of what this rank reads, and nothing else (other ranks' weights stay unread)
+        for rel in mine:  # what this rank reads, and nothing else (other ranks' weights stay unread)
             if rel not in manifest["files"]:
                 raise ArtifactError(f"manifest.json lists no digest for {rel}", where=str(path),
                                     fix="the artifact is damaged; recompile the model")
-            file = (path / rel).resolve()
-            if file.parent != root and root not in file.parents:
-                raise ArtifactError(f"file {rel!r} lies outside the artifact", where=str(path))
-            _verify_file(path, rel, file, manifest["files"][rel])
+            verify_file(path, rel, manifest["files"][rel], hash=rel != weights)  # the weights: hashed as read
             stats["bytes_read"] += manifest["files"][rel]["size"]
         gpu = None
         if manifest["target"].get("kind") == "cuda" and device == "cuda":  # each rank takes a GPU of its host

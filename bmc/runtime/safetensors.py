@@ -138,6 +138,17 @@ class SafetensorsFile:
         dtype, shape, _, _ = self._entry(name)
         return dtype, shape
 
+    @property
+    def data_start(self) -> int:
+        """Byte offset of the first tensor's data (the 8-byte length plus the JSON header before it)."""
+        return self._data_start
+
+    def layout(self) -> list[tuple[str, str, tuple[int, ...], int]]:
+        """``(name, bmc dtype, shape, nbytes)`` of every tensor in the order its bytes follow the header; the
+        validated layout has no holes, so reading these in turn after ``data_start`` bytes reads the whole file."""
+        ordered = sorted(self._entries.items(), key=lambda kv: kv[1][2])
+        return [(name, dtype, shape, end - begin) for name, (dtype, shape, begin, end) in ordered]
+
     def get(self, name: str) -> np.ndarray:
         """The tensor as a read-only array backed by the file (a copy only for empty tensors)."""
         dtype, shape, begin, end = self._entry(name)

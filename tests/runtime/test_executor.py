@@ -12,7 +12,7 @@ import pytest
 
 import bmc
 from bmc.errors import ArtifactError, ExecutionError, UsageError
-from bmc.ir.types import TensorType
+from bmc.ir.types import TensorType, np_dtype
 from bmc.ops.builder import GraphBuilder
 from bmc.runtime.artifact import file_digest
 from bmc.runtime.executor import Model, load
@@ -105,6 +105,45 @@ def test_corrupted_program_is_refused_by_digest_not_by_tvm(tiny_artifact):
     (tiny_artifact / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match="TVM could not load the program"):
         load(tiny_artifact)
+
+
+def test_damaged_weights_are_refused_by_the_single_reading_pass(tiny_artifact):
+    """The loader hashes the weights as it reads them (one pass): a flipped byte of tensor data, which no header
+    check can see, is still refused, and no model comes back."""
+    weights = tiny_artifact / "weights/rank0.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x40  # inside the last tensor
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="weights/rank0.safetensors is corrupted: sha256") as info:
+        load(tiny_artifact)
+    assert info.value.exit_code == 6
+    with pytest.raises(ArtifactError, match="weights/rank0.safetensors is corrupted"):
+        load(tiny_artifact, simulate=True)
+
+
+def test_weights_of_every_dtype_load_bit_exact(tmp_path, build_artifact):
+    """Weights reach the device through byte views of one buffer per tensor: every dtype, empty tensors and odd
+    byte counts come back bit for bit (bfloat16 via its bits)."""
+    from bmc.runtime.executor import _load_weights
+
+    b = GraphBuilder("dtypes")
+    x = b.input("x", TensorType("float32", (3,)))
+    rng = np.random.default_rng(0)
+    values = {"f64": rng.standard_normal((2, 3)), "i8": rng.integers(-128, 127, (5,), dtype=np.int8),
+              "bool": np.array([True, False, True]), "empty": np.zeros((0, 4), np.float32),
+              "i64": rng.integers(-2**40, 2**40, (3,), dtype=np.int64), "f16": rng.standard_normal(7).astype(np.float16),
+              "bf16": rng.standard_normal((2, 2)).astype(np_dtype("bfloat16"))}
+    outs = [b.emit1("cast", [b.param(name, v)], dtype="float32", name=f"out_{name}") for name, v in values.items()]
+    g = b.finish([b.emit1("add", [x, b.param("f32", np.ones(3, np.float32))], "y"), *outs])
+    artifact = build_artifact(g, tmp_path / "dtypes.bmc")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    import tvm
+
+    params = dict(zip((p["name"] for p in manifest["signature"]["params"]),
+                      _load_weights(artifact, manifest, tvm.cpu(0))))
+    for name, v in values.items():
+        got = params[name].numpy()
+        assert got.dtype == v.dtype and got.shape == v.shape and got.tobytes() == v.tobytes(), name
 
 
 def test_weights_inconsistent_with_the_signature(tiny_artifact):

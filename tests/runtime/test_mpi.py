@@ -287,6 +287,22 @@ def test_mismatched_launcher_is_detected(compiled, workdir):  # FAILURES.md 41
     assert "mpiexec" in r.stderr
 
 
+def test_damaged_weights_of_one_rank_fail_every_rank(compiled, tmp_path):  # FAILURES.md 33 under MPI
+    artifact, inputs, _ = compiled("gpt2", "1x2")
+    damaged = tmp_path / "damaged.bmc"
+    shutil.copytree(artifact, damaged)
+    weights = damaged / "weights/rank1.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1  # tensor data: only the digest, computed while loading, can see it
+    weights.write_bytes(bytes(data))
+    start = time.monotonic()
+    r = bmc_run(2, damaged, inputs, tmp_path / "out.npz", timeout=60)
+    assert r.returncode == 6, r.stdout + r.stderr
+    assert "weights/rank1.safetensors is corrupted" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out.npz").exists()
+    assert time.monotonic() - start < 60
+
+
 def test_a_rank_raising_aborts_every_rank_promptly(compiled, workdir):  # FAILURES.md 43
     artifact, inputs, _ = compiled("gpt2", "2x2")
     start = time.monotonic()
