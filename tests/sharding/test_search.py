@@ -12,7 +12,7 @@ from bmc.errors import PlanningError, UsageError
 from bmc.frontend.onnx import import_model
 from bmc.ir.types import TensorType
 from bmc.ops.builder import GraphBuilder
-from bmc.sharding import search
+from bmc.sharding import ilp, strategies
 from bmc.sharding.auto import auto_plan, compare_strategies, manual_plans
 from bmc.sharding.cost import (DEVICES, calibrate, parse_device, parse_mesh_bandwidth, parse_size, plan_cost,
                                with_links)
@@ -110,15 +110,15 @@ def test_strategies_respect_divisibility_and_use_each_axis_once():
     graph = g.finish([g.emit1("matmul", [x, w])])
     mesh = Mesh.parse("2x4")
     rule = rule_of(graph.nodes[0])
-    strategies = search.enumerate_strategies(rule, mesh)
-    assert strategies[0] == rule.replicated()
-    assert len(set(strategies)) == len(strategies)
-    for a in strategies:
+    found = strategies.enumerate_strategies(rule, mesh)
+    assert found[0] == rule.replicated()
+    assert len(set(found)) == len(found)
+    for a in found:
         assert rule.check(a, mesh) is None
         used = [ax for axes in a for ax in axes]
         assert len(used) == len(set(used))
         assert "y" not in a[0]  # 6 rows cannot be split 4 ways
-    assert (("x",), (), ("y",)) in strategies
+    assert (("x",), (), ("y",)) in found
 
 
 # ---- oracles ----------------------------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def test_same_inputs_same_plan():  # FAILURES.md 28
     budget = _budget(graph, mesh)
     runs = [auto_plan(graph, mesh, memory_per_device=budget, check_manual=False)[0] for _ in range(2)]
     assert runs[0].strategies == runs[1].strategies and runs[0].specs == runs[1].specs
-    problems = [search.build_problem(search.analyze(graph, mesh), H100, budget).dumps() for _ in range(2)]
+    problems = [ilp.build_problem(strategies.analyze(graph, mesh), H100, budget).dumps() for _ in range(2)]
     assert problems[0] == problems[1]
 
 
@@ -228,9 +228,9 @@ def test_problem_json_round_trip_replays_the_solution(tmp_path):
     path = tmp_path / "problem.json"
     _, stats = auto_plan(graph, mesh, memory_per_device=0.3 * graph.weight_bytes(), check_manual=False,
                          save_problem=str(path))
-    problem = search.Problem.from_json(json.loads(path.read_text()))
+    problem = ilp.Problem.from_json(json.loads(path.read_text()))
     assert problem.dumps() == path.read_text()
-    first, again = search.solve(problem), search.solve(search.Problem.from_json(json.loads(problem.dumps())))
+    first, again = ilp.solve(problem), ilp.solve(ilp.Problem.from_json(json.loads(problem.dumps())))
     assert first.choice == again.choice and first.status == "optimal"
     assert first.objective_s == pytest.approx(stats["objective_s"])
 
