@@ -212,10 +212,10 @@ def _device(device: str, target: dict, where: str):
     return dev
 
 
-def _load_weights(path: Path, manifest: dict, dev, rank: int = 0) -> list:
+def _load_weights(path: Path, manifest: dict, dev, rank: int = 0, *, staged: bool | None = None) -> list:
     """Rank ``rank``'s weights on ``dev``, in signature order. The file is read once, front to back, straight into
-    the device tensors (on the CPU) or through a host buffer (elsewhere), hashed on the way, and the tensors are
-    returned only once its SHA-256 matched the manifest's."""
+    the device tensors (on the CPU) or through a host buffer (``staged``, default: off the CPU), hashed on the way,
+    and the tensors are returned only once its SHA-256 matched the manifest's."""
     rel = manifest["weights"][str(rank)]
     file = path / rel
     st = SafetensorsFile(file)
@@ -228,7 +228,8 @@ def _load_weights(path: Path, manifest: dict, dev, rank: int = 0) -> list:
             raise ArtifactError(f"weight {spec['name']!r} is {_fmt(dtype, shape)} in the file but "
                                 f"{_fmt(spec['dtype'], spec['shape'])} in the signature", where=str(file),
                                 fix="the artifact is inconsistent; recompile the model")
-    on_cpu = dev.dlpack_device_type() == tvm.cpu(0).dlpack_device_type()
+    if staged is None:
+        staged = dev.dlpack_device_type() != tvm.cpu(0).dlpack_device_type()
     tensors = {}
     with HashingReader(path, rel, manifest["files"][rel]) as reader:
         reader.readinto(bytearray(st.data_start))  # the header: hashed, already parsed
@@ -237,12 +238,12 @@ def _load_weights(path: Path, manifest: dict, dev, rank: int = 0) -> list:
                 tensors[name] = tvm.runtime.empty(shape, dtype, dev)
                 continue
             raw = tvm.runtime.empty((nbytes,), "uint8", dev)
-            if on_cpu:
-                reader.readinto(np.from_dlpack(raw))
-            else:  # a host buffer per tensor: the reader hashes it after this returns
+            if staged:  # a host buffer per tensor: the reader hashes it after this returns
                 host = np.empty(nbytes, np.uint8)
                 reader.readinto(host)
                 raw.copyfrom(host)
+            else:
+                reader.readinto(np.from_dlpack(raw))
             tensors[name] = raw._create_view(shape, dtype)
         reader.finish()
     return [tensors[spec["name"]] for spec in manifest["signature"]["params"]]

@@ -139,11 +139,12 @@ def test_weights_of_every_dtype_load_bit_exact(tmp_path, build_artifact):
     manifest = json.loads((artifact / "manifest.json").read_text())
     import tvm
 
-    params = dict(zip((p["name"] for p in manifest["signature"]["params"]),
-                      _load_weights(artifact, manifest, tvm.cpu(0))))
-    for name, v in values.items():
-        got = params[name].numpy()
-        assert got.dtype == v.dtype and got.shape == v.shape and got.tobytes() == v.tobytes(), name
+    names = [p["name"] for p in manifest["signature"]["params"]]
+    for staged in (False, True):  # straight into the tensors (CPU), or through host buffers (the GPU's path)
+        params = dict(zip(names, _load_weights(artifact, manifest, tvm.cpu(0), staged=staged)))
+        for name, v in values.items():
+            got = params[name].numpy()
+            assert got.dtype == v.dtype and got.shape == v.shape and got.tobytes() == v.tobytes(), (name, staged)
 
 
 def test_weights_inconsistent_with_the_signature(tiny_artifact):
