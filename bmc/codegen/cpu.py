@@ -34,7 +34,7 @@ from collections import Counter
 import tvm
 from tvm import relax
 
-from bmc.codegen.rewrite import rewrite_functions, split_slices, static_shape
+from bmc.codegen.rewrite import rewrite_functions, split_slices, static_shape, vector_lanes
 from bmc.runtime.kernels import CONV2D_KERNEL, MATMUL_KERNEL
 
 #: result dtypes the BLAS kernel handles (sgemm, dgemm); anything else stays a TVM kernel
@@ -369,10 +369,10 @@ def _parallel_fallback_cls():
                     continue
                 stmt = sch.get(block)
                 bits = stmt.writes[0].source.dtype.bits if stmt.writes else 32
-                lanes = _vector_lanes(target, bits)
+                lanes = vector_lanes(stmt, _vector_lanes(target, bits))
                 injective = n_s == len(kinds)
                 vec_loop = None
-                if injective and extents[-1] % lanes == 0 and extents[-1] >= lanes:
+                if injective and lanes > 1 and extents[-1] % lanes == 0 and extents[-1] >= lanes:
                     if extents[-1] == lanes:
                         vec_loop, n_s = loops[-1], n_s - 1
                     else:

@@ -35,7 +35,7 @@ from collections import Counter
 import tvm
 from tvm import relax, topi
 
-from bmc.codegen.rewrite import counting_pass, split_slices, static_shape
+from bmc.codegen.rewrite import counting_pass, split_slices, static_shape, vector_lanes
 
 #: result dtypes cuBLAS computes for bmc (float32 accumulation in every case)
 CUBLAS_DTYPES = ("float32", "float16", "bfloat16")
@@ -208,8 +208,9 @@ def vectorized_elementwise(func):
         return None
     # 16 bytes of the output, at most 4 lanes: TVM 0.27's CUDA codegen cannot declare 8-lane float32 vectors (the
     # float32 arithmetic inside a bfloat16 kernel would need them)
-    lanes = max(1, min(4, 128 // sch.get(block).writes[0].source.dtype.bits))
-    if extents[-1] % lanes or math.prod(extents) % (lanes * THREADS):
+    stmt = sch.get(block)
+    lanes = vector_lanes(stmt, max(1, min(4, 128 // stmt.writes[0].source.dtype.bits)))
+    if lanes == 1 or extents[-1] % lanes or math.prod(extents) % (lanes * THREADS):
         return None
     _, tx, vec = sch.split(sch.fuse(*loops), factors=[None, THREADS, lanes])
     sch.bind(sch.get_loops(block)[0], "blockIdx.x")

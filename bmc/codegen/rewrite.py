@@ -1,7 +1,9 @@
-"""Relax rewriting helpers shared by the CPU and CUDA pipelines, and their target-independent passes."""
+"""Relax rewriting and scheduling helpers shared by the CPU and CUDA pipelines, and their target-independent passes."""
 
 from __future__ import annotations
 
+import math
+import re
 from collections import Counter
 
 import tvm
@@ -17,6 +19,41 @@ def static_shape(ty) -> tuple[int, ...] | None:
         return tuple(int(d) for d in shape)
     except (TypeError, ValueError):  # symbolic dims
         return None
+
+
+_INDEX_DIVISOR = re.compile(r"(?://|%) (?:T\.int(?:32|64)\((\d+)\)|(\d+)\b)")  # int64 and int32 literals
+
+
+def vector_lanes(block_stmt, lanes: int) -> int:
+    """The lanes to vectorize a block's innermost loop (its last iteration variable) with: at most ``lanes``, and a
+    divisor of every constant that index arithmetic on that variable divides by (``v % 8``, ``(v + 4) // 8``: a
+    concat, split or reshape across the innermost axis).
+
+    TVM 0.27 vectorizes such indices wrongly once a vector spans two periods: the rotary-embedding body (``concat``
+    of two 4-wide halves of 8) came out as garbage with AVX-512's 16 float lanes and right with 8. Divisions of
+    other variables (``v1 % 12`` for heads) are constant across a vector and leave the lanes alone. (Matched in the
+    printed block: this TVM exposes no TIR visitor to Python.)"""
+    if not block_stmt.iter_vars:
+        return lanes
+    var = re.compile(rf"\b{re.escape(block_stmt.iter_vars[-1].var.name)}\b")
+    text = block_stmt.script()
+    for m in _INDEX_DIVISOR.finditer(text):
+        if var.search(_left_operand(text, m.start())):
+            lanes = math.gcd(lanes, int(m.group(1) or m.group(2)))
+    return lanes
+
+
+def _left_operand(text: str, end: int) -> str:
+    """The operand printed just before ``text[end:]``: a parenthesized group or a name."""
+    head = text[:end].rstrip()
+    if not head.endswith(")"):
+        return re.search(r"[\w.]*$", head).group(0)
+    depth = 0
+    for i in range(len(head) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(head[i], 0)
+        if depth == 0:
+            return head[i:]
+    return head
 
 
 def rewrite_functions(mutator, mod: tvm.IRModule, prepare=None) -> tvm.IRModule:

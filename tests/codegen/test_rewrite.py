@@ -40,3 +40,23 @@ def test_split_becomes_slices_each_fused_with_its_consumers():
                  for m in (sliced, mod))
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g.numpy(), w.numpy())
+
+
+def _block(fcompute, shape=(2, 3, 32)):
+    from tvm import s_tir, te
+
+    x = te.placeholder(shape, "float32", name="x")
+    y = te.compute(shape, lambda *i: fcompute(x, *i), name="y")
+    sch = s_tir.Schedule(te.create_prim_func([x, y]))
+    return sch.get(sch.get_sblock("y"))
+
+
+def test_vector_lanes_divide_the_periods_of_the_innermost_index():
+    """TVM 0.27 vectorizes ``v % 8`` wrongly once a vector spans two periods (the rotary-embedding body with 16
+    AVX-512 lanes): the lanes must divide every divisor applied to the innermost variable, and only those."""
+    from bmc.codegen.rewrite import vector_lanes
+
+    assert vector_lanes(_block(lambda x, a, b, c: x[a, b, c]), 16) == 16
+    assert vector_lanes(_block(lambda x, a, b, c: x[a, b, c // 8 * 8 + (c + 4) % 8]), 16) == 8
+    assert vector_lanes(_block(lambda x, a, b, c: x[a, b, c % 12]), 16) == 4
+    assert vector_lanes(_block(lambda x, a, b, c: x[a, (b + a) % 3, c]), 16) == 16  # another variable's period
