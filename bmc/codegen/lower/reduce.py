@@ -18,10 +18,22 @@ _REDUCE = {"reduce_sum": _R.sum, "reduce_mean": _R.mean, "reduce_max": _R.max, "
 def _reduce(ctx, node, args):
     axes = node.attrs["axes"]
     axes = None if axes is None else list(axes)
-    if node.inputs[0].type.dtype == "bool":  # TVM has no min/max identity for bool: reduce as int8
+    dtype = node.inputs[0].type.dtype
+    if dtype == "bool":  # TVM has no min/max identity for bool: reduce as int8
         x = ctx.emit(_R.astype(args[0], "int8"))
         return _R.astype(ctx.emit(_REDUCE[node.op](x, axis=axes, keepdims=node.attrs["keepdims"])), "bool")
+    if node.op in ("reduce_max", "reduce_min") and dtype in _WIDER:
+        # topi starts a max from the lowest *finite* value (a min from the highest), so a row of -inf (a fully
+        # masked attention row) or an empty reduction gave -3.4e38 where numpy and ONNX give -inf. Reducing in the
+        # next wider type is exact, and its extreme finite value overflows to the infinity when cast back. (A TE
+        # reducer with an infinite identity is not recognized by TVM's cross-thread reduction: one serial thread.)
+        wide = ctx.emit(_R.astype(args[0], _WIDER[dtype]))
+        out = ctx.emit(_REDUCE[node.op](wide, axis=axes, keepdims=node.attrs["keepdims"]))
+        return _R.astype(out, dtype)
     return _REDUCE[node.op](args[0], axis=axes, keepdims=node.attrs["keepdims"])
+
+
+_WIDER = {"float16": "float32", "bfloat16": "float32", "float32": "float64"}
 
 
 @lowering("argmax", "argmin")
