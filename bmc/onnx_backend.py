@@ -27,7 +27,11 @@ def _contiguous(x: Any) -> np.ndarray:
     """A C-contiguous numpy array (0-d stays 0-d, unlike ``np.ascontiguousarray``); TensorProtos are decoded."""
     if isinstance(x, onnx.TensorProto):
         x = onnx.numpy_helper.to_array(x)
-    a = np.asarray(x)
+    try:
+        a = np.asarray(x)
+    except ValueError as e:  # ragged: a sequence of tensors (an ONNX sequence input), not a tensor
+        raise UsageError(f"an input is not a tensor ({e})", where="BmcBackendRep.run",
+                         fix="pass one numpy array per graph input; sequence inputs are not supported") from None
     return a if a.flags.c_contiguous else a.copy(order="C")
 
 

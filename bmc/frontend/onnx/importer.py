@@ -17,6 +17,7 @@ import onnx
 
 from bmc.errors import ModelError, UsageError
 from bmc.frontend.onnx import loader
+from bmc.frontend.onnx.functions import DEFAULT_DOMAINS, MAX_DEPTH, Functions
 from bmc.ir.graph import Graph, Value
 from bmc.ir.passes import eliminate_dead_code
 from bmc.ir.tensor import ArrayTensor, FillTensor, Tensor
@@ -119,7 +120,8 @@ def import_graph(proto: onnx.ModelProto, base_dir, input_shapes: Mapping[str, Se
     opset = loader.check_versions(proto)
     g = proto.graph
     order = loader.check_graph(g)
-    _check_supported(order, opset)
+    functions = Functions(proto, opset)
+    _check_supported(order, functions)
     b = GraphBuilder(name)
     ctx = Context(b, opset)
 
@@ -135,25 +137,8 @@ def import_graph(proto: onnx.ModelProto, base_dir, input_shapes: Mapping[str, Se
         ctx.env[inp] = b.input(inp, ty)
 
     for idx, node in enumerate(order):
-        ctx.node = node
         b.source = node.name or f"{node.op_type}_{idx}"
-        where = loader.node_label(node, idx)
-        first_new = len(b.graph.nodes)
-        try:
-            outs = CONVERTERS[node.op_type](ctx, node)
-        except ConvertError as e:
-            raise ModelError(str(e), where=where, fix=e.fix) from None
-        except OpError as e:
-            raise ModelError(str(e), where=where, fix="check the bound input shapes (--input-shape) and the node's "
-                             "attributes") from None
-        except ModelError:
-            raise
-        fresh = {id(v) for n in b.graph.nodes[first_new:] for v in n.outputs}
-        for out_name, out in zip(node.output, outs):
-            if out_name and out is not None:
-                if isinstance(out, Value) and id(out) in fresh and out.name != out_name:
-                    out.name = b.names(out_name)  # keep the ONNX tensor name (for --shard, plans, errors)
-                ctx.env[out_name] = out
+        _import_node(ctx, node, loader.node_label(node, idx), functions)
     outputs = []
     for o in g.output:
         out = ctx.env[o.name]
@@ -167,12 +152,57 @@ def import_graph(proto: onnx.ModelProto, base_dir, input_shapes: Mapping[str, Se
     return eliminate_dead_code(graph)
 
 
-def _check_supported(nodes: list[onnx.NodeProto], opset: int) -> None:
+def _import_node(ctx: Context, node: onnx.NodeProto, where: str, functions: Functions, depth: int = 0) -> None:
+    """Convert one ONNX node, or inline its function body (the body's IR nodes keep the node's ``source``)."""
+    if node.domain in DEFAULT_DOMAINS and node.op_type in CONVERTERS:
+        _convert(ctx, node, where)
+        return
+    op = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
+    if depth >= MAX_DEPTH:
+        raise ModelError(f"function bodies nest more than {MAX_DEPTH} deep (a recursive function?)", where=where)
+    if not functions.has(node):
+        raise ModelError(f"op {op} is not supported and has no ONNX function body to expand", where=where,
+                         fix="bmc supports " + ", ".join(sorted(CONVERTERS)) + " (default domain)")
+    types = [ctx.type(ctx.env[name]) if name else None for name in node.input]
+    try:
+        expansion = functions.expand(node, types)
+    except Exception as e:  # noqa: BLE001  (onnx's C++ function builders raise several types)
+        raise ModelError(f"the ONNX function body of {op} cannot be built for this node: {e}", where=where,
+                         fix="check the node's attributes and input types against the op's definition") from None
+    outer, ctx.opset = ctx.opset, expansion.opset
+    try:
+        for sub in expansion.nodes:
+            _import_node(ctx, sub, f"{where}, function body node {sub.name!r} ({sub.op_type})", functions, depth + 1)
+    finally:
+        ctx.opset = outer
+
+
+def _convert(ctx: Context, node: onnx.NodeProto, where: str) -> None:
+    b = ctx.builder
+    ctx.node = node
+    first_new = len(b.graph.nodes)
+    try:
+        outs = CONVERTERS[node.op_type](ctx, node)
+    except ConvertError as e:
+        raise ModelError(str(e), where=where, fix=e.fix) from None
+    except OpError as e:
+        raise ModelError(str(e), where=where, fix="check the bound input shapes (--input-shape) and the node's "
+                         "attributes") from None
+    fresh = {id(v) for n in b.graph.nodes[first_new:] for v in n.outputs}
+    for out_name, out in zip(node.output, outs):
+        if out_name and out is not None:
+            if isinstance(out, Value) and id(out) in fresh and out.name != out_name:
+                out.name = b.names(out_name)  # keep the ONNX tensor name (for --shard, plans, errors)
+            ctx.env[out_name] = out
+
+
+def _check_supported(nodes: list[onnx.NodeProto], functions: Functions) -> None:
     """One error listing every unsupported op, with counts and node names (FAILURES.md 4)."""
     missing: dict[str, list[str]] = {}
     for idx, node in enumerate(nodes):
-        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
-        if node.domain not in ("", "ai.onnx") or node.op_type not in CONVERTERS:
+        key = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
+        convertible = node.domain in DEFAULT_DOMAINS and node.op_type in CONVERTERS
+        if not convertible and not functions.has(node):
             missing.setdefault(key, []).append(node.name or f"#{idx}")
     if missing:
         lines = [f"  {op} ×{len(names)}: {', '.join(names[:5])}{' …' if len(names) > 5 else ''}"

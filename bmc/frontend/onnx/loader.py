@@ -38,6 +38,11 @@ def onnx_dtype_name(code: int) -> str:
         return f"dtype#{code}"
 
 
+def onnx_elem_type(dtype: str) -> int:
+    """The ONNX element type of a bmc dtype."""
+    return next(code for code, name in _ONNX_DTYPES.items() if name == dtype)
+
+
 def to_dtype(code: int, where: str, what: str) -> str:
     """bmc dtype of an ONNX element type, or a ModelError naming the unsupported dtype (FAILURES.md 15)."""
     if code in _ONNX_DTYPES:
