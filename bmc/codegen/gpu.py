@@ -285,6 +285,42 @@ def softmax_rows(func):
     return sch
 
 
+def row_extremes(func):
+    """A max or min over the innermost axes (``reduce_max``/``reduce_min``, e.g. the masked-row check of ONNX's
+    Attention body), which dlight's Reduction rule does not take (it matches sums only; its fallback gave one serial
+    thread per output): one warp per output, the lanes striding over the reduced elements, a shuffle reduction, lane
+    0 writing the result. (FuseOps keeps elementwise consumers out of a reduction's kernel: no epilogue to place.)
+    None when the PrimFunc does not have that shape."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import get_extent, try_inline_contiguous_spatial
+
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    infos = try_inline_contiguous_spatial(sch, infos)  # the widening cast (``lower/reduce.py``) goes into it
+    if len(infos) != 1:
+        return None
+    block = infos[0].block_rv
+    kinds = infos[0].dom_kind()
+    n_s = len(kinds) - len(kinds.lstrip("S"))
+    stmt = sch.get(block)
+    if kinds[n_s:] != "R" * (len(kinds) - n_s) or n_s == len(kinds) \
+            or not isinstance(getattr(stmt.body, "value", None), (tirx.Max, tirx.Min)):
+        return None
+    loops = sch.get_loops(block)
+    if not all(isinstance(get_extent(sch, lp), int) for lp in loops):
+        return None
+    row = sch.fuse(*loops[:n_s]) if n_s > 1 else loops[0] if n_s else sch.add_unit_loop(block)
+    sch.bind(row, "blockIdx.x")
+    reduced = sch.fuse(*sch.get_loops(block)[1:]) if len(sch.get_loops(block)) > 2 else sch.get_loops(block)[-1]
+    serial, lane = sch.split(reduced, [None, WARP])
+    sch.reorder(lane, serial)
+    sch.bind(lane, "threadIdx.x")
+    return sch
+
+
 def gpu_pipeline(target, record: dict | None = None, tune=None) -> tvm.transform.Pass:
     """The Relax pipeline for CUDA (module doc: offload, normalizations, slices, schedules); ``tune``: an optional
     MetaSchedule pass (:mod:`bmc.codegen.tune`) run after fusion, whose schedules dlight then leaves alone."""
@@ -313,5 +349,6 @@ def schedule_rules() -> list:
     """The CUDA schedule rules in order: bmc's, then dlight's (fallback last)."""
     from tvm.s_tir import dlight as dl
 
-    return [_as_rule(vectorized_elementwise), _as_rule(softmax_rows), dl.gpu.Matmul(), dl.gpu.GEMV(),
+    return [_as_rule(vectorized_elementwise), _as_rule(softmax_rows), _as_rule(row_extremes), dl.gpu.Matmul(),
+            dl.gpu.GEMV(),
             dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]

@@ -333,6 +333,25 @@ def test_bfloat16_attention_gets_bmcs_kernels():
     assert "for (" not in body and " / " not in body.replace("0x1p+0f/*1.000000e+00*/ / ", "")
 
 
+@pytest.mark.parametrize("op", ["reduce_max", "reduce_min"])
+def test_max_and_min_reductions_get_a_warp_per_row(op):
+    """dlight's Reduction rule takes sums only; a max/min (ONNX Attention's masked-row check) got one serial thread
+    per output from the fallback. bmc's ``row_extremes`` gives each output a warp and a shuffle reduction, over the
+    trailing axes and over everything."""
+    _toolkit_or_skip()
+    from bmc.codegen.build import build
+    from bmc.codegen.targets import TargetSpec
+
+    for shape, axes in (((8, 64, 512), (-1,)), ((8, 64, 64), (1, 2)), ((64, 512), (0, 1))):
+        b = GraphBuilder("r")
+        x = b.input("x", TensorType("bfloat16", shape))
+        built = build(b.finish([b.emit1(op, [x], axes=axes, keepdims=False)]), TargetSpec.parse("cuda", ("sm_90",)))
+        source = "".join(m.inspect_source() for m in cuda.cuda_modules(built.executable))
+        start = re.search(r"_(max|min)_kernel\([^)]*\) \{", source).end()
+        body = source[start:source.index("\n}\n", start)]
+        assert "__shfl_down_sync" in body and "threadIdx.x" in body, (shape, axes)
+
+
 def _bf16():
     import ml_dtypes
 
