@@ -106,9 +106,10 @@ def test_all_unsupported_ops_in_one_error():
 
 # 5 ---------------------------------------------------------------------------------------------------------------
 def test_unsupported_attribute_names_node_and_attribute():
-    node = helper.make_node("ArgMax", ["x"], ["y"], name="am", axis=1, select_last_index=1)
-    m = make_model([node], [vi("x")], [helper.make_tensor_value_info("y", TensorProto.INT64, (2, 1))])
-    with pytest.raises(ModelError, match="'am'.*select_last_index"):
+    pads = helper.make_tensor("pads", TensorProto.INT64, [4], [0, 1, 0, 1])
+    node = helper.make_node("Pad", ["x", "pads"], ["y"], name="pad1", mode="wrap")
+    m = make_model([node], [vi("x")], [vi("y", shape=(2, 5))], [pads])
+    with pytest.raises(ModelError, match="'pad1'.*mode 'wrap'"):
         import_model(m)
 
 

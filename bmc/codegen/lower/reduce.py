@@ -89,7 +89,15 @@ def _layer_norm(ctx, node, args):
 @lowering("rms_norm")
 @in_float32
 def _rms_norm(ctx, node, args):
-    return _R.nn.rms_norm(args[0], args[1], axes=_norm_axes(node), epsilon=node.attrs["epsilon"])
+    axes = _norm_axes(node)
+    shape = node.inputs[0].type.shape
+    if len(axes) < len(shape):
+        return _R.nn.rms_norm(args[0], args[1], axes=axes, epsilon=node.attrs["epsilon"])
+    # over every axis: TVM 0.27's rms_norm fails to compile ("Tensor dimension mismatch"); a leading unit axis
+    # keeps one axis out of the normalization
+    x = ctx.emit(_R.reshape(args[0], (1, *shape)))
+    y = ctx.emit(_R.nn.rms_norm(x, args[1], axes=[a + 1 for a in axes], epsilon=node.attrs["epsilon"]))
+    return _R.reshape(y, shape)
 
 
 @lowering("batch_norm")

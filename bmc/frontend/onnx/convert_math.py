@@ -177,10 +177,15 @@ def _reduce(ctx: Context, node):
 
 @converter("ArgMax", "ArgMin")
 def _arg(ctx: Context, node):
-    if ctx.attr("select_last_index", 0):
-        raise ConvertError("select_last_index=1 is not supported", fix="remove the attribute or set it to 0")
-    return [ctx.emit1(node.op_type.lower(), [ctx.operand(0)], axis=ctx.attr("axis", 0),
-                      keepdims=bool(ctx.attr("keepdims", 1)))]
+    x, axis, keepdims = ctx.operand(0), ctx.attr("axis", 0), bool(ctx.attr("keepdims", 1))
+    if not ctx.attr("select_last_index", 0):
+        return [ctx.emit1(node.op_type.lower(), [x], axis=axis, keepdims=keepdims)]
+    # the last of equal extremes: the first one along the reversed axis, counted from the end
+    n = ctx.type(x).shape[axis]
+    flipped = ctx.emit1("slice", [x], starts=(-1,), ends=(-2**62,), axes=(axis % len(ctx.type(x).shape),),
+                        steps=(-1,))
+    first = ctx.emit1(node.op_type.lower(), [flipped], axis=axis, keepdims=keepdims)
+    return [ctx.emit1("sub", [np.asarray(n - 1, np.int64), first])]
 
 
 @converter("Softmax", "LogSoftmax")
@@ -198,8 +203,6 @@ def _softmax(ctx: Context, node):
 
 @converter("LayerNormalization")
 def _layer_norm(ctx: Context, node):
-    if any(node.output[1:]):
-        raise ConvertError("LayerNormalization outputs Mean/InvStdDev are not supported (inference only)")
     x = ctx.operand(0)
     shape = ctx.type(x).shape
     axis = ctx.attr("axis", -1) % len(shape)
@@ -212,7 +215,20 @@ def _layer_norm(ctx: Context, node):
         if ctx.type(p).shape != norm_shape:
             p = ctx.emit1("broadcast_to", [p], shape=norm_shape)
         args.append(p)
-    return [ctx.emit1("layer_norm", args, axis=axis, epsilon=ctx.attr("epsilon", 1e-5))]
+    epsilon = ctx.attr("epsilon", 1e-5)
+    y = ctx.emit1("layer_norm", args, axis=axis, epsilon=epsilon)
+    if not any(node.output[1:]):
+        return [y]
+    # the training outputs Mean and InvStdDev (1 / sqrt(var + epsilon)), over the normalized axes kept as 1s, in
+    # the stash type (float32 unless the node says otherwise)
+    stash = to_dtype(ctx.attr("stash_type", 1), "LayerNormalization stash_type", "stash_type")  # 1: FLOAT
+    xs = x if ctx.type(x).dtype == stash else ctx.emit1("cast", [x], dtype=stash)
+    axes = tuple(range(axis, len(shape)))
+    mean = ctx.emit1("reduce_mean", [xs], axes=axes, keepdims=True)
+    centered = ctx.emit1("sub", [xs, mean])
+    var = ctx.emit1("reduce_mean", [ctx.emit1("mul", [centered, centered])], axes=axes, keepdims=True)
+    std = ctx.emit1("sqrt", [ctx.emit1("add", [var, np.asarray(epsilon, np_dtype(stash))])])
+    return [y, mean, ctx.emit1("div", [np.asarray(1, np_dtype(stash)), std])]
 
 
 @converter("RMSNormalization")
