@@ -352,6 +352,19 @@ def test_max_and_min_reductions_get_a_warp_per_row(op):
         assert "__shfl_down_sync" in body and "threadIdx.x" in body, (shape, axes)
 
 
+def test_a_mean_over_every_axis_compiles():
+    """dlight's Reduction rule crashes in rfactor on it (TVM 0.27): the next rule takes the PrimFunc instead."""
+    _toolkit_or_skip()
+    from bmc.codegen.build import build
+    from bmc.codegen.targets import TargetSpec
+
+    b = GraphBuilder("m")
+    x = b.input("x", TensorType("float32", (64, 512)))
+    built = build(b.finish([b.emit1("reduce_mean", [x], axes=(0, 1), keepdims=False)]),
+                  TargetSpec.parse("cuda", ("sm_90",)))
+    assert built.kernels["cuda"]["num_kernels"] >= 1
+
+
 def _bf16():
     import ml_dtypes
 
