@@ -207,3 +207,30 @@ def _cumsum(ins, attrs):
 register(OpDef("cumsum", "reduce", (1, 1), {"axis": Attr("int"), "exclusive": Attr("bool", False),
                                             "reverse": Attr("bool", False)},
                _cumsum_infer, _cumsum, elementwise_cost(1)))
+
+
+def _topk_infer(ins, attrs):
+    (t,) = ins
+    axis = normalize_axis(attrs["axis"], t.rank)
+    if not 0 <= attrs["k"] <= t.shape[axis]:
+        raise OpError(f"topk: k={attrs['k']} is outside [0, {t.shape[axis]}] (the size of axis {attrs['axis']})")
+    shape = tuple(attrs["k"] if i == axis else d for i, d in enumerate(t.shape))
+    return [TensorType(t.dtype, shape), TensorType("int64", shape)]
+
+
+def _topk(ins, attrs):
+    """The k largest (smallest) along ``axis``, sorted; equal values keep their order (ONNX: lower index first)."""
+    (x,) = ins
+    axis = normalize_axis(attrs["axis"], x.ndim)
+    key = -x if attrs["largest"] and x.dtype != np.bool_ else (~x if attrs["largest"] else x)
+    idx = np.take(np.argsort(key, axis=axis, kind="stable"), np.arange(attrs["k"]), axis=axis)
+    return [np.take_along_axis(x, idx, axis=axis), idx.astype(np.int64)]
+
+
+def _topk_cost(ins, outs, attrs):
+    n = ins[0].shape[normalize_axis(attrs["axis"], ins[0].rank)] if ins[0].rank else 1
+    return Cost(ins[0].numel * max(1, int(np.log2(max(n, 2)))), bytes_moved(ins, outs))
+
+
+register(OpDef("topk", "reduce", (1, 1), {"k": Attr("int"), "axis": Attr("int", -1), "largest": Attr("bool", True)},
+               _topk_infer, _topk, _topk_cost))

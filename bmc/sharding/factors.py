@@ -222,6 +222,17 @@ def axis_replicated_rule(ins, outs, attrs) -> ShardingRule:
     return fs.rule([dims], [dims])
 
 
+def topk_rule(ins, outs, attrs) -> ShardingRule:
+    """topk: the ``axis`` dim may not be split (its k results come from the whole dim); every other dim passes to
+    both results."""
+    x = ins[0]
+    axis = normalize_axis(attrs["axis"], x.rank)
+    fs = _Factors()
+    dims = same_shape_dims(fs, x.shape, (axis,))
+    result = tuple((fs.new("k", attrs["k"], "replicate"),) if i == axis else d for i, d in enumerate(dims))
+    return fs.rule([dims], [result, result])
+
+
 def channel_replicated_rule(ins, outs, attrs) -> ShardingRule:
     """lrn: the channel dim (1) may not be split (windows cross it)."""
     fs = _Factors()
@@ -419,6 +430,7 @@ RULES: dict[str, RuleBuilder] = {
     "softmax": axis_replicated_rule,
     "log_softmax": axis_replicated_rule,
     "cumsum": axis_replicated_rule,
+    "topk": topk_rule,
     "layer_norm": normalized_rule,
     "rms_norm": normalized_rule,
     "batch_norm": batch_norm_rule,

@@ -58,6 +58,8 @@ CASES += [
     ("reduce_prod", [f32(2, 3, 4, lo=0.5, hi=1.5)], {"axes": (1,), "keepdims": False}),
     ("argmax", [f32(2, 3, 4)], {"axis": 1, "keepdims": False}),
     ("argmin", [f32(2, 3, 4)], {"axis": -1, "keepdims": True}),
+    ("topk", [f32(2, 3, 6)], {"k": 3, "axis": -1, "largest": True}),
+    ("topk", [f32(4, 3, 2)], {"k": 2, "axis": 0, "largest": False}),
     ("softmax", [f32(2, 3, 5)], {"axis": -1}),
     ("log_softmax", [f32(2, 3, 5)], {"axis": 1}),
     ("layer_norm", [f32(2, 3, 8), f32(8), f32(8)], {"axis": -1, "epsilon": 1e-5}),

@@ -36,6 +36,13 @@ def _reduce(ctx, node, args):
 _WIDER = {"float16": "float32", "bfloat16": "float32", "float32": "float64"}
 
 
+@lowering("topk")
+def _topk(ctx, node, args):
+    both = ctx.emit(_R.topk(args[0], k=node.attrs["k"], axis=node.attrs["axis"], ret_type="both",
+                            largest=node.attrs["largest"], dtype="int64"))
+    return [ctx.emit(relax.TupleGetItem(both, i)) for i in range(2)]
+
+
 @lowering("argmax", "argmin")
 def _arg(ctx, node, args):
     fn = _R.argmax if node.op == "argmax" else _R.argmin

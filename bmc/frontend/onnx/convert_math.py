@@ -188,6 +188,17 @@ def _arg(ctx: Context, node):
     return [ctx.emit1("sub", [np.asarray(n - 1, np.int64), first])]
 
 
+@converter("TopK")
+def _topk(ctx: Context, node):
+    x = ctx.operand(0)
+    if ctx.opset < 10:
+        k = ctx.attr("k")
+    else:
+        k = int(np.asarray(ctx.const(1, "K")).reshape(-1)[0])
+    largest = bool(ctx.attr("largest", 1))  # sorted=0 allows any order: the sorted one is as good
+    return ctx.emit("topk", [x], k=k, axis=ctx.attr("axis", -1), largest=largest)
+
+
 @converter("Softmax", "LogSoftmax")
 def _softmax(ctx: Context, node):
     op = "softmax" if node.op_type == "Softmax" else "log_softmax"
