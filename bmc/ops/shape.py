@@ -164,6 +164,74 @@ register(OpDef("gather_nd", "shape", (2, 2), {"batch_dims": Attr("int", 0)}, _ga
                _gather_cost))
 
 
+_SCATTER_REDUCTIONS = {"none": None, "add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}
+
+
+def _scatter_check(op, data, idx, updates, attrs):
+    _index_check(op, idx)
+    if updates.dtype != data.dtype:
+        raise OpError(f"{op} updates are {updates.dtype} but the data is {data.dtype}")
+    if attrs["reduction"] not in _SCATTER_REDUCTIONS:
+        raise OpError(f"{op} reduction {attrs['reduction']!r} is not one of {', '.join(_SCATTER_REDUCTIONS)}")
+
+
+def _scatter_elements_infer(ins, attrs):
+    data, idx, updates = ins
+    _scatter_check("scatter_elements", data, idx, updates, attrs)
+    normalize_axis(attrs["axis"], data.rank)
+    if idx.shape != updates.shape or idx.rank != data.rank:
+        raise OpError(f"scatter_elements needs indices and updates of one shape and the data's rank, got "
+                      f"{idx.shape}, {updates.shape} for data {data.shape}")
+    return [data]
+
+
+def _scatter(out, where, updates, reduction):
+    """``out[where] = updates`` (or combined with ``reduction``), one index after the other (ONNX's order)."""
+    fn = _SCATTER_REDUCTIONS[reduction]
+    if fn is None:
+        out[where] = updates
+    else:
+        fn.at(out, where, updates)
+    return out
+
+
+def _scatter_elements(ins, attrs):
+    data, idx, updates = ins
+    axis = normalize_axis(attrs["axis"], data.ndim)
+    idx = np.where(idx < 0, idx + data.shape[axis], idx)
+    where = list(np.indices(idx.shape, sparse=True))
+    where[axis] = idx
+    return [_scatter(data.copy(), tuple(where), updates, attrs["reduction"])]
+
+
+def _scatter_nd_infer(ins, attrs):
+    data, idx, updates = ins
+    _scatter_check("scatter_nd", data, idx, updates, attrs)
+    k = idx.shape[-1] if idx.rank else 0
+    if not 1 <= k <= data.rank or updates.shape != idx.shape[:-1] + data.shape[k:]:
+        raise OpError(f"scatter_nd updates must be indices.shape[:-1] + data.shape[k:] = "
+                      f"{idx.shape[:-1] + data.shape[k:]}, got {updates.shape}")
+    return [data]
+
+
+def _scatter_nd(ins, attrs):
+    data, idx, updates = ins
+    k = idx.shape[-1]
+    idx = np.where(idx < 0, idx + np.array(data.shape[:k]), idx)
+    return [_scatter(data.copy(), tuple(np.moveaxis(idx, -1, 0)), updates, attrs["reduction"])]
+
+
+def _scatter_cost(ins, outs, attrs):
+    return Cost(ins[2].numel, 2 * outs[0].nbytes + ins[1].nbytes + ins[2].nbytes)
+
+
+register(OpDef("scatter_elements", "shape", (3, 3), {"axis": Attr("int", 0), "reduction": Attr("str", "none")},
+               _scatter_elements_infer, _scatter_elements, _scatter_cost,
+               doc="ONNX ScatterElements: data with updates written at indices along axis"))
+register(OpDef("scatter_nd", "shape", (3, 3), {"reduction": Attr("str", "none")}, _scatter_nd_infer, _scatter_nd,
+               _scatter_cost, doc="ONNX ScatterND: data with updates written at index tuples"))
+
+
 def _broadcast_infer(ins, attrs):
     (t,) = ins
     shape = tuple(attrs["shape"])

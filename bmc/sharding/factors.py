@@ -406,7 +406,7 @@ pool_rule = changed_axes_rule(_spatial_axes)  # max_pool, avg_pool: N and C pass
 
 
 def replicated_rule(ins, outs, attrs) -> ShardingRule:
-    """Nothing may be split: constants, and collectives (which only appear after partitioning)."""
+    """Nothing may be split: constants, scatters, and collectives (which only appear after partitioning)."""
     fs = _Factors()
 
     def dims(t, k):
@@ -447,6 +447,8 @@ RULES: dict[str, RuleBuilder] = {
     "gather_elements": gather_elements_rule,
     "gather_nd": gather_nd_rule,
     "constant": replicated_rule,
+    "scatter_elements": replicated_rule,  # writes land anywhere along the scattered dims: kept whole
+    "scatter_nd": replicated_rule,
     "conv": conv_rule,
     "max_pool": pool_rule,
     "avg_pool": pool_rule,

@@ -83,6 +83,31 @@ def _gather_nd(ctx, node, args):
     return _R.gather_nd(args[0], idx, batch_dims=node.attrs["batch_dims"])
 
 
+def _positive(ctx, idx, dt, sizes):
+    """Indices with negative entries counted from the end of their dims (``sizes``: one per index or broadcast)."""
+    negative = ctx.emit(_R.less(idx, const(np.array(0, dtype=np.dtype(dt)))))
+    return ctx.emit(_R.where(negative, ctx.emit(_R.add(idx, const(np.asarray(sizes, dtype=np.dtype(dt))))), idx))
+
+
+_SCATTER_REDUCTION = {"none": "update", "add": "add", "mul": "mul", "max": "max", "min": "min"}
+
+
+@lowering("scatter_elements")
+def _scatter_elements(ctx, node, args):
+    axis = node.attrs["axis"] % node.inputs[0].type.rank
+    idx = _positive(ctx, args[1], node.inputs[1].type.dtype, node.inputs[0].type.shape[axis])
+    return _R.scatter_elements(args[0], idx, args[2], axis=axis, reduction=_SCATTER_REDUCTION[node.attrs["reduction"]])
+
+
+@lowering("scatter_nd")
+def _scatter_nd(ctx, node, args):
+    k = node.inputs[1].type.shape[-1]
+    idx = _positive(ctx, args[1], node.inputs[1].type.dtype, node.inputs[0].type.shape[:k])
+    if node.inputs[1].type.dtype != "int64":
+        idx = ctx.emit(_R.astype(idx, "int64"))
+    return _R.scatter_nd(args[0], idx, args[2], reduction=_SCATTER_REDUCTION[node.attrs["reduction"]])
+
+
 @lowering("broadcast_to")
 def _broadcast_to(ctx, node, args):
     return _R.broadcast_to(args[0], list(node.attrs["shape"]))

@@ -225,3 +225,15 @@ def _data_dependent(ctx: Context, node):
         return [np.array(np.nonzero(x), dtype=np.int64)]
     raise ConvertError(f"{node.op_type} has a data-dependent output shape, which bmc's static-shape IR cannot "
                        "represent", fix="fold it away by binding inputs, or remove it from the model")
+
+
+@converter("ScatterElements", "Scatter")
+def _scatter_elements(ctx: Context, node):
+    return [ctx.emit1("scatter_elements", [ctx.operand(0), ctx.operand(1), ctx.operand(2)],
+                      axis=ctx.attr("axis", 0), reduction=ctx.attr("reduction", b"none").decode())]
+
+
+@converter("ScatterND")
+def _scatter_nd(ctx: Context, node):
+    return [ctx.emit1("scatter_nd", [ctx.operand(0), ctx.operand(1), ctx.operand(2)],
+                      reduction=ctx.attr("reduction", b"none").decode())]
