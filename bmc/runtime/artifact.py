@@ -398,7 +398,10 @@ class HashingReader:
 
     def __init__(self, root: Path, rel: str, expected: dict):
         self.rel, self.where, self.expected = rel, f"{root}/{rel}", expected
-        self._file = open(Path(root) / rel, "rb")
+        try:
+            self._file = open(Path(root) / rel, "rb")
+        except OSError as e:
+            raise ArtifactError(f"file {rel} cannot be read: {e.strerror or e}", where=self.where) from None
         self._hash = hashlib.sha256()
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bmc-sha256")
         self._pos = 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import AttributeProto, FunctionProto, NodeProto, TypeProto
 
+from bmc.frontend.onnx.loader import onnx_elem_type
 from bmc.ir.types import TensorType
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -103,8 +104,6 @@ def _versions(schema, opset: int) -> tuple[list[int], list[int]]:
 def _type_proto(t: TensorType | None) -> TypeProto:
     if t is None:
         return TypeProto()
-    from bmc.frontend.onnx.loader import onnx_elem_type
-
     return onnx.helper.make_tensor_type_proto(onnx_elem_type(t.dtype), list(t.shape))
 
 
