@@ -47,3 +47,30 @@ def test_light_cnn(name):
 @pytest.mark.parametrize("name", SLOW)
 def test_light_cnn_slow(name):
     check(name)
+
+
+@pytest.mark.parametrize("attrs,x_shape,w_shape", [
+    ({"strides": [2, 3], "pads": [1, 0, 2, 1], "output_padding": [1, 2], "dilations": [1, 2]}, (2, 4, 5, 4),
+     (4, 3, 3, 2)),
+    ({"strides": [2, 2], "group": 2, "auto_pad": "SAME_UPPER"}, (1, 4, 3, 5), (4, 2, 3, 3)),
+    ({"strides": [3], "output_shape": [13]}, (1, 2, 4), (2, 3, 2)),
+])
+def test_conv_transpose_matches_onnxruntime(attrs, x_shape, w_shape):
+    """ConvTranspose becomes a convolution over the zero-spread, padded input with the flipped kernel: strides,
+    dilations, output padding, groups, SAME padding and an output shape against onnxruntime, bias included."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[1] * attrs.get("group", 1)).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (want,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    (got,) = run_compiled(import_model(model), {"x": x}).values()
+    assert got.shape == want.shape
+    assert float(np.max(np.abs(got - want))) <= 1e-4 * max(1.0, float(np.max(np.abs(want))))

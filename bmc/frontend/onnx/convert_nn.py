@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 
 from bmc.frontend.onnx.importer import Context, ConvertError, converter
+from bmc.ir.types import np_dtype
 
 
 def _auto_pads(ctx: Context, spatial, kernel, strides, dilations) -> tuple[int, ...]:
@@ -86,3 +88,57 @@ def _lrn(ctx: Context, node):
                       beta=ctx.attr("beta", 0.75), bias=ctx.attr("bias", 1.0))]
 
 
+
+
+@converter("ConvTranspose")
+def _conv_transpose(ctx: Context, node):
+    """The gradient of a convolution, as the convolution it equals: the input with ``stride - 1`` zeros between
+    elements, padded by ``dilation * (kernel - 1)`` less the node's pads (negative: cropped), convolved with the
+    kernel flipped and its channel axes swapped per group. The inserted zeros cost stride^d multiply-adds per
+    output; the numerics are exact."""
+    x, w = ctx.operand(0), ctx.operand(1)
+    xs, ws = ctx.type(x).shape, ctx.type(w).shape
+    nd, g = len(xs) - 2, ctx.attr("group", 1)
+    kernel = tuple(ctx.attr("kernel_shape", ws[2:]))
+    if kernel != tuple(ws[2:]):
+        raise ConvertError(f"kernel_shape {kernel} does not match the weight shape {ws}")
+    strides = tuple(ctx.attr("strides", [1] * nd))
+    dilations = tuple(ctx.attr("dilations", [1] * nd))
+    extra = tuple(ctx.attr("output_padding", [0] * nd))
+    full = [s * (n - 1) + e + d * (k - 1) + 1 for n, s, e, k, d in zip(xs[2:], strides, extra, kernel, dilations)]
+    auto = ctx.attr("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if ctx.attr("output_shape") is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
+        want = list(ctx.attr("output_shape") or [n * s for n, s in zip(xs[2:], strides)])[-nd:]
+        total = [f - o for f, o in zip(full, want)]  # negative: a larger output, extended at the end (onnxruntime)
+        first = [max(t, 0) // 2 if auto == "SAME_UPPER" else max(t, 0) - max(t, 0) // 2 for t in total]
+        pads = first + [t - b for t, b in zip(total, first)]
+    elif auto in ("NOTSET", "", "VALID"):
+        pads = list(ctx.attr("pads", [0] * (2 * nd))) if auto != "VALID" else [0] * (2 * nd)
+    else:
+        raise ConvertError(f"auto_pad={auto!r} is not supported")
+    y = x
+    for i, s in enumerate(strides):  # zeros between the input elements along each strided axis
+        if s == 1:
+            continue
+        axis, shape = 2 + i, ctx.type(y).shape
+        col = ctx.emit1("reshape", [y], shape=shape[:axis + 1] + (1,) + shape[axis + 1:])
+        zeros = np.zeros(shape[:axis + 1] + (s - 1,) + shape[axis + 1:], np_dtype(ctx.type(x).dtype))
+        spread = ctx.emit1("concat", [col, zeros], axis=axis + 1)
+        y = ctx.emit1("reshape", [spread], shape=shape[:axis] + (shape[axis] * s,) + shape[axis + 1:])
+        y = ctx.emit1("slice", [y], starts=(0,), ends=((shape[axis] - 1) * s + 1,), axes=(axis,), steps=(1,))
+    grow = [d * (k - 1) for k, d in zip(kernel, dilations)]
+    y = ctx.emit1("pad", [y], pads=(0, 0, *[a - b for a, b in zip(grow, pads[:nd])],
+                                    0, 0, *[a - b + e for a, b, e in zip(grow, pads[nd:], extra)]))
+    # weight [C, M/g, k...] -> [M, C/g, k...], flipped along the kernel axes
+    c, mg = ws[0], ws[1]
+    wt = ctx.emit1("reshape", [w], shape=(g, c // g, mg) + kernel)
+    wt = ctx.emit1("transpose", [wt], perm=(0, 2, 1) + tuple(range(3, 3 + nd)))
+    wt = ctx.emit1("reshape", [wt], shape=(g * mg, c // g) + kernel)
+    wt = ctx.emit1("slice", [wt], starts=(-1,) * nd, ends=(-2**62,) * nd, axes=tuple(range(2, 2 + nd)),
+                   steps=(-1,) * nd)
+    out = ctx.emit1("conv", [y, wt], strides=(1,) * nd, pads=(0,) * (2 * nd), dilations=dilations, group=g)
+    bias = ctx.optional(2)
+    if bias is not None:
+        out = ctx.emit1("add", [out, ctx.emit1("reshape", [bias], shape=(g * mg,) + (1,) * nd)])
+    return [out]
