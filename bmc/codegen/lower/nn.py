@@ -1,4 +1,4 @@
-"""Relax lowering of convolution and pooling (1-D and 2-D; NCW / NCHW)."""
+"""Relax lowering of convolution and pooling (1-D, 2-D and 3-D; NCW / NCHW / NCDHW)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ _R = relax.op
 
 def _spatial(node, what):
     nd = node.inputs[0].type.rank - 2
-    if nd not in (1, 2):
-        raise CompileError(f"{what} with {nd} spatial dims is not supported yet (1-D and 2-D are)",
+    if nd not in (1, 2, 3):
+        raise CompileError(f"{what} with {nd} spatial dims is not supported yet (1-D to 3-D are)",
                            where=f"node {node.source or node.op}")
     return nd
 
@@ -27,7 +27,7 @@ def _defaults(node, nd):
 def _conv(ctx, node, args):
     nd = _spatial(node, "conv")
     strides, pads, dil = _defaults(node, nd)
-    fn = _R.nn.conv1d if nd == 1 else _R.nn.conv2d
+    fn = (_R.nn.conv1d, _R.nn.conv2d, _R.nn.conv3d)[nd - 1]
     dtype = node.inputs[0].type.dtype
     if dtype in ("float16", "bfloat16"):  # float32 accumulation
         y = ctx.emit(fn(args[0], args[1], strides=strides, padding=pads, dilation=dil, groups=node.attrs["group"],
@@ -43,6 +43,6 @@ def _pool(ctx, node, args):
     kw = dict(pool_size=list(node.attrs["kernel"]), strides=strides, padding=pads, dilation=dil,
               ceil_mode=node.attrs["ceil_mode"])
     if node.op == "max_pool":
-        return (_R.nn.max_pool1d if nd == 1 else _R.nn.max_pool2d)(args[0], **kw)
-    return (_R.nn.avg_pool1d if nd == 1 else _R.nn.avg_pool2d)(args[0], count_include_pad=node.attrs[
-        "count_include_pad"], **kw)
+        return (_R.nn.max_pool1d, _R.nn.max_pool2d, _R.nn.max_pool3d)[nd - 1](args[0], **kw)
+    return (_R.nn.avg_pool1d, _R.nn.avg_pool2d, _R.nn.avg_pool3d)[nd - 1](
+        args[0], count_include_pad=node.attrs["count_include_pad"], **kw)
