@@ -74,3 +74,33 @@ def test_conv_transpose_matches_onnxruntime(attrs, x_shape, w_shape):
     (got,) = run_compiled(import_model(model), {"x": x}).values()
     assert got.shape == want.shape
     assert float(np.max(np.abs(got - want))) <= 1e-4 * max(1.0, float(np.max(np.abs(want))))
+
+
+@pytest.mark.parametrize("attrs,scales,sizes", [
+    ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, [1, 1, 2, 2], None),
+    ({"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"}, [1, 1, 1.5, 0.5], None),
+    ({"mode": "linear", "coordinate_transformation_mode": "align_corners"}, None, [2, 3, 9, 4]),
+    ({"mode": "cubic", "coordinate_transformation_mode": "half_pixel", "exclude_outside": 1}, [1, 1, 2.5, 1.75], None),
+])
+def test_resize_matches_onnxruntime(attrs, scales, sizes):
+    """Resize as per-axis gathers with compile-time taps (what torch's interpolate exports to) vs onnxruntime."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = np.random.default_rng(1).standard_normal((2, 3, 6, 5)).astype(np.float32)
+    inits = [onnx.numpy_helper.from_array(np.zeros(0, np.float32), "roi")]
+    inputs = ["x", "roi"]
+    if scales is not None:
+        inits.append(onnx.numpy_helper.from_array(np.asarray(scales, np.float32), "scales"))
+        inputs.append("scales")
+    else:
+        inits.append(onnx.numpy_helper.from_array(np.asarray(sizes, np.int64), "sizes"))
+        inputs += ["", "sizes"]
+    node = helper.make_node("Resize", inputs, ["y"], **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    (want,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    (got,) = run_compiled(import_model(model), {"x": x}).values()
+    assert got.shape == want.shape
+    assert float(np.max(np.abs(got - want))) <= 1e-4 * max(1.0, float(np.max(np.abs(want))))

@@ -142,3 +142,109 @@ def _conv_transpose(ctx: Context, node):
     if bias is not None:
         out = ctx.emit1("add", [out, ctx.emit1("reshape", [bias], shape=(g * mg,) + (1,) * nd)])
     return [out]
+
+
+def _text(ctx: Context, name: str, default: str) -> str:
+    v = ctx.attr(name, default)
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _source_coords(out: int, size: int, scale: float, mode: str) -> np.ndarray:
+    """Where each output position samples the input (ONNX Resize's coordinate_transformation_mode), in float64;
+    ``length`` is the unrounded output length ``scale * size``, as ONNX's reference implementation uses it."""
+    x = np.arange(out, dtype=np.float64)
+    length = scale * size
+    if mode == "half_pixel":
+        return (x + 0.5) / scale - 0.5
+    if mode == "pytorch_half_pixel":
+        return (x + 0.5) / scale - 0.5 if length > 1 else np.zeros(out)
+    if mode == "align_corners":
+        return x * (size - 1) / (length - 1) if length != 1 else np.zeros(out)
+    if mode == "asymmetric":
+        return x / scale
+    if mode == "tf_half_pixel_for_nn":
+        return (x + 0.5) / scale
+    if mode == "half_pixel_symmetric":
+        adjustment = out / length
+        return size / 2 * (1 - adjustment) + (x + 0.5) / scale - 0.5
+    raise ConvertError(f"coordinate_transformation_mode {mode!r} is not supported",
+                       fix="use half_pixel, pytorch_half_pixel, align_corners, asymmetric, tf_half_pixel_for_nn "
+                           "or half_pixel_symmetric")
+
+
+def _taps(ctx: Context, out: int, size: int, scale: float) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Resize along one axis as taps: (input index per output, weight per output or None for 1)."""
+    mode = _text(ctx, "mode", "nearest")
+    coords = _source_coords(out, size, scale, _text(ctx, "coordinate_transformation_mode", "half_pixel"))
+    if mode == "nearest":
+        rounding = _text(ctx, "nearest_mode", "round_prefer_floor")
+        pick = {"round_prefer_floor": lambda c: np.ceil(c - 0.5), "round_prefer_ceil": lambda c: np.floor(c + 0.5),
+                "floor": np.floor, "ceil": np.ceil}
+        if rounding not in pick:
+            raise ConvertError(f"nearest_mode {rounding!r} is not supported")
+        return [(np.clip(pick[rounding](coords), 0, size - 1).astype(np.int64), None)]
+    base = np.floor(coords)
+    t = coords - base
+    if mode == "linear":
+        offsets, weights = (0, 1), (1 - t, t)
+    elif mode == "cubic":
+        a = ctx.attr("cubic_coeff_a", -0.75)
+        offsets = (-1, 0, 1, 2)
+        weights = tuple(np.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1, ((a * d - 5 * a) * d + 8 * a) * d - 4 * a)
+                        for d in (t + 1, t, 1 - t, 2 - t))
+    else:
+        raise ConvertError(f"Resize mode {mode!r} is not supported", fix="use nearest, linear or cubic")
+    index = [base + o for o in offsets]
+    if ctx.attr("exclude_outside", 0):  # taps outside the input get no weight; the rest are renormalized
+        weights = [np.where((i >= 0) & (i <= size - 1), w, 0.0) for i, w in zip(index, weights)]
+        total = sum(weights)
+        weights = [w / total for w in weights]
+    return [(np.clip(i, 0, size - 1).astype(np.int64), w) for i, w in zip(index, weights)]
+
+
+@converter("Resize", "Upsample")
+def _resize(ctx: Context, node):
+    """Separable: each resized axis is a sum of gathers (one for nearest, two for linear, four for cubic) with
+    indices and weights computed here, at compile time, from the static shapes."""
+    x = ctx.operand(0)
+    shape = ctx.type(x).shape
+    rank = len(shape)
+    if node.op_type == "Upsample" or ctx.opset < 11:
+        scales_in = ctx.const(1, "scales") if len(node.input) > 1 else np.asarray(ctx.attr("scales"))
+        scales, sizes, roi = scales_in, None, None
+    else:
+        roi = ctx.const(1, "roi")
+        scales = ctx.const(2, "scales")
+        sizes = ctx.const(3, "sizes")
+    if ctx.attr("antialias", 0):
+        raise ConvertError("antialias=1 is not supported", fix="export the model with antialias off")
+    if _text(ctx, "coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
+        raise ConvertError("coordinate_transformation_mode 'tf_crop_and_resize' is not supported")
+    del roi  # only tf_crop_and_resize reads it
+    axes = [a % rank for a in ctx.attr("axes", list(range(rank)))]
+    if sizes is not None and np.asarray(sizes).size:
+        sizes = [int(s) for s in np.asarray(sizes).reshape(-1)]
+        ratio = [sizes[k] / shape[a] for k, a in enumerate(axes)]
+        policy = _text(ctx, "keep_aspect_ratio_policy", "stretch")
+        if policy != "stretch":
+            keep = min(ratio) if policy == "not_larger" else max(ratio)
+            ratio = [keep] * len(axes)
+            sizes = [int(np.floor(shape[a] * keep + 0.5)) for a in axes]
+        plan = list(zip(axes, sizes, ratio))
+    else:
+        values = [float(v) for v in np.asarray(scales).reshape(-1)]
+        plan = [(a, int(np.floor(shape[a] * s)), s) for a, s in zip(axes, values)]
+    y = x
+    for axis, out, scale in plan:
+        if out == shape[axis] and scale == 1.0:
+            continue
+        dtype = np_dtype(ctx.type(y).dtype)
+        total = None
+        for index, weight in _taps(ctx, out, shape[axis], scale):
+            term = ctx.emit1("gather", [y, index], axis=axis)
+            if weight is not None:
+                w = weight.reshape((out,) + (1,) * (rank - 1 - axis)).astype(dtype)
+                term = ctx.emit1("mul", [term, w])
+            total = term if total is None else ctx.emit1("add", [total, term])
+        y = total
+    return [y]
