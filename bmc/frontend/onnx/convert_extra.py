@@ -22,11 +22,6 @@ def _s(ctx: Context, x, value) -> np.ndarray:
     return np.array(value, dtype=np_dtype(ctx.type(x).dtype))
 
 
-def _str_attr(ctx: Context, name: str, default: str) -> str:
-    v = ctx.attr(name, default)
-    return v.decode() if isinstance(v, bytes) else v
-
-
 def _float_input(ctx: Context, x, op: str) -> None:
     if ctx.type(x).dtype not in FLOAT_DTYPES:
         raise ConvertError(f"{op} needs a floating-point input, got {ctx.type(x).dtype}")
@@ -323,7 +318,7 @@ def _depth_to_space(ctx: Context, node):
     bs = ctx.attr("blocksize")
     if c % (bs * bs):
         raise ConvertError(f"DepthToSpace blocksize {bs}: {c} channels are not a multiple of {bs * bs}")
-    mode = _str_attr(ctx, "mode", "DCR")
+    mode = ctx.text("mode", "DCR")
     if mode == "DCR":
         y = ctx.emit1("reshape", [x], shape=(n, bs, bs, c // (bs * bs), h, w))
         y = ctx.emit1("transpose", [y], perm=(0, 3, 4, 1, 5, 2))
@@ -345,7 +340,7 @@ def _space_to_depth(ctx: Context, node):
     bs = ctx.attr("blocksize")
     if h % bs or w % bs:
         raise ConvertError(f"SpaceToDepth blocksize {bs} does not divide the spatial dims {h}x{w}")
-    mode = _str_attr(ctx, "mode", "DCR")
+    mode = ctx.text("mode", "DCR")
     if mode not in ("DCR", "CRD"):
         raise ConvertError(f"SpaceToDepth mode {mode!r} is not supported", fix="use DCR or CRD")
     y = ctx.emit1("reshape", [x], shape=(n, c, h // bs, bs, w // bs, bs))
@@ -439,8 +434,7 @@ def _einsum_terms(equation: str, ranks: list[int]) -> tuple[list[str], str]:
 @converter("Einsum")
 def _einsum(ctx: Context, node):
     ops = [ctx.operand(i) for i in range(len(node.input)) if ctx.has(i)]
-    eq = ctx.attr("equation")
-    eq = eq.decode() if isinstance(eq, bytes) else eq
+    eq = ctx.text("equation", "")
     shapes = [ctx.type(x).shape for x in ops]
     terms, out = _einsum_terms(eq, [len(s) for s in shapes])
     if any(len(set(t)) != len(t) for t in terms) or len(set(out)) != len(out):
@@ -510,7 +504,7 @@ def _nll(ctx: Context, logp, target, weight, reduction: str, ignore_index):
 def _nll_loss(ctx: Context, node):
     x = ctx.operand(0)
     _float_input(ctx, x, node.op_type)
-    return [_nll(ctx, x, ctx.operand(1), ctx.optional(2), _str_attr(ctx, "reduction", "mean"),
+    return [_nll(ctx, x, ctx.operand(1), ctx.optional(2), ctx.text("reduction", "mean"),
                  ctx.attr("ignore_index", None))]
 
 
@@ -519,6 +513,6 @@ def _softmax_cross_entropy(ctx: Context, node):
     x = ctx.operand(0)
     _float_input(ctx, x, node.op_type)
     logp = ctx.emit1("log_softmax", [x], axis=1)
-    loss = _nll(ctx, logp, ctx.operand(1), ctx.optional(2), _str_attr(ctx, "reduction", "mean"),
+    loss = _nll(ctx, logp, ctx.operand(1), ctx.optional(2), ctx.text("reduction", "mean"),
                 ctx.attr("ignore_index", None))
     return [loss, logp]

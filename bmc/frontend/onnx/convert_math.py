@@ -76,7 +76,7 @@ def _identity(ctx: Context, node):
 
 @converter("Gelu")
 def _gelu(ctx: Context, node):
-    return [ctx.emit1("gelu", [ctx.operand(0)], approximate=ctx.attr("approximate", b"none").decode()
+    return [ctx.emit1("gelu", [ctx.operand(0)], approximate=ctx.text("approximate", "none")
                       if isinstance(ctx.attr("approximate", "none"), bytes) else ctx.attr("approximate", "none"))]
 
 

@@ -10,8 +10,7 @@ from bmc.ir.types import np_dtype
 
 def _auto_pads(ctx: Context, spatial, kernel, strides, dilations) -> tuple[int, ...]:
     """Explicit pads (all begins, then all ends) for the node's auto_pad / pads attributes."""
-    auto = ctx.attr("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+    auto = ctx.text("auto_pad", "NOTSET")
     nd = len(spatial)
     if auto in ("NOTSET", ""):
         return tuple(ctx.attr("pads", [0] * (2 * nd)))
@@ -106,8 +105,7 @@ def _conv_transpose(ctx: Context, node):
     dilations = tuple(ctx.attr("dilations", [1] * nd))
     extra = tuple(ctx.attr("output_padding", [0] * nd))
     full = [s * (n - 1) + e + d * (k - 1) + 1 for n, s, e, k, d in zip(xs[2:], strides, extra, kernel, dilations)]
-    auto = ctx.attr("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+    auto = ctx.text("auto_pad", "NOTSET")
     if ctx.attr("output_shape") is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
         want = list(ctx.attr("output_shape") or [n * s for n, s in zip(xs[2:], strides)])[-nd:]
         total = [f - o for f, o in zip(full, want)]  # negative: a larger output, extended at the end (onnxruntime)
@@ -144,11 +142,6 @@ def _conv_transpose(ctx: Context, node):
     return [out]
 
 
-def _text(ctx: Context, name: str, default: str) -> str:
-    v = ctx.attr(name, default)
-    return v.decode() if isinstance(v, bytes) else v
-
-
 def _source_coords(out: int, size: int, scale: float, mode: str) -> np.ndarray:
     """Where each output position samples the input (ONNX Resize's coordinate_transformation_mode), in float64;
     ``length`` is the unrounded output length ``scale * size``, as ONNX's reference implementation uses it."""
@@ -174,10 +167,10 @@ def _source_coords(out: int, size: int, scale: float, mode: str) -> np.ndarray:
 
 def _taps(ctx: Context, out: int, size: int, scale: float) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """Resize along one axis as taps: (input index per output, weight per output or None for 1)."""
-    mode = _text(ctx, "mode", "nearest")
-    coords = _source_coords(out, size, scale, _text(ctx, "coordinate_transformation_mode", "half_pixel"))
+    mode = ctx.text("mode", "nearest")
+    coords = _source_coords(out, size, scale, ctx.text("coordinate_transformation_mode", "half_pixel"))
     if mode == "nearest":
-        rounding = _text(ctx, "nearest_mode", "round_prefer_floor")
+        rounding = ctx.text("nearest_mode", "round_prefer_floor")
         pick = {"round_prefer_floor": lambda c: np.ceil(c - 0.5), "round_prefer_ceil": lambda c: np.floor(c + 0.5),
                 "floor": np.floor, "ceil": np.ceil}
         if rounding not in pick:
@@ -211,21 +204,19 @@ def _resize(ctx: Context, node):
     rank = len(shape)
     if node.op_type == "Upsample" or ctx.opset < 11:
         scales_in = ctx.const(1, "scales") if len(node.input) > 1 else np.asarray(ctx.attr("scales"))
-        scales, sizes, roi = scales_in, None, None
-    else:
-        roi = ctx.const(1, "roi")
+        scales, sizes = scales_in, None
+    else:  # input 1, roi, is only read by tf_crop_and_resize
         scales = ctx.const(2, "scales")
         sizes = ctx.const(3, "sizes")
     if ctx.attr("antialias", 0):
         raise ConvertError("antialias=1 is not supported", fix="export the model with antialias off")
-    if _text(ctx, "coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
+    if ctx.text("coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
         raise ConvertError("coordinate_transformation_mode 'tf_crop_and_resize' is not supported")
-    del roi  # only tf_crop_and_resize reads it
     axes = [a % rank for a in ctx.attr("axes", list(range(rank)))]
     if sizes is not None and np.asarray(sizes).size:
         sizes = [int(s) for s in np.asarray(sizes).reshape(-1)]
         ratio = [sizes[k] / shape[a] for k, a in enumerate(axes)]
-        policy = _text(ctx, "keep_aspect_ratio_policy", "stretch")
+        policy = ctx.text("keep_aspect_ratio_policy", "stretch")
         if policy != "stretch":
             keep = min(ratio) if policy == "not_larger" else max(ratio)
             ratio = [keep] * len(axes)

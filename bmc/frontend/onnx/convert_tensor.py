@@ -184,8 +184,7 @@ def _tile(ctx: Context, node):
 def _pad(ctx: Context, node):
     x = ctx.operand(0)
     rank = len(ctx.type(x).shape)
-    mode = ctx.attr("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = ctx.text("mode", "constant")
     if mode not in ("constant", "reflect", "edge"):
         raise ConvertError(f"Pad mode {mode!r} is not supported", fix="use constant, reflect or edge")
     if ctx.opset < 11:
@@ -230,10 +229,10 @@ def _data_dependent(ctx: Context, node):
 @converter("ScatterElements", "Scatter")
 def _scatter_elements(ctx: Context, node):
     return [ctx.emit1("scatter_elements", [ctx.operand(0), ctx.operand(1), ctx.operand(2)],
-                      axis=ctx.attr("axis", 0), reduction=ctx.attr("reduction", b"none").decode())]
+                      axis=ctx.attr("axis", 0), reduction=ctx.text("reduction", "none"))]
 
 
 @converter("ScatterND")
 def _scatter_nd(ctx: Context, node):
     return [ctx.emit1("scatter_nd", [ctx.operand(0), ctx.operand(1), ctx.operand(2)],
-                      reduction=ctx.attr("reduction", b"none").decode())]
+                      reduction=ctx.text("reduction", "none"))]

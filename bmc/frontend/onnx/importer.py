@@ -114,6 +114,11 @@ class Context:
                 return onnx.helper.get_attribute_value(a)
         return default
 
+    def text(self, name: str, default: str) -> str:
+        """A string attribute (onnx gives bytes) as ``str``."""
+        v = self.attr(name, default)
+        return v.decode() if isinstance(v, bytes) else v
+
 
 def import_graph(proto: onnx.ModelProto, base_dir, input_shapes: Mapping[str, Sequence[int] | int] | None = None,
                  name: str = "main") -> Graph:
