@@ -299,7 +299,7 @@ def fast_math(record: dict | None = None) -> tvm.transform.Pass:
 
 # ------------------------------------------------------------------------------------------ schedule rules
 
-def _vector_lanes(target, dtype_bits: int) -> int:
+def _target_lanes(target, dtype_bits: int) -> int:
     from tvm.target.codegen import llvm_get_vector_width
 
     try:
@@ -369,7 +369,7 @@ def _parallel_fallback_cls():
                     continue
                 stmt = sch.get(block)
                 bits = stmt.writes[0].source.dtype.bits if stmt.writes else 32
-                lanes = vector_lanes(stmt, _vector_lanes(target, bits))
+                lanes = vector_lanes(stmt, _target_lanes(target, bits))
                 injective = n_s == len(kinds)
                 vec_loop = None
                 if injective and lanes > 1 and extents[-1] % lanes == 0 and extents[-1] >= lanes:

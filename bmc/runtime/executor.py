@@ -4,8 +4,9 @@
     logits = model(input_ids=ids)              # one output → the array; several → a tuple in signature order
     outs = model.run({"input.1": x})           # any input name, identifier or not → {output name: array}
 
-``load`` verifies the artifact (format, TVM/tvm-ffi versions, every digest) before the library is loaded or a weight
-is mapped; the weights are then copied to the device once and reused by every call. Inputs are checked against the
+``load`` verifies the artifact (format, TVM/tvm-ffi versions, sizes, every digest but the weights') before the library
+is loaded; the weights are read once, straight to the device, and hashed as they stream in: the model comes back only
+if their digest matched. They stay on the device for every call. Inputs are checked against the
 signature before anything runs (FAILURES.md 44). This module imports only numpy, tvm and bmc's runtime-side modules,
 never the frontend, codegen or sharding (a test enforces it).
 
