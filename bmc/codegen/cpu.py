@@ -34,7 +34,7 @@ from collections import Counter
 import tvm
 from tvm import relax
 
-from bmc.codegen.rewrite import rewrite_functions, split_slices, static_shape, vector_lanes
+from bmc.codegen.rewrite import bound_fusion, rewrite_functions, split_slices, static_shape, vector_lanes
 from bmc.runtime.kernels import CONV2D_KERNEL, MATMUL_KERNEL
 
 #: result dtypes the BLAS kernel handles (sgemm, dgemm); anything else stays a TVM kernel
@@ -441,7 +441,10 @@ def cpu_pipeline(target, record: dict | None = None, *, offload: bool = True, of
         passes.append(offload_matmul(record, conv=offload_conv))
     if fast_math_ops:
         passes.append(fast_math(record))
-    passes += cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+    legalize = cpu_generic.legalize_passes(target)
+    fuse = next(i for i, p in enumerate(legalize) if p.info.name == "FuseOps")
+    passes += (cpu_generic.library_dispatch_passes(target) + legalize[:fuse] + [bound_fusion(record)]
+               + legalize[fuse:])
     if tune is not None:
         passes.append(tune)
     if schedule:

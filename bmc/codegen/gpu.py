@@ -35,7 +35,7 @@ from collections import Counter
 import tvm
 from tvm import relax, topi
 
-from bmc.codegen.rewrite import counting_pass, split_slices, static_shape, vector_lanes
+from bmc.codegen.rewrite import bound_fusion, counting_pass, split_slices, static_shape, vector_lanes
 
 #: result dtypes cuBLAS computes for bmc (float32 accumulation in every case)
 CUBLAS_DTYPES = ("float32", "float16", "bfloat16")
@@ -355,6 +355,7 @@ def gpu_pipeline(target, record: dict | None = None, tune=None) -> tvm.transform
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
+        bound_fusion(record),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
         *([tune] if tune is not None else []),

@@ -149,3 +149,102 @@ def split_slices(record: dict | None = None) -> tvm.transform.Pass:
     kernels to the attention heads); sliced, each head tensor is one kernel reading its third of the projection."""
     return counting_pass("BmcSplitSlices", _SplitSlices, record, "split_slices",
                          relax.transform.CanonicalizeBindings())
+
+
+#: the deepest nesting of calls (``T.nearbyint(T.exp(...))``) one fused elementwise kernel may reach by inlining its
+#: producers; see :func:`bound_fusion`. Measured with TVM 0.27 on llvm: VectorizeLoop's time doubles per nested
+#: call (a chain of 20 ``round`` ops: 1 s, 24: 14 s), sooner when the expression also repeats operands (the QDQ
+#: GPT-2 fixture: depth 6 compiles in 2 s, depth 8 not in 10 minutes). The model fixtures nest at most 2.
+MAX_CALL_DEPTH = 4
+_STORE = re.compile(r"^\s*\w+\[[^\]]*\] = (.*)$", re.M)
+_TOKEN = re.compile(r"T\.(\w+)\(|(\w+)\[|[()]")
+_NOT_CALLS = re.compile(r"Cast|min|max|Select|Let|Ramp|Broadcast|bool|u?int\d+|b?float\d+")  # nodes, constants
+_OPAQUE = 8  # TVM's OpPatternKind kOpaque: FuseOps never fuses such a call with another
+
+
+def _call_depths(func: tvm.tirx.PrimFunc) -> tuple[int, list[int]]:
+    """The deepest call nesting in a PrimFunc's stored expressions, and per parameter buffer the most calls that
+    enclose a read of it (-1: never read). Read from the printed script: this TVM has no TIR visitor in Python."""
+    text = func.script()
+    names = re.findall(r"(\w+): T\.Buffer", text[text.index("def main("):])
+    deepest, reads = 0, dict.fromkeys(names, -1)
+    for expr in _STORE.findall(text):
+        stack: list[bool] = []  # per open parenthesis: does it belong to a call?
+        for m in _TOKEN.finditer(expr):
+            call, load = m.group(1), m.group(2)
+            if call is not None:
+                stack.append(_NOT_CALLS.fullmatch(call) is None)
+                deepest = max(deepest, sum(stack))
+            elif load is not None:
+                if load in reads:
+                    reads[load] = max(reads[load], sum(stack))
+            elif m.group(0) == "(":
+                stack.append(False)
+            elif stack:
+                stack.pop()
+    return deepest, [reads[n] for n in names]
+
+
+def bound_fusion(record: dict | None = None, max_depth: int | None = None) -> tvm.transform.Pass:
+    """Keep the call nesting of every fused elementwise kernel at most ``max_depth`` (default
+    :data:`MAX_CALL_DEPTH`); run it between AnnotateTIROpPattern and FuseOps.
+
+    After FuseOps, TVM's schedules inline each elementwise producer into its consumer, so a fused chain becomes one
+    expression, and VectorizeLoop's time doubles with each nested call in it. Normal models nest a few calls; a
+    fake-quantized (QDQ) model has a ``round`` in every quantize, and its GELU fused into one expression of depth
+    ~40 that did not compile in ten minutes. This pass computes each call's inlined depth in dataflow order and,
+    where it would pass the limit, makes the deepest operand's producer opaque (a copy of its PrimFunc with
+    ``op_pattern`` kOpaque, which FuseOps never fuses), so the chain is cut into kernels there.
+    ``record["materialized"]`` counts the cuts."""
+
+    @tvm.transform.module_pass(opt_level=0, name="BmcBoundFusion")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        limit = MAX_CALL_DEPTH if max_depth is None else max_depth
+        stats: dict = {}
+        opaque: set = set()  # call_tir binding vars whose producer becomes opaque
+        call_tir = tvm.ir.Op.get("relax.call_tir")
+        for _, func in mod.functions_items():
+            if not isinstance(func, relax.Function):
+                continue
+            for block in func.body.blocks:
+                depth: dict = {}  # fusable call_tir results -> their inlined call depth
+                for binding in block.bindings:
+                    call = binding.value
+                    if not (isinstance(call, relax.Call) and call.op == call_tir):
+                        continue
+                    gv = call.args[0]
+                    pf = mod[gv]
+                    if not isinstance(pf, tvm.tirx.PrimFunc) or int(pf.attrs.get("op_pattern", _OPAQUE)) > 2:
+                        continue  # reductions, matmuls, opaque ops: anchors, not inlined into their consumers
+                    if gv not in stats:
+                        stats[gv] = _call_depths(pf)
+                    own, reads = stats[gv]
+                    parts = [(r + depth[a], a) for r, a in zip(reads, call.args[1].fields) if r >= 0 and a in depth]
+                    while parts and max(own, max(parts, key=lambda p: p[0])[0]) > limit:
+                        deepest = max(parts, key=lambda p: p[0])
+                        opaque.add(deepest[1])
+                        parts = [p for p in parts if p[1] is not deepest[1]]
+                    depth[binding.var] = max([own] + [d for d, _ in parts])
+        if not opaque:
+            return mod
+        copies: dict = {}
+
+        @relax.expr_functor.mutator
+        class _Opaque(relax.PyExprMutator):
+            def visit_var_binding_(self, binding):  # noqa: N802 (TVM's visitor naming)
+                if binding.var not in opaque:
+                    return super().visit_var_binding_(binding)
+                call = self.visit_expr(binding.value)
+                gv = call.args[0]
+                if gv not in copies:
+                    copies[gv] = self.builder_.add_func(mod[gv].with_attr("op_pattern", _OPAQUE),
+                                                        f"{gv.name_hint}_materialized")
+                new = relax.Call(call.op, [copies[gv], *call.args[1:]], call.attrs, call.ty_args)
+                self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new)))
+
+        mod = rewrite_functions(_Opaque(mod), mod)
+        if record is not None:
+            record["materialized"] = record.get("materialized", 0) + len(opaque)
+        return mod
+
+    return _pass

@@ -7,7 +7,10 @@ import tvm
 from tvm import relax
 
 from bmc.codegen.relax_module import to_relax
-from bmc.codegen.rewrite import split_slices
+from bmc.codegen.build import build
+from bmc.codegen.rewrite import MAX_CALL_DEPTH, split_slices
+from bmc.codegen.targets import TargetSpec
+from bmc.testing.reference import run_reference
 from bmc.ir.types import TensorType
 from bmc.ops.builder import GraphBuilder
 
@@ -60,3 +63,23 @@ def test_vector_lanes_divide_the_periods_of_the_innermost_index():
     assert vector_lanes(_block(lambda x, a, b, c: x[a, b, c // 8 * 8 + (c + 4) % 8]), 16) == 8
     assert vector_lanes(_block(lambda x, a, b, c: x[a, b, c % 12]), 16) == 4
     assert vector_lanes(_block(lambda x, a, b, c: x[a, (b + a) % 3, c]), 16) == 16  # another variable's period
+
+
+def test_deep_call_chains_are_cut_into_kernels():
+    """A fake-quantize chain of 30 ``round`` calls (divide, round, clip, multiply): fused whole, TVM's vectorizer
+    would take minutes (its time doubles per nested call); ``bound_fusion`` cuts it every MAX_CALL_DEPTH calls.
+    The result matches the numpy reference exactly."""
+    b = GraphBuilder("fake_quant")
+    x = b.input("x", TensorType("float32", (32, 128)))
+    y = x
+    for _ in range(30):
+        q = b.emit1("clip", [b.emit1("round", [b.emit1("div", [y, b.constant(np.float32(0.05))])])], min=-128.0,
+                    max=127.0)
+        y = b.emit1("mul", [q, b.constant(np.float32(0.05))])
+    graph = b.finish([y])
+    built = build(graph, TargetSpec.parse("llvm"))
+    assert built.kernels["cpu"]["materialized"] >= 30 // MAX_CALL_DEPTH - 1
+    vm = relax.VirtualMachine(built.executable, tvm.cpu())
+    xs = np.random.default_rng(0).standard_normal((32, 128)).astype(np.float32) * 4
+    got = vm["main"](tvm.runtime.tensor(xs))[0].numpy()
+    np.testing.assert_array_equal(got, run_reference(graph, {"x": xs})[graph.outputs[0].name])
