@@ -13,6 +13,7 @@ from bmc.errors import CompileError
 pytestmark = pytest.mark.cuda
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "models"
 MODELS = sorted(p.stem for p in FIXTURES.glob("*.onnx"))
+QUANTIZED = FIXTURES.parent / "quantized"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,6 +35,17 @@ def test_fixture_compiles_for_sm90(name, tmp_path):
     assert info["num_kernels"] > 0 and all(k["sass_bytes"].get("sm_90", 0) > 0 for k in info["kernels"])
     library = (tmp_path / "m.bmc" / "programs" / "main.so").read_bytes()
     assert b"__global__" not in library  # compiled images only, no CUDA source left for load time
+
+
+@pytest.mark.parametrize("name", ["gpt2_dynamic", "gpt2_qdq"])
+def test_quantized_fixture_compiles_for_sm90(name, tmp_path):
+    """int8 models (``scripts/quantize_fixtures.py``): float64 integer matmuls, the QDQ chains cut by
+    ``bound_fusion``."""
+    data = np.load(FIXTURES / "gpt2_dynamo.npz")
+    bmc.compile(QUANTIZED / f"{name}.onnx", tmp_path / "m.bmc", target="cuda", input_shapes={"input_ids": data[
+        "input_ids"].shape})
+    info = json.loads((tmp_path / "m.bmc" / "manifest.json").read_text())["kernels"]["cuda"]
+    assert info["num_kernels"] > 0 and all(k["sass_bytes"].get("sm_90", 0) > 0 for k in info["kernels"])
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -30,7 +30,11 @@ def _auto_pads(ctx: Context, spatial, kernel, strides, dilations) -> tuple[int, 
 
 @converter("Conv")
 def _conv(ctx: Context, node):
-    x, w = ctx.operand(0), ctx.operand(1)
+    return [conv(ctx, ctx.operand(0), ctx.operand(1), ctx.optional(2))]
+
+
+def conv(ctx: Context, x, w, bias):
+    """The node's convolution (its kernel_shape/strides/dilations/pads/group attributes) of ``x`` by ``w``."""
     xs, ws = ctx.type(x).shape, ctx.type(w).shape
     nd = len(xs) - 2
     kernel = tuple(ctx.attr("kernel_shape", ws[2:]))
@@ -40,11 +44,9 @@ def _conv(ctx: Context, node):
     dilations = tuple(ctx.attr("dilations", [1] * nd))
     pads = _auto_pads(ctx, xs[2:], kernel, strides, dilations)
     y = ctx.emit1("conv", [x, w], strides=strides, pads=pads, dilations=dilations, group=ctx.attr("group", 1))
-    bias = ctx.optional(2)
     if bias is not None:
-        bias = ctx.emit1("reshape", [bias], shape=(ws[0],) + (1,) * nd)
-        y = ctx.emit1("add", [y, bias])
-    return [y]
+        y = ctx.emit1("add", [y, ctx.emit1("reshape", [bias], shape=(ws[0],) + (1,) * nd)])
+    return y
 
 
 @converter("MaxPool", "AveragePool")

@@ -1,0 +1,195 @@
+"""Converters for ONNX linear quantization: QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear and the integer
+matmul/conv ops (MatMulInteger, ConvInteger, QLinearMatMul, QLinearConv).
+
+No quantized op reaches the IR: each becomes float arithmetic the rest of bmc already shards, lowers and checks.
+
+- Integer products are computed as **float64** matmuls/convolutions of the zero-point-shifted operands. That is
+  exact (every product and partial sum of 8-bit operands is an integer below 2^53 for any K < 2^37), so the int32
+  result equals onnx's, and on the CPU it runs on BLAS' dgemm instead of a scalar integer kernel. A row-parallel
+  split then all-reduces float64 partial sums, still exactly.
+- Quantized weights stay 8-bit in the artifact: an int8/uint8 initializer larger than the folding limit is a weight,
+  and its dequantization (cast, shift, scale) is elementwise work in the kernel that reads it.
+- Rounding is ONNX's: half to even (``round``), then saturation to the integer type's range.
+- Each quantize adds a ``round`` call to a fused kernel's expression; :func:`bmc.codegen.rewrite.bound_fusion`
+  cuts the chains a QDQ model fuses before TVM's vectorizer chokes on their depth.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bmc.frontend.onnx.convert_nn import conv
+from bmc.frontend.onnx.importer import Context, ConvertError, Operand, converter
+from bmc.frontend.onnx.loader import to_dtype
+from bmc.ir.types import INT_DTYPES
+
+_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-32768, 32767)}
+
+
+def _broadcastable(ctx: Context, p: Operand, shape: tuple[int, ...], axis: int, block_size: int, what: str) -> Operand:
+    """A scale or zero point reshaped (per-axis) or repeated (blocked) to broadcast against ``shape``."""
+    ps = ctx.type(p).shape
+    if len(ps) == 0 or (len(ps) == 1 and ps[0] == 1 and not block_size):
+        return ctx.emit1("reshape", [p], shape=())
+    axis = axis + len(shape) if axis < 0 else axis
+    if not 0 <= axis < len(shape):
+        raise ConvertError(f"axis {axis} is out of range for an input of rank {len(shape)}")
+    if not block_size:
+        if len(ps) != 1 or ps[0] != shape[axis]:
+            raise ConvertError(f"the {what} has shape {ps}; per-axis quantization along axis {axis} needs "
+                               f"({shape[axis]},)")
+        return ctx.emit1("reshape", [p], shape=tuple(shape[axis] if i == axis else 1 for i in range(len(shape))))
+    want = tuple(-(-d // block_size) if i == axis else d for i, d in enumerate(shape))
+    if ps != want:
+        raise ConvertError(f"the {what} has shape {ps}; blocks of {block_size} along axis {axis} of {shape} need {want}")
+    return ctx.emit1("gather", [p, np.arange(shape[axis], dtype=np.int64) // block_size], axis=axis)
+
+
+def _as(ctx: Context, x: Operand, dtype: str) -> Operand:
+    return x if ctx.type(x).dtype == dtype else ctx.emit1("cast", [x], dtype=dtype)
+
+
+def _shifted(ctx: Context, x: Operand, zero_point: Operand | None, dtype: str) -> Operand:
+    """``x - zero_point`` computed in ``dtype`` (both cast first; the zero point is already broadcastable)."""
+    x = _as(ctx, x, dtype)
+    return x if zero_point is None else ctx.emit1("sub", [x, _as(ctx, zero_point, dtype)])
+
+
+def _saturate(ctx: Context, y: Operand, dtype: str) -> Operand:
+    """Clip a rounded ``y`` to ``dtype``'s range and cast: the last step of every quantizing op."""
+    if dtype not in _RANGES:
+        raise ConvertError(f"quantizing to {dtype} is not supported", fix="bmc quantizes to uint8, int8 and int16")
+    lo, hi = _RANGES[dtype]
+    return ctx.emit1("cast", [ctx.emit1("clip", [y], min=float(lo), max=float(hi))], dtype=dtype)
+
+
+def _check_integer(ctx: Context, x: Operand, what: str) -> str:
+    dtype = ctx.type(x).dtype
+    if dtype not in INT_DTYPES:
+        raise ConvertError(f"{what} must be an integer tensor, got {dtype}")
+    return dtype
+
+
+@converter("DequantizeLinear")
+def _dequantize(ctx: Context, node):
+    x, scale = ctx.operand(0), ctx.operand(1)
+    shape = ctx.type(x).shape
+    _check_integer(ctx, x, "the quantized input")
+    axis, block = ctx.attr("axis", 1), ctx.attr("block_size", 0)
+    out = to_dtype(ctx.attr("output_dtype"), f"DequantizeLinear node {node.name!r}", "output_dtype") \
+        if ctx.attr("output_dtype") else ctx.type(scale).dtype
+    zp = ctx.optional(2)
+    if zp is not None:
+        zp = _broadcastable(ctx, zp, shape, axis, block, "zero point")
+    y = ctx.emit1("mul", [_shifted(ctx, x, zp, "float32"),
+                          _as(ctx, _broadcastable(ctx, scale, shape, axis, block, "scale"), "float32")])
+    return [_as(ctx, y, out)]
+
+
+@converter("QuantizeLinear")
+def _quantize(ctx: Context, node):
+    x, scale = ctx.operand(0), ctx.operand(1)
+    shape = ctx.type(x).shape
+    axis, block = ctx.attr("axis", 1), ctx.attr("block_size", 0)
+    zp = ctx.optional(2)
+    where = f"QuantizeLinear node {node.name!r}"
+    if zp is not None:
+        out = ctx.type(zp).dtype
+    elif ctx.attr("output_dtype"):
+        out = to_dtype(ctx.attr("output_dtype"), where, "output_dtype")
+    else:
+        out = "uint8"
+    precision = to_dtype(ctx.attr("precision"), where, "precision") if ctx.attr("precision") else ctx.type(x).dtype
+    y = ctx.emit1("div", [_as(ctx, x, precision),
+                          _as(ctx, _broadcastable(ctx, scale, shape, axis, block, "scale"), precision)])
+    y = ctx.emit1("round", [y])  # rounded before the zero point is added, as the spec says
+    if zp is not None:
+        y = ctx.emit1("add", [_as(ctx, y, "float32"), _as(ctx, _broadcastable(ctx, zp, shape, axis, block,
+                                                                             "zero point"), "float32")])
+    return [_saturate(ctx, y, out)]
+
+
+@converter("DynamicQuantizeLinear")
+def _dynamic_quantize(ctx: Context, node):
+    """uint8 with the range of ``x`` widened to include 0: scale = (max - min) / 255, zero point = round(-min/scale)."""
+    x = ctx.operand(0)
+    if ctx.type(x).dtype != "float32":
+        raise ConvertError(f"DynamicQuantizeLinear takes float32, got {ctx.type(x).dtype}")
+    zero = np.float32(0)
+    hi = ctx.emit1("maximum", [ctx.emit1("reduce_max", [x], axes=None, keepdims=False), zero])
+    lo = ctx.emit1("minimum", [ctx.emit1("reduce_min", [x], axes=None, keepdims=False), zero])
+    span = ctx.emit1("sub", [hi, lo])
+    span = ctx.emit1("where", [ctx.emit1("equal", [span, zero]), np.float32(1), span])
+    scale = ctx.emit1("div", [span, np.float32(255)])
+    zp = ctx.emit1("round", [ctx.emit1("clip", [ctx.emit1("div", [ctx.emit1("neg", [lo]), scale])], min=0.0,
+                                       max=255.0)])
+    y = ctx.emit1("add", [ctx.emit1("round", [ctx.emit1("div", [x, scale])]), zp])
+    return [_saturate(ctx, y, "uint8"), scale, ctx.emit1("cast", [zp], dtype="uint8")]
+
+
+def _integer_operands(ctx: Context, a_idx: int, b_idx: int, a_zp_idx: int, b_zp_idx: int,
+                      convolution: bool) -> tuple[Operand, Operand]:
+    """The two 8-bit operands minus their zero points, as float64. A 1-D zero point is per row of A (matmul) and
+    per column of B, or per output channel of a convolution weight."""
+    a, b = ctx.operand(a_idx), ctx.operand(b_idx)
+    for x, what in ((a, "input A"), (b, "input B")):
+        if ctx.type(x).dtype not in ("uint8", "int8"):
+            raise ConvertError(f"{what} must be uint8 or int8, got {ctx.type(x).dtype}")
+    b_shape = ctx.type(b).shape
+    a_zp, b_zp = ctx.optional(a_zp_idx), ctx.optional(b_zp_idx)
+    if a_zp is not None:
+        if ctx.type(a_zp).shape not in ((), (1,)) and convolution:
+            raise ConvertError("the input's zero point of an integer convolution must be a scalar")
+        if ctx.type(a_zp).rank == 1 and not convolution:
+            a_zp = ctx.emit1("reshape", [a_zp], shape=(ctx.type(a_zp).shape[0], 1))  # per row of A
+    if b_zp is not None and convolution and ctx.type(b_zp).rank == 1 and ctx.type(b_zp).shape[0] > 1:
+        b_zp = ctx.emit1("reshape", [b_zp], shape=(b_shape[0],) + (1,) * (len(b_shape) - 1))
+    return _shifted(ctx, a, a_zp, "float64"), _shifted(ctx, b, b_zp, "float64")
+
+
+def _requantize(ctx: Context, acc: Operand, a_scale: Operand, b_scale: Operand, y_scale: Operand,
+                y_zp: Operand | None, out: str, channel_shape: tuple[int, ...] | None) -> Operand:
+    """``saturate(round(acc * (a_scale * b_scale / y_scale) + y_zp))``, the multiplier in float32 (onnx's order)
+    applied to the exact float64 accumulator. ``channel_shape`` reshapes a per-channel weight scale."""
+    if channel_shape is not None and ctx.type(b_scale).numel > 1:
+        b_scale = ctx.emit1("reshape", [b_scale], shape=channel_shape)
+    mult = ctx.emit1("div", [ctx.emit1("mul", [_as(ctx, a_scale, "float32"), _as(ctx, b_scale, "float32")]),
+                             _as(ctx, y_scale, "float32")])
+    y = ctx.emit1("mul", [acc, _as(ctx, mult, "float64")])
+    if y_zp is not None:  # added before rounding, as onnx does (a tie's even neighbour depends on the zero point)
+        y = ctx.emit1("add", [y, _as(ctx, y_zp, "float64")])
+    return _saturate(ctx, ctx.emit1("round", [y]), out)
+
+
+@converter("MatMulInteger")
+def _matmul_integer(ctx: Context, node):
+    a, b = _integer_operands(ctx, 0, 1, 2, 3, convolution=False)
+    return [ctx.emit1("cast", [ctx.emit1("matmul", [a, b])], dtype="int32")]
+
+
+@converter("QLinearMatMul")
+def _qlinear_matmul(ctx: Context, node):
+    a, b = _integer_operands(ctx, 0, 3, 2, 5, convolution=False)
+    y_zp = ctx.optional(7)
+    out = ctx.type(y_zp).dtype if y_zp is not None else ctx.type(ctx.operand(0)).dtype
+    return [_requantize(ctx, ctx.emit1("matmul", [a, b]), ctx.operand(1), ctx.operand(4), ctx.operand(6), y_zp,
+                        out, channel_shape=None)]
+
+
+@converter("ConvInteger")
+def _conv_integer(ctx: Context, node):
+    x, w = _integer_operands(ctx, 0, 1, 2, 3, convolution=True)
+    return [ctx.emit1("cast", [conv(ctx, x, w, None)], dtype="int32")]
+
+
+@converter("QLinearConv")
+def _qlinear_conv(ctx: Context, node):
+    x, w = _integer_operands(ctx, 0, 3, 2, 5, convolution=True)
+    bias = ctx.optional(8)
+    acc = conv(ctx, x, w, None if bias is None else _as(ctx, bias, "float64"))
+    y_zp = ctx.optional(7)
+    out = ctx.type(y_zp).dtype if y_zp is not None else ctx.type(ctx.operand(0)).dtype
+    rank = ctx.type(acc).rank
+    return [_requantize(ctx, acc, ctx.operand(1), ctx.operand(4), ctx.operand(6), y_zp, out,
+                        channel_shape=(ctx.type(w).shape[0],) + (1,) * (rank - 2))]
+
