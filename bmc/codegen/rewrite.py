@@ -191,8 +191,8 @@ def bound_fusion(record: dict | None = None, max_depth: int | None = None) -> tv
 
     After FuseOps, TVM's schedules inline each elementwise producer into its consumer, so a fused chain becomes one
     expression, and VectorizeLoop's time doubles with each nested call in it. Normal models nest a few calls; a
-    fake-quantized (QDQ) model has a ``round`` in every quantize, and its GELU fused into one expression of depth
-    ~40 that did not compile in ten minutes. This pass computes each call's inlined depth in dataflow order and,
+    fake-quantized (QDQ) model has a ``round`` in every quantize, and its GELU fused into one expression that did
+    not compile in ten minutes. This pass computes each call's inlined depth in dataflow order and,
     where it would pass the limit, makes the deepest operand's producer opaque (a copy of its PrimFunc with
     ``op_pattern`` kOpaque, which FuseOps never fuses), so the chain is cut into kernels there.
     ``record["materialized"]`` counts the cuts."""
@@ -219,7 +219,8 @@ def bound_fusion(record: dict | None = None, max_depth: int | None = None) -> tv
                     if gv not in stats:
                         stats[gv] = _call_depths(pf)
                     own, reads = stats[gv]
-                    parts = [(r + depth[a], a) for r, a in zip(reads, call.args[1].fields) if r >= 0 and a in depth]
+                    parts = [(r + depth[a], a) for r, a in zip(reads, call.args[1].fields)
+                             if r >= 0 and a in depth and a not in opaque]  # a cut operand is a plain load
                     while parts and max(own, max(parts, key=lambda p: p[0])[0]) > limit:
                         deepest = max(parts, key=lambda p: p[0])
                         opaque.add(deepest[1])
