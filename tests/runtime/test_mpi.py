@@ -421,3 +421,23 @@ def test_gpu_collective_selection_and_host_staging(tmp_path):
         np.testing.assert_array_equal(out["all_gather"], np.concatenate(xs, axis=1))
         np.testing.assert_array_equal(out["reduce_scatter"], np.split(xs[0] + xs[1], 2, axis=1)[rank])
         np.testing.assert_array_equal(out["all_to_all"], np.concatenate([np.split(x, 2, axis=1)[rank] for x in xs]))
+
+
+def test_int8_model_tensor_parallel_on_two_ranks(tmp_path, native_lib):
+    """The dynamically quantized GPT-2 (``tests/fixtures/quantized``), Megatron on 2 real ranks with the native
+    collectives: int8 weight shards, float64 all-reduces of the integer products; equal to onnxruntime."""
+    import onnxruntime as ort
+
+    import bmc
+    from bmc.sharding.mesh import Mesh
+
+    model = ROOT / "tests" / "fixtures" / "quantized" / "gpt2_dynamic.onnx"
+    ids = np.load(ROOT / "tests" / "fixtures" / "models" / "gpt2_dynamo.npz")["input_ids"]
+    bmc.compile(model, tmp_path / "q.bmc", mesh=Mesh.parse("1x2"), strategy="megatron",
+                input_shapes={"input_ids": ids.shape})
+    np.savez(tmp_path / "in.npz", input_ids=ids)
+    r = bmc_run(2, tmp_path / "q.bmc", tmp_path / "in.npz", tmp_path / "out.npz", "--collectives", "native",
+                BMC_MPI_NATIVE_LIB=native_lib)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    _check(tmp_path / "out.npz", sess.run(None, {"input_ids": ids}))
