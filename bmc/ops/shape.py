@@ -1,4 +1,5 @@
-"""Shape and data movement: reshape, transpose, concat, split, slice, gathers, broadcast, tile, pad, constant."""
+"""Shape and data movement: reshape, transpose, concat, split, slice, gathers, broadcast, tile, pad, constant,
+unpack_int4."""
 
 from __future__ import annotations
 
@@ -254,6 +255,25 @@ def _tile_infer(ins, attrs):
 
 register(OpDef("tile", "shape", (1, 1), {"repeats": Attr("ints")}, _tile_infer,
                lambda ins, a: [np.tile(ins[0], a["repeats"])], movement_cost))
+
+
+def _unpack_int4_infer(ins, attrs):
+    (t,) = ins
+    if t.dtype != "uint8" or t.rank == 0:
+        raise OpError(f"unpack_int4 takes a uint8 tensor of rank >= 1, got {t}")
+    return [TensorType("int8" if attrs["signed"] else "uint8", t.shape[:-1] + (2 * t.shape[-1],))]
+
+
+def _unpack_int4(ins, attrs):
+    (x,) = ins
+    nibbles = np.stack([x & 15, x >> 4], axis=-1).reshape(x.shape[:-1] + (2 * x.shape[-1],))
+    return [np.where(nibbles >= 8, nibbles.astype(np.int8) - 16, nibbles).astype(np.int8) if attrs["signed"]
+            else nibbles]
+
+
+register(OpDef("unpack_int4", "shape", (1, 1), {"signed": Attr("bool")}, _unpack_int4_infer, _unpack_int4,
+               movement_cost, doc="4-bit integers packed two per byte along the last dim, the first in the low "
+                                  "nibble (ONNX's order), to one per byte; sign-extended when signed"))
 
 
 def _pad_infer(ins, attrs):

@@ -214,6 +214,15 @@ def _scaled_mean_local(ctx, node, inputs, assignment, rule):
     return ctx.emit("mul", [y, ctx.constant(np.asarray(1.0 / shards), y.type.dtype)])
 
 
+def unpack_int4_rule(ins, outs, attrs) -> ShardingRule:
+    """Every dim passes; the last result dim is (packed bytes, nibble), so a split of the bytes is a split of the
+    values in the same blocks."""
+    fs = _Factors()
+    dims = same_shape_dims(fs, ins[0].shape)
+    nibble = fs.new("nibble", 2, "replicate")
+    return fs.rule([dims], [dims[:-1] + (dims[-1] + (nibble,),)])
+
+
 def axis_replicated_rule(ins, outs, attrs) -> ShardingRule:
     """softmax, log_softmax, cumsum: the ``axis`` dim may not be split, every other dim passes."""
     x = ins[0]
@@ -443,6 +452,7 @@ RULES: dict[str, RuleBuilder] = {
     "slice": changed_axes_rule(_sliced_axes),
     "pad": changed_axes_rule(_padded_axes),
     "tile": changed_axes_rule(_repeated_axes),
+    "unpack_int4": unpack_int4_rule,
     "gather": gather_rule,
     "gather_elements": gather_elements_rule,
     "gather_nd": gather_nd_rule,

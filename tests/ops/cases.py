@@ -86,6 +86,8 @@ CASES += [
     ("gather_nd", [f32(2, 3, 4), i64(2, 1, hi=3)], {"batch_dims": 1}),
     ("broadcast_to", [f32(3, 1)], {"shape": (2, 3, 4)}),
     ("tile", [f32(2, 3)], {"repeats": (2, 1)}),
+    ("unpack_int4", [np.arange(256, dtype=np.uint8).reshape(4, 64)], {"signed": True}),  # every byte
+    ("unpack_int4", [np.arange(240, dtype=np.uint8).reshape(2, 3, 40)], {"signed": False}),
     ("pad", [f32(2, 3)], {"pads": (1, 0, 0, 2), "mode": "constant", "value": 1.5}),
     ("pad", [f32(3, 4)], {"pads": (1, 1, 1, 1), "mode": "reflect", "value": 0.0}),
     ("pad", [f32(3, 4)], {"pads": (0, 2, 1, 0), "mode": "edge", "value": 0.0}),

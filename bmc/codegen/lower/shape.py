@@ -124,6 +124,18 @@ def _tile(ctx, node, args):
     return _R.reshape(x, [r * d for r, d in zip(reps, shape)])
 
 
+@lowering("unpack_int4")
+def _unpack_int4(ctx, node, args):
+    shape = node.outputs[0].type.shape
+    lo = ctx.emit(_R.bitwise_and(args[0], const(np.uint8(15))))
+    hi = ctx.emit(_R.right_shift(args[0], const(np.uint8(4))))
+    x = ctx.emit(_R.reshape(ctx.emit(_R.stack([lo, hi], axis=len(shape))), list(shape)))
+    if not node.attrs["signed"]:
+        return x
+    x = ctx.emit(_R.astype(x, "int8"))
+    return _R.where(_R.greater_equal(x, const(np.int8(8))), _R.subtract(x, const(np.int8(16))), x)
+
+
 @lowering("pad")
 def _pad(ctx, node, args):
     pads, rank = node.attrs["pads"], node.inputs[0].type.rank
