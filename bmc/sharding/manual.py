@@ -36,17 +36,25 @@ def megatron(graph: Graph, axis: str, batch_axis: str | None = None) -> dict[str
     """Megatron annotations over ``axis``; activations it annotates keep their batch dim on ``batch_axis``."""
     params = {id(p) for p in graph.params}
     users: dict[int, list[Node]] = {}
+    derived = set(params)  # values computed from parameters and constants alone (a dequantized weight)
     for n in graph.nodes:
         for v in n.inputs:
             users.setdefault(id(v), []).append(n)
+        if all(id(v) in derived for v in n.inputs):
+            derived.update(id(v) for v in n.outputs)
     split_act: set[int] = set()  # activations already split over `axis` by a column-parallel matmul
     out: dict[str, Spec] = {}
 
     def weight_matmul(node: Node):
+        """(what to annotate, its permutation) for a matmul by a 2-D weight: the parameter behind transposes, or
+        the operand itself when it is computed from parameters (quantized weights: propagation carries the
+        split back through the dequantization to the stored, packed parameter)."""
         if node.op != "matmul" or node.inputs[1].type.rank != 2:
             return None
         src = weight_source(node.inputs[1])
-        return src if src is not None and id(src[0]) in params else None
+        if src is not None and id(src[0]) in params:
+            return src
+        return (node.inputs[1], (0, 1)) if id(node.inputs[1]) in derived and node.inputs[1].producer else None
 
     for node in graph.nodes:
         src = weight_matmul(node)
