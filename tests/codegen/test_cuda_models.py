@@ -37,11 +37,11 @@ def test_fixture_compiles_for_sm90(name, tmp_path):
     assert b"__global__" not in library  # compiled images only, no CUDA source left for load time
 
 
-@pytest.mark.parametrize("name", ["gpt2_dynamic", "gpt2_qdq"])
+@pytest.mark.parametrize("name", ["gpt2_dynamic", "gpt2_qdq", "llama_nbits"])
 def test_quantized_fixture_compiles_for_sm90(name, tmp_path):
-    """int8 models (``scripts/quantize_fixtures.py``): float64 integer matmuls, the QDQ chains cut by
-    ``bound_fusion``."""
-    data = np.load(FIXTURES / "gpt2_dynamo.npz")
+    """Quantized models (``scripts/quantize_fixtures.py``): int8 (float64 integer matmuls, the QDQ chains cut by
+    ``bound_fusion``) and int4 (``MatMulNBits``: packed weights unpacked in the dequantizing kernel)."""
+    data = np.load(FIXTURES / ("llama_dynamo.npz" if name.startswith("llama") else "gpt2_dynamo.npz"))
     bmc.compile(QUANTIZED / f"{name}.onnx", tmp_path / "m.bmc", target="cuda", input_shapes={"input_ids": data[
         "input_ids"].shape})
     info = json.loads((tmp_path / "m.bmc" / "manifest.json").read_text())["kernels"]["cuda"]

@@ -1,11 +1,13 @@
-"""int8 models made by onnxruntime's quantizer (``scripts/quantize_fixtures.py``, from the ``gpt2_dynamo`` fixture),
-compiled for llvm and run through the artifact.
+"""int8 and int4 models made by onnxruntime's quantizers (``scripts/quantize_fixtures.py``, from the ``gpt2_dynamo``
+and ``llama_dynamo`` fixtures and a two-layer MLP), compiled for llvm and run through the artifact.
 
 Oracles and tolerances: the dynamically quantized model (``DynamicQuantizeLinear`` + ``MatMulInteger``) against
 onnxruntime, the QDQ model against ``onnx.reference`` and against onnxruntime with graph optimizations off (with
 them on, onnxruntime fuses each QDQ group into integer kernels that round differently: 1.3e-2 of max |ref| from
 the spec on this model). Both: max abs error <= 1e-5 x max|ref|; bmc's integer products are exact (float64
-accumulation), so what is left is float32 rounding in the float ops between the quantizers.
+accumulation), so what is left is float32 rounding in the float ops between the quantizers. The int4 models
+(weight-only: ``com.microsoft::MatMulNBits`` and blocked int4/uint4 ``DequantizeLinear``) against onnxruntime with
+its optimizations off, and the QDQ ones against ``onnx.reference`` too, with the same tolerance.
 """
 
 import json
@@ -75,6 +77,8 @@ def test_manifest_matches_the_fixtures():
     ops = {e["file"]: e["ops"] for e in manifest["fixtures"]}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= set(ops["gpt2_dynamic.onnx"])
     assert ops["gpt2_qdq.onnx"]["QuantizeLinear"] > 50 and ops["gpt2_qdq.onnx"]["DequantizeLinear"] > 50
+    assert ops["llama_nbits.onnx"]["MatMulNBits"] == 15 and ops["llama_int4_qdq.onnx"]["DequantizeLinear"] == 15
+    assert ops["mlp_nbits.onnx"]["MatMulNBits"] == 2 and ops["mlp_int4_qdq.onnx"]["DequantizeLinear"] == 2
 
 
 def test_dynamically_quantized_gpt2_matches_onnxruntime(compiled):
@@ -106,6 +110,8 @@ def test_dynamically_quantized_gpt2_tensor_parallel_matches_one_device(compiled,
     path = tmp_path / "tp.bmc"
     bmc.compile(QUANTIZED / "gpt2_dynamic.onnx", path, mesh=Mesh.parse("1x2"), strategy="megatron",
                 input_shapes={k: v.shape for k, v in inputs.items()})
+    kinds = [c["kind"] for c in json.loads((path / "plan.json").read_text())["collectives"]]
+    assert kinds.count("all_reduce") == 4  # 2 per layer: the weights really are split
     _assert_close(bmc.load(path, simulate=True).run(inputs), bmc.load(compiled["gpt2_dynamic"]).run(inputs))
 
 
@@ -142,3 +148,107 @@ def test_int8_weights_stay_int8_in_the_artifact(tmp_path):
     got = bmc.load(tmp_path / "q.bmc").run({"x": x})
     _assert_close(got, _onnxruntime(tmp_path / "q.onnx", {"x": x}, optimize=False))
     _assert_close(got, _onnx_reference(tmp_path / "q.onnx", {"x": x}))
+
+
+# ---- int4 ---------------------------------------------------------------------------------------------------
+INT4 = ("llama_nbits", "llama_int4_qdq", "mlp_nbits", "mlp_int4_qdq")
+MLP_FLOAT_BYTES = 4 * 2 * 200 * 512  # the MLP's two float weights
+
+
+def _int4_inputs(name):
+    if name.startswith("llama"):
+        return load_case("llama_dynamo")[0]
+    return {"x": np.random.default_rng(1).standard_normal((4, 200), dtype=np.float32)}
+
+
+@pytest.fixture(scope="module")
+def compiled_int4(tmp_path_factory):
+    out = {}
+    for name in INT4:
+        path = tmp_path_factory.mktemp(name) / "m.bmc"
+        bmc.compile(QUANTIZED / f"{name}.onnx", path, input_shapes={k: v.shape for k, v in _int4_inputs(name).items()})
+        out[name] = path
+    return out
+
+
+@pytest.mark.parametrize("name", INT4)
+def test_int4_models_match_onnxruntime(compiled_int4, name):
+    inputs = _int4_inputs(name)
+    got = bmc.load(compiled_int4[name]).run(inputs)
+    _assert_close(got, _onnxruntime(QUANTIZED / f"{name}.onnx", inputs, optimize=False))
+    if name.endswith("qdq"):
+        _assert_close(got, _onnx_reference(QUANTIZED / f"{name}.onnx", inputs))
+
+
+@pytest.mark.parametrize("name", ("mlp_nbits", "mlp_int4_qdq"))
+def test_int4_weights_stay_packed_in_the_artifact(compiled_int4, name):
+    """Two 4-bit values a byte in the artifact (and in memory): the weights file is the packed codes plus a float
+    scale (and a 4-bit zero point) per block of 32, under a fifth of the float weights."""
+    path = compiled_int4[name]
+    params = json.loads((path / "manifest.json").read_text())["signature"]["params"]
+    packed = [p for p in params if p["dtype"] == "uint8" and "Q4" in p["name"]]
+    codes = sum(int(np.prod(p["shape"])) for p in packed)  # bytes; MatMulNBits pads K = 200 to 7 blocks of 32
+    assert codes == {"mlp_nbits": (512 * 224 + 200 * 512) // 2, "mlp_int4_qdq": 2 * 200 * 512 // 2}[name]
+    weights = sum(f.stat().st_size for f in (path / "weights").iterdir())
+    assert weights < MLP_FLOAT_BYTES / 5
+
+
+@pytest.mark.parametrize("name, all_reduces", [("mlp_nbits", 1), ("mlp_int4_qdq", 1), ("llama_nbits", 4)])
+def test_int4_tensor_parallel_splits_the_packed_weights(compiled_int4, name, all_reduces, tmp_path):
+    """Megatron finds the matmuls by dequantized weights, and propagation carries each split back through the
+    dequantization to the packed codes: every rank stores half of every packed weight; one all-reduce per
+    row-parallel matmul; equal to one device."""
+    from bmc.runtime.safetensors import SafetensorsFile
+
+    inputs = _int4_inputs(name)
+    path = tmp_path / "tp.bmc"
+    bmc.compile(QUANTIZED / f"{name}.onnx", path, mesh=Mesh.parse("1x2"), strategy="megatron",
+                input_shapes={k: v.shape for k, v in inputs.items()})
+    kinds = [c["kind"] for c in json.loads((path / "plan.json").read_text())["collectives"]]
+    assert kinds.count("all_reduce") == all_reduces
+    full, rank0 = (SafetensorsFile(p) for p in (compiled_int4[name] / "weights" / "rank0.safetensors",
+                                                  path / "weights" / "rank0.safetensors"))
+    codes = [n for n in full.names() if n.endswith("Q4")]
+    assert codes and all(2 * np.prod(rank0.info(n)[1]) == np.prod(full.info(n)[1]) for n in codes)
+    _assert_close(bmc.load(path, simulate=True).run(inputs), bmc.load(compiled_int4[name]).run(inputs))
+
+
+def test_cast_to_int4_wraps_inside_the_graph():
+    """Cast to int4/uint4 wraps around like numpy's casts (the values carried in 8 bits are the wrapped ones)."""
+    from onnx.reference import ReferenceEvaluator
+
+    import bmc.onnx_backend as backend
+
+    x = np.arange(-20, 21, dtype=np.float32)
+    for four_bit in (TensorProto.INT4, TensorProto.UINT4):
+        graph = oh.make_graph(
+            [oh.make_node("Cast", ["x"], ["q"], to=four_bit), oh.make_node("Cast", ["q"], ["y"], to=TensorProto.FLOAT)],
+            "wrap", [oh.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+            [oh.make_tensor_value_info("y", TensorProto.FLOAT, x.shape)])
+        model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)])
+        lo = -8 if four_bit == TensorProto.INT4 else 0
+        want = (x - lo) % 16 + lo
+        np.testing.assert_array_equal(backend.prepare(model).run([x])[0], want)
+        np.testing.assert_array_equal(ReferenceEvaluator(model).run(None, {"x": x})[0], want)
+
+
+@pytest.mark.parametrize("attrs, inputs, message", [
+    ({"bits": 2}, ["a", "b", "s"], "bits=2 is not supported"),
+    ({}, ["a", "b", "s", "", "g_idx"], "g_idx"),
+    ({"K": 48}, ["a", "b", "s"], r"B is u8\[8,2,8\], but K=48"),
+])
+def test_matmul_nbits_refusals_name_the_node(attrs, inputs, message):
+    from bmc.errors import ModelError
+    from bmc.frontend.onnx import import_model
+
+    node = oh.make_node("MatMulNBits", inputs, ["y"], name="lm_head", domain="com.microsoft",
+                        **{"K": 32, "N": 8, "bits": 4, "block_size": 16, **attrs})
+    inits = [onnx.numpy_helper.from_array(np.zeros((8, 2, 8), np.uint8), "b"),
+             onnx.numpy_helper.from_array(np.ones((8, 2), np.float32), "s"),
+             onnx.numpy_helper.from_array(np.zeros(32, np.int32), "g_idx")]
+    graph = oh.make_graph([node], "nbits", [oh.make_tensor_value_info("a", TensorProto.FLOAT, [2, 32])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21), oh.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(ModelError, match=message) as err:
+        import_model(model, {})
+    assert "lm_head" in str(err.value)

@@ -423,16 +423,18 @@ def test_gpu_collective_selection_and_host_staging(tmp_path):
         np.testing.assert_array_equal(out["all_to_all"], np.concatenate([np.split(x, 2, axis=1)[rank] for x in xs]))
 
 
-def test_int8_model_tensor_parallel_on_two_ranks(tmp_path, native_lib):
-    """The dynamically quantized GPT-2 (``tests/fixtures/quantized``), Megatron on 2 real ranks with the native
-    collectives: int8 weight shards, float64 all-reduces of the integer products; equal to onnxruntime."""
+@pytest.mark.parametrize("name, source", [("gpt2_dynamic", "gpt2_dynamo"), ("llama_nbits", "llama_dynamo")])
+def test_quantized_model_tensor_parallel_on_two_ranks(tmp_path, native_lib, name, source):
+    """Quantized models from ``tests/fixtures/quantized``, Megatron on 2 real ranks with the native collectives:
+    the dynamically quantized GPT-2 (int8 weight shards, float64 all-reduces of the integer products) and the
+    int4 Llama (``MatMulNBits``: packed 4-bit weight shards); equal to onnxruntime."""
     import onnxruntime as ort
 
     import bmc
     from bmc.sharding.mesh import Mesh
 
-    model = ROOT / "tests" / "fixtures" / "quantized" / "gpt2_dynamic.onnx"
-    ids = np.load(ROOT / "tests" / "fixtures" / "models" / "gpt2_dynamo.npz")["input_ids"]
+    model = ROOT / "tests" / "fixtures" / "quantized" / f"{name}.onnx"
+    ids = np.load(ROOT / "tests" / "fixtures" / "models" / f"{source}.npz")["input_ids"]
     bmc.compile(model, tmp_path / "q.bmc", mesh=Mesh.parse("1x2"), strategy="megatron",
                 input_shapes={"input_ids": ids.shape})
     np.savez(tmp_path / "in.npz", input_ids=ids)

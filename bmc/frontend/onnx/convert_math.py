@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from bmc.frontend.onnx.importer import Context, ConvertError, converter
-from bmc.frontend.onnx.loader import to_dtype
+from bmc.frontend.onnx.loader import FOUR_BIT_NAMES, to_dtype
 from bmc.ir.types import np_dtype
 
 _UNARY = {
@@ -109,9 +109,17 @@ def _clip(ctx: Context, node):
 def _cast(ctx: Context, node):
     x = ctx.operand(0)
     if node.op_type == "CastLike":
+        four_bit = ctx.four_bit.get(node.input[1])
         dtype = ctx.type(ctx.operand(1)).dtype
     else:
-        dtype = to_dtype(ctx.attr("to"), f"Cast node {node.name!r}", "Cast")
+        four_bit = FOUR_BIT_NAMES.get(ctx.attr("to"))
+        dtype = to_dtype(ctx.attr("to"), f"Cast node {node.name!r}", "Cast", four_bit=True)
+    if four_bit:  # wraps around, as numpy's casts do: truncate, then reduce modulo 16 into the type's range
+        ctx.four_bit[node.output[0]] = four_bit
+        lo = -8.0 if four_bit == "int4" else 0.0
+        t = ctx.emit1("cast", [ctx.emit1("cast", [x], dtype="int32")], dtype="float64")
+        wraps = ctx.emit1("floor", [ctx.emit1("div", [ctx.emit1("sub", [t, np.float64(lo)]), np.float64(16)])])
+        x = ctx.emit1("sub", [t, ctx.emit1("mul", [wraps, np.float64(16)])])
     if ctx.type(x).dtype == dtype:
         return [x]
     return [ctx.emit1("cast", [x], dtype=dtype)]

@@ -20,10 +20,11 @@ import numpy as np
 
 from bmc.frontend.onnx.convert_nn import conv
 from bmc.frontend.onnx.importer import Context, ConvertError, Operand, converter
-from bmc.frontend.onnx.loader import to_dtype
+from bmc.frontend.onnx.loader import FOUR_BIT_NAMES, to_dtype
 from bmc.ir.types import INT_DTYPES
 
-_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-32768, 32767)}
+_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-32768, 32767), "uint4": (0, 15), "int4": (-8, 7)}
+_CARRIER = {"uint4": "uint8", "int4": "int8"}  # the IR dtype that holds a 4-bit type's values
 
 
 def _broadcastable(ctx: Context, p: Operand, shape: tuple[int, ...], axis: int, block_size: int, what: str) -> Operand:
@@ -56,11 +57,15 @@ def _shifted(ctx: Context, x: Operand, zero_point: Operand | None, dtype: str) -
 
 
 def _saturate(ctx: Context, y: Operand, dtype: str) -> Operand:
-    """Clip a rounded ``y`` to ``dtype``'s range and cast: the last step of every quantizing op."""
+    """Clip a rounded ``y`` to ``dtype``'s range and cast: the last step of every quantizing op. A 4-bit result is
+    carried in 8 bits (and noted, for the ops that read it)."""
     if dtype not in _RANGES:
-        raise ConvertError(f"quantizing to {dtype} is not supported", fix="bmc quantizes to uint8, int8 and int16")
+        raise ConvertError(f"quantizing to {dtype} is not supported",
+                           fix="bmc quantizes to uint8, int8, int16, uint4 and int4")
     lo, hi = _RANGES[dtype]
-    return ctx.emit1("cast", [ctx.emit1("clip", [y], min=float(lo), max=float(hi))], dtype=dtype)
+    if dtype in _CARRIER:
+        ctx.four_bit[ctx.node.output[0]] = dtype
+    return ctx.emit1("cast", [ctx.emit1("clip", [y], min=float(lo), max=float(hi))], dtype=_CARRIER.get(dtype, dtype))
 
 
 def _check_integer(ctx: Context, x: Operand, what: str) -> str:
@@ -94,9 +99,10 @@ def _quantize(ctx: Context, node):
     zp = ctx.optional(2)
     where = f"QuantizeLinear node {node.name!r}"
     if zp is not None:
-        out = ctx.type(zp).dtype
+        out = ctx.four_bit.get(node.input[2], ctx.type(zp).dtype)
     elif ctx.attr("output_dtype"):
-        out = to_dtype(ctx.attr("output_dtype"), where, "output_dtype")
+        code = ctx.attr("output_dtype")
+        out = FOUR_BIT_NAMES[code] if code in FOUR_BIT_NAMES else to_dtype(code, where, "output_dtype")
     else:
         out = "uint8"
     precision = to_dtype(ctx.attr("precision"), where, "precision") if ctx.attr("precision") else ctx.type(x).dtype
@@ -193,3 +199,46 @@ def _qlinear_conv(ctx: Context, node):
     return [_requantize(ctx, acc, ctx.operand(1), ctx.operand(4), ctx.operand(6), y_zp, out,
                         channel_shape=(ctx.type(w).shape[0],) + (1,) * (rank - 2))]
 
+
+
+@converter("com.microsoft::MatMulNBits")
+def _matmul_nbits(ctx: Context, node):
+    """onnxruntime's weight-only quantized linear layer: ``A @ dequantize(B).T + bias`` with B ``[N, blocks, bytes]``
+    holding 4- or 8-bit codes along K (two 4-bit codes a byte, the first in the low nibble), dequantized per block
+    as ``(code - zero_point) * scale``. The packed bytes are the weight (4 bits a value in the artifact); an
+    ``unpack_int4`` node feeds the dequantizing kernel. A is used as given whatever ``accuracy_level`` says
+    (onnxruntime's level 4 quantizes A to 8 bits first)."""
+    a, b, scales = ctx.operand(0), ctx.operand(1), ctx.operand(2)
+    k, n, bits, block = ctx.attr("K"), ctx.attr("N"), ctx.attr("bits", 4), ctx.attr("block_size")
+    if bits not in (4, 8):
+        raise ConvertError(f"MatMulNBits with bits={bits} is not supported", fix="bmc takes 4- and 8-bit weights")
+    if ctx.has(4):
+        raise ConvertError("MatMulNBits with g_idx (act-order) is not supported",
+                           fix="quantize without act-order (onnxruntime's default)")
+    blocks = -(-k // block)
+    if ctx.type(b).shape != (n, blocks, block * bits // 8) or ctx.type(b).dtype != "uint8":
+        raise ConvertError(f"B is {ctx.type(b)}, but K={k}, N={n}, bits={bits}, block_size={block} need "
+                           f"uint8[{n},{blocks},{block * bits // 8}]")
+    if ctx.type(a).shape[-1:] != (k,):
+        raise ConvertError(f"input A has shape {ctx.type(a).shape}; its last dim must be K={k}")
+    codes = ctx.emit1("unpack_int4", [b], signed=False) if bits == 4 else b  # [N, blocks, block]
+    per_block = (n, blocks, 1)
+    zp = ctx.optional(3)
+    if zp is None:
+        zp = np.array(1 << (bits - 1), np.float32)
+    elif ctx.type(zp).dtype == "uint8":  # packed like B: each row's zero points padded to whole bytes
+        zp = ctx.emit1("reshape", [zp], shape=(n, -(-blocks * bits // 8)))
+        if bits == 4:
+            zp = ctx.emit1("slice", [ctx.emit1("unpack_int4", [zp], signed=False)], starts=(0,), ends=(blocks,),
+                           axes=(1,), steps=(1,))
+        zp = ctx.emit1("reshape", [zp], shape=per_block)
+    else:
+        zp = ctx.emit1("reshape", [zp], shape=per_block)
+    w = ctx.emit1("mul", [_shifted(ctx, codes, zp, "float32"),
+                          _as(ctx, ctx.emit1("reshape", [scales], shape=per_block), "float32")])
+    w = ctx.emit1("reshape", [w], shape=(n, blocks * block))
+    if blocks * block != k:
+        w = ctx.emit1("slice", [w], starts=(0,), ends=(k,), axes=(1,), steps=(1,))
+    y = ctx.emit1("matmul", [a, ctx.emit1("transpose", [_as(ctx, w, ctx.type(a).dtype)], perm=(1, 0))])
+    bias = ctx.optional(5)
+    return [y if bias is None else ctx.emit1("add", [y, bias])]

@@ -27,8 +27,11 @@ from bmc.ops.builder import GraphBuilder
 
 Operand = Value | np.ndarray
 FOLD_LIMIT = 1 << 16  # folded results up to this many elements stay compile-time constants
-SMALL_FLOAT_INITIALIZER = 16  # float initializers up to this many elements are constants, larger ones weights
+SMALL_WEIGHT = 16  # float and quantized (8-/4-bit) initializers up to this many elements are constants, larger
+# ones weights; other integer and bool initializers (shapes, indices, masks) are constants up to FOLD_LIMIT
+WEIGHT_DTYPES = FLOAT_DTYPES | {"int8", "uint8"}
 
+# by op type, or "domain::op type" outside the default domain
 CONVERTERS: dict[str, Callable[["Context", onnx.NodeProto], Sequence[Operand | None]]] = {}
 
 
@@ -39,6 +42,10 @@ def converter(*op_types: str):
         return fn
 
     return deco
+
+
+def op_key(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
 
 
 class ConvertError(Exception):
@@ -54,6 +61,7 @@ class Context:
     builder: GraphBuilder
     opset: int
     env: dict[str, Operand] = field(default_factory=dict)
+    four_bit: dict[str, str] = field(default_factory=dict)  # ONNX tensor name -> "int4"/"uint4" (carried in 8 bits)
     node: onnx.NodeProto | None = None
     _materialized: dict[int, tuple[np.ndarray, Value]] = field(default_factory=dict)  # by id; holds the array
     # alive so its id cannot be reused by another array
@@ -134,12 +142,18 @@ def import_graph(proto: onnx.ModelProto, base_dir, input_shapes: Mapping[str, Se
     for init in g.initializer:
         weights[init.name] = loader.initializer_tensor(init, base_dir)
     loader.check_external_overlaps(weights)
-    for init_name, t in weights.items():  # integer/bool tensors are shapes, indices and masks: fold them
-        small = t.type.numel <= (SMALL_FLOAT_INITIALIZER if t.type.dtype in FLOAT_DTYPES else FOLD_LIMIT)
+    four_bit = {i.name: i for i in g.initializer if i.data_type in loader.FOUR_BIT}
+    for init_name, t in weights.items():
+        if init_name in four_bit:
+            ctx.env[init_name] = _four_bit_initializer(ctx, four_bit[init_name], t)
+            continue
+        small = t.type.numel <= (SMALL_WEIGHT if t.type.dtype in WEIGHT_DTYPES else FOLD_LIMIT)
         ctx.env[init_name] = np.asarray(t.numpy()) if small else b.param(init_name, t)
 
     for inp, ty in bind_input_shapes(g, input_shapes or {}).items():
         ctx.env[inp] = b.input(inp, ty)
+    ctx.four_bit.update({i.name: loader.FOUR_BIT_NAMES[i.type.tensor_type.elem_type] for i in g.input
+                         if i.type.tensor_type.elem_type in loader.FOUR_BIT_NAMES})
 
     for idx, node in enumerate(order):
         b.source = node.name or f"{node.op_type}_{idx}"
@@ -157,17 +171,28 @@ def import_graph(proto: onnx.ModelProto, base_dir, input_shapes: Mapping[str, Se
     return eliminate_dead_code(graph)
 
 
+def _four_bit_initializer(ctx: Context, proto: onnx.TensorProto, packed: Tensor) -> Operand:
+    """A 4-bit initializer's values. A weight packed by rows stays packed, 4 bits a value, for an ``unpack_int4``
+    node to read; a small one, or one whose rows share bytes (odd last dim), is decoded here."""
+    dims, signed = tuple(proto.dims), proto.data_type == onnx.TensorProto.INT4
+    ctx.four_bit[proto.name] = loader.FOUR_BIT_NAMES[proto.data_type]
+    if np.prod(dims) > SMALL_WEIGHT and dims and dims[-1] % 2 == 0:
+        return ctx.emit1("unpack_int4", [ctx.builder.param(proto.name, packed)], signed=signed)
+    arr = loader.unpack_four_bit(packed.numpy(), proto.data_type, dims)
+    return arr if arr.size <= SMALL_WEIGHT else ctx.builder.param(proto.name, ArrayTensor(arr))
+
+
 def _import_node(ctx: Context, node: onnx.NodeProto, where: str, functions: Functions, depth: int = 0) -> None:
     """Convert one ONNX node, or inline its function body (the body's IR nodes keep the node's ``source``)."""
-    if node.domain in DEFAULT_DOMAINS and node.op_type in CONVERTERS:
+    op = op_key(node)
+    if op in CONVERTERS:
         _convert(ctx, node, where)
         return
-    op = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
     if depth >= MAX_DEPTH:
         raise ModelError(f"function bodies nest more than {MAX_DEPTH} deep (a recursive function?)", where=where)
     if not functions.has(node):
         raise ModelError(f"op {op} is not supported and has no ONNX function body to expand", where=where,
-                         fix="bmc supports " + ", ".join(sorted(CONVERTERS)) + " (default domain)")
+                         fix="bmc supports " + ", ".join(sorted(CONVERTERS)))
     types = [ctx.type(ctx.env[name]) if name else None for name in node.input]
     try:
         expansion = functions.expand(node, types)
@@ -187,7 +212,7 @@ def _convert(ctx: Context, node: onnx.NodeProto, where: str) -> None:
     ctx.node = node
     first_new = len(b.graph.nodes)
     try:
-        outs = CONVERTERS[node.op_type](ctx, node)
+        outs = CONVERTERS[op_key(node)](ctx, node)
     except ConvertError as e:
         raise ModelError(str(e), where=where, fix=e.fix) from None
     except OpError as e:
@@ -205,16 +230,15 @@ def _check_supported(nodes: list[onnx.NodeProto], functions: Functions) -> None:
     """One error listing every unsupported op, with counts and node names (FAILURES.md 4)."""
     missing: dict[str, list[str]] = {}
     for idx, node in enumerate(nodes):
-        key = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
-        convertible = node.domain in DEFAULT_DOMAINS and node.op_type in CONVERTERS
-        if not convertible and not functions.has(node):
+        key = op_key(node)
+        if key not in CONVERTERS and not functions.has(node):
             missing.setdefault(key, []).append(node.name or f"#{idx}")
     if missing:
         lines = [f"  {op} ×{len(names)}: {', '.join(names[:5])}{' …' if len(names) > 5 else ''}"
                  for op, names in sorted(missing.items())]
         raise ModelError(f"{sum(map(len, missing.values()))} node(s) use {len(missing)} unsupported op(s):\n"
                          + "\n".join(lines), where="model",
-                         fix="bmc supports " + ", ".join(sorted(CONVERTERS)) + " (default domain)")
+                         fix="bmc supports " + ", ".join(sorted(CONVERTERS)))
 
 
 def bind_input_shapes(g: onnx.GraphProto, shapes: Mapping[str, Sequence[int] | int]) -> dict[str, TensorType]:
@@ -234,7 +258,7 @@ def bind_input_shapes(g: onnx.GraphProto, shapes: Mapping[str, Sequence[int] | i
         tt = i.type.tensor_type
         if not i.type.HasField("tensor_type"):
             raise ModelError("only tensor inputs are supported", where=f"graph input {i.name!r}")
-        dtype = loader.to_dtype(tt.elem_type, f"graph input {i.name!r}", "graph inputs")
+        dtype = loader.to_dtype(tt.elem_type, f"graph input {i.name!r}", "graph inputs", four_bit=True)
         if i.name in shapes:
             given = shapes[i.name]
             dims = (given,) if isinstance(given, int) else tuple(given)

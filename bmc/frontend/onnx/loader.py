@@ -28,6 +28,9 @@ _ONNX_DTYPES = {
     TensorProto.BFLOAT16: "bfloat16", TensorProto.INT64: "int64", TensorProto.INT32: "int32",
     TensorProto.INT16: "int16", TensorProto.INT8: "int8", TensorProto.UINT8: "uint8", TensorProto.BOOL: "bool",
 }
+# 4-bit integers, two per byte in ONNX (the first in the low nibble): the IR carries their values in 8-bit tensors
+FOUR_BIT = {TensorProto.INT4: "int8", TensorProto.UINT4: "uint8"}
+FOUR_BIT_NAMES = {TensorProto.INT4: "int4", TensorProto.UINT4: "uint4"}
 _EXTERNAL_KEYS = {"location", "offset", "length", "checksum", "basepath"}
 
 
@@ -43,10 +46,13 @@ def onnx_elem_type(dtype: str) -> int:
     return next(code for code, name in _ONNX_DTYPES.items() if name == dtype)
 
 
-def to_dtype(code: int, where: str, what: str) -> str:
-    """bmc dtype of an ONNX element type, or a ModelError naming the unsupported dtype (FAILURES.md 15)."""
+def to_dtype(code: int, where: str, what: str, four_bit: bool = False) -> str:
+    """bmc dtype of an ONNX element type, or a ModelError naming the unsupported dtype (FAILURES.md 15). With
+    ``four_bit``, int4/uint4 map to the 8-bit dtype that carries their values."""
     if code in _ONNX_DTYPES:
         return _ONNX_DTYPES[code]
+    if four_bit and code in FOUR_BIT:
+        return FOUR_BIT[code]
     raise ModelError(f"dtype {onnx_dtype_name(code)} is not supported for {what}", where=where,
                      fix=f"bmc supports {', '.join(sorted(set(_ONNX_DTYPES.values())))}; cast the model first")
 
@@ -153,14 +159,27 @@ def node_label(node: onnx.NodeProto, idx: int) -> str:
 
 
 def tensor_type(proto: TensorProto, where: str) -> TensorType:
-    dtype = to_dtype(proto.data_type, where, f"tensor {proto.name!r}")
+    """The stored type: a 4-bit tensor of dims ``[..., n]`` is stored as uint8 bytes ``[..., n/2]`` when ``n`` is
+    even (each row packs on its own), else as ``[ceil(numel/2)]``."""
+    dtype = "uint8" if proto.data_type in FOUR_BIT else to_dtype(proto.data_type, where, f"tensor {proto.name!r}")
     dims = tuple(int(d) for d in proto.dims)
     if any(d < 0 for d in dims):
         raise ModelError(f"tensor {proto.name!r} has negative dims {dims}", where=where)
     if prod(dims) > MAX_ELEMENTS:
         raise ModelError(f"tensor {proto.name!r} has {prod(dims)} elements (dims {dims}), over the limit of "
                          f"{MAX_ELEMENTS}", where=where, fix="the model is corrupted or absurdly large")
+    if proto.data_type in FOUR_BIT:
+        dims = dims[:-1] + (dims[-1] // 2,) if dims and dims[-1] % 2 == 0 else (-(-prod(dims) // 2),)
     return TensorType(dtype, dims)
+
+
+def unpack_four_bit(packed: np.ndarray, code: int, dims: tuple[int, ...]) -> np.ndarray:
+    """The values of a 4-bit tensor stored as ``tensor_type`` says, in its 8-bit carrier dtype."""
+    from bmc.ops import get_op
+
+    flat = get_op("unpack_int4").reference([np.ascontiguousarray(packed).reshape(-1)],
+                                           {"signed": code == TensorProto.INT4})[0]
+    return flat[:prod(dims)].reshape(dims)
 
 
 def initializer_tensor(proto: TensorProto, base_dir: Path | None) -> Tensor:
@@ -179,6 +198,10 @@ def initializer_tensor(proto: TensorProto, base_dir: Path | None) -> Tensor:
         arr = onnx.numpy_helper.to_array(proto)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"cannot decode tensor data: {e}", where=where) from e
+    if proto.data_type in FOUR_BIT:  # onnx decodes to ml_dtypes' int4/uint4: pack them again, as stored
+        nibbles = np.zeros(2 * ty.numel, np.uint8)
+        nibbles[:arr.size] = arr.reshape(-1).astype(np.int8).view(np.uint8) & 15
+        arr = nibbles[0::2] | (nibbles[1::2] << 4)
     if arr.size != ty.numel:
         raise ModelError(f"tensor has {arr.size} elements but dims {ty.shape} need {ty.numel}", where=where)
     return ArrayTensor(arr.astype(np_dtype(ty.dtype), copy=False).reshape(ty.shape))
