@@ -12,6 +12,10 @@ stream of a float32 model in float32; Megatron-LM's ``fp32_residual_connection``
   to ``dtype``. Rounding the stream to bfloat16 at every layer compounds: on the
   ViT fixture with the GPU's rounding points it alone took the error from 0.74e-2 to 1.01e-2 of max |ref|. It costs
   the stream's bandwidth twice over (a few % of a transformer layer's time).
+- **Integers scaled by a float stay float32** where ``dtype`` cannot hold them: a float32 constant with finite values
+  that overflow ``dtype`` and only ``mul`` readers (a QDQ model's int32 bias codes, folded to float at import, times
+  their scale) is kept, and those products are computed in float32 (QDQ GPT-2 in float16: ``inf`` before).
+  Constants read otherwise still overflow to ``-inf`` as intended (attention-mask fills).
 - **Outputs are not rounded before their cast back**: an output cast carries ``excess_precision`` and takes the
   float32 result of the last op's lowering (a matmul's accumulator, a norm computed in float32) as it is (XLA's
   "excess precision"). A model's own casts still round.
@@ -53,6 +57,15 @@ def residual_adds(graph: Graph) -> set[int]:
     return residual
 
 
+def _overflows(value, dtype: str) -> bool:
+    """A float32 array with finite values that ``dtype`` rounds to infinity."""
+    a = np.asarray(value)
+    if a.dtype != np.float32:
+        return False
+    with np.errstate(over="ignore"):
+        return bool(np.any(np.isfinite(a) & np.isinf(a.astype(np_dtype(dtype)))))
+
+
 def convert_float32(graph: Graph, dtype: str) -> Graph:
     if dtype == "float32":
         return graph
@@ -63,6 +76,10 @@ def convert_float32(graph: Graph, dtype: str) -> Graph:
     narrowed: dict[int, Value] = {}  # a float32 residual value rounded to dtype, made once for its other readers
     cast_back = {id(v) for v in graph.outputs if v.type.dtype == "float32"}  # their names go to the final casts
     residual = residual_adds(graph)
+    users = graph.users()
+    wide_constants = {id(n.outputs[0]) for n in graph.nodes
+                      if n.op == "constant" and _overflows(n.attrs["value"], dtype)
+                      and all(u.op == "mul" for u in users[n.outputs[0]])}
 
     def narrow(v: Value, x: Value) -> Value:
         return b.emit1("cast", [x], dtype=dtype) if v.type.dtype == "float32" else x
@@ -86,13 +103,15 @@ def convert_float32(graph: Graph, dtype: str) -> Graph:
     for node in graph.nodes:
         b.source = node.source
         attrs = dict(node.attrs)
-        if node.op == "constant" and np.asarray(attrs["value"]).dtype == np.float32:
+        wide_mul = node.op == "mul" and any(id(v) in wide_constants for v in node.inputs)
+        if (node.op == "constant" and np.asarray(attrs["value"]).dtype == np.float32
+                and id(node.outputs[0]) not in wide_constants):
             with np.errstate(over="ignore"):  # e.g. a -3.4e38 mask fill becomes -inf in float16, as intended
                 attrs["value"] = np.asarray(attrs["value"]).astype(np_dtype(dtype))
         if node.op == "cast" and attrs["dtype"] == "float32":
             attrs["dtype"] = dtype
         # a residual add, or a norm of the residual stream, computes in float32
-        wide_add = id(node.outputs[0]) in residual
+        wide_add = id(node.outputs[0]) in residual or wide_mul
         wide_norm = node.op in NORMS and id(node.inputs[0]) in residual
         names = [f"{v.name}.{dtype}" if id(v) in cast_back and not wide_add else v.name for v in node.outputs]
         outs = b.emit(node.op, [read(v, wide_add or wide_norm) for v in node.inputs],
