@@ -266,3 +266,65 @@ def test_quantized_models_in_reduced_precision(name, dtype, tol, tmp_path):
                 input_shapes={k: v.shape for k, v in inputs.items()})
     got = bmc.load(tmp_path / "m.bmc").run(inputs)
     _assert_close(got, _onnxruntime(QUANTIZED / f"{name}.onnx", inputs, optimize=False), tol=tol)
+
+
+def _matmul_nbits_model(bits, zero_points, bias, k, a_shape, n=24, block=None):
+    """One ``MatMulNBits`` node with seeded random codes, scales and (packed uint8 or float) zero points."""
+    block = block or (16 if k % 16 == 0 and k < 128 else 32)
+    rng = np.random.default_rng(bits * 100 + k)
+    blocks = -(-k // block)
+    codes = rng.integers(0, 2 ** bits, size=(n, blocks, block), dtype=np.uint8)
+    b = codes[..., 0::2] | (codes[..., 1::2] << 4) if bits == 4 else codes
+    scales = (rng.random((n, blocks)) * 0.1 + 0.01).astype(np.float32)
+    inputs = ["a", "b", "s"]
+    inits = [onnx.numpy_helper.from_array(b, "b"), onnx.numpy_helper.from_array(scales.reshape(-1), "s")]
+    if zero_points == "packed":  # each row's zero points packed like the codes, padded to whole bytes
+        zp = np.zeros((n, blocks + blocks % 2 if bits == 4 else blocks), np.uint8)
+        zp[:, :blocks] = rng.integers(0, 2 ** bits, size=(n, blocks))
+        zp = zp[:, 0::2] | (zp[:, 1::2] << 4) if bits == 4 else zp
+        inits.append(onnx.numpy_helper.from_array(zp.reshape(-1), "zp"))
+        inputs.append("zp")
+    elif zero_points == "float":
+        zp = (rng.random(n * blocks) * 2 ** bits).astype(np.float32)
+        inits.append(onnx.numpy_helper.from_array(zp, "zp"))
+        inputs.append("zp")
+    if bias:
+        inputs += [""] * (5 - len(inputs)) + ["bias"]
+        inits.append(onnx.numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "bias"))
+    node = oh.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=block)
+    graph = oh.make_graph([node], "nbits", [oh.make_tensor_value_info("a", TensorProto.FLOAT, list(a_shape))],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, list(a_shape[:-1]) + [n])], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21), oh.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("bits, zero_points, bias, k, a_shape", [
+    (4, None, True, 200, (2, 5, 200)),    # default zero point 8, bias, K padded to 7 blocks, 3-D A
+    (4, "packed", False, 200, (3, 200)),  # an odd block count: each row's zero points end in half a byte
+    (4, "float", True, 64, (3, 64)),
+    (8, None, False, 64, (3, 64)),        # default zero point 128
+    (8, "packed", True, 200, (2, 5, 200)),
+])
+def test_matmul_nbits_forms_match_onnxruntime(bits, zero_points, bias, k, a_shape):
+    """The forms the fixtures do not reach; onnxruntime's CPU kernel is the oracle (it refuses 8-bit codes with
+    float zero points)."""
+    import bmc.onnx_backend as backend
+
+    model = _matmul_nbits_model(bits, zero_points, bias, k, a_shape)
+    a = np.random.default_rng(1).standard_normal(a_shape).astype(np.float32)
+    got = backend.prepare(model).run([a])[0]
+    import onnxruntime as ort
+
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"a": a})[0]
+    _assert_close({"y": got}, {"y": want})
+
+
+def test_int4_weights_from_external_data(compiled_int4, tmp_path):
+    """4-bit initializers in an external data file (how big models ship) are read as the packed bytes they are."""
+    onnx.save(onnx.load(QUANTIZED / "mlp_int4_qdq.onnx"), tmp_path / "m.onnx", save_as_external_data=True,
+              location="m.data", size_threshold=64)
+    stored = onnx.load(tmp_path / "m.onnx", load_external_data=False).graph.initializer
+    assert all(i.data_location == TensorProto.EXTERNAL for i in stored if i.data_type == TensorProto.UINT4)
+    bmc.compile(tmp_path / "m.onnx", tmp_path / "m.bmc")
+    x = _int4_inputs("mlp_int4_qdq")
+    np.testing.assert_array_equal(bmc.load(tmp_path / "m.bmc").run(x)["y"],
+                                  bmc.load(compiled_int4["mlp_int4_qdq"]).run(x)["y"])
