@@ -10,7 +10,9 @@ inputs in, host outputs out) and through a direct TVM VM with inputs already on 
 every element has ``|out - ref| <= 1e-4 * max(1, |ref|)``.
 
 Each model fixture (``fixtures/``) runs through ``bmc.load`` and is compared with onnxruntime's outputs stored in
-``tests/fixtures/models/<name>.npz``: float32 as above, float16/bfloat16 ``max|out - ref| <= 1e-2 * max|ref|``.
+``tests/fixtures/{models,quantized}/<name>.npz``: float32 as above (the quantized ones: an int8 QDQ GPT-2 and an
+int4 ``MatMulNBits`` Llama; the QDQ one, which quantizes activations, ``max|out - ref| <= 5e-2 * max|ref|``),
+float16/bfloat16 ``max|out - ref| <= 1e-2 * max|ref|``.
 The two-rank artifact runs under ``mpiexec -n 2 python -m bmc run`` on the one GPU (host-staged collectives) and must
 match onnxruntime and the one-rank run. ``nccl`` is a one-rank smoke test of the NCCL path (a single GPU cannot
 host an NCCL group of two).
@@ -36,6 +38,10 @@ from pathlib import Path
 
 RTOL = 1e-4
 RTOL_REDUCED = 1e-2
+# fixtures that quantize activations: a float rounding that differs from the CPU's at a code boundary moves a code
+# by one step, and a row of the next matmul with it (CPU float16: 2.0e-2 of max |ref| on gpt2_qdq)
+QUANTIZED_ACTIVATIONS = {"gpt2_qdq"}
+RTOL_QUANTIZED = 5e-2
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "models"
 
@@ -193,7 +199,7 @@ def check_fixture(root: Path, row: dict, dry: bool, repeat: int, outputs: dict) 
 
     tag, world, dtype = row["artifact"], row["world"], row["dtype"]
     path = root / "fixtures" / tag
-    data = np.load(FIXTURES / f"{row['fixture']}.npz")
+    data = np.load(FIXTURES.parent / row.get("folder", "models") / f"{row['fixture']}.npz")
     inputs = {k: data[k] for k in data.files if not k.startswith("output:")}
     ref = {k[len("output:"):]: data[k] for k in data.files if k.startswith("output:")}
     res = {"model": tag, "kernels": row["kernels"], "cublas": row.get("cublas_matmuls", 0)}
@@ -231,12 +237,12 @@ def check_fixture(root: Path, row: dict, dry: bool, repeat: int, outputs: dict) 
         if one is not None:
             res["vs_1rank"] = max(float(np.abs(outs[k].astype(np.float64) - one[k]).max()) for k in one)
     outputs[tag] = outs
-    if dtype == "float32":
+    if dtype == "float32" and row["fixture"] not in QUANTIZED_ACTIVATIONS:
         res["err"], ok = compare(outs, ref)
     else:  # relative to the largest reference magnitude
         res["err"] = max(float(np.abs(np.asarray(outs[k], np.float64) - ref[k]).max() / max(np.abs(ref[k]).max(),
                                                                                              1e-30)) for k in ref)
-        ok = res["err"] <= RTOL_REDUCED
+        ok = res["err"] <= (RTOL_QUANTIZED if row["fixture"] in QUANTIZED_ACTIVATIONS else RTOL_REDUCED)
     if "vs_1rank" in res:
         ok &= res["vs_1rank"] <= 1e-5
     res["status"] = "PASS" if ok else "FAIL"

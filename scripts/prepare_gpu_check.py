@@ -23,7 +23,8 @@ Contents of the folder:
   bmc's reference interpreter.
 - ``fixtures/<fixture>-<dtype>/``: the model fixtures (tests/fixtures/models, exported by PyTorch; their .npz holds
   onnxruntime's outputs and travels with the repository) compiled for CUDA in float32, and some in float16/bfloat16;
-  ``fixtures/<fixture>-mesh2/``: one for 2 ranks (Megatron on a mesh of 2).
+  ``fixtures/<fixture>-mesh2/``: one for 2 ranks (Megatron on a mesh of 2); two quantized fixtures
+  (tests/fixtures/quantized: ``gpt2_qdq``, ``llama_nbits``) in float32.
 - ``bench/``: the CUDA libraries of ``benchmarks/gpu.py prepare`` (no weights).
 - ``tune/``: MetaSchedule candidates (``--tune-trials``, sampled at random, compiled to cubin) and the default
   schedules of the TVM kernels of one 1.3B-shaped bf16 layer of ``benchmarks/gpu.py`` (``--tune-export``), which
@@ -156,11 +157,14 @@ def compile_models(out: Path, archs: tuple[str, ...], names: list[str]) -> list[
     return rows
 
 
-FIXTURES = REPO / "tests" / "fixtures" / "models"
-#: (fixture, dtype, mesh): every fixture in float32; reduced precision and two ranks on a few
-FIXTURE_BUILDS = [(p.stem, "float32", "1") for p in sorted(FIXTURES.glob("*.onnx"))] + [
-    ("gpt2_dynamo", "bfloat16", "1"), ("llama_dynamo", "bfloat16", "1"), ("bert_dynamo", "float16", "1"),
-    ("vit_dynamo", "bfloat16", "1"), ("gpt2_dynamo", "float32", "2")]
+FIXTURES = REPO / "tests" / "fixtures"
+#: (folder, fixture, dtype, mesh): every model fixture in float32; reduced precision and two ranks on a few; an
+#: int8 (QDQ) and an int4 (MatMulNBits) quantized fixture
+FIXTURE_BUILDS = [("models", p.stem, "float32", "1") for p in sorted((FIXTURES / "models").glob("*.onnx"))] + [
+    ("models", "gpt2_dynamo", "bfloat16", "1"), ("models", "llama_dynamo", "bfloat16", "1"),
+    ("models", "bert_dynamo", "float16", "1"), ("models", "vit_dynamo", "bfloat16", "1"),
+    ("models", "gpt2_dynamo", "float32", "2"), ("quantized", "gpt2_qdq", "float32", "1"),
+    ("quantized", "llama_nbits", "float32", "1")]
 
 
 def compile_fixtures(out: Path, archs: tuple[str, ...]) -> list[dict]:
@@ -168,17 +172,17 @@ def compile_fixtures(out: Path, archs: tuple[str, ...]) -> list[dict]:
 
     rows = []
     (out / "fixtures").mkdir()
-    for name, dtype, mesh in FIXTURE_BUILDS:
-        data = np.load(FIXTURES / f"{name}.npz")
+    for folder, name, dtype, mesh in FIXTURE_BUILDS:
+        data = np.load(FIXTURES / folder / f"{name}.npz")
         shapes = {k: data[k].shape for k in data.files if not k.startswith("output:")}
         tag = f"{name}-mesh{mesh}" if mesh != "1" else f"{name}-{dtype}"
         path = out / "fixtures" / tag
         t0 = time.perf_counter()
         extra = {"mesh": mesh, "strategy": "megatron"} if mesh != "1" else {}
-        bmc.compile(FIXTURES / f"{name}.onnx", path, target="cuda", cuda_archs=archs, input_shapes=shapes,
+        bmc.compile(FIXTURES / folder / f"{name}.onnx", path, target="cuda", cuda_archs=archs, input_shapes=shapes,
                     dtype=dtype, **extra)
         info = json.loads((path / "manifest.json").read_text())["kernels"]["cuda"]
-        rows.append({"artifact": tag, "fixture": name, "dtype": dtype, "world": int(mesh),
+        rows.append({"artifact": tag, "folder": folder, "fixture": name, "dtype": dtype, "world": int(mesh),
                      "build_s": round(time.perf_counter() - t0, 2), "kernels": info["num_kernels"],
                      "cublas_matmuls": info.get("matmul", {}).get("blas", 0), "artifact_bytes": _size(path)})
         print(f"  {tag:22s} {info['num_kernels']:3d} kernels  {rows[-1]['cublas_matmuls']:2d} cuBLAS matmuls  "

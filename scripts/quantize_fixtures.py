@@ -19,7 +19,8 @@ built here whose weights (200×512, 512×200) are too large to fold, so they sta
 Run with the project venv plus ``onnx-ir``, which onnxruntime's 4-bit quantizer imports
 (``.venv/bin/pip install onnx-ir``): ``.venv/bin/python scripts/quantize_fixtures.py``. The sources are
 ``tests/fixtures/models/{gpt2,llama}_dynamo.onnx`` (made by ``export_fixtures.py``); the GPT-2 ``.npz`` inputs are
-the calibration data. Writes ``tests/fixtures/quantized/`` and its ``MANIFEST.json``.
+the calibration data. Writes ``tests/fixtures/quantized/``: each ``<fixture>.onnx`` with a ``<fixture>.npz`` of its
+inputs and onnxruntime's outputs (optimizations off), and ``MANIFEST.json``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def main() -> None:
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer's "run pre-processing first" advice
     data = np.load(SOURCE.with_suffix(".npz"))
     feeds = {k: data[k] for k in data.files if not k.startswith("output:")}
+    data = np.load(MODELS / "llama_dynamo.npz")
+    llama_feeds = {k: data[k] for k in data.files if not k.startswith("output:")}
     OUT.mkdir(parents=True, exist_ok=True)
     quantize_dynamic(SOURCE, OUT / "gpt2_dynamic.onnx", weight_type=QuantType.QInt8)
     quantize_static(SOURCE, OUT / "gpt2_qdq.onnx", _Inputs(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
@@ -65,6 +68,8 @@ def main() -> None:
     entries = []
     for path in sorted(OUT.glob("*.onnx")):
         model = onnx.load(path)
+        _store_outputs(path, feeds if path.stem.startswith("gpt2") else llama_feeds if path.stem.startswith("llama")
+                       else mlp_inputs())
         entries.append({"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                         "ops": dict(collections.Counter(n.op_type for n in model.graph.node).most_common())})
     manifest = {"source": SOURCE.relative_to(REPO).as_posix(), "int4_sources": ["tests/fixtures/models/llama_dynamo.onnx",
@@ -92,6 +97,20 @@ def mlp() -> onnx.ModelProto:
         [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, k])],
         [onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(w2, "w2")])
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 20)])
+
+
+def mlp_inputs() -> dict:
+    return {"x": np.random.default_rng(1).standard_normal((4, MLP_DIMS[0]), dtype=np.float32)}
+
+
+def _store_outputs(path: Path, feeds: dict) -> None:
+    """``<fixture>.npz``: the inputs and onnxruntime's outputs (``output:<name>``) with its graph optimizations off
+    (with them on it fuses QDQ groups into kernels that round differently from the spec)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    outputs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    np.savez(path.with_suffix(".npz"), **feeds, **{f"output:{k}": v for k, v in outputs.items()})
 
 
 def _int4(model: onnx.ModelProto, path: Path, quant_format, symmetric: bool) -> None:

@@ -328,3 +328,13 @@ def test_int4_weights_from_external_data(compiled_int4, tmp_path):
     x = _int4_inputs("mlp_int4_qdq")
     np.testing.assert_array_equal(bmc.load(tmp_path / "m.bmc").run(x)["y"],
                                   bmc.load(compiled_int4["mlp_int4_qdq"]).run(x)["y"])
+
+
+@pytest.mark.parametrize("name", ("gpt2_dynamic", "gpt2_qdq") + INT4)
+def test_stored_outputs_are_onnxruntimes(name):
+    """Each fixture's ``.npz`` (what the GPU check compares with) holds its inputs and onnxruntime's outputs with
+    its graph optimizations off, as ``scripts/quantize_fixtures.py`` wrote them."""
+    data = np.load(QUANTIZED / f"{name}.npz")
+    inputs = {k: data[k] for k in data.files if not k.startswith("output:")}
+    stored = {k[len("output:"):]: data[k] for k in data.files if k.startswith("output:")}
+    _assert_close(stored, _onnxruntime(QUANTIZED / f"{name}.onnx", inputs, optimize=False), tol=0.0)
