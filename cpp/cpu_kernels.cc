@@ -9,6 +9,13 @@
  * dims, 1-D operands promoted) on contiguous row-major float32/float64 CPU tensors; ``trans_a``/``trans_b`` say the
  * operand is stored with its last two axes swapped. Computed with ``cblas_sgemm``/``cblas_dgemm``.
  *
+ * ``cpu_matmul_nbits(a, codes, scales, out)`` / ``cpu_matmul_nbits_zp(a, codes, scales, zero_points, out)``: float32
+ * ``a [M, K] @ W.T`` with ``W [N, K]`` given as 4-bit codes ``[N, blocks, block/2]`` (two a byte, low nibble first)
+ * dequantized per block as ``(code - zero_point) * scale`` (zero point 8 when not given). For a few rows of ``a``
+ * (decoding) each row of W is dequantized into a small buffer and dotted with every row of ``a``: the weight is
+ * read once, half a byte a value. For more rows W is dequantized into a scratch matrix and multiplied by sgemm.
+ * Rows of W are split over ``set_threads(n)`` threads.
+ *
  * The BLAS is not linked: Python finds the OpenBLAS that numpy's wheel ships (already loaded into the process) and
  * calls ``blas_bind(path, sgemm, dgemm, int64)`` with its symbol names (``scipy_cblas_sgemm64_`` ...,
  * ILP64 integers), so this library works with whichever numpy is installed and shares numpy's thread pool.
@@ -21,10 +28,12 @@
 
 #include "matmul_shapes.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace bmc {
@@ -153,6 +162,103 @@ void MatmulImpl(const Blas& blas, const ffi::TensorView& ta_, const ffi::TensorV
   }
 }
 
+// ---- 4-bit weights ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kFusedRows = 4;  // up to this many rows of a, dot products on the fly; more: dequantize + sgemm
+std::atomic<int> kernel_threads{1};
+
+struct NBits {
+  const float* a;
+  const uint8_t* codes;
+  const float* scales;
+  const float* zp;  // nullptr: 8
+  float* out;
+  int64_t m, n, blocks, half, k;
+};
+
+__attribute__((target_clones("avx2", "default")))
+void DequantRow(const NBits& p, int64_t row, float* w) {
+  const uint8_t* c = p.codes + row * p.blocks * p.half;
+  for (int64_t b = 0; b < p.blocks; ++b) {
+    const float s = p.scales[row * p.blocks + b];
+    const float z = p.zp != nullptr ? p.zp[row * p.blocks + b] : 8.0f;
+    const uint8_t* cb = c + b * p.half;
+    float* wb = w + b * 2 * p.half;
+    for (int64_t j = 0; j < p.half; ++j) {
+      wb[2 * j] = (static_cast<float>(cb[j] & 15) - z) * s;
+      wb[2 * j + 1] = (static_cast<float>(cb[j] >> 4) - z) * s;
+    }
+  }
+}
+
+__attribute__((target_clones("avx2", "default")))
+float Dot(const float* x, const float* y, int64_t k) {
+  float acc[16] = {0.0f};
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    for (int l = 0; l < 16; ++l) acc[l] += x[i + l] * y[i + l];
+  }
+  float s = 0.0f;
+  for (; i < k; ++i) s += x[i] * y[i];
+  for (int l = 0; l < 16; ++l) s += acc[l];
+  return s;
+}
+
+/*! \brief fn(begin, end) over [0, n) in contiguous chunks, one per thread (the caller's thread takes the first). */
+template <typename Fn>
+void ParallelRows(int64_t n, Fn fn) {
+  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(kernel_threads.load(), n));
+  int64_t chunk = (n + threads - 1) / threads;
+  std::vector<std::thread> workers;
+  for (int64_t t = 1; t < threads; ++t) {
+    int64_t begin = t * chunk, end = std::min(n, begin + chunk);
+    if (begin < end) workers.emplace_back([=] { fn(begin, end); });
+  }
+  fn(0, std::min(n, chunk));
+  for (auto& w : workers) w.join();
+}
+
+void MatmulNBitsImpl(const ffi::TensorView& a, const ffi::TensorView& codes, const ffi::TensorView& scales,
+                     const ffi::TensorView* zp, const ffi::TensorView& out) {
+  DLDataType f32{kDLFloat, 32, 1}, u8{kDLUInt, 8, 1};
+  CheckOperand(a, f32, "a");
+  CheckOperand(scales, f32, "scales");
+  CheckOperand(out, f32, "out");
+  if (zp != nullptr) CheckOperand(*zp, f32, "zero_points");
+  CheckOperand(codes, u8, "codes");
+  if (codes.ndim() != 3) TVM_FFI_THROW(ValueError) << "cpu_matmul_nbits: codes must be [N, blocks, block/2]";
+  NBits p{Data<float>(a), Data<uint8_t>(codes), Data<float>(scales), zp ? Data<float>(*zp) : nullptr,
+          Data<float>(out), 0, codes.shape()[0], codes.shape()[1], codes.shape()[2], 0};
+  p.k = p.blocks * 2 * p.half;
+  if (a.ndim() < 1 || a.shape()[a.ndim() - 1] != p.k || a.numel() % std::max<int64_t>(p.k, 1) != 0) {
+    TVM_FFI_THROW(ValueError) << "cpu_matmul_nbits: a's last dim must be K = " << p.k;
+  }
+  p.m = p.k ? a.numel() / p.k : 0;
+  if (out.numel() != p.m * p.n || scales.numel() != p.n * p.blocks || (zp && zp->numel() != p.n * p.blocks)) {
+    TVM_FFI_THROW(ValueError) << "cpu_matmul_nbits: out, scales or zero points do not fit [" << p.m << ", "
+                              << p.n << "] with " << p.blocks << " blocks";
+  }
+  if (p.m == 0 || p.n == 0) return;
+  if (p.m <= kFusedRows) {
+    ParallelRows(p.n, [&p](int64_t begin, int64_t end) {
+      std::vector<float> w(p.k);
+      for (int64_t row = begin; row < end; ++row) {
+        DequantRow(p, row, w.data());
+        for (int64_t i = 0; i < p.m; ++i) p.out[i * p.n + row] = Dot(p.a + i * p.k, w.data(), p.k);
+      }
+    });
+    return;
+  }
+  const Blas& blas = GetBlas();
+  thread_local std::vector<float> scratch;  // W [N, K], reused by the next call of this size or smaller
+  scratch.resize(static_cast<size_t>(p.n * p.k));
+  float* w = scratch.data();
+  ParallelRows(p.n, [&p, w](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) DequantRow(p, row, w + row * p.k);
+  });
+  Gemm<float>(blas, false, true, p.m, p.n, p.k, p.a, p.k, w, p.k, p.out, p.n);
+}
+
 }  // namespace
 
 /*! \brief dlopen \a path (normally already loaded by numpy: the same handle) and resolve the two GEMMs. */
@@ -199,6 +305,18 @@ void CpuMatmul(ffi::TensorView a, ffi::TensorView b, int64_t trans_a, int64_t tr
   }
 }
 
+void CpuMatmulNBits(ffi::TensorView a, ffi::TensorView codes, ffi::TensorView scales, ffi::TensorView out) {
+  MatmulNBitsImpl(a, codes, scales, nullptr, out);
+}
+
+void CpuMatmulNBitsZp(ffi::TensorView a, ffi::TensorView codes, ffi::TensorView scales, ffi::TensorView zp,
+                      ffi::TensorView out) {
+  MatmulNBitsImpl(a, codes, scales, &zp, out);
+}
+
+/*! \brief Threads of the 4-bit matmul (BLAS sizes its own pool). */
+void SetKernelThreads(int64_t n) { kernel_threads.store(static_cast<int>(std::max<int64_t>(1, n))); }
+
 }  // namespace native
 }  // namespace bmc
 
@@ -207,3 +325,6 @@ void CpuMatmul(ffi::TensorView a, ffi::TensorView b, int64_t trans_a, int64_t tr
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(blas_bind, bmc::native::BlasBind);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(blas_bound, bmc::native::BlasBound);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul, bmc::native::CpuMatmul);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_nbits, bmc::native::CpuMatmulNBits);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_nbits_zp, bmc::native::CpuMatmulNBitsZp);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_kernel_threads, bmc::native::SetKernelThreads);

@@ -15,8 +15,13 @@ from bmc.ir.graph import Graph, Node, Value
 
 
 class LowerContext:
-    def __init__(self, bb: relax.BlockBuilder):
+    """What a lowering sees: the block builder, and the target kind (``"llvm"``, ``"cuda"``, or ``None`` for
+    portable Relax) for the few ops that call a library kernel on one target; ``kernels`` collects those calls."""
+
+    def __init__(self, bb: relax.BlockBuilder, target_kind: str | None = None):
         self.bb = bb
+        self.target_kind = target_kind
+        self.kernels: set[str] = set()
 
     def emit(self, expr):
         return self.bb.emit(expr)
@@ -34,13 +39,14 @@ def _where(node: Node) -> str:
     return f"node {node.source!r} ({node.op})" if node.source else f"node {node.op}"
 
 
-def to_relax(graph: Graph) -> tvm.IRModule:
+def to_relax(graph: Graph, target_kind: str | None = None, kernels: set | None = None) -> tvm.IRModule:
+    """The Relax module of ``graph``; library kernels its lowerings call for ``target_kind`` go into ``kernels``."""
     lowerings = load_all()
     missing = sorted({n.op for n in graph.nodes if n.op not in lowerings})
     if missing:
         raise CompileError(f"no Relax lowering for op(s) {', '.join(missing)}", where=f"graph {graph.name}")
     bb = relax.BlockBuilder()
-    ctx = LowerContext(bb)
+    ctx = LowerContext(bb, target_kind)
     params = [_var(v) for v in graph.inputs + graph.params]
     env: dict[Value, relax.Expr] = dict(zip(graph.inputs + graph.params, params))
     with bb.function("main", params, attrs={"num_input": len(graph.inputs), "global_symbol": "main"}):
@@ -60,6 +66,8 @@ def to_relax(graph: Graph) -> tvm.IRModule:
             outs = [env[v] for v in graph.outputs]
             gv = bb.emit_output(relax.Tuple(outs))
         bb.emit_func_output(gv)
+    if kernels is not None:
+        kernels |= ctx.kernels
     return bb.get()
 
 

@@ -1,4 +1,5 @@
-"""Linear algebra: matmul with numpy semantics (batched, broadcast batch dims, 1-D operands promoted)."""
+"""Linear algebra: matmul with numpy semantics (batched, broadcast batch dims, 1-D operands promoted), and
+matmul_nbits, a matmul by a block-quantized 4-bit weight."""
 
 from __future__ import annotations
 
@@ -43,3 +44,39 @@ def _matmul_cost(ins, outs, attrs):
 
 register(OpDef("matmul", "linalg", (2, 2), {}, _infer_matmul, _matmul, _matmul_cost,
                doc="numpy.matmul: [..., m, k] @ [..., k, n] -> [..., m, n]"))
+
+
+def _infer_matmul_nbits(ins, attrs):
+    a, codes, scales = ins[:3]
+    if codes.dtype != "uint8" or codes.rank != 3 or a.rank < 1:
+        raise OpError(f"matmul_nbits takes A[..., K] and uint8 codes [N, blocks, block/2], got {a} and {codes}")
+    n, blocks, half = codes.shape
+    if a.shape[-1] != blocks * 2 * half:
+        raise OpError(f"matmul_nbits: A's last dim {a.shape[-1]} is not blocks * block = {blocks * 2 * half}")
+    for t, what in zip(ins[2:], ("scales", "zero points")):
+        if t.shape != (n, blocks) or t.dtype != a.dtype:
+            raise OpError(f"matmul_nbits: {what} must be {a.dtype}[{n},{blocks}], got {t}")
+    return [TensorType(a.dtype, a.shape[:-1] + (n,))]
+
+
+def dequantize_nbits(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None) -> np.ndarray:
+    """The float32 ``[N, K]`` weight of 4-bit ``codes`` ``[N, blocks, block/2]`` (low nibble first)."""
+    n, blocks, half = codes.shape
+    q = np.stack([codes & 15, codes >> 4], axis=-1).reshape(n, blocks, 2 * half).astype(np.float32)
+    zp = np.float32(8) if zero_points is None else zero_points.astype(np.float32)[..., None]
+    return ((q - zp) * scales.astype(np.float32)[..., None]).reshape(n, blocks * 2 * half)
+
+
+def _matmul_nbits(ins, attrs):
+    a, codes, scales = ins[:3]
+    w = dequantize_nbits(codes, scales, ins[3] if len(ins) > 3 else None)
+    return [np.matmul(a.astype(np.float32), w.T).astype(a.dtype)]
+
+
+def _matmul_nbits_cost(ins, outs, attrs):
+    return Cost(2 * ins[0].shape[-1] * outs[0].numel, bytes_moved(ins, outs))
+
+
+register(OpDef("matmul_nbits", "linalg", (3, 4), {}, _infer_matmul_nbits, _matmul_nbits, _matmul_nbits_cost,
+               doc="A[..., K] @ W.T with W[N, K] 4-bit codes[N, blocks, block/2] (two a byte, low nibble first) "
+                   "dequantized per block as (code - zero_point) * scale; zero point 8 when not given"))

@@ -39,10 +39,14 @@ import numpy as np
 MATMUL_KERNEL = "bmc.cpu.matmul"
 #: ``bmc.cpu.conv2d(x, w, stride_h, stride_w, pad_top, pad_left, pad_bottom, pad_right, dil_h, dil_w, groups, out)``
 CONV2D_KERNEL = "bmc.cpu.conv2d"
+#: ``bmc.cpu.matmul_nbits(a, codes, scales, out)`` and ``..._zp(a, codes, scales, zero_points, out)``: float32
+#: ``a @ W.T`` with W given as 4-bit codes ``[N, blocks, block/2]`` (the ``matmul_nbits`` op)
+MATMUL_NBITS_KERNEL = "bmc.cpu.matmul_nbits"
+MATMUL_NBITS_ZP_KERNEL = "bmc.cpu.matmul_nbits_zp"
 #: default TVM_THREAD_POOL_SPIN_COUNT (see set_num_threads); 0: idle TVM workers sleep at once
 TVM_SPIN_COUNT = int(os.environ.get("BMC_TVM_SPIN_COUNT", "0"))
 #: every kernel name an llvm artifact may require, with what ``register_cpu_kernels`` installs for it
-CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL)
+CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -197,6 +201,8 @@ def set_num_threads(threads: int | None = None) -> int:
     # pool is (re)created; a user's setting wins.
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(TVM_SPIN_COUNT))
     _blas_call("set_threads", ctypes.c_int(n))
+    if "native_module" in _STATE:
+        _STATE["native_module"]["set_kernel_threads"](n)
     try:
         import tvm_ffi
 
@@ -220,6 +226,16 @@ def _matmul_numpy(a, b, trans_a, trans_b, out) -> None:
         np.matmul(A.reshape(-1, A.shape[-1]), B, out=C.reshape(-1, C.shape[-1]))
     else:
         np.matmul(A, B, out=C)
+
+
+def _matmul_nbits_numpy(a, codes, scales, *rest) -> None:
+    """``bmc.cpu.matmul_nbits[_zp]`` in numpy: dequantize the whole weight, then one BLAS GEMM."""
+    *zp, out = rest
+    A, Q, S, C = (np.from_dlpack(t) for t in (a, codes, scales, out))
+    n, blocks, half = Q.shape
+    q = np.stack([Q & 15, Q >> 4], axis=-1).reshape(n, blocks, 2 * half).astype(np.float32)
+    w = (q - (np.from_dlpack(zp[0])[..., None] if zp else np.float32(8))) * S[..., None]
+    np.matmul(A.reshape(-1, A.shape[-1]), w.reshape(n, -1).T, out=C.reshape(-1, C.shape[-1]))
 
 
 _SCRATCH = threading.local()  # per thread: the im2col buffer of the last conv2d, reused (no page faults per call)
@@ -387,11 +403,13 @@ def _load_native(path: Path) -> bool:
         module = tvm_ffi.load_module(str(path))
         module["blas_bind"](blas["path"], blas["sgemm"], blas["dgemm"], blas["int64"])
         matmul = module["cpu_matmul"]
+        nbits = (module["cpu_matmul_nbits"], module["cpu_matmul_nbits_zp"])
     except Exception as e:  # noqa: BLE001 (a stale or foreign library: fall back)
         _STATE["native_error"] = f"{path}: {e}"
         return False
     _STATE["native_module"] = module  # keeps the library loaded
     _STATE["native_matmul"] = matmul
+    _STATE["native_nbits"] = nbits
     _STATE["native_lib"] = str(path)
     return True
 
@@ -434,8 +452,12 @@ def register_cpu_kernels(required=None, *, threads: int | None = None, native: b
             # `info()` says which one runs
         if impl == "native":
             tvm_ffi.register_global_func(MATMUL_KERNEL, _STATE["native_matmul"], override=True)
+            for name, fn in zip((MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL), _STATE["native_nbits"]):
+                tvm_ffi.register_global_func(name, fn, override=True)
         else:
             tvm_ffi.register_global_func(MATMUL_KERNEL, _matmul_numpy, override=True)
+            for name in (MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL):
+                tvm_ffi.register_global_func(name, _matmul_nbits_numpy, override=True)
         # conv2d: im2col + numpy's BLAS in either case (the GEMM dominates; the native library has no conv yet)
         tvm_ffi.register_global_func(CONV2D_KERNEL, _conv2d_numpy, override=True)
         _STATE["impl"] = impl

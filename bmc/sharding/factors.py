@@ -184,6 +184,21 @@ def matmul_rule(ins, outs, attrs) -> ShardingRule:
     return fs.rule([a_dims, b_dims], [batch + ((m,) if m else ()) + ((n,) if n else ())])
 
 
+def matmul_nbits_rule(ins, outs, attrs) -> ShardingRule:
+    """A's leading dims and N pass; K is (blocks, within a block): whole blocks are a reduction (a row-parallel
+    split of the codes, scales and zero points along their block dim), the values within a block stay together."""
+    a, codes = ins[0].shape, ins[1].shape
+    n, blocks, half = codes
+    fs = _Factors()
+    lead = tuple((fs.new(f"b{i}", d),) for i, d in enumerate(a[:-1]))
+    kb = fs.new("blocks", blocks, "reduction")
+    within, nibbles = fs.new("within", 2 * half, "replicate"), fs.new("bytes", half, "replicate")
+    nf = fs.new("n", n)
+    per_block = ((nf,), (kb,))
+    return fs.rule([lead + ((kb, within),), ((nf,), (kb,), (nibbles,))] + [per_block] * (len(ins) - 2),
+                   [lead + ((nf,),)])
+
+
 def _reduce_axes(attrs, rank) -> tuple[int, ...]:
     axes = attrs["axes"] if "axes" in attrs else (attrs["axis"],)  # reduce_* have axes, argmax/argmin an axis
     return tuple(range(rank)) if axes is None else tuple(sorted(normalize_axis(a, rank) for a in axes))
@@ -429,6 +444,7 @@ def replicated_rule(ins, outs, attrs) -> ShardingRule:
 
 RULES: dict[str, RuleBuilder] = {
     "matmul": matmul_rule,
+    "matmul_nbits": matmul_nbits_rule,
     "reduce_sum": reduce_rule("reduction", dtypes=FLOAT_DTYPES | INT_DTYPES),  # a partial sum of bools is no sum
     "reduce_mean": reduce_rule("reduction", _scaled_mean_local, dtypes=FLOAT_DTYPES),
     "reduce_max": reduce_rule("replicate"),

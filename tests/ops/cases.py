@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 R = np.random.default_rng(1234)
+_R2 = np.random.default_rng(5)  # for cases added later, so the earlier cases keep their inputs
 
 
 def f32(*shape, lo=-2.0, hi=2.0):
@@ -87,6 +88,13 @@ CASES += [
     ("broadcast_to", [f32(3, 1)], {"shape": (2, 3, 4)}),
     ("tile", [f32(2, 3)], {"repeats": (2, 1)}),
     ("unpack_int4", [np.arange(256, dtype=np.uint8).reshape(4, 64)], {"signed": True}),  # every byte
+    ("matmul_nbits", [_R2.uniform(-2, 2, (1, 2, 64)).astype(np.float32),  # default zero point 8; 2 rows: fused
+                      np.arange(6 * 4 * 8, dtype=np.uint8).reshape(6, 4, 8),
+                      _R2.uniform(0.01, 0.1, (6, 4)).astype(np.float32)], {}),
+    ("matmul_nbits", [_R2.uniform(-2, 2, (5, 32)).astype(np.float32),  # 5 rows: dequantize + sgemm
+                      np.arange(255, -1, -1, dtype=np.uint8).reshape(16, 2, 8),
+                      _R2.uniform(0.01, 0.1, (16, 2)).astype(np.float32),
+                      _R2.uniform(0, 15, (16, 2)).astype(np.float32)], {}),
     ("unpack_int4", [np.arange(240, dtype=np.uint8).reshape(2, 3, 40)], {"signed": False}),
     ("pad", [f32(2, 3)], {"pads": (1, 0, 0, 2), "mode": "constant", "value": 1.5}),
     ("pad", [f32(3, 4)], {"pads": (1, 1, 1, 1), "mode": "reflect", "value": 0.0}),

@@ -16,3 +16,34 @@ def _matmul(ctx, node, args):
     if dtype in ACCUMULATE_IN_FLOAT32:  # reduced-precision inputs, float32 accumulation (as tensor cores do)
         return relax.op.astype(ctx.emit(relax.op.matmul(args[0], args[1], out_dtype="float32")), dtype)
     return relax.op.matmul(args[0], args[1])
+
+
+@lowering("matmul_nbits")
+def _matmul_nbits(ctx, node, args):
+    """On the CPU in float32 a call of the fused kernel ``bmc.cpu.matmul_nbits[_zp]`` (``bmc.runtime.kernels``);
+    elsewhere the dequantized weight times A: unpack the nibbles, shift by the zero point, scale per block, then a
+    matmul by its transpose."""
+    import numpy as np
+
+    from bmc.codegen.lower import const
+    from bmc.ir.types import np_dtype
+
+    a, codes, scales = args[:3]
+    n, blocks, half = node.inputs[1].type.shape
+    dtype = node.inputs[0].type.dtype
+    if ctx.target_kind == "llvm" and dtype == "float32":  # the fused CPU kernel reads the codes directly
+        from bmc.runtime.kernels import MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL
+
+        kernel = MATMUL_NBITS_ZP_KERNEL if len(args) > 3 else MATMUL_NBITS_KERNEL
+        ctx.kernels.add(kernel)
+        return relax.call_dps_packed(kernel, list(args), out_ty=relax.TensorType(list(node.outputs[0].type.shape),
+                                                                                  dtype))
+    lo = ctx.emit(relax.op.bitwise_and(codes, const(np.uint8(15))))
+    hi = ctx.emit(relax.op.right_shift(codes, const(np.uint8(4))))
+    q = ctx.emit(relax.op.astype(ctx.emit(relax.op.reshape(ctx.emit(relax.op.stack([lo, hi], axis=3)),
+                                                           [n, blocks, 2 * half])), dtype))
+    zp = ctx.emit(relax.op.expand_dims(args[3], [2])) if len(args) > 3 else const(np.asarray(8, np_dtype(dtype)))
+    w = ctx.emit(relax.op.multiply(ctx.emit(relax.op.subtract(q, zp)),
+                                   ctx.emit(relax.op.expand_dims(scales, [2]))))
+    w = ctx.emit(relax.op.permute_dims(ctx.emit(relax.op.reshape(w, [n, blocks * 2 * half])), [1, 0]))
+    return _matmul(ctx, node, [a, w])

@@ -21,7 +21,7 @@ import numpy as np
 from bmc.frontend.onnx.convert_nn import conv
 from bmc.frontend.onnx.importer import Context, ConvertError, Operand, converter
 from bmc.frontend.onnx.loader import FOUR_BIT_NAMES, to_dtype
-from bmc.ir.types import INT_DTYPES
+from bmc.ir.types import FLOAT_DTYPES, INT_DTYPES
 
 _RANGES = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-32768, 32767), "uint4": (0, 15), "int4": (-8, 7)}
 _CARRIER = {"uint4": "uint8", "int4": "int8"}  # the IR dtype that holds a 4-bit type's values
@@ -205,9 +205,10 @@ def _qlinear_conv(ctx: Context, node):
 def _matmul_nbits(ctx: Context, node):
     """onnxruntime's weight-only quantized linear layer: ``A @ dequantize(B).T + bias`` with B ``[N, blocks, bytes]``
     holding 4- or 8-bit codes along K (two 4-bit codes a byte, the first in the low nibble), dequantized per block
-    as ``(code - zero_point) * scale``. The packed bytes are the weight (4 bits a value in the artifact); an
-    ``unpack_int4`` node feeds the dequantizing kernel. A is used as given whatever ``accuracy_level`` says
-    (onnxruntime's level 4 quantizes A to 8 bits first)."""
+    as ``(code - zero_point) * scale``. The packed bytes are the weight (4 bits a value in the artifact), read by
+    the IR's ``matmul_nbits`` (4-bit codes, K a whole number of blocks) or else unpacked and dequantized into a
+    float weight for a ``matmul``. A is used as given whatever ``accuracy_level`` says (onnxruntime's level 4
+    quantizes A to 8 bits first)."""
     a, b, scales = ctx.operand(0), ctx.operand(1), ctx.operand(2)
     k, n, bits, block = ctx.attr("K"), ctx.attr("N"), ctx.attr("bits", 4), ctx.attr("block_size")
     if bits not in (4, 8):
@@ -221,24 +222,26 @@ def _matmul_nbits(ctx: Context, node):
                            f"uint8[{n},{blocks},{block * bits // 8}]")
     if ctx.type(a).shape[-1:] != (k,):
         raise ConvertError(f"input A has shape {ctx.type(a).shape}; its last dim must be K={k}")
-    codes = ctx.emit1("unpack_int4", [b], signed=False) if bits == 4 else b  # [N, blocks, block]
-    per_block = (n, blocks, 1)
+    per_block = (n, blocks)
     zp = ctx.optional(3)
-    if zp is None:
-        zp = np.array(1 << (bits - 1), np.float32)
-    elif ctx.type(zp).dtype == "uint8":  # packed like B: each row's zero points padded to whole bytes
+    if zp is not None and ctx.type(zp).dtype == "uint8":  # packed like B: each row padded to whole bytes
         zp = ctx.emit1("reshape", [zp], shape=(n, -(-blocks * bits // 8)))
         if bits == 4:
             zp = ctx.emit1("slice", [ctx.emit1("unpack_int4", [zp], signed=False)], starts=(0,), ends=(blocks,),
                            axes=(1,), steps=(1,))
-        zp = ctx.emit1("reshape", [zp], shape=per_block)
+    dtype = ctx.type(a).dtype
+    scales = _as(ctx, ctx.emit1("reshape", [scales], shape=per_block), dtype)
+    zps = [] if zp is None else [_as(ctx, ctx.emit1("reshape", [zp], shape=per_block), dtype)]
+    if bits == 4 and blocks * block == k and dtype in FLOAT_DTYPES:  # the IR's 4-bit matmul (a fused kernel)
+        y = ctx.emit1("matmul_nbits", [a, b, scales] + zps)
     else:
-        zp = ctx.emit1("reshape", [zp], shape=per_block)
-    w = ctx.emit1("mul", [_shifted(ctx, codes, zp, "float32"),
-                          _as(ctx, ctx.emit1("reshape", [scales], shape=per_block), "float32")])
-    w = ctx.emit1("reshape", [w], shape=(n, blocks * block))
-    if blocks * block != k:
-        w = ctx.emit1("slice", [w], starts=(0,), ends=(k,), axes=(1,), steps=(1,))
-    y = ctx.emit1("matmul", [a, ctx.emit1("transpose", [_as(ctx, w, ctx.type(a).dtype)], perm=(1, 0))])
+        codes = ctx.emit1("unpack_int4", [b], signed=False) if bits == 4 else b  # [N, blocks, block]
+        zp = np.array(1 << (bits - 1), np.float32) if zp is None else ctx.emit1("reshape", zps, shape=(n, blocks, 1))
+        w = ctx.emit1("mul", [_shifted(ctx, codes, zp, "float32"),
+                              _as(ctx, ctx.emit1("reshape", [scales], shape=(n, blocks, 1)), "float32")])
+        w = ctx.emit1("reshape", [w], shape=(n, blocks * block))
+        if blocks * block != k:
+            w = ctx.emit1("slice", [w], starts=(0,), ends=(k,), axes=(1,), steps=(1,))
+        y = ctx.emit1("matmul", [a, ctx.emit1("transpose", [_as(ctx, w, dtype)], perm=(1, 0))])
     bias = ctx.optional(5)
     return [y if bias is None else ctx.emit1("add", [y, bias])]
