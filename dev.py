@@ -7,7 +7,7 @@
     python3 dev.py gpu-check      # prepare .gpu/ (CUDA artifacts, runtime-only TVM, wheels) for a lent GPU machine,
                                   # which then runs `bash scripts/gpu_check.sh` (needs nvcc here)
 
-The venv is reinstalled only when pyproject.toml changes (its hash is stored in the venv).
+The venv is reinstalled only when pyproject.toml, CMakeLists.txt or cpp/ change (their hash is stored in the venv).
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ def ensure_venv() -> None:
     if sys.version_info < (3, 11):
         sys.exit(f"bmc needs Python >= 3.11, this is {sys.version.split()[0]}")
     stamp = VENV / ".bmc-installed"
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    # the install builds the native libraries into the package: a change to their sources reinstalls too
+    sources = [ROOT / "pyproject.toml", ROOT / "CMakeLists.txt", *sorted((ROOT / "cpp").glob("*"))]
+    want = hashlib.sha256(b"".join(p.read_bytes() for p in sources if p.is_file())).hexdigest()
     if stamp.exists() and stamp.read_text() == want and PY.exists():
         return
     if not PY.exists():
