@@ -10,7 +10,8 @@ weights) in three forms:
 - ``float32``   as built;
 - ``int8-dyn``  onnxruntime's ``quantize_dynamic`` (int8 weights, ``DynamicQuantizeLinear`` + ``MatMulInteger``);
 - ``int4``      ``com.microsoft::MatMulNBits`` (4-bit symmetric, blocks of 32 along K), quantized here in numpy the
-                way onnxruntime's ``MatMulNBitsQuantizer`` writes it (that quantizer needs ``onnx-ir``).
+                way onnxruntime's ``MatMulNBitsQuantizer`` writes it (that quantizer needs ``onnx-ir``);
+- ``int4-qdq``  the same codes as ONNX's standard form: blocked int4 ``DequantizeLinear`` (axis 0) into ``MatMul``.
 
 For each form and row count M: bmc's and onnxruntime's median latency (and the ratio bmc / onnxruntime), the
 weight bytes of bmc's artifact, and bmc's max abs error against onnxruntime relative to max |onnxruntime|. M = 1 is
@@ -61,6 +62,42 @@ def mlp_stack(layers: int, seed: int = 0):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
 
 
+def _quantize_4bit(w):
+    """Symmetric 4-bit codes of ``w [K, N]`` in blocks of ``BLOCK`` along K: (int4 codes [K, N], scales
+    [blocks, N]); K is padded to whole blocks with zeros."""
+    import numpy as np
+
+    k, n = w.shape
+    blocks = -(-k // BLOCK)
+    padded = np.zeros((blocks * BLOCK, n), np.float32)
+    padded[:k] = w
+    scale = np.abs(padded.reshape(blocks, BLOCK, n)).max(axis=1) / 7
+    scale[scale == 0] = 1
+    codes = np.clip(np.round(padded / np.repeat(scale, BLOCK, axis=0)), -8, 7).astype(np.int8)
+    return codes[:k], scale.astype(np.float32)
+
+
+def to_int4_qdq(model):
+    """Every ``MatMul`` by a 2-D initializer → ``MatMul(x, DequantizeLinear(int4 W, blocked along K))``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes, keep = [], []
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            name = node.input[1]
+            codes, scale = _quantize_4bit(numpy_helper.to_array(inits.pop(name)))
+            keep += [helper.make_tensor(f"{name}_q4", TensorProto.INT4, codes.shape, codes.reshape(-1).tolist()),
+                     numpy_helper.from_array(scale, f"{name}_scale")]
+            nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q4", f"{name}_scale"], [f"{name}_dq"], axis=0,
+                                          block_size=BLOCK))
+            node = helper.make_node("MatMul", [node.input[0], f"{name}_dq"], list(node.output))
+        nodes.append(node)
+    graph = helper.make_graph(nodes, model.graph.name, model.graph.input, model.graph.output,
+                              list(inits.values()) + keep)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
 def to_matmul_nbits(model):
     """Every ``MatMul`` by a 2-D initializer → ``MatMulNBits`` (4-bit symmetric, default zero point 8)."""
     import numpy as np
@@ -75,17 +112,15 @@ def to_matmul_nbits(model):
             continue
         w = numpy_helper.to_array(inits.pop(node.input[1]))  # [K, N]
         k, n = w.shape
-        blocks = -(-k // BLOCK)
-        wt = np.zeros((n, blocks * BLOCK), np.float32)
-        wt[:, :k] = w.T
+        codes, scale = _quantize_4bit(w)
+        blocks = scale.shape[0]
+        wt = np.zeros((n, blocks * BLOCK), np.uint8)
+        wt[:, :k] = (codes.astype(np.int16) + 8).T  # unsigned codes, zero point 8
         wt = wt.reshape(n, blocks, BLOCK)
-        scale = np.abs(wt).max(axis=2, keepdims=True) / 7
-        scale[scale == 0] = 1
-        codes = (np.clip(np.round(wt / scale), -8, 7) + 8).astype(np.uint8)
-        packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        packed = wt[..., 0::2] | (wt[..., 1::2] << 4)
         name = node.input[1]
         keep += [numpy_helper.from_array(packed, f"{name}_Q4"),
-                 numpy_helper.from_array(scale.reshape(n, blocks).astype(np.float32), f"{name}_scales")]
+                 numpy_helper.from_array(np.ascontiguousarray(scale.T), f"{name}_scales")]
         nodes.append(helper.make_node("MatMulNBits", [node.input[0], f"{name}_Q4", f"{name}_scales"], list(node.output),
                                       domain="com.microsoft", K=k, N=n, bits=4, block_size=BLOCK))
     graph = helper.make_graph(nodes, model.graph.name, model.graph.input, model.graph.output,
@@ -118,12 +153,13 @@ def run(args) -> dict:
     onnx.save(mlp_stack(args.layers), work / "float32.onnx")
     quantize_dynamic(work / "float32.onnx", work / "int8-dyn.onnx", weight_type=QuantType.QInt8)
     onnx.save(to_matmul_nbits(onnx.load(work / "float32.onnx")), work / "int4.onnx")
+    onnx.save(to_int4_qdq(onnx.load(work / "float32.onnx")), work / "int4-qdq.onnx")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # bmc runs in this process too
     rows = []
-    for form in ("float32", "int8-dyn", "int4"):
+    for form in ("float32", "int8-dyn", "int4", "int4-qdq"):
         sess = ort.InferenceSession(str(work / f"{form}.onnx"), opts, providers=["CPUExecutionProvider"])
         for m in args.rows:
             x = np.random.default_rng(m).standard_normal((m, HIDDEN), dtype=np.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -98,3 +99,23 @@ class CastTensor(Tensor):
 
     def describe(self) -> str:
         return f"{self.dtype}({self.base.describe()})"
+
+
+@dataclass(eq=False)
+class MappedTensor(Tensor):
+    """Another tensor's data through ``fn`` on access (a weight layout the importer chose, e.g. 4-bit codes
+    repacked for ``matmul_nbits``); ``fn`` must return ``type``'s shape and dtype."""
+
+    base: Tensor
+    fn: Callable[[np.ndarray], np.ndarray]
+    type: TensorType
+    what: str = "mapped"
+
+    def numpy(self) -> np.ndarray:
+        out = np.ascontiguousarray(self.fn(np.asarray(self.base.numpy())))
+        if out.shape != self.type.shape or dtype_of(out.dtype) != self.type.dtype:
+            raise ValueError(f"{self.what}: produced {out.dtype}{list(out.shape)}, expected {self.type}")
+        return out
+
+    def describe(self) -> str:
+        return f"{self.what}({self.base.describe()})"

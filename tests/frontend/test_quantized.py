@@ -338,3 +338,34 @@ def test_stored_outputs_are_onnxruntimes(name):
     inputs = {k: data[k] for k in data.files if not k.startswith("output:")}
     stored = {k[len("output:"):]: data[k] for k in data.files if k.startswith("output:")}
     _assert_close(stored, _onnxruntime(QUANTIZED / f"{name}.onnx", inputs, optimize=False), tol=0.0)
+
+
+@pytest.mark.parametrize("four_bit", [TensorProto.INT4, TensorProto.UINT4])
+@pytest.mark.parametrize("with_zero_point", [False, True])
+def test_blocked_int4_dequantize_matmul_becomes_matmul_nbits(four_bit, with_zero_point, tmp_path):
+    """``MatMul(x, DequantizeLinear(W int4/uint4 [K, N], blocks along K))`` runs as ``matmul_nbits`` on codes
+    repacked at compile time (each signedness, with and without zero points); equal to ONNX's reference."""
+    k, n, block = 64, 48, 16
+    rng = np.random.default_rng(four_bit + with_zero_point)
+    lo, hi = (-8, 8) if four_bit == TensorProto.INT4 else (0, 16)
+    w = rng.integers(lo, hi, size=(k, n))
+    scale = (rng.random((k // block, n)) * 0.1 + 0.01).astype(np.float32)
+    inits = [oh.make_tensor("w", four_bit, w.shape, w.reshape(-1).tolist()),
+             onnx.numpy_helper.from_array(scale, "scale")]
+    inputs = ["w", "scale"]
+    if with_zero_point:
+        zp = rng.integers(lo, hi, size=(k // block, n))
+        inits.append(oh.make_tensor("zp", four_bit, zp.shape, zp.reshape(-1).tolist()))
+        inputs.append("zp")
+    graph = oh.make_graph(
+        [oh.make_node("DequantizeLinear", inputs, ["wf"], axis=0, block_size=block),
+         oh.make_node("MatMul", ["x", "wf"], ["y"])], "qdq4",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)])
+    onnx.save(model, tmp_path / "m.onnx")
+    bmc.compile(tmp_path / "m.onnx", tmp_path / "m.bmc")
+    requires = json.loads((tmp_path / "m.bmc" / "manifest.json").read_text())["kernels"]["cpu"]["requires"]
+    assert any(r.startswith("bmc.cpu.matmul_nbits") for r in requires)
+    x = np.random.default_rng(1).standard_normal((3, k), dtype=np.float32)
+    _assert_close(bmc.load(tmp_path / "m.bmc").run({"x": x}), _onnx_reference(tmp_path / "m.onnx", {"x": x}))

@@ -132,6 +132,9 @@ def _where(ctx: Context, node):
 
 @converter("MatMul")
 def _matmul(ctx: Context, node):
+    fused = ctx.weight_matmuls.get(node.input[1])
+    if fused is not None and ctx.type(ctx.operand(0)).dtype == "float32":
+        return [fused(ctx.operand(0))]
     return [ctx.emit1("matmul", [ctx.operand(0), ctx.operand(1)])]
 
 

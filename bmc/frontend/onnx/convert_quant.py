@@ -20,8 +20,10 @@ import numpy as np
 
 from bmc.frontend.onnx.convert_nn import conv
 from bmc.frontend.onnx.importer import Context, ConvertError, Operand, converter
+from bmc.ir.graph import Value
+from bmc.ir.tensor import MappedTensor
 from bmc.frontend.onnx.loader import FOUR_BIT_NAMES, to_dtype
-from bmc.ir.types import FLOAT_DTYPES, INT_DTYPES
+from bmc.ir.types import FLOAT_DTYPES, INT_DTYPES, TensorType
 
 _RANGES = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-32768, 32767), "uint4": (0, 15), "int4": (-8, 7)}
 _CARRIER = {"uint4": "uint8", "int4": "int8"}  # the IR dtype that holds a 4-bit type's values
@@ -88,7 +90,46 @@ def _dequantize(ctx: Context, node):
         zp = _broadcastable(ctx, zp, shape, axis, block, "zero point")
     y = ctx.emit1("mul", [_shifted(ctx, x, zp, "float32"),
                           _as(ctx, _broadcastable(ctx, scale, shape, axis, block, "scale"), "float32")])
+    if out == "float32":
+        _offer_matmul_nbits(ctx, node, x, scale, ctx.optional(2), axis, block)
     return [_as(ctx, y, out)]
+
+
+def _offer_matmul_nbits(ctx: Context, node, x: Operand, scale: Operand, zp: Operand | None, axis: int,
+                        block: int) -> None:
+    """A packed 4-bit weight ``[K, N]`` dequantized in blocks along K (the QDQ form of 4-bit weight-only
+    quantization): a MatMul by it can be ``matmul_nbits`` with the codes repacked once, at compile time, into its
+    ``[N, blocks, block/2]`` layout (the DequantizeLinear nodes then go dead). Offered to the MatMul converter."""
+    unpack = x.producer if isinstance(x, Value) else None
+    if unpack is None or unpack.op != "unpack_int4" or unpack.inputs[0].producer is not None:
+        return
+    packed, signed = unpack.inputs[0], unpack.attrs["signed"]
+    k, n = ctx.type(x).shape if ctx.type(x).rank == 2 else (0, 0)
+    if axis % 2 != 0 or not block or block % 2 or not k or k % block:
+        return
+    blocks = k // block
+    weights = ctx.builder.graph.weights
+
+    def repack(stored: np.ndarray) -> np.ndarray:  # [K, N/2] two nibbles along N -> [N, blocks, block/2] along K
+        q = np.stack([stored & 15, stored >> 4], axis=-1).reshape(k, n)
+        q = (q ^ 8 if signed else q).T  # int4's two's-complement nibble ^ 8 = value + 8 (0..15, zero point 8)
+        return (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(n, blocks, block // 2)
+
+    operands: list[Operand] = []  # made at the first MatMul, shared by any others
+
+    def matmul(a: Operand) -> Operand:
+        if not operands:
+            operands.append(ctx.builder.param(f"{packed.name}.nbits", MappedTensor(
+                weights[packed.name], repack, TensorType("uint8", (n, blocks, block // 2)), "matmul_nbits layout")))
+            operands.append(_as(ctx, ctx.emit1("transpose", [scale], perm=(1, 0)), "float32"))
+            if zp is not None:
+                operands.append(ctx.emit1("add", [_as(ctx, ctx.emit1("transpose", [zp], perm=(1, 0)), "float32"),
+                                                  np.float32(8 if signed else 0)]))
+            elif not signed:  # uint4 without a zero point: 0, not matmul_nbits' default 8
+                operands.append(np.zeros((n, blocks), np.float32))
+        return ctx.emit1("matmul_nbits", [a, *operands])
+
+    ctx.weight_matmuls[node.output[0]] = matmul
 
 
 @converter("QuantizeLinear")

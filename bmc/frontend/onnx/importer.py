@@ -62,6 +62,8 @@ class Context:
     opset: int
     env: dict[str, Operand] = field(default_factory=dict)
     four_bit: dict[str, str] = field(default_factory=dict)  # ONNX tensor name -> "int4"/"uint4" (carried in 8 bits)
+    # ONNX tensor name of a weight -> how to multiply by it better than by its values (a dequantized 4-bit weight)
+    weight_matmuls: dict[str, Callable[[Operand], Operand]] = field(default_factory=dict)
     node: onnx.NodeProto | None = None
     _materialized: dict[int, tuple[np.ndarray, Value]] = field(default_factory=dict)  # by id; holds the array
     # alive so its id cannot be reused by another array
