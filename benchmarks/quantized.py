@@ -42,7 +42,6 @@ HIDDEN, FFN, BLOCK = 768, 3072, 32
 def mlp_stack(layers: int, seed: int = 0):
     """The float model: ``layers`` MLP blocks with residuals, input ``x[M, 768]`` (M symbolic)."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -57,8 +56,8 @@ def mlp_stack(layers: int, seed: int = 0):
                   helper.make_node("Add", [x, f"o{i}"], [f"x{i + 1}"])]
         x = f"x{i + 1}"
     nodes.append(helper.make_node("Identity", [x], ["y"]))
-    graph = helper.make_graph(nodes, "mlp_stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", HIDDEN])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", HIDDEN])], inits)
+    io = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["M", HIDDEN]) for name in ("x", "y")]
+    graph = helper.make_graph(nodes, "mlp_stack", io[:1], io[1:], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
 
 
@@ -101,7 +100,6 @@ def to_int4_qdq(model):
 def to_matmul_nbits(model):
     """Every ``MatMul`` by a 2-D initializer → ``MatMulNBits`` (4-bit symmetric, default zero point 8)."""
     import numpy as np
-    import onnx
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}

@@ -11,10 +11,10 @@
  *
  * ``cpu_matmul_nbits(a, codes, scales, out)`` / ``cpu_matmul_nbits_zp(a, codes, scales, zero_points, out)``: float32
  * ``a [M, K] @ W.T`` with ``W [N, K]`` given as 4-bit codes ``[N, blocks, block/2]`` (two a byte, low nibble first)
- * dequantized per block as ``(code - zero_point) * scale`` (zero point 8 when not given). For a few rows of ``a``
- * (decoding) each row of W is dequantized into a small buffer and dotted with every row of ``a``: the weight is
- * read once, half a byte a value. For more rows W is dequantized into a scratch matrix and multiplied by sgemm.
- * Rows of W are split over ``set_threads(n)`` threads.
+ * dequantized per block as ``(code - zero_point) * scale`` (zero point 8 when not given). For up to 16 rows of
+ * ``a`` (decoding) each row of W is dequantized into a small buffer and dotted with every row of ``a``: the weight
+ * is read once, half a byte a value. For more rows W is dequantized into a scratch matrix and multiplied by sgemm.
+ * Rows of W are split over ``set_kernel_threads(n)`` threads.
  *
  * The BLAS is not linked: Python finds the OpenBLAS that numpy's wheel ships (already loaded into the process) and
  * calls ``blas_bind(path, sgemm, dgemm, int64)`` with its symbol names (``scipy_cblas_sgemm64_`` ...,
@@ -164,7 +164,7 @@ void MatmulImpl(const Blas& blas, const ffi::TensorView& ta_, const ffi::TensorV
 
 // ---- 4-bit weights ---------------------------------------------------------------------------------------------
 
-constexpr int64_t kFusedRows = 4;  // up to this many rows of a, dot products on the fly; more: dequantize + sgemm
+constexpr int64_t kFusedRows = 16;  // up to this many rows of a, dot products on the fly; more: dequantize + sgemm
 std::atomic<int> kernel_threads{1};
 
 struct NBits {

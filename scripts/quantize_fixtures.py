@@ -34,7 +34,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "tests" / "fixtures" / "models"
@@ -73,7 +79,7 @@ def main() -> None:
         entries.append({"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                         "ops": dict(collections.Counter(n.op_type for n in model.graph.node).most_common())})
     manifest = {"source": SOURCE.relative_to(REPO).as_posix(), "int4_sources": ["tests/fixtures/models/llama_dynamo.onnx",
-                                                                                "scripts/quantize_fixtures.py: mlp() (K=%d, H=%d)" % MLP_DIMS],
+                                                                                f"scripts/quantize_fixtures.py: mlp() (K={MLP_DIMS[0]}, H={MLP_DIMS[1]})"],
                 "source_sha256": hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
                 "inputs": SOURCE.with_suffix(".npz").relative_to(REPO).as_posix(),
                 "onnxruntime": ort.__version__, "onnx": onnx.__version__, "fixtures": entries}
@@ -114,7 +120,10 @@ def _store_outputs(path: Path, feeds: dict) -> None:
 
 
 def _int4(model: onnx.ModelProto, path: Path, quant_format, symmetric: bool) -> None:
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
     config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=symmetric, quant_format=quant_format)
     quantizer = MatMulNBitsQuantizer(onnx.ModelProto.FromString(model.SerializeToString()), algo_config=config)

@@ -91,7 +91,7 @@ CASES += [
     ("matmul_nbits", [_R2.uniform(-2, 2, (1, 2, 64)).astype(np.float32),  # default zero point 8; 2 rows: fused
                       np.arange(6 * 4 * 8, dtype=np.uint8).reshape(6, 4, 8),
                       _R2.uniform(0.01, 0.1, (6, 4)).astype(np.float32)], {}),
-    ("matmul_nbits", [_R2.uniform(-2, 2, (5, 32)).astype(np.float32),  # 5 rows: dequantize + sgemm
+    ("matmul_nbits", [_R2.uniform(-2, 2, (20, 32)).astype(np.float32),  # 20 rows: dequantize + sgemm
                       np.arange(255, -1, -1, dtype=np.uint8).reshape(16, 2, 8),
                       _R2.uniform(0.01, 0.1, (16, 2)).astype(np.float32),
                       _R2.uniform(0, 15, (16, 2)).astype(np.float32)], {}),

@@ -1,14 +1,17 @@
-"""Converters for ONNX linear quantization: QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear and the integer
-matmul/conv ops (MatMulInteger, ConvInteger, QLinearMatMul, QLinearConv).
+"""Converters for ONNX linear quantization: QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear, the integer
+matmul/conv ops (MatMulInteger, ConvInteger, QLinearMatMul, QLinearConv) and onnxruntime's weight-only
+``com.microsoft::MatMulNBits``.
 
-No quantized op reaches the IR: each becomes float arithmetic the rest of bmc already shards, lowers and checks.
+Quantized ops become float arithmetic the rest of bmc already shards, lowers and checks, with one exception: a
+matmul by a 4-bit block-quantized weight is the IR's ``matmul_nbits``, which reads the packed codes itself.
 
 - Integer products are computed as **float64** matmuls/convolutions of the zero-point-shifted operands. That is
   exact (every product and partial sum of 8-bit operands is an integer below 2^53 for any K < 2^37), so the int32
   result equals onnx's, and on the CPU it runs on BLAS' dgemm instead of a scalar integer kernel. A row-parallel
   split then all-reduces float64 partial sums, still exactly.
-- Quantized weights stay 8-bit in the artifact: an int8/uint8 initializer larger than the folding limit is a weight,
-  and its dequantization (cast, shift, scale) is elementwise work in the kernel that reads it.
+- Quantized weights stay 8-bit (4-bit: packed two a byte) in the artifact: an int8/uint8 initializer of more than
+  ``SMALL_WEIGHT`` elements is a weight, and its dequantization (cast, shift, scale) is elementwise work in the
+  kernel that reads it; 4-bit ones are read through ``unpack_int4`` or by ``matmul_nbits``.
 - Rounding is ONNX's: half to even (``round``), then saturation to the integer type's range.
 - Each quantize adds a ``round`` call to a fused kernel's expression; :func:`bmc.codegen.rewrite.bound_fusion`
   cuts the chains a QDQ model fuses before TVM's vectorizer chokes on their depth.
@@ -20,9 +23,9 @@ import numpy as np
 
 from bmc.frontend.onnx.convert_nn import conv
 from bmc.frontend.onnx.importer import Context, ConvertError, Operand, converter
+from bmc.frontend.onnx.loader import FOUR_BIT_NAMES, to_dtype
 from bmc.ir.graph import Value
 from bmc.ir.tensor import MappedTensor
-from bmc.frontend.onnx.loader import FOUR_BIT_NAMES, to_dtype
 from bmc.ir.types import FLOAT_DTYPES, INT_DTYPES, TensorType
 
 _RANGES = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-32768, 32767), "uint4": (0, 15), "int4": (-8, 7)}
