@@ -7,6 +7,7 @@ import numpy as np
 
 from bmc.ir.types import TensorType
 from bmc.ops.registry import Cost, OpDef, OpError, broadcast_shapes, bytes_moved, register, same_dtype
+from bmc.ops.shape import unpack_nibbles
 
 
 def matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
@@ -62,7 +63,7 @@ def _infer_matmul_nbits(ins, attrs):
 def dequantize_nbits(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None) -> np.ndarray:
     """The float32 ``[N, K]`` weight of 4-bit ``codes`` ``[N, blocks, block/2]`` (low nibble first)."""
     n, blocks, half = codes.shape
-    q = np.stack([codes & 15, codes >> 4], axis=-1).reshape(n, blocks, 2 * half).astype(np.float32)
+    q = unpack_nibbles(codes).astype(np.float32)
     zp = np.float32(8) if zero_points is None else zero_points.astype(np.float32)[..., None]
     return ((q - zp) * scales.astype(np.float32)[..., None]).reshape(n, blocks * 2 * half)
 

@@ -264,9 +264,20 @@ def _unpack_int4_infer(ins, attrs):
     return [TensorType("int8" if attrs["signed"] else "uint8", t.shape[:-1] + (2 * t.shape[-1],))]
 
 
+def unpack_nibbles(x: np.ndarray) -> np.ndarray:
+    """uint8 ``[..., n]`` → the nibbles ``[..., 2n]`` (0..15), the low one of each byte first (ONNX's order)."""
+    return np.stack([x & 15, x >> 4], axis=-1).reshape(x.shape[:-1] + (2 * x.shape[-1],))
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`unpack_nibbles`: ``[..., 2n]`` values (their low 4 bits) → uint8 ``[..., n]``."""
+    q = q.astype(np.uint8) & 15
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
 def _unpack_int4(ins, attrs):
     (x,) = ins
-    nibbles = np.stack([x & 15, x >> 4], axis=-1).reshape(x.shape[:-1] + (2 * x.shape[-1],))
+    nibbles = unpack_nibbles(x)
     return [np.where(nibbles >= 8, nibbles.astype(np.int8) - 16, nibbles).astype(np.int8) if attrs["signed"]
             else nibbles]
 

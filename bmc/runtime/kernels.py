@@ -233,6 +233,7 @@ def _matmul_nbits_numpy(a, codes, scales, *rest) -> None:
     *zp, out = rest
     A, Q, S, C = (np.from_dlpack(t) for t in (a, codes, scales, out))
     n, blocks, half = Q.shape
+    # (bmc.ops.linalg.dequantize_nbits, restated: the runtime imports numpy and tvm-ffi only)
     q = np.stack([Q & 15, Q >> 4], axis=-1).reshape(n, blocks, 2 * half).astype(np.float32)
     w = (q - (np.from_dlpack(zp[0])[..., None] if zp else np.float32(8))) * S[..., None]
     np.matmul(A.reshape(-1, A.shape[-1]), w.reshape(n, -1).T, out=C.reshape(-1, C.shape[-1]))

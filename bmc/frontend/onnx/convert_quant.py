@@ -27,6 +27,7 @@ from bmc.frontend.onnx.loader import FOUR_BIT_NAMES, to_dtype
 from bmc.ir.graph import Value
 from bmc.ir.tensor import MappedTensor
 from bmc.ir.types import FLOAT_DTYPES, INT_DTYPES, TensorType
+from bmc.ops.shape import pack_nibbles, unpack_nibbles
 
 _RANGES = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-32768, 32767), "uint4": (0, 15), "int4": (-8, 7)}
 _CARRIER = {"uint4": "uint8", "int4": "int8"}  # the IR dtype that holds a 4-bit type's values
@@ -114,9 +115,9 @@ def _offer_matmul_nbits(ctx: Context, node, x: Operand, scale: Operand, zp: Oper
     weights = ctx.builder.graph.weights
 
     def repack(stored: np.ndarray) -> np.ndarray:  # [K, N/2] two nibbles along N -> [N, blocks, block/2] along K
-        q = np.stack([stored & 15, stored >> 4], axis=-1).reshape(k, n)
+        q = unpack_nibbles(stored)
         q = (q ^ 8 if signed else q).T  # int4's two's-complement nibble ^ 8 = value + 8 (0..15, zero point 8)
-        return (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(n, blocks, block // 2)
+        return pack_nibbles(q).reshape(n, blocks, block // 2)
 
     operands: list[Operand] = []  # made at the first MatMul, shared by any others
 

@@ -199,9 +199,11 @@ def initializer_tensor(proto: TensorProto, base_dir: Path | None) -> Tensor:
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"cannot decode tensor data: {e}", where=where) from e
     if proto.data_type in FOUR_BIT:  # onnx decodes to ml_dtypes' int4/uint4: pack them again, as stored
-        nibbles = np.zeros(2 * ty.numel, np.uint8)
-        nibbles[:arr.size] = arr.reshape(-1).astype(np.int8).view(np.uint8) & 15
-        arr = nibbles[0::2] | (nibbles[1::2] << 4)
+        from bmc.ops.shape import pack_nibbles
+
+        values = np.zeros(2 * ty.numel, np.int8)
+        values[:arr.size] = arr.reshape(-1).astype(np.int8)
+        arr = pack_nibbles(values)
     if arr.size != ty.numel:
         raise ModelError(f"tensor has {arr.size} elements but dims {ty.shape} need {ty.numel}", where=where)
     return ArrayTensor(arr.astype(np_dtype(ty.dtype), copy=False).reshape(ty.shape))
