@@ -16,11 +16,20 @@
  * is read once, half a byte a value. For more rows W is dequantized into a scratch matrix and multiplied by sgemm.
  * Rows of W are split over ``set_kernel_threads(n)`` threads.
  *
+ * ``cpu_matmul_integer(a, bt, a_zero_point, b_zero_point, out)``: the exact int32 ``(a - za) @ (bt - zb).T`` of
+ * 8-bit ``a [..., M, K]`` and ``bt [N, K]`` (each uint8 or int8; ``za`` one value or one per row of the last M,
+ * ``zb`` one value or one per row of ``bt``), for ONNX's MatMulInteger / QLinearMatMul. Computed as
+ * ``sum(a * b) - zb * rowsum(a) - za * rowsum(b) + K * za * zb`` with the products of uint8 ``a`` and int8 ``b``
+ * (an int8 ``a`` or a uint8 ``b`` is moved there by flipping its sign bit and its zero point by 128): 4x4 tiles of
+ * AVX-512 VNNI ``vpdpbusd`` (64 products an instruction) where the CPU has it, else plain loops. Rows of ``bt`` are
+ * split over the kernel threads. Sums wrap modulo 2^32 like onnxruntime's (K < 65793 cannot overflow).
+ *
  * The BLAS is not linked: Python finds the OpenBLAS that numpy's wheel ships (already loaded into the process) and
  * calls ``blas_bind(path, sgemm, dgemm, int64)`` with its symbol names (``scipy_cblas_sgemm64_`` ...,
  * ILP64 integers), so this library works with whichever numpy is installed and shares numpy's thread pool.
  */
 #include <dlfcn.h>
+#include <immintrin.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/function.h>
@@ -34,6 +43,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace bmc {
@@ -204,10 +214,11 @@ float Dot(const float* x, const float* y, int64_t k) {
   return s;
 }
 
-/*! \brief fn(begin, end) over [0, n) in contiguous chunks, one per thread (the caller's thread takes the first). */
+/*! \brief fn(begin, end) over [0, n) in contiguous chunks, one per thread (the caller's thread takes the first),
+ *  on at most \a max_threads threads. */
 template <typename Fn>
-void ParallelRows(int64_t n, Fn fn) {
-  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(kernel_threads.load(), n));
+void ParallelRows(int64_t n, Fn fn, int64_t max_threads = INT64_MAX) {
+  int64_t threads = std::max<int64_t>(1, std::min<int64_t>({kernel_threads.load(), n, max_threads}));
   int64_t chunk = (n + threads - 1) / threads;
   std::vector<std::thread> workers;
   for (int64_t t = 1; t < threads; ++t) {
@@ -257,6 +268,223 @@ void MatmulNBitsImpl(const ffi::TensorView& a, const ffi::TensorView& codes, con
     for (int64_t row = begin; row < end; ++row) DequantRow(p, row, w + row * p.k);
   });
   Gemm<float>(blas, false, true, p.m, p.n, p.k, p.a, p.k, w, p.k, p.out, p.n);
+}
+
+// ---- 8-bit integer matmul -------------------------------------------------------------------------------------
+
+// GCC 12's AVX-512 headers build 512 -> 256 casts from an undefined value and then warn about it (PR 105593)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+/*! \brief The lane sums of four vectors, ``[sum a, sum b, sum c, sum d]``: pairwise interleave-and-add, then the
+ *  four 128-bit quarters (10 instructions for four sums). */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+inline __m128i SumLanes4(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+#pragma GCC diagnostic pop
+
+/*! \brief ``s[i * lds + j] = sum_p a[i * lda + p] * b[j * k + p]`` for an MT x NT tile (uint8 a, int8 b). */
+template <int MT, int NT>
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+void DotTileVnni(const uint8_t* a, int64_t lda, const int8_t* b, int64_t k, int32_t* s, int64_t lds) {
+  __m512i acc[MT][NT];
+  for (int i = 0; i < MT; ++i) {
+    for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_si512();
+  }
+  int64_t p = 0;
+  for (; p + 64 <= k; p += 64) {  // (one loop with a computed mask made GCC spill the accumulators)
+    __m512i bv[NT];
+    for (int j = 0; j < NT; ++j) bv[j] = _mm512_loadu_si512(b + j * k + p);
+    for (int i = 0; i < MT; ++i) {
+      const __m512i av = _mm512_loadu_si512(a + i * lda + p);
+      for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, bv[j]);
+    }
+  }
+  if (p < k) {  // the last k % 64 bytes, masked
+    const __mmask64 mask = ~0ULL >> (64 - (k - p));
+    __m512i bv[NT];
+    for (int j = 0; j < NT; ++j) bv[j] = _mm512_maskz_loadu_epi8(mask, b + j * k + p);
+    for (int i = 0; i < MT; ++i) {
+      const __m512i av = _mm512_maskz_loadu_epi8(mask, a + i * lda + p);
+      for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, bv[j]);
+    }
+  }
+  for (int i = 0; i < MT; ++i) {
+    const __m512i zero = _mm512_setzero_si512();
+    const __m128i sums = SumLanes4(acc[i][0], NT > 1 ? acc[i][NT > 1 ? 1 : 0] : zero,  // (indices kept in bounds
+                                   NT > 2 ? acc[i][NT > 2 ? 2 : 0] : zero,            // for the narrower tiles)
+                                   NT > 3 ? acc[i][NT > 3 ? 3 : 0] : zero);
+    if (NT == 4) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(s + i * lds), sums);
+    } else {
+      alignas(16) int32_t part[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(part), sums);
+      for (int j = 0; j < NT; ++j) s[i * lds + j] = part[j];
+    }
+  }
+}
+
+template <int MT, int NT>
+__attribute__((target_clones("avx2", "default")))
+void DotTilePlain(const uint8_t* a, int64_t lda, const int8_t* b, int64_t k, int32_t* s, int64_t lds) {
+  for (int i = 0; i < MT; ++i) {
+    for (int j = 0; j < NT; ++j) {
+      int32_t acc = 0;
+      for (int64_t p = 0; p < k; ++p) acc += static_cast<int32_t>(a[i * lda + p]) * b[j * k + p];
+      s[i * lds + j] = acc;
+    }
+  }
+}
+
+using DotTileFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int64_t);
+
+// tiles[MT - 1][NT - 1] for 1 <= MT, NT <= 4
+#define BMC_DOT_TILES(F)                                        \
+  {                                                             \
+    {F<1, 1>, F<1, 2>, F<1, 3>, F<1, 4>},                       \
+    {F<2, 1>, F<2, 2>, F<2, 3>, F<2, 4>},                       \
+    {F<3, 1>, F<3, 2>, F<3, 3>, F<3, 4>},                       \
+    {F<4, 1>, F<4, 2>, F<4, 3>, F<4, 4>}                        \
+  }
+const DotTileFn kVnniTiles[4][4] = BMC_DOT_TILES(DotTileVnni);
+const DotTileFn kPlainTiles[4][4] = BMC_DOT_TILES(DotTilePlain);
+#undef BMC_DOT_TILES
+
+bool HasVnni() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return yes;
+}
+
+/*! \brief Row sums of an 8-bit matrix ``[rows, k]`` (uint8 or int8), as int32. */
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+void RowSumsVnni(const T* x, int64_t rows, int64_t k, int32_t* out) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {  // four rows at a time, for one SumLanes4
+    __m512i acc[4];
+    for (int i = 0; i < 4; ++i) {
+      acc[i] = _mm512_setzero_si512();
+      if (r0 + i >= rows) continue;
+      for (int64_t p = 0; p < k; p += 64) {
+        const __m512i v = _mm512_maskz_loadu_epi8(k - p >= 64 ? ~0ULL : ~0ULL >> (64 - (k - p)), x + (r0 + i) * k + p);
+        acc[i] = std::is_signed_v<T> ? _mm512_dpbusd_epi32(acc[i], ones, v) : _mm512_dpbusd_epi32(acc[i], v, ones);
+      }
+    }
+    alignas(16) int32_t sums[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(sums), SumLanes4(acc[0], acc[1], acc[2], acc[3]));
+    for (int64_t i = 0; i < 4 && r0 + i < rows; ++i) out[r0 + i] = sums[i];
+  }
+}
+
+template <typename T>
+__attribute__((target_clones("avx2", "default")))
+void RowSumsPlain(const T* x, int64_t rows, int64_t k, int32_t* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    int32_t s = 0;
+    for (int64_t p = 0; p < k; ++p) s += x[r * k + p];
+    out[r] = s;
+  }
+}
+
+template <typename T>
+void RowSums(const T* x, int64_t rows, int64_t k, int32_t* out) {
+  HasVnni() ? RowSumsVnni(x, rows, k, out) : RowSumsPlain(x, rows, k, out);
+}
+
+/*! \brief \a t's 8-bit data with the sign bit flipped (int8 <-> uint8 plus or minus 128) into \a scratch. */
+template <typename To>
+const To* Flipped(const ffi::TensorView& t, std::vector<uint8_t>& scratch) {
+  const uint8_t* src = Data<uint8_t>(t);
+  scratch.resize(static_cast<size_t>(t.numel()));
+  for (int64_t i = 0; i < t.numel(); ++i) scratch[i] = src[i] ^ 0x80;
+  return reinterpret_cast<const To*>(scratch.data());
+}
+
+/*! \brief Zero points as int32 per row (``rows`` of them from one value or a period of ``period``), shifted by
+ *  \a shift (the sign-bit flip of their operand). */
+std::vector<int32_t> ZeroPoints(const ffi::TensorView& zp, int64_t rows, int64_t period, int32_t shift,
+                                const char* what) {
+  if (zp.numel() != 1 && zp.numel() != period) {
+    TVM_FFI_THROW(ValueError) << "cpu_matmul_integer: " << what << " has " << zp.numel()
+                              << " values; it must have 1 or " << period;
+  }
+  std::vector<int32_t> out(static_cast<size_t>(rows));
+  bool is_signed = zp.dtype().code == kDLInt;
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t i = zp.numel() == 1 ? 0 : r % period;
+    int32_t v = is_signed ? Data<int8_t>(zp)[i] : Data<uint8_t>(zp)[i];
+    out[r] = v + shift;
+  }
+  return out;
+}
+
+void Check8Bit(const ffi::TensorView& t, const char* what) {
+  DLDataType dt = t.dtype();
+  if ((dt.code != kDLInt && dt.code != kDLUInt) || dt.bits != 8 || dt.lanes != 1) {
+    TVM_FFI_THROW(TypeError) << "cpu_matmul_integer: " << what << " must be uint8 or int8, got "
+                             << ffi::DLDataTypeToString(dt);
+  }
+  CheckOperand(t, dt, what);
+}
+
+void MatmulIntegerImpl(const ffi::TensorView& ta, const ffi::TensorView& tb, const ffi::TensorView& tza,
+                       const ffi::TensorView& tzb, const ffi::TensorView& out) {
+  Check8Bit(ta, "a");
+  Check8Bit(tb, "bt");
+  Check8Bit(tza, "a_zero_point");
+  Check8Bit(tzb, "b_zero_point");
+  CheckOperand(out, DLDataType{kDLInt, 32, 1}, "out");
+  if (tza.dtype().code != ta.dtype().code || tzb.dtype().code != tb.dtype().code) {
+    TVM_FFI_THROW(TypeError) << "cpu_matmul_integer: a zero point's type differs from its operand's";
+  }
+  if (tb.ndim() != 2 || ta.ndim() < 1 || ta.shape()[ta.ndim() - 1] != tb.shape()[1]) {
+    TVM_FFI_THROW(ValueError) << "cpu_matmul_integer: takes a [..., K] and bt [N, K]";
+  }
+  const int64_t n = tb.shape()[0], k = tb.shape()[1];
+  const int64_t rows = k ? ta.numel() / k : 0, m = ta.ndim() >= 2 ? ta.shape()[ta.ndim() - 2] : 1;
+  if (out.numel() != rows * n) {
+    TVM_FFI_THROW(ValueError) << "cpu_matmul_integer: out has " << out.numel() << " elements, expected "
+                              << rows * n;
+  }
+  if (rows == 0 || n == 0) return;
+  // products of uint8 a and int8 b: flip an int8 a (a + 128) and a uint8 b (b - 128), and their zero points
+  thread_local std::vector<uint8_t> a_scratch, b_scratch;
+  const bool a_signed = ta.dtype().code == kDLInt, b_unsigned = tb.dtype().code == kDLUInt;
+  const uint8_t* a = a_signed ? Flipped<uint8_t>(ta, a_scratch) : Data<uint8_t>(ta);
+  const int8_t* b = b_unsigned ? Flipped<int8_t>(tb, b_scratch) : Data<int8_t>(tb);
+  const std::vector<int32_t> za = ZeroPoints(tza, rows, m, a_signed ? 128 : 0, "a_zero_point");
+  const std::vector<int32_t> zb = ZeroPoints(tzb, n, n, b_unsigned ? -128 : 0, "b_zero_point");
+  std::vector<int32_t> a_sums(static_cast<size_t>(rows));
+  RowSums(a, rows, k, a_sums.data());
+  const DotTileFn(*tiles)[4] = HasVnni() ? kVnniTiles : kPlainTiles;
+  int32_t* c = Data<int32_t>(out);
+  const int64_t n_tiles = (n + 3) / 4;
+  constexpr int64_t kThreadWork = int64_t{1} << 24;  // products a thread is worth (starting one costs ~50 us)
+  ParallelRows(n_tiles, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t j0 = 4 * t, nt = std::min<int64_t>(4, n - j0);
+      int32_t b_sums[4];
+      RowSums(b + j0 * k, nt, k, b_sums);  // (while these rows of b are in the cache)
+      for (int64_t i0 = 0; i0 < rows; i0 += 4) {
+        const int64_t mt = std::min<int64_t>(4, rows - i0);
+        int32_t* s = c + i0 * n + j0;
+        tiles[mt - 1][nt - 1](a + i0 * k, k, b + j0 * k, k, s, n);
+        for (int64_t i = 0; i < mt; ++i) {  // the zero points, in wrapping (unsigned) arithmetic
+          for (int64_t j = 0; j < nt; ++j) {
+            const uint32_t zi = za[i0 + i], zj = zb[j0 + j];
+            s[i * n + j] = static_cast<int32_t>(static_cast<uint32_t>(s[i * n + j]) - zj * a_sums[i0 + i] -
+                                                zi * b_sums[j] + static_cast<uint32_t>(k) * zi * zj);
+          }
+        }
+      }
+    }
+  }, rows * n * k / kThreadWork + 1);
 }
 
 }  // namespace
@@ -314,7 +542,12 @@ void CpuMatmulNBitsZp(ffi::TensorView a, ffi::TensorView codes, ffi::TensorView 
   MatmulNBitsImpl(a, codes, scales, &zp, out);
 }
 
-/*! \brief Threads of the 4-bit matmul (BLAS sizes its own pool). */
+void CpuMatmulInteger(ffi::TensorView a, ffi::TensorView bt, ffi::TensorView a_zp, ffi::TensorView b_zp,
+                      ffi::TensorView out) {
+  MatmulIntegerImpl(a, bt, a_zp, b_zp, out);
+}
+
+/*! \brief Threads of the 4-bit and integer matmuls (BLAS sizes its own pool). */
 void SetKernelThreads(int64_t n) { kernel_threads.store(static_cast<int>(std::max<int64_t>(1, n))); }
 
 }  // namespace native
@@ -327,4 +560,5 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(blas_bound, bmc::native::BlasBound);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul, bmc::native::CpuMatmul);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_nbits, bmc::native::CpuMatmulNBits);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_nbits_zp, bmc::native::CpuMatmulNBitsZp);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_integer, bmc::native::CpuMatmulInteger);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_kernel_threads, bmc::native::SetKernelThreads);

@@ -1,5 +1,6 @@
-"""Linear algebra: matmul with numpy semantics (batched, broadcast batch dims, 1-D operands promoted), and
-matmul_nbits, a matmul by a block-quantized 4-bit weight."""
+"""Linear algebra: matmul with numpy semantics (batched, broadcast batch dims, 1-D operands promoted);
+matmul_nbits, a matmul by a block-quantized 4-bit weight; matmul_integer, the exact int32 product of 8-bit
+operands (the weight transposed, ``[N, K]``, as both quantized matmuls store it)."""
 
 from __future__ import annotations
 
@@ -74,10 +75,36 @@ def _matmul_nbits(ins, attrs):
     return [np.matmul(a.astype(np.float32), w.T).astype(a.dtype)]
 
 
-def _matmul_nbits_cost(ins, outs, attrs):
-    return Cost(2 * ins[0].shape[-1] * outs[0].numel, bytes_moved(ins, outs))
-
-
-register(OpDef("matmul_nbits", "linalg", (3, 4), {}, _infer_matmul_nbits, _matmul_nbits, _matmul_nbits_cost,
+register(OpDef("matmul_nbits", "linalg", (3, 4), {}, _infer_matmul_nbits, _matmul_nbits, _matmul_cost,
                doc="A[..., K] @ W.T with W[N, K] 4-bit codes[N, blocks, block/2] (two a byte, low nibble first) "
                    "dequantized per block as (code - zero_point) * scale; zero point 8 when not given"))
+
+
+INT8 = ("uint8", "int8")
+
+
+def _per_row(zp: np.ndarray) -> np.ndarray:
+    """A zero point as int64, one per row when it has several values, so it broadcasts against ``[rows, K]``."""
+    zp = zp.astype(np.int64)
+    return zp.reshape(-1, 1) if zp.size > 1 else zp.reshape(())
+
+
+def _infer_matmul_integer(ins, attrs):
+    a, bt, za, zb = ins
+    if a.dtype not in INT8 or bt.dtype not in INT8 or bt.rank != 2 or a.rank < 1 or a.shape[-1] != bt.shape[1]:
+        raise OpError(f"matmul_integer takes 8-bit A[..., K] and Bt[N, K], got {a} and {bt}")
+    m = a.shape[-2] if a.rank >= 2 else 1
+    for zp, t, rows, what in ((za, a, m, "A's zero point"), (zb, bt, bt.shape[0], "B's zero point")):
+        if zp.dtype != t.dtype or zp.rank > 1 or zp.numel not in (1, rows):
+            raise OpError(f"matmul_integer: {what} must be {t.dtype} with 1 or {rows} values, got {zp}")
+    return [TensorType("int32", a.shape[:-1] + (bt.shape[0],))]
+
+
+def _matmul_integer(ins, attrs):
+    a, bt, za, zb = ins
+    return [np.matmul(a.astype(np.int64) - _per_row(za), (bt.astype(np.int64) - _per_row(zb)).T).astype(np.int32)]
+
+
+register(OpDef("matmul_integer", "linalg", (4, 4), {}, _infer_matmul_integer, _matmul_integer, _matmul_cost,
+               doc="exact int32 (A - a_zero_point) @ (Bt - b_zero_point).T of 8-bit A[..., M, K] and Bt[N, K]; "
+                   "a zero point is one value, or one per row of A's last M (of Bt's N); sums wrap modulo 2^32"))

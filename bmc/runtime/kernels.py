@@ -43,10 +43,13 @@ CONV2D_KERNEL = "bmc.cpu.conv2d"
 #: ``a @ W.T`` with W given as 4-bit codes ``[N, blocks, block/2]`` (the ``matmul_nbits`` op)
 MATMUL_NBITS_KERNEL = "bmc.cpu.matmul_nbits"
 MATMUL_NBITS_ZP_KERNEL = "bmc.cpu.matmul_nbits_zp"
+#: ``bmc.cpu.matmul_integer(a, bt, a_zero_point, b_zero_point, out)``: the exact int32 ``(a - za) @ (bt - zb).T``
+#: of 8-bit operands (the ``matmul_integer`` op)
+MATMUL_INTEGER_KERNEL = "bmc.cpu.matmul_integer"
 #: default TVM_THREAD_POOL_SPIN_COUNT (see set_num_threads); 0: idle TVM workers sleep at once
 TVM_SPIN_COUNT = int(os.environ.get("BMC_TVM_SPIN_COUNT", "0"))
 #: every kernel name an llvm artifact may require, with what ``register_cpu_kernels`` installs for it
-CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL)
+CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL, MATMUL_INTEGER_KERNEL)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -239,6 +242,18 @@ def _matmul_nbits_numpy(a, codes, scales, *rest) -> None:
     np.matmul(A.reshape(-1, A.shape[-1]), w.reshape(n, -1).T, out=C.reshape(-1, C.shape[-1]))
 
 
+def _matmul_integer_numpy(a, bt, a_zp, b_zp, out) -> None:
+    """``bmc.cpu.matmul_integer`` in numpy: the operands minus their zero points as float64, one BLAS GEMM (exact:
+    every partial sum is an integer below 2^53)."""
+    A, B, C = np.from_dlpack(a), np.from_dlpack(bt), np.from_dlpack(out)
+
+    def shifted(x, zp):  # a per-row zero point (several values) repeats over A's batches
+        zp = np.from_dlpack(zp).astype(np.float64)
+        return (x.astype(np.float64) - (zp.reshape(-1, 1) if zp.size > 1 else zp.reshape(()))).reshape(-1, x.shape[-1])
+
+    C.reshape(-1, C.shape[-1])[...] = (shifted(A, a_zp) @ shifted(B, b_zp).T).astype(np.int64).astype(np.int32)
+
+
 _SCRATCH = threading.local()  # per thread: the im2col buffer of the last conv2d, reused (no page faults per call)
 
 
@@ -405,12 +420,14 @@ def _load_native(path: Path) -> bool:
         module["blas_bind"](blas["path"], blas["sgemm"], blas["dgemm"], blas["int64"])
         matmul = module["cpu_matmul"]
         nbits = (module["cpu_matmul_nbits"], module["cpu_matmul_nbits_zp"])
+        integer = module["cpu_matmul_integer"]
     except Exception as e:  # noqa: BLE001 (a stale or foreign library: fall back)
         _STATE["native_error"] = f"{path}: {e}"
         return False
     _STATE["native_module"] = module  # keeps the library loaded
     _STATE["native_matmul"] = matmul
     _STATE["native_nbits"] = nbits
+    _STATE["native_integer"] = integer
     _STATE["native_lib"] = str(path)
     return True
 
@@ -455,10 +472,12 @@ def register_cpu_kernels(required=None, *, threads: int | None = None, native: b
             tvm_ffi.register_global_func(MATMUL_KERNEL, _STATE["native_matmul"], override=True)
             for name, fn in zip((MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL), _STATE["native_nbits"]):
                 tvm_ffi.register_global_func(name, fn, override=True)
+            tvm_ffi.register_global_func(MATMUL_INTEGER_KERNEL, _STATE["native_integer"], override=True)
         else:
             tvm_ffi.register_global_func(MATMUL_KERNEL, _matmul_numpy, override=True)
             for name in (MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL):
                 tvm_ffi.register_global_func(name, _matmul_nbits_numpy, override=True)
+            tvm_ffi.register_global_func(MATMUL_INTEGER_KERNEL, _matmul_integer_numpy, override=True)
         # conv2d: im2col + numpy's BLAS in either case (the GEMM dominates; the native library has no conv yet)
         tvm_ffi.register_global_func(CONV2D_KERNEL, _conv2d_numpy, override=True)
         _STATE["impl"] = impl

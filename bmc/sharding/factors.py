@@ -199,6 +199,18 @@ def matmul_nbits_rule(ins, outs, attrs) -> ShardingRule:
                    [lead + ((nf,),)])
 
 
+def matmul_integer_rule(ins, outs, attrs) -> ShardingRule:
+    """A's leading dims and Bt's N pass, K is a reduction (int32 partial sums); a zero point with one value per row
+    of A (of Bt) goes with A's M (Bt's N)."""
+    a, bt, za, zb = (t.shape for t in ins)
+    fs = _Factors()
+    lead = tuple((fs.new(f"b{i}", d),) for i, d in enumerate(a[:-1]))
+    k, n = fs.new("k", a[-1], "reduction"), fs.new("n", bt[0])
+    per_row = [lead[-1] if len(a) >= 2 and za and za[0] > 1 else (), (n,) if zb and zb[0] > 1 else ()]
+    zps = [tuple(rows for _ in shape) for rows, shape in zip(per_row, (za, zb))]
+    return fs.rule([lead + ((k,),), ((n,), (k,))] + zps, [lead + ((n,),)])
+
+
 def _reduce_axes(attrs, rank) -> tuple[int, ...]:
     axes = attrs["axes"] if "axes" in attrs else (attrs["axis"],)  # reduce_* have axes, argmax/argmin an axis
     return tuple(range(rank)) if axes is None else tuple(sorted(normalize_axis(a, rank) for a in axes))
@@ -445,6 +457,7 @@ def replicated_rule(ins, outs, attrs) -> ShardingRule:
 RULES: dict[str, RuleBuilder] = {
     "matmul": matmul_rule,
     "matmul_nbits": matmul_nbits_rule,
+    "matmul_integer": matmul_integer_rule,
     "reduce_sum": reduce_rule("reduction", dtypes=FLOAT_DTYPES | INT_DTYPES),  # a partial sum of bools is no sum
     "reduce_mean": reduce_rule("reduction", _scaled_mean_local, dtypes=FLOAT_DTYPES),
     "reduce_max": reduce_rule("replicate"),

@@ -49,9 +49,9 @@ def megatron(graph: Graph, axis: str, batch_axis: str | None = None) -> dict[str
         """(what to annotate, its permutation) for a matmul by a 2-D weight: the parameter behind transposes, or
         the operand itself when it is computed from parameters (quantized weights: propagation carries the
         split back through the dequantization to the stored, packed parameter)."""
-        if node.op == "matmul_nbits":  # packed codes [N, blocks, block/2]: N is dim 0, K's blocks dim 1
-            codes = node.inputs[1]
-            return (codes, None) if id(codes) in params else None
+        if node.op in ("matmul_nbits", "matmul_integer"):  # the weight stored [N, K] (4-bit: [N, blocks, block/2])
+            w = node.inputs[1]
+            return (w, None) if id(w) in params else None
         if node.op != "matmul" or node.inputs[1].type.rank != 2:
             return None
         src = weight_source(node.inputs[1])
@@ -67,7 +67,7 @@ def megatron(graph: Graph, axis: str, batch_axis: str | None = None) -> dict[str
             continue
         param, perm = src
         if id(node.inputs[0]) in split_act:  # row-parallel: split the contraction dim; the result is a partial sum
-            out[param.name] = Spec(((), (axis,), ())) if perm is None else _through(perm, 0, axis)
+            out[param.name] = _stored_nk(param, 1, axis) if perm is None else _through(perm, 0, axis)
             continue
         fused = _feeds_split(node.output, users)
         if fused is not None:  # fused QKV: keep the matmul whole, split each part of the split instead
@@ -77,9 +77,14 @@ def megatron(graph: Graph, axis: str, batch_axis: str | None = None) -> dict[str
                 split_act.add(id(v))
             continue
         # column-parallel: split the output features
-        out[param.name] = Spec(((axis,), (), ())) if perm is None else _through(perm, 1, axis)
+        out[param.name] = _stored_nk(param, 0, axis) if perm is None else _through(perm, 1, axis)
         split_act.add(id(node.output))
     return out
+
+
+def _stored_nk(param: Value, dim: int, axis: str) -> Spec:
+    """Spec of a weight stored with N as dim 0 and K (or its blocks) as dim 1, split on ``dim``."""
+    return Spec(tuple((axis,) if d == dim else () for d in range(param.type.rank)))
 
 
 def _through(perm: tuple[int, ...], dim: int, axis: str) -> Spec:

@@ -106,6 +106,57 @@ def test_offloaded_matmul_matches_numpy(impl, dtype, a_shape, b_shape, trans):
     assert rec["matmul"]["transposes_folded"] == sum(trans)
 
 
+INTEGER_CASES = [  # (A shape, N, zero points per row): K across the 64-byte steps and tails, M and N across tiles
+    ((1, 64), 1, False), ((5, 70), 6, True), ((9, 127), 13, False), ((2, 3, 128), 4, True), ((4, 1), 3, False),
+    ((3, 200), 9, True),
+]
+
+
+@pytest.mark.parametrize("a_dtype", ["uint8", "int8"])
+@pytest.mark.parametrize("b_dtype", ["int8", "uint8"])
+@pytest.mark.parametrize("a_shape,n,per_row", INTEGER_CASES, ids=[f"{a}x{n}{'-rows' if r else ''}"
+                                                                   for a, n, r in INTEGER_CASES])
+def test_matmul_integer_kernel_is_exact(impl, a_dtype, b_dtype, a_shape, n, per_row):
+    """``bmc.cpu.matmul_integer`` equals the op's int64 reference bit for bit, for each signedness pair (the native
+    kernel flips int8 A and uint8 B to its uint8 x int8 products), zero points one or one per row, extreme codes."""
+    import tvm_ffi
+
+    from bmc.ops import get_op
+    from bmc.runtime.kernels import MATMUL_INTEGER_KERNEL, register_cpu_kernels
+
+    register_cpu_kernels(native=impl == "native")
+    rng = np.random.default_rng(len(a_shape) * 100 + n)
+
+    def codes(dtype, shape):
+        info = np.iinfo(dtype)
+        x = rng.integers(info.min, info.max + 1, shape).astype(dtype)
+        x.flat[:2] = (info.min, info.max)[: x.size]
+        return x
+
+    a, bt = codes(a_dtype, a_shape), codes(b_dtype, (n, a_shape[-1]))
+    za = codes(a_dtype, (a_shape[-2],) if per_row else ())
+    zb = codes(b_dtype, (n,) if per_row else (1,))
+    out = np.zeros(a_shape[:-1] + (n,), np.int32)
+    tvm_ffi.get_global_func(MATMUL_INTEGER_KERNEL)(*[tvm_ffi.from_dlpack(x) for x in (a, bt, za, zb, out)])
+    (want,) = get_op("matmul_integer").reference([a, bt, za, zb], {})
+    np.testing.assert_array_equal(out, want)
+
+
+def test_matmul_integer_sums_wrap_like_int32(impl):
+    """K = 70000 products of 255 and -128 pass int32's range: the result wraps modulo 2^32 (onnxruntime's int32
+    accumulator does the same), in the native kernel and the numpy fallback alike."""
+    import tvm_ffi
+
+    from bmc.runtime.kernels import MATMUL_INTEGER_KERNEL, register_cpu_kernels
+
+    register_cpu_kernels(native=impl == "native")
+    k = 70000
+    a, bt = np.full((1, k), 255, np.uint8), np.full((1, k), -128, np.int8)
+    zero_a, zero_b, out = np.zeros((), np.uint8), np.zeros((), np.int8), np.zeros((1, 1), np.int32)
+    tvm_ffi.get_global_func(MATMUL_INTEGER_KERNEL)(*[tvm_ffi.from_dlpack(x) for x in (a, bt, zero_a, zero_b, out)])
+    assert out[0, 0] == np.int64(255 * -128 * k).astype(np.int32) and 255 * -128 * k < np.iinfo(np.int32).min
+
+
 def test_attention_key_transpose_folds_into_the_call():
     """``q.transpose(0, 2, 1, 3) @ k.transpose(0, 2, 3, 1)`` (attention scores from [batch, seq, heads, dim]): the
     key's permute becomes ``transpose(0, 2, 1, 3)`` (rows stay contiguous) with the last-two swap folded into the

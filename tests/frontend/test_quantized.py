@@ -20,6 +20,7 @@ import pytest
 from onnx import TensorProto
 
 import bmc
+from bmc.frontend.onnx import import_model
 from bmc.sharding.mesh import Mesh
 from tests.frontend.test_models import load_case
 
@@ -103,9 +104,23 @@ def test_quantization_changes_the_result_by_a_quantization_error(compiled):
     assert 1e-4 < rel < 0.1
 
 
+def test_integer_matmuls_read_the_int8_weights(compiled):
+    """Every MatMulInteger is the IR's ``matmul_integer`` on the CPU's integer kernel, reading its int8 weight stored
+    transposed (``[N, K]``, one byte a value); no float64 matmul is left."""
+    manifest = json.loads((compiled["gpt2_dynamic"] / "manifest.json").read_text())
+    matmuls = sum(n.op_type == "MatMulInteger" for n in onnx.load(QUANTIZED / "gpt2_dynamic.onnx").graph.node)
+    transposed = [p for p in manifest["signature"]["params"] if p["name"].endswith(".T")]
+    assert matmuls == 9 and len(transposed) == matmuls  # 4 a layer and the LM head
+    assert all(p["dtype"] == "int8" and len(p["shape"]) == 2 for p in transposed)
+    assert "bmc.cpu.matmul_integer" in manifest["kernels"]["cpu"]["requires"]
+    graph = import_model(QUANTIZED / "gpt2_dynamic.onnx", {k: v.shape for k, v in _inputs().items()})
+    assert sum(n.op == "matmul_integer" for n in graph.nodes) == matmuls
+    assert not [n for n in graph.nodes if n.op == "matmul" and n.outputs[0].type.dtype == "float64"]
+
+
 def test_dynamically_quantized_gpt2_tensor_parallel_matches_one_device(compiled, tmp_path):
     """Megatron over two devices: the int8 weights are split like float ones, row-parallel MatMulInteger partial
-    sums are all-reduced in float64 (exact), and DynamicQuantizeLinear's max/min see the whole activation."""
+    sums are all-reduced in int32 (exact), and DynamicQuantizeLinear's max/min see the whole activation."""
     inputs = _inputs()
     path = tmp_path / "tp.bmc"
     bmc.compile(QUANTIZED / "gpt2_dynamic.onnx", path, mesh=Mesh.parse("1x2"), strategy="megatron",

@@ -96,6 +96,13 @@ CASES += [
                       _R2.uniform(0.01, 0.1, (16, 2)).astype(np.float32),
                       _R2.uniform(0, 15, (16, 2)).astype(np.float32)], {}),
     ("unpack_int4", [np.arange(240, dtype=np.uint8).reshape(2, 3, 40)], {"signed": False}),
+    # uint8 A x int8 B (the CPU kernel's native pair); K = 70: a 64-byte step and a masked tail; M = 5, N = 6: tile tails
+    ("matmul_integer", [_R2.integers(0, 256, (5, 70)).astype(np.uint8), _R2.integers(-128, 128, (6, 70)).astype(np.int8),
+                        np.array(131, np.uint8), np.array([-3], np.int8)], {}),
+    # int8 A (batched, a zero point per row) x uint8 B (one per row of Bt): both flipped to the native pair
+    ("matmul_integer", [_R2.integers(-128, 128, (2, 3, 9)).astype(np.int8),
+                        _R2.integers(0, 256, (4, 9)).astype(np.uint8),
+                        np.array([-128, 5, 127], np.int8), np.array([0, 255, 7, 128], np.uint8)], {}),
     ("pad", [f32(2, 3)], {"pads": (1, 0, 0, 2), "mode": "constant", "value": 1.5}),
     ("pad", [f32(3, 4)], {"pads": (1, 1, 1, 1), "mode": "reflect", "value": 0.0}),
     ("pad", [f32(3, 4)], {"pads": (0, 2, 1, 0), "mode": "edge", "value": 0.0}),

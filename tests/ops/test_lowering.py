@@ -85,3 +85,26 @@ def test_pow_by_a_constant_two_or_three_is_products(dtype, exponent):
         want = x.astype(np.float64) ** exponent
     tol = 1e-6 if dtype == "float32" else 1e-2
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol, equal_nan=True)
+
+
+LIBRARY_KERNEL_OPS = ("matmul_nbits", "matmul_integer")  # a library kernel on the CPU, a composition elsewhere
+
+
+@pytest.mark.parametrize("op,inputs,attrs", [c for c in CASES if c[0] in LIBRARY_KERNEL_OPS],
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES) if c[0] in LIBRARY_KERNEL_OPS])
+def test_lowerings_without_the_cpu_kernels_match_reference(op, inputs, attrs):
+    """The lowerings a GPU gets instead of the CPU's library kernels (``to_relax`` without a target kind), built
+    for llvm here: the same numbers as the reference."""
+    import tvm
+    from tvm import relax
+
+    from bmc.codegen.relax_module import to_relax
+
+    graph = single_op_graph(op, inputs, attrs)
+    text = to_relax(graph).script()
+    assert "call_dps_packed" not in text
+    vm = relax.VirtualMachine(tvm.compile(to_relax(graph), target="llvm"), tvm.cpu())
+    got = vm["main"](*[tvm.runtime.tensor(x) for x in inputs])[0].numpy()
+    (want,) = run_reference(graph, {f"in{i}": x for i, x in enumerate(inputs)}).values()
+    assert got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * max(1.0, float(np.abs(want).max())))

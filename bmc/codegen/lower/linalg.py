@@ -47,3 +47,28 @@ def _matmul_nbits(ctx, node, args):
                                    ctx.emit(relax.op.expand_dims(scales, [2]))))
     w = ctx.emit(relax.op.permute_dims(ctx.emit(relax.op.reshape(w, [n, blocks * 2 * half])), [1, 0]))
     return _matmul(ctx, node, [a, w])
+
+
+@lowering("matmul_integer")
+def _matmul_integer(ctx, node, args):
+    """On the CPU a call of the integer kernel ``bmc.cpu.matmul_integer`` (``bmc.runtime.kernels``: AVX-512 VNNI
+    where the CPU has it); elsewhere the operands minus their zero points as float64 (exact: every partial sum is
+    an integer below 2^53) multiplied and cast to int32."""
+    a, bt, za, zb = args
+    out = node.outputs[0].type
+    if ctx.target_kind == "llvm":
+        from bmc.runtime.kernels import MATMUL_INTEGER_KERNEL
+
+        ctx.kernels.add(MATMUL_INTEGER_KERNEL)
+        return relax.call_dps_packed(MATMUL_INTEGER_KERNEL, list(args), out_ty=relax.TensorType(list(out.shape),
+                                                                                           out.dtype))
+
+    def shifted(x, zp, zp_type):
+        zp = ctx.emit(relax.op.astype(zp, "float64"))
+        if zp_type.numel > 1:  # one per row
+            zp = ctx.emit(relax.op.reshape(zp, [zp_type.numel, 1]))
+        return ctx.emit(relax.op.subtract(ctx.emit(relax.op.astype(x, "float64")), zp))
+
+    a64 = shifted(a, za, node.inputs[2].type)
+    b64 = shifted(bt, zb, node.inputs[3].type)
+    return relax.op.astype(ctx.emit(relax.op.matmul(a64, ctx.emit(relax.op.permute_dims(b64, [1, 0])))), "int32")

@@ -2,13 +2,15 @@
 matmul/conv ops (MatMulInteger, ConvInteger, QLinearMatMul, QLinearConv) and onnxruntime's weight-only
 ``com.microsoft::MatMulNBits``.
 
-Quantized ops become float arithmetic the rest of bmc already shards, lowers and checks, with one exception: a
-matmul by a 4-bit block-quantized weight is the IR's ``matmul_nbits``, which reads the packed codes itself.
+Quantized ops become float arithmetic the rest of bmc already shards, lowers and checks, with two exceptions that
+read the integer codes themselves: a matmul by a 4-bit block-quantized weight is the IR's ``matmul_nbits``, and
+the 8-bit integer matmuls are its ``matmul_integer``.
 
-- Integer products are computed as **float64** matmuls/convolutions of the zero-point-shifted operands. That is
-  exact (every product and partial sum of 8-bit operands is an integer below 2^53 for any K < 2^37), so the int32
-  result equals onnx's, and on the CPU it runs on BLAS' dgemm instead of a scalar integer kernel. A row-parallel
-  split then all-reduces float64 partial sums, still exactly.
+- ``matmul_integer`` (MatMulInteger, QLinearMatMul with a 2-D B): the exact int32 product, B stored transposed
+  (``[N, K]``; a weight once, at compile time). On the CPU a native kernel (AVX-512 VNNI where the CPU has it);
+  elsewhere, like every other integer product (batched B, integer convolutions), **float64** arithmetic on the
+  zero-point-shifted operands, exact because every product and partial sum of 8-bit operands is an integer below
+  2^53 for any K < 2^37. A row-parallel split all-reduces the partial sums, still exactly.
 - Quantized weights stay 8-bit (4-bit: packed two a byte) in the artifact: an int8/uint8 initializer of more than
   ``SMALL_WEIGHT`` elements is a weight, and its dequantization (cast, shift, scale) is elementwise work in the
   kernel that reads it; 4-bit ones are read through ``unpack_int4`` or by ``matmul_nbits``.
@@ -25,8 +27,8 @@ from bmc.frontend.onnx.convert_nn import conv
 from bmc.frontend.onnx.importer import Context, ConvertError, Operand, converter
 from bmc.frontend.onnx.loader import FOUR_BIT_NAMES, to_dtype
 from bmc.ir.graph import Value
-from bmc.ir.tensor import MappedTensor
-from bmc.ir.types import FLOAT_DTYPES, INT_DTYPES, TensorType
+from bmc.ir.types import FLOAT_DTYPES, INT_DTYPES, TensorType, np_dtype
+from bmc.ops.linalg import INT8
 from bmc.ops.shape import pack_nibbles, unpack_nibbles
 
 _RANGES = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-32768, 32767), "uint4": (0, 15), "int4": (-8, 7)}
@@ -112,7 +114,6 @@ def _offer_matmul_nbits(ctx: Context, node, x: Operand, scale: Operand, zp: Oper
     if axis % 2 != 0 or not block or block % 2 or not k or k % block:
         return
     blocks = k // block
-    weights = ctx.builder.graph.weights
 
     def repack(stored: np.ndarray) -> np.ndarray:  # [K, N/2] two nibbles along N -> [N, blocks, block/2] along K
         q = unpack_nibbles(stored)
@@ -123,8 +124,7 @@ def _offer_matmul_nbits(ctx: Context, node, x: Operand, scale: Operand, zp: Oper
 
     def matmul(a: Operand) -> Operand:
         if not operands:
-            operands.append(ctx.builder.param(f"{packed.name}.nbits", MappedTensor(
-                weights[packed.name], repack, TensorType("uint8", (n, blocks, block // 2)), "matmul_nbits layout")))
+            operands.append(ctx.weight_layout(packed, "nbits", repack, TensorType("uint8", (n, blocks, block // 2))))
             operands.append(_as(ctx, ctx.emit1("transpose", [scale], perm=(1, 0)), "float32"))
             if zp is not None:
                 operands.append(ctx.emit1("add", [_as(ctx, ctx.emit1("transpose", [zp], perm=(1, 0)), "float32"),
@@ -212,19 +212,41 @@ def _requantize(ctx: Context, acc: Operand, a_scale: Operand, b_scale: Operand, 
     return _saturate(ctx, ctx.emit1("round", [y]), out)
 
 
+def _integer_matmul(ctx: Context, a_idx: int, b_idx: int, a_zp_idx: int, b_zp_idx: int) -> Operand:
+    """The exact int32 product of MatMulInteger's / QLinearMatMul's operands minus their zero points: the IR's
+    ``matmul_integer`` (B stored transposed; a weight once, at compile time) for a 2-D B and scalar or per-row /
+    per-column zero points, else a float64 matmul (every partial sum is an integer below 2^53) cast to int32."""
+    a, b = ctx.operand(a_idx), ctx.operand(b_idx)
+    at, bt = ctx.type(a), ctx.type(b)
+    zps = []
+    for idx, t, rows in ((a_zp_idx, at, at.shape[-2] if at.rank == 2 else 1), (b_zp_idx, bt, bt.shape[-1])):
+        zp = ctx.optional(idx)
+        if zp is None:
+            zp = np.zeros((), np_dtype(t.dtype))
+        elif ctx.type(zp).rank > 1 or ctx.type(zp).numel not in (1, rows):
+            zps = None  # a zero point per row of a batched A, or not of the form above: the general path checks it
+            break
+        zps.append(zp)
+    if zps is None or bt.rank != 2 or at.dtype not in INT8 or bt.dtype not in INT8:
+        a64, b64 = _integer_operands(ctx, a_idx, b_idx, a_zp_idx, b_zp_idx, convolution=False)
+        return ctx.emit1("cast", [ctx.emit1("matmul", [a64, b64])], dtype="int32")
+    k, n = bt.shape
+    b_t = ctx.weight_layout(b, "T", lambda w: w.T, TensorType(bt.dtype, (n, k)))
+    return ctx.emit1("matmul_integer", [a, b_t if b_t is not None else ctx.emit1("transpose", [b], perm=(1, 0))]
+                     + zps)
+
+
 @converter("MatMulInteger")
 def _matmul_integer(ctx: Context, node):
-    a, b = _integer_operands(ctx, 0, 1, 2, 3, convolution=False)
-    return [ctx.emit1("cast", [ctx.emit1("matmul", [a, b])], dtype="int32")]
+    return [_integer_matmul(ctx, 0, 1, 2, 3)]
 
 
 @converter("QLinearMatMul")
 def _qlinear_matmul(ctx: Context, node):
-    a, b = _integer_operands(ctx, 0, 3, 2, 5, convolution=False)
+    acc = _as(ctx, _integer_matmul(ctx, 0, 3, 2, 5), "float64")
     y_zp = ctx.optional(7)
     out = ctx.type(y_zp).dtype if y_zp is not None else ctx.type(ctx.operand(0)).dtype
-    return [_requantize(ctx, ctx.emit1("matmul", [a, b]), ctx.operand(1), ctx.operand(4), ctx.operand(6), y_zp,
-                        out, channel_shape=None)]
+    return [_requantize(ctx, acc, ctx.operand(1), ctx.operand(4), ctx.operand(6), y_zp, out, channel_shape=None)]
 
 
 @converter("ConvInteger")

@@ -20,7 +20,7 @@ from bmc.frontend.onnx import loader
 from bmc.frontend.onnx.functions import DEFAULT_DOMAINS, MAX_DEPTH, Functions
 from bmc.ir.graph import Graph, Value
 from bmc.ir.passes import eliminate_dead_code
-from bmc.ir.tensor import ArrayTensor, FillTensor, Tensor
+from bmc.ir.tensor import ArrayTensor, FillTensor, MappedTensor, Tensor
 from bmc.ir.types import FLOAT_DTYPES, TensorType, dtype_of
 from bmc.ops import OpError, get_op
 from bmc.ops.builder import GraphBuilder
@@ -67,6 +67,7 @@ class Context:
     node: onnx.NodeProto | None = None
     _materialized: dict[int, tuple[np.ndarray, Value]] = field(default_factory=dict)  # by id; holds the array
     # alive so its id cannot be reused by another array
+    _layouts: dict[tuple[str, str], Value] = field(default_factory=dict)  # (weight, layout) -> its parameter
 
     # ---- operands -------------------------------------------------------------------------------------------
     def has(self, idx: int) -> bool:
@@ -89,6 +90,19 @@ class Context:
             return np.asarray(self.builder.graph.weights[x.name].numpy())  # a weight used as a constant
         raise ConvertError(f"input {idx} ({what}) must be a compile-time constant, but {self.node.input[idx]!r} is "
                            "computed at run time", fix="bind the input shapes with --input-shape so it can be folded")
+
+    def weight_layout(self, x: Operand, layout: str, fn: Callable[[np.ndarray], np.ndarray],
+                      type_: TensorType) -> Value | None:
+        """The weight ``x`` stored in another layout: a parameter holding ``fn`` of its data (computed when the
+        artifact is written, made once per weight and layout), or None when ``x`` is not a weight."""
+        weights = self.builder.graph.weights
+        if not (isinstance(x, Value) and x.producer is None and x.name in weights):
+            return None
+        key = (x.name, layout)
+        if key not in self._layouts:
+            self._layouts[key] = self.builder.param(f"{x.name}.{layout}",
+                                                    MappedTensor(weights[x.name], fn, type_, f"{layout} layout"))
+        return self._layouts[key]
 
     def type(self, x: Operand) -> TensorType:
         return x.type if isinstance(x, Value) else TensorType(dtype_of(x.dtype), x.shape)
