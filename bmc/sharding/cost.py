@@ -24,6 +24,7 @@ from bmc.ir.graph import Graph, Node
 from bmc.ir.types import TensorType
 from bmc.ops import OPS
 from bmc.sharding.mesh import Mesh
+from bmc.sharding.reshard import Step
 from bmc.sharding.rules import Assignment, ShardingRule
 from bmc.sharding.spec import Spec
 
@@ -171,6 +172,14 @@ def node_compute_s(node: Node, rule: ShardingRule, assign: Assignment, mesh: Mes
         return 0.0
     ins, outs = local_types(node, rule, assign, mesh)
     return roofline_s(node.op, ins, outs, node.attrs, device)
+
+
+def node_comm_s(node: Node, rule: ShardingRule, assign: Assignment, mesh: Mesh) -> float:
+    """Seconds of the collectives inside ``node`` under ``assign``: the all-reduce of each result of a max/min
+    over split dims (every other collective is a reshard between nodes, priced on the edges)."""
+    specs = rule.result_specs(assign)
+    return sum(Step("all_reduce", axes, s, s, reduce=reduce).time_s(v.type, mesh)
+               for reduce, axes in rule.combined(assign) for v, s in zip(node.outputs, specs))
 
 
 def local_bytes(t: TensorType, spec: Spec, mesh: Mesh) -> int:

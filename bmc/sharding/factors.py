@@ -8,7 +8,8 @@ builder takes ``(in_types, out_types, attrs)``; the installed facet has the op t
 Patterns:
   * broadcast    — one pass factor per result dim; an operand dim of size 1 under a larger result dim has none;
   * same shape   — one factor per dim, some dims ``replicate`` (softmax's axis, normalized dims, cumsum's axis);
-  * reduce       — reduced dims ``reduction`` (partial sum) or ``replicate``; kept size-1 result dims have none;
+  * reduce       — reduced dims ``reduction`` (a partial sum; max/min: all-reduced after the op) or ``replicate``;
+                   kept size-1 result dims have none;
   * permutation  — transpose;
   * refinement   — reshape: compound factors from the common refinement of input and output shapes;
   * restructured — tensors of one rank that share untouched dims and change others (concat, split, slice, pad,
@@ -40,8 +41,8 @@ class _Factors:
     def __init__(self):
         self.factors: list[Factor] = []
 
-    def new(self, name: str, size: int, kind: str = "pass") -> int:
-        self.factors.append(Factor(name, int(size), kind))
+    def new(self, name: str, size: int, kind: str = "pass", combine: str = "sum") -> int:
+        self.factors.append(Factor(name, int(size), kind, combine))
         return len(self.factors) - 1
 
     def rule(self, operands: Sequence[Sequence[DimFactors]], results: Sequence[Sequence[DimFactors]],
@@ -71,9 +72,11 @@ def same_shape_dims(fs: _Factors, shape: tuple[int, ...], replicate: Sequence[in
 
 
 def reduce_dims(fs: _Factors, shape: tuple[int, ...], axes: Sequence[int], keepdims: bool,
-                kind: str) -> tuple[Dims, Dims]:
-    """A reduction over ``axes``: those dims get factors of ``kind``; kept size-1 result dims have none."""
-    dims = tuple((fs.new(f"d{i}", d, kind if i in axes else "pass"),) for i, d in enumerate(shape))
+                kind: str, combine: str = "sum") -> tuple[Dims, Dims]:
+    """A reduction over ``axes``: those dims get factors of ``kind`` (and ``combine``); kept size-1 result dims
+    have none."""
+    dims = tuple((fs.new(f"d{i}", d, kind, combine) if i in axes else fs.new(f"d{i}", d),)
+                 for i, d in enumerate(shape))
     result = tuple(() if i in axes else dims[i] for i in range(len(shape)) if keepdims or i not in axes)
     return dims, result
 
@@ -216,16 +219,17 @@ def _reduce_axes(attrs, rank) -> tuple[int, ...]:
     return tuple(range(rank)) if axes is None else tuple(sorted(normalize_axis(a, rank) for a in axes))
 
 
-def reduce_rule(kind: str, local=None, dtypes: frozenset | None = None) -> RuleBuilder:
-    """Reductions over ``axes`` (or ``axis``): reduced dims get ``kind`` when the input dtype is in ``dtypes``
-    (``replicate`` otherwise), and ``local`` is the hook that makes the local op right for a split reduction."""
+def reduce_rule(kind: str, local=None, dtypes: frozenset | None = None, combine: str = "sum") -> RuleBuilder:
+    """Reductions over ``axes`` (or ``axis``): reduced dims get ``kind`` (and ``combine``) when the input dtype is
+    in ``dtypes`` (``replicate`` otherwise), and ``local`` is the hook that makes the local op right for a split
+    reduction."""
 
     def rule(ins, outs, attrs) -> ShardingRule:
         x = ins[0]
         ok = dtypes is None or x.dtype in dtypes
         fs = _Factors()
         dims, result = reduce_dims(fs, x.shape, _reduce_axes(attrs, x.rank), attrs["keepdims"],
-                                   kind if ok else "replicate")
+                                   kind if ok else "replicate", combine)
         return fs.rule([dims], [result], local if ok and kind == "reduction" else None)
 
     return rule
@@ -460,8 +464,8 @@ RULES: dict[str, RuleBuilder] = {
     "matmul_integer": matmul_integer_rule,
     "reduce_sum": reduce_rule("reduction", dtypes=FLOAT_DTYPES | INT_DTYPES),  # a partial sum of bools is no sum
     "reduce_mean": reduce_rule("reduction", _scaled_mean_local, dtypes=FLOAT_DTYPES),
-    "reduce_max": reduce_rule("replicate"),
-    "reduce_min": reduce_rule("replicate"),
+    "reduce_max": reduce_rule("reduction", dtypes=FLOAT_DTYPES | INT_DTYPES, combine="max"),  # all-reduce(max)
+    "reduce_min": reduce_rule("reduction", dtypes=FLOAT_DTYPES | INT_DTYPES, combine="min"),
     "reduce_prod": reduce_rule("replicate"),
     "argmax": reduce_rule("replicate"),
     "argmin": reduce_rule("replicate"),

@@ -23,7 +23,7 @@ import numpy as np
 
 from bmc.ir.graph import Value
 from bmc.ir.types import TensorType
-from bmc.sharding.cost import DeviceProfile, local_bytes, node_compute_s
+from bmc.sharding.cost import DeviceProfile, local_bytes, node_comm_s, node_compute_s
 from bmc.sharding.reshard import reshard_cost
 from bmc.sharding.rules import Assignment, ShardingRule
 from bmc.sharding.spec import Spec
@@ -137,7 +137,8 @@ def build_problem(st: Structure, device: DeviceProfile, budget_bytes: float | No
         for s in range(ns):
             key = (st.rules_key[i], st.assign[i][s])
             if key not in compute_cache:
-                compute_cache[key] = node_compute_s(n, st.rules[i], st.assign[i][s], mesh, device)
+                compute_cache[key] = (node_compute_s(n, st.rules[i], st.assign[i][s], mesh, device)
+                                      + node_comm_s(n, st.rules[i], st.assign[i][s], mesh))
             row.append(compute_cache[key])
         cost[c] += row
         for k, v in enumerate(n.inputs):

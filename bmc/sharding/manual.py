@@ -12,6 +12,7 @@ one after the MLP.
 from __future__ import annotations
 
 from bmc.ir.graph import Graph, Node, Value
+from bmc.ops import get_op
 from bmc.sharding.spec import Spec
 
 
@@ -95,15 +96,16 @@ def _through(perm: tuple[int, ...], dim: int, axis: str) -> Spec:
 
 
 def _feeds_split(v: Value, users: dict[int, list[Node]]) -> Node | None:
-    """The split node that cuts ``v``'s last dim, looking through elementwise adds (bias) and reshapes."""
+    """The split node that cuts ``v``'s last dim, looking through elementwise ops (a bias add; a quantized matmul's
+    cast and scale, a quantize-dequantize pair) and reshapes."""
     frontier = [v]
-    for _ in range(4):
+    for _ in range(24):  # (a QDQ model quantizes and dequantizes twice on the way: 19 ops)
         nxt = []
         for x in frontier:
             for n in users.get(id(x), []):
                 if n.op == "split" and n.attrs["axis"] % x.type.rank == x.type.rank - 1:
                     return n
-                if n.op in ("add", "reshape"):
+                if n.op == "reshape" or get_op(n.op).family == "elementwise":
                     nxt.extend(n.outputs)
         frontier = nxt
     return None

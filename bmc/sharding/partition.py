@@ -38,6 +38,14 @@ class Collective:
     value: str  # the global value it reshards
     node: str  # the ONNX node (source) whose operand needed it, or "output"
     time_s: float
+    reduce: str = "sum"  # all_reduce: sum, or max/min after a max/min over split dims
+
+    def to_json(self) -> dict:
+        out = {"kind": self.kind, "axes": list(self.axes), "bytes": self.bytes, "node": self.node, "value": self.value}
+        return out | ({"reduce": self.reduce} if self.kind == "all_reduce" else {})
+
+    def describe(self) -> str:
+        return f"{self.kind}({self.reduce})" if self.kind == "all_reduce" and self.reduce != "sum" else self.kind
 
 
 @dataclass
@@ -87,7 +95,7 @@ class _Emitter:
         axes = tuple(self.mesh.names.index(a) for a in step.axes)
         n = step.group_size(self.mesh)
         if step.kind == "all_reduce":
-            return self.b.emit1("all_reduce", [x], axes=axes, group_size=n, reduce="sum")
+            return self.b.emit1("all_reduce", [x], axes=axes, group_size=n, reduce=step.reduce)
         if step.kind == "reduce_scatter":
             return self.b.emit1("reduce_scatter", [x], axes=axes, group_size=n, dim=step.dim)
         if step.kind == "all_gather":
@@ -155,6 +163,13 @@ def partition(graph: Graph, plan: Plan) -> LocalProgram:
         else:
             outs = em.b.emit(node.op, ins, names=[v.name for v in node.outputs],
                              **_local_attrs(node, out_specs, mesh))
+        for reduce, axes in rule.combined(assign):  # a max/min over split dims: combine the shards right away
+            outs = list(outs)
+            for k, (v, s) in enumerate(zip(node.outputs, out_specs)):
+                step = Step("all_reduce", axes, s, s, reduce=reduce)
+                outs[k] = em.reshard(outs[k], step, v.type)
+                prog.collectives.append(Collective("all_reduce", axes, step.bytes_per_device(v.type, mesh), v.name,
+                                                   node.source or node.op, step.time_s(v.type, mesh), reduce))
         for v, x, s in zip(node.outputs, outs, out_specs):
             want = TensorType(v.type.dtype, s.local_shape(v.type.shape, mesh))
             if x.type != want:

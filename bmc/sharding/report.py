@@ -18,8 +18,7 @@ def plan_json(prog: LocalProgram, cost, budget_bytes: int | None = None, device:
     return {
         "mesh": {"axes": list(plan.mesh.names), "shape": list(plan.mesh.shape)},
         "values": values,
-        "collectives": [{"kind": c.kind, "axes": list(c.axes), "bytes": c.bytes, "node": c.node, "value": c.value}
-                        for c in prog.collectives],
+        "collectives": [c.to_json() for c in prog.collectives],
         "memory": {"peak_bytes_per_device": cost.memory.peak_bytes, "weight_bytes_per_device": cost.memory.weight_bytes,
                    "budget_bytes": budget_bytes},
         "cost": {"total_s": cost.total_s, "compute_s": cost.compute_s, "comm_s": cost.comm_s, "device": device},
@@ -41,7 +40,7 @@ def format_plan(prog: LocalProgram, data: dict, top: int = 15) -> str:
         out.append(f"{name[:40]:40} {ty[:22]:22} {spec[:22]:22} {str(list(local))[:18]:18} {nbytes:>12,}")
     out += ["", f"collectives: {len(prog.collectives)}"]
     for c in prog.collectives:
-        out.append(f"  {c.kind:15} axes {','.join(c.axes):6} {c.bytes:>12,} B/device  for {c.node}  ({c.value})")
+        out.append(f"  {c.describe():15} axes {','.join(c.axes):6} {c.bytes:>12,} B/device  for {c.node}  ({c.value})")
     solver = data.get("solver")
     if solver:
         out += ["", f"search: {solver.get('status')} in {solver.get('total_s', 0):.2f} s ({solver.get('variables')} "

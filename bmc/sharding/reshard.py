@@ -33,6 +33,7 @@ class Step:
     after: Spec
     dim: int = -1  # all_gather / reduce_scatter / local_slice: the tensor dim; all_to_all: the dim gathered
     dim2: int = -1  # all_to_all: the dim newly split
+    reduce: str = "sum"  # all_reduce: sum (a pending partial sum), or max/min (a split max/min reduction's result)
 
     def group_size(self, mesh: Mesh) -> int:
         return prod(mesh.axis(a).size for a in self.axes)

@@ -9,7 +9,9 @@ up (major to minor; a compound dim such as the result of a reshape has several, 
 
 Factor kinds:
   * ``pass``       — may be split over mesh axes; every tensor that has it is split the same way;
-  * ``reduction``  — appears in operands only; splitting it leaves the result a partial sum over those axes;
+  * ``reduction``  — appears in operands only; splitting it leaves the result a partial sum over those axes, or,
+                     when the factor's ``combine`` is ``max``/``min``, a partial extremum that the partitioner
+                     all-reduces (max/min) right after the op, so the result is complete;
   * ``replicate``  — may not be split (softmax's axis, a normalized dim, a sliced or concatenated dim, ...).
 
 A *strategy* (``Assignment``) gives each factor a tuple of mesh axes; it determines every operand's required spec
@@ -28,6 +30,7 @@ from bmc.sharding.mesh import Mesh
 from bmc.sharding.spec import Spec
 
 KINDS = ("pass", "reduction", "replicate")
+COMBINES = ("sum", "max", "min")  # how the shards of a split reduction combine
 
 DimFactors = tuple[int, ...]  # factor indices making up one tensor dim, major to minor
 Assignment = tuple[tuple[str, ...], ...]  # per factor: the mesh axes splitting it, major to minor
@@ -38,10 +41,13 @@ class Factor:
     name: str
     size: int
     kind: str = "pass"
+    combine: str = "sum"  # a reduction's: "sum" leaves partial sums, "max"/"min" are all-reduced after the op
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown factor kind {self.kind}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"unknown combine {self.combine}")
 
 
 class LocalContext(Protocol):
@@ -86,8 +92,18 @@ class ShardingRule:
         return [Spec(tuple(self.dim_axes(d, assignment) for d in dims)) for dims in self.operands]
 
     def result_specs(self, assignment: Assignment) -> list[Spec]:
-        partial = tuple(a for i, f in enumerate(self.factors) if f.kind == "reduction" for a in assignment[i])
+        partial = tuple(a for i, f in enumerate(self.factors) if f.kind == "reduction" and f.combine == "sum"
+                        for a in assignment[i])
         return [Spec(tuple(self.dim_axes(d, assignment) for d in dims), partial) for dims in self.results]
+
+    def combined(self, assignment: Assignment) -> list[tuple[str, tuple[str, ...]]]:
+        """``(max|min, mesh axes)`` of the split max/min reductions: every result is all-reduced over those axes
+        right after the op (a partial extremum is no spec a value can carry)."""
+        out: dict[str, tuple[str, ...]] = {}
+        for f, axes in zip(self.factors, assignment):
+            if f.kind == "reduction" and f.combine != "sum" and axes:
+                out[f.combine] = out.get(f.combine, ()) + tuple(axes)
+        return list(out.items())
 
     def check(self, assignment: Assignment, mesh: Mesh) -> str | None:
         """Why ``assignment`` is not a valid strategy for this rule on ``mesh`` (None when it is)."""

@@ -4,8 +4,9 @@ For an op application, a mesh and a strategy (``Assignment``), the rule gives ev
 device gets its operand shards (``layout.shard``) and runs the op locally: the op's numpy reference with a
 ``shape`` attribute replaced by the local result shape, or — when the rule has a ``local`` hook — the hook's
 program, built with a ``GraphBuilder``-backed ``LocalContext`` (``block_index`` computed from a ``mesh_coord``
-input) and run with the reference interpreter. The results are reassembled (``layout.unshard``, partial axes
-summed) and compared with the reference on the global inputs.
+input) and run with the reference interpreter. A split max/min reduction's results are combined over its axes (the
+partitioner's all-reduce), then the results are reassembled (``layout.unshard``, partial axes summed) and compared
+with the reference on the global inputs.
 
     check_rule(op, inputs, attrs, mesh, assignment)      raises AssertionError listing every difference
     random_assignments(rule, mesh, rng, n)              distinct valid strategies that split something
@@ -134,11 +135,25 @@ def check_rule(op: str, inputs: Sequence[np.ndarray], attrs: dict, mesh: Mesh, a
             results[c] = run([shard(a, s, mesh, c) for a, s in zip(inputs, in_specs)], c)
         except Exception as e:  # a local program that cannot run on its shards is a wrong rule
             raise AssertionError(f"{where}: device {c} failed on its shards: {type(e).__name__}: {e}") from e
+    for reduce, axes in rule.combined(assignment):  # what the partitioner's all-reduce(max/min) does
+        results = _all_reduced(results, mesh, axes, reduce)
     for r, (spec, t, ref) in enumerate(zip(out_specs, out_types, expected)):
         problems += _result_problems(r, spec, t, np.asarray(ref), {c: outs[r] for c, outs in results.items()}, mesh)
     if problems:
         specs = ", ".join(map(str, in_specs)) + " -> " + ", ".join(map(str, out_specs))
         raise AssertionError(f"{where} ({specs}):\n  " + "\n  ".join(problems))
+
+
+def _all_reduced(results: dict, mesh: Mesh, axes: tuple[str, ...], reduce: str) -> dict:
+    """Every device's results combined (``np.maximum``/``np.minimum``) with those of the devices that differ from
+    it only along ``axes``."""
+    fn = {"max": np.maximum, "min": np.minimum}[reduce]
+    keep = [k for k, name in enumerate(mesh.names) if name not in axes]
+    groups: dict[tuple, list] = {}
+    for c, outs in results.items():
+        key = tuple(c[k] for k in keep)
+        groups[key] = outs if key not in groups else [fn(a, b) for a, b in zip(groups[key], outs)]
+    return {c: groups[tuple(c[k] for k in keep)] for c in results}
 
 
 def _local_runner(opdef, rule, full, in_specs, out_specs, in_types, out_types, assignment, mesh):

@@ -10,6 +10,7 @@ accumulation), so what is left is float32 rounding in the float ops between the 
 its optimizations off, and the QDQ ones against ``onnx.reference`` too, with the same tolerance.
 """
 
+import collections
 import json
 from pathlib import Path
 
@@ -118,16 +119,22 @@ def test_integer_matmuls_read_the_int8_weights(compiled):
     assert not [n for n in graph.nodes if n.op == "matmul" and n.outputs[0].type.dtype == "float64"]
 
 
-def test_dynamically_quantized_gpt2_tensor_parallel_matches_one_device(compiled, tmp_path):
-    """Megatron over two devices: the int8 weights are split like float ones, row-parallel MatMulInteger partial
-    sums are all-reduced in int32 (exact), and DynamicQuantizeLinear's max/min see the whole activation."""
+@pytest.mark.parametrize("name, extremes", [("gpt2_dynamic", 4), ("gpt2_qdq", 0)])
+def test_quantized_gpt2_tensor_parallel_matches_one_device(compiled, tmp_path, name, extremes):
+    """Megatron over two devices communicates as for the float model: the int8 weights are split like float ones
+    (row-parallel MatMulInteger partial sums are all-reduced in int32, exactly), the fused QKV projection is found
+    through its dequantization, so only the logits are gathered. DynamicQuantizeLinear's max and min over a split
+    activation are each an all-reduce of one value, not an all-gather of the activation."""
     inputs = _inputs()
     path = tmp_path / "tp.bmc"
-    bmc.compile(QUANTIZED / "gpt2_dynamic.onnx", path, mesh=Mesh.parse("1x2"), strategy="megatron",
+    bmc.compile(QUANTIZED / f"{name}.onnx", path, mesh=Mesh.parse("1x2"), strategy="megatron",
                 input_shapes={k: v.shape for k, v in inputs.items()})
-    kinds = [c["kind"] for c in json.loads((path / "plan.json").read_text())["collectives"]]
-    assert kinds.count("all_reduce") == 4  # 2 per layer: the weights really are split
-    _assert_close(bmc.load(path, simulate=True).run(inputs), bmc.load(compiled["gpt2_dynamic"]).run(inputs))
+    collectives = json.loads((path / "plan.json").read_text())["collectives"]
+    counts = collections.Counter((c["kind"], c.get("reduce")) for c in collectives)
+    assert counts == {("all_reduce", "sum"): 4, ("all_gather", None): 1,  # as the float GPT-2's plan
+                      **({("all_reduce", "max"): extremes, ("all_reduce", "min"): extremes} if extremes else {})}
+    assert all(c["bytes"] == 4 for c in collectives if c.get("reduce") in ("max", "min"))  # 2 (n - 1) / n x 4 B
+    _assert_close(bmc.load(path, simulate=True).run(inputs), bmc.load(compiled[name]).run(inputs))
 
 
 def _weight_only_model(k=256, n=512):

@@ -61,7 +61,8 @@ def random_spec(draw, shape, mesh):
 
 @st.composite
 def mlp_block(draw):
-    """x[b,s,h] -> LN -> matmul(w1) + b1 -> act -> matmul(w2) -> + x -> softmax | reduce_sum | reshape+transpose."""
+    """x[b,s,h] -> LN -> matmul(w1) + b1 -> act -> matmul(w2) -> + x -> softmax | reduce_sum/max/min | reshape |
+    transpose."""
     mesh = draw(meshes())
     b, s, h = (draw(st.sampled_from([1, 2, 4, 8])) for _ in range(3))
     f = draw(st.sampled_from([4, 8, 16]))
@@ -76,11 +77,11 @@ def mlp_block(draw):
     y = g.emit1("add", [g.emit1("matmul", [y, p["w1"]]), p["b1"]])
     y = g.emit1(draw(st.sampled_from(["gelu", "relu", "tanh", "neg"])), [y])
     y = g.emit1("add", [g.emit1("matmul", [y, p["w2"]]), x])
-    tail = draw(st.sampled_from(["softmax", "reduce_sum", "reshape", "transpose"]))
+    tail = draw(st.sampled_from(["softmax", "reduce_sum", "reduce_max", "reduce_min", "reshape", "transpose"]))
     if tail == "softmax":
         y = g.emit1("softmax", [y], axis=-1)
-    elif tail == "reduce_sum":
-        y = g.emit1("reduce_sum", [y], axes=(2,), keepdims=False)
+    elif tail.startswith("reduce"):
+        y = g.emit1(tail, [y], axes=(2,), keepdims=False)
     elif tail == "reshape":
         y = g.emit1("reshape", [y], shape=(b * s, h))
     else:
@@ -103,6 +104,24 @@ def test_random_graphs_match_the_reference(case):
     assert res.replica_error <= TOL * max(1.0, float(np.abs(next(iter(ref.values()))).max()))
     # the plan's byte accounting is what the simulator's collectives moved
     assert res.collective_bytes == [c.bytes for c in prog.collectives]
+
+
+@pytest.mark.parametrize("op, combine", [("reduce_max", np.max), ("reduce_min", np.min)])
+def test_max_over_a_split_dim_is_an_all_reduce(op, combine):
+    """A max (min) over a dim split 4 ways: each device reduces its block, then one all-reduce(max) over the axis
+    (a scalar per row), not an all-gather of the whole tensor; equal to the reference."""
+    g = GraphBuilder()
+    x = g.input("x", TensorType("float32", (3, 16)))
+    graph = g.finish([g.emit1(op, [g.emit1("neg", [x])], axes=(1,), keepdims=True)])
+    mesh = Mesh.parse("4")
+    prog = partition(graph, propagate(graph, mesh, {"x": Spec.parse("[{}, {x}]")}))
+    [c] = prog.collectives
+    # ring all-reduce: each device sends 2 (n - 1) / n of its 3 float32 values
+    assert (c.kind, c.reduce, c.axes, c.bytes) == ("all_reduce", op[len("reduce_"):], ("x",), 18)
+    x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    res = simulate(prog, {"x": x})
+    np.testing.assert_array_equal(res.outputs[graph.outputs[0].name], combine(-x, axis=1, keepdims=True))
+    assert res.collective_bytes == [c.bytes]
 
 
 def fixture(name):
