@@ -5,20 +5,21 @@
     python benchmarks/quantized.py --layers 2 --rows 1,32 --json /tmp/q.json
 
 The model is a stack of GPT-2-small-shaped MLP blocks (``x + W2 · gelu(W1 · x)``, 768 → 3072 → 768, seeded random
-weights) in three forms:
+weights) in these forms:
 
 - ``float32``   as built;
 - ``int8-dyn``  onnxruntime's ``quantize_dynamic`` (int8 weights, ``DynamicQuantizeLinear`` + ``MatMulInteger``);
+- ``int8-qdq``  onnxruntime's ``quantize_static`` in its default QDQ format (int8 activations and weights,
+                calibrated on seeded random inputs);
 - ``int4``      ``com.microsoft::MatMulNBits`` (4-bit symmetric, blocks of 32 along K), quantized here in numpy the
                 way onnxruntime's ``MatMulNBitsQuantizer`` writes it (that quantizer needs ``onnx-ir``);
 - ``int4-qdq``  the same codes as ONNX's standard form: blocked int4 ``DequantizeLinear`` (axis 0) into ``MatMul``.
 
 For each form and row count M: bmc's and onnxruntime's median latency (and the ratio bmc / onnxruntime), the
 weight bytes of bmc's artifact, and bmc's max abs error against onnxruntime relative to max |onnxruntime|. M = 1 is
-a decoding step (reading the weights dominates), M = 128 a prefill. bmc dequantizes a weight into a float
-temporary and multiplies with BLAS (float64 for the integer products), so it is expected to lose where
-onnxruntime's fused integer kernels read 1 or ½ byte a weight: the benchmark says by how much. Prints a table and
-writes ``benchmarks/results/quantized.json``.
+a decoding step (reading the weights dominates), M = 128 a prefill. The 8-bit forms run on bmc's integer matmul
+(AVX-512 VNNI), ``int4`` on its fused 4-bit kernel; onnxruntime has fused integer kernels for all of them. Prints a
+table and writes ``benchmarks/results/quantized.json``.
 """
 
 from __future__ import annotations
@@ -137,11 +138,24 @@ def _median_s(fn, budget_s: float, min_repeat: int = 5, max_repeat: int = 200) -
     return times[len(times) // 2]
 
 
+class _Calibration:
+    """onnxruntime's ``CalibrationDataReader`` protocol: a few seeded random batches of ``x``."""
+
+    def __init__(self, batches: int = 4, rows: int = 16):
+        import numpy as np
+
+        rng = np.random.default_rng(7)
+        self._feeds = iter([{"x": rng.standard_normal((rows, HIDDEN), dtype=np.float32)} for _ in range(batches)])
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
 def run(args) -> dict:
     import numpy as np
     import onnx
     import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     import bmc
     from bmc.runtime.kernels import register_cpu_kernels
@@ -150,6 +164,7 @@ def run(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bmc-quantized-"))
     onnx.save(mlp_stack(args.layers), work / "float32.onnx")
     quantize_dynamic(work / "float32.onnx", work / "int8-dyn.onnx", weight_type=QuantType.QInt8)
+    quantize_static(work / "float32.onnx", work / "int8-qdq.onnx", _Calibration(), quant_format=QuantFormat.QDQ)
     onnx.save(to_matmul_nbits(onnx.load(work / "float32.onnx")), work / "int4.onnx")
     onnx.save(to_int4_qdq(onnx.load(work / "float32.onnx")), work / "int4-qdq.onnx")
     opts = ort.SessionOptions()
@@ -157,7 +172,7 @@ def run(args) -> dict:
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # bmc runs in this process too
     rows = []
-    for form in ("float32", "int8-dyn", "int4", "int4-qdq"):
+    for form in ("float32", "int8-dyn", "int8-qdq", "int4", "int4-qdq"):
         sess = ort.InferenceSession(str(work / f"{form}.onnx"), opts, providers=["CPUExecutionProvider"])
         for m in args.rows:
             x = np.random.default_rng(m).standard_normal((m, HIDDEN), dtype=np.float32)

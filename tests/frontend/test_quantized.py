@@ -107,7 +107,7 @@ def test_quantization_changes_the_result_by_a_quantization_error(compiled):
 
 def test_integer_matmuls_read_the_int8_weights(compiled):
     """Every MatMulInteger is the IR's ``matmul_integer`` on the CPU's integer kernel, reading its int8 weight stored
-    transposed (``[N, K]``, one byte a value); no float64 matmul is left."""
+    transposed (``[N, K]``, one byte a value); no float64 matmul is left. The QDQ model's linear layers too."""
     manifest = json.loads((compiled["gpt2_dynamic"] / "manifest.json").read_text())
     matmuls = sum(n.op_type == "MatMulInteger" for n in onnx.load(QUANTIZED / "gpt2_dynamic.onnx").graph.node)
     transposed = [p for p in manifest["signature"]["params"] if p["name"].endswith(".T")]
@@ -117,6 +117,10 @@ def test_integer_matmuls_read_the_int8_weights(compiled):
     graph = import_model(QUANTIZED / "gpt2_dynamic.onnx", {k: v.shape for k, v in _inputs().items()})
     assert sum(n.op == "matmul_integer" for n in graph.nodes) == matmuls
     assert not [n for n in graph.nodes if n.op == "matmul" and n.outputs[0].type.dtype == "float64"]
+    # the static QDQ model: its 8 Gemms and the LM head's MatMul by dequantized weights too; attention stays float
+    graph = import_model(QUANTIZED / "gpt2_qdq.onnx", {k: v.shape for k, v in _inputs().items()})
+    ops = collections.Counter(n.op for n in graph.nodes)
+    assert ops["matmul_integer"] == 9 and ops["matmul"] == 4
 
 
 @pytest.mark.parametrize("name, extremes", [("gpt2_dynamic", 4), ("gpt2_qdq", 0)])
@@ -135,6 +139,49 @@ def test_quantized_gpt2_tensor_parallel_matches_one_device(compiled, tmp_path, n
                       **({("all_reduce", "max"): extremes, ("all_reduce", "min"): extremes} if extremes else {})}
     assert all(c["bytes"] == 4 for c in collectives if c.get("reduce") in ("max", "min"))  # 2 (n - 1) / n x 4 B
     _assert_close(bmc.load(path, simulate=True).run(inputs), bmc.load(compiled[name]).run(inputs))
+
+
+def _qdq_linear_model(op, a_type, w_type, per_channel, k=96, n=40):
+    """QuantizeLinear -> DequantizeLinear of x (per tensor), times DequantizeLinear of an 8-bit weight (per tensor or
+    per output channel): ``MatMul`` by W [K, N], or ``Gemm`` with transB by W [N, K] plus a bias."""
+    rng = np.random.default_rng(k + n + per_channel)
+    transposed = op == "Gemm"
+    info = np.iinfo(onnx.helper.tensor_dtype_to_np_dtype(w_type))
+    w = rng.integers(info.min, info.max + 1, size=(n, k) if transposed else (k, n)).astype(info.dtype)
+    shape = (n,) if per_channel else ()
+    w_scale = (rng.random(shape) * 0.02 + 0.001).astype(np.float32)
+    w_zp = rng.integers(info.min // 8, info.max // 8, size=shape).astype(info.dtype)
+    a_np = onnx.helper.tensor_dtype_to_np_dtype(a_type)
+    inits = [onnx.numpy_helper.from_array(v, name) for v, name in (
+        (w, "w"), (w_scale, "w_scale"), (w_zp, "w_zp"), (np.array(0.05, np.float32), "a_scale"),
+        (np.array(3, a_np), "a_zp"), (rng.standard_normal(n).astype(np.float32), "bias"))]
+    nodes = [oh.make_node("QuantizeLinear", ["x", "a_scale", "a_zp"], ["xq"]),
+             oh.make_node("DequantizeLinear", ["xq", "a_scale", "a_zp"], ["xd"]),
+             oh.make_node("DequantizeLinear", ["w", "w_scale", "w_zp"], ["wd"], axis=0 if transposed else 1),
+             oh.make_node("Gemm", ["xd", "wd", "bias"], ["y"], transB=1) if transposed
+             else oh.make_node("MatMul", ["xd", "wd"], ["y"])]
+    graph = oh.make_graph(nodes, "qdq_linear", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [5, k])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [5, n])], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("op", ["MatMul", "Gemm"])
+@pytest.mark.parametrize("a_type, w_type", [(TensorProto.UINT8, TensorProto.INT8), (TensorProto.INT8, TensorProto.UINT8)])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qdq_int8_linear_layers_run_on_the_integer_kernel(op, a_type, w_type, per_channel, tmp_path):
+    """The static-QDQ form of an 8-bit linear layer is ``matmul_integer`` on the codes (the weight read at 1 byte a
+    value, stored transposed for MatMul and as it is for Gemm's transB) times the two scales: the spec's result, to
+    float32 rounding."""
+    model = _qdq_linear_model(op, a_type, w_type, per_channel)
+    onnx.save(model, tmp_path / "m.onnx")
+    graph = import_model(tmp_path / "m.onnx")
+    assert [n.op for n in graph.nodes if "matmul" in n.op] == ["matmul_integer"]
+    assert any(p.name.endswith(".T") for p in graph.params) == (op == "MatMul")
+    bmc.compile(tmp_path / "m.onnx", tmp_path / "m.bmc")
+    x = np.random.default_rng(2).standard_normal((5, 96), dtype=np.float32)
+    got = bmc.load(tmp_path / "m.bmc").run({"x": x})
+    _assert_close(got, _onnx_reference(tmp_path / "m.onnx", {"x": x}))
+    _assert_close(got, _onnxruntime(tmp_path / "m.onnx", {"x": x}, optimize=False))
 
 
 def _weight_only_model(k=256, n=512):

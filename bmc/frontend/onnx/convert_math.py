@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bmc.frontend.onnx.importer import Context, ConvertError, converter
+from bmc.frontend.onnx.importer import Context, ConvertError, Operand, converter
 from bmc.frontend.onnx.loader import FOUR_BIT_NAMES, to_dtype
 from bmc.ir.types import np_dtype
 
@@ -130,22 +130,30 @@ def _where(ctx: Context, node):
     return [ctx.emit1("where", [ctx.operand(0), ctx.operand(1), ctx.operand(2)])]
 
 
+def _weight_matmul(ctx: Context, transposed: bool) -> Operand | None:
+    """A @ B (B used transposed) the way B's dequantization offered (``Context.weight_matmuls``), or None."""
+    fused = ctx.weight_matmuls.get(ctx.node.input[1])
+    if fused is None or ctx.type(ctx.operand(0)).dtype != "float32":
+        return None
+    return fused(ctx.operand(0), ctx.node.input[0], transposed)
+
+
 @converter("MatMul")
 def _matmul(ctx: Context, node):
-    fused = ctx.weight_matmuls.get(node.input[1])
-    if fused is not None and ctx.type(ctx.operand(0)).dtype == "float32":
-        return [fused(ctx.operand(0))]
-    return [ctx.emit1("matmul", [ctx.operand(0), ctx.operand(1)])]
+    y = _weight_matmul(ctx, transposed=False)
+    return [y if y is not None else ctx.emit1("matmul", [ctx.operand(0), ctx.operand(1)])]
 
 
 @converter("Gemm")
 def _gemm(ctx: Context, node):
     a, b = ctx.operand(0), ctx.operand(1)
-    if ctx.attr("transA", 0):
-        a = ctx.emit1("transpose", [a], perm=(1, 0))
-    if ctx.attr("transB", 0):
-        b = ctx.emit1("transpose", [b], perm=(1, 0))
-    y = ctx.emit1("matmul", [a, b])
+    y = None if ctx.attr("transA", 0) else _weight_matmul(ctx, transposed=bool(ctx.attr("transB", 0)))
+    if y is None:
+        if ctx.attr("transA", 0):
+            a = ctx.emit1("transpose", [a], perm=(1, 0))
+        if ctx.attr("transB", 0):
+            b = ctx.emit1("transpose", [b], perm=(1, 0))
+        y = ctx.emit1("matmul", [a, b])
     alpha, beta = ctx.attr("alpha", 1.0), ctx.attr("beta", 1.0)
     if alpha != 1.0:
         y = ctx.emit1("mul", [y, scalar_like(ctx, y, alpha)])

@@ -98,7 +98,43 @@ def _dequantize(ctx: Context, node):
                           _as(ctx, _broadcastable(ctx, scale, shape, axis, block, "scale"), "float32")])
     if out == "float32":
         _offer_matmul_nbits(ctx, node, x, scale, ctx.optional(2), axis, block)
+        _offer_matmul_integer(ctx, node, x, scale, ctx.optional(2), axis, block)
     return [_as(ctx, y, out)]
+
+
+def _offer_matmul_integer(ctx: Context, node, x: Operand, scale: Operand, zp: Operand | None, axis: int,
+                          block: int) -> None:
+    """The 8-bit QDQ form (onnxruntime's static quantization): ``MatMul``/``Gemm`` of a per-tensor dequantized
+    activation and a dequantized 8-bit weight (per tensor or per output channel) is ``s_a * s_w * (integer product
+    of the codes)``, so it runs as ``matmul_integer`` on the codes, reading the weight at 1 byte a value; the
+    integer product is exact where the float one rounds (onnxruntime's optimizer makes the same rewrite).
+    Records per-tensor dequantizations and offers the weight's to the MatMul/Gemm converters."""
+    t = ctx.type(x)
+    if block or t.dtype not in INT8 or node.input[0] in ctx.four_bit or (zp is not None and
+                                                                          ctx.type(zp).dtype != t.dtype):
+        return
+    per_tensor = ctx.type(scale).numel == 1 and (zp is None or ctx.type(zp).numel == 1)
+    if per_tensor:
+        ctx.dequantized[node.output[0]] = (x, scale, zp)
+    if t.rank != 2 or not (isinstance(x, Value) and x.producer is None and x.name in ctx.builder.graph.weights):
+        return
+
+    def matmul(a: Operand, a_name: str, transposed: bool) -> Operand | None:
+        src = ctx.dequantized.get(a_name)
+        channel = 0 if transposed else 1  # the weight's output-channel (N) dim
+        if src is None or not (per_tensor or axis % 2 == channel):
+            return None
+        codes, a_scale, a_zp = src
+        n, k = t.shape if transposed else t.shape[::-1]
+        bt = x if transposed else ctx.weight_layout(x, "T", lambda w: w.T, TensorType(t.dtype, (n, k)))
+        zps = [np.zeros((), np_dtype(ctx.type(c).dtype)) if z is None else ctx.emit1("reshape", [z], shape=shape)
+               for c, z, shape in ((codes, a_zp, ()), (x, zp, () if per_tensor else (n,)))]
+        acc = ctx.emit1("matmul_integer", [codes, bt] + zps)
+        w_scale = ctx.emit1("reshape", [_as(ctx, scale, "float32")], shape=() if per_tensor else (n,))
+        factor = ctx.emit1("mul", [ctx.emit1("reshape", [_as(ctx, a_scale, "float32")], shape=()), w_scale])
+        return ctx.emit1("mul", [_as(ctx, acc, "float32"), factor])
+
+    ctx.weight_matmuls[node.output[0]] = matmul
 
 
 def _offer_matmul_nbits(ctx: Context, node, x: Operand, scale: Operand, zp: Operand | None, axis: int,
@@ -122,7 +158,9 @@ def _offer_matmul_nbits(ctx: Context, node, x: Operand, scale: Operand, zp: Oper
 
     operands: list[Operand] = []  # made at the first MatMul, shared by any others
 
-    def matmul(a: Operand) -> Operand:
+    def matmul(a: Operand, a_name: str, transposed: bool) -> Operand | None:
+        if transposed:
+            return None
         if not operands:
             operands.append(ctx.weight_layout(packed, "nbits", repack, TensorType("uint8", (n, blocks, block // 2))))
             operands.append(_as(ctx, ctx.emit1("transpose", [scale], perm=(1, 0)), "float32"))

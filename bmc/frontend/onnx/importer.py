@@ -62,8 +62,11 @@ class Context:
     opset: int
     env: dict[str, Operand] = field(default_factory=dict)
     four_bit: dict[str, str] = field(default_factory=dict)  # ONNX tensor name -> "int4"/"uint4" (carried in 8 bits)
-    # ONNX tensor name of a weight -> how to multiply by it better than by its values (a dequantized 4-bit weight)
-    weight_matmuls: dict[str, Callable[[Operand], Operand]] = field(default_factory=dict)
+    # ONNX tensor name of a dequantized weight -> how to multiply by it better than by its values: called with A, A's
+    # ONNX name and whether the weight is used transposed (Gemm's transB); None declines
+    weight_matmuls: dict[str, Callable[[Operand, str, bool], Operand | None]] = field(default_factory=dict)
+    # ONNX tensor name of a per-tensor 8-bit DequantizeLinear's output -> (codes, scale, zero point or None)
+    dequantized: dict[str, tuple[Operand, Operand, Operand | None]] = field(default_factory=dict)
     node: onnx.NodeProto | None = None
     _materialized: dict[int, tuple[np.ndarray, Value]] = field(default_factory=dict)  # by id; holds the array
     # alive so its id cannot be reused by another array
