@@ -39,6 +39,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -272,10 +273,12 @@ void MatmulNBitsImpl(const ffi::TensorView& a, const ffi::TensorView& codes, con
 
 // ---- 8-bit integer matmul -------------------------------------------------------------------------------------
 
-// GCC 12's AVX-512 headers build 512 -> 256 casts from an undefined value and then warn about it (PR 105593)
+// GCC 12's AVX-512 headers build some intrinsics (512 -> 256 casts, shuffles) from an undefined value, then warn
+// that it is used (PR 105593)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 /*! \brief The lane sums of four vectors, ``[sum a, sum b, sum c, sum d]``: pairwise interleave-and-add, then the
  *  four 128-bit quarters (10 instructions for four sums). */
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
@@ -286,7 +289,6 @@ inline __m128i SumLanes4(__m512i a, __m512i b, __m512i c, __m512i d) {
   const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
   return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
-#pragma GCC diagnostic pop
 
 /*! \brief ``s[i * lds + j] = sum_p a[i * lda + p] * b[j * k + p]`` for an MT x NT tile (uint8 a, int8 b). */
 template <int MT, int NT>
@@ -424,6 +426,104 @@ std::vector<int32_t> ZeroPoints(const ffi::TensorView& zp, int64_t rows, int64_t
   return out;
 }
 
+// Many rows: b is packed per call into panels of 16 rows, 4 bytes of K at a time (``[K/4][16][4]``, what one
+// ``vpdpbusd`` multiplies with a broadcast quad of a), and 8 x 32 tiles of the result accumulate in registers with no
+// horizontal sums (1.7x the dot-product tiles at 128 rows). Packing costs a pass over b, so few rows keep the dots.
+
+constexpr int kPanel = 16;   // rows of b (columns of the result) a panel
+constexpr int kTileRows = 8;  // rows of a a packed tile
+constexpr int kTilePanels = 2;
+
+/*! \brief The 16 x 16 transpose of 32-bit elements of \a r (row j, element e -> row e, element j). */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+inline void Transpose16x16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved within each 128-bit lane
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4g + s], lane L: element 4L + s of rows 4g..4g+3
+    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int s = 0; s < 4; ++s) {  // gather lane L of the four row groups
+    const __m512i p = _mm512_shuffle_i32x4(u[s], u[4 + s], _MM_SHUFFLE(2, 0, 2, 0));
+    const __m512i q = _mm512_shuffle_i32x4(u[s], u[4 + s], _MM_SHUFFLE(3, 1, 3, 1));
+    const __m512i v = _mm512_shuffle_i32x4(u[8 + s], u[12 + s], _MM_SHUFFLE(2, 0, 2, 0));
+    const __m512i w = _mm512_shuffle_i32x4(u[8 + s], u[12 + s], _MM_SHUFFLE(3, 1, 3, 1));
+    r[s] = _mm512_shuffle_i32x4(p, v, _MM_SHUFFLE(2, 0, 2, 0));
+    r[4 + s] = _mm512_shuffle_i32x4(q, w, _MM_SHUFFLE(2, 0, 2, 0));
+    r[8 + s] = _mm512_shuffle_i32x4(p, v, _MM_SHUFFLE(3, 1, 3, 1));
+    r[12 + s] = _mm512_shuffle_i32x4(q, w, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+/*! \brief Rows [n0, n0 + 16) of b [n, k] as a panel ``[ceil(k/4)][16][4]``, zeros past n and k. */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+void PackPanel(const int8_t* b, int64_t n, int64_t k, int64_t n0, int8_t* out) {
+  const int64_t kq = (k + 3) / 4;
+  for (int64_t q0 = 0; q0 < kq; q0 += 16) {  // 16 quads (64 bytes) of 16 rows: one transpose
+    const int64_t bytes = std::min<int64_t>(64, k - 4 * q0);
+    const __mmask64 mask = bytes >= 64 ? ~0ULL : (~0ULL >> (64 - bytes));
+    __m512i r[16];
+    for (int j = 0; j < kPanel; ++j) {
+      r[j] = n0 + j < n ? _mm512_maskz_loadu_epi8(mask, b + (n0 + j) * k + 4 * q0) : _mm512_setzero_si512();
+    }
+    Transpose16x16(r);
+    for (int64_t t = 0; t < std::min<int64_t>(16, kq - q0); ++t) _mm512_storeu_si512(out + (q0 + t) * 64, r[t]);
+  }
+}
+
+/*! \brief ``c[i * ldc + 16 * j + l] = sum over quads of a's quad x panel j's column l``, MR rows, NP panels (the
+ *  last panel's columns past \a last_cols not written). \a a has ``4 * kq`` readable bytes a row. */
+template <int MR, int NP>
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+void PackedTile(const uint8_t* a, int64_t lda, const int8_t* panels, int64_t kq, int32_t* c, int64_t ldc,
+                int last_cols) {
+  __m512i acc[MR][NP];
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_si512();
+  }
+  for (int64_t q = 0; q < kq; ++q) {
+    __m512i bv[NP];
+    for (int j = 0; j < NP; ++j) bv[j] = _mm512_loadu_si512(panels + (j * kq + q) * 64);
+    for (int i = 0; i < MR; ++i) {
+      int32_t quad;
+      std::memcpy(&quad, a + i * lda + 4 * q, 4);
+      const __m512i av = _mm512_set1_epi32(quad);
+      for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, bv[j]);
+    }
+  }
+  const __mmask16 last = static_cast<__mmask16>((1u << last_cols) - 1);
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NP; ++j) _mm512_mask_storeu_epi32(c + i * ldc + kPanel * j, j + 1 < NP ? 0xffff : last,
+                                                          acc[i][j]);
+  }
+}
+
+using PackedTileFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int64_t, int);
+const PackedTileFn kPackedTiles[kTileRows][kTilePanels] = {
+    {PackedTile<1, 1>, PackedTile<1, 2>}, {PackedTile<2, 1>, PackedTile<2, 2>},
+    {PackedTile<3, 1>, PackedTile<3, 2>}, {PackedTile<4, 1>, PackedTile<4, 2>},
+    {PackedTile<5, 1>, PackedTile<5, 2>}, {PackedTile<6, 1>, PackedTile<6, 2>},
+    {PackedTile<7, 1>, PackedTile<7, 2>}, {PackedTile<8, 1>, PackedTile<8, 2>}};
+
+/*! \brief ``c -= zb * rowsum(a) + za * rowsum(b) - k * za * zb`` on an mt x nt block at (i0, j0), wrapping. */
+inline void ApplyZeroPoints(int32_t* c, int64_t ldc, int64_t i0, int64_t mt, int64_t j0, int64_t nt,
+                            const int32_t* za, const int32_t* zb, const int32_t* a_sums, const int32_t* b_sums,
+                            int64_t k) {
+  for (int64_t i = 0; i < mt; ++i) {
+    for (int64_t j = 0; j < nt; ++j) {
+      const uint32_t zi = za[i0 + i], zj = zb[j0 + j];
+      int32_t& s = c[(i0 + i) * ldc + j0 + j];
+      s = static_cast<int32_t>(static_cast<uint32_t>(s) - zj * a_sums[i0 + i] - zi * b_sums[j] +
+                               static_cast<uint32_t>(k) * zi * zj);
+    }
+  }
+}
+
 void Check8Bit(const ffi::TensorView& t, const char* what) {
   DLDataType dt = t.dtype();
   if ((dt.code != kDLInt && dt.code != kDLUInt) || dt.bits != 8 || dt.lanes != 1) {
@@ -462,30 +562,59 @@ void MatmulIntegerImpl(const ffi::TensorView& ta, const ffi::TensorView& tb, con
   const std::vector<int32_t> zb = ZeroPoints(tzb, n, n, b_unsigned ? -128 : 0, "b_zero_point");
   std::vector<int32_t> a_sums(static_cast<size_t>(rows));
   RowSums(a, rows, k, a_sums.data());
-  const DotTileFn(*tiles)[4] = HasVnni() ? kVnniTiles : kPlainTiles;
   int32_t* c = Data<int32_t>(out);
-  const int64_t n_tiles = (n + 3) / 4;
   constexpr int64_t kThreadWork = int64_t{1} << 24;  // products a thread is worth (starting one costs ~50 us)
-  ParallelRows(n_tiles, [&](int64_t begin, int64_t end) {
+  const int64_t threads = rows * n * k / kThreadWork + 1;
+  if (rows > kFusedRows && HasVnni()) {
+    const int64_t kq = (k + 3) / 4, lda = 4 * kq;
+    thread_local std::vector<uint8_t> a_padded;  // rows of a padded to whole quads, for the 4-byte broadcasts
+    if (lda != k) {
+      a_padded.assign(static_cast<size_t>(rows * lda), 0);
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(a_padded.data() + r * lda, a + r * k, k);
+      a = a_padded.data();
+    }
+    const int64_t panels = (n + kPanel - 1) / kPanel;
+    thread_local std::vector<int8_t> packed;  // every panel; each thread packs and multiplies its own
+    thread_local std::vector<int32_t> b_sums;
+    packed.resize(static_cast<size_t>(panels * kq * 64));
+    b_sums.resize(static_cast<size_t>(panels * kPanel));
+    int8_t* pk = packed.data();
+    int32_t* bs = b_sums.data();
+    ParallelRows((panels + kTilePanels - 1) / kTilePanels, [&](int64_t begin, int64_t end) {
+      const int64_t p0 = begin * kTilePanels, p1 = std::min(panels, end * kTilePanels);
+      for (int64_t p = p0; p < p1; ++p) {
+        PackPanel(b, n, k, p * kPanel, pk + p * kq * 64);
+        RowSums(b + p * kPanel * k, std::min<int64_t>(kPanel, n - p * kPanel), k, bs + p * kPanel);
+      }
+      for (int64_t p = p0; p < p1; p += kTilePanels) {
+        const int64_t np = std::min<int64_t>(kTilePanels, p1 - p), j0 = p * kPanel;
+        const int64_t cols = std::min(np * kPanel, n - j0);
+        for (int64_t i0 = 0; i0 < rows; i0 += kTileRows) {
+          const int64_t mt = std::min<int64_t>(kTileRows, rows - i0);
+          kPackedTiles[mt - 1][np - 1](a + i0 * lda, lda, pk + p * kq * 64, kq, c + i0 * n + j0, n,
+                                       static_cast<int>(cols - (np - 1) * kPanel));
+          ApplyZeroPoints(c, n, i0, mt, j0, cols, za.data(), zb.data(), a_sums.data(), bs + j0, k);
+        }
+      }
+    }, threads);
+    return;
+  }
+  const DotTileFn(*tiles)[4] = HasVnni() ? kVnniTiles : kPlainTiles;
+  ParallelRows((n + 3) / 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t j0 = 4 * t, nt = std::min<int64_t>(4, n - j0);
       int32_t b_sums[4];
       RowSums(b + j0 * k, nt, k, b_sums);  // (while these rows of b are in the cache)
       for (int64_t i0 = 0; i0 < rows; i0 += 4) {
         const int64_t mt = std::min<int64_t>(4, rows - i0);
-        int32_t* s = c + i0 * n + j0;
-        tiles[mt - 1][nt - 1](a + i0 * k, k, b + j0 * k, k, s, n);
-        for (int64_t i = 0; i < mt; ++i) {  // the zero points, in wrapping (unsigned) arithmetic
-          for (int64_t j = 0; j < nt; ++j) {
-            const uint32_t zi = za[i0 + i], zj = zb[j0 + j];
-            s[i * n + j] = static_cast<int32_t>(static_cast<uint32_t>(s[i * n + j]) - zj * a_sums[i0 + i] -
-                                                zi * b_sums[j] + static_cast<uint32_t>(k) * zi * zj);
-          }
-        }
+        tiles[mt - 1][nt - 1](a + i0 * k, k, b + j0 * k, k, c + i0 * n + j0, n);
+        ApplyZeroPoints(c, n, i0, mt, j0, nt, za.data(), zb.data(), a_sums.data(), b_sums, k);
       }
     }
-  }, rows * n * k / kThreadWork + 1);
+  }, threads);
 }
+
+#pragma GCC diagnostic pop
 
 }  // namespace
 

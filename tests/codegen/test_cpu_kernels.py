@@ -106,9 +106,10 @@ def test_offloaded_matmul_matches_numpy(impl, dtype, a_shape, b_shape, trans):
     assert rec["matmul"]["transposes_folded"] == sum(trans)
 
 
-INTEGER_CASES = [  # (A shape, N, zero points per row): K across the 64-byte steps and tails, M and N across tiles
+INTEGER_CASES = [  # (A shape, N, zero points per row): K across the 64-byte steps and tails, M and N across tiles;
+    # up to 16 rows dot products, more the packed panels (16 columns, 4 bytes of K at a time: K % 4 tails)
     ((1, 64), 1, False), ((5, 70), 6, True), ((9, 127), 13, False), ((2, 3, 128), 4, True), ((4, 1), 3, False),
-    ((3, 200), 9, True),
+    ((3, 200), 9, True), ((37, 70), 45, True), ((2, 20, 131), 33, False), ((17, 4), 16, True), ((24, 64), 32, False),
 ]
 
 
