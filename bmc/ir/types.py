@@ -18,12 +18,15 @@ _DTYPES: dict[str, tuple[str, str]] = {
     "int16": ("i16", "int16"),
     "int8": ("i8", "int8"),
     "uint8": ("u8", "uint8"),
+    "uint16": ("u16", "uint16"),
+    "uint32": ("u32", "uint32"),
+    "uint64": ("u64", "uint64"),
     "bool": ("bool", "bool"),
 }
 DTYPES = tuple(_DTYPES)
 SHORT_TO_DTYPE = {short: name for name, (short, _) in _DTYPES.items()}
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
-INT_DTYPES = frozenset({"int64", "int32", "int16", "int8", "uint8"})
+INT_DTYPES = frozenset({"int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64"})
 
 # Shapes larger than this many elements are refused before anything is allocated (FAILURES.md 7).
 MAX_ELEMENTS = 1 << 40

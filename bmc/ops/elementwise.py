@@ -64,6 +64,7 @@ _UNARY = {
     "neg": (_numeric, lambda x, a: -x, 1, {}),
     "abs": (_numeric, lambda x, a: np.abs(x), 1, {}),
     "sign": (_numeric, lambda x, a: np.sign(x), 1, {}),
+    "bitwise_not": (_numeric, lambda x, a: np.invert(x), 1, {}),  # integers
     "exp": (_floats_only, lambda x, a: np.exp(x), 4, {}),
     "log": (_floats_only, lambda x, a: np.log(x), 4, {}),
     "sqrt": (_floats_only, lambda x, a: np.sqrt(x), 4, {}),
@@ -137,6 +138,17 @@ def _int_div(a, b):
     return a / b
 
 
+def _shift(a, b, fn):
+    """Integer shifts as ONNX's BitShift: a shift by a negative amount or by the bit width or more gives 0 (a right
+    shift of a negative signed value: -1); a left shift of a signed value wraps."""
+    a, b = np.broadcast_arrays(a, b)
+    ok = (b >= 0) & (b < 8 * a.dtype.itemsize)
+    unsigned = a.view(np.dtype(f"u{a.dtype.itemsize}")) if fn is np.left_shift else a
+    out = fn(unsigned, np.where(ok, b, 0).astype(unsigned.dtype)).view(a.dtype)
+    fill = np.where(a < 0, -1, 0).astype(a.dtype) if fn is np.right_shift else np.zeros_like(a)
+    return np.where(ok, out, fill)
+
+
 def _pow(a, b):
     if a.dtype.kind == "f" and a.dtype.itemsize < 4:
         return np.power(a.astype(np.float32), b.astype(np.float32)).astype(a.dtype)
@@ -159,6 +171,11 @@ _BINARY = {
     "logical_and": (np.logical_and, 1, True, True),
     "logical_or": (np.logical_or, 1, True, True),
     "logical_xor": (np.logical_xor, 1, True, True),
+    "bitwise_and": (np.bitwise_and, 1, False, False),  # integers (and bool)
+    "bitwise_or": (np.bitwise_or, 1, False, False),
+    "bitwise_xor": (np.bitwise_xor, 1, False, False),
+    "left_shift": (lambda a, b: _shift(a, b, np.left_shift), 1, False, False),
+    "right_shift": (lambda a, b: _shift(a, b, np.right_shift), 1, False, False),
 }
 
 

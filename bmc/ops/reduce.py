@@ -189,24 +189,30 @@ register(OpDef("lrn", "reduce", (1, 1), {"size": Attr("int"), "alpha": Attr("flo
                _float_same("lrn"), _lrn, elementwise_cost(10), doc="local response norm across channels (dim 1)"))
 
 
-def _cumsum_infer(ins, attrs):
+def _cumulative_infer(ins, attrs):
     normalize_axis(attrs["axis"], ins[0].rank)
     return [ins[0]]
 
 
-def _cumsum(ins, attrs):
-    (x,) = ins
-    axis = normalize_axis(attrs["axis"], x.ndim)
-    y = np.flip(x, axis) if attrs["reverse"] else x
-    out = np.cumsum(y, axis=axis, dtype=x.dtype)
-    if attrs["exclusive"]:
-        out = out - y
-    return [np.flip(out, axis) if attrs["reverse"] else out]
+def _cumulative(fn, identity):
+    def ref(ins, attrs):
+        (x,) = ins
+        axis = normalize_axis(attrs["axis"], x.ndim)
+        y = np.flip(x, axis) if attrs["reverse"] else x
+        out = fn(y, axis=axis, dtype=x.dtype)
+        if attrs["exclusive"]:  # shifted by one along the axis, the identity first
+            first = np.full(x.shape[:axis] + (min(1, x.shape[axis]),) + x.shape[axis + 1:], identity, x.dtype)
+            out = np.concatenate([first, np.delete(out, -1, axis) if x.shape[axis] else out], axis=axis)
+        return [np.flip(out, axis) if attrs["reverse"] else out]
+
+    return ref
 
 
-register(OpDef("cumsum", "reduce", (1, 1), {"axis": Attr("int"), "exclusive": Attr("bool", False),
-                                            "reverse": Attr("bool", False)},
-               _cumsum_infer, _cumsum, elementwise_cost(1)))
+_CUMULATIVE_ATTRS = {"axis": Attr("int"), "exclusive": Attr("bool", False), "reverse": Attr("bool", False)}
+register(OpDef("cumsum", "reduce", (1, 1), _CUMULATIVE_ATTRS, _cumulative_infer, _cumulative(np.cumsum, 0),
+               elementwise_cost(1)))
+register(OpDef("cumprod", "reduce", (1, 1), _CUMULATIVE_ATTRS, _cumulative_infer, _cumulative(np.cumprod, 1),
+               elementwise_cost(1)))
 
 
 def _topk_infer(ins, attrs):

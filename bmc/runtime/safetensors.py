@@ -30,7 +30,8 @@ from bmc.ir.types import itemsize, np_dtype
 # safetensors dtype code ↔ bmc dtype name
 CODE_TO_DTYPE: dict[str, str] = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
 }
 DTYPE_TO_CODE = {v: k for k, v in CODE_TO_DTYPE.items()}
 

@@ -255,7 +255,7 @@ def unpack_int4_rule(ins, outs, attrs) -> ShardingRule:
 
 
 def axis_replicated_rule(ins, outs, attrs) -> ShardingRule:
-    """softmax, log_softmax, cumsum: the ``axis`` dim may not be split, every other dim passes."""
+    """softmax, log_softmax, cumsum, cumprod: the ``axis`` dim may not be split, every other dim passes."""
     x = ins[0]
     fs = _Factors()
     dims = same_shape_dims(fs, x.shape, (normalize_axis(attrs["axis"], x.rank),))
@@ -472,6 +472,7 @@ RULES: dict[str, RuleBuilder] = {
     "softmax": axis_replicated_rule,
     "log_softmax": axis_replicated_rule,
     "cumsum": axis_replicated_rule,
+    "cumprod": axis_replicated_rule,
     "topk": topk_rule,
     "layer_norm": normalized_rule,
     "rms_norm": normalized_rule,

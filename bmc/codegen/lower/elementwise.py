@@ -15,13 +15,14 @@ _SIMPLE_UNARY = {
     "neg": _R.negative, "abs": _R.abs, "sign": _R.sign, "exp": _R.exp, "log": _R.log, "sqrt": _R.sqrt,
     "rsqrt": _R.rsqrt, "tanh": _R.tanh, "sigmoid": _R.sigmoid, "erf": _R.erf, "sin": _R.sin, "cos": _R.cos,
     "floor": _R.floor, "ceil": _R.ceil, "round": _R.round, "relu": _R.nn.relu, "logical_not": _R.logical_not,
-    "isnan": _R.isnan, "isinf": _R.isinf,
+    "isnan": _R.isnan, "isinf": _R.isinf, "bitwise_not": _R.bitwise_not,
 }
 _BINARY = {
     "add": _R.add, "sub": _R.subtract, "mul": _R.multiply, "div": _R.divide, "pow": _R.power,
     "maximum": _R.maximum, "minimum": _R.minimum, "equal": _R.equal, "less": _R.less, "less_equal": _R.less_equal,
     "greater": _R.greater, "greater_equal": _R.greater_equal, "logical_and": _R.logical_and,
-    "logical_or": _R.logical_or, "logical_xor": _R.logical_xor,
+    "logical_or": _R.logical_or, "logical_xor": _R.logical_xor, "bitwise_and": _R.bitwise_and,
+    "bitwise_or": _R.bitwise_or, "bitwise_xor": _R.bitwise_xor,
 }
 
 
@@ -75,6 +76,23 @@ def _binary(ctx, node, args):
         wide = [ctx.emit(_R.astype(a, "float32" if dtype == "bfloat16" else "float64")) for a in args]
         return _R.astype(ctx.emit(_R.power(*wide)), dtype)
     return _BINARY[node.op](args[0], args[1])
+
+
+@lowering("left_shift", "right_shift")
+def _shift(ctx, node, args):
+    """A shift amount outside [0, bit width) gives 0 (-1 for a right shift of a negative value), as ONNX says; TVM's
+    shifts leave that undefined, so the amount is clamped into range and the result selected."""
+    dtype = node.inputs[0].type.dtype
+    x, amount = args
+    bits = 8 * np.dtype(np_dtype(dtype)).itemsize
+    ok = ctx.emit(_R.logical_and(ctx.emit(_R.greater_equal(amount, scalar(0, dtype))),
+                                 ctx.emit(_R.less(amount, scalar(bits, dtype)))))
+    amount = ctx.emit(_R.where(ok, amount, scalar(0, dtype)))
+    shifted = ctx.emit((_R.left_shift if node.op == "left_shift" else _R.right_shift)(x, amount))
+    fill = scalar(0, dtype)
+    if node.op == "right_shift" and not dtype.startswith("u"):
+        fill = ctx.emit(_R.where(ctx.emit(_R.less(x, fill)), scalar(-1, dtype), fill))
+    return _R.where(ok, shifted, fill)
 
 
 @lowering("reciprocal")

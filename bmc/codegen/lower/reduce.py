@@ -124,9 +124,10 @@ def _lrn(ctx, node, args):
     return ctx.bb.emit_te(topi.nn.lrn, args[0], a["size"], 1, a["alpha"], a["beta"], a["bias"])
 
 
-@lowering("cumsum")
-def _cumsum(ctx, node, args):
+@lowering("cumsum", "cumprod")
+def _cumulative(ctx, node, args):
     axis = node.attrs["axis"] % node.inputs[0].type.rank
     x = ctx.emit(_R.flip(args[0], axis)) if node.attrs["reverse"] else args[0]
-    y = ctx.emit(_R.cumsum(x, axis=axis, exclusive=node.attrs["exclusive"]))
+    fn = _R.cumsum if node.op == "cumsum" else _R.cumprod
+    y = ctx.emit(fn(x, axis=axis, exclusive=node.attrs["exclusive"]))
     return _R.flip(y, axis) if node.attrs["reverse"] else y

@@ -12,11 +12,13 @@ _UNARY = {
     "Neg": "neg", "Abs": "abs", "Sign": "sign", "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Reciprocal": "reciprocal",
     "Tanh": "tanh", "Sigmoid": "sigmoid", "Erf": "erf", "Sin": "sin", "Cos": "cos", "Floor": "floor", "Ceil": "ceil",
     "Round": "round", "Relu": "relu", "Softplus": "softplus", "Not": "logical_not", "IsNaN": "isnan",
+    "BitwiseNot": "bitwise_not",
 }
 _BINARY = {
     "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Equal": "equal", "Less": "less",
     "LessOrEqual": "less_equal", "Greater": "greater", "GreaterOrEqual": "greater_equal", "And": "logical_and",
-    "Or": "logical_or", "Xor": "logical_xor",
+    "Or": "logical_or", "Xor": "logical_xor", "BitwiseAnd": "bitwise_and", "BitwiseOr": "bitwise_or",
+    "BitwiseXor": "bitwise_xor",
 }
 _VARIADIC = {"Max": "maximum", "Min": "minimum", "Sum": "add"}
 
@@ -28,6 +30,14 @@ def scalar_like(ctx: Context, x, value) -> np.ndarray:
 @converter(*_UNARY)
 def _unary(ctx: Context, node):
     return [ctx.emit1(_UNARY[node.op_type], [ctx.operand(0)])]
+
+
+@converter("BitShift")
+def _bit_shift(ctx: Context, node):
+    direction = ctx.text("direction", "")
+    if direction not in ("LEFT", "RIGHT"):
+        raise ConvertError(f"BitShift direction must be LEFT or RIGHT, got {direction!r}")
+    return [ctx.emit1("left_shift" if direction == "LEFT" else "right_shift", [ctx.operand(0), ctx.operand(1)])]
 
 
 @converter(*_BINARY)
@@ -272,8 +282,8 @@ def _rms_norm(ctx: Context, node):
     return [ctx.emit1("rms_norm", [x, scale], axis=axis, epsilon=ctx.attr("epsilon", 1e-5))]
 
 
-@converter("CumSum")
-def _cumsum(ctx: Context, node):
+@converter("CumSum", "CumProd")
+def _cumulative(ctx: Context, node):
     axis = int(np.asarray(ctx.const(1, "axis")).reshape(-1)[0])
-    return [ctx.emit1("cumsum", [ctx.operand(0)], axis=axis, exclusive=bool(ctx.attr("exclusive", 0)),
+    return [ctx.emit1(node.op_type.lower(), [ctx.operand(0)], axis=axis, exclusive=bool(ctx.attr("exclusive", 0)),
                       reverse=bool(ctx.attr("reverse", 0)))]

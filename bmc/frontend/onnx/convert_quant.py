@@ -31,7 +31,8 @@ from bmc.ir.types import FLOAT_DTYPES, INT_DTYPES, TensorType, np_dtype
 from bmc.ops.linalg import INT8
 from bmc.ops.shape import pack_nibbles, unpack_nibbles
 
-_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-32768, 32767), "uint4": (0, 15), "int4": (-8, 7)}
+_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767), "uint4": (0, 15),
+           "int4": (-8, 7)}
 _CARRIER = {"uint4": "uint8", "int4": "int8"}  # the IR dtype that holds a 4-bit type's values
 
 
@@ -69,7 +70,7 @@ def _saturate(ctx: Context, y: Operand, dtype: str) -> Operand:
     carried in 8 bits (and noted, for the ops that read it)."""
     if dtype not in _RANGES:
         raise ConvertError(f"quantizing to {dtype} is not supported",
-                           fix="bmc quantizes to uint8, int8, int16, uint4 and int4")
+                           fix="bmc quantizes to uint8, int8, uint16, int16, uint4 and int4")
     lo, hi = _RANGES[dtype]
     if dtype in _CARRIER:
         ctx.four_bit[ctx.node.output[0]] = dtype

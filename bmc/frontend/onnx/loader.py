@@ -26,7 +26,8 @@ MAX_PROTO_BYTES = 2**31 - 1
 _ONNX_DTYPES = {
     TensorProto.FLOAT: "float32", TensorProto.DOUBLE: "float64", TensorProto.FLOAT16: "float16",
     TensorProto.BFLOAT16: "bfloat16", TensorProto.INT64: "int64", TensorProto.INT32: "int32",
-    TensorProto.INT16: "int16", TensorProto.INT8: "int8", TensorProto.UINT8: "uint8", TensorProto.BOOL: "bool",
+    TensorProto.INT16: "int16", TensorProto.INT8: "int8", TensorProto.UINT8: "uint8", TensorProto.UINT16: "uint16",
+    TensorProto.UINT32: "uint32", TensorProto.UINT64: "uint64", TensorProto.BOOL: "bool",
 }
 # 4-bit integers, two per byte in ONNX (the first in the low nibble): the IR carries their values in 8-bit tensors
 FOUR_BIT = {TensorProto.INT4: "int8", TensorProto.UINT4: "uint8"}
