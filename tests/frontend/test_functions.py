@@ -93,13 +93,20 @@ def test_fully_masked_rows_give_zeros_not_nan():
 
 
 def test_body_with_an_unsupported_op_names_the_node_and_the_body_node():
-    """AffineGrid's body holds an ``If``, which bmc does not support: the error names both nodes."""
-    theta = helper.make_tensor_value_info("theta", TensorProto.FLOAT, [1, 2, 3])
-    size = helper.make_tensor("size", TensorProto.INT64, [4], [1, 1, 2, 2])
-    grid = helper.make_tensor_value_info("grid", TensorProto.FLOAT, [1, 2, 2, 2])
-    model = _model([helper.make_node("AffineGrid", ["theta", "size"], ["grid"], name="grid_node")],
-                   [theta], [grid], 20, inits=[size])
-    with pytest.raises(ModelError, match=r"ONNX node 'grid_node' \(AffineGrid\), function body node .*\(If\)"):
+    """A model-local function whose body (inside an If branch) holds a DFT, which bmc does not support: the error
+    names the node, the body node and the branch's node."""
+    branch = helper.make_graph([helper.make_node("DFT", ["x"], ["y_b"], name="the_dft")], "branch", [],
+                               [helper.make_tensor_value_info("y_b", TensorProto.FLOAT, None)])
+    fn = helper.make_function("my.fns", "Spectrum", ["x"], ["y"], [
+        helper.make_node("Constant", [], ["c"], value=helper.make_tensor("v", TensorProto.BOOL, [], [True])),
+        helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch, name="choose")],
+        opset_imports=[helper.make_opsetid("", 20)])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = _model([helper.make_node("Spectrum", ["x"], ["y"], domain="my.fns", name="spec_node")], [x], [y], 20,
+                   functions=[fn])
+    with pytest.raises(ModelError, match=r"ONNX node 'spec_node' \(Spectrum\), function body node .*\(If\).*"
+                                         r"'the_dft' \(DFT\): op DFT is not supported"):
         import_model(model)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from bmc.frontend.onnx import (convert_extra, convert_math, convert_nn, convert_quant,  # noqa: F401  (registers them)
-                               convert_tensor)
+from bmc.frontend.onnx import (convert_control, convert_extra, convert_math, convert_nn,  # noqa: F401  (registers
+                               convert_quant, convert_tensor)                                 # them)
 from bmc.frontend.onnx.importer import CONVERTERS, import_graph
 from bmc.frontend.onnx.loader import load_model
 from bmc.ir.graph import Graph

@@ -68,6 +68,28 @@ def _pool(ctx: Context, node):
                       ceil_mode=ceil, count_include_pad=bool(ctx.attr("count_include_pad", 0)))]
 
 
+@converter("LpPool")
+def _lp_pool(ctx: Context, node):
+    """``(sum over the window of |x|^p)^(1/p)``: the sum is a depthwise convolution of ``|x|^p`` by ones (padding
+    adds zeros, which add nothing)."""
+    if ctx.attr("ceil_mode", 0):
+        raise ConvertError("LpPool with ceil_mode=1 is not supported", fix="use ceil_mode=0")
+    x = ctx.operand(0)
+    xs = ctx.type(x).shape
+    nd, p = len(xs) - 2, ctx.attr("p", 2)
+    kernel = tuple(ctx.attr("kernel_shape"))
+    strides, dilations = tuple(ctx.attr("strides", [1] * nd)), tuple(ctx.attr("dilations", [1] * nd))
+    pads = _auto_pads(ctx, xs[2:], kernel, strides, dilations)
+    powered = ctx.emit1("abs", [x]) if p == 1 else ctx.emit1("mul", [x, x]) if p == 2 else ctx.emit1(
+        "pow", [ctx.emit1("abs", [x]), np.array(p, np_dtype(ctx.type(x).dtype))])
+    ones = np.ones((xs[1], 1) + kernel, np_dtype(ctx.type(x).dtype))
+    total = ctx.emit1("conv", [powered, ones], strides=strides, pads=pads, dilations=dilations, group=xs[1])
+    if p == 1:
+        return [total]
+    return [ctx.emit1("sqrt", [total]) if p == 2 else
+            ctx.emit1("pow", [total, np.array(1.0 / p, np_dtype(ctx.type(x).dtype))])]
+
+
 @converter("GlobalAveragePool", "GlobalMaxPool")
 def _global_pool(ctx: Context, node):
     x = ctx.operand(0)

@@ -56,7 +56,11 @@ def _size(ctx: Context, node):
 
 @converter("Range")
 def _range(ctx: Context, node):
-    start, limit, delta = (ctx.const(i, n) for i, n in enumerate(("start", "limit", "delta")))
+    values = [ctx.const(i, n) for i, n in enumerate(("start", "limit", "delta"))]
+    for v, n in zip(values, ("start", "limit", "delta")):
+        if v.size != 1:
+            raise ConvertError(f"Range's {n} must be a scalar, got shape {v.shape}")
+    start, limit, delta = (v.reshape(()) for v in values)  # (a one-element tensor passes, as in onnx's reference)
     return [np.arange(start, limit, delta).astype(start.dtype)]
 
 

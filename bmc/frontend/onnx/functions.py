@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx
-from onnx import AttributeProto, FunctionProto, NodeProto, TypeProto
+from onnx import AttributeProto, FunctionProto, GraphProto, NodeProto, TypeProto
 
 from bmc.frontend.onnx.loader import onnx_elem_type
 from bmc.ir.types import TensorType
@@ -127,6 +127,33 @@ def _renamed(node: NodeProto, names: dict[str, str], attrs: dict[str, AttributeP
                 ref.CopyFrom(attrs[a.ref_attr_name])
                 ref.name = a.name
                 out.attribute.append(ref)
+        elif a.type == AttributeProto.GRAPH:  # an If branch or a loop body: its reads of the body's tensors too
+            sub = AttributeProto()
+            sub.CopyFrom(a)
+            sub.g.CopyFrom(_renamed_outer(a.g, rename))
+            out.attribute.append(sub)
         else:
             out.attribute.append(a)
+    return out
+
+
+def _renamed_outer(graph: GraphProto, rename) -> GraphProto:
+    """``graph`` with the names it reads from enclosing scopes renamed (its own names stay: they are its scope)."""
+    out = GraphProto()
+    out.CopyFrom(graph)
+    local = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    local |= {o for n in graph.node for o in n.output}
+
+    def outer(name: str) -> str:
+        return name if name in local else rename(name)
+
+    for node in out.node:
+        inputs = [outer(n) for n in node.input]
+        node.ClearField("input")
+        node.input.extend(inputs)
+        for a in node.attribute:
+            if a.type == AttributeProto.GRAPH:
+                a.g.CopyFrom(_renamed_outer(a.g, outer))
+    for o in out.output:
+        o.name = outer(o.name)
     return out

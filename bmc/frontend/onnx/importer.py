@@ -68,9 +68,13 @@ class Context:
     # ONNX tensor name of a per-tensor 8-bit DequantizeLinear's output -> (codes, scale, zero point or None)
     dequantized: dict[str, tuple[Operand, Operand, Operand | None]] = field(default_factory=dict)
     node: onnx.NodeProto | None = None
+    where: str = ""  # the node being converted, for errors (its function body and subgraph nesting included)
     _materialized: dict[int, tuple[np.ndarray, Value]] = field(default_factory=dict)  # by id; holds the array
     # alive so its id cannot be reused by another array
     _layouts: dict[tuple[str, str], Value] = field(default_factory=dict)  # (weight, layout) -> its parameter
+    functions: Functions | None = None  # the model's function bodies, for subgraphs' nodes
+    base_dir: Any = None  # where the model's external data lives
+    _subgraph_initializers: dict[int, tuple[onnx.TensorProto, Operand]] = field(default_factory=dict)
 
     # ---- operands -------------------------------------------------------------------------------------------
     def has(self, idx: int) -> bool:
@@ -106,6 +110,33 @@ class Context:
             self._layouts[key] = self.builder.param(f"{x.name}.{layout}",
                                                     MappedTensor(weights[x.name], fn, type_, f"{layout} layout"))
         return self._layouts[key]
+
+    def subgraph(self, graph: onnx.GraphProto, bindings: Sequence[Operand], where: str) -> list[Operand]:
+        """Import ``graph`` (an If branch, a Scan body) inline: its inputs bound to ``bindings``, its nodes seeing
+        the tensors of this scope; returns its outputs. The names it defines stay inside it."""
+        if len(bindings) != len(graph.input):
+            raise ConvertError(f"the subgraph {graph.name!r} has {len(graph.input)} inputs; {len(bindings)} given")
+        saved = self.env, self.node, self.builder.source, self.where
+        self.env = dict(self.env)
+        try:
+            for init in graph.initializer:
+                self.env[init.name] = self._subgraph_initializer(init)
+            self.env.update({i.name: x for i, x in zip(graph.input, bindings)})
+            for idx, node in enumerate(loader.check_graph(graph, outer=set(saved[0]))):
+                _import_node(self, node, f"{where}, subgraph {graph.name!r} {loader.node_label(node, idx)}",
+                             self.functions)
+            return [self.env[o.name] for o in graph.output]
+        finally:
+            self.env, self.node, self.builder.source, self.where = saved
+
+    def _subgraph_initializer(self, init: onnx.TensorProto) -> Operand:
+        """A subgraph's initializer, made once however many times the subgraph is imported (a Scan's steps)."""
+        if init.data_type in loader.FOUR_BIT:
+            raise ConvertError(f"4-bit initializer {init.name!r} inside a subgraph is not supported")
+        if id(init) not in self._subgraph_initializers:
+            t = loader.initializer_tensor(init, self.base_dir)
+            self._subgraph_initializers[id(init)] = (init, _initializer(self.builder, init.name, t))
+        return self._subgraph_initializers[id(init)][1]
 
     def type(self, x: Operand) -> TensorType:
         return x.type if isinstance(x, Value) else TensorType(dtype_of(x.dtype), x.shape)
@@ -155,7 +186,7 @@ def import_graph(proto: onnx.ModelProto, base_dir, input_shapes: Mapping[str, Se
     functions = Functions(proto, opset)
     _check_supported(order, functions)
     b = GraphBuilder(name)
-    ctx = Context(b, opset)
+    ctx = Context(b, opset, functions=functions, base_dir=base_dir)
 
     weights: dict[str, Tensor] = {}
     for init in g.initializer:
@@ -166,8 +197,7 @@ def import_graph(proto: onnx.ModelProto, base_dir, input_shapes: Mapping[str, Se
         if init_name in four_bit:
             ctx.env[init_name] = _four_bit_initializer(ctx, four_bit[init_name], t)
             continue
-        small = t.type.numel <= (SMALL_WEIGHT if t.type.dtype in WEIGHT_DTYPES else FOLD_LIMIT)
-        ctx.env[init_name] = np.asarray(t.numpy()) if small else b.param(init_name, t)
+        ctx.env[init_name] = _initializer(b, init_name, t)
 
     for inp, ty in bind_input_shapes(g, input_shapes or {}).items():
         ctx.env[inp] = b.input(inp, ty)
@@ -188,6 +218,12 @@ def import_graph(proto: onnx.ModelProto, base_dir, input_shapes: Mapping[str, Se
         outputs.append(v)
     graph = b.finish(outputs)
     return eliminate_dead_code(graph)
+
+
+def _initializer(b: GraphBuilder, name: str, t: Tensor) -> Operand:
+    """A small initializer is a compile-time constant, a larger one (a weight) a parameter."""
+    small = t.type.numel <= (SMALL_WEIGHT if t.type.dtype in WEIGHT_DTYPES else FOLD_LIMIT)
+    return np.asarray(t.numpy()) if small else b.param(name, t)
 
 
 def _four_bit_initializer(ctx: Context, proto: onnx.TensorProto, packed: Tensor) -> Operand:
@@ -228,7 +264,7 @@ def _import_node(ctx: Context, node: onnx.NodeProto, where: str, functions: Func
 
 def _convert(ctx: Context, node: onnx.NodeProto, where: str) -> None:
     b = ctx.builder
-    ctx.node = node
+    ctx.node, ctx.where = node, where
     first_new = len(b.graph.nodes)
     try:
         outs = CONVERTERS[op_key(node)](ctx, node)

@@ -105,9 +105,28 @@ def check_versions(proto: onnx.ModelProto) -> int:
     return opset
 
 
-def check_graph(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """Validate names and dataflow; return the nodes in a topological order (FAILURES.md 2)."""
-    defined = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {""}
+def outer_inputs(graph: onnx.GraphProto) -> set[str]:
+    """The names a (sub)graph's nodes and outputs read from enclosing scopes: not its inputs, initializers or node
+    outputs (nested subgraphs included)."""
+    local = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {""}
+    local |= {o for n in graph.node for o in n.output}
+    used = {o.name for o in graph.output}
+    for node in graph.node:
+        used |= set(node.input) | node_outer_inputs(node)
+    return used - local
+
+
+def node_outer_inputs(node: onnx.NodeProto) -> set[str]:
+    """What ``node``'s subgraphs (If's branches, Scan's and Loop's bodies) read from outside them."""
+    return {name for a in node.attribute if a.type == onnx.AttributeProto.GRAPH for name in outer_inputs(a.g)} | {
+        name for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs
+        for name in outer_inputs(g)}
+
+
+def check_graph(graph: onnx.GraphProto, outer: set[str] = frozenset()) -> list[onnx.NodeProto]:
+    """Validate names and dataflow; return the nodes in a topological order (FAILURES.md 2). ``outer``: names an
+    enclosing scope defines (a subgraph's)."""
+    defined = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {""} | set(outer)
     producers: dict[str, int] = {}
     for idx, node in enumerate(graph.node):
         for out in node.output:
@@ -117,8 +136,9 @@ def check_graph(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
                 raise ModelError(f"tensor {out!r} is produced more than once", where=node_label(node, idx),
                                  fix="every tensor name must have exactly one producer")
             producers[out] = idx
+    reads = [list(node.input) + sorted(node_outer_inputs(node)) for node in graph.node]
     for idx, node in enumerate(graph.node):
-        for name in node.input:
+        for name in reads[idx]:
             if name not in defined and name not in producers:
                 raise ModelError(f"input {name!r} is not a graph input, initializer or node output",
                                  where=node_label(node, idx), fix="the graph has a dangling edge; re-export it")
@@ -126,7 +146,7 @@ def check_graph(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     for root in range(len(graph.node)):
         if state[root]:
             continue
-        stack = [(root, iter(graph.node[root].input))]
+        stack = [(root, iter(reads[root]))]
         state[root] = 1
         while stack:
             idx, it = stack[-1]
@@ -143,7 +163,7 @@ def check_graph(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
                 raise ModelError(f"the graph has a cycle: {cycle}", where="graph", fix="ONNX graphs must be acyclic")
             elif state[nxt] == 0:
                 state[nxt] = 1
-                stack.append((nxt, iter(graph.node[nxt].input)))
+                stack.append((nxt, iter(reads[nxt])))
     outputs = [o.name for o in graph.output]
     dup = sorted({o for o in outputs if outputs.count(o) > 1})
     if dup:
