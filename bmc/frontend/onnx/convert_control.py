@@ -12,19 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 from bmc.frontend.onnx.importer import Context, ConvertError, Operand, converter
-from bmc.ir.graph import Value
 from bmc.ops.registry import normalize_axis
 
 #: body nodes an unrolled Scan may import in all (steps x body nodes)
 MAX_UNROLLED_NODES = 200_000
-
-
-def _known(ctx: Context, x: Operand) -> np.ndarray | None:
-    if isinstance(x, np.ndarray):
-        return x
-    if isinstance(x, Value) and x.producer is None and x.name in ctx.builder.graph.weights:
-        return np.asarray(ctx.builder.graph.weights[x.name].numpy())
-    return None
 
 
 @converter("If")
@@ -33,7 +24,7 @@ def _if(ctx: Context, node):
     if ctx.type(cond).numel != 1 or ctx.type(cond).dtype != "bool":
         raise ConvertError(f"If's condition must be one bool, got {ctx.type(cond)}")
     where = ctx.where
-    known = _known(ctx, cond)
+    known = ctx.known(cond)
     if known is not None:
         return ctx.subgraph(ctx.attr("then_branch" if bool(known.reshape(-1)[0]) else "else_branch"), [], where)
     then = ctx.subgraph(ctx.attr("then_branch"), [], f"{where}, then branch")

@@ -117,7 +117,7 @@ def _offer_matmul_integer(ctx: Context, node, x: Operand, scale: Operand, zp: Op
     per_tensor = ctx.type(scale).numel == 1 and (zp is None or ctx.type(zp).numel == 1)
     if per_tensor:
         ctx.dequantized[node.output[0]] = (x, scale, zp)
-    if t.rank != 2 or not (isinstance(x, Value) and x.producer is None and x.name in ctx.builder.graph.weights):
+    if t.rank != 2 or ctx.weight(x) is None:
         return
 
     def matmul(a: Operand, a_name: str, transposed: bool) -> Operand | None:

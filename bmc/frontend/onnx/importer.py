@@ -86,15 +86,26 @@ class Context:
     def optional(self, idx: int) -> Operand | None:
         return self.operand(idx) if self.has(idx) else None
 
+    def weight(self, x: Operand) -> Tensor | None:
+        """The data of ``x`` when it is a weight (a parameter), else None."""
+        if isinstance(x, Value) and x.producer is None:
+            return self.builder.graph.weights.get(x.name)
+        return None
+
+    def known(self, x: Operand) -> np.ndarray | None:
+        """The value of ``x`` when it is known at compile time (a constant, or a weight used as one), else None."""
+        if isinstance(x, np.ndarray):
+            return x
+        w = self.weight(x)
+        return None if w is None else np.asarray(w.numpy())
+
     def const(self, idx: int, what: str) -> np.ndarray | None:
         """The compile-time value of input ``idx`` (None if absent); a ConvertError if only known at run time."""
         if not self.has(idx):
             return None
-        x = self.operand(idx)
-        if isinstance(x, np.ndarray):
+        x = self.known(self.operand(idx))
+        if x is not None:
             return x
-        if isinstance(x, Value) and x.producer is None and x.name in self.builder.graph.weights:
-            return np.asarray(self.builder.graph.weights[x.name].numpy())  # a weight used as a constant
         raise ConvertError(f"input {idx} ({what}) must be a compile-time constant, but {self.node.input[idx]!r} is "
                            "computed at run time", fix="bind the input shapes with --input-shape so it can be folded")
 
@@ -102,13 +113,13 @@ class Context:
                       type_: TensorType) -> Value | None:
         """The weight ``x`` stored in another layout: a parameter holding ``fn`` of its data (computed when the
         artifact is written, made once per weight and layout), or None when ``x`` is not a weight."""
-        weights = self.builder.graph.weights
-        if not (isinstance(x, Value) and x.producer is None and x.name in weights):
+        data = self.weight(x)
+        if data is None:
             return None
         key = (x.name, layout)
         if key not in self._layouts:
             self._layouts[key] = self.builder.param(f"{x.name}.{layout}",
-                                                    MappedTensor(weights[x.name], fn, type_, f"{layout} layout"))
+                                                    MappedTensor(data, fn, type_, f"{layout} layout"))
         return self._layouts[key]
 
     def subgraph(self, graph: onnx.GraphProto, bindings: Sequence[Operand], where: str) -> list[Operand]:
