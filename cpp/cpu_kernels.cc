@@ -39,6 +39,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <cstdint>
 #include <mutex>
@@ -336,9 +337,9 @@ __attribute__((target_clones("avx2", "default")))
 void DotTilePlain(const uint8_t* a, int64_t lda, const int8_t* b, int64_t k, int32_t* s, int64_t lds) {
   for (int i = 0; i < MT; ++i) {
     for (int j = 0; j < NT; ++j) {
-      int32_t acc = 0;
-      for (int64_t p = 0; p < k; ++p) acc += static_cast<int32_t>(a[i * lda + p]) * b[j * k + p];
-      s[i * lds + j] = acc;
+      uint32_t acc = 0;  // wraps like vpdpbusd (a signed overflow would be undefined)
+      for (int64_t p = 0; p < k; ++p) acc += static_cast<uint32_t>(static_cast<int32_t>(a[i * lda + p]) * b[j * k + p]);
+      s[i * lds + j] = static_cast<int32_t>(acc);
     }
   }
 }
@@ -357,10 +358,12 @@ const DotTileFn kVnniTiles[4][4] = BMC_DOT_TILES(DotTileVnni);
 const DotTileFn kPlainTiles[4][4] = BMC_DOT_TILES(DotTilePlain);
 #undef BMC_DOT_TILES
 
+/*! \brief Whether to use AVX-512 VNNI: the CPU has it and ``BMC_CPU_NO_VNNI`` is not set (the tests set it to run
+ *  the plain loops, what CPUs without VNNI take). */
 bool HasVnni() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vnni");
-  return yes;
+  return cpu && std::getenv("BMC_CPU_NO_VNNI") == nullptr;
 }
 
 /*! \brief Row sums of an 8-bit matrix ``[rows, k]`` (uint8 or int8), as int32. */
@@ -388,9 +391,9 @@ template <typename T>
 __attribute__((target_clones("avx2", "default")))
 void RowSumsPlain(const T* x, int64_t rows, int64_t k, int32_t* out) {
   for (int64_t r = 0; r < rows; ++r) {
-    int32_t s = 0;
-    for (int64_t p = 0; p < k; ++p) s += x[r * k + p];
-    out[r] = s;
+    uint32_t s = 0;
+    for (int64_t p = 0; p < k; ++p) s += static_cast<uint32_t>(static_cast<int32_t>(x[r * k + p]));
+    out[r] = static_cast<int32_t>(s);
   }
 }
 

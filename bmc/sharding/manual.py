@@ -98,7 +98,7 @@ def _through(perm: tuple[int, ...], dim: int, axis: str) -> Spec:
 def _feeds_split(v: Value, users: dict[int, list[Node]]) -> Node | None:
     """The split node that cuts ``v``'s last dim, looking through elementwise ops (a bias add; a quantized matmul's
     cast and scale, a quantize-dequantize pair) and reshapes."""
-    frontier = [v]
+    frontier, seen = [v], {id(v)}
     for _ in range(24):  # (a QDQ model quantizes and dequantizes twice on the way: 19 ops)
         nxt = []
         for x in frontier:
@@ -106,7 +106,8 @@ def _feeds_split(v: Value, users: dict[int, list[Node]]) -> Node | None:
                 if n.op == "split" and n.attrs["axis"] % x.type.rank == x.type.rank - 1:
                     return n
                 if n.op == "reshape" or get_op(n.op).family == "elementwise":
-                    nxt.extend(n.outputs)
+                    nxt.extend(o for o in n.outputs if id(o) not in seen)
+                    seen.update(id(o) for o in n.outputs)
         frontier = nxt
     return None
 

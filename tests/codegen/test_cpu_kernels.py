@@ -143,6 +143,16 @@ def test_matmul_integer_kernel_is_exact(impl, a_dtype, b_dtype, a_shape, n, per_
     np.testing.assert_array_equal(out, want)
 
 
+@pytest.mark.parametrize("a_dtype, b_dtype", [("uint8", "int8"), ("int8", "uint8")])
+def test_matmul_integer_plain_loops_are_exact(native_lib, monkeypatch, a_dtype, b_dtype):
+    """The native kernel's loops for CPUs without AVX-512 VNNI (``BMC_CPU_NO_VNNI`` makes this one take them)."""
+    monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
+    monkeypatch.setenv("BMC_CPU_NO_VNNI", "1")
+    for a_shape, n, per_row in INTEGER_CASES:
+        test_matmul_integer_kernel_is_exact("native", a_dtype, b_dtype, a_shape, n, per_row)
+    test_matmul_integer_sums_wrap_like_int32("native")
+
+
 def test_matmul_integer_sums_wrap_like_int32(impl):
     """K = 70000 products of 255 and -128 pass int32's range: the result wraps modulo 2^32 (onnxruntime's int32
     accumulator does the same), in the native kernel and the numpy fallback alike."""
