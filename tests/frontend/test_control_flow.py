@@ -92,3 +92,4 @@ def test_if_branches_of_different_types_need_a_constant_condition():
     with pytest.raises(ModelError, match=r"If output 0 is f32\[3\] in the then branch and f32\[2\] in the else") as e:
         import_model(_if_model(cond_input=True, else_shape=(2,)))
     assert "--input-shape" in e.value.fix
+

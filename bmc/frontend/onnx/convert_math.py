@@ -287,3 +287,59 @@ def _cumulative(ctx: Context, node):
     axis = int(np.asarray(ctx.const(1, "axis")).reshape(-1)[0])
     return [ctx.emit1(node.op_type.lower(), [ctx.operand(0)], axis=axis, exclusive=bool(ctx.attr("exclusive", 0)),
                       reverse=bool(ctx.attr("reverse", 0)))]
+
+
+@converter("DFT")
+def _dft(ctx: Context, node):
+    """The discrete Fourier transform along ``axis`` as matmuls by cosine and sine matrices (exact to rounding; no
+    FFT): x is ``[..., 1 or 2]`` (real, or real and imaginary parts), the result ``[..., 2]`` (``[..., 1]`` for the
+    inverse of a one-sided spectrum, onnx's irfft). ``dft_length`` zero-pads or truncates the signal; ``onesided``
+    keeps the first n/2 + 1 frequencies; the inverse divides by n."""
+    x = ctx.operand(0)
+    xt = ctx.type(x)
+    rank, parts = xt.rank, xt.shape[-1]
+    if parts not in (1, 2) or rank < 2:
+        raise ConvertError(f"DFT's input must end in a dim of 1 (real) or 2 (complex), got {xt.shape}")
+    axis = ctx.attr("axis", 1) if ctx.opset < 20 else (
+        int(np.asarray(ctx.const(2, "axis")).reshape(-1)[0]) if ctx.has(2) else -2)
+    axis %= rank
+    if axis == rank - 1:
+        raise ConvertError("DFT's axis cannot be the last (real/imaginary) dim")
+    inverse, onesided = bool(ctx.attr("inverse", 0)), bool(ctx.attr("onesided", 0))
+    length = xt.shape[axis]
+    irfft = inverse and onesided
+    n = int(np.asarray(ctx.const(1, "dft_length")).reshape(-1)[0]) if ctx.has(1) else (
+        2 * (length - 1) if irfft else length)
+    used = min(length, n // 2 + 1 if irfft else n)  # input points the transform reads (the rest: zeros)
+    others = [d for d in range(rank - 1) if d != axis]
+    xp = ctx.emit1("transpose", [x], perm=tuple(others + [rank - 1, axis]))  # [..., parts, L]
+    if used < length:
+        xp = ctx.emit1("slice", [xp], starts=(0,), ends=(used,), axes=(rank - 1,), steps=(1,))
+    real = ctx.emit1("gather", [xp, np.array(0, np.int64)], axis=rank - 2)
+    imag = ctx.emit1("gather", [xp, np.array(1, np.int64)], axis=rank - 2) if parts == 2 else None
+    j = np.arange(used, dtype=np.float64)[:, None]
+    k = np.arange(n // 2 + 1 if onesided and not inverse else n, dtype=np.float64)[None, :]
+    theta = 2 * np.pi * j * k / n
+    dtype = np_dtype(xt.dtype)
+    cos, sin = np.cos(theta), np.sin(theta)
+    if irfft:  # Hermitian: the interior frequencies count twice; imaginary parts of 0 and n/2 drop out (sin = 0)
+        weight = np.where((j == 0) | (2 * j == n), 1.0, 2.0) / n
+        cos, sin = cos * weight, sin * weight
+    elif inverse:
+        cos, sin = cos / n, sin / n
+
+    def project(re_matrix, im_matrix):  # real @ re_matrix + imag @ im_matrix
+        y = ctx.emit1("matmul", [real, re_matrix.astype(dtype)])
+        return y if imag is None else ctx.emit1("add", [y, ctx.emit1("matmul", [imag, im_matrix.astype(dtype)])])
+
+    if irfft:
+        outs = [project(cos, -sin)]
+    elif inverse:
+        outs = [project(cos, -sin), project(sin, cos)]
+    else:
+        outs = [project(cos, sin), project(-sin, cos)]
+    shape = ctx.type(outs[0]).shape + (1,)
+    y = ctx.emit1("concat", [ctx.emit1("reshape", [o], shape=shape) for o in outs], axis=rank - 1) \
+        if len(outs) > 1 else ctx.emit1("reshape", [outs[0]], shape=shape)
+    current = others + [axis, rank - 1]  # y's dims in terms of the result's
+    return [ctx.emit1("transpose", [y], perm=tuple(current.index(d) for d in range(rank)))]

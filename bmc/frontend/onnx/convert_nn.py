@@ -263,3 +263,110 @@ def _resize(ctx: Context, node):
             total = term if total is None else ctx.emit1("add", [total, term])
         y = total
     return [y]
+
+
+_CUBIC_A = -0.75  # Keys' cubic convolution, as PyTorch's and onnx's bicubic sampling
+
+
+@converter("GridSample")
+def _grid_sample(ctx: Context, node):
+    """Sample ``X [N, C, *spatial]`` at the normalized points of ``grid [N, *out, D]`` (its last dim lists the
+    coordinates from the last spatial dim to the first), as onnx's reference: denormalize, move points outside the
+    border range (border: clamp; reflection: reflect), then interpolate from 1 (nearest), 2 (linear) or 4 (cubic)
+    taps a dim, each tap's index padded (zeros: weight 0; border: clamped; reflection: reflected). Every tap
+    combination is a ``gather_elements`` of X flattened over its spatial dims, weighted and summed."""
+    import itertools
+
+    x, grid = ctx.operand(0), ctx.operand(1)
+    xs, gs = ctx.type(x).shape, ctx.type(grid).shape
+    spatial, dims = xs[2:], len(xs) - 2
+    if len(gs) != len(xs) or gs[0] != xs[0] or gs[-1] != dims:
+        raise ConvertError(f"GridSample: grid {gs} does not fit X {xs} (need [N, *out, {dims}])")
+    mode = {"bilinear": "linear", "bicubic": "cubic"}.get(ctx.text("mode", "linear"), ctx.text("mode", "linear"))
+    padding, align = ctx.text("padding_mode", "zeros"), bool(ctx.attr("align_corners", 0))
+    if mode not in ("nearest", "linear", "cubic") or padding not in ("zeros", "border", "reflection"):
+        raise ConvertError(f"GridSample mode {mode!r} / padding_mode {padding!r} is not supported")
+    e, f32 = ctx.emit1, (lambda v: np.array(v, np.float32))
+    n, c, out = xs[0], xs[1], gs[1:-1]
+    points = int(np.prod(out))
+    g = e("reshape", [e("cast", [grid], dtype="float32")], shape=(n, points, dims))
+
+    def lt(a, b):
+        return e("less", [a, b])
+
+    def reflect(v, lo: float, hi: float):
+        """``v`` reflected at ``lo`` and ``hi`` until inside (onnx's ``_gs_reflect``)."""
+        if hi == lo:
+            return e("mul", [v, f32(0.0)])
+        span = hi - lo
+        below, above = lt(v, f32(lo)), lt(f32(hi), v)
+        dist = e("where", [below, e("sub", [f32(lo), v]), e("sub", [v, f32(hi)])])
+        turns = e("floor", [e("div", [dist, f32(span)])])
+        rest = e("sub", [dist, e("mul", [turns, f32(span)])])
+        even = e("equal", [e("sub", [turns, e("mul", [e("floor", [e("div", [turns, f32(2.0)])]), f32(2.0)])]),
+                           f32(0.0)])
+        up, down = e("add", [f32(lo), rest]), e("sub", [f32(hi), rest])
+        return e("where", [below, e("where", [even, up, down]),
+                           e("where", [above, e("where", [even, down, up]), v])])
+
+    taps_per_dim = []  # per spatial dim: [(int64 index [N, P], float32 weight [N, P])]
+    for d, size in enumerate(spatial):
+        coord = e("gather", [g, np.array(dims - 1 - d, np.int64)], axis=2)
+        lo, hi = (0.0, size - 1.0) if align else (-0.5, size - 0.5)
+        pos = (e("mul", [e("add", [coord, f32(1.0)]), f32((size - 1) / 2.0)]) if align else
+               e("div", [e("sub", [e("mul", [e("add", [coord, f32(1.0)]), f32(size)]), f32(1.0)]), f32(2.0)]))
+        if mode == "nearest":
+            pos = e("round", [pos])  # half to even, as the reference's rint
+        if padding != "zeros":
+            outside = e("logical_or", [lt(pos, f32(lo)), lt(f32(hi), pos)])
+            moved = e("clip", [pos], min=0.0, max=float(size - 1)) if padding == "border" else reflect(pos, lo, hi)
+            pos = e("where", [outside, moved, pos])
+        if mode == "nearest":
+            taps = [(pos, None)]
+        else:
+            base = e("floor", [pos])
+            t = e("sub", [pos, base])
+            if mode == "linear":
+                taps = [(base, e("sub", [f32(1.0), t])), (e("add", [base, f32(1.0)]), t)]
+            else:
+                def cubic(u, outer: bool):  # Keys' kernel at distance u (1 <= u < 2 outer, else u < 1)
+                    if outer:
+                        return e("sub", [e("mul", [e("add", [e("mul", [e("sub", [e("mul", [u, f32(_CUBIC_A)]),
+                                                                                  f32(5 * _CUBIC_A)]), u]),
+                                                            f32(8 * _CUBIC_A)]), u]), f32(4 * _CUBIC_A)])
+                    return e("add", [e("mul", [e("mul", [e("sub", [e("mul", [u, f32(_CUBIC_A + 2)]),
+                                                                  f32(_CUBIC_A + 3)]), u]), u]), f32(1.0)])
+
+                one_minus = e("sub", [f32(1.0), t])
+                taps = [(e("sub", [base, f32(1.0)]), cubic(e("add", [t, f32(1.0)]), True)), (base, cubic(t, False)),
+                        (e("add", [base, f32(1.0)]), cubic(one_minus, False)),
+                        (e("add", [base, f32(2.0)]), cubic(e("add", [one_minus, f32(1.0)]), True))]
+        padded = []
+        for index, weight in taps:
+            if padding == "zeros":
+                valid = e("logical_and", [e("logical_not", [lt(index, f32(0.0))]),
+                                          e("logical_not", [lt(f32(size - 1), index)])])
+                weight = e("where", [valid, f32(1.0) if weight is None else weight, f32(0.0)])
+            elif padding == "reflection":
+                index = reflect(index, lo, hi)
+            index = e("cast", [e("clip", [index], min=0.0, max=float(size - 1))], dtype="int64")  # truncates
+            padded.append((index, weight))
+        taps_per_dim.append(padded)
+    flat_x = e("reshape", [x], shape=(n, c, int(np.prod(spatial))))
+    strides = [int(np.prod(spatial[d + 1:])) for d in range(dims)]
+    y = None
+    for combo in itertools.product(*taps_per_dim):
+        flat = None
+        weight = None
+        for (index, w), stride in zip(combo, strides):
+            term = e("mul", [index, np.array(stride, np.int64)]) if stride != 1 else index
+            flat = term if flat is None else e("add", [flat, term])
+            if w is not None:
+                weight = w if weight is None else e("mul", [weight, w])
+        idx = e("broadcast_to", [e("reshape", [flat], shape=(n, 1, points))], shape=(n, c, points))
+        value = e("gather_elements", [flat_x, idx], axis=2)
+        if weight is not None:
+            w = e("reshape", [e("cast", [weight], dtype=ctx.type(x).dtype)], shape=(n, 1, points))
+            value = e("mul", [value, w])
+        y = value if y is None else e("add", [y, value])
+    return [e("reshape", [y], shape=(n, c) + tuple(out))]
