@@ -62,7 +62,8 @@ def _if_model(cond_input: bool, else_shape=(3,)):
     then = helper.make_graph([helper.make_node("Add", ["x", "one"], ["t"])], "then", [], [_vi("t", [3])],
                              [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
     idx = list(range(else_shape[0]))
-    other = helper.make_graph([helper.make_node("Gather", ["x", "idx"], ["e"])], "else", [], [_vi("e", list(else_shape))],
+    other = helper.make_graph([helper.make_node("Gather", ["x", "idx"], ["e"])], "else", [],
+                              [_vi("e", list(else_shape))],
                               [helper.make_tensor("idx", TensorProto.INT64, [len(idx)], idx[::-1])])
     nodes = [helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)]
     inputs = [_vi("x", [3])]

@@ -166,7 +166,8 @@ def _qdq_linear_model(op, a_type, w_type, per_channel, k=96, n=40):
 
 
 @pytest.mark.parametrize("op", ["MatMul", "Gemm"])
-@pytest.mark.parametrize("a_type, w_type", [(TensorProto.UINT8, TensorProto.INT8), (TensorProto.INT8, TensorProto.UINT8)])
+@pytest.mark.parametrize("a_type, w_type", [(TensorProto.UINT8, TensorProto.INT8),
+                                            (TensorProto.INT8, TensorProto.UINT8)])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_qdq_int8_linear_layers_run_on_the_integer_kernel(op, a_type, w_type, per_channel, tmp_path):
     """The static-QDQ form of an 8-bit linear layer is ``matmul_integer`` on the codes (the weight read at 1 byte a

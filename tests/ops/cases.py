@@ -101,15 +101,17 @@ CASES += [
     ("left_shift", [_R2.integers(0, 2**20, (3, 4)).astype(np.uint32), np.array([0, 1, 7, 11], np.uint32)], {}),
     ("right_shift", [_R2.integers(0, 2**63, (2, 5)).astype(np.uint64), np.array([[0], [60]], np.uint64)], {}),
     ("bitwise_and", [_R2.integers(-99, 99, (2, 3)).astype(np.int16), _R2.integers(-99, 99, (3,)).astype(np.int16)], {}),
-    ("bitwise_or", [_R2.integers(0, 2**32, (4,)).astype(np.uint32), _R2.integers(0, 2**32, (4,)).astype(np.uint32)], {}),
+    ("bitwise_or", [_R2.integers(0, 2**32, (4,)).astype(np.uint32), _R2.integers(0, 2**32, (4,)).astype(np.uint32)],
+     {}),
     ("bitwise_xor", [_R2.integers(0, 255, (2, 2)).astype(np.uint8), _R2.integers(0, 255, (2, 2)).astype(np.uint8)], {}),
     ("bitwise_not", [_R2.integers(-2**62, 2**62, (5,)).astype(np.int64)], {}),
     # signed: amounts outside [0, 32) give 0 (a right shift of a negative value: -1); a left shift wraps
     ("left_shift", [np.array([1, -3, 7, 2**30, 5], np.int32), np.array([31, 2, -1, 3, 32], np.int32)], {}),
     ("right_shift", [np.array([-64, 64, -1, 9, -9], np.int32), np.array([3, 40, -2, 1, 33], np.int32)], {}),
     ("add", [_R2.integers(0, 2**16, (2, 3)).astype(np.uint16), _R2.integers(0, 2**16, (3,)).astype(np.uint16)], {}),
-    # uint8 A x int8 B (the CPU kernel's native pair); K = 70: a 64-byte step and a masked tail; M = 5, N = 6: tile tails
-    ("matmul_integer", [_R2.integers(0, 256, (5, 70)).astype(np.uint8), _R2.integers(-128, 128, (6, 70)).astype(np.int8),
+    # uint8 A x int8 B (the CPU kernel's native pair); K = 70: a 64-byte step and a masked tail; M = 5, N = 6: tails
+    ("matmul_integer", [_R2.integers(0, 256, (5, 70)).astype(np.uint8),
+                        _R2.integers(-128, 128, (6, 70)).astype(np.int8),
                         np.array(131, np.uint8), np.array([-3], np.int8)], {}),
     # int8 A (batched, a zero point per row) x uint8 B (one per row of Bt): both flipped to the native pair
     ("matmul_integer", [_R2.integers(-128, 128, (2, 3, 9)).astype(np.int8),

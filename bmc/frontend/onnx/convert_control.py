@@ -1,4 +1,5 @@
-"""Control flow with static structure: ``If`` and ``Scan``, imported inline (bmc's IR has no control flow).
+"""Control flow with static structure, imported inline (bmc's IR has no control flow): ``If``, ``Scan`` and the
+recurrent layers (``RNN``, ``GRU``, ``LSTM``).
 
 - ``If`` with a condition known at compile time imports the branch taken; with a run-time condition both branches
   are imported and each output is ``where(cond, then, else)`` (ONNX branches have no side effects, so computing
@@ -12,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from bmc.frontend.onnx.importer import Context, ConvertError, Operand, converter
+from bmc.ir.types import np_dtype
 from bmc.ops.registry import normalize_axis
 
 #: body nodes an unrolled Scan may import in all (steps x body nodes)
@@ -78,3 +80,119 @@ def _scan(ctx: Context, node):
         parts = [ctx.emit1("reshape", [y], shape=shape[:axis] + (1,) + shape[axis:]) for y in (ys[::-1] if d else ys)]
         scanned.append(ctx.emit1("concat", parts, axis=axis) if len(parts) > 1 else parts[0])
     return states + scanned
+
+
+_GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
+_DEFAULT_ACTIVATIONS = {"RNN": ["Tanh"], "GRU": ["Sigmoid", "Tanh"], "LSTM": ["Sigmoid", "Tanh", "Tanh"]}
+_ACTIVATIONS = {"Sigmoid": "sigmoid", "Tanh": "tanh", "Relu": "relu"}
+
+
+@converter("RNN", "GRU", "LSTM")
+def _recurrent(ctx: Context, node):
+    """RNN, GRU and LSTM unrolled over their static sequence length (forward, reverse or both directions, either
+    layout): the input projection of every step is one matmul, then each step multiplies the state by R and
+    applies the gates (ONNX's equations: GRU's gate order z, r, h and ``linear_before_reset``; LSTM's i, o, f, c,
+    peepholes and ``input_forget``)."""
+    kind, e = node.op_type, ctx.emit1
+    gates = _GATES[kind]
+    x, w, r = ctx.operand(0), ctx.operand(1), ctx.operand(2)
+    layout = ctx.attr("layout", 0)
+    if layout:
+        x = e("transpose", [x], perm=(1, 0, 2))
+    steps, batch, _ = ctx.type(x).shape
+    dtype = ctx.type(x).dtype
+    hidden = ctx.attr("hidden_size", ctx.type(w).shape[1] // gates)
+    direction = ctx.text("direction", "forward")
+    dirs = 2 if direction == "bidirectional" else 1
+    if steps * dirs > MAX_UNROLLED_NODES // 64:
+        raise ConvertError(f"{kind} over {steps} steps is not supported (bmc unrolls it)",
+                           fix="bind a shorter sequence with --input-shape")
+    if ctx.has(4):
+        lengths = ctx.const(4, "sequence_lens")
+        if np.any(lengths != steps):
+            raise ConvertError(f"{kind} with sequence_lens {lengths.tolist()} shorter than the {steps} steps is not "
+                               "supported", fix="pad every sequence to the full length")
+    names = [a.decode() if isinstance(a, bytes) else a
+             for a in ctx.attr("activations", _DEFAULT_ACTIVATIONS[kind] * dirs)]
+    if any(a not in _ACTIVATIONS for a in names):
+        raise ConvertError(f"{kind} activations {names} are not supported", fix="bmc takes Sigmoid, Tanh and Relu")
+    clip = ctx.attr("clip", None)
+
+    def act(name, v):
+        if clip is not None:
+            v = e("clip", [v], min=-float(clip), max=float(clip))
+        return e(_ACTIVATIONS[name], [v])
+
+    def part(v, g, count=1):  # gate columns g .. g + count of a [.., gates * hidden] value
+        return e("slice", [v], starts=(g * hidden,), ends=((g + count) * hidden,), axes=(-1,), steps=(1,))
+
+    def per_dir(idx, d):
+        v = ctx.optional(idx)
+        if v is None:
+            return None
+        batch_first = layout and idx in (5, 6)  # initial_h/initial_c: [batch, dirs, hidden]
+        return e("gather", [v, np.array(d, np.int64)], axis=1 if batch_first else 0)
+
+    zeros = np.zeros((batch, hidden), np_dtype(dtype))
+    ys, finals_h, finals_c = [], [], []
+    for d in range(dirs):
+        f, g, h_act = (names[d * len(_DEFAULT_ACTIVATIONS[kind]):][:3] + [None, None])[:3]
+        w_t = e("transpose", [e("gather", [w, np.array(d, np.int64)], axis=0)], perm=(1, 0))  # [in, G*H]
+        r_t = e("transpose", [e("gather", [r, np.array(d, np.int64)], axis=0)], perm=(1, 0))  # [H, G*H]
+        bias = per_dir(3, d)
+        projected = e("matmul", [x, w_t])  # every step's input projection, [steps, batch, G*H]
+        r_bias = None
+        if bias is not None:
+            projected = e("add", [projected, part(bias, 0, gates)])
+            r_bias = e("slice", [bias], starts=(gates * hidden,), ends=(2 * gates * hidden,), axes=(0,), steps=(1,))
+        h = per_dir(5, d) if ctx.has(5) else zeros
+        c = (per_dir(6, d) if ctx.has(6) else zeros) if kind == "LSTM" else None
+        peep = per_dir(7, d) if kind == "LSTM" and ctx.has(7) else None
+        order = range(steps) if (d == 0 and direction != "reverse") else range(steps - 1, -1, -1)
+        out = [None] * steps
+        for t in order:
+            xt = e("gather", [projected, np.array(t, np.int64)], axis=0)
+            hr = e("matmul", [h, r_t])
+            if r_bias is not None:
+                hr = e("add", [hr, r_bias])
+            if kind == "RNN":
+                h = act(f, e("add", [xt, hr]))
+            elif kind == "GRU":
+                z = act(f, e("add", [part(xt, 0), part(hr, 0)]))
+                reset = act(f, e("add", [part(xt, 1), part(hr, 1)]))
+                if ctx.attr("linear_before_reset", 0):  # r * (h R_h + Rb_h)
+                    cand = act(g, e("add", [part(xt, 2), e("mul", [reset, part(hr, 2)])]))
+                else:  # (r * h) R_h + Rb_h
+                    rh = e("matmul", [e("mul", [reset, h]), part(r_t, 2)])
+                    if r_bias is not None:
+                        rh = e("add", [rh, part(r_bias, 2)])
+                    cand = act(g, e("add", [part(xt, 2), rh]))
+                h = e("add", [e("mul", [e("sub", [np.array(1, np_dtype(dtype)), z]), cand]), e("mul", [z, h])])
+            else:
+                pre = e("add", [xt, hr])
+                i_pre, o_pre, f_pre = part(pre, 0), part(pre, 1), part(pre, 2)
+                if peep is not None:
+                    i_pre = e("add", [i_pre, e("mul", [part(peep, 0), c])])
+                    f_pre = e("add", [f_pre, e("mul", [part(peep, 2), c])])
+                i = act(f, i_pre)
+                fg = e("sub", [np.array(1, np_dtype(dtype)), i]) if ctx.attr("input_forget", 0) else act(f, f_pre)
+                c = e("add", [e("mul", [fg, c]), e("mul", [i, act(g, part(pre, 3))])])
+                if peep is not None:
+                    o_pre = e("add", [o_pre, e("mul", [part(peep, 1), c])])
+                h = e("mul", [act(f, o_pre), e(_ACTIVATIONS[h_act], [c])])  # clip: gate inputs only, as onnxruntime
+            out[t] = e("reshape", [h], shape=(1, 1, batch, hidden))
+        ys.append(e("concat", out, axis=0) if steps > 1 else out[0])
+        finals_h.append(e("reshape", [h], shape=(1, batch, hidden)))
+        if c is not None:
+            finals_c.append(e("reshape", [c], shape=(1, batch, hidden)))
+
+    def cat(values, axis):
+        return e("concat", values, axis=axis) if len(values) > 1 else values[0]
+
+    y, y_h = cat(ys, 1), cat(finals_h, 0)  # [steps, dirs, batch, H], [dirs, batch, H]
+    y_c = cat(finals_c, 0) if finals_c else None
+    if layout:
+        y = e("transpose", [y], perm=(2, 0, 1, 3))
+        y_h = e("transpose", [y_h], perm=(1, 0, 2))
+        y_c = e("transpose", [y_c], perm=(1, 0, 2)) if y_c is not None else None
+    return [y, y_h] + ([y_c] if kind == "LSTM" else [])
