@@ -94,3 +94,29 @@ def test_if_branches_of_different_types_need_a_constant_condition():
         import_model(_if_model(cond_input=True, else_shape=(2,)))
     assert "--input-shape" in e.value.fix
 
+
+
+def test_loop_with_a_known_trip_count_unrolls():
+    """``Loop`` whose trip count comes from a shape (known once the shapes are bound): a loop-carried sum of x
+    scaled by the iteration number, and a scan output of every iteration's value; against ONNX's reference."""
+    body = helper.make_graph(
+        [helper.make_node("Cast", ["i"], ["i_f"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["x", "i_f"], ["xi"]), helper.make_node("Add", ["acc_in", "xi"], ["acc_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Identity", ["acc_out"], ["seen"])],
+        "body", [_vi("i", [], TensorProto.INT64), _vi("cond_in", [], TensorProto.BOOL), _vi("acc_in", [3])],
+        [_vi("cond_out", [], TensorProto.BOOL), _vi("acc_out", [3]), _vi("seen", [3])])
+    nodes = [helper.make_node("Shape", ["steps"], ["shape"]),
+             helper.make_node("Gather", ["shape", "zero"], ["trips"], axis=0),
+             helper.make_node("Loop", ["trips", "true", "acc0"], ["acc", "all"], body=body)]
+    inits = [helper.make_tensor("zero", TensorProto.INT64, [], [0]), helper.make_tensor("true", TensorProto.BOOL, [],
+                                                                                        [True]),
+             helper.make_tensor("acc0", TensorProto.FLOAT, [3], [0.5, 0.0, -1.0])]
+    model = _model(nodes, [_vi("x", [3]), _vi("steps", [4])], [_vi("acc", [3]), _vi("all", [4, 3])], inits)
+    feeds = {"x": np.array([1.0, 2.0, 3.0], np.float32), "steps": np.zeros(4, np.float32)}
+    got = backend.prepare(model).run(list(feeds.values()))
+    for g, w in zip(got, _reference(model, feeds)):
+        np.testing.assert_allclose(g, w, rtol=1e-6)
+    with pytest.raises(ModelError, match="trip count or condition known only at run time"):
+        import_model(_model([helper.make_node("Loop", ["n", "true", "acc0"], ["acc", "all"], body=body)],
+                            [_vi("x", [3]), _vi("n", [], TensorProto.INT64)], [_vi("acc", [3]), _vi("all", None)],
+                            inits[1:]))

@@ -91,9 +91,9 @@ def test_opset_too_new_and_too_old():
 # 4 ---------------------------------------------------------------------------------------------------------------
 def test_all_unsupported_ops_in_one_error():
     nodes = [helper.make_node("Relu", ["x"], ["a"], name="ok"),
-             helper.make_node("GRU", ["a"], ["b"], name="hm1"),
+             helper.make_node("Col2Im", ["a"], ["b"], name="hm1"),
              helper.make_node("Det", ["b"], ["c"], name="det1"),
-             helper.make_node("GRU", ["c"], ["d"], name="hm2"),
+             helper.make_node("Col2Im", ["c"], ["d"], name="hm2"),
              helper.make_node("FusedThing", ["d"], ["e"], name="custom1", domain="com.example")]
     m = make_model(nodes, [vi("x")], [vi("e")])
     m.opset_import.append(helper.make_opsetid("com.example", 1))
@@ -101,7 +101,7 @@ def test_all_unsupported_ops_in_one_error():
         import_model(m)
     msg = str(e.value)
     assert "4 node(s) use 3 unsupported op(s)" in msg
-    assert "GRU ×2: hm1, hm2" in msg and "Det ×1: det1" in msg and "com.example::FusedThing ×1: custom1" in msg
+    assert "Col2Im ×2: hm1, hm2" in msg and "Det ×1: det1" in msg and "com.example::FusedThing ×1: custom1" in msg
 
 
 # 5 ---------------------------------------------------------------------------------------------------------------

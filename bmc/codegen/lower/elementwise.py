@@ -14,6 +14,7 @@ _R = relax.op
 _SIMPLE_UNARY = {
     "neg": _R.negative, "abs": _R.abs, "sign": _R.sign, "exp": _R.exp, "log": _R.log, "sqrt": _R.sqrt,
     "rsqrt": _R.rsqrt, "tanh": _R.tanh, "sigmoid": _R.sigmoid, "erf": _R.erf, "sin": _R.sin, "cos": _R.cos,
+    "asin": _R.asin, "acos": _R.acos, "atan": _R.atan,
     "floor": _R.floor, "ceil": _R.ceil, "round": _R.round, "relu": _R.nn.relu, "logical_not": _R.logical_not,
     "isnan": _R.isnan, "isinf": _R.isinf, "bitwise_not": _R.bitwise_not,
 }
@@ -28,7 +29,8 @@ _BINARY = {
 
 #: unary ops computed in float32 for float16/bfloat16 tensors ("opmath", as PyTorch does): inside the fused kernel
 #: the casts cost no memory traffic, and a transcendental evaluated in 8 or 11 bits loses digits the cast-back keeps
-_OPMATH = {"exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "erf", "sin", "cos", "gelu", "softplus"}
+_OPMATH = {"exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "erf", "sin", "cos", "asin", "acos", "atan", "gelu",
+           "softplus"}
 
 
 def scalar(value, dtype: str) -> relax.Constant:

@@ -1,5 +1,5 @@
-"""Control flow with static structure, imported inline (bmc's IR has no control flow): ``If``, ``Scan`` and the
-recurrent layers (``RNN``, ``GRU``, ``LSTM``).
+"""Control flow with static structure, imported inline (bmc's IR has no control flow): ``If``, ``Scan``, ``Loop``
+with a compile-time trip count and the recurrent layers (``RNN``, ``GRU``, ``LSTM``).
 
 - ``If`` with a condition known at compile time imports the branch taken; with a run-time condition both branches
   are imported and each output is ``where(cond, then, else)`` (ONNX branches have no side effects, so computing
@@ -80,6 +80,44 @@ def _scan(ctx: Context, node):
         parts = [ctx.emit1("reshape", [y], shape=shape[:axis] + (1,) + shape[axis:]) for y in (ys[::-1] if d else ys)]
         scanned.append(ctx.emit1("concat", parts, axis=axis) if len(parts) > 1 else parts[0])
     return states + scanned
+
+
+@converter("Loop")
+def _loop(ctx: Context, node):
+    """A Loop whose trip count and condition are known at compile time (a trip count from a bound shape, a
+    condition the body keeps constant) is unrolled: each iteration imports the body with the iteration number and
+    the loop-carried values; the scan outputs are the iterations' values stacked on a new first axis."""
+    body, where = ctx.attr("body"), ctx.where
+    trips = ctx.known(ctx.operand(0)) if ctx.has(0) else None
+    cond = ctx.known(ctx.operand(1)) if ctx.has(1) else np.array(True)
+    if (ctx.has(0) and trips is None) or cond is None:
+        raise ConvertError("Loop with a trip count or condition known only at run time is not supported (bmc "
+                           "unrolls loops)", fix="bind the input shapes the trip count comes from (--input-shape)")
+    if trips is None and not cond.reshape(-1)[0]:
+        trips = np.array(0)
+    if trips is None:
+        raise ConvertError("Loop without a trip count is not supported (bmc unrolls loops)")
+    trips = int(np.asarray(trips).reshape(-1)[0])
+    carried = [ctx.operand(i) for i in range(2, len(node.input))]
+    if trips * max(1, len(body.node)) > MAX_UNROLLED_NODES:
+        raise ConvertError(f"Loop of {trips} iterations of a {len(body.node)}-node body is too large to unroll "
+                           f"(up to {MAX_UNROLLED_NODES} body nodes in all)")
+    scans: list[list[Operand]] = [[] for _ in range(len(body.output) - 1 - len(carried))]
+    keep_going = bool(cond.reshape(-1)[0])
+    for i in range(trips):
+        if not keep_going:
+            break
+        outs = ctx.subgraph(body, [np.array(i, np.int64), np.array(keep_going)] + carried, f"{where}, iteration {i}")
+        known = ctx.known(outs[0])
+        if known is None:
+            raise ConvertError("Loop's condition is computed at run time; bmc unrolls loops and needs it constant")
+        keep_going = bool(known.reshape(-1)[0])
+        carried = outs[1:1 + len(carried)]
+        for j, y in enumerate(outs[1 + len(carried):]):
+            scans[j].append(ctx.emit1("reshape", [y], shape=(1,) + ctx.type(y).shape))
+    if any(not s for s in scans):
+        raise ConvertError("Loop with scan outputs that runs no iteration is not supported")
+    return carried + [ctx.emit1("concat", s, axis=0) if len(s) > 1 else s[0] for s in scans]
 
 
 _GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}

@@ -12,7 +12,7 @@ _UNARY = {
     "Neg": "neg", "Abs": "abs", "Sign": "sign", "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Reciprocal": "reciprocal",
     "Tanh": "tanh", "Sigmoid": "sigmoid", "Erf": "erf", "Sin": "sin", "Cos": "cos", "Floor": "floor", "Ceil": "ceil",
     "Round": "round", "Relu": "relu", "Softplus": "softplus", "Not": "logical_not", "IsNaN": "isnan",
-    "BitwiseNot": "bitwise_not",
+    "BitwiseNot": "bitwise_not", "Asin": "asin", "Acos": "acos", "Atan": "atan",
 }
 _BINARY = {
     "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Equal": "equal", "Less": "less",
