@@ -6,6 +6,10 @@ with a compile-time trip count and the recurrent layers (``RNN``, ``GRU``, ``LST
   both is only work; their outputs must have the same types).
 - ``Scan`` (opset 9 and later) is unrolled over its static sequence length: each step imports the body with the
   states and this step's slices of the scan inputs; the scan outputs are the steps' slices stacked.
+- ``Loop`` is unrolled the same way when its trip count and its body's condition are compile-time values.
+- ``RNN``, ``GRU`` and ``LSTM`` are unrolled into their equations (one input-projection matmul for all steps).
+
+Unrolling makes the graph grow with the sequence: ``MAX_UNROLLED_NODES`` bounds it with a clear error.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from bmc.frontend.onnx.importer import Context, ConvertError, Operand, converter
 from bmc.ir.types import np_dtype
 from bmc.ops.registry import normalize_axis
 
-#: body nodes an unrolled Scan may import in all (steps x body nodes)
+#: body nodes an unrolled Scan or Loop may import in all (steps x body nodes)
 MAX_UNROLLED_NODES = 200_000
 
 
