@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from bmc.frontend.onnx.importer import Context, ConvertError, converter
@@ -275,8 +277,6 @@ def _grid_sample(ctx: Context, node):
     border range (border: clamp; reflection: reflect), then interpolate from 1 (nearest), 2 (linear) or 4 (cubic)
     taps a dim, each tap's index padded (zeros: weight 0; border: clamped; reflection: reflected). Every tap
     combination is a ``gather_elements`` of X flattened over its spatial dims, weighted and summed."""
-    import itertools
-
     x, grid = ctx.operand(0), ctx.operand(1)
     xs, gs = ctx.type(x).shape, ctx.type(grid).shape
     spatial, dims = xs[2:], len(xs) - 2
