@@ -1,4 +1,4 @@
-"""Converters for ONNX convolution, pooling, batch norm and LRN (layout NCHW)."""
+"""Converters for ONNX convolution, pooling (LpPool too), batch norm, LRN (layout NCHW) and GridSample."""
 
 from __future__ import annotations
 
