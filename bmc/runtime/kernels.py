@@ -2,7 +2,8 @@
 
 An llvm artifact may call ``bmc.cpu.matmul(a, b, trans_a, trans_b, out)`` and ``bmc.cpu.conv2d(x, w, strides...,
 pads..., dilations..., groups, out)`` (the codegen offloads float32/float64 matmuls and large 2-D convolutions to
-BLAS, see ``bmc/codegen/cpu.py``; the manifest lists the names under ``kernels.cpu.requires``). The
+BLAS, see ``bmc/codegen/cpu.py``), and the quantized matmuls ``bmc.cpu.matmul_nbits[_zp]`` (4-bit weights) and
+``bmc.cpu.matmul_integer`` (8-bit integer products); the manifest lists the names under ``kernels.cpu.requires``. The
 TVM VM resolves packed-function names when it is constructed, so the runtime calls
 
     register_cpu_kernels()            # idempotent, cheap after the first call
@@ -254,6 +255,13 @@ def _matmul_integer_numpy(a, bt, a_zp, b_zp, out) -> None:
     C.reshape(-1, C.shape[-1])[...] = (shifted(A, a_zp) @ shifted(B, b_zp).T).astype(np.int64).astype(np.int32)
 
 
+#: the native library's function behind each kernel name, and the numpy implementation of the same contract
+_NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", MATMUL_NBITS_KERNEL: "cpu_matmul_nbits",
+                   MATMUL_NBITS_ZP_KERNEL: "cpu_matmul_nbits_zp", MATMUL_INTEGER_KERNEL: "cpu_matmul_integer"}
+_NUMPY_KERNELS = {MATMUL_KERNEL: _matmul_numpy, MATMUL_NBITS_KERNEL: _matmul_nbits_numpy,
+                  MATMUL_NBITS_ZP_KERNEL: _matmul_nbits_numpy, MATMUL_INTEGER_KERNEL: _matmul_integer_numpy}
+
+
 _SCRATCH = threading.local()  # per thread: the im2col buffer of the last conv2d, reused (no page faults per call)
 
 
@@ -418,16 +426,12 @@ def _load_native(path: Path) -> bool:
     try:
         module = tvm_ffi.load_module(str(path))
         module["blas_bind"](blas["path"], blas["sgemm"], blas["dgemm"], blas["int64"])
-        matmul = module["cpu_matmul"]
-        nbits = (module["cpu_matmul_nbits"], module["cpu_matmul_nbits_zp"])
-        integer = module["cpu_matmul_integer"]
+        kernels = {name: module[symbol] for name, symbol in _NATIVE_SYMBOLS.items()}
     except Exception as e:  # noqa: BLE001 (a stale or foreign library: fall back)
         _STATE["native_error"] = f"{path}: {e}"
         return False
     _STATE["native_module"] = module  # keeps the library loaded
-    _STATE["native_matmul"] = matmul
-    _STATE["native_nbits"] = nbits
-    _STATE["native_integer"] = integer
+    _STATE["native_kernels"] = kernels
     _STATE["native_lib"] = str(path)
     return True
 
@@ -468,16 +472,8 @@ def register_cpu_kernels(required=None, *, threads: int | None = None, native: b
                                    "(bmc.runtime.kernels.build_native() builds it)")
             # else: the numpy kernel, silently — same BLAS, within 1-2% of native (benchmarks/single_device.py);
             # `info()` says which one runs
-        if impl == "native":
-            tvm_ffi.register_global_func(MATMUL_KERNEL, _STATE["native_matmul"], override=True)
-            for name, fn in zip((MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL), _STATE["native_nbits"]):
-                tvm_ffi.register_global_func(name, fn, override=True)
-            tvm_ffi.register_global_func(MATMUL_INTEGER_KERNEL, _STATE["native_integer"], override=True)
-        else:
-            tvm_ffi.register_global_func(MATMUL_KERNEL, _matmul_numpy, override=True)
-            for name in (MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL):
-                tvm_ffi.register_global_func(name, _matmul_nbits_numpy, override=True)
-            tvm_ffi.register_global_func(MATMUL_INTEGER_KERNEL, _matmul_integer_numpy, override=True)
+        for name, fn in (_STATE["native_kernels"] if impl == "native" else _NUMPY_KERNELS).items():
+            tvm_ffi.register_global_func(name, fn, override=True)
         # conv2d: im2col + numpy's BLAS in either case (the GEMM dominates; the native library has no conv yet)
         tvm_ffi.register_global_func(CONV2D_KERNEL, _conv2d_numpy, override=True)
         _STATE["impl"] = impl

@@ -77,13 +77,15 @@ def _scan(ctx: Context, node):
         states = outs[:n]
         for j, y in enumerate(outs[n:]):
             per_step[j].append(y)
-    scanned = []
-    for ys, axis, d in zip(per_step, out_axes, out_dirs):
-        shape = ctx.type(ys[0]).shape
-        axis = normalize_axis(axis, len(shape) + 1)
-        parts = [ctx.emit1("reshape", [y], shape=shape[:axis] + (1,) + shape[axis:]) for y in (ys[::-1] if d else ys)]
-        scanned.append(ctx.emit1("concat", parts, axis=axis) if len(parts) > 1 else parts[0])
-    return states + scanned
+    return states + [_stack(ctx, ys[::-1] if d else ys, axis) for ys, axis, d in zip(per_step, out_axes, out_dirs)]
+
+
+def _stack(ctx: Context, values: list[Operand], axis: int) -> Operand:
+    """``values`` (one shape) stacked along a new dim ``axis`` (the steps of a Scan's or Loop's scan output)."""
+    shape = ctx.type(values[0]).shape
+    axis = normalize_axis(axis, len(shape) + 1)
+    parts = [ctx.emit1("reshape", [y], shape=shape[:axis] + (1,) + shape[axis:]) for y in values]
+    return ctx.emit1("concat", parts, axis=axis) if len(parts) > 1 else parts[0]
 
 
 @converter("Loop")
@@ -118,10 +120,10 @@ def _loop(ctx: Context, node):
         keep_going = bool(known.reshape(-1)[0])
         carried = outs[1:1 + len(carried)]
         for j, y in enumerate(outs[1 + len(carried):]):
-            scans[j].append(ctx.emit1("reshape", [y], shape=(1,) + ctx.type(y).shape))
+            scans[j].append(y)
     if any(not s for s in scans):
         raise ConvertError("Loop with scan outputs that runs no iteration is not supported")
-    return carried + [ctx.emit1("concat", s, axis=0) if len(s) > 1 else s[0] for s in scans]
+    return carried + [_stack(ctx, s, 0) for s in scans]
 
 
 _GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
