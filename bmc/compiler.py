@@ -50,9 +50,12 @@ def import_graph(model, input_shapes=None, dtype: str = "float32", dump_dir: str
     """ONNX → verified bmc IR, in ``dtype`` (float32 models can run in float16/bfloat16)."""
     from bmc.frontend.onnx import import_model
     from bmc.ir.passes import Pass
+    from bmc.ops.fusion import fuse_attention
     from bmc.ops.precision import convert_float32
 
-    passes = [Pass(f"convert_to_{dtype}", lambda g: convert_float32(g, dtype))] if dtype != "float32" else []
+    passes = [Pass("fuse_attention", fuse_attention)]
+    if dtype != "float32":
+        passes.append(Pass(f"convert_to_{dtype}", lambda g: convert_float32(g, dtype)))
     return run_passes(import_model(model, input_shapes), passes, verify=verify_graph, dump_dir=dump_dir)
 
 

@@ -24,6 +24,11 @@
  * AVX-512 VNNI ``vpdpbusd`` (64 products an instruction) where the CPU has it, else plain loops. Rows of ``bt`` are
  * split over the kernel threads. Sums wrap modulo 2^32 like onnxruntime's (K < 65793 cannot overflow).
  *
+ * ``cpu_attention(q, kt, v, scale, out)`` / ``cpu_attention_bias(q, kt, v, bias, scale, out)``: float32
+ * ``softmax(scale * q @ kt + bias) @ v`` of ``q [..., M, D]``, ``kt [..., D, N]``, ``v [..., N, E]`` (one batch
+ * shape) and a bias broadcasting to ``[..., M, N]``, a block of query rows at a time so the score matrix is never
+ * stored; keys a causal mask hides from a whole block are skipped. 6 x 16 AVX2 register tiles, else plain loops.
+ *
  * The BLAS is not linked: Python finds the OpenBLAS that numpy's wheel ships (already loaded into the process) and
  * calls ``blas_bind(path, sgemm, dgemm, int64)`` with its symbol names (``scipy_cblas_sgemm64_`` ...,
  * ILP64 integers), so this library works with whichever numpy is installed and shares numpy's thread pool.
@@ -38,6 +43,7 @@
 #include "matmul_shapes.h"
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -619,6 +625,361 @@ void MatmulIntegerImpl(const ffi::TensorView& ta, const ffi::TensorView& tb, con
 
 #pragma GCC diagnostic pop
 
+// ---- attention --------------------------------------------------------------------------------------------------
+//
+// softmax(scale * q @ kt + bias) @ v a block of query rows at a time: the block's scores (kAttentionScores floats
+// at most, in cache) are computed, turned into probabilities in place and multiplied by v before the next block, so
+// the [M, N] score matrix of a head never exists. Blocks of every batch index are spread over the kernel threads.
+// The small GEMMs are register tiles of kGemmRows rows x kGemmCols columns; the bodies are inlined into an
+// AVX2+FMA and a baseline copy, picked at run time.
+
+constexpr int kGemmRows = 6;   // a tile: 6 rows x 16 columns, 12 AVX2 accumulators (BLIS' Haswell shape)
+constexpr int kGemmCols = 16;
+constexpr int64_t kAttentionScores = 65536;  // floats of one block's scores (256 KiB, in L2)
+
+/*! \brief ``c[i, j] = sum_p a[i, p] * b[p, j]`` for ``MR`` rows and the first ``nc`` of 16 columns of the packed
+ *  panel \a b (``[k, 16]``), in 12 AVX2 registers. */
+template <int MR>
+__attribute__((target("avx2,fma"))) void GemmTileAvx2(const float* a, int64_t lda, const float* b, float* c,
+                                                       int64_t ldc, int64_t k, int64_t nc) {
+  __m256 acc[MR][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < k; ++p) {
+    const __m256 b0 = _mm256_loadu_ps(b + p * kGemmCols), b1 = _mm256_loadu_ps(b + p * kGemmCols + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m256 ar = _mm256_broadcast_ss(a + r * lda + p);
+      acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
+    }
+  }
+  if (nc == kGemmCols) {
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      _mm256_storeu_ps(c + r * ldc, acc[r][0]);
+      _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
+    }
+    return;
+  }
+  alignas(32) float tmp[kGemmCols];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    _mm256_store_ps(tmp, acc[r][0]);
+    _mm256_store_ps(tmp + 8, acc[r][1]);
+    std::memcpy(c + r * ldc, tmp, sizeof(float) * nc);
+  }
+}
+
+/*! \brief The same tile in plain loops (CPUs without AVX2). */
+template <int MR>
+__attribute__((always_inline)) inline void GemmTilePlain(const float* a, int64_t lda, const float* b, float* c,
+                                                         int64_t ldc, int64_t k, int64_t nc) {
+  float acc[MR][kGemmCols] = {};
+  for (int64_t p = 0; p < k; ++p) {
+    for (int r = 0; r < MR; ++r) {
+      for (int j = 0; j < kGemmCols; ++j) acc[r][j] += a[r * lda + p] * b[p * kGemmCols + j];
+    }
+  }
+  for (int r = 0; r < MR; ++r) std::memcpy(c + r * ldc, acc[r], sizeof(float) * nc);
+}
+
+/*! \brief ``b [k, n]`` (row-major, leading dim \a ldb) as panels of 16 columns, ``[ceil(n / 16)][k][16]``,
+ *  zero-padded: every tile then reads its panel contiguously (rows of a strided b 4 KiB apart would all fall into
+ *  one L1 set). */
+inline void PackPanels(const float* b, int64_t ldb, int64_t k, int64_t n, float* panels) {
+  for (int64_t j0 = 0; j0 < n; j0 += kGemmCols) {
+    const int64_t nc = std::min<int64_t>(kGemmCols, n - j0);
+    float* panel = panels + j0 * k;
+    for (int64_t p = 0; p < k; ++p) {
+      std::memcpy(panel + p * kGemmCols, b + p * ldb + j0, sizeof(float) * nc);
+      std::fill(panel + p * kGemmCols + nc, panel + (p + 1) * kGemmCols, 0.0f);
+    }
+  }
+}
+
+/*! \brief ``c [m, n] = a [m, k] @ b [k, n]`` with b packed by PackPanels (\a kp rows a panel, k ≤ kp used),
+ *  tile by tile, panel by panel. */
+template <bool kAvx2>
+__attribute__((always_inline)) inline void SmallGemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                                                     const float* panels, int64_t kp, float* c, int64_t ldc) {
+#define BMC_TILE(MR)                                                       \
+  if constexpr (kAvx2) {                                                   \
+    GemmTileAvx2<MR>(a + i * lda, lda, panel, c + i * ldc + j0, ldc, k, nc); \
+  } else {                                                                 \
+    GemmTilePlain<MR>(a + i * lda, lda, panel, c + i * ldc + j0, ldc, k, nc); \
+  }
+  for (int64_t j0 = 0; j0 < n; j0 += kGemmCols) {
+    const int64_t nc = std::min<int64_t>(kGemmCols, n - j0);
+    const float* panel = panels + j0 * kp;
+    int64_t i = 0;
+    for (; i + kGemmRows <= m; i += kGemmRows) {
+      BMC_TILE(6)
+    }
+    switch (m - i) {
+      case 5: {
+        BMC_TILE(5)
+        break;
+      }
+      case 4: {
+        BMC_TILE(4)
+        break;
+      }
+      case 3: {
+        BMC_TILE(3)
+        break;
+      }
+      case 2: {
+        BMC_TILE(2)
+        break;
+      }
+      case 1: {
+        BMC_TILE(1)
+        break;
+      }
+      default:
+        break;
+    }
+  }
+#undef BMC_TILE
+}
+
+/*! \brief exp(x) for x ≤ 0 and NaN (Cephes' expf: 2^n e^r, |r| ≤ ln2/2, degree-5 polynomial; ~1 ulp); branch-free
+ *  so that loops over it vectorize. Below -87.3 (2^-126) the result is 2^-126 instead of smaller. */
+__attribute__((always_inline)) inline float ExpNonPositive(float x) {
+  x = std::max(x, -87.3f);  // keeps NaN
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+/*! \brief ``x[j] = exp(x[j] - shift)`` over a row, returning the sum: ExpNonPositive eight lanes at a time. */
+__attribute__((target("avx2,fma"))) float ExpShiftedAvx2(float* x, int64_t n, float shift) {
+  const __m256 lo = _mm256_set1_ps(-87.3f), log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 half = _mm256_set1_ps(0.5f), c1 = _mm256_set1_ps(-0.693359375f), c2 = _mm256_set1_ps(2.12194440e-4f);
+  const __m256 sh = _mm256_set1_ps(shift), one = _mm256_set1_ps(1.0f);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    // a NaN v stays NaN: maxps returns its second operand when one is NaN
+    const __m256 v = _mm256_max_ps(lo, _mm256_sub_ps(_mm256_loadu_ps(x + j), sh));
+    const __m256 fn = _mm256_floor_ps(_mm256_fmadd_ps(v, log2e, half));
+    const __m256 r = _mm256_fmadd_ps(fn, c2, _mm256_fmadd_ps(fn, c1, v));
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), one);
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fn), _mm256_set1_epi32(127)), 23);
+    const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    _mm256_storeu_ps(x + j, y);
+    sum = _mm256_add_ps(sum, y);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sum);
+  float total = 0.0f;
+  for (int l = 0; l < 8; ++l) total += lanes[l];
+  for (; j < n; ++j) {
+    x[j] = ExpNonPositive(x[j] - shift);
+    total += x[j];
+  }
+  return total;
+}
+
+struct Attention {
+  const float *q, *kt, *v, *bias;  // bias: nullptr for none
+  float* out;
+  float scale;
+  int64_t m, n, d, e;  // q [B, m, d], kt [B, d, n], v [B, n, e], out [B, m, e]
+  std::vector<int64_t> batch, bias_batch_stride;  // per batch dim: its size, the bias' stride (0: broadcast)
+  int64_t bias_row_stride = 0, bias_col_stride = 0;
+  int64_t block = 0;  // query rows a block
+};
+
+constexpr int kLanes = 8;  // partial maxima and sums a row (float reductions vectorize only in independent lanes)
+
+/*! \brief One row of scores: ``x = x * scale + bias`` (bias stride 0 or 1, or none), then the softmax in place. */
+template <bool kAvx2>
+__attribute__((always_inline)) inline void SoftmaxRow(float* x, int64_t n, float scale, const float* bias,
+                                                      int64_t bias_stride) {
+  float mx[kLanes];
+  std::fill(mx, mx + kLanes, -INFINITY);
+  const int64_t whole = n / kLanes * kLanes;
+  auto scaled = [&](auto add) {
+    for (int64_t j = 0; j < whole; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        x[j + l] = x[j + l] * scale + add(j + l);
+        mx[l] = std::max(mx[l], x[j + l]);
+      }
+    }
+    for (int64_t j = whole; j < n; ++j) {
+      x[j] = x[j] * scale + add(j);
+      mx[0] = std::max(mx[0], x[j]);
+    }
+  };
+  if (bias == nullptr) {
+    scaled([](int64_t) { return 0.0f; });
+  } else if (bias_stride == 1) {
+    scaled([bias](int64_t j) { return bias[j]; });
+  } else {
+    scaled([bias](int64_t) { return bias[0]; });
+  }
+  float m = mx[0];
+  for (int l = 1; l < kLanes; ++l) m = std::max(m, mx[l]);
+  float total = 0.0f;
+  if constexpr (kAvx2) {
+    total = ExpShiftedAvx2(x, n, m);
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      x[j] = ExpNonPositive(x[j] - m);
+      total += x[j];
+    }
+  }
+  const float inv = 1.0f / total;
+  for (int64_t j = 0; j < n; ++j) x[j] *= inv;
+}
+
+constexpr float kMasked = -1e30f;  // a bias at or below this gives a key no weight (exp underflows to 0)
+
+/*! \brief The keys rows [i0, i0 + rows) need: one past the last key any of them does not mask, when each row
+ *  has an unmasked key (a causal mask: i0 + rows). Keys past it would get weight 0 (their probabilities
+ *  underflow), so they are skipped: half the work of a causal attention. A fully masked row attends to every key
+ *  alike (the reference's softmax of equal values), so then nothing is skipped. */
+inline int64_t KeysNeeded(const Attention& p, int64_t bias_offset, int64_t i0, int64_t rows) {
+  if (p.bias == nullptr || p.bias_col_stride == 0) return p.n;
+  int64_t needed = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* bias = p.bias + bias_offset + (i0 + i) * p.bias_row_stride;
+    int64_t first = 0;
+    while (first < p.n && bias[first] <= kMasked) ++first;
+    if (first == p.n) return p.n;  // this row is masked everywhere
+    int64_t j = p.n;  // one past its last unmasked key, or `needed` if that is further
+    while (j > needed && bias[j - 1] <= kMasked) --j;
+    needed = j;
+  }
+  return needed;
+}
+
+/*! \brief Rows [i0, i0 + rows) of batch index \a b: scores into \a s (row stride \a lds), then the output.
+ *  \a kt and \a v are batch index b's, packed by PackPanels. */
+template <bool kAvx2>
+__attribute__((always_inline)) inline void AttentionBlockBody(const Attention& p, int64_t b, int64_t bias_offset,
+                                                              int64_t i0, int64_t rows, const float* kt,
+                                                              const float* v, float* s, int64_t lds) {
+  const int64_t n = KeysNeeded(p, bias_offset, i0, rows);
+  SmallGemm<kAvx2>(rows, n, p.d, p.q + (b * p.m + i0) * p.d, p.d, kt, p.d, s, lds);
+  for (int64_t i = 0; i < rows; ++i) {
+    SoftmaxRow<kAvx2>(s + i * lds, n, p.scale,
+                      p.bias == nullptr ? nullptr : p.bias + bias_offset + (i0 + i) * p.bias_row_stride,
+                      p.bias_col_stride);
+  }
+  SmallGemm<kAvx2>(rows, p.e, n, s, lds, v, p.n, p.out + (b * p.m + i0) * p.e, p.e);
+}
+
+__attribute__((target("avx2,fma"))) void AttentionBlockAvx2(const Attention& p, int64_t b, int64_t bias_offset,
+                                                             int64_t i0, int64_t rows, const float* kt,
+                                                             const float* v, float* s, int64_t lds) {
+  AttentionBlockBody<true>(p, b, bias_offset, i0, rows, kt, v, s, lds);
+}
+
+void AttentionBlockBaseline(const Attention& p, int64_t b, int64_t bias_offset, int64_t i0, int64_t rows,
+                            const float* kt, const float* v, float* s, int64_t lds) {
+  AttentionBlockBody<false>(p, b, bias_offset, i0, rows, kt, v, s, lds);
+}
+
+int64_t Dim(const ffi::TensorView& t, int i) { return t.shape()[i < 0 ? t.ndim() + i : i]; }
+
+void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ffi::TensorView& v,
+                   const ffi::TensorView* bias, double scale, const ffi::TensorView& out) {
+  DLDataType f32{kDLFloat, 32, 1};
+  CheckOperand(q, f32, "q");
+  CheckOperand(kt, f32, "kt");
+  CheckOperand(v, f32, "v");
+  CheckOperand(out, f32, "out");
+  if (bias != nullptr) CheckOperand(*bias, f32, "bias");
+  const int rank = q.ndim();
+  if (rank < 2 || kt.ndim() != rank || v.ndim() != rank || out.ndim() != rank) {
+    TVM_FFI_THROW(ValueError) << "cpu_attention: q, kt, v and out must have one rank >= 2";
+  }
+  Attention p{Data<float>(q), Data<float>(kt), Data<float>(v), bias ? Data<float>(*bias) : nullptr,
+              Data<float>(out), static_cast<float>(scale), Dim(q, -2), Dim(kt, -1), Dim(q, -1), Dim(v, -1), {}, {}};
+  for (int i = 0; i < rank - 2; ++i) {
+    p.batch.push_back(Dim(q, i));
+    if (Dim(kt, i) != Dim(q, i) || Dim(v, i) != Dim(q, i) || Dim(out, i) != Dim(q, i)) {
+      TVM_FFI_THROW(ValueError) << "cpu_attention: q, kt, v and out must have the same batch dims";
+    }
+  }
+  if (Dim(kt, -2) != p.d || Dim(v, -2) != p.n || Dim(out, -2) != p.m || Dim(out, -1) != p.e) {
+    TVM_FFI_THROW(ValueError) << "cpu_attention: expected q [..., M, D], kt [..., D, N], v [..., N, E], out "
+                                 "[..., M, E]";
+  }
+  if (bias != nullptr) {  // right-aligned numpy broadcasting against the scores [..., M, N]
+    const int br = bias->ndim();
+    if (br > rank) TVM_FFI_THROW(ValueError) << "cpu_attention: bias has a higher rank than the scores";
+    std::vector<int64_t> want(p.batch);
+    want.push_back(p.m);
+    want.push_back(p.n);
+    std::vector<int64_t> stride(rank, 0);
+    int64_t st = 1;
+    for (int i = rank - 1; i >= rank - br; --i) {
+      const int64_t dim = bias->shape()[i - (rank - br)];
+      if (dim != 1 && dim != want[i]) {
+        TVM_FFI_THROW(ValueError) << "cpu_attention: bias does not broadcast to the scores";
+      }
+      stride[i] = dim == 1 ? 0 : st;
+      st *= dim;
+    }
+    p.bias_batch_stride.assign(stride.begin(), stride.end() - 2);
+    p.bias_row_stride = stride[rank - 2];
+    p.bias_col_stride = stride[rank - 1];
+  }
+  const int64_t count = Prod(p.batch);
+  if (count == 0 || p.m == 0 || p.e == 0) return;
+  if (p.n == 0) TVM_FFI_THROW(ValueError) << "cpu_attention: no keys (a softmax over nothing)";
+  p.block = std::max<int64_t>(1, std::min<int64_t>(p.m, kAttentionScores / p.n));
+  p.block = std::max<int64_t>(kGemmRows, p.block / kGemmRows * kGemmRows);
+  const int64_t blocks = (p.m + p.block - 1) / p.block;
+  // BMC_CPU_NO_AVX2: the baseline loops (what CPUs without AVX2 run; the tests take them this way)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const auto run = avx2 && std::getenv("BMC_CPU_NO_AVX2") == nullptr ? AttentionBlockAvx2 : AttentionBlockBaseline;
+  constexpr int64_t kThreadWork = int64_t{1} << 21;  // multiply-adds a thread is worth (starting one ~50 us)
+  const int64_t work = count * p.m * p.n * (p.d + p.e);
+  ParallelRows(count * blocks, [&p, blocks, run](int64_t begin, int64_t end) {
+    const auto whole = [](int64_t x) { return (x + kGemmCols - 1) / kGemmCols * kGemmCols; };
+    const int64_t lds = whole(p.n) + kGemmCols;  // rows of scores not 4 KiB apart
+    std::vector<float> scores(static_cast<size_t>(p.block * lds));
+    // a thread's items are consecutive: the keys and values of a batch index are packed once per thread
+    std::vector<float> kt(static_cast<size_t>(p.d * whole(p.n))), v(static_cast<size_t>(p.n * whole(p.e)));
+    const size_t nb = p.batch.size();
+    for (int64_t item = begin, packed = -1; item < end; ++item) {
+      const int64_t b = item / blocks, i0 = item % blocks * p.block;
+      if (b != packed) {
+        PackPanels(p.kt + b * p.d * p.n, p.n, p.d, p.n, kt.data());
+        PackPanels(p.v + b * p.n * p.e, p.e, p.n, p.e, v.data());
+        packed = b;
+      }
+      int64_t bias_offset = 0;
+      for (int64_t i = static_cast<int64_t>(nb) - 1, rest = b; i >= 0; --i) {
+        bias_offset += rest % p.batch[i] * (p.bias_batch_stride.empty() ? 0 : p.bias_batch_stride[i]);
+        rest /= p.batch[i];
+      }
+      run(p, b, bias_offset, i0, std::min(p.block, p.m - i0), kt.data(), v.data(), scores.data(), lds);
+    }
+  }, work / kThreadWork + 1);
+}
+
 }  // namespace
 
 /*! \brief dlopen \a path (normally already loaded by numpy: the same handle) and resolve the two GEMMs. */
@@ -679,6 +1040,15 @@ void CpuMatmulInteger(ffi::TensorView a, ffi::TensorView bt, ffi::TensorView a_z
   MatmulIntegerImpl(a, bt, a_zp, b_zp, out);
 }
 
+void CpuAttention(ffi::TensorView q, ffi::TensorView kt, ffi::TensorView v, double scale, ffi::TensorView out) {
+  AttentionImpl(q, kt, v, nullptr, scale, out);
+}
+
+void CpuAttentionBias(ffi::TensorView q, ffi::TensorView kt, ffi::TensorView v, ffi::TensorView bias, double scale,
+                      ffi::TensorView out) {
+  AttentionImpl(q, kt, v, &bias, scale, out);
+}
+
 /*! \brief Threads of the 4-bit and integer matmuls (BLAS sizes its own pool). */
 void SetKernelThreads(int64_t n) { kernel_threads.store(static_cast<int>(std::max<int64_t>(1, n))); }
 
@@ -693,4 +1063,6 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul, bmc::native::CpuMatmul);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_nbits, bmc::native::CpuMatmulNBits);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_nbits_zp, bmc::native::CpuMatmulNBitsZp);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_integer, bmc::native::CpuMatmulInteger);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_attention, bmc::native::CpuAttention);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_attention_bias, bmc::native::CpuAttentionBias);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_kernel_threads, bmc::native::SetKernelThreads);

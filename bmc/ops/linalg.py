@@ -1,13 +1,14 @@
 """Linear algebra: matmul with numpy semantics (batched, broadcast batch dims, 1-D operands promoted);
 matmul_nbits, a matmul by a block-quantized 4-bit weight; matmul_integer, the exact int32 product of 8-bit
-operands (the weight transposed, ``[N, K]``, as both quantized matmuls store it)."""
+operands (the weight transposed, ``[N, K]``, as both quantized matmuls store it); attention, the fused
+``softmax(scale * q @ kt + bias) @ v``."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from bmc.ir.types import TensorType
-from bmc.ops.registry import Cost, OpDef, OpError, broadcast_shapes, bytes_moved, register, same_dtype
+from bmc.ir.types import FLOAT_DTYPES, TensorType
+from bmc.ops.registry import OPS, Attr, Cost, OpDef, OpError, broadcast_shapes, bytes_moved, register, same_dtype
 from bmc.ops.shape import unpack_nibbles
 
 
@@ -108,3 +109,47 @@ def _matmul_integer(ins, attrs):
 register(OpDef("matmul_integer", "linalg", (4, 4), {}, _infer_matmul_integer, _matmul_integer, _matmul_cost,
                doc="exact int32 (A - a_zero_point) @ (Bt - b_zero_point).T of 8-bit A[..., M, K] and Bt[N, K]; "
                    "a zero point is one value, or one per row of A's last M (of Bt's N); sums wrap modulo 2^32"))
+
+
+def _infer_attention(ins, attrs):
+    q, kt, v = ins[:3]
+    ok = (q.rank >= 2 and kt.rank == q.rank and v.rank == q.rank and q.dtype in FLOAT_DTYPES
+          and kt.dtype == q.dtype and v.dtype == q.dtype and q.shape[:-2] == kt.shape[:-2] == v.shape[:-2]
+          and q.shape[-1] == kt.shape[-2] and kt.shape[-1] == v.shape[-2])
+    if not ok:
+        raise OpError(f"attention takes float q [..., M, D], kt [..., D, N] and v [..., N, E] with one batch shape, "
+                      f"got {q}, {kt} and {v}")
+    scores = q.shape[:-1] + (kt.shape[-1],)
+    if len(ins) > 3:
+        bias = ins[3]
+        if bias.dtype != q.dtype or bias.rank > len(scores) or broadcast_shapes(bias.shape, scores) != scores:
+            raise OpError(f"attention: the bias must be {q.dtype} and broadcast to the scores {list(scores)}, "
+                          f"got {bias}")
+    return [TensorType(q.dtype, q.shape[:-1] + (v.shape[-1],))]
+
+
+def _attention(ins, attrs):
+    """The composition the op replaces, op by op (the same references, so fusing changes no reference result)."""
+    def run(op, args, **kw):
+        return OPS[op].reference(args, OPS[op].check_attrs(kw))[0]
+
+    q, kt, v = ins[:3]
+    s = run("matmul", [q, kt])
+    if attrs["scale"] != 1.0:
+        s = run("mul", [s, np.asarray(attrs["scale"], s.dtype)])
+    if len(ins) > 3:
+        s = run("add", [s, ins[3]])
+    return [run("matmul", [run("softmax", [s], axis=-1), v])]
+
+
+def _attention_cost(ins, outs, attrs):
+    q, kt, v = ins[:3]
+    scores = q.numel // q.shape[-1] * kt.shape[-1]
+    return Cost(2 * scores * (q.shape[-1] + v.shape[-1]) + 7 * scores, bytes_moved(ins, outs))
+
+
+register(OpDef("attention", "linalg", (3, 4), {"scale": Attr("float", 1.0)}, _infer_attention, _attention,
+               _attention_cost,
+               doc="softmax(scale * q @ kt + bias, axis=-1) @ v of q [..., M, D], kt [..., D, N], v [..., N, E] (one "
+                   "batch shape) and an optional bias broadcasting to the scores [..., M, N]; made by fusing that "
+                   "composition (bmc.ops.fusion), computed without the [M, N] scores where a kernel exists"))

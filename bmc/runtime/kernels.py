@@ -3,7 +3,7 @@
 An llvm artifact may call ``bmc.cpu.matmul(a, b, trans_a, trans_b, out)`` and ``bmc.cpu.conv2d(x, w, strides...,
 pads..., dilations..., groups, out)`` (the codegen offloads float32/float64 matmuls and large 2-D convolutions to
 BLAS, see ``bmc/codegen/cpu.py``), and the quantized matmuls ``bmc.cpu.matmul_nbits[_zp]`` (4-bit weights) and
-``bmc.cpu.matmul_integer`` (8-bit integer products); the manifest lists the names under ``kernels.cpu.requires``. The
+``bmc.cpu.matmul_integer`` (8-bit integer products), and ``bmc.cpu.attention[_bias]`` (fused attention); the manifest lists the names under ``kernels.cpu.requires``. The
 TVM VM resolves packed-function names when it is constructed, so the runtime calls
 
     register_cpu_kernels()            # idempotent, cheap after the first call
@@ -47,10 +47,15 @@ MATMUL_NBITS_ZP_KERNEL = "bmc.cpu.matmul_nbits_zp"
 #: ``bmc.cpu.matmul_integer(a, bt, a_zero_point, b_zero_point, out)``: the exact int32 ``(a - za) @ (bt - zb).T``
 #: of 8-bit operands (the ``matmul_integer`` op)
 MATMUL_INTEGER_KERNEL = "bmc.cpu.matmul_integer"
+#: ``bmc.cpu.attention(q, kt, v, scale, out)`` and ``..._bias(q, kt, v, bias, scale, out)``: float32
+#: ``softmax(scale * q @ kt + bias) @ v`` without the score matrix (the ``attention`` op)
+ATTENTION_KERNEL = "bmc.cpu.attention"
+ATTENTION_BIAS_KERNEL = "bmc.cpu.attention_bias"
 #: default TVM_THREAD_POOL_SPIN_COUNT (see set_num_threads); 0: idle TVM workers sleep at once
 TVM_SPIN_COUNT = int(os.environ.get("BMC_TVM_SPIN_COUNT", "0"))
 #: every kernel name an llvm artifact may require, with what ``register_cpu_kernels`` installs for it
-CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL, MATMUL_INTEGER_KERNEL)
+CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL, MATMUL_INTEGER_KERNEL,
+               ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -255,11 +260,26 @@ def _matmul_integer_numpy(a, bt, a_zp, b_zp, out) -> None:
     C.reshape(-1, C.shape[-1])[...] = (shifted(A, a_zp) @ shifted(B, b_zp).T).astype(np.int64).astype(np.int32)
 
 
+def _attention_numpy(q, kt, v, *rest) -> None:
+    """``bmc.cpu.attention[_bias]`` in numpy: the scores of every head at once (the memory the native kernel
+    saves), a max-shifted softmax, one batched GEMM."""
+    *bias, scale, out = rest
+    s = np.matmul(np.from_dlpack(q), np.from_dlpack(kt)) * np.float32(scale)
+    if bias:
+        s += np.from_dlpack(bias[0])
+    with np.errstate(invalid="ignore"):  # a row masked everywhere with -inf is NaN, as in the reference
+        s = np.exp(s - s.max(axis=-1, keepdims=True))
+        s /= s.sum(axis=-1, keepdims=True)
+    np.matmul(s, np.from_dlpack(v), out=np.from_dlpack(out))
+
+
 #: the native library's function behind each kernel name, and the numpy implementation of the same contract
 _NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", MATMUL_NBITS_KERNEL: "cpu_matmul_nbits",
-                   MATMUL_NBITS_ZP_KERNEL: "cpu_matmul_nbits_zp", MATMUL_INTEGER_KERNEL: "cpu_matmul_integer"}
+                   MATMUL_NBITS_ZP_KERNEL: "cpu_matmul_nbits_zp", MATMUL_INTEGER_KERNEL: "cpu_matmul_integer",
+                   ATTENTION_KERNEL: "cpu_attention", ATTENTION_BIAS_KERNEL: "cpu_attention_bias"}
 _NUMPY_KERNELS = {MATMUL_KERNEL: _matmul_numpy, MATMUL_NBITS_KERNEL: _matmul_nbits_numpy,
-                  MATMUL_NBITS_ZP_KERNEL: _matmul_nbits_numpy, MATMUL_INTEGER_KERNEL: _matmul_integer_numpy}
+                  MATMUL_NBITS_ZP_KERNEL: _matmul_nbits_numpy, MATMUL_INTEGER_KERNEL: _matmul_integer_numpy,
+                  ATTENTION_KERNEL: _attention_numpy, ATTENTION_BIAS_KERNEL: _attention_numpy}
 
 
 _SCRATCH = threading.local()  # per thread: the im2col buffer of the last conv2d, reused (no page faults per call)

@@ -214,6 +214,23 @@ def matmul_integer_rule(ins, outs, attrs) -> ShardingRule:
     return fs.rule([lead + ((k,),), ((n,), (k,))] + zps, [lead + ((n,),)])
 
 
+def attention_rule(ins, outs, attrs) -> ShardingRule:
+    """softmax(q @ kt + bias) @ v: the batch dims, q's rows M and v's columns E pass; the head dim D and the keys N
+    may not be split (the softmax normalizes over all keys; splitting N would need an online-softmax combine). The
+    bias broadcasts against the scores [..., M, N]."""
+    q, kt, v = (t.shape for t in ins[:3])
+    fs = _Factors()
+    batch = tuple((fs.new(f"b{i}", d),) for i, d in enumerate(q[:-2]))
+    m, d = fs.new("m", q[-2]), fs.new("d", q[-1], "replicate")
+    n, e = fs.new("n", kt[-1], "replicate"), fs.new("e", v[-1])
+    operands = [batch + ((m,), (d,)), batch + ((d,), (n,)), batch + ((n,), (e,))]
+    if len(ins) > 3:
+        scores, shape, bias = batch + ((m,), (n,)), q[:-1] + (kt[-1],), ins[3].shape
+        off = len(shape) - len(bias)
+        operands.append(tuple(scores[off + j] if size == shape[off + j] else () for j, size in enumerate(bias)))
+    return fs.rule(operands, [batch + ((m,), (e,))])
+
+
 def _reduce_axes(attrs, rank) -> tuple[int, ...]:
     axes = attrs["axes"] if "axes" in attrs else (attrs["axis"],)  # reduce_* have axes, argmax/argmin an axis
     return tuple(range(rank)) if axes is None else tuple(sorted(normalize_axis(a, rank) for a in axes))
@@ -462,6 +479,7 @@ RULES: dict[str, RuleBuilder] = {
     "matmul": matmul_rule,
     "matmul_nbits": matmul_nbits_rule,
     "matmul_integer": matmul_integer_rule,
+    "attention": attention_rule,
     "reduce_sum": reduce_rule("reduction", dtypes=FLOAT_DTYPES | INT_DTYPES),  # a partial sum of bools is no sum
     "reduce_mean": reduce_rule("reduction", _scaled_mean_local, dtypes=FLOAT_DTYPES),
     "reduce_max": reduce_rule("reduction", dtypes=FLOAT_DTYPES | INT_DTYPES, combine="max"),  # all-reduce(max)

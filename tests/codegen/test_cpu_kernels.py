@@ -390,3 +390,101 @@ def test_small_depthwise_and_integer_convs_stay_in_tvm():
     (ref,) = OPS["conv"].reference([x, w], {"strides": (1, 1), "pads": (1, 1, 1, 1), "dilations": (1, 1),
                                             "group": 32})
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
+
+
+ATTENTION_CASES = [  # (batch, M, N, D, E, bias shape or None): tiles are 6 rows x 16 columns; blocks 65536 scores
+    ((2, 3), 7, 19, 5, 6, (2, 1, 7, 19)),   # tails everywhere, bias broadcast over heads
+    ((4,), 128, 128, 64, 64, (128, 128)),   # whole tiles, a 2-D bias (every batch index)
+    ((1,), 600, 300, 33, 40, None),         # several row blocks (218 rows each), no bias
+    ((2,), 5, 1, 3, 2, (2, 5, 1)),          # one key; the bias broadcast over keys (stride 0)
+    ((3,), 1, 40, 8, 8, (1, 40)),           # one query row (decoding)
+]
+
+
+@pytest.mark.parametrize("batch,m,n,d,e,bias_shape", ATTENTION_CASES,
+                         ids=[f"{b}x{m}x{n}x{d}x{e}-{s}" for b, m, n, d, e, s in ATTENTION_CASES])
+def test_attention_kernel_matches_reference(impl, batch, m, n, d, e, bias_shape):
+    """``bmc.cpu.attention[_bias]`` against the op's reference (the unfused composition): float32 rounding apart
+    (the kernel sums in its own order and uses a polynomial exp), 2e-6 of max |ref|; masked entries (-3.4e38 and
+    -inf in the bias) get no weight."""
+    import tvm_ffi
+
+    from bmc.ops import get_op
+    from bmc.runtime.kernels import ATTENTION_BIAS_KERNEL, ATTENTION_KERNEL, register_cpu_kernels
+
+    register_cpu_kernels(native=impl == "native")
+    rng = np.random.default_rng(m * n)
+    q, kt = rng.standard_normal(batch + (m, d), np.float32), rng.standard_normal(batch + (d, n), np.float32) * 3
+    v = rng.standard_normal(batch + (n, e), np.float32)
+    args = [q, kt, v]
+    if bias_shape is not None:
+        bias = rng.standard_normal(bias_shape, np.float32)
+        if bias_shape[-1] > 1:  # a causal-style mask (never a whole row) with both fills
+            bias[..., 1:2] = -np.inf
+            bias[..., 2:] = np.where(rng.random(bias[..., 2:].shape) < 0.3, np.float32(-3.4e38), bias[..., 2:])
+        args.append(bias)
+    out = np.full(batch + (m, e), np.nan, np.float32)
+    kernel = ATTENTION_BIAS_KERNEL if bias_shape is not None else ATTENTION_KERNEL
+    tvm_ffi.get_global_func(kernel)(*[tvm_ffi.from_dlpack(x) for x in args], 0.3, tvm_ffi.from_dlpack(out))
+    (want,) = get_op("attention").reference(args, {"scale": 0.3})
+    np.testing.assert_allclose(out, want, rtol=0, atol=2e-6 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("fill", [-3.4e38, -np.inf])
+def test_attention_kernel_skips_masked_keys_exactly(impl, fill):
+    """A causal mask: each block of query rows skips the keys masked for all of them (half the work); a row
+    masked everywhere with a finite fill attends to every key alike, as the reference's softmax does (with -inf it
+    is NaN in both)."""
+    import tvm_ffi
+
+    from bmc.ops import get_op
+    from bmc.runtime.kernels import ATTENTION_BIAS_KERNEL, register_cpu_kernels
+
+    register_cpu_kernels(native=impl == "native")
+    rng = np.random.default_rng(3)
+    m = n = 300  # 216-row blocks: the first needs 216 keys, the second (with row 5) every key
+    q, kt, v = (rng.standard_normal(s, np.float32) for s in ((2, m, 16), (2, 16, n), (2, n, 8)))
+    bias = np.where(np.tril(np.ones((m, n), bool)), 0, np.float32(fill)).astype(np.float32)
+    bias[5] = fill
+    out = np.zeros((2, m, 8), np.float32)
+    tvm_ffi.get_global_func(ATTENTION_BIAS_KERNEL)(*[tvm_ffi.from_dlpack(x) for x in (q, kt, v, bias)], 0.5,
+                                                    tvm_ffi.from_dlpack(out))
+    with np.errstate(invalid="ignore"):
+        (want,) = get_op("attention").reference([q, kt, v, bias], {"scale": 0.5})
+    np.testing.assert_allclose(out, want, rtol=0, atol=2e-6 * float(np.nanmax(np.abs(want))), equal_nan=True)
+    assert np.isnan(out[:, 5]).all() == (fill == -np.inf)
+    if fill != -np.inf:
+        np.testing.assert_allclose(out[:, 5], v.mean(axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_baseline_loops_match(native_lib, monkeypatch):
+    """The native kernel's loops for CPUs without AVX2 (``BMC_CPU_NO_AVX2`` makes this one take them)."""
+    monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
+    monkeypatch.setenv("BMC_CPU_NO_AVX2", "1")
+    for case in ATTENTION_CASES:
+        test_attention_kernel_matches_reference("native", *case)
+    for fill in (-3.4e38, -np.inf):
+        test_attention_kernel_skips_masked_keys_exactly("native", fill)
+
+
+def test_attention_kernel_propagates_nan_and_rejects_bad_shapes(native_lib, monkeypatch):
+    import tvm_ffi
+
+    from bmc.runtime.kernels import ATTENTION_BIAS_KERNEL, ATTENTION_KERNEL, register_cpu_kernels
+
+    monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
+    register_cpu_kernels(native=True)
+    q, kt, v = np.ones((2, 4, 3), np.float32), np.ones((2, 3, 5), np.float32), np.ones((2, 5, 2), np.float32)
+    q[1, 2, 0] = np.nan
+    out = np.zeros((2, 4, 2), np.float32)
+    fn = tvm_ffi.get_global_func(ATTENTION_KERNEL)
+    fn(*[tvm_ffi.from_dlpack(x) for x in (q, kt, v)], 1.0, tvm_ffi.from_dlpack(out))
+    assert np.isnan(out[1, 2]).all() and not np.isnan(np.delete(out.reshape(8, 2), 6, axis=0)).any()
+    np.testing.assert_allclose(out[0], 1.0)
+    with pytest.raises(Exception, match="same batch dims"):
+        fn(*[tvm_ffi.from_dlpack(x) for x in (q, kt[:1], v)], 1.0, tvm_ffi.from_dlpack(out))
+    with pytest.raises(Exception, match="does not broadcast"):
+        tvm_ffi.get_global_func(ATTENTION_BIAS_KERNEL)(
+            *[tvm_ffi.from_dlpack(x) for x in (q, kt, v, np.zeros((3, 5), np.float32))], 1.0,
+            tvm_ffi.from_dlpack(out))
+    register_cpu_kernels(native=False)

@@ -118,6 +118,12 @@ CASES += [
     ("matmul_integer", [_R2.integers(-128, 128, (2, 3, 9)).astype(np.int8),
                         _R2.integers(0, 256, (4, 9)).astype(np.uint8),
                         np.array([-128, 5, 127], np.int8), np.array([0, 255, 7, 128], np.uint8)], {}),
+    # fused attention: q [2, 3, 7, 5], kt [2, 3, 5, 19], v [2, 3, 19, 6] (tails of the kernel's 6 x 16 tiles), a
+    # causal bias broadcast over heads; and a 3-D one without a bias
+    ("attention", [f32(2, 3, 7, 5), f32(2, 3, 5, 19), f32(2, 3, 19, 6),
+                   np.where(np.tril(np.ones((7, 19), bool), 12), 0, -3.4e38).astype(np.float32)[None, None]
+                   .repeat(2, 0)], {"scale": 0.4}),
+    ("attention", [f32(4, 13, 8), f32(4, 8, 33), f32(4, 33, 17)], {}),
     ("pad", [f32(2, 3)], {"pads": (1, 0, 0, 2), "mode": "constant", "value": 1.5}),
     ("pad", [f32(3, 4)], {"pads": (1, 1, 1, 1), "mode": "reflect", "value": 0.0}),
     ("pad", [f32(3, 4)], {"pads": (0, 2, 1, 0), "mode": "edge", "value": 0.0}),
@@ -162,6 +168,7 @@ try:
         for op, shapes, attrs in [("matmul", [(4, 8), (8, 6)], {}), ("softmax", [(3, 8)], {"axis": -1}),
                                   ("layer_norm", [(3, 8), (8,), (8,)], {"axis": -1, "epsilon": 1e-5}),
                                   ("rms_norm", [(3, 8), (8,)], {"axis": -1, "epsilon": 1e-5}),
-                                  ("gelu", [(3, 8)], {"approximate": "tanh"}), ("add", [(3, 8), (8,)], {})]]
+                                  ("gelu", [(3, 8)], {"approximate": "tanh"}), ("add", [(3, 8), (8,)], {}),
+                                  ("attention", [(2, 5, 8), (2, 8, 9), (2, 9, 4), (5, 9)], {"scale": 0.35})]]
 except ImportError:  # pragma: no cover
     LOW_PRECISION_CASES = []

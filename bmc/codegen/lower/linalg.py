@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from tvm import relax
 
 from bmc.codegen.lower import lowering
@@ -23,8 +24,6 @@ def _matmul_nbits(ctx, node, args):
     """On the CPU in float32 a call of the fused kernel ``bmc.cpu.matmul_nbits[_zp]`` (``bmc.runtime.kernels``);
     elsewhere the dequantized weight times A: unpack the nibbles, shift by the zero point, scale per block, then a
     matmul by its transpose."""
-    import numpy as np
-
     from bmc.codegen.lower import const
     from bmc.ir.types import np_dtype
 
@@ -72,3 +71,31 @@ def _matmul_integer(ctx, node, args):
     a64 = shifted(a, za, node.inputs[2].type)
     b64 = shifted(bt, zb, node.inputs[3].type)
     return relax.op.astype(ctx.emit(relax.op.matmul(a64, ctx.emit(relax.op.permute_dims(b64, [1, 0])))), "int32")
+
+
+@lowering("attention")
+def _attention(ctx, node, args):
+    """On the CPU in float32 a call of the fused kernel ``bmc.cpu.attention[_bias]`` (no score matrix); elsewhere
+    the composition the op was fused from, lowered as its ops would be (so the CUDA pipeline's softmax and
+    cuBLAS rewrites see what they saw before)."""
+    from bmc.codegen.lower import const
+    from bmc.codegen.lower.reduce import in_float32
+    from bmc.ir.types import np_dtype
+
+    out = node.outputs[0].type
+    scale = node.attrs["scale"]
+    if ctx.target_kind == "llvm" and out.dtype == "float32":
+        from bmc.runtime.kernels import ATTENTION_BIAS_KERNEL, ATTENTION_KERNEL
+
+        kernel = ATTENTION_BIAS_KERNEL if len(args) > 3 else ATTENTION_KERNEL
+        ctx.kernels.add(kernel)
+        return relax.call_dps_packed(kernel, list(args) + [relax.expr.prim_value(float(scale))],
+                                     out_ty=relax.TensorType(list(out.shape), out.dtype))
+    q, kt, v = args[:3]
+    s = ctx.emit(_matmul(ctx, node, [q, kt]))
+    if scale != 1.0:
+        s = ctx.emit(relax.op.multiply(s, const(np.asarray(scale, np_dtype(out.dtype)))))
+    if len(args) > 3:
+        s = ctx.emit(relax.op.add(s, args[3]))
+    p = ctx.emit(in_float32(lambda c, n, a: relax.op.nn.softmax(a[0], axis=-1))(ctx, node, [s]))
+    return _matmul(ctx, node, [p, v])

@@ -1,0 +1,86 @@
+"""Graph fusions that make one op of a composition the importer leaves spelled out.
+
+:func:`fuse_attention` finds scaled dot-product attention as every exporter writes it (PyTorch's eager and dynamo
+exporters, for GPT-2, BERT, Llama, OPT, ViT)::
+
+    s = matmul(q, kt)            q [..., M, D], kt [..., D, N] (the key already transposed)
+    s = mul(s, c) | div(s, c)    optional: a scalar constant
+    s = add(s, bias)             optional: a mask or position bias broadcasting to s
+    p = softmax(s, axis=-1)
+    o = matmul(p, v)             v [..., N, E]
+
+and replaces it by one ``attention(q, kt, v[, bias]) {scale}``, when every intermediate has that single reader
+and q, kt and v share their batch dims. Planning then sees no ``[..., M, N]`` score tensor (the memory model and
+the ILP price the fused op, whose rule replicates the key axis as the softmax's did), the CPU runs one kernel
+that never stores the scores (``bmc.cpu.attention``), and other targets lower the same composition again. The
+fused op's reference runs the replaced ops' references in order, so fusing changes no reference result.
+
+Other spellings are left alone (a ``where`` after the softmax, as ONNX's own ``Attention`` body writes to zero
+fully masked rows; a scale applied to q and k before their product is simply part of q and kt).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bmc.ir.graph import Graph, Node, Value
+from bmc.ir.passes import eliminate_dead_code
+
+
+def _scalar(node: Node | None) -> float | None:
+    if node is None or node.op != "constant":
+        return None
+    value = np.asarray(node.attrs["value"])
+    return float(value.reshape(())) if value.size == 1 and value.dtype.kind == "f" else None
+
+
+def fuse_attention(graph: Graph) -> Graph:
+    users = graph.users()
+    outputs = set(map(id, graph.outputs))
+
+    def only_reader(v: Value, node: Node) -> bool:
+        return id(v) not in outputs and users.get(v, []) == [node]
+
+    def producer(v: Value, node: Node, *ops: str) -> Node | None:
+        """``v``'s producer when it is one of ``ops`` and ``node`` is ``v``'s only reader."""
+        p = v.producer
+        return p if p is not None and p.op in ops and only_reader(v, node) else None
+
+    fused: dict[int, Node] = {}  # id(the replaced output matmul) -> its attention node
+    for node in graph.nodes:
+        if node.op != "softmax" or node.attrs["axis"] % node.inputs[0].type.rank != node.inputs[0].type.rank - 1:
+            continue
+        readers = users.get(node.outputs[0], [])
+        if len(readers) != 1 or readers[0].op != "matmul" or readers[0].inputs[0] is not node.outputs[0] \
+                or id(node.outputs[0]) in outputs:
+            continue
+        out_mm = readers[0]
+        s, top, bias, scale = node.inputs[0], node, None, 1.0
+        add = producer(s, top, "add")
+        if add is not None:
+            a, b = add.inputs
+            if b.type.shape == s.type.shape and a.type.shape != s.type.shape:
+                a, b = b, a
+            if a.type.shape == s.type.shape:
+                s, top, bias = a, add, b
+        mul = producer(s, top, "mul", "div")
+        if mul is not None:
+            a, b = mul.inputs
+            c = _scalar(b.producer)
+            if c is None and mul.op == "mul":
+                a, c = b, _scalar(a.producer)
+            if c is not None and (mul.op == "mul" or c != 0.0):
+                s, top, scale = a, mul, c if mul.op == "mul" else 1.0 / c
+        qk = producer(s, top, "matmul")
+        if qk is None:
+            continue
+        (q, kt), v = qk.inputs, out_mm.inputs[1]
+        if not (q.type.rank >= 2 and kt.type.rank == v.type.rank == q.type.rank
+                and q.type.shape[:-2] == kt.type.shape[:-2] == v.type.shape[:-2] == s.type.shape[:-2]):
+            continue
+        fused[id(out_mm)] = Node("attention", [q, kt, v] + ([bias] if bias is not None else []),
+                                 out_mm.outputs, {"scale": scale}, node.source)
+    if not fused:
+        return graph
+    graph.nodes = [fused.get(id(n), n) for n in graph.nodes]
+    return eliminate_dead_code(graph)

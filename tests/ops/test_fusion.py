@@ -1,0 +1,66 @@
+"""``fuse_attention``: which compositions become one ``attention`` op, and that fusing changes no result."""
+
+import numpy as np
+import pytest
+
+from bmc.compiler import import_graph
+from bmc.frontend.onnx import import_model
+from bmc.ir.types import TensorType
+from bmc.ops.builder import GraphBuilder
+from bmc.ops.fusion import fuse_attention
+from bmc.testing.reference import run_reference
+from tests.frontend.test_models import FIXTURES, MODELS, load_case
+
+# attention layers per fixture (every exported family has two); llama_dynamo23 spells ONNX's Attention, whose body
+# zeroes fully masked rows with a `where` after the softmax: not this pattern
+LAYERS = {name: 0 if name == "llama_dynamo23" else 2 for name in MODELS}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fixture_attention_is_fused_and_the_reference_is_unchanged(name):
+    inputs, _ = load_case(name)
+    shapes = {k: v.shape for k, v in inputs.items()}
+    plain = import_model(FIXTURES / f"{name}.onnx", shapes)
+    before = run_reference(plain, inputs)
+    fused = import_graph(FIXTURES / f"{name}.onnx", shapes)
+    counts = fused.op_counts()
+    assert counts.get("attention", 0) == LAYERS[name]
+    assert counts.get("softmax", 0) == plain.op_counts()["softmax"] - LAYERS[name]
+    after = run_reference(fused, inputs)
+    for key, want in before.items():
+        np.testing.assert_array_equal(after[key], want)  # the fused reference runs the replaced references
+
+
+def _scores_graph(*, scale_op="mul", bias=True, extra_reader=False, batch_v=(2, 3)):
+    b = GraphBuilder("attn")
+    q = b.input("q", TensorType("float32", (2, 3, 4, 8)))
+    kt = b.input("kt", TensorType("float32", (2, 3, 8, 6)))
+    v = b.input("v", TensorType("float32", batch_v + (6, 5)))
+    s = b.emit1("matmul", [q, kt])
+    if scale_op:
+        s = b.emit1(scale_op, [s, b.constant(np.float32(0.5))])
+    if bias:
+        s = b.emit1("add", [b.input("mask", TensorType("float32", (2, 1, 4, 6))), s])
+    p = b.emit1("softmax", [s], axis=-1)
+    outs = [b.emit1("matmul", [p, v], "out")]
+    if extra_reader:
+        outs.append(b.emit1("reduce_sum", [p], axes=(-1,), keepdims=False))
+    return b.finish(outs)
+
+
+@pytest.mark.parametrize("scale_op,bias", [("mul", True), ("div", True), (None, True), ("mul", False), (None, False)])
+def test_spellings_that_fuse(scale_op, bias):
+    graph = _scores_graph(scale_op=scale_op, bias=bias)
+    rng = np.random.default_rng(0)
+    feeds = {v.name: rng.standard_normal(v.type.shape).astype(np.float32) for v in graph.inputs}
+    want = run_reference(graph, feeds)["out"]
+    fused = fuse_attention(graph)
+    (node,) = fused.nodes
+    assert node.op == "attention" and len(node.inputs) == (4 if bias else 3)
+    assert node.attrs["scale"] == {"mul": 0.5, "div": 2.0, None: 1.0}[scale_op]
+    np.testing.assert_allclose(run_reference(fused, feeds)["out"], want, rtol=1e-6, atol=1e-7)
+
+
+def test_spellings_left_alone():
+    assert "attention" not in fuse_attention(_scores_graph(extra_reader=True)).op_counts()  # the probabilities are read
+    assert "attention" not in fuse_attention(_scores_graph(batch_v=(1, 3))).op_counts()  # v broadcasts over a batch dim
