@@ -15,8 +15,9 @@ the ILP price the fused op, whose rule replicates the key axis as the softmax's 
 that never stores the scores (``bmc.cpu.attention``), and other targets lower the same composition again. The
 fused op's reference runs the replaced ops' references in order, so fusing changes no reference result.
 
-Other spellings are left alone (a ``where`` after the softmax, as ONNX's own ``Attention`` body writes to zero
-fully masked rows; a scale applied to q and k before their product is simply part of q and kt).
+ONNX's own ``Attention`` body (opset 23, what ``torch.onnx.export(dynamo=True)`` writes for SDPA) follows the
+softmax with ``where(fully_masked_rows, 0, p)``; a constant condition that is false everywhere is skipped (a mask
+that hides whole rows is left alone). A scale applied to q and k before their product is simply part of q and kt.
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ def _scalar(node: Node | None) -> float | None:
         return None
     value = np.asarray(node.attrs["value"])
     return float(value.reshape(())) if value.size == 1 and value.dtype.kind == "f" else None
+
+
+def _never_selected(where: Node, probs: Value) -> bool:
+    """``where(c, x, probs)`` with a constant ``c`` that is false everywhere: ``probs`` itself. ONNX's ``Attention``
+    body zeroes the rows its mask hides entirely this way; with a constant mask that hides none, the condition
+    folds to all-false."""
+    if where.op != "where" or where.inputs[2] is not probs or where.outputs[0].type != probs.type:
+        return False
+    cond = where.inputs[0].producer
+    return cond is not None and cond.op == "constant" and not np.asarray(cond.attrs["value"]).any()
 
 
 def fuse_attention(graph: Graph) -> Graph:
@@ -50,9 +61,12 @@ def fuse_attention(graph: Graph) -> Graph:
     for node in graph.nodes:
         if node.op != "softmax" or node.attrs["axis"] % node.inputs[0].type.rank != node.inputs[0].type.rank - 1:
             continue
-        readers = users.get(node.outputs[0], [])
-        if len(readers) != 1 or readers[0].op != "matmul" or readers[0].inputs[0] is not node.outputs[0] \
-                or id(node.outputs[0]) in outputs:
+        probs = node.outputs[0]
+        readers = users.get(probs, [])
+        if len(readers) == 1 and _never_selected(readers[0], probs):
+            probs, readers = readers[0].outputs[0], users.get(readers[0].outputs[0], [])
+        if len(readers) != 1 or readers[0].op != "matmul" or readers[0].inputs[0] is not probs \
+                or id(node.outputs[0]) in outputs or id(probs) in outputs:
             continue
         out_mm = readers[0]
         s, top, bias, scale = node.inputs[0], node, None, 1.0
