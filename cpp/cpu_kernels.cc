@@ -24,6 +24,10 @@
  * AVX-512 VNNI ``vpdpbusd`` (64 products an instruction) where the CPU has it, else plain loops. Rows of ``bt`` are
  * split over the kernel threads. Sums wrap modulo 2^32 like onnxruntime's (K < 65793 cannot overflow).
  *
+ * ``cpu_conv2d(x, w, stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, dil_w, groups, out)``: NCHW x OIHW
+ * float32/float64 cross-correlation as im2col (per image, tap by tap, into a per-thread scratch matrix; none for
+ * a 1x1 stride-1 unpadded convolution) + one GEMM per group.
+ *
  * ``cpu_attention(q, kt, v, scale, out)`` / ``cpu_attention_bias(q, kt, v, bias, scale, out)``: float32
  * ``softmax(scale * q @ kt + bias) @ v`` of ``q [..., M, D]``, ``kt [..., D, N]``, ``v [..., N, E]`` (one batch
  * shape) and a bias broadcasting to ``[..., M, N]``, a block of query rows at a time so the score matrix is never
@@ -176,6 +180,84 @@ void MatmulImpl(const Blas& blas, const ffi::TensorView& ta_, const ffi::TensorV
     for (size_t d = nb; d-- > 0;) {  // odometer increment
       if (++idx[d] < batch[d]) break;
       idx[d] = 0;
+    }
+  }
+}
+
+int64_t Dim(const ffi::TensorView& t, int i) { return t.shape()[i < 0 ? t.ndim() + i : i]; }
+
+// ---- 2-D convolution -------------------------------------------------------------------------------------------
+
+/*! \brief [lo, hi): the outputs ``o`` whose input index ``o * stride + offset - pad`` lies inside ``[0, size)``. */
+inline std::pair<int64_t, int64_t> ValidOutputs(int64_t n_out, int64_t size, int64_t offset, int64_t pad,
+                                                int64_t stride) {
+  int64_t lo = pad - offset <= 0 ? 0 : (pad - offset + stride - 1) / stride;
+  lo = std::min(lo, n_out);
+  const int64_t last = size - 1 + pad - offset;
+  const int64_t hi = last >= 0 ? std::min(n_out, last / stride + 1) : 0;
+  return {lo, std::max(lo, hi)};
+}
+
+/*! \brief NCHW x OIHW cross-correlation as im2col + one GEMM per image and group: the column matrix
+ *  ``[C * KH * KW, OH * OW]`` is written tap by tap from the unpadded input (the border zero-filled) into a
+ *  per-thread scratch buffer; a 1x1, stride-1, unpadded convolution multiplies the input itself. */
+template <typename T>
+void Conv2dImpl(const Blas& blas, const ffi::TensorView& tx, const ffi::TensorView& tw, int64_t sh, int64_t sw,
+                int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw, int64_t g,
+                const ffi::TensorView& tout) {
+  if (tx.ndim() != 4 || tw.ndim() != 4 || tout.ndim() != 4) {
+    TVM_FFI_THROW(ValueError) << "cpu_conv2d: x, w and out must be 4-D (NCHW, OIHW)";
+  }
+  const int64_t n = Dim(tx, 0), c = Dim(tx, 1), h = Dim(tx, 2), wd = Dim(tx, 3);
+  const int64_t m = Dim(tw, 0), cg = Dim(tw, 1), kh = Dim(tw, 2), kw = Dim(tw, 3);
+  if (g < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || c != cg * g || m % g != 0) {
+    TVM_FFI_THROW(ValueError) << "cpu_conv2d: channels " << c << " and " << m << " do not fit groups " << g
+                              << " (or a stride/dilation < 1)";
+  }
+  const int64_t oh = (h + pt + pb - dh * (kh - 1) - 1) / sh + 1, ow = (wd + pl + pr - dw * (kw - 1) - 1) / sw + 1;
+  if (Dim(tout, 0) != n || Dim(tout, 1) != m || Dim(tout, 2) != oh || Dim(tout, 3) != ow) {
+    TVM_FFI_THROW(ValueError) << "cpu_conv2d: out must be [" << n << ", " << m << ", " << oh << ", " << ow << "]";
+  }
+  const T* x = Data<T>(tx);
+  const T* w = Data<T>(tw);
+  T* out = Data<T>(tout);
+  const int64_t mg = m / g, k = cg * kh * kw, pixels = oh * ow;
+  const bool direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pl == 0 && pb == 0 && pr == 0;
+  thread_local std::vector<T> scratch;  // the column matrix, reused by the next call of this size or smaller
+  if (!direct) scratch.resize(static_cast<size_t>(c * kh * kw * pixels));
+  for (int64_t b = 0; b < n; ++b) {
+    const T* xb = x + b * c * h * wd;
+    const T* col = xb;
+    if (!direct) {
+      T* cols = scratch.data();
+      for (int64_t i = 0; i < kh; ++i) {
+        const auto [r0, r1] = ValidOutputs(oh, h, i * dh, pt, sh);
+        for (int64_t j = 0; j < kw; ++j) {
+          const auto [c0, c1] = ValidOutputs(ow, wd, j * dw, pl, sw);
+          for (int64_t ch = 0; ch < c; ++ch) {
+            T* tap = cols + ((ch * kh + i) * kw + j) * pixels;
+            const T* src = xb + ch * h * wd;
+            std::fill(tap, tap + r0 * ow, T(0));
+            for (int64_t r = r0; r < r1; ++r) {
+              T* row = tap + r * ow;
+              const T* in = src + (r * sh + i * dh - pt) * wd + (c0 * sw + j * dw - pl);  // output column c0's
+              std::fill(row, row + c0, T(0));
+              if (sw == 1) {
+                std::memcpy(row + c0, in, sizeof(T) * (c1 - c0));
+              } else {
+                for (int64_t q = c0; q < c1; ++q) row[q] = in[(q - c0) * sw];
+              }
+              std::fill(row + c1, row + ow, T(0));
+            }
+            std::fill(tap + r1 * ow, tap + pixels, T(0));
+          }
+        }
+      }
+      col = cols;
+    }
+    for (int64_t gi = 0; gi < g; ++gi) {
+      Gemm<T>(blas, false, false, mg, pixels, k, w + gi * mg * k, k, col + gi * k * pixels, pixels,
+              out + (b * m + gi * mg) * pixels, pixels);
     }
   }
 }
@@ -899,8 +981,6 @@ void AttentionBlockBaseline(const Attention& p, int64_t b, int64_t bias_offset, 
   AttentionBlockBody<false>(p, b, bias_offset, i0, rows, kt, v, s, lds);
 }
 
-int64_t Dim(const ffi::TensorView& t, int i) { return t.shape()[i < 0 ? t.ndim() + i : i]; }
-
 void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ffi::TensorView& v,
                    const ffi::TensorView* bias, double scale, const ffi::TensorView& out) {
   DLDataType f32{kDLFloat, 32, 1};
@@ -1026,6 +1106,23 @@ void CpuMatmul(ffi::TensorView a, ffi::TensorView b, int64_t trans_a, int64_t tr
   }
 }
 
+void CpuConv2d(ffi::TensorView x, ffi::TensorView w, int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb,
+               int64_t pr, int64_t dh, int64_t dw, int64_t groups, ffi::TensorView out) {
+  const Blas& blas = GetBlas();
+  DLDataType dt = out.dtype();
+  if (dt.code != kDLFloat || (dt.bits != 32 && dt.bits != 64) || dt.lanes != 1) {
+    TVM_FFI_THROW(TypeError) << "cpu_conv2d: only float32/float64, got " << ffi::DLDataTypeToString(dt);
+  }
+  CheckOperand(out, dt, "out");
+  CheckOperand(x, dt, "x");
+  CheckOperand(w, dt, "w");
+  if (dt.bits == 32) {
+    Conv2dImpl<float>(blas, x, w, sh, sw, pt, pl, pb, pr, dh, dw, groups, out);
+  } else {
+    Conv2dImpl<double>(blas, x, w, sh, sw, pt, pl, pb, pr, dh, dw, groups, out);
+  }
+}
+
 void CpuMatmulNBits(ffi::TensorView a, ffi::TensorView codes, ffi::TensorView scales, ffi::TensorView out) {
   MatmulNBitsImpl(a, codes, scales, nullptr, out);
 }
@@ -1060,6 +1157,7 @@ void SetKernelThreads(int64_t n) { kernel_threads.store(static_cast<int>(std::ma
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(blas_bind, bmc::native::BlasBind);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(blas_bound, bmc::native::BlasBound);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul, bmc::native::CpuMatmul);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_conv2d, bmc::native::CpuConv2d);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_nbits, bmc::native::CpuMatmulNBits);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_nbits_zp, bmc::native::CpuMatmulNBitsZp);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_integer, bmc::native::CpuMatmulInteger);

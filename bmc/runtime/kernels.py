@@ -3,8 +3,9 @@
 An llvm artifact may call ``bmc.cpu.matmul(a, b, trans_a, trans_b, out)`` and ``bmc.cpu.conv2d(x, w, strides...,
 pads..., dilations..., groups, out)`` (the codegen offloads float32/float64 matmuls and large 2-D convolutions to
 BLAS, see ``bmc/codegen/cpu.py``), and the quantized matmuls ``bmc.cpu.matmul_nbits[_zp]`` (4-bit weights) and
-``bmc.cpu.matmul_integer`` (8-bit integer products), and ``bmc.cpu.attention[_bias]`` (fused attention); the manifest lists the names under ``kernels.cpu.requires``. The
-TVM VM resolves packed-function names when it is constructed, so the runtime calls
+``bmc.cpu.matmul_integer`` (8-bit integer products), and ``bmc.cpu.attention[_bias]`` (fused attention); the
+manifest lists the names under ``kernels.cpu.requires``. The TVM VM resolves packed-function names when it is
+constructed, so the runtime calls
 
     register_cpu_kernels()            # idempotent, cheap after the first call
 
@@ -273,15 +274,6 @@ def _attention_numpy(q, kt, v, *rest) -> None:
     np.matmul(s, np.from_dlpack(v), out=np.from_dlpack(out))
 
 
-#: the native library's function behind each kernel name, and the numpy implementation of the same contract
-_NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", MATMUL_NBITS_KERNEL: "cpu_matmul_nbits",
-                   MATMUL_NBITS_ZP_KERNEL: "cpu_matmul_nbits_zp", MATMUL_INTEGER_KERNEL: "cpu_matmul_integer",
-                   ATTENTION_KERNEL: "cpu_attention", ATTENTION_BIAS_KERNEL: "cpu_attention_bias"}
-_NUMPY_KERNELS = {MATMUL_KERNEL: _matmul_numpy, MATMUL_NBITS_KERNEL: _matmul_nbits_numpy,
-                  MATMUL_NBITS_ZP_KERNEL: _matmul_nbits_numpy, MATMUL_INTEGER_KERNEL: _matmul_integer_numpy,
-                  ATTENTION_KERNEL: _attention_numpy, ATTENTION_BIAS_KERNEL: _attention_numpy}
-
-
 _SCRATCH = threading.local()  # per thread: the im2col buffer of the last conv2d, reused (no page faults per call)
 
 
@@ -360,6 +352,15 @@ def _conv2d_numpy(x, w, stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, d
     """``bmc.cpu.conv2d`` (destination-passing) on zero-copy DLPack views; see :func:`conv2d_numpy`."""
     conv2d_numpy(np.from_dlpack(x), np.from_dlpack(w), (stride_h, stride_w), (pad_t, pad_l, pad_b, pad_r),
                  (dil_h, dil_w), groups, out=np.from_dlpack(out))
+
+
+#: the native library's function behind each kernel name, and the numpy implementation of the same contract
+_NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", CONV2D_KERNEL: "cpu_conv2d", MATMUL_NBITS_KERNEL: "cpu_matmul_nbits",
+                   MATMUL_NBITS_ZP_KERNEL: "cpu_matmul_nbits_zp", MATMUL_INTEGER_KERNEL: "cpu_matmul_integer",
+                   ATTENTION_KERNEL: "cpu_attention", ATTENTION_BIAS_KERNEL: "cpu_attention_bias"}
+_NUMPY_KERNELS = {MATMUL_KERNEL: _matmul_numpy, CONV2D_KERNEL: _conv2d_numpy, MATMUL_NBITS_KERNEL: _matmul_nbits_numpy,
+                  MATMUL_NBITS_ZP_KERNEL: _matmul_nbits_numpy, MATMUL_INTEGER_KERNEL: _matmul_integer_numpy,
+                  ATTENTION_KERNEL: _attention_numpy, ATTENTION_BIAS_KERNEL: _attention_numpy}
 
 
 # ------------------------------------------------------------------------------------------ native library
@@ -494,8 +495,6 @@ def register_cpu_kernels(required=None, *, threads: int | None = None, native: b
             # `info()` says which one runs
         for name, fn in (_STATE["native_kernels"] if impl == "native" else _NUMPY_KERNELS).items():
             tvm_ffi.register_global_func(name, fn, override=True)
-        # conv2d: im2col + numpy's BLAS in either case (the GEMM dominates; the native library has no conv yet)
-        tvm_ffi.register_global_func(CONV2D_KERNEL, _conv2d_numpy, override=True)
         _STATE["impl"] = impl
         if threads is not None or "threads" not in _STATE:
             set_num_threads(threads)

@@ -327,6 +327,7 @@ CONV_CASES = [  # (x shape, w shape, strides, pads (top, left, bottom, right), d
     ((1, 16, 21, 19), (24, 16, 3, 2), (2, 1), (0, 1, 2, 0), (2, 1), 1),    # asymmetric pads, dilation, odd sizes
     ((1, 32, 16, 16), (64, 8, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4),     # grouped
     ((1, 32, 17, 15), (32, 16, 3, 3), (1, 2), (2, 1, 0, 2), (2, 2), 2),    # grouped, dilated, strided
+    ((1, 16, 6, 6), (16, 16, 3, 3), (1, 1), (4, 4, 5, 4), (1, 1), 1),      # pads wider than the kernel: zero rows
 ]
 
 
@@ -340,14 +341,14 @@ def _conv_graph(x_shape, w_shape, strides, pads, dilations, groups, dtype="float
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=[f"{c[1][2]}x{c[1][3]}s{c[2]}p{c[3]}d{c[4]}g{c[5]}".replace(" ", "")
                                                   for c in CONV_CASES])
-def test_offloaded_conv2d_matches_reference(dtype, case):
+def test_offloaded_conv2d_matches_reference(impl, dtype, case):
     from bmc.ops import OPS
 
     x_shape, w_shape, strides, pads, dilations, groups = case
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape).astype(dtype)
     w = rng.standard_normal(w_shape).astype(dtype)
-    built, got = _run(_conv_graph(*case, dtype=dtype), [x, w], native=False)
+    built, got = _run(_conv_graph(*case, dtype=dtype), [x, w], native=impl == "native")
     rec = built.kernels["cpu"]
     assert rec["conv2d"]["blas"] == 1 and rec["requires"] == ["bmc.cpu.conv2d"], rec
     (ref,) = OPS["conv"].reference([x, w], {"strides": strides, "pads": pads, "dilations": dilations,
