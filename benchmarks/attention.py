@@ -2,12 +2,13 @@
 """Attention on the CPU: bmc's fused kernel against the unfused composition and onnxruntime, side by side in one
 process, same thread count.
 
-    python benchmarks/attention.py                       # GPT-2-small heads (12 x 64), causal, seq 128, 512, 2048
-    python benchmarks/attention.py --seqs 256,1024 --json /tmp/a.json
+    python benchmarks/attention.py                       # GPT-2-small heads (12 x 64), causal, seq 128, 512, 2048,
+                                                         # and one decoding step (1 query, 2048 keys)
+    python benchmarks/attention.py --seqs 256,1024 --decode 4096 --json /tmp/a.json
 
 The model is the attention core as the PyTorch exporters write it (``softmax(q @ k.T * 0.125 + causal_mask) @
 v``, q/k/v ``[batch, 12, seq, 64]``, the key transposed by a ``Transpose`` node, the mask a constant). bmc compiles
-it twice: as it does by default (``fuse_attention`` makes it one ``attention`` op, the native kernel
+it twice (``queries`` = ``seq`` for a prefill; a decoding step's one query sees every key): as it does by default (``fuse_attention`` makes it one ``attention`` op, the native kernel
 ``bmc.cpu.attention_bias``: no ``[seq, seq]`` score matrix is stored) and with the fusion turned off (BLAS batched
 matmuls around TVM's softmax, what bmc did before). Per sequence length: median latency of the three, the ratios,
 the score bytes the unfused program writes and reads, and the max abs error of both bmc builds against onnxruntime
@@ -33,13 +34,16 @@ HEADS, HEAD_DIM = 12, 64
 from benchmarks.quantized import _median_s  # noqa: E402 (after the path set-up)
 
 
-def attention_core(batch: int, seq: int):
+def attention_core(batch: int, seq: int, queries: int):
+    """The last ``queries`` positions of a causal attention over ``seq`` keys."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     shape = [batch, HEADS, seq, HEAD_DIM]
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("q", "k", "v")]
-    mask = np.where(np.tril(np.ones((seq, seq), bool)), 0, np.finfo(np.float32).min).astype(np.float32)
+    inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, [batch, HEADS, queries, HEAD_DIM])]
+    inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("k", "v")]
+    visible = np.tril(np.ones((queries, seq), bool), seq - queries)
+    mask = np.where(visible, 0, np.finfo(np.float32).min).astype(np.float32)
     inits = [numpy_helper.from_array(mask[None, None], "mask"),
              numpy_helper.from_array(np.array(HEAD_DIM ** -0.5, np.float32), "scale")]
     nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
@@ -48,7 +52,7 @@ def attention_core(batch: int, seq: int):
              helper.make_node("Add", ["scaled", "mask"], ["masked"]),
              helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
              helper.make_node("MatMul", ["probs", "v"], ["out"])]
-    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [batch, HEADS, queries, HEAD_DIM])
     graph = helper.make_graph(nodes, "attention", inputs, [out], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -69,17 +73,18 @@ def run(args) -> dict:
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # bmc runs in this process too
     rows = []
-    for seq in args.seqs:
-        path = work / f"attention-{seq}.onnx"
-        onnx.save(attention_core(args.batch, seq), path)
+    for seq, queries in [(s, s) for s in args.seqs] + [(s, 1) for s in args.decode]:
+        path = work / f"attention-{seq}-{queries}.onnx"
+        onnx.save(attention_core(args.batch, seq, queries), path)
         rng = np.random.default_rng(seq)
-        feeds = {n: rng.standard_normal((args.batch, HEADS, seq, HEAD_DIM), dtype=np.float32) for n in "qkv"}
+        feeds = {n: rng.standard_normal((args.batch, HEADS, queries if n == "q" else seq, HEAD_DIM), dtype=np.float32)
+                 for n in "qkv"}
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         want = sess.run(None, feeds)[0]
-        row = {"seq": seq, "onnxruntime_s": _median_s(lambda: sess.run(None, feeds), args.budget),
-               "scores_bytes": 4 * args.batch * HEADS * seq * seq}
+        row = {"seq": seq, "queries": queries, "onnxruntime_s": _median_s(lambda: sess.run(None, feeds), args.budget),
+               "scores_bytes": 4 * args.batch * HEADS * queries * seq}
         for name, fused in (("fused", True), ("unfused", False)):
-            artifact = work / f"attention-{seq}-{name}.bmc"
+            artifact = work / f"attention-{seq}-{queries}-{name}.bmc"
             if fused:
                 bmc.compile(path, artifact)
             else:  # the same compile with the fusion pass made a no-op
@@ -94,7 +99,7 @@ def run(args) -> dict:
         row["fused_vs_unfused"] = row["fused_s"] / row["unfused_s"]
         row["fused_vs_onnxruntime"] = row["fused_s"] / row["onnxruntime_s"]
         rows.append(row)
-        print(f"[seq {seq}] fused {row['fused_s'] * 1e3:.2f} ms, unfused {row['unfused_s'] * 1e3:.2f} ms, "
+        print(f"[seq {seq}, {queries} queries] fused {row['fused_s'] * 1e3:.2f} ms, unfused {row['unfused_s'] * 1e3:.2f} ms, "
               f"onnxruntime {row['onnxruntime_s'] * 1e3:.2f} ms", file=sys.stderr)
     return {"config": {"batch": args.batch, "heads": HEADS, "head_dim": HEAD_DIM, "threads": args.threads},
             "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
@@ -102,10 +107,10 @@ def run(args) -> dict:
 
 
 def table(report: dict) -> str:
-    lines = [f"{'seq':>5} {'fused ms':>9} {'unfused ms':>10} {'ort ms':>9} {'fused/unfused':>13} {'fused/ort':>9} "
+    lines = [f"{'seq':>5} {'queries':>7} {'fused ms':>9} {'unfused ms':>10} {'ort ms':>9} {'fused/unfused':>13} {'fused/ort':>9} "
              f"{'scores MiB':>10} {'rel err':>8}"]
     for r in report["rows"]:
-        lines.append(f"{r['seq']:>5} {r['fused_s'] * 1e3:>9.2f} {r['unfused_s'] * 1e3:>10.2f} "
+        lines.append(f"{r['seq']:>5} {r['queries']:>7} {r['fused_s'] * 1e3:>9.2f} {r['unfused_s'] * 1e3:>10.2f} "
                      f"{r['onnxruntime_s'] * 1e3:>9.2f} {r['fused_vs_unfused']:>12.2f}x "
                      f"{r['fused_vs_onnxruntime']:>8.2f}x {r['scores_bytes'] / 2**20:>10.1f} "
                      f"{r['fused_rel_error']:>8.1e}")
@@ -115,6 +120,8 @@ def table(report: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seqs", type=lambda s: [int(v) for v in s.split(",")], default=[128, 512, 2048])
+    p.add_argument("--decode", type=lambda s: [int(v) for v in s.split(",") if v], default=[2048],
+                   help="key counts of decoding steps (one query), comma-separated; '' for none")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per measurement")

@@ -718,17 +718,26 @@ void MatmulIntegerImpl(const ffi::TensorView& ta, const ffi::TensorView& tb, con
 constexpr int kGemmRows = 6;   // a tile: 6 rows x 16 columns, 12 AVX2 accumulators (BLIS' Haswell shape)
 constexpr int kGemmCols = 16;
 constexpr int64_t kAttentionScores = 65536;  // floats of one block's scores (256 KiB, in L2)
+constexpr int64_t kPackRows = 16;  // query rows from which packing the keys and values pays
 
-/*! \brief ``c[i, j] = sum_p a[i, p] * b[p, j]`` for ``MR`` rows and the first ``nc`` of 16 columns of the packed
- *  panel \a b (``[k, 16]``), in 12 AVX2 registers. */
+/*! \brief ``c[i, j] = sum_p a[i, p] * b[p, j]`` for ``MR`` rows and the first ``nc`` ≤ 16 columns of \a b (rows
+ *  \a ldb apart: a packed panel, ldb 16, or the matrix itself), in 12 AVX2 registers. */
 template <int MR>
-__attribute__((target("avx2,fma"))) void GemmTileAvx2(const float* a, int64_t lda, const float* b, float* c,
-                                                       int64_t ldc, int64_t k, int64_t nc) {
+__attribute__((target("avx2,fma"))) void GemmTileAvx2(const float* a, int64_t lda, const float* b, int64_t ldb,
+                                                       float* c, int64_t ldc, int64_t k, int64_t nc) {
+  alignas(32) static const int32_t kLaneMask[24] = {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                    0,  0,  0,  0,  0,  0,  0,  0};
+  // the first min(nc, 8) lanes, and the first max(nc - 8, 0)
+  const __m256i m0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLaneMask + 16 - std::min<int64_t>(nc, 8)));
+  const __m256i m1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLaneMask + 16 - std::max<int64_t>(nc - 8, 0)));
+  const bool whole = nc == kGemmCols;
   __m256 acc[MR][2];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t p = 0; p < k; ++p) {
-    const __m256 b0 = _mm256_loadu_ps(b + p * kGemmCols), b1 = _mm256_loadu_ps(b + p * kGemmCols + 8);
+    const float* bp = b + p * ldb;
+    const __m256 b0 = whole ? _mm256_loadu_ps(bp) : _mm256_maskload_ps(bp, m0);
+    const __m256 b1 = whole ? _mm256_loadu_ps(bp + 8) : _mm256_maskload_ps(bp + 8, m1);
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
       const __m256 ar = _mm256_broadcast_ss(a + r * lda + p);
@@ -736,31 +745,26 @@ __attribute__((target("avx2,fma"))) void GemmTileAvx2(const float* a, int64_t ld
       acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
     }
   }
-  if (nc == kGemmCols) {
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      _mm256_storeu_ps(c + r * ldc, acc[r][0]);
-      _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
-    }
-    return;
-  }
-  alignas(32) float tmp[kGemmCols];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
-    _mm256_store_ps(tmp, acc[r][0]);
-    _mm256_store_ps(tmp + 8, acc[r][1]);
-    std::memcpy(c + r * ldc, tmp, sizeof(float) * nc);
+    if (whole) {
+      _mm256_storeu_ps(c + r * ldc, acc[r][0]);
+      _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
+    } else {
+      _mm256_maskstore_ps(c + r * ldc, m0, acc[r][0]);
+      _mm256_maskstore_ps(c + r * ldc + 8, m1, acc[r][1]);
+    }
   }
 }
 
 /*! \brief The same tile in plain loops (CPUs without AVX2). */
 template <int MR>
-__attribute__((always_inline)) inline void GemmTilePlain(const float* a, int64_t lda, const float* b, float* c,
-                                                         int64_t ldc, int64_t k, int64_t nc) {
+__attribute__((always_inline)) inline void GemmTilePlain(const float* a, int64_t lda, const float* b, int64_t ldb,
+                                                         float* c, int64_t ldc, int64_t k, int64_t nc) {
   float acc[MR][kGemmCols] = {};
   for (int64_t p = 0; p < k; ++p) {
     for (int r = 0; r < MR; ++r) {
-      for (int j = 0; j < kGemmCols; ++j) acc[r][j] += a[r * lda + p] * b[p * kGemmCols + j];
+      for (int64_t j = 0; j < nc; ++j) acc[r][j] += a[r * lda + p] * b[p * ldb + j];
     }
   }
   for (int r = 0; r < MR; ++r) std::memcpy(c + r * ldc, acc[r], sizeof(float) * nc);
@@ -768,11 +772,15 @@ __attribute__((always_inline)) inline void GemmTilePlain(const float* a, int64_t
 
 /*! \brief ``b [k, n]`` (row-major, leading dim \a ldb) as panels of 16 columns, ``[ceil(n / 16)][k][16]``,
  *  zero-padded: every tile then reads its panel contiguously (rows of a strided b 4 KiB apart would all fall into
- *  one L1 set). */
+ *  one L1 set). Worth its copy when many rows of a reuse it. */
 inline void PackPanels(const float* b, int64_t ldb, int64_t k, int64_t n, float* panels) {
   for (int64_t j0 = 0; j0 < n; j0 += kGemmCols) {
     const int64_t nc = std::min<int64_t>(kGemmCols, n - j0);
     float* panel = panels + j0 * k;
+    if (nc == kGemmCols) {  // a constant size: two vector moves a row
+      for (int64_t p = 0; p < k; ++p) std::memcpy(panel + p * kGemmCols, b + p * ldb + j0, sizeof(float) * kGemmCols);
+      continue;
+    }
     for (int64_t p = 0; p < k; ++p) {
       std::memcpy(panel + p * kGemmCols, b + p * ldb + j0, sizeof(float) * nc);
       std::fill(panel + p * kGemmCols + nc, panel + (p + 1) * kGemmCols, 0.0f);
@@ -780,20 +788,29 @@ inline void PackPanels(const float* b, int64_t ldb, int64_t k, int64_t n, float*
   }
 }
 
-/*! \brief ``c [m, n] = a [m, k] @ b [k, n]`` with b packed by PackPanels (\a kp rows a panel, k ≤ kp used),
- *  tile by tile, panel by panel. */
+/*! \brief A GEMM operand ``b [k, n]``: the matrix itself, or its PackPanels panels (``k`` rows each). */
+struct Operand16 {
+  const float* data;
+  int64_t ldb;          // rows apart: the matrix's leading dim, or 16 in panels
+  int64_t group_stride;  // floats from one group of 16 columns to the next: 16, or 16 * k in panels
+
+  static Operand16 Plain(const float* b, int64_t ldb) { return {b, ldb, kGemmCols}; }
+  static Operand16 Packed(const float* panels, int64_t k) { return {panels, kGemmCols, kGemmCols * k}; }
+};
+
+/*! \brief ``c [m, n] = a [m, k] @ b [k, n]``, tile by tile, a group of 16 columns of b at a time. */
 template <bool kAvx2>
 __attribute__((always_inline)) inline void SmallGemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                                                     const float* panels, int64_t kp, float* c, int64_t ldc) {
-#define BMC_TILE(MR)                                                       \
-  if constexpr (kAvx2) {                                                   \
-    GemmTileAvx2<MR>(a + i * lda, lda, panel, c + i * ldc + j0, ldc, k, nc); \
-  } else {                                                                 \
-    GemmTilePlain<MR>(a + i * lda, lda, panel, c + i * ldc + j0, ldc, k, nc); \
+                                                     Operand16 b, float* c, int64_t ldc) {
+#define BMC_TILE(MR)                                                                       \
+  if constexpr (kAvx2) {                                                                   \
+    GemmTileAvx2<MR>(a + i * lda, lda, group, b.ldb, c + i * ldc + j0, ldc, k, nc);      \
+  } else {                                                                                 \
+    GemmTilePlain<MR>(a + i * lda, lda, group, b.ldb, c + i * ldc + j0, ldc, k, nc);     \
   }
   for (int64_t j0 = 0; j0 < n; j0 += kGemmCols) {
     const int64_t nc = std::min<int64_t>(kGemmCols, n - j0);
-    const float* panel = panels + j0 * kp;
+    const float* group = b.data + j0 / kGemmCols * b.group_stride;
     int64_t i = 0;
     for (; i + kGemmRows <= m; i += kGemmRows) {
       BMC_TILE(6)
@@ -958,26 +975,26 @@ inline int64_t KeysNeeded(const Attention& p, int64_t bias_offset, int64_t i0, i
  *  \a kt and \a v are batch index b's, packed by PackPanels. */
 template <bool kAvx2>
 __attribute__((always_inline)) inline void AttentionBlockBody(const Attention& p, int64_t b, int64_t bias_offset,
-                                                              int64_t i0, int64_t rows, const float* kt,
-                                                              const float* v, float* s, int64_t lds) {
+                                                              int64_t i0, int64_t rows, Operand16 kt, Operand16 v,
+                                                              float* s, int64_t lds) {
   const int64_t n = KeysNeeded(p, bias_offset, i0, rows);
-  SmallGemm<kAvx2>(rows, n, p.d, p.q + (b * p.m + i0) * p.d, p.d, kt, p.d, s, lds);
+  SmallGemm<kAvx2>(rows, n, p.d, p.q + (b * p.m + i0) * p.d, p.d, kt, s, lds);
   for (int64_t i = 0; i < rows; ++i) {
     SoftmaxRow<kAvx2>(s + i * lds, n, p.scale,
                       p.bias == nullptr ? nullptr : p.bias + bias_offset + (i0 + i) * p.bias_row_stride,
                       p.bias_col_stride);
   }
-  SmallGemm<kAvx2>(rows, p.e, n, s, lds, v, p.n, p.out + (b * p.m + i0) * p.e, p.e);
+  SmallGemm<kAvx2>(rows, p.e, n, s, lds, v, p.out + (b * p.m + i0) * p.e, p.e);
 }
 
 __attribute__((target("avx2,fma"))) void AttentionBlockAvx2(const Attention& p, int64_t b, int64_t bias_offset,
-                                                             int64_t i0, int64_t rows, const float* kt,
-                                                             const float* v, float* s, int64_t lds) {
+                                                             int64_t i0, int64_t rows, Operand16 kt, Operand16 v,
+                                                             float* s, int64_t lds) {
   AttentionBlockBody<true>(p, b, bias_offset, i0, rows, kt, v, s, lds);
 }
 
 void AttentionBlockBaseline(const Attention& p, int64_t b, int64_t bias_offset, int64_t i0, int64_t rows,
-                            const float* kt, const float* v, float* s, int64_t lds) {
+                            Operand16 kt, Operand16 v, float* s, int64_t lds) {
   AttentionBlockBody<false>(p, b, bias_offset, i0, rows, kt, v, s, lds);
 }
 
@@ -1034,28 +1051,37 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
   // BMC_CPU_NO_AVX2: the baseline loops (what CPUs without AVX2 run; the tests take them this way)
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const auto run = avx2 && std::getenv("BMC_CPU_NO_AVX2") == nullptr ? AttentionBlockAvx2 : AttentionBlockBaseline;
-  constexpr int64_t kThreadWork = int64_t{1} << 21;  // multiply-adds a thread is worth (starting one ~50 us)
+  constexpr int64_t kThreadWork = int64_t{1} << 19;  // multiply-adds a thread is worth (starting one ~50 us)
   const int64_t work = count * p.m * p.n * (p.d + p.e);
   ParallelRows(count * blocks, [&p, blocks, run](int64_t begin, int64_t end) {
     const auto whole = [](int64_t x) { return (x + kGemmCols - 1) / kGemmCols * kGemmCols; };
     const int64_t lds = whole(p.n) + kGemmCols;  // rows of scores not 4 KiB apart
     std::vector<float> scores(static_cast<size_t>(p.block * lds));
-    // a thread's items are consecutive: the keys and values of a batch index are packed once per thread
-    std::vector<float> kt(static_cast<size_t>(p.d * whole(p.n))), v(static_cast<size_t>(p.n * whole(p.e)));
+    // a thread's items are consecutive: the keys and values of a batch index are packed once per thread, when
+    // enough query rows reuse them (a decoding step's few rows read them once, in place)
+    const bool pack = std::min(p.m, end - begin) >= kPackRows;
+    std::vector<float> kt_panels, v_panels;
+    if (pack) {
+      kt_panels.resize(static_cast<size_t>(p.d * whole(p.n)));
+      v_panels.resize(static_cast<size_t>(p.n * whole(p.e)));
+    }
     const size_t nb = p.batch.size();
     for (int64_t item = begin, packed = -1; item < end; ++item) {
       const int64_t b = item / blocks, i0 = item % blocks * p.block;
-      if (b != packed) {
-        PackPanels(p.kt + b * p.d * p.n, p.n, p.d, p.n, kt.data());
-        PackPanels(p.v + b * p.n * p.e, p.e, p.n, p.e, v.data());
+      const float *kt = p.kt + b * p.d * p.n, *v = p.v + b * p.n * p.e;
+      if (pack && b != packed) {
+        PackPanels(kt, p.n, p.d, p.n, kt_panels.data());
+        PackPanels(v, p.e, p.n, p.e, v_panels.data());
         packed = b;
       }
+      const Operand16 kt_op = pack ? Operand16::Packed(kt_panels.data(), p.d) : Operand16::Plain(kt, p.n);
+      const Operand16 v_op = pack ? Operand16::Packed(v_panels.data(), p.n) : Operand16::Plain(v, p.e);
       int64_t bias_offset = 0;
       for (int64_t i = static_cast<int64_t>(nb) - 1, rest = b; i >= 0; --i) {
         bias_offset += rest % p.batch[i] * (p.bias_batch_stride.empty() ? 0 : p.bias_batch_stride[i]);
         rest /= p.batch[i];
       }
-      run(p, b, bias_offset, i0, std::min(p.block, p.m - i0), kt.data(), v.data(), scores.data(), lds);
+      run(p, b, bias_offset, i0, std::min(p.block, p.m - i0), kt_op, v_op, scores.data(), lds);
     }
   }, work / kThreadWork + 1);
 }

@@ -54,6 +54,19 @@ def test_repeated_calls_reuse_the_bound_weights(tiny_artifact):
     assert np.array_equal(model(a)[0], first)
 
 
+def test_calls_from_threads_each_get_their_own_inputs_results(tiny_artifact, tiny_graph):
+    """The input tensors are allocated once and refilled by every call: calls from several threads take turns, so
+    none computes on another's inputs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = bmc.load(tiny_artifact)
+    xs = [_x(seed) for seed in range(16)]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda x: model(x)[0], xs))
+    for x, y in zip(xs, outs):
+        _close(y, run_reference(tiny_graph, {"x": x})["y"])
+
+
 def test_single_output_and_non_identifier_input_name(tmp_path, build_artifact):
     b = GraphBuilder("one")
     x = b.input("input.1", TensorType("float32", (2, 3)))
