@@ -28,9 +28,9 @@
  * float32/float64 cross-correlation as im2col (per image, tap by tap, into a per-thread scratch matrix; none for
  * a 1x1 stride-1 unpadded convolution) + one GEMM per group.
  *
- * ``cpu_attention(q, kt, v, scale, out)`` / ``cpu_attention_bias(q, kt, v, bias, scale, out)``: float32
- * ``softmax(scale * q @ kt + bias) @ v`` of ``q [..., M, D]``, ``kt [..., D, N]``, ``v [..., N, E]`` (one batch
- * shape) and a bias broadcasting to ``[..., M, N]``, a block of query rows at a time so the score matrix is never
+ * ``cpu_attention(q, k, v, scale, transpose_k, out)`` / ``cpu_attention_bias(q, k, v, bias, scale, transpose_k,
+ * out)``: float32 ``softmax(scale * q @ kt + bias) @ v`` of ``q [..., M, D]``, ``kt [..., D, N]`` (or ``k [..., N,
+ * D]`` with transpose_k), ``v [..., N, E]`` (one batch shape) and a bias broadcasting to ``[..., M, N]``, a block of query rows at a time so the score matrix is never
  * stored; keys a causal mask hides from a whole block are skipped. 6 x 16 AVX2 register tiles, else plain loops.
  *
  * The BLAS is not linked: Python finds the OpenBLAS that numpy's wheel ships (already loaded into the process) and
@@ -788,6 +788,19 @@ inline void PackPanels(const float* b, int64_t ldb, int64_t k, int64_t n, float*
   }
 }
 
+/*! \brief PackPanels of ``b = k.T`` for ``k [n, kdim]`` (row-major): the key stored untransposed. */
+inline void PackPanelsTransposed(const float* k, int64_t kdim, int64_t n, float* panels) {
+  for (int64_t j0 = 0; j0 < n; j0 += kGemmCols) {
+    const int64_t nc = std::min<int64_t>(kGemmCols, n - j0);
+    float* panel = panels + j0 * kdim;
+    if (nc < kGemmCols) std::fill(panel, panel + kdim * kGemmCols, 0.0f);
+    for (int64_t jj = 0; jj < nc; ++jj) {
+      const float* row = k + (j0 + jj) * kdim;
+      for (int64_t p = 0; p < kdim; ++p) panel[p * kGemmCols + jj] = row[p];
+    }
+  }
+}
+
 /*! \brief A GEMM operand ``b [k, n]``: the matrix itself, or its PackPanels panels (``k`` rows each). */
 struct Operand16 {
   const float* data;
@@ -901,7 +914,8 @@ struct Attention {
   const float *q, *kt, *v, *bias;  // bias: nullptr for none
   float* out;
   float scale;
-  int64_t m, n, d, e;  // q [B, m, d], kt [B, d, n], v [B, n, e], out [B, m, e]
+  int64_t m, n, d, e;  // q [B, m, d], kt [B, d, n] (k [B, n, d] when transpose_k), v [B, n, e], out [B, m, e]
+  bool transpose_k;
   std::vector<int64_t> batch, bias_batch_stride;  // per batch dim: its size, the bias' stride (0: broadcast)
   int64_t bias_row_stride = 0, bias_col_stride = 0;
   int64_t block = 0;  // query rows a block
@@ -975,10 +989,18 @@ inline int64_t KeysNeeded(const Attention& p, int64_t bias_offset, int64_t i0, i
  *  \a kt and \a v are batch index b's, packed by PackPanels. */
 template <bool kAvx2>
 __attribute__((always_inline)) inline void AttentionBlockBody(const Attention& p, int64_t b, int64_t bias_offset,
-                                                              int64_t i0, int64_t rows, Operand16 kt, Operand16 v,
-                                                              float* s, int64_t lds) {
+                                                              int64_t i0, int64_t rows, Operand16 kt,
+                                                              const float* k_rows, Operand16 v, float* s,
+                                                              int64_t lds) {
   const int64_t n = KeysNeeded(p, bias_offset, i0, rows);
-  SmallGemm<kAvx2>(rows, n, p.d, p.q + (b * p.m + i0) * p.d, p.d, kt, s, lds);
+  const float* q = p.q + (b * p.m + i0) * p.d;
+  if (k_rows != nullptr) {  // few rows and an untransposed key: a dot product per score, both read in place
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t j = 0; j < n; ++j) s[i * lds + j] = Dot(q + i * p.d, k_rows + j * p.d, p.d);
+    }
+  } else {
+    SmallGemm<kAvx2>(rows, n, p.d, q, p.d, kt, s, lds);
+  }
   for (int64_t i = 0; i < rows; ++i) {
     SoftmaxRow<kAvx2>(s + i * lds, n, p.scale,
                       p.bias == nullptr ? nullptr : p.bias + bias_offset + (i0 + i) * p.bias_row_stride,
@@ -988,18 +1010,19 @@ __attribute__((always_inline)) inline void AttentionBlockBody(const Attention& p
 }
 
 __attribute__((target("avx2,fma"))) void AttentionBlockAvx2(const Attention& p, int64_t b, int64_t bias_offset,
-                                                             int64_t i0, int64_t rows, Operand16 kt, Operand16 v,
-                                                             float* s, int64_t lds) {
-  AttentionBlockBody<true>(p, b, bias_offset, i0, rows, kt, v, s, lds);
+                                                             int64_t i0, int64_t rows, Operand16 kt,
+                                                             const float* k_rows, Operand16 v, float* s,
+                                                             int64_t lds) {
+  AttentionBlockBody<true>(p, b, bias_offset, i0, rows, kt, k_rows, v, s, lds);
 }
 
 void AttentionBlockBaseline(const Attention& p, int64_t b, int64_t bias_offset, int64_t i0, int64_t rows,
-                            Operand16 kt, Operand16 v, float* s, int64_t lds) {
-  AttentionBlockBody<false>(p, b, bias_offset, i0, rows, kt, v, s, lds);
+                            Operand16 kt, const float* k_rows, Operand16 v, float* s, int64_t lds) {
+  AttentionBlockBody<false>(p, b, bias_offset, i0, rows, kt, k_rows, v, s, lds);
 }
 
 void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ffi::TensorView& v,
-                   const ffi::TensorView* bias, double scale, const ffi::TensorView& out) {
+                   const ffi::TensorView* bias, double scale, bool transpose_k, const ffi::TensorView& out) {
   DLDataType f32{kDLFloat, 32, 1};
   CheckOperand(q, f32, "q");
   CheckOperand(kt, f32, "kt");
@@ -1011,16 +1034,17 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
     TVM_FFI_THROW(ValueError) << "cpu_attention: q, kt, v and out must have one rank >= 2";
   }
   Attention p{Data<float>(q), Data<float>(kt), Data<float>(v), bias ? Data<float>(*bias) : nullptr,
-              Data<float>(out), static_cast<float>(scale), Dim(q, -2), Dim(kt, -1), Dim(q, -1), Dim(v, -1), {}, {}};
+              Data<float>(out), static_cast<float>(scale), Dim(q, -2), Dim(kt, transpose_k ? -2 : -1), Dim(q, -1),
+              Dim(v, -1), transpose_k, {}, {}};
   for (int i = 0; i < rank - 2; ++i) {
     p.batch.push_back(Dim(q, i));
     if (Dim(kt, i) != Dim(q, i) || Dim(v, i) != Dim(q, i) || Dim(out, i) != Dim(q, i)) {
       TVM_FFI_THROW(ValueError) << "cpu_attention: q, kt, v and out must have the same batch dims";
     }
   }
-  if (Dim(kt, -2) != p.d || Dim(v, -2) != p.n || Dim(out, -2) != p.m || Dim(out, -1) != p.e) {
-    TVM_FFI_THROW(ValueError) << "cpu_attention: expected q [..., M, D], kt [..., D, N], v [..., N, E], out "
-                                 "[..., M, E]";
+  if (Dim(kt, transpose_k ? -1 : -2) != p.d || Dim(v, -2) != p.n || Dim(out, -2) != p.m || Dim(out, -1) != p.e) {
+    TVM_FFI_THROW(ValueError) << "cpu_attention: expected q [..., M, D], kt [..., D, N] (k [..., N, D] with "
+                                 "transpose_k), v [..., N, E], out [..., M, E]";
   }
   if (bias != nullptr) {  // right-aligned numpy broadcasting against the scores [..., M, N]
     const int br = bias->ndim();
@@ -1059,7 +1083,7 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
     std::vector<float> scores(static_cast<size_t>(p.block * lds));
     // a thread's items are consecutive: the keys and values of a batch index are packed once per thread, when
     // enough query rows reuse them (a decoding step's few rows read them once, in place)
-    const bool pack = std::min(p.m, end - begin) >= kPackRows;
+    const bool pack = std::min(p.m, (end - begin) * p.block) >= kPackRows;
     std::vector<float> kt_panels, v_panels;
     if (pack) {
       kt_panels.resize(static_cast<size_t>(p.d * whole(p.n)));
@@ -1070,7 +1094,11 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
       const int64_t b = item / blocks, i0 = item % blocks * p.block;
       const float *kt = p.kt + b * p.d * p.n, *v = p.v + b * p.n * p.e;
       if (pack && b != packed) {
-        PackPanels(kt, p.n, p.d, p.n, kt_panels.data());
+        if (p.transpose_k) {
+          PackPanelsTransposed(kt, p.d, p.n, kt_panels.data());
+        } else {
+          PackPanels(kt, p.n, p.d, p.n, kt_panels.data());
+        }
         PackPanels(v, p.e, p.n, p.e, v_panels.data());
         packed = b;
       }
@@ -1081,7 +1109,8 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
         bias_offset += rest % p.batch[i] * (p.bias_batch_stride.empty() ? 0 : p.bias_batch_stride[i]);
         rest /= p.batch[i];
       }
-      run(p, b, bias_offset, i0, std::min(p.block, p.m - i0), kt_op, v_op, scores.data(), lds);
+      run(p, b, bias_offset, i0, std::min(p.block, p.m - i0), kt_op, !pack && p.transpose_k ? kt : nullptr, v_op,
+          scores.data(), lds);
     }
   }, work / kThreadWork + 1);
 }
@@ -1163,13 +1192,14 @@ void CpuMatmulInteger(ffi::TensorView a, ffi::TensorView bt, ffi::TensorView a_z
   MatmulIntegerImpl(a, bt, a_zp, b_zp, out);
 }
 
-void CpuAttention(ffi::TensorView q, ffi::TensorView kt, ffi::TensorView v, double scale, ffi::TensorView out) {
-  AttentionImpl(q, kt, v, nullptr, scale, out);
+void CpuAttention(ffi::TensorView q, ffi::TensorView k, ffi::TensorView v, double scale, int64_t transpose_k,
+                  ffi::TensorView out) {
+  AttentionImpl(q, k, v, nullptr, scale, transpose_k != 0, out);
 }
 
-void CpuAttentionBias(ffi::TensorView q, ffi::TensorView kt, ffi::TensorView v, ffi::TensorView bias, double scale,
-                      ffi::TensorView out) {
-  AttentionImpl(q, kt, v, &bias, scale, out);
+void CpuAttentionBias(ffi::TensorView q, ffi::TensorView k, ffi::TensorView v, ffi::TensorView bias, double scale,
+                      int64_t transpose_k, ffi::TensorView out) {
+  AttentionImpl(q, k, v, &bias, scale, transpose_k != 0, out);
 }
 
 /*! \brief Threads of the 4-bit and integer matmuls (BLAS sizes its own pool). */

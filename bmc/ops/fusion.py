@@ -10,7 +10,8 @@ exporters, for GPT-2, BERT, Llama, OPT, ViT)::
     o = matmul(p, v)             v [..., N, E]
 
 and replaces it by one ``attention(q, kt, v[, bias]) {scale}``, when every intermediate has that single reader
-and q, kt and v share their batch dims. Planning then sees no ``[..., M, N]`` score tensor (the memory model and
+and q, kt and v share their batch dims. A ``kt`` that is a transpose of the last two dims of ``k [..., N, D]``
+(a key or key cache kept as ``[batch, heads, seq, dim]``) is read as ``k`` (``transpose_k``): no transposed copy. Planning then sees no ``[..., M, N]`` score tensor (the memory model and
 the ILP price the fused op, whose rule replicates the key axis as the softmax's did), the CPU runs one kernel
 that never stores the scores (``bmc.cpu.attention``), and other targets lower the same composition again. The
 fused op's reference runs the replaced ops' references in order, so fusing changes no reference result.
@@ -33,6 +34,10 @@ def _scalar(node: Node | None) -> float | None:
         return None
     value = np.asarray(node.attrs["value"])
     return float(value.reshape(())) if value.size == 1 and value.dtype.kind == "f" else None
+
+
+def _last_two_swapped(rank: int) -> tuple[int, ...]:
+    return tuple(range(rank - 2)) + (rank - 1, rank - 2)
 
 
 def _never_selected(where: Node, probs: Value) -> bool:
@@ -92,8 +97,12 @@ def fuse_attention(graph: Graph) -> Graph:
         if not (q.type.rank >= 2 and kt.type.rank == v.type.rank == q.type.rank
                 and q.type.shape[:-2] == kt.type.shape[:-2] == v.type.shape[:-2] == s.type.shape[:-2]):
             continue
-        fused[id(out_mm)] = Node("attention", [q, kt, v] + ([bias] if bias is not None else []),
-                                 out_mm.outputs, {"scale": scale}, node.source)
+        key, transpose_k = kt, False
+        swap = producer(kt, qk, "transpose")
+        if swap is not None and tuple(swap.attrs["perm"]) == _last_two_swapped(kt.type.rank):
+            key, transpose_k = swap.inputs[0], True  # the kernel reads k [..., N, D] itself
+        fused[id(out_mm)] = Node("attention", [q, key, v] + ([bias] if bias is not None else []),
+                                 out_mm.outputs, {"scale": scale, "transpose_k": transpose_k}, node.source)
     if not fused:
         return graph
     graph.nodes = [fused.get(id(n), n) for n in graph.nodes]

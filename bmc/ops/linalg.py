@@ -111,15 +111,21 @@ register(OpDef("matmul_integer", "linalg", (4, 4), {}, _infer_matmul_integer, _m
                    "a zero point is one value, or one per row of A's last M (of Bt's N); sums wrap modulo 2^32"))
 
 
+def key_dims(k: tuple[int, ...], attrs) -> tuple[int, ...]:
+    """The key operand's shape as kt ``[..., D, N]`` (it is stored ``[..., N, D]`` with ``transpose_k``)."""
+    return k[:-2] + (k[-1], k[-2]) if attrs["transpose_k"] else k
+
+
 def _infer_attention(ins, attrs):
-    q, kt, v = ins[:3]
-    ok = (q.rank >= 2 and kt.rank == q.rank and v.rank == q.rank and q.dtype in FLOAT_DTYPES
-          and kt.dtype == q.dtype and v.dtype == q.dtype and q.shape[:-2] == kt.shape[:-2] == v.shape[:-2]
-          and q.shape[-1] == kt.shape[-2] and kt.shape[-1] == v.shape[-2])
+    q, k, v = ins[:3]
+    kt = key_dims(k.shape, attrs) if k.rank >= 2 else k.shape
+    ok = (q.rank >= 2 and k.rank == q.rank and v.rank == q.rank and q.dtype in FLOAT_DTYPES
+          and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[:-2] == kt[:-2] == v.shape[:-2]
+          and q.shape[-1] == kt[-2] and kt[-1] == v.shape[-2])
     if not ok:
-        raise OpError(f"attention takes float q [..., M, D], kt [..., D, N] and v [..., N, E] with one batch shape, "
-                      f"got {q}, {kt} and {v}")
-    scores = q.shape[:-1] + (kt.shape[-1],)
+        raise OpError(f"attention takes float q [..., M, D], kt [..., D, N] (k [..., N, D] with transpose_k) and "
+                      f"v [..., N, E] with one batch shape, got {q}, {k} and {v}")
+    scores = q.shape[:-1] + (kt[-1],)
     if len(ins) > 3:
         bias = ins[3]
         if bias.dtype != q.dtype or bias.rank > len(scores) or broadcast_shapes(bias.shape, scores) != scores:
@@ -133,8 +139,8 @@ def _attention(ins, attrs):
     def run(op, args, **kw):
         return OPS[op].reference(args, OPS[op].check_attrs(kw))[0]
 
-    q, kt, v = ins[:3]
-    s = run("matmul", [q, kt])
+    q, k, v = ins[:3]
+    s = run("matmul", [q, np.swapaxes(k, -1, -2) if attrs["transpose_k"] else k])
     if attrs["scale"] != 1.0:
         s = run("mul", [s, np.asarray(attrs["scale"], s.dtype)])
     if len(ins) > 3:
@@ -143,13 +149,14 @@ def _attention(ins, attrs):
 
 
 def _attention_cost(ins, outs, attrs):
-    q, kt, v = ins[:3]
-    scores = q.numel // q.shape[-1] * kt.shape[-1]
+    q, k, v = ins[:3]
+    scores = q.numel // q.shape[-1] * key_dims(k.shape, attrs)[-1]
     return Cost(2 * scores * (q.shape[-1] + v.shape[-1]) + 7 * scores, bytes_moved(ins, outs))
 
 
-register(OpDef("attention", "linalg", (3, 4), {"scale": Attr("float", 1.0)}, _infer_attention, _attention,
-               _attention_cost,
-               doc="softmax(scale * q @ kt + bias, axis=-1) @ v of q [..., M, D], kt [..., D, N], v [..., N, E] (one "
-                   "batch shape) and an optional bias broadcasting to the scores [..., M, N]; made by fusing that "
+register(OpDef("attention", "linalg", (3, 4), {"scale": Attr("float", 1.0), "transpose_k": Attr("bool", False)},
+               _infer_attention, _attention, _attention_cost,
+               doc="softmax(scale * q @ kt + bias, axis=-1) @ v of q [..., M, D], kt [..., D, N] (or k [..., N, D] "
+                   "with transpose_k), v [..., N, E] (one batch shape) and an optional bias broadcasting to the "
+                   "scores [..., M, N]; made by fusing that "
                    "composition (bmc.ops.fusion), computed without the [M, N] scores where a kernel exists"))

@@ -48,8 +48,9 @@ MATMUL_NBITS_ZP_KERNEL = "bmc.cpu.matmul_nbits_zp"
 #: ``bmc.cpu.matmul_integer(a, bt, a_zero_point, b_zero_point, out)``: the exact int32 ``(a - za) @ (bt - zb).T``
 #: of 8-bit operands (the ``matmul_integer`` op)
 MATMUL_INTEGER_KERNEL = "bmc.cpu.matmul_integer"
-#: ``bmc.cpu.attention(q, kt, v, scale, out)`` and ``..._bias(q, kt, v, bias, scale, out)``: float32
-#: ``softmax(scale * q @ kt + bias) @ v`` without the score matrix (the ``attention`` op)
+#: ``bmc.cpu.attention(q, k, v, scale, transpose_k, out)`` and ``..._bias(q, k, v, bias, scale, transpose_k, out)``:
+#: float32 ``softmax(scale * q @ kt + bias) @ v`` without the score matrix (the ``attention`` op; ``k`` is kt
+#: ``[..., D, N]``, or ``[..., N, D]`` with ``transpose_k``)
 ATTENTION_KERNEL = "bmc.cpu.attention"
 ATTENTION_BIAS_KERNEL = "bmc.cpu.attention_bias"
 #: default TVM_THREAD_POOL_SPIN_COUNT (see set_num_threads); 0: idle TVM workers sleep at once
@@ -264,8 +265,9 @@ def _matmul_integer_numpy(a, bt, a_zp, b_zp, out) -> None:
 def _attention_numpy(q, kt, v, *rest) -> None:
     """``bmc.cpu.attention[_bias]`` in numpy: the scores of every head at once (the memory the native kernel
     saves), a max-shifted softmax, one batched GEMM."""
-    *bias, scale, out = rest
-    s = np.matmul(np.from_dlpack(q), np.from_dlpack(kt)) * np.float32(scale)
+    *bias, scale, transpose_k, out = rest
+    k = np.from_dlpack(kt)
+    s = np.matmul(np.from_dlpack(q), np.swapaxes(k, -1, -2) if transpose_k else k) * np.float32(scale)
     if bias:
         s += np.from_dlpack(bias[0])
     with np.errstate(invalid="ignore"):  # a row masked everywhere with -inf is NaN, as in the reference

@@ -402,12 +402,15 @@ ATTENTION_CASES = [  # (batch, M, N, D, E, bias shape or None): tiles are 6 rows
 ]
 
 
+@pytest.mark.parametrize("transpose_k", [False, True], ids=["kt", "k"])
 @pytest.mark.parametrize("batch,m,n,d,e,bias_shape", ATTENTION_CASES,
                          ids=[f"{b}x{m}x{n}x{d}x{e}-{s}" for b, m, n, d, e, s in ATTENTION_CASES])
-def test_attention_kernel_matches_reference(impl, batch, m, n, d, e, bias_shape):
-    """``bmc.cpu.attention[_bias]`` against the op's reference (the unfused composition): float32 rounding apart
-    (the kernel sums in its own order and uses a polynomial exp), 2e-6 of max |ref|; masked entries (-3.4e38 and
-    -inf in the bias) get no weight."""
+def test_attention_kernel_matches_reference(impl, batch, m, n, d, e, bias_shape, transpose_k):
+    """``bmc.cpu.attention[_bias]`` against the op's reference (the unfused composition): float32 rounding apart,
+    1e-5 of max |ref| (the kernel sums in its own order and uses a polynomial exp; the scores reach ~20 here, where
+    float32 sums of 64 products differ by ~1e-6, and the softmax carries that into the weights); masked entries
+    (-3.4e38 and -inf in the bias) get no weight. The key comes as kt ``[..., D, N]`` or as k ``[..., N, D]`` (``transpose_k``:
+    packed transposed for many query rows, dot products in place for few)."""
     import tvm_ffi
 
     from bmc.ops import get_op
@@ -417,7 +420,7 @@ def test_attention_kernel_matches_reference(impl, batch, m, n, d, e, bias_shape)
     rng = np.random.default_rng(m * n)
     q, kt = rng.standard_normal(batch + (m, d), np.float32), rng.standard_normal(batch + (d, n), np.float32) * 3
     v = rng.standard_normal(batch + (n, e), np.float32)
-    args = [q, kt, v]
+    args = [q, np.ascontiguousarray(np.swapaxes(kt, -1, -2)) if transpose_k else kt, v]
     if bias_shape is not None:
         bias = rng.standard_normal(bias_shape, np.float32)
         if bias_shape[-1] > 1:  # a causal-style mask (never a whole row) with both fills
@@ -426,9 +429,10 @@ def test_attention_kernel_matches_reference(impl, batch, m, n, d, e, bias_shape)
         args.append(bias)
     out = np.full(batch + (m, e), np.nan, np.float32)
     kernel = ATTENTION_BIAS_KERNEL if bias_shape is not None else ATTENTION_KERNEL
-    tvm_ffi.get_global_func(kernel)(*[tvm_ffi.from_dlpack(x) for x in args], 0.3, tvm_ffi.from_dlpack(out))
-    (want,) = get_op("attention").reference(args, {"scale": 0.3})
-    np.testing.assert_allclose(out, want, rtol=0, atol=2e-6 * float(np.abs(want).max()))
+    tvm_ffi.get_global_func(kernel)(*[tvm_ffi.from_dlpack(x) for x in args], 0.3, transpose_k,
+                                    tvm_ffi.from_dlpack(out))
+    (want,) = get_op("attention").reference(args, {"scale": 0.3, "transpose_k": transpose_k})
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
 
 
 @pytest.mark.parametrize("fill", [-3.4e38, -np.inf])
@@ -448,10 +452,10 @@ def test_attention_kernel_skips_masked_keys_exactly(impl, fill):
     bias = np.where(np.tril(np.ones((m, n), bool)), 0, np.float32(fill)).astype(np.float32)
     bias[5] = fill
     out = np.zeros((2, m, 8), np.float32)
-    tvm_ffi.get_global_func(ATTENTION_BIAS_KERNEL)(*[tvm_ffi.from_dlpack(x) for x in (q, kt, v, bias)], 0.5,
+    tvm_ffi.get_global_func(ATTENTION_BIAS_KERNEL)(*[tvm_ffi.from_dlpack(x) for x in (q, kt, v, bias)], 0.5, False,
                                                     tvm_ffi.from_dlpack(out))
     with np.errstate(invalid="ignore"):
-        (want,) = get_op("attention").reference([q, kt, v, bias], {"scale": 0.5})
+        (want,) = get_op("attention").reference([q, kt, v, bias], {"scale": 0.5, "transpose_k": False})
     np.testing.assert_allclose(out, want, rtol=0, atol=2e-6 * float(np.nanmax(np.abs(want))), equal_nan=True)
     assert np.isnan(out[:, 5]).all() == (fill == -np.inf)
     if fill != -np.inf:
@@ -463,7 +467,8 @@ def test_attention_baseline_loops_match(native_lib, monkeypatch):
     monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
     monkeypatch.setenv("BMC_CPU_NO_AVX2", "1")
     for case in ATTENTION_CASES:
-        test_attention_kernel_matches_reference("native", *case)
+        for transpose_k in (False, True):
+            test_attention_kernel_matches_reference("native", *case, transpose_k)
     for fill in (-3.4e38, -np.inf):
         test_attention_kernel_skips_masked_keys_exactly("native", fill)
 
@@ -479,13 +484,13 @@ def test_attention_kernel_propagates_nan_and_rejects_bad_shapes(native_lib, monk
     q[1, 2, 0] = np.nan
     out = np.zeros((2, 4, 2), np.float32)
     fn = tvm_ffi.get_global_func(ATTENTION_KERNEL)
-    fn(*[tvm_ffi.from_dlpack(x) for x in (q, kt, v)], 1.0, tvm_ffi.from_dlpack(out))
+    fn(*[tvm_ffi.from_dlpack(x) for x in (q, kt, v)], 1.0, False, tvm_ffi.from_dlpack(out))
     assert np.isnan(out[1, 2]).all() and not np.isnan(np.delete(out.reshape(8, 2), 6, axis=0)).any()
     np.testing.assert_allclose(out[0], 1.0)
     with pytest.raises(Exception, match="same batch dims"):
-        fn(*[tvm_ffi.from_dlpack(x) for x in (q, kt[:1], v)], 1.0, tvm_ffi.from_dlpack(out))
+        fn(*[tvm_ffi.from_dlpack(x) for x in (q, kt[:1], v)], 1.0, False, tvm_ffi.from_dlpack(out))
     with pytest.raises(Exception, match="does not broadcast"):
         tvm_ffi.get_global_func(ATTENTION_BIAS_KERNEL)(
-            *[tvm_ffi.from_dlpack(x) for x in (q, kt, v, np.zeros((3, 5), np.float32))], 1.0,
+            *[tvm_ffi.from_dlpack(x) for x in (q, kt, v, np.zeros((3, 5), np.float32))], 1.0, False,
             tvm_ffi.from_dlpack(out))
     register_cpu_kernels(native=False)

@@ -124,6 +124,8 @@ CASES += [
                    np.where(np.tril(np.ones((7, 19), bool), 12), 0, -3.4e38).astype(np.float32)[None, None]
                    .repeat(2, 0)], {"scale": 0.4}),
     ("attention", [f32(4, 13, 8), f32(4, 8, 33), f32(4, 33, 17)], {}),
+    ("attention", [f32(2, 20, 8), f32(2, 33, 8), f32(2, 33, 5), f32(20, 33)], {"transpose_k": True}),  # k [N, D]
+    ("attention", [f32(2, 1, 8), f32(2, 33, 8), f32(2, 33, 5)], {"transpose_k": True, "scale": 0.5}),  # decoding
     ("pad", [f32(2, 3)], {"pads": (1, 0, 0, 2), "mode": "constant", "value": 1.5}),
     ("pad", [f32(3, 4)], {"pads": (1, 1, 1, 1), "mode": "reflect", "value": 0.0}),
     ("pad", [f32(3, 4)], {"pads": (0, 2, 1, 0), "mode": "edge", "value": 0.0}),

@@ -63,6 +63,20 @@ def test_spellings_that_fuse(scale_op, bias, rows_zeroed):
     np.testing.assert_allclose(run_reference(fused, feeds)["out"], want, rtol=1e-6, atol=1e-7)
 
 
+def test_a_transposed_key_is_read_in_place():
+    """``q @ transpose(k)`` with k ``[..., N, D]`` (a key cache's layout): the transpose is absorbed."""
+    b = GraphBuilder("attn")
+    q, k, v = (b.input(n, TensorType("float32", s)) for n, s in (("q", (2, 4, 8)), ("k", (2, 6, 8)), ("v", (2, 6, 5))))
+    s = b.emit1("matmul", [q, b.emit1("transpose", [k], perm=(0, 2, 1))])
+    graph = b.finish([b.emit1("matmul", [b.emit1("softmax", [s], axis=-1), v], "out")])
+    feeds = {n: np.random.default_rng(1).standard_normal(x.type.shape).astype(np.float32)
+             for n, x in zip("qkv", graph.inputs)}
+    want = run_reference(graph, feeds)["out"]
+    (node,) = fuse_attention(graph).nodes
+    assert node.attrs["transpose_k"] and node.inputs[1].name == "k"
+    np.testing.assert_allclose(run_reference(graph, feeds)["out"], want, rtol=1e-6, atol=1e-7)
+
+
 def test_spellings_left_alone():
     assert "attention" not in fuse_attention(_scores_graph(extra_reader=True)).op_counts()  # the probabilities are read
     assert "attention" not in fuse_attention(_scores_graph(batch_v=(1, 3))).op_counts()  # v broadcasts over a batch dim

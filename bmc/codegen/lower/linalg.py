@@ -89,9 +89,12 @@ def _attention(ctx, node, args):
 
         kernel = ATTENTION_BIAS_KERNEL if len(args) > 3 else ATTENTION_KERNEL
         ctx.kernels.add(kernel)
-        return relax.call_dps_packed(kernel, list(args) + [relax.expr.prim_value(float(scale))],
-                                     out_ty=relax.TensorType(list(out.shape), out.dtype))
+        scalars = [relax.expr.prim_value(float(scale)), relax.expr.prim_value(int(node.attrs["transpose_k"]))]
+        return relax.call_dps_packed(kernel, list(args) + scalars, out_ty=relax.TensorType(list(out.shape), out.dtype))
     q, kt, v = args[:3]
+    if node.attrs["transpose_k"]:
+        rank = node.inputs[1].type.rank
+        kt = ctx.emit(relax.op.permute_dims(kt, list(range(rank - 2)) + [rank - 1, rank - 2]))
     s = ctx.emit(_matmul(ctx, node, [q, kt]))
     if scale != 1.0:
         s = ctx.emit(relax.op.multiply(s, const(np.asarray(scale, np_dtype(out.dtype)))))
