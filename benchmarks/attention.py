@@ -18,7 +18,6 @@ relative to max |onnxruntime|. Prints a table and writes ``benchmarks/results/at
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -31,7 +30,7 @@ if str(ROOT) not in sys.path:
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "attention.json"
 HEADS, HEAD_DIM = 12, 64
 
-from benchmarks.quantized import _median_s  # noqa: E402 (after the path set-up)
+from benchmarks.quantized import _median_s, run_main  # noqa: E402 (after the path set-up)
 
 
 def attention_core(batch: int, seq: int, queries: int):
@@ -123,16 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--decode", type=lambda s: [int(v) for v in s.split(",") if v], default=[2048],
                    help="key counts of decoding steps (one query), comma-separated; '' for none")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per measurement")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON)
-    args = p.parse_args(argv)
-    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
-    report = run(args)
-    print(table(report))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1) + "\n")
-    return 0
+    return run_main(p, argv, DEFAULT_JSON, run, table)
 
 
 if __name__ == "__main__":

@@ -203,20 +203,25 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def run_main(p: argparse.ArgumentParser, argv, default_json: Path, run_fn, table_fn) -> int:
+    """The benchmarks' common ending: ``--threads/--budget/--json``, run, print the table, write the JSON."""
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per measurement")
+    p.add_argument("--json", type=Path, default=default_json)
+    args = p.parse_args(argv)
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    report = run_fn(args)
+    print(table_fn(report))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--rows", type=lambda s: [int(v) for v in s.split(",")], default=[1, 128])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per measurement")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON)
-    args = p.parse_args(argv)
-    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
-    report = run(args)
-    print(table(report))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1) + "\n")
-    return 0
+    return run_main(p, argv, DEFAULT_JSON, run, table)
 
 
 if __name__ == "__main__":
