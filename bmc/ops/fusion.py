@@ -11,10 +11,11 @@ exporters, for GPT-2, BERT, Llama, OPT, ViT)::
 
 and replaces it by one ``attention(q, kt, v[, bias]) {scale}``, when every intermediate has that single reader
 and q, kt and v share their batch dims. A ``kt`` that is a transpose of the last two dims of ``k [..., N, D]``
-(a key or key cache kept as ``[batch, heads, seq, dim]``) is read as ``k`` (``transpose_k``): no transposed copy. Planning then sees no ``[..., M, N]`` score tensor (the memory model and
-the ILP price the fused op, whose rule replicates the key axis as the softmax's did), the CPU runs one kernel
-that never stores the scores (``bmc.cpu.attention``), and other targets lower the same composition again. The
-fused op's reference runs the replaced ops' references in order, so fusing changes no reference result.
+(a key or key cache kept as ``[batch, heads, seq, dim]``) is read as ``k`` (``transpose_k``): no transposed copy.
+Planning then sees no ``[..., M, N]`` score tensor (the memory model and the ILP price the fused op, whose rule
+replicates the key axis as the softmax's did), the CPU runs one kernel that never stores the scores
+(``bmc.cpu.attention``), and other targets lower the same composition again. The fused op's reference runs the
+replaced ops' references in order, so fusing changes no reference result.
 
 ONNX's own ``Attention`` body (opset 23, what ``torch.onnx.export(dynamo=True)`` writes for SDPA) follows the
 softmax with ``where(fully_masked_rows, 0, p)``; a constant condition that is false everywhere is skipped (a mask
