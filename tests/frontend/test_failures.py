@@ -106,10 +106,10 @@ def test_all_unsupported_ops_in_one_error():
 
 # 5 ---------------------------------------------------------------------------------------------------------------
 def test_unsupported_attribute_names_node_and_attribute():
-    pads = helper.make_tensor("pads", TensorProto.INT64, [4], [0, 1, 0, 1])
-    node = helper.make_node("Pad", ["x", "pads"], ["y"], name="pad1", mode="wrap")
-    m = make_model([node], [vi("x")], [vi("y", shape=(2, 5))], [pads])
-    with pytest.raises(ModelError, match="'pad1'.*mode 'wrap'"):
+    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 0.5, 0.5])
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], name="resize1", mode="linear", antialias=1)
+    m = make_model([node], [vi("x", shape=(1, 1, 4, 4))], [vi("y", shape=(1, 1, 2, 2))], [scales], opset=18)
+    with pytest.raises(ModelError, match="'resize1'.*antialias=1"):
         import_model(m)
 
 

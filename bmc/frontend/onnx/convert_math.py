@@ -179,6 +179,26 @@ _REDUCE = {"ReduceSum": "reduce_sum", "ReduceMean": "reduce_mean", "ReduceMax": 
            "ReduceMin": "reduce_min", "ReduceProd": "reduce_prod"}
 
 
+def _empty_extreme(t, axes, keepdims: bool, is_max: bool) -> np.ndarray | None:
+    """A max (min) over an empty set is its identity, known at compile time: -inf (+inf) for floats, the lowest
+    (highest) integer, False (True) for bool (ONNX's ReduceMax/ReduceMin); None when nothing reduced is empty."""
+    from bmc.ir.types import np_dtype
+
+    rank = len(t.shape)
+    reduced = set(range(rank)) if axes is None else {a % rank for a in axes}
+    if all(t.shape[a] != 0 for a in reduced):
+        return None
+    shape = tuple(1 if a in reduced else d for a, d in enumerate(t.shape) if keepdims or a not in reduced)
+    dtype = np_dtype(t.dtype)
+    if t.dtype == "bool":
+        fill = not is_max
+    elif np.issubdtype(dtype, np.integer):
+        fill = np.iinfo(dtype).min if is_max else np.iinfo(dtype).max
+    else:
+        fill = -np.inf if is_max else np.inf
+    return np.full(shape, fill, dtype=dtype)
+
+
 @converter(*_REDUCE, "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp")
 def _reduce(ctx: Context, node):
     x = ctx.operand(0)
@@ -191,6 +211,10 @@ def _reduce(ctx: Context, node):
         axes = None
     else:
         axes = tuple(int(a) for a in np.asarray(axes).reshape(-1))
+    if node.op_type in ("ReduceMax", "ReduceMin"):
+        empty = _empty_extreme(ctx.type(x), axes, keepdims, node.op_type == "ReduceMax")
+        if empty is not None:
+            return [empty]
     if node.op_type == "ReduceSumSquare":
         return [ctx.emit1("reduce_sum", [ctx.emit1("mul", [x, x])], axes=axes, keepdims=keepdims)]
     if node.op_type == "ReduceL2":

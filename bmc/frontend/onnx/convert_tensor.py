@@ -193,8 +193,8 @@ def _pad(ctx: Context, node):
     x = ctx.operand(0)
     rank = len(ctx.type(x).shape)
     mode = ctx.text("mode", "constant")
-    if mode not in ("constant", "reflect", "edge"):
-        raise ConvertError(f"Pad mode {mode!r} is not supported", fix="use constant, reflect or edge")
+    if mode not in ("constant", "reflect", "edge", "wrap"):
+        raise ConvertError(f"Pad mode {mode!r} is not supported", fix="use constant, reflect, edge or wrap")
     if ctx.opset < 11:
         pads, value = list(ctx.attr("pads")), ctx.attr("value", 0.0)
     else:
@@ -207,7 +207,29 @@ def _pad(ctx: Context, node):
             for k, a in enumerate(axes):
                 full[a], full[a + rank] = pads[k], pads[k + len(axes)]
             pads = full
+    if mode == "wrap":
+        return [_wrap_pad(ctx, x, pads)]
     return [ctx.emit1("pad", [x], pads=tuple(pads), mode=mode, value=value)]
+
+
+def _wrap_pad(ctx: Context, x, pads):
+    """Pad mode ``wrap`` (numpy's): the axis extended periodically, as a tile of the axis then a slice of it."""
+    shape = ctx.type(x).shape
+    rank = len(shape)
+    if any(p < 0 for p in pads):
+        raise ConvertError("Pad mode 'wrap' with negative pads is not supported",
+                           fix="crop with Slice first, then pad with non-negative pads")
+    for axis in range(rank):
+        before, after, n = pads[axis], pads[axis + rank], shape[axis]
+        if before == after == 0:
+            continue
+        if n == 0:
+            raise ConvertError(f"Pad mode 'wrap' of an empty axis {axis}", fix="remove the Pad or its empty axis")
+        reps = -(-max(before, after) // n)  # copies needed on each side
+        tiled = ctx.emit1("tile", [x], repeats=tuple(2 * reps + 1 if a == axis else 1 for a in range(rank)))
+        x = ctx.emit1("slice", [tiled], starts=(reps * n - before,), ends=(reps * n + n + after,), axes=(axis,),
+                      steps=(1,))
+    return x
 
 
 @converter("Trilu")

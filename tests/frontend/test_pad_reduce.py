@@ -1,0 +1,47 @@
+"""Pad's ``wrap`` mode (a periodic extension, also wider than the axis) against numpy's, and ReduceMax/ReduceMin
+over an empty set (their identities, folded at compile time), through ``bmc.onnx_backend``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+import bmc.onnx_backend as backend
+from bmc.errors import ModelError
+
+
+def _model(nodes, x, inits, opset=21, elem=TensorProto.FLOAT):
+    return helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", elem, list(x.shape))],
+        [helper.make_tensor_value_info("y", elem, None)], inits), opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("pads", [(1, 2, 0, 3), (0, 7, 4, 0), (5, 0, 0, 11)])  # [x1_begin, x2_begin, x1_end, x2_end]
+def test_wrap_pad_matches_numpy(pads):
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    model = _model([helper.make_node("Pad", ["x", "pads"], ["y"], mode="wrap")], x,
+                   [helper.make_tensor("pads", TensorProto.INT64, [4], list(pads))])
+    got = backend.prepare(model).run([x])[0]
+    np.testing.assert_array_equal(got, np.pad(x, ((pads[0], pads[2]), (pads[1], pads[3])), mode="wrap"))
+
+
+def test_wrap_pad_with_negative_pads_is_a_clear_error():
+    x = np.zeros((3, 4), np.float32)
+    model = _model([helper.make_node("Pad", ["x", "pads"], ["y"], mode="wrap")], x,
+                   [helper.make_tensor("pads", TensorProto.INT64, [4], [-1, 0, 0, 0])])
+    with pytest.raises(ModelError, match="negative pads"):
+        backend.prepare(model).run([x])
+
+
+@pytest.mark.parametrize("op, elem, dtype, fill", [
+    ("ReduceMax", TensorProto.FLOAT, np.float32, -np.inf), ("ReduceMin", TensorProto.FLOAT, np.float32, np.inf),
+    ("ReduceMax", TensorProto.INT32, np.int32, np.iinfo(np.int32).min),
+    ("ReduceMin", TensorProto.BOOL, np.bool_, True)])
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_max_and_min_of_an_empty_set_are_their_identities(op, elem, dtype, fill, keepdims):
+    x = np.zeros((2, 0, 3), dtype)
+    model = _model([helper.make_node(op, ["x", "axes"], ["y"], keepdims=keepdims)], x,
+                   [helper.make_tensor("axes", TensorProto.INT64, [1], [1])], elem=elem)
+    got = backend.prepare(model).run([x])[0]
+    np.testing.assert_array_equal(got, np.full((2, 1, 3) if keepdims else (2, 3), fill, dtype))
