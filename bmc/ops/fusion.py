@@ -18,8 +18,10 @@ replicates the key axis as the softmax's did), the CPU runs one kernel that neve
 replaced ops' references in order, so fusing changes no reference result.
 
 ONNX's own ``Attention`` body (opset 23, what ``torch.onnx.export(dynamo=True)`` writes for SDPA) follows the
-softmax with ``where(fully_masked_rows, 0, p)``; a constant condition that is false everywhere is skipped (a mask
-that hides whole rows is left alone). A scale applied to q and k before their product is simply part of q and kt.
+softmax with ``where(fully_masked_rows, 0, p)``; under a constant mask that hides no whole row the importer's
+``Where`` converter already drops it (a constant condition false everywhere), so the pattern above remains; a
+mask that does hide whole rows is left alone. A scale applied to q and k before their product is simply part of
+q and kt.
 """
 
 from __future__ import annotations
@@ -41,16 +43,6 @@ def _last_two_swapped(rank: int) -> tuple[int, ...]:
     return tuple(range(rank - 2)) + (rank - 1, rank - 2)
 
 
-def _never_selected(where: Node, probs: Value) -> bool:
-    """``where(c, x, probs)`` with a constant ``c`` that is false everywhere: ``probs`` itself. ONNX's ``Attention``
-    body zeroes the rows its mask hides entirely this way; with a constant mask that hides none, the condition
-    folds to all-false."""
-    if where.op != "where" or where.inputs[2] is not probs or where.outputs[0].type != probs.type:
-        return False
-    cond = where.inputs[0].producer
-    return cond is not None and cond.op == "constant" and not np.asarray(cond.attrs["value"]).any()
-
-
 def fuse_attention(graph: Graph) -> Graph:
     users = graph.users()
     outputs = set(map(id, graph.outputs))
@@ -69,10 +61,8 @@ def fuse_attention(graph: Graph) -> Graph:
             continue
         probs = node.outputs[0]
         readers = users.get(probs, [])
-        if len(readers) == 1 and _never_selected(readers[0], probs):
-            probs, readers = readers[0].outputs[0], users.get(readers[0].outputs[0], [])
         if len(readers) != 1 or readers[0].op != "matmul" or readers[0].inputs[0] is not probs \
-                or id(node.outputs[0]) in outputs or id(probs) in outputs:
+                or id(probs) in outputs:
             continue
         out_mm = readers[0]
         s, top, bias, scale = node.inputs[0], node, None, 1.0

@@ -7,6 +7,7 @@ import numpy as np
 from bmc.frontend.onnx.importer import Context, ConvertError, Operand, converter
 from bmc.frontend.onnx.loader import FOUR_BIT_NAMES, to_dtype
 from bmc.ir.types import np_dtype
+from bmc.ops.registry import broadcast_shapes
 
 _UNARY = {
     "Neg": "neg", "Abs": "abs", "Sign": "sign", "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Reciprocal": "reciprocal",
@@ -137,7 +138,15 @@ def _cast(ctx: Context, node):
 
 @converter("Where")
 def _where(ctx: Context, node):
-    return [ctx.emit1("where", [ctx.operand(0), ctx.operand(1), ctx.operand(2)])]
+    cond, x, y = ctx.operand(0), ctx.operand(1), ctx.operand(2)
+    if isinstance(cond, np.ndarray) and cond.size and (cond.all() or not cond.any()):
+        # a constant condition that picks one side everywhere (ONNX Attention's "rows the mask hides entirely"
+        # under a mask that hides none): that side, when it already has the result's shape
+        picked = x if cond.all() else y
+        shape = broadcast_shapes(cond.shape, broadcast_shapes(ctx.type(x).shape, ctx.type(y).shape))
+        if ctx.type(picked).shape == shape:
+            return [picked]
+    return [ctx.emit1("where", [cond, x, y])]
 
 
 def _weight_matmul(ctx: Context, transposed: bool) -> Operand | None:

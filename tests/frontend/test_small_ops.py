@@ -1,5 +1,6 @@
-"""Pad's ``wrap`` mode (a periodic extension, also wider than the axis) against numpy's, and ReduceMax/ReduceMin
-over an empty set (their identities, folded at compile time), through ``bmc.onnx_backend``."""
+"""Pad's ``wrap`` mode (a periodic extension, also wider than the axis) against numpy's, ReduceMax/ReduceMin over
+an empty set (their identities, folded at compile time), and a ``Where`` whose constant condition picks one side
+everywhere (no ``where`` left), through ``bmc.onnx_backend`` and the importer."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from onnx import TensorProto, helper
 
 import bmc.onnx_backend as backend
 from bmc.errors import ModelError
+from bmc.frontend.onnx import import_model
 
 
 def _model(nodes, x, inits, opset=21, elem=TensorProto.FLOAT):
@@ -45,3 +47,17 @@ def test_max_and_min_of_an_empty_set_are_their_identities(op, elem, dtype, fill,
                    [helper.make_tensor("axes", TensorProto.INT64, [1], [1])], elem=elem)
     got = backend.prepare(model).run([x])[0]
     np.testing.assert_array_equal(got, np.full((2, 1, 3) if keepdims else (2, 3), fill, dtype))
+
+
+@pytest.mark.parametrize("cond, picked", [([False, False], "b"), ([True, True], "a"), ([True, False], None)])
+def test_where_with_a_constant_one_sided_condition_is_that_side(cond, picked):
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [3, 2])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [3, 2])
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Where", ["c", "a", "b"], ["y"])], "g", [a, b],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("c", TensorProto.BOOL, [2], cond)]), opset_imports=[helper.make_opsetid("", 17)])
+    graph = import_model(model)
+    assert ("where" in graph.op_counts()) == (picked is None)
+    x, z = np.ones((3, 2), np.float32), np.zeros((3, 2), np.float32)
+    np.testing.assert_array_equal(backend.prepare(model).run([x, z])[0], np.where(cond, x, z))
