@@ -23,12 +23,13 @@ from onnx.backend.base import Backend, BackendRep, Device, DeviceType, namedtupl
 from bmc.errors import ExecutionError, UsageError
 
 
-_FOUR_BIT_CARRIERS = {"int4": np.int8, "uint4": np.uint8}  # bmc carries 4-bit values in 8-bit tensors
+# bmc carries narrow integers' values in 8-bit tensors, and float8/float4 as their codes in uint8
+_INT_CARRIERS = {"int4": np.int8, "uint4": np.uint8, "int2": np.int8, "uint2": np.uint8}
 
 
 def _contiguous(x: Any) -> np.ndarray:
     """A C-contiguous numpy array (0-d stays 0-d, unlike ``np.ascontiguousarray``); TensorProtos are decoded, and
-    ml_dtypes' int4/uint4 become the 8-bit arrays that carry them."""
+    ml_dtypes' narrow types become the 8-bit arrays that carry them (integers' values, floats' codes)."""
     if isinstance(x, onnx.TensorProto):
         x = onnx.numpy_helper.to_array(x)
     try:
@@ -36,9 +37,16 @@ def _contiguous(x: Any) -> np.ndarray:
     except ValueError as e:  # ragged: a sequence of tensors (an ONNX sequence input), not a tensor
         raise UsageError(f"an input is not a tensor ({e})", where="BmcBackendRep.run",
                          fix="pass one numpy array per graph input; sequence inputs are not supported") from None
-    if a.dtype.name in _FOUR_BIT_CARRIERS:
-        a = a.astype(_FOUR_BIT_CARRIERS[a.dtype.name])
+    if a.dtype.name in _INT_CARRIERS:
+        a = a.astype(_INT_CARRIERS[a.dtype.name])
+    elif a.dtype.name.startswith(("float8", "float4")):
+        a = a.view(np.uint8)
     return a if a.flags.c_contiguous else a.copy(order="C")
+
+
+def _from_carrier(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A narrow output as its ml_dtypes type: integers from their values, floats from their codes."""
+    return a.astype(dtype) if dtype.name in _INT_CARRIERS else a.view(dtype)
 
 
 class _Compiled:
@@ -84,7 +92,7 @@ class BmcBackendRep(BackendRep):
     """A prepared model: compiles per input-shape signature on first use and caches the result."""
 
     def __init__(self, model: onnx.ModelProto, device: str = "CPU", **kwargs: Any):
-        from bmc.frontend.onnx.loader import check_graph, check_versions
+        from bmc.frontend.onnx.loader import NARROW, check_graph, check_versions
 
         self.model = model
         self.device = device
@@ -94,9 +102,8 @@ class BmcBackendRep(BackendRep):
         init_names = {i.name for i in model.graph.initializer}
         self.input_names = [i.name for i in model.graph.input if i.name not in init_names]
         self.output_names = [o.name for o in model.graph.output]
-        self._four_bit_outputs = {k: onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type)
-                                  for k, o in enumerate(model.graph.output)
-                                  if o.type.tensor_type.elem_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)}
+        self._narrow_outputs = {k: onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type)
+                                for k, o in enumerate(model.graph.output) if o.type.tensor_type.elem_type in NARROW}
         self._cache: dict[tuple, _Compiled] = {}
         # inputs whose *values* the importer needs at compile time (a Reshape's shape, a Slice's starts, ...):
         # bmc's IR has static shapes, so the program is specialized on their values (part of the cache key)
@@ -172,7 +179,8 @@ class BmcBackendRep(BackendRep):
                 raise ExecutionError(f"input {name!r} has dtype {a.dtype}, the model declares {t.dtype}",
                                      where="BmcBackendRep.run", fix=f"pass a {t.dtype} array")
         outs = prog([a for n, a in zip(self.input_names, arrays) if n not in self.value_inputs])
-        outs = [o.astype(self._four_bit_outputs[k]) if k in self._four_bit_outputs else o for k, o in enumerate(outs)]
+        outs = [_from_carrier(o, self._narrow_outputs[k]) if k in self._narrow_outputs else o
+                for k, o in enumerate(outs)]
         return namedtupledict("Outputs", self.output_names)(*outs)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bmc.ir.types import FLOAT_DTYPES, TensorType, np_dtype
+from bmc.ir.types import FLOAT_DTYPES, TensorType, itemsize, np_dtype
+from bmc.ops import minifloat
 from bmc.ops.registry import (Attr, OpDef, OpError, broadcast_shapes, elementwise_cost, register,
                               same_dtype)
 
@@ -118,6 +119,41 @@ def _cast(ins, attrs):
 #: on the output casts of ``--dtype`` (``bmc.ops.precision``); a cast from an ONNX model rounds as ONNX says.
 register(OpDef("cast", "elementwise", (1, 1), {"dtype": Attr("dtype"), "excess_precision": Attr("bool", False)},
                _infer_cast, _cast, elementwise_cost(0)))
+
+
+def _infer_bitcast(ins, attrs):
+    (t,) = ins
+    if "bool" in (t.dtype, attrs["dtype"]) or itemsize(t.dtype) != itemsize(attrs["dtype"]):
+        raise OpError(f"bitcast reinterprets between non-bool dtypes of one size; {t.dtype} -> {attrs['dtype']} is "
+                      "not such a pair")
+    return [t.with_dtype(attrs["dtype"])]
+
+
+register(OpDef("bitcast", "elementwise", (1, 1), {"dtype": Attr("dtype")}, _infer_bitcast,
+               lambda ins, a: [ins[0].view(np_dtype(a["dtype"]))], elementwise_cost(0)))
+
+# float8/float4 codes <-> float32 (bmc.ops.minifloat)
+def _minifloat_infer(dtype_in: str, dtype_out: str, op: str):
+    def infer(ins, attrs):
+        minifloat.get_format(attrs["format"])
+        if op == "encode_float" and attrs["round_mode"] not in minifloat.ROUND_MODES:
+            raise OpError(f"round_mode must be one of {', '.join(minifloat.ROUND_MODES)}, "
+                          f"got {attrs['round_mode']!r}")
+        if ins[0].dtype != dtype_in:
+            raise OpError(f"op {op} takes a {dtype_in} tensor, got {ins[0]}")
+        return [ins[0].with_dtype(dtype_out)]
+
+    return infer
+
+
+register(OpDef("decode_float", "elementwise", (1, 1), {"format": Attr("str")},
+               _minifloat_infer("uint8", "float32", "decode_float"),
+               lambda ins, a: [minifloat.decode(ins[0], minifloat.get_format(a["format"]))], elementwise_cost(4)))
+register(OpDef("encode_float", "elementwise", (1, 1),
+               {"format": Attr("str"), "saturate": Attr("bool", True), "round_mode": Attr("str", "up")},
+               _minifloat_infer("float32", "uint8", "encode_float"),
+               lambda ins, a: [minifloat.encode(ins[0], minifloat.get_format(a["format"]), a["saturate"],
+                                                a["round_mode"])], elementwise_cost(8)))
 
 
 # ---------------------------------------------------------------------------------------------------------------

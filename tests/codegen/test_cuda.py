@@ -365,6 +365,24 @@ def test_a_mean_over_every_axis_compiles():
     assert built.kernels["cuda"]["num_kernels"] >= 1
 
 
+def test_float8_codes_and_bitcasts_compile(tmp_path):
+    """A float8 weight decoded in the kernel that scales it, a float8 encode and a bitcast compile with nvcc for
+    every arch (the bit arithmetic is the CPU's, checked there against ml_dtypes)."""
+    _toolkit_or_skip()
+    from bmc.codegen.build import build
+    from bmc.codegen.targets import TargetSpec
+
+    b = GraphBuilder("fp8")
+    x = b.input("x", TensorType("float32", (16, 64)))
+    w = b.emit1("decode_float", [b.param("w", np.zeros((64, 64), np.uint8))], format="float8e4m3fn")
+    y = b.emit1("matmul", [x, b.emit1("mul", [w, b.param("s", np.ones(64, np.float32))])])
+    q = b.emit1("encode_float", [y], "q", format="float8e5m2", saturate=False)
+    bits = b.emit1("bitcast", [y], "bits", dtype="int32")
+    built = build(b.finish([q, bits]), TargetSpec.parse("cuda", ARCHS))
+    names = " ".join(k["name"] for k in built.kernels["cuda"]["kernels"])
+    assert "decode_float" in names and "encode_float" in names and "bitcast" in names, names
+    built.export(tmp_path / "fp8.so")
+
 def _bf16():
     import ml_dtypes
 

@@ -439,3 +439,99 @@ def test_blocked_int4_dequantize_matmul_becomes_matmul_nbits(four_bit, with_zero
     assert any(r.startswith("bmc.cpu.matmul_nbits") for r in requires)
     x = np.random.default_rng(1).standard_normal((3, k), dtype=np.float32)
     _assert_close(bmc.load(tmp_path / "m.bmc").run({"x": x}), _onnx_reference(tmp_path / "m.onnx", {"x": x}))
+
+
+# ---- float8 / float4 ------------------------------------------------------------------------------------------
+def _fp8_mlp(w_type: int, k: int = 64, n: int = 48, hidden: int = 32):
+    """x @ DequantizeLinear(w1: float8 [K, H], per-channel scale) -> Relu -> @ DequantizeLinear(w2 [H, N])."""
+    from bmc.frontend.onnx.loader import NARROW
+    from bmc.ops.minifloat import FORMATS
+
+    fmt = FORMATS[NARROW[w_type]]
+    rng = np.random.default_rng(w_type)
+    inits, nodes = [], []
+    for name, shape in (("w1", (k, hidden)), ("w2", (hidden, n))):
+        w = rng.standard_normal(shape).astype(np.float32)
+        scale = (np.abs(w).max(axis=0) / 200).astype(np.float32)  # within every format's range
+        codes = (w / scale).astype(fmt.np_dtype)
+        inits += [onnx.numpy_helper.from_array(codes, name), onnx.numpy_helper.from_array(scale, f"{name}_s")]
+        nodes.append(oh.make_node("DequantizeLinear", [name, f"{name}_s"], [f"{name}_f"], axis=1))
+    nodes += [oh.make_node("MatMul", ["x", "w1_f"], ["h"]), oh.make_node("Relu", ["h"], ["r"]),
+              oh.make_node("MatMul", ["r", "w2_f"], ["y"])]
+    graph = oh.make_graph(nodes, "fp8_mlp", [oh.make_tensor_value_info("x", TensorProto.FLOAT, (4, k))],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, (4, n))], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("w_type", [TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2, TensorProto.FLOAT8E4M3FNUZ,
+                                    TensorProto.FLOAT8E5M2FNUZ])
+def test_float8_weights_stay_one_byte_and_match_the_spec(w_type, tmp_path):
+    """float8 weights are uint8 codes in the artifact (a byte a weight) and decoded in the kernel that reads them;
+    the result matches onnx.reference, and onnxruntime where it has the format (e4m3fn, e5m2)."""
+    onnx.save(_fp8_mlp(w_type), tmp_path / "m.onnx")
+    bmc.compile(tmp_path / "m.onnx", tmp_path / "m.bmc")
+    params = {p["name"]: p for p in json.loads((tmp_path / "m.bmc" / "manifest.json").read_text())["signature"]["params"]}
+    assert params["w1"]["dtype"] == params["w2"]["dtype"] == "uint8"
+    assert all(p["dtype"] == "uint8" or np.prod(p["shape"]) <= 48 for p in params.values())  # scales only
+    x = {"x": np.random.default_rng(0).standard_normal((4, 64), dtype=np.float32)}
+    got = bmc.load(tmp_path / "m.bmc").run(x)
+    _assert_close(got, _onnx_reference(tmp_path / "m.onnx", x))
+    if w_type in (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2):
+        _assert_close(got, _onnxruntime(tmp_path / "m.onnx", x, optimize=False))
+
+
+def test_float8_weights_split_for_tensor_parallelism(tmp_path):
+    """Megatron's split reaches the float8 codes through their decode: every rank stores half of each weight; one
+    all-reduce; equal to one device."""
+    from bmc.runtime.safetensors import SafetensorsFile
+
+    onnx.save(_fp8_mlp(TensorProto.FLOAT8E4M3FN), tmp_path / "m.onnx")
+    bmc.compile(tmp_path / "m.onnx", tmp_path / "one.bmc")
+    bmc.compile(tmp_path / "m.onnx", tmp_path / "tp.bmc", mesh=Mesh.parse("1x2"), strategy="megatron")
+    kinds = [c["kind"] for c in json.loads((tmp_path / "tp.bmc" / "plan.json").read_text())["collectives"]]
+    assert kinds.count("all_reduce") == 1
+    rank0 = SafetensorsFile(tmp_path / "tp.bmc" / "weights" / "rank0.safetensors")
+    assert [rank0.info(w) for w in ("w1", "w2")] == [("uint8", (64, 16)), ("uint8", (16, 48))]
+    x = {"x": np.random.default_rng(0).standard_normal((4, 64), dtype=np.float32)}
+    _assert_close(bmc.load(tmp_path / "tp.bmc", simulate=True).run(x), bmc.load(tmp_path / "one.bmc").run(x))
+
+
+def test_mxfp4_weights_stay_packed_and_match_the_spec(tmp_path):
+    """The MX form of 4-bit weights: float4e2m1 codes, two a byte, with a float8e8m0 (power of two) scale per
+    block of 32 along K. The codes stay packed in the artifact; the result matches onnx.reference."""
+    import ml_dtypes
+
+    k, n, block = 128, 64, 32
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    exponents = np.ceil(np.log2(np.abs(w).reshape(k // block, block, n).max(axis=1) / 6.0))
+    scale = np.exp2(exponents).astype(ml_dtypes.float8_e8m0fnu)
+    codes = (w / np.repeat(scale.astype(np.float32), block, axis=0)).astype(ml_dtypes.float4_e2m1fn)
+    graph = oh.make_graph(
+        [oh.make_node("DequantizeLinear", ["w", "s"], ["wf"], axis=0, block_size=block, output_dtype=TensorProto.FLOAT),
+         oh.make_node("MatMul", ["x", "wf"], ["y"])], "mxfp4",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, (4, k))],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, (4, n))],
+        [onnx.numpy_helper.from_array(codes, "w"), onnx.numpy_helper.from_array(scale, "s")])
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 25)]), tmp_path / "m.onnx")
+    bmc.compile(tmp_path / "m.onnx", tmp_path / "m.bmc")
+    params = {p["name"]: p for p in json.loads((tmp_path / "m.bmc" / "manifest.json").read_text())["signature"]["params"]}
+    assert params["w"]["dtype"] == "uint8" and np.prod(params["w"]["shape"]) == k * n // 2
+    x = {"x": rng.standard_normal((4, k), dtype=np.float32)}
+    _assert_close(bmc.load(tmp_path / "m.bmc").run(x), _onnx_reference(tmp_path / "m.onnx", x))
+
+
+def test_computing_on_float8_codes_is_refused():
+    """An op that would compute on float8 codes (here Add) is a clear error naming the tensor and the fix."""
+    from bmc.errors import ModelError
+
+    graph = oh.make_graph(
+        [oh.make_node("Cast", ["x"], ["q"], to=TensorProto.FLOAT8E4M3FN), oh.make_node("Reshape", ["q", "s"], ["r"]),
+         oh.make_node("Add", ["r", "r"], ["y"])], "bad",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, (2, 3))],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT8E4M3FN, (3, 2))],
+        [onnx.numpy_helper.from_array(np.array([3, 2], np.int64), "s")])
+    with pytest.raises(ModelError) as e:
+        import_model(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)]))
+    msg = str(e.value)
+    assert "'r' is float8e4m3fn" in msg and "Add" in msg and "Cast to=FLOAT" in msg

@@ -157,6 +157,21 @@ CASES += [
     ("split", [f32(4)], {"axis": 0, "sizes": (0, 4)}),
 ]
 
+CASES += [("bitcast", [_R2.standard_normal(6).astype(np.float32)], {"dtype": "int32"}),
+          ("bitcast", [np.array([16256, 0, 7, -32768], np.int16)], {"dtype": "bfloat16"})]
+
+# float8/float4 codes: every code decoded; every float16 value (and float32's specials and extremes) encoded
+_CODES = np.arange(256, dtype=np.uint8)
+_FLOATS = np.concatenate([np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32),
+                          np.array([3e38, -3e38, 1e-40, -1e-40, 2.0 ** -127, 464.0, 465.0, 61440.0], np.float32)])
+CASES += [("decode_float", [_CODES & 0xF if f == "float4e2m1" else _CODES], {"format": f})
+          for f in ("float8e4m3fn", "float8e4m3fnuz", "float8e5m2", "float8e5m2fnuz", "float4e2m1", "float8e8m0")]
+CASES += [("encode_float", [_FLOATS], {"format": f, "saturate": s})
+          for f in ("float8e4m3fn", "float8e4m3fnuz", "float8e5m2", "float8e5m2fnuz", "float4e2m1")
+          for s in (True, False)]
+CASES += [("encode_float", [_FLOATS], {"format": "float8e8m0", "saturate": s, "round_mode": r})
+          for s in (True, False) for r in ("up", "down", "nearest")]
+
 # reduced precision: the lowering computes normalizations in float32 for bfloat16 (TVM's kernels take f32/f16 only)
 try:
     import ml_dtypes

@@ -57,5 +57,5 @@ def test_infer_reference_and_cost_agree(op, inputs, attrs):
     assert isinstance(cost, Cost) and cost.flops >= 0
     # collectives move nothing in a group of one; every other op at least writes its outputs
     assert cost.bytes >= (0 if opdef.collective else sum(t.nbytes for t in types))
-    if all(np.isfinite(x).all() for x in inputs if x.dtype.kind == "f"):
+    if op != "decode_float" and all(np.isfinite(x).all() for x in inputs if x.dtype.kind == "f"):  # NaN codes
         assert all(np.isfinite(o).all() for o in outs if o.dtype.kind == "f")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te, tirx
 
 from bmc.codegen.lower import const, lowering
 from bmc.ir.types import np_dtype
+from bmc.ops.minifloat import Format, get_format
 
 _R = relax.op
 
@@ -147,3 +148,116 @@ def _cast(ctx, node, args):
 @lowering("where")
 def _where(ctx, node, args):
     return _R.where(*args)
+
+
+@lowering("bitcast")
+def _bitcast(ctx, node, args):
+    dtype = node.attrs["dtype"]
+    return ctx.bb.emit_te(lambda x: te.compute(x.shape, lambda *i: tirx.reinterpret(dtype, x(*i)), name="bitcast"),
+                          args[0], primfunc_name_hint="bitcast")
+
+# ---------------------------------------------------------------------------------------------------------------
+# float8/float4 codes (``bmc.ops.minifloat``): integer arithmetic on float32 bits, one kernel each, on every target.
+# Encoding rounds exactly: with ``e`` the input's binary exponent (from its bits) raised to the format's smallest
+# normal exponent ``emin``, ``|x| * 2^(M - e)`` is exact in float32 and ``nearbyint`` of it is the mantissa rounded to
+# nearest even, with the implicit bit; the magnitude code is then ``(e - emin) * 2^M + q``, which also carries a
+# mantissa that rounds up into the next exponent, and covers subnormals (``e = emin``) with the same formula.
+
+def _u32(v: int):
+    return tirx.const(v, "uint32")
+
+
+def _i32(v: int):
+    return tirx.const(v, "int32")
+
+
+def _f32_bits(bits):
+    return tirx.reinterpret("float32", tirx.Cast("uint32", bits))
+
+
+_NAN = 0x7FC00000
+_INF = 0x7F800000
+
+
+def decode_expr(code, fmt: Format):
+    """float32 value of one uint8 code."""
+    c = tirx.Cast("int32", code)
+    if fmt.special == "e8m0":  # 2^(c - 127); c = 0 is float32's subnormal 2^-127
+        value = _f32_bits(tirx.Select(c == 0, _i32(0x400000), c << 23))
+        return tirx.Select(c == 0xFF, _f32_bits(_u32(_NAN)), value)
+    m_bits, sign_at = fmt.mantissa_bits, fmt.bits - 1
+    magnitude = c & ((1 << sign_at) - 1)
+    e, m = magnitude >> m_bits, magnitude & ((1 << m_bits) - 1)
+    normal = _f32_bits(((e + (127 - fmt.bias)) << 23) | (m << (23 - m_bits)))
+    subnormal = tirx.Cast("float32", m) * tirx.const(2.0 ** (1 - fmt.bias - m_bits), "float32")
+    value = tirx.Select(e == 0, subnormal, normal)
+    if fmt.special == "ieee":
+        top = (1 << fmt.exponent_bits) - 1
+        value = tirx.Select(e == top, _f32_bits(tirx.Select(m == 0, _u32(_INF), _u32(_NAN))), value)
+    value = tirx.Select(((c >> sign_at) & 1) == 1, -value, value)
+    if fmt.special == "fn":
+        value = tirx.Select(magnitude == (1 << sign_at) - 1, _f32_bits(_u32(_NAN)), value)
+    elif fmt.special == "fnuz":
+        value = tirx.Select(c == 1 << sign_at, _f32_bits(_u32(_NAN)), value)
+    return value
+
+
+def encode_expr(x, fmt: Format, saturate: bool, round_mode: str):
+    """uint8 code of one float32 value (``bmc.ops.minifloat.encode``)."""
+    bits = tirx.reinterpret("uint32", x)
+    exponent = tirx.Cast("int32", (bits >> _u32(23)) & _u32(0xFF))
+    if fmt.special == "e8m0":
+        return _encode_e8m0(bits, exponent, saturate, round_mode)
+    m_bits, sign_at = fmt.mantissa_bits, fmt.bits - 1
+    sign = tirx.Cast("int32", bits >> _u32(31))
+    abs_bits = bits & _u32(0x7FFFFFFF)
+    emin = 1 - fmt.bias
+    e = tirx.max(exponent - 127, _i32(emin))
+    scale = _f32_bits((m_bits - e + 127) << 23)  # 2^(M - e), a normal float32 for every finite input
+    q = tirx.Cast("int32", tirx.nearbyint(_f32_bits(abs_bits) * scale))
+    magnitude = (e - emin) * (1 << m_bits) + q
+    largest = fmt.max_magnitude
+    if saturate or fmt.special == "none":
+        overflow = _i32(largest)
+    else:
+        overflow = _i32({"ieee": largest + 1, "fn": largest + 1, "fnuz": 1 << sign_at}[fmt.special])
+    is_nan = abs_bits > _u32(_INF)
+    magnitude = tirx.Select((magnitude > largest) | (abs_bits == _u32(_INF)), overflow, magnitude)
+    if fmt.special == "fnuz":  # no negative zero; the NaN code stands alone
+        code = tirx.Select((magnitude == 0) | (magnitude == 1 << sign_at), magnitude, magnitude | (sign << sign_at))
+        code = tirx.Select(is_nan, _i32(1 << sign_at), code)
+    else:
+        code = magnitude | (sign << sign_at)
+        nan = {"ieee": (sign << sign_at) | (largest + 3),  # ml_dtypes' quiet NaN, sign kept
+               "fn": (sign << sign_at) | (largest + 1),
+               "none": (1 - sign) << sign_at}[fmt.special]  # ml_dtypes turns float4's NaN into the other zero
+        code = tirx.Select(is_nan, nan, code)
+    return tirx.Cast("uint8", code)
+
+
+def _encode_e8m0(bits, exponent, saturate: bool, round_mode: str):
+    if round_mode == "up":
+        up = (bits & _u32(0x7FFFFF)) != _u32(0)
+    elif round_mode == "nearest":
+        up = ((bits & _u32(0x400000)) != _u32(0)) & (((bits & _u32(0x3FFFFF)) != _u32(0)) | (exponent > 0))
+    else:
+        up = tirx.const(False, "bool")
+    if saturate:
+        up = up & (exponent != 0xFE)
+    rounded = (exponent + tirx.Cast("int32", up)) & 0xFF
+    return tirx.Cast("uint8", tirx.Select(exponent == 0xFF, _i32(0xFF), rounded))
+
+
+@lowering("decode_float")
+def _decode(ctx, node, args):
+    fmt = get_format(node.attrs["format"])
+    return ctx.bb.emit_te(lambda x: te.compute(x.shape, lambda *i: decode_expr(x(*i), fmt), name="decode_float"),
+                          args[0], primfunc_name_hint="decode_float")
+
+
+@lowering("encode_float")
+def _encode(ctx, node, args):
+    fmt, a = get_format(node.attrs["format"]), node.attrs
+    return ctx.bb.emit_te(
+        lambda x: te.compute(x.shape, lambda *i: encode_expr(x(*i), fmt, a["saturate"], a["round_mode"]),
+                             name="encode_float"), args[0], primfunc_name_hint="encode_float")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from bmc.frontend.onnx.importer import Context, ConvertError, Operand, converter
-from bmc.frontend.onnx.loader import FOUR_BIT_NAMES, to_dtype
-from bmc.ir.types import np_dtype
+from bmc.frontend.onnx.loader import INT_RANGES, NARROW, coded, to_dtype
+from bmc.ir.types import itemsize, np_dtype
 from bmc.ops.registry import broadcast_shapes
 
 _UNARY = {
@@ -119,21 +119,42 @@ def _clip(ctx: Context, node):
 @converter("Cast", "CastLike")
 def _cast(ctx: Context, node):
     x = ctx.operand(0)
+    src = ctx.narrow.get(node.input[0])
     if node.op_type == "CastLike":
-        four_bit = ctx.four_bit.get(node.input[1])
+        dst = ctx.narrow.get(node.input[1])
         dtype = ctx.type(ctx.operand(1)).dtype
     else:
-        four_bit = FOUR_BIT_NAMES.get(ctx.attr("to"))
-        dtype = to_dtype(ctx.attr("to"), f"Cast node {node.name!r}", "Cast", four_bit=True)
-    if four_bit:  # wraps around, as numpy's casts do: truncate, then reduce modulo 16 into the type's range
-        ctx.four_bit[node.output[0]] = four_bit
-        lo = -8.0 if four_bit == "int4" else 0.0
+        dst = NARROW.get(ctx.attr("to"))
+        dtype = to_dtype(ctx.attr("to"), f"Cast node {node.name!r}", "Cast", narrow=True)
+    if coded(src):
+        x = ctx.emit1("decode_float", [x], format=src)
+    if dst is not None:
+        ctx.narrow[node.output[0]] = dst
+    if coded(dst):  # from float32 (exact from float16/bfloat16; a float64 is rounded twice)
+        x = x if ctx.type(x).dtype == "float32" else ctx.emit1("cast", [x], dtype="float32")
+        return [ctx.emit1("encode_float", [x], format=dst, saturate=bool(ctx.attr("saturate", 1)),
+                          round_mode=ctx.text("round_mode", "up"))]
+    if dst is not None:  # a narrow integer wraps around, as numpy's casts do: truncate, then reduce into its range
+        lo, hi = INT_RANGES[dst]
         t = ctx.emit1("cast", [ctx.emit1("cast", [x], dtype="int32")], dtype="float64")
-        wraps = ctx.emit1("floor", [ctx.emit1("div", [ctx.emit1("sub", [t, np.float64(lo)]), np.float64(16)])])
-        x = ctx.emit1("sub", [t, ctx.emit1("mul", [wraps, np.float64(16)])])
+        wraps = ctx.emit1("floor", [ctx.emit1("div", [ctx.emit1("sub", [t, np.float64(lo)]), np.float64(hi - lo + 1)])])
+        x = ctx.emit1("sub", [t, ctx.emit1("mul", [wraps, np.float64(hi - lo + 1)])])
     if ctx.type(x).dtype == dtype:
         return [x]
     return [ctx.emit1("cast", [x], dtype=dtype)]
+
+
+@converter("BitCast")
+def _bitcast(ctx: Context, node):
+    if node.input[0] in ctx.narrow:
+        raise ConvertError(f"BitCast of a {ctx.narrow[node.input[0]]} tensor is not supported")
+    dtype = to_dtype(ctx.attr("to"), f"BitCast node {node.name!r}", "BitCast")
+    x = ctx.operand(0)
+    if ctx.type(x).dtype == "bool" and dtype in ("uint8", "int8"):  # a bool's byte is 0 or 1
+        return [ctx.emit1("cast", [x], dtype=dtype)]
+    if ctx.type(x).dtype == "bool" or dtype == "bool" or itemsize(ctx.type(x).dtype) != itemsize(dtype):
+        raise ConvertError(f"BitCast from {ctx.type(x).dtype} to {dtype}: the types must be non-bool and of one size")
+    return [x if ctx.type(x).dtype == dtype else ctx.emit1("bitcast", [x], dtype=dtype)]
 
 
 @converter("Where")

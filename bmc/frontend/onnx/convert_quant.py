@@ -25,15 +25,13 @@ import numpy as np
 
 from bmc.frontend.onnx.convert_nn import conv
 from bmc.frontend.onnx.importer import Context, ConvertError, Operand, converter
-from bmc.frontend.onnx.loader import FOUR_BIT_NAMES, to_dtype
+from bmc.frontend.onnx.loader import CARRIER, INT_RANGES, NARROW, coded, to_dtype
 from bmc.ir.graph import Value
 from bmc.ir.types import FLOAT_DTYPES, INT_DTYPES, TensorType, np_dtype
 from bmc.ops.linalg import INT8
 from bmc.ops.shape import pack_nibbles, unpack_nibbles
 
-_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767), "uint4": (0, 15),
-           "int4": (-8, 7)}
-_CARRIER = {"uint4": "uint8", "int4": "int8"}  # the IR dtype that holds a 4-bit type's values
+_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767), **INT_RANGES}
 
 
 def _broadcastable(ctx: Context, p: Operand, shape: tuple[int, ...], axis: int, block_size: int, what: str) -> Operand:
@@ -66,15 +64,16 @@ def _shifted(ctx: Context, x: Operand, zero_point: Operand | None, dtype: str) -
 
 
 def _saturate(ctx: Context, y: Operand, dtype: str) -> Operand:
-    """Clip a rounded ``y`` to ``dtype``'s range and cast: the last step of every quantizing op. A 4-bit result is
-    carried in 8 bits (and noted, for the ops that read it)."""
+    """Clip a rounded ``y`` to ``dtype``'s range and cast: the last step of every integer quantizing op. A 4- or
+    2-bit result is carried in 8 bits (and noted, for the ops that read it)."""
     if dtype not in _RANGES:
         raise ConvertError(f"quantizing to {dtype} is not supported",
-                           fix="bmc quantizes to uint8, int8, uint16, int16, uint4 and int4")
+                           fix="bmc quantizes to uint8, int8, uint16, int16, uint4, int4, uint2, int2, float8 and "
+                               "float4e2m1")
     lo, hi = _RANGES[dtype]
-    if dtype in _CARRIER:
-        ctx.four_bit[ctx.node.output[0]] = dtype
-    return ctx.emit1("cast", [ctx.emit1("clip", [y], min=float(lo), max=float(hi))], dtype=_CARRIER.get(dtype, dtype))
+    if dtype in INT_RANGES:
+        ctx.narrow[ctx.node.output[0]] = dtype
+    return ctx.emit1("cast", [ctx.emit1("clip", [y], min=float(lo), max=float(hi))], dtype=CARRIER.get(dtype, dtype))
 
 
 def _check_integer(ctx: Context, x: Operand, what: str) -> str:
@@ -88,18 +87,27 @@ def _check_integer(ctx: Context, x: Operand, what: str) -> str:
 def _dequantize(ctx: Context, node):
     x, scale = ctx.operand(0), ctx.operand(1)
     shape = ctx.type(x).shape
-    _check_integer(ctx, x, "the quantized input")
     axis, block = ctx.attr("axis", 1), ctx.attr("block_size", 0)
+    x_format, scale_format = ctx.narrow.get(node.input[0]), ctx.narrow.get(node.input[1])
     out = to_dtype(ctx.attr("output_dtype"), f"DequantizeLinear node {node.name!r}", "output_dtype") \
-        if ctx.attr("output_dtype") else ctx.type(scale).dtype
+        if ctx.attr("output_dtype") else scale_format if coded(scale_format) else ctx.type(scale).dtype
+    if coded(scale_format):  # a float8e8m0 scale (the MX formats')
+        scale = ctx.emit1("decode_float", [scale], format=scale_format)
     zp = ctx.optional(2)
+    if coded(x_format):  # float8/float4 codes: their values times the scale; a zero point only names the type
+        x, zp = ctx.emit1("decode_float", [x], format=x_format), None
+    else:
+        _check_integer(ctx, x, "the quantized input")
     if zp is not None:
         zp = _broadcastable(ctx, zp, shape, axis, block, "zero point")
     y = ctx.emit1("mul", [_shifted(ctx, x, zp, "float32"),
                           _as(ctx, _broadcastable(ctx, scale, shape, axis, block, "scale"), "float32")])
-    if out == "float32":
+    if out == "float32" and not coded(x_format):
         _offer_matmul_nbits(ctx, node, x, scale, ctx.optional(2), axis, block)
         _offer_matmul_integer(ctx, node, x, scale, ctx.optional(2), axis, block)
+    if coded(out):
+        ctx.narrow[node.output[0]] = out
+        return [ctx.emit1("encode_float", [y], format=out)]
     return [_as(ctx, y, out)]
 
 
@@ -111,7 +119,7 @@ def _offer_matmul_integer(ctx: Context, node, x: Operand, scale: Operand, zp: Op
     integer product is exact where the float one rounds (onnxruntime's optimizer makes the same rewrite).
     Records per-tensor dequantizations and offers the weight's to the MatMul/Gemm converters."""
     t = ctx.type(x)
-    if block or t.dtype not in INT8 or node.input[0] in ctx.four_bit or (zp is not None and
+    if block or t.dtype not in INT8 or node.input[0] in ctx.narrow or (zp is not None and
                                                                           ctx.type(zp).dtype != t.dtype):
         return
     per_tensor = ctx.type(scale).numel == 1 and (zp is None or ctx.type(zp).numel == 1)
@@ -183,15 +191,22 @@ def _quantize(ctx: Context, node):
     zp = ctx.optional(2)
     where = f"QuantizeLinear node {node.name!r}"
     if zp is not None:
-        out = ctx.four_bit.get(node.input[2], ctx.type(zp).dtype)
+        out = ctx.narrow.get(node.input[2], ctx.type(zp).dtype)
     elif ctx.attr("output_dtype"):
         code = ctx.attr("output_dtype")
-        out = FOUR_BIT_NAMES[code] if code in FOUR_BIT_NAMES else to_dtype(code, where, "output_dtype")
+        out = NARROW[code] if code in NARROW else to_dtype(code, where, "output_dtype")
     else:
         out = "uint8"
     precision = to_dtype(ctx.attr("precision"), where, "precision") if ctx.attr("precision") else ctx.type(x).dtype
     y = ctx.emit1("div", [_as(ctx, x, precision),
                           _as(ctx, _broadcastable(ctx, scale, shape, axis, block, "scale"), precision)])
+    if coded(out):  # rounded by the conversion; float8's zero point only names the type, float4's is added
+        if zp is not None and out == "float4e2m1":
+            zp = ctx.emit1("decode_float", [_broadcastable(ctx, zp, shape, axis, block, "zero point")], format=out)
+            y = ctx.emit1("add", [_as(ctx, y, "float32"), zp])
+        ctx.narrow[node.output[0]] = out
+        return [ctx.emit1("encode_float", [_as(ctx, y, "float32")], format=out,
+                          saturate=bool(ctx.attr("saturate", 1)))]
     y = ctx.emit1("round", [y])  # rounded before the zero point is added, as the spec says
     if zp is not None:
         y = ctx.emit1("add", [_as(ctx, y, "float32"), _as(ctx, _broadcastable(ctx, zp, shape, axis, block,

@@ -22,10 +22,10 @@ def _constant(ctx: Context, node):
         from bmc.frontend.onnx import loader
 
         stored = np.array(loader.initializer_tensor(a.t, None).numpy())
-        if a.t.data_type not in loader.FOUR_BIT:
+        if a.t.data_type not in loader.NARROW:
             return [stored]
-        ctx.four_bit[node.output[0]] = loader.FOUR_BIT_NAMES[a.t.data_type]
-        return [loader.unpack_four_bit(stored, a.t.data_type, tuple(a.t.dims))]
+        ctx.narrow[node.output[0]] = loader.NARROW[a.t.data_type]
+        return [loader.unpack_narrow(stored, a.t.data_type, tuple(a.t.dims))]
     if a.name in ("value_float", "value_int"):
         return [np.array(onnx.helper.get_attribute_value(a), dtype=np.float32 if a.name == "value_float" else np.int64)]
     if a.name in ("value_floats", "value_ints"):

@@ -61,7 +61,7 @@ class Context:
     builder: GraphBuilder
     opset: int
     env: dict[str, Operand] = field(default_factory=dict)
-    four_bit: dict[str, str] = field(default_factory=dict)  # ONNX tensor name -> "int4"/"uint4" (carried in 8 bits)
+    narrow: dict[str, str] = field(default_factory=dict)  # ONNX tensor name -> its narrow type (loader.NARROW)
     # ONNX tensor name of a dequantized weight -> how to multiply by it better than by its values: called with A, A's
     # ONNX name and whether the weight is used transposed (Gemm's transB); None declines
     weight_matmuls: dict[str, Callable[[Operand, str, bool], Operand | None]] = field(default_factory=dict)
@@ -142,8 +142,9 @@ class Context:
 
     def _subgraph_initializer(self, init: onnx.TensorProto) -> Operand:
         """A subgraph's initializer, made once however many times the subgraph is imported (a Scan's steps)."""
-        if init.data_type in loader.FOUR_BIT:
-            raise ConvertError(f"4-bit initializer {init.name!r} inside a subgraph is not supported")
+        if init.data_type in loader.NARROW:
+            raise ConvertError(f"{loader.NARROW[init.data_type]} initializer {init.name!r} inside a subgraph is not "
+                               "supported")
         if id(init) not in self._subgraph_initializers:
             t = loader.initializer_tensor(init, self.base_dir)
             self._subgraph_initializers[id(init)] = (init, _initializer(self.builder, init.name, t))
@@ -203,17 +204,17 @@ def import_graph(proto: onnx.ModelProto, base_dir, input_shapes: Mapping[str, Se
     for init in g.initializer:
         weights[init.name] = loader.initializer_tensor(init, base_dir)
     loader.check_external_overlaps(weights)
-    four_bit = {i.name: i for i in g.initializer if i.data_type in loader.FOUR_BIT}
+    narrow = {i.name: i for i in g.initializer if i.data_type in loader.NARROW}
     for init_name, t in weights.items():
-        if init_name in four_bit:
-            ctx.env[init_name] = _four_bit_initializer(ctx, four_bit[init_name], t)
+        if init_name in narrow:
+            ctx.env[init_name] = _narrow_initializer(ctx, narrow[init_name], t)
             continue
         ctx.env[init_name] = _initializer(b, init_name, t)
 
     for inp, ty in bind_input_shapes(g, input_shapes or {}).items():
         ctx.env[inp] = b.input(inp, ty)
-    ctx.four_bit.update({i.name: loader.FOUR_BIT_NAMES[i.type.tensor_type.elem_type] for i in g.input
-                         if i.type.tensor_type.elem_type in loader.FOUR_BIT_NAMES})
+    ctx.narrow.update({i.name: loader.NARROW[i.type.tensor_type.elem_type] for i in g.input
+                       if i.type.tensor_type.elem_type in loader.NARROW})
 
     for idx, node in enumerate(order):
         b.source = node.name or f"{node.op_type}_{idx}"
@@ -237,15 +238,19 @@ def _initializer(b: GraphBuilder, name: str, t: Tensor) -> Operand:
     return np.asarray(t.numpy()) if small else b.param(name, t)
 
 
-def _four_bit_initializer(ctx: Context, proto: onnx.TensorProto, packed: Tensor) -> Operand:
-    """A 4-bit initializer's values. A weight packed by rows stays packed, 4 bits a value, for an ``unpack_int4``
-    node to read; a small one, or one whose rows share bytes (odd last dim), is decoded here."""
-    dims, signed = tuple(proto.dims), proto.data_type == onnx.TensorProto.INT4
-    ctx.four_bit[proto.name] = loader.FOUR_BIT_NAMES[proto.data_type]
-    if np.prod(dims) > SMALL_WEIGHT and dims and dims[-1] % 2 == 0:
-        return ctx.emit1("unpack_int4", [ctx.builder.param(proto.name, packed)], signed=signed)
-    arr = loader.unpack_four_bit(packed.numpy(), proto.data_type, dims)
-    return arr if arr.size <= SMALL_WEIGHT else ctx.builder.param(proto.name, ArrayTensor(arr))
+def _narrow_initializer(ctx: Context, proto: onnx.TensorProto, stored: Tensor) -> Operand:
+    """A narrow initializer's values or codes, in its carrier. A float8 weight is its codes, a byte each; a 4-bit
+    weight packed by rows stays packed, for an ``unpack_int4`` node to read; a small one, a 2-bit one, or one whose
+    rows share bytes (odd last dim), is unpacked here."""
+    dims, code = tuple(proto.dims), proto.data_type
+    ctx.narrow[proto.name] = loader.NARROW[code]
+    big = np.prod(dims) > SMALL_WEIGHT
+    if code not in loader.PACKED_BITS:
+        return ctx.builder.param(proto.name, stored) if big else np.asarray(stored.numpy()).reshape(dims)
+    if big and loader.PACKED_BITS[code] == 4 and dims and dims[-1] % 2 == 0:
+        return ctx.emit1("unpack_int4", [ctx.builder.param(proto.name, stored)], signed=code == onnx.TensorProto.INT4)
+    arr = loader.unpack_narrow(stored.numpy(), code, dims)
+    return ctx.builder.param(proto.name, ArrayTensor(arr)) if big else arr
 
 
 def _import_node(ctx: Context, node: onnx.NodeProto, where: str, functions: Functions, depth: int = 0) -> None:
@@ -273,10 +278,40 @@ def _import_node(ctx: Context, node: onnx.NodeProto, where: str, functions: Func
         ctx.opset = outer
 
 
+# Ops that move values without computing on them (the positions of their data inputs; None: all): a narrow type
+# passes through them, codes staying codes. Ops in _READS_CODES read a float8/float4 tensor's codes knowingly; any
+# other op given one is refused (it would compute on the codes).
+_MOVES: dict[str, tuple[int, ...] | None] = {
+    "Identity": (0,), "Reshape": (0,), "Transpose": (0,), "Squeeze": (0,), "Unsqueeze": (0,), "Flatten": (0,),
+    "Expand": (0,), "Tile": (0,), "Slice": (0,), "Gather": (0,), "GatherElements": (0,), "GatherND": (0,),
+    "Split": (0,), "Concat": None, "Where": (1, 2), "DepthToSpace": (0,), "SpaceToDepth": (0,), "Pad": (0, 2),
+}
+_READS_CODES = {"Cast", "CastLike", "QuantizeLinear", "DequantizeLinear", "Shape", "Size"}
+
+
+def _narrow_inputs(ctx: Context, node: onnx.NodeProto, where: str) -> str | None:
+    """The narrow type a data-movement node passes on (None if none); refuses computing on float8/float4 codes."""
+    default = node.domain in DEFAULT_DOMAINS
+    moves = default and node.op_type in _MOVES
+    for k, name in enumerate(node.input):
+        kind = ctx.narrow.get(name) if name else None
+        if kind is None:
+            continue
+        if moves:
+            if _MOVES[node.op_type] is None or k in _MOVES[node.op_type]:
+                return kind
+        elif loader.coded(kind) and not (default and node.op_type in _READS_CODES):
+            raise ModelError(f"input {name!r} is {kind}, which bmc carries as codes: {op_key(node)} cannot compute "
+                             "on it", where=where, fix=f"cast {name!r} to a wider float first (Cast to=FLOAT); bmc "
+                             "reads float8/float4 tensors only in casts, (de)quantization and data movement")
+    return None
+
+
 def _convert(ctx: Context, node: onnx.NodeProto, where: str) -> None:
     b = ctx.builder
     ctx.node, ctx.where = node, where
     first_new = len(b.graph.nodes)
+    passes_on = _narrow_inputs(ctx, node, where) if ctx.narrow else None
     try:
         outs = CONVERTERS[op_key(node)](ctx, node)
     except ConvertError as e:
@@ -290,6 +325,8 @@ def _convert(ctx: Context, node: onnx.NodeProto, where: str) -> None:
             if isinstance(out, Value) and id(out) in fresh and out.name != out_name:
                 out.name = b.names(out_name)  # keep the ONNX tensor name (for --shard, plans, errors)
             ctx.env[out_name] = out
+            if passes_on:
+                ctx.narrow[out_name] = passes_on
 
 
 def _check_supported(nodes: list[onnx.NodeProto], functions: Functions) -> None:
@@ -324,7 +361,7 @@ def bind_input_shapes(g: onnx.GraphProto, shapes: Mapping[str, Sequence[int] | i
         tt = i.type.tensor_type
         if not i.type.HasField("tensor_type"):
             raise ModelError("only tensor inputs are supported", where=f"graph input {i.name!r}")
-        dtype = loader.to_dtype(tt.elem_type, f"graph input {i.name!r}", "graph inputs", four_bit=True)
+        dtype = loader.to_dtype(tt.elem_type, f"graph input {i.name!r}", "graph inputs", narrow=True)
         if i.name in shapes:
             given = shapes[i.name]
             dims = (given,) if isinstance(given, int) else tuple(given)

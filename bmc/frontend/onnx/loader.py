@@ -29,9 +29,27 @@ _ONNX_DTYPES = {
     TensorProto.INT16: "int16", TensorProto.INT8: "int8", TensorProto.UINT8: "uint8", TensorProto.UINT16: "uint16",
     TensorProto.UINT32: "uint32", TensorProto.UINT64: "uint64", TensorProto.BOOL: "bool",
 }
-# 4-bit integers, two per byte in ONNX (the first in the low nibble): the IR carries their values in 8-bit tensors
-FOUR_BIT = {TensorProto.INT4: "int8", TensorProto.UINT4: "uint8"}
-FOUR_BIT_NAMES = {TensorProto.INT4: "int4", TensorProto.UINT4: "uint4"}
+# Narrow types, which the IR carries in 8-bit tensors: integers as their values (int4/uint4/int2/uint2 in
+# int8/uint8), floats as their bit codes in uint8 (``bmc.ops.minifloat``: float4 one code a byte). ONNX stores the
+# 4- and 2-bit ones several a byte, the first in the lowest bits (``PACKED_BITS``).
+NARROW: dict[int, str] = {
+    TensorProto.INT4: "int4", TensorProto.UINT4: "uint4", TensorProto.INT2: "int2", TensorProto.UINT2: "uint2",
+    TensorProto.FLOAT8E4M3FN: "float8e4m3fn", TensorProto.FLOAT8E4M3FNUZ: "float8e4m3fnuz",
+    TensorProto.FLOAT8E5M2: "float8e5m2", TensorProto.FLOAT8E5M2FNUZ: "float8e5m2fnuz",
+    TensorProto.FLOAT8E8M0: "float8e8m0", TensorProto.FLOAT4E2M1: "float4e2m1",
+}
+NARROW_CODE = {name: code for code, name in NARROW.items()}
+CARRIER = {name: "int8" if name in ("int4", "int2") else "uint8" for name in NARROW.values()}
+PACKED_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4, TensorProto.INT2: 2,
+               TensorProto.UINT2: 2}
+INT_RANGES = {"int4": (-8, 7), "uint4": (0, 15), "int2": (-2, 1), "uint2": (0, 3)}
+
+
+def coded(narrow: str | None) -> bool:
+    """Whether a narrow type is carried as bit codes (a float format), not as its values."""
+    return narrow in CARRIER and narrow not in INT_RANGES
+
+
 _EXTERNAL_KEYS = {"location", "offset", "length", "checksum", "basepath"}
 
 
@@ -47,15 +65,16 @@ def onnx_elem_type(dtype: str) -> int:
     return next(code for code, name in _ONNX_DTYPES.items() if name == dtype)
 
 
-def to_dtype(code: int, where: str, what: str, four_bit: bool = False) -> str:
+def to_dtype(code: int, where: str, what: str, narrow: bool = False) -> str:
     """bmc dtype of an ONNX element type, or a ModelError naming the unsupported dtype (FAILURES.md 15). With
-    ``four_bit``, int4/uint4 map to the 8-bit dtype that carries their values."""
+    ``narrow``, a narrow type (``NARROW``) maps to the 8-bit dtype that carries it."""
     if code in _ONNX_DTYPES:
         return _ONNX_DTYPES[code]
-    if four_bit and code in FOUR_BIT:
-        return FOUR_BIT[code]
+    if narrow and code in NARROW:
+        return CARRIER[NARROW[code]]
     raise ModelError(f"dtype {onnx_dtype_name(code)} is not supported for {what}", where=where,
-                     fix=f"bmc supports {', '.join(sorted(set(_ONNX_DTYPES.values())))}; cast the model first")
+                     fix=f"bmc supports {', '.join(sorted(set(_ONNX_DTYPES.values())))}"
+                         + (f" and {', '.join(NARROW.values())}" if narrow else "") + "; cast the model first")
 
 
 def load_model(model: str | os.PathLike | bytes | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:
@@ -180,27 +199,42 @@ def node_label(node: onnx.NodeProto, idx: int) -> str:
 
 
 def tensor_type(proto: TensorProto, where: str) -> TensorType:
-    """The stored type: a 4-bit tensor of dims ``[..., n]`` is stored as uint8 bytes ``[..., n/2]`` when ``n`` is
-    even (each row packs on its own), else as ``[ceil(numel/2)]``."""
-    dtype = "uint8" if proto.data_type in FOUR_BIT else to_dtype(proto.data_type, where, f"tensor {proto.name!r}")
+    """The stored type: a narrow tensor is uint8 (its codes or values); a packed one of dims ``[..., n]`` is stored
+    as bytes ``[..., n / per_byte]`` when ``n`` divides (each row packs on its own), else as a flat run of bytes."""
+    code = proto.data_type
+    dtype = "uint8" if code in NARROW else to_dtype(code, where, f"tensor {proto.name!r}")
     dims = tuple(int(d) for d in proto.dims)
     if any(d < 0 for d in dims):
         raise ModelError(f"tensor {proto.name!r} has negative dims {dims}", where=where)
     if prod(dims) > MAX_ELEMENTS:
         raise ModelError(f"tensor {proto.name!r} has {prod(dims)} elements (dims {dims}), over the limit of "
                          f"{MAX_ELEMENTS}", where=where, fix="the model is corrupted or absurdly large")
-    if proto.data_type in FOUR_BIT:
-        dims = dims[:-1] + (dims[-1] // 2,) if dims and dims[-1] % 2 == 0 else (-(-prod(dims) // 2),)
+    if code in PACKED_BITS:
+        per = 8 // PACKED_BITS[code]
+        dims = dims[:-1] + (dims[-1] // per,) if dims and dims[-1] % per == 0 else (-(-prod(dims) // per),)
     return TensorType(dtype, dims)
 
 
-def unpack_four_bit(packed: np.ndarray, code: int, dims: tuple[int, ...]) -> np.ndarray:
-    """The values of a 4-bit tensor stored as ``tensor_type`` says, in its 8-bit carrier dtype."""
-    from bmc.ops import get_op
+def unpack_narrow(stored: np.ndarray, code: int, dims: tuple[int, ...]) -> np.ndarray:
+    """The values (integers) or codes (floats) of a narrow tensor stored as ``tensor_type`` says, in its carrier."""
+    stored = np.ascontiguousarray(stored, np.uint8).reshape(-1)
+    bits = PACKED_BITS.get(code, 8)
+    per = 8 // bits
+    parts = np.stack([(stored >> (bits * k)) & ((1 << bits) - 1) for k in range(per)], axis=-1).reshape(-1)
+    values = parts[:prod(dims)].reshape(dims)
+    name = NARROW[code]
+    if name in ("int4", "int2"):  # two's complement in ``bits`` bits
+        return np.where(values >= 1 << (bits - 1), values.astype(np.int16) - (1 << bits), values).astype(np.int8)
+    return values.astype(np.uint8)
 
-    flat = get_op("unpack_int4").reference([np.ascontiguousarray(packed).reshape(-1)],
-                                           {"signed": code == TensorProto.INT4})[0]
-    return flat[:prod(dims)].reshape(dims)
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack ``bits``-bit codes (uint8, the low bits of each) several a byte, as ONNX stores them."""
+    per = 8 // bits
+    padded = np.zeros(-(-codes.size // per) * per, np.uint8)
+    padded[:codes.size] = codes.reshape(-1) & ((1 << bits) - 1)
+    lanes = padded.reshape(-1, per)
+    return np.bitwise_or.reduce(lanes << (bits * np.arange(per, dtype=np.uint8)), axis=1).astype(np.uint8)
 
 
 def initializer_tensor(proto: TensorProto, base_dir: Path | None) -> Tensor:
@@ -219,12 +253,9 @@ def initializer_tensor(proto: TensorProto, base_dir: Path | None) -> Tensor:
         arr = onnx.numpy_helper.to_array(proto)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"cannot decode tensor data: {e}", where=where) from e
-    if proto.data_type in FOUR_BIT:  # onnx decodes to ml_dtypes' int4/uint4: pack them again, as stored
-        from bmc.ops.shape import pack_nibbles
-
-        values = np.zeros(2 * ty.numel, np.int8)
-        values[:arr.size] = arr.reshape(-1).astype(np.int8)
-        arr = pack_nibbles(values)
+    if proto.data_type in NARROW:  # onnx decodes to ml_dtypes' types: their codes, packed again as stored
+        codes = arr.view(np.uint8) if coded(NARROW[proto.data_type]) else arr.astype(np.int8).view(np.uint8)
+        arr = _pack(codes, PACKED_BITS[proto.data_type]) if proto.data_type in PACKED_BITS else codes
     if arr.size != ty.numel:
         raise ModelError(f"tensor has {arr.size} elements but dims {ty.shape} need {ty.numel}", where=where)
     return ArrayTensor(arr.astype(np_dtype(ty.dtype), copy=False).reshape(ty.shape))
