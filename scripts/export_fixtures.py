@@ -52,7 +52,7 @@ LEGACY_OPSET = 17
 EXPORTERS = ("legacy", "dynamo", "dynamo23")
 # dynamo23: the dynamo exporter at opset 23 with PyTorch's SDPA attention, which it writes as ONNX ``Attention``
 # (and RMSNorm as ``RMSNormalization``): what a current exporter emits for an LLM. One model is enough.
-EXPORTER_MODELS = {"dynamo23": ("llama",)}
+EXPORTER_MODELS = {"dynamo23": ("llama",), "legacy": ("gpt2", "bert", "llama", "opt", "vit")}  # others: all
 
 
 # --------------------------------------------------------------------------
@@ -161,12 +161,68 @@ def build_vit(gen):
             {"pixel_values": {0: "batch"}, "last_hidden_state": {0: "batch"}})
 
 
+def build_falcon(gen):
+    """Multi-query attention: one key/value head that the matmuls broadcast over the query heads."""
+    cfg = transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+        use_cache=False, attn_implementation="eager", hidden_dropout=0.0, attention_dropout=0.0,
+    )
+    model = transformers.FalconForCausalLM(cfg)
+    return (CausalLMLogits(model), {"input_ids": _token_inputs(gen)}, "logits",
+            {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
+
+
+def build_bloom(gen):
+    """ALiBi: a per-head linear position bias added to the scores instead of position embeddings."""
+    cfg = transformers.BloomConfig(
+        vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, use_cache=False, attn_implementation="eager",
+        hidden_dropout=0.0, attention_dropout=0.0,
+    )
+    model = transformers.BloomForCausalLM(cfg)
+    return (CausalLMLogits(model), {"input_ids": _token_inputs(gen)}, "logits",
+            {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
+
+
+def _padded_ids(gen):
+    ids = _token_inputs(gen)
+    mask = torch.ones(BATCH, SEQ, dtype=torch.int64)
+    mask[1, SEQ - 4:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+_ENCODER_DYN = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                "last_hidden_state": {0: "batch", 1: "seq"}}
+
+
+def build_t5enc(gen):
+    """T5's encoder: bucketed relative position bias (a log of the distance) plus the padding mask, no scale."""
+    cfg = transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+        attn_implementation="eager",
+    )
+    return EncoderHidden(transformers.T5EncoderModel(cfg)), _padded_ids(gen), "last_hidden_state", _ENCODER_DYN
+
+
+def build_deberta(gen):
+    """DeBERTa-v2: disentangled attention (content-to-position and position-to-content scores)."""
+    cfg = transformers.DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=MAXPOS, relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"],
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return EncoderHidden(transformers.DebertaV2Model(cfg)), _padded_ids(gen), "last_hidden_state", _ENCODER_DYN
+
+
 MODELS = {
     "gpt2": build_gpt2,
     "bert": build_bert,
     "llama": build_llama,
     "opt": build_opt,
     "vit": build_vit,
+    "falcon": build_falcon,
+    "bloom": build_bloom,
+    "t5enc": build_t5enc,
+    "deberta": build_deberta,
 }
 
 

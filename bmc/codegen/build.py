@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tvm
-from tvm import relax
 
 from bmc.codegen.relax_module import to_relax
 from bmc.codegen.targets import TargetSpec

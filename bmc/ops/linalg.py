@@ -120,11 +120,11 @@ def _infer_attention(ins, attrs):
     q, k, v = ins[:3]
     kt = key_dims(k.shape, attrs) if k.rank >= 2 else k.shape
     ok = (q.rank >= 2 and k.rank == q.rank and v.rank == q.rank and q.dtype in FLOAT_DTYPES
-          and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[:-2] == kt[:-2] == v.shape[:-2]
-          and q.shape[-1] == kt[-2] and kt[-1] == v.shape[-2])
+          and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[-1] == kt[-2] and kt[-1] == v.shape[-2]
+          and all(b in (1, a) for a, b in zip(q.shape[:-2] * 2, kt[:-2] + v.shape[:-2])))
     if not ok:
         raise OpError(f"attention takes float q [..., M, D], kt [..., D, N] (k [..., N, D] with transpose_k) and "
-                      f"v [..., N, E] with one batch shape, got {q}, {k} and {v}")
+                      f"v [..., N, E] whose batch dims are q's or 1, got {q}, {k} and {v}")
     scores = q.shape[:-1] + (kt[-1],)
     if len(ins) > 3:
         bias = ins[3]
@@ -157,6 +157,6 @@ def _attention_cost(ins, outs, attrs):
 register(OpDef("attention", "linalg", (3, 4), {"scale": Attr("float", 1.0), "transpose_k": Attr("bool", False)},
                _infer_attention, _attention, _attention_cost,
                doc="softmax(scale * q @ kt + bias, axis=-1) @ v of q [..., M, D], kt [..., D, N] (or k [..., N, D] "
-                   "with transpose_k), v [..., N, E] (one batch shape) and an optional bias broadcasting to the "
-                   "scores [..., M, N]; made by fusing that "
-                   "composition (bmc.ops.fusion), computed without the [M, N] scores where a kernel exists"))
+                   "with transpose_k), v [..., N, E] (batch dims q's, or 1 in k and v: multi-query) and an optional "
+                   "bias broadcasting to the scores [..., M, N]; made by fusing that composition (bmc.ops.fusion), "
+                   "computed without the [M, N] scores where a kernel exists"))

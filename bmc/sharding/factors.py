@@ -216,17 +216,18 @@ def matmul_integer_rule(ins, outs, attrs) -> ShardingRule:
 
 
 def attention_rule(ins, outs, attrs) -> ShardingRule:
-    """softmax(q @ kt + bias) @ v (the key stored as kt, or as k with ``transpose_k``): the batch dims, q's rows M and v's columns E pass; the head dim D and the keys N
+    """softmax(q @ kt + bias) @ v (the key stored as kt, or as k with ``transpose_k``): the batch dims (where k and v
+    have them: a multi-query k/v of 1 head has none), q's rows M and v's columns E pass; the head dim D and the keys N
     may not be split (the softmax normalizes over all keys; splitting N would need an online-softmax combine). The
     bias broadcasts against the scores [..., M, N]."""
     q, k, v = (t.shape for t in ins[:3])
     kt = key_dims(k, attrs)
     fs = _Factors()
-    batch = tuple((fs.new(f"b{i}", d),) for i, d in enumerate(q[:-2]))
+    (k_batch, v_batch), batch = broadcast_dims(fs, [k[:-2], v[:-2]], q[:-2], "b")  # multi-query: k, v dims of 1
     m, d = fs.new("m", q[-2]), fs.new("d", q[-1], "replicate")
     n, e = fs.new("n", kt[-1], "replicate"), fs.new("e", v[-1])
     key = ((n,), (d,)) if attrs["transpose_k"] else ((d,), (n,))
-    operands = [batch + ((m,), (d,)), batch + key, batch + ((n,), (e,))]
+    operands = [batch + ((m,), (d,)), k_batch + key, v_batch + ((n,), (e,))]
     if len(ins) > 3:
         scores, shape, bias = batch + ((m,), (n,)), q[:-1] + (kt[-1],), ins[3].shape
         off = len(shape) - len(bias)

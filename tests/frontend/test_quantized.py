@@ -442,6 +442,10 @@ def test_blocked_int4_dequantize_matmul_becomes_matmul_nbits(four_bit, with_zero
 
 
 # ---- float8 / float4 ------------------------------------------------------------------------------------------
+def _manifest_params(path):
+    return json.loads((path / "manifest.json").read_text())["signature"]["params"]
+
+
 def _fp8_mlp(w_type: int, k: int = 64, n: int = 48, hidden: int = 32):
     """x @ DequantizeLinear(w1: float8 [K, H], per-channel scale) -> Relu -> @ DequantizeLinear(w2 [H, N])."""
     from bmc.frontend.onnx.loader import NARROW
@@ -470,7 +474,7 @@ def test_float8_weights_stay_one_byte_and_match_the_spec(w_type, tmp_path):
     the result matches onnx.reference, and onnxruntime where it has the format (e4m3fn, e5m2)."""
     onnx.save(_fp8_mlp(w_type), tmp_path / "m.onnx")
     bmc.compile(tmp_path / "m.onnx", tmp_path / "m.bmc")
-    params = {p["name"]: p for p in json.loads((tmp_path / "m.bmc" / "manifest.json").read_text())["signature"]["params"]}
+    params = {p["name"]: p for p in _manifest_params(tmp_path / "m.bmc")}
     assert params["w1"]["dtype"] == params["w2"]["dtype"] == "uint8"
     assert all(p["dtype"] == "uint8" or np.prod(p["shape"]) <= 48 for p in params.values())  # scales only
     x = {"x": np.random.default_rng(0).standard_normal((4, 64), dtype=np.float32)}
@@ -515,7 +519,7 @@ def test_mxfp4_weights_stay_packed_and_match_the_spec(tmp_path):
         [onnx.numpy_helper.from_array(codes, "w"), onnx.numpy_helper.from_array(scale, "s")])
     onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 25)]), tmp_path / "m.onnx")
     bmc.compile(tmp_path / "m.onnx", tmp_path / "m.bmc")
-    params = {p["name"]: p for p in json.loads((tmp_path / "m.bmc" / "manifest.json").read_text())["signature"]["params"]}
+    params = {p["name"]: p for p in _manifest_params(tmp_path / "m.bmc")}
     assert params["w"]["dtype"] == "uint8" and np.prod(params["w"]["shape"]) == k * n // 2
     x = {"x": rng.standard_normal((4, k), dtype=np.float32)}
     _assert_close(bmc.load(tmp_path / "m.bmc").run(x), _onnx_reference(tmp_path / "m.onnx", x))

@@ -157,6 +157,13 @@ CASES += [
     ("split", [f32(4)], {"axis": 0, "sizes": (0, 4)}),
 ]
 
+CASES += [("gather_nd", [_R2.standard_normal((6, 2, 4)).astype(np.float32), np.array([[-2], [1]], np.int64)],
+           {"batch_dims": 0}),  # negative indices count from the end (Falcon's dynamo export)
+          ("gather_nd", [_R2.standard_normal((2, 3, 4)).astype(np.float32), np.array([[-1, 2], [0, -4]], np.int64)],
+           {"batch_dims": 1})]
+CASES += [("attention", [_R2.standard_normal((2, 4, 6, 8)).astype(np.float32),  # multi-query: one k/v head
+                         _R2.standard_normal((2, 1, 9, 8)).astype(np.float32),
+                         _R2.standard_normal((2, 1, 9, 5)).astype(np.float32)], {"transpose_k": True})]
 CASES += [("bitcast", [_R2.standard_normal(6).astype(np.float32)], {"dtype": "int32"}),
           ("bitcast", [np.array([16256, 0, 7, -32768], np.int16)], {"dtype": "bfloat16"})]
 

@@ -190,7 +190,8 @@ def test_auto_is_never_worse_than_the_best_manual_strategy(name):
         assert stats["ilp_cost"]["total_s"] <= min(fitting) * 1.01
 
 
-@pytest.mark.parametrize("name", ["gpt2_legacy", "llama_dynamo", "opt_dynamo"])
+@pytest.mark.parametrize("name", ["gpt2_legacy", "llama_dynamo", "opt_dynamo", "falcon_dynamo", "bloom_dynamo",
+                                  "t5enc_dynamo", "deberta_dynamo"])
 def test_auto_plans_run_on_the_simulator(name):
     graph, inputs, expected = fixture(name)
     mesh = with_links(Mesh.parse("2x2"))

@@ -89,8 +89,14 @@ def _attention(ctx, node, args):
 
         kernel = ATTENTION_BIAS_KERNEL if len(args) > 3 else ATTENTION_KERNEL
         ctx.kernels.add(kernel)
+        batch = list(node.inputs[0].type.shape[:-2])
+        args = list(args)
+        for i in (1, 2):  # a multi-query key/value: the kernel takes q's batch dims (a copy per head)
+            shape = node.inputs[i].type.shape
+            if list(shape[:-2]) != batch:
+                args[i] = ctx.emit(relax.op.broadcast_to(args[i], batch + list(shape[-2:])))
         scalars = [relax.expr.prim_value(float(scale)), relax.expr.prim_value(int(node.attrs["transpose_k"]))]
-        return relax.call_dps_packed(kernel, list(args) + scalars, out_ty=relax.TensorType(list(out.shape), out.dtype))
+        return relax.call_dps_packed(kernel, args + scalars, out_ty=relax.TensorType(list(out.shape), out.dtype))
     q, kt, v = args[:3]
     if node.attrs["transpose_k"]:
         rank = node.inputs[1].type.rank

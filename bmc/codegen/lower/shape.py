@@ -70,17 +70,16 @@ def _gather(ctx, node, args):
 @lowering("gather_elements")
 def _gather_elements(ctx, node, args):
     axis = node.attrs["axis"] % node.inputs[0].type.rank
-    idx, dt = args[1], node.inputs[1].type.dtype
-    size = const(np.array(node.inputs[0].type.shape[axis], dtype=np.dtype(dt)))
-    negative = ctx.emit(_R.less(idx, const(np.array(0, dtype=np.dtype(dt)))))
-    idx = ctx.emit(_R.where(negative, ctx.emit(_R.add(idx, size)), idx))  # negative indices count from the end
+    idx = _positive(ctx, args[1], node.inputs[1].type.dtype, node.inputs[0].type.shape[axis])
     return _R.gather_elements(args[0], idx, axis=axis)
 
 
 @lowering("gather_nd")
 def _gather_nd(ctx, node, args):
     idx = args[1] if node.inputs[1].type.dtype == "int64" else ctx.emit(_R.astype(args[1], "int64"))
-    return _R.gather_nd(args[0], idx, batch_dims=node.attrs["batch_dims"])
+    batch, depth = node.attrs["batch_dims"], node.inputs[1].type.shape[-1]
+    idx = _positive(ctx, idx, "int64", node.inputs[0].type.shape[batch:batch + depth])  # per index tuple entry
+    return _R.gather_nd(args[0], idx, batch_dims=batch)
 
 
 def _positive(ctx, idx, dt, sizes):
