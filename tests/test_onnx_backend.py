@@ -46,7 +46,7 @@ FAST_CASES: list[str] = [
     "test_averagepool_1d_default", "test_basic_conv_with_padding", "test_batchnorm_epsilon",
     "test_bitcast_2d_float32_to_int32",
     "test_cast_BFLOAT16_to_FLOAT", "test_castlike_BFLOAT16_to_FLOAT", "test_ceil", "test_celu", "test_clip",
-    "test_clip_default_inbounds_expanded", "test_concat_1d_axis_0", "test_constant", "test_constant_pad",
+    "test_clip_default_inbounds_expanded", "test_col2im", "test_concat_1d_axis_0", "test_constant", "test_constant_pad",
     "test_constantofshape_float_ones", "test_cos", "test_cosh", "test_cumsum_1d",
     "test_depthtospace_crd_mode_example", "test_div", "test_dropout_default", "test_einsum_batch_matmul",
     "test_elu", "test_equal", "test_erf", "test_exp", "test_expand_dim_changed",
@@ -67,8 +67,8 @@ FAST_CASES: list[str] = [
     "test_round", "test_sce_NCd1_mean_weight_negative_ii", "test_selu", "test_shrink_hard", "test_sigmoid",
     "test_sign", "test_sin", "test_sinh", "test_size", "test_slice", "test_softplus", "test_softsign",
     "test_spacetodepth", "test_split_1d_uneven_split_opset18", "test_squeeze", "test_sub", "test_sum_example",
-    "test_swish", "test_tan", "test_tanh", "test_thresholdedrelu", "test_tile_precomputed", "test_tril",
-    "test_xor2d"
+    "test_swish", "test_tan", "test_tanh", "test_tensorscatter", "test_thresholdedrelu", "test_tile_precomputed",
+    "test_tril", "test_xor2d"
 ]
 
 # Ops without a converter, inlined from their ONNX function body (``bmc.frontend.onnx.functions``): opset 23's

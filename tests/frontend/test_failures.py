@@ -84,8 +84,12 @@ def test_opset_too_new_and_too_old():
     node = helper.make_node("Relu", ["x"], ["y"])
     with pytest.raises(ModelError, match=r"opset 99 is newer than supported \(bmc supports opsets 7\.\."):
         import_model(make_model([node], [vi("x")], [vi("y")], opset=99))
-    with pytest.raises(ModelError, match="(?s)older than supported.*version_converter"):
-        import_model(make_model([node], [vi("x")], [vi("y")], opset=3))
+    with pytest.raises(ModelError, match="(?s)older than supported.*Relu was redefined.*version_converter"):
+        import_model(make_model([node], [vi("x")], [vi("y")], opset=3))  # Relu-1 had consumed_inputs
+    # an old model of ops unchanged since (Not-1 is still Not at opset 7) imports
+    not_node = helper.make_node("Not", ["b"], ["c"])
+    graph = import_model(make_model([not_node], [vi("b", TensorProto.BOOL)], [vi("c", TensorProto.BOOL)], opset=1))
+    assert [n.op for n in graph.nodes] == ["logical_not"]
 
 
 # 4 ---------------------------------------------------------------------------------------------------------------

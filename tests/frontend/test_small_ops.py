@@ -1,6 +1,7 @@
 """Pad's ``wrap`` mode (a periodic extension, also wider than the axis) against numpy's, ReduceMax/ReduceMin over
-an empty set (their identities, folded at compile time), and a ``Where`` whose constant condition picks one side
-everywhere (no ``where`` left), through ``bmc.onnx_backend`` and the importer."""
+an empty set (their identities, folded at compile time), a ``Where`` whose constant condition picks one side
+everywhere (no ``where`` left), and MaxPool's Indices output against ONNX's reference, through
+``bmc.onnx_backend`` and the importer."""
 
 from __future__ import annotations
 
@@ -61,3 +62,25 @@ def test_where_with_a_constant_one_sided_condition_is_that_side(cond, picked):
     assert ("where" in graph.op_counts()) == (picked is None)
     x, z = np.ones((3, 2), np.float32), np.zeros((3, 2), np.float32)
     np.testing.assert_array_equal(backend.prepare(model).run([x, z])[0], np.where(cond, x, z))
+
+
+@pytest.mark.parametrize("storage_order", [0, 1])
+@pytest.mark.parametrize("attrs", [
+    dict(kernel_shape=[2, 3, 2], strides=[1, 2, 1], pads=[0, 1, 1, 1, 0, 1], dilations=[1, 1, 2]),
+    dict(kernel_shape=[3, 2, 2], strides=[2, 2, 2], ceil_mode=1),
+])
+def test_max_pool_indices_match_the_onnx_reference(attrs, storage_order):
+    """MaxPool's second output (flat indices of the maxima, row- or column-major spatial dims) in 3-D, with pads,
+    dilations and ceil_mode, equals ONNX's reference implementation."""
+    from onnx.reference import ReferenceEvaluator
+
+    x = np.random.default_rng(7).permutation(2 * 3 * 5 * 6 * 5).astype(np.float32).reshape(2, 3, 5, 6, 5)  # no ties
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MaxPool", ["x"], ["y", "i"], storage_order=storage_order, **attrs)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("i", TensorProto.INT64, None)]), opset_imports=[helper.make_opsetid("", 12)])
+    want = ReferenceEvaluator(model).run(None, {"x": x})
+    got = backend.prepare(model).run([x])
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import itertools
+from math import prod
 
 import numpy as np
 
-from bmc.frontend.onnx.importer import Context, ConvertError, converter
+from bmc.frontend.onnx.importer import Context, ConvertError, Operand, converter
 from bmc.ir.types import np_dtype
 
 
@@ -53,8 +54,7 @@ def conv(ctx: Context, x, w, bias):
 
 @converter("MaxPool", "AveragePool")
 def _pool(ctx: Context, node):
-    if node.op_type == "MaxPool" and (ctx.attr("storage_order", 0) or (len(node.output) > 1 and node.output[1])):
-        raise ConvertError("MaxPool with storage_order=1 or an Indices output is not supported")
+    indices = node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1] != ""
     x = ctx.operand(0)
     xs = ctx.type(x).shape
     nd = len(xs) - 2
@@ -64,10 +64,39 @@ def _pool(ctx: Context, node):
     pads = _auto_pads(ctx, xs[2:], kernel, strides, dilations)
     ceil = bool(ctx.attr("ceil_mode", 0))
     if node.op_type == "MaxPool":
-        return [ctx.emit1("max_pool", [x], kernel=kernel, strides=strides, pads=pads, dilations=dilations,
-                          ceil_mode=ceil)]
+        y = ctx.emit1("max_pool", [x], kernel=kernel, strides=strides, pads=pads, dilations=dilations,
+                      ceil_mode=ceil)
+        if not indices:
+            return [y]
+        return [y, _max_pool_indices(ctx, x, ctx.type(y).shape[2:], kernel, strides, pads, dilations,
+                                     "F" if ctx.attr("storage_order", 0) else "C")]
     return [ctx.emit1("avg_pool", [x], kernel=kernel, strides=strides, pads=pads, dilations=dilations,
                       ceil_mode=ceil, count_include_pad=bool(ctx.attr("count_include_pad", 0)))]
+
+
+def _max_pool_indices(ctx: Context, x: Operand, out: tuple[int, ...], kernel, strides, pads, dilations,
+                      order: str) -> Operand:
+    """MaxPool's Indices: where each maximum is, as a flat index into x ``[N, C, *D]`` (the spatial dims row-major,
+    or column-major with ``order="F"``: storage_order=1). Every window is gathered (positions in the padding read
+    -inf), the first maximum of each found, and its position looked up."""
+    n, c, *dims = ctx.type(x).shape
+    nd, size = len(dims), prod(dims)
+    starts = np.stack(np.meshgrid(*[np.arange(o) * s - p for o, s, p in zip(out, strides, pads)], indexing="ij"), -1)
+    offsets = np.stack(np.meshgrid(*[np.arange(k) * d for k, d in zip(kernel, dilations)], indexing="ij"), -1)
+    where = starts.reshape(-1, 1, nd) + offsets.reshape(1, -1, nd)  # [outputs, window, nd]
+    inside = np.all((where >= 0) & (where < np.array(dims)), axis=-1)
+    clipped = tuple(np.moveaxis(np.clip(where, 0, np.array(dims) - 1), -1, 0))
+    flat = np.where(inside, np.ravel_multi_index(clipped, dims), size)  # the padding: one extra -inf position
+    lowest = np.full((n, c, 1), -np.inf, np_dtype(ctx.type(x).dtype))
+    padded = ctx.emit1("concat", [ctx.emit1("reshape", [x], shape=(n, c, size)), lowest], axis=2)
+    windows = ctx.emit1("reshape", [ctx.emit1("gather", [padded, flat.reshape(-1).astype(np.int64)], axis=2)],
+                        shape=(n, c) + flat.shape)
+    first = ctx.emit1("argmax", [windows], axis=-1, keepdims=True)  # [N, C, outputs, 1]
+    stored = np.ravel_multi_index(clipped, dims, order=order).astype(np.int64)
+    table = ctx.emit1("broadcast_to", [stored], shape=(n, c) + flat.shape)
+    spatial = ctx.emit1("gather_elements", [table, first], axis=3)
+    base = (np.arange(n * c, dtype=np.int64) * size).reshape(n, c, 1, 1)
+    return ctx.emit1("reshape", [ctx.emit1("add", [spatial, base])], shape=(n, c) + tuple(out))
 
 
 @converter("LpPool")

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 
 from bmc.frontend.onnx.importer import Context, ConvertError, converter, fill
+from bmc.ir.types import np_dtype
 from bmc.ops.registry import broadcast_shapes
 
 
@@ -266,3 +267,71 @@ def _scatter_elements(ctx: Context, node):
 def _scatter_nd(ctx: Context, node):
     return [ctx.emit1("scatter_nd", [ctx.operand(0), ctx.operand(1), ctx.operand(2)],
                       reduction=ctx.text("reduction", "none"))]
+
+
+@converter("TensorScatter")
+def _tensor_scatter(ctx: Context, node):
+    """A KV-cache write (opset 24): ``update`` lands at ``write_indices[b]`` (0 without them; modulo the cache
+    length in ``circular`` mode) along ``axis`` of each batch's cache. A gather of the update at every cache
+    position, then a select of the written positions: no scatter, and the same static shapes."""
+    past, update = ctx.operand(0), ctx.operand(1)
+    pt, ut = ctx.type(past), ctx.type(update)
+    axis, mode = ctx.attr("axis", -2) % max(pt.rank, 1), ctx.text("mode", "linear")
+    if pt.rank < 2 or axis == 0:
+        raise ConvertError(f"TensorScatter needs a cache of rank >= 2 with the sequence axis after the batch axis, "
+                           f"got {pt} and axis {ctx.attr('axis', -2)}")
+    total, length = pt.shape[axis], ut.shape[axis]
+    if ut.rank != pt.rank or any(a != b for i, (a, b) in enumerate(zip(pt.shape, ut.shape)) if i != axis) \
+            or length > total or mode not in ("linear", "circular"):
+        raise ConvertError(f"TensorScatter of update {ut} into cache {pt} (axis {axis}, mode {mode!r}): the update "
+                           "must be the cache's shape with at most as many positions along the axis, and the mode "
+                           "linear or circular")
+    lead = (pt.shape[0],) + (1,) * (pt.rank - 1)
+    writes = ctx.optional(2)
+    writes = np.zeros(lead, np.int64) if writes is None else ctx.emit1(
+        "reshape", [ctx.emit1("cast", [writes], dtype="int64")], shape=lead)
+    if mode == "circular":  # write indices are non-negative
+        writes = ctx.emit1("sub", [writes, ctx.emit1("mul", [ctx.emit1("div", [writes, np.int64(total)]),
+                                                              np.int64(total)])])
+    positions = np.arange(total, dtype=np.int64).reshape([total if i == axis else 1 for i in range(pt.rank)])
+    offset = ctx.emit1("sub", [positions, writes])  # the update position each cache position would take
+    if mode == "circular":
+        offset = ctx.emit1("where", [ctx.emit1("less", [offset, np.int64(0)]),
+                                     ctx.emit1("add", [offset, np.int64(total)]), offset])
+    written = ctx.emit1("logical_and", [ctx.emit1("greater_equal", [offset, np.int64(0)]),
+                                        ctx.emit1("less", [offset, np.int64(length)])])
+    index = ctx.emit1("minimum", [ctx.emit1("maximum", [offset, np.int64(0)]), np.int64(length - 1)])
+    index = ctx.emit1("broadcast_to", [index], shape=pt.shape)
+    return [ctx.emit1("where", [written, ctx.emit1("gather_elements", [update, index], axis=axis), past])]
+
+
+@converter("Col2Im")
+def _col2im(ctx: Context, node):
+    """The inverse of im2col (PyTorch's ``fold``): each column of ``[N, C * prod(block), L]`` is added back into
+    the (padded) image at its block's positions: a scatter-add with indices computed here, then the padding cut."""
+    x = ctx.operand(0)
+    image, block = _ints(ctx.const(1, "image_shape")), _ints(ctx.const(2, "block_shape"))
+    dims, xt = len(image), ctx.type(x)
+    strides = tuple(ctx.attr("strides", [1] * dims))
+    dilations = tuple(ctx.attr("dilations", [1] * dims))
+    pads = tuple(ctx.attr("pads", [0] * 2 * dims))
+    padded = tuple(d + pads[i] + pads[dims + i] for i, d in enumerate(image))
+    counts = tuple((p - dl * (k - 1) - 1) // s + 1 for p, k, s, dl in zip(padded, block, strides, dilations))
+    if len(block) != dims or xt.rank != 3 or xt.shape[1] % prod(block) or xt.shape[2] != prod(counts) \
+            or min(counts, default=1) < 1:
+        raise ConvertError(f"Col2Im of {xt} into image {image} with blocks {block}: the input must be "
+                           f"[N, C * {prod(block)}, {prod(counts)}] (the blocks that fit the padded image)")
+    n, c = xt.shape[0], xt.shape[1] // prod(block)
+    offsets = np.stack(np.meshgrid(*[np.arange(k) * dl for k, dl in zip(block, dilations)], indexing="ij"), -1)
+    starts = np.stack(np.meshgrid(*[np.arange(m) * s for m, s in zip(counts, strides)], indexing="ij"), -1)
+    where = offsets.reshape(-1, 1, dims) + starts.reshape(1, -1, dims)  # [K, L, dims] positions in the padded image
+    flat = np.ravel_multi_index(tuple(np.moveaxis(where, -1, 0)), padded).reshape(1, 1, -1).astype(np.int64)
+    updates = ctx.emit1("reshape", [x], shape=(n, c, flat.size))
+    index = ctx.emit1("broadcast_to", [flat], shape=(n, c, flat.size))
+    zeros = fill(ctx, (n, c, prod(padded)), np.zeros(1, np_dtype(xt.dtype)))
+    summed = ctx.emit1("scatter_elements", [zeros, index, updates], axis=2, reduction="add")
+    y = ctx.emit1("reshape", [summed], shape=(n, c) + padded)
+    if any(pads):
+        y = ctx.emit1("slice", [y], starts=pads[:dims], ends=tuple(p + d for p, d in zip(pads, image)),
+                      axes=tuple(range(2, 2 + dims)), steps=(1,) * dims)
+    return [y]

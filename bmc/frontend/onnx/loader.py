@@ -119,9 +119,31 @@ def check_versions(proto: onnx.ModelProto) -> int:
         raise ModelError(f"opset {opset} is newer than supported (bmc supports opsets {MIN_OPSET}..{MAX_OPSET})",
                          where="model", fix=f"re-export with opset <= {MAX_OPSET}")
     if opset < MIN_OPSET:
-        raise ModelError(f"opset {opset} is older than supported (bmc supports opsets {MIN_OPSET}..{MAX_OPSET})",
-                         where="model", fix="convert it with onnx.version_converter.convert_version(model, 13)")
+        changed = _changed_since(proto.graph, opset)
+        if changed is not None:
+            raise ModelError(f"opset {opset} is older than supported (bmc supports opsets {MIN_OPSET}..{MAX_OPSET}); "
+                             f"{changed} was redefined since", where="model",
+                             fix="convert it with onnx.version_converter.convert_version(model, 13)")
+        return MIN_OPSET  # every op it uses means the same at MIN_OPSET
     return opset
+
+
+def _changed_since(graph: onnx.GraphProto, opset: int) -> str | None:
+    """The first default-domain op of ``graph`` whose definition at ``opset`` is not its definition at MIN_OPSET
+    (or one with a subgraph, not looked into), or None: an old model of unchanged ops reads as MIN_OPSET."""
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return node.op_type
+        try:
+            old = onnx.defs.get_schema(node.op_type, opset).since_version
+            new = onnx.defs.get_schema(node.op_type, MIN_OPSET).since_version
+        except onnx.defs.SchemaError:
+            return node.op_type
+        if old != new:
+            return node.op_type
+    return None
 
 
 def outer_inputs(graph: onnx.GraphProto) -> set[str]:
