@@ -197,11 +197,16 @@ def _conv_transpose(ctx: Context, node):
     return [out]
 
 
-def _source_coords(out: int, size: int, scale: float, mode: str) -> np.ndarray:
+def _source_coords(out: int, size: int, scale: float, mode: str, roi: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
     """Where each output position samples the input (ONNX Resize's coordinate_transformation_mode), in float64;
-    ``length`` is the unrounded output length ``scale * size``, as ONNX's reference implementation uses it."""
+    ``length`` is the unrounded output length ``scale * size``, as ONNX's reference implementation uses it;
+    ``roi`` (tf_crop_and_resize) is the crop's start and end, relative to the input."""
     x = np.arange(out, dtype=np.float64)
     length = scale * size
+    if mode == "tf_crop_and_resize":
+        if length == 1:
+            return np.full(out, (roi[1] - roi[0]) * (size - 1) / 2 + roi[0] * (size - 1))
+        return x * (roi[1] - roi[0]) * (size - 1) / (length - 1) + roi[0] * (size - 1)
     if mode == "half_pixel":
         return (x + 0.5) / scale - 0.5
     if mode == "pytorch_half_pixel":
@@ -216,14 +221,37 @@ def _source_coords(out: int, size: int, scale: float, mode: str) -> np.ndarray:
         adjustment = out / length
         return size / 2 * (1 - adjustment) + (x + 0.5) / scale - 0.5
     raise ConvertError(f"coordinate_transformation_mode {mode!r} is not supported",
-                       fix="use half_pixel, pytorch_half_pixel, align_corners, asymmetric, tf_half_pixel_for_nn "
-                           "or half_pixel_symmetric")
+                       fix="use half_pixel, pytorch_half_pixel, align_corners, asymmetric, tf_half_pixel_for_nn, "
+                           "half_pixel_symmetric or tf_crop_and_resize")
 
 
-def _taps(ctx: Context, out: int, size: int, scale: float) -> list[tuple[np.ndarray, np.ndarray | None]]:
+def _cubic(a: float, d: np.ndarray) -> np.ndarray:
+    """Keys' cubic convolution kernel at distances ``d`` (0 from 2 on)."""
+    d = np.abs(d)
+    return np.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1,
+                    np.where(d < 2, ((a * d - 5 * a) * d + 8 * a) * d - 4 * a, 0.0))
+
+
+def _antialias_taps(coords: np.ndarray, scale: float, mode: str, a: float) -> tuple[list[np.ndarray], list]:
+    """Downsampling with ``antialias``: the linear (triangle) or cubic kernel stretched by 1 / scale over
+    ``2 / scale`` (``4 / scale``) taps, normalized, as ONNX's reference computes it (a position on an input pixel
+    takes that pixel as its right tap)."""
+    scale = min(scale, 1.0)
+    start = int(np.floor((-1 if mode == "linear" else -2) / scale) + 1)
+    base = np.floor(coords)
+    ratio = np.where(coords == base, 1.0, coords - base)
+    left = np.where(coords == base, coords - 1, base)
+    offsets = np.arange(start, 2 - start)
+    args = (offsets[None, :] - ratio[:, None]) * scale
+    coeffs = np.clip(1 - np.abs(args), 0, 1) if mode == "linear" else _cubic(a, args)
+    coeffs = coeffs / coeffs.sum(axis=1, keepdims=True)
+    return [left + o for o in offsets], list(coeffs.T)
+
+
+def _taps(ctx: Context, out: int, size: int, scale: float, roi) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """Resize along one axis as taps: (input index per output, weight per output or None for 1)."""
     mode = ctx.text("mode", "nearest")
-    coords = _source_coords(out, size, scale, ctx.text("coordinate_transformation_mode", "half_pixel"))
+    coords = _source_coords(out, size, scale, ctx.text("coordinate_transformation_mode", "half_pixel"), roi)
     if mode == "nearest":
         rounding = ctx.text("nearest_mode", "round_prefer_floor")
         pick = {"round_prefer_floor": lambda c: np.ceil(c - 0.5), "round_prefer_ceil": lambda c: np.floor(c + 0.5),
@@ -233,16 +261,15 @@ def _taps(ctx: Context, out: int, size: int, scale: float) -> list[tuple[np.ndar
         return [(np.clip(pick[rounding](coords), 0, size - 1).astype(np.int64), None)]
     base = np.floor(coords)
     t = coords - base
-    if mode == "linear":
-        offsets, weights = (0, 1), (1 - t, t)
-    elif mode == "cubic":
-        a = ctx.attr("cubic_coeff_a", -0.75)
-        offsets = (-1, 0, 1, 2)
-        weights = tuple(np.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1, ((a * d - 5 * a) * d + 8 * a) * d - 4 * a)
-                        for d in (t + 1, t, 1 - t, 2 - t))
-    else:
+    a = ctx.attr("cubic_coeff_a", -0.75)
+    if mode not in ("linear", "cubic"):
         raise ConvertError(f"Resize mode {mode!r} is not supported", fix="use nearest, linear or cubic")
-    index = [base + o for o in offsets]
+    if ctx.attr("antialias", 0) and scale < 1:
+        index, weights = _antialias_taps(coords, scale, mode, a)
+    elif mode == "linear":
+        index, weights = [base, base + 1], [1 - t, t]
+    else:
+        index, weights = [base + o for o in (-1, 0, 1, 2)], [_cubic(a, d) for d in (t + 1, t, 1 - t, 2 - t)]
     if ctx.attr("exclude_outside", 0):  # taps outside the input get no weight; the rest are renormalized
         weights = [np.where((i >= 0) & (i <= size - 1), w, 0.0) for i, w in zip(index, weights)]
         total = sum(weights)
@@ -263,11 +290,11 @@ def _resize(ctx: Context, node):
     else:  # input 1, roi, is only read by tf_crop_and_resize
         scales = ctx.const(2, "scales")
         sizes = ctx.const(3, "sizes")
-    if ctx.attr("antialias", 0):
-        raise ConvertError("antialias=1 is not supported", fix="export the model with antialias off")
-    if ctx.text("coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
-        raise ConvertError("coordinate_transformation_mode 'tf_crop_and_resize' is not supported")
     axes = [a % rank for a in ctx.attr("axes", list(range(rank)))]
+    crop = ctx.text("coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize"
+    roi = ctx.const(1, "roi") if crop else None
+    if crop and (roi is None or np.asarray(roi).size != 2 * len(axes)):
+        raise ConvertError(f"tf_crop_and_resize needs a constant roi of {2 * len(axes)} values (starts, then ends)")
     if sizes is not None and np.asarray(sizes).size:
         sizes = [int(s) for s in np.asarray(sizes).reshape(-1)]
         ratio = [sizes[k] / shape[a] for k, a in enumerate(axes)]
@@ -281,18 +308,23 @@ def _resize(ctx: Context, node):
         values = [float(v) for v in np.asarray(scales).reshape(-1)]
         plan = [(a, int(np.floor(shape[a] * s)), s) for a, s in zip(axes, values)]
     y = x
-    for axis, out, scale in plan:
-        if out == shape[axis] and scale == 1.0:
+    for k, (axis, out, scale) in enumerate(plan):
+        box = (0.0, 1.0) if roi is None else (float(np.ravel(roi)[k]), float(np.ravel(roi)[len(axes) + k]))
+        if out == shape[axis] and scale == 1.0 and roi is None:
             continue
         dtype = np_dtype(ctx.type(y).dtype)
         total = None
-        for index, weight in _taps(ctx, out, shape[axis], scale):
+        for index, weight in _taps(ctx, out, shape[axis], scale, box):
             term = ctx.emit1("gather", [y, index], axis=axis)
             if weight is not None:
                 w = weight.reshape((out,) + (1,) * (rank - 1 - axis)).astype(dtype)
                 term = ctx.emit1("mul", [term, w])
             total = term if total is None else ctx.emit1("add", [total, term])
         y = total
+        if roi is not None:  # samples outside the input take the extrapolation value (every later axis keeps it)
+            coords = _source_coords(out, shape[axis], scale, "tf_crop_and_resize", box)
+            outside = ((coords < 0) | (coords > shape[axis] - 1)).reshape((out,) + (1,) * (rank - 1 - axis))
+            y = ctx.emit1("where", [outside, np.asarray(ctx.attr("extrapolation_value", 0.0), dtype), y])
     return [y]
 
 

@@ -32,7 +32,8 @@ def _constant(ctx: Context, node):
     if a.name in ("value_floats", "value_ints"):
         return [np.array(list(onnx.helper.get_attribute_value(a)),
                          dtype=np.float32 if a.name == "value_floats" else np.int64)]
-    raise ConvertError(f"Constant attribute {a.name!r} is not supported", fix="use value, value_float(s) or value_int(s)")
+    raise ConvertError(f"Constant attribute {a.name!r} is not supported",
+                       fix="use value, value_float(s) or value_int(s)")
 
 
 @converter("ConstantOfShape")
