@@ -15,7 +15,7 @@ stream of a float32 model in float32; Megatron-LM's ``fp32_residual_connection``
 - **Integers scaled by a float stay float32** where ``dtype`` cannot hold them: a float32 constant with finite values
   that overflow ``dtype`` and only ``mul`` readers (a QDQ model's int32 bias codes, folded to float at import, times
   their scale) is kept, and those products are computed in float32 (QDQ GPT-2 in float16: ``inf`` before).
-  Constants read otherwise still overflow to ``-inf`` as intended (attention-mask fills).
+  Other constants are clamped to ``dtype``'s range (attention-mask fills of -3.4e38: finite, as in float32).
 - **Outputs are not rounded before their cast back**: an output cast carries ``excess_precision`` and takes the
   float32 result of the last op's lowering (a matmul's accumulator, a norm computed in float32) as it is (XLA's
   "excess precision"). A model's own casts still round.
@@ -66,6 +66,17 @@ def _overflows(value, dtype: str) -> bool:
         return bool(np.any(np.isfinite(a) & np.isinf(a.astype(np_dtype(dtype)))))
 
 
+def _saturated(value, dtype: str) -> np.ndarray:
+    """A float32 constant in ``dtype``, finite values beyond its range clamped to its largest (a mask fill of
+    float32's lowest, -3.4e38, becomes float16's -65504, not -inf: a row masked everywhere then still softmaxes to
+    equal weights, as in float32, where -inf would give NaN, which the next attention spreads to every row)."""
+    import ml_dtypes
+
+    a = np.asarray(value)
+    top = float(ml_dtypes.finfo(np_dtype(dtype)).max)
+    return np.where(np.isfinite(a), np.clip(a, -top, top), a).astype(np_dtype(dtype))
+
+
 def convert_float32(graph: Graph, dtype: str) -> Graph:
     if dtype == "float32":
         return graph
@@ -106,8 +117,7 @@ def convert_float32(graph: Graph, dtype: str) -> Graph:
         wide_mul = node.op == "mul" and any(id(v) in wide_constants for v in node.inputs)
         if (node.op == "constant" and np.asarray(attrs["value"]).dtype == np.float32
                 and id(node.outputs[0]) not in wide_constants):
-            with np.errstate(over="ignore"):  # e.g. a -3.4e38 mask fill becomes -inf in float16, as intended
-                attrs["value"] = np.asarray(attrs["value"]).astype(np_dtype(dtype))
+            attrs["value"] = _saturated(attrs["value"], dtype)
         if node.op == "cast" and attrs["dtype"] == "float32":
             attrs["dtype"] = dtype
         # a residual add, or a norm of the residual stream, computes in float32

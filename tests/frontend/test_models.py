@@ -95,7 +95,7 @@ def test_other_input_shapes_are_bound_from_symbols(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("name", ["gpt2_dynamo", "bert_legacy", "llama_dynamo", "opt_legacy", "vit_dynamo",
-                                  "llama_dynamo23"])
+                                  "llama_dynamo23", "falcon_dynamo", "bloom_dynamo", "t5enc_dynamo"])
 def test_reduced_precision_matches_onnxruntime(name, dtype):
     """--dtype: the float32 model runs in float16/bfloat16 (float32 accumulation); relative error <= 1e-2."""
     from bmc.compiler import import_graph
@@ -108,4 +108,20 @@ def test_reduced_precision_matches_onnxruntime(name, dtype):
     got = run_compiled(graph, inputs)
     for k, want in expected.items():
         assert got[k].dtype == want.dtype  # the signature stays float32
+        assert float(np.max(np.abs(got[k] - want))) <= 1e-2 * max(1.0, float(np.max(np.abs(want))))
+
+
+def test_float16_keeps_a_float32_mask_fill_finite():
+    """DeBERTa fills masked scores with float32's lowest (-3.4e38) and masks whole query rows (padding). In float16
+    that constant is clamped to -65504, not rounded to -inf: a row masked everywhere softmaxes to equal weights, as
+    in float32, instead of NaN, which the next layer's attention would spread to every row."""
+    from bmc.compiler import import_graph
+    from bmc.testing.compiled import run_compiled
+
+    inputs, _ = load_case("deberta_dynamo")
+    expected = onnxruntime_outputs(FIXTURES / "deberta_dynamo.onnx", inputs)
+    graph = import_graph(FIXTURES / "deberta_dynamo.onnx", {k: v.shape for k, v in inputs.items()}, "float16")
+    got = run_compiled(graph, inputs)
+    for k, want in expected.items():
+        assert not np.isnan(got[k]).any()
         assert float(np.max(np.abs(got[k] - want))) <= 1e-2 * max(1.0, float(np.max(np.abs(want))))
