@@ -345,36 +345,43 @@ def _cumulative(ctx: Context, node):
 
 @converter("DFT")
 def _dft(ctx: Context, node):
-    """The discrete Fourier transform along ``axis`` as matmuls by cosine and sine matrices (exact to rounding; no
-    FFT): x is ``[..., 1 or 2]`` (real, or real and imaginary parts), the result ``[..., 2]`` (``[..., 1]`` for the
-    inverse of a one-sided spectrum, onnx's irfft). ``dft_length`` zero-pads or truncates the signal; ``onesided``
-    keeps the first n/2 + 1 frequencies; the inverse divides by n."""
     x = ctx.operand(0)
     xt = ctx.type(x)
-    rank, parts = xt.rank, xt.shape[-1]
-    if parts not in (1, 2) or rank < 2:
+    if xt.shape[-1] not in (1, 2) or xt.rank < 2:
         raise ConvertError(f"DFT's input must end in a dim of 1 (real) or 2 (complex), got {xt.shape}")
     axis = ctx.attr("axis", 1) if ctx.opset < 20 else (
         int(np.asarray(ctx.const(2, "axis")).reshape(-1)[0]) if ctx.has(2) else -2)
-    axis %= rank
-    if axis == rank - 1:
+    axis %= xt.rank
+    if axis == xt.rank - 1:
         raise ConvertError("DFT's axis cannot be the last (real/imaginary) dim")
-    inverse, onesided = bool(ctx.attr("inverse", 0)), bool(ctx.attr("onesided", 0))
+    length = int(np.asarray(ctx.const(1, "dft_length")).reshape(-1)[0]) if ctx.has(1) else None
+    return [dft(ctx, x, axis, length, bool(ctx.attr("inverse", 0)), bool(ctx.attr("onesided", 0)))]
+
+
+def dft(ctx: Context, x: Operand, axis: int, n: int | None, inverse: bool, onesided: bool) -> Operand:
+    """The discrete Fourier transform along ``axis`` as matmuls by cosine and sine matrices (no FFT), computed in
+    float64 and rounded once to the input's type: a float32 sum of n terms drifts by ~sqrt(n) ulps of the largest
+    term (an FFT's by ~log n), which float64 makes nearly exact (ONNX's two inverse cases still fail by 1.9e-7: they
+    expect numpy's float32 FFT's noise where the exact value is 0, past their 1e-7). x is ``[..., 1 or 2]`` (real,
+    or real and imaginary parts), the result ``[..., 2]`` (``[..., 1]`` for the inverse of a one-sided spectrum,
+    onnx's irfft). ``n`` (the DFT length; None: the axis' length) zero-pads or truncates the signal; ``onesided``
+    keeps the first n/2 + 1 frequencies; the inverse divides by n."""
+    xt = ctx.type(x)
+    rank, parts = xt.rank, xt.shape[-1]
     length = xt.shape[axis]
     irfft = inverse and onesided
-    n = int(np.asarray(ctx.const(1, "dft_length")).reshape(-1)[0]) if ctx.has(1) else (
-        2 * (length - 1) if irfft else length)
+    n = n if n is not None else 2 * (length - 1) if irfft else length
     used = min(length, n // 2 + 1 if irfft else n)  # input points the transform reads (the rest: zeros)
     others = [d for d in range(rank - 1) if d != axis]
     xp = ctx.emit1("transpose", [x], perm=tuple(others + [rank - 1, axis]))  # [..., parts, L]
     if used < length:
         xp = ctx.emit1("slice", [xp], starts=(0,), ends=(used,), axes=(rank - 1,), steps=(1,))
+    xp = ctx.emit1("cast", [xp], dtype="float64") if xt.dtype != "float64" else xp
     real = ctx.emit1("gather", [xp, np.array(0, np.int64)], axis=rank - 2)
     imag = ctx.emit1("gather", [xp, np.array(1, np.int64)], axis=rank - 2) if parts == 2 else None
     j = np.arange(used, dtype=np.float64)[:, None]
     k = np.arange(n // 2 + 1 if onesided and not inverse else n, dtype=np.float64)[None, :]
     theta = 2 * np.pi * j * k / n
-    dtype = np_dtype(xt.dtype)
     cos, sin = np.cos(theta), np.sin(theta)
     if irfft:  # Hermitian: the interior frequencies count twice; imaginary parts of 0 and n/2 drop out (sin = 0)
         weight = np.where((j == 0) | (2 * j == n), 1.0, 2.0) / n
@@ -383,8 +390,8 @@ def _dft(ctx: Context, node):
         cos, sin = cos / n, sin / n
 
     def project(re_matrix, im_matrix):  # real @ re_matrix + imag @ im_matrix
-        y = ctx.emit1("matmul", [real, re_matrix.astype(dtype)])
-        return y if imag is None else ctx.emit1("add", [y, ctx.emit1("matmul", [imag, im_matrix.astype(dtype)])])
+        y = ctx.emit1("matmul", [real, re_matrix])
+        return y if imag is None else ctx.emit1("add", [y, ctx.emit1("matmul", [imag, im_matrix])])
 
     if irfft:
         outs = [project(cos, -sin)]
@@ -396,4 +403,54 @@ def _dft(ctx: Context, node):
     y = ctx.emit1("concat", [ctx.emit1("reshape", [o], shape=shape) for o in outs], axis=rank - 1) \
         if len(outs) > 1 else ctx.emit1("reshape", [outs[0]], shape=shape)
     current = others + [axis, rank - 1]  # y's dims in terms of the result's
-    return [ctx.emit1("transpose", [y], perm=tuple(current.index(d) for d in range(rank)))]
+    y = ctx.emit1("transpose", [y], perm=tuple(current.index(d) for d in range(rank)))
+    return y if xt.dtype == "float64" else ctx.emit1("cast", [y], dtype=xt.dtype)
+
+
+@converter("STFT")
+def _stft(ctx: Context, node):
+    """Frames of ``frame_length`` every ``frame_step`` samples (a gather of constant indices), times the window,
+    then a DFT of each frame (one-sided by default): ``[batch, frames, bins, 2]``."""
+    x, window = ctx.operand(0), ctx.optional(2)
+    xt = ctx.type(x)
+    if xt.rank != 3 or xt.shape[-1] not in (1, 2):
+        raise ConvertError(f"STFT's signal must be [batch, length, 1 or 2], got {xt.shape}")
+    step = int(np.asarray(ctx.const(1, "frame_step")).reshape(-1)[0])
+    size = int(np.asarray(ctx.const(3, "frame_length")).reshape(-1)[0]) if ctx.has(3) else (
+        ctx.type(window).shape[0] if window is not None else xt.shape[1])
+    width = ctx.type(window).shape[0] if window is not None else size
+    frames = 1 + (xt.shape[1] - size) // step
+    if step < 1 or frames < 1 or width > xt.shape[1]:
+        raise ConvertError(f"STFT of a {xt.shape[1]}-sample signal in frames of {size} (window {width}) every "
+                           f"{step}: no whole frame")
+    starts = np.arange(frames, dtype=np.int64)[:, None] * step + np.arange(width, dtype=np.int64)[None, :]
+    y = ctx.emit1("gather", [x, starts], axis=1)  # [batch, frames, width, parts]
+    if window is not None:
+        y = ctx.emit1("mul", [y, ctx.emit1("reshape", [ctx.emit1("cast", [window], dtype=xt.dtype)],
+                                           shape=(1, 1, width, 1))])
+    return [dft(ctx, y, 2, size, False, bool(ctx.attr("onesided", 1)))]
+
+
+@converter("MelWeightMatrix")
+def _mel_weight_matrix(ctx: Context, node):
+    """The triangular mel filter bank ``[dft_length / 2 + 1, num_mel_bins]``, computed here (every input is a
+    compile-time constant) exactly as ONNX's reference does: bin edges equally spaced on the mel scale, rounded
+    down to spectrogram bins."""
+    mels, length, rate, low, high = (np.asarray(ctx.const(i, name)).reshape(-1)[0] for i, name in enumerate(
+        ("num_mel_bins", "dft_length", "sample_rate", "lower_edge_hertz", "upper_edge_hertz")))
+    mels, length, rate = int(mels), int(length), int(rate)
+    edges = np.arange(mels + 2)
+    low_mel, high_mel = (2595 * np.log1p(f / 700) / np.log(10) for f in (low, high))
+    hertz = 700 * np.expm1((edges * (high_mel - low_mel) / (mels + 2) + low_mel) / 2595 * np.log(10))
+    bins = (((length + 1) * hertz) // rate).astype(int)
+    out = np.zeros((length // 2 + 1, mels))
+    for i in range(mels):
+        left, center, right = bins[i], bins[i + 1], bins[i + 2]
+        if center == left:
+            out[center, i] = 1
+        else:
+            out[left:center + 1, i] = (np.arange(left, center + 1) - left) / (center - left)
+        if right > center:
+            out[center:right, i] = (right - np.arange(center, right)) / (right - center)
+    dtype = to_dtype(ctx.attr("output_datatype", 1), f"MelWeightMatrix node {node.name!r}", "output_datatype")
+    return [out.astype(np_dtype(dtype))]
