@@ -13,7 +13,9 @@ weights) in these forms:
                 calibrated on seeded random inputs);
 - ``int4``      ``com.microsoft::MatMulNBits`` (4-bit symmetric, blocks of 32 along K), quantized here in numpy the
                 way onnxruntime's ``MatMulNBitsQuantizer`` writes it (that quantizer needs ``onnx-ir``);
-- ``int4-qdq``  the same codes as ONNX's standard form: blocked int4 ``DequantizeLinear`` (axis 0) into ``MatMul``.
+- ``int4-qdq``  the same codes as ONNX's standard form: blocked int4 ``DequantizeLinear`` (axis 0) into ``MatMul``;
+- ``fp8``       float8 e4m3fn weights with a float scale per output channel, ``DequantizeLinear`` into ``MatMul``
+                (weight-only FP8, as FP8 checkpoints ship).
 
 For each form and row count M: bmc's and onnxruntime's median latency (and the ratio bmc / onnxruntime), the
 weight bytes of bmc's artifact, and bmc's max abs error against onnxruntime relative to max |onnxruntime|. M = 1 is
@@ -38,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "quantized.json"
 HIDDEN, FFN, BLOCK = 768, 3072, 32
+FORMS = ("float32", "int8-dyn", "int8-qdq", "int4", "int4-qdq", "fp8")
 
 
 def mlp_stack(layers: int, seed: int = 0):
@@ -91,6 +94,30 @@ def to_int4_qdq(model):
                      numpy_helper.from_array(scale, f"{name}_scale")]
             nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q4", f"{name}_scale"], [f"{name}_dq"], axis=0,
                                           block_size=BLOCK))
+            node = helper.make_node("MatMul", [node.input[0], f"{name}_dq"], list(node.output))
+        nodes.append(node)
+    graph = helper.make_graph(nodes, model.graph.name, model.graph.input, model.graph.output,
+                              list(inits.values()) + keep)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def to_float8(model):
+    """Every ``MatMul`` by a 2-D initializer → ``MatMul(x, DequantizeLinear(float8e4m3fn W, scale per column))``,
+    the scale mapping each column's largest magnitude to 448 (e4m3fn's largest)."""
+    import ml_dtypes
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes, keep = [], []
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            name = node.input[1]
+            w = numpy_helper.to_array(inits.pop(name))
+            scale = (np.abs(w).max(axis=0) / 448).astype(np.float32)
+            keep += [numpy_helper.from_array((w / scale).astype(ml_dtypes.float8_e4m3fn), f"{name}_f8"),
+                     numpy_helper.from_array(scale, f"{name}_scale")]
+            nodes.append(helper.make_node("DequantizeLinear", [f"{name}_f8", f"{name}_scale"], [f"{name}_dq"], axis=1))
             node = helper.make_node("MatMul", [node.input[0], f"{name}_dq"], list(node.output))
         nodes.append(node)
     graph = helper.make_graph(nodes, model.graph.name, model.graph.input, model.graph.output,
@@ -167,12 +194,13 @@ def run(args) -> dict:
     quantize_static(work / "float32.onnx", work / "int8-qdq.onnx", _Calibration(), quant_format=QuantFormat.QDQ)
     onnx.save(to_matmul_nbits(onnx.load(work / "float32.onnx")), work / "int4.onnx")
     onnx.save(to_int4_qdq(onnx.load(work / "float32.onnx")), work / "int4-qdq.onnx")
+    onnx.save(to_float8(onnx.load(work / "float32.onnx")), work / "fp8.onnx")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # bmc runs in this process too
     rows = []
-    for form in ("float32", "int8-dyn", "int8-qdq", "int4", "int4-qdq"):
+    for form in args.forms:
         sess = ort.InferenceSession(str(work / f"{form}.onnx"), opts, providers=["CPUExecutionProvider"])
         for m in args.rows:
             x = np.random.default_rng(m).standard_normal((m, HIDDEN), dtype=np.float32)
@@ -221,6 +249,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--rows", type=lambda s: [int(v) for v in s.split(",")], default=[1, 128])
+    p.add_argument("--forms", type=lambda s: s.split(","), default=list(FORMS),
+                   help=f"comma-separated subset of {','.join(FORMS)}")
     return run_main(p, argv, DEFAULT_JSON, run, table)
 
 

@@ -336,3 +336,50 @@ def _col2im(ctx: Context, node):
         y = ctx.emit1("slice", [y], starts=pads[:dims], ends=tuple(p + d for p, d in zip(pads, image)),
                       axes=tuple(range(2, 2 + dims)), steps=(1,) * dims)
     return [y]
+
+
+@converter("ReverseSequence")
+def _reverse_sequence(ctx: Context, node):
+    """Each batch entry's first ``sequence_lens[b]`` steps reversed, the rest kept: a gather along the time axis of
+    ``len - 1 - t`` where ``t < len``, else ``t``."""
+    x, lens = ctx.operand(0), ctx.operand(1)
+    xt = ctx.type(x)
+    time_axis, batch_axis = ctx.attr("time_axis", 0) % xt.rank, ctx.attr("batch_axis", 1) % xt.rank
+    if {time_axis, batch_axis} != {0, 1}:
+        raise ConvertError("ReverseSequence's time and batch axes must be 0 and 1")
+    steps = np.arange(xt.shape[time_axis], dtype=np.int64).reshape(
+        [-1 if i == time_axis else 1 for i in range(xt.rank)])
+    lens = ctx.emit1("reshape", [ctx.emit1("cast", [lens], dtype="int64")],
+                     shape=tuple(xt.shape[batch_axis] if i == batch_axis else 1 for i in range(xt.rank)))
+    index = ctx.emit1("where", [ctx.emit1("less", [steps, lens]),
+                                ctx.emit1("sub", [ctx.emit1("sub", [lens, np.int64(1)]), steps]), steps])
+    return [ctx.emit1("gather_elements", [x, ctx.emit1("broadcast_to", [index], shape=xt.shape)], axis=time_axis)]
+
+
+@converter("MaxUnpool")
+def _max_unpool(ctx: Context, node):
+    """MaxPool's values put back where its Indices say (flat indices into ``[N, C, *spatial]`` of the size MaxPool's
+    kernel, strides and pads undo), zeros elsewhere: a scatter into a zero tensor; a larger ``output_shape`` pads
+    that with zeros at the end of each dim (as ONNX's reference does)."""
+    x, where = ctx.operand(0), ctx.operand(1)
+    xt = ctx.type(x)
+    nd = xt.rank - 2
+    kernel = tuple(ctx.attr("kernel_shape"))
+    strides, pads = tuple(ctx.attr("strides", [1] * nd)), tuple(ctx.attr("pads", [0] * (2 * nd)))
+    shape = xt.shape[:2] + tuple((d - 1) * s + k - pads[i] - pads[nd + i]
+                                 for i, (d, s, k) in enumerate(zip(xt.shape[2:], strides, kernel)))
+    wanted = _ints(ctx.const(2, "output_shape")) if ctx.has(2) else shape
+    if len(wanted) != xt.rank or any(w < d for w, d in zip(wanted, shape)):
+        raise ConvertError(f"MaxUnpool's output_shape {wanted} is smaller than the unpooled {shape}")
+    n, c = xt.shape[:2]
+    flat = prod(shape[2:])
+    base = (np.arange(n * c, dtype=np.int64) * flat).reshape(n, c, 1)  # the indices count from the tensor's start
+    pooled = (n, c, prod(xt.shape[2:]))
+    index = ctx.emit1("sub", [ctx.emit1("reshape", [ctx.emit1("cast", [where], dtype="int64")], shape=pooled),
+                              base])
+    zeros = fill(ctx, (n, c, flat), np.zeros(1, np_dtype(xt.dtype)))
+    values = ctx.emit1("reshape", [x], shape=pooled)
+    y = ctx.emit1("reshape", [ctx.emit1("scatter_elements", [zeros, index, values], axis=2)], shape=shape)
+    if wanted != shape:
+        y = ctx.emit1("pad", [y], pads=(0,) * xt.rank + tuple(w - d for w, d in zip(wanted, shape)))
+    return [y]
