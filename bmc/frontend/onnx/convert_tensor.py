@@ -383,3 +383,19 @@ def _max_unpool(ctx: Context, node):
     if wanted != shape:
         y = ctx.emit1("pad", [y], pads=(0,) * xt.rank + tuple(w - d for w, d in zip(wanted, shape)))
     return [y]
+
+
+@converter("Compress")
+def _compress(ctx: Context, node):
+    """The slices along ``axis`` (of the flattened input without one) where ``condition`` is true: a gather of
+    those indices, so the condition must be known at compile time (the output's shape depends on it)."""
+    x = ctx.operand(0)
+    keep = np.flatnonzero(np.asarray(ctx.const(1, "condition")).reshape(-1))
+    axis = ctx.attr("axis")
+    if axis is None:
+        x, axis = ctx.emit1("reshape", [x], shape=(ctx.type(x).numel,)), 0
+    axis %= ctx.type(x).rank
+    if keep.size and keep[-1] >= ctx.type(x).shape[axis]:
+        raise ConvertError(f"Compress' condition selects index {keep[-1]}, past the {ctx.type(x).shape[axis]} "
+                           f"entries of axis {axis}")
+    return [ctx.emit1("gather", [x, keep.astype(np.int64)], axis=axis)]
