@@ -1,7 +1,7 @@
 """Graph fusions that make one op of a composition the importer leaves spelled out.
 
 :func:`fuse_attention` finds scaled dot-product attention as every exporter writes it (PyTorch's eager and dynamo
-exporters, for GPT-2, BERT, Llama, OPT, ViT)::
+exporters, for GPT-2, BERT, Llama, OPT, ViT, Falcon, BLOOM, T5 and the Llama-likes)::
 
     s = matmul(q, kt)            q [..., M, D], kt [..., D, N] (the key already transposed)
     s = mul(s, c) | div(s, c)    optional: a scalar constant
@@ -14,7 +14,10 @@ and kt's and v's batch dims are q's or 1 (multi-query attention, as Falcon's exp
 biases become one ``add`` of the two before the attention: ``(s + b1) + b2`` is ``s + (b1 + b2)`` up to rounding
 where both are nonzero (a mask's 0 leaves the bias exact; where it hides a key, either sum is a huge negative).
 A ``kt`` that is a transpose of the last two dims of ``k [..., N, D]`` (a key or key cache kept as ``[batch, heads,
-seq, dim]``) is read as ``k`` (``transpose_k``): no transposed copy.
+seq, dim]``) is read as ``k`` (``transpose_k``): no transposed copy. Between the product and the softmax, and
+between the softmax and ``@ v``, one reshape may regroup the batch dims (BLOOM multiplies over ``[B * H, ...]`` and
+softmaxes over ``[B, H, ...]``): the fused op works in the softmax's batch dims, its operands and the biases added
+before the regrouping reshaped into them, its result reshaped back.
 Planning then sees no ``[..., M, N]`` score tensor (the memory model and the ILP price the fused op, whose rule
 replicates the key axis as the softmax's did), the CPU runs one kernel that never stores the scores
 (``bmc.cpu.attention``), and other targets lower the same composition again. The fused op's reference runs the
@@ -48,6 +51,14 @@ def _last_two_swapped(rank: int) -> tuple[int, ...]:
     return tuple(range(rank - 2)) + (rank - 1, rank - 2)
 
 
+def _batch_reshape(node: Node | None) -> bool:
+    """A reshape that only regroups the leading (batch) dims: the last two dims stay."""
+    if node is None or node.op != "reshape":
+        return False
+    i, o = node.inputs[0].type.shape, node.outputs[0].type.shape
+    return len(i) >= 2 and len(o) >= 2 and i[-2:] == o[-2:]
+
+
 def fuse_attention(graph: Graph) -> Graph:
     users = graph.users()
     outputs = set(map(id, graph.outputs))
@@ -60,25 +71,38 @@ def fuse_attention(graph: Graph) -> Graph:
         p = v.producer
         return p if p is not None and p.op in ops and only_reader(v, node) else None
 
-    fused: dict[int, Node] = {}  # id(the replaced output matmul) -> its attention node
+    def single_reader(v: Value) -> Node | None:
+        readers = users.get(v, [])
+        return readers[0] if len(readers) == 1 and id(v) not in outputs else None
+
+    fused: dict[int, list[Node]] = {}  # id(the replaced output matmul) -> the nodes that replace it
     for node in graph.nodes:
         if node.op != "softmax" or node.attrs["axis"] % node.inputs[0].type.rank != node.inputs[0].type.rank - 1:
             continue
         probs = node.outputs[0]
-        readers = users.get(probs, [])
-        if len(readers) != 1 or readers[0].op != "matmul" or readers[0].inputs[0] is not probs \
-                or id(probs) in outputs:
+        frame = probs.type.shape[:-2]  # the fused op works in the softmax's batch dims
+        out_mm, p = single_reader(probs), probs
+        if _batch_reshape(out_mm):  # BLOOM: the probabilities regrouped [B, H, M, N] -> [B * H, M, N] for bmm
+            p = out_mm.outputs[0]
+            out_mm = single_reader(p)
+        if out_mm is None or out_mm.op != "matmul" or out_mm.inputs[0] is not p:
             continue
-        out_mm = readers[0]
-        s, top, biases, scale = node.inputs[0], node, [], 1.0
-        while len(biases) < 2 and (add := producer(s, top, "add")) is not None:  # T5: position bias, then mask
-            a, b = add.inputs
-            if b.type.shape == s.type.shape and a.type.shape != s.type.shape:
-                a, b = b, a
-            if a.type.shape != s.type.shape:
-                break
-            s, top = a, add
-            biases.insert(0, b)
+        s, top, biases, scale, regrouped = node.inputs[0], node, [], 1.0, False
+        while True:  # up from the softmax: up to two biases (T5: position bias, then mask) and one batch reshape
+            add = producer(s, top, "add") if len(biases) < 2 else None
+            if add is not None:
+                a, b = add.inputs
+                if b.type.shape == s.type.shape and a.type.shape != s.type.shape:
+                    a, b = b, a
+                if a.type.shape == s.type.shape:
+                    s, top = a, add
+                    biases.insert(0, (b, regrouped))
+                    continue
+            reshape = producer(s, top, "reshape")
+            if not regrouped and _batch_reshape(reshape):
+                s, top, regrouped = reshape.inputs[0], reshape, True
+                continue
+            break
         mul = producer(s, top, "mul", "div")
         if mul is not None:
             a, b = mul.inputs
@@ -90,25 +114,51 @@ def fuse_attention(graph: Graph) -> Graph:
         qk = producer(s, top, "matmul")
         if qk is None:
             continue
-        (q, kt), v = qk.inputs, out_mm.inputs[1]
-        batch = q.type.shape[:-2]
-        if not (q.type.rank >= 2 and kt.type.rank == v.type.rank == q.type.rank and s.type.shape[:-2] == batch
-                and all(d in (1, b) for b, d in zip(batch * 2, kt.type.shape[:-2] + v.type.shape[:-2]))):
-            continue
+        made: list[Node] = []
+        tag = node.outputs[0].name
+
+        def emit(op: str, inputs: list[Value], out_shape: tuple[int, ...], **attrs) -> Value:
+            out = Value(f"{tag}.{len(made)}", TensorType(inputs[0].type.dtype, out_shape))
+            made.append(Node(op, inputs, [out], attrs, node.source))
+            return out
+
+        def reframe(x: Value, src: tuple[int, ...]) -> Value | None:
+            """``x``, broadcasting against batch dims ``src``, as an operand in ``frame`` (None if it cannot be)."""
+            if src == frame:
+                return x
+            shape = (1,) * (len(src) + 2 - x.type.rank) + x.type.shape
+            lead = shape[:-2]
+            new = frame + shape[-2:] if lead == src else (1,) * len(frame) + shape[-2:] if set(lead) <= {1} \
+                else None
+            return None if new is None else emit("reshape", [x], new, shape=new)
+
+        q, kt = qk.inputs
         key, transpose_k = kt, False
         swap = producer(kt, qk, "transpose")
         if swap is not None and tuple(swap.attrs["perm"]) == _last_two_swapped(kt.type.rank):
             key, transpose_k = swap.inputs[0], True  # the kernel reads k [..., N, D] itself
-        made = []
-        if len(biases) == 2:
-            a, b = biases
-            made.append(Node("add", [a, b], [Value(f"{node.outputs[0].name}.bias",
-                                                   TensorType(a.type.dtype, broadcast_shapes(a.type.shape,
-                                                                                             b.type.shape)))],
-                             {}, node.source))
-            biases = made[0].outputs
-        fused[id(out_mm)] = made + [Node("attention", [q, key, v] + biases, out_mm.outputs,
-                                         {"scale": scale, "transpose_k": transpose_k}, node.source)]
+        inner = s.type.shape[:-2]  # the product's batch dims: the frame's, or regrouped
+        operands = [reframe(q, inner), reframe(key, inner), reframe(out_mm.inputs[1], p.type.shape[:-2])]
+        operands += [reframe(b, inner if above else frame) for b, above in biases]
+        if any(x is None for x in operands) or not (q.type.rank >= 2 and kt.type.rank == q.type.rank
+                                                   and out_mm.inputs[1].type.rank == p.type.rank):
+            continue
+        q, key, v = operands[:3]
+        if not (q.type.shape[:-2] == frame and key.type.rank == v.type.rank == q.type.rank
+                and all(d in (1, b) for b, d in zip(frame * 2, key.type.shape[:-2] + v.type.shape[:-2]))):
+            continue
+        bias = operands[3:]
+        if len(bias) == 2:
+            bias = [emit("add", bias, broadcast_shapes(bias[0].type.shape, bias[1].type.shape))]
+        result = out_mm.outputs[0]
+        shape = frame + result.type.shape[-2:]
+        attrs = {"scale": scale, "transpose_k": transpose_k}
+        if shape == result.type.shape:
+            made.append(Node("attention", [q, key, v] + bias, [result], attrs, node.source))
+        else:  # back to the regrouped batch dims the model continues with
+            made.append(Node("reshape", [emit("attention", [q, key, v] + bias, shape, **attrs)], [result],
+                             {"shape": result.type.shape}, node.source))
+        fused[id(out_mm)] = made
     if not fused:
         return graph
     graph.nodes = [m for n in graph.nodes for m in fused.get(id(n), [n])]

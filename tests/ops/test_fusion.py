@@ -13,8 +13,8 @@ from tests.frontend.test_models import FIXTURES, MODELS, load_case
 
 LAYERS = 2  # attention layers in every fixture (llama_dynamo23's through ONNX's Attention body)
 # fixtures whose attention is left spelled out, and why
-UNFUSED = {"bloom_dynamo": "ALiBi's scores are reshaped between the bias and the softmax",
-           "deberta_dynamo": "a masked_fill (where) sits between the scores and the softmax"}
+UNFUSED = {"deberta_dynamo": "a masked_fill (where) sits between the scores and the softmax"}
+TWO_BIASES = {"t5enc_dynamo", "bloom_dynamo"}  # added to each other first: equal up to rounding (bmc/ops/fusion.py)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -29,7 +29,7 @@ def test_fixture_attention_is_fused_and_the_reference_is_unchanged(name):
     assert counts.get("softmax", 0) == plain.op_counts()["softmax"] - layers
     after = run_reference(fused, inputs)
     for key, want in before.items():
-        if name == "t5enc_dynamo":  # position bias + mask added first: equal up to rounding (bmc/ops/fusion.py)
+        if name in TWO_BIASES:
             np.testing.assert_allclose(after[key], want, rtol=1e-6, atol=1e-6)
         else:
             np.testing.assert_array_equal(after[key], want)  # the fused reference runs the replaced references
@@ -106,5 +106,33 @@ def test_multi_query_and_two_biases_fuse_and_compile(spelling):
     want = run_reference(graph, feeds)["out"]
     fused = fuse_attention(graph)
     assert [n.op for n in fused.nodes] == (["attention"] if spelling == "multi_query" else ["add", "attention"])
+    np.testing.assert_allclose(run_reference(fused, feeds)["out"], want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(run_compiled(fused, feeds)["out"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_regrouped_batch_dims_fuse_and_compile():
+    """BLOOM's spelling: ``bmm`` over [B * H, M, N] with ALiBi added there, the scores regrouped to [B, H, M, N] for
+    the mask and the softmax, and back for the second ``bmm``. Fused in the softmax's dims (q, k, v and ALiBi
+    reshaped, the output reshaped back); equal to the composition, compiled too."""
+    from bmc.testing.compiled import run_compiled
+
+    bsz, heads, m, d = 2, 3, 5, 4
+    b = GraphBuilder("bloom")
+    q, k, v = (b.input(n, TensorType("float32", (bsz * heads, m, d))) for n in "qkv")
+    alibi = b.input("alibi", TensorType("float32", (bsz * heads, 1, m)))
+    mask = b.input("mask", TensorType("float32", (bsz, 1, m, m)))
+    s = b.emit1("add", [b.emit1("mul", [b.emit1("matmul", [q, b.emit1("transpose", [k], perm=(0, 2, 1))]),
+                                        b.constant(np.float32(0.5))]), alibi])
+    s = b.emit1("add", [b.emit1("reshape", [s], shape=(bsz, heads, m, m)), mask])
+    p = b.emit1("reshape", [b.emit1("softmax", [s], axis=-1)], shape=(bsz * heads, m, m))
+    graph = b.finish([b.emit1("matmul", [p, v], "out")])
+    rng = np.random.default_rng(3)
+    feeds = {x.name: rng.standard_normal(x.type.shape).astype(np.float32) for x in graph.inputs}
+    want = run_reference(graph, feeds)["out"]
+    fused = fuse_attention(graph)
+    ops = [n.op for n in fused.nodes]
+    assert ops.count("attention") == 1 and "softmax" not in ops and ops[-1] == "reshape"
+    (att,) = [n for n in fused.nodes if n.op == "attention"]
+    assert att.inputs[0].type.shape == (bsz, heads, m, d) and att.attrs["transpose_k"]
     np.testing.assert_allclose(run_reference(fused, feeds)["out"], want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(run_compiled(fused, feeds)["out"], want, rtol=1e-5, atol=1e-5)
