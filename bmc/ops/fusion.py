@@ -5,7 +5,8 @@ exporters, for GPT-2, BERT, Llama, OPT, ViT, Falcon, BLOOM, T5 and the Llama-lik
 
     s = matmul(q, kt)            q [..., M, D], kt [..., D, N] (the key already transposed)
     s = mul(s, c) | div(s, c)    optional: a scalar constant
-    s = add(s, bias)             optional, up to twice (T5: a position bias, then the mask): broadcasting to s
+    s = add(s, bias)             optional, up to twice (T5: a position bias, then the mask): broadcasting to s;
+                                 where(mask, lowest, s) counts as adding where(mask, lowest, 0) (MPT, DeBERTa)
     p = softmax(s, axis=-1)
     o = matmul(p, v)             v [..., N, E]
 
@@ -36,8 +37,11 @@ import numpy as np
 
 from bmc.ir.graph import Graph, Node, Value
 from bmc.ir.passes import eliminate_dead_code
-from bmc.ir.types import TensorType
+from bmc.ir.types import TensorType, dtype_of, np_dtype
 from bmc.ops.registry import broadcast_shapes
+
+
+_MASKED = -1e30  # a fill at least this low hides a key: s + fill rounds to fill for any score |s| < 2^75
 
 
 def _scalar(node: Node | None) -> float | None:
@@ -98,6 +102,17 @@ def fuse_attention(graph: Graph) -> Graph:
                     s, top = a, add
                     biases.insert(0, (b, regrouped))
                     continue
+            fill = producer(s, top, "where") if len(biases) < 2 else None
+            if fill is not None:  # masked_fill(mask, lowest): the same as adding where(mask, lowest, 0)
+                cond, a, b = fill.inputs
+                for kept, value, when in ((b, a, True), (a, b, False)):
+                    lowest = _scalar(value.producer)
+                    if kept.type.shape == s.type.shape and lowest is not None and lowest <= _MASKED:
+                        s, top = kept, fill
+                        biases.insert(0, ((cond, value, when), regrouped))
+                        break
+                if top is fill:
+                    continue
             reshape = producer(s, top, "reshape")
             if not regrouped and _batch_reshape(reshape):
                 s, top, regrouped = reshape.inputs[0], reshape, True
@@ -118,7 +133,8 @@ def fuse_attention(graph: Graph) -> Graph:
         tag = node.outputs[0].name
 
         def emit(op: str, inputs: list[Value], out_shape: tuple[int, ...], **attrs) -> Value:
-            out = Value(f"{tag}.{len(made)}", TensorType(inputs[0].type.dtype, out_shape))
+            dtype = inputs[-1].type.dtype if inputs else dtype_of(attrs["value"].dtype)
+            out = Value(f"{tag}.{len(made)}", TensorType(dtype, out_shape))
             made.append(Node(op, inputs, [out], attrs, node.source))
             return out
 
@@ -139,7 +155,13 @@ def fuse_attention(graph: Graph) -> Graph:
             key, transpose_k = swap.inputs[0], True  # the kernel reads k [..., N, D] itself
         inner = s.type.shape[:-2]  # the product's batch dims: the frame's, or regrouped
         operands = [reframe(q, inner), reframe(key, inner), reframe(out_mm.inputs[1], p.type.shape[:-2])]
-        operands += [reframe(b, inner if above else frame) for b, above in biases]
+        for b, above in biases:
+            if isinstance(b, tuple):  # a fill: where(mask, lowest, 0), or where(mask, 0, lowest)
+                cond, value, when = b
+                zero = emit("constant", [], (), value=np.zeros((), np_dtype(value.type.dtype)))
+                branches = [value, zero] if when else [zero, value]
+                b = emit("where", [cond] + branches, broadcast_shapes(cond.type.shape, value.type.shape))
+            operands.append(reframe(b, inner if above else frame))
         if any(x is None for x in operands) or not (q.type.rank >= 2 and kt.type.rank == q.type.rank
                                                    and out_mm.inputs[1].type.rank == p.type.rank):
             continue
