@@ -38,7 +38,6 @@ NARROW: dict[int, str] = {
     TensorProto.FLOAT8E5M2: "float8e5m2", TensorProto.FLOAT8E5M2FNUZ: "float8e5m2fnuz",
     TensorProto.FLOAT8E8M0: "float8e8m0", TensorProto.FLOAT4E2M1: "float4e2m1",
 }
-NARROW_CODE = {name: code for code, name in NARROW.items()}
 CARRIER = {name: "int8" if name in ("int4", "int2") else "uint8" for name in NARROW.values()}
 PACKED_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4, TensorProto.INT2: 2,
                TensorProto.UINT2: 2}
