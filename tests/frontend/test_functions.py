@@ -93,9 +93,9 @@ def test_fully_masked_rows_give_zeros_not_nan():
 
 
 def test_body_with_an_unsupported_op_names_the_node_and_the_body_node():
-    """A model-local function whose body (inside an If branch) holds a Col2Im, which bmc does not support: the error
-    names the node, the body node and the branch's node."""
-    branch = helper.make_graph([helper.make_node("Col2Im", ["x"], ["y_b"], name="the_col2im")], "branch", [],
+    """A model-local function whose body (inside an If branch) holds a RoiAlign, which bmc does not support: the
+    error names the node, the body node and the branch's node."""
+    branch = helper.make_graph([helper.make_node("RoiAlign", ["x"], ["y_b"], name="the_roialign")], "branch", [],
                                [helper.make_tensor_value_info("y_b", TensorProto.FLOAT, None)])
     fn = helper.make_function("my.fns", "Spectrum", ["x"], ["y"], [
         helper.make_node("Constant", [], ["c"], value=helper.make_tensor("v", TensorProto.BOOL, [], [True])),
@@ -106,7 +106,7 @@ def test_body_with_an_unsupported_op_names_the_node_and_the_body_node():
     model = _model([helper.make_node("Spectrum", ["x"], ["y"], domain="my.fns", name="spec_node")], [x], [y], 20,
                    functions=[fn])
     with pytest.raises(ModelError, match=r"ONNX node 'spec_node' \(Spectrum\), function body node .*\(If\).*"
-                                         r"'the_col2im' \(Col2Im\): op Col2Im is not supported"):
+                                         r"'the_roialign' \(RoiAlign\): op RoiAlign is not supported"):
         import_model(model)
 
 
