@@ -16,6 +16,10 @@
  * is read once, half a byte a value. For more rows W is dequantized into a scratch matrix and multiplied by sgemm.
  * Rows of W are split over ``set_kernel_threads(n)`` threads.
  *
+ * ``cpu_matmul_float8(a, codes, table, scale, mantissa_bits, bias, out)``: float32 ``a @ (table[codes] * scale).T``
+ * of float8 codes ``[N, K]`` (their 256 values in ``table``; with AVX2 most decode by shifting their bits into a
+ * float32's) and a scale per row of the codes, or one; the same two paths.
+ *
  * ``cpu_matmul_integer(a, bt, a_zero_point, b_zero_point, out)``: the exact int32 ``(a - za) @ (bt - zb).T`` of
  * 8-bit ``a [..., M, K]`` and ``bt [N, K]`` (each uint8 or int8; ``za`` one value or one per row of the last M,
  * ``zb`` one value or one per row of ``bt``), for ONNX's MatMulInteger / QLinearMatMul. Computed as
@@ -358,6 +362,162 @@ void MatmulNBitsImpl(const ffi::TensorView& a, const ffi::TensorView& codes, con
     for (int64_t row = begin; row < end; ++row) DequantRow(p, row, w + row * p.k);
   });
   Gemm<float>(blas, false, true, p.m, p.n, p.k, p.a, p.k, w, p.k, p.out, p.n);
+}
+
+// ---- float8 weights ---------------------------------------------------------------------------------------------
+
+/*! \brief How most codes of a sign-magnitude float8 format decode without the table: the 7-bit magnitude shifted
+ *  into a float32's exponent and mantissa fields, times 2^(127 - bias) (exact, subnormals included), the sign bit
+ *  moved to bit 31. Magnitudes in [lo, hi] decode so (checked against the table, so the table stays the definition);
+ *  the rest (NaN, infinity, fnuz's NaN at -0) are looked up. hi < lo: the table for every code. */
+struct Float8Layout {
+  int shift = 0;
+  float multiplier = 0.0f;
+  int lo = 1, hi = 0;
+};
+
+Float8Layout MakeLayout(const float* table, int64_t mantissa_bits, int64_t bias) {
+  Float8Layout l;
+  if (mantissa_bits < 1 || mantissa_bits > 6 || bias < 1 || bias > 64) return l;
+  l.shift = 23 - static_cast<int>(mantissa_bits);
+  l.multiplier = std::ldexp(1.0f, 127 - static_cast<int>(bias));
+  auto formula_holds = [&](int mag) {
+    for (int sign : {0, 128}) {
+      uint32_t bits = static_cast<uint32_t>(mag) << l.shift;
+      float f;
+      std::memcpy(&f, &bits, 4);
+      f *= l.multiplier;
+      if (sign) f = -f;
+      if (std::memcmp(&f, &table[mag | sign], 4) != 0) return false;
+    }
+    return true;
+  };
+  int lo = 0;
+  while (lo < 128 && !formula_holds(lo)) ++lo;  // fnuz: -0 is NaN, so magnitude 0 goes to the table
+  int hi = lo;
+  while (hi + 1 < 128 && formula_holds(hi + 1)) ++hi;
+  if (lo < 128) l.lo = lo, l.hi = hi;
+  return l;
+}
+
+/*! \brief Eight codes decoded (the layout, the table for the other codes). */
+__attribute__((target("avx2"))) inline __m256 DecodeLanes(const uint8_t* codes, const float* table,
+                                                          const Float8Layout& l) {
+  const __m256i low7 = _mm256_set1_epi32(0x7F);
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+  const __m256i mag = _mm256_and_si256(v, low7);
+  const __m256i sign = _mm256_slli_epi32(_mm256_andnot_si256(low7, v), 24);  // bit 7 -> bit 31
+  const __m256 f = _mm256_or_ps(_mm256_mul_ps(_mm256_castsi256_ps(_mm256_sll_epi32(mag, _mm_cvtsi32_si128(l.shift))),
+                                              _mm256_set1_ps(l.multiplier)),
+                                _mm256_castsi256_ps(sign));
+  const __m256i other = _mm256_or_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(l.lo), mag),
+                                        _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(l.hi)));
+  if (_mm256_testz_si256(other, other)) return f;
+  return _mm256_mask_i32gather_ps(f, table, v, _mm256_castsi256_ps(other), 4);
+}
+
+__attribute__((target("avx2")))
+void DecodeRowAvx2(const uint8_t* codes, const float* table, float scale, int64_t k, float* w,
+                   const Float8Layout& l) {
+  const __m256 s = _mm256_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) _mm256_storeu_ps(w + j, _mm256_mul_ps(DecodeLanes(codes + j, table, l), s));
+  for (; j < k; ++j) w[j] = table[codes[j]] * scale;
+}
+
+/*! \brief ``sum_j a[j] * table[codes[j]]`` decoded as DecodeRowAvx2 does, without storing the row (one row of A:
+ *  a decoding step, where the decode is the work). */
+__attribute__((target("avx2,fma")))
+float DotRowAvx2(const uint8_t* codes, const float* table, const float* a, int64_t k, const Float8Layout& l) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= k; j += 16) {
+    acc0 = _mm256_fmadd_ps(DecodeLanes(codes + j, table, l), _mm256_loadu_ps(a + j), acc0);
+    acc1 = _mm256_fmadd_ps(DecodeLanes(codes + j + 8, table, l), _mm256_loadu_ps(a + j + 8), acc1);
+  }
+  for (; j + 8 <= k; j += 8) {
+    acc0 = _mm256_fmadd_ps(DecodeLanes(codes + j, table, l), _mm256_loadu_ps(a + j), acc0);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
+  float sum = 0.0f;
+  for (float x : lanes) sum += x;
+  for (; j < k; ++j) sum += a[j] * table[codes[j]];
+  return sum;
+}
+
+/*! \brief One weight row, decoded and scaled: by the layout (\a arithmetic: AVX2 and a layout), else the table. */
+void DecodeRow(const uint8_t* codes, const float* table, float scale, int64_t k, float* w, const Float8Layout& l,
+               bool arithmetic) {
+  if (arithmetic) {
+    DecodeRowAvx2(codes, table, scale, k, w, l);
+    return;
+  }
+  for (int64_t j = 0; j < k; ++j) w[j] = table[codes[j]] * scale;
+}
+
+/*! \brief ``out = a @ (table[codes] * scale).T``: float8 codes [N, K] (their 256 values in the table; the format's
+ *  mantissa bits and bias let most of them decode by arithmetic), a scale per row of the codes (or one). Up to
+ *  kFusedRows rows of a: each weight row decoded into a buffer and dotted (the weight read a byte a value); more:
+ *  the whole weight decoded, then sgemm. */
+void CpuMatmulFloat8(ffi::TensorView a, ffi::TensorView codes, ffi::TensorView table, ffi::TensorView scale,
+                     int64_t mantissa_bits, int64_t bias, ffi::TensorView out) {
+  DLDataType f32{kDLFloat, 32, 1}, u8{kDLUInt, 8, 1};
+  CheckOperand(a, f32, "a");
+  CheckOperand(codes, u8, "codes");
+  CheckOperand(table, f32, "table");
+  CheckOperand(scale, f32, "scale");
+  CheckOperand(out, f32, "out");
+  if (codes.ndim() != 2 || table.numel() != 256) {
+    TVM_FFI_THROW(ValueError) << "cpu_matmul_float8: codes must be [N, K] and the table 256 values";
+  }
+  const int64_t n = codes.shape()[0], k = codes.shape()[1];
+  if (a.ndim() < 1 || a.shape()[a.ndim() - 1] != k || a.numel() % std::max<int64_t>(k, 1) != 0) {
+    TVM_FFI_THROW(ValueError) << "cpu_matmul_float8: a's last dim must be K = " << k;
+  }
+  const int64_t m = k ? a.numel() / k : 0;
+  if (out.numel() != m * n || (scale.numel() != 1 && scale.numel() != n)) {
+    TVM_FFI_THROW(ValueError) << "cpu_matmul_float8: out or scale do not fit [" << m << ", " << n << "]";
+  }
+  if (m == 0 || n == 0) return;
+  const float* A = Data<float>(a);
+  const uint8_t* Q = Data<uint8_t>(codes);
+  const float* T = Data<float>(table);
+  const float* S = Data<float>(scale);
+  float* C = Data<float>(out);
+  const bool per_row = scale.numel() == n;
+  const Float8Layout layout = MakeLayout(T, mantissa_bits, bias);
+  // BMC_CPU_NO_AVX2: the table for every code (what CPUs without AVX2 run; a test takes it this way)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  const bool arithmetic = avx2 && std::getenv("BMC_CPU_NO_AVX2") == nullptr && layout.lo <= layout.hi;
+  if (m == 1 && arithmetic) {  // a decoding step: decode and dot in one pass
+    ParallelRows(n, [=, &layout](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        C[row] = S[per_row ? row : 0] * DotRowAvx2(Q + row * k, T, A, k, layout);
+      }
+    });
+    return;
+  }
+  if (m <= kFusedRows) {
+    ParallelRows(n, [=, &layout](int64_t begin, int64_t end) {
+      std::vector<float> w(k);
+      for (int64_t row = begin; row < end; ++row) {
+        DecodeRow(Q + row * k, T, S[per_row ? row : 0], k, w.data(), layout, arithmetic);
+        for (int64_t i = 0; i < m; ++i) C[i * n + row] = Dot(A + i * k, w.data(), k);
+      }
+    });
+    return;
+  }
+  const Blas& blas = GetBlas();
+  thread_local std::vector<float> scratch;  // W [N, K], reused by the next call of this size or smaller
+  scratch.resize(static_cast<size_t>(n * k));
+  float* w = scratch.data();
+  ParallelRows(n, [=, &layout](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      DecodeRow(Q + row * k, T, S[per_row ? row : 0], k, w + row * k, layout, arithmetic);
+    }
+  });
+  Gemm<float>(blas, false, true, m, n, k, A, k, w, k, C, n);
 }
 
 // ---- 8-bit integer matmul -------------------------------------------------------------------------------------
@@ -1216,6 +1376,7 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul, bmc::native::CpuMatmul);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_conv2d, bmc::native::CpuConv2d);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_nbits, bmc::native::CpuMatmulNBits);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_nbits_zp, bmc::native::CpuMatmulNBitsZp);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_float8, bmc::native::CpuMatmulFloat8);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_integer, bmc::native::CpuMatmulInteger);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_attention, bmc::native::CpuAttention);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_attention_bias, bmc::native::CpuAttentionBias);

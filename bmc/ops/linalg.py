@@ -84,6 +84,33 @@ register(OpDef("matmul_nbits", "linalg", (3, 4), {}, _infer_matmul_nbits, _matmu
 INT8 = ("uint8", "int8")
 
 
+def _infer_matmul_float8(ins, attrs):
+    a, codes, scale = ins
+    from bmc.ops.minifloat import get_format
+
+    get_format(attrs["format"])
+    if (a.dtype != "float32" or codes.dtype != "uint8" or codes.rank != 2 or a.rank < 1
+            or a.shape[-1] != codes.shape[1] or scale.dtype != "float32" or scale.numel not in (1, codes.shape[0])
+            or scale.rank > 1):
+        raise OpError(f"matmul_float8 takes float32 A[..., K], uint8 codes [N, K] and a float32 scale (1 or N "
+                      f"values), got {a}, {codes} and {scale}")
+    return [TensorType("float32", a.shape[:-1] + (codes.shape[0],))]
+
+
+def _matmul_float8(ins, attrs):
+    from bmc.ops.minifloat import decode, get_format
+
+    a, codes, scale = ins
+    w = decode(codes, get_format(attrs["format"])) * scale.reshape(-1, 1)
+    return [np.matmul(a, w.T).astype(np.float32)]
+
+
+register(OpDef("matmul_float8", "linalg", (3, 3), {"format": Attr("str")}, _infer_matmul_float8, _matmul_float8,
+               _matmul_cost,
+               doc="A[..., K] @ (decode(codes) * scale).T with float8 codes [N, K] (bmc.ops.minifloat) and a scale "
+                   "per row of the codes (or one): a weight-only float8 matmul, the weight read a byte a value"))
+
+
 def _per_row(zp: np.ndarray) -> np.ndarray:
     """A zero point as int64, one per row when it has several values, so it broadcasts against ``[rows, K]``."""
     zp = zp.astype(np.int64)

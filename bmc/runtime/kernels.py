@@ -53,11 +53,15 @@ MATMUL_INTEGER_KERNEL = "bmc.cpu.matmul_integer"
 #: ``[..., D, N]``, or ``[..., N, D]`` with ``transpose_k``)
 ATTENTION_KERNEL = "bmc.cpu.attention"
 ATTENTION_BIAS_KERNEL = "bmc.cpu.attention_bias"
+#: ``bmc.cpu.matmul_float8(a, codes, table, scale, mantissa_bits, bias, out)``: float32 ``a @ (table[codes] *
+#: scale).T`` of float8 codes ``[N, K]`` whose 256 values are ``table`` (the format's mantissa bits and bias let the
+#: native kernel decode most codes arithmetically) and a scale per row of the codes, or one (the ``matmul_float8`` op)
+MATMUL_FLOAT8_KERNEL = "bmc.cpu.matmul_float8"
 #: default TVM_THREAD_POOL_SPIN_COUNT (see set_num_threads); 0: idle TVM workers sleep at once
 TVM_SPIN_COUNT = int(os.environ.get("BMC_TVM_SPIN_COUNT", "0"))
 #: every kernel name an llvm artifact may require, with what ``register_cpu_kernels`` installs for it
 CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL, MATMUL_INTEGER_KERNEL,
-               ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL)
+               ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL, MATMUL_FLOAT8_KERNEL)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -250,6 +254,13 @@ def _matmul_nbits_numpy(a, codes, scales, *rest) -> None:
     np.matmul(A.reshape(-1, A.shape[-1]), w.reshape(n, -1).T, out=C.reshape(-1, C.shape[-1]))
 
 
+def _matmul_float8_numpy(a, codes, table, scale, mantissa_bits, bias, out) -> None:
+    """``bmc.cpu.matmul_float8`` in numpy: decode the whole weight through the table, then one BLAS GEMM."""
+    A, Q, T, S, C = (np.from_dlpack(t) for t in (a, codes, table, scale, out))
+    w = T[Q] * S.reshape(-1, 1)
+    np.matmul(A.reshape(-1, A.shape[-1]), w.T, out=C.reshape(-1, C.shape[-1]))
+
+
 def _matmul_integer_numpy(a, bt, a_zp, b_zp, out) -> None:
     """``bmc.cpu.matmul_integer`` in numpy: the operands minus their zero points as float64, one BLAS GEMM (exact:
     every partial sum is an integer below 2^53)."""
@@ -359,10 +370,12 @@ def _conv2d_numpy(x, w, stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, d
 #: the native library's function behind each kernel name, and the numpy implementation of the same contract
 _NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", CONV2D_KERNEL: "cpu_conv2d", MATMUL_NBITS_KERNEL: "cpu_matmul_nbits",
                    MATMUL_NBITS_ZP_KERNEL: "cpu_matmul_nbits_zp", MATMUL_INTEGER_KERNEL: "cpu_matmul_integer",
-                   ATTENTION_KERNEL: "cpu_attention", ATTENTION_BIAS_KERNEL: "cpu_attention_bias"}
+                   ATTENTION_KERNEL: "cpu_attention", ATTENTION_BIAS_KERNEL: "cpu_attention_bias",
+                   MATMUL_FLOAT8_KERNEL: "cpu_matmul_float8"}
 _NUMPY_KERNELS = {MATMUL_KERNEL: _matmul_numpy, CONV2D_KERNEL: _conv2d_numpy, MATMUL_NBITS_KERNEL: _matmul_nbits_numpy,
                   MATMUL_NBITS_ZP_KERNEL: _matmul_nbits_numpy, MATMUL_INTEGER_KERNEL: _matmul_integer_numpy,
-                  ATTENTION_KERNEL: _attention_numpy, ATTENTION_BIAS_KERNEL: _attention_numpy}
+                  ATTENTION_KERNEL: _attention_numpy, ATTENTION_BIAS_KERNEL: _attention_numpy,
+                  MATMUL_FLOAT8_KERNEL: _matmul_float8_numpy}
 
 
 # ------------------------------------------------------------------------------------------ native library

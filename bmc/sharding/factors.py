@@ -215,6 +215,16 @@ def matmul_integer_rule(ins, outs, attrs) -> ShardingRule:
     return fs.rule([lead + ((k,),), ((n,), (k,))] + zps, [lead + ((n,),)])
 
 
+def matmul_float8_rule(ins, outs, attrs) -> ShardingRule:
+    """A's leading dims and the codes' N pass, K is a reduction (partial sums); a scale per row goes with N."""
+    a, codes, scale = (t.shape for t in ins)
+    fs = _Factors()
+    lead = tuple((fs.new(f"b{i}", d),) for i, d in enumerate(a[:-1]))
+    k, n = fs.new("k", a[-1], "reduction"), fs.new("n", codes[0])
+    per_row = ((n,),) if scale and scale[0] > 1 else tuple(() for _ in scale)
+    return fs.rule([lead + ((k,),), ((n,), (k,)), per_row], [lead + ((n,),)])
+
+
 def attention_rule(ins, outs, attrs) -> ShardingRule:
     """softmax(q @ kt + bias) @ v (the key stored as kt, or as k with ``transpose_k``): the batch dims (where k and v
     have them: a multi-query k/v of 1 head has none), q's rows M and v's columns E pass; the head dim D and the keys N
@@ -509,6 +519,7 @@ RULES: dict[str, RuleBuilder] = {
     "pad": changed_axes_rule(_padded_axes),
     "tile": changed_axes_rule(_repeated_axes),
     "unpack_int4": unpack_int4_rule,
+    "matmul_float8": matmul_float8_rule,
     "gather": gather_rule,
     "gather_elements": gather_elements_rule,
     "gather_nd": gather_nd_rule,

@@ -50,7 +50,8 @@ def megatron(graph: Graph, axis: str, batch_axis: str | None = None) -> dict[str
         """(what to annotate, its permutation) for a matmul by a 2-D weight: the parameter behind transposes, or
         the operand itself when it is computed from parameters (quantized weights: propagation carries the
         split back through the dequantization to the stored, packed parameter)."""
-        if node.op in ("matmul_nbits", "matmul_integer"):  # the weight stored [N, K] (4-bit: [N, blocks, block/2])
+        if node.op in ("matmul_nbits", "matmul_integer", "matmul_float8"):  # the weight stored [N, K] (4-bit:
+            # [N, blocks, block/2])
             w = node.inputs[1]
             return (w, None) if id(w) in params else None
         if node.op != "matmul" or node.inputs[1].type.rank != 2:

@@ -494,3 +494,47 @@ def test_attention_kernel_propagates_nan_and_rejects_bad_shapes(native_lib, monk
             *[tvm_ffi.from_dlpack(x) for x in (q, kt, v, np.zeros((3, 5), np.float32))], 1.0, False,
             tvm_ffi.from_dlpack(out))
     register_cpu_kernels(native=False)
+
+
+FLOAT8 = ["float8e4m3fn", "float8e4m3fnuz", "float8e5m2", "float8e5m2fnuz"]
+
+
+@pytest.mark.parametrize("fmt", FLOAT8)
+@pytest.mark.parametrize("rows", [1, 3, 40], ids=["decode-dot", "decode-rows", "sgemm"])
+def test_matmul_float8_kernel_matches_reference(impl, fmt, rows):
+    """``bmc.cpu.matmul_float8`` against the op's reference over every code of each format (NaN and infinity
+    included: their columns come out NaN/inf as in the reference), a scale per row; one row of A (decoded and dotted
+    in one pass), a few (each weight row decoded, then dotted) and many (decoded, then sgemm). The native kernel
+    decodes most codes by moving their bits into a float32's and looks the rest up; the numpy one looks every code
+    up."""
+    import tvm_ffi
+
+    from bmc.ops import get_op
+    from bmc.ops.minifloat import FORMATS, decode
+    from bmc.runtime.kernels import MATMUL_FLOAT8_KERNEL, register_cpu_kernels
+
+    register_cpu_kernels(native=impl == "native")
+    f = FORMATS[fmt]
+    rng = np.random.default_rng(rows)
+    codes = rng.permutation(256).astype(np.uint8).reshape(32, 8).repeat(5, axis=1)  # K = 40, 8 lanes + a tail
+    a = rng.standard_normal((rows, 40)).astype(np.float32)
+    scale = rng.uniform(0.5, 2, 32).astype(np.float32)
+    table = decode(np.arange(256, dtype=np.uint8), f)
+    out = np.zeros((rows, 32), np.float32)
+    tvm_ffi.get_global_func(MATMUL_FLOAT8_KERNEL)(*[tvm_ffi.from_dlpack(x) for x in (a, codes, table, scale)],
+                                                  f.mantissa_bits, f.bias, tvm_ffi.from_dlpack(out))
+    with np.errstate(invalid="ignore", over="ignore"):
+        (want,) = get_op("matmul_float8").reference([a, codes, scale], {"format": fmt})
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
+    np.testing.assert_array_equal(out[np.isinf(want)], want[np.isinf(want)])
+    np.testing.assert_allclose(out[finite], want[finite], rtol=0, atol=1e-5 * float(np.abs(want[finite]).max()))
+
+
+def test_matmul_float8_table_loops_match(native_lib, monkeypatch):
+    """The native kernel's table-only decode (what CPUs without AVX2 run; ``BMC_CPU_NO_AVX2``)."""
+    monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
+    monkeypatch.setenv("BMC_CPU_NO_AVX2", "1")
+    for fmt in FLOAT8:
+        for rows in (1, 3, 40):
+            test_matmul_float8_kernel_matches_reference("native", fmt, rows)

@@ -366,8 +366,8 @@ def test_a_mean_over_every_axis_compiles():
 
 
 def test_float8_codes_and_bitcasts_compile(tmp_path):
-    """A float8 weight decoded in the kernel that scales it, a float8 encode and a bitcast compile with nvcc for
-    every arch (the bit arithmetic is the CPU's, checked there against ml_dtypes)."""
+    """A float8 weight decoded in the kernel that scales it, a float8 encode, a bitcast and a ``matmul_float8`` compile
+    with nvcc for every arch (the bit arithmetic is the CPU's, checked there against ml_dtypes)."""
     _toolkit_or_skip()
     from bmc.codegen.build import build
     from bmc.codegen.targets import TargetSpec
@@ -378,7 +378,9 @@ def test_float8_codes_and_bitcasts_compile(tmp_path):
     y = b.emit1("matmul", [x, b.emit1("mul", [w, b.param("s", np.ones(64, np.float32))])])
     q = b.emit1("encode_float", [y], "q", format="float8e5m2", saturate=False)
     bits = b.emit1("bitcast", [y], "bits", dtype="int32")
-    built = build(b.finish([q, bits]), TargetSpec.parse("cuda", ARCHS))
+    wt, ws = b.param("wt", np.zeros((32, 64), np.uint8)), b.param("ws", np.ones(32, np.float32))
+    z = b.emit1("matmul_float8", [x, wt, ws], "z", format="float8e4m3fn")
+    built = build(b.finish([q, bits, z]), TargetSpec.parse("cuda", ARCHS))
     names = " ".join(k["name"] for k in built.kernels["cuda"]["kernels"])
     assert "decode_float" in names and "encode_float" in names and "bitcast" in names, names
     built.export(tmp_path / "fp8.so")

@@ -446,7 +446,7 @@ def _manifest_params(path):
     return json.loads((path / "manifest.json").read_text())["signature"]["params"]
 
 
-def _fp8_mlp(w_type: int, k: int = 64, n: int = 48, hidden: int = 32):
+def _fp8_mlp(w_type: int, k: int = 64, n: int = 48, hidden: int = 32, rows: int = 4):
     """x @ DequantizeLinear(w1: float8 [K, H], per-channel scale) -> Relu -> @ DequantizeLinear(w2 [H, N])."""
     from bmc.frontend.onnx.loader import NARROW
     from bmc.ops.minifloat import FORMATS
@@ -462,31 +462,38 @@ def _fp8_mlp(w_type: int, k: int = 64, n: int = 48, hidden: int = 32):
         nodes.append(oh.make_node("DequantizeLinear", [name, f"{name}_s"], [f"{name}_f"], axis=1))
     nodes += [oh.make_node("MatMul", ["x", "w1_f"], ["h"]), oh.make_node("Relu", ["h"], ["r"]),
               oh.make_node("MatMul", ["r", "w2_f"], ["y"])]
-    graph = oh.make_graph(nodes, "fp8_mlp", [oh.make_tensor_value_info("x", TensorProto.FLOAT, (4, k))],
-                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, (4, n))], inits)
+    graph = oh.make_graph(nodes, "fp8_mlp", [oh.make_tensor_value_info("x", TensorProto.FLOAT, (rows, k))],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, (rows, n))], inits)
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)])
 
 
 @pytest.mark.parametrize("w_type", [TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2, TensorProto.FLOAT8E4M3FNUZ,
                                     TensorProto.FLOAT8E5M2FNUZ])
 def test_float8_weights_stay_one_byte_and_match_the_spec(w_type, tmp_path):
-    """float8 weights are uint8 codes in the artifact (a byte a weight) and decoded in the kernel that reads them;
-    the result matches onnx.reference, and onnxruntime where it has the format (e4m3fn, e5m2)."""
+    """float8 weights are uint8 codes in the artifact (a byte a weight), stored transposed for ``matmul_float8``,
+    which reads them directly; the result matches onnx.reference, and onnxruntime where it has the format (e4m3fn,
+    e5m2), for a decoding step (M = 4 rows: decoded a weight row at a time) and a prefill (M = 64: decoded, sgemm)."""
     onnx.save(_fp8_mlp(w_type), tmp_path / "m.onnx")
+    counts = import_model(tmp_path / "m.onnx").op_counts()
+    assert counts.get("matmul_float8") == 2 and "decode_float" not in counts
     bmc.compile(tmp_path / "m.onnx", tmp_path / "m.bmc")
     params = {p["name"]: p for p in _manifest_params(tmp_path / "m.bmc")}
-    assert params["w1"]["dtype"] == params["w2"]["dtype"] == "uint8"
+    assert params["w1.T"]["dtype"] == params["w2.T"]["dtype"] == "uint8" and params["w1.T"]["shape"] == [32, 64]
     assert all(p["dtype"] == "uint8" or np.prod(p["shape"]) <= 48 for p in params.values())  # scales only
     x = {"x": np.random.default_rng(0).standard_normal((4, 64), dtype=np.float32)}
     got = bmc.load(tmp_path / "m.bmc").run(x)
     _assert_close(got, _onnx_reference(tmp_path / "m.onnx", x))
     if w_type in (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2):
         _assert_close(got, _onnxruntime(tmp_path / "m.onnx", x, optimize=False))
+    onnx.save(_fp8_mlp(w_type, rows=64), tmp_path / "m64.onnx")
+    many = {"x": np.random.default_rng(1).standard_normal((64, 64), dtype=np.float32)}
+    bmc.compile(tmp_path / "m64.onnx", tmp_path / "m64.bmc")
+    _assert_close(bmc.load(tmp_path / "m64.bmc").run(many), _onnx_reference(tmp_path / "m64.onnx", many))
 
 
 def test_float8_weights_split_for_tensor_parallelism(tmp_path):
-    """Megatron's split reaches the float8 codes through their decode: every rank stores half of each weight; one
-    all-reduce; equal to one device."""
+    """Megatron splits the float8 matmuls like float ones (the first by its output columns, the second by K): every
+    rank stores half of each transposed code matrix; one all-reduce; equal to one device."""
     from bmc.runtime.safetensors import SafetensorsFile
 
     onnx.save(_fp8_mlp(TensorProto.FLOAT8E4M3FN), tmp_path / "m.onnx")
@@ -495,7 +502,7 @@ def test_float8_weights_split_for_tensor_parallelism(tmp_path):
     kinds = [c["kind"] for c in json.loads((tmp_path / "tp.bmc" / "plan.json").read_text())["collectives"]]
     assert kinds.count("all_reduce") == 1
     rank0 = SafetensorsFile(tmp_path / "tp.bmc" / "weights" / "rank0.safetensors")
-    assert [rank0.info(w) for w in ("w1", "w2")] == [("uint8", (64, 16)), ("uint8", (16, 48))]
+    assert [rank0.info(w) for w in ("w1.T", "w2.T")] == [("uint8", (16, 64)), ("uint8", (48, 16))]
     x = {"x": np.random.default_rng(0).standard_normal((4, 64), dtype=np.float32)}
     _assert_close(bmc.load(tmp_path / "tp.bmc", simulate=True).run(x), bmc.load(tmp_path / "one.bmc").run(x))
 

@@ -164,6 +164,12 @@ CASES += [("gather_nd", [_R2.standard_normal((6, 2, 4)).astype(np.float32), np.a
 CASES += [("attention", [_R2.standard_normal((2, 4, 6, 8)).astype(np.float32),  # multi-query: one k/v head
                          _R2.standard_normal((2, 1, 9, 8)).astype(np.float32),
                          _R2.standard_normal((2, 1, 9, 5)).astype(np.float32)], {"transpose_k": True})]
+CASES += [("matmul_float8", [_R2.standard_normal((3, 40)).astype(np.float32),  # a few rows: decoded row by row
+                             _R2.integers(0, 256, (24, 40)).astype(np.uint8) & 0x7E | 0x30,  # no NaN codes
+                             _R2.uniform(0.5, 2, 24).astype(np.float32)], {"format": "float8e4m3fn"}),
+          ("matmul_float8", [_R2.standard_normal((2, 10, 40)).astype(np.float32),  # 20 rows: decoded, then sgemm
+                             _R2.integers(0, 0x7C, (24, 40)).astype(np.uint8),
+                             np.array(0.25, np.float32)], {"format": "float8e5m2"})]
 CASES += [("bitcast", [_R2.standard_normal(6).astype(np.float32)], {"dtype": "int32"}),
           ("bitcast", [np.array([16256, 0, 7, -32768], np.int16)], {"dtype": "bfloat16"})]
 

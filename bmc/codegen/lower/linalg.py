@@ -48,6 +48,35 @@ def _matmul_nbits(ctx, node, args):
     return _matmul(ctx, node, [a, w])
 
 
+@lowering("matmul_float8")
+def _matmul_float8(ctx, node, args):
+    """On the CPU a call of ``bmc.cpu.matmul_float8`` (the codes decoded through a 256-entry table, a row at a time
+    for a few rows of A: the weight is read a byte a value); elsewhere the decoded weight, scaled, times A."""
+    from bmc.codegen.lower import const
+    from bmc.codegen.lower.elementwise import decode_expr
+    from bmc.ops.minifloat import decode, get_format
+
+    a, codes, scale = args
+    fmt = get_format(node.attrs["format"])
+    out = node.outputs[0].type
+    if ctx.target_kind == "llvm":
+        from bmc.runtime.kernels import MATMUL_FLOAT8_KERNEL
+
+        ctx.kernels.add(MATMUL_FLOAT8_KERNEL)
+        table = const(decode(np.arange(256, dtype=np.uint8), fmt))
+        layout = [relax.expr.prim_value(int(fmt.mantissa_bits)), relax.expr.prim_value(int(fmt.bias))]
+        return relax.call_dps_packed(MATMUL_FLOAT8_KERNEL, [a, codes, table, scale] + layout,
+                                     out_ty=relax.TensorType(list(out.shape), out.dtype))
+    from tvm import te
+
+    w = ctx.bb.emit_te(lambda c: te.compute(c.shape, lambda *i: decode_expr(c(*i), fmt), name="decode_float"), codes,
+                       primfunc_name_hint="decode_float")
+    rows = node.inputs[2].type
+    s = ctx.emit(relax.op.reshape(scale, [rows.numel, 1]))
+    w = ctx.emit(relax.op.permute_dims(ctx.emit(relax.op.multiply(w, s)), [1, 0]))
+    return relax.op.matmul(a, w)
+
+
 @lowering("matmul_integer")
 def _matmul_integer(ctx, node, args):
     """On the CPU a call of the integer kernel ``bmc.cpu.matmul_integer`` (``bmc.runtime.kernels``: AVX-512 VNNI

@@ -105,6 +105,8 @@ def _dequantize(ctx: Context, node):
     if out == "float32" and not coded(x_format):
         _offer_matmul_nbits(ctx, node, x, scale, ctx.optional(2), axis, block)
         _offer_matmul_integer(ctx, node, x, scale, ctx.optional(2), axis, block)
+    elif out == "float32" and x_format != "float4e2m1" and not block:
+        _offer_matmul_float8(ctx, node, ctx.operand(0), scale, axis, x_format)
     if coded(out):
         ctx.narrow[node.output[0]] = out
         return [ctx.emit1("encode_float", [y], format=out)]
@@ -142,6 +144,25 @@ def _offer_matmul_integer(ctx: Context, node, x: Operand, scale: Operand, zp: Op
         w_scale = ctx.emit1("reshape", [_as(ctx, scale, "float32")], shape=() if per_tensor else (n,))
         factor = ctx.emit1("mul", [ctx.emit1("reshape", [_as(ctx, a_scale, "float32")], shape=()), w_scale])
         return ctx.emit1("mul", [_as(ctx, acc, "float32"), factor])
+
+    ctx.weight_matmuls[node.output[0]] = matmul
+
+
+def _offer_matmul_float8(ctx: Context, node, codes: Operand, scale: Operand, axis: int, fmt: str) -> None:
+    """A float8 weight ``[K, N]`` dequantized per tensor or per output channel (axis 1), weight-only FP8 as FP8
+    checkpoints ship: a MatMul by it is ``matmul_float8`` on the codes stored transposed (``[N, K]``, at compile
+    time), so a decoding step reads the weight at a byte a value instead of a float temporary decoded each call."""
+    t, st = ctx.type(codes), ctx.type(scale)
+    if t.rank != 2 or ctx.weight(codes) is None or not (st.numel == 1 or (axis % 2 == 1 and st.shape == t.shape[1:])):
+        return
+    k, n = t.shape
+
+    def matmul(a: Operand, a_name: str, transposed: bool) -> Operand | None:
+        if transposed or ctx.type(a).dtype != "float32":
+            return None
+        bt = ctx.weight_layout(codes, "T", lambda w: np.ascontiguousarray(w.T), TensorType("uint8", (n, k)))
+        return ctx.emit1("matmul_float8", [a, bt, _as(ctx, ctx.emit1("reshape", [scale], shape=(st.numel,)),
+                                                         "float32")], format=fmt)
 
     ctx.weight_matmuls[node.output[0]] = matmul
 
