@@ -248,11 +248,15 @@ def _encode_e8m0(bits, exponent, saturate: bool, round_mode: str):
     return tirx.Cast("uint8", tirx.Select(exponent == 0xFF, _i32(0xFF), rounded))
 
 
+def emit_decode(ctx, codes, fmt: Format):
+    """One kernel decoding a uint8 tensor of ``fmt``'s codes to float32."""
+    return ctx.bb.emit_te(lambda x: te.compute(x.shape, lambda *i: decode_expr(x(*i), fmt), name="decode_float"),
+                          codes, primfunc_name_hint="decode_float")
+
+
 @lowering("decode_float")
 def _decode(ctx, node, args):
-    fmt = get_format(node.attrs["format"])
-    return ctx.bb.emit_te(lambda x: te.compute(x.shape, lambda *i: decode_expr(x(*i), fmt), name="decode_float"),
-                          args[0], primfunc_name_hint="decode_float")
+    return emit_decode(ctx, args[0], get_format(node.attrs["format"]))
 
 
 @lowering("encode_float")

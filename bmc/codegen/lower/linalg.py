@@ -53,7 +53,7 @@ def _matmul_float8(ctx, node, args):
     """On the CPU a call of ``bmc.cpu.matmul_float8`` (the codes decoded through a 256-entry table, a row at a time
     for a few rows of A: the weight is read a byte a value); elsewhere the decoded weight, scaled, times A."""
     from bmc.codegen.lower import const
-    from bmc.codegen.lower.elementwise import decode_expr
+    from bmc.codegen.lower.elementwise import emit_decode
     from bmc.ops.minifloat import decode, get_format
 
     a, codes, scale = args
@@ -67,10 +67,7 @@ def _matmul_float8(ctx, node, args):
         layout = [relax.expr.prim_value(int(fmt.mantissa_bits)), relax.expr.prim_value(int(fmt.bias))]
         return relax.call_dps_packed(MATMUL_FLOAT8_KERNEL, [a, codes, table, scale] + layout,
                                      out_ty=relax.TensorType(list(out.shape), out.dtype))
-    from tvm import te
-
-    w = ctx.bb.emit_te(lambda c: te.compute(c.shape, lambda *i: decode_expr(c(*i), fmt), name="decode_float"), codes,
-                       primfunc_name_hint="decode_float")
+    w = emit_decode(ctx, codes, fmt)
     rows = node.inputs[2].type
     s = ctx.emit(relax.op.reshape(scale, [rows.numel, 1]))
     w = ctx.emit(relax.op.permute_dims(ctx.emit(relax.op.multiply(w, s)), [1, 0]))
