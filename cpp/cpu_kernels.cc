@@ -7,7 +7,9 @@
  *
  * ``cpu_matmul(a, b, trans_a, trans_b, out)``: numpy ``matmul`` semantics (batched, broadcast batch
  * dims, 1-D operands promoted) on contiguous row-major float32/float64 CPU tensors; ``trans_a``/``trans_b`` say the
- * operand is stored with its last two axes swapped. Computed with ``cblas_sgemm``/``cblas_dgemm``.
+ * operand is stored with its last two axes swapped. Computed with ``cblas_sgemm``/``cblas_dgemm``, except float32
+ * products of up to 16 rows (decoding): bmc's own AVX2 kernels read b where it lies, once (the BLAS would copy
+ * all of b into its panel layout first).
  *
  * ``cpu_matmul_nbits(a, codes, scales, out)`` / ``cpu_matmul_nbits_zp(a, codes, scales, zero_points, out)``: float32
  * ``a [M, K] @ W.T`` with ``W [N, K]`` given as 4-bit codes ``[N, blocks, block/2]`` (two a byte, low nibble first)
@@ -119,9 +121,15 @@ void CheckOperand(const ffi::TensorView& t, DLDataType want, const char* what) {
   }
 }
 
+bool SkinnyGemm(bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                float* c, int64_t ldc);
+
 template <typename T>
 void Gemm(const Blas& blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
           const T* b, int64_t ldb, T* c, int64_t ldc) {
+  if constexpr (sizeof(T) == 4) {
+    if (!ta && SkinnyGemm(tb, m, n, k, a, lda, b, ldb, c, ldc)) return;
+  }
   int opa = ta ? kTrans : kNoTrans, opb = tb ? kTrans : kNoTrans;
   if constexpr (sizeof(T) == 4) {
     if (blas.int64) {
@@ -1273,6 +1281,155 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
           scores.data(), lds);
     }
   }, work / kThreadWork + 1);
+}
+
+// ---- skinny float32 GEMMs (decoding) ---------------------------------------------------------------------------
+//
+// A GEMM of a few rows (a decoding step: M = batch) reads the whole weight for a few products per element; the
+// BLAS packs the weight into its panel layout on every call first (OpenBLAS' sgemm_itcopy was 64% of a GPT-2
+// decoding step), which triples the memory traffic. These kernels read b where it lies, once.
+
+constexpr int64_t kSkinnyRows = 16;             // up to this many rows of a
+constexpr int kSkinnyStreams = 8;                // rows of b read together (4 and 16 measured no better)
+constexpr int64_t kSkinnyThreadWork = 1 << 18;  // multiply-adds a thread must have to be worth starting
+
+/*! \brief ``c[i, j] = dot(a[i, :], bt[j, :])`` for MR rows of a and 4 rows of bt (``b`` stored transposed: every
+ *  row of bt streams through once), 4 * MR AVX2 accumulators. */
+template <int MR>
+__attribute__((target("avx2,fma"))) void DotTileAvx2(const float* a, int64_t lda, const float* bt, int64_t ldb,
+                                                      float* c, int64_t ldc, int64_t k, int64_t nr) {
+  __m256 acc[MR][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm256_setzero_ps();
+  const float* rows[4];
+  for (int j = 0; j < 4; ++j) rows[j] = bt + std::min<int64_t>(j, nr - 1) * ldb;  // a short group repeats a row
+  int64_t p = 0;
+  for (; p + 8 <= k; p += 8) {
+    const __m256 b0 = _mm256_loadu_ps(rows[0] + p), b1 = _mm256_loadu_ps(rows[1] + p);
+    const __m256 b2 = _mm256_loadu_ps(rows[2] + p), b3 = _mm256_loadu_ps(rows[3] + p);
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      const __m256 ar = _mm256_loadu_ps(a + r * lda + p);
+      acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
+      acc[r][2] = _mm256_fmadd_ps(ar, b2, acc[r][2]);
+      acc[r][3] = _mm256_fmadd_ps(ar, b3, acc[r][3]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    // the four sums at once: pairwise adds of the accumulators' halves, then one 128-bit add
+    const __m256 s01 = _mm256_hadd_ps(acc[r][0], acc[r][1]), s23 = _mm256_hadd_ps(acc[r][2], acc[r][3]);
+    const __m256 s = _mm256_hadd_ps(s01, s23);
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+    for (int j = 0; j < nr; ++j) {
+      float v = sums[j];
+      for (int64_t q = p; q < k; ++q) v += a[r * lda + q] * rows[j][q];
+      c[r * ldc + j] = v;
+    }
+  }
+}
+
+/*! \brief ``c[i, :] += a[i, 0:KB] @ b[0:KB, :]`` for MR rows of a over the first \a n columns of b (``[k, n]``,
+ *  row-major): KB rows of b stream through together; each 16-column tile of c is held in registers across them. */
+template <int MR, int KB>
+__attribute__((target("avx2,fma"))) void AxpyTileAvx2(const float* a, int64_t lda, const float* b, int64_t ldb,
+                                                       float* c, int64_t ldc, int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m256 acc[MR][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      acc[r][0] = _mm256_loadu_ps(c + r * ldc + j);
+      acc[r][1] = _mm256_loadu_ps(c + r * ldc + j + 8);
+    }
+#pragma GCC unroll 16
+    for (int q = 0; q < KB; ++q) {
+      const __m256 b0 = _mm256_loadu_ps(b + q * ldb + j), b1 = _mm256_loadu_ps(b + q * ldb + j + 8);
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; ++r) {
+        const __m256 ar = _mm256_broadcast_ss(a + r * lda + q);
+        acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      _mm256_storeu_ps(c + r * ldc + j, acc[r][0]);
+      _mm256_storeu_ps(c + r * ldc + j + 8, acc[r][1]);
+    }
+  }
+  for (; j < n; ++j) {
+    for (int r = 0; r < MR; ++r) {
+      float acc = c[r * ldc + j];
+      for (int q = 0; q < KB; ++q) acc += a[r * lda + q] * b[q * ldb + j];
+      c[r * ldc + j] = acc;
+    }
+  }
+}
+
+/*! \brief ``c [m, n] += a [m, k] @ b [k, n]`` (row-major b read in order: KB rows at a time, all columns). */
+template <int KB>
+void AxpyRows(const float* a, int64_t lda, int64_t m, const float* b, int64_t ldb, float* c, int64_t ldc,
+              int64_t n, int64_t k) {
+  int64_t p = 0;
+  const auto rows = [&](auto kb, int64_t p) {
+    constexpr int kKb = decltype(kb)::value;
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) AxpyTileAvx2<4, kKb>(a + i * lda + p, lda, b + p * ldb, ldb, c + i * ldc, ldc, n);
+    switch (m - i) {
+      case 3: AxpyTileAvx2<3, kKb>(a + i * lda + p, lda, b + p * ldb, ldb, c + i * ldc, ldc, n); break;
+      case 2: AxpyTileAvx2<2, kKb>(a + i * lda + p, lda, b + p * ldb, ldb, c + i * ldc, ldc, n); break;
+      case 1: AxpyTileAvx2<1, kKb>(a + i * lda + p, lda, b + p * ldb, ldb, c + i * ldc, ldc, n); break;
+      default: break;
+    }
+  };
+  for (; p + KB <= k; p += KB) rows(std::integral_constant<int, KB>{}, p);
+  for (; p < k; ++p) rows(std::integral_constant<int, 1>{}, p);
+}
+
+/*! \brief ``c [m, n] = a [m, k] @ b`` for m ≤ kSkinnyRows with AVX2, ``b [k, n]`` (its rows split over the kernel
+ *  threads) or (\a tb) ``[n, k]`` (its rows, i.e. the columns of c, split); false (nothing done) where the BLAS
+ *  should run instead. */
+bool SkinnyGemm(bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                float* c, int64_t ldc) {
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (m > kSkinnyRows || !avx2 || std::getenv("BMC_CPU_NO_AVX2") != nullptr) return false;
+  const int64_t threads = std::max<int64_t>(1, m * n * k / kSkinnyThreadWork);
+  if (!tb) {  // each thread a range of b's rows (contiguous memory) into its own partial sum; then one sum
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>({threads, kernel_threads.load(), k}));
+    thread_local std::vector<float> scratch;
+    scratch.assign(static_cast<size_t>((parts - 1) * m * n), 0.0f);
+    for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
+    float* partial = scratch.data();
+    const int64_t chunk = (k + parts - 1) / parts;
+    ParallelRows(parts, [=](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t p0 = t * chunk, p1 = std::min(k, p0 + chunk);
+        float* ct = t == 0 ? c : partial + (t - 1) * m * n;
+        const int64_t ldt = t == 0 ? ldc : n;
+        if (p0 < p1) AxpyRows<kSkinnyStreams>(a + p0, lda, m, b + p0 * ldb, ldb, ct, ldt, n, p1 - p0);
+      }
+    }, parts);
+    for (int64_t t = 1; t < parts; ++t) {
+      for (int64_t i = 0; i < m; ++i) {
+        const float* src = partial + ((t - 1) * m + i) * n;
+        float* dst = c + i * ldc;
+        for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
+      }
+    }
+    return true;
+  }
+  ParallelRows((n + 3) / 4, [=](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t j = 4 * g, nr = std::min<int64_t>(4, n - j);
+      int64_t i = 0;
+      for (; i + 3 <= m; i += 3) DotTileAvx2<3>(a + i * lda, lda, b + j * ldb, ldb, c + i * ldc + j, ldc, k, nr);
+      if (m - i == 2) DotTileAvx2<2>(a + i * lda, lda, b + j * ldb, ldb, c + i * ldc + j, ldc, k, nr);
+      if (m - i == 1) DotTileAvx2<1>(a + i * lda, lda, b + j * ldb, ldb, c + i * ldc + j, ldc, k, nr);
+    }
+  }, threads);
+  return true;
 }
 
 }  // namespace

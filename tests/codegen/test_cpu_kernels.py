@@ -106,6 +106,45 @@ def test_offloaded_matmul_matches_numpy(impl, dtype, a_shape, b_shape, trans):
     assert rec["matmul"]["transposes_folded"] == sum(trans)
 
 
+SKINNY_CASES = [  # (M, K, N): up to 16 rows of a (a decoding step) run bmc's own kernel, not the BLAS: tiles of
+    # 4 rows (tails of 3, 2, 1) x 16 columns (column tails), 8 rows of b at a time (K tails); b's rows are split over
+    # the threads once the product has 2^18 multiply-adds (partial sums added at the end)
+    (1, 768, 3072), (16, 70, 37), (5, 1, 9), (7, 133, 45), (6, 8, 16), (3, 1000, 600), (2, 9, 1), (13, 300, 200),
+]
+
+
+@pytest.mark.parametrize("trans_b", [False, True], ids=["b", "bt"])
+@pytest.mark.parametrize("m,k,n", SKINNY_CASES, ids=[f"{m}x{k}x{n}" for m, k, n in SKINNY_CASES])
+def test_skinny_matmul_matches_blas(native_lib, monkeypatch, m, k, n, trans_b):
+    """The few-row kernel against float64 products and against the BLAS (``BMC_CPU_NO_AVX2`` sends every call
+    there): float32 sums in another order, 1e-5 of max |ref|; a NaN in a row of a stays in that row only."""
+    import tvm_ffi
+
+    from bmc.runtime.kernels import MATMUL_KERNEL, register_cpu_kernels
+
+    monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
+    register_cpu_kernels(native=True, threads=2)
+    rng = np.random.default_rng(m * k + n)
+    a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    if m > 1:
+        a[m // 2, k // 2] = np.nan
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    stored = np.ascontiguousarray(b.T) if trans_b else b
+    outs = []
+    for blas in (False, True):
+        if blas:
+            monkeypatch.setenv("BMC_CPU_NO_AVX2", "1")
+        out = np.full((m, n), 7.0, np.float32)
+        tvm_ffi.get_global_func(MATMUL_KERNEL)(tvm_ffi.from_dlpack(a), tvm_ffi.from_dlpack(stored), False, trans_b,
+                                               tvm_ffi.from_dlpack(out))
+        outs.append(out)
+    finite = np.isfinite(ref)
+    assert (np.isnan(outs[0]) == ~finite).all() and finite.sum() == (m - (m > 1)) * n
+    for out in outs:
+        np.testing.assert_allclose(out[finite], ref[finite], rtol=0, atol=1e-5 * float(np.abs(ref[finite]).max()))
+    register_cpu_kernels(native=False)
+
+
 INTEGER_CASES = [  # (A shape, N, zero points per row): K across the 64-byte steps and tails, M and N across tiles;
     # up to 16 rows dot products, more the packed panels (16 columns, 4 bytes of K at a time: K % 4 tails)
     ((1, 64), 1, False), ((5, 70), 6, True), ((9, 127), 13, False), ((2, 3, 128), 4, True), ((4, 1), 3, False),
