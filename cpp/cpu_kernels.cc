@@ -8,15 +8,16 @@
  * ``cpu_matmul(a, b, trans_a, trans_b, out)``: numpy ``matmul`` semantics (batched, broadcast batch
  * dims, 1-D operands promoted) on contiguous row-major float32/float64 CPU tensors; ``trans_a``/``trans_b`` say the
  * operand is stored with its last two axes swapped. Computed with ``cblas_sgemm``/``cblas_dgemm``, except float32
- * products of up to 16 rows (decoding): bmc's own AVX2 kernels read b where it lies, once (the BLAS would copy
+ * products of up to 8 rows (decoding): bmc's own AVX2 kernels read b where it lies, once (the BLAS would copy
  * all of b into its panel layout first).
  *
  * ``cpu_matmul_nbits(a, codes, scales, out)`` / ``cpu_matmul_nbits_zp(a, codes, scales, zero_points, out)``: float32
  * ``a [M, K] @ W.T`` with ``W [N, K]`` given as 4-bit codes ``[N, blocks, block/2]`` (two a byte, low nibble first)
  * dequantized per block as ``(code - zero_point) * scale`` (zero point 8 when not given). For up to 16 rows of
- * ``a`` (decoding) each row of W is dequantized into a small buffer and dotted with every row of ``a``: the weight
- * is read once, half a byte a value. For more rows W is dequantized into a scratch matrix and multiplied by sgemm.
- * Rows of W are split over ``set_kernel_threads(n)`` threads.
+ * ``a`` (decoding) each row of W is decoded (with AVX2 in registers, 16 values at a time, for 4 rows of ``a`` at
+ * once; else into a small buffer) and dotted with every row of ``a``: the weight is read once, half a byte a
+ * value. For more rows W is dequantized into a scratch matrix and multiplied by sgemm. Rows of W are split over
+ * ``set_kernel_threads(n)`` threads (kept between calls).
  *
  * ``cpu_matmul_float8(a, codes, table, scale, mantissa_bits, bias, out)``: float32 ``a @ (table[codes] * scale).T``
  * of float8 codes ``[N, K]`` (their 256 values in ``table``; with AVX2 most decode by shifting their bits into a
@@ -44,6 +45,7 @@
  * ILP64 integers), so this library works with whichever numpy is installed and shares numpy's thread pool.
  */
 #include <dlfcn.h>
+#include <unistd.h>
 #include <immintrin.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
@@ -55,6 +57,9 @@
 #include <algorithm>
 #include <cmath>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
 #include <cstdlib>
 #include <cstring>
 #include <cstdint>
@@ -303,6 +308,87 @@ void DequantRow(const NBits& p, int64_t row, float* w) {
   }
 }
 
+/*! \brief Sixteen 4-bit values (eight bytes, low nibble first) as two vectors of ``code - z``. */
+__attribute__((target("avx2"))) inline void DecodeNibbles(const uint8_t* codes, __m256 z, __m256& v0, __m256& v1) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes));
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m128i values = _mm_unpacklo_epi8(_mm_and_si128(bytes, low4),
+                                           _mm_and_si128(_mm_srli_epi16(bytes, 4), low4));  // in order
+  v0 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(values)), z);
+  v1 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(values, 8))), z);
+}
+
+/*! \brief DequantRow with AVX2, for blocks of a multiple of 16 values. */
+__attribute__((target("avx2"))) void DequantRowAvx2(const NBits& p, int64_t row, float* w) {
+  const uint8_t* c = p.codes + row * p.blocks * p.half;
+  for (int64_t b = 0; b < p.blocks; ++b) {
+    const __m256 s = _mm256_set1_ps(p.scales[row * p.blocks + b]);
+    const __m256 z = _mm256_set1_ps(p.zp != nullptr ? p.zp[row * p.blocks + b] : 8.0f);
+    for (int64_t j = 0; j < p.half; j += 8) {
+      __m256 v0, v1;
+      DecodeNibbles(c + b * p.half + j, z, v0, v1);
+      _mm256_storeu_ps(w + b * 2 * p.half + 2 * j, _mm256_mul_ps(v0, s));
+      _mm256_storeu_ps(w + b * 2 * p.half + 2 * j + 8, _mm256_mul_ps(v1, s));
+    }
+  }
+}
+
+/*! \brief ``out[r * ldo] = dot(a[r], W[row])`` for MR rows of a (``p.k`` apart), W's row decoded in registers
+ *  once for all of them, blocks of a multiple of 16 values: per block the products of ``code - z`` are summed,
+ *  then scaled. */
+template <int MR>
+__attribute__((target("avx2,fma"))) void DotRowsNBitsAvx2(const NBits& p, int64_t row, const float* a, float* out,
+                                                           int64_t ldo) {
+  const uint8_t* c = p.codes + row * p.blocks * p.half;
+  __m256 acc[MR];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < p.blocks; ++b) {
+    const __m256 s = _mm256_set1_ps(p.scales[row * p.blocks + b]);
+    const __m256 z = _mm256_set1_ps(p.zp != nullptr ? p.zp[row * p.blocks + b] : 8.0f);
+    constexpr int kChains = MR < 3 ? 2 : 1;  // independent sums a row (an FMA waits ~4 cycles for the last)
+    __m256 t[MR][kChains];
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      for (int q = 0; q < kChains; ++q) t[r][q] = _mm256_setzero_ps();
+    }
+    for (int64_t j = 0; j < p.half; j += 8) {
+      __m256 v0, v1;
+      DecodeNibbles(c + b * p.half + j, z, v0, v1);
+      const float* ab = a + b * 2 * p.half + 2 * j;
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; ++r) {
+        t[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(ab + r * p.k), v0, t[r][0]);
+        t[r][kChains - 1] = _mm256_fmadd_ps(_mm256_loadu_ps(ab + r * p.k + 8), v1, t[r][kChains - 1]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      if constexpr (kChains == 2) t[r][0] = _mm256_add_ps(t[r][0], t[r][1]);
+      acc[r] = _mm256_fmadd_ps(t[r][0], s, acc[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc[r]);
+    float sum = 0.0f;
+    for (float x : lanes) sum += x;
+    out[r * ldo] = sum;
+  }
+}
+
+/*! \brief DotRowsNBitsAvx2 for every row of a, four at a time. */
+void DotAllRowsNBitsAvx2(const NBits& p, int64_t row) {
+  int64_t i = 0;
+  for (; i + 4 <= p.m; i += 4) DotRowsNBitsAvx2<4>(p, row, p.a + i * p.k, p.out + i * p.n + row, p.n);
+  switch (p.m - i) {
+    case 3: DotRowsNBitsAvx2<3>(p, row, p.a + i * p.k, p.out + i * p.n + row, p.n); break;
+    case 2: DotRowsNBitsAvx2<2>(p, row, p.a + i * p.k, p.out + i * p.n + row, p.n); break;
+    case 1: DotRowsNBitsAvx2<1>(p, row, p.a + i * p.k, p.out + i * p.n + row, p.n); break;
+    default: break;
+  }
+}
+
 __attribute__((target_clones("avx2", "default")))
 float Dot(const float* x, const float* y, int64_t k) {
   float acc[16] = {0.0f};
@@ -316,18 +402,115 @@ float Dot(const float* x, const float* y, int64_t k) {
   return s;
 }
 
+/*! \brief Worker threads kept between kernel calls. Starting and joining a thread costs ~36 us on the test VM, and
+ *  waking one asleep on a condition variable ~45 us (its vCPU halts), against ~1 us while it is awake; a decoding
+ *  step makes dozens of kernel calls. So a worker, and the caller waiting for the workers, stay awake (a pause
+ *  loop) for kSpinMicros before they sleep: a step's next call usually comes within that, and a longer wait
+ *  would take a core from TVM's or the BLAS' threads. One call at a time uses the pool (another caller, or a task
+ *  that calls back into a kernel, starts its own threads); a forked child builds a new one (threads do not
+ *  survive fork). */
+constexpr int kSpinMicros = 50;
+class KernelPool {
+ public:
+  static KernelPool* Get() {
+    static std::atomic<KernelPool*> pool{nullptr};
+    KernelPool* p = pool.load(std::memory_order_acquire);
+    if (p == nullptr || p->pid_ != getpid()) {
+      static std::mutex create;
+      std::lock_guard<std::mutex> lock(create);
+      p = pool.load(std::memory_order_acquire);
+      if (p == nullptr || p->pid_ != getpid()) {
+        p = new KernelPool();  // never freed: workers may sleep in it until exit (a forked child's copy leaks)
+        pool.store(p, std::memory_order_release);
+      }
+    }
+    return p;
+  }
+
+  /*! \brief task(t) for t in [0, count) on the caller (t = 0) and count - 1 workers; false if the pool is busy. */
+  bool Run(int64_t count, const std::function<void(int64_t)>& task) {
+    bool idle = false;
+    if (!busy_.compare_exchange_strong(idle, true, std::memory_order_acquire)) return false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      while (static_cast<int64_t>(workers_.size()) < count - 1) {
+        const int64_t index = static_cast<int64_t>(workers_.size()) + 1;
+        workers_.emplace_back([this, index] { Work(index); });
+        workers_.back().detach();
+      }
+      task_ = &task;
+      count_ = count;
+      pending_ = count - 1;
+      published_.store(++generation_, std::memory_order_release);
+    }
+    wake_.notify_all();
+    task(0);
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+    while (pending_.load(std::memory_order_acquire) != 0 && std::chrono::steady_clock::now() < until) _mm_pause();
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      done_.wait(lock, [this] { return pending_.load(std::memory_order_acquire) == 0; });
+      task_ = nullptr;
+    }
+    busy_.store(false, std::memory_order_release);
+    return true;
+  }
+
+ private:
+  void Work(int64_t index) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int64_t)>* task;
+      // a little while awake first: the next kernel call of a step usually comes within it
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+      while (published_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < until) {
+        _mm_pause();
+      }
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (index >= count_) continue;
+        task = task_;
+      }
+      (*task)(index);
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lock(mu_);  // the caller is spinning, or waiting (or about to) under the lock
+        done_.notify_one();
+      }
+    }
+  }
+
+  const pid_t pid_ = getpid();
+  std::atomic<bool> busy_{false};
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int64_t)>* task_ = nullptr;
+  int64_t count_ = 0;
+  std::atomic<int64_t> pending_{0};
+  uint64_t generation_ = 0;
+  std::atomic<uint64_t> published_{0};  // generation_, readable without the lock
+};
+
 /*! \brief fn(begin, end) over [0, n) in contiguous chunks, one per thread (the caller's thread takes the first),
- *  on at most \a max_threads threads. */
+ *  on at most \a max_threads threads (KernelPool's). */
 template <typename Fn>
 void ParallelRows(int64_t n, Fn fn, int64_t max_threads = INT64_MAX) {
-  int64_t threads = std::max<int64_t>(1, std::min<int64_t>({kernel_threads.load(), n, max_threads}));
-  int64_t chunk = (n + threads - 1) / threads;
-  std::vector<std::thread> workers;
-  for (int64_t t = 1; t < threads; ++t) {
-    int64_t begin = t * chunk, end = std::min(n, begin + chunk);
-    if (begin < end) workers.emplace_back([=] { fn(begin, end); });
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({kernel_threads.load(), n, max_threads}));
+  const int64_t chunk = (n + threads - 1) / threads;
+  const auto part = [&](int64_t t) {
+    const int64_t begin = t * chunk, end = std::min(n, begin + chunk);
+    if (begin < end) fn(begin, end);
+  };
+  if (threads == 1) {
+    fn(0, n);
+    return;
   }
-  fn(0, std::min(n, chunk));
+  if (KernelPool::Get()->Run(threads, part)) return;
+  std::vector<std::thread> workers;
+  for (int64_t t = 1; t < threads; ++t) workers.emplace_back(part, t);
+  part(0);
   for (auto& w : workers) w.join();
 }
 
@@ -352,6 +535,15 @@ void MatmulNBitsImpl(const ffi::TensorView& a, const ffi::TensorView& codes, con
                               << p.n << "] with " << p.blocks << " blocks";
   }
   if (p.m == 0 || p.n == 0) return;
+  // BMC_CPU_NO_AVX2: the plain loops (what CPUs without AVX2 run; a test takes them this way)
+  static const bool cpu_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx2 = cpu_avx2 && p.half % 8 == 0 && std::getenv("BMC_CPU_NO_AVX2") == nullptr;
+  if (p.m <= kFusedRows && avx2) {
+    ParallelRows(p.n, [&p](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) DotAllRowsNBitsAvx2(p, row);
+    });
+    return;
+  }
   if (p.m <= kFusedRows) {
     ParallelRows(p.n, [&p](int64_t begin, int64_t end) {
       std::vector<float> w(p.k);
@@ -366,8 +558,9 @@ void MatmulNBitsImpl(const ffi::TensorView& a, const ffi::TensorView& codes, con
   thread_local std::vector<float> scratch;  // W [N, K], reused by the next call of this size or smaller
   scratch.resize(static_cast<size_t>(p.n * p.k));
   float* w = scratch.data();
-  ParallelRows(p.n, [&p, w](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) DequantRow(p, row, w + row * p.k);
+  const auto dequant = avx2 ? DequantRowAvx2 : DequantRow;
+  ParallelRows(p.n, [&p, w, dequant](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) dequant(p, row, w + row * p.k);
   });
   Gemm<float>(blas, false, true, p.m, p.n, p.k, p.a, p.k, w, p.k, p.out, p.n);
 }
@@ -433,25 +626,42 @@ void DecodeRowAvx2(const uint8_t* codes, const float* table, float scale, int64_
   for (; j < k; ++j) w[j] = table[codes[j]] * scale;
 }
 
-/*! \brief ``sum_j a[j] * table[codes[j]]`` decoded as DecodeRowAvx2 does, without storing the row (one row of A:
- *  a decoding step, where the decode is the work). */
-__attribute__((target("avx2,fma")))
-float DotRowAvx2(const uint8_t* codes, const float* table, const float* a, int64_t k, const Float8Layout& l) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+/*! \brief ``out[r * ldo] = scale * sum_j a[r, j] * table[codes[j]]`` for MR rows of a (\a k apart), the codes
+ *  decoded as DecodeRowAvx2 does, once for all the rows and without storing them (decoding steps, where the decode
+ *  is the work). */
+template <int MR>
+__attribute__((target("avx2,fma"))) void DotRowsFloat8Avx2(const uint8_t* codes, const float* table, const float* a,
+                                                            int64_t k, const Float8Layout& l, float scale, float* out,
+                                                            int64_t ldo) {
+  constexpr int kChains = MR < 3 ? 2 : 1;  // independent sums a row (an FMA waits ~4 cycles for the last)
+  __m256 acc[MR][kChains];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r) {
+    for (int q = 0; q < kChains; ++q) acc[r][q] = _mm256_setzero_ps();
+  }
   int64_t j = 0;
   for (; j + 16 <= k; j += 16) {
-    acc0 = _mm256_fmadd_ps(DecodeLanes(codes + j, table, l), _mm256_loadu_ps(a + j), acc0);
-    acc1 = _mm256_fmadd_ps(DecodeLanes(codes + j + 8, table, l), _mm256_loadu_ps(a + j + 8), acc1);
+    const __m256 v0 = DecodeLanes(codes + j, table, l), v1 = DecodeLanes(codes + j + 8, table, l);
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      acc[r][0] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(a + r * k + j), acc[r][0]);
+      acc[r][kChains - 1] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(a + r * k + j + 8), acc[r][kChains - 1]);
+    }
   }
   for (; j + 8 <= k; j += 8) {
-    acc0 = _mm256_fmadd_ps(DecodeLanes(codes + j, table, l), _mm256_loadu_ps(a + j), acc0);
+    const __m256 v = DecodeLanes(codes + j, table, l);
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) acc[r][0] = _mm256_fmadd_ps(v, _mm256_loadu_ps(a + r * k + j), acc[r][0]);
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
-  float sum = 0.0f;
-  for (float x : lanes) sum += x;
-  for (; j < k; ++j) sum += a[j] * table[codes[j]];
-  return sum;
+  for (int r = 0; r < MR; ++r) {
+    if constexpr (kChains == 2) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][1]);
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc[r][0]);
+    float sum = 0.0f;
+    for (float x : lanes) sum += x;
+    for (int64_t q = j; q < k; ++q) sum += a[r * k + q] * table[codes[q]];
+    out[r * ldo] = scale * sum;
+  }
 }
 
 /*! \brief One weight row, decoded and scaled: by the layout (\a arithmetic: AVX2 and a layout), else the table. */
@@ -498,10 +708,19 @@ void CpuMatmulFloat8(ffi::TensorView a, ffi::TensorView codes, ffi::TensorView t
   // BMC_CPU_NO_AVX2: the table for every code (what CPUs without AVX2 run; a test takes it this way)
   static const bool avx2 = __builtin_cpu_supports("avx2");
   const bool arithmetic = avx2 && std::getenv("BMC_CPU_NO_AVX2") == nullptr && layout.lo <= layout.hi;
-  if (m == 1 && arithmetic) {  // a decoding step: decode and dot in one pass
+  if (m <= kFusedRows && arithmetic) {  // decoding steps: decode and dot in one pass, 4 rows of a at a time
     ParallelRows(n, [=, &layout](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        C[row] = S[per_row ? row : 0] * DotRowAvx2(Q + row * k, T, A, k, layout);
+        const uint8_t* q = Q + row * k;
+        const float s = S[per_row ? row : 0];
+        int64_t i = 0;
+        for (; i + 4 <= m; i += 4) DotRowsFloat8Avx2<4>(q, T, A + i * k, k, layout, s, C + i * n + row, n);
+        switch (m - i) {
+          case 3: DotRowsFloat8Avx2<3>(q, T, A + i * k, k, layout, s, C + i * n + row, n); break;
+          case 2: DotRowsFloat8Avx2<2>(q, T, A + i * k, k, layout, s, C + i * n + row, n); break;
+          case 1: DotRowsFloat8Avx2<1>(q, T, A + i * k, k, layout, s, C + i * n + row, n); break;
+          default: break;
+        }
       }
     });
     return;
@@ -1289,7 +1508,7 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
 // BLAS packs the weight into its panel layout on every call first (OpenBLAS' sgemm_itcopy was 64% of a GPT-2
 // decoding step), which triples the memory traffic. These kernels read b where it lies, once.
 
-constexpr int64_t kSkinnyRows = 16;             // up to this many rows of a
+constexpr int64_t kSkinnyRows = 8;              // up to this many rows of a (at 16 the BLAS won)
 constexpr int kSkinnyStreams = 8;                // rows of b read together (4 and 16 measured no better)
 constexpr int64_t kSkinnyThreadWork = 1 << 18;  // multiply-adds a thread must have to be worth starting
 

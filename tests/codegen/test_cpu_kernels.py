@@ -106,10 +106,11 @@ def test_offloaded_matmul_matches_numpy(impl, dtype, a_shape, b_shape, trans):
     assert rec["matmul"]["transposes_folded"] == sum(trans)
 
 
-SKINNY_CASES = [  # (M, K, N): up to 16 rows of a (a decoding step) run bmc's own kernel, not the BLAS: tiles of
+SKINNY_CASES = [  # (M, K, N): up to 8 rows of a (a decoding step) run bmc's own kernel, not the BLAS: tiles of
     # 4 rows (tails of 3, 2, 1) x 16 columns (column tails), 8 rows of b at a time (K tails); b's rows are split over
-    # the threads once the product has 2^18 multiply-adds (partial sums added at the end)
-    (1, 768, 3072), (16, 70, 37), (5, 1, 9), (7, 133, 45), (6, 8, 16), (3, 1000, 600), (2, 9, 1), (13, 300, 200),
+    # the threads once the product has 2^18 multiply-adds (partial sums added at the end); 9 rows: the BLAS
+    (1, 768, 3072), (8, 70, 37), (5, 1, 9), (7, 133, 45), (6, 8, 16), (3, 1000, 600), (2, 9, 1), (4, 300, 200),
+    (9, 64, 40),
 ]
 
 
@@ -142,6 +143,85 @@ def test_skinny_matmul_matches_blas(native_lib, monkeypatch, m, k, n, trans_b):
     assert (np.isnan(outs[0]) == ~finite).all() and finite.sum() == (m - (m > 1)) * n
     for out in outs:
         np.testing.assert_allclose(out[finite], ref[finite], rtol=0, atol=1e-5 * float(np.abs(ref[finite]).max()))
+    register_cpu_kernels(native=False)
+
+
+NBITS_CASES = [  # (A shape, N, block): AVX2 decodes 16 values (8 bytes) at a time, so blocks of 16, 32, 64 take
+    # it and a block of 24 the plain loops; up to 16 rows of A dot products 4 rows at a time (tails 3/2/1), more rows
+    # dequantize + sgemm; N rows of the weight split over the threads
+    ((1, 64), 40, 32), ((3, 96), 7, 16), ((2, 2, 128), 33, 64), ((5, 48), 9, 24), ((16, 64), 70, 32),
+    ((17, 32), 12, 16), ((1, 3072), 768, 32),
+]
+
+
+@pytest.mark.parametrize("zero_points", [False, True], ids=["zp8", "zp"])
+@pytest.mark.parametrize("a_shape,n,block", NBITS_CASES, ids=[f"{a}x{n}-b{b}" for a, n, b in NBITS_CASES])
+def test_matmul_nbits_kernel_matches_reference(impl, monkeypatch, a_shape, n, block, zero_points):
+    """``bmc.cpu.matmul_nbits[_zp]`` against float64 products of the dequantized weight (the op's definition), the
+    native kernel with AVX2 and with its plain loops (``BMC_CPU_NO_AVX2``): 1e-5 of max |ref|."""
+    import tvm_ffi
+
+    from bmc.runtime.kernels import MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL, register_cpu_kernels
+
+    register_cpu_kernels(native=impl == "native", threads=2)
+    rng = np.random.default_rng(n * block)
+    k = a_shape[-1]
+    a = rng.standard_normal(a_shape, np.float32)
+    codes = rng.integers(0, 256, (n, k // block, block // 2), dtype=np.uint8)
+    scales = rng.random((n, k // block), np.float32) + 0.5
+    zp = rng.integers(0, 16, (n, k // block)).astype(np.float32)
+    q = np.stack([codes & 15, codes >> 4], axis=-1).reshape(n, k // block, block).astype(np.float64)
+    w = ((q - (zp[..., None] if zero_points else 8.0)) * scales[..., None]).reshape(n, k)
+    ref = a.astype(np.float64) @ w.T
+    kernel = tvm_ffi.get_global_func(MATMUL_NBITS_ZP_KERNEL if zero_points else MATMUL_NBITS_KERNEL)
+    for plain in ((False, True) if impl == "native" else (False,)):
+        if plain:
+            monkeypatch.setenv("BMC_CPU_NO_AVX2", "1")
+        out = np.full(a_shape[:-1] + (n,), np.nan, np.float32)
+        args = [a, codes, scales] + ([zp] if zero_points else []) + [out]
+        kernel(*[tvm_ffi.from_dlpack(x) for x in args])
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_kernel_threads_serve_concurrent_callers_and_forked_children(native_lib, monkeypatch, tmp_path):
+    """The native kernels' worker threads persist between calls; callers on several threads at once (all but one
+    start their own threads) and a forked child (whose copy of the workers does not exist) get correct results."""
+    import multiprocessing
+    import threading
+
+    import tvm_ffi
+
+    from bmc.runtime.kernels import MATMUL_NBITS_KERNEL, register_cpu_kernels
+
+    monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
+    register_cpu_kernels(native=True, threads=2)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 256), np.float32)
+    codes = rng.integers(0, 256, (512, 8, 16), dtype=np.uint8)
+    scales = rng.random((512, 8), np.float32)
+    kernel = tvm_ffi.get_global_func(MATMUL_NBITS_KERNEL)
+
+    def product():
+        out = np.zeros((2, 512), np.float32)
+        kernel(*[tvm_ffi.from_dlpack(x) for x in (a, codes, scales, out)])
+        return out
+
+    want = product()
+    results = [[] for _ in range(4)]
+    threads = [threading.Thread(target=lambda r=r: r.extend(product() for _ in range(50))) for r in results]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(len(r) == 50 and all(np.array_equal(x, want) for x in r) for r in results)
+    child = multiprocessing.get_context("fork").Process(target=lambda: np.save(tmp_path / "child.npy", product()))
+    child.start()
+    child.join(timeout=60)  # waiting for the parent's workers, which a child does not have, would hang it
+    if child.is_alive():
+        child.kill()
+        child.join()
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "child.npy"), want)
     register_cpu_kernels(native=False)
 
 
@@ -539,13 +619,13 @@ FLOAT8 = ["float8e4m3fn", "float8e4m3fnuz", "float8e5m2", "float8e5m2fnuz"]
 
 
 @pytest.mark.parametrize("fmt", FLOAT8)
-@pytest.mark.parametrize("rows", [1, 3, 40], ids=["decode-dot", "decode-rows", "sgemm"])
+@pytest.mark.parametrize("rows", [1, 3, 6, 9, 40], ids=["decode-dot", "3-rows", "6-rows", "9-rows", "sgemm"])
 def test_matmul_float8_kernel_matches_reference(impl, fmt, rows):
     """``bmc.cpu.matmul_float8`` against the op's reference over every code of each format (NaN and infinity
-    included: their columns come out NaN/inf as in the reference), a scale per row; one row of A (decoded and dotted
-    in one pass), a few (each weight row decoded, then dotted) and many (decoded, then sgemm). The native kernel
-    decodes most codes by moving their bits into a float32's and looks the rest up; the numpy one looks every code
-    up."""
+    included: their columns come out NaN/inf as in the reference), a scale per row; up to 16 rows of A (each weight
+    row decoded once and dotted with 4 rows at a time: tails of 3, 2, 1) and many (decoded, then sgemm). The native
+    kernel decodes most codes by moving their bits into a float32's (16 and 8 at a time, then single ones: K = 45)
+    and looks the rest up; the numpy one looks every code up."""
     import tvm_ffi
 
     from bmc.ops import get_op
@@ -555,8 +635,9 @@ def test_matmul_float8_kernel_matches_reference(impl, fmt, rows):
     register_cpu_kernels(native=impl == "native")
     f = FORMATS[fmt]
     rng = np.random.default_rng(rows)
-    codes = rng.permutation(256).astype(np.uint8).reshape(32, 8).repeat(5, axis=1)  # K = 40, 8 lanes + a tail
-    a = rng.standard_normal((rows, 40)).astype(np.float32)
+    codes = rng.permutation(256).astype(np.uint8).reshape(32, 8).repeat(5, axis=1)
+    codes = np.concatenate([codes, codes[:, :5]], axis=1)  # K = 45: 16 + 16 + 8 + 5
+    a = rng.standard_normal((rows, 45)).astype(np.float32)
     scale = rng.uniform(0.5, 2, 32).astype(np.float32)
     table = decode(np.arange(256, dtype=np.uint8), f)
     out = np.zeros((rows, 32), np.float32)
@@ -575,5 +656,5 @@ def test_matmul_float8_table_loops_match(native_lib, monkeypatch):
     monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
     monkeypatch.setenv("BMC_CPU_NO_AVX2", "1")
     for fmt in FLOAT8:
-        for rows in (1, 3, 40):
+        for rows in (1, 3, 6, 9, 40):
             test_matmul_float8_kernel_matches_reference("native", fmt, rows)
