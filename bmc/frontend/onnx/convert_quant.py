@@ -193,7 +193,10 @@ def _offer_matmul_nbits(ctx: Context, node, x: Operand, scale: Operand, zp: Oper
             return None
         if not operands:
             operands.append(ctx.weight_layout(packed, "nbits", repack, TensorType("uint8", (n, blocks, block // 2))))
-            operands.append(_as(ctx, ctx.emit1("transpose", [scale], perm=(1, 0)), "float32"))
+            # [blocks, N] -> [N, blocks]: once, at compile time, for initializers (a transpose kernel a call else)
+            operands.append(ctx.weight_layout(scale, "T.f32", lambda s: s.T.astype(np.float32),
+                                              TensorType("float32", (n, blocks)))
+                            or _as(ctx, ctx.emit1("transpose", [scale], perm=(1, 0)), "float32"))
             if zp is not None:
                 operands.append(ctx.emit1("add", [_as(ctx, ctx.emit1("transpose", [zp], perm=(1, 0)), "float32"),
                                                   np.float32(8 if signed else 0)]))
