@@ -873,8 +873,8 @@ void RowSumsPlain(const T* x, int64_t rows, int64_t k, int32_t* out) {
 }
 
 template <typename T>
-void RowSums(const T* x, int64_t rows, int64_t k, int32_t* out) {
-  HasVnni() ? RowSumsVnni(x, rows, k, out) : RowSumsPlain(x, rows, k, out);
+void RowSums(const T* x, int64_t rows, int64_t k, int32_t* out, bool vnni) {
+  vnni ? RowSumsVnni(x, rows, k, out) : RowSumsPlain(x, rows, k, out);
 }
 
 /*! \brief \a t's 8-bit data with the sign bit flipped (int8 <-> uint8 plus or minus 128) into \a scratch. */
@@ -1038,12 +1038,13 @@ void MatmulIntegerImpl(const ffi::TensorView& ta, const ffi::TensorView& tb, con
   const int8_t* b = b_unsigned ? Flipped<int8_t>(tb, b_scratch) : Data<int8_t>(tb);
   const std::vector<int32_t> za = ZeroPoints(tza, rows, m, a_signed ? 128 : 0, "a_zero_point");
   const std::vector<int32_t> zb = ZeroPoints(tzb, n, n, b_unsigned ? -128 : 0, "b_zero_point");
+  const bool vnni = HasVnni();  // (once: it reads the environment)
   std::vector<int32_t> a_sums(static_cast<size_t>(rows));
-  RowSums(a, rows, k, a_sums.data());
+  RowSums(a, rows, k, a_sums.data(), vnni);
   int32_t* c = Data<int32_t>(out);
-  constexpr int64_t kThreadWork = int64_t{1} << 24;  // products a thread is worth (starting one costs ~50 us)
+  constexpr int64_t kThreadWork = int64_t{1} << 20;  // products a thread is worth (a pool worker wakes in ~1 us)
   const int64_t threads = rows * n * k / kThreadWork + 1;
-  if (rows > kFusedRows && HasVnni()) {
+  if (rows > kFusedRows && vnni) {
     const int64_t kq = (k + 3) / 4, lda = 4 * kq;
     thread_local std::vector<uint8_t> a_padded;  // rows of a padded to whole quads, for the 4-byte broadcasts
     if (lda != k) {
@@ -1062,7 +1063,7 @@ void MatmulIntegerImpl(const ffi::TensorView& ta, const ffi::TensorView& tb, con
       const int64_t p0 = begin * kTilePanels, p1 = std::min(panels, end * kTilePanels);
       for (int64_t p = p0; p < p1; ++p) {
         PackPanel(b, n, k, p * kPanel, pk + p * kq * 64);
-        RowSums(b + p * kPanel * k, std::min<int64_t>(kPanel, n - p * kPanel), k, bs + p * kPanel);
+        RowSums(b + p * kPanel * k, std::min<int64_t>(kPanel, n - p * kPanel), k, bs + p * kPanel, vnni);
       }
       for (int64_t p = p0; p < p1; p += kTilePanels) {
         const int64_t np = std::min<int64_t>(kTilePanels, p1 - p), j0 = p * kPanel;
@@ -1077,12 +1078,12 @@ void MatmulIntegerImpl(const ffi::TensorView& ta, const ffi::TensorView& tb, con
     }, threads);
     return;
   }
-  const DotTileFn(*tiles)[4] = HasVnni() ? kVnniTiles : kPlainTiles;
+  const DotTileFn(*tiles)[4] = vnni ? kVnniTiles : kPlainTiles;
   ParallelRows((n + 3) / 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t j0 = 4 * t, nt = std::min<int64_t>(4, n - j0);
       int32_t b_sums[4];
-      RowSums(b + j0 * k, nt, k, b_sums);  // (while these rows of b are in the cache)
+      RowSums(b + j0 * k, nt, k, b_sums, vnni);  // (while these rows of b are in the cache)
       for (int64_t i0 = 0; i0 < rows; i0 += 4) {
         const int64_t mt = std::min<int64_t>(4, rows - i0);
         tiles[mt - 1][nt - 1](a + i0 * k, k, b + j0 * k, k, c + i0 * n + j0, n);
