@@ -414,7 +414,8 @@ def test_stored_outputs_are_onnxruntimes(name):
 @pytest.mark.parametrize("with_zero_point", [False, True])
 def test_blocked_int4_dequantize_matmul_becomes_matmul_nbits(four_bit, with_zero_point, tmp_path):
     """``MatMul(x, DequantizeLinear(W int4/uint4 [K, N], blocks along K))`` runs as ``matmul_nbits`` on codes
-    repacked at compile time (each signedness, with and without zero points); equal to ONNX's reference."""
+    repacked at compile time (each signedness, with and without zero points); equal to ONNX's reference. The
+    initializer scales are transposed to ``[N, blocks]`` at compile time too (a transpose op would run every call)."""
     k, n, block = 64, 48, 16
     rng = np.random.default_rng(four_bit + with_zero_point)
     lo, hi = (-8, 8) if four_bit == TensorProto.INT4 else (0, 16)
@@ -434,6 +435,8 @@ def test_blocked_int4_dequantize_matmul_becomes_matmul_nbits(four_bit, with_zero
         [oh.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])], inits)
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)])
     onnx.save(model, tmp_path / "m.onnx")
+    ops = collections.Counter(node.op for node in import_model(model).nodes)
+    assert ops["matmul_nbits"] == 1 and ops["transpose"] == (1 if with_zero_point else 0)  # only the unpacked zp's
     bmc.compile(tmp_path / "m.onnx", tmp_path / "m.bmc")
     requires = json.loads((tmp_path / "m.bmc" / "manifest.json").read_text())["kernels"]["cpu"]["requires"]
     assert any(r.startswith("bmc.cpu.matmul_nbits") for r in requires)
