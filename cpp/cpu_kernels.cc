@@ -1108,6 +1108,19 @@ constexpr int kGemmCols = 16;
 constexpr int64_t kAttentionScores = 65536;  // floats of one block's scores (256 KiB, in L2)
 constexpr int64_t kPackRows = 16;  // query rows from which packing the keys and values pays
 
+/*! \brief ``acc[r] += a[r * lda] * (b0, b1)`` for MR rows: one row of b (16 columns, in two registers) against a
+ *  broadcast element of each row of a; the inner step of every register tile below. */
+template <int MR>
+__attribute__((target("avx2,fma"), always_inline)) inline void FmaRowAvx2(const float* a, int64_t lda, __m256 b0,
+                                                                          __m256 b1, __m256 (&acc)[MR][2]) {
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    const __m256 ar = _mm256_broadcast_ss(a + r * lda);
+    acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
+    acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
+  }
+}
+
 /*! \brief ``c[i, j] = sum_p a[i, p] * b[p, j]`` for ``MR`` rows and the first ``nc`` ≤ 16 columns of \a b (rows
  *  \a ldb apart: a packed panel, ldb 16, or the matrix itself), in 12 AVX2 registers. */
 template <int MR>
@@ -1126,12 +1139,7 @@ __attribute__((target("avx2,fma"))) void GemmTileAvx2(const float* a, int64_t ld
     const float* bp = b + p * ldb;
     const __m256 b0 = whole ? _mm256_loadu_ps(bp) : _mm256_maskload_ps(bp, m0);
     const __m256 b1 = whole ? _mm256_loadu_ps(bp + 8) : _mm256_maskload_ps(bp + 8, m1);
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      const __m256 ar = _mm256_broadcast_ss(a + r * lda + p);
-      acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
-    }
+    FmaRowAvx2<MR>(a + p, lda, b0, b1, acc);
   }
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
@@ -1565,13 +1573,7 @@ __attribute__((target("avx2,fma"))) void AxpyTileAvx2(const float* a, int64_t ld
     }
 #pragma GCC unroll 16
     for (int q = 0; q < KB; ++q) {
-      const __m256 b0 = _mm256_loadu_ps(b + q * ldb + j), b1 = _mm256_loadu_ps(b + q * ldb + j + 8);
-#pragma GCC unroll 4
-      for (int r = 0; r < MR; ++r) {
-        const __m256 ar = _mm256_broadcast_ss(a + r * lda + q);
-        acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
-      }
+      FmaRowAvx2<MR>(a + q, lda, _mm256_loadu_ps(b + q * ldb + j), _mm256_loadu_ps(b + q * ldb + j + 8), acc);
     }
 #pragma GCC unroll 4
     for (int r = 0; r < MR; ++r) {
