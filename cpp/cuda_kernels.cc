@@ -14,8 +14,14 @@
  * the ``libcudart.so`` already loaded by TVM's CUDA runtime, and calls ``cublas_bind(cublas, cudart)``. The few
  * entry points and enum values used below are part of cuBLAS' and CUDA's stable C ABI.
  *
- * Module functions only (no tvm-ffi globals), like ``cpu_kernels.cc``: ``bmc.runtime.cuda`` registers the global
- * ``bmc.cuda.matmul``.
+ * ``cuda_attention[_bias](q, k, v, [bias,] scale, transpose_k, out)``: fused float16/bfloat16 attention
+ * (``cuda_attention.cuh``, head dim 16, 32, 64 or 128) without the score matrix. Its kernels are compiled by nvcc when this
+ * library is built (CMakeLists.txt) and embedded here as a fatbin; they are loaded into each device's context with
+ * the driver API (``libcuda.so.1``, which TVM's CUDA runtime has loaded already) on first use.
+ * ``cuda_attention_image_bytes()`` is 0 when the library was built without nvcc.
+ *
+ * Module functions only (no tvm-ffi globals), like ``cpu_kernels.cc``: ``bmc.runtime.cuda`` registers the globals
+ * ``bmc.cuda.matmul`` and ``bmc.cuda.attention[_bias]``.
  */
 #include <dlfcn.h>
 #include <tvm/ffi/container/tensor.h>
@@ -24,6 +30,7 @@
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/string.h>
 
+#include "cuda_attention.h"
 #include "matmul_shapes.h"
 
 #include <atomic>
@@ -248,9 +255,159 @@ void CudaMatmul(ffi::TensorView a, ffi::TensorView b, int64_t trans_a, int64_t t
   }
 }
 
+// ------------------------------------------------------------------------------------------ fused attention
+
+#ifdef BMC_ATTENTION_FATBIN
+// the nvcc image of cuda_attention.cu, linked in as read-only data
+asm(".section .rodata\n.balign 64\n.global bmc_attention_image_begin\n.hidden bmc_attention_image_begin\n"
+    "bmc_attention_image_begin:\n.incbin \"" BMC_ATTENTION_FATBIN "\"\n.global bmc_attention_image_end\n"
+    ".hidden bmc_attention_image_end\nbmc_attention_image_end:\n.byte 0\n.previous\n");
+extern "C" const char bmc_attention_image_begin[], bmc_attention_image_end[];
+#endif
+
+namespace {
+
+// CUDA driver API (cuda.h), a stable C ABI
+using CuModuleLoadData = int (*)(void**, const void*);
+using CuModuleGetFunction = int (*)(void**, void*, const char*);
+using CuFuncSetAttribute = int (*)(void*, int, int);
+using CuLaunchKernel = int (*)(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, Stream,
+                               void**, void**);
+enum { kMaxDynamicSharedBytes = 8 };  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+
+constexpr int kAttentionKernelCount = 8;  // [bf16, f16] x attention::kHeadDims
+constexpr const char* kAttentionKernels[kAttentionKernelCount] = {
+    "bmc_attention_bf16_d16", "bmc_attention_bf16_d32", "bmc_attention_bf16_d64", "bmc_attention_bf16_d128",
+    "bmc_attention_f16_d16",  "bmc_attention_f16_d32",  "bmc_attention_f16_d64",  "bmc_attention_f16_d128"};
+
+struct Driver {
+  CuModuleLoadData load = nullptr;
+  CuModuleGetFunction get_function = nullptr;
+  CuFuncSetAttribute set_attribute = nullptr;
+  CuLaunchKernel launch = nullptr;
+  void* functions[kMaxDevices][kAttentionKernelCount] = {};
+  std::mutex mutex;  // guards module loading
+};
+
+Driver* GetDriver() {
+  static Driver* driver = [] {
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) TVM_FFI_THROW(RuntimeError) << "cuda_attention: cannot dlopen libcuda.so.1: " << dlerror();
+    auto* d = new Driver();  // never freed, like the cuBLAS binding
+    std::string path = "libcuda.so.1";
+    d->load = reinterpret_cast<CuModuleLoadData>(Sym(lib, "cuModuleLoadData", path));
+    d->get_function = reinterpret_cast<CuModuleGetFunction>(Sym(lib, "cuModuleGetFunction", path));
+    d->set_attribute = reinterpret_cast<CuFuncSetAttribute>(Sym(lib, "cuFuncSetAttribute", path));
+    d->launch = reinterpret_cast<CuLaunchKernel>(Sym(lib, "cuLaunchKernel", path));
+    return d;
+  }();
+  return driver;
+}
+
+size_t AttentionImageBytes() {
+#ifdef BMC_ATTENTION_FATBIN
+  return static_cast<size_t>(bmc_attention_image_end - bmc_attention_image_begin);
+#else
+  return 0;
+#endif
+}
+
+/*! rief Kernel  which of the fatbin in  device's context (the module is loaded there on first use). */
+void* AttentionFunction(Cublas& c, int device, int which) {
+  Driver* d = GetDriver();
+  void* f = d->functions[device][which];
+  if (f != nullptr) return f;
+  std::lock_guard<std::mutex> lock(d->mutex);
+  if (d->functions[device][which] == nullptr) {
+#ifdef BMC_ATTENTION_FATBIN
+    int previous = 0;
+    c.get_device(&previous);
+    c.set_device(device);  // makes the device's primary context current
+    void* module = nullptr;
+    int rc = d->load(&module, bmc_attention_image_begin);
+    c.set_device(previous);
+    if (rc != 0) {
+      TVM_FFI_THROW(RuntimeError) << "cuda_attention: cuModuleLoadData failed (CUDA error " << rc
+                                  << "): the embedded kernels have no image for this GPU (built for sm_80/sm_90)";
+    }
+    for (int i = 0; i < kAttentionKernelCount; ++i) {
+      void* fn = nullptr;
+      if (d->get_function(&fn, module, kAttentionKernels[i]) != 0) {
+        TVM_FFI_THROW(RuntimeError) << "cuda_attention: the fatbin lacks " << kAttentionKernels[i];
+      }
+      int bytes = static_cast<int>(attention::SharedBytes(attention::kHeadDims[i % 4]));
+      rc = d->set_attribute(fn, kMaxDynamicSharedBytes, bytes);
+      if (rc != 0) TVM_FFI_THROW(RuntimeError) << "cuda_attention: cannot allow " << bytes << " B of shared memory";
+      d->functions[device][i] = fn;
+    }
+#else
+    (void)c;
+    TVM_FFI_THROW(RuntimeError) << "cuda_attention: this libbmc_cuda_kernels was built without nvcc, so it has no "
+                                << "attention kernels (reinstall bmc with the CUDA toolkit on PATH)";
+#endif
+  }
+  return d->functions[device][which];
+}
+
+std::vector<int64_t> Dims(const ffi::TensorView& t) { return std::vector<int64_t>(t.shape().begin(), t.shape().end()); }
+
+void Attention(ffi::TensorView q, ffi::TensorView k, ffi::TensorView v, const ffi::TensorView* bias, double scale,
+               int64_t transpose_k, ffi::TensorView out) {
+  Cublas* c = bound.load(std::memory_order_acquire);
+  if (c == nullptr) TVM_FFI_THROW(RuntimeError) << "cuda_attention: call cublas_bind first";
+  DLDataType dt = q.dtype();
+  bool bf16 = dt.code == kDLBfloat && dt.bits == 16 && dt.lanes == 1;
+  if (!bf16 && !(dt.code == kDLFloat && dt.bits == 16 && dt.lanes == 1)) {
+    TVM_FFI_THROW(TypeError) << "cuda_attention: float16 or bfloat16 only, got " << ffi::DLDataTypeToString(dt);
+  }
+  int device = out.device().device_id;
+  Check(out, dt, device, "out");
+  Check(q, dt, device, "q");
+  Check(k, dt, device, "k");
+  Check(v, dt, device, "v");
+  if (bias != nullptr) Check(*bias, dt, device, "bias");
+  std::vector<int64_t> qs = Dims(q), ks = Dims(k), vs = Dims(v), bs = bias ? Dims(*bias) : std::vector<int64_t>();
+  attention::Params p{};
+  std::string why = attention::MakeParams(qs.data(), q.ndim(), ks.data(), k.ndim(), vs.data(), v.ndim(), bs.data(),
+                                          bias ? bias->ndim() : -1, transpose_k != 0, &p);
+  if (!why.empty()) TVM_FFI_THROW(ValueError) << "cuda_attention: " << why;
+  if (out.numel() != q.numel()) TVM_FFI_THROW(ValueError) << "cuda_attention: out must have q's shape";
+  int64_t d = qs.back(), blocks = p.m_tiles * (q.numel() / (p.m * d));
+  if (blocks > INT32_MAX) TVM_FFI_THROW(ValueError) << "cuda_attention: " << blocks << " thread blocks";
+  p.q = Data(q);
+  p.k = Data(k);
+  p.v = Data(v);
+  p.bias = bias ? Data(*bias) : nullptr;
+  p.out = Data(out);
+  p.scale = static_cast<float>(scale);
+  void* f = AttentionFunction(*c, device, (bf16 ? 0 : 4) + attention::HeadDimIndex(d));
+  void* args[] = {&p};
+  int rc = GetDriver()->launch(f, static_cast<unsigned>(blocks), 1, 1, attention::kThreads, 1, 1,
+                               static_cast<unsigned>(attention::SharedBytes(d)),
+                               TVMFFIEnvGetStream(kDLCUDA, device), args, nullptr);
+  if (rc != 0) TVM_FFI_THROW(RuntimeError) << "cuda_attention: cuLaunchKernel failed (CUDA error " << rc << ")";
+}
+
+}  // namespace
+
+int64_t CudaAttentionImageBytes() { return static_cast<int64_t>(AttentionImageBytes()); }
+
+void CudaAttention(ffi::TensorView q, ffi::TensorView k, ffi::TensorView v, double scale, int64_t transpose_k,
+                   ffi::TensorView out) {
+  Attention(q, k, v, nullptr, scale, transpose_k, out);
+}
+
+void CudaAttentionBias(ffi::TensorView q, ffi::TensorView k, ffi::TensorView v, ffi::TensorView bias, double scale,
+                       int64_t transpose_k, ffi::TensorView out) {
+  Attention(q, k, v, &bias, scale, transpose_k, out);
+}
+
 }  // namespace native
 }  // namespace bmc
 
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cuda_attention, bmc::native::CudaAttention);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cuda_attention_bias, bmc::native::CudaAttentionBias);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cuda_attention_image_bytes, bmc::native::CudaAttentionImageBytes);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cublas_bind, bmc::native::CublasBind);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cublas_bound, bmc::native::CublasBound);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cuda_matmul, bmc::native::CudaMatmul);
