@@ -30,6 +30,14 @@ what the library really calls (``cuBLAS`` when it requires ``bmc.cuda.matmul``).
     PyTorch eager (the same math, explicit matmul/softmax, ``torch.no_grad()``) and onnxruntime's CUDA EP where
     installed. Error: max |bmc - torch| / max |torch|. Goals: faster than torch, error <= 1e-2, >= 40% MFU (1.3B).
 
+(c) ``attn-*``: attention alone, ``softmax(q k^T / sqrt(hd) + mask) @ v`` on ``[b, h, s, hd]`` bfloat16 heads with the
+    causal mask as an input, at the stacks' shapes. FLOPs = 4 b h s^2 hd. Against torch eager (the same explicit
+    math) and, for reference, ``F.scaled_dot_product_attention`` with the same float mask (``torch_sdpa_ms``).
+
+Stacks and attention are also built as ``gemm=fused``: cuBLAS plus bmc's fused attention kernel
+(``BMC_CUDA_ATTENTION=fused``, ``cpp/cuda_attention.cuh``; kernel column ``cuBLAS+FA``), the graph's attention fused
+by ``bmc.ops.fusion`` as ``bmc compile`` does.
+
 ``--quick``: one 1024^3 matmul and a two-layer toy stack (a smoke test). Timing: 3 warm-up calls, then samples of
 ``inner`` back-to-back calls between ``torch.cuda.synchronize()`` (``inner``: a sample of about 1 ms), ``--repeat``
 samples (default 20) or a 2 s budget per case, median. bmc's VM and torch both launch on the legacy default stream.
@@ -71,7 +79,9 @@ QUICK_MATMULS = [("1024", 1024, 1024, 1024, "bfloat16")]
 QUICK_STACKS = {"toy": {"d": 256, "heads": 4, "ffn": 1024, "batch": 2, "seq": 128, "layers": 2}}
 WEIGHT = {"kind": "normal", "mean": 0.0, "std": 0.02}  # how ``run`` fills each tensor
 GAIN = {"kind": "normal", "mean": 1.0, "std": 0.1}  # LayerNorm gains (``*_g``)
-INIT = {"x": {"kind": "normal", "mean": 0.0, "std": 1.0}, "mask": {"kind": "causal_mask", "value": -1e9}}
+UNIT = {"kind": "normal", "mean": 0.0, "std": 1.0}
+INIT = {"x": UNIT, "q": UNIT, "k": UNIT, "v": UNIT, "mask": {"kind": "causal_mask", "value": -1e9}}
+ATTENTION = ("cublas", "fused")  # how attention is built: the composition (cuBLAS + softmax kernel), or fused
 LN_EPS = 1e-5
 
 
@@ -124,6 +134,21 @@ def stack_graph(cfg: dict):
     return b.finish([x])
 
 
+def attention_graph(cfg: dict):
+    """``softmax(q k^T / sqrt(hd) + mask) @ v`` on the heads of a stack config; inputs ``q k v mask``."""
+    from bmc.ir.types import TensorType
+    from bmc.ops.builder import GraphBuilder
+
+    nh, bs, s = cfg["heads"], cfg["batch"], cfg["seq"]
+    hd, bf = cfg["d"] // nh, "bfloat16"
+    b = GraphBuilder("attention")
+    q, k, v = (b.input(n, TensorType(bf, (bs, nh, s, hd))) for n in "qkv")
+    mask = b.input("mask", TensorType(bf, (s, s)))
+    scores = b.emit1("matmul", [q, b.emit1("transpose", [k], perm=(0, 1, 3, 2))])
+    scores = b.emit1("add", [b.emit1("mul", [scores, b.constant(1 / math.sqrt(hd), dtype=bf)]), mask])
+    return b.finish([b.emit1("matmul", [b.emit1("softmax", [scores], axis=-1), v], "y")])
+
+
 def compile_case(out: Path, case: dict, graph) -> dict:
     """Build one case into ``out/<name>.<gemm>.so``; a build error is kept in the case (``run`` reports it)."""
     from bmc.codegen.build import build
@@ -133,10 +158,14 @@ def compile_case(out: Path, case: dict, graph) -> dict:
     case.update(graph_signature(graph), lib=f"{case['name']}.{case['gemm']}.so", requires=[])
     for entry in case["inputs"] + case["params"]:
         entry["init"] = INIT.get(entry["name"], GAIN if entry["name"].endswith("_g") else WEIGHT)
-    t0, old = time.perf_counter(), os.environ.pop("BMC_CUDA_GEMM", None)
+    env = {"tvm": {"BMC_CUDA_GEMM": "tvm"}, "fused": {"BMC_CUDA_ATTENTION": "fused"}}.get(case["gemm"], {})
+    t0, old = time.perf_counter(), {k: os.environ.pop(k, None) for k in ("BMC_CUDA_GEMM", "BMC_CUDA_ATTENTION")}
     try:
-        if case["gemm"] == "tvm":  # unset: bmc's default (cuBLAS)
-            os.environ["BMC_CUDA_GEMM"] = "tvm"
+        os.environ.update(env)  # none: bmc's default (cuBLAS, attention as its composition)
+        if case["gemm"] == "fused":
+            from bmc.ops.fusion import fuse_attention
+
+            graph = fuse_attention(graph)
         built = build(graph, TargetSpec.parse("cuda", ARCHS), tune_db=case.get("tune_db"))
         built.export(out / case["lib"])
     except Exception as e:  # noqa: BLE001  (one case failing to build must not lose the others)
@@ -144,9 +173,10 @@ def compile_case(out: Path, case: dict, graph) -> dict:
         print(f"  {case['name']:20s} {case['gemm']:6s} {case['error']}", flush=True)
         return case
     finally:
-        os.environ.pop("BMC_CUDA_GEMM", None)
-        if old is not None:
-            os.environ["BMC_CUDA_GEMM"] = old
+        for k, v in old.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
     info = built.kernels["cuda"]
     if "tune_db" in case:
         case["tuned_kernels"] = info.get("tuning", {}).get("applied", 0)
@@ -174,11 +204,15 @@ def prepare(out: Path, quick: bool, tune_db: Path | None = None) -> int:
     for name, cfg in (QUICK_STACKS if quick else STACKS).items():
         d, f, tokens, s = cfg["d"], cfg["ffn"], cfg["batch"] * cfg["seq"], cfg["seq"]
         flops = cfg["layers"] * (2.0 * tokens * (4 * d * d + 2 * d * f) + 4.0 * tokens * s * d)  # see the docstring
-        for gemm in GEMMS + (("tuned",) if tune_db else ()):  # tuned: cuBLAS + the database's TVM schedules
+        for gemm in GEMMS + ("fused",) + (("tuned",) if tune_db else ()):  # tuned: + the database's schedules
             case = {"name": f"stack-{name}", "kind": "stack", "gemm": gemm, "config": cfg, "flops": flops}
             if gemm == "tuned":
                 case["tune_db"] = str(tune_db)
             cases.append(compile_case(out, case, stack_graph(cfg)))
+        for gemm in ATTENTION:
+            case = {"name": f"attn-{name}", "kind": "attention", "gemm": gemm, "config": cfg,
+                    "flops": 4.0 * tokens * s * d}
+            cases.append(compile_case(out, case, attention_graph(cfg)))
     bench = {"archs": list(ARCHS), "tvm_version": metadata.version("apache-tvm"), "quick": quick,
              "prepare_s": round(time.perf_counter() - t0, 1), "cases": cases}
     (out / "bench.json").write_text(json.dumps(bench, indent=1) + "\n")
@@ -358,12 +392,24 @@ def reference(case: dict, repeat: int) -> dict:
         if case["kind"] == "matmul":
             def fn():
                 return torch.matmul(tensors["x"], tensors["w"])
+        elif case["kind"] == "attention":
+            q, k, v, mask = (tensors[n] for n in ("q", "k", "v", "mask"))
+            scale = 1 / math.sqrt(q.shape[-1])
+
+            def fn():
+                return (q @ k.transpose(-1, -2) * scale + mask).softmax(dim=-1) @ v
         else:
             def fn():
                 return torch_stack(case["config"], tensors["x"], tensors["mask"], params)
         ref = {"tensors": tensors, "ref": fn(), "torch_ms": timed(fn, repeat), "fn": fn}
     if case["kind"] == "stack":
         ref["ort"] = ort_row(case["config"], tensors, params, ref["ref"], repeat)
+    if case["kind"] == "attention":  # the state of the art, for reference (flash/efficient/cuDNN backends)
+        import torch.nn.functional as F
+
+        with torch.no_grad():
+            ref["torch_sdpa_ms"] = timed(lambda: F.scaled_dot_product_attention(
+                tensors["q"], tensors["k"], tensors["v"], attn_mask=tensors["mask"]), repeat)
     return ref
 
 
@@ -389,7 +435,9 @@ def run_case(root: Path, case: dict, repeat: int, cache: dict, profile: bool = F
     import torch
 
     row = {k: case[k] for k in ("name", "kind", "gemm")}
-    row["kernel"] = "-" if "error" in case else "cuBLAS" if "bmc.cuda.matmul" in case["requires"] else "TVM"
+    fused = {"bmc.cuda.attention", "bmc.cuda.attention_bias"} & set(case["requires"])
+    row["kernel"] = "-" if "error" in case else "cuBLAS+FA" if fused else "cuBLAS" if "bmc.cuda.matmul" in \
+        case["requires"] else "TVM"
     if case["name"] not in cache:
         cache.clear()
         torch.cuda.empty_cache()
@@ -397,6 +445,8 @@ def run_case(root: Path, case: dict, repeat: int, cache: dict, profile: bool = F
     ref = cache[case["name"]]
     row["torch_ms"] = ref["torch_ms"]
     row.update(ref.get("ort", {}))
+    if "torch_sdpa_ms" in ref:
+        row["torch_sdpa_ms"] = ref["torch_sdpa_ms"]
     if "error" in case:  # the build failed
         row["error"] = case["error"]
     else:
@@ -404,7 +454,7 @@ def run_case(root: Path, case: dict, repeat: int, cache: dict, profile: bool = F
             fn = bmc_call(root, case, ref["tensors"])
             row["rel_err"] = rel_err(torch.from_dlpack(fn()[0]), ref["ref"])
             row["bmc_ms"] = timed(fn, repeat)
-            if profile and case["kind"] == "stack":
+            if profile and case["kind"] in ("stack", "attention"):
                 row["profile"] = kernel_profile(fn)
                 if "torch_profile" not in ref:
                     with torch.no_grad():
@@ -435,6 +485,8 @@ def goal_text(r: dict) -> str:
     met = {True: "met", False: "NOT met"}.get(r.get("goal_met"), "-")
     if r["kind"] == "matmul":
         return f">= {GOALS['matmul_vs_cublas']:.0%} of cuBLAS: {met}" if "goal_met" in r else ""
+    if r["kind"] == "attention":
+        return f"torch SDPA {r['torch_sdpa_ms']:.3f} ms" if "torch_sdpa_ms" in r else ""
     mfu = f", MFU >= {GOALS['mfu_1.3b']:.0%}" if r["name"] == "stack-1.3b" else ""
     ort = f"{r['ort_ms']:.2f} ms (err {r['ort_rel_err']:.1e})" if "ort_ms" in r else r.get("ort", "-")
     return f"faster than torch, err <= {GOALS['rel_err']:g}{mfu}: {met}; onnxruntime {ort}"
@@ -446,11 +498,11 @@ def print_table(device: str, rows: list[dict]) -> None:
             ("torch_mfu", "torch MFU", ".1%"), ("rel_err", "rel err", ".1e")]
     print(f"\n{device}: bmc vs torch; bmc/torch = speed ratio (> 1: bmc faster); MFU at {PEAK_FLOPS / 1e12:.0f} "
           "TFLOP/s bf16")
-    print(f"{'case':20s} {'gemm':6s} {'kernel':6s} " + " ".join(f"{h:>10s}" for _, h, _ in cols) + "  goal / notes")
+    print(f"{'case':20s} {'gemm':6s} {'kernel':9s} " + " ".join(f"{h:>10s}" for _, h, _ in cols) + "  goal / notes")
     for r in rows:
         vals = " ".join(f"{format(r[k], f) if k in r else '-':>10s}" for k, _, f in cols)
         err = f"  ERROR {r['error']}" if "error" in r else ""
-        print(f"{r['name']:20s} {r['gemm']:6s} {r['kernel']:6s} {vals}  {goal_text(r)}{err}")
+        print(f"{r['name']:20s} {r['gemm']:6s} {r['kernel']:9s} {vals}  {goal_text(r)}{err}")
 
 
 def dry_run(root: Path, cases: list[dict]) -> None:

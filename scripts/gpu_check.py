@@ -12,7 +12,10 @@ every element has ``|out - ref| <= 1e-4 * max(1, |ref|)``.
 Each model fixture (``fixtures/``) runs through ``bmc.load`` and is compared with onnxruntime's outputs stored in
 ``tests/fixtures/{models,quantized}/<name>.npz``: float32 as above (the quantized ones: an int8 QDQ GPT-2 and an
 int4 ``MatMulNBits`` Llama; the QDQ one, which quantizes activations, ``max|out - ref| <= 5e-2 * max|ref|``),
-float16/bfloat16 ``max|out - ref| <= 1e-2 * max|ref|``.
+float16/bfloat16 ``max|out - ref| <= 1e-2 * max|ref|``. The ``-fa`` builds compute attention with bmc's fused
+kernel (``BMC_CUDA_ATTENTION=fused``, ``cpp/cuda_attention.cuh``): the same bound, and ``vs_composition`` reports
+their distance from the same build without it; ``attention kernel`` calls that kernel directly on the shapes
+of its CPU emulator tests (``bmc.testing.attention_cases``) and a causal mask.
 The two-rank artifact runs under ``mpiexec -n 2 python -m bmc run`` on the one GPU (host-staged collectives) and must
 match onnxruntime and the one-rank run. ``nccl`` is a one-rank smoke test of the NCCL path (a single GPU cannot
 host an NCCL group of two).
@@ -237,6 +240,10 @@ def check_fixture(root: Path, row: dict, dry: bool, repeat: int, outputs: dict) 
         if one is not None:
             res["vs_1rank"] = max(float(np.abs(outs[k].astype(np.float64) - one[k]).max()) for k in one)
     outputs[tag] = outs
+    unfused = outputs.get(f"{row['fixture']}-{dtype}") if row.get("attention") == "fused" else None
+    if unfused is not None:  # the same build with the attention composition (cuBLAS + softmax kernel)
+        res["vs_composition"] = max(float(np.abs(np.asarray(outs[k], np.float64) - unfused[k]).max() /
+                                          max(np.abs(unfused[k]).max(), 1e-30)) for k in unfused)
     if dtype == "float32" and row["fixture"] not in QUANTIZED_ACTIVATIONS:
         res["err"], ok = compare(outs, ref)
     else:  # relative to the largest reference magnitude
@@ -247,6 +254,42 @@ def check_fixture(root: Path, row: dict, dry: bool, repeat: int, outputs: dict) 
         ok &= res["vs_1rank"] <= 1e-5
     res["status"] = "PASS" if ok else "FAIL"
     return res
+
+
+def attention_kernel(dry: bool) -> dict:
+    """``bmc.cuda.attention[_bias]`` called directly on CUDA tensors over the CPU emulator tests' cases
+    (``bmc.testing.attention_cases``: ragged tiles, kt, multi-query, broadcast masks, every head dim, both 16-bit
+    types) plus a causal mask, against numpy. PASS: every case within its tolerance."""
+    import numpy as np
+    import tvm
+
+    from bmc.runtime import cuda
+    from bmc.testing import attention_cases as ac
+
+    row = {"model": f"attention kernel ({len(ac.CASES) + 2} cases)"}
+    if not cuda.fused_attention_available():
+        return {**row, "status": "FAIL: the kernel library has no attention kernels"}
+    if dry:
+        return {**row, "status": "dry-run ok"}
+    cuda.register_kernels([cuda.ATTENTION_KERNEL, cuda.ATTENTION_BIAS_KERNEL])
+    dev = tvm.cuda(0)
+    cases = dict(ac.CASES)
+    cases["causal-d128"] = ("bf16", (1, 2, 200, 128), (1, 2, 200, 128), (1, 2, 200, 128), "causal", True, 0.088)
+    cases["f16-causal-kv-cache"] = ("f16", (2, 4, 70, 64), (2, 4, 300, 64), (2, 4, 300, 64), "causal", True, 0.125)
+    worst, failed = 0.0, []
+    for name, (dtype, qs, ks, vs, bs, transpose_k, scale) in cases.items():
+        q, k, v, bias = ac.make_case(dtype, qs, ks, vs, None if bs == "causal" else bs)
+        if bs == "causal":
+            bias = ac.causal_bias(dtype, qs[-2], ks[-2])
+        args = [tvm.runtime.tensor(a, dev) for a in (q, k, v, bias) if a is not None]
+        out = tvm.runtime.empty(q.shape, str(q.dtype), dev)
+        kernel = cuda.ATTENTION_BIAS_KERNEL if bias is not None else cuda.ATTENTION_KERNEL
+        tvm.get_global_func(kernel)(*args, float(scale), int(transpose_k), out)
+        err = ac.rel_error(out.numpy().astype(np.float32), ac.reference(q, k, v, bias, transpose_k, scale))
+        worst = max(worst, err)
+        if not err <= ac.TOL[dtype]:
+            failed.append(f"{name} {err:.1e}")
+    return {**row, "err": worst, "status": "PASS" if not failed else f"FAIL {', '.join(failed)}"[:200]}
 
 
 def nccl_smoke() -> dict:
@@ -379,6 +422,13 @@ def main(argv=None) -> int:
             traceback.print_exc()
             rows.append({"model": "tune candidates", "status": f"ERROR {type(e).__name__}: {str(e)[:300]}"})
         failed += rows[-1]["status"] != ("dry-run ok" if args.dry_run else "PASS")
+    if not args.models:
+        try:
+            rows.append(attention_kernel(args.dry_run))
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append({"model": "attention kernel", "status": f"ERROR {type(e).__name__}: {str(e)[:300]}"})
+        failed += rows[-1]["status"] != ("dry-run ok" if args.dry_run else "PASS")
     if not args.dry_run:
         try:
             rows.append(nccl_smoke())
@@ -404,7 +454,7 @@ def _device_name(dry: bool) -> str:
 def print_table(rows: list[dict]) -> None:
     cols = [("model", "{}"), ("kernels", "{}"), ("cublas", "{}"), ("sass", "{}"), ("load_s", "{:.3f}"),
             ("device_ms", "{:.3f}"), ("e2e_ms", "{:.3f}"), ("err_direct", "{:.2e}"), ("err_bmc", "{:.2e}"),
-            ("err", "{:.2e}"), ("vs_1rank", "{:.2e}"), ("status", "{}")]
+            ("err", "{:.2e}"), ("vs_1rank", "{:.2e}"), ("vs_composition", "{:.2e}"), ("status", "{}")]
     cells = [[c for c, _ in cols]]
     for r in rows:
         cells.append([fmt.format(r[c]) if c in r and r[c] is not None else "-" for c, fmt in cols])

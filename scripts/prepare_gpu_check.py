@@ -165,6 +165,9 @@ FIXTURE_BUILDS = [("models", p.stem, "float32", "1") for p in sorted((FIXTURES /
     ("models", "bert_dynamo", "float16", "1"), ("models", "vit_dynamo", "bfloat16", "1"),
     ("models", "gpt2_dynamo", "float32", "2"), ("quantized", "gpt2_qdq", "float32", "1"),
     ("quantized", "llama_nbits", "float32", "1")]
+#: reduced-precision builds again with the fused attention kernel (``BMC_CUDA_ATTENTION=fused``; tag ``-fa``)
+FUSED_ATTENTION = {("gpt2_dynamo", "bfloat16"), ("llama_dynamo", "bfloat16"), ("bert_dynamo", "float16"),
+                   ("vit_dynamo", "bfloat16")}
 
 
 def compile_fixtures(out: Path, archs: tuple[str, ...]) -> list[dict]:
@@ -172,19 +175,31 @@ def compile_fixtures(out: Path, archs: tuple[str, ...]) -> list[dict]:
 
     rows = []
     (out / "fixtures").mkdir()
-    for folder, name, dtype, mesh in FIXTURE_BUILDS:
+    builds = [(*b, "composition") for b in FIXTURE_BUILDS] + [
+        (folder, name, dtype, mesh, "fused") for folder, name, dtype, mesh in FIXTURE_BUILDS
+        if mesh == "1" and (name, dtype) in FUSED_ATTENTION]
+    for folder, name, dtype, mesh, attention in builds:
         data = np.load(FIXTURES / folder / f"{name}.npz")
         shapes = {k: data[k].shape for k in data.files if not k.startswith("output:")}
         tag = f"{name}-mesh{mesh}" if mesh != "1" else f"{name}-{dtype}"
+        tag += "-fa" if attention == "fused" else ""
         path = out / "fixtures" / tag
         t0 = time.perf_counter()
         extra = {"mesh": mesh, "strategy": "megatron"} if mesh != "1" else {}
-        bmc.compile(FIXTURES / folder / f"{name}.onnx", path, target="cuda", cuda_archs=archs, input_shapes=shapes,
-                    dtype=dtype, **extra)
+        os.environ["BMC_CUDA_ATTENTION"] = attention
+        try:
+            bmc.compile(FIXTURES / folder / f"{name}.onnx", path, target="cuda", cuda_archs=archs,
+                        input_shapes=shapes, dtype=dtype, **extra)
+        finally:
+            del os.environ["BMC_CUDA_ATTENTION"]
         info = json.loads((path / "manifest.json").read_text())["kernels"]["cuda"]
+        if attention == "fused" and "bmc.cuda.attention_bias" not in info.get("requires", []) \
+                and "bmc.cuda.attention" not in info.get("requires", []):
+            raise RuntimeError(f"{tag}: the fused attention kernel was not used")
         rows.append({"artifact": tag, "folder": folder, "fixture": name, "dtype": dtype, "world": int(mesh),
-                     "build_s": round(time.perf_counter() - t0, 2), "kernels": info["num_kernels"],
-                     "cublas_matmuls": info.get("matmul", {}).get("blas", 0), "artifact_bytes": _size(path)})
+                     "attention": attention, "build_s": round(time.perf_counter() - t0, 2),
+                     "kernels": info["num_kernels"], "cublas_matmuls": info.get("matmul", {}).get("blas", 0),
+                     "artifact_bytes": _size(path)})
         print(f"  {tag:22s} {info['num_kernels']:3d} kernels  {rows[-1]['cublas_matmuls']:2d} cuBLAS matmuls  "
               f"{rows[-1]['build_s']:.1f} s", flush=True)
     return rows

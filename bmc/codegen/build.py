@@ -136,6 +136,8 @@ def build(graph: Graph, target: TargetSpec, *, threads: int | None = None, tune_
 
         return Built(ex, target, timings, {"cpu": {"mcpu": target.mcpu, "features": simd_features(tvm_target),
                                                    **cpu_record}})
+    if lowered_kernels:
+        cuda_record["requires"] = sorted(set(cuda_record.get("requires", [])) | lowered_kernels)
     device_code = cuda.compile_executable(ex, target.archs, toolkit)
     timings["nvcc_s"] = sum(img.nvcc_s for img in device_code.images)
     return Built(ex, target, timings, {"cuda": {**device_code.info(), **cuda_record}}, device_code)

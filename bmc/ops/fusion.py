@@ -15,7 +15,9 @@ and kt's and v's batch dims are q's or 1 (multi-query attention, as Falcon's exp
 biases become one ``add`` of the two before the attention: ``(s + b1) + b2`` is ``s + (b1 + b2)`` up to rounding
 where both are nonzero (a mask's 0 leaves the bias exact; where it hides a key, either sum is a huge negative).
 A ``kt`` that is a transpose of the last two dims of ``k [..., N, D]`` (a key or key cache kept as ``[batch, heads,
-seq, dim]``) is read as ``k`` (``transpose_k``): no transposed copy. Between the product and the softmax, and
+seq, dim]``) is read as ``k`` (``transpose_k``): no transposed copy. Any other transpose making ``kt`` (the heads
+split off ``[b, s, h, d]`` by one ``(0, 2, 3, 1)``) becomes the permute to ``k [..., N, D]``, read the same way:
+the kernels read rows of ``k`` contiguously, where a ``kt`` copy scatters single elements. Between the product and the softmax, and
 between the softmax and ``@ v``, one reshape may regroup the batch dims (BLOOM multiplies over ``[B * H, ...]`` and
 softmaxes over ``[B, H, ...]``): the fused op works in the softmax's batch dims, its operands and the biases added
 before the regrouping reshaped into them, its result reshaped back.
@@ -48,11 +50,16 @@ def _scalar(node: Node | None) -> float | None:
     if node is None or node.op != "constant":
         return None
     value = np.asarray(node.attrs["value"])
-    return float(value.reshape(())) if value.size == 1 and value.dtype.kind == "f" else None
+    floating = value.dtype.kind == "f" or value.dtype.name == "bfloat16"  # ml_dtypes' bfloat16 is kind "V"
+    return float(value.reshape(()).astype(np.float32)) if value.size == 1 and floating else None
 
 
 def _last_two_swapped(rank: int) -> tuple[int, ...]:
     return tuple(range(rank - 2)) + (rank - 1, rank - 2)
+
+
+def _last_two_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape[:-2] + (shape[-1], shape[-2])
 
 
 def _batch_reshape(node: Node | None) -> bool:
@@ -153,6 +160,11 @@ def fuse_attention(graph: Graph) -> Graph:
         swap = producer(kt, qk, "transpose")
         if swap is not None and tuple(swap.attrs["perm"]) == _last_two_swapped(kt.type.rank):
             key, transpose_k = swap.inputs[0], True  # the kernel reads k [..., N, D] itself
+        elif swap is not None:  # heads(k).transpose(-1, -2) as one permute: make the heads [..., N, D] instead
+            perm = tuple(swap.attrs["perm"])
+            perm = perm[:-2] + (perm[-1], perm[-2])
+            key = emit("transpose", [swap.inputs[0]], _last_two_shape(kt.type.shape), perm=perm)
+            transpose_k = True
         inner = s.type.shape[:-2]  # the product's batch dims: the frame's, or regrouped
         operands = [reframe(q, inner), reframe(key, inner), reframe(out_mm.inputs[1], p.type.shape[:-2])]
         for b, above in biases:

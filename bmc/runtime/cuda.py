@@ -3,7 +3,8 @@
 * :func:`enable` registers TVM's CUDA module loader (``libtvm_runtime_cuda.so``): ``import tvm`` skips it when it
   cannot load it (no driver) and a runtime-only TVM (``TVM_USE_RUNTIME_LIB=1``) never loads it.
 * :func:`register_kernels` binds the library kernels a CUDA program may call — ``bmc.cuda.matmul`` (cuBLAS GEMMs,
-  ``cpp/cuda_kernels.cc``; the codegen offloads matmuls to it, see ``bmc/codegen/build.py``) — before a VM is built.
+  ``cpp/cuda_kernels.cc``; the codegen offloads matmuls to it, see ``bmc/codegen/build.py``) and
+  ``bmc.cuda.attention[_bias]`` (fused attention, ``cpp/cuda_attention.cuh``) — before a VM is built.
   cuBLAS is not a dependency of bmc: it is found where PyTorch/CuPy/JAX put it (the ``nvidia-cublas`` wheel), in a
   CUDA toolkit, or at ``$BMC_CUBLAS``.
 * :func:`pick_device` maps an MPI rank to a GPU by its rank on the host; several ranks per GPU are allowed (tests,
@@ -31,8 +32,14 @@ import numpy as np
 from bmc.errors import ExecutionError
 
 MATMUL_KERNEL = "bmc.cuda.matmul"
+#: ``bmc.cuda.attention(q, k, v, scale, transpose_k, out)`` and ``..._bias(q, k, v, bias, scale, transpose_k, out)``:
+#: fused float16/bfloat16 attention on tensor cores (``cpp/cuda_attention.cuh``; the ``attention`` op)
+ATTENTION_KERNEL = "bmc.cuda.attention"
+ATTENTION_BIAS_KERNEL = "bmc.cuda.attention_bias"
 #: every kernel name a CUDA artifact may require (its manifest's ``kernels.cuda.requires``)
-CUDA_KERNELS = (MATMUL_KERNEL,)
+CUDA_KERNELS = (MATMUL_KERNEL, ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL)
+_SYMBOLS = {MATMUL_KERNEL: "cuda_matmul", ATTENTION_KERNEL: "cuda_attention",
+            ATTENTION_BIAS_KERNEL: "cuda_attention_bias"}
 _STATE: dict = {}
 
 
@@ -115,8 +122,30 @@ def find_cublas() -> str | None:
     return None
 
 
+def _kernel_library() -> str:
+    """Path of ``libbmc_cuda_kernels.so`` (built into the cache from ``cpp/`` in a source checkout without one)."""
+    from bmc.runtime.kernels import ROOT, build_native, native_library_path
+
+    lib = native_library_path("bmc_cuda_kernels", "BMC_CUDA_KERNELS_LIB")
+    if lib is None and (ROOT / "cpp").is_dir():
+        lib = build_native(target="bmc_cuda_kernels")
+    if lib is None:
+        raise RuntimeError("libbmc_cuda_kernels.so is not installed (reinstall bmc, or set BMC_CUDA_KERNELS_LIB)")
+    return str(lib)
+
+
+def fused_attention_available() -> bool:
+    """Whether the kernel library carries the fused attention kernels (it was built with nvcc); needs no GPU."""
+    if "attention_image" not in _STATE:
+        import tvm_ffi
+
+        _STATE["attention_image"] = int(tvm_ffi.load_module(_kernel_library())["cuda_attention_image_bytes"]())
+    return _STATE["attention_image"] > 0
+
+
 def register_kernels(required=None) -> dict:
-    """Bind cuBLAS and register ``bmc.cuda.matmul`` (idempotent); returns ``{"kernels_lib", "cublas"}``.
+    """Bind cuBLAS and register ``bmc.cuda.matmul`` and ``bmc.cuda.attention[_bias]`` (idempotent); returns
+    ``{"kernels_lib", "cublas"}``.
 
     ``required``: the kernel names an artifact needs; unknown ones raise ``RuntimeError`` (a newer artifact on an
     older runtime). Raises ``RuntimeError`` with what is missing when cuBLAS or the kernel library is not found."""
@@ -128,14 +157,12 @@ def register_kernels(required=None) -> dict:
         return {k: _STATE[k] for k in ("kernels_lib", "cublas")}
     import tvm_ffi
 
-    from bmc.runtime.kernels import ROOT, build_native, native_library_path
-
     enable()
-    lib = native_library_path("bmc_cuda_kernels", "BMC_CUDA_KERNELS_LIB")
-    if lib is None and (ROOT / "cpp").is_dir():
-        lib = build_native(target="bmc_cuda_kernels")
-    if lib is None:
-        raise RuntimeError("libbmc_cuda_kernels.so is not installed (reinstall bmc, or set BMC_CUDA_KERNELS_LIB)")
+    lib = _kernel_library()
+    if {ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL} & set(required or ()) and not fused_attention_available():
+        raise RuntimeError(f"the program calls the fused attention kernels, but {lib} was built without them "
+                           "(no nvcc at install): reinstall bmc with the CUDA toolkit on PATH, or recompile "
+                           "without BMC_CUDA_ATTENTION=fused")
     cublas, cudart = find_cublas(), _loaded("libcudart.so")
     if cublas is None:
         raise RuntimeError("this program calls cuBLAS for its matmuls, but no libcublas.so.13/.12 was found: "
@@ -143,11 +170,12 @@ def register_kernels(required=None) -> dict:
                            "library, or recompile with BMC_CUDA_GEMM=tvm")
     if cudart is None:
         raise RuntimeError("libcudart is not loaded (TVM's CUDA runtime is missing)")
-    module = tvm_ffi.load_module(str(lib))
+    module = tvm_ffi.load_module(lib)
     module["cublas_bind"](cublas, cudart)
-    _STATE.update(module=module, matmul=module["cuda_matmul"], kernels_lib=str(lib), cublas=cublas)
-    tvm_ffi.register_global_func(MATMUL_KERNEL, _STATE["matmul"], override=True)
-    return {"kernels_lib": str(lib), "cublas": cublas}
+    _STATE.update(module=module, matmul=module["cuda_matmul"], kernels_lib=lib, cublas=cublas)
+    for name, symbol in _SYMBOLS.items():
+        tvm_ffi.register_global_func(name, module[symbol], override=True)
+    return {"kernels_lib": lib, "cublas": cublas}
 
 
 # ------------------------------------------------------------------------------------------ collectives

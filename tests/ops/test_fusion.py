@@ -79,9 +79,33 @@ def test_a_transposed_key_is_read_in_place():
     feeds = {n: np.random.default_rng(1).standard_normal(x.type.shape).astype(np.float32)
              for n, x in zip("qkv", graph.inputs)}
     want = run_reference(graph, feeds)["out"]
-    (node,) = fuse_attention(graph).nodes
+    fused = fuse_attention(graph)
+    (node,) = fused.nodes
     assert node.attrs["transpose_k"] and node.inputs[1].name == "k"
-    np.testing.assert_allclose(run_reference(graph, feeds)["out"], want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(run_reference(fused, feeds)["out"], want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_key_permuted_straight_to_kt_becomes_k():
+    """``heads(k).transpose(-1, -2)`` written as one permute ``(0, 2, 3, 1)`` of ``[b, s, h, d]`` (the GPU benchmark's
+    stack): fused with the permute to ``k [b, h, s, d]`` (``(0, 2, 1, 3)``, rows the kernels read contiguously) and
+    ``transpose_k``; equal to the composition, compiled too."""
+    from bmc.testing.compiled import run_compiled
+
+    b = GraphBuilder("attn")
+    q = b.input("q", TensorType("float32", (2, 3, 4, 8)))
+    k = b.input("k", TensorType("float32", (2, 6, 3, 8)))
+    v = b.input("v", TensorType("float32", (2, 3, 6, 5)))
+    s = b.emit1("matmul", [q, b.emit1("transpose", [k], perm=(0, 2, 3, 1))])
+    graph = b.finish([b.emit1("matmul", [b.emit1("softmax", [s], axis=-1), v], "out")])
+    rng = np.random.default_rng(4)
+    feeds = {x.name: rng.standard_normal(x.type.shape).astype(np.float32) for x in graph.inputs}
+    want = run_reference(graph, feeds)["out"]
+    fused = fuse_attention(graph)
+    perm, att = fused.nodes
+    assert perm.op == "transpose" and perm.attrs["perm"] == (0, 2, 1, 3) and perm.outputs[0].type.shape == (2, 3, 6, 8)
+    assert att.op == "attention" and att.attrs["transpose_k"] and att.inputs[1] is perm.outputs[0]
+    np.testing.assert_allclose(run_reference(fused, feeds)["out"], want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(run_compiled(fused, feeds)["out"], want, rtol=1e-5, atol=1e-5)
 
 
 def test_spellings_left_alone():

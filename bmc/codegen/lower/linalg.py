@@ -99,17 +99,51 @@ def _matmul_integer(ctx, node, args):
     return relax.op.astype(ctx.emit(relax.op.matmul(a64, ctx.emit(relax.op.permute_dims(b64, [1, 0])))), "int32")
 
 
+def _fused_cuda_attention(node) -> bool:
+    """Whether the CUDA kernel computes this attention: asked for (``BMC_CUDA_ATTENTION=fused``; the default stays
+    the composition until the kernel has been measured on a GPU), and a shape it has (``cpp/cuda_attention.h``):
+    float16/bfloat16, head dim 16, 32, 64 or 128 for q, k and v, at most four batch dims."""
+    import os
+
+    from bmc.errors import CompileError
+
+    choice = os.environ.get("BMC_CUDA_ATTENTION", "composition").strip().lower()
+    if choice not in ("fused", "composition"):
+        raise CompileError(f"BMC_CUDA_ATTENTION={choice!r}", where="environment",
+                           fix="set BMC_CUDA_ATTENTION to fused or composition (the default)")
+    q, v = node.inputs[0].type, node.inputs[2].type
+    if choice != "fused" or q.dtype not in ("float16", "bfloat16") or q.rank > 6 or q.shape[-1] not in (16, 32, 64, 128) \
+            or v.shape[-1] != q.shape[-1]:
+        return False
+    from bmc.runtime.cuda import fused_attention_available
+
+    if not fused_attention_available():
+        raise CompileError("BMC_CUDA_ATTENTION=fused, but this bmc's libbmc_cuda_kernels has no attention kernels "
+                           "(it was built without nvcc)", where=f"node {node.source or node.op}",
+                           fix="reinstall bmc with nvcc on PATH, or unset BMC_CUDA_ATTENTION")
+    return True
+
+
 @lowering("attention")
 def _attention(ctx, node, args):
-    """On the CPU in float32 a call of the fused kernel ``bmc.cpu.attention[_bias]`` (no score matrix); elsewhere
-    the composition the op was fused from, lowered as its ops would be (so the CUDA pipeline's softmax and
-    cuBLAS rewrites see what they saw before)."""
+    """On the CPU in float32 a call of the fused kernel ``bmc.cpu.attention[_bias]`` (no score matrix); on CUDA in
+    float16/bfloat16 (head dims 16 to 128), when ``BMC_CUDA_ATTENTION=fused``, the tensor-core kernel
+    ``bmc.cuda.attention[_bias]``; elsewhere the composition the op was fused from, lowered as its ops would be
+    (so the CUDA pipeline's softmax and cuBLAS rewrites see what they saw before)."""
     from bmc.codegen.lower import const
     from bmc.codegen.lower.reduce import in_float32
     from bmc.ir.types import np_dtype
 
     out = node.outputs[0].type
     scale = node.attrs["scale"]
+    if ctx.target_kind == "cuda" and _fused_cuda_attention(node):
+        from bmc.runtime.cuda import ATTENTION_BIAS_KERNEL, ATTENTION_KERNEL
+
+        kernel = ATTENTION_BIAS_KERNEL if len(args) > 3 else ATTENTION_KERNEL
+        ctx.kernels.add(kernel)
+        scalars = [relax.expr.prim_value(float(scale)), relax.expr.prim_value(int(node.attrs["transpose_k"]))]
+        return relax.call_dps_packed(kernel, list(args) + scalars,
+                                     out_ty=relax.TensorType(list(out.shape), out.dtype))
     if ctx.target_kind == "llvm" and out.dtype == "float32":
         from bmc.runtime.kernels import ATTENTION_BIAS_KERNEL, ATTENTION_KERNEL
 
