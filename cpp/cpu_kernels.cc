@@ -151,9 +151,11 @@ void Gemm(const Blas& blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, c
   }
 }
 
+/*! \brief out = op(a) @ op(b) with the shapes of the views \a ta_, \a tb_, \a out and the data at \a a, \a b,
+ *  \a c (the views' own, or float32 copies of 16-bit ones). */
 template <typename T>
 void MatmulImpl(const Blas& blas, const ffi::TensorView& ta_, const ffi::TensorView& tb_, bool ta, bool tb,
-                const ffi::TensorView& out) {
+                const ffi::TensorView& out, const T* a, const T* b, T* c) {
   Operand A = Describe(ta_, true), B = Describe(tb_, false);
   if ((ta && ta_.ndim() < 2) || (tb && tb_.ndim() < 2)) {
     TVM_FFI_THROW(ValueError) << "cpu_matmul: a transposed operand must have rank >= 2";
@@ -172,13 +174,10 @@ void MatmulImpl(const Blas& blas, const ffi::TensorView& ta_, const ffi::TensorV
                               << count * m * n;
   }
   if (count == 0 || m == 0 || n == 0) return;
-  T* c = Data<T>(out);
   if (k == 0) {
     for (int64_t i = 0; i < count * m * n; ++i) c[i] = T(0);
     return;
   }
-  const T* a = Data<T>(ta_);
-  const T* b = Data<T>(tb_);
   int64_t lda = A.cols, ldb = B.cols, ldc = n;
   int64_t a_mat = A.rows * A.cols, b_mat = B.rows * B.cols;
   // b is one matrix shared by every batch and a is not transposed: one GEMM with the batches stacked into M
@@ -512,6 +511,82 @@ void ParallelRows(int64_t n, Fn fn, int64_t max_threads = INT64_MAX) {
   for (int64_t t = 1; t < threads; ++t) workers.emplace_back(part, t);
   part(0);
   for (auto& w : workers) w.join();
+}
+
+// ---- 16-bit floats ---------------------------------------------------------------------------------------------
+
+bool IsHalf(DLDataType dt) { return dt.lanes == 1 && dt.bits == 16 && (dt.code == kDLFloat || dt.code == kDLBfloat); }
+
+constexpr int64_t kConvertChunk = 1 << 16;  // elements per thread task; threads from 4 chunks on
+
+__attribute__((target("avx2,f16c"))) void HalfToFloatF16c(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+
+__attribute__((target("avx2,f16c"))) void FloatToHalfF16c(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+  for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+void ConvertHalf(const uint16_t* src, float* dst, int64_t n, bool bf16) {
+  static const bool f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  if (bf16) {  // the top 16 bits of a float32
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t u = uint32_t(src[i]) << 16;
+      std::memcpy(dst + i, &u, 4);
+    }
+  } else if (f16c) {
+    HalfToFloatF16c(src, dst, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      _Float16 h;
+      std::memcpy(&h, src + i, 2);
+      dst[i] = static_cast<float>(h);
+    }
+  }
+}
+
+void ConvertFloat(const float* src, uint16_t* dst, int64_t n, bool bf16) {
+  static const bool f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  if (bf16) {  // round to nearest even; a NaN stays a (quiet) NaN
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t u;
+      std::memcpy(&u, src + i, 4);
+      bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+      dst[i] = nan ? uint16_t((u >> 16) | 0x40) : uint16_t((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+    }
+  } else if (f16c) {
+    FloatToHalfF16c(src, dst, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      _Float16 h = static_cast<_Float16>(src[i]);
+      std::memcpy(dst + i, &h, 2);
+    }
+  }
+}
+
+/*! \brief float16 (\a bf16: bfloat16) → float32, in parallel for large tensors. */
+void Widen(const uint16_t* src, float* dst, int64_t n, bool bf16) {
+  ParallelRows((n + kConvertChunk - 1) / kConvertChunk, [&](int64_t begin, int64_t end) {
+    int64_t lo = begin * kConvertChunk, hi = std::min(n, end * kConvertChunk);
+    ConvertHalf(src + lo, dst + lo, hi - lo, bf16);
+  }, n >= 4 * kConvertChunk ? INT64_MAX : 1);
+}
+
+/*! \brief float32 → float16 (\a bf16: bfloat16), round to nearest even. */
+void Narrow(const float* src, uint16_t* dst, int64_t n, bool bf16) {
+  ParallelRows((n + kConvertChunk - 1) / kConvertChunk, [&](int64_t begin, int64_t end) {
+    int64_t lo = begin * kConvertChunk, hi = std::min(n, end * kConvertChunk);
+    ConvertFloat(src + lo, dst + lo, hi - lo, bf16);
+  }, n >= 4 * kConvertChunk ? INT64_MAX : 1);
 }
 
 void MatmulNBitsImpl(const ffi::TensorView& a, const ffi::TensorView& codes, const ffi::TensorView& scales,
@@ -1686,6 +1761,24 @@ ffi::String BlasBound() {
 void CpuMatmul(ffi::TensorView a, ffi::TensorView b, int64_t trans_a, int64_t trans_b, ffi::TensorView out) {
   const Blas& blas = GetBlas();
   DLDataType dt = out.dtype();
+  if (IsHalf(a.dtype())) {  // float16/bfloat16 operands: widened to float32 (float32 accumulation)
+    DLDataType ht = a.dtype();
+    bool bf16 = ht.code == kDLBfloat;
+    if (!(IsHalf(dt) && dt.code == ht.code) && !(dt.code == kDLFloat && dt.bits == 32 && dt.lanes == 1)) {
+      TVM_FFI_THROW(TypeError) << "cpu_matmul: " << ffi::DLDataTypeToString(ht) << " operands need a float32 or "
+                               << ffi::DLDataTypeToString(ht) << " result, got " << ffi::DLDataTypeToString(dt);
+    }
+    CheckOperand(out, dt, "out");
+    CheckOperand(a, ht, "a");
+    CheckOperand(b, ht, "b");
+    std::vector<float> wa(a.numel()), wb(b.numel()), wc(IsHalf(dt) ? out.numel() : 0);
+    Widen(Data<uint16_t>(a), wa.data(), a.numel(), bf16);
+    Widen(Data<uint16_t>(b), wb.data(), b.numel(), bf16);
+    float* c = IsHalf(dt) ? wc.data() : Data<float>(out);
+    MatmulImpl<float>(blas, a, b, trans_a != 0, trans_b != 0, out, wa.data(), wb.data(), c);
+    if (IsHalf(dt)) Narrow(c, Data<uint16_t>(out), out.numel(), bf16);
+    return;
+  }
   if (dt.code != kDLFloat || (dt.bits != 32 && dt.bits != 64) || dt.lanes != 1) {
     TVM_FFI_THROW(TypeError) << "cpu_matmul: only float32/float64, got "
                              << ffi::DLDataTypeToString(dt);
@@ -1694,9 +1787,10 @@ void CpuMatmul(ffi::TensorView a, ffi::TensorView b, int64_t trans_a, int64_t tr
   CheckOperand(a, dt, "a");
   CheckOperand(b, dt, "b");
   if (dt.bits == 32) {
-    MatmulImpl<float>(blas, a, b, trans_a != 0, trans_b != 0, out);
+    MatmulImpl<float>(blas, a, b, trans_a != 0, trans_b != 0, out, Data<float>(a), Data<float>(b), Data<float>(out));
   } else {
-    MatmulImpl<double>(blas, a, b, trans_a != 0, trans_b != 0, out);
+    MatmulImpl<double>(blas, a, b, trans_a != 0, trans_b != 0, out, Data<double>(a), Data<double>(b),
+                       Data<double>(out));
   }
 }
 

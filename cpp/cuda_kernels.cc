@@ -380,7 +380,13 @@ void Attention(ffi::TensorView q, ffi::TensorView k, ffi::TensorView v, const ff
   p.bias = bias ? Data(*bias) : nullptr;
   p.out = Data(out);
   p.scale = static_cast<float>(scale);
+  for (const void* ptr : {p.q, p.k, p.v, static_cast<const void*>(p.out)}) {  // the kernel's 16-byte accesses
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
+      TVM_FFI_THROW(ValueError) << "cuda_attention: q, k, v and out must be 16-byte aligned";
+    }
+  }
   void* f = AttentionFunction(*c, device, (bf16 ? 0 : 4) + attention::HeadDimIndex(d));
+  c->set_device(device);  // the device's primary context current in this thread, for the driver API launch
   void* args[] = {&p};
   int rc = GetDriver()->launch(f, static_cast<unsigned>(blocks), 1, 1, attention::kThreads, 1, 1,
                                static_cast<unsigned>(attention::SharedBytes(d)),

@@ -39,6 +39,10 @@ from bmc.runtime.kernels import CONV2D_KERNEL, MATMUL_KERNEL
 
 #: result dtypes the BLAS kernel handles (sgemm, dgemm); anything else stays a TVM kernel
 BLAS_DTYPES = ("float32", "float64")
+#: (operand dtype, result dtype) pairs the matmul kernels take besides equal ones: 16-bit operands with float32
+#: accumulation (how ``bmc.codegen.lower`` writes a reduced-precision matmul); the CPU kernel widens them to float32
+#: for the BLAS (TVM's own float16/bfloat16 loops were ~75x slower), cuBLAS reads them as they are
+HALF_MIXED = (("float16", "float32"), ("bfloat16", "float32"))
 #: below this many multiply-adds a TVM loop nest beats the packed call (a few microseconds); measured on 2 cores:
 #: 8x8x8 float32 is ~1 us either way, 16x16x16 already favours BLAS (see tests/codegen/test_cpu_kernels.py)
 MIN_BLAS_MACS = 512
@@ -438,7 +442,7 @@ def cpu_pipeline(target, record: dict | None = None, *, offload: bool = True, of
 
     passes = [relax.transform.DecomposeOpsForInference(), split_slices(record)]
     if offload:
-        passes.append(offload_matmul(record, conv=offload_conv))
+        passes.append(offload_matmul(record, conv=offload_conv, mixed=HALF_MIXED))
     if fast_math_ops:
         passes.append(fast_math(record))
     legalize = cpu_generic.legalize_passes(target)

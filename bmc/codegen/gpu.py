@@ -343,13 +343,13 @@ def gpu_pipeline(target, record: dict | None = None, tune=None) -> tvm.transform
     MetaSchedule pass (:mod:`bmc.codegen.tune`) run after fusion, whose schedules dlight then leaves alone."""
     from tvm.s_tir import dlight as dl
 
-    from bmc.codegen.cpu import offload_matmul
+    from bmc.codegen.cpu import HALF_MIXED, offload_matmul
     from bmc.runtime.cuda import MATMUL_KERNEL
 
     passes = [relax.transform.DecomposeOpsForInference()]
     if os.environ.get("BMC_CUDA_GEMM", "cublas").strip().lower() != "tvm":
         passes.append(offload_matmul(record, conv=False, kernel=MATMUL_KERNEL, choose=choose_cuda_matmul,
-                                     mixed=(("float16", "float32"), ("bfloat16", "float32"))))
+                                     mixed=HALF_MIXED))
     passes += [narrow_normalizations(record), split_slices(record)]
     return tvm.transform.Sequential(passes + [
         relax.transform.LegalizeOps(),

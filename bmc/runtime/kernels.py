@@ -230,17 +230,37 @@ def set_num_threads(threads: int | None = None) -> int:
 
 # ------------------------------------------------------------------------------------------ numpy kernel
 
+def _host_array(t) -> np.ndarray:
+    """A zero-copy numpy view of a CPU tensor; bfloat16 (which DLPack gives numpy no type for) through its data
+    pointer, as ml_dtypes' bfloat16."""
+    if str(t.dtype) != "bfloat16":
+        return np.from_dlpack(t)
+    import ctypes
+
+    import ml_dtypes
+
+    shape = tuple(int(d) for d in t.shape)
+    raw = (ctypes.c_uint16 * int(np.prod(shape, dtype=np.int64))).from_address(t.data_ptr())
+    return np.ctypeslib.as_array(raw).view(ml_dtypes.bfloat16).reshape(shape)
+
+
 def _matmul_numpy(a, b, trans_a, trans_b, out) -> None:
-    """``bmc.cpu.matmul`` in numpy: out = op(a) @ op(b) on zero-copy views (op = swap the last two axes)."""
-    A, B, C = np.from_dlpack(a), np.from_dlpack(b), np.from_dlpack(out)
+    """``bmc.cpu.matmul`` in numpy: out = op(a) @ op(b) on zero-copy views (op = swap the last two axes); 16-bit
+    operands are multiplied in float32, as the native kernel does."""
+    A, B, C = _host_array(a), _host_array(b), _host_array(out)
+    if A.dtype.itemsize == 2:
+        A, B = A.astype(np.float32), B.astype(np.float32)
+    target = C if C.dtype == A.dtype else np.empty(C.shape, A.dtype)
     if trans_a:
         A = np.swapaxes(A, -1, -2)
     if trans_b:
         B = np.swapaxes(B, -1, -2)
     if A.ndim > 2 and B.ndim == 2 and not trans_a:  # one GEMM with the batches stacked into M
-        np.matmul(A.reshape(-1, A.shape[-1]), B, out=C.reshape(-1, C.shape[-1]))
+        np.matmul(A.reshape(-1, A.shape[-1]), B, out=target.reshape(-1, target.shape[-1]))
     else:
-        np.matmul(A, B, out=C)
+        np.matmul(A, B, out=target)
+    if target is not C:
+        C[...] = target
 
 
 def _matmul_nbits_numpy(a, codes, scales, *rest) -> None:

@@ -106,6 +106,56 @@ def test_offloaded_matmul_matches_numpy(impl, dtype, a_shape, b_shape, trans):
     assert rec["matmul"]["transposes_folded"] == sum(trans)
 
 
+HALF_CASES = [CASES[0], CASES[2], CASES[3], CASES[8], ((1, 512), (512, 768), (False, True))]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("a_shape,b_shape,trans", HALF_CASES, ids=[f"{a}@{b}{''.join('T' if t else '' for t in tr)}"
+                                                                  for a, b, tr in HALF_CASES])
+def test_half_matmuls_are_offloaded_in_float32(impl, dtype, a_shape, b_shape, trans):
+    """float16/bfloat16 matmuls (float32 accumulation) go to the kernel too, which widens the operands to float32
+    (in parallel threads from 2^18 elements: the last case's b) and writes the 16-bit result: equal to numpy's
+    float32 product of the same values rounded to the dtype (1 unit of its last place: sums in another order)."""
+    import ml_dtypes
+
+    t = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+    rng = np.random.default_rng(1)
+    logical = [rng.standard_normal(s).astype(t) for s in (a_shape, b_shape)]
+    stored = [np.swapaxes(x, -1, -2).copy() if tr else x for x, tr in zip(logical, trans)]
+    built, got = _run(_graph((a_shape, b_shape), dtype, trans), stored, native=impl == "native")
+    ref = np.matmul(*(x.astype(np.float32) for x in logical))
+    assert got.dtype == t and got.shape == ref.shape
+    ulp = 2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10
+    np.testing.assert_allclose(got.astype(np.float32), ref, rtol=ulp, atol=ulp * 1e-2 * float(np.abs(ref).max()))
+    rec = built.kernels["cpu"]
+    assert rec["requires"] == ["bmc.cpu.matmul"] and rec["matmul"]["blas"] == 1
+
+
+def test_half_operands_with_a_float32_result(native_lib, monkeypatch):
+    """The kernel called directly: bfloat16 operands and a float32 result (no rounding of the product); a NaN in a
+    stays NaN; an integer result is refused."""
+    import ml_dtypes
+    import tvm
+
+    from bmc.runtime.kernels import MATMUL_KERNEL, register_cpu_kernels
+
+    monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
+    register_cpu_kernels(native=True)
+    rng = np.random.default_rng(2)
+    a, b = (rng.standard_normal(s).astype(ml_dtypes.bfloat16) for s in ((5, 40), (40, 24)))
+    a[2, 3] = np.nan
+    out = tvm.runtime.tensor(np.zeros((5, 24), np.float32))
+    kernel = tvm.get_global_func(MATMUL_KERNEL)
+    kernel(tvm.runtime.tensor(a), tvm.runtime.tensor(b), 0, 0, out)
+    ref = a.astype(np.float32) @ b.astype(np.float32)
+    got = out.numpy()
+    assert np.isnan(got[2]).all() and np.isfinite(np.delete(got, 2, axis=0)).all()
+    np.testing.assert_allclose(np.delete(got, 2, axis=0), np.delete(ref, 2, axis=0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="need a float32 or bfloat16 result"):
+        kernel(tvm.runtime.tensor(a), tvm.runtime.tensor(b), 0, 0, tvm.runtime.tensor(np.zeros((5, 24), np.int32)))
+    register_cpu_kernels(native=False)
+
+
 SKINNY_CASES = [  # (M, K, N): up to 8 rows of a (a decoding step) run bmc's own kernel, not the BLAS: tiles of
     # 4 rows (tails of 3, 2, 1) x 16 columns (column tails), 8 rows of b at a time (K tails); b's rows are split over
     # the threads once the product has 2^18 multiply-adds (partial sums added at the end); 9 rows: the BLAS

@@ -126,7 +126,8 @@ def _fused_cuda_attention(node) -> bool:
 
 @lowering("attention")
 def _attention(ctx, node, args):
-    """On the CPU in float32 a call of the fused kernel ``bmc.cpu.attention[_bias]`` (no score matrix); on CUDA in
+    """On the CPU a call of the fused float32 kernel ``bmc.cpu.attention[_bias]`` (no score matrix; 16-bit operands
+    widened to float32 for it and the result rounded back); on CUDA in
     float16/bfloat16 (head dims 16 to 128), when ``BMC_CUDA_ATTENTION=fused``, the tensor-core kernel
     ``bmc.cuda.attention[_bias]``; elsewhere the composition the op was fused from, lowered as its ops would be
     (so the CUDA pipeline's softmax and cuBLAS rewrites see what they saw before)."""
@@ -144,19 +145,21 @@ def _attention(ctx, node, args):
         scalars = [relax.expr.prim_value(float(scale)), relax.expr.prim_value(int(node.attrs["transpose_k"]))]
         return relax.call_dps_packed(kernel, list(args) + scalars,
                                      out_ty=relax.TensorType(list(out.shape), out.dtype))
-    if ctx.target_kind == "llvm" and out.dtype == "float32":
+    if ctx.target_kind == "llvm" and out.dtype in ("float32", "float16", "bfloat16"):
         from bmc.runtime.kernels import ATTENTION_BIAS_KERNEL, ATTENTION_KERNEL
 
         kernel = ATTENTION_BIAS_KERNEL if len(args) > 3 else ATTENTION_KERNEL
         ctx.kernels.add(kernel)
         batch = list(node.inputs[0].type.shape[:-2])
-        args = list(args)
+        narrow = out.dtype != "float32"  # 16-bit attention: the float32 kernel on widened operands (no scores)
+        args = [ctx.emit(relax.op.astype(a, "float32")) if narrow else a for a in args]
         for i in (1, 2):  # a multi-query key/value: the kernel takes q's batch dims (a copy per head)
             shape = node.inputs[i].type.shape
             if list(shape[:-2]) != batch:
                 args[i] = ctx.emit(relax.op.broadcast_to(args[i], batch + list(shape[-2:])))
         scalars = [relax.expr.prim_value(float(scale)), relax.expr.prim_value(int(node.attrs["transpose_k"]))]
-        return relax.call_dps_packed(kernel, args + scalars, out_ty=relax.TensorType(list(out.shape), out.dtype))
+        call = relax.call_dps_packed(kernel, args + scalars, out_ty=relax.TensorType(list(out.shape), "float32"))
+        return relax.op.astype(ctx.emit(call), out.dtype) if narrow else call
     q, kt, v = args[:3]
     if node.attrs["transpose_k"]:
         rank = node.inputs[1].type.rank
