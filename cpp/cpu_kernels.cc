@@ -63,6 +63,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -126,7 +127,16 @@ void CheckOperand(const ffi::TensorView& t, DLDataType want, const char* what) {
   }
 }
 
-bool SkinnyGemm(bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+// 16-bit float storage types the few-row kernels read b in (decoded 8 at a time in AVX2 registers)
+struct Bf16 {
+  uint16_t bits;
+};
+struct F16 {
+  uint16_t bits;
+};
+
+template <typename TB = float>
+bool SkinnyGemm(bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const TB* b, int64_t ldb,
                 float* c, int64_t ldc);
 
 template <typename T>
@@ -1592,24 +1602,46 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
 // BLAS packs the weight into its panel layout on every call first (OpenBLAS' sgemm_itcopy was 64% of a GPT-2
 // decoding step), which triples the memory traffic. These kernels read b where it lies, once.
 
+/*! \brief 8 consecutive values of b as float32: float, bfloat16 (the top half of a float32), float16 (F16C). */
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 Load8(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 Load8(const Bf16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 Load8(const F16* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline float Load1(const float* p) { return *p; }
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline float Load1(const Bf16* p) {
+  uint32_t u = uint32_t(p->bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline float Load1(const F16* p) {
+  return _cvtsh_ss(p->bits);
+}
+
 constexpr int64_t kSkinnyRows = 8;              // up to this many rows of a (at 16 the BLAS won)
 constexpr int kSkinnyStreams = 8;                // rows of b read together (4 and 16 measured no better)
 constexpr int64_t kSkinnyThreadWork = 1 << 18;  // multiply-adds a thread must have to be worth starting
 
 /*! \brief ``c[i, j] = dot(a[i, :], bt[j, :])`` for MR rows of a and 4 rows of bt (``b`` stored transposed: every
  *  row of bt streams through once), 4 * MR AVX2 accumulators. */
-template <int MR>
-__attribute__((target("avx2,fma"))) void DotTileAvx2(const float* a, int64_t lda, const float* bt, int64_t ldb,
-                                                      float* c, int64_t ldc, int64_t k, int64_t nr) {
+template <int MR, typename TB>
+__attribute__((target("avx2,fma,f16c"))) void DotTileAvx2(const float* a, int64_t lda, const TB* bt, int64_t ldb,
+                                                           float* c, int64_t ldc, int64_t k, int64_t nr) {
   __m256 acc[MR][4];
 #pragma GCC unroll 4
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm256_setzero_ps();
-  const float* rows[4];
+  const TB* rows[4];
   for (int j = 0; j < 4; ++j) rows[j] = bt + std::min<int64_t>(j, nr - 1) * ldb;  // a short group repeats a row
   int64_t p = 0;
   for (; p + 8 <= k; p += 8) {
-    const __m256 b0 = _mm256_loadu_ps(rows[0] + p), b1 = _mm256_loadu_ps(rows[1] + p);
-    const __m256 b2 = _mm256_loadu_ps(rows[2] + p), b3 = _mm256_loadu_ps(rows[3] + p);
+    const __m256 b0 = Load8(rows[0] + p), b1 = Load8(rows[1] + p);
+    const __m256 b2 = Load8(rows[2] + p), b3 = Load8(rows[3] + p);
 #pragma GCC unroll 4
     for (int r = 0; r < MR; ++r) {
       const __m256 ar = _mm256_loadu_ps(a + r * lda + p);
@@ -1627,7 +1659,7 @@ __attribute__((target("avx2,fma"))) void DotTileAvx2(const float* a, int64_t lda
     _mm_store_ps(sums, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
     for (int j = 0; j < nr; ++j) {
       float v = sums[j];
-      for (int64_t q = p; q < k; ++q) v += a[r * lda + q] * rows[j][q];
+      for (int64_t q = p; q < k; ++q) v += a[r * lda + q] * Load1(rows[j] + q);
       c[r * ldc + j] = v;
     }
   }
@@ -1635,9 +1667,9 @@ __attribute__((target("avx2,fma"))) void DotTileAvx2(const float* a, int64_t lda
 
 /*! \brief ``c[i, :] += a[i, 0:KB] @ b[0:KB, :]`` for MR rows of a over the first \a n columns of b (``[k, n]``,
  *  row-major): KB rows of b stream through together; each 16-column tile of c is held in registers across them. */
-template <int MR, int KB>
-__attribute__((target("avx2,fma"))) void AxpyTileAvx2(const float* a, int64_t lda, const float* b, int64_t ldb,
-                                                       float* c, int64_t ldc, int64_t n) {
+template <int MR, int KB, typename TB>
+__attribute__((target("avx2,fma,f16c"))) void AxpyTileAvx2(const float* a, int64_t lda, const TB* b, int64_t ldb,
+                                                            float* c, int64_t ldc, int64_t n) {
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
     __m256 acc[MR][2];
@@ -1648,7 +1680,7 @@ __attribute__((target("avx2,fma"))) void AxpyTileAvx2(const float* a, int64_t ld
     }
 #pragma GCC unroll 16
     for (int q = 0; q < KB; ++q) {
-      FmaRowAvx2<MR>(a + q, lda, _mm256_loadu_ps(b + q * ldb + j), _mm256_loadu_ps(b + q * ldb + j + 8), acc);
+      FmaRowAvx2<MR>(a + q, lda, Load8(b + q * ldb + j), Load8(b + q * ldb + j + 8), acc);
     }
 #pragma GCC unroll 4
     for (int r = 0; r < MR; ++r) {
@@ -1659,25 +1691,25 @@ __attribute__((target("avx2,fma"))) void AxpyTileAvx2(const float* a, int64_t ld
   for (; j < n; ++j) {
     for (int r = 0; r < MR; ++r) {
       float acc = c[r * ldc + j];
-      for (int q = 0; q < KB; ++q) acc += a[r * lda + q] * b[q * ldb + j];
+      for (int q = 0; q < KB; ++q) acc += a[r * lda + q] * Load1(b + q * ldb + j);
       c[r * ldc + j] = acc;
     }
   }
 }
 
 /*! \brief ``c [m, n] += a [m, k] @ b [k, n]`` (row-major b read in order: KB rows at a time, all columns). */
-template <int KB>
-void AxpyRows(const float* a, int64_t lda, int64_t m, const float* b, int64_t ldb, float* c, int64_t ldc,
+template <int KB, typename TB>
+void AxpyRows(const float* a, int64_t lda, int64_t m, const TB* b, int64_t ldb, float* c, int64_t ldc,
               int64_t n, int64_t k) {
   int64_t p = 0;
   const auto rows = [&](auto kb, int64_t p) {
     constexpr int kKb = decltype(kb)::value;
     int64_t i = 0;
-    for (; i + 4 <= m; i += 4) AxpyTileAvx2<4, kKb>(a + i * lda + p, lda, b + p * ldb, ldb, c + i * ldc, ldc, n);
+    for (; i + 4 <= m; i += 4) AxpyTileAvx2<4, kKb, TB>(a + i * lda + p, lda, b + p * ldb, ldb, c + i * ldc, ldc, n);
     switch (m - i) {
-      case 3: AxpyTileAvx2<3, kKb>(a + i * lda + p, lda, b + p * ldb, ldb, c + i * ldc, ldc, n); break;
-      case 2: AxpyTileAvx2<2, kKb>(a + i * lda + p, lda, b + p * ldb, ldb, c + i * ldc, ldc, n); break;
-      case 1: AxpyTileAvx2<1, kKb>(a + i * lda + p, lda, b + p * ldb, ldb, c + i * ldc, ldc, n); break;
+      case 3: AxpyTileAvx2<3, kKb, TB>(a + i * lda + p, lda, b + p * ldb, ldb, c + i * ldc, ldc, n); break;
+      case 2: AxpyTileAvx2<2, kKb, TB>(a + i * lda + p, lda, b + p * ldb, ldb, c + i * ldc, ldc, n); break;
+      case 1: AxpyTileAvx2<1, kKb, TB>(a + i * lda + p, lda, b + p * ldb, ldb, c + i * ldc, ldc, n); break;
       default: break;
     }
   };
@@ -1688,9 +1720,11 @@ void AxpyRows(const float* a, int64_t lda, int64_t m, const float* b, int64_t ld
 /*! \brief ``c [m, n] = a [m, k] @ b`` for m ≤ kSkinnyRows with AVX2, ``b [k, n]`` (its rows split over the kernel
  *  threads) or (\a tb) ``[n, k]`` (its rows, i.e. the columns of c, split); false (nothing done) where the BLAS
  *  should run instead. */
-bool SkinnyGemm(bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+template <typename TB>
+bool SkinnyGemm(bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const TB* b, int64_t ldb,
                 float* c, int64_t ldc) {
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c");
   if (m > kSkinnyRows || !avx2 || std::getenv("BMC_CPU_NO_AVX2") != nullptr) return false;
   const int64_t threads = std::max<int64_t>(1, m * n * k / kSkinnyThreadWork);
   if (!tb) {  // each thread a range of b's rows (contiguous memory) into its own partial sum; then one sum
@@ -1705,7 +1739,7 @@ bool SkinnyGemm(bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_
         const int64_t p0 = t * chunk, p1 = std::min(k, p0 + chunk);
         float* ct = t == 0 ? c : partial + (t - 1) * m * n;
         const int64_t ldt = t == 0 ? ldc : n;
-        if (p0 < p1) AxpyRows<kSkinnyStreams>(a + p0, lda, m, b + p0 * ldb, ldb, ct, ldt, n, p1 - p0);
+        if (p0 < p1) AxpyRows<kSkinnyStreams, TB>(a + p0, lda, m, b + p0 * ldb, ldb, ct, ldt, n, p1 - p0);
       }
     }, parts);
     for (int64_t t = 1; t < parts; ++t) {
@@ -1721,9 +1755,9 @@ bool SkinnyGemm(bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_
     for (int64_t g = begin; g < end; ++g) {
       const int64_t j = 4 * g, nr = std::min<int64_t>(4, n - j);
       int64_t i = 0;
-      for (; i + 3 <= m; i += 3) DotTileAvx2<3>(a + i * lda, lda, b + j * ldb, ldb, c + i * ldc + j, ldc, k, nr);
-      if (m - i == 2) DotTileAvx2<2>(a + i * lda, lda, b + j * ldb, ldb, c + i * ldc + j, ldc, k, nr);
-      if (m - i == 1) DotTileAvx2<1>(a + i * lda, lda, b + j * ldb, ldb, c + i * ldc + j, ldc, k, nr);
+      for (; i + 3 <= m; i += 3) DotTileAvx2<3, TB>(a + i * lda, lda, b + j * ldb, ldb, c + i * ldc + j, ldc, k, nr);
+      if (m - i == 2) DotTileAvx2<2, TB>(a + i * lda, lda, b + j * ldb, ldb, c + i * ldc + j, ldc, k, nr);
+      if (m - i == 1) DotTileAvx2<1, TB>(a + i * lda, lda, b + j * ldb, ldb, c + i * ldc + j, ldc, k, nr);
     }
   }, threads);
   return true;
@@ -1758,6 +1792,73 @@ ffi::String BlasBound() {
   return ffi::String(blas == nullptr ? std::string() : blas->path);
 }
 
+/*! \brief This thread's float32 buffer \a slot of at least \a n elements, uninitialized; kept for the next call
+ *  (a fresh one costs page faults and zeroing: 15% of a bfloat16 model's time) up to kScratchKeep elements. */
+float* Scratch(int slot, int64_t n) {
+  constexpr int64_t kScratchKeep = int64_t(1) << 22;  // 16 MiB per slot
+  thread_local std::unique_ptr<float[]> kept[4];
+  thread_local int64_t size[4] = {};
+  thread_local std::unique_ptr<float[]> once[4];
+  if (n > kScratchKeep) {
+    once[slot].reset(new float[n]);
+    return once[slot].get();
+  }
+  once[slot].reset();
+  if (size[slot] < n) {
+    kept[slot].reset(new float[n]);
+    size[slot] = n;
+  }
+  return kept[slot].get();
+}
+
+/*!
+ * \brief 16-bit operands when b is one matrix shared by every batch and a is not transposed (a weight): a widened
+ *        once, b widened kHalfPanel columns of the product at a time, each panel one GEMM into its columns of the
+ *        result (through a float32 panel when the result is 16-bit). So no float32 copy of the weight is ever whole.
+ *        False (nothing done) for other shapes.
+ */
+bool HalfPanels(const Blas& blas, const ffi::TensorView& a, const ffi::TensorView& b, bool ta, bool tb,
+                const ffi::TensorView& out, bool bf16) {
+  constexpr int64_t kHalfPanel = 512;
+  Operand A = Describe(a, true), B = Describe(b, false);
+  if (ta || !B.batch.empty() || b.ndim() < 2) return false;
+  int64_t m = Prod(A.batch) * A.rows, k = A.cols, n = tb ? B.rows : B.cols;
+  if ((tb ? B.cols : B.rows) != k || out.numel() != m * n || m == 0 || n == 0 || k == 0) return false;
+  float* wa = Scratch(0, m * k);
+  Widen(Data<uint16_t>(a), wa, m * k, bf16);
+  const uint16_t* wb = Data<uint16_t>(b);
+  bool narrow = IsHalf(out.dtype());
+  if (m <= kSkinnyRows) {  // a decoding step: the few-row kernels read b's 16-bit values themselves
+    float* c = narrow ? Scratch(2, m * n) : Data<float>(out);
+    bool done = bf16 ? SkinnyGemm(tb, m, n, k, wa, k, reinterpret_cast<const Bf16*>(wb), tb ? k : n, c, n)
+                     : SkinnyGemm(tb, m, n, k, wa, k, reinterpret_cast<const F16*>(wb), tb ? k : n, c, n);
+    if (done) {
+      if (narrow) Narrow(c, Data<uint16_t>(out), m * n, bf16);
+      return true;
+    }
+  }
+  for (int64_t n0 = 0; n0 < n; n0 += kHalfPanel) {
+    int64_t np = std::min(kHalfPanel, n - n0);
+    float* panel = Scratch(1, k * np);
+    if (tb) {  // rows n0.. of b [N, K]: contiguous
+      Widen(wb + n0 * k, panel, np * k, bf16);
+    } else {  // columns n0.. of b [K, N]: a [K, np] panel
+      ParallelRows(k, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) ConvertHalf(wb + r * n + n0, panel + r * np, np, bf16);
+      }, k * np >= 4 * kConvertChunk ? INT64_MAX : 1);
+    }
+    float* c = narrow ? Scratch(2, m * np) : Data<float>(out) + n0;
+    Gemm<float>(blas, false, tb, m, np, k, wa, k, panel, tb ? k : np, c, narrow ? np : n);
+    if (narrow) {
+      uint16_t* dst = Data<uint16_t>(out) + n0;
+      ParallelRows(m, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) ConvertFloat(c + r * np, dst + r * n, np, bf16);
+      }, m * np >= 4 * kConvertChunk ? INT64_MAX : 1);
+    }
+  }
+  return true;
+}
+
 void CpuMatmul(ffi::TensorView a, ffi::TensorView b, int64_t trans_a, int64_t trans_b, ffi::TensorView out) {
   const Blas& blas = GetBlas();
   DLDataType dt = out.dtype();
@@ -1771,11 +1872,13 @@ void CpuMatmul(ffi::TensorView a, ffi::TensorView b, int64_t trans_a, int64_t tr
     CheckOperand(out, dt, "out");
     CheckOperand(a, ht, "a");
     CheckOperand(b, ht, "b");
-    std::vector<float> wa(a.numel()), wb(b.numel()), wc(IsHalf(dt) ? out.numel() : 0);
-    Widen(Data<uint16_t>(a), wa.data(), a.numel(), bf16);
-    Widen(Data<uint16_t>(b), wb.data(), b.numel(), bf16);
-    float* c = IsHalf(dt) ? wc.data() : Data<float>(out);
-    MatmulImpl<float>(blas, a, b, trans_a != 0, trans_b != 0, out, wa.data(), wb.data(), c);
+    if (HalfPanels(blas, a, b, trans_a != 0, trans_b != 0, out, bf16)) return;
+    float* wa = Scratch(0, a.numel());
+    float* wb = Scratch(1, b.numel());
+    Widen(Data<uint16_t>(a), wa, a.numel(), bf16);
+    Widen(Data<uint16_t>(b), wb, b.numel(), bf16);
+    float* c = IsHalf(dt) ? Scratch(2, out.numel()) : Data<float>(out);
+    MatmulImpl<float>(blas, a, b, trans_a != 0, trans_b != 0, out, wa, wb, c);
     if (IsHalf(dt)) Narrow(c, Data<uint16_t>(out), out.numel(), bf16);
     return;
   }
