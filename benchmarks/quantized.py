@@ -15,7 +15,10 @@ weights) in these forms:
                 way onnxruntime's ``MatMulNBitsQuantizer`` writes it (that quantizer needs ``onnx-ir``);
 - ``int4-qdq``  the same codes as ONNX's standard form: blocked int4 ``DequantizeLinear`` (axis 0) into ``MatMul``;
 - ``fp8``       float8 e4m3fn weights with a float scale per output channel, ``DequantizeLinear`` into ``MatMul``
-                (weight-only FP8, as FP8 checkpoints ship).
+                (weight-only FP8, as FP8 checkpoints ship);
+- ``bf16``, ``fp16``  the float32 model compiled by bmc with ``--dtype bfloat16`` / ``float16`` (16-bit weights and
+                activations, float32 accumulation), against onnxruntime running the float32 model (its CPU provider
+                has no bfloat16 MatMul).
 
 For each form and row count M: bmc's and onnxruntime's median latency (and the ratio bmc / onnxruntime), the
 weight bytes of bmc's artifact, and bmc's max abs error against onnxruntime relative to max |onnxruntime|. M = 1 is
@@ -40,7 +43,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "quantized.json"
 HIDDEN, FFN, BLOCK = 768, 3072, 32
-FORMS = ("float32", "int8-dyn", "int8-qdq", "int4", "int4-qdq", "fp8")
+FORMS = ("float32", "int8-dyn", "int8-qdq", "int4", "int4-qdq", "fp8", "bf16", "fp16")
+#: forms that are the float32 model compiled by bmc in another dtype
+DTYPE_FORMS = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 def mlp_stack(layers: int, seed: int = 0):
@@ -201,12 +206,13 @@ def run(args) -> dict:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # bmc runs in this process too
     rows = []
     for form in args.forms:
-        sess = ort.InferenceSession(str(work / f"{form}.onnx"), opts, providers=["CPUExecutionProvider"])
+        source = work / ("float32.onnx" if form in DTYPE_FORMS else f"{form}.onnx")
+        sess = ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"])
         for m in args.rows:
             x = np.random.default_rng(m).standard_normal((m, HIDDEN), dtype=np.float32)
             artifact = work / f"{form}-{m}.bmc"
             t0 = time.perf_counter()
-            bmc.compile(work / f"{form}.onnx", artifact, input_shapes={"M": m})
+            bmc.compile(source, artifact, input_shapes={"M": m}, dtype=DTYPE_FORMS.get(form, "float32"))
             compile_s = time.perf_counter() - t0
             model = bmc.load(artifact)
             want = sess.run(None, {"x": x})[0]
