@@ -133,6 +133,25 @@ def test_half_matmuls_are_offloaded_in_float32(impl, dtype, a_shape, b_shape, tr
     assert rec["requires"] == ["bmc.cpu.matmul"] and rec["matmul"]["blas"] == 1
 
 
+def test_float16_arithmetic_is_computed_in_float32():
+    """float16 elementwise chains and normalizations compile to float32 arithmetic between float16 loads and stores
+    (``widen_float16``): the result is the float32 computation from the float16 inputs rounded once, within one
+    float16 unit of numpy's; the chain is still one kernel."""
+    b = GraphBuilder("f16")
+    x = b.input("x", TensorType("float16", (64, 96)))
+    y = b.input("y", TensorType("float16", (96,)))
+    h = b.emit1("tanh", [b.emit1("mul", [b.emit1("add", [x, y]), b.constant(np.float16(0.7))])])
+    out = b.emit1("layer_norm", [h, b.constant(np.ones(96, np.float16)), b.constant(np.zeros(96, np.float16))])
+    graph = b.finish([out])
+    rng = np.random.default_rng(3)
+    xs, ys = rng.standard_normal((64, 96)).astype(np.float16), rng.standard_normal(96).astype(np.float16)
+    built, got = _run(graph, [xs, ys], native=False)
+    t = np.tanh((xs.astype(np.float32) + ys.astype(np.float32)) * np.float32(np.float16(0.7)))
+    want = (t - t.mean(-1, keepdims=True)) / np.sqrt(t.var(-1, keepdims=True) + 1e-5)
+    assert got.dtype == np.float16 and built.kernels["cpu"]["widened_float16"] == 3  # tanh: float32 already
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2 ** -10, atol=2e-3)
+
+
 def test_half_operands_with_a_float32_result(native_lib, monkeypatch):
     """The kernel called directly: bfloat16 operands and a float32 result (no rounding of the product); a NaN in a
     stays NaN; an integer result is refused."""
