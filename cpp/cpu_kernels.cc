@@ -546,7 +546,8 @@ __attribute__((target("avx2,f16c"))) void FloatToHalfF16c(const float* src, uint
   for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
-void ConvertHalf(const uint16_t* src, float* dst, int64_t n, bool bf16) {
+/*! \brief float16 (\a bf16: bfloat16) → float32. */
+void Convert(const uint16_t* src, float* dst, int64_t n, bool bf16) {
   static const bool f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   if (bf16) {  // the top 16 bits of a float32
     for (int64_t i = 0; i < n; ++i) {
@@ -564,7 +565,8 @@ void ConvertHalf(const uint16_t* src, float* dst, int64_t n, bool bf16) {
   }
 }
 
-void ConvertFloat(const float* src, uint16_t* dst, int64_t n, bool bf16) {
+/*! \brief float32 → float16 (\a bf16: bfloat16), round to nearest even. */
+void Convert(const float* src, uint16_t* dst, int64_t n, bool bf16) {
   static const bool f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   if (bf16) {  // round to nearest even; a NaN stays a (quiet) NaN
     for (int64_t i = 0; i < n; ++i) {
@@ -583,19 +585,12 @@ void ConvertFloat(const float* src, uint16_t* dst, int64_t n, bool bf16) {
   }
 }
 
-/*! \brief float16 (\a bf16: bfloat16) → float32, in parallel for large tensors. */
-void Widen(const uint16_t* src, float* dst, int64_t n, bool bf16) {
+/*! \brief Convert in parallel for large tensors (float16/bfloat16 ↔ float32). */
+template <typename From, typename To>
+void ConvertAll(const From* src, To* dst, int64_t n, bool bf16) {
   ParallelRows((n + kConvertChunk - 1) / kConvertChunk, [&](int64_t begin, int64_t end) {
     int64_t lo = begin * kConvertChunk, hi = std::min(n, end * kConvertChunk);
-    ConvertHalf(src + lo, dst + lo, hi - lo, bf16);
-  }, n >= 4 * kConvertChunk ? INT64_MAX : 1);
-}
-
-/*! \brief float32 → float16 (\a bf16: bfloat16), round to nearest even. */
-void Narrow(const float* src, uint16_t* dst, int64_t n, bool bf16) {
-  ParallelRows((n + kConvertChunk - 1) / kConvertChunk, [&](int64_t begin, int64_t end) {
-    int64_t lo = begin * kConvertChunk, hi = std::min(n, end * kConvertChunk);
-    ConvertFloat(src + lo, dst + lo, hi - lo, bf16);
+    Convert(src + lo, dst + lo, hi - lo, bf16);
   }, n >= 4 * kConvertChunk ? INT64_MAX : 1);
 }
 
@@ -1825,7 +1820,7 @@ bool HalfPanels(const Blas& blas, const ffi::TensorView& a, const ffi::TensorVie
   int64_t m = Prod(A.batch) * A.rows, k = A.cols, n = tb ? B.rows : B.cols;
   if ((tb ? B.cols : B.rows) != k || out.numel() != m * n || m == 0 || n == 0 || k == 0) return false;
   float* wa = Scratch(0, m * k);
-  Widen(Data<uint16_t>(a), wa, m * k, bf16);
+  ConvertAll(Data<uint16_t>(a), wa, m * k, bf16);
   const uint16_t* wb = Data<uint16_t>(b);
   bool narrow = IsHalf(out.dtype());
   if (m <= kSkinnyRows) {  // a decoding step: the few-row kernels read b's 16-bit values themselves
@@ -1833,7 +1828,7 @@ bool HalfPanels(const Blas& blas, const ffi::TensorView& a, const ffi::TensorVie
     bool done = bf16 ? SkinnyGemm(tb, m, n, k, wa, k, reinterpret_cast<const Bf16*>(wb), tb ? k : n, c, n)
                      : SkinnyGemm(tb, m, n, k, wa, k, reinterpret_cast<const F16*>(wb), tb ? k : n, c, n);
     if (done) {
-      if (narrow) Narrow(c, Data<uint16_t>(out), m * n, bf16);
+      if (narrow) ConvertAll(c, Data<uint16_t>(out), m * n, bf16);
       return true;
     }
   }
@@ -1841,10 +1836,10 @@ bool HalfPanels(const Blas& blas, const ffi::TensorView& a, const ffi::TensorVie
     int64_t np = std::min(kHalfPanel, n - n0);
     float* panel = Scratch(1, k * np);
     if (tb) {  // rows n0.. of b [N, K]: contiguous
-      Widen(wb + n0 * k, panel, np * k, bf16);
+      ConvertAll(wb + n0 * k, panel, np * k, bf16);
     } else {  // columns n0.. of b [K, N]: a [K, np] panel
       ParallelRows(k, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) ConvertHalf(wb + r * n + n0, panel + r * np, np, bf16);
+        for (int64_t r = begin; r < end; ++r) Convert(wb + r * n + n0, panel + r * np, np, bf16);
       }, k * np >= 4 * kConvertChunk ? INT64_MAX : 1);
     }
     float* c = narrow ? Scratch(2, m * np) : Data<float>(out) + n0;
@@ -1852,7 +1847,7 @@ bool HalfPanels(const Blas& blas, const ffi::TensorView& a, const ffi::TensorVie
     if (narrow) {
       uint16_t* dst = Data<uint16_t>(out) + n0;
       ParallelRows(m, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) ConvertFloat(c + r * np, dst + r * n, np, bf16);
+        for (int64_t r = begin; r < end; ++r) Convert(c + r * np, dst + r * n, np, bf16);
       }, m * np >= 4 * kConvertChunk ? INT64_MAX : 1);
     }
   }
@@ -1875,11 +1870,11 @@ void CpuMatmul(ffi::TensorView a, ffi::TensorView b, int64_t trans_a, int64_t tr
     if (HalfPanels(blas, a, b, trans_a != 0, trans_b != 0, out, bf16)) return;
     float* wa = Scratch(0, a.numel());
     float* wb = Scratch(1, b.numel());
-    Widen(Data<uint16_t>(a), wa, a.numel(), bf16);
-    Widen(Data<uint16_t>(b), wb, b.numel(), bf16);
+    ConvertAll(Data<uint16_t>(a), wa, a.numel(), bf16);
+    ConvertAll(Data<uint16_t>(b), wb, b.numel(), bf16);
     float* c = IsHalf(dt) ? Scratch(2, out.numel()) : Data<float>(out);
     MatmulImpl<float>(blas, a, b, trans_a != 0, trans_b != 0, out, wa, wb, c);
-    if (IsHalf(dt)) Narrow(c, Data<uint16_t>(out), out.numel(), bf16);
+    if (IsHalf(dt)) ConvertAll(c, Data<uint16_t>(out), out.numel(), bf16);
     return;
   }
   if (dt.code != kDLFloat || (dt.bits != 32 && dt.bits != 64) || dt.lanes != 1) {
