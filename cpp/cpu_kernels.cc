@@ -230,7 +230,7 @@ inline std::pair<int64_t, int64_t> ValidOutputs(int64_t n_out, int64_t size, int
 template <typename T>
 void Conv2dImpl(const Blas& blas, const ffi::TensorView& tx, const ffi::TensorView& tw, int64_t sh, int64_t sw,
                 int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw, int64_t g,
-                const ffi::TensorView& tout) {
+                const ffi::TensorView& tout, const T* x, const T* w, T* out) {
   if (tx.ndim() != 4 || tw.ndim() != 4 || tout.ndim() != 4) {
     TVM_FFI_THROW(ValueError) << "cpu_conv2d: x, w and out must be 4-D (NCHW, OIHW)";
   }
@@ -244,9 +244,6 @@ void Conv2dImpl(const Blas& blas, const ffi::TensorView& tx, const ffi::TensorVi
   if (Dim(tout, 0) != n || Dim(tout, 1) != m || Dim(tout, 2) != oh || Dim(tout, 3) != ow) {
     TVM_FFI_THROW(ValueError) << "cpu_conv2d: out must be [" << n << ", " << m << ", " << oh << ", " << ow << "]";
   }
-  const T* x = Data<T>(tx);
-  const T* w = Data<T>(tw);
-  T* out = Data<T>(tout);
   const int64_t mg = m / g, k = cg * kh * kw, pixels = oh * ow;
   const bool direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pl == 0 && pb == 0 && pr == 0;
   thread_local std::vector<T> scratch;  // the column matrix, reused by the next call of this size or smaller
@@ -1896,6 +1893,19 @@ void CpuConv2d(ffi::TensorView x, ffi::TensorView w, int64_t sh, int64_t sw, int
                int64_t pr, int64_t dh, int64_t dw, int64_t groups, ffi::TensorView out) {
   const Blas& blas = GetBlas();
   DLDataType dt = out.dtype();
+  if (IsHalf(x.dtype())) {  // float16/bfloat16 input and weight, float32 result: both widened to float32
+    DLDataType f32{kDLFloat, 32, 1};
+    CheckOperand(out, f32, "out");
+    CheckOperand(x, x.dtype(), "x");
+    CheckOperand(w, x.dtype(), "w");
+    bool bf16 = x.dtype().code == kDLBfloat;
+    float* wx = Scratch(0, x.numel());
+    float* ww = Scratch(1, w.numel());
+    ConvertAll(Data<uint16_t>(x), wx, x.numel(), bf16);
+    ConvertAll(Data<uint16_t>(w), ww, w.numel(), bf16);
+    Conv2dImpl<float>(blas, x, w, sh, sw, pt, pl, pb, pr, dh, dw, groups, out, wx, ww, Data<float>(out));
+    return;
+  }
   if (dt.code != kDLFloat || (dt.bits != 32 && dt.bits != 64) || dt.lanes != 1) {
     TVM_FFI_THROW(TypeError) << "cpu_conv2d: only float32/float64, got " << ffi::DLDataTypeToString(dt);
   }
@@ -1903,9 +1913,11 @@ void CpuConv2d(ffi::TensorView x, ffi::TensorView w, int64_t sh, int64_t sw, int
   CheckOperand(x, dt, "x");
   CheckOperand(w, dt, "w");
   if (dt.bits == 32) {
-    Conv2dImpl<float>(blas, x, w, sh, sw, pt, pl, pb, pr, dh, dw, groups, out);
+    Conv2dImpl<float>(blas, x, w, sh, sw, pt, pl, pb, pr, dh, dw, groups, out, Data<float>(x), Data<float>(w),
+                      Data<float>(out));
   } else {
-    Conv2dImpl<double>(blas, x, w, sh, sw, pt, pl, pb, pr, dh, dw, groups, out);
+    Conv2dImpl<double>(blas, x, w, sh, sw, pt, pl, pb, pr, dh, dw, groups, out, Data<double>(x), Data<double>(w),
+                       Data<double>(out));
   }
 }
 

@@ -40,9 +40,10 @@ from bmc.runtime.kernels import CONV2D_KERNEL, MATMUL_KERNEL
 
 #: result dtypes the BLAS kernel handles (sgemm, dgemm); anything else stays a TVM kernel
 BLAS_DTYPES = ("float32", "float64")
-#: (operand dtype, result dtype) pairs the matmul kernels take besides equal ones: 16-bit operands with float32
-#: accumulation (how ``bmc.codegen.lower`` writes a reduced-precision matmul); the CPU kernel widens them to float32
-#: for the BLAS (TVM's own float16/bfloat16 loops were ~75x slower), cuBLAS reads them as they are
+#: (operand dtype, result dtype) pairs the matmul (and CPU conv) kernels take besides equal ones: 16-bit operands
+#: with float32 accumulation (how ``bmc.codegen.lower`` writes a reduced-precision matmul or conv); the CPU kernels
+#: widen them to float32 for the BLAS (TVM's own float16/bfloat16 loops were ~75x slower), cuBLAS reads them as
+#: they are
 HALF_MIXED = (("float16", "float32"), ("bfloat16", "float32"))
 #: below this many multiply-adds a TVM loop nest beats the packed call (a few microseconds); measured on 2 cores:
 #: 8x8x8 float32 is ~1 us either way, 16x16x16 already favours BLAS (see tests/codegen/test_cpu_kernels.py)
@@ -151,7 +152,9 @@ class _MatmulOffloader(relax.PyExprMutator):
         dtype = str(out_ty.dtype)
         x_shape, w_shape, out_shape = static_shape(x.ty), static_shape(w.ty), static_shape(out_ty)
         layouts_ok = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) == ("NCHW", "OIHW", "NCHW")
-        if not layouts_ok or str(x.ty.dtype) != dtype or str(w.ty.dtype) != dtype:  # out_dtype casts stay in TVM
+        x_dtype = str(x.ty.dtype)
+        same = x_dtype == str(w.ty.dtype) and (x_dtype == dtype or (x_dtype, dtype) in self.mixed)
+        if not layouts_ok or not same:  # other out_dtype casts stay in TVM
             self.conv_choices["tvm"] += 1
             return call
         groups = int(a.groups)
@@ -164,7 +167,7 @@ class _MatmulOffloader(relax.PyExprMutator):
         if len(pads) == 2:
             pads = pads * 2
         dil = [int(v) for v in a.dilation]
-        self.conv_shapes[f"{dtype}{list(x_shape)}*{list(w_shape)} s{strides} p{pads} d{dil} g{groups}"] += 1
+        self.conv_shapes[f"{x_dtype}{list(x_shape)}*{list(w_shape)} s{strides} p{pads} d{dil} g{groups}"] += 1
         prim = relax.expr.prim_value
         return relax.call_dps_packed(
             CONV2D_KERNEL, [x, w, *(prim(v) for v in (*strides, *pads, *dil, groups))],

@@ -382,9 +382,13 @@ def conv2d_numpy(x, w, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), grou
 
 
 def _conv2d_numpy(x, w, stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, dil_w, groups, out) -> None:
-    """``bmc.cpu.conv2d`` (destination-passing) on zero-copy DLPack views; see :func:`conv2d_numpy`."""
-    conv2d_numpy(np.from_dlpack(x), np.from_dlpack(w), (stride_h, stride_w), (pad_t, pad_l, pad_b, pad_r),
-                 (dil_h, dil_w), groups, out=np.from_dlpack(out))
+    """``bmc.cpu.conv2d`` (destination-passing) on zero-copy DLPack views; see :func:`conv2d_numpy`. 16-bit x and
+    w (with a float32 result) are widened first, as the native kernel does."""
+    X, W = _host_array(x), _host_array(w)
+    if X.dtype.itemsize == 2:
+        X, W = X.astype(np.float32), W.astype(np.float32)
+    conv2d_numpy(X, W, (stride_h, stride_w), (pad_t, pad_l, pad_b, pad_r), (dil_h, dil_w), groups,
+                 out=np.from_dlpack(out))
 
 
 #: the native library's function behind each kernel name, and the numpy implementation of the same contract
@@ -405,7 +409,8 @@ def _native_key() -> str:
     from importlib import metadata
 
     h = hashlib.sha256()
-    sources = ("cpp/cpu_kernels.cc", "cpp/cuda_kernels.cc", "cpp/matmul_shapes.h", "CMakeLists.txt")
+    sources = ("cpp/cpu_kernels.cc", "cpp/cuda_kernels.cc", "cpp/matmul_shapes.h", "cpp/cuda_attention.h",
+               "cpp/cuda_attention.cuh", "cpp/cuda_attention.cu", "CMakeLists.txt")
     for p in (ROOT / n for n in sources):
         if p.exists():
             h.update(p.name.encode() + p.read_bytes())

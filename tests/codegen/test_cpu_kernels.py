@@ -548,6 +548,30 @@ def test_offloaded_conv2d_matches_reference(impl, dtype, case):
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * float(np.max(np.abs(ref))))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[5], CONV_CASES[7]],
+                         ids=["3x3", "1x1", "dilated", "grouped"])
+def test_half_conv2d_is_offloaded_in_float32(impl, dtype, case):
+    """A float16/bfloat16 convolution (float32 accumulation) goes to the kernel too, which widens x and w to float32:
+    equal to the float32 convolution of the same values rounded to the dtype (1 unit of its last place)."""
+    import ml_dtypes
+
+    from bmc.ops import OPS
+
+    x_shape, w_shape, strides, pads, dilations, groups = case
+    t = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal(x_shape).astype(t), rng.standard_normal(w_shape).astype(t)
+    built, got = _run(_conv_graph(*case, dtype=dtype), [x, w], native=impl == "native")
+    rec = built.kernels["cpu"]
+    assert rec["conv2d"]["blas"] == 1 and rec["requires"] == ["bmc.cpu.conv2d"], rec
+    (ref,) = OPS["conv"].reference([x.astype(np.float32), w.astype(np.float32)],
+                                   {"strides": strides, "pads": pads, "dilations": dilations, "group": groups})
+    ulp = 2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10
+    assert got.dtype == t
+    np.testing.assert_allclose(got.astype(np.float32), ref, rtol=ulp, atol=ulp * 1e-2 * float(np.abs(ref).max()))
+
+
 @pytest.mark.parametrize("case", CONV_CASES[:1] + CONV_CASES[5:])
 def test_conv2d_numpy_kernel_matches_reference(case):
     """The kernel itself (no compile), allocating its output, against the op's numpy reference."""
