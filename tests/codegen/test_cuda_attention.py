@@ -3,8 +3,9 @@
 * Its code runs in the CPU emulator of CUDA (``tests/native/cuda_emulator.h``: fibers for threads, WMMA with strict
   alignment rules, barriers that expose races) against numpy, over the shapes that stress the tiling: rows and keys
   that are not multiples of the tiles, fewer keys than a tile, broadcast k/v (multi-query) and biases, kt or k, a
-  fully masked row, every head dim (16 to 128) and both 16-bit types. The emulator is an extra check beside the real GPU run
-  (``scripts/gpu_check.sh``), which nothing here replaces; it is shown to catch a missing ``__syncwarp``.
+  fully masked row, every head dim (16 to 128) and both 16-bit types. The emulator is an extra check beside the
+  real GPU run (``scripts/gpu_check.sh``), which nothing here replaces; it is shown to catch a missing
+  ``__syncwarp``.
 * nvcc's build of it is embedded in ``libbmc_cuda_kernels`` for sm_80 and sm_90 (with PTX), and
   ``BMC_CUDA_ATTENTION=fused`` makes the CUDA codegen call it.
 
@@ -28,6 +29,8 @@ from bmc.ops.builder import GraphBuilder
 from bmc.testing.attention_cases import CASES, TOL, causal_bias, make_case, reference, rel_error
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
 def _compile_emulator(out: Path, include_first: Path | None = None) -> Path:
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if cxx is None:
