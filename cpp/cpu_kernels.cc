@@ -52,6 +52,7 @@
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/string.h>
 
+#include "float16.h"
 #include "matmul_shapes.h"
 
 #include <algorithm>
@@ -546,39 +547,20 @@ __attribute__((target("avx2,f16c"))) void FloatToHalfF16c(const float* src, uint
 /*! \brief float16 (\a bf16: bfloat16) → float32. */
 void Convert(const uint16_t* src, float* dst, int64_t n, bool bf16) {
   static const bool f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  if (bf16) {  // the top 16 bits of a float32
-    for (int64_t i = 0; i < n; ++i) {
-      uint32_t u = uint32_t(src[i]) << 16;
-      std::memcpy(dst + i, &u, 4);
-    }
-  } else if (f16c) {
+  if (!bf16 && f16c) {
     HalfToFloatF16c(src, dst, n);
   } else {
-    for (int64_t i = 0; i < n; ++i) {
-      _Float16 h;
-      std::memcpy(&h, src + i, 2);
-      dst[i] = static_cast<float>(h);
-    }
+    for (int64_t i = 0; i < n; ++i) dst[i] = HalfToFloat(src[i], bf16);  // bfloat16: a shift (vectorized)
   }
 }
 
 /*! \brief float32 → float16 (\a bf16: bfloat16), round to nearest even. */
 void Convert(const float* src, uint16_t* dst, int64_t n, bool bf16) {
   static const bool f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  if (bf16) {  // round to nearest even; a NaN stays a (quiet) NaN
-    for (int64_t i = 0; i < n; ++i) {
-      uint32_t u;
-      std::memcpy(&u, src + i, 4);
-      bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-      dst[i] = nan ? uint16_t((u >> 16) | 0x40) : uint16_t((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-    }
-  } else if (f16c) {
+  if (!bf16 && f16c) {
     FloatToHalfF16c(src, dst, n);
   } else {
-    for (int64_t i = 0; i < n; ++i) {
-      _Float16 h = static_cast<_Float16>(src[i]);
-      std::memcpy(dst + i, &h, 2);
-    }
+    for (int64_t i = 0; i < n; ++i) dst[i] = FloatToHalf(src[i], bf16);
   }
 }
 

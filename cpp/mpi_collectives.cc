@@ -45,6 +45,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "float16.h"
+
 namespace bmc {
 namespace native {
 
@@ -71,7 +73,7 @@ struct State {
   int64_t seq = 0;
   std::unordered_map<int64_t, MPI_Comm> comms;
   std::unordered_map<std::string, Attrs> attrs_cache;
-  std::vector<char> stage_in, stage_out;  // reused staging buffers (grow only)
+  std::vector<char> stage_in, stage_out, stage_wide;  // reused staging buffers (grow only)
 };
 
 State& S() {
@@ -334,16 +336,44 @@ void Transpose(const char* src, char* dst, int64_t outer, int64_t n, int64_t chu
   }
 }
 
+bool IsHalf(DLDataType dt) { return dt.lanes == 1 && dt.bits == 16 && (dt.code == kDLFloat || dt.code == kDLBfloat); }
+
+/*! \brief A float32 copy of a float16/bfloat16 buffer of \a n elements, in \a stage. */
+float* Widened(const char* src, int64_t n, bool bf16, std::vector<char>& stage) {
+  float* dst = reinterpret_cast<float*>(Stage(stage, n * 4));
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; ++i) dst[i] = HalfToFloat(h[i], bf16);
+  return dst;
+}
+
+void Narrowed(const float* src, int64_t n, bool bf16, char* dst) {
+  uint16_t* h = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) h[i] = FloatToHalf(src[i], bf16);
+}
+
 }  // namespace
 
 void AllReduce(ffi::TensorView x, ffi::String attrs, ffi::TensorView out) {
   Call c = Begin(kAllReduce, x, attrs, out);
+  MPI_Op op = c.a.reduce == kMax ? MPI_MAX : c.a.reduce == kMin ? MPI_MIN : MPI_SUM;
+  if (IsHalf(x.dtype())) {  // MPI has no 16-bit float: reduced in float32 (one rounding at the end)
+    bool bf16 = x.dtype().code == kDLBfloat;
+    int64_t m = x.numel();
+    float* wide = Widened(Data(x), m, bf16, S().stage_in);
+    MPI_Request req;
+    MPI_Iallreduce(MPI_IN_PLACE, wide, static_cast<int>(m), MPI_FLOAT, op, c.comm, &req);
+    Wait(&req, c.what);
+    if (c.a.reduce == kMean) {
+      for (int64_t i = 0; i < m; ++i) wide[i] /= static_cast<float>(c.n);
+    }
+    Narrowed(wide, m, bf16, Data(out));
+    return;
+  }
   MPI_Datatype dt = ReduceType(x.dtype());
   if (dt == MPI_DATATYPE_NULL) {
     TVM_FFI_THROW(TypeError) << "bmc.all_reduce: dtype " << ffi::DLDataTypeToString(x.dtype())
                              << " is not reduced by the native collectives; use --collectives python";
   }
-  MPI_Op op = c.a.reduce == kMax ? MPI_MAX : c.a.reduce == kMin ? MPI_MIN : MPI_SUM;
   const void* send = Data(x) == Data(out) ? MPI_IN_PLACE : Data(x);
   MPI_Request req;
   MPI_Iallreduce(send, Data(out), static_cast<int>(x.numel()), dt, op, c.comm, &req);
@@ -385,7 +415,8 @@ void AllGather(ffi::TensorView x, ffi::String attrs, ffi::TensorView out) {
 
 void ReduceScatter(ffi::TensorView x, ffi::String attrs, ffi::TensorView out) {
   Call c = Begin(kReduceScatter, x, attrs, out);
-  MPI_Datatype dt = ReduceType(x.dtype());
+  const bool half = IsHalf(x.dtype()), bf16 = x.dtype().code == kDLBfloat;
+  MPI_Datatype dt = half ? MPI_FLOAT : ReduceType(x.dtype());  // 16-bit floats: reduced in float32
   if (dt == MPI_DATATYPE_NULL) {
     TVM_FFI_THROW(TypeError) << "bmc.reduce_scatter: dtype " << ffi::DLDataTypeToString(x.dtype())
                              << " is not reduced by the native collectives; use --collectives python";
@@ -399,9 +430,15 @@ void ReduceScatter(ffi::TensorView x, ffi::String attrs, ffi::TensorView out) {
     Transpose(Data(x), stage, outer, c.n, bytes / outer / c.n, /*forward=*/true);
     send = stage;
   }
+  char* recv = Data(out);
+  if (half) {
+    send = reinterpret_cast<const char*>(Widened(send, x.numel(), bf16, S().stage_wide));
+    recv = Stage(S().stage_out, out.numel() * 4);
+  }
   MPI_Request req;
-  MPI_Ireduce_scatter_block(send, Data(out), static_cast<int>(out.numel()), dt, MPI_SUM, c.comm, &req);
+  MPI_Ireduce_scatter_block(send, recv, static_cast<int>(out.numel()), dt, MPI_SUM, c.comm, &req);
   Wait(&req, c.what);
+  if (half) Narrowed(reinterpret_cast<const float*>(recv), out.numel(), bf16, Data(out));
 }
 
 void AllToAll(ffi::TensorView x, ffi::String attrs, ffi::TensorView out) {

@@ -230,7 +230,7 @@ def set_num_threads(threads: int | None = None) -> int:
 
 # ------------------------------------------------------------------------------------------ numpy kernel
 
-def _host_array(t) -> np.ndarray:
+def host_array(t) -> np.ndarray:
     """A zero-copy numpy view of a CPU tensor; bfloat16 (which DLPack gives numpy no type for) through its data
     pointer, as ml_dtypes' bfloat16."""
     if str(t.dtype) != "bfloat16":
@@ -247,7 +247,7 @@ def _host_array(t) -> np.ndarray:
 def _matmul_numpy(a, b, trans_a, trans_b, out) -> None:
     """``bmc.cpu.matmul`` in numpy: out = op(a) @ op(b) on zero-copy views (op = swap the last two axes); 16-bit
     operands are multiplied in float32, as the native kernel does."""
-    A, B, C = _host_array(a), _host_array(b), _host_array(out)
+    A, B, C = host_array(a), host_array(b), host_array(out)
     if A.dtype.itemsize == 2:
         A, B = A.astype(np.float32), B.astype(np.float32)
     target = C if C.dtype == A.dtype else np.empty(C.shape, A.dtype)
@@ -384,7 +384,7 @@ def conv2d_numpy(x, w, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), grou
 def _conv2d_numpy(x, w, stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, dil_w, groups, out) -> None:
     """``bmc.cpu.conv2d`` (destination-passing) on zero-copy DLPack views; see :func:`conv2d_numpy`. 16-bit x and
     w (with a float32 result) are widened first, as the native kernel does."""
-    X, W = _host_array(x), _host_array(w)
+    X, W = host_array(x), host_array(w)
     if X.dtype.itemsize == 2:
         X, W = X.astype(np.float32), W.astype(np.float32)
     conv2d_numpy(X, W, (stride_h, stride_w), (pad_t, pad_l, pad_b, pad_r), (dil_h, dil_w), groups,
@@ -409,8 +409,8 @@ def _native_key() -> str:
     from importlib import metadata
 
     h = hashlib.sha256()
-    sources = ("cpp/cpu_kernels.cc", "cpp/cuda_kernels.cc", "cpp/matmul_shapes.h", "cpp/cuda_attention.h",
-               "cpp/cuda_attention.cuh", "cpp/cuda_attention.cu", "CMakeLists.txt")
+    sources = ("cpp/cpu_kernels.cc", "cpp/cuda_kernels.cc", "cpp/matmul_shapes.h", "cpp/float16.h",
+               "cpp/cuda_attention.h", "cpp/cuda_attention.cuh", "cpp/cuda_attention.cu", "CMakeLists.txt")
     for p in (ROOT / n for n in sources):
         if p.exists():
             h.update(p.name.encode() + p.read_bytes())

@@ -348,8 +348,10 @@ class MPIContext:
                 f"{self.group_ranks(axes)}) on rank {self.rank}")
 
     def python_collective(self, kind: str, x, attrs_text: str, out) -> None:
-        """``bmc.<kind>`` on host tensors, through zero-copy numpy views (DLPack)."""
-        self.host_collective(kind, np.from_dlpack(x), attrs_text, np.from_dlpack(out))
+        """``bmc.<kind>`` on host tensors, through zero-copy numpy views (DLPack; bfloat16 through its pointer)."""
+        from bmc.runtime.kernels import host_array
+
+        self.host_collective(kind, host_array(x), attrs_text, host_array(out))
 
     def host_collective(self, kind: str, xa: np.ndarray, attrs_text: str, oa: np.ndarray) -> None:
         """``bmc.<kind>`` on numpy arrays (also the host side of the host-staged GPU path)."""
@@ -575,7 +577,7 @@ def _native_key() -> str:
     from importlib import metadata
 
     h = hashlib.sha256()
-    for p in (ROOT / "cpp" / "mpi_collectives.cc", ROOT / "CMakeLists.txt"):
+    for p in (ROOT / "cpp" / "mpi_collectives.cc", ROOT / "cpp" / "float16.h", ROOT / "CMakeLists.txt"):
         if p.exists():
             h.update(p.name.encode() + p.read_bytes())
     for dist in ("apache-tvm-ffi", "mpich", "mpi4py"):
