@@ -8,6 +8,8 @@
  * only), parsed here by a tiny parser and cached by its text. Semantics are those of
  * ``bmc.ops.collective.GROUP_REFERENCE`` and of the Python implementation in ``bmc/runtime/mpi.py`` (the reference
  * in tests: both give bit-identical outputs because both issue the same MPI operations on the same communicators).
+ * float16/bfloat16, which MPI has no type for, are reduced here in float32 and rounded once (the Python side
+ * gathers them and adds in the dtype: the same for two members, at most an ulp apart for more).
  *
  * Exported as tvm-ffi *module* functions (no globals, so loading the library twice is harmless);
  * ``bmc.runtime.mpi.load_native`` registers the ``bmc.<kind>`` globals to them:
