@@ -523,8 +523,6 @@ void ParallelRows(int64_t n, Fn fn, int64_t max_threads = INT64_MAX) {
 
 // ---- 16-bit floats ---------------------------------------------------------------------------------------------
 
-bool IsHalf(DLDataType dt) { return dt.lanes == 1 && dt.bits == 16 && (dt.code == kDLFloat || dt.code == kDLBfloat); }
-
 constexpr int64_t kConvertChunk = 1 << 16;  // elements per thread task; threads from 4 chunks on
 
 __attribute__((target("avx2,f16c"))) void HalfToFloatF16c(const uint16_t* src, float* dst, int64_t n) {

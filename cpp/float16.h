@@ -1,16 +1,23 @@
 /*!
  * \file float16.h
- * \brief Scalar float16 / bfloat16 ↔ float32 conversions (round to nearest even), shared by the CPU kernels (their
+ * \brief The 16-bit float dtypes, and scalar float16 / bfloat16 ↔ float32 conversions (round to nearest even), shared by the CPU kernels (their
  *        fallbacks without F16C) and the MPI collectives (16-bit reductions are computed in float32).
  */
 #ifndef BMC_CPP_FLOAT16_H_
 #define BMC_CPP_FLOAT16_H_
+
+#include <dlpack/dlpack.h>
 
 #include <cstdint>
 #include <cstring>
 
 namespace bmc {
 namespace native {
+
+/*! \brief A float16 or bfloat16 scalar type. */
+inline bool IsHalf(DLDataType dt) {
+  return dt.lanes == 1 && dt.bits == 16 && (dt.code == kDLFloat || dt.code == kDLBfloat);
+}
 
 /*! \brief float16 (\a bf16: bfloat16) bits → float32. */
 inline float HalfToFloat(uint16_t h, bool bf16) {

@@ -338,8 +338,6 @@ void Transpose(const char* src, char* dst, int64_t outer, int64_t n, int64_t chu
   }
 }
 
-bool IsHalf(DLDataType dt) { return dt.lanes == 1 && dt.bits == 16 && (dt.code == kDLFloat || dt.code == kDLBfloat); }
-
 /*! \brief A float32 copy of a float16/bfloat16 buffer of \a n elements, in \a stage. */
 float* Widened(const char* src, int64_t n, bool bf16, std::vector<char>& stage) {
   float* dst = reinterpret_cast<float*>(Stage(stage, n * 4));
