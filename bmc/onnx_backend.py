@@ -59,14 +59,16 @@ class _Compiled:
         from bmc.codegen.build import build
         from bmc.codegen.targets import TargetSpec
         from bmc.compiler import verify_graph
+        from bmc.runtime.kernels import pack_params
 
         verify_graph(graph)
         self.graph = graph
         self.built = build(graph, TargetSpec.parse("llvm"))
         self.device = tvm.cpu()
         self.vm = relax.VirtualMachine(self.built.executable, self.device)
-        self.params = [tvm.runtime.tensor(_contiguous(graph.weights[p.name].numpy()), self.device)
-                       for p in graph.params]
+        self.params = pack_params(self.built.packed_weights, [p.name for p in graph.params],
+                                  [tvm.runtime.tensor(_contiguous(graph.weights[p.name].numpy()), self.device)
+                                   for p in graph.params])
         self.input_types = [v.type for v in graph.inputs]
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:

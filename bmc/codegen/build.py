@@ -24,6 +24,11 @@ class Built:
     kernels: dict = field(default_factory=dict)  # per-target kernel info (e.g. compiled CUDA images)
     device_code: object = field(default=None, repr=False)  # cuda: bmc.codegen.cuda.CudaBuild (the nvcc images)
 
+    @property
+    def packed_weights(self) -> dict:
+        """Weights the program reads packed (name → stored transposed): ``bmc.runtime.kernels.pack_params``."""
+        return self.kernels.get("cpu", {}).get("packed_weights", {})
+
     def export(self, path: Path) -> None:
         if self.device_code is not None and self.device_code.images:  # cuda: link the nvcc images, not the source
             self.executable.export_library(str(path), fpack_imports=self.device_code.pack_imports)

@@ -36,7 +36,8 @@ from tvm import relax
 
 from bmc.codegen.rewrite import (bound_fusion, counting_pass, rewrite_functions, split_slices, static_shape,
                                  vector_lanes)
-from bmc.runtime.kernels import CONV2D_KERNEL, MATMUL_KERNEL
+from bmc.runtime.kernels import (CONV2D_KERNEL, MATMUL_KERNEL, MATMUL_PACKED_KERNEL, PACK_PANEL, PACK_WEIGHT_KERNEL,
+                                 pack_weights_enabled)
 
 #: result dtypes the BLAS kernel handles (sgemm, dgemm); anything else stays a TVM kernel
 BLAS_DTYPES = ("float32", "float64")
@@ -223,6 +224,90 @@ def offload_matmul(record: dict | None = None, *, conv: bool = True, kernel: str
                                     "shapes": dict(offloader.conv_shapes)}
             record["requires"] = [kernel] * bool(blas) + [CONV2D_KERNEL] * bool(conv_blas)
         # the folded permute_dims are now dead
+        return relax.transform.DeadCodeElimination()(mod)
+
+    return _pass
+
+
+# ------------------------------------------------------------------------------------------ packed weights
+
+def _matmul_operands(value) -> list | None:
+    """The operands ``[a, b, trans_a, trans_b]`` of a ``bmc.cpu.matmul`` call, else None."""
+    if (isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get("relax.call_dps_packed"))
+            and str(value.args[0].global_symbol) == MATMUL_KERNEL):
+        return list(value.args[1].fields)
+    return None
+
+
+@relax.expr_functor.mutator
+class _PackedMatmuls(relax.PyExprMutator):
+    """``bmc.cpu.matmul(a, w, 0, tb)`` → ``bmc.cpu.matmul_packed(a, w_packed, N)`` for the weights in ``packed``."""
+
+    def __init__(self, packed: dict, mod=None):
+        super().__init__(mod)
+        self.packed = packed  # weight var → its packed var
+        self.count = 0
+
+    def visit_call_(self, call: relax.Call):  # noqa: N802 (TVM's visitor naming)
+        call = super().visit_call_(call)
+        ops = _matmul_operands(call)
+        if ops is None or ops[1] not in self.packed:
+            return call
+        n = int(call.ty.shape[-1])
+        self.count += 1
+        return relax.call_dps_packed(MATMUL_PACKED_KERNEL, [ops[0], self.packed[ops[1]], relax.expr.prim_value(n)],
+                                     out_ty=call.ty)
+
+
+def prepack_weights(record: dict | None = None) -> tvm.transform.Pass:
+    """Module pass: a float32 2-D weight of ``main`` (a parameter after its ``num_input`` inputs) whose every use is
+    the right operand of a ``bmc.cpu.matmul`` with ``a`` not transposed becomes a parameter holding the weight packed
+    in panels, ``[ceil(N / 32), K, 32]``, and those calls ``bmc.cpu.matmul_packed``. The runtime packs each such
+    weight once, as it loads it (``record["packed_weights"]``: name → stored transposed, ``[N, K]``), so no call
+    copies it again (the BLAS packs b on every call). ``BMC_CPU_PACK_WEIGHTS=0`` keeps every weight as stored."""
+
+    @tvm.transform.module_pass(opt_level=0, name="BmcPrepackWeights")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        func = mod["main"] if any(gv.name_hint == "main" for gv in mod.get_global_vars()) else None
+        if not isinstance(func, relax.Function) or "num_input" not in func.attrs or not pack_weights_enabled():
+            return mod
+        weights = list(func.params[int(func.attrs["num_input"]):])
+        trans: dict = {}  # weight → trans_b of its uses; None once a use cannot read it packed
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                used = [v for v in relax.analysis.free_vars(binding.value) if v in weights]
+                if not used:
+                    continue
+                ops = _matmul_operands(binding.value)
+                ok = (ops is not None and str(binding.value.ty.dtype) == "float32" and int(ops[2].value) == 0
+                      and ops[0] not in used)
+                for w in used:
+                    tb = int(ops[3].value) if ok and ops[1].same_as(w) else None
+                    trans[w] = tb if trans.get(w, tb) == tb else None
+        for w in relax.analysis.free_vars(func.body.body):  # a weight returned as an output stays as it is
+            trans[w] = None
+        packed = {}
+        for w, tb in trans.items():
+            shape = static_shape(w.ty)
+            if tb is None or str(w.ty.dtype) != "float32" or shape is None or len(shape) != 2:
+                continue
+            k, n = shape[::-1] if tb else shape
+            packed[w] = (relax.Var(w.name, relax.TensorType([-(-n // PACK_PANEL), k, PACK_PANEL], "float32")),
+                         tb)
+        if not packed:
+            return mod
+        mutator = _PackedMatmuls({w: v for w, (v, _) in packed.items()}, mod)
+        body = mutator.visit_expr(func).body
+        params = [packed[p][0] if p in packed else p for p in func.params]
+        new = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
+        mutator.builder_.update_func(mod.get_global_var("main"), new)
+        mod = mutator.builder_.get()
+        if record is not None:
+            record["packed_weights"] = {w.name: bool(tb) for w, (_, tb) in packed.items()}
+            requires = set(record.get("requires", [])) | {MATMUL_PACKED_KERNEL, PACK_WEIGHT_KERNEL}
+            if mutator.count == record.get("matmul", {}).get("blas"):  # no unpacked matmul call is left
+                requires.discard(MATMUL_KERNEL)
+            record["requires"] = sorted(requires)
         return relax.transform.DeadCodeElimination()(mod)
 
     return _pass
@@ -492,7 +577,7 @@ def cpu_pipeline(target, record: dict | None = None, *, offload: bool = True, of
 
     passes = [relax.transform.DecomposeOpsForInference(), split_slices(record)]
     if offload:
-        passes.append(offload_matmul(record, conv=offload_conv, mixed=HALF_MIXED))
+        passes += [offload_matmul(record, conv=offload_conv, mixed=HALF_MIXED), prepack_weights(record)]
     passes.append(widen_float16(record))
     if fast_math_ops:
         passes.append(fast_math(record))

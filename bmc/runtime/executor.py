@@ -41,6 +41,7 @@ import tvm.runtime.vm  # noqa: F401  (runtime-only TVM does not import it with `
 from bmc.errors import ArtifactError, BmcError, ExecutionError, UsageError
 from bmc.ir.types import np_dtype
 from bmc.runtime.artifact import HashingReader, verify_artifact
+from bmc.runtime.kernels import pack_params
 from bmc.runtime.safetensors import SafetensorsFile
 
 
@@ -233,7 +234,8 @@ def _device(device: str, target: dict, where: str):
 def _load_weights(path: Path, manifest: dict, dev, rank: int = 0, *, staged: bool | None = None) -> list:
     """Rank ``rank``'s weights on ``dev``, in signature order. The file is read once, front to back, straight into
     the device tensors (on the CPU) or through a host buffer (``staged``, default: off the CPU), hashed on the way,
-    and the tensors are returned only once its SHA-256 matched the manifest's."""
+    and the tensors are returned only once its SHA-256 matched the manifest's; a float32 matmul weight the program
+    reads packed (``kernels.cpu.packed_weights``) is packed then, one weight at a time."""
     rel = manifest["weights"][str(rank)]
     file = path / rel
     st = SafetensorsFile(file)
@@ -264,7 +266,9 @@ def _load_weights(path: Path, manifest: dict, dev, rank: int = 0, *, staged: boo
                 reader.readinto(np.from_dlpack(raw))
             tensors[name] = raw._create_view(shape, dtype)
         reader.finish()
-    return [tensors[spec["name"]] for spec in manifest["signature"]["params"]]
+    names = [spec["name"] for spec in manifest["signature"]["params"]]
+    weights = [tensors.pop(name) for name in names]
+    return pack_params(((manifest.get("kernels") or {}).get("cpu") or {}).get("packed_weights"), names, weights)
 
 
 def load(path, *, device: str | None = None, simulate: bool = False, threads: int | None = None,

@@ -57,11 +57,18 @@ ATTENTION_BIAS_KERNEL = "bmc.cpu.attention_bias"
 #: scale).T`` of float8 codes ``[N, K]`` whose 256 values are ``table`` (the format's mantissa bits and bias let the
 #: native kernel decode most codes arithmetically) and a scale per row of the codes, or one (the ``matmul_float8`` op)
 MATMUL_FLOAT8_KERNEL = "bmc.cpu.matmul_float8"
+#: ``bmc.cpu.matmul_packed(a, wp, n, out)``: float32 ``a [..., M, K] @ w`` with the weight ``w [K, N]`` packed
+#: once, when the model is loaded, by ``bmc.cpu.pack_weight(w, trans, wp)`` into panels ``[ceil(N / 32), K, 32]``
+#: (``trans``: w is stored ``[N, K]``); see :func:`pack_weights`
+MATMUL_PACKED_KERNEL = "bmc.cpu.matmul_packed"
+PACK_WEIGHT_KERNEL = "bmc.cpu.pack_weight"
+#: columns per panel of a packed weight
+PACK_PANEL = 32
 #: default TVM_THREAD_POOL_SPIN_COUNT (see set_num_threads); 0: idle TVM workers sleep at once
 TVM_SPIN_COUNT = int(os.environ.get("BMC_TVM_SPIN_COUNT", "0"))
 #: every kernel name an llvm artifact may require, with what ``register_cpu_kernels`` installs for it
 CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL, MATMUL_INTEGER_KERNEL,
-               ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL, MATMUL_FLOAT8_KERNEL)
+               ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL, MATMUL_FLOAT8_KERNEL, MATMUL_PACKED_KERNEL, PACK_WEIGHT_KERNEL)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -263,6 +270,48 @@ def _matmul_numpy(a, b, trans_a, trans_b, out) -> None:
         C[...] = target
 
 
+def pack_weights_enabled() -> bool:
+    """Whether compiles pack float32 matmul weights (``BMC_CPU_PACK_WEIGHTS=0`` keeps them as stored)."""
+    return os.environ.get("BMC_CPU_PACK_WEIGHTS", "1").strip() != "0"
+
+
+def pack_params(packed: dict | None, names: list[str], tensors: list) -> list:
+    """``tensors`` (the program's weights, in ``names`` order) with each weight in ``packed`` (name → stored
+    transposed) replaced by its panels (``bmc.cpu.pack_weight``), in place: each unpacked weight is dropped as its
+    packed copy is made, so loading needs one weight more at most."""
+    if not packed:
+        return tensors
+    import tvm
+    import tvm_ffi
+
+    pack = tvm_ffi.get_global_func(PACK_WEIGHT_KERNEL)
+    for i, name in enumerate(names):
+        if name in packed:
+            t = tensors[i]
+            k, n = t.shape[::-1] if packed[name] else t.shape
+            out = tvm.runtime.empty((-(-int(n) // PACK_PANEL), int(k), PACK_PANEL), "float32", t.device)
+            pack(t, int(packed[name]), out)
+            tensors[i] = out
+    return tensors
+
+
+def _pack_weight_numpy(w, trans, out) -> None:
+    """``bmc.cpu.pack_weight`` in numpy: the [K, N] weight as zero-padded panels ``[ceil(N / 32), K, 32]``."""
+    W, P = host_array(w), host_array(out)
+    W = W.T if trans else W
+    panels = np.zeros((W.shape[0], P.shape[0] * PACK_PANEL), np.float32)
+    panels[:, :W.shape[1]] = W
+    P[...] = panels.reshape(W.shape[0], P.shape[0], PACK_PANEL).transpose(1, 0, 2)
+
+
+def _matmul_packed_numpy(a, wp, n, out) -> None:
+    """``bmc.cpu.matmul_packed`` in numpy: the weight unpacked, then one BLAS GEMM."""
+    A, P, C = host_array(a), host_array(wp), host_array(out)
+    W = P.transpose(1, 0, 2).reshape(P.shape[1], P.shape[0] * PACK_PANEL)[:, :n]
+    rows = C.size // max(n, 1)
+    np.matmul(A.reshape(rows, A.shape[-1]), W, out=C.reshape(rows, n))
+
+
 def _matmul_nbits_numpy(a, codes, scales, *rest) -> None:
     """``bmc.cpu.matmul_nbits[_zp]`` in numpy: dequantize the whole weight, then one BLAS GEMM."""
     *zp, out = rest
@@ -395,11 +444,13 @@ def _conv2d_numpy(x, w, stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, d
 _NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", CONV2D_KERNEL: "cpu_conv2d", MATMUL_NBITS_KERNEL: "cpu_matmul_nbits",
                    MATMUL_NBITS_ZP_KERNEL: "cpu_matmul_nbits_zp", MATMUL_INTEGER_KERNEL: "cpu_matmul_integer",
                    ATTENTION_KERNEL: "cpu_attention", ATTENTION_BIAS_KERNEL: "cpu_attention_bias",
-                   MATMUL_FLOAT8_KERNEL: "cpu_matmul_float8"}
+                   MATMUL_FLOAT8_KERNEL: "cpu_matmul_float8", MATMUL_PACKED_KERNEL: "cpu_matmul_packed",
+                   PACK_WEIGHT_KERNEL: "cpu_pack_weight"}
 _NUMPY_KERNELS = {MATMUL_KERNEL: _matmul_numpy, CONV2D_KERNEL: _conv2d_numpy, MATMUL_NBITS_KERNEL: _matmul_nbits_numpy,
                   MATMUL_NBITS_ZP_KERNEL: _matmul_nbits_numpy, MATMUL_INTEGER_KERNEL: _matmul_integer_numpy,
                   ATTENTION_KERNEL: _attention_numpy, ATTENTION_BIAS_KERNEL: _attention_numpy,
-                  MATMUL_FLOAT8_KERNEL: _matmul_float8_numpy}
+                  MATMUL_FLOAT8_KERNEL: _matmul_float8_numpy, MATMUL_PACKED_KERNEL: _matmul_packed_numpy,
+                  PACK_WEIGHT_KERNEL: _pack_weight_numpy}
 
 
 # ------------------------------------------------------------------------------------------ native library

@@ -7,6 +7,7 @@ from typing import Mapping
 import numpy as np
 
 from bmc.ir.graph import Graph
+from bmc.runtime.kernels import pack_params
 
 
 class CompiledGraph:
@@ -21,9 +22,11 @@ class CompiledGraph:
 
         self.graph = graph
         self.device = tvm.cpu()
-        self.vm = relax.VirtualMachine(build(graph, TargetSpec.parse("llvm")).executable, self.device)
-        self.params = [tvm.runtime.tensor(np.require(graph.weights[p.name].numpy(), requirements="C"), self.device)
-                       for p in graph.params]
+        built = build(graph, TargetSpec.parse("llvm"))
+        self.vm = relax.VirtualMachine(built.executable, self.device)
+        self.params = pack_params(built.packed_weights, [p.name for p in graph.params],
+                                  [tvm.runtime.tensor(np.require(graph.weights[p.name].numpy(), requirements="C"),
+                                                      self.device) for p in graph.params])
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import tvm

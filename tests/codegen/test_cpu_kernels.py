@@ -179,7 +179,7 @@ def test_half_operands_with_a_float32_result(native_lib, monkeypatch):
 
 SKINNY_CASES = [  # (M, K, N): up to 8 rows of a (a decoding step) run bmc's own kernel, not the BLAS: tiles of
     # 4 rows (tails of 3, 2, 1) x 16 columns (column tails), 8 rows of b at a time (K tails); b's rows are split over
-    # the threads once the product has 2^18 multiply-adds (partial sums added at the end); 9 rows: the BLAS
+    # the threads once the product has 2^18 multiply-adds (partial sums added at the end); 9 rows: the panel GEMM
     (1, 768, 3072), (8, 70, 37), (5, 1, 9), (7, 133, 45), (6, 8, 16), (3, 1000, 600), (2, 9, 1), (4, 300, 200),
     (9, 64, 40),
 ]
@@ -189,7 +189,7 @@ SKINNY_CASES = [  # (M, K, N): up to 8 rows of a (a decoding step) run bmc's own
 @pytest.mark.parametrize("m,k,n", SKINNY_CASES, ids=[f"{m}x{k}x{n}" for m, k, n in SKINNY_CASES])
 def test_skinny_matmul_matches_blas(native_lib, monkeypatch, m, k, n, trans_b):
     """The few-row kernel against float64 products and against the BLAS (``BMC_CPU_NO_AVX2`` sends every call
-    there): float32 sums in another order, 1e-5 of max |ref|; a NaN in a row of a stays in that row only."""
+    there, the panel GEMM's too): float32 sums in another order, 1e-5 of max |ref|; a NaN in a row of a stays in that row only."""
     import tvm_ffi
 
     from bmc.runtime.kernels import MATMUL_KERNEL, register_cpu_kernels
@@ -215,6 +215,129 @@ def test_skinny_matmul_matches_blas(native_lib, monkeypatch, m, k, n, trans_b):
     for out in outs:
         np.testing.assert_allclose(out[finite], ref[finite], rtol=0, atol=1e-5 * float(np.abs(ref[finite]).max()))
     register_cpu_kernels(native=False)
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return any(flag in line.split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+PANEL_ISAS = {"avx512": {}, "avx2": {"BMC_CPU_NO_AVX512": "1"}, "plain": {"BMC_CPU_NO_AVX2": "1"}}
+PANEL_CASES = [  # (M, K, N): row tiles of 12 (AVX-512) / 6 (AVX2) with every tail; panels of 32 columns with tails
+    # under 16, 16-32 and none; K over 4096 runs in passes that add into c; K = 4100 x 30 rows: blocks of a's rows
+    (13, 40, 70), (12, 64, 32), (25, 7, 15), (100, 300, 17), (23, 4100, 33), (30, 4100, 40), (11, 5, 1),
+    (9, 0, 5), (47, 129, 96), (1, 768, 64),
+]
+
+
+@pytest.mark.parametrize("trans_b", [False, True], ids=["b", "bt"])
+@pytest.mark.parametrize("m,k,n", PANEL_CASES, ids=[f"{m}x{k}x{n}" for m, k, n in PANEL_CASES])
+@pytest.mark.parametrize("isa", list(PANEL_ISAS))
+def test_panel_gemm_matches_float64(native_lib, monkeypatch, isa, m, k, n, trans_b):
+    """bmc's own float32 GEMM, on a weight packed once (``pack_weight`` + ``matmul_packed``) and, for more than 8
+    rows, on b packed panel by panel inside ``matmul`` (the plain-loop build leaves that to the BLAS): against
+    float64 products, 1e-5 of max |ref| (float32 sums in another order); every element written (out starts at 7);
+    a NaN in a row of a stays in that row. The packed layout equals the numpy fallback's, and the numpy
+    ``matmul_packed`` reads it back to the same product."""
+    import tvm_ffi
+
+    from bmc.runtime import kernels
+
+    if isa == "avx512" and not _cpu_has("avx512f"):
+        pytest.skip("this CPU has no AVX-512")
+    if isa == "avx2" and not _cpu_has("avx2"):
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
+    for var, value in PANEL_ISAS[isa].items():
+        monkeypatch.setenv(var, value)
+    kernels.register_cpu_kernels(native=True, threads=2)
+    rng = np.random.default_rng(m * k + n)
+    a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    if m > 1 and k > 0:
+        a[m // 2, k // 2] = np.nan
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    stored = np.ascontiguousarray(b.T) if trans_b else b
+    packed = np.full((-(-n // kernels.PACK_PANEL), k, kernels.PACK_PANEL), 7.0, np.float32)
+    tvm_ffi.get_global_func(kernels.PACK_WEIGHT_KERNEL)(tvm_ffi.from_dlpack(stored), int(trans_b),
+                                                        tvm_ffi.from_dlpack(packed))
+    expected_layout = np.empty_like(packed)
+    kernels._pack_weight_numpy(tvm_ffi.from_dlpack(stored), int(trans_b), tvm_ffi.from_dlpack(expected_layout))
+    outs = {}
+    for name, fn in (("packed", kernels.MATMUL_PACKED_KERNEL), ("numpy", None), ("panels", kernels.MATMUL_KERNEL)):
+        if name == "panels" and (m <= 8 or isa == "plain"):
+            continue
+        out = np.full((m, n), 7.0, np.float32)
+        if name == "packed":
+            tvm_ffi.get_global_func(fn)(tvm_ffi.from_dlpack(a), tvm_ffi.from_dlpack(packed), n,
+                                        tvm_ffi.from_dlpack(out))
+        elif name == "numpy":
+            kernels._matmul_packed_numpy(tvm_ffi.from_dlpack(a), tvm_ffi.from_dlpack(packed), n,
+                                         tvm_ffi.from_dlpack(out))
+        else:
+            tvm_ffi.get_global_func(fn)(tvm_ffi.from_dlpack(a), tvm_ffi.from_dlpack(stored), False, trans_b,
+                                        tvm_ffi.from_dlpack(out))
+        outs[name] = out
+    kernels.register_cpu_kernels(native=False)
+    np.testing.assert_array_equal(packed, expected_layout)
+    finite = np.isfinite(ref)
+    assert finite.sum() == (m - (m > 1 and k > 0)) * n
+    scale = max(1.0, float(np.abs(ref[finite]).max()) if finite.any() else 1.0)
+    for name, out in outs.items():
+        assert (np.isnan(out) == ~finite).all(), name
+        np.testing.assert_allclose(out[finite], ref[finite], rtol=0, atol=1e-5 * scale, err_msg=name)
+
+
+def test_matmul_weights_are_packed_once_at_load(native_lib, monkeypatch, tmp_path):
+    """A float32 weight read only as matmul's right operand (as stored, or stored transposed by a Gemm) becomes a
+    packed parameter, packed when the program is loaded (in memory, and from an artifact on one device and on a
+    1x2 mesh of simulated ranks, whose shards are packed each); one also read by another op stays as it is;
+    ``BMC_CPU_PACK_WEIGHTS=0`` packs nothing. The same results every way."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bmc.codegen.build import build
+    from bmc.codegen.targets import TargetSpec
+    from bmc.compiler import compile_model, import_graph
+    from bmc.runtime.executor import load
+    from bmc.runtime.kernels import register_cpu_kernels
+    from bmc.testing.compiled import CompiledGraph
+
+    monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
+    register_cpu_kernels(native=True, threads=2)
+    rng = np.random.default_rng(0)
+    w1, w2, w3 = (rng.standard_normal(s).astype(np.float32) for s in ((40, 70), (34, 70), (70, 70)))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Gemm", ["h", "w2"], ["y"], transB=1),
+             helper.make_node("MatMul", ["h", "w3"], ["hw3"]),
+             helper.make_node("ReduceSum", ["w3", "axis0"], ["s"], keepdims=0),
+             helper.make_node("Add", ["hw3", "s"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [10, 40])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "z")],
+                              [numpy_helper.from_array(w, n) for n, w in (("w1", w1), ("w2", w2), ("w3", w3))]
+                              + [numpy_helper.from_array(np.array([0], np.int64), "axis0")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.standard_normal((10, 40)).astype(np.float32)
+    h = x.astype(np.float64) @ w1
+    ref = {"y": h @ w2.T, "z": h @ w3 + w3.sum(0, dtype=np.float64)}
+    g = import_graph(model)
+    assert build(g, TargetSpec.parse("llvm")).packed_weights == {"w1": False, "w2": True}
+    compiled = CompiledGraph(g)
+    assert sorted(tuple(p.shape) for p in compiled.params) == [(2, 70, 32), (3, 40, 32), (70, 70)]
+    results = [compiled({"x": x})]
+    for mesh in (None, "1x2"):
+        path = compile_model(model, tmp_path / f"m{mesh}.bmc", mesh=mesh)["output"]
+        if mesh:
+            assert json.loads((Path(path) / "manifest.json").read_text())["kernels"]["cpu"]["packed_weights"]
+        results.append(dict(zip(("y", "z"), load(path, simulate=bool(mesh))(x=x))))
+    monkeypatch.setenv("BMC_CPU_PACK_WEIGHTS", "0")
+    assert build(g, TargetSpec.parse("llvm")).packed_weights == {}
+    results.append(CompiledGraph(g)({"x": x}))
+    register_cpu_kernels(native=False)
+    for got in results:
+        for name, want in ref.items():
+            np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-5 * float(np.abs(want).max()), err_msg=name)
 
 
 NBITS_CASES = [  # (A shape, N, block): AVX2 decodes 16 values (8 bytes) at a time, so blocks of 16, 32, 64 take
@@ -451,8 +574,9 @@ def test_manifest_records_kernel_choice(tmp_path):
     path = compile_model(model, tmp_path / "m.bmc")["output"]
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     cpu = manifest["kernels"]["cpu"]
-    assert cpu["requires"] == ["bmc.cpu.matmul"]
+    assert cpu["requires"] == ["bmc.cpu.matmul_packed", "bmc.cpu.pack_weight"]  # the one matmul reads w packed
     assert cpu["matmul"]["blas"] == 1 and cpu["matmul"]["transposes_folded"] == 1
+    assert cpu["packed_weights"] == {"w": True}  # stored [N, K]
     assert cpu["fast_math"] == {"tanh": 1} and cpu["mcpu"] == manifest["target"]["mcpu"]
     assert isinstance(cpu["features"], list)
     register_cpu_kernels(required=cpu["requires"])
