@@ -1754,7 +1754,7 @@ bool SkinnyGemm(bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_
  * with sgemm calls). */
 constexpr int64_t kPackPanel = 32;
 constexpr int64_t kPackedDepth = 4096;        // K per pass: a panel's slice (512 KiB) stays in L2
-constexpr int64_t kPackedRowBytes = 1 << 18;  // rows of a per block: this many bytes of a [rows, K] (L2)
+constexpr int64_t kPackedRowBytes = 1 << 19;  // rows of a per block: this many bytes of a [rows, K] (L2)
 
 /*! \brief One GEMM for the panel kernels: b given packed (\a bp) or as stored (\a b, \a ldb; \a tb: [n, k]). */
 struct PanelGemm {
@@ -1904,48 +1904,48 @@ void PackedRows<PackedIsa::kPlain>(const float* a, int64_t lda, int64_t rows, co
   PackedTilePlain(a, lda, rows, bp, depth, c, ldc, cols, accumulate);
 }
 
-/*! \brief c = a @ b on panels (see above). The parallel work items are blocks of a's rows (kPackedRowBytes, all
- *  about the same size) times panels: block-major when b is packed (a thread's items share their rows of a in its
- *  cache), panel-major otherwise (a thread packs each of its panels once). */
+/*! \brief c = a @ b on panels (see above). The threads split the panels (contiguous ranges; or, with fewer
+ *  panels than threads, the rows, in whole register tiles). A thread runs its rows in blocks of kPackedRowBytes of
+ *  a (kept in its L2 across its panels) when b is packed, and packs each of its panels once otherwise. */
 template <PackedIsa Isa>
 void PanelGemmRun(const PanelGemm& g) {
   const int64_t panels = (g.n + kPackPanel - 1) / kPackPanel;
-  const int64_t most = std::max<int64_t>(12, kPackedRowBytes / (4 * std::max<int64_t>(std::min(g.k, kPackedDepth), 1)));
-  const int64_t count = (g.m + most - 1) / most;
-  const int64_t block = ((g.m + count - 1) / count + 11) / 12 * 12;
-  const int64_t blocks = (g.m + block - 1) / block;
-  const int64_t items = blocks * panels;
-  // a thread per ~1 MFLOP of work at least (a launch costs a few microseconds)
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(items, g.m * g.n * g.k / (1 << 19)));
-  ParallelRows(items, [&](int64_t begin, int64_t end) {
+  const int64_t depth = std::min(g.k, kPackedDepth);
+  const int64_t block = std::max<int64_t>(1, kPackedRowBytes / (4 * std::max<int64_t>(depth, 1)) / 12) * 12;
+  const auto body = [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
     thread_local std::vector<float> buffer;
-    int64_t packed = -1;  // the panel (and depth pass) in the buffer
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t bi = g.bp != nullptr ? it / panels : it % blocks, j = g.bp != nullptr ? it % panels : it / blocks;
-      const int64_t r0 = bi * block, rows = std::min(block, g.m - r0);
+    const auto run = [&](int64_t b0, int64_t b1, int64_t j, const float* panel, int64_t d) {
       const int64_t cols = std::min(kPackPanel, g.n - j * kPackPanel);
-      float* c = g.c + r0 * g.ldc + j * kPackPanel;
+      float* c = g.c + b0 * g.ldc + j * kPackPanel;
       if (g.k == 0) {
-        for (int64_t i = 0; i < rows; ++i) std::fill(c + i * g.ldc, c + i * g.ldc + cols, 0.0f);
+        for (int64_t i = 0; i < b1 - b0; ++i) std::fill(c + i * g.ldc, c + i * g.ldc + cols, 0.0f);
+        return;
+      }
+      PackedRows<Isa>(g.a + b0 * g.lda + d, g.lda, b1 - b0, panel, std::min(kPackedDepth, g.k - d), c, g.ldc,
+                      cols, d > 0);
+    };
+    for (int64_t d = 0; d < std::max<int64_t>(g.k, 1); d += kPackedDepth) {
+      if (g.bp != nullptr) {
+        for (int64_t b0 = r0; b0 < r1; b0 += block) {
+          for (int64_t j = j0; j < j1; ++j) run(b0, std::min(r1, b0 + block), j, g.bp + (j * g.k + d) * kPackPanel, d);
+        }
         continue;
       }
-      for (int64_t d = 0; d < g.k; d += kPackedDepth) {
-        const int64_t depth = std::min(kPackedDepth, g.k - d);
-        const float* panel;
-        if (g.bp != nullptr) {
-          panel = g.bp + (j * g.k + d) * kPackPanel;
-        } else {
-          if (packed != j * g.k + d) {
-            buffer.resize(static_cast<size_t>(depth * kPackPanel));
-            PackPanelF32(g, j, d, depth, buffer.data());
-            packed = j * g.k + d;
-          }
-          panel = buffer.data();
-        }
-        PackedRows<Isa>(g.a + r0 * g.lda + d, g.lda, rows, panel, depth, c, g.ldc, cols, d > 0);
+      for (int64_t j = j0; j < j1; ++j) {
+        buffer.resize(static_cast<size_t>(std::min(kPackedDepth, g.k - d) * kPackPanel));
+        if (g.k > 0) PackPanelF32(g, j, d, std::min(kPackedDepth, g.k - d), buffer.data());
+        for (int64_t b0 = r0; b0 < r1; b0 += block) run(b0, std::min(r1, b0 + block), j, buffer.data(), d);
       }
     }
-  }, threads);
+  };
+  // a thread per ~1 MFLOP of work at least (a launch costs a few microseconds)
+  const int64_t tiles = (g.m + 11) / 12;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(kernel_threads.load(), g.m * g.n * g.k >> 19));
+  if (panels >= threads || tiles < 2) {
+    ParallelRows(panels, [&](int64_t j0, int64_t j1) { body(0, g.m, j0, j1); }, threads);
+  } else {
+    ParallelRows(tiles, [&](int64_t t0, int64_t t1) { body(12 * t0, std::min(g.m, 12 * t1), 0, panels); }, threads);
+  }
 }
 
 /*! \brief The widest panel kernel this CPU runs (BMC_CPU_NO_AVX512 / BMC_CPU_NO_AVX2: the narrower ones, as older
