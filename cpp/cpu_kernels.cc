@@ -230,6 +230,15 @@ inline std::pair<int64_t, int64_t> ValidOutputs(int64_t n_out, int64_t size, int
   return {lo, std::max(lo, hi)};
 }
 
+/*! \brief The column matrix ``[C * KH * KW, OH * OW]`` of one image (and group) of a 2-D convolution, described
+ *  rather than stored: the panel GEMM packs its panels straight from the image. */
+struct ConvCols {
+  const float* x;  // [c, h, w]
+  int64_t c, h, w, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow;
+};
+
+bool PanelSgemmCols(int64_t m, const float* a, const ConvCols& cols, float* c);
+
 /*! \brief NCHW x OIHW cross-correlation as im2col + one GEMM per image and group: the column matrix
  *  ``[C * KH * KW, OH * OW]`` is written tap by tap from the unpadded input (the border zero-filled) into a
  *  per-thread scratch buffer; a 1x1, stride-1, unpadded convolution multiplies the input itself. */
@@ -252,6 +261,18 @@ void Conv2dImpl(const Blas& blas, const ffi::TensorView& tx, const ffi::TensorVi
   }
   const int64_t mg = m / g, k = cg * kh * kw, pixels = oh * ow;
   const bool direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pl == 0 && pb == 0 && pr == 0;
+  if constexpr (sizeof(T) == 4) {  // float32: the panel GEMM packs its panels of the columns from the image itself
+    if (!direct) {
+      bool done = true;
+      for (int64_t b = 0; b < n && done; ++b) {
+        for (int64_t gi = 0; gi < g && done; ++gi) {
+          const ConvCols cols{x + (b * c + gi * cg) * h * wd, cg, h, wd, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow};
+          done = PanelSgemmCols(mg, w + gi * mg * k, cols, out + (b * m + gi * mg) * pixels);
+        }
+      }
+      if (done) return;
+    }
+  }
   thread_local std::vector<T> scratch;  // the column matrix, reused by the next call of this size or smaller
   if (!direct) scratch.resize(static_cast<size_t>(c * kh * kw * pixels));
   for (int64_t b = 0; b < n; ++b) {
@@ -1766,10 +1787,55 @@ struct PanelGemm {
   bool tb;
   float* c;
   int64_t ldc, m, n, k;
+  const ConvCols* conv = nullptr;  // b is this convolution's column matrix (b, ldb, tb unused)
 };
+
+/*! \brief Panel \a j (depth rows from \a d0) of a convolution's column matrix into \a out [depth, kPackPanel]:
+ *  the panel's pixels are runs along output rows; each run of each row (channel, tap) is a copy of an input row's
+ *  stretch (strided when the stride is), zero where it falls into the padding. */
+void PackConvPanel(const ConvCols& v, int64_t j, int64_t d0, int64_t depth, float* out) {
+  const int64_t q0 = j * kPackPanel, cols = std::min(kPackPanel, v.oh * v.ow - q0);
+  struct Run {
+    int64_t q, len, row, col;  // panel offset, length, output row, first output column
+  } runs[kPackPanel];
+  int64_t count = 0;
+  for (int64_t q = 0; q < cols;) {
+    const int64_t row = (q0 + q) / v.ow, col = (q0 + q) % v.ow, len = std::min(cols - q, v.ow - col);
+    runs[count++] = {q, len, row, col};
+    q += len;
+  }
+  for (int64_t p = 0; p < depth; ++p) {
+    const int64_t tap = (d0 + p) % (v.kh * v.kw), ch = (d0 + p) / (v.kh * v.kw), i = tap / v.kw, jj = tap % v.kw;
+    const auto [lo, hi] = ValidOutputs(v.ow, v.w, jj * v.dw, v.pl, v.sw);  // output columns inside the image
+    float* row = out + p * kPackPanel;
+    for (int64_t r = 0; r < count; ++r) {
+      const Run& run = runs[r];
+      float* dst = row + run.q;
+      const int64_t in_r = run.row * v.sh + i * v.dh - v.pt;
+      const int64_t c0 = std::clamp(lo, run.col, run.col + run.len), c1 = std::clamp(hi, c0, run.col + run.len);
+      if (in_r < 0 || in_r >= v.h || c0 >= c1) {
+        std::fill(dst, dst + run.len, 0.0f);
+        continue;
+      }
+      const float* src = v.x + (ch * v.h + in_r) * v.w + c0 * v.sw + jj * v.dw - v.pl;  // output column c0's
+      std::fill(dst, dst + (c0 - run.col), 0.0f);
+      if (v.sw == 1) {
+        std::memcpy(dst + (c0 - run.col), src, sizeof(float) * (c1 - c0));
+      } else {
+        for (int64_t o = c0; o < c1; ++o) dst[o - run.col] = src[(o - c0) * v.sw];
+      }
+      std::fill(dst + (c1 - run.col), dst + run.len, 0.0f);
+    }
+    std::fill(row + cols, row + kPackPanel, 0.0f);
+  }
+}
 
 /*! \brief Panel \a j of b (depth rows \a d0 ... d0 + depth) into \a out [depth, kPackPanel], zero-padded. */
 void PackPanelF32(const PanelGemm& g, int64_t j, int64_t d0, int64_t depth, float* out) {
+  if (g.conv != nullptr) {
+    PackConvPanel(*g.conv, j, d0, depth, out);
+    return;
+  }
   const int64_t c0 = j * kPackPanel, cols = std::min(kPackPanel, g.n - c0);
   for (int64_t p = 0; p < depth; ++p) {
     float* row = out + p * kPackPanel;
@@ -1970,6 +2036,15 @@ bool PanelSgemm(bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_
                 float* c, int64_t ldc) {
   if (PanelIsa() == PackedIsa::kPlain) return false;
   RunPanelGemm(PanelGemm{a, lda, nullptr, b, ldb, tb, c, ldc, m, n, k});
+  return true;
+}
+
+/*! \brief c [m, OH * OW] = a [m, C * KH * KW] @ the convolution's columns (false: no AVX2, the caller's im2col +
+ *  BLAS runs it). */
+bool PanelSgemmCols(int64_t m, const float* a, const ConvCols& cols, float* c) {
+  if (PanelIsa() == PackedIsa::kPlain) return false;
+  const int64_t k = cols.c * cols.kh * cols.kw, n = cols.oh * cols.ow;
+  RunPanelGemm(PanelGemm{a, k, nullptr, nullptr, 0, false, c, n, m, n, k, &cols});
   return true;
 }
 

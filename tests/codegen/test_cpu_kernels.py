@@ -642,6 +642,7 @@ CONV_CASES = [  # (x shape, w shape, strides, pads (top, left, bottom, right), d
     ((1, 32, 16, 16), (64, 8, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4),     # grouped
     ((1, 32, 17, 15), (32, 16, 3, 3), (1, 2), (2, 1, 0, 2), (2, 2), 2),    # grouped, dilated, strided
     ((1, 16, 6, 6), (16, 16, 3, 3), (1, 1), (4, 4, 5, 4), (1, 1), 1),      # pads wider than the kernel: zero rows
+    ((1, 32, 64, 1), (32, 32, 3, 1), (1, 1), (1, 0, 1, 0), (1, 1), 1),     # one output column: a run per pixel
 ]
 
 
