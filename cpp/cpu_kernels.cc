@@ -1788,6 +1788,8 @@ struct PanelGemm {
   float* c;
   int64_t ldc, m, n, k;
   const ConvCols* conv = nullptr;  // b is this convolution's column matrix (b, ldb, tb unused)
+  const uint16_t* b16 = nullptr;   // b is 16-bit (bfloat16 when bf16, else float16), widened as it is packed
+  bool bf16 = false;
 };
 
 /*! \brief Panel \a j (depth rows from \a d0) of a convolution's column matrix into \a out [depth, kPackPanel]:
@@ -1839,7 +1841,11 @@ void PackPanelF32(const PanelGemm& g, int64_t j, int64_t d0, int64_t depth, floa
   const int64_t c0 = j * kPackPanel, cols = std::min(kPackPanel, g.n - c0);
   for (int64_t p = 0; p < depth; ++p) {
     float* row = out + p * kPackPanel;
-    if (g.tb) {
+    if (g.b16 != nullptr && g.tb) {
+      for (int64_t q = 0; q < cols; ++q) row[q] = HalfToFloat(g.b16[(c0 + q) * g.ldb + d0 + p], g.bf16);
+    } else if (g.b16 != nullptr) {
+      Convert(g.b16 + (d0 + p) * g.ldb + c0, row, cols, g.bf16);
+    } else if (g.tb) {
       for (int64_t q = 0; q < cols; ++q) row[q] = g.b[(c0 + q) * g.ldb + d0 + p];
     } else {
       std::memcpy(row, g.b + (d0 + p) * g.ldb + c0, sizeof(float) * cols);
@@ -2098,9 +2104,9 @@ float* Scratch(int slot, int64_t n) {
 
 /*!
  * \brief 16-bit operands when b is one matrix shared by every batch and a is not transposed (a weight): a widened
- *        once, b widened kHalfPanel columns of the product at a time, each panel one GEMM into its columns of the
- *        result (through a float32 panel when the result is 16-bit). So no float32 copy of the weight is ever whole.
- *        False (nothing done) for other shapes.
+ *        once; b read in its 16-bit values by the few-row kernels, widened panel by panel as the panel GEMM packs
+ *        it, or (CPUs without AVX2) kHalfPanel columns of the product at a time, each one GEMM into its columns of
+ *        the result. So no float32 copy of the weight is ever whole. False (nothing done) for other shapes.
  */
 bool HalfPanels(const Blas& blas, const ffi::TensorView& a, const ffi::TensorView& b, bool ta, bool tb,
                 const ffi::TensorView& out, bool bf16) {
@@ -2121,6 +2127,15 @@ bool HalfPanels(const Blas& blas, const ffi::TensorView& a, const ffi::TensorVie
       if (narrow) ConvertAll(c, Data<uint16_t>(out), m * n, bf16);
       return true;
     }
+  }
+  if (PanelIsa() != PackedIsa::kPlain) {  // the panel GEMM widens b's panels as it packs them
+    float* c = narrow ? Scratch(2, m * n) : Data<float>(out);
+    PanelGemm g{wa, k, nullptr, nullptr, tb ? k : n, tb, c, n, m, n, k};
+    g.b16 = wb;
+    g.bf16 = bf16;
+    RunPanelGemm(g);
+    if (narrow) ConvertAll(c, Data<uint16_t>(out), m * n, bf16);
+    return true;
   }
   for (int64_t n0 = 0; n0 < n; n0 += kHalfPanel) {
     int64_t np = std::min(kHalfPanel, n - n0);

@@ -107,7 +107,8 @@ def test_offloaded_matmul_matches_numpy(impl, dtype, a_shape, b_shape, trans):
 
 
 HALF_CASES = [CASES[0], CASES[2], CASES[3], CASES[8], ((1, 512), (512, 768), (False, True)),
-              ((3, 45), (45, 37), (False, False)), ((2, 45), (45, 37), (False, True))]  # few rows: b read as stored
+              ((3, 45), (45, 37), (False, False)), ((2, 45), (45, 37), (False, True)),  # few rows: b read as stored
+              ((20, 70), (70, 45), (False, True))]  # more rows, b [N, K]: widened into panels column by column
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -115,7 +116,7 @@ HALF_CASES = [CASES[0], CASES[2], CASES[3], CASES[8], ((1, 512), (512, 768), (Fa
                                                                   for a, b, tr in HALF_CASES])
 def test_half_matmuls_are_offloaded_in_float32(impl, dtype, a_shape, b_shape, trans):
     """float16/bfloat16 matmuls (float32 accumulation) go to the kernel too, which widens the operands to float32
-    (a panel of b at a time, in parallel threads from 2^18 elements) or, for up to 8 rows, reads b's 16-bit values
+    (b a panel at a time, as the panel GEMM packs it) or, for up to 8 rows, reads b's 16-bit values
     in its few-row kernels (K and N tails included), and writes the 16-bit result: equal to numpy's float32 product
     of the same values rounded to the dtype (1 unit of its last place: sums in another order)."""
     import ml_dtypes
