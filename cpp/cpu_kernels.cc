@@ -7,9 +7,12 @@
  *
  * ``cpu_matmul(a, b, trans_a, trans_b, out)``: numpy ``matmul`` semantics (batched, broadcast batch
  * dims, 1-D operands promoted) on contiguous row-major float32/float64 CPU tensors; ``trans_a``/``trans_b`` say the
- * operand is stored with its last two axes swapped. Computed with ``cblas_sgemm``/``cblas_dgemm``, except float32
- * products of up to 8 rows (decoding): bmc's own AVX2 kernels read b where it lies, once (the BLAS would copy
- * all of b into its panel layout first).
+ * operand is stored with its last two axes swapped. float32 products of up to 8 rows (decoding): bmc's own AVX2
+ * kernels read b where it lies, once; more rows (a not transposed): bmc's panel GEMM (below, "float32 GEMM on
+ * panels of b"); float64 and transposed-a products: ``cblas_sgemm``/``cblas_dgemm``.
+ *
+ * ``cpu_pack_weight(w, trans, out)`` / ``cpu_matmul_packed(a, wp, n, out)``: a float32 weight packed once, when the
+ * model is loaded, into the panel GEMM's layout ``[ceil(N / 32), K, 32]``, and ``a [..., M, K] @`` it.
  *
  * ``cpu_matmul_nbits(a, codes, scales, out)`` / ``cpu_matmul_nbits_zp(a, codes, scales, zero_points, out)``: float32
  * ``a [M, K] @ W.T`` with ``W [N, K]`` given as 4-bit codes ``[N, blocks, block/2]`` (two a byte, low nibble first)
@@ -32,8 +35,9 @@
  * split over the kernel threads. Sums wrap modulo 2^32 like onnxruntime's (K < 65793 cannot overflow).
  *
  * ``cpu_conv2d(x, w, stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, dil_w, groups, out)``: NCHW x OIHW
- * float32/float64 cross-correlation as im2col (per image, tap by tap, into a per-thread scratch matrix; none for
- * a 1x1 stride-1 unpadded convolution) + one GEMM per group.
+ * float32/float64 cross-correlation as one GEMM per image and group: float32 on the panel GEMM, which packs its
+ * panels of the column matrix straight from the image; float64 (and CPUs without AVX2) im2col (per image, tap by
+ * tap, into a per-thread scratch matrix; none for a 1x1 stride-1 unpadded convolution) + the BLAS.
  *
  * ``cpu_attention(q, k, v, scale, transpose_k, out)`` / ``cpu_attention_bias(q, k, v, bias, scale, transpose_k,
  * out)``: float32 ``softmax(scale * q @ kt + bias) @ v`` of ``q [..., M, D]``, ``kt [..., D, N]`` (or ``k [..., N,
@@ -1935,17 +1939,30 @@ void PackedRows<PackedIsa::kAvx512>(const float* a, int64_t lda, int64_t rows, c
                                     float* c, int64_t ldc, int64_t cols, bool accumulate) {
   const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
   const __mmask16 m1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
-  int64_t i = 0;
-  for (; i + 12 <= rows; i += 12) PackedTile512<12>(a + i * lda, lda, bp, depth, c + i * ldc, ldc, m0, m1, accumulate);
-  a += i * lda;
-  c += i * ldc;
-  switch (rows - i) {
+  // 12-row tiles; a remainder under 8 rows shares the last 12 with it as two tiles of 7-10 rows (a tile of few rows
+  // loads almost as much as it multiplies: 64 rows run as 4 x 12 + 2 x 8, not 5 x 12 + 4)
+  const int64_t rem = rows % 12, full = rows / 12 - (rem > 0 && rem < 8 && rows > 12);
+  for (int64_t t = 0; t < full; ++t) {
+    PackedTile512<12>(a + 12 * t * lda, lda, bp, depth, c + 12 * t * ldc, ldc, m0, m1, accumulate);
+  }
+  const auto tile = [&](int64_t i, int64_t r) {
+    const float* ai = a + i * lda;
+    float* ci = c + i * ldc;
+    switch (r) {
 #define BMC_TILE512(R) \
-  case R: PackedTile512<R>(a, lda, bp, depth, c, ldc, m0, m1, accumulate); break;
-    BMC_TILE512(1) BMC_TILE512(2) BMC_TILE512(3) BMC_TILE512(4) BMC_TILE512(5) BMC_TILE512(6)
-    BMC_TILE512(7) BMC_TILE512(8) BMC_TILE512(9) BMC_TILE512(10) BMC_TILE512(11)
+  case R: PackedTile512<R>(ai, lda, bp, depth, ci, ldc, m0, m1, accumulate); break;
+      BMC_TILE512(1) BMC_TILE512(2) BMC_TILE512(3) BMC_TILE512(4) BMC_TILE512(5) BMC_TILE512(6)
+      BMC_TILE512(7) BMC_TILE512(8) BMC_TILE512(9) BMC_TILE512(10) BMC_TILE512(11)
 #undef BMC_TILE512
-    default: break;
+      default: break;
+    }
+  };
+  const int64_t left = rows - 12 * full;  // 0-11 rows, or 13-19 to split in two
+  if (left > 12) {
+    tile(12 * full, left - left / 2);
+    tile(12 * full + left - left / 2, left / 2);
+  } else {
+    tile(12 * full, left);
   }
 }
 
