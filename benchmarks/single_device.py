@@ -528,11 +528,12 @@ def table_rows(report: dict) -> list[tuple[str, str, str]]:
     if kern:
         blas = kern.get("blas") or {}
         cpu = ((st.get("bmc") or {}).get("kernels_manifest") or {}).get("cpu") or {}
-        offloaded = ", ".join(f"{op} {cpu[op]['blas']} BLAS / {cpu[op]['tvm']} TVM" for op in ("matmul", "conv2d")
+        offloaded = ", ".join(f"{op} {cpu[op]['blas']} native / {cpu[op]['tvm']} TVM" for op in ("matmul", "conv2d")
                               if isinstance(cpu.get(op), dict))
-        rows.append(("bmc CPU kernels", f"matmul: {kern.get('impl')} ({Path(blas.get('path') or '-').name}, "
-                     f"core {blas.get('core')}), threads {kern.get('threads')}"
-                     + (f"; {offloaded}" if offloaded else ""), ""))
+        packed = len(cpu.get("packed_weights") or {})
+        rows.append(("bmc CPU kernels", f"{kern.get('impl')}, threads {kern.get('threads')} (float64: "
+                     f"{Path(blas.get('path') or '-').name}, core {blas.get('core')})"
+                     + (f"; {offloaded}" if offloaded else "") + f"; {packed} weights packed at load", ""))
     mm = st.get("matmul")
     if mm is not None and not mm.get("ok"):
         row("matmul GFLOP/s", "matmul", lambda r: "")

@@ -1836,8 +1836,44 @@ void PackConvPanel(const ConvCols& v, int64_t j, int64_t d0, int64_t depth, floa
   }
 }
 
+/*! \brief out[p * kPackPanel + q] = b[q * ldb + p] for an 8 x 8 block (AVX2 in-register transpose). */
+__attribute__((target("avx2"))) inline void Transpose8x8(const float* b, int64_t ldb, float* out) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(b + i * ldb);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    for (int h = 0; h < 2; ++h) {
+      r[i + h] = _mm256_shuffle_ps(t[i + h], t[i + 2 + h], _MM_SHUFFLE(1, 0, 1, 0));
+      r[i + 2 + h] = _mm256_shuffle_ps(t[i + h], t[i + 2 + h], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+  }
+  // r[0..3]: columns 0, 2, 1, 3 of rows 0-3 (low lanes) and 4-7... of the first four rows; r[4..7] the last four
+  const int order[4] = {0, 2, 1, 3};
+  for (int c = 0; c < 4; ++c) {
+    _mm256_storeu_ps(out + c * kPackPanel, _mm256_permute2f128_ps(r[order[c]], r[4 + order[c]], 0x20));
+    _mm256_storeu_ps(out + (c + 4) * kPackPanel, _mm256_permute2f128_ps(r[order[c]], r[4 + order[c]], 0x31));
+  }
+}
+
 /*! \brief Panel \a j of b (depth rows \a d0 ... d0 + depth) into \a out [depth, kPackPanel], zero-padded. */
 void PackPanelF32(const PanelGemm& g, int64_t j, int64_t d0, int64_t depth, float* out) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (g.conv == nullptr && g.b16 == nullptr && g.tb && avx2 && g.n - j * kPackPanel >= kPackPanel) {
+    // b [n, k]: the panel's 32 rows of b, 8 x 8 blocks transposed in registers (a column-by-column gather was 8%
+    // of a GEMM)
+    const float* src = g.b + j * kPackPanel * g.ldb + d0;
+    int64_t p = 0;
+    for (; p + 8 <= depth; p += 8) {
+      for (int64_t q = 0; q < kPackPanel; q += 8) Transpose8x8(src + q * g.ldb + p, g.ldb, out + p * kPackPanel + q);
+    }
+    for (; p < depth; ++p) {
+      for (int64_t q = 0; q < kPackPanel; ++q) out[p * kPackPanel + q] = src[q * g.ldb + p];
+    }
+    return;
+  }
   if (g.conv != nullptr) {
     PackConvPanel(*g.conv, j, d0, depth, out);
     return;
