@@ -59,7 +59,7 @@ ATTENTION_BIAS_KERNEL = "bmc.cpu.attention_bias"
 MATMUL_FLOAT8_KERNEL = "bmc.cpu.matmul_float8"
 #: ``bmc.cpu.matmul_packed(a, wp, n, out)``: float32 ``a [..., M, K] @ w`` with the weight ``w [K, N]`` packed
 #: once, when the model is loaded, by ``bmc.cpu.pack_weight(w, trans, wp)`` into panels ``[ceil(N / 32), K, 32]``
-#: (``trans``: w is stored ``[N, K]``); see :func:`pack_weights`
+#: (``trans``: w is stored ``[N, K]``); see :func:`pack_params`
 MATMUL_PACKED_KERNEL = "bmc.cpu.matmul_packed"
 PACK_WEIGHT_KERNEL = "bmc.cpu.pack_weight"
 #: columns per panel of a packed weight
