@@ -90,6 +90,15 @@ def choose_conv2d(x: tuple[int, ...] | None, w: tuple[int, ...] | None, out: tup
     return "blas"
 
 
+def _kernel_operands(value, kernel: str) -> list | None:
+    """The operands of ``value`` when it is a ``call_dps_packed`` of ``kernel`` (a matmul's ``[a, b, trans_a,
+    trans_b]``), else None."""
+    if (isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get("relax.call_dps_packed"))
+            and str(value.args[0].global_symbol) == kernel):
+        return list(value.args[1].fields)
+    return None
+
+
 @relax.expr_functor.mutator
 class _MatmulOffloader(relax.PyExprMutator):
     """Rewrites ``R.matmul`` into ``R.call_dps_packed("bmc.cpu.matmul", ...)`` where :func:`choose_matmul` says so."""
@@ -135,12 +144,10 @@ class _MatmulOffloader(relax.PyExprMutator):
         """``astype(kernel(a, b) -> float32, T)`` with ``T`` the operands' dtype (how reduced-precision matmuls are
         lowered: float32 result, then a cast) → one kernel call writing ``T`` (the float32 call is then dead)."""
         src = call.args[0]
-        bound = self.lookup_binding(src) if isinstance(src, relax.Var) else None
         dtype = str(call.attrs.dtype)
-        if not (isinstance(bound, relax.Call) and bound.op.same_as(tvm.ir.Op.get("relax.call_dps_packed"))
-                and str(bound.args[0].global_symbol) == self.kernel):
+        operands = _kernel_operands(self.lookup_binding(src) if isinstance(src, relax.Var) else None, self.kernel)
+        if operands is None:
             return call
-        operands = bound.args[1].fields
         if str(operands[0].ty.dtype) != dtype or (dtype, str(src.ty.dtype)) not in self.mixed:
             return call
         return relax.call_dps_packed(self.kernel, list(operands),
@@ -231,14 +238,6 @@ def offload_matmul(record: dict | None = None, *, conv: bool = True, kernel: str
 
 # ------------------------------------------------------------------------------------------ packed weights
 
-def _matmul_operands(value) -> list | None:
-    """The operands ``[a, b, trans_a, trans_b]`` of a ``bmc.cpu.matmul`` call, else None."""
-    if (isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get("relax.call_dps_packed"))
-            and str(value.args[0].global_symbol) == MATMUL_KERNEL):
-        return list(value.args[1].fields)
-    return None
-
-
 @relax.expr_functor.mutator
 class _PackedMatmuls(relax.PyExprMutator):
     """``bmc.cpu.matmul(a, w, 0, tb)`` → ``bmc.cpu.matmul_packed(a, w_packed, N)`` for the weights in ``packed``."""
@@ -250,7 +249,7 @@ class _PackedMatmuls(relax.PyExprMutator):
 
     def visit_call_(self, call: relax.Call):  # noqa: N802 (TVM's visitor naming)
         call = super().visit_call_(call)
-        ops = _matmul_operands(call)
+        ops = _kernel_operands(call, MATMUL_KERNEL)
         if ops is None or ops[1] not in self.packed:
             return call
         n = int(call.ty.shape[-1])
@@ -278,7 +277,7 @@ def prepack_weights(record: dict | None = None) -> tvm.transform.Pass:
                 used = [v for v in relax.analysis.free_vars(binding.value) if v in weights]
                 if not used:
                     continue
-                ops = _matmul_operands(binding.value)
+                ops = _kernel_operands(binding.value, MATMUL_KERNEL)
                 ok = (ops is not None and str(binding.value.ty.dtype) == "float32" and int(ops[2].value) == 0
                       and ops[0] not in used)
                 for w in used:
