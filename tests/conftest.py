@@ -35,7 +35,8 @@ def build_artifact(graph, output: Path, **overrides) -> Path:
     options = dict(signature=graph_signature(graph),
                    weights=[(p.name, graph.weights[p.name].numpy) for p in graph.params],
                    export_library=built.export, target=spec.to_json(),
-                   source={"model": "tiny.onnx", "sha256": "0" * 64, "opset": 20})
+                   source={"model": "tiny.onnx", "sha256": "0" * 64, "opset": 20},
+                   extra={"kernels": built.kernels} if built.kernels else None)
     options.update(overrides)
     return write_artifact(output, **options)
 

@@ -34,8 +34,8 @@ from collections import Counter
 import tvm
 from tvm import relax
 
-from bmc.codegen.rewrite import (bound_fusion, counting_pass, rewrite_functions, split_slices, static_shape,
-                                 vector_lanes)
+from bmc.codegen.rewrite import (bound_fusion, counting_pass, owned_outputs, rewrite_functions, split_slices,
+                                 static_shape, vector_lanes)
 from bmc.runtime.kernels import (CONV2D_KERNEL, MATMUL_KERNEL, MATMUL_PACKED_KERNEL, PACK_PANEL, PACK_WEIGHT_KERNEL,
                                  pack_weights_enabled)
 
@@ -589,6 +589,7 @@ def cpu_pipeline(target, record: dict | None = None, *, offload: bool = True, of
     if schedule:
         passes.append(dl.ApplyDefaultSchedule(*schedule_rules()))
     passes += cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
+    passes.append(owned_outputs(record))
 
     @tvm.transform.module_pass(opt_level=0, name="BmcCpuPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:

@@ -249,3 +249,43 @@ def bound_fusion(record: dict | None = None, max_depth: int | None = None) -> tv
         return mod
 
     return _pass
+
+
+_ALLOC_TENSOR = ("relax.vm.alloc_tensor", "relax.memory.alloc_tensor", "relax.builtin.alloc_tensor")
+_ALLOC_STORAGE = ("relax.vm.alloc_storage", "relax.memory.alloc_storage")
+
+
+def owned_outputs(record: dict | None) -> tvm.transform.Pass:
+    """Analysis pass, last in a pipeline (after memory planning): ``record["owned_outputs"]`` gets, per output of
+    ``main``, whether the call allocates it afresh (an ``alloc_tensor`` in a storage the call allocated) and no
+    earlier output is the same tensor. The runtime hands such an output to the caller without copying it; any other
+    is a view of an input or a weight, a constant of the program, or a repeat, and is copied."""
+
+    @tvm.transform.module_pass(opt_level=0, name="BmcOwnedOutputs")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        func = mod["main"] if any(gv.name_hint == "main" for gv in mod.get_global_vars()) else None
+        if record is None or not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+            return mod
+        bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+
+        def value(expr):
+            while isinstance(expr, relax.Var) and expr in bound:
+                expr = bound[expr]
+            return expr
+
+        def is_call(expr, names) -> bool:
+            return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in names
+
+        result = value(func.body.body)
+        outputs = list(result.fields) if isinstance(result, relax.Tuple) else [func.body.body]
+        owned, seen = [], set()
+        for out in outputs:
+            tensor = value(out)
+            fresh = is_call(tensor, _ALLOC_TENSOR) and (
+                "builtin" in tensor.op.name or is_call(value(tensor.args[0]), _ALLOC_STORAGE))
+            owned.append(bool(fresh) and not any(tensor.same_as(s) for s in seen))
+            seen.add(tensor)
+        record["owned_outputs"] = owned
+        return mod
+
+    return _pass

@@ -45,6 +45,12 @@ from bmc.runtime.kernels import pack_params
 from bmc.runtime.safetensors import SafetensorsFile
 
 
+#: numpy dtype kinds that cross DLPack both ways (bool, ints, floats; not ml_dtypes' bfloat16, kind "V")
+_NUMPY_KINDS = "biuf"
+#: the data alignment TVM's kernels assume of every tensor argument (tvm.runtime.from_dlpack checks it)
+_ALIGNMENT = 64
+
+
 def _fmt(dtype: str, shape) -> str:
     return f"{dtype}[{','.join(map(str, shape))}]"
 
@@ -63,9 +69,18 @@ class Model:
         self._all_inputs = manifest["signature"]["inputs"]
         self._inputs = [i for i in self._all_inputs if i["name"] not in implicit]
         self._outputs = manifest["signature"]["outputs"]
-        # per rank, the program's input tensors: allocated on the first call and refilled by every later one (a fresh
-        # buffer per call page-faults its way in: 8 of the 10 ms of a decoding step with 6 MiB key/value inputs)
-        self._arguments: dict[int, list] = {}
+        # per rank and input, a tensor that holds an input array the program cannot read in place: allocated on the
+        # first call, refilled by later ones (a fresh buffer per call page-faults its way in: 8 of the 10 ms of a
+        # decoding step with 6 MiB key/value inputs)
+        self._arguments: dict[int, dict[int, Any]] = {}
+        # on the CPU, an input array is read in place and an output the call allocates afresh
+        # (``kernels.cpu.owned_outputs``, recorded by the compiler) is returned as a numpy view, not copied
+        self._in_place = device.dlpack_device_type() == tvm.cpu(0).dlpack_device_type()
+        owned = ((manifest.get("kernels") or {}).get("cpu") or {}).get("owned_outputs") or []
+        if not self._in_place or len(owned) != len(self._outputs):
+            owned = [False] * len(self._outputs)
+        self._owned = [bool(own) and np.dtype(np_dtype(o["dtype"])).kind in _NUMPY_KINDS
+                       for own, o in zip(owned, self._outputs)]
         self._lock = threading.Lock()  # calls take turns: they share those tensors
 
     @property
@@ -110,14 +125,28 @@ class Model:
             return self._execute_locked(inputs)
 
     def _filled(self, rank: int, arrays: list[np.ndarray]) -> list:
-        """This rank's input tensors holding ``arrays`` (signature order, implicit inputs included)."""
-        tensors = self._arguments.get(rank)
-        if tensors is None:
-            tensors = self._arguments[rank] = [tvm.runtime.empty(a.shape, spec["dtype"], self._device)
-                                               for a, spec in zip(arrays, self._all_inputs)]
-        for t, a in zip(tensors, arrays):
+        """This rank's input tensors holding ``arrays`` (signature order, implicit inputs included). On the CPU an
+        array in writable, C-ordered, 64-byte-aligned memory (what TVM's kernels assume; the outputs this class
+        returns are) is read in place, so a decoding loop that feeds its key/value cache back copies nothing; any
+        other array is copied into a tensor kept for the next call."""
+        kept = self._arguments.setdefault(rank, {})
+        tensors = []
+        for i, (a, spec) in enumerate(zip(arrays, self._all_inputs)):
+            if (self._in_place and a.dtype.kind in _NUMPY_KINDS and a.ctypes.data % _ALIGNMENT == 0
+                    and a.flags.c_contiguous and a.flags.writeable):
+                tensors.append(tvm.runtime.from_dlpack(a))
+                continue
+            t = kept.get(i)
+            if t is None:
+                t = kept[i] = tvm.runtime.empty(a.shape, spec["dtype"], self._device)
             t.copyfrom(a)
+            tensors.append(t)
         return tensors
+
+    def _returned(self, tensors) -> list[np.ndarray]:
+        """The program's outputs as numpy arrays: views of those it allocated afresh, copies of the others (a view
+        of an input or a weight, a constant of the program, a repeated output)."""
+        return [np.from_dlpack(t) if own else t.numpy() for t, own in zip(tensors, self._owned)]
 
     def _execute_locked(self, inputs: dict[str, Any]) -> list[np.ndarray]:
         if self.mpi is not None:
@@ -129,7 +158,7 @@ class Model:
             main, params = self._ranks[rank]
             arrays = [given[i["name"]] if i["name"] in given else np.array(rank_map[rank], dtype=np.int64)
                       for i in self._all_inputs]  # the one implicit input is the device's mesh coordinate
-            return [t.numpy() for t in main(*self._filled(rank, arrays), *params)]
+            return self._returned(main(*self._filled(rank, arrays), *params))
 
         try:
             if len(self._ranks) == 1:
@@ -167,7 +196,7 @@ class Model:
         main, params = self._ranks[0]
         try:
             args = self._filled(0, [given[i["name"]] if i["name"] in given else coord for i in self._all_inputs])
-            return [t.numpy() for t in main(*args, *params)]
+            return self._returned(main(*args, *params))
         except BaseException as e:  # noqa: BLE001  (the other ranks wait in collectives: end the whole job)
             if isinstance(e, KeyboardInterrupt):
                 raise

@@ -184,3 +184,74 @@ def test_runtime_does_not_import_the_compiler():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+# --- outputs handed over without a copy, inputs read in place ---------------------------------------------------
+def _aliasing_onnx():
+    """Outputs of every kind: the input, a view of it, a weight, a folded constant, a product, the product again."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(3).standard_normal((8, 8)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([8, 4], np.int64), "shape")]
+    nodes = [helper.make_node("Identity", ["x"], ["same"]),
+             helper.make_node("Reshape", ["x", "shape"], ["view"]),
+             helper.make_node("Identity", ["w"], ["weight"]),
+             helper.make_node("Constant", [], ["const"], value=numpy_helper.from_array(np.array([1.5, 2.5],
+                                                                                               np.float32))),
+             helper.make_node("MatMul", ["x", "w"], ["product"]),
+             helper.make_node("Identity", ["product"], ["again"])]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+            for n in ("same", "view", "weight", "const", "product", "again")]
+    graph = helper.make_graph(nodes, "aliasing", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                              outs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), w
+
+
+def test_only_outputs_the_call_allocates_are_handed_over_uncopied(tmp_path):
+    """An output that is a view of an input or a weight, a constant of the program, or a repeat is copied; the
+    product is returned as a view of the program's own fresh tensor. Writing into every output changes neither a
+    later call nor the weights, and a later call does not overwrite an output held from an earlier one."""
+    from bmc.compiler import compile_model
+
+    onnx_model, w = _aliasing_onnx()
+    model = load(compile_model(onnx_model, tmp_path / "alias.bmc")["output"])
+    assert model.manifest["kernels"]["cpu"]["owned_outputs"] == [False, False, False, False, True, False]
+    x = np.random.default_rng(4).standard_normal((4, 8)).astype(np.float32)
+    first = model(x.copy())
+    for out in first:
+        out[...] = 7.0
+    x2 = 2 * x
+    second = model.run({"x": x2})
+    assert np.array_equal(second["same"], x2) and np.array_equal(second["view"], x2.reshape(8, 4))
+    assert np.array_equal(second["weight"], w) and np.array_equal(second["const"], [1.5, 2.5])
+    _close(second["product"], x2.astype(np.float64) @ w)
+    assert np.array_equal(second["again"], second["product"])
+    assert not np.shares_memory(second["again"], second["product"])
+    assert np.all(first[4] == 7.0)  # the earlier product is still the caller's
+
+
+def test_aligned_inputs_are_read_in_place_and_left_unchanged(tmp_path, build_artifact):
+    """A 64-byte-aligned, writable, C-ordered input (an output of bmc, fed back as a decoding loop feeds its cache)
+    is passed to the program without a copy; any other input is copied into a kept tensor. Both give the
+    reference's result, and the program does not write into the caller's array."""
+    b = GraphBuilder("square")
+    x = b.input("x", TensorType("float32", (16, 16)))
+    w = np.random.default_rng(5).standard_normal((16, 16)).astype(np.float32) / 4
+    g = b.finish([b.emit1("matmul", [x, b.param("w", w)], "y")])
+    model = load(build_artifact(g, tmp_path / "square.bmc"))
+    raw = np.empty(16 * 16 + 16, np.float32)
+    start = (-raw.ctypes.data % 64) // 4 + 1  # 4 bytes past a 64-byte boundary
+    unaligned = raw[start:start + 256].reshape(16, 16)
+    unaligned[...] = np.random.default_rng(6).standard_normal((16, 16))
+    y1 = model(unaligned)
+    assert 0 in model._arguments[0]  # copied into the kept tensor
+    _close(y1, unaligned.astype(np.float64) @ w)
+    assert y1.ctypes.data % 64 == 0 and y1.flags.writeable and y1.flags.c_contiguous
+    model._arguments.clear()
+    kept = y1.copy()
+    y2 = model(y1)
+    assert not model._arguments[0]  # read in place: no kept tensor was needed
+    assert np.array_equal(y1, kept)
+    _close(y2, kept.astype(np.float64) @ w)
+    y1.setflags(write=False)  # DLPack cannot say read-only: such an array is copied
+    assert np.array_equal(model(y1), y2) and 0 in model._arguments[0]
