@@ -234,14 +234,17 @@ inline std::pair<int64_t, int64_t> ValidOutputs(int64_t n_out, int64_t size, int
   return {lo, std::max(lo, hi)};
 }
 
-/*! \brief The column matrix ``[C * KH * KW, OH * OW]`` of one image (and group) of a 2-D convolution, described
- *  rather than stored: the panel GEMM packs its panels straight from the image. */
+/*! \brief The column matrix ``[C * KH * KW, OH * OW]`` of one image (and group) of an unpadded 2-D convolution
+ *  (a padded one reads a zero-padded copy of its image), described rather than stored: the panel GEMM packs its
+ *  panels straight from the image. */
 struct ConvCols {
   const float* x;  // [c, h, w]
-  int64_t c, h, w, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow;
+  int64_t c, h, w, kh, kw, sh, sw, dh, dw, oh, ow;
 };
 
 bool PanelSgemmCols(int64_t m, const float* a, const ConvCols& cols, float* c);
+void PadImage(const float* x, int64_t c, int64_t h, int64_t w, int64_t pt, int64_t pl, int64_t hp, int64_t wp,
+              float* out);
 
 /*! \brief NCHW x OIHW cross-correlation as im2col + one GEMM per image and group: the column matrix
  *  ``[C * KH * KW, OH * OW]`` is written tap by tap from the unpadded input (the border zero-filled) into a
@@ -267,10 +270,18 @@ void Conv2dImpl(const Blas& blas, const ffi::TensorView& tx, const ffi::TensorVi
   const bool direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pl == 0 && pb == 0 && pr == 0;
   if constexpr (sizeof(T) == 4) {  // float32: the panel GEMM packs its panels of the columns from the image itself
     if (!direct) {
+      const int64_t hp = h + pt + pb, wp = wd + pl + pr;
+      thread_local std::vector<float> padded;  // a padded image: every tap's rows are plain copies
       bool done = true;
       for (int64_t b = 0; b < n && done; ++b) {
+        const float* xb = x + b * c * h * wd;
+        if (hp != h || wp != wd) {
+          padded.resize(static_cast<size_t>(c * hp * wp));
+          PadImage(xb, c, h, wd, pt, pl, hp, wp, padded.data());
+          xb = padded.data();
+        }
         for (int64_t gi = 0; gi < g && done; ++gi) {
-          const ConvCols cols{x + (b * c + gi * cg) * h * wd, cg, h, wd, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow};
+          const ConvCols cols{xb + gi * cg * hp * wp, cg, hp, wp, kh, kw, sh, sw, dh, dw, oh, ow};
           done = PanelSgemmCols(mg, w + gi * mg * k, cols, out + (b * m + gi * mg) * pixels);
         }
       }
@@ -549,6 +560,25 @@ void ParallelRows(int64_t n, Fn fn, int64_t max_threads = INT64_MAX) {
   for (int64_t t = 1; t < threads; ++t) workers.emplace_back(part, t);
   part(0);
   for (auto& w : workers) w.join();
+}
+
+/*! \brief out [c, h + pt + pb, w + pl + pr] = x [c, h, w] with a zero border, channels split over the threads. */
+void PadImage(const float* x, int64_t c, int64_t h, int64_t w, int64_t pt, int64_t pl, int64_t hp, int64_t wp,
+              float* out) {
+  ParallelRows(c, [=](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      float* o = out + ch * hp * wp;
+      const float* in = x + ch * h * w;
+      std::fill(o, o + pt * wp, 0.0f);
+      for (int64_t r = 0; r < h; ++r) {
+        float* row = o + (pt + r) * wp;
+        std::fill(row, row + pl, 0.0f);
+        std::memcpy(row + pl, in + r * w, sizeof(float) * w);
+        std::fill(row + pl + w, row + wp, 0.0f);
+      }
+      std::fill(o + (pt + h) * wp, o + hp * wp, 0.0f);
+    }
+  }, c * hp * wp / (int64_t{1} << 16) + 1);
 }
 
 // ---- 16-bit floats ---------------------------------------------------------------------------------------------
@@ -1797,42 +1827,37 @@ struct PanelGemm {
 };
 
 /*! \brief Panel \a j (depth rows from \a d0) of a convolution's column matrix into \a out [depth, kPackPanel]:
- *  the panel's pixels are runs along output rows; each run of each row (channel, tap) is a copy of an input row's
- *  stretch (strided when the stride is), zero where it falls into the padding. */
+ *  the panel's pixels are runs along output rows, and each run of each row (channel, tap) is a copy of a stretch of
+ *  an input row (strided when the stride is). */
 void PackConvPanel(const ConvCols& v, int64_t j, int64_t d0, int64_t depth, float* out) {
   const int64_t q0 = j * kPackPanel, cols = std::min(kPackPanel, v.oh * v.ow - q0);
   struct Run {
-    int64_t q, len, row, col;  // panel offset, length, output row, first output column
+    int64_t q, len, at;  // panel offset, length, offset of its first input value from the tap's origin
   } runs[kPackPanel];
   int64_t count = 0;
   for (int64_t q = 0; q < cols;) {
     const int64_t row = (q0 + q) / v.ow, col = (q0 + q) % v.ow, len = std::min(cols - q, v.ow - col);
-    runs[count++] = {q, len, row, col};
+    runs[count++] = {q, len, row * v.sh * v.w + col * v.sw};
     q += len;
   }
+  const int64_t taps = v.kh * v.kw;
+  int64_t ch = d0 / taps, i = d0 % taps / v.kw, jj = d0 % v.kw;
   for (int64_t p = 0; p < depth; ++p) {
-    const int64_t tap = (d0 + p) % (v.kh * v.kw), ch = (d0 + p) / (v.kh * v.kw), i = tap / v.kw, jj = tap % v.kw;
-    const auto [lo, hi] = ValidOutputs(v.ow, v.w, jj * v.dw, v.pl, v.sw);  // output columns inside the image
+    const float* origin = v.x + (ch * v.h + i * v.dh) * v.w + jj * v.dw;
     float* row = out + p * kPackPanel;
     for (int64_t r = 0; r < count; ++r) {
       const Run& run = runs[r];
-      float* dst = row + run.q;
-      const int64_t in_r = run.row * v.sh + i * v.dh - v.pt;
-      const int64_t c0 = std::clamp(lo, run.col, run.col + run.len), c1 = std::clamp(hi, c0, run.col + run.len);
-      if (in_r < 0 || in_r >= v.h || c0 >= c1) {
-        std::fill(dst, dst + run.len, 0.0f);
-        continue;
-      }
-      const float* src = v.x + (ch * v.h + in_r) * v.w + c0 * v.sw + jj * v.dw - v.pl;  // output column c0's
-      std::fill(dst, dst + (c0 - run.col), 0.0f);
       if (v.sw == 1) {
-        std::memcpy(dst + (c0 - run.col), src, sizeof(float) * (c1 - c0));
+        std::memcpy(row + run.q, origin + run.at, sizeof(float) * run.len);
       } else {
-        for (int64_t o = c0; o < c1; ++o) dst[o - run.col] = src[(o - c0) * v.sw];
+        for (int64_t o = 0; o < run.len; ++o) row[run.q + o] = origin[run.at + o * v.sw];
       }
-      std::fill(dst + (c1 - run.col), dst + run.len, 0.0f);
     }
     std::fill(row + cols, row + kPackPanel, 0.0f);
+    if (++jj == v.kw) {
+      jj = 0;
+      if (++i == v.kh) i = 0, ++ch;
+    }
   }
 }
 
@@ -1894,32 +1919,35 @@ void PackPanelF32(const PanelGemm& g, int64_t j, int64_t d0, int64_t depth, floa
   }
 }
 
-/*! \brief c[MR x 32] (= or +=) a[MR, k0:k1] @ panel[k0:k1] with AVX-512; \a m0/\a m1 mask the panel's columns. */
-template <int MR>
+/*! \brief c[MR x 16 NV] (= or +=) a[MR, k0:k1] @ the first 16 NV columns of panel[k0:k1] with AVX-512 (NV = 1:
+ *  a last panel of at most 16 columns, whose zero half is not multiplied); \a m0/\a m1 mask the stored columns. */
+template <int MR, int NV>
 __attribute__((target("avx512f"))) inline void PackedTile512(const float* a, int64_t lda, const float* bp,
                                                             int64_t depth, float* c, int64_t ldc, __mmask16 m0,
                                                             __mmask16 m1, bool accumulate) {
-  __m512 acc[MR][2];
+  static_assert(NV == 1 || NV == 2);
+  __m512 acc[MR][NV];
 #pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int i = 0; i < MR; ++i) {
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  }
   for (int64_t p = 0; p < depth; ++p) {
-    const __m512 b0 = _mm512_loadu_ps(bp + p * kPackPanel), b1 = _mm512_loadu_ps(bp + p * kPackPanel + 16);
+    __m512 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(bp + p * kPackPanel + 16 * v);
 #pragma GCC unroll 12
     for (int i = 0; i < MR; ++i) {
       const __m512 ai = _mm512_set1_ps(a[i * lda + p]);
-      acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ai, b[v], acc[i][v]);
     }
   }
+  const __mmask16 masks[2] = {m0, m1};
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
     float* ci = c + i * ldc;
-    if (accumulate) {
-      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_maskz_loadu_ps(m0, ci));
-      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_maskz_loadu_ps(m1, ci + 16));
+    for (int v = 0; v < NV; ++v) {
+      if (accumulate) acc[i][v] = _mm512_add_ps(acc[i][v], _mm512_maskz_loadu_ps(masks[v], ci + 16 * v));
+      _mm512_mask_storeu_ps(ci + 16 * v, masks[v], acc[i][v]);
     }
-    _mm512_mask_storeu_ps(ci, m0, acc[i][0]);
-    _mm512_mask_storeu_ps(ci + 16, m1, acc[i][1]);
   }
 }
 
@@ -1978,27 +2006,35 @@ void PackedRows<PackedIsa::kAvx512>(const float* a, int64_t lda, int64_t rows, c
   // 12-row tiles; a remainder under 8 rows shares the last 12 with it as two tiles of 7-10 rows (a tile of few rows
   // loads almost as much as it multiplies: 64 rows run as 4 x 12 + 2 x 8, not 5 x 12 + 4)
   const int64_t rem = rows % 12, full = rows / 12 - (rem > 0 && rem < 8 && rows > 12);
-  for (int64_t t = 0; t < full; ++t) {
-    PackedTile512<12>(a + 12 * t * lda, lda, bp, depth, c + 12 * t * ldc, ldc, m0, m1, accumulate);
-  }
-  const auto tile = [&](int64_t i, int64_t r) {
-    const float* ai = a + i * lda;
-    float* ci = c + i * ldc;
-    switch (r) {
+  const auto run = [&](auto nv) {
+    constexpr int kNv = decltype(nv)::value;
+    for (int64_t t = 0; t < full; ++t) {
+      PackedTile512<12, kNv>(a + 12 * t * lda, lda, bp, depth, c + 12 * t * ldc, ldc, m0, m1, accumulate);
+    }
+    const auto tile = [&](int64_t i, int64_t r) {
+      const float* ai = a + i * lda;
+      float* ci = c + i * ldc;
+      switch (r) {
 #define BMC_TILE512(R) \
-  case R: PackedTile512<R>(ai, lda, bp, depth, ci, ldc, m0, m1, accumulate); break;
-      BMC_TILE512(1) BMC_TILE512(2) BMC_TILE512(3) BMC_TILE512(4) BMC_TILE512(5) BMC_TILE512(6)
-      BMC_TILE512(7) BMC_TILE512(8) BMC_TILE512(9) BMC_TILE512(10) BMC_TILE512(11)
+  case R: PackedTile512<R, kNv>(ai, lda, bp, depth, ci, ldc, m0, m1, accumulate); break;
+        BMC_TILE512(1) BMC_TILE512(2) BMC_TILE512(3) BMC_TILE512(4) BMC_TILE512(5) BMC_TILE512(6)
+        BMC_TILE512(7) BMC_TILE512(8) BMC_TILE512(9) BMC_TILE512(10) BMC_TILE512(11)
 #undef BMC_TILE512
-      default: break;
+        default: break;
+      }
+    };
+    const int64_t left = rows - 12 * full;  // 0-11 rows, or 13-19 to split in two
+    if (left > 12) {
+      tile(12 * full, left - left / 2);
+      tile(12 * full + left - left / 2, left / 2);
+    } else {
+      tile(12 * full, left);
     }
   };
-  const int64_t left = rows - 12 * full;  // 0-11 rows, or 13-19 to split in two
-  if (left > 12) {
-    tile(12 * full, left - left / 2);
-    tile(12 * full + left - left / 2, left / 2);
+  if (cols > 16) {
+    run(std::integral_constant<int, 2>{});
   } else {
-    tile(12 * full, left);
+    run(std::integral_constant<int, 1>{});
   }
 }
 

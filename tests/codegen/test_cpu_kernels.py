@@ -220,9 +220,10 @@ def test_skinny_matmul_matches_blas(native_lib, monkeypatch, m, k, n, trans_b):
 
 PANEL_ISAS = {"avx512": {}, "avx2": {"BMC_CPU_NO_AVX512": "1"}, "plain": {"BMC_CPU_NO_AVX2": "1"}}
 PANEL_CASES = [  # (M, K, N): row tiles of 12 (AVX-512) / 6 (AVX2) with every tail; panels of 32 columns with tails
-    # under 16, 16-32 and none; K over 4096 runs in passes that add into c; K = 4100 x 30 rows: blocks of a's rows
+    # under 16 (AVX-512: a half-width tile), exactly 16, 16-32 and none; K over 4096 runs in passes that add into c;
+    # K = 4100 x 30 rows: blocks of a's rows
     (13, 40, 70), (12, 64, 32), (25, 7, 15), (100, 300, 17), (23, 4100, 33), (30, 4100, 40), (11, 5, 1),
-    (9, 0, 5), (47, 129, 96), (1, 768, 64),
+    (9, 0, 5), (47, 129, 96), (1, 768, 64), (20, 50, 48),
 ]
 
 
