@@ -10,8 +10,10 @@ The model is the attention core as the PyTorch exporters write it (``softmax(q @
 v``, q/k/v ``[batch, 12, seq, 64]``, the key transposed by a ``Transpose`` node, the mask a constant). bmc compiles
 it twice (``queries`` = ``seq`` for a prefill; a decoding step's one query sees every key): as it does by default (``fuse_attention`` makes it one ``attention`` op, the native kernel
 ``bmc.cpu.attention_bias``: no ``[seq, seq]`` score matrix is stored) and with the fusion turned off (BLAS batched
-matmuls around TVM's softmax, what bmc did before). Per sequence length: median latency of the three, the ratios,
-the score bytes the unfused program writes and reads, and the max abs error of both bmc builds against onnxruntime
+matmuls around TVM's softmax, what bmc did before). Per sequence length: median latency of the three, and of the
+fused build given its inputs in 64-byte-aligned memory ("in place": read where they are, as a decoding loop feeding
+bmc's own key/value outputs back gets; numpy's own arrays are copied into the program's tensors), the ratios, the
+score bytes the unfused program writes and reads, and the max abs error of both bmc builds against onnxruntime
 relative to max |onnxruntime|. Prints a table and writes ``benchmarks/results/attention.json``.
 """
 

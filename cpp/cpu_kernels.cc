@@ -39,6 +39,11 @@
  * panels of the column matrix straight from the image; float64 (and CPUs without AVX2) im2col (per image, tap by
  * tap, into a per-thread scratch matrix; none for a 1x1 stride-1 unpadded convolution) + the BLAS.
  *
+ * ``cpu_conv2d_fused(x, w, scale, shift, residual, relu, stride_h, ..., groups, out)``: float32 ``cpu_conv2d`` whose
+ * sums are stored as ``relu?(sum * scale[channel] + shift[channel] + residual)`` (an empty scale, shift or residual
+ * is left out): a bias or a folded batch norm, a residual add and a ReLU applied by the panel GEMM to each block
+ * of the output while it is in cache, instead of by a TVM kernel reading the whole output again.
+ *
  * ``cpu_attention(q, k, v, scale, transpose_k, out)`` / ``cpu_attention_bias(q, k, v, bias, scale, transpose_k,
  * out)``: float32 ``softmax(scale * q @ kt + bias) @ v`` of ``q [..., M, D]``, ``kt [..., D, N]`` (or ``k [..., N,
  * D]`` with transpose_k), ``v [..., N, E]`` (one batch shape) and a bias broadcasting to ``[..., M, N]``, a block of query rows at a time so the score matrix is never
@@ -242,7 +247,42 @@ struct ConvCols {
   int64_t c, h, w, kh, kw, sh, sw, dh, dw, oh, ow;
 };
 
-bool PanelSgemmCols(int64_t m, const float* a, const ConvCols& cols, float* c);
+/*! \brief What a GEMM does to its sums as it stores them: ``c = relu?(c * scale[row] + shift[row] + residual)``,
+ *  each part optional (a convolution's bias or folded batch norm, a residual add, a ReLU). */
+struct Epilogue {
+  const float* scale = nullptr;     // per row of c (an output channel), or none
+  const float* shift = nullptr;     // per row of c, or none
+  const float* residual = nullptr;  // laid out as c (row stride ldr), or none
+  int64_t ldr = 0;
+  bool relu = false;
+
+  bool Active() const { return scale != nullptr || shift != nullptr || residual != nullptr || relu; }
+  /*! \brief The epilogue of the rows from \a row on (the residual's from \a at on). */
+  Epilogue From(int64_t row, int64_t at) const {
+    return {scale ? scale + row : nullptr, shift ? shift + row : nullptr, residual ? residual + at : nullptr, ldr,
+            relu};
+  }
+};
+
+/*! \brief Applies \a e to rows [r0, r0 + rows) and columns [c0, c0 + cols) of \a c (row stride \a ldc). */
+inline void ApplyEpilogue(const Epilogue& e, float* c, int64_t ldc, int64_t r0, int64_t rows, int64_t c0,
+                          int64_t cols) {
+  for (int64_t i = r0; i < r0 + rows; ++i) {
+    float* ci = c + i * ldc + c0;
+    const float s = e.scale ? e.scale[i] : 1.0f, t = e.shift ? e.shift[i] : 0.0f;
+    const float* ri = e.residual ? e.residual + i * e.ldr + c0 : nullptr;
+    for (int64_t j = 0; j < cols; ++j) {
+      float v = ci[j] * s + t;
+      if (ri != nullptr) v += ri[j];
+      ci[j] = e.relu ? std::max(v, 0.0f) : v;
+    }
+  }
+}
+
+/*! \brief c [m, n] = a [m, k] @ (the convolution's columns \a cols, or \a b [k, n] itself) on the panel GEMM, then
+ *  \a ep (false, nothing done: this CPU or shape is for the im2col + BLAS path). */
+bool PanelConv(int64_t m, int64_t n, int64_t k, const float* a, const float* b, const ConvCols* cols, float* c,
+               const Epilogue* ep);
 void PadImage(const float* x, int64_t c, int64_t h, int64_t w, int64_t pt, int64_t pl, int64_t hp, int64_t wp,
               float* out);
 
@@ -252,7 +292,7 @@ void PadImage(const float* x, int64_t c, int64_t h, int64_t w, int64_t pt, int64
 template <typename T>
 void Conv2dImpl(const Blas& blas, const ffi::TensorView& tx, const ffi::TensorView& tw, int64_t sh, int64_t sw,
                 int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw, int64_t g,
-                const ffi::TensorView& tout, const T* x, const T* w, T* out) {
+                const ffi::TensorView& tout, const T* x, const T* w, T* out, const Epilogue& ep = Epilogue()) {
   if (tx.ndim() != 4 || tw.ndim() != 4 || tout.ndim() != 4) {
     TVM_FFI_THROW(ValueError) << "cpu_conv2d: x, w and out must be 4-D (NCHW, OIHW)";
   }
@@ -269,24 +309,25 @@ void Conv2dImpl(const Blas& blas, const ffi::TensorView& tx, const ffi::TensorVi
   const int64_t mg = m / g, k = cg * kh * kw, pixels = oh * ow;
   const bool direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pl == 0 && pb == 0 && pr == 0;
   if constexpr (sizeof(T) == 4) {  // float32: the panel GEMM packs its panels of the columns from the image itself
-    if (!direct) {
-      const int64_t hp = h + pt + pb, wp = wd + pl + pr;
-      thread_local std::vector<float> padded;  // a padded image: every tap's rows are plain copies
-      bool done = true;
-      for (int64_t b = 0; b < n && done; ++b) {
-        const float* xb = x + b * c * h * wd;
-        if (hp != h || wp != wd) {
-          padded.resize(static_cast<size_t>(c * hp * wp));
-          PadImage(xb, c, h, wd, pt, pl, hp, wp, padded.data());
-          xb = padded.data();
-        }
-        for (int64_t gi = 0; gi < g && done; ++gi) {
-          const ConvCols cols{xb + gi * cg * hp * wp, cg, hp, wp, kh, kw, sh, sw, dh, dw, oh, ow};
-          done = PanelSgemmCols(mg, w + gi * mg * k, cols, out + (b * m + gi * mg) * pixels);
-        }
+    const int64_t hp = h + pt + pb, wp = wd + pl + pr;
+    thread_local std::vector<float> padded;  // a padded image: every tap's rows are plain copies
+    bool done = true;
+    for (int64_t b = 0; b < n && done; ++b) {
+      const float* xb = x + b * c * h * wd;
+      if (!direct && (hp != h || wp != wd)) {
+        padded.resize(static_cast<size_t>(c * hp * wp));
+        PadImage(xb, c, h, wd, pt, pl, hp, wp, padded.data());
+        xb = padded.data();
       }
-      if (done) return;
+      for (int64_t gi = 0; gi < g && done; ++gi) {
+        const ConvCols cols{xb + gi * cg * hp * wp, cg, hp, wp, kh, kw, sh, sw, dh, dw, oh, ow};
+        const int64_t first = b * m + gi * mg;
+        const Epilogue e = ep.From(gi * mg, first * pixels);
+        done = PanelConv(mg, pixels, k, w + gi * mg * k, direct ? xb + gi * cg * h * wd : nullptr,
+                         direct ? nullptr : &cols, out + first * pixels, e.Active() ? &e : nullptr);
+      }
     }
+    if (done) return;
   }
   thread_local std::vector<T> scratch;  // the column matrix, reused by the next call of this size or smaller
   if (!direct) scratch.resize(static_cast<size_t>(c * kh * kw * pixels));
@@ -323,6 +364,9 @@ void Conv2dImpl(const Blas& blas, const ffi::TensorView& tx, const ffi::TensorVi
     for (int64_t gi = 0; gi < g; ++gi) {
       Gemm<T>(blas, false, false, mg, pixels, k, w + gi * mg * k, k, col + gi * k * pixels, pixels,
               out + (b * m + gi * mg) * pixels, pixels);
+    }
+    if constexpr (sizeof(T) == 4) {
+      if (ep.Active()) ApplyEpilogue(ep.From(0, b * m * pixels), out + b * m * pixels, pixels, 0, m, 0, pixels);
     }
   }
 }
@@ -1824,7 +1868,18 @@ struct PanelGemm {
   const ConvCols* conv = nullptr;  // b is this convolution's column matrix (b, ldb, tb unused)
   const uint16_t* b16 = nullptr;   // b is 16-bit (bfloat16 when bf16, else float16), widened as it is packed
   bool bf16 = false;
+  const Epilogue* ep = nullptr;    // applied to each block of c after its last pass over k
 };
+
+/*! \brief dst[0:n] = src[0:n] for n <= kPackPanel: a whole panel row as a fixed-size copy the compiler inlines
+ *  (a call of libc's memcpy per 128-byte row was 5% of ResNet-50). */
+inline void CopyShort(float* dst, const float* src, int64_t n) {
+  if (n == kPackPanel) {
+    std::memcpy(dst, src, sizeof(float) * kPackPanel);
+  } else {
+    std::memcpy(dst, src, sizeof(float) * n);
+  }
+}
 
 /*! \brief Panel \a j (depth rows from \a d0) of a convolution's column matrix into \a out [depth, kPackPanel]:
  *  the panel's pixels are runs along output rows, and each run of each row (channel, tap) is a copy of a stretch of
@@ -1848,7 +1903,7 @@ void PackConvPanel(const ConvCols& v, int64_t j, int64_t d0, int64_t depth, floa
     for (int64_t r = 0; r < count; ++r) {
       const Run& run = runs[r];
       if (v.sw == 1) {
-        std::memcpy(row + run.q, origin + run.at, sizeof(float) * run.len);
+        CopyShort(row + run.q, origin + run.at, run.len);
       } else {
         for (int64_t o = 0; o < run.len; ++o) row[run.q + o] = origin[run.at + o * v.sw];
       }
@@ -1913,7 +1968,7 @@ void PackPanelF32(const PanelGemm& g, int64_t j, int64_t d0, int64_t depth, floa
     } else if (g.tb) {
       for (int64_t q = 0; q < cols; ++q) row[q] = g.b[(c0 + q) * g.ldb + d0 + p];
     } else {
-      std::memcpy(row, g.b + (d0 + p) * g.ldb + c0, sizeof(float) * cols);
+      CopyShort(row, g.b + (d0 + p) * g.ldb + c0, cols);
     }
     std::fill(row + cols, row + kPackPanel, 0.0f);
   }
@@ -2080,10 +2135,13 @@ void PanelGemmRun(const PanelGemm& g) {
       float* c = g.c + b0 * g.ldc + j * kPackPanel;
       if (g.k == 0) {
         for (int64_t i = 0; i < b1 - b0; ++i) std::fill(c + i * g.ldc, c + i * g.ldc + cols, 0.0f);
-        return;
+      } else {
+        PackedRows<Isa>(g.a + b0 * g.lda + d, g.lda, b1 - b0, panel, std::min(kPackedDepth, g.k - d), c, g.ldc,
+                        cols, d > 0);
       }
-      PackedRows<Isa>(g.a + b0 * g.lda + d, g.lda, b1 - b0, panel, std::min(kPackedDepth, g.k - d), c, g.ldc,
-                      cols, d > 0);
+      if (g.ep != nullptr && d + kPackedDepth >= g.k) {  // the block's sums are final (and still in cache)
+        ApplyEpilogue(*g.ep, g.c, g.ldc, b0, b1 - b0, j * kPackPanel, cols);
+      }
     };
     for (int64_t d = 0; d < std::max<int64_t>(g.k, 1); d += kPackedDepth) {
       if (g.bp != nullptr) {
@@ -2134,12 +2192,12 @@ bool PanelSgemm(bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_
   return true;
 }
 
-/*! \brief c [m, OH * OW] = a [m, C * KH * KW] @ the convolution's columns (false: no AVX2, the caller's im2col +
- *  BLAS runs it). */
-bool PanelSgemmCols(int64_t m, const float* a, const ConvCols& cols, float* c) {
-  if (PanelIsa() == PackedIsa::kPlain) return false;
-  const int64_t k = cols.c * cols.kh * cols.kw, n = cols.oh * cols.ow;
-  RunPanelGemm(PanelGemm{a, k, nullptr, nullptr, 0, false, c, n, m, n, k, &cols});
+bool PanelConv(int64_t m, int64_t n, int64_t k, const float* a, const float* b, const ConvCols* cols, float* c,
+               const Epilogue* ep) {
+  if (PanelIsa() == PackedIsa::kPlain || (cols == nullptr && m <= kSkinnyRows)) return false;
+  PanelGemm g{a, k, nullptr, b, n, false, c, n, m, n, k, cols};
+  g.ep = ep;
+  RunPanelGemm(g);
   return true;
 }
 
@@ -2357,6 +2415,34 @@ void CpuConv2d(ffi::TensorView x, ffi::TensorView w, int64_t sh, int64_t sw, int
   }
 }
 
+void CpuConv2dFused(ffi::TensorView x, ffi::TensorView w, ffi::TensorView scale, ffi::TensorView shift,
+                    ffi::TensorView residual, bool relu, int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb,
+                    int64_t pr, int64_t dh, int64_t dw, int64_t groups, ffi::TensorView out) {
+  const DLDataType f32{kDLFloat, 32, 1};
+  for (const auto& [t, name] : {std::pair{&x, "x"}, {&w, "w"}, {&scale, "scale"}, {&shift, "shift"},
+                                {&residual, "residual"}, {&out, "out"}}) {
+    CheckOperand(*t, f32, name);
+  }
+  const int64_t m = out.ndim() == 4 ? Dim(out, 1) : 0;
+  for (const auto& [t, name] : {std::pair{&scale, "scale"}, {&shift, "shift"}}) {
+    if (t->numel() != 0 && (t->ndim() != 1 || t->numel() != m)) {
+      TVM_FFI_THROW(ValueError) << "cpu_conv2d_fused: " << name << " must be [" << m << "] (one per output channel) "
+                                   "or empty";
+    }
+  }
+  if (residual.numel() != 0 && residual.numel() != out.numel()) {
+    TVM_FFI_THROW(ValueError) << "cpu_conv2d_fused: residual must have out's shape or be empty";
+  }
+  Epilogue ep;
+  ep.scale = scale.numel() ? Data<float>(scale) : nullptr;
+  ep.shift = shift.numel() ? Data<float>(shift) : nullptr;
+  ep.residual = residual.numel() ? Data<float>(residual) : nullptr;
+  ep.ldr = out.ndim() == 4 ? Dim(out, 2) * Dim(out, 3) : 0;
+  ep.relu = relu;
+  Conv2dImpl<float>(GetBlas(), x, w, sh, sw, pt, pl, pb, pr, dh, dw, groups, out, Data<float>(x), Data<float>(w),
+                    Data<float>(out), ep);
+}
+
 void CpuMatmulNBits(ffi::TensorView a, ffi::TensorView codes, ffi::TensorView scales, ffi::TensorView out) {
   MatmulNBitsImpl(a, codes, scales, nullptr, out);
 }
@@ -2393,6 +2479,7 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(blas_bind, bmc::native::BlasBind);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(blas_bound, bmc::native::BlasBound);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul, bmc::native::CpuMatmul);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_conv2d, bmc::native::CpuConv2d);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_conv2d_fused, bmc::native::CpuConv2dFused);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_pack_weight, bmc::native::CpuPackWeight);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_packed, bmc::native::CpuMatmulPacked);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_nbits, bmc::native::CpuMatmulNBits);

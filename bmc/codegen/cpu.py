@@ -15,7 +15,10 @@ Two things make bmc's llvm code fast, and both live here so the choices are made
    ``bmc.cpu.conv2d(x, w, stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, dil_w, groups, out)``: im2col plus
    one BLAS GEMM per image (batched over groups), chosen per op by :func:`choose_conv2d` (tiny convs and
    depthwise-like groups stay in TVM, whose untuned conv loop nest is ~50-100x slower than BLAS on ResNet-50's
-   convs). ``BMC_CPU_CONV=tvm`` keeps every conv in TVM (for before/after measurements).
+   convs). ``BMC_CPU_CONV=tvm`` keeps every conv in TVM (for before/after measurements). A float32 conv whose
+   result then only goes through per-channel adds/subtracts/multiplies (a bias, an inference batch norm), a residual
+   add and a ReLU becomes ``bmc.cpu.conv2d_fused``, which applies them as it stores each block of the output
+   (:func:`fuse_conv_epilogues`).
 2. **Schedules.** After fusion every PrimFunc gets a schedule from ordered rules (dlight style, fallback last):
    dlight's CPU ``Reduction`` (softmax, layer/RMS norm: parallel rows, vectorized injective parts), then
    :class:`ParallelFallback` (inline what can be inlined, parallelize the leading spatial loops over the thread
@@ -31,13 +34,14 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import numpy as np
 import tvm
 from tvm import relax
 
 from bmc.codegen.rewrite import (bound_fusion, counting_pass, owned_outputs, rewrite_functions, split_slices,
-                                 static_shape, vector_lanes)
-from bmc.runtime.kernels import (CONV2D_KERNEL, MATMUL_KERNEL, MATMUL_PACKED_KERNEL, PACK_PANEL, PACK_WEIGHT_KERNEL,
-                                 pack_weights_enabled)
+                                 static_shape, use_counts, vector_lanes)
+from bmc.runtime.kernels import (CONV2D_FUSED_KERNEL, CONV2D_KERNEL, MATMUL_KERNEL, MATMUL_PACKED_KERNEL, PACK_PANEL,
+                                 PACK_WEIGHT_KERNEL, pack_weights_enabled)
 
 #: result dtypes the BLAS kernel handles (sgemm, dgemm); anything else stays a TVM kernel
 BLAS_DTYPES = ("float32", "float64")
@@ -231,6 +235,125 @@ def offload_matmul(record: dict | None = None, *, conv: bool = True, kernel: str
                                     "shapes": dict(offloader.conv_shapes)}
             record["requires"] = [kernel] * bool(blas) + [CONV2D_KERNEL] * bool(conv_blas)
         # the folded permute_dims are now dead
+        return relax.transform.DeadCodeElimination()(mod)
+
+    return _pass
+
+
+# ------------------------------------------------------------------------------------------ conv epilogues
+
+_EPILOGUE_OPS = ("relax.add", "relax.subtract", "relax.multiply")
+
+
+def _epilogue_chains(func: relax.Function) -> dict:
+    """Per ``bmc.cpu.conv2d`` call of float32 ``func`` that feeds a chain ``(add | subtract | multiply by a value
+    broadcast along the channels)* → add of a tensor of the output's shape? → relu?``, each link the only use of
+    the one before: ``{the chain's last var: (conv operands, [(op, operand)], residual or None, relu)}``. Where two
+    chains meet (a residual block's add of two conv branches), the earlier conv's takes the add and the later one's
+    ends before it."""
+    bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+    uses = use_counts(func)
+    users: dict = {}
+    for var, value in bound.items():
+        for v in relax.analysis.free_vars(value):
+            users.setdefault(v, []).append(var)
+    chains, claimed = {}, set()
+    for var, value in bound.items():
+        ops = _kernel_operands(value, CONV2D_KERNEL)
+        if ops is None or str(value.ty.dtype) != "float32" or str(ops[0].ty.dtype) != "float32":
+            continue
+        shape = static_shape(value.ty)
+        channels = shape[1]
+        links, residual, relu, cur = [], None, False, var
+        while not relu and uses[cur] == 1 and len(users.get(cur, [])) == 1:
+            nxt = users[cur][0]
+            call = bound[nxt]
+            if nxt in claimed or not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)):
+                break
+            name = call.op.name
+            if name == "relax.nn.relu":
+                relu = True
+            elif name not in _EPILOGUE_OPS or residual is not None or len(call.args) != 2:
+                break
+            else:
+                a, b = call.args
+                other = b if a.same_as(cur) else a if name != "relax.subtract" and b.same_as(cur) else None
+                if other is None or other.same_as(cur) or str(other.ty.dtype) != "float32":
+                    break
+                other_shape = static_shape(other.ty)
+                if other_shape is not None and len(other_shape) <= len(shape) and all(
+                        d == 1 or (i == len(shape) - 2 and d == channels) for i, d in enumerate(other_shape[::-1])):
+                    links.append((name, other))  # broadcast along the channels: [C, 1, 1], [1, C, 1, 1], a scalar
+                elif name == "relax.add" and other_shape == shape:
+                    residual = other
+                else:
+                    break
+            cur = nxt
+            claimed.add(cur)
+        if cur is not var:
+            chains[cur] = (ops, links, residual, relu)
+    return chains
+
+
+@relax.expr_functor.mutator
+class _ConvEpilogues(relax.PyExprMutator):
+    """The last binding of each chain of :func:`_epilogue_chains` becomes one ``bmc.cpu.conv2d_fused`` call, its
+    per-channel links folded into a scale and a shift (``[C]``, computed by the program from their operands); the
+    conv call and the links are then dead."""
+
+    def __init__(self, mod=None):
+        super().__init__(mod)
+        self.chains: dict = {}
+        self.count = 0
+
+    def _per_channel(self, operand, channels: int):
+        size = math.prod(static_shape(operand.ty))
+        flat = self.builder_.emit(relax.op.reshape(self.visit_expr(operand), [size]))
+        return flat if size == channels else self.builder_.emit(relax.op.broadcast_to(flat, [channels]))
+
+    def visit_var_binding_(self, binding):  # noqa: N802 (TVM's visitor naming)
+        if binding.var not in self.chains:
+            return super().visit_var_binding_(binding)
+        ops, links, residual, relu = self.chains[binding.var]
+        channels = static_shape(binding.var.ty)[1]
+        emit = self.builder_.emit
+        scale = shift = None
+        for name, operand in links:
+            v = self._per_channel(operand, channels)
+            if name == "relax.multiply":
+                scale = v if scale is None else emit(relax.op.multiply(scale, v))
+                shift = None if shift is None else emit(relax.op.multiply(shift, v))
+            elif name == "relax.add":
+                shift = v if shift is None else emit(relax.op.add(shift, v))
+            else:
+                shift = emit(relax.op.negative(v)) if shift is None else emit(relax.op.subtract(shift, v))
+        empty = relax.const(np.zeros(0, "float32"))
+        x, w, *conv = (self.visit_expr(a) for a in ops)
+        args = [x, w, scale if scale is not None else empty, shift if shift is not None else empty,
+                self.visit_expr(residual) if residual is not None else empty, relax.expr.prim_value(int(relu)),
+                *conv]
+        call = relax.call_dps_packed(CONV2D_FUSED_KERNEL, args, out_ty=binding.var.ty)
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(call)))
+        self.count += 1
+
+
+def fuse_conv_epilogues(record: dict | None = None) -> tvm.transform.Pass:
+    """Module pass (after :func:`offload_matmul`): a float32 ``bmc.cpu.conv2d`` whose result goes through a bias or
+    batch norm (per-channel adds, subtracts and multiplies), a residual add and/or a ReLU becomes
+    ``bmc.cpu.conv2d_fused``, which applies them as the GEMM stores each block of the output (ResNet-50: no TVM
+    kernel rereads a conv's output); ``record["conv2d"]["fused"]`` counts them."""
+
+    @tvm.transform.module_pass(opt_level=0, name="BmcFuseConvEpilogues")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mutator = _ConvEpilogues(mod)
+        mod = rewrite_functions(mutator, mod, prepare=lambda func: setattr(mutator, "chains", _epilogue_chains(func)))
+        if record is not None and mutator.count:
+            conv = record.setdefault("conv2d", {})
+            conv["fused"] = mutator.count
+            requires = set(record.get("requires", [])) | {CONV2D_FUSED_KERNEL}
+            if mutator.count == conv.get("blas"):  # no plain conv call is left
+                requires.discard(CONV2D_KERNEL)
+            record["requires"] = sorted(requires)
         return relax.transform.DeadCodeElimination()(mod)
 
     return _pass
@@ -562,7 +685,8 @@ def simd_features(target) -> list[str]:
 def cpu_pipeline(target, record: dict | None = None, *, offload: bool = True, offload_conv: bool | None = None,
                  schedule: bool = True, fast_math_ops: bool = True, tune=None):
     """The Relax pipeline for llvm: decompose, splits to slices (:func:`bmc.codegen.rewrite.split_slices`), offload
-    matmuls (+ convs), fast math, legalize + fuse, [tune], schedule, lower.
+    matmuls (+ convs, with their epilogues), pack weights, fast math, legalize + fuse, [tune], schedule, lower, and
+    record which outputs the program allocates (:func:`bmc.codegen.rewrite.owned_outputs`).
 
     ``offload_conv`` (default: ``offload``, unless ``BMC_CPU_CONV=tvm`` is set) routes large 2-D convolutions to
     ``bmc.cpu.conv2d``. ``tune`` is an optional pass (MetaSchedule, ``bmc.codegen.tune.tune_pass``) run after fusion;
@@ -576,7 +700,8 @@ def cpu_pipeline(target, record: dict | None = None, *, offload: bool = True, of
 
     passes = [relax.transform.DecomposeOpsForInference(), split_slices(record)]
     if offload:
-        passes += [offload_matmul(record, conv=offload_conv, mixed=HALF_MIXED), prepack_weights(record)]
+        passes += [offload_matmul(record, conv=offload_conv, mixed=HALF_MIXED), fuse_conv_epilogues(record),
+                   prepack_weights(record)]
     passes.append(widen_float16(record))
     if fast_math_ops:
         passes.append(fast_math(record))

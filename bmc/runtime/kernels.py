@@ -2,7 +2,8 @@
 
 An llvm artifact may call ``bmc.cpu.matmul(a, b, trans_a, trans_b, out)`` and ``bmc.cpu.conv2d(x, w, strides...,
 pads..., dilations..., groups, out)`` (the codegen offloads float32/float64 matmuls and large 2-D convolutions to
-BLAS, see ``bmc/codegen/cpu.py``), and the quantized matmuls ``bmc.cpu.matmul_nbits[_zp]`` (4-bit weights) and
+bmc's GEMM or BLAS, see ``bmc/codegen/cpu.py``; ``bmc.cpu.conv2d_fused`` also applies a bias, batch norm, residual
+add and ReLU), and the quantized matmuls ``bmc.cpu.matmul_nbits[_zp]`` (4-bit weights) and
 ``bmc.cpu.matmul_integer`` (8-bit integer products), and ``bmc.cpu.attention[_bias]`` (fused attention); the
 manifest lists the names under ``kernels.cpu.requires``. The TVM VM resolves packed-function names when it is
 constructed, so the runtime calls
@@ -41,6 +42,10 @@ import numpy as np
 MATMUL_KERNEL = "bmc.cpu.matmul"
 #: ``bmc.cpu.conv2d(x, w, stride_h, stride_w, pad_top, pad_left, pad_bottom, pad_right, dil_h, dil_w, groups, out)``
 CONV2D_KERNEL = "bmc.cpu.conv2d"
+#: ``bmc.cpu.conv2d_fused(x, w, scale, shift, residual, relu, stride_h, ..., groups, out)``: float32 ``conv2d`` whose
+#: result is stored as ``relu?(conv * scale[c] + shift[c] + residual)``; an empty (``[0]``) scale, shift or
+#: residual is left out (a conv's bias or batch norm, a residual add and a ReLU applied as the GEMM stores)
+CONV2D_FUSED_KERNEL = "bmc.cpu.conv2d_fused"
 #: ``bmc.cpu.matmul_nbits(a, codes, scales, out)`` and ``..._zp(a, codes, scales, zero_points, out)``: float32
 #: ``a @ W.T`` with W given as 4-bit codes ``[N, blocks, block/2]`` (the ``matmul_nbits`` op)
 MATMUL_NBITS_KERNEL = "bmc.cpu.matmul_nbits"
@@ -67,7 +72,7 @@ PACK_PANEL = 32
 #: default TVM_THREAD_POOL_SPIN_COUNT (see set_num_threads); 0: idle TVM workers sleep at once
 TVM_SPIN_COUNT = int(os.environ.get("BMC_TVM_SPIN_COUNT", "0"))
 #: every kernel name an llvm artifact may require, with what ``register_cpu_kernels`` installs for it
-CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL, MATMUL_INTEGER_KERNEL,
+CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, CONV2D_FUSED_KERNEL, MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL, MATMUL_INTEGER_KERNEL,
                ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL, MATMUL_FLOAT8_KERNEL, MATMUL_PACKED_KERNEL, PACK_WEIGHT_KERNEL)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -440,17 +445,32 @@ def _conv2d_numpy(x, w, stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, d
                  out=np.from_dlpack(out))
 
 
+def _conv2d_fused_numpy(x, w, scale, shift, residual, relu, *conv) -> None:
+    """``bmc.cpu.conv2d_fused``: ``bmc.cpu.conv2d``, then the epilogue on the output in place."""
+    _conv2d_numpy(x, w, *conv)
+    y = np.from_dlpack(conv[-1])
+    scale, shift, residual = (host_array(t) for t in (scale, shift, residual))
+    if scale.size:
+        y *= scale.reshape(-1, 1, 1)
+    if shift.size:
+        y += shift.reshape(-1, 1, 1)
+    if residual.size:
+        y += residual
+    if relu:
+        np.maximum(y, 0, out=y)
+
+
 #: the native library's function behind each kernel name, and the numpy implementation of the same contract
-_NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", CONV2D_KERNEL: "cpu_conv2d", MATMUL_NBITS_KERNEL: "cpu_matmul_nbits",
-                   MATMUL_NBITS_ZP_KERNEL: "cpu_matmul_nbits_zp", MATMUL_INTEGER_KERNEL: "cpu_matmul_integer",
-                   ATTENTION_KERNEL: "cpu_attention", ATTENTION_BIAS_KERNEL: "cpu_attention_bias",
-                   MATMUL_FLOAT8_KERNEL: "cpu_matmul_float8", MATMUL_PACKED_KERNEL: "cpu_matmul_packed",
-                   PACK_WEIGHT_KERNEL: "cpu_pack_weight"}
-_NUMPY_KERNELS = {MATMUL_KERNEL: _matmul_numpy, CONV2D_KERNEL: _conv2d_numpy, MATMUL_NBITS_KERNEL: _matmul_nbits_numpy,
-                  MATMUL_NBITS_ZP_KERNEL: _matmul_nbits_numpy, MATMUL_INTEGER_KERNEL: _matmul_integer_numpy,
-                  ATTENTION_KERNEL: _attention_numpy, ATTENTION_BIAS_KERNEL: _attention_numpy,
-                  MATMUL_FLOAT8_KERNEL: _matmul_float8_numpy, MATMUL_PACKED_KERNEL: _matmul_packed_numpy,
-                  PACK_WEIGHT_KERNEL: _pack_weight_numpy}
+_NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", CONV2D_KERNEL: "cpu_conv2d", CONV2D_FUSED_KERNEL: "cpu_conv2d_fused",
+                   MATMUL_NBITS_KERNEL: "cpu_matmul_nbits", MATMUL_NBITS_ZP_KERNEL: "cpu_matmul_nbits_zp",
+                   MATMUL_INTEGER_KERNEL: "cpu_matmul_integer", ATTENTION_KERNEL: "cpu_attention",
+                   ATTENTION_BIAS_KERNEL: "cpu_attention_bias", MATMUL_FLOAT8_KERNEL: "cpu_matmul_float8",
+                   MATMUL_PACKED_KERNEL: "cpu_matmul_packed", PACK_WEIGHT_KERNEL: "cpu_pack_weight"}
+_NUMPY_KERNELS = {MATMUL_KERNEL: _matmul_numpy, CONV2D_KERNEL: _conv2d_numpy, CONV2D_FUSED_KERNEL: _conv2d_fused_numpy,
+                  MATMUL_NBITS_KERNEL: _matmul_nbits_numpy, MATMUL_NBITS_ZP_KERNEL: _matmul_nbits_numpy,
+                  MATMUL_INTEGER_KERNEL: _matmul_integer_numpy, ATTENTION_KERNEL: _attention_numpy,
+                  ATTENTION_BIAS_KERNEL: _attention_numpy, MATMUL_FLOAT8_KERNEL: _matmul_float8_numpy,
+                  MATMUL_PACKED_KERNEL: _matmul_packed_numpy, PACK_WEIGHT_KERNEL: _pack_weight_numpy}
 
 
 # ------------------------------------------------------------------------------------------ native library

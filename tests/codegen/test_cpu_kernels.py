@@ -707,6 +707,97 @@ def test_conv2d_numpy_kernel_matches_reference(case):
                                atol=1e-5 * float(np.max(np.abs(ref))))
 
 
+EPILOGUE_CASES = CONV_CASES + [((1, 64, 16, 16), (8, 64, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1)]  # 1x1, 8 rows
+
+
+@pytest.mark.parametrize("case", EPILOGUE_CASES, ids=[f"{c[1][2]}x{c[1][3]}s{c[2]}p{c[3]}g{c[5]}o{c[1][0]}"
+                                                      .replace(" ", "") for c in EPILOGUE_CASES])
+def test_conv_epilogue_is_fused_into_the_kernel(impl, case):
+    """``relu(conv(x, w) * s - m + b + residual)`` (a batch norm's per-channel scale and shift, in both broadcast
+    forms, a residual add, a ReLU) becomes one ``bmc.cpu.conv2d_fused`` call, which applies them as the panel GEMM
+    stores each block (or after the im2col + BLAS path: 1x1 with <= 8 output channels, and the numpy kernel)."""
+    from bmc.ops import OPS
+
+    x_shape, w_shape, strides, pads, dilations, groups = case
+    attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": groups}
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal(x_shape).astype("float32"), rng.standard_normal(w_shape).astype("float32")
+    (conv,) = OPS["conv"].reference([x, w], attrs)
+    c = w_shape[0]
+    s, m = rng.uniform(0.5, 2, (c, 1, 1)).astype("float32"), rng.standard_normal((1, c, 1, 1)).astype("float32")
+    bias, residual = rng.standard_normal((c, 1, 1)).astype("float32"), rng.standard_normal(conv.shape).astype("float32")
+    b = GraphBuilder("conv_epilogue")
+    xv, wv, rv = (b.input(n, TensorType("float32", a.shape)) for n, a in (("x", x), ("w", w), ("r", residual)))
+    y = b.emit1("conv", [xv, wv], **attrs)
+    for op, value in (("mul", s), ("sub", m), ("add", bias)):
+        y = b.emit1(op, [y, b.param(f"p{op}", value)])
+    y = b.emit1("relu", [b.emit1("add", [rv, y])])
+    built, got = _run(b.finish([y]), [x, w, residual, s, m, bias], native=impl == "native")  # inputs, params
+    rec = built.kernels["cpu"]
+    assert rec["conv2d"]["fused"] == 1 and rec["requires"] == ["bmc.cpu.conv2d_fused"], rec
+    ref = np.maximum(conv * s - m + bias + residual, 0)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
+
+
+def test_conv_epilogue_stops_where_a_value_is_read_twice():
+    """A conv result that is also an output, or a link read by two ops, ends the chain there: the part before is
+    fused, nothing is computed twice."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 16, 10, 10)).astype("float32")
+    w = rng.standard_normal((32, 16, 3, 3)).astype("float32")
+    bias = rng.standard_normal((32, 1, 1)).astype("float32")
+    attrs = {"strides": (1, 1), "pads": (1, 1, 1, 1), "dilations": (1, 1), "group": 1}
+    b = GraphBuilder("conv_twice")
+    xv, wv = b.input("x", TensorType("float32", x.shape)), b.input("w", TensorType("float32", w.shape))
+    biased = b.emit1("add", [b.emit1("conv", [xv, wv], **attrs), b.param("bias", bias)])
+    outs = [b.emit1("relu", [biased]), b.emit1("sigmoid", [biased])]
+    g = b.finish(outs)
+    import tvm
+    from tvm import relax
+
+    from bmc.codegen.build import build
+    from bmc.codegen.targets import TargetSpec
+    from bmc.ops import OPS
+
+    built = build(g, TargetSpec.parse("llvm"))
+    rec = built.kernels["cpu"]
+    assert rec["conv2d"]["fused"] == 1 and rec["requires"] == ["bmc.cpu.conv2d_fused"], rec  # conv + bias only
+    vm = relax.VirtualMachine(built.executable, tvm.cpu())
+    got = [t.numpy() for t in vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), tvm.runtime.tensor(bias))]
+    (conv,) = OPS["conv"].reference([x, w], attrs)
+    for out, ref in zip(got, (np.maximum(conv + bias, 0), 1 / (1 + np.exp(-(conv + bias))))):
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
+
+
+def test_conv_branches_meeting_at_a_residual_add_are_both_fused(impl):
+    """A residual block with a projection: ``relu(bn(conv_a(x)) + bn(conv_b(x)))``. The first conv's call takes
+    the add and the ReLU, the second's ends with its own batch norm and is read as the residual."""
+    from bmc.ops import OPS
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((1, 16, 12, 12)).astype("float32")
+    wa, wb = (rng.standard_normal((32, 16, k, k)).astype("float32") for k in (3, 1))
+    scales = [rng.uniform(0.5, 2, (32, 1, 1)).astype("float32") for _ in range(2)]
+    shifts = [rng.standard_normal((32, 1, 1)).astype("float32") for _ in range(2)]
+    b = GraphBuilder("residual_block")
+    xv = b.input("x", TensorType("float32", x.shape))
+    branches = []
+    for i, (w, pads) in enumerate(((wa, (1, 1, 1, 1)), (wb, (0, 0, 0, 0)))):
+        y = b.emit1("conv", [xv, b.param(f"w{i}", w)], strides=(1, 1), pads=pads, dilations=(1, 1), group=1)
+        y = b.emit1("mul", [y, b.param(f"s{i}", scales[i])])
+        branches.append(b.emit1("add", [y, b.param(f"t{i}", shifts[i])]))
+    g = b.finish([b.emit1("relu", [b.emit1("add", branches)])])
+    built, got = _run(g, [x, wa, scales[0], shifts[0], wb, scales[1], shifts[1]], native=impl == "native")
+    rec = built.kernels["cpu"]
+    assert rec["conv2d"]["blas"] == 2 and rec["conv2d"]["fused"] == 2, rec
+    ref = 0
+    for w, s, t, p in ((wa, scales[0], shifts[0], (1, 1, 1, 1)), (wb, scales[1], shifts[1], (0, 0, 0, 0))):
+        (conv,) = OPS["conv"].reference([x, w], {"strides": (1, 1), "pads": p, "dilations": (1, 1), "group": 1})
+        ref = ref + conv * s + t
+    ref = np.maximum(ref, 0)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
+
+
 def test_small_depthwise_and_integer_convs_stay_in_tvm():
     from bmc.codegen.cpu import choose_conv2d
 
