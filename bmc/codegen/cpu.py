@@ -306,27 +306,40 @@ class _ConvEpilogues(relax.PyExprMutator):
         self.chains: dict = {}
         self.count = 0
 
-    def _per_channel(self, operand, channels: int):
-        size = math.prod(static_shape(operand.ty))
-        flat = self.builder_.emit(relax.op.reshape(self.visit_expr(operand), [size]))
-        return flat if size == channels else self.builder_.emit(relax.op.broadcast_to(flat, [channels]))
+    def _scale_shift(self, links, channels: int):
+        """The links as ``(scale, shift)`` per channel (None: 1 or 0): numbers when every operand is a constant
+        (a batch norm of constants: computing it with Relax ops would cost FoldConstant a compiled kernel each),
+        else Relax ops the program runs (on parameters: a few [C] kernels a call)."""
+        operands = [self.visit_expr(v) for _, v in links]
+        bound = [self.lookup_binding(v) if isinstance(v, relax.Var) else v for v in operands]
+        if all(isinstance(v, tvm.ir.expr.Constant) for v in bound):
+            values = [np.broadcast_to(v.value.numpy().reshape(-1), (channels,)) for v in bound]
+            ops = {"relax.multiply": np.multiply, "relax.add": np.add, "relax.subtract": np.subtract,
+                   "negative": np.negative}
+            result = lambda a: relax.const(np.ascontiguousarray(a, dtype="float32"))  # noqa: E731
+        else:
+            emit = self.builder_.emit
+            values = [emit(relax.op.broadcast_to(emit(relax.op.reshape(v, [-1])), [channels])) for v in operands]
+            ops = {name: (lambda f: lambda *a: emit(f(*a)))(f) for name, f in (
+                ("relax.multiply", relax.op.multiply), ("relax.add", relax.op.add),
+                ("relax.subtract", relax.op.subtract), ("negative", relax.op.negative))}
+            result = lambda a: a  # noqa: E731
+        scale = shift = None
+        for (name, _), v in zip(links, values):
+            if name == "relax.multiply":
+                scale = v if scale is None else ops[name](scale, v)
+                shift = None if shift is None else ops[name](shift, v)
+            elif shift is None:
+                shift = v if name == "relax.add" else ops["negative"](v)
+            else:
+                shift = ops[name](shift, v)
+        return (None if scale is None else result(scale)), (None if shift is None else result(shift))
 
     def visit_var_binding_(self, binding):  # noqa: N802 (TVM's visitor naming)
         if binding.var not in self.chains:
             return super().visit_var_binding_(binding)
         ops, links, residual, relu = self.chains[binding.var]
-        channels = static_shape(binding.var.ty)[1]
-        emit = self.builder_.emit
-        scale = shift = None
-        for name, operand in links:
-            v = self._per_channel(operand, channels)
-            if name == "relax.multiply":
-                scale = v if scale is None else emit(relax.op.multiply(scale, v))
-                shift = None if shift is None else emit(relax.op.multiply(shift, v))
-            elif name == "relax.add":
-                shift = v if shift is None else emit(relax.op.add(shift, v))
-            else:
-                shift = emit(relax.op.negative(v)) if shift is None else emit(relax.op.subtract(shift, v))
+        scale, shift = self._scale_shift(links, static_shape(binding.var.ty)[1])
         empty = relax.const(np.zeros(0, "float32"))
         x, w, *conv = (self.visit_expr(a) for a in ops)
         args = [x, w, scale if scale is not None else empty, shift if shift is not None else empty,
@@ -345,6 +358,10 @@ def fuse_conv_epilogues(record: dict | None = None) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="BmcFuseConvEpilogues")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if not any(_kernel_operands(b.value, CONV2D_KERNEL) for func in mod.functions.values()
+                   if isinstance(func, relax.Function) for block in func.body.blocks for b in block.bindings):
+            return mod
+        mod = relax.transform.FoldConstant()(mod)  # a batch norm of constants: its scale and shift become numbers
         mutator = _ConvEpilogues(mod)
         mod = rewrite_functions(mutator, mod, prepare=lambda func: setattr(mutator, "chains", _epilogue_chains(func)))
         if record is not None and mutator.count:

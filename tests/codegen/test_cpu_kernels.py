@@ -715,7 +715,9 @@ EPILOGUE_CASES = CONV_CASES + [((1, 64, 16, 16), (8, 64, 1, 1), (1, 1), (0, 0, 0
 def test_conv_epilogue_is_fused_into_the_kernel(impl, case):
     """``relu(conv(x, w) * s - m + b + residual)`` (a batch norm's per-channel scale and shift, in both broadcast
     forms, a residual add, a ReLU) becomes one ``bmc.cpu.conv2d_fused`` call, which applies them as the panel GEMM
-    stores each block (or after the im2col + BLAS path: 1x1 with <= 8 output channels, and the numpy kernel)."""
+    stores each block (or after the im2col + BLAS path: 1x1 with <= 8 output channels, and the numpy kernel).
+    The scale and shift are computed by the program from parameters (here), or at compile time from constants
+    (:func:`test_conv_epilogue_of_constants_is_folded_at_compile_time`)."""
     from bmc.ops import OPS
 
     x_shape, w_shape, strides, pads, dilations, groups = case
@@ -736,6 +738,46 @@ def test_conv_epilogue_is_fused_into_the_kernel(impl, case):
     rec = built.kernels["cpu"]
     assert rec["conv2d"]["fused"] == 1 and rec["requires"] == ["bmc.cpu.conv2d_fused"], rec
     ref = np.maximum(conv * s - m + bias + residual, 0)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
+
+
+def test_conv_epilogue_of_constants_is_folded_at_compile_time():
+    """A batch norm whose statistics are constants (ResNet-50 from onnx's test data builds its weights with
+    ConstantOfShape): scale and shift become numbers in the fused call, with no kernel left to compute them."""
+    from bmc.codegen.build import build
+    from bmc.codegen.targets import TargetSpec
+    from bmc.ops import OPS
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, 16, 10, 10)).astype("float32")
+    w = rng.standard_normal((24, 16, 3, 3)).astype("float32")
+    s, m, t = rng.uniform(0.5, 2, 24), rng.standard_normal(24), rng.standard_normal(24)
+    attrs = {"strides": (1, 1), "pads": (1, 1, 1, 1), "dilations": (1, 1), "group": 1}
+    b = GraphBuilder("conv_constants")
+    y = b.emit1("conv", [b.input("x", TensorType("float32", x.shape)), b.param("w", w)], **attrs)
+    for op, value in (("sub", m), ("mul", s), ("add", t)):
+        y = b.emit1(op, [y, b.constant(value.reshape(24, 1, 1).astype("float32"))])
+    g = b.finish([b.emit1("relu", [y])])
+    built = build(g, TargetSpec.parse("llvm"))
+    assert built.kernels["cpu"]["conv2d"]["fused"] == 1
+    import tvm
+    from tvm import relax
+
+    from bmc.codegen.cpu import fuse_conv_epilogues, offload_matmul
+    from bmc.codegen.relax_module import to_relax
+
+    mod = fuse_conv_epilogues()(offload_matmul()(to_relax(g, "llvm")))
+    calls = [bd.value for block in mod["main"].body.blocks for bd in block.bindings
+             if isinstance(bd.value, relax.Call) and bd.value.op.name == "relax.call_dps_packed"]
+    (call,) = calls
+    scale, shift = call.args[1].fields[2:4]
+    assert isinstance(scale, tvm.ir.expr.Constant) and isinstance(shift, tvm.ir.expr.Constant)
+    np.testing.assert_allclose(shift.value.numpy(), (t - m * s).astype("float32"), rtol=1e-6, atol=1e-6)
+
+    vm = relax.VirtualMachine(built.executable, tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w))[0].numpy()
+    (conv,) = OPS["conv"].reference([x, w], attrs)
+    ref = np.maximum((conv - m.reshape(24, 1, 1)) * s.reshape(24, 1, 1) + t.reshape(24, 1, 1), 0)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
 
 
