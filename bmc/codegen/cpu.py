@@ -38,8 +38,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from bmc.codegen.rewrite import (bound_fusion, counting_pass, owned_outputs, rewrite_functions, split_slices,
-                                 static_shape, use_counts, vector_lanes)
+from bmc.codegen.rewrite import (bound_fusion, counting_pass, owned_outputs, rewrite_functions,
+                                 split_full_reductions, split_slices, static_shape, use_counts, vector_lanes)
 from bmc.runtime.kernels import (CONV2D_FUSED_KERNEL, CONV2D_KERNEL, MATMUL_KERNEL, MATMUL_PACKED_KERNEL, PACK_PANEL,
                                  PACK_WEIGHT_KERNEL, pack_weights_enabled)
 
@@ -715,7 +715,7 @@ def cpu_pipeline(target, record: dict | None = None, *, offload: bool = True, of
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight as dl
 
-    passes = [relax.transform.DecomposeOpsForInference(), split_slices(record)]
+    passes = [relax.transform.DecomposeOpsForInference(), split_slices(record), split_full_reductions(record)]
     if offload:
         passes += [offload_matmul(record, conv=offload_conv, mixed=HALF_MIXED), fuse_conv_epilogues(record),
                    prepack_weights(record)]

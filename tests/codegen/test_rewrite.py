@@ -83,3 +83,33 @@ def test_deep_call_chains_are_cut_into_kernels():
     xs = np.random.default_rng(0).standard_normal((32, 128)).astype(np.float32) * 4
     got = vm["main"](tvm.runtime.tensor(xs))[0].numpy()
     np.testing.assert_array_equal(got, run_reference(graph, {"x": xs})[graph.outputs[0].name])
+
+
+def test_full_max_and_min_become_parallel_row_reductions():
+    """A max or min over every axis of a large tensor (a DynamicQuantizeLinear's range) becomes a reduction over
+    the rows of ``[P, n / P]`` and then over the P partial results; axes given or not, keepdims either way, the
+    values exactly equal (max and min do not round). A partial or small reduction is left alone."""
+    from bmc.codegen.rewrite import MIN_SPLIT_REDUCTION, split_full_reductions
+
+    rng = np.random.default_rng(5)
+    shape = (128, 768)
+    assert np.prod(shape) >= MIN_SPLIT_REDUCTION
+    b = GraphBuilder("ranges")
+    x = b.input("x", TensorType("float32", shape))
+    small = b.input("small", TensorType("float32", (16, 16)))
+    outs = [b.emit1("reduce_max", [x], axes=None, keepdims=True), b.emit1("reduce_min", [x], axes=(0, 1),
+                                                                          keepdims=False),
+            b.emit1("reduce_max", [x], axes=(1,), keepdims=False), b.emit1("reduce_min", [small], axes=None,
+                                                                           keepdims=False)]
+    graph = b.finish(outs)
+    mod = to_relax(graph)
+    record: dict = {}
+    split = split_full_reductions(record)(mod)
+    assert record["split_reductions"] == 2
+    xs, ss = rng.standard_normal(shape).astype(np.float32), rng.standard_normal((16, 16)).astype(np.float32)
+    got = relax.VirtualMachine(tvm.compile(split, target="llvm"), tvm.cpu())["main"](tvm.runtime.tensor(xs),
+                                                                                      tvm.runtime.tensor(ss))
+    want = [xs.max(keepdims=True), xs.min(), xs.max(axis=1), ss.min()]
+    for g, w in zip(got, want):
+        assert g.numpy().shape == w.shape
+        np.testing.assert_array_equal(g.numpy(), w)
