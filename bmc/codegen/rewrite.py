@@ -176,8 +176,7 @@ class _SplitFullReductions(relax.PyExprMutator):
 
     def __init__(self, mod=None):
         super().__init__(mod)
-        self.count = 0
-        self.uses: Counter = Counter()
+        self.count = 0  # (counting_pass also sets self.uses, which this rewrite does not need)
 
     def visit_call_(self, call: relax.Call):  # noqa: N802 (TVM's visitor naming)
         call = super().visit_call_(call)
