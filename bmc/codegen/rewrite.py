@@ -323,13 +323,13 @@ def owned_outputs(record: dict | None) -> tvm.transform.Pass:
 
         result = value(func.body.body)
         outputs = list(result.fields) if isinstance(result, relax.Tuple) else [func.body.body]
-        owned, seen = [], set()
+        owned, seen = [], []
         for out in outputs:
             tensor = value(out)
             fresh = is_call(tensor, _ALLOC_TENSOR) and (
                 "builtin" in tensor.op.name or is_call(value(tensor.args[0]), _ALLOC_STORAGE))
             owned.append(bool(fresh) and not any(tensor.same_as(s) for s in seen))
-            seen.add(tensor)
+            seen.append(tensor)
         record["owned_outputs"] = owned
         return mod
 
