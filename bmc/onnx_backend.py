@@ -66,7 +66,7 @@ class _Compiled:
         self.built = build(graph, TargetSpec.parse("llvm"))
         self.device = tvm.cpu()
         self.vm = relax.VirtualMachine(self.built.executable, self.device)
-        self.params = pack_params(self.built.packed_weights, [p.name for p in graph.params],
+        self.params = pack_params(self.built.kernels.get("cpu"), [p.name for p in graph.params],
                                   [tvm.runtime.tensor(_contiguous(graph.weights[p.name].numpy()), self.device)
                                    for p in graph.params])
         self.input_types = [v.type for v in graph.inputs]

@@ -1065,13 +1065,19 @@ std::vector<int32_t> ZeroPoints(const ffi::TensorView& zp, int64_t rows, int64_t
   return out;
 }
 
-// Many rows: b is packed per call into panels of 16 rows, 4 bytes of K at a time (``[K/4][16][4]``, what one
-// ``vpdpbusd`` multiplies with a broadcast quad of a), and 8 x 32 tiles of the result accumulate in registers with no
-// horizontal sums (1.7x the dot-product tiles at 128 rows). Packing costs a pass over b, so few rows keep the dots.
+// Packed b: panels of 16 rows of bt (16 columns of the result), 4 bytes of K at a time (``[K/4][16][4]``, what one
+// ``vpdpbusd`` multiplies with a broadcast quad of a), each followed by 64 bytes holding its 16 row sums as int32:
+// a panel is ``(ceil(K/4) + 1) * 64`` bytes. 8 x 32 tiles of the result accumulate in registers with no horizontal
+// sums (1.7x the dot-product tiles at 128 rows). A constant weight is packed once, when the program is loaded
+// (``cpu_pack_int8_weight``, ``cpu_matmul_integer_packed``); packing per call costs a pass over b, so a product of
+// few rows by an unpacked b keeps the dot-product tiles.
 
 constexpr int kPanel = 16;   // rows of b (columns of the result) a panel
 constexpr int kTileRows = 8;  // rows of a a packed tile
 constexpr int kTilePanels = 2;
+
+/*! \brief Bytes of one packed panel of a b with \a kq quads of K: the quads, then the 16 row sums. */
+constexpr int64_t PanelBytes(int64_t kq) { return (kq + 1) * 64; }
 
 /*! \brief The 16 x 16 transpose of 32-bit elements of \a r (row j, element e -> row e, element j). */
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
@@ -1099,9 +1105,9 @@ inline void Transpose16x16(__m512i r[16]) {
   }
 }
 
-/*! \brief Rows [n0, n0 + 16) of b [n, k] as a panel ``[ceil(k/4)][16][4]``, zeros past n and k. */
+/*! \brief Rows [n0, n0 + 16) of b [n, k] as the quads ``[ceil(k/4)][16][4]`` of a panel, zeros past n and k. */
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-void PackPanel(const int8_t* b, int64_t n, int64_t k, int64_t n0, int8_t* out) {
+void PackQuadsVnni(const int8_t* b, int64_t n, int64_t k, int64_t n0, int8_t* out) {
   const int64_t kq = (k + 3) / 4;
   for (int64_t q0 = 0; q0 < kq; q0 += 16) {  // 16 quads (64 bytes) of 16 rows: one transpose
     const int64_t bytes = std::min<int64_t>(64, k - 4 * q0);
@@ -1115,34 +1121,111 @@ void PackPanel(const int8_t* b, int64_t n, int64_t k, int64_t n0, int8_t* out) {
   }
 }
 
-/*! \brief ``c[i * ldc + 16 * j + l] = sum over quads of a's quad x panel j's column l``, MR rows, NP panels (the
- *  last panel's columns past \a last_cols not written). \a a has ``4 * kq`` readable bytes a row. */
-template <int MR, int NP>
-__attribute__((target("avx512f,avx512bw,avx512vnni")))
-void PackedTile(const uint8_t* a, int64_t lda, const int8_t* panels, int64_t kq, int32_t* c, int64_t ldc,
-                int last_cols) {
-  __m512i acc[MR][NP];
-  for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_si512();
-  }
+void PackQuadsPlain(const int8_t* b, int64_t n, int64_t k, int64_t n0, int8_t* out) {
+  const int64_t kq = (k + 3) / 4;
   for (int64_t q = 0; q < kq; ++q) {
-    __m512i bv[NP];
-    for (int j = 0; j < NP; ++j) bv[j] = _mm512_loadu_si512(panels + (j * kq + q) * 64);
-    for (int i = 0; i < MR; ++i) {
-      int32_t quad;
-      std::memcpy(&quad, a + i * lda + 4 * q, 4);
-      const __m512i av = _mm512_set1_epi32(quad);
-      for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, bv[j]);
+    for (int64_t j = 0; j < kPanel; ++j) {
+      for (int64_t e = 0; e < 4; ++e) {
+        const int64_t p = 4 * q + e;
+        out[(q * kPanel + j) * 4 + e] = n0 + j < n && p < k ? b[(n0 + j) * k + p] : 0;
+      }
     }
-  }
-  const __mmask16 last = static_cast<__mmask16>((1u << last_cols) - 1);
-  for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NP; ++j) _mm512_mask_storeu_epi32(c + i * ldc + kPanel * j, j + 1 < NP ? 0xffff : last,
-                                                          acc[i][j]);
   }
 }
 
-using PackedTileFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int32_t*, int64_t, int);
+/*! \brief Panel \a p of b [n, k] (int8) into \a out, PanelBytes(ceil(k/4)) bytes: its quads, then its row sums. */
+void PackInt8Panel(const int8_t* b, int64_t n, int64_t k, int64_t p, int8_t* out, bool vnni) {
+  const int64_t kq = (k + 3) / 4, n0 = p * kPanel;
+  vnni ? PackQuadsVnni(b, n, k, n0, out) : PackQuadsPlain(b, n, k, n0, out);
+  int32_t sums[kPanel] = {};
+  RowSums(b + n0 * k, std::min<int64_t>(kPanel, n - n0), k, sums, vnni);
+  std::memcpy(out + kq * 64, sums, sizeof(sums));
+}
+
+/*! \brief ``c[i * ldc + 16 * j + l] = sum over quads of a's quad x panel j's column l``, MR rows, NP panels
+ *  (\a ps bytes apart; the last panel's columns past \a last_cols not written). \a a has ``4 * kq`` readable bytes
+ *  a row. The accumulators are named variables, not an array, stored unmasked: for an array, or masked stores of
+ *  them, GCC 12 copied each ``vpdpbusd``'s accumulator between registers twice an instruction (1.3-1.5x slower,
+ *  measured on this tile alone). */
+template <int MR, int NP>
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+void PackedTile(const uint8_t* a, int64_t lda, const int8_t* panels, int64_t ps, int64_t kq, int32_t* c,
+                int64_t ldc, int last_cols) {
+  static_assert(MR >= 1 && MR <= 8 && (NP == 1 || NP == 2));
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i c00 = zero, c01 = zero, c10 = zero, c11 = zero, c20 = zero, c21 = zero, c30 = zero, c31 = zero,
+          c40 = zero, c41 = zero, c50 = zero, c51 = zero, c60 = zero, c61 = zero, c70 = zero, c71 = zero;
+  // row i's quad qq times b0 (and b1) into accumulators c<acc>0 (and c<acc>1)
+#define BMC_TILE_STEP(acc, i, qq, b0, b1)                                         \
+  if constexpr (MR > i) {                                                         \
+    int32_t quad;                                                                 \
+    std::memcpy(&quad, a + i * lda + 4 * (qq), 4);                                \
+    const __m512i av = _mm512_set1_epi32(quad);                                   \
+    c##acc##0 = _mm512_dpbusd_epi32(c##acc##0, av, b0);                           \
+    if constexpr (NP > 1) c##acc##1 = _mm512_dpbusd_epi32(c##acc##1, av, b1);    \
+  }
+  int64_t q = 0;
+  if constexpr (MR <= 4) {  // few rows: odd quads into the unused accumulators of rows 4-7 (vpdpbusd's latency)
+    for (; q + 2 <= kq; q += 2) {
+      const __m512i b0 = _mm512_loadu_si512(panels + q * 64), b2 = _mm512_loadu_si512(panels + q * 64 + 64);
+      const __m512i b1 = NP > 1 ? _mm512_loadu_si512(panels + ps + q * 64) : zero;
+      const __m512i b3 = NP > 1 ? _mm512_loadu_si512(panels + ps + q * 64 + 64) : zero;
+      BMC_TILE_STEP(0, 0, q, b0, b1) BMC_TILE_STEP(1, 1, q, b0, b1)
+      BMC_TILE_STEP(2, 2, q, b0, b1) BMC_TILE_STEP(3, 3, q, b0, b1)
+      BMC_TILE_STEP(4, 0, q + 1, b2, b3) BMC_TILE_STEP(5, 1, q + 1, b2, b3)
+      BMC_TILE_STEP(6, 2, q + 1, b2, b3) BMC_TILE_STEP(7, 3, q + 1, b2, b3)
+    }
+    c00 = _mm512_add_epi32(c00, c40), c01 = _mm512_add_epi32(c01, c41);
+    c10 = _mm512_add_epi32(c10, c50), c11 = _mm512_add_epi32(c11, c51);
+    c20 = _mm512_add_epi32(c20, c60), c21 = _mm512_add_epi32(c21, c61);
+    c30 = _mm512_add_epi32(c30, c70), c31 = _mm512_add_epi32(c31, c71);
+  }
+  for (; q < kq; ++q) {
+    const __m512i b0 = _mm512_loadu_si512(panels + q * 64);
+    const __m512i b1 = NP > 1 ? _mm512_loadu_si512(panels + ps + q * 64) : zero;
+    BMC_TILE_STEP(0, 0, q, b0, b1) BMC_TILE_STEP(1, 1, q, b0, b1)
+    BMC_TILE_STEP(2, 2, q, b0, b1) BMC_TILE_STEP(3, 3, q, b0, b1)
+    BMC_TILE_STEP(4, 4, q, b0, b1) BMC_TILE_STEP(5, 5, q, b0, b1)
+    BMC_TILE_STEP(6, 6, q, b0, b1) BMC_TILE_STEP(7, 7, q, b0, b1)
+  }
+#undef BMC_TILE_STEP
+  alignas(64) int32_t sums[MR][NP * kPanel];  // (masked stores of the accumulators brought the copies back)
+#define BMC_TILE_STORE(i)                                                            \
+  if constexpr (MR > i) {                                                            \
+    _mm512_store_si512(sums[i], c##i##0);                                            \
+    if constexpr (NP > 1) _mm512_store_si512(sums[i] + kPanel, c##i##1);             \
+  }
+  BMC_TILE_STORE(0) BMC_TILE_STORE(1) BMC_TILE_STORE(2) BMC_TILE_STORE(3)
+  BMC_TILE_STORE(4) BMC_TILE_STORE(5) BMC_TILE_STORE(6) BMC_TILE_STORE(7)
+  const __mmask16 last = static_cast<__mmask16>((1u << last_cols) - 1);
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NP; ++j) {
+      _mm512_mask_storeu_epi32(c + i * ldc + kPanel * j, j + 1 < NP ? 0xffff : last,
+                               _mm512_load_si512(sums[i] + kPanel * j));
+    }
+  }
+#undef BMC_TILE_STORE
+}
+
+/*! \brief PackedTile's product in plain loops (CPUs without AVX-512 VNNI), \a mr rows and \a cols columns. */
+__attribute__((target_clones("avx2", "default")))
+void PackedTilePlain(const uint8_t* a, int64_t lda, const int8_t* panels, int64_t ps, int64_t kq, int32_t* c,
+                     int64_t ldc, int64_t mr, int64_t cols) {
+  for (int64_t i = 0; i < mr; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      const int8_t* col = panels + (j / kPanel) * ps + (j % kPanel) * 4;
+      uint32_t acc = 0;  // wraps like vpdpbusd
+      for (int64_t q = 0; q < kq; ++q) {
+        for (int e = 0; e < 4; ++e) {
+          acc += static_cast<uint32_t>(static_cast<int32_t>(a[i * lda + 4 * q + e]) * col[q * 64 + e]);
+        }
+      }
+      c[i * ldc + j] = static_cast<int32_t>(acc);
+    }
+  }
+}
+
+using PackedTileFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*, int64_t, int);
 const PackedTileFn kPackedTiles[kTileRows][kTilePanels] = {
     {PackedTile<1, 1>, PackedTile<1, 2>}, {PackedTile<2, 1>, PackedTile<2, 2>},
     {PackedTile<3, 1>, PackedTile<3, 2>}, {PackedTile<4, 1>, PackedTile<4, 2>},
@@ -1172,71 +1255,103 @@ void Check8Bit(const ffi::TensorView& t, const char* what) {
   CheckOperand(t, dt, what);
 }
 
+/*! \brief The uint8 rows of a (an int8 a flipped), their zero points and row sums: what both entries share. */
+struct IntegerRows {
+  const uint8_t* a;
+  int64_t rows;
+  std::vector<int32_t> za, a_sums;
+};
+
+IntegerRows PrepareRows(const ffi::TensorView& ta, const ffi::TensorView& tza, int64_t k, bool vnni) {
+  Check8Bit(ta, "a");
+  Check8Bit(tza, "a_zero_point");
+  if (tza.dtype().code != ta.dtype().code) {
+    TVM_FFI_THROW(TypeError) << "cpu_matmul_integer: a zero point's type differs from its operand's";
+  }
+  thread_local std::vector<uint8_t> a_scratch;
+  const bool a_signed = ta.dtype().code == kDLInt;
+  IntegerRows r{a_signed ? Flipped<uint8_t>(ta, a_scratch) : Data<uint8_t>(ta), k ? ta.numel() / k : 0, {}, {}};
+  const int64_t m = ta.ndim() >= 2 ? ta.shape()[ta.ndim() - 2] : 1;
+  r.za = ZeroPoints(tza, r.rows, m, a_signed ? 128 : 0, "a_zero_point");
+  r.a_sums.resize(static_cast<size_t>(r.rows));
+  RowSums(r.a, r.rows, k, r.a_sums.data(), vnni);
+  return r;
+}
+
+/*! \brief c [rows, n] = the product of a's rows by the packed panels \a pk of b (PanelBytes(kq) bytes each),
+ *  zero points applied. Threads take pairs of panels and call ``prepare(p0, p1)`` on theirs first. */
+template <typename Prepare>
+void PackedProduct(const IntegerRows& r, int64_t k, int64_t n, const int32_t* zb, const int8_t* pk,
+                   Prepare prepare, int32_t* c, bool vnni, int64_t threads) {
+  const int64_t kq = (k + 3) / 4, lda = 4 * kq, ps = PanelBytes(kq);
+  const uint8_t* a = r.a;
+  thread_local std::vector<uint8_t> a_padded;  // rows of a padded to whole quads, for the 4-byte broadcasts
+  if (lda != k) {
+    a_padded.assign(static_cast<size_t>(r.rows * lda), 0);
+    for (int64_t i = 0; i < r.rows; ++i) std::memcpy(a_padded.data() + i * lda, a + i * k, k);
+    a = a_padded.data();
+  }
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  ParallelRows((panels + kTilePanels - 1) / kTilePanels, [&](int64_t begin, int64_t end) {
+    const int64_t p0 = begin * kTilePanels, p1 = std::min(panels, end * kTilePanels);
+    prepare(p0, p1);
+    for (int64_t p = p0; p < p1; p += kTilePanels) {
+      const int64_t np = std::min<int64_t>(kTilePanels, p1 - p), j0 = p * kPanel;
+      const int64_t cols = std::min(np * kPanel, n - j0);
+      const int8_t* panel = pk + p * ps;
+      int32_t b_sums[kTilePanels * kPanel];
+      for (int64_t j = 0; j < np; ++j) std::memcpy(b_sums + j * kPanel, panel + j * ps + kq * 64, 64);
+      for (int64_t i0 = 0; i0 < r.rows; i0 += kTileRows) {
+        const int64_t mt = std::min<int64_t>(kTileRows, r.rows - i0);
+        if (vnni) {
+          kPackedTiles[mt - 1][np - 1](a + i0 * lda, lda, panel, ps, kq, c + i0 * n + j0, n,
+                                       static_cast<int>(cols - (np - 1) * kPanel));
+        } else {
+          PackedTilePlain(a + i0 * lda, lda, panel, ps, kq, c + i0 * n + j0, n, mt, cols);
+        }
+        ApplyZeroPoints(c, n, i0, mt, j0, cols, r.za.data(), zb, r.a_sums.data(), b_sums, k);
+      }
+    }
+  }, threads);
+}
+
+/*! \brief Threads worth using for \a products multiply-adds (a pool worker wakes in ~1 us). */
+int64_t IntegerThreads(int64_t products) { return products / (int64_t{1} << 20) + 1; }
+
 void MatmulIntegerImpl(const ffi::TensorView& ta, const ffi::TensorView& tb, const ffi::TensorView& tza,
                        const ffi::TensorView& tzb, const ffi::TensorView& out) {
-  Check8Bit(ta, "a");
   Check8Bit(tb, "bt");
-  Check8Bit(tza, "a_zero_point");
   Check8Bit(tzb, "b_zero_point");
   CheckOperand(out, DLDataType{kDLInt, 32, 1}, "out");
-  if (tza.dtype().code != ta.dtype().code || tzb.dtype().code != tb.dtype().code) {
+  if (tzb.dtype().code != tb.dtype().code) {
     TVM_FFI_THROW(TypeError) << "cpu_matmul_integer: a zero point's type differs from its operand's";
   }
   if (tb.ndim() != 2 || ta.ndim() < 1 || ta.shape()[ta.ndim() - 1] != tb.shape()[1]) {
     TVM_FFI_THROW(ValueError) << "cpu_matmul_integer: takes a [..., K] and bt [N, K]";
   }
   const int64_t n = tb.shape()[0], k = tb.shape()[1];
-  const int64_t rows = k ? ta.numel() / k : 0, m = ta.ndim() >= 2 ? ta.shape()[ta.ndim() - 2] : 1;
-  if (out.numel() != rows * n) {
-    TVM_FFI_THROW(ValueError) << "cpu_matmul_integer: out has " << out.numel() << " elements, expected "
-                              << rows * n;
-  }
-  if (rows == 0 || n == 0) return;
-  // products of uint8 a and int8 b: flip an int8 a (a + 128) and a uint8 b (b - 128), and their zero points
-  thread_local std::vector<uint8_t> a_scratch, b_scratch;
-  const bool a_signed = ta.dtype().code == kDLInt, b_unsigned = tb.dtype().code == kDLUInt;
-  const uint8_t* a = a_signed ? Flipped<uint8_t>(ta, a_scratch) : Data<uint8_t>(ta);
-  const int8_t* b = b_unsigned ? Flipped<int8_t>(tb, b_scratch) : Data<int8_t>(tb);
-  const std::vector<int32_t> za = ZeroPoints(tza, rows, m, a_signed ? 128 : 0, "a_zero_point");
-  const std::vector<int32_t> zb = ZeroPoints(tzb, n, n, b_unsigned ? -128 : 0, "b_zero_point");
   const bool vnni = HasVnni();  // (once: it reads the environment)
-  std::vector<int32_t> a_sums(static_cast<size_t>(rows));
-  RowSums(a, rows, k, a_sums.data(), vnni);
+  IntegerRows r = PrepareRows(ta, tza, k, vnni);
+  if (out.numel() != r.rows * n) {
+    TVM_FFI_THROW(ValueError) << "cpu_matmul_integer: out has " << out.numel() << " elements, expected "
+                              << r.rows * n;
+  }
+  if (r.rows == 0 || n == 0) return;
+  // products of uint8 a and int8 b: a uint8 b is flipped (b - 128), and its zero point
+  thread_local std::vector<uint8_t> b_scratch;
+  const bool b_unsigned = tb.dtype().code == kDLUInt;
+  const int8_t* b = b_unsigned ? Flipped<int8_t>(tb, b_scratch) : Data<int8_t>(tb);
+  const std::vector<int32_t> zb = ZeroPoints(tzb, n, n, b_unsigned ? -128 : 0, "b_zero_point");
   int32_t* c = Data<int32_t>(out);
-  constexpr int64_t kThreadWork = int64_t{1} << 20;  // products a thread is worth (a pool worker wakes in ~1 us)
-  const int64_t threads = rows * n * k / kThreadWork + 1;
-  if (rows > kFusedRows && vnni) {
-    const int64_t kq = (k + 3) / 4, lda = 4 * kq;
-    thread_local std::vector<uint8_t> a_padded;  // rows of a padded to whole quads, for the 4-byte broadcasts
-    if (lda != k) {
-      a_padded.assign(static_cast<size_t>(rows * lda), 0);
-      for (int64_t r = 0; r < rows; ++r) std::memcpy(a_padded.data() + r * lda, a + r * k, k);
-      a = a_padded.data();
-    }
-    const int64_t panels = (n + kPanel - 1) / kPanel;
+  const int64_t threads = IntegerThreads(r.rows * n * k);
+  if (r.rows > kFusedRows && vnni) {
     thread_local std::vector<int8_t> packed;  // every panel; each thread packs and multiplies its own
-    thread_local std::vector<int32_t> b_sums;
-    packed.resize(static_cast<size_t>(panels * kq * 64));
-    b_sums.resize(static_cast<size_t>(panels * kPanel));
+    const int64_t ps = PanelBytes((k + 3) / 4);
+    packed.resize(static_cast<size_t>((n + kPanel - 1) / kPanel * ps));
     int8_t* pk = packed.data();
-    int32_t* bs = b_sums.data();
-    ParallelRows((panels + kTilePanels - 1) / kTilePanels, [&](int64_t begin, int64_t end) {
-      const int64_t p0 = begin * kTilePanels, p1 = std::min(panels, end * kTilePanels);
-      for (int64_t p = p0; p < p1; ++p) {
-        PackPanel(b, n, k, p * kPanel, pk + p * kq * 64);
-        RowSums(b + p * kPanel * k, std::min<int64_t>(kPanel, n - p * kPanel), k, bs + p * kPanel, vnni);
-      }
-      for (int64_t p = p0; p < p1; p += kTilePanels) {
-        const int64_t np = std::min<int64_t>(kTilePanels, p1 - p), j0 = p * kPanel;
-        const int64_t cols = std::min(np * kPanel, n - j0);
-        for (int64_t i0 = 0; i0 < rows; i0 += kTileRows) {
-          const int64_t mt = std::min<int64_t>(kTileRows, rows - i0);
-          kPackedTiles[mt - 1][np - 1](a + i0 * lda, lda, pk + p * kq * 64, kq, c + i0 * n + j0, n,
-                                       static_cast<int>(cols - (np - 1) * kPanel));
-          ApplyZeroPoints(c, n, i0, mt, j0, cols, za.data(), zb.data(), a_sums.data(), bs + j0, k);
-        }
-      }
-    }, threads);
+    PackedProduct(r, k, n, zb.data(), pk, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) PackInt8Panel(b, n, k, p, pk + p * ps, vnni);
+    }, c, vnni, threads);
     return;
   }
   const DotTileFn(*tiles)[4] = vnni ? kVnniTiles : kPlainTiles;
@@ -1245,13 +1360,61 @@ void MatmulIntegerImpl(const ffi::TensorView& ta, const ffi::TensorView& tb, con
       const int64_t j0 = 4 * t, nt = std::min<int64_t>(4, n - j0);
       int32_t b_sums[4];
       RowSums(b + j0 * k, nt, k, b_sums, vnni);  // (while these rows of b are in the cache)
-      for (int64_t i0 = 0; i0 < rows; i0 += 4) {
-        const int64_t mt = std::min<int64_t>(4, rows - i0);
-        tiles[mt - 1][nt - 1](a + i0 * k, k, b + j0 * k, k, c + i0 * n + j0, n);
-        ApplyZeroPoints(c, n, i0, mt, j0, nt, za.data(), zb.data(), a_sums.data(), b_sums, k);
+      for (int64_t i0 = 0; i0 < r.rows; i0 += 4) {
+        const int64_t mt = std::min<int64_t>(4, r.rows - i0);
+        tiles[mt - 1][nt - 1](r.a + i0 * k, k, b + j0 * k, k, c + i0 * n + j0, n);
+        ApplyZeroPoints(c, n, i0, mt, j0, nt, r.za.data(), zb.data(), r.a_sums.data(), b_sums, k);
       }
     }
   }, threads);
+}
+
+/*! \brief Checks \a bp is an 8-bit weight [N, K] packed for \a n columns of \a k products (int8,
+ *  ``[ceil(N/16), ceil(K/4) + 1, 64]``). */
+void CheckPackedInt8(const ffi::TensorView& bp, int64_t n, int64_t k, const char* fn) {
+  CheckOperand(bp, DLDataType{kDLInt, 8, 1}, "the packed weight");
+  const int64_t panels = (n + kPanel - 1) / kPanel, rows = (k + 3) / 4 + 1;
+  if (bp.ndim() != 3 || Dim(bp, 0) != panels || Dim(bp, 1) != rows || Dim(bp, 2) != 64) {
+    TVM_FFI_THROW(ValueError) << fn << ": the packed weight must be [" << panels << ", " << rows << ", 64] for N = "
+                              << n << ", K = " << k;
+  }
+}
+
+/*! \brief \a out = the 8-bit weight \a bt [N, K] packed in panels (a uint8 one flipped to int8), with row sums. */
+void PackInt8Weight(const ffi::TensorView& tb, const ffi::TensorView& out) {
+  Check8Bit(tb, "bt");
+  if (tb.ndim() != 2) TVM_FFI_THROW(ValueError) << "cpu_pack_int8_weight: the weight must be [N, K]";
+  const int64_t n = Dim(tb, 0), k = Dim(tb, 1);
+  CheckPackedInt8(out, n, k, "cpu_pack_int8_weight");
+  std::vector<uint8_t> scratch;
+  const int8_t* b = tb.dtype().code == kDLUInt ? Flipped<int8_t>(tb, scratch) : Data<int8_t>(tb);
+  const int64_t ps = PanelBytes((k + 3) / 4);
+  const bool vnni = HasVnni();
+  int8_t* dst = Data<int8_t>(out);
+  ParallelRows(Dim(out, 0), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) PackInt8Panel(b, n, k, p, dst + p * ps, vnni);
+  });
+}
+
+/*! \brief cpu_matmul_integer with bt packed by cpu_pack_int8_weight (\a n rows; a uint8 bt is known by its zero
+ *  point's type): every row count runs the packed tiles. */
+void MatmulIntegerPackedImpl(const ffi::TensorView& ta, const ffi::TensorView& bp, const ffi::TensorView& tza,
+                             const ffi::TensorView& tzb, int64_t n, const ffi::TensorView& out) {
+  Check8Bit(tzb, "b_zero_point");
+  CheckOperand(out, DLDataType{kDLInt, 32, 1}, "out");
+  if (ta.ndim() < 1) TVM_FFI_THROW(ValueError) << "cpu_matmul_integer_packed: takes a [..., K]";
+  const int64_t k = Dim(ta, -1);
+  CheckPackedInt8(bp, n, k, "cpu_matmul_integer_packed");
+  const bool vnni = HasVnni();
+  IntegerRows r = PrepareRows(ta, tza, k, vnni);
+  if (out.numel() != r.rows * n) {
+    TVM_FFI_THROW(ValueError) << "cpu_matmul_integer_packed: out has " << out.numel() << " elements, expected "
+                              << r.rows * n;
+  }
+  if (r.rows == 0 || n == 0) return;
+  const std::vector<int32_t> zb = ZeroPoints(tzb, n, n, tzb.dtype().code == kDLUInt ? -128 : 0, "b_zero_point");
+  PackedProduct(r, k, n, zb.data(), Data<int8_t>(bp), [](int64_t, int64_t) {}, Data<int32_t>(out), vnni,
+                IntegerThreads(r.rows * n * k));
 }
 
 #pragma GCC diagnostic pop
@@ -2461,6 +2624,13 @@ void CpuMatmulInteger(ffi::TensorView a, ffi::TensorView bt, ffi::TensorView a_z
   MatmulIntegerImpl(a, bt, a_zp, b_zp, out);
 }
 
+void CpuPackInt8Weight(ffi::TensorView bt, ffi::TensorView out) { PackInt8Weight(bt, out); }
+
+void CpuMatmulIntegerPacked(ffi::TensorView a, ffi::TensorView bp, ffi::TensorView a_zp, ffi::TensorView b_zp,
+                            int64_t n, ffi::TensorView out) {
+  MatmulIntegerPackedImpl(a, bp, a_zp, b_zp, n, out);
+}
+
 void CpuAttention(ffi::TensorView q, ffi::TensorView k, ffi::TensorView v, double scale, int64_t transpose_k,
                   ffi::TensorView out) {
   AttentionImpl(q, k, v, nullptr, scale, transpose_k != 0, out);
@@ -2490,6 +2660,8 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_nbits, bmc::native::CpuMatmulNBits);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_nbits_zp, bmc::native::CpuMatmulNBitsZp);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_float8, bmc::native::CpuMatmulFloat8);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_integer, bmc::native::CpuMatmulInteger);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_pack_int8_weight, bmc::native::CpuPackInt8Weight);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_integer_packed, bmc::native::CpuMatmulIntegerPacked);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_attention, bmc::native::CpuAttention);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_attention_bias, bmc::native::CpuAttentionBias);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_kernel_threads, bmc::native::SetKernelThreads);

@@ -40,8 +40,9 @@ from tvm import relax
 
 from bmc.codegen.rewrite import (bound_fusion, counting_pass, owned_outputs, rewrite_functions,
                                  split_full_reductions, split_slices, static_shape, use_counts, vector_lanes)
-from bmc.runtime.kernels import (CONV2D_FUSED_KERNEL, CONV2D_KERNEL, MATMUL_KERNEL, MATMUL_PACKED_KERNEL, PACK_PANEL,
-                                 PACK_WEIGHT_KERNEL, pack_weights_enabled)
+from bmc.runtime.kernels import (CONV2D_FUSED_KERNEL, CONV2D_KERNEL, MATMUL_INTEGER_KERNEL, MATMUL_INTEGER_PACKED_KERNEL,
+                                 MATMUL_KERNEL, MATMUL_PACKED_KERNEL, PACK_INT8_WEIGHT_KERNEL, PACK_PANEL,
+                                 PACK_WEIGHT_KERNEL, pack_weights_enabled, packed_int8_shape)
 
 #: result dtypes the BLAS kernel handles (sgemm, dgemm); anything else stays a TVM kernel
 BLAS_DTYPES = ("float32", "float64")
@@ -233,7 +234,8 @@ def offload_matmul(record: dict | None = None, *, conv: bool = True, kernel: str
             if offloader.conv_choices:
                 record["conv2d"] = {"blas": conv_blas, "tvm": offloader.conv_choices.get("tvm", 0),
                                     "shapes": dict(offloader.conv_shapes)}
-            record["requires"] = [kernel] * bool(blas) + [CONV2D_KERNEL] * bool(conv_blas)
+            offloaded = {k for k, n in ((kernel, blas), (CONV2D_KERNEL, conv_blas)) if n}
+            record["requires"] = sorted(set(record.get("requires", [])) | offloaded)
         # the folded permute_dims are now dead
         return relax.transform.DeadCodeElimination()(mod)
 
@@ -380,73 +382,109 @@ def fuse_conv_epilogues(record: dict | None = None) -> tvm.transform.Pass:
 
 @relax.expr_functor.mutator
 class _PackedMatmuls(relax.PyExprMutator):
-    """``bmc.cpu.matmul(a, w, 0, tb)`` → ``bmc.cpu.matmul_packed(a, w_packed, N)`` for the weights in ``packed``."""
+    """``bmc.cpu.matmul(a, w, 0, tb)`` → ``bmc.cpu.matmul_packed(a, w_packed, N)`` and ``bmc.cpu.matmul_integer(a,
+    w, za, zb)`` → ``bmc.cpu.matmul_integer_packed(a, w_packed, za, zb, N)`` for the weights in ``packed``."""
 
     def __init__(self, packed: dict, mod=None):
         super().__init__(mod)
         self.packed = packed  # weight var → its packed var
-        self.count = 0
 
     def visit_call_(self, call: relax.Call):  # noqa: N802 (TVM's visitor naming)
         call = super().visit_call_(call)
-        ops = _kernel_operands(call, MATMUL_KERNEL)
-        if ops is None or ops[1] not in self.packed:
-            return call
-        n = int(call.ty.shape[-1])
-        self.count += 1
-        return relax.call_dps_packed(MATMUL_PACKED_KERNEL, [ops[0], self.packed[ops[1]], relax.expr.prim_value(n)],
-                                     out_ty=call.ty)
+        for kernel, packed_kernel in ((MATMUL_KERNEL, MATMUL_PACKED_KERNEL),
+                                      (MATMUL_INTEGER_KERNEL, MATMUL_INTEGER_PACKED_KERNEL)):
+            ops = _kernel_operands(call, kernel)
+            if ops is not None and ops[1] in self.packed:
+                n = relax.expr.prim_value(int(call.ty.shape[-1]))
+                args = [ops[0], self.packed[ops[1]]] + (ops[2:] if kernel == MATMUL_INTEGER_KERNEL else []) + [n]
+                return relax.call_dps_packed(packed_kernel, args, out_ty=call.ty)
+        return call
+
+
+def _kernels_called(mod: tvm.IRModule) -> set[str]:
+    """The ``call_dps_packed`` kernels anywhere in the Relax functions of ``mod``."""
+    dps, found = tvm.ir.Op.get("relax.call_dps_packed"), set()
+
+    def visit(e):
+        if isinstance(e, relax.Call) and e.op.same_as(dps):
+            found.add(str(e.args[0].global_symbol))
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found
+
+
+def _packed_use(value, w: relax.Var, weights: set):
+    """How ``value`` reads the weight ``w`` if it can read it packed: ``("float32", trans_b)`` as the right operand
+    of a float32 ``bmc.cpu.matmul`` with a not transposed, ``("int8",)`` as ``bt`` of ``bmc.cpu.matmul_integer``;
+    else None. An ``a`` that is a weight too keeps both as they are."""
+    ops = _kernel_operands(value, MATMUL_KERNEL)
+    if ops is not None and ops[1].same_as(w) and ops[0] not in weights:
+        if str(value.ty.dtype) == "float32" and int(ops[2].value) == 0:
+            return "float32", int(ops[3].value)
+    ops = _kernel_operands(value, MATMUL_INTEGER_KERNEL)
+    if ops is not None and ops[1].same_as(w) and ops[0] not in weights and not any(o.same_as(w) for o in ops[2:]):
+        return ("int8",)
+    return None
 
 
 def prepack_weights(record: dict | None = None) -> tvm.transform.Pass:
-    """Module pass: a float32 2-D weight of ``main`` (a parameter after its ``num_input`` inputs) whose every use is
-    the right operand of a ``bmc.cpu.matmul`` with ``a`` not transposed becomes a parameter holding the weight packed
-    in panels, ``[ceil(N / 32), K, 32]``, and those calls ``bmc.cpu.matmul_packed``. The runtime packs each such
-    weight once, as it loads it (``record["packed_weights"]``: name → stored transposed, ``[N, K]``), so no call
-    copies it again (the BLAS packs b on every call). ``BMC_CPU_PACK_WEIGHTS=0`` keeps every weight as stored."""
+    """Module pass: a 2-D weight of ``main`` (a parameter after its ``num_input`` inputs) whose every use can read
+    it packed (:func:`_packed_use`) becomes a parameter holding the packed weight and those calls the packed
+    kernels: a float32 one in panels ``[ceil(N / 32), K, 32]`` for ``bmc.cpu.matmul_packed`` (the BLAS packs b on
+    every call), an 8-bit ``bt [N, K]`` in ``bmc.cpu.pack_int8_weight``'s panels with its row sums for
+    ``bmc.cpu.matmul_integer_packed`` (which then takes the VNNI panel tiles for every row count). The runtime packs
+    each such weight once, as it loads it (``record["packed_weights"]``: name → stored transposed, ``[N, K]``;
+    ``record["packed_int8_weights"]``: names). ``BMC_CPU_PACK_WEIGHTS=0`` keeps every weight as stored."""
 
     @tvm.transform.module_pass(opt_level=0, name="BmcPrepackWeights")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         func = mod["main"] if any(gv.name_hint == "main" for gv in mod.get_global_vars()) else None
         if not isinstance(func, relax.Function) or "num_input" not in func.attrs or not pack_weights_enabled():
             return mod
-        weights = list(func.params[int(func.attrs["num_input"]):])
-        trans: dict = {}  # weight → trans_b of its uses; None once a use cannot read it packed
+        weights = set(func.params[int(func.attrs["num_input"]):])
+        uses: dict = {}  # weight → how every use reads it (_packed_use); None once one cannot read it packed
         for block in func.body.blocks:
             for binding in block.bindings:
-                used = [v for v in relax.analysis.free_vars(binding.value) if v in weights]
-                if not used:
-                    continue
-                ops = _kernel_operands(binding.value, MATMUL_KERNEL)
-                ok = (ops is not None and str(binding.value.ty.dtype) == "float32" and int(ops[2].value) == 0
-                      and ops[0] not in used)
-                for w in used:
-                    tb = int(ops[3].value) if ok and ops[1].same_as(w) else None
-                    trans[w] = tb if trans.get(w, tb) == tb else None
+                for w in (v for v in relax.analysis.free_vars(binding.value) if v in weights):
+                    how = _packed_use(binding.value, w, weights)
+                    uses[w] = how if uses.get(w, how) == how else None
         for w in relax.analysis.free_vars(func.body.body):  # a weight returned as an output stays as it is
-            trans[w] = None
+            uses[w] = None
         packed = {}
-        for w, tb in trans.items():
-            shape = static_shape(w.ty)
-            if tb is None or str(w.ty.dtype) != "float32" or shape is None or len(shape) != 2:
+        for w, how in uses.items():
+            shape = static_shape(w.ty) if how is not None else None
+            if shape is None or len(shape) != 2:
                 continue
-            k, n = shape[::-1] if tb else shape
-            packed[w] = (relax.Var(w.name, relax.TensorType([-(-n // PACK_PANEL), k, PACK_PANEL], "float32")),
-                         tb)
+            dtype = str(w.ty.dtype)
+            if how[0] == "float32" and dtype == "float32":
+                k, n = shape[::-1] if how[1] else shape
+                packed[w] = relax.Var(w.name, relax.TensorType([-(-n // PACK_PANEL), k, PACK_PANEL], "float32"))
+            elif how[0] == "int8" and dtype in ("int8", "uint8"):
+                packed[w] = relax.Var(w.name, relax.TensorType(list(packed_int8_shape(*shape)), "int8"))
         if not packed:
             return mod
-        mutator = _PackedMatmuls({w: v for w, (v, _) in packed.items()}, mod)
+        mutator = _PackedMatmuls(packed, mod)
         body = mutator.visit_expr(func).body
-        params = [packed[p][0] if p in packed else p for p in func.params]
+        params = [packed.get(p, p) for p in func.params]
         new = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
         mutator.builder_.update_func(mod.get_global_var("main"), new)
         mod = mutator.builder_.get()
         if record is not None:
-            record["packed_weights"] = {w.name: bool(tb) for w, (_, tb) in packed.items()}
-            requires = set(record.get("requires", [])) | {MATMUL_PACKED_KERNEL, PACK_WEIGHT_KERNEL}
-            if mutator.count == record.get("matmul", {}).get("blas"):  # no unpacked matmul call is left
-                requires.discard(MATMUL_KERNEL)
-            record["requires"] = sorted(requires)
+            float32 = {w.name: bool(uses[w][1]) for w in packed if uses[w][0] == "float32"}
+            int8 = sorted(w.name for w in packed if uses[w][0] == "int8")
+            requires, left = set(record.get("requires", [])), _kernels_called(mod)
+            for kernel, packed_kernel, pack_kernel, names in (
+                    (MATMUL_KERNEL, MATMUL_PACKED_KERNEL, PACK_WEIGHT_KERNEL, float32),
+                    (MATMUL_INTEGER_KERNEL, MATMUL_INTEGER_PACKED_KERNEL, PACK_INT8_WEIGHT_KERNEL, int8)):
+                if names:
+                    requires.add(packed_kernel)
+                    requires.add(pack_kernel)
+                    if kernel not in left:
+                        requires.discard(kernel)
+            record.update(requires=sorted(requires), **({"packed_weights": float32} if float32 else {}),
+                          **({"packed_int8_weights": int8} if int8 else {}))
         return relax.transform.DeadCodeElimination()(mod)
 
     return _pass

@@ -297,7 +297,7 @@ def _load_weights(path: Path, manifest: dict, dev, rank: int = 0, *, staged: boo
         reader.finish()
     names = [spec["name"] for spec in manifest["signature"]["params"]]
     weights = [tensors.pop(name) for name in names]
-    return pack_params(((manifest.get("kernels") or {}).get("cpu") or {}).get("packed_weights"), names, weights)
+    return pack_params((manifest.get("kernels") or {}).get("cpu"), names, weights)
 
 
 def load(path, *, device: str | None = None, simulate: bool = False, threads: int | None = None,

@@ -69,12 +69,19 @@ MATMUL_PACKED_KERNEL = "bmc.cpu.matmul_packed"
 PACK_WEIGHT_KERNEL = "bmc.cpu.pack_weight"
 #: columns per panel of a packed weight
 PACK_PANEL = 32
+#: ``bmc.cpu.matmul_integer_packed(a, bp, a_zero_point, b_zero_point, n, out)``: ``bmc.cpu.matmul_integer`` with
+#: its 8-bit weight ``bt [N, K]`` packed once, when the model is loaded, by ``bmc.cpu.pack_int8_weight(bt, bp)``
+#: (:func:`packed_int8_shape`; a uint8 weight is flipped to int8, its zero point says which it was)
+MATMUL_INTEGER_PACKED_KERNEL = "bmc.cpu.matmul_integer_packed"
+PACK_INT8_WEIGHT_KERNEL = "bmc.cpu.pack_int8_weight"
+#: rows of ``bt`` per panel of a packed 8-bit weight
+INT8_PANEL = 16
 #: default TVM_THREAD_POOL_SPIN_COUNT (see set_num_threads); 0: idle TVM workers sleep at once
 TVM_SPIN_COUNT = int(os.environ.get("BMC_TVM_SPIN_COUNT", "0"))
 #: every kernel name an llvm artifact may require, with what ``register_cpu_kernels`` installs for it
 CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, CONV2D_FUSED_KERNEL, MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL,
                MATMUL_INTEGER_KERNEL, ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL, MATMUL_FLOAT8_KERNEL,
-               MATMUL_PACKED_KERNEL, PACK_WEIGHT_KERNEL)
+               MATMUL_PACKED_KERNEL, PACK_WEIGHT_KERNEL, MATMUL_INTEGER_PACKED_KERNEL, PACK_INT8_WEIGHT_KERNEL)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -281,22 +288,35 @@ def pack_weights_enabled() -> bool:
     return os.environ.get("BMC_CPU_PACK_WEIGHTS", "1").strip() != "0"
 
 
-def pack_params(packed: dict | None, names: list[str], tensors: list) -> list:
-    """``tensors`` (the program's weights, in ``names`` order) with each weight in ``packed`` (name → stored
-    transposed) replaced by its panels (``bmc.cpu.pack_weight``), in place: each unpacked weight is dropped as its
-    packed copy is made, so loading needs one weight more at most."""
-    if not packed:
+def packed_int8_shape(n: int, k: int) -> tuple[int, int, int]:
+    """The shape of an 8-bit weight ``bt [N, K]`` packed by ``bmc.cpu.pack_int8_weight``: ``ceil(N / 16)`` panels of
+    16 rows, each ``ceil(K / 4)`` rows of 64 bytes (``[16][4]``: four bytes of K of each row) and one more holding the
+    16 rows' sums as int32, int8."""
+    return -(-n // INT8_PANEL), -(-k // 4) + 1, 64
+
+
+def pack_params(cpu: dict | None, names: list[str], tensors: list) -> list:
+    """``tensors`` (the program's weights, in ``names`` order) with the weights the program reads packed replaced by
+    their packed form, in place: ``cpu`` is the kernel record (``kernels.cpu``) whose ``packed_weights`` (float32
+    matmul weights, name → stored transposed) go to panels (``bmc.cpu.pack_weight``) and ``packed_int8_weights``
+    (8-bit ``[N, K]``) to ``bmc.cpu.pack_int8_weight``'s layout. Each unpacked weight is dropped as its packed copy
+    is made, so loading needs one weight more at most."""
+    float32, int8 = (cpu or {}).get("packed_weights") or {}, set((cpu or {}).get("packed_int8_weights") or ())
+    if not float32 and not int8:
         return tensors
     import tvm
     import tvm_ffi
 
-    pack = tvm_ffi.get_global_func(PACK_WEIGHT_KERNEL)
     for i, name in enumerate(names):
-        if name in packed:
-            t = tensors[i]
-            k, n = t.shape[::-1] if packed[name] else t.shape
+        t = tensors[i]
+        if name in float32:
+            k, n = t.shape[::-1] if float32[name] else t.shape
             out = tvm.runtime.empty((-(-int(n) // PACK_PANEL), int(k), PACK_PANEL), "float32", t.device)
-            pack(t, int(packed[name]), out)
+            tvm_ffi.get_global_func(PACK_WEIGHT_KERNEL)(t, int(float32[name]), out)
+            tensors[i] = out
+        elif name in int8:
+            out = tvm.runtime.empty(packed_int8_shape(*(int(d) for d in t.shape)), "int8", t.device)
+            tvm_ffi.get_global_func(PACK_INT8_WEIGHT_KERNEL)(t, out)
             tensors[i] = out
     return tensors
 
@@ -336,16 +356,41 @@ def _matmul_float8_numpy(a, codes, table, scale, mantissa_bits, bias, out) -> No
     np.matmul(A.reshape(-1, A.shape[-1]), w.T, out=C.reshape(-1, C.shape[-1]))
 
 
-def _matmul_integer_numpy(a, bt, a_zp, b_zp, out) -> None:
-    """``bmc.cpu.matmul_integer`` in numpy: the operands minus their zero points as float64, one BLAS GEMM (exact:
-    every partial sum is an integer below 2^53)."""
-    A, B, C = np.from_dlpack(a), np.from_dlpack(bt), np.from_dlpack(out)
-
-    def shifted(x, zp):  # a per-row zero point (several values) repeats over A's batches
-        zp = np.from_dlpack(zp).astype(np.float64)
+def _integer_product(A, B, za, zb, C) -> None:
+    """``C = (A - za) @ (B - zb).T`` as float64, one BLAS GEMM (exact: every partial sum is an integer below 2^53);
+    a zero point of several values is one per row (of A's last M, repeating over its batches; of B)."""
+    def shifted(x, zp):
         return (x.astype(np.float64) - (zp.reshape(-1, 1) if zp.size > 1 else zp.reshape(()))).reshape(-1, x.shape[-1])
 
-    C.reshape(-1, C.shape[-1])[...] = (shifted(A, a_zp) @ shifted(B, b_zp).T).astype(np.int64).astype(np.int32)
+    C.reshape(-1, C.shape[-1])[...] = (shifted(A, za) @ shifted(B, zb).T).astype(np.int64).astype(np.int32)
+
+
+def _matmul_integer_numpy(a, bt, a_zp, b_zp, out) -> None:
+    """``bmc.cpu.matmul_integer`` in numpy."""
+    _integer_product(np.from_dlpack(a), np.from_dlpack(bt), np.from_dlpack(a_zp).astype(np.float64),
+                     np.from_dlpack(b_zp).astype(np.float64), np.from_dlpack(out))
+
+
+def _pack_int8_weight_numpy(bt, out) -> None:
+    """``bmc.cpu.pack_int8_weight`` in numpy (see :func:`packed_int8_shape`)."""
+    B, P = np.from_dlpack(bt), np.from_dlpack(out)
+    panels, quads = P.shape[0], P.shape[1] - 1
+    full = np.zeros((panels * INT8_PANEL, quads * 4), np.int8)
+    full[:B.shape[0], :B.shape[1]] = (B ^ 0x80).view(np.int8) if B.dtype == np.uint8 else B
+    P[:, :quads] = full.reshape(panels, INT8_PANEL, quads, 4).transpose(0, 2, 1, 3).reshape(panels, quads, 64)
+    sums = full.sum(axis=1, dtype=np.int64).astype(np.int32).astype("<i4")
+    P[:, quads] = sums.view(np.int8).reshape(panels, 64)
+
+
+def _matmul_integer_packed_numpy(a, bp, a_zp, b_zp, n, out) -> None:
+    """``bmc.cpu.matmul_integer_packed`` in numpy: the weight unpacked (int8; a uint8 one's zero point moved by
+    -128 as its codes were), then the same product as the unpacked kernel."""
+    A, P = np.from_dlpack(a), np.from_dlpack(bp)
+    panels, quads = P.shape[0], P.shape[1] - 1
+    B = P[:, :quads].reshape(panels, quads, INT8_PANEL, 4).transpose(0, 2, 1, 3).reshape(panels * INT8_PANEL, -1)
+    zb = np.from_dlpack(b_zp)
+    _integer_product(A, B[:n, :A.shape[-1]], np.from_dlpack(a_zp).astype(np.float64),
+                     zb.astype(np.float64) - (128 if zb.dtype == np.uint8 else 0), np.from_dlpack(out))
 
 
 def _attention_numpy(q, kt, v, *rest) -> None:
@@ -466,12 +511,16 @@ _NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", CONV2D_KERNEL: "cpu_conv2d", CON
                    MATMUL_NBITS_KERNEL: "cpu_matmul_nbits", MATMUL_NBITS_ZP_KERNEL: "cpu_matmul_nbits_zp",
                    MATMUL_INTEGER_KERNEL: "cpu_matmul_integer", ATTENTION_KERNEL: "cpu_attention",
                    ATTENTION_BIAS_KERNEL: "cpu_attention_bias", MATMUL_FLOAT8_KERNEL: "cpu_matmul_float8",
-                   MATMUL_PACKED_KERNEL: "cpu_matmul_packed", PACK_WEIGHT_KERNEL: "cpu_pack_weight"}
+                   MATMUL_PACKED_KERNEL: "cpu_matmul_packed", PACK_WEIGHT_KERNEL: "cpu_pack_weight",
+                   MATMUL_INTEGER_PACKED_KERNEL: "cpu_matmul_integer_packed",
+                   PACK_INT8_WEIGHT_KERNEL: "cpu_pack_int8_weight"}
 _NUMPY_KERNELS = {MATMUL_KERNEL: _matmul_numpy, CONV2D_KERNEL: _conv2d_numpy, CONV2D_FUSED_KERNEL: _conv2d_fused_numpy,
                   MATMUL_NBITS_KERNEL: _matmul_nbits_numpy, MATMUL_NBITS_ZP_KERNEL: _matmul_nbits_numpy,
                   MATMUL_INTEGER_KERNEL: _matmul_integer_numpy, ATTENTION_KERNEL: _attention_numpy,
                   ATTENTION_BIAS_KERNEL: _attention_numpy, MATMUL_FLOAT8_KERNEL: _matmul_float8_numpy,
-                  MATMUL_PACKED_KERNEL: _matmul_packed_numpy, PACK_WEIGHT_KERNEL: _pack_weight_numpy}
+                  MATMUL_PACKED_KERNEL: _matmul_packed_numpy, PACK_WEIGHT_KERNEL: _pack_weight_numpy,
+                  MATMUL_INTEGER_PACKED_KERNEL: _matmul_integer_packed_numpy,
+                  PACK_INT8_WEIGHT_KERNEL: _pack_int8_weight_numpy}
 
 
 # ------------------------------------------------------------------------------------------ native library

@@ -24,7 +24,7 @@ class CompiledGraph:
         self.device = tvm.cpu()
         built = build(graph, TargetSpec.parse("llvm"))
         self.vm = relax.VirtualMachine(built.executable, self.device)
-        self.params = pack_params(built.packed_weights, [p.name for p in graph.params],
+        self.params = pack_params(built.kernels.get("cpu"), [p.name for p in graph.params],
                                   [tvm.runtime.tensor(np.require(graph.weights[p.name].numpy(), requirements="C"),
                                                       self.device) for p in graph.params])
 

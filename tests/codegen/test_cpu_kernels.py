@@ -335,6 +335,69 @@ def test_matmul_weights_are_packed_once_at_load(native_lib, monkeypatch, tmp_pat
             np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-5 * float(np.abs(want).max()), err_msg=name)
 
 
+def test_int8_weights_are_packed_once_at_load(native_lib, monkeypatch, tmp_path):
+    """An 8-bit weight read only as MatMulInteger's B (int8, or uint8 with a zero point per column) is packed when
+    the program is loaded (in memory, from an artifact, and per shard on a 1x2 mesh of simulated ranks), and the
+    unpacked kernel is no longer required; one also read by another op stays as it is. Exact every way, the numpy
+    kernels and ``BMC_CPU_PACK_WEIGHTS=0`` too."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bmc.codegen.build import build
+    from bmc.codegen.targets import TargetSpec
+    from bmc.compiler import compile_model, import_graph
+    from bmc.runtime.executor import load
+    from bmc.runtime.kernels import register_cpu_kernels
+    from bmc.testing.compiled import CompiledGraph
+
+    monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
+    register_cpu_kernels(native=True, threads=2)
+    rng = np.random.default_rng(0)
+    w1 = rng.integers(-128, 128, (70, 40), dtype=np.int8)
+    w2 = rng.integers(0, 256, (40, 34), dtype=np.uint8)
+    z2 = rng.integers(100, 156, 34, dtype=np.uint8)
+    inits = [numpy_helper.from_array(v, n) for n, v in (("w1", w1), ("w2", w2), ("z2", z2),
+                                                          ("za", np.array(7, np.uint8)), ("s", np.float32(1000)))]
+    nodes = [helper.make_node("MatMulInteger", ["x", "w1", "za"], ["h"]),
+             helper.make_node("Cast", ["h"], ["hf"], to=TensorProto.FLOAT),
+             helper.make_node("QuantizeLinear", ["hf", "s", "za"], ["hq"]),
+             helper.make_node("MatMulInteger", ["hq", "w2", "za", "z2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [40, 70])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = rng.integers(0, 256, (40, 70), dtype=np.uint8)
+    h = (x.astype(np.int64) - 7) @ w1
+    hq = np.clip(np.rint(h / 1000.0) + 7, 0, 255)
+    want = (hq - 7) @ (w2.astype(np.int64) - z2)
+    g = import_graph(model)
+    cpu = build(g, TargetSpec.parse("llvm")).kernels["cpu"]
+    assert cpu["packed_int8_weights"] == ["w1.T", "w2.T"]  # MatMulInteger's B is stored transposed, [N, K]
+    assert {"bmc.cpu.matmul_integer_packed", "bmc.cpu.pack_int8_weight"} <= set(cpu["requires"])
+    assert "bmc.cpu.matmul_integer" not in cpu["requires"]
+    compiled = CompiledGraph(g)
+    assert sorted(tuple(p.shape) for p in compiled.params if p.ndim == 3) == [(3, 11, 64), (3, 19, 64)]
+    results = [compiled({"x": x})["y"]]
+    for mesh in (None, "1x2"):
+        path = compile_model(model, tmp_path / f"m{mesh}.bmc", mesh=mesh, strategy="megatron")["output"]
+        results.append(load(path, simulate=bool(mesh))(x=x))
+    monkeypatch.setenv("BMC_CPU_KERNELS", "numpy")
+    results.append(load(tmp_path / "mNone.bmc")(x=x))
+    monkeypatch.delenv("BMC_CPU_KERNELS")
+    monkeypatch.setenv("BMC_CPU_PACK_WEIGHTS", "0")
+    assert "packed_int8_weights" not in build(g, TargetSpec.parse("llvm")).kernels["cpu"]
+    results.append(CompiledGraph(g)({"x": x})["y"])
+    monkeypatch.delenv("BMC_CPU_PACK_WEIGHTS")
+    for got in results:
+        np.testing.assert_array_equal(got, want)
+    # a weight also read by another op (here a cast) is left as it is
+    b = GraphBuilder("shared")
+    a, w = b.input("a", TensorType("uint8", (4, 40))), b.param("w", w2[:, :16].T.copy())
+    zero = b.param("z", np.array([0], np.uint8))
+    g = b.finish([b.emit1("matmul_integer", [a, w, zero, zero]), b.emit1("cast", [w], dtype="int32")])
+    cpu = build(g, TargetSpec.parse("llvm")).kernels["cpu"]
+    assert "packed_int8_weights" not in cpu and "bmc.cpu.matmul_integer" in cpu["requires"]
+    register_cpu_kernels(native=False)
+
+
 NBITS_CASES = [  # (A shape, N, block): AVX2 decodes 16 values (8 bytes) at a time, so blocks of 16, 32, 64 take
     # it and a block of 24 the plain loops; up to 16 rows of A dot products 4 rows at a time (tails 3/2/1), more rows
     # dequantize + sgemm; N rows of the weight split over the threads
@@ -415,9 +478,11 @@ def test_kernel_threads_serve_concurrent_callers_and_forked_children(native_lib,
 
 
 INTEGER_CASES = [  # (A shape, N, zero points per row): K across the 64-byte steps and tails, M and N across tiles;
-    # up to 16 rows dot products, more the packed panels (16 columns, 4 bytes of K at a time: K % 4 tails)
+    # up to 16 rows dot products, more (and every weight packed at load) the packed panels (16 columns, 4 bytes of K
+    # at a time: K % 4 tails; tiles of 8 rows, the rest in one tile)
     ((1, 64), 1, False), ((5, 70), 6, True), ((9, 127), 13, False), ((2, 3, 128), 4, True), ((4, 1), 3, False),
     ((3, 200), 9, True), ((37, 70), 45, True), ((2, 20, 131), 33, False), ((17, 4), 16, True), ((24, 64), 32, False),
+    ((3, 97), 20, True),  # packed tiles of up to 4 rows take K in pairs of quads: an odd count of quads left over
 ]
 
 
@@ -427,10 +492,13 @@ INTEGER_CASES = [  # (A shape, N, zero points per row): K across the 64-byte ste
                                                                    for a, n, r in INTEGER_CASES])
 def test_matmul_integer_kernel_is_exact(impl, a_dtype, b_dtype, a_shape, n, per_row):
     """``bmc.cpu.matmul_integer`` equals the op's int64 reference bit for bit, for each signedness pair (the native
-    kernel flips int8 A and uint8 B to its uint8 x int8 products), zero points one or one per row, extreme codes."""
+    kernel flips int8 A and uint8 B to its uint8 x int8 products), zero points one or one per row, extreme codes;
+    so does ``bmc.cpu.matmul_integer_packed`` on the weight packed by ``bmc.cpu.pack_int8_weight``, whose layout
+    (codes in panels, row sums after them) the native and numpy packers write alike."""
     import tvm_ffi
 
     from bmc.ops import get_op
+    from bmc.runtime import kernels
     from bmc.runtime.kernels import MATMUL_INTEGER_KERNEL, register_cpu_kernels
 
     register_cpu_kernels(native=impl == "native")
@@ -448,6 +516,15 @@ def test_matmul_integer_kernel_is_exact(impl, a_dtype, b_dtype, a_shape, n, per_
     out = np.zeros(a_shape[:-1] + (n,), np.int32)
     tvm_ffi.get_global_func(MATMUL_INTEGER_KERNEL)(*[tvm_ffi.from_dlpack(x) for x in (a, bt, za, zb, out)])
     (want,) = get_op("matmul_integer").reference([a, bt, za, zb], {})
+    np.testing.assert_array_equal(out, want)
+    packed = np.full(kernels.packed_int8_shape(*bt.shape), 99, np.int8)  # every byte written
+    tvm_ffi.get_global_func(kernels.PACK_INT8_WEIGHT_KERNEL)(tvm_ffi.from_dlpack(bt), tvm_ffi.from_dlpack(packed))
+    expected = np.zeros_like(packed)
+    kernels._pack_int8_weight_numpy(tvm_ffi.from_dlpack(bt), tvm_ffi.from_dlpack(expected))
+    np.testing.assert_array_equal(packed, expected)
+    out[...] = -1
+    tvm_ffi.get_global_func(kernels.MATMUL_INTEGER_PACKED_KERNEL)(
+        *[tvm_ffi.from_dlpack(x) for x in (a, packed, za, zb)], n, tvm_ffi.from_dlpack(out))
     np.testing.assert_array_equal(out, want)
 
 

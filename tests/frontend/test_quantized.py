@@ -107,13 +107,15 @@ def test_quantization_changes_the_result_by_a_quantization_error(compiled):
 
 def test_integer_matmuls_read_the_int8_weights(compiled):
     """Every MatMulInteger is the IR's ``matmul_integer`` on the CPU's integer kernel, reading its int8 weight stored
-    transposed (``[N, K]``, one byte a value); no float64 matmul is left. The QDQ model's linear layers too."""
+    transposed (``[N, K]``, one byte a value) and packed at load; no float64 matmul is left. The QDQ model's linear layers too."""
     manifest = json.loads((compiled["gpt2_dynamic"] / "manifest.json").read_text())
     matmuls = sum(n.op_type == "MatMulInteger" for n in onnx.load(QUANTIZED / "gpt2_dynamic.onnx").graph.node)
     transposed = [p for p in manifest["signature"]["params"] if p["name"].endswith(".T")]
     assert matmuls == 9 and len(transposed) == matmuls  # 4 a layer and the LM head
     assert all(p["dtype"] == "int8" and len(p["shape"]) == 2 for p in transposed)
-    assert "bmc.cpu.matmul_integer" in manifest["kernels"]["cpu"]["requires"]
+    cpu = manifest["kernels"]["cpu"]  # each packed once, at load, for the VNNI panel tiles
+    assert "bmc.cpu.matmul_integer_packed" in cpu["requires"] and "bmc.cpu.matmul_integer" not in cpu["requires"]
+    assert cpu["packed_int8_weights"] == sorted(p["name"] for p in transposed)
     graph = import_model(QUANTIZED / "gpt2_dynamic.onnx", {k: v.shape for k, v in _inputs().items()})
     assert sum(n.op == "matmul_integer" for n in graph.nodes) == matmuls
     assert not [n for n in graph.nodes if n.op == "matmul" and n.outputs[0].type.dtype == "float64"]
