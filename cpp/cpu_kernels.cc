@@ -1835,6 +1835,17 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
   }, work / kThreadWork + 1);
 }
 
+enum class PackedIsa { kAvx512, kAvx2, kPlain };
+
+/*! \brief The widest panel kernel this CPU runs (BMC_CPU_NO_AVX512 / BMC_CPU_NO_AVX2: the narrower ones, as older
+ *  CPUs run them; the tests take them this way). */
+PackedIsa PanelIsa() {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (std::getenv("BMC_CPU_NO_AVX2") != nullptr || !avx2) return PackedIsa::kPlain;
+  return avx512 && std::getenv("BMC_CPU_NO_AVX512") == nullptr ? PackedIsa::kAvx512 : PackedIsa::kAvx2;
+}
+
 // ---- skinny float32 GEMMs (decoding) ---------------------------------------------------------------------------
 //
 // A GEMM of a few rows (a decoding step: M = batch) reads the whole weight for a few products per element; the
@@ -1861,6 +1872,18 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline float Load1(const
 }
 __attribute__((target("avx2,fma,f16c"), always_inline)) inline float Load1(const F16* p) {
   return _cvtsh_ss(p->bits);
+}
+
+/*! \brief 16 consecutive values of b as float32 (AVX-512). */
+__attribute__((target("avx512f,avx2,fma,f16c"), always_inline)) inline __m512 Load16(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+__attribute__((target("avx512f,avx2,fma,f16c"), always_inline)) inline __m512 Load16(const Bf16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+__attribute__((target("avx512f,avx2,fma,f16c"), always_inline)) inline __m512 Load16(const F16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 constexpr int64_t kSkinnyRows = 8;              // up to this many rows of a (at 16 the BLAS won)
@@ -1936,13 +1959,63 @@ __attribute__((target("avx2,fma,f16c"))) void AxpyTileAvx2(const float* a, int64
   }
 }
 
+/*! \brief AxpyTileAvx2 with AVX-512 for up to 8 rows at once (16 accumulators of 32 columns): a decoding step of
+ *  up to 8 rows reads (and widens) b once, where the AVX2 tiles of 4 rows read it twice for 8. */
+template <int MR, int KB, typename TB>
+__attribute__((target("avx512f,avx2,fma,f16c"))) void AxpyTile512(const float* a, int64_t lda, const TB* b, int64_t ldb,
+                                                          float* c, int64_t ldc, int64_t n) {
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    __m512 acc[MR][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      acc[r][0] = _mm512_loadu_ps(c + r * ldc + j);
+      acc[r][1] = _mm512_loadu_ps(c + r * ldc + j + 16);
+    }
+#pragma GCC unroll 16
+    for (int q = 0; q < KB; ++q) {
+      const __m512 b0 = Load16(b + q * ldb + j), b1 = Load16(b + q * ldb + j + 16);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m512 ar = _mm512_set1_ps(a[r * lda + q]);
+        acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      _mm512_storeu_ps(c + r * ldc + j, acc[r][0]);
+      _mm512_storeu_ps(c + r * ldc + j + 16, acc[r][1]);
+    }
+  }
+  for (; j < n; ++j) {
+    for (int r = 0; r < MR; ++r) {
+      float acc = c[r * ldc + j];
+      for (int q = 0; q < KB; ++q) acc += a[r * lda + q] * Load1(b + q * ldb + j);
+      c[r * ldc + j] = acc;
+    }
+  }
+}
+
 /*! \brief ``c [m, n] += a [m, k] @ b [k, n]`` (row-major b read in order: KB rows at a time, all columns). */
 template <int KB, typename TB>
 void AxpyRows(const float* a, int64_t lda, int64_t m, const TB* b, int64_t ldb, float* c, int64_t ldc,
               int64_t n, int64_t k) {
   int64_t p = 0;
+  const bool wide = PanelIsa() == PackedIsa::kAvx512;
   const auto rows = [&](auto kb, int64_t p) {
     constexpr int kKb = decltype(kb)::value;
+    if (wide) {
+      const float* ap = a + p;
+      const TB* bp = b + p * ldb;
+      switch (m) {
+#define BMC_AXPY512(R) case R: AxpyTile512<R, kKb, TB>(ap, lda, bp, ldb, c, ldc, n); return;
+        BMC_AXPY512(1) BMC_AXPY512(2) BMC_AXPY512(3) BMC_AXPY512(4)
+        BMC_AXPY512(5) BMC_AXPY512(6) BMC_AXPY512(7) BMC_AXPY512(8)
+#undef BMC_AXPY512
+        default: break;
+      }
+    }
     int64_t i = 0;
     for (; i + 4 <= m; i += 4) AxpyTileAvx2<4, kKb, TB>(a + i * lda + p, lda, b + p * ldb, ldb, c + i * ldc, ldc, n);
     switch (m - i) {
@@ -2209,8 +2282,6 @@ void PackedTilePlain(const float* a, int64_t lda, int64_t rows, const float* bp,
   }
 }
 
-enum class PackedIsa { kAvx512, kAvx2, kPlain };
-
 /*! \brief c[rows, panel cols] (= or +=) a[rows, depth] @ one panel's depth slice, MR rows at a time. */
 template <PackedIsa Isa>
 void PackedRows(const float* a, int64_t lda, int64_t rows, const float* bp, int64_t depth, float* c, int64_t ldc,
@@ -2332,15 +2403,6 @@ void PanelGemmRun(const PanelGemm& g) {
       if (each * threads < panels && r0 < r1) body(r0, r1, each * threads, panels);
     }
   }, threads);
-}
-
-/*! \brief The widest panel kernel this CPU runs (BMC_CPU_NO_AVX512 / BMC_CPU_NO_AVX2: the narrower ones, as older
- *  CPUs run them; the tests take them this way). */
-PackedIsa PanelIsa() {
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (std::getenv("BMC_CPU_NO_AVX2") != nullptr || !avx2) return PackedIsa::kPlain;
-  return avx512 && std::getenv("BMC_CPU_NO_AVX512") == nullptr ? PackedIsa::kAvx512 : PackedIsa::kAvx2;
 }
 
 void RunPanelGemm(const PanelGemm& g) {

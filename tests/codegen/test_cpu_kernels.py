@@ -179,7 +179,8 @@ def test_half_operands_with_a_float32_result(native_lib, monkeypatch):
 
 
 SKINNY_CASES = [  # (M, K, N): up to 8 rows of a (a decoding step) run bmc's own kernel, not the BLAS: tiles of
-    # 4 rows (tails of 3, 2, 1) x 16 columns (column tails), 8 rows of b at a time (K tails); b's rows are split over
+    # every row x 32 columns (AVX-512) or of 4 rows (tails of 3, 2, 1) x 16 columns (AVX2), column tails, 8 rows of b
+    # at a time (K tails); b's rows are split over
     # the threads once the product has 2^18 multiply-adds (partial sums added at the end); 9 rows: the panel GEMM
     (1, 768, 3072), (8, 70, 37), (5, 1, 9), (7, 133, 45), (6, 8, 16), (3, 1000, 600), (2, 9, 1), (4, 300, 200),
     (9, 64, 40),
@@ -189,8 +190,9 @@ SKINNY_CASES = [  # (M, K, N): up to 8 rows of a (a decoding step) run bmc's own
 @pytest.mark.parametrize("trans_b", [False, True], ids=["b", "bt"])
 @pytest.mark.parametrize("m,k,n", SKINNY_CASES, ids=[f"{m}x{k}x{n}" for m, k, n in SKINNY_CASES])
 def test_skinny_matmul_matches_blas(native_lib, monkeypatch, m, k, n, trans_b):
-    """The few-row kernel against float64 products and against the BLAS (``BMC_CPU_NO_AVX2`` sends every call
-    there, the panel GEMM's too): float32 sums in another order, 1e-5 of max |ref|; a NaN in a row of a stays in that row only."""
+    """The few-row kernels (AVX-512: every row at once; AVX2: tiles of 4 rows) against float64 products and against
+    the BLAS (``BMC_CPU_NO_AVX2`` sends every call there, the panel GEMM's too): float32 sums in another order, 1e-5
+    of max |ref|; a NaN in a row of a stays in that row only."""
     import tvm_ffi
 
     from bmc.runtime.kernels import MATMUL_KERNEL, register_cpu_kernels
@@ -204,9 +206,9 @@ def test_skinny_matmul_matches_blas(native_lib, monkeypatch, m, k, n, trans_b):
     ref = a.astype(np.float64) @ b.astype(np.float64)
     stored = np.ascontiguousarray(b.T) if trans_b else b
     outs = []
-    for blas in (False, True):
-        if blas:
-            monkeypatch.setenv("BMC_CPU_NO_AVX2", "1")
+    for isa in ("avx512", "avx2", "plain"):  # plain: the BLAS
+        for name, value in PANEL_ISAS[isa].items():
+            monkeypatch.setenv(name, value)
         out = np.full((m, n), 7.0, np.float32)
         tvm_ffi.get_global_func(MATMUL_KERNEL)(tvm_ffi.from_dlpack(a), tvm_ffi.from_dlpack(stored), False, trans_b,
                                                tvm_ffi.from_dlpack(out))
