@@ -469,6 +469,66 @@ __attribute__((target("avx2,fma"))) void DotRowsNBitsAvx2(const NBits& p, int64_
   }
 }
 
+/*! \brief a's rows as DotRowsNBits512 reads them: each 32 values (the nibbles of 16 code bytes) as the 16 at even
+ *  positions (the low nibbles), then the 16 at odd ones (the high nibbles). \a n is a multiple of 32. */
+void SplitEvenOdd(const float* a, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i += 32) {
+    for (int j = 0; j < 16; ++j) {
+      out[i + j] = a[i + 2 * j];
+      out[i + 16 + j] = a[i + 2 * j + 1];
+    }
+  }
+}
+
+/*! \brief DotRowsNBitsAvx2 with AVX-512 for up to 8 rows of a, split by SplitEvenOdd (\a ae), blocks of a multiple
+ *  of 32 values: 16 code bytes give the low and the high nibbles as two vectors with no interleaving, so a weight
+ *  row is decoded 32 values at a time, once for all the rows. */
+template <int MR>
+__attribute__((target("avx512f,avx512bw"))) void DotRowsNBits512(const NBits& p, int64_t row, const float* ae,
+                                                                  float* out, int64_t ldo) {
+  const uint8_t* c = p.codes + row * p.blocks * p.half;
+  const __m512i low4 = _mm512_set1_epi32(15);
+  __m512 acc[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < p.blocks; ++b) {
+    const __m512 z = _mm512_set1_ps(p.zp != nullptr ? p.zp[row * p.blocks + b] : 8.0f);
+    __m512 t[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) t[r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < p.half; j += 16) {
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + b * p.half + j)));
+      const __m512 lo = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, low4)), z);
+      const __m512 hi = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), z);
+      const float* ab = ae + b * 2 * p.half + 2 * j;
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        t[r] = _mm512_fmadd_ps(_mm512_loadu_ps(ab + r * p.k), lo, t[r]);
+        t[r] = _mm512_fmadd_ps(_mm512_loadu_ps(ab + r * p.k + 16), hi, t[r]);
+      }
+    }
+    const __m512 s = _mm512_set1_ps(p.scales[row * p.blocks + b]);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(t[r], s, acc[r]);
+  }
+  for (int r = 0; r < MR; ++r) out[r * ldo] = _mm512_reduce_add_ps(acc[r]);
+}
+
+/*! \brief DotRowsNBits512 for every row of a (split into \a ae), eight at a time. */
+void DotAllRowsNBits512(const NBits& p, int64_t row, const float* ae) {
+  for (int64_t i = 0; i < p.m; i += 8) {
+    const float* a = ae + i * p.k;
+    float* out = p.out + i * p.n + row;
+    switch (std::min<int64_t>(8, p.m - i)) {
+#define BMC_NBITS512(R) case R: DotRowsNBits512<R>(p, row, a, out, p.n); break;
+      BMC_NBITS512(1) BMC_NBITS512(2) BMC_NBITS512(3) BMC_NBITS512(4)
+      BMC_NBITS512(5) BMC_NBITS512(6) BMC_NBITS512(7) BMC_NBITS512(8)
+#undef BMC_NBITS512
+      default: break;
+    }
+  }
+}
+
 /*! \brief DotRowsNBitsAvx2 for every row of a, four at a time. */
 void DotAllRowsNBitsAvx2(const NBits& p, int64_t row) {
   int64_t i = 0;
@@ -699,6 +759,17 @@ void MatmulNBitsImpl(const ffi::TensorView& a, const ffi::TensorView& codes, con
   // BMC_CPU_NO_AVX2: the plain loops (what CPUs without AVX2 run; a test takes them this way)
   static const bool cpu_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool avx2 = cpu_avx2 && p.half % 8 == 0 && std::getenv("BMC_CPU_NO_AVX2") == nullptr;
+  static const bool cpu_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  if (p.m <= kFusedRows && avx2 && cpu_avx512 && p.half % 16 == 0 && std::getenv("BMC_CPU_NO_AVX512") == nullptr) {
+    thread_local std::vector<float> split;
+    split.resize(static_cast<size_t>(p.m * p.k));
+    SplitEvenOdd(p.a, p.m * p.k, split.data());
+    const float* ae = split.data();
+    ParallelRows(p.n, [&p, ae](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) DotAllRowsNBits512(p, row, ae);
+    });
+    return;
+  }
   if (p.m <= kFusedRows && avx2) {
     ParallelRows(p.n, [&p](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) DotAllRowsNBitsAvx2(p, row);

@@ -400,11 +400,11 @@ def test_int8_weights_are_packed_once_at_load(native_lib, monkeypatch, tmp_path)
     register_cpu_kernels(native=False)
 
 
-NBITS_CASES = [  # (A shape, N, block): AVX2 decodes 16 values (8 bytes) at a time, so blocks of 16, 32, 64 take
-    # it and a block of 24 the plain loops; up to 16 rows of A dot products 4 rows at a time (tails 3/2/1), more rows
-    # dequantize + sgemm; N rows of the weight split over the threads
+NBITS_CASES = [  # (A shape, N, block): AVX-512 decodes 32 values (16 bytes) at a time, so blocks of 32 and 64 take
+    # it, for up to 8 rows of A at once; AVX2 16 values (8 bytes), blocks of 16 too, 4 rows at once (tails 3/2/1); a
+    # block of 24 the plain loops; more than 16 rows dequantize + sgemm; N rows of the weight split over the threads
     ((1, 64), 40, 32), ((3, 96), 7, 16), ((2, 2, 128), 33, 64), ((5, 48), 9, 24), ((16, 64), 70, 32),
-    ((17, 32), 12, 16), ((1, 3072), 768, 32),
+    ((17, 32), 12, 16), ((1, 3072), 768, 32), ((8, 128), 20, 32), ((11, 256), 5, 64),
 ]
 
 
@@ -412,7 +412,8 @@ NBITS_CASES = [  # (A shape, N, block): AVX2 decodes 16 values (8 bytes) at a ti
 @pytest.mark.parametrize("a_shape,n,block", NBITS_CASES, ids=[f"{a}x{n}-b{b}" for a, n, b in NBITS_CASES])
 def test_matmul_nbits_kernel_matches_reference(impl, monkeypatch, a_shape, n, block, zero_points):
     """``bmc.cpu.matmul_nbits[_zp]`` against float64 products of the dequantized weight (the op's definition), the
-    native kernel with AVX2 and with its plain loops (``BMC_CPU_NO_AVX2``): 1e-5 of max |ref|."""
+    native kernel with AVX-512, with AVX2 (``BMC_CPU_NO_AVX512``) and with its plain loops (``BMC_CPU_NO_AVX2``):
+    1e-5 of max |ref|."""
     import tvm_ffi
 
     from bmc.runtime.kernels import MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL, register_cpu_kernels
@@ -428,9 +429,9 @@ def test_matmul_nbits_kernel_matches_reference(impl, monkeypatch, a_shape, n, bl
     w = ((q - (zp[..., None] if zero_points else 8.0)) * scales[..., None]).reshape(n, k)
     ref = a.astype(np.float64) @ w.T
     kernel = tvm_ffi.get_global_func(MATMUL_NBITS_ZP_KERNEL if zero_points else MATMUL_NBITS_KERNEL)
-    for plain in ((False, True) if impl == "native" else (False,)):
-        if plain:
-            monkeypatch.setenv("BMC_CPU_NO_AVX2", "1")
+    for isa in (PANEL_ISAS if impl == "native" else ["avx512"]):
+        for name, value in PANEL_ISAS[isa].items():
+            monkeypatch.setenv(name, value)
         out = np.full(a_shape[:-1] + (n,), np.nan, np.float32)
         args = [a, codes, scales] + ([zp] if zero_points else []) + [out]
         kernel(*[tvm_ffi.from_dlpack(x) for x in args])
