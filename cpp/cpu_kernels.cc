@@ -469,19 +469,28 @@ __attribute__((target("avx2,fma"))) void DotRowsNBitsAvx2(const NBits& p, int64_
   }
 }
 
-/*! \brief a's rows as DotRowsNBits512 reads them: each 32 values (the nibbles of 16 code bytes) as the 16 at even
- *  positions (the low nibbles), then the 16 at odd ones (the high nibbles). \a n is a multiple of 32. */
-void SplitEvenOdd(const float* a, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; i += 32) {
-    for (int j = 0; j < 16; ++j) {
-      out[i + j] = a[i + 2 * j];
-      out[i + 16 + j] = a[i + 2 * j + 1];
+/*! \brief a [m, k] as DotRowsNBits512 reads it: groups of 8 rows (the last one, the rest), each as its 32-value
+ *  chunks (the nibbles of 16 code bytes) of one row after another, a chunk as the 16 values at even positions (the
+ *  low nibbles) then the 16 at odd ones (the high nibbles); so a tile's rows are at fixed offsets from one pointer.
+ *  \a k is a multiple of 32. */
+void SplitEvenOdd(const float* a, int64_t m, int64_t k, float* out) {
+  for (int64_t i0 = 0; i0 < m; i0 += 8) {
+    const int64_t mr = std::min<int64_t>(8, m - i0);
+    for (int64_t g = 0; g < k / 32; ++g) {
+      for (int64_t r = 0; r < mr; ++r) {
+        const float* src = a + (i0 + r) * k + 32 * g;
+        float* dst = out + i0 * k + (g * mr + r) * 32;
+        for (int j = 0; j < 16; ++j) {
+          dst[j] = src[2 * j];
+          dst[16 + j] = src[2 * j + 1];
+        }
+      }
     }
   }
 }
 
-/*! \brief DotRowsNBitsAvx2 with AVX-512 for up to 8 rows of a, split by SplitEvenOdd (\a ae), blocks of a multiple
- *  of 32 values: 16 code bytes give the low and the high nibbles as two vectors with no interleaving, so a weight
+/*! \brief DotRowsNBitsAvx2 with AVX-512 for a group of MR <= 8 rows of a laid out by SplitEvenOdd (\a ae), blocks
+ *  of a multiple of 32 values: 16 code bytes give the low and the high nibbles as two vectors with no interleaving, so a weight
  *  row is decoded 32 values at a time, once for all the rows. */
 template <int MR>
 __attribute__((target("avx512f,avx512bw"))) void DotRowsNBits512(const NBits& p, int64_t row, const float* ae,
@@ -500,11 +509,11 @@ __attribute__((target("avx512f,avx512bw"))) void DotRowsNBits512(const NBits& p,
       const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + b * p.half + j)));
       const __m512 lo = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, low4)), z);
       const __m512 hi = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), z);
-      const float* ab = ae + b * 2 * p.half + 2 * j;
+      const float* ab = ae + (b * p.half + j) / 16 * MR * 32;
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
-        t[r] = _mm512_fmadd_ps(_mm512_loadu_ps(ab + r * p.k), lo, t[r]);
-        t[r] = _mm512_fmadd_ps(_mm512_loadu_ps(ab + r * p.k + 16), hi, t[r]);
+        t[r] = _mm512_fmadd_ps(_mm512_loadu_ps(ab + r * 32), lo, t[r]);
+        t[r] = _mm512_fmadd_ps(_mm512_loadu_ps(ab + r * 32 + 16), hi, t[r]);
       }
     }
     const __m512 s = _mm512_set1_ps(p.scales[row * p.blocks + b]);
@@ -763,7 +772,7 @@ void MatmulNBitsImpl(const ffi::TensorView& a, const ffi::TensorView& codes, con
   if (p.m <= kFusedRows && avx2 && cpu_avx512 && p.half % 16 == 0 && std::getenv("BMC_CPU_NO_AVX512") == nullptr) {
     thread_local std::vector<float> split;
     split.resize(static_cast<size_t>(p.m * p.k));
-    SplitEvenOdd(p.a, p.m * p.k, split.data());
+    SplitEvenOdd(p.a, p.m, p.k, split.data());
     const float* ae = split.data();
     ParallelRows(p.n, [&p, ae](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) DotAllRowsNBits512(p, row, ae);
