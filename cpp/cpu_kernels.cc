@@ -1312,8 +1312,10 @@ const PackedTileFn kPackedTiles[kTileRows][kTilePanels] = {
     {PackedTile<5, 1>, PackedTile<5, 2>}, {PackedTile<6, 1>, PackedTile<6, 2>},
     {PackedTile<7, 1>, PackedTile<7, 2>}, {PackedTile<8, 1>, PackedTile<8, 2>}};
 
-/*! \brief ``c -= zb * rowsum(a) + za * rowsum(b) - k * za * zb`` on an mt x nt block at (i0, j0), wrapping. */
-inline void ApplyZeroPoints(int32_t* c, int64_t ldc, int64_t i0, int64_t mt, int64_t j0, int64_t nt,
+/*! \brief ``c -= zb * rowsum(a) + za * rowsum(b) - k * za * zb`` on an mt x nt block at (i0, j0), wrapping
+ *  (vectorized over j: the scalar loop was 5% of a dynamically quantized MLP's time at 128 rows). */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void ApplyZeroPoints(int32_t* c, int64_t ldc, int64_t i0, int64_t mt, int64_t j0, int64_t nt,
                             const int32_t* za, const int32_t* zb, const int32_t* a_sums, const int32_t* b_sums,
                             int64_t k) {
   for (int64_t i = 0; i < mt; ++i) {
