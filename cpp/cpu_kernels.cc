@@ -17,9 +17,9 @@
  * ``cpu_matmul_nbits(a, codes, scales, out)`` / ``cpu_matmul_nbits_zp(a, codes, scales, zero_points, out)``: float32
  * ``a [M, K] @ W.T`` with ``W [N, K]`` given as 4-bit codes ``[N, blocks, block/2]`` (two a byte, low nibble first)
  * dequantized per block as ``(code - zero_point) * scale`` (zero point 8 when not given). For up to 16 rows of
- * ``a`` (decoding) each row of W is decoded (with AVX2 in registers, 16 values at a time, for 4 rows of ``a`` at
- * once; else into a small buffer) and dotted with every row of ``a``: the weight is read once, half a byte a
- * value. For more rows W is dequantized into a scratch matrix and multiplied by sgemm. Rows of W are split over
+ * ``a`` (decoding) each row of W is decoded (in registers: with AVX-512 32 values at a time for up to 8 rows of
+ * ``a`` at once, blocks of a multiple of 32; with AVX2 16 values for 4 rows; else into a small buffer) and dotted
+ * with every row of ``a``: the weight is read once, half a byte a value. For more rows W is dequantized into a scratch matrix and multiplied by sgemm. Rows of W are split over
  * ``set_kernel_threads(n)`` threads (kept between calls).
  *
  * ``cpu_matmul_float8(a, codes, table, scale, mantissa_bits, bias, out)``: float32 ``a @ (table[codes] * scale).T``
@@ -30,9 +30,15 @@
  * 8-bit ``a [..., M, K]`` and ``bt [N, K]`` (each uint8 or int8; ``za`` one value or one per row of the last M,
  * ``zb`` one value or one per row of ``bt``), for ONNX's MatMulInteger / QLinearMatMul. Computed as
  * ``sum(a * b) - zb * rowsum(a) - za * rowsum(b) + K * za * zb`` with the products of uint8 ``a`` and int8 ``b``
- * (an int8 ``a`` or a uint8 ``b`` is moved there by flipping its sign bit and its zero point by 128): 4x4 tiles of
- * AVX-512 VNNI ``vpdpbusd`` (64 products an instruction) where the CPU has it, else plain loops. Rows of ``bt`` are
- * split over the kernel threads. Sums wrap modulo 2^32 like onnxruntime's (K < 65793 cannot overflow).
+ * (an int8 ``a`` or a uint8 ``b`` is moved there by flipping its sign bit and its zero point by 128): AVX-512 VNNI
+ * ``vpdpbusd`` (64 products an instruction) where the CPU has it, else plain loops; up to 16 rows 4x4 tiles of dot
+ * products, more rows 8 x 32 tiles on b packed per call. Rows of ``bt`` are split over the kernel threads. Sums
+ * wrap modulo 2^32 like onnxruntime's (K < 65793 cannot overflow).
+ *
+ * ``cpu_pack_int8_weight(bt, out)`` / ``cpu_matmul_integer_packed(a, bp, a_zero_point, b_zero_point, n, out)``: an
+ * 8-bit weight packed once, when the model is loaded, into those panels with their row sums (``[ceil(N/16),
+ * ceil(K/4) + 1, 64]`` int8, see PackInt8Panel), and ``cpu_matmul_integer`` on it: the 8 x 32 tiles for every row
+ * count.
  *
  * ``cpu_conv2d(x, w, stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, dil_w, groups, out)``: NCHW x OIHW
  * float32/float64 cross-correlation as one GEMM per image and group: float32 on the panel GEMM, which packs its
@@ -2009,6 +2015,20 @@ __attribute__((target("avx2,fma,f16c"))) void DotTileAvx2(const float* a, int64_
   }
 }
 
+/*! \brief ``c[i, j] += a[i, 0:KB] @ b[0:KB, j]`` for MR rows and the columns [j0, n), one at a time: the tiles'
+ *  last columns. */
+template <int MR, int KB, typename TB>
+__attribute__((target("avx2,fma,f16c"))) void AxpyColumns(const float* a, int64_t lda, const TB* b, int64_t ldb,
+                                                           float* c, int64_t ldc, int64_t j0, int64_t n) {
+  for (int64_t j = j0; j < n; ++j) {
+    for (int r = 0; r < MR; ++r) {
+      float acc = c[r * ldc + j];
+      for (int q = 0; q < KB; ++q) acc += a[r * lda + q] * Load1(b + q * ldb + j);
+      c[r * ldc + j] = acc;
+    }
+  }
+}
+
 /*! \brief ``c[i, :] += a[i, 0:KB] @ b[0:KB, :]`` for MR rows of a over the first \a n columns of b (``[k, n]``,
  *  row-major): KB rows of b stream through together; each 16-column tile of c is held in registers across them. */
 template <int MR, int KB, typename TB>
@@ -2032,13 +2052,7 @@ __attribute__((target("avx2,fma,f16c"))) void AxpyTileAvx2(const float* a, int64
       _mm256_storeu_ps(c + r * ldc + j + 8, acc[r][1]);
     }
   }
-  for (; j < n; ++j) {
-    for (int r = 0; r < MR; ++r) {
-      float acc = c[r * ldc + j];
-      for (int q = 0; q < KB; ++q) acc += a[r * lda + q] * Load1(b + q * ldb + j);
-      c[r * ldc + j] = acc;
-    }
-  }
+  AxpyColumns<MR, KB>(a, lda, b, ldb, c, ldc, j, n);
 }
 
 /*! \brief AxpyTileAvx2 with AVX-512 for up to 8 rows at once (16 accumulators of 32 columns): a decoding step of
@@ -2070,13 +2084,7 @@ __attribute__((target("avx512f,avx2,fma,f16c"))) void AxpyTile512(const float* a
       _mm512_storeu_ps(c + r * ldc + j + 16, acc[r][1]);
     }
   }
-  for (; j < n; ++j) {
-    for (int r = 0; r < MR; ++r) {
-      float acc = c[r * ldc + j];
-      for (int q = 0; q < KB; ++q) acc += a[r * lda + q] * Load1(b + q * ldb + j);
-      c[r * ldc + j] = acc;
-    }
-  }
+  AxpyColumns<MR, KB>(a, lda, b, ldb, c, ldc, j, n);
 }
 
 /*! \brief ``c [m, n] += a [m, k] @ b [k, n]`` (row-major b read in order: KB rows at a time, all columns). */
