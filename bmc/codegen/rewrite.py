@@ -194,7 +194,17 @@ class _SplitFullReductions(relax.PyExprMutator):
             return call
         op = relax.op.max if call.op.name == "relax.max" else relax.op.min
         emit = self.builder_.emit
-        part = emit(op(emit(relax.op.reshape(call.args[0], [rows, n // rows])), axis=[1]))
+        x = call.args[0]
+        widened = self.lookup_binding(x) if isinstance(x, relax.Var) else None
+        if isinstance(widened, relax.Call) and widened.op.same_as(tvm.ir.Op.get("relax.astype")):
+            # a float32 max is lowered on its values widened to float64 (bmc.codegen.lower.reduce): reshape the
+            # narrow tensor (a view) and widen inside the partial reductions, where FuseOps fuses the cast; the
+            # reshape of the wide one was a kernel writing a float64 copy, once for the max and once for the min
+            rows_x = emit(relax.op.reshape(widened.args[0], [rows, n // rows]))
+            x = emit(relax.op.astype(rows_x, widened.attrs.dtype))
+        else:
+            x = emit(relax.op.reshape(x, [rows, n // rows]))
+        part = emit(op(x, axis=[1]))
         self.count += 1
         if call.attrs.keepdims:
             return relax.op.reshape(emit(op(part, axis=[0])), [1] * len(shape))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -113,3 +115,8 @@ def test_full_max_and_min_become_parallel_row_reductions():
     for g, w in zip(got, want):
         assert g.numpy().shape == w.shape
         np.testing.assert_array_equal(g.numpy(), w)
+    # float32 is reduced widened to float64 (for -inf); the float32 tensor is reshaped and widened inside the
+    # partial reductions, so no float64 copy of it is reshaped (the reshape would be a kernel of its own)
+    text = split["main"].script()
+    assert 'R.reshape(x, R.shape([256, 384]))' in text and text.count('R.astype(') >= 4
+    assert not re.search(r'R\.reshape\((?!x,)\w+, R\.shape\(\[256, 384\]\)\)', text)
