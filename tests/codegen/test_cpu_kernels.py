@@ -401,7 +401,8 @@ def test_int8_weights_are_packed_once_at_load(native_lib, monkeypatch, tmp_path)
 
 
 NBITS_CASES = [  # (A shape, N, block): AVX-512 decodes 32 values (16 bytes) at a time, so blocks of 32 and 64 take
-    # it, for up to 8 rows of A at once; AVX2 16 values (8 bytes), blocks of 16 too, 4 rows at once (tails 3/2/1); a
+    # it, for every row of A at once (over 8 rows, the decoded values scaled first); AVX2 16 values (8 bytes), blocks
+    # of 16 too, 4 rows at once (tails 3/2/1); a
     # block of 24 the plain loops; more than 16 rows dequantize + sgemm; N rows of the weight split over the threads
     ((1, 64), 40, 32), ((3, 96), 7, 16), ((2, 2, 128), 33, 64), ((5, 48), 9, 24), ((16, 64), 70, 32),
     ((17, 32), 12, 16), ((1, 3072), 768, 32), ((8, 128), 20, 32), ((11, 256), 5, 64),
