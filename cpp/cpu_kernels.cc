@@ -17,7 +17,7 @@
  * ``cpu_matmul_nbits(a, codes, scales, out)`` / ``cpu_matmul_nbits_zp(a, codes, scales, zero_points, out)``: float32
  * ``a [M, K] @ W.T`` with ``W [N, K]`` given as 4-bit codes ``[N, blocks, block/2]`` (two a byte, low nibble first)
  * dequantized per block as ``(code - zero_point) * scale`` (zero point 8 when not given). For up to 16 rows of
- * ``a`` (decoding) each row of W is decoded (in registers: with AVX-512 32 values at a time for up to 8 rows of
+ * ``a`` (decoding) each row of W is decoded (in registers: with AVX-512 32 values at a time for all the rows of
  * ``a`` at once, blocks of a multiple of 32; with AVX2 16 values for 4 rows; else into a small buffer) and dotted
  * with every row of ``a``: the weight is read once, half a byte a value. For more rows W is dequantized into a scratch matrix and multiplied by sgemm. Rows of W are split over
  * ``set_kernel_threads(n)`` threads (kept between calls).
