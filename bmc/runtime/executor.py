@@ -263,8 +263,8 @@ def _device(device: str, target: dict, where: str):
 def _load_weights(path: Path, manifest: dict, dev, rank: int = 0, *, staged: bool | None = None) -> list:
     """Rank ``rank``'s weights on ``dev``, in signature order. The file is read once, front to back, straight into
     the device tensors (on the CPU) or through a host buffer (``staged``, default: off the CPU), hashed on the way,
-    and the tensors are returned only once its SHA-256 matched the manifest's; a float32 matmul weight the program
-    reads packed (``kernels.cpu.packed_weights``) is packed then, one weight at a time."""
+    and the tensors are returned only once its SHA-256 matched the manifest's; a weight the program reads packed
+    (``kernels.cpu.packed_weights``, ``packed_int8_weights``) is packed then, one weight at a time."""
     rel = manifest["weights"][str(rank)]
     file = path / rel
     st = SafetensorsFile(file)

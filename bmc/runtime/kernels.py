@@ -378,7 +378,7 @@ def _pack_int8_weight_numpy(bt, out) -> None:
     full = np.zeros((panels * INT8_PANEL, quads * 4), np.int8)
     full[:B.shape[0], :B.shape[1]] = (B ^ 0x80).view(np.int8) if B.dtype == np.uint8 else B
     P[:, :quads] = full.reshape(panels, INT8_PANEL, quads, 4).transpose(0, 2, 1, 3).reshape(panels, quads, 64)
-    sums = full.sum(axis=1, dtype=np.int64).astype(np.int32).astype("<i4")
+    sums = full.sum(axis=1, dtype=np.int64).astype("<i4")  # wraps like int32; little-endian bytes
     P[:, quads] = sums.view(np.int8).reshape(panels, 64)
 
 
