@@ -52,8 +52,11 @@
  *
  * ``cpu_attention(q, k, v, scale, transpose_k, out)`` / ``cpu_attention_bias(q, k, v, bias, scale, transpose_k,
  * out)``: float32 ``softmax(scale * q @ kt + bias) @ v`` of ``q [..., M, D]``, ``kt [..., D, N]`` (or ``k [..., N,
- * D]`` with transpose_k), ``v [..., N, E]`` (one batch shape) and a bias broadcasting to ``[..., M, N]``, a block of query rows at a time so the score matrix is never
- * stored; keys a causal mask hides from a whole block are skipped. 6 x 16 AVX2 register tiles, else plain loops.
+ * D]`` with transpose_k), ``v [..., N, E]`` (one batch shape) and a bias broadcasting to ``[..., M, N]``, a block
+ * of query rows at a time so the score matrix is never stored; keys a causal mask hides from a whole block are
+ * skipped. 6 x 16 AVX2 register tiles, else plain loops. ``cpu_attention[_bias]_lse(..., out, lse)`` also store
+ * each row's log-sum-exp of the scores (float32 ``[..., M]``; -inf for a row of -inf): attention to a block of
+ * the keys, which context parallelism combines with the other blocks'.
  *
  * The BLAS is not linked: Python finds the OpenBLAS that numpy's wheel ships (already loaded into the process) and
  * calls ``blas_bind(path, sgemm, dgemm, int64)`` with its symbol names (``scipy_cblas_sgemm64_`` ...,
@@ -1726,7 +1729,7 @@ __attribute__((target("avx2,fma"))) float ExpShiftedAvx2(float* x, int64_t n, fl
 
 struct Attention {
   const float *q, *kt, *v, *bias;  // bias: nullptr for none
-  float* out;
+  float *out, *lse;  // lse: nullptr for none
   float scale;
   int64_t m, n, d, e;  // q [B, m, d], kt [B, d, n] (k [B, n, d] when transpose_k), v [B, n, e], out [B, m, e]
   bool transpose_k;
@@ -1737,10 +1740,11 @@ struct Attention {
 
 constexpr int kLanes = 8;  // partial maxima and sums a row (float reductions vectorize only in independent lanes)
 
-/*! \brief One row of scores: ``x = x * scale + bias`` (bias stride 0 or 1, or none), then the softmax in place. */
+/*! \brief One row of scores: ``x = x * scale + bias`` (bias stride 0 or 1, or none), then the softmax in place;
+ *  the row's log-sum-exp into \a lse unless it is null. */
 template <bool kAvx2>
 __attribute__((always_inline)) inline void SoftmaxRow(float* x, int64_t n, float scale, const float* bias,
-                                                      int64_t bias_stride) {
+                                                      int64_t bias_stride, float* lse) {
   float mx[kLanes];
   std::fill(mx, mx + kLanes, -INFINITY);
   const int64_t whole = n / kLanes * kLanes;
@@ -1776,6 +1780,7 @@ __attribute__((always_inline)) inline void SoftmaxRow(float* x, int64_t n, float
   }
   const float inv = 1.0f / total;
   for (int64_t j = 0; j < n; ++j) x[j] *= inv;
+  if (lse != nullptr) *lse = m == -INFINITY ? -INFINITY : m + std::log(total);
 }
 
 constexpr float kMasked = -1e30f;  // a bias at or below this gives a key no weight (exp underflows to 0)
@@ -1818,7 +1823,7 @@ __attribute__((always_inline)) inline void AttentionBlockBody(const Attention& p
   for (int64_t i = 0; i < rows; ++i) {
     SoftmaxRow<kAvx2>(s + i * lds, n, p.scale,
                       p.bias == nullptr ? nullptr : p.bias + bias_offset + (i0 + i) * p.bias_row_stride,
-                      p.bias_col_stride);
+                      p.bias_col_stride, p.lse == nullptr ? nullptr : p.lse + b * p.m + i0 + i);
   }
   SmallGemm<kAvx2>(rows, p.e, n, s, lds, v, p.out + (b * p.m + i0) * p.e, p.e);
 }
@@ -1836,19 +1841,21 @@ void AttentionBlockBaseline(const Attention& p, int64_t b, int64_t bias_offset, 
 }
 
 void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ffi::TensorView& v,
-                   const ffi::TensorView* bias, double scale, bool transpose_k, const ffi::TensorView& out) {
+                   const ffi::TensorView* bias, double scale, bool transpose_k, const ffi::TensorView& out,
+                   const ffi::TensorView* lse = nullptr) {
   DLDataType f32{kDLFloat, 32, 1};
   CheckOperand(q, f32, "q");
   CheckOperand(kt, f32, "kt");
   CheckOperand(v, f32, "v");
   CheckOperand(out, f32, "out");
   if (bias != nullptr) CheckOperand(*bias, f32, "bias");
+  if (lse != nullptr) CheckOperand(*lse, f32, "lse");
   const int rank = q.ndim();
   if (rank < 2 || kt.ndim() != rank || v.ndim() != rank || out.ndim() != rank) {
     TVM_FFI_THROW(ValueError) << "cpu_attention: q, kt, v and out must have one rank >= 2";
   }
   Attention p{Data<float>(q), Data<float>(kt), Data<float>(v), bias ? Data<float>(*bias) : nullptr,
-              Data<float>(out), static_cast<float>(scale), Dim(q, -2), Dim(kt, transpose_k ? -2 : -1), Dim(q, -1),
+              Data<float>(out), lse ? Data<float>(*lse) : nullptr, static_cast<float>(scale), Dim(q, -2), Dim(kt, transpose_k ? -2 : -1), Dim(q, -1),
               Dim(v, -1), transpose_k, {}, {}};
   for (int i = 0; i < rank - 2; ++i) {
     p.batch.push_back(Dim(q, i));
@@ -1859,6 +1866,11 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
   if (Dim(kt, transpose_k ? -1 : -2) != p.d || Dim(v, -2) != p.n || Dim(out, -2) != p.m || Dim(out, -1) != p.e) {
     TVM_FFI_THROW(ValueError) << "cpu_attention: expected q [..., M, D], kt [..., D, N] (k [..., N, D] with "
                                  "transpose_k), v [..., N, E], out [..., M, E]";
+  }
+  if (lse != nullptr) {
+    bool same = lse->ndim() == rank - 1;
+    for (int i = 0; same && i < rank - 1; ++i) same = Dim(*lse, i) == Dim(q, i);
+    if (!same) TVM_FFI_THROW(ValueError) << "cpu_attention: lse must be [..., M], q's shape without its last dim";
   }
   if (bias != nullptr) {  // right-aligned numpy broadcasting against the scores [..., M, N]
     const int br = bias->ndim();
@@ -2799,6 +2811,16 @@ void CpuAttentionBias(ffi::TensorView q, ffi::TensorView k, ffi::TensorView v, f
   AttentionImpl(q, k, v, &bias, scale, transpose_k != 0, out);
 }
 
+void CpuAttentionLse(ffi::TensorView q, ffi::TensorView k, ffi::TensorView v, double scale, int64_t transpose_k,
+                     ffi::TensorView out, ffi::TensorView lse) {
+  AttentionImpl(q, k, v, nullptr, scale, transpose_k != 0, out, &lse);
+}
+
+void CpuAttentionBiasLse(ffi::TensorView q, ffi::TensorView k, ffi::TensorView v, ffi::TensorView bias,
+                         double scale, int64_t transpose_k, ffi::TensorView out, ffi::TensorView lse) {
+  AttentionImpl(q, k, v, &bias, scale, transpose_k != 0, out, &lse);
+}
+
 /*! \brief Threads of the 4-bit and integer matmuls (BLAS sizes its own pool). */
 void SetKernelThreads(int64_t n) { kernel_threads.store(static_cast<int>(std::max<int64_t>(1, n))); }
 
@@ -2822,4 +2844,6 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_pack_int8_weight, bmc::native::CpuPackInt8Weig
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_integer_packed, bmc::native::CpuMatmulIntegerPacked);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_attention, bmc::native::CpuAttention);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_attention_bias, bmc::native::CpuAttentionBias);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_attention_lse, bmc::native::CpuAttentionLse);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_attention_bias_lse, bmc::native::CpuAttentionBiasLse);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_kernel_threads, bmc::native::SetKernelThreads);

@@ -1,7 +1,8 @@
 """Linear algebra: matmul with numpy semantics (batched, broadcast batch dims, 1-D operands promoted);
 matmul_nbits, a matmul by a block-quantized 4-bit weight; matmul_integer, the exact int32 product of 8-bit
 operands (the weight transposed, ``[N, K]``, as both quantized matmuls store it); attention, the fused
-``softmax(scale * q @ kt + bias) @ v``."""
+``softmax(scale * q @ kt + bias) @ v`` (and, with ``lse``, each row's log-sum-exp of the scores, with which the
+results of attention over disjoint key blocks combine: context parallelism, ``bmc.sharding.factors``)."""
 
 from __future__ import annotations
 
@@ -158,11 +159,13 @@ def _infer_attention(ins, attrs):
         if bias.dtype != q.dtype or bias.rank > len(scores) or broadcast_shapes(bias.shape, scores) != scores:
             raise OpError(f"attention: the bias must be {q.dtype} and broadcast to the scores {list(scores)}, "
                           f"got {bias}")
-    return [TensorType(q.dtype, q.shape[:-1] + (v.shape[-1],))]
+    out = TensorType(q.dtype, q.shape[:-1] + (v.shape[-1],))
+    return [out, TensorType("float32", q.shape[:-1])] if attrs["lse"] else [out]
 
 
 def _attention(ins, attrs):
-    """The composition the op replaces, op by op (the same references, so fusing changes no reference result)."""
+    """The composition the op replaces, op by op (the same references, so fusing changes no reference result);
+    the log-sum-exp in float64, rounded to float32."""
     def run(op, args, **kw):
         return OPS[op].reference(args, OPS[op].check_attrs(kw))[0]
 
@@ -172,7 +175,17 @@ def _attention(ins, attrs):
         s = run("mul", [s, np.asarray(attrs["scale"], s.dtype)])
     if len(ins) > 3:
         s = run("add", [s, ins[3]])
-    return [run("matmul", [run("softmax", [s], axis=-1), v])]
+    out = run("matmul", [run("softmax", [s], axis=-1), v])
+    return [out, log_sum_exp(s)] if attrs["lse"] else [out]
+
+
+def log_sum_exp(s: np.ndarray) -> np.ndarray:
+    """float32 ``log(sum(exp(s), axis=-1))``, computed in float64 about the row's max (a row of -inf: -inf)."""
+    s = s.astype(np.float64)
+    m = s.max(axis=-1, keepdims=True)
+    shift = np.where(np.isinf(m), 0.0, m)
+    with np.errstate(divide="ignore"):
+        return (np.log(np.exp(s - shift).sum(axis=-1)) + shift[..., 0]).astype(np.float32)
 
 
 def _attention_cost(ins, outs, attrs):
@@ -181,9 +194,11 @@ def _attention_cost(ins, outs, attrs):
     return Cost(2 * scores * (q.shape[-1] + v.shape[-1]) + 7 * scores, bytes_moved(ins, outs))
 
 
-register(OpDef("attention", "linalg", (3, 4), {"scale": Attr("float", 1.0), "transpose_k": Attr("bool", False)},
+register(OpDef("attention", "linalg", (3, 4),
+               {"scale": Attr("float", 1.0), "transpose_k": Attr("bool", False), "lse": Attr("bool", False)},
                _infer_attention, _attention, _attention_cost,
                doc="softmax(scale * q @ kt + bias, axis=-1) @ v of q [..., M, D], kt [..., D, N] (or k [..., N, D] "
                    "with transpose_k), v [..., N, E] (batch dims q's, or 1 in k and v: multi-query) and an optional "
                    "bias broadcasting to the scores [..., M, N]; made by fusing that composition (bmc.ops.fusion), "
-                   "computed without the [M, N] scores where a kernel exists"))
+                   "computed without the [M, N] scores where a kernel exists; with lse a second result, float32 "
+                   "[..., M]: the log-sum-exp of each row of the scores (-inf for a row of -inf)"))

@@ -58,6 +58,10 @@ MATMUL_INTEGER_KERNEL = "bmc.cpu.matmul_integer"
 #: ``[..., D, N]``, or ``[..., N, D]`` with ``transpose_k``)
 ATTENTION_KERNEL = "bmc.cpu.attention"
 ATTENTION_BIAS_KERNEL = "bmc.cpu.attention_bias"
+#: ``bmc.cpu.attention[_bias]_lse(..., out, lse)``: the same, and each row's float32 log-sum-exp of the scores
+#: ``[..., M]`` (the ``attention`` op with ``lse``: attention to a block of the keys, for context parallelism)
+ATTENTION_LSE_KERNEL = "bmc.cpu.attention_lse"
+ATTENTION_BIAS_LSE_KERNEL = "bmc.cpu.attention_bias_lse"
 #: ``bmc.cpu.matmul_float8(a, codes, table, scale, mantissa_bits, bias, out)``: float32 ``a @ (table[codes] *
 #: scale).T`` of float8 codes ``[N, K]`` whose 256 values are ``table`` (the format's mantissa bits and bias let the
 #: native kernel decode most codes arithmetically) and a scale per row of the codes, or one (the ``matmul_float8`` op)
@@ -80,7 +84,8 @@ INT8_PANEL = 16
 TVM_SPIN_COUNT = int(os.environ.get("BMC_TVM_SPIN_COUNT", "0"))
 #: every kernel name an llvm artifact may require, with what ``register_cpu_kernels`` installs for it
 CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, CONV2D_FUSED_KERNEL, MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL,
-               MATMUL_INTEGER_KERNEL, ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL, MATMUL_FLOAT8_KERNEL,
+               MATMUL_INTEGER_KERNEL, ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL, ATTENTION_LSE_KERNEL,
+               ATTENTION_BIAS_LSE_KERNEL, MATMUL_FLOAT8_KERNEL,
                MATMUL_PACKED_KERNEL, PACK_WEIGHT_KERNEL, MATMUL_INTEGER_PACKED_KERNEL, PACK_INT8_WEIGHT_KERNEL)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -393,7 +398,7 @@ def _matmul_integer_packed_numpy(a, bp, a_zp, b_zp, n, out) -> None:
                      zb.astype(np.float64) - (128 if zb.dtype == np.uint8 else 0), np.from_dlpack(out))
 
 
-def _attention_numpy(q, kt, v, *rest) -> None:
+def _attention_numpy(q, kt, v, *rest, lse=None) -> None:
     """``bmc.cpu.attention[_bias]`` in numpy: the scores of every head at once (the memory the native kernel
     saves), a max-shifted softmax, one batched GEMM."""
     *bias, scale, transpose_k, out = rest
@@ -401,10 +406,19 @@ def _attention_numpy(q, kt, v, *rest) -> None:
     s = np.matmul(np.from_dlpack(q), np.swapaxes(k, -1, -2) if transpose_k else k) * np.float32(scale)
     if bias:
         s += np.from_dlpack(bias[0])
-    with np.errstate(invalid="ignore"):  # a row masked everywhere with -inf is NaN, as in the reference
-        s = np.exp(s - s.max(axis=-1, keepdims=True))
-        s /= s.sum(axis=-1, keepdims=True)
+    m = s.max(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a row masked everywhere with -inf is NaN, as in the reference
+        s = np.exp(s - m)
+        total = s.sum(axis=-1, keepdims=True)
+        s /= total
+        if lse is not None:
+            np.from_dlpack(lse)[...] = np.where(m == -np.inf, -np.inf, m + np.log(total))[..., 0]
     np.matmul(s, np.from_dlpack(v), out=np.from_dlpack(out))
+
+
+def _attention_lse_numpy(q, kt, v, *rest) -> None:
+    """``bmc.cpu.attention[_bias]_lse`` in numpy."""
+    _attention_numpy(q, kt, v, *rest[:-1], lse=rest[-1])
 
 
 _SCRATCH = threading.local()  # per thread: the im2col buffer of the last conv2d, reused (no page faults per call)
@@ -510,14 +524,16 @@ def _conv2d_fused_numpy(x, w, scale, shift, residual, relu, *conv) -> None:
 _NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", CONV2D_KERNEL: "cpu_conv2d", CONV2D_FUSED_KERNEL: "cpu_conv2d_fused",
                    MATMUL_NBITS_KERNEL: "cpu_matmul_nbits", MATMUL_NBITS_ZP_KERNEL: "cpu_matmul_nbits_zp",
                    MATMUL_INTEGER_KERNEL: "cpu_matmul_integer", ATTENTION_KERNEL: "cpu_attention",
-                   ATTENTION_BIAS_KERNEL: "cpu_attention_bias", MATMUL_FLOAT8_KERNEL: "cpu_matmul_float8",
+                   ATTENTION_BIAS_KERNEL: "cpu_attention_bias", ATTENTION_LSE_KERNEL: "cpu_attention_lse",
+                   ATTENTION_BIAS_LSE_KERNEL: "cpu_attention_bias_lse", MATMUL_FLOAT8_KERNEL: "cpu_matmul_float8",
                    MATMUL_PACKED_KERNEL: "cpu_matmul_packed", PACK_WEIGHT_KERNEL: "cpu_pack_weight",
                    MATMUL_INTEGER_PACKED_KERNEL: "cpu_matmul_integer_packed",
                    PACK_INT8_WEIGHT_KERNEL: "cpu_pack_int8_weight"}
 _NUMPY_KERNELS = {MATMUL_KERNEL: _matmul_numpy, CONV2D_KERNEL: _conv2d_numpy, CONV2D_FUSED_KERNEL: _conv2d_fused_numpy,
                   MATMUL_NBITS_KERNEL: _matmul_nbits_numpy, MATMUL_NBITS_ZP_KERNEL: _matmul_nbits_numpy,
                   MATMUL_INTEGER_KERNEL: _matmul_integer_numpy, ATTENTION_KERNEL: _attention_numpy,
-                  ATTENTION_BIAS_KERNEL: _attention_numpy, MATMUL_FLOAT8_KERNEL: _matmul_float8_numpy,
+                  ATTENTION_BIAS_KERNEL: _attention_numpy, ATTENTION_LSE_KERNEL: _attention_lse_numpy,
+                  ATTENTION_BIAS_LSE_KERNEL: _attention_lse_numpy, MATMUL_FLOAT8_KERNEL: _matmul_float8_numpy,
                   MATMUL_PACKED_KERNEL: _matmul_packed_numpy, PACK_WEIGHT_KERNEL: _pack_weight_numpy,
                   MATMUL_INTEGER_PACKED_KERNEL: _matmul_integer_packed_numpy,
                   PACK_INT8_WEIGHT_KERNEL: _pack_int8_weight_numpy}

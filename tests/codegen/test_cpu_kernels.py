@@ -950,21 +950,22 @@ ATTENTION_CASES = [  # (batch, M, N, D, E, bias shape or None): tiles are 6 rows
 ]
 
 
+@pytest.mark.parametrize("lse", [False, True], ids=["", "lse"])
 @pytest.mark.parametrize("transpose_k", [False, True], ids=["kt", "k"])
 @pytest.mark.parametrize("batch,m,n,d,e,bias_shape", ATTENTION_CASES,
                          ids=[f"{b}x{m}x{n}x{d}x{e}-{s}" for b, m, n, d, e, s in ATTENTION_CASES])
-def test_attention_kernel_matches_reference(impl, batch, m, n, d, e, bias_shape, transpose_k):
+def test_attention_kernel_matches_reference(impl, batch, m, n, d, e, bias_shape, transpose_k, lse):
     """``bmc.cpu.attention[_bias]`` against the op's reference (the unfused composition): float32 rounding apart,
     1e-5 of max |ref| (the kernel sums in its own order and uses a polynomial exp; the scores reach ~20 here, where
     float32 sums of 64 products differ by ~1e-6, and the softmax carries that into the weights); masked entries
     (-3.4e38 and -inf in the bias) get no weight. The key comes as kt ``[..., D, N]`` or as k ``[..., N, D]`` (``transpose_k``:
-    packed transposed for many query rows, dot products in place for few)."""
+    packed transposed for many query rows, dot products in place for few). ``bmc.cpu.attention[_bias]_lse`` also
+    stores each row's log-sum-exp: within 1e-5 of the reference's, relative to max(1, |lse|)."""
     import tvm_ffi
 
     from bmc.ops import get_op
-    from bmc.runtime.kernels import ATTENTION_BIAS_KERNEL, ATTENTION_KERNEL, register_cpu_kernels
+    from bmc.runtime import kernels as K
 
-    register_cpu_kernels(native=impl == "native")
     rng = np.random.default_rng(m * n)
     q, kt = rng.standard_normal(batch + (m, d), np.float32), rng.standard_normal(batch + (d, n), np.float32) * 3
     v = rng.standard_normal(batch + (n, e), np.float32)
@@ -975,23 +976,27 @@ def test_attention_kernel_matches_reference(impl, batch, m, n, d, e, bias_shape,
             bias[..., 1:2] = -np.inf
             bias[..., 2:] = np.where(rng.random(bias[..., 2:].shape) < 0.3, np.float32(-3.4e38), bias[..., 2:])
         args.append(bias)
-    out = np.full(batch + (m, e), np.nan, np.float32)
-    kernel = ATTENTION_BIAS_KERNEL if bias_shape is not None else ATTENTION_KERNEL
+    outs = [np.full(batch + (m, e), np.nan, np.float32)] + ([np.full(batch + (m,), np.nan, np.float32)] if lse else [])
+    kernel = ([K.ATTENTION_KERNEL, K.ATTENTION_BIAS_KERNEL], [K.ATTENTION_LSE_KERNEL,
+                                                               K.ATTENTION_BIAS_LSE_KERNEL])[lse][bias_shape is not None]
+    K.register_cpu_kernels(native=impl == "native")
     tvm_ffi.get_global_func(kernel)(*[tvm_ffi.from_dlpack(x) for x in args], 0.3, transpose_k,
-                                    tvm_ffi.from_dlpack(out))
-    (want,) = get_op("attention").reference(args, {"scale": 0.3, "transpose_k": transpose_k})
-    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+                                    *[tvm_ffi.from_dlpack(x) for x in outs])
+    want = get_op("attention").reference(args, {"scale": 0.3, "transpose_k": transpose_k, "lse": lse})
+    np.testing.assert_allclose(outs[0], want[0], rtol=0, atol=1e-5 * float(np.abs(want[0]).max()))
+    if lse:
+        np.testing.assert_allclose(outs[1], want[1], rtol=0, atol=1e-5 * max(1.0, float(np.abs(want[1]).max())))
 
 
 @pytest.mark.parametrize("fill", [-3.4e38, -np.inf])
 def test_attention_kernel_skips_masked_keys_exactly(impl, fill):
     """A causal mask: each block of query rows skips the keys masked for all of them (half the work); a row
     masked everywhere with a finite fill attends to every key alike, as the reference's softmax does (with -inf it
-    is NaN in both)."""
+    is NaN in both, and its log-sum-exp -inf)."""
     import tvm_ffi
 
     from bmc.ops import get_op
-    from bmc.runtime.kernels import ATTENTION_BIAS_KERNEL, register_cpu_kernels
+    from bmc.runtime.kernels import ATTENTION_BIAS_LSE_KERNEL, register_cpu_kernels
 
     register_cpu_kernels(native=impl == "native")
     rng = np.random.default_rng(3)
@@ -999,12 +1004,16 @@ def test_attention_kernel_skips_masked_keys_exactly(impl, fill):
     q, kt, v = (rng.standard_normal(s, np.float32) for s in ((2, m, 16), (2, 16, n), (2, n, 8)))
     bias = np.where(np.tril(np.ones((m, n), bool)), 0, np.float32(fill)).astype(np.float32)
     bias[5] = fill
-    out = np.zeros((2, m, 8), np.float32)
-    tvm_ffi.get_global_func(ATTENTION_BIAS_KERNEL)(*[tvm_ffi.from_dlpack(x) for x in (q, kt, v, bias)], 0.5, False,
-                                                    tvm_ffi.from_dlpack(out))
+    out, lse = np.zeros((2, m, 8), np.float32), np.zeros((2, m), np.float32)
+    tvm_ffi.get_global_func(ATTENTION_BIAS_LSE_KERNEL)(*[tvm_ffi.from_dlpack(x) for x in (q, kt, v, bias)], 0.5,
+                                                        False, tvm_ffi.from_dlpack(out), tvm_ffi.from_dlpack(lse))
     with np.errstate(invalid="ignore"):
-        (want,) = get_op("attention").reference([q, kt, v, bias], {"scale": 0.5, "transpose_k": False})
+        want, want_lse = get_op("attention").reference([q, kt, v, bias], {"scale": 0.5, "transpose_k": False,
+                                                                          "lse": True})
     np.testing.assert_allclose(out, want, rtol=0, atol=2e-6 * float(np.nanmax(np.abs(want))), equal_nan=True)
+    finite = np.abs(want_lse[np.isfinite(want_lse)])
+    np.testing.assert_allclose(lse, want_lse, rtol=0, atol=1e-5 * max(1.0, float(finite.max())))
+    assert np.isneginf(lse[:, 5]).all() == (fill == -np.inf)
     assert np.isnan(out[:, 5]).all() == (fill == -np.inf)
     if fill != -np.inf:
         np.testing.assert_allclose(out[:, 5], v.mean(axis=1), rtol=1e-5, atol=1e-6)
@@ -1016,7 +1025,7 @@ def test_attention_baseline_loops_match(native_lib, monkeypatch):
     monkeypatch.setenv("BMC_CPU_NO_AVX2", "1")
     for case in ATTENTION_CASES:
         for transpose_k in (False, True):
-            test_attention_kernel_matches_reference("native", *case, transpose_k)
+            test_attention_kernel_matches_reference("native", *case, transpose_k, lse=transpose_k)
     for fill in (-3.4e38, -np.inf):
         test_attention_kernel_skips_masked_keys_exactly("native", fill)
 

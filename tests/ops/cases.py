@@ -161,9 +161,17 @@ CASES += [("gather_nd", [_R2.standard_normal((6, 2, 4)).astype(np.float32), np.a
            {"batch_dims": 0}),  # negative indices count from the end (Falcon's dynamo export)
           ("gather_nd", [_R2.standard_normal((2, 3, 4)).astype(np.float32), np.array([[-1, 2], [0, -4]], np.int64)],
            {"batch_dims": 1})]
+_MASKED_ROWS = np.where(np.tril(np.ones((7, 19), bool), 12), 0, -np.inf).astype(np.float32)
+_MASKED_ROWS[2], _MASKED_ROWS[4] = -np.inf, np.finfo(np.float32).min
 CASES += [("attention", [_R2.standard_normal((2, 4, 6, 8)).astype(np.float32),  # multi-query: one k/v head
                          _R2.standard_normal((2, 1, 9, 8)).astype(np.float32),
-                         _R2.standard_normal((2, 1, 9, 5)).astype(np.float32)], {"transpose_k": True})]
+                         _R2.standard_normal((2, 1, 9, 5)).astype(np.float32)], {"transpose_k": True}),
+          # with each row's log-sum-exp (attention to a block of the keys): a causal -inf mask, one row masked
+          # everywhere with -inf (lse -inf, output NaN) and one with float32's lowest; multi-query with k [N, D]
+          ("attention", [f32(2, 7, 5), f32(2, 5, 19), f32(2, 19, 6), _MASKED_ROWS], {"scale": 0.4, "lse": True}),
+          ("attention", [_R2.standard_normal((2, 4, 6, 8)).astype(np.float32),
+                         _R2.standard_normal((2, 1, 9, 8)).astype(np.float32),
+                         _R2.standard_normal((2, 1, 9, 5)).astype(np.float32)], {"transpose_k": True, "lse": True})]
 CASES += [("matmul_float8", [_R2.standard_normal((3, 40)).astype(np.float32),  # a few rows: decoded row by row
                              _R2.integers(0, 256, (24, 40)).astype(np.uint8) & 0x7E | 0x30,  # no NaN codes
                              _R2.uniform(0.5, 2, 24).astype(np.float32)], {"format": "float8e4m3fn"}),
@@ -199,6 +207,7 @@ try:
                                   ("layer_norm", [(3, 8), (8,), (8,)], {"axis": -1, "epsilon": 1e-5}),
                                   ("rms_norm", [(3, 8), (8,)], {"axis": -1, "epsilon": 1e-5}),
                                   ("gelu", [(3, 8)], {"approximate": "tanh"}), ("add", [(3, 8), (8,)], {}),
-                                  ("attention", [(2, 5, 8), (2, 8, 9), (2, 9, 4), (5, 9)], {"scale": 0.35})]]
+                                  ("attention", [(2, 5, 8), (2, 8, 9), (2, 9, 4), (5, 9)], {"scale": 0.35}),
+                                  ("attention", [(2, 5, 8), (2, 8, 9), (2, 9, 4)], {"lse": True})]]
 except ImportError:  # pragma: no cover
     LOW_PRECISION_CASES = []

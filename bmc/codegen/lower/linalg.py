@@ -130,14 +130,16 @@ def _attention(ctx, node, args):
     widened to float32 for it and the result rounded back); on CUDA in
     float16/bfloat16 (head dims 16 to 128), when ``BMC_CUDA_ATTENTION=fused``, the tensor-core kernel
     ``bmc.cuda.attention[_bias]``; elsewhere the composition the op was fused from, lowered as its ops would be
-    (so the CUDA pipeline's softmax and cuBLAS rewrites see what they saw before)."""
+    (so the CUDA pipeline's softmax and cuBLAS rewrites see what they saw before). With ``lse`` the CPU kernel is
+    ``bmc.cpu.attention[_bias]_lse``, and the composition computes the softmax in float32 from the row max and
+    sum it also returns the log-sum-exp from (the CUDA kernel has no ``lse``)."""
     from bmc.codegen.lower import const
     from bmc.codegen.lower.reduce import in_float32
     from bmc.ir.types import np_dtype
 
     out = node.outputs[0].type
-    scale = node.attrs["scale"]
-    if ctx.target_kind == "cuda" and _fused_cuda_attention(node):
+    scale, lse = node.attrs["scale"], node.attrs["lse"]
+    if ctx.target_kind == "cuda" and not lse and _fused_cuda_attention(node):
         from bmc.runtime.cuda import ATTENTION_BIAS_KERNEL, ATTENTION_KERNEL
 
         kernel = ATTENTION_BIAS_KERNEL if len(args) > 3 else ATTENTION_KERNEL
@@ -146,9 +148,10 @@ def _attention(ctx, node, args):
         return relax.call_dps_packed(kernel, list(args) + scalars,
                                      out_ty=relax.TensorType(list(out.shape), out.dtype))
     if ctx.target_kind == "llvm" and out.dtype in ("float32", "float16", "bfloat16"):
-        from bmc.runtime.kernels import ATTENTION_BIAS_KERNEL, ATTENTION_KERNEL
+        from bmc.runtime import kernels as K
 
-        kernel = ATTENTION_BIAS_KERNEL if len(args) > 3 else ATTENTION_KERNEL
+        kernel = ([K.ATTENTION_KERNEL, K.ATTENTION_BIAS_KERNEL], [K.ATTENTION_LSE_KERNEL,
+                                                                   K.ATTENTION_BIAS_LSE_KERNEL])[lse][len(args) > 3]
         ctx.kernels.add(kernel)
         batch = list(node.inputs[0].type.shape[:-2])
         narrow = out.dtype != "float32"  # 16-bit attention: the float32 kernel on widened operands (no scores)
@@ -158,7 +161,13 @@ def _attention(ctx, node, args):
             if list(shape[:-2]) != batch:
                 args[i] = ctx.emit(relax.op.broadcast_to(args[i], batch + list(shape[-2:])))
         scalars = [relax.expr.prim_value(float(scale)), relax.expr.prim_value(int(node.attrs["transpose_k"]))]
-        call = relax.call_dps_packed(kernel, args + scalars, out_ty=relax.TensorType(list(out.shape), "float32"))
+        result = relax.TensorType(list(out.shape), "float32")
+        if lse:
+            both = ctx.emit(relax.call_dps_packed(kernel, args + scalars, out_ty=[
+                result, relax.TensorType(list(out.shape[:-1]), "float32")]))
+            o, rows = (ctx.emit(relax.TupleGetItem(both, i)) for i in range(2))
+            return [ctx.emit(relax.op.astype(o, out.dtype)) if narrow else o, rows]
+        call = relax.call_dps_packed(kernel, args + scalars, out_ty=result)
         return relax.op.astype(ctx.emit(call), out.dtype) if narrow else call
     q, kt, v = args[:3]
     if node.attrs["transpose_k"]:
@@ -169,5 +178,27 @@ def _attention(ctx, node, args):
         s = ctx.emit(relax.op.multiply(s, const(np.asarray(scale, np_dtype(out.dtype)))))
     if len(args) > 3:
         s = ctx.emit(relax.op.add(s, args[3]))
+    if lse:
+        return _softmax_lse(ctx, node, s, v)
     p = ctx.emit(in_float32(lambda c, n, a: relax.op.nn.softmax(a[0], axis=-1))(ctx, node, [s]))
     return _matmul(ctx, node, [p, v])
+
+
+def _softmax_lse(ctx, node, s, v):
+    """``[softmax(s) @ v, logsumexp(s)]`` about each row's max (0 for a row of -inf, whose sum is then 0 and its
+    log-sum-exp -inf), 16-bit scores in float32; the log-sum-exp is float32."""
+    from bmc.codegen.lower import const
+    from bmc.ir.types import np_dtype
+
+    dtype = node.outputs[0].type.dtype
+    wide = "float32" if dtype in ACCUMULATE_IN_FLOAT32 else dtype
+    s = ctx.emit(relax.op.astype(s, wide)) if wide != dtype else s
+    top = ctx.emit(relax.op.max(s, axis=-1, keepdims=True))
+    top = ctx.emit(relax.op.where(ctx.emit(relax.op.isinf(top)), const(np.zeros((), np_dtype(wide))), top))
+    e = ctx.emit(relax.op.exp(ctx.emit(relax.op.subtract(s, top))))
+    total = ctx.emit(relax.op.sum(e, axis=-1, keepdims=True))
+    p = ctx.emit(relax.op.divide(e, total))
+    p = ctx.emit(relax.op.astype(p, dtype)) if wide != dtype else p
+    rows = ctx.emit(relax.op.squeeze(ctx.emit(relax.op.add(ctx.emit(relax.op.log(total)), top)), axis=[-1]))
+    return [ctx.emit(_matmul(ctx, node, [p, v])), ctx.emit(relax.op.astype(rows, "float32")) if wide != "float32"
+            else rows]
