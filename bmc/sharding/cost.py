@@ -176,10 +176,13 @@ def node_compute_s(node: Node, rule: ShardingRule, assign: Assignment, mesh: Mes
 
 def node_comm_s(node: Node, rule: ShardingRule, assign: Assignment, mesh: Mesh) -> float:
     """Seconds of the collectives inside ``node`` under ``assign``: the all-reduce of each result of a max/min
-    over split dims (every other collective is a reshard between nodes, priced on the edges)."""
+    over split dims, and those its rule's ``local`` hook runs (every other collective is a reshard between nodes,
+    priced on the edges)."""
     specs = rule.result_specs(assign)
-    return sum(Step("all_reduce", axes, s, s, reduce=reduce).time_s(v.type, mesh)
-               for reduce, axes in rule.combined(assign) for v, s in zip(node.outputs, specs))
+    inner = rule.inner(assign) if rule.inner is not None else []
+    return (sum(Step("all_reduce", axes, s, s, reduce=reduce).time_s(v.type, mesh)
+                for reduce, axes in rule.combined(assign) for v, s in zip(node.outputs, specs))
+            + sum(Step("all_reduce", axes, s, s).time_s(t, mesh) for axes, t, s in inner))
 
 
 def local_bytes(t: TensorType, spec: Spec, mesh: Mesh) -> int:

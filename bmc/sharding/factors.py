@@ -31,6 +31,7 @@ from bmc.ir.types import FLOAT_DTYPES, INT_DTYPES, TensorType
 from bmc.ops.registry import OPS, broadcast_shapes, normalize_axis
 from bmc.ops.linalg import key_dims
 from bmc.sharding.rules import DimFactors, Factor, ShardingRule
+from bmc.sharding.spec import Spec
 
 RuleBuilder = Callable[[Sequence[TensorType], Sequence[TensorType], dict], ShardingRule]
 Dims = tuple[DimFactors, ...]
@@ -47,9 +48,9 @@ class _Factors:
         return len(self.factors) - 1
 
     def rule(self, operands: Sequence[Sequence[DimFactors]], results: Sequence[Sequence[DimFactors]],
-             local=None) -> ShardingRule:
+             local=None, inner=None) -> ShardingRule:
         return ShardingRule(tuple(self.factors), tuple(tuple(tuple(d) for d in op) for op in operands),
-                            tuple(tuple(tuple(d) for d in r) for r in results), local)
+                            tuple(tuple(tuple(d) for d in r) for r in results), local, inner)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,22 +228,52 @@ def matmul_float8_rule(ins, outs, attrs) -> ShardingRule:
 
 def attention_rule(ins, outs, attrs) -> ShardingRule:
     """softmax(q @ kt + bias) @ v (the key stored as kt, or as k with ``transpose_k``): the batch dims (where k and v
-    have them: a multi-query k/v of 1 head has none), q's rows M and v's columns E pass; the head dim D and the keys N
-    may not be split (the softmax normalizes over all keys; splitting N would need an online-softmax combine). The
-    bias broadcasts against the scores [..., M, N]."""
+    have them: a multi-query k/v of 1 head has none), q's rows M and v's columns E pass; the head dim D may not be
+    split. The keys N are a reduction (context parallelism): each device attends to its block of the keys, and the
+    ``local`` hook weighs its rows by their share of the softmax's denominator (:func:`_key_split_attention`), which
+    leaves partial sums. The bias broadcasts against the scores [..., M, N]. With ``lse`` (the op that hook emits,
+    only ever in a local program) N may not be split."""
     q, k, v = (t.shape for t in ins[:3])
     kt = key_dims(k, attrs)
     fs = _Factors()
     (k_batch, v_batch), batch = broadcast_dims(fs, [k[:-2], v[:-2]], q[:-2], "b")  # multi-query: k, v dims of 1
     m, d = fs.new("m", q[-2]), fs.new("d", q[-1], "replicate")
-    n, e = fs.new("n", kt[-1], "replicate"), fs.new("e", v[-1])
+    n, e = fs.new("n", kt[-1], "replicate" if attrs["lse"] else "reduction"), fs.new("e", v[-1])
     key = ((n,), (d,)) if attrs["transpose_k"] else ((d,), (n,))
     operands = [batch + ((m,), (d,)), k_batch + key, v_batch + ((n,), (e,))]
     if len(ins) > 3:
         scores, shape, bias = batch + ((m,), (n,)), q[:-1] + (kt[-1],), ins[3].shape
         off = len(shape) - len(bias)
         operands.append(tuple(scores[off + j] if size == shape[off + j] else () for j, size in enumerate(bias)))
-    return fs.rule(operands, [batch + ((m,), (e,))])
+    results = [batch + ((m,), (e,))] + ([batch + ((m,),)] if attrs["lse"] else [])
+    if attrs["lse"]:
+        return fs.rule(operands, results)
+    rows = TensorType("float32", q[:-1])
+
+    def inner(assignment):  # the hook's two all-reduces of a float32 value per row: the max, then the sum
+        spec = Spec(tuple(tuple(a for f in dim for a in assignment[f]) for dim in batch + ((m,),)))
+        return [(assignment[n], rows, spec)] * 2 if assignment[n] else []
+
+    return fs.rule(operands, results, _key_split_attention, inner)
+
+
+def _key_split_attention(ctx, node, inputs, assignment, rule):
+    """Attention to this device's block of the keys, as a partial sum of the whole: ``o_i`` (the softmax over block
+    i) times ``exp(lse_i) / sum_j exp(lse_j)``, block i's share of the denominator, computed about the max of the
+    ``lse_j``. A row whose block is all masked with -inf has ``lse_i = -inf`` and a weight of 0 (its ``o_i`` is
+    NaN, so it is left out by a ``where``); a row masked everywhere stays NaN, as in the reference."""
+    axes = next(a for f, a in zip(rule.factors, assignment) if f.name == "n")
+    if not axes:
+        return ctx.emit("attention", inputs, **node.attrs)
+    o, lse = ctx.emit("attention", inputs, **(node.attrs | {"lse": True}))
+    weight = ctx.emit("exp", [ctx.emit("sub", [lse, ctx.all_reduce(lse, axes, "max")])[0]])[0]
+    share = ctx.emit("div", [weight, ctx.all_reduce(weight, axes, "sum")])[0]
+    column = o.type.shape[:-1] + (1,)
+    share = ctx.emit("reshape", [share], shape=column)[0]
+    zero = ctx.emit("equal", [ctx.emit("reshape", [weight], shape=column)[0], ctx.constant(0.0, "float32")])[0]
+    wide = o if o.type.dtype == "float32" else ctx.emit("cast", [o], dtype="float32")[0]
+    part = ctx.emit("where", [zero, ctx.constant(0.0, "float32"), ctx.emit("mul", [wide, share])[0]])[0]
+    return [part] if o.type.dtype == "float32" else ctx.emit("cast", [part], dtype=o.type.dtype)
 
 
 def _reduce_axes(attrs, rank) -> tuple[int, ...]:

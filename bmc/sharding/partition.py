@@ -68,8 +68,9 @@ def rule_of(node: Node) -> ShardingRule:
 class _Emitter:
     """The LocalContext that rules' ``local`` hooks see, plus the reshard emission."""
 
-    def __init__(self, mesh: Mesh, name: str):
+    def __init__(self, mesh: Mesh, name: str, collectives: list[Collective]):
         self.mesh = mesh
+        self.collectives = collectives
         self.b = GraphBuilder(name)
         self.coord = self.b.input(MESH_COORD, TensorType("int64", (len(mesh.shape),)))
         self._blocks: dict[tuple[str, ...], Value] = {}
@@ -91,6 +92,14 @@ class _Emitter:
             self._blocks[axes] = idx
         return self._blocks[axes]
 
+    def all_reduce(self, x: Value, axes: tuple[str, ...], reduce: str) -> Value:
+        """A hook's own all-reduce, accounted like the reshards (its value is local: replicated on its own type)."""
+        spec = Spec.replicated(x.type.rank)
+        step = Step("all_reduce", axes, spec, spec, reduce=reduce)
+        self.collectives.append(Collective("all_reduce", axes, step.bytes_per_device(x.type, self.mesh), x.name,
+                                           self.b.source or "local", step.time_s(x.type, self.mesh), reduce))
+        return self.reshard(x, step, x.type)
+
     def reshard(self, x: Value, step: Step, global_type: TensorType) -> Value:
         axes = tuple(self.mesh.names.index(a) for a in step.axes)
         n = step.group_size(self.mesh)
@@ -111,8 +120,8 @@ class _Emitter:
 
 def partition(graph: Graph, plan: Plan) -> LocalProgram:
     mesh = plan.mesh
-    em = _Emitter(mesh, graph.name)
-    prog = LocalProgram(em.b.graph, mesh, plan, graph)
+    em = _Emitter(mesh, graph.name, [])
+    prog = LocalProgram(em.b.graph, mesh, plan, graph, em.collectives)
     local: dict[tuple[int, Spec], Value] = {}  # (global value id, spec) → local value holding it in that spec
     spec_of: dict[int, Spec] = {}
 

@@ -17,6 +17,8 @@ Factor kinds:
 A *strategy* (``Assignment``) gives each factor a tuple of mesh axes; it determines every operand's required spec
 and the result specs. Most ops run unchanged on their local shards (``shape``-valued attributes are replaced by the
 local result shape); a rule whose local program differs (an embedding split over its vocabulary) supplies ``local``.
+A ``local`` hook may run all-reduces of its own (attention over a block of the keys combines its rows' log-sum-exps
+with the other blocks'); it declares them in ``inner`` so that the cost model prices them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from math import prod
 from typing import Callable, Protocol, Sequence
 
 from bmc.ir.graph import Node, Value
+from bmc.ir.types import TensorType
 from bmc.sharding.mesh import Mesh
 from bmc.sharding.spec import Spec
 
@@ -63,8 +66,14 @@ class LocalContext(Protocol):
         """int64 scalar: this device's block index over ``axes`` (major to minor), computed from its coordinate."""
         ...
 
+    def all_reduce(self, x: Value, axes: tuple[str, ...], reduce: str) -> Value:
+        """``x`` reduced (``sum``/``max``/``min``) over the devices that differ from this one only along ``axes``."""
+        ...
+
 
 LocalFn = Callable[[LocalContext, Node, list[Value], Assignment, "ShardingRule"], list[Value]]
+#: the all-reduces a ``local`` hook runs under a strategy: (mesh axes, global type, spec) of each reduced tensor
+InnerFn = Callable[[Assignment], list[tuple[tuple[str, ...], TensorType, Spec]]]
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,7 @@ class ShardingRule:
     operands: tuple[tuple[DimFactors, ...], ...]
     results: tuple[tuple[DimFactors, ...], ...]
     local: LocalFn | None = field(default=None, compare=False)
+    inner: InnerFn | None = field(default=None, compare=False)
 
     def __post_init__(self):
         n = len(self.factors)

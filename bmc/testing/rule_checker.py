@@ -4,7 +4,7 @@ For an op application, a mesh and a strategy (``Assignment``), the rule gives ev
 device gets its operand shards (``layout.shard``) and runs the op locally: the op's numpy reference with a
 ``shape`` attribute replaced by the local result shape, or — when the rule has a ``local`` hook — the hook's
 program, built with a ``GraphBuilder``-backed ``LocalContext`` (``block_index`` computed from a ``mesh_coord``
-input) and run with the reference interpreter. A split max/min reduction's results are combined over its axes (the
+input) and run on every device in lockstep by the mesh simulator (a hook's own all-reduces included). A split max/min reduction's results are combined over its axes (the
 partitioner's all-reduce), then the results are reassembled (``layout.unshard``, partial axes summed) and compared
 with the reference on the global inputs.
 
@@ -29,7 +29,7 @@ from bmc.sharding.layout import coordinates, replica_mismatch, shard, unshard
 from bmc.sharding.mesh import Mesh
 from bmc.sharding.rules import Assignment, ShardingRule
 from bmc.sharding.spec import Spec
-from bmc.testing.reference import run_reference
+from bmc.testing.spmd_sim import run_lockstep
 
 FLOAT_ATOL = 1e-5  # scaled by max(1, max|reference|)
 
@@ -58,6 +58,10 @@ class GraphContext:
             scaled = self.builder.emit1("mul", [index, self.constant(self.mesh.shape[k], "int64")])
             index = self.builder.emit1("add", [scaled, c])
         return index
+
+    def all_reduce(self, x: Value, axes: tuple[str, ...], reduce: str) -> Value:
+        return self.builder.emit1("all_reduce", [x], axes=tuple(self.mesh.names.index(a) for a in axes),
+                                  group_size=prod(self.mesh.axis(a).size for a in axes), reduce=reduce)
 
 
 def structure_problems(rule: ShardingRule, in_types: Sequence[TensorType],
@@ -129,12 +133,10 @@ def check_rule(op: str, inputs: Sequence[np.ndarray], attrs: dict, mesh: Mesh, a
     in_specs, out_specs = rule.operand_specs(assignment), rule.result_specs(assignment)
     expected = opdef.reference(inputs, full)
     run = _local_runner(opdef, rule, full, in_specs, out_specs, in_types, out_types, assignment, mesh)
-    results = {}
-    for c in coordinates(mesh):
-        try:
-            results[c] = run([shard(a, s, mesh, c) for a, s in zip(inputs, in_specs)], c)
-        except Exception as e:  # a local program that cannot run on its shards is a wrong rule
-            raise AssertionError(f"{where}: device {c} failed on its shards: {type(e).__name__}: {e}") from e
+    try:
+        results = run({c: [shard(a, s, mesh, c) for a, s in zip(inputs, in_specs)] for c in coordinates(mesh)})
+    except Exception as e:  # a local program that cannot run on its shards is a wrong rule
+        raise AssertionError(f"{where}: the devices failed on their shards: {type(e).__name__}: {e}") from e
     for reduce, axes in rule.combined(assignment):  # what the partitioner's all-reduce(max/min) does
         results = _all_reduced(results, mesh, axes, reduce)
     for r, (spec, t, ref) in enumerate(zip(out_specs, out_types, expected)):
@@ -157,25 +159,25 @@ def _all_reduced(results: dict, mesh: Mesh, axes: tuple[str, ...], reduce: str) 
 
 
 def _local_runner(opdef, rule, full, in_specs, out_specs, in_types, out_types, assignment, mesh):
-    """``run(local_inputs, coord) -> local results`` for one device."""
+    """``run({coord: local inputs}) -> {coord: local results}``, every device of the mesh."""
     if rule.local is None:
         local_attrs = dict(full)
         if "shape" in full:
             local_attrs["shape"] = out_specs[0].local_shape(out_types[0].shape, mesh)
-        return lambda local, coord: [np.asarray(a) for a in opdef.reference(local, local_attrs)]
+        return lambda shards: {c: [np.asarray(a) for a in opdef.reference(local, local_attrs)]
+                               for c, local in shards.items()}
     ctx = GraphContext(mesh)
     local_in = [ctx.builder.input(f"in{k}", TensorType(t.dtype, s.local_shape(t.shape, mesh)))
                 for k, (t, s) in enumerate(zip(in_types, in_specs))]
     node = Node(opdef.name, [Value(f"g_in{k}", t) for k, t in enumerate(in_types)],
                 [Value(f"g_out{k}", t) for k, t in enumerate(out_types)], dict(full))
     graph = ctx.builder.finish(rule.local(ctx, node, local_in, assignment, rule))
-    names = [v.name for v in graph.outputs]
 
-    def run(local, coord):
-        feeds = {v.name: a for v, a in zip(local_in, local)}
-        feeds["mesh_coord"] = np.asarray(coord, np.int64)
-        outs = run_reference(graph, feeds)
-        return [outs[n] for n in names]
+    def run(shards):
+        envs = {c: {id(ctx.coord): np.asarray(c, np.int64)} | {id(v): a for v, a in zip(local_in, local)}
+                for c, local in shards.items()}
+        run_lockstep(graph, envs)
+        return {c: [env[id(v)] for v in graph.outputs] for c, env in envs.items()}
 
     return run
 

@@ -12,6 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
+from bmc.ir.graph import Graph
 from bmc.ir.types import np_dtype
 from bmc.ops import get_op
 from bmc.ops.collective import GROUP_REFERENCE
@@ -35,18 +36,11 @@ def _ring_bytes(kind: str, n: int, local_in: np.ndarray, local_out: np.ndarray) 
     return int((n - 1) / n * local_in.nbytes)  # reduce_scatter, all_to_all
 
 
-def simulate(prog: LocalProgram, inputs: Mapping[str, np.ndarray]) -> SimResult:
-    mesh, graph = prog.mesh, prog.graph
-    coords = coordinates(mesh)
-    envs: dict[tuple[int, ...], dict[int, np.ndarray]] = {c: {} for c in coords}
-    for v in graph.inputs:
-        for c in coords:
-            envs[c][id(v)] = (np.array(c, dtype=np.int64) if v.name == MESH_COORD
-                              else np.asarray(inputs[v.name]).astype(np_dtype(v.type.dtype), copy=False))
-    for p in graph.params:
-        data = graph.weights[p.name]
-        for c in coords:
-            envs[c][id(p)] = data.at(c).numpy() if isinstance(data, ShardTensor) else data.numpy()
+def run_lockstep(graph: Graph, envs: dict[tuple[int, ...], dict[int, np.ndarray]]) -> list[int]:
+    """Run ``graph``'s nodes on every device (``envs``: per mesh coordinate, value id → array, holding the inputs
+    and parameters; the results are added), each collective across its groups; returns the bytes each device
+    sent per collective node."""
+    coords = list(envs)
     moved: list[int] = []
     for node in graph.nodes:
         op = get_op(node.op)
@@ -70,6 +64,22 @@ def simulate(prog: LocalProgram, inputs: Mapping[str, np.ndarray]) -> SimResult:
         c0 = coords[0]
         moved.append(_ring_bytes(node.op, node.attrs["group_size"], envs[c0][id(node.inputs[0])],
                                  envs[c0][id(node.outputs[0])]))
+    return moved
+
+
+def simulate(prog: LocalProgram, inputs: Mapping[str, np.ndarray]) -> SimResult:
+    mesh, graph = prog.mesh, prog.graph
+    coords = coordinates(mesh)
+    envs: dict[tuple[int, ...], dict[int, np.ndarray]] = {c: {} for c in coords}
+    for v in graph.inputs:
+        for c in coords:
+            envs[c][id(v)] = (np.array(c, dtype=np.int64) if v.name == MESH_COORD
+                              else np.asarray(inputs[v.name]).astype(np_dtype(v.type.dtype), copy=False))
+    for p in graph.params:
+        data = graph.weights[p.name]
+        for c in coords:
+            envs[c][id(p)] = data.at(c).numpy() if isinstance(data, ShardTensor) else data.numpy()
+    moved = run_lockstep(graph, envs)
     result = SimResult({}, moved)
     for gv, lv in zip(prog.global_graph.outputs, graph.outputs):
         spec = prog.plan.output_specs.get(gv.name, Spec.replicated(gv.type.rank))

@@ -174,6 +174,35 @@ def test_embedding_vocab_split_gives_a_partial_result():
     check_rule("gather", [table, ids], {"axis": 0}, Mesh.parse("2x2"), batch_too)
 
 
+@pytest.mark.parametrize("spelling", ["kt", "k-multi-query", "lowest-fill"])
+def test_attention_over_split_keys_is_a_partial_sum(spelling):
+    """Context parallelism: every valid strategy that splits the keys (alone, or with heads / rows / columns on the
+    other axis of 2x2, and over both axes) gives a partial sum of the attention; a causal -inf mask leaves some
+    devices' blocks all masked for some rows (log-sum-exp -inf, weight 0), one row is masked everywhere (NaN, as in
+    the reference); float32's lowest as the fill makes such rows attend to every key alike. With ``lse`` (the op the
+    hook emits) the keys may not be split."""
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((2, 4, 6, 8)).astype(np.float32)
+    transpose_k, kv_heads = spelling != "kt", 1 if spelling == "k-multi-query" else 4
+    k = rng.standard_normal((2, kv_heads) + ((12, 8) if transpose_k else (8, 12))).astype(np.float32)
+    v = rng.standard_normal((2, kv_heads, 12, 5)).astype(np.float32)
+    fill = np.finfo(np.float32).min if spelling == "lowest-fill" else -np.inf
+    bias = np.where(np.tril(np.ones((6, 12), bool), 6), 0, fill).astype(np.float32)
+    bias[1] = fill
+    attrs = {"scale": 0.3, "transpose_k": transpose_k}
+    rule = rule_of("attention", [q, k, v, bias], attrs)
+    keys = [f.name for f in rule.factors].index("n")
+    mesh = Mesh.parse("2x2")
+    split = [a for a in all_valid_assignments(rule, mesh) if a[keys]]
+    assert len(split) >= 8
+    with np.errstate(invalid="ignore"):
+        for assignment in split:
+            assert rule.result_specs(assignment)[0].partial == assignment[keys]
+            check_rule("attention", [q, k, v, bias], attrs, mesh, assignment)
+    lse = rule_of("attention", [q, k, v, bias], attrs | {"lse": True})
+    assert lse.factors[keys].kind == "replicate"
+
+
 def test_mean_over_a_split_dim_is_a_scaled_partial_sum():
     x = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
     attrs = {"axes": (1,), "keepdims": False}

@@ -186,3 +186,73 @@ def test_provenance_is_recorded():
     assert plan.origins["input_ids"] == "annotation"
     assert plan.origins["last_hidden_state"].startswith("propagated from node")
     assert collections.Counter(o.split(" ")[0] for o in plan.origins.values())["default"] >= 1
+
+
+def cross_attention_graph(b=2, m=3, n=16, heads=4, kv_heads=4, d=8, e=16, mask=True, seed=0):
+    """Rows of a decoder ``x [b, m, e]`` attending to a long memory ``[b, n, e]`` (``kv_heads`` key/value heads:
+    1 is multi-query), with a padding mask ``[b, 1, 1, n]`` (0 or -inf) and an output projection; returns the
+    graph and its inputs (batch 0's last 5 keys masked: a block of them entirely on 4 devices)."""
+    rng = np.random.default_rng(seed)
+    g = GraphBuilder()
+    x, mem = g.input("x", TensorType("float32", (b, m, e))), g.input("memory", TensorType("float32", (b, n, e)))
+    w = {k: g.param(k, (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32))
+         for k, s in (("wq", (e, heads * d)), ("wk", (e, kv_heads * d)), ("wv", (e, kv_heads * d)),
+                      ("wo", (heads * d, e)))}
+
+    def heads_of(t, w, h, rows):
+        return g.emit1("transpose", [g.emit1("reshape", [g.emit1("matmul", [t, w])], shape=(b, rows, h, d))],
+                       perm=(0, 2, 1, 3))
+
+    operands = [heads_of(x, w["wq"], heads, m), heads_of(mem, w["wk"], kv_heads, n), heads_of(mem, w["wv"], kv_heads, n)]
+    feeds = {"x": rng.standard_normal((b, m, e)).astype(np.float32),
+             "memory": rng.standard_normal((b, n, e)).astype(np.float32)}
+    if mask:
+        operands.append(g.input("mask", TensorType("float32", (b, 1, 1, n))))
+        feeds["mask"] = np.zeros((b, 1, 1, n), np.float32)
+        feeds["mask"][0, ..., n - 5:] = -np.inf
+    a = g.emit1("attention", operands, scale=d ** -0.5, transpose_k=True)
+    merged = g.emit1("reshape", [g.emit1("transpose", [a], perm=(0, 2, 1, 3))], shape=(b, m, heads * d))
+    return g.finish([g.emit1("matmul", [merged, w["wo"]], "y")]), feeds
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1], ids=["mha", "multi-query"])
+@pytest.mark.parametrize("mesh_text", ["4", "2x2"])
+def test_context_parallel_attention_over_a_split_memory(mesh_text, kv_heads):
+    """Context parallelism: the memory's sequence dim split over x, so each device attends to its block of the
+    keys (keys and values are never gathered) and the blocks combine by their rows' log-sum-exps (an all-reduce
+    max and an all-reduce sum of one float per query row), then one all-reduce of the partial output; on 2x2 the
+    batch is split over y too. Equal to the reference; the byte accounting is what the simulator moved."""
+    graph, feeds = cross_attention_graph(kv_heads=kv_heads)
+    mesh = Mesh.parse(mesh_text)
+    batch = ("y",) if "y" in mesh.names else ()
+    plan = propagate(graph, mesh, {"memory": Spec((batch, ("x",), ())), "mask": Spec((batch, (), (), ("x",))),
+                                   "x": Spec((batch, (), ()))})
+    prog = partition(graph, plan)
+    res = simulate(prog, feeds)
+    ref = run_reference(graph, feeds)
+    assert_close(res.outputs["y"], ref["y"])
+    assert res.collective_bytes == [c.bytes for c in prog.collectives]
+    assert not any(c.kind == "all_gather" for c in prog.collectives if c.node != "output")
+    reduces = [(c.reduce, c.bytes) for c in prog.collectives if c.kind == "all_reduce"]
+    keys, local_batch = mesh.axis("x").size, 2 // (mesh.axis("y").size if batch else 1)
+    ring = 2 * (keys - 1) / keys * local_batch * 4 * 3 * 4  # of (batch x heads x query rows) floats
+    assert reduces[:2] == [("max", int(ring)), ("sum", int(ring))]
+    assert len(reduces) == 3  # and the partial output's
+
+
+@pytest.mark.parametrize("kv_heads, split", [(1, "n"), (8, "b1")], ids=["multi-query", "mha"])
+def test_the_ilp_splits_the_keys_of_a_long_multi_query_memory(kv_heads, split):
+    """4 rows attending to a 64k-token memory on 4 devices: with one key/value head (nothing else to split the
+    keys' projection by) the automatic plan splits the keys, with 8 it splits the heads; the key split's only
+    collectives are the two per-row all-reduces and the output's."""
+    from bmc.sharding.auto import auto_plan
+    from bmc.sharding.partition import rule_of
+
+    graph, _ = cross_attention_graph(b=1, m=4, n=65536, heads=8, kv_heads=kv_heads, d=64, e=512, mask=False)
+    plan, _ = auto_plan(graph, Mesh.parse("4"), time_limit_s=10)
+    (i, att), = [(i, n) for i, n in enumerate(graph.nodes) if n.op == "attention"]
+    rule = rule_of(att)
+    assert {f.name for f, axes in zip(rule.factors, plan.strategies[i]) if axes} == {split}
+    if split == "n":
+        kinds = [(c.kind, c.reduce) for c in partition(graph, plan).collectives]
+        assert kinds == [("all_reduce", "max"), ("all_reduce", "sum"), ("all_reduce", "sum")]
