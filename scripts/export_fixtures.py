@@ -52,7 +52,7 @@ LEGACY_OPSET = 17
 EXPORTERS = ("legacy", "dynamo", "dynamo23")
 # dynamo23: the dynamo exporter at opset 23 with PyTorch's SDPA attention, which it writes as ONNX ``Attention``
 # (and RMSNorm as ``RMSNormalization``): what a current exporter emits for an LLM. One model is enough.
-EXPORTER_MODELS = {"dynamo23": ("llama",), "legacy": ("gpt2", "bert", "llama", "opt", "vit")}  # others: all
+EXPORTER_MODELS = {"dynamo23": ("llama",), "legacy": ("gpt2", "bert", "llama", "opt", "vit", "xattn")}  # others: all
 
 
 # --------------------------------------------------------------------------
@@ -213,6 +213,42 @@ def build_deberta(gen):
     return EncoderHidden(transformers.DebertaV2Model(cfg)), _padded_ids(gen), "last_hidden_state", _ENCODER_DYN
 
 
+class CrossAttentionBlock(torch.nn.Module):
+    """A decoder's cross-attention block (pre-norm, as in Whisper's or Perceiver's decoders): a few rows ``x`` attend
+    to a long ``memory`` through PyTorch's SDPA with a key padding mask, then an MLP. The context-parallel fixture:
+    the memory's sequence dim is what a mesh axis splits."""
+
+    def __init__(self, width=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.ln_q, self.ln_kv, self.ln_mlp = (torch.nn.LayerNorm(width) for _ in range(3))
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(width, width) for _ in range(4))
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(),
+                                       torch.nn.Linear(2 * width, width))
+
+    def forward(self, x, memory, memory_mask):
+        (b, m, e), n, h = x.shape, memory.shape[1], self.heads
+        q = self.q(self.ln_q(x)).view(b, m, h, e // h).transpose(1, 2)
+        mem = self.ln_kv(memory)
+        k, v = (f(mem).view(b, n, h, e // h).transpose(1, 2) for f in (self.k, self.v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=memory_mask[:, None, None, :] > 0)
+        x = x + self.o(a.transpose(1, 2).reshape(b, m, e))
+        return x + self.mlp(self.ln_mlp(x))
+
+
+MEMORY = 48
+
+
+def build_xattn(gen):
+    x = torch.randn(BATCH, 4, 32, generator=gen)
+    memory = torch.randn(BATCH, MEMORY, 32, generator=gen)
+    mask = torch.ones(BATCH, MEMORY, dtype=torch.int64)
+    mask[1, MEMORY - 20:] = 0  # the second memory padded: whole blocks of keys masked on 4 devices
+    return (CrossAttentionBlock(), {"x": x, "memory": memory, "memory_mask": mask}, "hidden",
+            {"x": {0: "batch"}, "memory": {0: "batch", 1: "seq"}, "memory_mask": {0: "batch", 1: "seq"},
+             "hidden": {0: "batch"}})
+
+
 MODELS = {
     "gpt2": build_gpt2,
     "bert": build_bert,
@@ -223,6 +259,7 @@ MODELS = {
     "bloom": build_bloom,
     "t5enc": build_t5enc,
     "deberta": build_deberta,
+    "xattn": build_xattn,
 }
 
 

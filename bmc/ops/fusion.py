@@ -30,7 +30,9 @@ ONNX's own ``Attention`` body (opset 23, what ``torch.onnx.export(dynamo=True)``
 softmax with ``where(fully_masked_rows, 0, p)``; under a constant mask that hides no whole row the importer's
 ``Where`` converter already drops it (a constant condition false everywhere), so the pattern above remains; a
 mask that does hide whole rows is left alone. A scale applied to q and k before their product is simply part of
-q and kt.
+q and kt. PyTorch's SDPA decomposition (both exporters, a boolean mask) zeroes the probabilities of rows masked
+everywhere with ``where(isnan(p), 0, p)``: the fused op is then followed by ``where(isnan(o), 0, o)`` (a row of p
+is NaN everywhere or nowhere, so the two agree wherever v is finite).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import numpy as np
 from bmc.ir.graph import Graph, Node, Value
 from bmc.ir.passes import eliminate_dead_code
 from bmc.ir.types import TensorType, dtype_of, np_dtype
-from bmc.ops.registry import broadcast_shapes
+from bmc.ops.registry import OPS, broadcast_shapes
 
 
 _MASKED = -1e30  # a fill at least this low hides a key: s + fill rounds to fill for any score |s| < 2^75
@@ -86,12 +88,27 @@ def fuse_attention(graph: Graph) -> Graph:
         readers = users.get(v, [])
         return readers[0] if len(readers) == 1 and id(v) not in outputs else None
 
+    def nan_zeroed(v: Value) -> Node | None:
+        """The ``where(isnan(v), 0, v)`` that is all that reads ``v``."""
+        readers = users.get(v, [])
+        isnan = next((r for r in readers if r.op == "isnan"), None)
+        where = next((r for r in readers if r.op == "where"), None)
+        if id(v) in outputs or len(readers) != 2 or isnan is None or where is None:
+            return None
+        cond, zero, kept = where.inputs
+        ok = (cond is isnan.outputs[0] and single_reader(cond) is where and kept is v
+              and _scalar(zero.producer) == 0.0 and where.outputs[0].type == v.type)
+        return where if ok else None
+
     fused: dict[int, list[Node]] = {}  # id(the replaced output matmul) -> the nodes that replace it
     for node in graph.nodes:
         if node.op != "softmax" or node.attrs["axis"] % node.inputs[0].type.rank != node.inputs[0].type.rank - 1:
             continue
         probs = node.outputs[0]
         frame = probs.type.shape[:-2]  # the fused op works in the softmax's batch dims
+        zeroed = nan_zeroed(probs)
+        if zeroed is not None:
+            probs = zeroed.outputs[0]
         out_mm, p = single_reader(probs), probs
         if _batch_reshape(out_mm):  # BLOOM: the probabilities regrouped [B, H, M, N] -> [B * H, M, N] for bmm
             p = out_mm.outputs[0]
@@ -139,8 +156,9 @@ def fuse_attention(graph: Graph) -> Graph:
         made: list[Node] = []
         tag = node.outputs[0].name
 
-        def emit(op: str, inputs: list[Value], out_shape: tuple[int, ...], **attrs) -> Value:
-            dtype = inputs[-1].type.dtype if inputs else dtype_of(attrs["value"].dtype)
+        def emit(op: str, inputs: list[Value], out_shape: tuple[int, ...], out_dtype: str | None = None,
+                 **attrs) -> Value:
+            dtype = out_dtype or (inputs[-1].type.dtype if inputs else dtype_of(attrs["value"].dtype))
             out = Value(f"{tag}.{len(made)}", TensorType(dtype, out_shape))
             made.append(Node(op, inputs, [out], attrs, node.source))
             return out
@@ -186,12 +204,15 @@ def fuse_attention(graph: Graph) -> Graph:
             bias = [emit("add", bias, broadcast_shapes(bias[0].type.shape, bias[1].type.shape))]
         result = out_mm.outputs[0]
         shape = frame + result.type.shape[-2:]
-        attrs = {"scale": scale, "transpose_k": transpose_k}
-        if shape == result.type.shape:
-            made.append(Node("attention", [q, key, v] + bias, [result], attrs, node.source))
-        else:  # back to the regrouped batch dims the model continues with
-            made.append(Node("reshape", [emit("attention", [q, key, v] + bias, shape, **attrs)], [result],
-                             {"shape": result.type.shape}, node.source))
+        attrs = OPS["attention"].check_attrs({"scale": scale, "transpose_k": transpose_k})
+        last = ("attention", [q, key, v] + bias, attrs)
+        if zeroed is not None:  # where(isnan(o), 0, o)
+            o = emit(*last[:2], shape, **attrs)
+            zero = emit("constant", [], (), value=np.zeros((), np_dtype(o.type.dtype)))
+            last = ("where", [emit("isnan", [o], shape, out_dtype="bool"), zero, o], {})
+        if shape != result.type.shape:  # back to the regrouped batch dims the model continues with
+            last = ("reshape", [emit(*last[:2], shape, **last[2])], {"shape": result.type.shape})
+        made.append(Node(*last[:2], [result], last[2], node.source))
         fused[id(out_mm)] = made
     if not fused:
         return graph

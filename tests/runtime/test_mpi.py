@@ -508,3 +508,20 @@ def test_quantized_model_tensor_parallel_on_two_ranks(tmp_path, native_lib, name
     assert r.returncode == 0, r.stdout + r.stderr
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     _check(tmp_path / "out.npz", sess.run(None, {"input_ids": ids}))
+
+
+@pytest.mark.parametrize("collectives", ["native", "python"])
+def test_context_parallel_attention_on_two_ranks(tmp_path, native_lib, collectives):
+    """The cross-attention fixture with its memory split over 2 real ranks (``--shard``): each rank attends to
+    half of the keys and the ranks combine their rows' log-sum-exps by an all-reduce max and sum; equal to
+    onnxruntime with either collectives implementation."""
+    import bmc
+
+    data = np.load(FIXTURES / "xattn_dynamo.npz")
+    bmc.compile(FIXTURES / "xattn_dynamo.onnx", tmp_path / "cp.bmc", mesh="2",
+                shard={"memory": "[{},{x},{}]", "memory_mask": "[{},{x}]"}, input_shapes={"batch": 2, "seq": 48})
+    np.savez(tmp_path / "in.npz", **{k: data[k] for k in ("x", "memory", "memory_mask")})
+    r = bmc_run(2, tmp_path / "cp.bmc", tmp_path / "in.npz", tmp_path / "out.npz", "--collectives", collectives,
+                BMC_MPI_NATIVE_LIB=native_lib)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _check(tmp_path / "out.npz", [data["output:hidden"]])
