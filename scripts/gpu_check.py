@@ -16,7 +16,7 @@ float16/bfloat16 ``max|out - ref| <= 1e-2 * max|ref|``. The ``-fa`` builds compu
 kernel (``BMC_CUDA_ATTENTION=fused``, ``cpp/cuda_attention.cuh``): the same bound, and ``vs_composition`` reports
 their distance from the same build without it; ``attention kernel`` calls that kernel directly on the shapes
 of its CPU emulator tests (``bmc.testing.attention_cases``) and a causal mask.
-The two-rank artifact runs under ``mpiexec -n 2 python -m bmc run`` on the one GPU (host-staged collectives) and must
+The two-rank artifacts run under ``mpiexec -n 2 python -m bmc run`` on the one GPU (host-staged collectives) and must
 match onnxruntime and the one-rank run. ``nccl`` is a one-rank smoke test of the NCCL path (a single GPU cannot
 host an NCCL group of two).
 

@@ -158,14 +158,17 @@ def compile_models(out: Path, archs: tuple[str, ...], names: list[str]) -> list[
 
 
 FIXTURES = REPO / "tests" / "fixtures"
-#: (folder, fixture, dtype, mesh): every model fixture in float32; reduced precision and two ranks on a few; an
-#: int8 (QDQ) and an int4 (MatMulNBits) quantized fixture
+#: (folder, fixture, dtype, mesh): every model fixture in float32; reduced precision and two ranks on a few (GPT-2
+#: Megatron, the cross-attention block context-parallel); an int8 (QDQ) and an int4 (MatMulNBits) quantized fixture
 FIXTURE_BUILDS = [("models", p.stem, "float32", "1") for p in sorted((FIXTURES / "models").glob("*.onnx"))] + [
     ("models", "gpt2_dynamo", "bfloat16", "1"), ("models", "llama_dynamo", "bfloat16", "1"),
     ("models", "bert_dynamo", "float16", "1"), ("models", "vit_dynamo", "bfloat16", "1"),
-    ("models", "gpt2_dynamo", "float32", "2"), ("quantized", "gpt2_qdq", "float32", "1"),
+    ("models", "gpt2_dynamo", "float32", "2"), ("models", "xattn_dynamo", "float32", "2"),
+    ("quantized", "gpt2_qdq", "float32", "1"),
     ("quantized", "llama_nbits", "float32", "1")]
 #: reduced-precision builds again with the fused attention kernel (``BMC_CUDA_ATTENTION=fused``; tag ``-fa``)
+#: two-rank builds split by annotations instead of Megatron: the memory's tokens (context parallelism)
+SHARD = {"xattn_dynamo": {"memory": "[{},{x},{}]", "memory_mask": "[{},{x}]"}}
 FUSED_ATTENTION = {("gpt2_dynamo", "bfloat16"), ("llama_dynamo", "bfloat16"), ("bert_dynamo", "float16"),
                    ("vit_dynamo", "bfloat16")}
 
@@ -185,7 +188,8 @@ def compile_fixtures(out: Path, archs: tuple[str, ...]) -> list[dict]:
         tag += "-fa" if attention == "fused" else ""
         path = out / "fixtures" / tag
         t0 = time.perf_counter()
-        extra = {"mesh": mesh, "strategy": "megatron"} if mesh != "1" else {}
+        extra = {} if mesh == "1" else {"mesh": mesh, "shard": SHARD[name]} if name in SHARD else {
+            "mesh": mesh, "strategy": "megatron"}
         os.environ["BMC_CUDA_ATTENTION"] = attention
         try:
             bmc.compile(FIXTURES / folder / f"{name}.onnx", path, target="cuda", cuda_archs=archs,

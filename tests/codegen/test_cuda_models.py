@@ -56,3 +56,15 @@ def test_reduced_precision_compiles_for_sm80_and_sm90(dtype, tmp_path):
     assert manifest["kernels"]["cuda"]["sass"] == ["sm_80", "sm_90"]
     assert {p["dtype"] for p in manifest["signature"]["params"]} == {dtype}
     assert [o["dtype"] for o in manifest["signature"]["outputs"]] == ["float32"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_context_parallel_attention_compiles_for_sm90(dtype, tmp_path):
+    """The cross-attention fixture with its memory split over 2 devices: each rank's attention over its keys
+    returns the log-sum-exps with it (the composition on CUDA, 16-bit scores in float32) and compiles."""
+    bmc.compile(FIXTURES / "xattn_dynamo.onnx", tmp_path / "m.bmc", target="cuda", mesh="2", dtype=dtype,
+                shard={"memory": "[{},{x},{}]", "memory_mask": "[{},{x}]"}, input_shapes={"batch": 2, "seq": 48})
+    plan = json.loads((tmp_path / "m.bmc" / "plan.json").read_text())
+    assert [c.get("reduce") for c in plan["collectives"]][:2] == ["max", "sum"]
+    info = json.loads((tmp_path / "m.bmc" / "manifest.json").read_text())["kernels"]["cuda"]
+    assert info["num_kernels"] > 0 and all(k["sass_bytes"].get("sm_90", 0) > 0 for k in info["kernels"])

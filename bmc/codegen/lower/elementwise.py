@@ -51,6 +51,8 @@ def opmath(fn):
 @lowering(*_SIMPLE_UNARY)
 @opmath
 def _unary(ctx, node, args):
+    if node.op in ("isnan", "isinf") and node.inputs[0].type.dtype in ("float16", "bfloat16"):
+        return _SIMPLE_UNARY[node.op](ctx.emit(_R.astype(args[0], "float32")))  # exact; TVM's CUDA has no bf16 isnan
     return _SIMPLE_UNARY[node.op](args[0])
 
 
