@@ -15,6 +15,10 @@
 (c) the same MLP with PyTorch tensor parallelism (column/row-parallel shards, ``dist.all_reduce`` over gloo) on 2
     processes with 1 thread each, from a separate venv (``/work/torch-venv``, ``BMC_TORCH_PYTHON``) so torch never
     enters bmc's environment; skipped (and said so) when that interpreter has no torch.
+(d) context parallelism: a multi-query cross-attention layer (ROWS query rows, 8 heads of 64, one key/value head)
+    over a MEMORY-token memory, compiled for 1 device and for a mesh of 2 with the memory's tokens split
+    (``--shard memory=[{},{x},{}]``: each rank projects and attends to its half of the keys; the halves combine by
+    a per-row all-reduce max and sum, then the output's all-reduce), run like (b).
 """
 
 from __future__ import annotations
@@ -132,14 +136,16 @@ def make_mlp(path: Path, layers: int, tokens: int) -> None:
     onnx.save(model, str(path))
 
 
-def worker_mlp(artifact: str, out: str, iters: int, threads: int | None) -> None:
+def worker_model(artifact: str, out: str, iters: int, threads: int | None) -> None:
+    """Time ``iters`` runs of the artifact on random float32 inputs (after 2 warm-up runs); rank 0 writes the
+    times and saves the first output."""
     import bmc
 
     model = bmc.load(artifact, threads=threads)
     rank = model.mpi.rank if model.mpi is not None else 0
-    shape = next(i["shape"] for i in model.signature["inputs"] if i["name"] == model.input_names[0])
-    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-    inputs = {model.input_names[0]: x}
+    rng = np.random.default_rng(1)
+    inputs = {i["name"]: rng.standard_normal(i["shape"]).astype(np.float32) for i in model.signature["inputs"]
+              if i["name"] in model.input_names}
     for _ in range(2):
         y = model.run(inputs)
     times = []
@@ -165,28 +171,88 @@ def run_mlp(tmp: Path, layers: int, tokens: int, iters: int) -> dict:
     t0 = time.perf_counter()
     bmc.compile(onnx_path, single)
     bmc.compile(onnx_path, tp, mesh="1x2", strategy="dp+megatron")
-    compile_s = time.perf_counter() - t0
-    plan = json.loads((tp / "plan.json").read_text())
-    res = {"layers": layers, "tokens": tokens, "d": D, "ffn": FFN, "compile_s": compile_s,
-           "flops": 4 * tokens * D * FFN * layers,
-           "collectives_in_plan": [c["kind"] for c in plan.get("collectives", [])]}
+    res = {"layers": layers, "tokens": tokens, "d": D, "ffn": FFN, "compile_s": time.perf_counter() - t0,
+           "flops": 4 * tokens * D * FFN * layers}
+    return res | scaling(tmp, "mlp", single, tp, iters)
+
+
+def scaling(tmp: Path, tag: str, single: Path, sharded: Path, iters: int) -> dict:
+    """The plan's collectives, and 1 rank with 1 and 2 threads against 2 ranks with 1 thread each: times, speedup,
+    parallel efficiency and the sharded output's max |diff| from the single-device one."""
+    plan = json.loads((sharded / "plan.json").read_text())
+    res: dict = {"collectives_in_plan": [c["kind"] + (f"({c['reduce']})" if c.get("reduce", "sum") != "sum" else "")
+                                         for c in plan.get("collectives", [])]}
     runs = {"1 rank, 1 thread": ([sys.executable], single, 1),
             "1 rank, 2 threads": ([sys.executable], single, 2),
-            "2 ranks (1x2), 1 thread each": ([MPIEXEC, "-n", "2", sys.executable], tp, None)}
+            "2 ranks, 1 thread each": ([MPIEXEC, "-n", "2", sys.executable], sharded, None)}
     outs = {}
     for name, (launcher, artifact, threads) in runs.items():
-        out = tmp / f"mlp-{len(outs)}.json"
-        cmd = launcher + [__file__, "--worker", "mlp", "--artifact", str(artifact), "--out", str(out),
+        out = tmp / f"{tag}-{len(outs)}.json"
+        cmd = launcher + [__file__, "--worker", "model", "--artifact", str(artifact), "--out", str(out),
                           "--iters", str(iters)] + (["--threads", str(threads)] if threads else [])
         subprocess.run(cmd, check=True, timeout=1200, env=_env())
         res[name] = json.loads(out.read_text())
         outs[name] = np.load(str(out) + ".npy")
     ref = outs["1 rank, 1 thread"]
-    res["max_abs_diff_tp_vs_single"] = float(np.max(np.abs(outs["2 ranks (1x2), 1 thread each"] - ref)))
-    t1, t2 = res["1 rank, 1 thread"]["median_s"], res["2 ranks (1x2), 1 thread each"]["median_s"]
+    res["max_abs_diff_sharded_vs_single"] = float(np.max(np.abs(outs["2 ranks, 1 thread each"] - ref)))
+    t1, t2 = res["1 rank, 1 thread"]["median_s"], res["2 ranks, 1 thread each"]["median_s"]
     res["speedup"] = t1 / t2
     res["parallel_efficiency"] = t1 / (2 * t2)
     return res
+
+
+# ------------------------------------------------------------------------------------------ (d) context parallel
+
+ROWS, MEMORY, HEADS, HEAD_DIM = 8, 16384, 8, 64
+
+
+def make_cross_attention(path: Path) -> None:
+    """LayerNorm(memory) → k, v (one head each, [1, 1, N, 64]); x → q [1, 8, ROWS, 64]; softmax(q kᵀ / 8) v → the
+    output projection (opset 17, as the legacy exporter writes attention)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    e, hd = HEADS * HEAD_DIM, HEAD_DIM
+    weights = {"wq": (e, e), "wk": (e, hd), "wv": (e, hd), "wo": (e, e)}
+    inits = [numpy_helper.from_array((rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32), k)
+             for k, s in weights.items()]
+    inits += [numpy_helper.from_array(np.ones(e, np.float32), "ln_g"), numpy_helper.from_array(np.zeros(e, np.float32),
+                                                                                             "ln_b"),
+              numpy_helper.from_array(np.array([1, ROWS, HEADS, hd], np.int64), "q_shape"),
+              numpy_helper.from_array(np.array([1, MEMORY, 1, hd], np.int64), "kv_shape"),
+              numpy_helper.from_array(np.array([1, ROWS, e], np.int64), "o_shape"),
+              numpy_helper.from_array(np.array(hd ** -0.5, np.float32), "scale")]
+    mk = helper.make_node
+    nodes = [mk("LayerNormalization", ["memory", "ln_g", "ln_b"], ["mem"], axis=-1),
+             mk("MatMul", ["x", "wq"], ["q0"]), mk("Reshape", ["q0", "q_shape"], ["q1"]),
+             mk("Transpose", ["q1"], ["q"], perm=[0, 2, 1, 3])]
+    for t in ("k", "v"):
+        nodes += [mk("MatMul", ["mem", f"w{t}"], [f"{t}0"]), mk("Reshape", [f"{t}0", "kv_shape"], [f"{t}1"]),
+                  mk("Transpose", [f"{t}1"], [t], perm=[0, 2, 1, 3])]
+    nodes += [mk("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), mk("MatMul", ["q", "kt"], ["s0"]),
+              mk("Mul", ["s0", "scale"], ["s"]), mk("Softmax", ["s"], ["p"], axis=-1), mk("MatMul", ["p", "v"], ["a"]),
+              mk("Transpose", ["a"], ["a1"], perm=[0, 2, 1, 3]), mk("Reshape", ["a1", "o_shape"], ["a2"]),
+              mk("MatMul", ["a2", "wo"], ["y"])]
+    graph = helper.make_graph(nodes, "cross_attention",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ROWS, e]),
+                               helper.make_tensor_value_info("memory", TensorProto.FLOAT, [1, MEMORY, e])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, ROWS, e])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def run_context(tmp: Path, iters: int) -> dict:
+    import bmc
+
+    onnx_path = tmp / "xattn.onnx"
+    make_cross_attention(onnx_path)
+    single, cp = tmp / "xattn_1.bmc", tmp / "xattn_2.bmc"
+    bmc.compile(onnx_path, single)
+    bmc.compile(onnx_path, cp, mesh="2", shard={"memory": "[{}, {x}, {}]"})
+    e = HEADS * HEAD_DIM
+    flops = 2 * MEMORY * e * 2 * HEAD_DIM + 2 * 2 * HEADS * ROWS * MEMORY * HEAD_DIM + 2 * 2 * ROWS * e * e
+    return {"rows": ROWS, "memory": MEMORY, "heads": HEADS, "head_dim": HEAD_DIM, "kv_heads": 1,
+            "flops": flops} | scaling(tmp, "xattn", single, cp, iters)
 
 
 # ------------------------------------------------------------------------------------------ (c) torch
@@ -270,6 +336,14 @@ def _env() -> dict:
     return env
 
 
+def _print_scaling(res: dict, gflop: float, label: str) -> None:
+    for name in ("1 rank, 1 thread", "1 rank, 2 threads", "2 ranks, 1 thread each"):
+        t = res[name]["median_s"]
+        print(f"  {name:<32}{t * 1e3:>10.1f} ms{gflop / t:>10.1f} GFLOP/s")
+    print(f"  speedup {label} vs 1 rank/1 thread: {res['speedup']:.2f}x, parallel efficiency "
+          f"{res['parallel_efficiency'] * 100:.0f}%  (max |diff| {res['max_abs_diff_sharded_vs_single']:.2e})")
+
+
 def _human(n: int) -> str:
     return f"{n >> 20} MB" if n >= 1 << 20 else f"{n >> 10} KB"
 
@@ -277,20 +351,20 @@ def _human(n: int) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--worker", choices=("collectives", "mlp"))
+    ap.add_argument("--worker", choices=("collectives", "model"))
     ap.add_argument("--out")
     ap.add_argument("--artifact")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--skip", action="append", default=[], choices=("a", "b", "c"))
+    ap.add_argument("--skip", action="append", default=[], choices=("a", "b", "c", "d"))
     args = ap.parse_args()
     if args.worker == "collectives":
         worker_collectives(args.out, args.quick)
         return 0
-    if args.worker == "mlp":
-        worker_mlp(args.artifact, args.out, args.iters, args.threads)
+    if args.worker == "model":
+        worker_model(args.artifact, args.out, args.iters, args.threads)
         return 0
 
     from bmc.runtime.mpi import build_native, native_library_path
@@ -318,11 +392,7 @@ def main() -> int:
             gflop = mlp["flops"] / 1e9
             print(f"\n(b) MLP stack: {mlp['layers']} layers, d={D}, ffn={FFN}, {mlp['tokens']} tokens "
                   f"({gflop:.1f} GFLOP/step), median of {iters} steps")
-            for name in ("1 rank, 1 thread", "1 rank, 2 threads", "2 ranks (1x2), 1 thread each"):
-                t = mlp[name]["median_s"]
-                print(f"  {name:<32}{t * 1e3:>10.1f} ms{gflop / t:>10.1f} GFLOP/s")
-            print(f"  speedup 2 ranks vs 1 rank/1 thread: {mlp['speedup']:.2f}x, parallel efficiency "
-                  f"{mlp['parallel_efficiency'] * 100:.0f}%  (max |diff| {mlp['max_abs_diff_tp_vs_single']:.2e})")
+            _print_scaling(mlp, gflop, "2 ranks (1x2 Megatron)")
         if "c" not in args.skip and "mlp" in results:
             tr = run_torch(tmp, args.layers, args.tokens, iters)
             if "y" in tr:
@@ -333,11 +403,19 @@ def main() -> int:
             if "skipped" in tr:
                 print(f"\n(c) PyTorch tensor parallel: skipped: {tr['skipped']}")
             else:
-                bmc_t = results["mlp"]["2 ranks (1x2), 1 thread each"]["median_s"]
+                bmc_t = results["mlp"]["2 ranks, 1 thread each"]["median_s"]
                 tr["bmc_over_torch_time"] = bmc_t / tr["median_s"]
                 print(f"\n(c) PyTorch {tr['torch']} tensor parallel (gloo, 2 processes, 1 thread each): "
                       f"{tr['median_s'] * 1e3:.1f} ms; bmc {bmc_t * 1e3:.1f} ms -> bmc time / torch time "
                       f"{tr['bmc_over_torch_time']:.2f} (max |diff| {tr.get('max_abs_diff_vs_bmc', float('nan')):.2e})")
+        if "d" not in args.skip:
+            cp = run_context(tmp, iters)
+            results["context_parallel"] = cp
+            gflop = cp["flops"] / 1e9
+            print(f"\n(d) context parallelism: {ROWS} rows attending to {MEMORY} memory tokens (8 heads x 64, one "
+                  f"key/value head; {gflop:.1f} GFLOP/step), median of {iters} steps; collectives: "
+                  f"{', '.join(cp['collectives_in_plan'])}")
+            _print_scaling(cp, gflop, "2 ranks (memory split)")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nwrote {RESULTS}")
