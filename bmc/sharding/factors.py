@@ -265,8 +265,10 @@ def _key_split_attention(ctx, node, inputs, assignment, rule):
     axes = next(a for f, a in zip(rule.factors, assignment) if f.name == "n")
     if not axes:
         return ctx.emit("attention", inputs, **node.attrs)
-    o, lse = ctx.emit("attention", inputs, **(node.attrs | {"lse": True}))
-    weight = ctx.emit("exp", [ctx.emit("sub", [lse, ctx.all_reduce(lse, axes, "max")])[0]])[0]
+    name = node.outputs[0].name
+    o, lse = ctx.emit("attention", inputs, names=(f"{name}.block", f"{name}.lse"), **(node.attrs | {"lse": True}))
+    shifted = ctx.emit("sub", [lse, ctx.all_reduce(lse, axes, "max")])[0]
+    weight = ctx.emit("exp", [shifted], names=(f"{name}.weight",))[0]
     share = ctx.emit("div", [weight, ctx.all_reduce(weight, axes, "sum")])[0]
     column = o.type.shape[:-1] + (1,)
     share = ctx.emit("reshape", [share], shape=column)[0]

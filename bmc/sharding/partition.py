@@ -75,8 +75,8 @@ class _Emitter:
         self.coord = self.b.input(MESH_COORD, TensorType("int64", (len(mesh.shape),)))
         self._blocks: dict[tuple[str, ...], Value] = {}
 
-    def emit(self, op, inputs, **attrs):
-        return self.b.emit(op, list(inputs), **attrs)
+    def emit(self, op, inputs, names=(), **attrs):
+        return self.b.emit(op, list(inputs), names, **attrs)
 
     def constant(self, value, dtype=None):
         return self.b.constant(value, dtype)

@@ -58,7 +58,9 @@ class LocalContext(Protocol):
 
     mesh: Mesh
 
-    def emit(self, op: str, inputs: Sequence[Value], **attrs) -> list[Value]: ...
+    def emit(self, op: str, inputs: Sequence[Value], names: Sequence[str | None] = (), **attrs) -> list[Value]:
+        """Add ``op(inputs) {attrs}`` to the program; its results (named from ``names`` where given)."""
+        ...
 
     def constant(self, value, dtype: str | None = None) -> Value: ...
 

@@ -43,8 +43,8 @@ class GraphContext:
         self.builder = GraphBuilder("local")
         self.coord = self.builder.input("mesh_coord", TensorType("int64", (len(mesh.shape),)))
 
-    def emit(self, op: str, inputs: Sequence[Value], **attrs) -> list[Value]:
-        return self.builder.emit(op, list(inputs), **attrs)
+    def emit(self, op: str, inputs: Sequence[Value], names: Sequence[str | None] = (), **attrs) -> list[Value]:
+        return self.builder.emit(op, list(inputs), names, **attrs)
 
     def constant(self, value, dtype: str | None = None) -> Value:
         return self.builder.constant(value, dtype)
