@@ -22,7 +22,7 @@ between the softmax and ``@ v``, one reshape may regroup the batch dims (BLOOM m
 softmaxes over ``[B, H, ...]``): the fused op works in the softmax's batch dims, its operands and the biases added
 before the regrouping reshaped into them, its result reshaped back.
 Planning then sees no ``[..., M, N]`` score tensor (the memory model and the ILP price the fused op, whose rule
-replicates the key axis as the softmax's did), the CPU runs one kernel that never stores the scores
+may split the keys: context parallelism, ``bmc.sharding.factors.attention_rule``), the CPU runs one kernel that never stores the scores
 (``bmc.cpu.attention``), and other targets lower the same composition again. The fused op's reference runs the
 replaced ops' references in order, so fusing changes no reference result.
 
