@@ -28,6 +28,7 @@ A multi-device artifact runs in one of two ways:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import warnings
@@ -241,6 +242,34 @@ class Model:
         return f"<bmc.Model {self._path} ({ins}) -> ({outs})>"
 
 
+_LOADED: dict[str, str] = {}  # program path -> sha256 of the library this process loaded from it
+_LOADED_LOCK = threading.Lock()
+
+
+def load_program(program: Path, sha256: str):
+    """The TVM module of an artifact's program library (its digest already verified). dlopen hands back the library
+    it already has for a path, so a program recompiled into the same folder and loaded again in this process would
+    run the old code: a path seen before with another digest is loaded through a copy named by its digest
+    (``$BMC_CACHE_DIR/programs/``)."""
+    from bmc.runtime.kernels import cache_dir
+
+    key = os.path.realpath(program)
+    with _LOADED_LOCK:
+        if _LOADED.setdefault(key, sha256) != sha256:
+            copy = cache_dir() / "programs" / f"{sha256}{program.suffix}"
+            if not copy.exists():
+                data = program.read_bytes()
+                if hashlib.sha256(data).hexdigest() != sha256:
+                    raise ArtifactError("the program changed while it was loaded", where=str(program),
+                                        fix="load the artifact again")
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                tmp = copy.with_name(f".{copy.name}.{os.getpid()}")
+                tmp.write_bytes(data)
+                os.replace(tmp, copy)  # atomic: another process sees no file or the whole one
+            program = copy
+    return tvm.runtime.load_module(str(program))
+
+
 def _device(device: str, target: dict, where: str):
     kind, _, index = device.partition(":")
     if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
@@ -350,7 +379,7 @@ def load(path, *, device: str | None = None, simulate: bool = False, threads: in
         register_simulated_collectives()  # before the VMs are built: they resolve function names then
     program = path / manifest["programs"]["main"]
     try:
-        lib = tvm.runtime.load_module(str(program))
+        lib = load_program(program, manifest["files"][manifest["programs"]["main"]]["sha256"])
         mains = [tvm.runtime.vm.VirtualMachine(lib, dev)["main"] for _ in range(world)]
     except Exception as e:  # noqa: BLE001  (TVM raises many types)
         raise ArtifactError(f"TVM could not load the program: {e}", where=str(program),
@@ -439,7 +468,7 @@ def _load_mpi(path: Path, manifest: dict, ctx, *, device: str, threads: int | No
     ctx.agree(error)
     program = path / manifest["programs"]["main"]
     try:
-        lib = tvm.runtime.load_module(str(program))
+        lib = load_program(program, manifest["files"][manifest["programs"]["main"]]["sha256"])
         main = tvm.runtime.vm.VirtualMachine(lib, dev)["main"]
         params = _load_weights(path, manifest, dev, rank)
     except BmcError as e:

@@ -67,10 +67,12 @@ def register_simulated_collectives() -> None:
     """Route ``bmc.all_reduce`` & co. to the active rendezvous (register before any VM is built)."""
     import tvm_ffi
 
+    from bmc.runtime.kernels import host_array
+
     for kind in GROUP_REFERENCE:
         def impl(x, attrs, out, kind=kind):
-            if x.device.dlpack_device_type() == 1:  # kDLCPU: zero-copy views
-                np.from_dlpack(out)[...] = _ACTIVE[-1](kind, np.from_dlpack(x), json.loads(attrs))
+            if x.device.dlpack_device_type() == 1:  # kDLCPU: zero-copy views (bfloat16 through its pointer)
+                host_array(out)[...] = _ACTIVE[-1](kind, host_array(x), json.loads(attrs))
             else:  # a GPU tensor: through the host
                 out.copyfrom(_ACTIVE[-1](kind, x.numpy(), json.loads(attrs)))
         tvm_ffi.register_global_func(f"bmc.{kind}", impl, override=True)

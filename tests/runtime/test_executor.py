@@ -80,6 +80,28 @@ def test_single_output_and_non_identifier_input_name(tmp_path, build_artifact):
     assert np.array_equal(model(**{"input.1": x}), outs["out:0"])
 
 
+def test_a_program_recompiled_into_the_same_folder_runs_its_new_code(tmp_path, build_artifact, monkeypatch):
+    """dlopen keeps one library per path: after a recompile into the same folder, a second ``load`` in this
+    process must run the new program (it is loaded through a copy named by its digest), and the first model keeps
+    running the old one."""
+    import shutil
+
+    monkeypatch.setenv("BMC_CACHE_DIR", str(tmp_path / "cache"))
+    path, x = tmp_path / "m.bmc", _x()
+
+    def compiled(op):
+        b = GraphBuilder("same")
+        graph = b.finish([b.emit1(op, [b.input("x", TensorType("float32", x.shape))], "y")])
+        shutil.rmtree(path, ignore_errors=True)
+        return load(build_artifact(graph, path))
+
+    first = compiled("relu")
+    second = compiled("neg")
+    np.testing.assert_array_equal(second(x), -x)
+    np.testing.assert_array_equal(first(x), np.maximum(x, 0))
+    assert len(list((tmp_path / "cache" / "programs").iterdir())) == 1
+
+
 def test_python_lists_take_the_declared_dtype(tiny_artifact):
     model = load(tiny_artifact)
     x = _x()

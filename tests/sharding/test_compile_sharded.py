@@ -90,21 +90,23 @@ def test_local_program_keeps_the_output_names(sharded_gpt2):
     assert [o["name"] for o in manifest["signature"]["outputs"]] == ["logits"]
 
 
-@pytest.mark.parametrize("name", ["xattn_dynamo", "xattn_legacy"])
-def test_context_parallel_cross_attention_matches_onnxruntime(tmp_path, name):
+@pytest.mark.parametrize("name, dtype", [("xattn_dynamo", "float32"), ("xattn_legacy", "float32"),
+                                         ("xattn_dynamo", "bfloat16")])
+def test_context_parallel_cross_attention_matches_onnxruntime(tmp_path, name, dtype):
     """Context parallelism on a real export (a decoder's cross-attention to a 48-token memory, PyTorch's SDPA with
     a key padding mask): ``--shard memory=[{},{x},{}] memory_mask=[{},{x}]`` on 4 devices splits the keys, each
     device runs the fused kernel on its 12 keys with their log-sum-exps, and the plan's only collectives are the
     per-row max and sum and the output's all-reduce (the memory is never gathered); within 1e-5 of onnxruntime,
-    batch 1's padded keys (all of the last device's) included."""
+    batch 1's padded keys (all of the last device's) included; with ``--dtype bfloat16`` (bfloat16 partial sums
+    all-reduced) within 1e-2 of max |ref|."""
     data = np.load(FIXTURES / f"{name}.npz")
     out = tmp_path / "xattn.bmc"
     bmc.compile(FIXTURES / f"{name}.onnx", out, mesh="4", shard={"memory": "[{},{x},{}]", "memory_mask": "[{},{x}]"},
-                input_shapes={"batch": 2, "seq": 48})
+                input_shapes={"batch": 2, "seq": 48}, dtype=dtype)
     plan = json.loads((out / "plan.json").read_text())
     assert [(c["kind"], c.get("reduce")) for c in plan["collectives"]] == [
         ("all_reduce", "max"), ("all_reduce", "sum"), ("all_reduce", "sum")]
     assert "bmc.cpu.attention_bias_lse" in json.loads((out / "manifest.json").read_text())["kernels"]["cpu"]["requires"]
     got = bmc.load(out, simulate=True)(**{k: data[k] for k in ("x", "memory", "memory_mask")})
     want = data["output:hidden"]
-    assert float(np.max(np.abs(got - want))) <= 1e-5 * max(1.0, float(np.max(np.abs(want))))
+    assert float(np.max(np.abs(got - want))) <= (1e-5 if dtype == "float32" else 1e-2) * float(np.max(np.abs(want)))
