@@ -4,9 +4,9 @@ For an op application, a mesh and a strategy (``Assignment``), the rule gives ev
 device gets its operand shards (``layout.shard``) and runs the op locally: the op's numpy reference with a
 ``shape`` attribute replaced by the local result shape, or — when the rule has a ``local`` hook — the hook's
 program, built with a ``GraphBuilder``-backed ``LocalContext`` (``block_index`` computed from a ``mesh_coord``
-input) and run on every device in lockstep by the mesh simulator (a hook's own all-reduces included). A split max/min reduction's results are combined over its axes (the
-partitioner's all-reduce), then the results are reassembled (``layout.unshard``, partial axes summed) and compared
-with the reference on the global inputs.
+input) and run on every device in lockstep by the mesh simulator (a hook's own all-reduces included). A split
+max/min reduction's results are combined over its axes (the partitioner's all-reduce), then the results are
+reassembled (``layout.unshard``, partial axes summed) and compared with the reference on the global inputs.
 
     check_rule(op, inputs, attrs, mesh, assignment)      raises AssertionError listing every difference
     random_assignments(rule, mesh, rng, n)              distinct valid strategies that split something
