@@ -19,6 +19,9 @@
     over a MEMORY-token memory, compiled for 1 device and for a mesh of 2 with the memory's tokens split
     (``--shard memory=[{},{x},{}]``: each rank projects and attends to its half of the keys; the halves combine by
     a per-row all-reduce max and sum, then the output's all-reduce), run like (b).
+(e) pipeline parallelism: the MLP stack of (b) (with a dynamic token dim) compiled with ``--mesh 2 --stages 2``,
+    run with ``--microbatches`` microbatches (default 4; GPipe's forward schedule: stage 1 works on microbatch k
+    while stage 0 works on k + 1) and with one (no overlap: the stages take turns), run like (b).
 """
 
 from __future__ import annotations
@@ -109,7 +112,8 @@ def run_collectives(tmp: Path, quick: bool) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ (b) MLP
 
-def make_mlp(path: Path, layers: int, tokens: int) -> None:
+def make_mlp(path: Path, layers: int, tokens: int | str) -> None:
+    """The MLP stack as ONNX; ``tokens`` a number, or a name for a dynamic first dim."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -182,22 +186,48 @@ def scaling(tmp: Path, tag: str, single: Path, sharded: Path, iters: int) -> dic
     plan = json.loads((sharded / "plan.json").read_text())
     res: dict = {"collectives_in_plan": [c["kind"] + (f"({c['reduce']})" if c.get("reduce", "sum") != "sum" else "")
                                          for c in plan.get("collectives", [])]}
-    runs = {"1 rank, 1 thread": ([sys.executable], single, 1),
-            "1 rank, 2 threads": ([sys.executable], single, 2),
-            "2 ranks, 1 thread each": ([MPIEXEC, "-n", "2", sys.executable], sharded, None)}
+    runs = {"1 rank, 1 thread": (1, single, 1),
+            "1 rank, 2 threads": (1, single, 2),
+            "2 ranks, 1 thread each": (2, sharded, None)}
     outs = {}
-    for name, (launcher, artifact, threads) in runs.items():
-        out = tmp / f"{tag}-{len(outs)}.json"
-        cmd = launcher + [__file__, "--worker", "model", "--artifact", str(artifact), "--out", str(out),
-                          "--iters", str(iters)] + (["--threads", str(threads)] if threads else [])
-        subprocess.run(cmd, check=True, timeout=1200, env=_env())
-        res[name] = json.loads(out.read_text())
-        outs[name] = np.load(str(out) + ".npy")
+    for name, (ranks, artifact, threads) in runs.items():
+        res[name], outs[name] = timed_run(tmp / f"{tag}-{len(outs)}.json", ranks, artifact, iters, threads)
     ref = outs["1 rank, 1 thread"]
     res["max_abs_diff_sharded_vs_single"] = float(np.max(np.abs(outs["2 ranks, 1 thread each"] - ref)))
     t1, t2 = res["1 rank, 1 thread"]["median_s"], res["2 ranks, 1 thread each"]["median_s"]
     res["speedup"] = t1 / t2
     res["parallel_efficiency"] = t1 / (2 * t2)
+    return res
+
+
+def timed_run(out: Path, ranks: int, artifact: Path, iters: int, threads: int | None = None):
+    """``worker_model`` on ``ranks`` processes (MPI when more than one): (its JSON record, the first output)."""
+    launcher = [MPIEXEC, "-n", str(ranks), sys.executable] if ranks > 1 else [sys.executable]
+    cmd = launcher + [__file__, "--worker", "model", "--artifact", str(artifact), "--out", str(out),
+                      "--iters", str(iters)] + (["--threads", str(threads)] if threads else [])
+    subprocess.run(cmd, check=True, timeout=1200, env=_env())
+    return json.loads(out.read_text()), np.load(str(out) + ".npy")
+
+
+# ------------------------------------------------------------------------------------------ (e) pipeline
+
+def run_pipeline(tmp: Path, layers: int, tokens: int, iters: int, microbatches: int) -> dict:
+    """The MLP stack of (b) in 2 pipeline stages on 2 ranks, with ``microbatches`` microbatches and with one."""
+    import bmc
+
+    onnx_path = tmp / "mlp_dyn.onnx"
+    make_mlp(onnx_path, layers, "tokens")
+    single, piped, whole = tmp / "mlp_dyn_1.bmc", tmp / "mlp_pipe.bmc", tmp / "mlp_pipe1.bmc"
+    shapes = {"tokens": tokens}
+    bmc.compile(onnx_path, single, input_shapes=shapes)
+    summary = bmc.compile(onnx_path, piped, input_shapes=shapes, mesh="2", stages=2, microbatches=microbatches)
+    bmc.compile(onnx_path, whole, input_shapes=shapes, mesh="2", stages=2)
+    res = {"layers": layers, "tokens": tokens, "microbatches": microbatches, "stages": summary["stages"],
+           "flops": 4 * tokens * D * FFN * layers} | scaling(tmp, "pipe", single, piped, iters)
+    res["2 ranks, 1 microbatch"], y = timed_run(tmp / "pipe-k1.json", 2, whole, iters)
+    res["speedup_1_microbatch"] = res["1 rank, 1 thread"]["median_s"] / res["2 ranks, 1 microbatch"]["median_s"]
+    res["max_abs_diff_1_microbatch_vs_single"] = float(np.max(np.abs(y - np.load(str(tmp / "pipe-0.json") +
+                                                                                   ".npy"))))
     return res
 
 
@@ -358,7 +388,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--skip", action="append", default=[], choices=("a", "b", "c", "d"))
+    ap.add_argument("--microbatches", type=int, default=4)
+    ap.add_argument("--skip", action="append", default=[], choices=("a", "b", "c", "d", "e"))
     args = ap.parse_args()
     if args.worker == "collectives":
         worker_collectives(args.out, args.quick)
@@ -416,6 +447,17 @@ def main() -> int:
                   f"key/value head; {gflop:.1f} GFLOP/step), median of {iters} steps; collectives: "
                   f"{', '.join(cp['collectives_in_plan'])}")
             _print_scaling(cp, gflop, "2 ranks (memory split)")
+        if "e" not in args.skip:
+            pp = run_pipeline(tmp, args.layers, args.tokens, iters, args.microbatches)
+            results["pipeline"] = pp
+            gflop = pp["flops"] / 1e9
+            print(f"\n(e) pipeline: the MLP stack of (b) in 2 stages (nodes {pp['stages']}) on 2 ranks, "
+                  f"{pp['microbatches']} microbatches of {args.tokens // pp['microbatches']} tokens, median of "
+                  f"{iters} steps")
+            _print_scaling(pp, gflop, f"2 ranks ({pp['microbatches']} microbatches)")
+            t = pp["2 ranks, 1 microbatch"]["median_s"]
+            print(f"  {'2 ranks, 1 microbatch':<32}{t * 1e3:>10.1f} ms{gflop / t:>10.1f} GFLOP/s  (no overlap: "
+                  f"{pp['speedup_1_microbatch']:.2f}x, max |diff| {pp['max_abs_diff_1_microbatch_vs_single']:.2e})")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nwrote {RESULTS}")

@@ -98,6 +98,8 @@ def cmd_compile(args) -> int:
                             dump_dir=args.dump_dir, mesh=mesh, **({"shard": shard} if shard else {}),
                             **({"strategy": args.strategy} if args.strategy else {}),
                             **({"dtype": args.dtype} if args.dtype != "float32" else {}),
+                            **({"stages": args.stages} if args.stages != 1 else {}),
+                            **({"microbatches": args.microbatches} if args.microbatches != 1 else {}),
                             **_tune_options(args),
                             **_plan_options(args))
     elapsed = time.perf_counter() - start
@@ -141,6 +143,12 @@ def _plan_options(args) -> dict:
 
 
 def _add_plan_flags(p) -> None:
+    p.add_argument("--stages", type=int, default=1, metavar="S",
+                   help="cut the model into S pipeline stages, each on the mesh with its first axis divided by S "
+                        "(default 1)")
+    p.add_argument("--microbatches", type=int, default=1, metavar="K",
+                   help="with --stages: run the batch (the inputs' first dim) as K microbatches through the stages "
+                        "(default 1)")
     p.add_argument("--strategy", choices=("auto", "replicate", "dp", "megatron", "dp+megatron"),
                    help="auto: the ILP search (default on a mesh of several devices); or a named manual plan "
                         "completed by propagation (--shard annotations win)")
@@ -193,11 +201,18 @@ def cmd_plan(args) -> int:
     mesh = Mesh.parse(args.mesh, args.mesh_axes)
     shard = parse_shards(args.shard)
     input_shapes = {k: (v[0] if len(v) == 1 else v) for k, v in parse_input_shapes(args.input_shape).items()}
-    from bmc.compiler import plan_model
+    from bmc.compiler import plan_model, plan_pipeline_model
     from bmc.sharding.report import format_plan
 
-    _, prog, data = plan_model(args.model, mesh=mesh, shard=shard, strategy=args.strategy, input_shapes=input_shapes,
-                               **_plan_options(args))
+    if args.stages != 1 or args.microbatches != 1:
+        pipe = plan_pipeline_model(args.model, mesh=mesh, stages=args.stages, microbatches=args.microbatches,
+                                   shard=shard, strategy=args.strategy, input_shapes=input_shapes,
+                                   **_plan_options(args))
+        data, text = pipe.plan_json(), pipe.text()
+    else:
+        _, prog, data = plan_model(args.model, mesh=mesh, shard=shard, strategy=args.strategy,
+                                   input_shapes=input_shapes, **_plan_options(args))
+        text = format_plan(prog, data)
     if args.json:
         out = Path(args.json)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -205,7 +220,7 @@ def cmd_plan(args) -> int:
         os.replace(tmp, out)
         print(f"wrote {out}")
     else:
-        print(format_plan(prog, data))
+        print(text)
     return 0
 
 
@@ -256,7 +271,9 @@ def cmd_run(args) -> int:
         for name, arr in outputs.items():
             print(f"{name}: {arr.dtype}[{','.join(map(str, arr.shape))}]")
         if model.mpi is not None:
-            print(f"ran on {model.mpi.size} MPI ranks (mesh {'x'.join(map(str, model.mpi.shape))}, "
+            stages = f"{len(model.manifest['pipeline']['stages'])} pipeline stages, " \
+                if "pipeline" in model.manifest else ""
+            print(f"ran on {model.mpi.size} MPI ranks (mesh {'x'.join(map(str, model.mpi.shape))}, {stages}"
                   f"{model.mpi.impl} collectives)")
         print(f"wrote {args.output}")
     return 0
@@ -329,7 +346,15 @@ def cmd_show(args) -> int:
         implicit = set(m.get("implicit_inputs", [])) if kind == "inputs" else set()
         entries = [_fmt(e) + (" (supplied by the runtime)" if e["name"] in implicit else "") for e in sig[kind]]
         print(f"{kind:<10} " + ("; ".join(entries) or "(none)"))
-    print(f"params     {len(sig['params'])} tensors")
+    pipe = m.get("pipeline")
+    if pipe:
+        print(f"pipeline   {len(pipe['stages'])} stages, {pipe['microbatches']} microbatch(es)")
+        for st in pipe["stages"]:
+            print(f"  {st['program']:<8} ranks {st['ranks']} mesh {'x'.join(map(str, st['mesh']['shape']))}, "
+                  f"nodes {st['nodes'][0]}-{st['nodes'][1] - 1}, {len(st['signature']['params'])} params, "
+                  f"sends {', '.join(st['sends']) or '(nothing)'}")
+    else:
+        print(f"params     {len(sig['params'])} tensors")
     print("files")
     for rel, info in m["files"].items():
         print(f"  {rel:<32} {_human(info['size']):>10}  sha256 {info['sha256'][:16]}")

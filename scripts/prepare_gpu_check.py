@@ -23,7 +23,8 @@ Contents of the folder:
   bmc's reference interpreter.
 - ``fixtures/<fixture>-<dtype>/``: the model fixtures (tests/fixtures/models, exported by PyTorch; their .npz holds
   onnxruntime's outputs and travels with the repository) compiled for CUDA in float32, and some in float16/bfloat16;
-  ``fixtures/<fixture>-mesh2/``: one for 2 ranks (Megatron on a mesh of 2); two quantized fixtures
+  ``fixtures/<fixture>-mesh2/``: one for 2 ranks (Megatron on a mesh of 2), ``<fixture>-pipe2``: the same as
+  two pipeline stages with two microbatches; two quantized fixtures
   (tests/fixtures/quantized: ``gpt2_qdq``, ``llama_nbits``) in float32.
 - ``bench/``: the CUDA libraries of ``benchmarks/gpu.py prepare`` (no weights).
 - ``tune/``: MetaSchedule candidates (``--tune-trials``, sampled at random, compiled to cubin) and the default
@@ -171,6 +172,8 @@ FIXTURE_BUILDS = [("models", p.stem, "float32", "1") for p in sorted((FIXTURES /
 SHARD = {"xattn_dynamo": {"memory": "[{},{x},{}]", "memory_mask": "[{},{x}]"}}
 FUSED_ATTENTION = {("gpt2_dynamo", "bfloat16"), ("llama_dynamo", "bfloat16"), ("bert_dynamo", "float16"),
                    ("vit_dynamo", "bfloat16")}
+#: two-rank builds again as two pipeline stages with two microbatches (tag ``-pipe2``: one rank per stage)
+PIPELINE = {"gpt2_dynamo"}
 
 
 def compile_fixtures(out: Path, archs: tuple[str, ...]) -> list[dict]:
@@ -178,17 +181,20 @@ def compile_fixtures(out: Path, archs: tuple[str, ...]) -> list[dict]:
 
     rows = []
     (out / "fixtures").mkdir()
-    builds = [(*b, "composition") for b in FIXTURE_BUILDS] + [
-        (folder, name, dtype, mesh, "fused") for folder, name, dtype, mesh in FIXTURE_BUILDS
-        if mesh == "1" and (name, dtype) in FUSED_ATTENTION]
-    for folder, name, dtype, mesh, attention in builds:
+    builds = [(*b, "composition", "") for b in FIXTURE_BUILDS] + [
+        (folder, name, dtype, mesh, "fused", "-fa") for folder, name, dtype, mesh in FIXTURE_BUILDS
+        if mesh == "1" and (name, dtype) in FUSED_ATTENTION] + [
+        (folder, name, dtype, mesh, "composition", "-pipe") for folder, name, dtype, mesh in FIXTURE_BUILDS
+        if mesh == "2" and name in PIPELINE]
+    for folder, name, dtype, mesh, attention, variant in builds:
         data = np.load(FIXTURES / folder / f"{name}.npz")
         shapes = {k: data[k].shape for k in data.files if not k.startswith("output:")}
-        tag = f"{name}-mesh{mesh}" if mesh != "1" else f"{name}-{dtype}"
-        tag += "-fa" if attention == "fused" else ""
+        tag = f"{name}-pipe{mesh}" if variant == "-pipe" else f"{name}-mesh{mesh}" if mesh != "1" else \
+            f"{name}-{dtype}{variant}"
         path = out / "fixtures" / tag
         t0 = time.perf_counter()
-        extra = {} if mesh == "1" else {"mesh": mesh, "shard": SHARD[name]} if name in SHARD else {
+        extra = {} if mesh == "1" else {"mesh": mesh, "stages": int(mesh), "microbatches": 2} \
+            if variant == "-pipe" else {"mesh": mesh, "shard": SHARD[name]} if name in SHARD else {
             "mesh": mesh, "strategy": "megatron"}
         os.environ["BMC_CUDA_ATTENTION"] = attention
         try:
@@ -196,7 +202,12 @@ def compile_fixtures(out: Path, archs: tuple[str, ...]) -> list[dict]:
                         input_shapes=shapes, dtype=dtype, **extra)
         finally:
             del os.environ["BMC_CUDA_ATTENTION"]
-        info = json.loads((path / "manifest.json").read_text())["kernels"]["cuda"]
+        manifest = json.loads((path / "manifest.json").read_text())
+        programs = [st["kernels"]["cuda"] for st in manifest["pipeline"]["stages"]] if "pipeline" in manifest \
+            else [manifest["kernels"]["cuda"]]
+        info = {"num_kernels": sum(p["num_kernels"] for p in programs),
+                "requires": [r for p in programs for r in p.get("requires", [])],
+                "matmul": {"blas": sum(p.get("matmul", {}).get("blas", 0) for p in programs)}}
         if attention == "fused" and "bmc.cuda.attention_bias" not in info.get("requires", []) \
                 and "bmc.cuda.attention" not in info.get("requires", []):
             raise RuntimeError(f"{tag}: the fused attention kernel was not used")

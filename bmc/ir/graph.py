@@ -92,6 +92,36 @@ class Graph:
         return dict(sorted(counts.items()))
 
 
+def extract(graph: Graph, nodes: list[Node], outputs: list[Value], name: str) -> Graph:
+    """A standalone copy of ``nodes`` (a run of ``graph``'s nodes, in order) computing ``outputs``: every value they
+    read but do not make becomes an input (a parameter, with its weight, if it is one of ``graph``'s), in the order
+    of first use. Values are copied, so the new graph shares nothing mutable with ``graph``."""
+    params = {id(p) for p in graph.params}
+    copies: dict[int, Value] = {}
+    sub = Graph(name)
+
+    def copy(v: Value) -> Value:
+        c = copies.get(id(v))
+        if c is None:
+            c = copies[id(v)] = Value(v.name, v.type)
+            if id(v) in params:
+                sub.params.append(c)
+                sub.weights[v.name] = graph.weights[v.name]
+            else:
+                sub.inputs.append(c)
+        return c
+
+    for node in nodes:
+        ins = [copy(v) for v in node.inputs]
+        outs = []
+        for v in node.outputs:
+            copies[id(v)] = Value(v.name, v.type)
+            outs.append(copies[id(v)])
+        sub.nodes.append(Node(node.op, ins, outs, dict(node.attrs), node.source))
+    sub.outputs = [copy(v) for v in outputs]
+    return sub
+
+
 @dataclass(eq=False)
 class Module:
     """The programs of one compilation (one today; one per pipeline stage later) plus free-form metadata."""

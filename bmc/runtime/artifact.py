@@ -6,6 +6,7 @@ An artifact is a directory::
       manifest.json              what the rest is: versions, target, mesh, signature, digests (written last)
       plan.json                  the sharding plan (``{}`` while there is none)
       programs/main.so           the compiled program, one for every rank of a homogeneous mesh
+                                 (a pipeline artifact has programs/stage0.so, stage1.so, ... instead)
       weights/rank0.safetensors  the weights rank 0 needs, in the order the program takes them
 
 Manifest keys (``format_version`` 1): ``format`` ("bmc-artifact"), ``format_version``, ``bmc_version``,
@@ -15,6 +16,11 @@ coordinate), ``signature`` (``{"inputs", "outputs", "params"}``, each a list of 
 program takes inputs then params in this order and returns a tuple of the outputs), ``programs`` (name → file),
 ``weights`` (rank as a string → file), ``source`` (where the model came from), ``files`` (every file but the
 manifest → ``{"sha256", "size"}``), plus any keys the caller adds through ``extra``.
+
+Format 2 adds pipeline artifacts (written as 2 only when they are one, so older bmc versions still read the
+others): ``pipeline`` = ``{"stages": [...], "microbatches": K}``, each stage ``{"program", "ranks", "mesh",
+"signature", "nodes", "sends", "kernels"?, "implicit_inputs"?}``; the top-level ``signature`` is the whole model's
+(no params: each stage's signature lists its ranks' weights) and ``mesh`` the whole mesh.
 
 Guarantees:
 
@@ -50,11 +56,11 @@ from bmc.ir.types import DTYPES
 from bmc.runtime.safetensors import write_safetensors
 
 FORMAT = "bmc-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+PIPELINE_FORMAT_VERSION = 2  # pipeline artifacts (``pipeline``, a program per stage); others are still written as 1
 MIN_FORMAT_VERSION = 1  # oldest format this bmc still loads
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
-PROGRAM = "programs/main.so"
 
 
 _REQUIRED = {"format": str, "format_version": int, "bmc_version": str, "tvm_version": str, "tvm_ffi_version": str,
@@ -118,8 +124,9 @@ def signature_problems(signature) -> list[str]:
 # --- writing -------------------------------------------------------------------------------------------------------
 def write_artifact(output, *, signature: dict,
                    weights: list[tuple[str, Callable[[], np.ndarray]]] | dict[int, list[tuple[str, Callable]]],
-                   export_library: Callable[[Path], None], target: dict, source: dict,
-                   plan: dict | None = None, extra: dict | None = None, mesh: dict | None = None) -> Path:
+                   export_library: Callable[[Path], None] | dict[str, Callable[[Path], None]], target: dict,
+                   source: dict, plan: dict | None = None, extra: dict | None = None, mesh: dict | None = None,
+                   pipeline: dict | None = None) -> Path:
     """Write an artifact to ``output`` atomically and return its path.
 
     ``weights`` are ``(param name, provider)`` in the order of ``signature["params"]`` — one list for a single
@@ -127,20 +134,30 @@ def write_artifact(output, *, signature: dict,
     streamed, so only one weight is in memory at a time. ``mesh`` is ``{"shape": [...], "axes": [...]}`` (default: one
     device); ranks map to mesh coordinates in row-major order. ``export_library(path)`` writes the compiled program.
     ``extra`` adds top-level manifest keys (it may not override the ones above).
+    A pipeline artifact (``pipeline = {"stages": [...], "microbatches": K}``) has one program per stage
+    (``export_library`` maps each stage's ``program`` name to its writer); each stage names its world ``ranks``, its
+    submesh and its own ``signature``, whose params are what its ranks' weights files hold.
     An existing artifact at ``output`` is replaced; any other existing path is refused.
     """
     output = Path(output)
     mesh = dict(mesh or {"shape": [1], "axes": ["x"]})
     world = int(np.prod(mesh["shape"]))
     per_rank = weights if isinstance(weights, dict) else {0: weights}
+    programs = export_library if isinstance(export_library, dict) else {"main": export_library}
     problems = signature_problems(signature)
-    names = [p["name"] for p in signature.get("params", [])] if not problems else []
+    rank_signature = {rank: signature for rank in range(world)}
+    for st in (pipeline or {}).get("stages", []):
+        problems += [f"stage {st.get('program')}: {p}" for p in signature_problems(st.get("signature"))]
+        if st.get("program") not in programs:
+            problems.append(f"stage program {st.get('program')!r} has no library")
+        rank_signature.update({rank: st["signature"] for rank in st.get("ranks", [])})
     if sorted(per_rank) != list(range(world)):
         problems.append(f"weights for ranks {sorted(per_rank)} but the mesh {mesh['shape']} has {world} ranks")
     for rank, ws in per_rank.items():
+        names = [p["name"] for p in rank_signature.get(rank, {}).get("params", [])]
         if not problems and [n for n, _ in ws] != names:
             problems.append(f"rank {rank} weights {[n for n, _ in ws]} do not match signature params {names}")
-    clash = sorted(set(extra or {}) & (set(_REQUIRED) | {"onnx_version", "numpy_version"}))
+    clash = sorted(set(extra or {}) & (set(_REQUIRED) | {"onnx_version", "numpy_version", "pipeline"}))
     if clash:
         problems.append(f"extra manifest keys {clash} would override reserved keys")
     if problems:
@@ -156,25 +173,28 @@ def write_artifact(output, *, signature: dict,
         (tmp / "programs").mkdir()
         (tmp / "weights").mkdir()
         files: dict[str, dict] = {}
-        export_library(tmp / PROGRAM)
-        params = {p["name"]: p for p in signature["params"]}
+        program_files = {name: program_path(name) for name in programs}
+        for name, export in programs.items():
+            export(tmp / program_files[name])
         weight_files = {}
         for rank in range(world):
             rel = weights_path(rank)
+            params = {p["name"]: p for p in rank_signature[rank]["params"]}
             files[rel] = write_safetensors(
                 tmp / rel, [(n, params[n]["dtype"], tuple(params[n]["shape"]), provider)
                             for n, provider in per_rank[rank]], metadata={"format": FORMAT, "rank": str(rank)})
             weight_files[str(rank)] = rel
         _write_json(tmp / PLAN, plan if plan is not None else {})
-        for rel in (PROGRAM, PLAN):
+        for rel in (*program_files.values(), PLAN):
             files[rel] = file_digest(tmp / rel)
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, **installed_versions(),
+            "format": FORMAT, "format_version": PIPELINE_FORMAT_VERSION if pipeline else 1, **installed_versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "target": dict(target), "mesh": {"shape": list(mesh["shape"]), "axes": list(mesh["axes"])},
             "world_size": world, "rank_map": [list(c) for c in np.ndindex(*mesh["shape"])],
-            "signature": signature, "programs": {"main": PROGRAM}, "weights": weight_files,
+            "signature": signature, "programs": program_files, "weights": weight_files,
             "source": dict(source), "files": dict(sorted(files.items())), **(extra or {}),
+            **({"pipeline": pipeline} if pipeline else {}),
         }
         for rel in files:
             _fsync(tmp / rel)
@@ -187,6 +207,11 @@ def write_artifact(output, *, signature: dict,
             raise _os_error(e, output, "write") from e
         raise
     return output
+
+
+def program_path(name: str) -> str:
+    """Where the program ``name`` (``main``, or a pipeline stage's) lives inside an artifact."""
+    return f"programs/{name}.so"
 
 
 def weights_path(rank: int) -> str:

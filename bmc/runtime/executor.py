@@ -174,6 +174,30 @@ class Model:
 
     def _execute_mpi(self, inputs: dict[str, Any]) -> list[np.ndarray]:
         """This rank's part of an MPI run: agree on the inputs, run the program, return the (replicated) outputs."""
+        given = self._agreed_inputs(inputs)
+        ctx = self.mpi
+        coord = np.array(ctx.coord, dtype=np.int64)  # the one implicit input is the device's mesh coordinate
+        main, params = self._ranks[0]
+        try:
+            args = self._filled(0, [given[i["name"]] if i["name"] in given else coord for i in self._all_inputs])
+            return self._returned(main(*args, *params))
+        except BaseException as e:  # noqa: BLE001  (the other ranks wait in collectives: end the whole job)
+            self._abort(e)
+
+    def _abort(self, e: BaseException):
+        """A failure during an MPI run: the other ranks wait in collectives, so end the whole job."""
+        if isinstance(e, KeyboardInterrupt):
+            raise e
+        what = e.what if isinstance(e, ExecutionError) else f"{type(e).__name__}: {e}"
+        fix = getattr(e, "fix", None)
+        self.mpi.abort(f"bmc: runtime error: {self._path}: the program failed: {what}" + (f"\n  fix: {fix}" if fix
+                                                                                          else ""),
+                       ExecutionError.exit_code)
+        raise e  # pragma: no cover  (abort does not return)
+
+    def _agreed_inputs(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The checked inputs on every rank: as given when every rank passed them, else rank 0's, broadcast; bad
+        inputs on any rank are the same error on every rank."""
         ctx = self.mpi
         error, arrays = None, None
         if inputs:
@@ -193,20 +217,7 @@ class Model:
             if states[0] != b"e" and bad:  # a non-root rank passed bad inputs: every rank says so
                 ctx.agree(error)
             given = ctx.bcast_arrays(arrays, error)
-        coord = np.array(ctx.coord, dtype=np.int64)  # the one implicit input is the device's mesh coordinate
-        main, params = self._ranks[0]
-        try:
-            args = self._filled(0, [given[i["name"]] if i["name"] in given else coord for i in self._all_inputs])
-            return self._returned(main(*args, *params))
-        except BaseException as e:  # noqa: BLE001  (the other ranks wait in collectives: end the whole job)
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            what = e.what if isinstance(e, ExecutionError) else f"{type(e).__name__}: {e}"
-            fix = getattr(e, "fix", None)
-            ctx.abort(f"bmc: runtime error: {self._path}: the program failed: {what}" + (f"\n  fix: {fix}" if fix
-                                                                                        else ""),
-                      ExecutionError.exit_code)
-            raise  # pragma: no cover  (abort does not return)
+        return given
 
     def _check_inputs(self, inputs: dict[str, Any]) -> list[np.ndarray]:
         """Arrays in signature order, or one ``ExecutionError`` listing every problem with expected vs got."""
@@ -365,8 +376,17 @@ def load(path, *, device: str | None = None, simulate: bool = False, threads: in
         else:
             ctx = MPIContext(MPI, manifest, str(path))
     device = device or ("cuda" if manifest["target"].get("kind") == "cuda" else "cpu")
+    if "pipeline" in manifest:
+        from bmc.runtime.pipeline import load_pipeline
+
+        return load_pipeline(path, manifest, ctx, device=device, threads=threads, collectives=collectives)
     if ctx is not None:
         return _load_mpi(path, manifest, ctx, device=device, threads=threads, collectives=collectives)
+    return _load_local(path, manifest, device=device, threads=threads)
+
+
+def _load_local(path: Path, manifest: dict, *, device: str, threads: int | None) -> Model:
+    """Every rank of ``manifest`` in this process (one, or all of them simulated)."""
     world = manifest["world_size"]
     if "main" not in manifest["programs"] or any(str(r) not in manifest["weights"] for r in range(world)):
         raise ArtifactError("manifest.json names no program 'main' or misses a rank's weights", where=str(path),

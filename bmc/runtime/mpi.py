@@ -50,8 +50,10 @@ from types import SimpleNamespace
 import numpy as np
 
 from bmc.errors import BmcError, ExecutionError
+from bmc.ir.types import np_dtype
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+_P2P_TAG = 17  # pipeline sends; MPI keeps messages of one (source, tag, communicator) in order
 DEFAULT_TIMEOUT_S = 300.0
 ABORT_DRAIN_S = 0.5
 ROOT = Path(__file__).resolve().parents[2]
@@ -191,10 +193,11 @@ class MPIContext:
     """One rank's view of the job: world, mesh coordinate, group communicators, timeout, sequence numbers."""
 
     def __init__(self, MPI, manifest: dict, where: str, *, timeout_s: float | None = None,
-                 check: bool | None = None):
+                 check: bool | None = None, comm=None):
         self.MPI = MPI
-        self.world = MPI.COMM_WORLD
+        self.world = comm or MPI.COMM_WORLD  # a pipeline stage's ranks have a communicator of their own
         self.rank, self.size = self.world.Get_rank(), self.world.Get_size()
+        self.world_rank = MPI.COMM_WORLD.Get_rank()  # what messages name (a stage's ranks count from 0 in self.world)
         self.where = where
         self.shape = tuple(manifest["mesh"]["shape"])
         self.rank_map = [tuple(c) for c in manifest["rank_map"]]
@@ -213,7 +216,7 @@ class MPIContext:
         for k in range(1, ndim + 1):
             for subset in (permutations(range(ndim), k) if ndim <= 3 else combinations(range(ndim), k)):
                 self._split(subset)
-        node = self.world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED, key=MPI.COMM_WORLD.Get_rank())  # GPUs are per host
         self.local_size, self.local_rank = node.Get_size(), node.Get_rank()
         node.Free()
 
@@ -251,7 +254,7 @@ class MPIContext:
     def _wait(self, req, what) -> None:
         """Wait for a control message; a timeout means a rank is lost outside the program: abort the job."""
         try:
-            _poll(req, self.deadline(), lambda: f"rank {self.rank}: {what()}")
+            _poll(req, self.deadline(), lambda: f"rank {self.world_rank}: {what()}")
         except CollectiveError as e:
             self.abort(f"bmc: runtime error: {self.where}: {e.what}\n  fix: {e.fix}")
 
@@ -277,33 +280,56 @@ class MPIContext:
             if rec:
                 raise _error_from_record(r, json.loads(rec), error if r == self.rank else None)
 
-    def bcast_arrays(self, arrays: dict | None, error: BaseException | None) -> dict:
-        """Rank 0's ``{name: array}`` on every rank (metadata as JSON, data with ``Ibcast`` on the arrays' memory)."""
+    def bcast_arrays(self, arrays: dict | None, error: BaseException | None, root: int = 0,
+                     what: str = "input") -> dict:
+        """Rank ``root``'s ``{name: array}`` on every rank (metadata as JSON, data with ``Ibcast`` on the arrays'
+        memory)."""
         meta = b""
         arrays = arrays or {}
-        if self.rank == 0:
+        if self.rank == root:
             rec = {"error": _error_record(error)} if error is not None else \
                 {"arrays": [[k, str(a.dtype), list(a.shape)] for k, a in arrays.items()]}
             meta = json.dumps(rec).encode()
         n = np.array([len(meta)], np.int64)
-        self._wait(self.world.Ibcast(n, root=0), lambda: "broadcasting the inputs' size")
-        buf = np.frombuffer(meta, np.uint8).copy() if self.rank == 0 else np.empty(int(n[0]), np.uint8)
-        self._wait(self.world.Ibcast(buf, root=0), lambda: "broadcasting the inputs' metadata")
+        self._wait(self.world.Ibcast(n, root=root), lambda: f"broadcasting the {what}s' size")
+        buf = np.frombuffer(meta, np.uint8).copy() if self.rank == root else np.empty(int(n[0]), np.uint8)
+        self._wait(self.world.Ibcast(buf, root=root), lambda: f"broadcasting the {what}s' metadata")
         rec = json.loads(buf.tobytes())
         if "error" in rec:
-            raise _error_from_record(0, rec["error"], error)
+            raise _error_from_record(root, rec["error"], error)
         out = {}
         for name, dtype, shape in rec["arrays"]:
-            a = np.ascontiguousarray(arrays[name]) if self.rank == 0 else np.empty(shape, np.dtype(dtype))
+            a = np.ascontiguousarray(arrays[name]) if self.rank == root else np.empty(shape, np_dtype(dtype))
             if a.nbytes:
-                self._wait(self.world.Ibcast(a.reshape(-1).view(np.uint8), root=0),
-                           lambda name=name: f"broadcasting input {name!r}")
+                self._wait(self.world.Ibcast(_bytes_view(a), root=root),
+                           lambda name=name: f"broadcasting {what} {name!r}")
             out[name] = a
+        return out
+
+    # -- point to point (pipeline stages), with the watchdog
+    def send_arrays(self, dest: int, arrays: list[np.ndarray]) -> list:
+        """Start sending ``arrays`` to rank ``dest``; returns the requests, to pass to :meth:`wait_sends` (the
+        arrays must stay alive and unchanged until then)."""
+        views = [_bytes_view(np.ascontiguousarray(a)) for a in arrays if a.nbytes]
+        return [(self.world.Isend(v, dest=dest, tag=_P2P_TAG), v) for v in views]
+
+    def wait_sends(self, pending: list, what: str) -> None:
+        for req, _ in pending:
+            self._wait(req, lambda: what)
+
+    def recv_arrays(self, source: int, specs: list[tuple[str, str, list[int]]]) -> dict[str, np.ndarray]:
+        """Receive ``(name, dtype, shape)`` arrays, in order, from rank ``source``."""
+        out = {}
+        for name, dtype, shape in specs:
+            a = out[name] = np.empty(shape, np_dtype(dtype))
+            if a.nbytes:
+                self._wait(self.world.Irecv(_bytes_view(a), source=source, tag=_P2P_TAG),
+                           lambda name=name: f"receiving {name!r} from rank {source}")
         return out
 
     def abort(self, message: str, exit_code: int = ExecutionError.exit_code) -> None:
         """Print ``[rank k] message`` to stderr and end every rank of the job (``MPI_Abort``); does not return."""
-        text = "\n".join(f"[rank {self.rank}] {line}" for line in str(message).splitlines() or [""])
+        text = "\n".join(f"[rank {self.world_rank}] {line}" for line in str(message).splitlines() or [""])
         try:
             sys.stdout.flush()
             sys.stderr.write(text + "\n")
@@ -312,15 +338,15 @@ class MPIContext:
             # to drain the pipes the message is sometimes lost (seen with MPICH's hydra)
             time.sleep(ABORT_DRAIN_S)
         finally:
-            self.world.Abort(int(exit_code))
+            self.MPI.COMM_WORLD.Abort(int(exit_code))
             os._exit(int(exit_code))  # pragma: no cover  (MPI_Abort does not return)
 
     # -- the collectives (Python implementation)
     def next_seq(self, kind: str, attrs_text: str, xa: np.ndarray, comm, axes) -> int:
         seq = self.seq
         self.seq += 1
-        if self._fault and self._fault[1] == self.rank and self._fault[2] == seq:
-            _inject(self._fault[0], self.rank, seq, kind)
+        if self._fault and self._fault[1] == self.world_rank and self._fault[2] == seq:
+            _inject(self._fault[0], self.world_rank, seq, kind)
         if self.check:
             self.check_order(seq, kind, attrs_text, xa.dtype, xa.shape, comm, axes)
         return seq

@@ -15,7 +15,7 @@ import pytest
 
 import bmc.runtime.artifact as artifact
 from bmc.errors import ArtifactError, InternalError, UsageError
-from bmc.runtime.artifact import read_manifest, verify_artifact, write_artifact
+from bmc.runtime.artifact import FORMAT_VERSION, read_manifest, verify_artifact, write_artifact
 from bmc.runtime.safetensors import SafetensorsFile
 
 SIGNATURE = {"inputs": [{"name": "x", "dtype": "float32", "shape": [2, 3]}],
@@ -225,8 +225,8 @@ def _edit_manifest(out, **changes):
 
 def test_newer_format_needs_a_newer_bmc(tmp_path):
     out = _write(tmp_path / "out.bmc")
-    _edit_manifest(out, format_version=2, bmc_version="0.9.0")
-    with pytest.raises(ArtifactError, match="format 2 is newer.*needs bmc >= 0.9.0") as info:
+    _edit_manifest(out, format_version=FORMAT_VERSION + 1, bmc_version="0.9.0")
+    with pytest.raises(ArtifactError, match=f"format {FORMAT_VERSION + 1} is newer.*needs bmc >= 0.9.0") as info:
         read_manifest(out)
     assert "upgrade bmc" in str(info.value)
 

@@ -525,3 +525,49 @@ def test_context_parallel_attention_on_two_ranks(tmp_path, native_lib, collectiv
                 BMC_MPI_NATIVE_LIB=native_lib)
     assert r.returncode == 0, r.stdout + r.stderr
     _check(tmp_path / "out.npz", [data["output:hidden"]])
+
+
+# ------------------------------------------------------------------------------------------ pipeline stages
+
+@pytest.fixture(scope="module")
+def pipelines(workdir):
+    """gpt2 in 2 stages: on 2 ranks with 2 microbatches, and on 4 ranks (2 per stage, both data parallel)."""
+    import bmc
+
+    data = np.load(FIXTURES / "gpt2_dynamo.npz")
+    np.savez(workdir / "pipe_in.npz", input_ids=data["input_ids"])
+    shapes = {"batch": 2, "seq": 16}
+    bmc.compile(FIXTURES / "gpt2_dynamo.onnx", workdir / "pipe2.bmc", mesh="2", stages=2, microbatches=2,
+                input_shapes=shapes)
+    bmc.compile(FIXTURES / "gpt2_dynamo.onnx", workdir / "pipe4.bmc", mesh="4", stages=2,
+                shard={"input_ids": "[{x},{}]", "logits": "[{x},{},{}]"}, input_shapes=shapes)
+    return workdir / "pipe_in.npz", [data["output:logits"]]
+
+
+@pytest.mark.parametrize("ranks,collectives", [(2, "python"), (4, "native")])
+def test_a_pipeline_on_real_ranks_matches_onnxruntime(pipelines, workdir, native_lib, ranks, collectives):
+    """Each rank loads only its stage; the stages pass the residual stream rank to rank (microbatches overlap
+    on 2 ranks) and every rank returns the outputs."""
+    inputs, refs = pipelines
+    r = bmc_run(ranks, workdir / f"pipe{ranks}.bmc", inputs, workdir / f"pipe{ranks}_out.npz",
+                "--collectives", collectives, BMC_MPI_NATIVE_LIB=native_lib)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"ran on {ranks} MPI ranks" in r.stdout
+    _check(workdir / f"pipe{ranks}_out.npz", refs)
+
+
+def test_a_failing_rank_of_a_later_stage_aborts_the_pipeline(pipelines, workdir):  # FAILURES.md 43
+    inputs, _ = pipelines
+    start = time.monotonic()
+    r = bmc_run(4, workdir / "pipe4.bmc", inputs, workdir / "x.npz", timeout=60, BMC_FAULT_INJECT="raise:3:0")
+    assert r.returncode == 7, r.stdout + r.stderr
+    assert "[rank 3] bmc: runtime error:" in r.stderr and "injected fault" in r.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_bad_inputs_fail_on_every_stage_without_abort(pipelines, workdir):  # FAILURES.md 44
+    bad = workdir / "pipe_bad.npz"
+    np.savez(bad, input_ids=np.zeros((3, 16), np.int64))
+    r = bmc_run(2, workdir / "pipe2.bmc", bad, workdir / "x.npz", timeout=60)
+    assert r.returncode == 7, r.stdout + r.stderr
+    assert r.stderr.count("expected int64[2,16], got int64[3,16]") == 1 and "MPI_Abort" not in r.stderr
