@@ -224,6 +224,7 @@ def run_pipeline(tmp: Path, layers: int, tokens: int, iters: int, microbatches: 
     bmc.compile(onnx_path, whole, input_shapes=shapes, mesh="2", stages=2)
     res = {"layers": layers, "tokens": tokens, "microbatches": microbatches, "stages": summary["stages"],
            "flops": 4 * tokens * D * FFN * layers} | scaling(tmp, "pipe", single, piped, iters)
+    res["gpipe_bound"] = 2 * microbatches / (microbatches + 1)  # 2 stages: each idles one microbatch in K + 1
     res["2 ranks, 1 microbatch"], y = timed_run(tmp / "pipe-k1.json", 2, whole, iters)
     res["speedup_1_microbatch"] = res["1 rank, 1 thread"]["median_s"] / res["2 ranks, 1 microbatch"]["median_s"]
     res["max_abs_diff_1_microbatch_vs_single"] = float(np.max(np.abs(y - np.load(str(tmp / "pipe-0.json") +
@@ -455,6 +456,7 @@ def main() -> int:
                   f"{pp['microbatches']} microbatches of {args.tokens // pp['microbatches']} tokens, median of "
                   f"{iters} steps")
             _print_scaling(pp, gflop, f"2 ranks ({pp['microbatches']} microbatches)")
+            print(f"  (the schedule's bound with {pp['microbatches']} microbatches: {pp['gpipe_bound']:.2f}x)")
             t = pp["2 ranks, 1 microbatch"]["median_s"]
             print(f"  {'2 ranks, 1 microbatch':<32}{t * 1e3:>10.1f} ms{gflop / t:>10.1f} GFLOP/s  (no overlap: "
                   f"{pp['speedup_1_microbatch']:.2f}x, max |diff| {pp['max_abs_diff_1_microbatch_vs_single']:.2e})")

@@ -307,15 +307,12 @@ class MPIContext:
         return out
 
     # -- point to point (pipeline stages), with the watchdog
-    def send_arrays(self, dest: int, arrays: list[np.ndarray]) -> list:
-        """Start sending ``arrays`` to rank ``dest``; returns the requests, to pass to :meth:`wait_sends` (the
-        arrays must stay alive and unchanged until then)."""
-        views = [_bytes_view(np.ascontiguousarray(a)) for a in arrays if a.nbytes]
-        return [(self.world.Isend(v, dest=dest, tag=_P2P_TAG), v) for v in views]
-
-    def wait_sends(self, pending: list, what: str) -> None:
-        for req, _ in pending:
-            self._wait(req, lambda: what)
+    def send_arrays(self, dest: int, arrays: list[np.ndarray], what: str) -> None:
+        """Send ``arrays`` to rank ``dest``, in order."""
+        for a in arrays:
+            if a.nbytes:
+                v = _bytes_view(np.ascontiguousarray(a))
+                self._wait(self.world.Isend(v, dest=dest, tag=_P2P_TAG), lambda: what)
 
     def recv_arrays(self, source: int, specs: list[tuple[str, str, list[int]]]) -> dict[str, np.ndarray]:
         """Receive ``(name, dtype, shape)`` arrays, in order, from rank ``source``."""

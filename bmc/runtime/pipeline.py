@@ -6,8 +6,10 @@ program, submesh, signature and its ranks' weights), so everything a single prog
 weights, collectives, simulation — works per stage unchanged.
 
 The schedule is GPipe's, forward only: the inputs' first dim is split into K microbatches; the ranks of stage s run
-microbatch k as soon as it arrives from stage s - 1 and send on (non-blocking) what later stages need, so stage s
-works on microbatch k while stage s + 1 works on k - 1. Rank i of a stage receives from rank i of the previous stage
+microbatch k as soon as it arrives from stage s - 1 and send on what later stages need, so stage s works on
+microbatch k while stage s + 1 works on k - 1. A send completes before the stage starts its next microbatch (MPI
+need not move a large message while neither rank is inside an MPI call; the next stage is normally waiting for it
+already, so this costs the copy). Rank i of a stage receives from rank i of the previous stage
 (every stage ends with replicated results, so any of its ranks holds all of them). The graph inputs reach every rank
 at the start (as a single program's do); the last stage's first rank broadcasts the outputs, stacked along the first
 dim, to every rank at the end.
@@ -105,18 +107,17 @@ class PipelineModel(Model):
         s, last = self._stage, len(self._entries) - 1
         local = self._entries[s]["ranks"].index(ctx.rank)
         model = self.stages[0]
-        pending, parts = [], []
+        parts = []
         try:
-            for k, env in enumerate(self._microbatches(given)):
+            for env in self._microbatches(given):
                 if s > 0:
                     env.update(ctx.recv_arrays(self._entries[s - 1]["ranks"][local], self._received[s]))
                 self._run_stage(model, env)
                 if s < last:
-                    pending += ctx.send_arrays(self._entries[s + 1]["ranks"][local],
-                                               [env[n] for n in self._entries[s]["sends"]])
+                    ctx.send_arrays(self._entries[s + 1]["ranks"][local], [env[n] for n in self._entries[s]["sends"]],
+                                    what=f"stage {s} sending to stage {s + 1}")
                 else:
                     parts.append([env[n] for n in self.output_names])
-            ctx.wait_sends(pending, f"stage {s} sending to stage {s + 1}")
         except BmcError as e:
             self._abort(e)
         root = self._entries[last]["ranks"][0]
