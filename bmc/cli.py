@@ -142,10 +142,19 @@ def _plan_options(args) -> dict:
     return out
 
 
+def _stages(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a number of stages or 'auto'") from None
+
+
 def _add_plan_flags(p) -> None:
-    p.add_argument("--stages", type=int, default=1, metavar="S",
-                   help="cut the model into S pipeline stages, each on the mesh with its first axis divided by S "
-                        "(default 1)")
+    p.add_argument("--stages", type=_stages, default=1, metavar="S",
+                   help="cut the model into S pipeline stages, each on the mesh with its first axis divided by S; "
+                        "auto: the fastest S that fits (default 1)")
     p.add_argument("--microbatches", type=int, default=1, metavar="K",
                    help="with --stages: run the batch (the inputs' first dim) as K microbatches through the stages "
                         "(default 1)")
@@ -205,10 +214,9 @@ def cmd_plan(args) -> int:
     from bmc.sharding.report import format_plan
 
     if args.stages != 1 or args.microbatches != 1:
-        pipe = plan_pipeline_model(args.model, mesh=mesh, stages=args.stages, microbatches=args.microbatches,
-                                   shard=shard, strategy=args.strategy, input_shapes=input_shapes,
-                                   **_plan_options(args))
-        data, text = pipe.plan_json(), pipe.text()
+        data, text = plan_pipeline_model(args.model, mesh=mesh, stages=args.stages, microbatches=args.microbatches,
+                                         shard=shard, strategy=args.strategy, input_shapes=input_shapes,
+                                         **_plan_options(args))
     else:
         _, prog, data = plan_model(args.model, mesh=mesh, shard=shard, strategy=args.strategy,
                                    input_shapes=input_shapes, **_plan_options(args))

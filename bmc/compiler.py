@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from bmc.errors import UsageError
+from bmc.errors import PlanningError, UsageError
 from bmc.ir.graph import Graph
 from bmc.ir.passes import run_passes
 from bmc.ir.verify import verify
@@ -119,12 +119,13 @@ def plan_graph(graph: Graph, *, mesh, shard: Mapping | None = None, strategy: st
     return prog, data
 
 
-def _cost_model(mesh, device: str, mesh_bandwidth: str | None):
-    """The device profile and ``mesh`` with its links (``--mesh-bandwidth`` or the defaults)."""
+def _cost_model(mesh, device: str, mesh_bandwidth: str | Mapping | None):
+    """The device profile and ``mesh`` with its links (``--mesh-bandwidth`` text, or ``{axis: (bytes/s, latency)}``,
+    over the defaults)."""
     from bmc.sharding.cost import parse_device, parse_mesh_bandwidth, with_links
 
-    return parse_device(device), with_links(mesh, parse_mesh_bandwidth(mesh_bandwidth, mesh) if mesh_bandwidth
-                                            else None)
+    links = parse_mesh_bandwidth(mesh_bandwidth, mesh) if isinstance(mesh_bandwidth, str) else mesh_bandwidth
+    return parse_device(device), with_links(mesh, links or None)
 
 
 def _warn(message: str) -> None:
@@ -138,11 +139,12 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
                   dump_dir: str | Path | None = None, mesh=None, shard: Mapping | None = None,
                   strategy: str | None = None, dtype: str = "float32", tune_trials: int = 0,
                   tune_db: str | Path | None = None, tune_export: str | Path | None = None,
-                  stages: int = 1, microbatches: int = 1, **plan_options) -> dict:
+                  stages: int | str = 1, microbatches: int = 1, **plan_options) -> dict:
     """Compile ``model`` (path, bytes or ModelProto) into the artifact at ``output``; returns a summary dict.
     With a mesh of more than one device (or ``shard`` annotations) the program is the partitioned SPMD program and
     every rank gets its own weight shards. ``stages`` > 1 cuts the model into pipeline stages, each planned on its
-    submesh (:mod:`bmc.sharding.pipeline`), run ``microbatches`` at a time (the inputs' first dim split evenly)."""
+    submesh (:mod:`bmc.sharding.pipeline`), run ``microbatches`` at a time (the inputs' first dim split evenly);
+    ``"auto"`` picks the number of stages (:func:`search_stages`)."""
     from bmc.codegen.targets import TargetSpec
     from bmc.runtime.artifact import write_artifact
 
@@ -156,14 +158,24 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
         find_toolkit()
     t0 = time.perf_counter()
     graph = import_graph(model, input_shapes, dtype, dump_dir)
-    if stages > 1:
+    search = None
+    if stages == "auto":
+        micro = graph if microbatches == 1 else _microbatch_graph(model, graph, microbatches, dtype)
+        search = search_stages(graph, micro, mesh=mesh, microbatches=microbatches, shard=shard, strategy=strategy,
+                               **plan_options)
+        stages = search.stages
+        pipe = search.pipeline
+        planned = pipe.planned if pipe else [search.single]
+    elif stages > 1:
         micro = graph if microbatches == 1 else _microbatch_graph(model, graph, microbatches, dtype)
         pipe = plan_pipeline(micro, mesh=mesh, stages=stages, microbatches=microbatches, shard=shard,
                              strategy=strategy, **plan_options)
-        planned, plan = pipe.planned, pipe.plan_json()
+        planned = pipe.planned
     else:
         planned = [_plan(graph, mesh, shard or {}, strategy, plan_options)]
-        plan = planned[0].plan
+    plan = pipe.plan_json() if stages > 1 else planned[0].plan
+    if search is not None:
+        plan["stage_search"] = search.table
     timings = {"import_and_plan_s": time.perf_counter() - t0}
     programs = [_build(p, spec, tune_trials=tune_trials, tune_db=tune_db, tune_export=tune_export,
                        timings=timings) for p in planned]
@@ -182,6 +194,8 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
         pipeline, signature, exports, extra, plan_text = None, signature_of(p.graph), c.built.export, c.extra, \
             p.plan_text
         weights = dict(enumerate(c.weights)) if p.sharded else c.weights[0]
+    if search is not None:
+        plan_text = search.text() + ("\n\n" + plan_text if plan_text else "")
     t0 = time.perf_counter()
     path = write_artifact(
         out, signature=signature, weights=weights, export_library=exports, target=spec.to_json(),
@@ -201,12 +215,15 @@ def _mesh(mesh):
     return Mesh.parse(mesh) if isinstance(mesh, str) else mesh if mesh is not None else Mesh.parse("1")
 
 
-def _check_pipeline_flags(mesh, stages: int, microbatches: int) -> None:
+def _check_pipeline_flags(mesh, stages: int | str, microbatches: int) -> None:
     """Refuse bad --stages / --microbatches before any work."""
+    if stages != "auto" and not isinstance(stages, int):
+        raise UsageError(f"--stages {stages!r} is neither a number nor 'auto'", where="--stages",
+                         fix="use --stages N (N >= 1) or --stages auto")
     if microbatches < 1 or (microbatches > 1 and stages == 1):
-        raise UsageError(f"--microbatches {microbatches} needs a positive number and --stages 2 or more",
+        raise UsageError(f"--microbatches {microbatches} needs a positive number and --stages 2 or more (or auto)",
                          where="--microbatches", fix="add --stages N (N > 1), or leave --microbatches out")
-    if stages != 1:
+    if isinstance(stages, int) and stages != 1:
         from bmc.sharding.pipeline import stage_mesh
 
         stage_mesh(mesh, stages)
@@ -299,28 +316,137 @@ def plan_pipeline(graph: Graph, *, mesh, stages: int, microbatches: int = 1, sha
     shard = shard or {}
     profile, linked = _cost_model(mesh, plan_options.get("device", "h100"), plan_options.get("mesh_bandwidth"))
     sub = stage_mesh(linked, stages)
-    cuts = split_stages(graph, stages, device=profile, mesh=linked)
-    names = [{v.name for v in st.graph.values()} for st in cuts]
-    unknown = sorted(set(shard) - set().union(*names))
-    if unknown:
-        raise UsageError(f"--shard names {', '.join(map(repr, unknown))}, which no stage has", where="--shard",
-                         fix="name graph inputs, weights or values of the model (see `bmc plan`)")
-    planned = [_plan(st.graph, sub, {k: v for k, v in shard.items() if k in have}, strategy, plan_options)
-               for st, have in zip(cuts, names)]
+    # a stage's submesh keeps the whole mesh's links (its first axis stays a between-node axis)
+    options = {**plan_options, "mesh_bandwidth": {a.name: (a.bandwidth_Bps, a.latency_s) for a in sub.axes}}
+    budget = plan_options.get("memory_per_device") or profile.memory_bytes
+    cut_budget, first_error = budget, None
+    while True:  # the cut bounds each stage's weights; a stage whose plan does not fit gets a tighter bound
+        try:
+            cuts = split_stages(graph, stages, device=profile, mesh=linked, memory_per_device=cut_budget)
+        except PlanningError:
+            if first_error is None:
+                raise
+            raise first_error from None
+        names = [{v.name for v in st.graph.values()} for st in cuts]
+        unknown = sorted(set(shard) - set().union(*names))
+        if unknown:
+            raise UsageError(f"--shard names {', '.join(map(repr, unknown))}, which no stage has", where="--shard",
+                             fix="name graph inputs, weights or values of the model (see `bmc plan`)")
+        try:
+            planned = [_plan(st.graph, sub, {k: v for k, v in shard.items() if k in have}, strategy, options)
+                       for st, have in zip(cuts, names)]
+            break
+        except PlanningError as e:
+            first_error = first_error or e
+            cut_budget = 0.8 * min(cut_budget, max(st.graph.weight_bytes() for st in cuts) / sub.size)
     ranks = [list(range(st.index * sub.size, (st.index + 1) * sub.size)) for st in cuts]
     return PipelinePlan(cuts, planned, ranks, sub, microbatches)
 
 
-def plan_pipeline_model(model, *, mesh, stages: int, microbatches: int = 1, shard: Mapping | None = None,
+def plan_pipeline_model(model, *, mesh, stages: int | str, microbatches: int = 1, shard: Mapping | None = None,
                         strategy: str | None = None, input_shapes=None, dtype: str = "float32",
-                        **plan_options) -> PipelinePlan:
-    """Import ``model`` and plan it in pipeline stages (``bmc plan --stages``), without code generation."""
+                        **plan_options) -> tuple[dict, str]:
+    """Import ``model`` and plan it in pipeline stages (``bmc plan --stages``), without code generation:
+    ``(plan.json dict, text)``."""
     mesh = _mesh(mesh)
     _check_pipeline_flags(mesh, stages, microbatches)
     graph = import_graph(model, input_shapes, dtype)
     micro = graph if microbatches == 1 else _microbatch_graph(model, graph, microbatches, dtype)
-    return plan_pipeline(micro, mesh=mesh, stages=stages, microbatches=microbatches, shard=shard, strategy=strategy,
-                         **plan_options)
+    if stages != "auto":
+        pipe = plan_pipeline(micro, mesh=mesh, stages=stages, microbatches=microbatches, shard=shard,
+                             strategy=strategy, **plan_options)
+        return pipe.plan_json(), pipe.text()
+    search = search_stages(graph, micro, mesh=mesh, microbatches=microbatches, shard=shard, strategy=strategy,
+                           **plan_options)
+    if search.pipeline is not None:
+        data, text = search.pipeline.plan_json(), search.pipeline.text()
+    else:
+        data, text = search.single.plan, search.single.plan_text or "a single program on one device"
+    return {**data, "stage_search": search.table}, search.text() + "\n\n" + text
+
+
+@dataclass
+class StageSearch:
+    """``--stages auto``: every number of stages tried, and the chosen plan (a pipeline, or the single program)."""
+
+    stages: int
+    pipeline: PipelinePlan | None
+    single: _Planned | None
+    table: list[dict]  # per candidate: stages, latency_s, peak_bytes_per_device, fits
+
+    def text(self) -> str:
+        rows = [f"{'stages':>6} {'estimated time':>15} {'peak/device':>14}"]
+        for r in self.table:
+            mark = "  <- chosen" if r["stages"] == self.stages else ""
+            if r["latency_s"] is None:
+                rows.append(f"{r['stages']:>6} {'-':>15} {'-':>14}  (no plan fits the memory budget)")
+                continue
+            rows.append(f"{r['stages']:>6} {r['latency_s'] * 1e3:>12.3f} ms {r['peak_bytes_per_device']:>14,}"
+                        + ("" if r["fits"] else "  (over the memory budget)") + mark)
+        return "\n".join(rows)
+
+
+def search_stages(graph: Graph, micro: Graph, *, mesh, microbatches: int = 1, shard: Mapping | None = None,
+                  strategy: str | None = None, warn=None, **plan_options) -> StageSearch:
+    """Pick the number of pipeline stages (Alpa's inter-operator choice, over equal submeshes): for every S that
+    divides the mesh's first axis, cut ``micro`` (the graph at the microbatch's shapes) into S stages and plan each
+    on its submesh; its estimated time for the whole batch is GPipe's Σ tᵢ + (K − 1)·max tᵢ, tᵢ a stage's planned
+    time (compute and collectives) plus sending its boundary values. S = 1 is ``graph`` planned on the whole mesh.
+    The fastest candidate whose every device fits the memory budget wins (else the one with the least memory)."""
+    from bmc.sharding.pipeline import stage_mesh
+
+    mesh = _mesh(mesh)
+    profile, linked = _cost_model(mesh, plan_options.get("device", "h100"), plan_options.get("mesh_bandwidth"))
+    budget = plan_options.get("memory_per_device") or profile.memory_bytes
+    link = linked.axes[0]
+    n_ops = sum(node.op != "constant" for node in micro.nodes)
+    quiet = {**plan_options, "warn": lambda _message: None}  # the candidates' own planning warnings
+    table, plans = [], {}
+    for s in [d for d in range(1, mesh.axes[0].size + 1) if mesh.axes[0].size % d == 0 and d <= n_ops]:
+        row = {"stages": s, "submesh": list(stage_mesh(mesh, s).shape)}
+        try:
+            if s == 1:
+                single = _plan(graph, mesh, shard or {}, strategy, quiet)
+                latency, peak = _priced(single, profile)
+                plans[1] = single
+            else:
+                pipe = plan_pipeline(micro, mesh=mesh, stages=s, microbatches=microbatches, shard=shard,
+                                     strategy=strategy, **quiet)
+                priced = [_priced(p, profile) for p in pipe.planned]
+                times = [t + (link.latency_s + st.send_bytes / link.bandwidth_Bps if st.send_bytes else 0.0)
+                         for (t, _), st in zip(priced, pipe.cuts)]
+                latency, peak = sum(times) + (microbatches - 1) * max(times), max(m for _, m in priced)
+                plans[s] = pipe
+        except PlanningError as e:  # the search found no plan within the memory budget
+            table.append({**row, "latency_s": None, "peak_bytes_per_device": None, "fits": False, "error": e.what})
+            continue
+        table.append({**row, "latency_s": latency, "peak_bytes_per_device": peak, "fits": peak <= budget})
+    fitting = [r for r in table if r["fits"]]
+    priced_rows = [r for r in table if r["latency_s"] is not None]
+    if not priced_rows:
+        raise PlanningError("no number of stages has a plan within the memory budget: " +
+                            "; ".join(f"{r['stages']} stage(s): {r['error']}" for r in table),
+                            where="--memory-per-device", fix="use a larger mesh or raise --memory-per-device")
+    best = min(fitting, key=lambda r: r["latency_s"]) if fitting else \
+        min(priced_rows, key=lambda r: r["peak_bytes_per_device"])
+    if not fitting:
+        (warn or _warn)(f"no number of stages fits the memory budget of {budget:,} B per device; chose "
+                        f"{best['stages']} (the least memory: {best['peak_bytes_per_device']:,} B)")
+    chosen = plans[best["stages"]]
+    if best["stages"] == 1:
+        return StageSearch(1, None, chosen, table)
+    return StageSearch(best["stages"], chosen, None, table)
+
+
+def _priced(p: _Planned, profile) -> tuple[float, int]:
+    """(estimated seconds, peak bytes per device) of a planned program; a single-device one is priced here."""
+    if "cost" in p.plan:
+        return p.plan["cost"]["total_s"], p.plan["memory"]["peak_bytes_per_device"]
+    from bmc.sharding.cost import plan_cost
+    from bmc.sharding.propagate import propagate
+
+    cost = plan_cost(p.graph, propagate(p.graph, p.mesh, {}), profile)
+    return cost.total_s, cost.memory.peak_bytes
 
 
 def _microbatch_graph(model, graph: Graph, microbatches: int, dtype: str) -> Graph:

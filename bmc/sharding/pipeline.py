@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bmc.errors import UsageError
+from bmc.errors import PlanningError, UsageError
 from bmc.ir.graph import Graph, Node, Value, extract
 from bmc.sharding.cost import DeviceProfile, roofline_s
 from bmc.sharding.mesh import Mesh, MeshAxis
@@ -65,9 +65,11 @@ def stage_mesh(mesh: Mesh, stages: int) -> Mesh:
     return Mesh(kept or axes[:1])
 
 
-def split_stages(graph: Graph, stages: int, *, device: DeviceProfile, mesh: Mesh) -> list[Stage]:
+def split_stages(graph: Graph, stages: int, *, device: DeviceProfile, mesh: Mesh,
+                 memory_per_device: float | None = None) -> list[Stage]:
     """Cut ``graph`` into ``stages`` consecutive stages, each on ``stage_mesh(mesh, stages)``, with the smallest
-    bottleneck (see the module docstring)."""
+    bottleneck (see the module docstring) among the cuts whose every stage's weights, split over its devices, fit
+    ``memory_per_device`` (a weight counted in the stage that reads it first)."""
     devices = stage_mesh(mesh, stages).size
     nodes = graph.nodes
     n = len(nodes)
@@ -78,27 +80,47 @@ def split_stages(graph: Graph, stages: int, *, device: DeviceProfile, mesh: Mesh
                      roofline_s(nd.op, [v.type for v in nd.inputs], [v.type for v in nd.outputs], nd.attrs, device)
                      for nd in nodes]) / devices
     prefix = np.concatenate([[0.0], np.cumsum(cost)])
+    weights = np.concatenate([[0.0], np.cumsum(_first_read_bytes(graph))]) / devices
+    budget = np.inf if memory_per_device is None else float(memory_per_device)
     crossing = _crossing_bytes(graph)
     send = crossing / mesh.axes[0].bandwidth_Bps  # every cut pays one α: it changes no choice
     # best[s][j]: the smallest bottleneck of cutting nodes [0, j) into s + 1 stages; the bytes sent break ties
     best = np.full((stages, n + 1), np.inf)
     sent = np.full((stages, n + 1), np.inf)
     back = np.zeros((stages, n + 1), np.int64)
-    best[0, 1:] = prefix[1:] + send[1:]
+    best[0, 1:] = np.where(weights[1:] <= budget, prefix[1:] + send[1:], np.inf)
     sent[0, 1:] = crossing[1:]
     for s in range(1, stages):
         last = s == stages - 1
         for j in range(s + 1, n + 1) if not last else (n,):
             i = np.arange(s, j)
             worst = np.maximum(best[s - 1, i], prefix[j] - prefix[i] + (send[j] if not last else 0.0))
+            worst[weights[j] - weights[i] > budget] = np.inf
             total = sent[s - 1, i] + (crossing[j] if not last else 0.0)
             k = np.lexsort((total, worst))[0]
             best[s, j], sent[s, j], back[s, j] = worst[k], total[k], i[k]
+    if not np.isfinite(best[stages - 1, n]):
+        raise PlanningError(f"no cut into {stages} stages fits the memory budget of {budget:,.0f} B per device: "
+                            f"the model's weights are {weights[-1] * devices:,.0f} B, {weights[-1]:,.0f} B per "
+                            f"device of a stage even if split evenly", where="--memory-per-device",
+                            fix="use more stages or a larger mesh, or raise --memory-per-device")
     cuts = [n]
     for s in range(stages - 1, 0, -1):
         cuts.append(int(back[s, cuts[-1]]))
     cuts = [0, *cuts[::-1]]
     return _stages(graph, list(zip(cuts[:-1], cuts[1:])), prefix)
+
+
+def _first_read_bytes(graph: Graph) -> np.ndarray:
+    """Per node, the bytes of the weights it is the first to read."""
+    params, seen = {id(p) for p in graph.params}, set()
+    out = np.zeros(len(graph.nodes))
+    for k, node in enumerate(graph.nodes):
+        for v in node.inputs:
+            if id(v) in params and id(v) not in seen:
+                seen.add(id(v))
+                out[k] += v.type.nbytes
+    return out
 
 
 def _crossing_bytes(graph: Graph) -> np.ndarray:

@@ -3,6 +3,7 @@ ranks simulated) against onnxruntime's outputs; the artifact's pipeline section;
 runs on real MPI ranks are in test_mpi.py."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -117,3 +118,28 @@ def test_the_cli_compiles_shows_and_runs_a_pipeline(tmp_path):
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "--stages" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "q.bmc").exists()
+
+
+def test_stages_auto_compiles_the_chosen_pipeline(tmp_path):
+    """``stages="auto"`` under memory pressure and a slow first axis (the case of the stage-search test) writes a
+    2-stage artifact that matches onnxruntime; the search's table is in plan.json and printed by ``bmc plan``."""
+    import onnxruntime as ort
+
+    from tests.sharding.test_pipeline import _mlp
+
+    model = _mlp(tmp_path / "mlp.onnx")
+    options = dict(mesh="2x2", mesh_bandwidth="x=10GB", memory_per_device=7 << 20)
+    summary = bmc.compile(model, tmp_path / "a.bmc", stages="auto", microbatches=4, input_shapes={"tokens": 256},
+                          **options)
+    assert len(summary["stages"]) == 2 and "<- chosen" in summary["plan_text"]
+    plan = json.loads((tmp_path / "a.bmc" / "plan.json").read_text())
+    assert [r["stages"] for r in plan["stage_search"]] == [1, 2]
+    x = np.random.default_rng(3).standard_normal((256, 256)).astype(np.float32)
+    want = ort.InferenceSession(str(model)).run(None, {"x": x})[0]
+    got = bmc.load(tmp_path / "a.bmc", simulate=True)(x=x)
+    _close(got, want)
+    r = subprocess.run([sys.executable, "-m", "bmc", "plan", str(model), "--input-shape", "tokens=256", "--mesh", "2x2",
+                        "--stages", "auto", "--microbatches", "4", "--mesh-bandwidth", "x=10GB",
+                        "--memory-per-device", "7MiB"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^\s+2 .* <- chosen$", r.stdout, re.M) and "stage 1: nodes" in r.stdout

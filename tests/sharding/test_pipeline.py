@@ -98,3 +98,60 @@ def test_a_static_batch_cannot_be_split_into_microbatches(tmp_path):
     with pytest.raises(UsageError, match="microbatch") as e:
         compile_model(path, tmp_path / "m.bmc", stages=2, mesh="2", microbatches=2)
     assert e.value.where == "--microbatches" and "dynamic batch" in e.value.fix
+
+
+def _mlp(path: Path, layers: int = 8, d: int = 256, ffn: int = 1024) -> Path:
+    """A residual MLP stack with a dynamic token dim."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        inits += [numpy_helper.from_array((rng.standard_normal((d, ffn)) * 0.05).astype(np.float32), f"w1_{i}"),
+                  numpy_helper.from_array((rng.standard_normal((ffn, d)) * 0.05).astype(np.float32), f"w2_{i}")]
+        nodes += [helper.make_node("MatMul", [x, f"w1_{i}"], [f"h{i}"]), helper.make_node("Relu", [f"h{i}"], [f"a{i}"]),
+                  helper.make_node("MatMul", [f"a{i}", f"w2_{i}"], [f"o{i}"]),
+                  helper.make_node("Add", [x, f"o{i}"], [f"y{i}"])]
+        x = f"y{i}"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", d])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["tokens", d])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_the_stage_search_pipelines_only_when_memory_and_a_slow_axis_make_it_pay(tmp_path):
+    """``--stages auto`` on 2×2: with memory to spare the whole mesh runs one program (no stage boundary to wait
+    at); when the weights must be split over the slow first axis too (7 MB a device, 10 GB/s between nodes) two
+    stages, each splitting its half of the weights inside a node, are cheaper than all-reduces over the slow axis;
+    every candidate is priced, and the chosen one is the fastest that fits."""
+    from bmc.compiler import search_stages
+
+    model = _mlp(tmp_path / "mlp.onnx")
+    whole, micro = import_graph(model, {"tokens": 256}), import_graph(model, {"tokens": 64})
+    free = search_stages(whole, micro, mesh="2x2", microbatches=4)
+    assert free.stages == 1 and free.pipeline is None and [r["stages"] for r in free.table] == [1, 2]
+    tight = search_stages(whole, micro, mesh="2x2", microbatches=4, mesh_bandwidth="x=10GB",
+                          memory_per_device=7 << 20)
+    assert tight.stages == 2 and tight.pipeline is not None
+    assert all(r["fits"] for r in tight.table)
+    one, two = tight.table
+    assert two["latency_s"] < one["latency_s"] and two["peak_bytes_per_device"] <= 7 << 20
+    assert "<- chosen" in tight.text().splitlines()[2]
+
+
+def test_a_cut_keeps_every_stage_within_the_memory_budget(gpt2):
+    """With a budget the cut is the fastest whose every stage's weights fit (split over its devices); none fits is
+    a planning error naming the flag."""
+    from bmc.errors import PlanningError
+
+    mesh = with_links(Mesh.parse("2"))
+    total = sum(p.type.nbytes for p in gpt2.params)
+    free = split_stages(gpt2, 2, device=DEVICES["h100"], mesh=mesh)
+    heavy = max(st.graph.weight_bytes() for st in free)
+    budget = heavy - 1  # the free cut's heavier stage no longer fits
+    cut = split_stages(gpt2, 2, device=DEVICES["h100"], mesh=mesh, memory_per_device=budget)
+    assert max(st.graph.weight_bytes() for st in cut) <= budget and cut[0].end != free[0].end
+    with pytest.raises(PlanningError, match="no cut into 2 stages fits") as e:
+        split_stages(gpt2, 2, device=DEVICES["h100"], mesh=mesh, memory_per_device=total // 4)
+    assert e.value.where == "--memory-per-device"
