@@ -158,28 +158,17 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
         find_toolkit()
     t0 = time.perf_counter()
     graph = import_graph(model, input_shapes, dtype, dump_dir)
-    search = None
-    if stages == "auto":
-        micro = graph if microbatches == 1 else _microbatch_graph(model, graph, microbatches, dtype)
-        search = search_stages(graph, micro, mesh=mesh, microbatches=microbatches, shard=shard, strategy=strategy,
-                               **plan_options)
-        stages = search.stages
-        pipe = search.pipeline
-        planned = pipe.planned if pipe else [search.single]
-    elif stages > 1:
-        micro = graph if microbatches == 1 else _microbatch_graph(model, graph, microbatches, dtype)
-        pipe = plan_pipeline(micro, mesh=mesh, stages=stages, microbatches=microbatches, shard=shard,
-                             strategy=strategy, **plan_options)
-        planned = pipe.planned
+    if stages != 1:
+        pipe, planned, plan, plan_text = _planned_stages(model, graph, mesh=mesh, stages=stages,
+                                                         microbatches=microbatches, shard=shard, strategy=strategy,
+                                                         dtype=dtype, plan_options=plan_options)
     else:
-        planned = [_plan(graph, mesh, shard or {}, strategy, plan_options)]
-    plan = pipe.plan_json() if stages > 1 else planned[0].plan
-    if search is not None:
-        plan["stage_search"] = search.table
+        pipe, planned = None, [_plan(graph, mesh, shard or {}, strategy, plan_options)]
+        plan, plan_text = planned[0].plan, planned[0].plan_text
     timings = {"import_and_plan_s": time.perf_counter() - t0}
     programs = [_build(p, spec, tune_trials=tune_trials, tune_db=tune_db, tune_export=tune_export,
                        timings=timings) for p in planned]
-    if stages > 1:
+    if pipe is not None:
         pipeline = {"stages": [{"program": f"stage{st.index}", "ranks": ranks, "mesh": p.mesh.to_json(),
                                 "signature": signature_of(p.graph), "nodes": [st.start, st.end], "sends": st.sends,
                                 **c.extra} for st, ranks, p, c in zip(pipe.cuts, pipe.ranks, planned, programs)],
@@ -188,14 +177,11 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
         exports = {f"stage{i}": c.built.export for i, c in enumerate(programs)}
         weights = {rank: c.weights[local] for c, ranks in zip(programs, pipe.ranks)
                    for local, rank in enumerate(ranks)}
-        extra, plan_text = None, pipe.text()
+        extra = None
     else:
         (p,), (c,) = planned, programs
-        pipeline, signature, exports, extra, plan_text = None, signature_of(p.graph), c.built.export, c.extra, \
-            p.plan_text
+        pipeline, signature, exports, extra = None, signature_of(p.graph), c.built.export, c.extra
         weights = dict(enumerate(c.weights)) if p.sharded else c.weights[0]
-    if search is not None:
-        plan_text = search.text() + ("\n\n" + plan_text if plan_text else "")
     t0 = time.perf_counter()
     path = write_artifact(
         out, signature=signature, weights=weights, export_library=exports, target=spec.to_json(),
@@ -204,7 +190,7 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
     return {"output": str(path), "target": spec.to_json(), "nodes": sum(len(p.graph.nodes) for p in planned),
             "ops": _merged_counts(p.graph.op_counts() for p in planned), "plan_text": plan_text,
             "weight_bytes": graph.weight_bytes(), "timings": timings, "mesh": mesh.to_json(),
-            "stages": [[st.start, st.end] for st in pipe.cuts] if stages > 1 else None,
+            "stages": [[st.start, st.end] for st in pipe.cuts] if pipe is not None else None,
             "collectives": sum(len(p.plan.get("collectives", [])) for p in planned),
             "size_bytes": sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())}
 
@@ -351,18 +337,27 @@ def plan_pipeline_model(model, *, mesh, stages: int | str, microbatches: int = 1
     mesh = _mesh(mesh)
     _check_pipeline_flags(mesh, stages, microbatches)
     graph = import_graph(model, input_shapes, dtype)
+    _, _, plan, text = _planned_stages(model, graph, mesh=mesh, stages=stages, microbatches=microbatches,
+                                       shard=shard, strategy=strategy, dtype=dtype, plan_options=plan_options)
+    return plan, text
+
+
+def _planned_stages(model, graph: Graph, *, mesh, stages: int | str, microbatches: int, shard, strategy, dtype,
+                    plan_options) -> tuple[PipelinePlan | None, list[_Planned], dict, str]:
+    """``--stages N|auto``: (the pipeline, or None when ``auto`` chose one program; the planned programs; plan.json;
+    the plan as text)."""
     micro = graph if microbatches == 1 else _microbatch_graph(model, graph, microbatches, dtype)
     if stages != "auto":
         pipe = plan_pipeline(micro, mesh=mesh, stages=stages, microbatches=microbatches, shard=shard,
                              strategy=strategy, **plan_options)
-        return pipe.plan_json(), pipe.text()
+        return pipe, pipe.planned, pipe.plan_json(), pipe.text()
     search = search_stages(graph, micro, mesh=mesh, microbatches=microbatches, shard=shard, strategy=strategy,
                            **plan_options)
-    if search.pipeline is not None:
-        data, text = search.pipeline.plan_json(), search.pipeline.text()
-    else:
-        data, text = search.single.plan, search.single.plan_text or "a single program on one device"
-    return {**data, "stage_search": search.table}, search.text() + "\n\n" + text
+    pipe, single = search.pipeline, search.single
+    plan = pipe.plan_json() if pipe else dict(single.plan)
+    text = pipe.text() if pipe else single.plan_text or "one program on one device"
+    plan["stage_search"] = search.table
+    return pipe, pipe.planned if pipe else [single], plan, search.text() + "\n\n" + text
 
 
 @dataclass

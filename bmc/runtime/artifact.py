@@ -56,8 +56,7 @@ from bmc.ir.types import DTYPES
 from bmc.runtime.safetensors import write_safetensors
 
 FORMAT = "bmc-artifact"
-FORMAT_VERSION = 2
-PIPELINE_FORMAT_VERSION = 2  # pipeline artifacts (``pipeline``, a program per stage); others are still written as 1
+FORMAT_VERSION = 2  # the newest format: pipeline artifacts (a program per stage); the others are written as 1
 MIN_FORMAT_VERSION = 1  # oldest format this bmc still loads
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
@@ -188,7 +187,7 @@ def write_artifact(output, *, signature: dict,
         for rel in (*program_files.values(), PLAN):
             files[rel] = file_digest(tmp / rel)
         manifest = {
-            "format": FORMAT, "format_version": PIPELINE_FORMAT_VERSION if pipeline else 1, **installed_versions(),
+            "format": FORMAT, "format_version": FORMAT_VERSION if pipeline else 1, **installed_versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "target": dict(target), "mesh": {"shape": list(mesh["shape"]), "axes": list(mesh["axes"])},
             "world_size": world, "rank_map": [list(c) for c in np.ndindex(*mesh["shape"])],
