@@ -571,3 +571,25 @@ def test_bad_inputs_fail_on_every_stage_without_abort(pipelines, workdir):  # FA
     r = bmc_run(2, workdir / "pipe2.bmc", bad, workdir / "x.npz", timeout=60)
     assert r.returncode == 7, r.stdout + r.stderr
     assert r.stderr.count("expected int64[2,16], got int64[3,16]") == 1 and "MPI_Abort" not in r.stderr
+
+
+def test_a_bfloat16_pipeline_passes_16_bit_values_between_stages(tmp_path):
+    """Llama in bfloat16, 2 stages with 2 microbatches on 2 ranks: what crosses the cut includes a bfloat16 value
+    (the rotary tables every layer reads) next to the float32 residual stream; within the 16-bit tolerance of
+    onnxruntime's float32 outputs."""
+    import json
+
+    import bmc
+
+    data = np.load(FIXTURES / "llama_dynamo.npz")
+    bmc.compile(FIXTURES / "llama_dynamo.onnx", tmp_path / "p.bmc", mesh="2", stages=2, microbatches=2,
+                dtype="bfloat16", input_shapes={"batch": 2, "seq": 16})
+    stage0 = json.loads((tmp_path / "p.bmc" / "manifest.json").read_text())["pipeline"]["stages"][0]
+    sent = {o["name"]: o["dtype"] for o in stage0["signature"]["outputs"] if o["name"] in stage0["sends"]}
+    assert {"bfloat16", "float32"} <= set(sent.values()), sent
+    np.savez(tmp_path / "in.npz", input_ids=data["input_ids"])
+    r = bmc_run(2, tmp_path / "p.bmc", tmp_path / "in.npz", tmp_path / "out.npz")
+    assert r.returncode == 0, r.stdout + r.stderr
+    with np.load(tmp_path / "out.npz") as got:
+        want = data["output:logits"]
+        assert float(np.max(np.abs(got["logits"] - want))) <= 1e-2 * float(np.max(np.abs(want)))
