@@ -101,8 +101,8 @@ def split_stages(graph: Graph, stages: int, *, device: DeviceProfile, mesh: Mesh
             best[s, j], sent[s, j], back[s, j] = worst[k], total[k], i[k]
     if not np.isfinite(best[stages - 1, n]):
         raise PlanningError(f"no cut into {stages} stages fits the memory budget of {budget:,.0f} B per device: "
-                            f"the model's weights are {weights[-1] * devices:,.0f} B, {weights[-1]:,.0f} B per "
-                            f"device of a stage even if split evenly", where="--memory-per-device",
+                            f"the model has {weights[-1] * devices:,.0f} B of weights, {weights[-1] / stages:,.0f} B "
+                            f"per device were they spread evenly", where="--memory-per-device",
                             fix="use more stages or a larger mesh, or raise --memory-per-device")
     cuts = [n]
     for s in range(stages - 1, 0, -1):
