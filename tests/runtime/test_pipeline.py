@@ -108,6 +108,8 @@ def test_the_cli_compiles_shows_and_runs_a_pipeline(tmp_path):
     r = subprocess.run([*bmc_cli, "show", str(tmp_path / "p.bmc")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "pipeline   2 stages, 2 microbatch(es)" in r.stdout, r.stdout + r.stderr
     assert "stage1   ranks [1]" in r.stdout
+    r = subprocess.run([*bmc_cli, "verify", str(tmp_path / "p.bmc")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "digests of 5 files OK" in r.stdout, r.stdout + r.stderr
     r = subprocess.run([*bmc_cli, "run", str(tmp_path / "p.bmc"), "--inputs", str(tmp_path / "in.npz"), "-o",
                         str(tmp_path / "out.npz"), "--simulate"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
