@@ -54,7 +54,8 @@ def search_plan(graph: Graph, mesh: Mesh, annotations: Mapping[str, Spec | str] 
     sol = solve(problem)
     if sol.status == "infeasible":
         raise PlanningError(infeasible_message(st, problem, device.name), where="--memory-per-device",
-                            fix="use a larger mesh or raise --memory-per-device")
+                            fix="use a larger mesh, raise --memory-per-device, or cut the model into pipeline "
+                                "stages (--stages auto)")
     plan = plan_from_choice(st, sol.choice)
     warnings = []
     if sol.status == "time_limit":

@@ -219,8 +219,9 @@ def test_infeasible_memory_says_what_fits():  # FAILURES.md 25
     graph = transformer(layers=2, b=2, s=64, h=256)
     with pytest.raises(PlanningError, match=r"infeasible: smallest peak found [0-9.]+ MB on device \(0,\).*"
                                             r"largest tensors per device: l\d\.w[12].*try a larger mesh or "
-                                            r"--memory-per-device"):
+                                            r"--memory-per-device") as e:
         auto_plan(graph, with_links(Mesh.parse("4")), memory_per_device=0.1 * graph.weight_bytes())
+    assert "--stages auto" in e.value.fix
 
 
 def test_problem_json_round_trip_replays_the_solution(tmp_path):
