@@ -12,7 +12,9 @@
  * panels of b"); float64 and transposed-a products: ``cblas_sgemm``/``cblas_dgemm``.
  *
  * ``cpu_pack_weight(w, trans, out)`` / ``cpu_matmul_packed(a, wp, n, out)``: a float32 weight packed once, when the
- * model is loaded, into the panel GEMM's layout ``[ceil(N / 32), K, 32]``, and ``a [..., M, K] @`` it.
+ * model is loaded, into the panel GEMM's layout ``[ceil(N / 32), K, 32]``, and ``a [..., M, K] @`` it; a
+ * float16/bfloat16 weight is packed so too but stays 16-bit (each slice of a panel is widened as the GEMM takes it:
+ * one contiguous conversion instead of gathering the panel from the weight every call).
  *
  * ``cpu_matmul_nbits(a, codes, scales, out)`` / ``cpu_matmul_nbits_zp(a, codes, scales, zero_points, out)``: float32
  * ``a [M, K] @ W.T`` with ``W [N, K]`` given as 4-bit codes ``[N, blocks, block/2]`` (two a byte, low nibble first)
@@ -2211,6 +2213,7 @@ struct PanelGemm {
   int64_t ldc, m, n, k;
   const ConvCols* conv = nullptr;  // b is this convolution's column matrix (b, ldb, tb unused)
   const uint16_t* b16 = nullptr;   // b is 16-bit (bfloat16 when bf16, else float16), widened as it is packed
+  const uint16_t* bp16 = nullptr;  // packed 16-bit panels (cpu_pack_weight of a 16-bit weight), widened per slice
   bool bf16 = false;
   const Epilogue* ep = nullptr;    // applied to each block of c after its last pass over k
 };
@@ -2486,6 +2489,15 @@ void PanelGemmRun(const PanelGemm& g) {
       }
     };
     for (int64_t d = 0; d < std::max<int64_t>(g.k, 1); d += kPackedDepth) {
+      if (g.bp16 != nullptr) {  // a contiguous [depth, 32] slice of 16-bit panel: one vector conversion
+        const int64_t depth = std::min(kPackedDepth, g.k - d);
+        for (int64_t j = j0; j < j1; ++j) {
+          buffer.resize(static_cast<size_t>(depth * kPackPanel));
+          if (g.k > 0) Convert(g.bp16 + (j * g.k + d) * kPackPanel, buffer.data(), depth * kPackPanel, g.bf16);
+          for (int64_t b0 = r0; b0 < r1; b0 += block) run(b0, std::min(r1, b0 + block), j, buffer.data(), d);
+        }
+        continue;
+      }
       if (g.bp != nullptr) {
         for (int64_t b0 = r0; b0 < r1; b0 += block) {
           for (int64_t j = j0; j < j1; ++j) run(b0, std::min(r1, b0 + block), j, g.bp + (j * g.k + d) * kPackPanel, d);
@@ -2681,16 +2693,34 @@ void CpuMatmul(ffi::TensorView a, ffi::TensorView b, int64_t trans_a, int64_t tr
   }
 }
 
-/*! \brief \a out [ceil(N / 32), K, 32] = the float32 weight \a w [K, N] (or, with \a trans, [N, K]) in panels. */
+/*! \brief \a out [ceil(N / 32), K, 32] = the weight \a w [K, N] (or, with \a trans, [N, K]) in panels: float32,
+ *  or float16/bfloat16 kept 16-bit (the panel GEMM widens a slice of a panel as it uses it). */
 void CpuPackWeight(ffi::TensorView w, int64_t trans, ffi::TensorView out) {
   const DLDataType f32{kDLFloat, 32, 1};
-  CheckOperand(w, f32, "w");
-  CheckOperand(out, f32, "out");
+  const bool half = IsHalf(w.dtype());
+  CheckOperand(w, half ? w.dtype() : f32, "w");
+  CheckOperand(out, half ? w.dtype() : f32, "out");
   if (w.ndim() != 2) TVM_FFI_THROW(ValueError) << "cpu_pack_weight: the weight must be 2-D";
   const int64_t k = trans ? Dim(w, 1) : Dim(w, 0), n = trans ? Dim(w, 0) : Dim(w, 1);
   const int64_t panels = (n + kPackPanel - 1) / kPackPanel;
   if (out.ndim() != 3 || Dim(out, 0) != panels || Dim(out, 1) != k || Dim(out, 2) != kPackPanel) {
     TVM_FFI_THROW(ValueError) << "cpu_pack_weight: out must be [" << panels << ", " << k << ", " << kPackPanel << "]";
+  }
+  if (half) {
+    const uint16_t* src = Data<uint16_t>(w);
+    uint16_t* dst = Data<uint16_t>(out);
+    ParallelRows(panels, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t c0 = j * kPackPanel, cols = std::min(kPackPanel, n - c0);
+        uint16_t* panel = dst + j * k * kPackPanel;
+        for (int64_t p = 0; p < k; ++p) {
+          uint16_t* row = panel + p * kPackPanel;
+          for (int64_t q = 0; q < cols; ++q) row[q] = trans ? src[(c0 + q) * k + p] : src[p * n + c0 + q];
+          std::fill(row + cols, row + kPackPanel, uint16_t(0));
+        }
+      }
+    });
+    return;
   }
   const PanelGemm g{nullptr, 0, nullptr, Data<float>(w), trans ? k : n, trans != 0, nullptr, 0, 0, n, k};
   float* dst = Data<float>(out);
@@ -2699,12 +2729,15 @@ void CpuPackWeight(ffi::TensorView w, int64_t trans, ffi::TensorView out) {
   });
 }
 
-/*! \brief \a out [..., M, N] = \a a [..., M, K] @ the weight packed by cpu_pack_weight (\a wp, N = \a n columns). */
+/*! \brief \a out [..., M, N] = \a a [..., M, K] @ the weight packed by cpu_pack_weight (\a wp, N = \a n columns):
+ *  float32, or 16-bit a and panels (float32 accumulation) with a float32 or 16-bit result. */
 void CpuMatmulPacked(ffi::TensorView a, ffi::TensorView wp, int64_t n, ffi::TensorView out) {
   const DLDataType f32{kDLFloat, 32, 1};
-  CheckOperand(a, f32, "a");
-  CheckOperand(wp, f32, "the packed weight");
-  CheckOperand(out, f32, "out");
+  const bool half = IsHalf(wp.dtype());
+  CheckOperand(a, half ? wp.dtype() : f32, "a");
+  CheckOperand(wp, half ? wp.dtype() : f32, "the packed weight");
+  const bool narrow = half && IsHalf(out.dtype());
+  CheckOperand(out, narrow ? wp.dtype() : f32, "out");
   bool fits = a.ndim() >= 1 && out.ndim() == a.ndim() && wp.ndim() == 3 && Dim(out, -1) == n &&
               Dim(wp, 0) == (n + kPackPanel - 1) / kPackPanel && Dim(wp, 1) == Dim(a, -1) && Dim(wp, 2) == kPackPanel;
   int64_t m = 1;
@@ -2717,7 +2750,19 @@ void CpuMatmulPacked(ffi::TensorView a, ffi::TensorView wp, int64_t n, ffi::Tens
                                  "[..., M, N] do not fit (N = " << n << ")";
   }
   const int64_t k = Dim(a, -1);
-  RunPanelGemm(PanelGemm{Data<float>(a), k, Data<float>(wp), nullptr, 0, false, Data<float>(out), n, m, n, k});
+  if (!half) {
+    RunPanelGemm(PanelGemm{Data<float>(a), k, Data<float>(wp), nullptr, 0, false, Data<float>(out), n, m, n, k});
+    return;
+  }
+  const bool bf16 = wp.dtype().code == kDLBfloat;
+  float* wa = Scratch(0, m * k);
+  ConvertAll(Data<uint16_t>(a), wa, m * k, bf16);
+  float* c = narrow ? Scratch(2, m * n) : Data<float>(out);
+  PanelGemm g{wa, k, nullptr, nullptr, 0, false, c, n, m, n, k};
+  g.bp16 = Data<uint16_t>(wp);
+  g.bf16 = bf16;
+  RunPanelGemm(g);
+  if (narrow) ConvertAll(c, Data<uint16_t>(out), m * n, bf16);
 }
 
 void CpuConv2d(ffi::TensorView x, ffi::TensorView w, int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb,

@@ -42,7 +42,7 @@ from bmc.codegen.rewrite import (bound_fusion, counting_pass, owned_outputs, rew
                                  split_full_reductions, split_slices, static_shape, use_counts, vector_lanes)
 from bmc.runtime.kernels import (CONV2D_FUSED_KERNEL, CONV2D_KERNEL, MATMUL_INTEGER_KERNEL, MATMUL_INTEGER_PACKED_KERNEL,
                                  MATMUL_KERNEL, MATMUL_PACKED_KERNEL, PACK_INT8_WEIGHT_KERNEL, PACK_PANEL,
-                                 PACK_WEIGHT_KERNEL, pack_weights_enabled, packed_int8_shape)
+                                 PACK_WEIGHT_KERNEL, SKINNY_ROWS, pack_weights_enabled, packed_int8_shape)
 
 #: result dtypes the BLAS kernel handles (sgemm, dgemm); anything else stays a TVM kernel
 BLAS_DTYPES = ("float32", "float64")
@@ -417,11 +417,16 @@ def _kernels_called(mod: tvm.IRModule) -> set[str]:
 
 def _packed_use(value, w: relax.Var, weights: set):
     """How ``value`` reads the weight ``w`` if it can read it packed: ``("float32", trans_b)`` as the right operand
-    of a float32 ``bmc.cpu.matmul`` with a not transposed, ``("int8",)`` as ``bt`` of ``bmc.cpu.matmul_integer``;
-    else None. An ``a`` that is a weight too keeps both as they are."""
+    of a ``bmc.cpu.matmul`` with a not transposed, float32 or (more than ``SKINNY_ROWS`` rows of a: the few-row
+    kernels read a 16-bit weight where it lies, at half float32's bytes) float16/bfloat16 operands;
+    ``("int8",)`` as ``bt`` of ``bmc.cpu.matmul_integer``; else None. An ``a`` that is a weight too keeps both as
+    they are."""
     ops = _kernel_operands(value, MATMUL_KERNEL)
-    if ops is not None and ops[1].same_as(w) and ops[0] not in weights:
-        if str(value.ty.dtype) == "float32" and int(ops[2].value) == 0:
+    if ops is not None and ops[1].same_as(w) and ops[0] not in weights and int(ops[2].value) == 0:
+        dtype, shape = str(ops[0].ty.dtype), static_shape(ops[0].ty)
+        if dtype == "float32" and str(value.ty.dtype) == "float32":
+            return "float32", int(ops[3].value)
+        if dtype in ("float16", "bfloat16") and shape is not None and math.prod(shape[:-1]) > SKINNY_ROWS:
             return "float32", int(ops[3].value)
     ops = _kernel_operands(value, MATMUL_INTEGER_KERNEL)
     if ops is not None and ops[1].same_as(w) and ops[0] not in weights and not any(o.same_as(w) for o in ops[2:]):
@@ -432,8 +437,8 @@ def _packed_use(value, w: relax.Var, weights: set):
 def prepack_weights(record: dict | None = None) -> tvm.transform.Pass:
     """Module pass: a 2-D weight of ``main`` (a parameter after its ``num_input`` inputs) whose every use can read
     it packed (:func:`_packed_use`) becomes a parameter holding the packed weight and those calls the packed
-    kernels: a float32 one in panels ``[ceil(N / 32), K, 32]`` for ``bmc.cpu.matmul_packed`` (the BLAS packs b on
-    every call), an 8-bit ``bt [N, K]`` in ``bmc.cpu.pack_int8_weight``'s panels with its row sums for
+    kernels: a float32 or 16-bit one in panels ``[ceil(N / 32), K, 32]`` of its dtype for ``bmc.cpu.matmul_packed``
+    (the panel GEMM packs b on every call otherwise), an 8-bit ``bt [N, K]`` in ``bmc.cpu.pack_int8_weight``'s panels with its row sums for
     ``bmc.cpu.matmul_integer_packed`` (which then takes the VNNI panel tiles for every row count). The runtime packs
     each such weight once, as it loads it (``record["packed_weights"]``: name → stored transposed, ``[N, K]``;
     ``record["packed_int8_weights"]``: names). ``BMC_CPU_PACK_WEIGHTS=0`` keeps every weight as stored."""
@@ -458,9 +463,9 @@ def prepack_weights(record: dict | None = None) -> tvm.transform.Pass:
             if shape is None or len(shape) != 2:
                 continue
             dtype = str(w.ty.dtype)
-            if how[0] == "float32" and dtype == "float32":
+            if how[0] == "float32" and dtype in ("float32", "float16", "bfloat16"):
                 k, n = shape[::-1] if how[1] else shape
-                packed[w] = relax.Var(w.name, relax.TensorType([-(-n // PACK_PANEL), k, PACK_PANEL], "float32"))
+                packed[w] = relax.Var(w.name, relax.TensorType([-(-n // PACK_PANEL), k, PACK_PANEL], dtype))
             elif how[0] == "int8" and dtype in ("int8", "uint8"):
                 packed[w] = relax.Var(w.name, relax.TensorType(list(packed_int8_shape(*shape)), "int8"))
         if not packed:

@@ -66,13 +66,17 @@ ATTENTION_BIAS_LSE_KERNEL = "bmc.cpu.attention_bias_lse"
 #: scale).T`` of float8 codes ``[N, K]`` whose 256 values are ``table`` (the format's mantissa bits and bias let the
 #: native kernel decode most codes arithmetically) and a scale per row of the codes, or one (the ``matmul_float8`` op)
 MATMUL_FLOAT8_KERNEL = "bmc.cpu.matmul_float8"
-#: ``bmc.cpu.matmul_packed(a, wp, n, out)``: float32 ``a [..., M, K] @ w`` with the weight ``w [K, N]`` packed
-#: once, when the model is loaded, by ``bmc.cpu.pack_weight(w, trans, wp)`` into panels ``[ceil(N / 32), K, 32]``
-#: (``trans``: w is stored ``[N, K]``); see :func:`pack_params`
+#: ``bmc.cpu.matmul_packed(a, wp, n, out)``: ``a [..., M, K] @ w`` with the weight ``w [K, N]`` packed once, when
+#: the model is loaded, by ``bmc.cpu.pack_weight(w, trans, wp)`` into panels ``[ceil(N / 32), K, 32]`` of its dtype
+#: (``trans``: w is stored ``[N, K]``): float32, or float16/bfloat16 with a float32 or 16-bit result; see
+#: :func:`pack_params`
 MATMUL_PACKED_KERNEL = "bmc.cpu.matmul_packed"
 PACK_WEIGHT_KERNEL = "bmc.cpu.pack_weight"
 #: columns per panel of a packed weight
 PACK_PANEL = 32
+#: rows of a up to which ``bmc.cpu.matmul`` reads a 16-bit weight where it lies (its few-row kernels); a 16-bit
+#: weight is packed at load only for products with more rows
+SKINNY_ROWS = 8
 #: ``bmc.cpu.matmul_integer_packed(a, bp, a_zero_point, b_zero_point, n, out)``: ``bmc.cpu.matmul_integer`` with
 #: its 8-bit weight ``bt [N, K]`` packed once, when the model is loaded, by ``bmc.cpu.pack_int8_weight(bt, bp)``
 #: (:func:`packed_int8_shape`; a uint8 weight is flipped to int8, its zero point says which it was)
@@ -289,7 +293,7 @@ def _matmul_numpy(a, b, trans_a, trans_b, out) -> None:
 
 
 def pack_weights_enabled() -> bool:
-    """Whether compiles pack float32 matmul weights (``BMC_CPU_PACK_WEIGHTS=0`` keeps them as stored)."""
+    """Whether compiles pack matmul weights (``BMC_CPU_PACK_WEIGHTS=0`` keeps them as stored)."""
     return os.environ.get("BMC_CPU_PACK_WEIGHTS", "1").strip() != "0"
 
 
@@ -302,8 +306,9 @@ def packed_int8_shape(n: int, k: int) -> tuple[int, int, int]:
 
 def pack_params(cpu: dict | None, names: list[str], tensors: list) -> list:
     """``tensors`` (the program's weights, in ``names`` order) with the weights the program reads packed replaced by
-    their packed form, in place: ``cpu`` is the kernel record (``kernels.cpu``) whose ``packed_weights`` (float32
-    matmul weights, name → stored transposed) go to panels (``bmc.cpu.pack_weight``) and ``packed_int8_weights``
+    their packed form, in place: ``cpu`` is the kernel record (``kernels.cpu``) whose ``packed_weights`` (float32,
+    float16 and bfloat16 matmul weights, name → stored transposed) go to panels of their dtype
+    (``bmc.cpu.pack_weight``) and ``packed_int8_weights``
     (8-bit ``[N, K]``) to ``bmc.cpu.pack_int8_weight``'s layout. Each unpacked weight is dropped as its packed copy
     is made, so loading needs one weight more at most."""
     float32, int8 = (cpu or {}).get("packed_weights") or {}, set((cpu or {}).get("packed_int8_weights") or ())
@@ -316,7 +321,7 @@ def pack_params(cpu: dict | None, names: list[str], tensors: list) -> list:
         t = tensors[i]
         if name in float32:
             k, n = t.shape[::-1] if float32[name] else t.shape
-            out = tvm.runtime.empty((-(-int(n) // PACK_PANEL), int(k), PACK_PANEL), "float32", t.device)
+            out = tvm.runtime.empty((-(-int(n) // PACK_PANEL), int(k), PACK_PANEL), str(t.dtype), t.device)
             tvm_ffi.get_global_func(PACK_WEIGHT_KERNEL)(t, int(float32[name]), out)
             tensors[i] = out
         elif name in int8:
@@ -330,17 +335,17 @@ def _pack_weight_numpy(w, trans, out) -> None:
     """``bmc.cpu.pack_weight`` in numpy: the [K, N] weight as zero-padded panels ``[ceil(N / 32), K, 32]``."""
     W, P = host_array(w), host_array(out)
     W = W.T if trans else W
-    panels = np.zeros((W.shape[0], P.shape[0] * PACK_PANEL), np.float32)
+    panels = np.zeros((W.shape[0], P.shape[0] * PACK_PANEL), W.dtype)
     panels[:, :W.shape[1]] = W
     P[...] = panels.reshape(W.shape[0], P.shape[0], PACK_PANEL).transpose(1, 0, 2)
 
 
 def _matmul_packed_numpy(a, wp, n, out) -> None:
-    """``bmc.cpu.matmul_packed`` in numpy: the weight unpacked, then one BLAS GEMM."""
+    """``bmc.cpu.matmul_packed`` in numpy: the weight unpacked, then one BLAS GEMM (16-bit ones in float32)."""
     A, P, C = host_array(a), host_array(wp), host_array(out)
-    W = P.transpose(1, 0, 2).reshape(P.shape[1], P.shape[0] * PACK_PANEL)[:, :n]
+    W = P.transpose(1, 0, 2).reshape(P.shape[1], P.shape[0] * PACK_PANEL)[:, :n].astype(np.float32)
     rows = C.size // max(n, 1)
-    np.matmul(A.reshape(rows, A.shape[-1]), W, out=C.reshape(rows, n))
+    C.reshape(rows, n)[...] = np.matmul(A.reshape(rows, A.shape[-1]).astype(np.float32), W)
 
 
 def _matmul_nbits_numpy(a, codes, scales, *rest) -> None:

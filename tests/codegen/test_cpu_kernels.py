@@ -337,6 +337,96 @@ def test_matmul_weights_are_packed_once_at_load(native_lib, monkeypatch, tmp_pat
             np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-5 * float(np.abs(want).max()), err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_16_bit_weights_pack_into_16_bit_panels(native_lib, monkeypatch, isa, dtype):
+    """``pack_weight`` of a float16/bfloat16 weight keeps it 16-bit in the panel layout (equal to the numpy
+    fallback's); ``matmul_packed`` of 16-bit a and panels equals the float32 product of the 16-bit values (float32
+    result: 1e-5 of max |ref|; 16-bit result: that product rounded once, within one 16-bit step), and the numpy
+    fallback agrees; K over 4096 runs in passes."""
+    import ml_dtypes
+    import tvm
+    import tvm_ffi
+
+    from bmc.runtime import kernels
+
+    have = kernels.host_cpu_features() or set()
+    if isa == "avx512" and "avx512f" not in have or "avx2" not in have:
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
+    for var, value in PANEL_ISAS[isa].items():
+        monkeypatch.setenv(var, value)
+    kernels.register_cpu_kernels(native=True, threads=2)
+    npdt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+    step = 2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10
+    rng = np.random.default_rng(5)
+
+    def tensor(array, dt):
+        t = tvm.runtime.empty(array.shape, dt)
+        kernels.host_array(t)[...] = array
+        return t
+
+    for m, k, n, trans in ((37, 300, 70, False), (12, 64, 32, True), (9, 4100, 33, True), (100, 7, 15, False)):
+        w = rng.standard_normal((n, k) if trans else (k, n)).astype(npdt)
+        a = rng.standard_normal((m, k)).astype(npdt)
+        ref = a.astype(np.float64) @ (w.T if trans else w).astype(np.float64)
+        stored, at = tensor(w, dtype), tensor(a, dtype)
+        packed = tvm.runtime.empty((-(-n // 32), k, 32), dtype)
+        tvm_ffi.get_global_func(kernels.PACK_WEIGHT_KERNEL)(stored, int(trans), packed)
+        layout = tvm.runtime.empty((-(-n // 32), k, 32), dtype)
+        kernels._pack_weight_numpy(stored, int(trans), layout)
+        np.testing.assert_array_equal(kernels.host_array(packed).view(np.uint16),
+                                      kernels.host_array(layout).view(np.uint16))
+        scale = float(np.abs(ref).max())
+        for out_dtype in ("float32", dtype):
+            for run in (tvm_ffi.get_global_func(kernels.MATMUL_PACKED_KERNEL), kernels._matmul_packed_numpy):
+                out = tensor(np.full((m, n), 7, np.float32).astype(npdt if out_dtype == dtype else np.float32),
+                             out_dtype)
+                run(at, packed, n, out)
+                got = kernels.host_array(out).astype(np.float64)
+                tol = 1e-5 * scale if out_dtype == "float32" else step * np.abs(ref) + 1e-5 * scale
+                assert (np.abs(got - ref) <= tol).all(), (m, k, n, trans, out_dtype, run)
+    kernels.register_cpu_kernels(native=False)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_weights_are_packed_at_load_only_for_many_rows(native_lib, monkeypatch, tmp_path, dtype):
+    """A float32 model compiled ``--dtype float16|bfloat16``: with 16 rows its matmul weights are packed at load into
+    16-bit panels (the few-row kernels read them where they lie: at 4 rows nothing is packed); the packed program's
+    outputs are bit for bit those of the unpacked one (the same widened values through the same panel kernel)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bmc.compiler import compile_model
+    from bmc.runtime.executor import load
+    from bmc.runtime.kernels import register_cpu_kernels
+
+    monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
+    register_cpu_kernels(native=True, threads=2)
+    rng = np.random.default_rng(1)
+    w1, w2 = rng.standard_normal((64, 96)).astype(np.float32), rng.standard_normal((40, 96)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for rows, packs in ((16, True), (4, False)):
+        x = rng.standard_normal((rows, 64)).astype(np.float32)
+        outs = []
+        for pack in ("1", "0"):
+            monkeypatch.setenv("BMC_CPU_PACK_WEIGHTS", pack)
+            path = tmp_path / f"m{rows}-{pack}.bmc"
+            compile_model(model, path, dtype=dtype, input_shapes={"rows": rows})
+            cpu = json.loads((path / "manifest.json").read_text())["kernels"]["cpu"]
+            assert bool(cpu.get("packed_weights")) == (packs and pack == "1"), cpu
+            outs.append(load(path)(x=x))
+        np.testing.assert_array_equal(outs[0], outs[1])
+        ref = np.maximum(x.astype(np.float64) @ w1, 0) @ w2.T.astype(np.float64)
+        assert float(np.abs(outs[0] - ref).max()) <= 3e-2 * float(np.abs(ref).max())
+    register_cpu_kernels(native=False)
+
+
 def test_int8_weights_are_packed_once_at_load(native_lib, monkeypatch, tmp_path):
     """An 8-bit weight read only as MatMulInteger's B (int8, or uint8 with a zero point per column) is packed when
     the program is loaded (in memory, from an artifact, and per shard on a 1x2 mesh of simulated ranks), and the
