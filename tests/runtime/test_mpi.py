@@ -593,3 +593,22 @@ def test_a_bfloat16_pipeline_passes_16_bit_values_between_stages(tmp_path):
     with np.load(tmp_path / "out.npz") as got:
         want = data["output:logits"]
         assert float(np.max(np.abs(got["logits"] - want))) <= 1e-2 * float(np.max(np.abs(want)))
+
+
+def test_values_made_early_travel_the_whole_pipeline(tmp_path):
+    """3 stages on 3 ranks: an output made by stage 0 passes through stage 1 to the last stage (rank to rank), a
+    graph input returned as is and one read only by the last layers; equal to onnxruntime."""
+    import onnxruntime as ort
+
+    import bmc
+    from tests.runtime.test_pipeline import _branchy
+
+    model = _branchy(tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    inputs = {"x": rng.standard_normal((4, 16)).astype(np.float32),
+              "bias": rng.standard_normal((4, 16)).astype(np.float32)}
+    bmc.compile(model, tmp_path / "p.bmc", mesh="3", stages=3, input_shapes={"b": 4})
+    np.savez(tmp_path / "in.npz", **inputs)
+    r = bmc_run(3, tmp_path / "p.bmc", tmp_path / "in.npz", tmp_path / "out.npz")
+    assert r.returncode == 0, r.stdout + r.stderr
+    _check(tmp_path / "out.npz", ort.InferenceSession(str(model)).run(None, inputs))

@@ -145,3 +145,48 @@ def test_stages_auto_compiles_the_chosen_pipeline(tmp_path):
                         "--memory-per-device", "7MiB"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert re.search(r"^\s+2 .* <- chosen$", r.stdout, re.M) and "stage 1: nodes" in r.stdout
+
+
+def _branchy(path: Path) -> Path:
+    """Outputs made early (read later too), at the end, and a graph input returned as is; an input read only by
+    the last layers; a constant read by every layer."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    nodes, inits, x = [], [numpy_helper.from_array(np.float32(0.5), "half")], "x"
+    for i in range(6):
+        inits.append(numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32) * 0.3, f"w{i}"))
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]), helper.make_node("Tanh", [f"m{i}"], [f"t{i}"]),
+                  helper.make_node("Mul", [f"t{i}", "half"], [f"h{i}"])]
+        if i >= 4:
+            nodes.append(helper.make_node("Add", [f"h{i}", "bias"], [f"hb{i}"]))
+        nodes.append(helper.make_node("Add", [x, f"hb{i}" if i >= 4 else f"h{i}"], [f"y{i}"]))
+        x = f"y{i}"
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "branchy", [vi("x", TensorProto.FLOAT, ["b", 16]),
+                                                 vi("bias", TensorProto.FLOAT, ["b", 16])],
+                              [vi("y0", TensorProto.FLOAT, None), vi(x, TensorProto.FLOAT, None),
+                               vi("bias", TensorProto.FLOAT, None)], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("stages,microbatches", [(2, 2), (3, 1)])
+def test_outputs_made_early_and_inputs_read_late_cross_the_stages(tmp_path, stages, microbatches):
+    """A graph output made by the first stage (and read by later ones), the last stage's output, a graph input
+    returned as an output and an input only the last layers read: every stage count gives onnxruntime's outputs."""
+    import onnxruntime as ort
+
+    model = _branchy(tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    inputs = {"x": rng.standard_normal((4, 16)).astype(np.float32),
+              "bias": rng.standard_normal((4, 16)).astype(np.float32)}
+    want = ort.InferenceSession(str(model)).run(None, inputs)
+    summary = bmc.compile(model, tmp_path / "p.bmc", mesh=str(stages), stages=stages, microbatches=microbatches,
+                          input_shapes={"b": 4})
+    assert len(summary["stages"]) == stages
+    got = bmc.load(tmp_path / "p.bmc", simulate=True)(**inputs)
+    assert len(got) == 3
+    for g, w in zip(got, want):
+        _close(g, w)
