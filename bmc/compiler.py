@@ -20,11 +20,17 @@ def verify_graph(graph: Graph) -> None:
     verify(graph, infer_types)
 
 
-def signature_of(graph: Graph) -> dict:
-    def entry(v):
-        return {"name": v.name, "dtype": v.type.dtype, "shape": list(v.type.shape)}
+def signature_of(graph: Graph, output_names: Sequence[str] | None = None) -> dict:
+    """The artifact signature of ``graph``; ``output_names`` (the model's, see ``Graph.output_names``) name the
+    outputs where they can (a name an earlier output already has stays the value's)."""
+    def entry(v, name=None):
+        return {"name": name or v.name, "dtype": v.type.dtype, "shape": list(v.type.shape)}
 
-    return {"inputs": [entry(v) for v in graph.inputs], "outputs": [entry(v) for v in graph.outputs],
+    names, taken = [], set()
+    for v, name in zip(graph.outputs, output_names or [v.name for v in graph.outputs]):
+        names.append(name if name not in taken else v.name)
+        taken.add(names[-1])
+    return {"inputs": [entry(v) for v in graph.inputs], "outputs": [entry(v, n) for v, n in zip(graph.outputs, names)],
             "params": [entry(v) for v in graph.params]}
 
 
@@ -57,7 +63,10 @@ def import_graph(model, input_shapes=None, dtype: str = "float32", dump_dir: str
     passes = [Pass("fuse_attention", fuse_attention)]
     if dtype != "float32":
         passes.append(Pass(f"convert_to_{dtype}", lambda g: convert_float32(g, dtype)))
-    return run_passes(import_model(model, input_shapes), passes, verify=verify_graph, dump_dir=dump_dir)
+    imported = import_model(model, input_shapes)
+    graph = run_passes(imported, passes, verify=verify_graph, dump_dir=dump_dir)
+    graph.output_names = imported.output_names  # (passes keep the outputs' order)
+    return graph
 
 
 def plan_model(model, *, mesh, shard: Mapping | None = None, strategy: str | None = None,
@@ -172,15 +181,15 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
         pipeline = {"stages": [{"program": f"stage{st.index}", "ranks": ranks, "mesh": p.mesh.to_json(),
                                 "signature": signature_of(p.graph), "nodes": [st.start, st.end], "sends": st.sends,
                                 **c.extra} for st, ranks, p, c in zip(pipe.cuts, pipe.ranks, planned, programs)],
-                    "microbatches": microbatches}
-        signature = {**signature_of(graph), "params": []}
+                    "microbatches": microbatches, "outputs": [v.name for v in graph.outputs]}
+        signature = {**signature_of(graph, graph.output_names), "params": []}
         exports = {f"stage{i}": c.built.export for i, c in enumerate(programs)}
         weights = {rank: c.weights[local] for c, ranks in zip(programs, pipe.ranks)
                    for local, rank in enumerate(ranks)}
         extra = None
     else:
         (p,), (c,) = planned, programs
-        pipeline, signature, exports, extra = None, signature_of(p.graph), c.built.export, c.extra
+        pipeline, signature, exports, extra = None, signature_of(p.graph, graph.output_names), c.built.export, c.extra
         weights = dict(enumerate(c.weights)) if p.sharded else c.weights[0]
     t0 = time.perf_counter()
     path = write_artifact(

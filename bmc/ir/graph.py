@@ -60,6 +60,9 @@ class Graph:
     nodes: list[Node] = field(default_factory=list)
     outputs: list[Value] = field(default_factory=list)
     weights: dict[str, Tensor] = field(default_factory=dict)
+    #: the model's own names of the outputs, where they differ from the values' (an ONNX output that is a graph
+    #: input, a weight or a repeated output is a copy, whose IR name must differ); None: the values' names
+    output_names: list[str] | None = None
 
     def values(self) -> Iterator[Value]:
         """Every value once, in definition order."""

@@ -18,9 +18,10 @@ program takes inputs then params in this order and returns a tuple of the output
 manifest → ``{"sha256", "size"}``), plus any keys the caller adds through ``extra``.
 
 Format 2 adds pipeline artifacts (written as 2 only when they are one, so older bmc versions still read the
-others): ``pipeline`` = ``{"stages": [...], "microbatches": K}``, each stage ``{"program", "ranks", "mesh",
-"signature", "nodes", "sends", "kernels"?, "implicit_inputs"?}``; the top-level ``signature`` is the whole model's
-(no params: each stage's signature lists its ranks' weights) and ``mesh`` the whole mesh.
+others): ``pipeline`` = ``{"stages": [...], "microbatches": K, "outputs": [...]}``, each stage ``{"program",
+"ranks", "mesh", "signature", "nodes", "sends", "kernels"?, "implicit_inputs"?}``, ``outputs`` the values (by the
+stages' names) that are the model's outputs; the top-level ``signature`` is the whole model's (no params: each
+stage's signature lists its ranks' weights) and ``mesh`` the whole mesh.
 
 Guarantees:
 

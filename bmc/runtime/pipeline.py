@@ -52,6 +52,7 @@ def _check(manifest: dict, where: str) -> None:
         stages = pipe["stages"]
         ranks = [r for st in stages for r in st["ranks"]]
         ok = (isinstance(pipe.get("microbatches"), int) and pipe["microbatches"] >= 1 and len(stages) >= 1
+              and len(pipe["outputs"]) == len(manifest["signature"]["outputs"])
               and ranks == list(range(manifest["world_size"]))
               and len({len(st["ranks"]) for st in stages}) == 1
               and all(st["program"] in manifest["programs"] and int(np.prod(st["mesh"]["shape"])) == len(st["ranks"])
@@ -74,6 +75,7 @@ class PipelineModel(Model):
         pipe = manifest["pipeline"]
         self.microbatches = pipe["microbatches"]
         self._entries = pipe["stages"]
+        self._made = pipe["outputs"]  # the values the outputs are, in signature order (their names may differ)
         made = {o["name"]: o for st in self._entries for o in st["signature"]["outputs"]}
         # per stage: (name, dtype, shape) of what it receives from the stage before it
         self._received = [[], *([(n, made[n]["dtype"], made[n]["shape"]) for n in st["sends"]]
@@ -98,7 +100,7 @@ class PipelineModel(Model):
         for env in self._microbatches(given):
             for model in self.stages:
                 self._run_stage(model, env)
-            parts.append([env[n] for n in self.output_names])
+            parts.append([env[n] for n in self._made])
         return self._stacked(parts)
 
     def _execute_mpi(self, inputs: dict[str, Any]) -> list[np.ndarray]:
@@ -117,7 +119,7 @@ class PipelineModel(Model):
                     ctx.send_arrays(self._entries[s + 1]["ranks"][local], [env[n] for n in self._entries[s]["sends"]],
                                     what=f"stage {s} sending to stage {s + 1}")
                 else:
-                    parts.append([env[n] for n in self.output_names])
+                    parts.append([env[n] for n in self._made])
         except BmcError as e:
             self._abort(e)
         root = self._entries[last]["ranks"][0]

@@ -230,6 +230,8 @@ def import_graph(proto: onnx.ModelProto, base_dir, input_shapes: Mapping[str, Se
             v.name = o.name
         outputs.append(v)
     graph = b.finish(outputs)
+    if any(v.name != o.name for v, o in zip(outputs, g.output)):
+        graph.output_names = [o.name for o in g.output]
     return eliminate_dead_code(graph)
 
 
