@@ -11,12 +11,12 @@ microbatch k while stage s + 1 works on k - 1. A send completes before the stage
 need not move a large message while neither rank is inside an MPI call; the next stage is normally waiting for it
 already, so this costs the copy). Rank i of a stage receives from rank i of the previous stage
 (every stage ends with replicated results, so any of its ranks holds all of them). The graph inputs reach every rank
-at the start (as a single program's do); the last stage's first rank broadcasts the outputs, stacked along the first
-dim, to every rank at the end.
+at the start (as a single program's do); the last stage's first rank broadcasts the outputs (the values
+``pipeline.outputs`` names), stacked along the first dim, to every rank at the end.
 
 * **under MPI** every rank loads only its stage (its program, its weights) on a communicator of the stage's ranks;
   a load failure on any rank is the same error on every rank; a failure during a run aborts the job (as for a single
-  program: the other ranks wait in collectives or receives). Receives use the collective watchdog.
+  program: the other ranks wait in collectives or receives). Sends and receives use the collective watchdog.
 * **simulated** (``simulate=True``) every stage runs in this process, one after the other per microbatch, each with
   its own simulated ranks.
 """
