@@ -221,15 +221,29 @@ def cmd_plan(args) -> int:
         _, prog, data = plan_model(args.model, mesh=mesh, shard=shard, strategy=args.strategy,
                                    input_shapes=input_shapes, **_plan_options(args))
         text = format_plan(prog, data)
+    if args.html:
+        from bmc.sharding.htmlreport import plan_html
+
+        _write_text(Path(args.html), plan_html(data, Path(args.model).name, f"plan on mesh {mesh}"), "--html")
     if args.json:
-        out = Path(args.json)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, out)
-        print(f"wrote {out}")
-    else:
+        _write_text(Path(args.json), json.dumps(data, indent=1) + "\n", "--json")
+    if not (args.json or args.html):
         print(text)
     return 0
+
+
+def _write_text(out: Path, text: str, flag: str) -> None:
+    """Write ``text`` to ``out`` through a temporary file renamed into place (nothing half-written is left)."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, "utf-8")
+        os.replace(tmp, out)
+    except OSError as e:
+        raise UsageError(f"cannot write {str(out)!r}: {e.strerror or e}", where=flag,
+                         fix="pass a path in an existing, writable folder") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {out}")
 
 
 def cmd_run(args) -> int:
@@ -334,6 +348,19 @@ def cmd_show(args) -> int:
     from bmc.runtime.artifact import read_manifest
 
     m = read_manifest(args.artifact)
+    if args.html:
+        from bmc.runtime.artifact import PLAN, verify_file
+        from bmc.sharding.htmlreport import plan_html
+
+        path = Path(args.artifact)
+        plan = json.loads(verify_file(path, PLAN, m["files"].get(PLAN)).read_text("utf-8"))
+        if not plan:
+            raise UsageError(f"{args.artifact} holds no plan", where="--html",
+                             fix="plan reports are for artifacts compiled by this bmc for a mesh")
+        target = m["target"].get("kind", "?") + "".join(f" {a}" for a in m["target"].get("archs") or [])
+        _write_text(Path(args.html), plan_html(plan, path.name, f"artifact for {target}, mesh "
+                                               f"{'x'.join(map(str, m['mesh']['shape']))}"), "--html")
+        return 0
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
@@ -459,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_flags(pl)
     pl.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help=f"as for compile: {_SHAPE_GRAMMAR}")
     pl.add_argument("--json", metavar="PATH", help="write the plan as JSON instead of printing the table")
+    pl.add_argument("--html", metavar="PATH", help="write the plan as a one-file HTML report (charts of time and "
+                    "memory, every collective, each device's blocks of the largest tensors, every node)")
     pl.set_defaults(func=cmd_plan)
 
     r = sub.add_parser("run", help="run an artifact on inputs from an .npz file")
@@ -480,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="print an artifact's manifest summary")
     s.add_argument("artifact")
     s.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    s.add_argument("--html", metavar="PATH", help="write the artifact's sharding plan as a one-file HTML report")
     s.set_defaults(func=cmd_show)
 
     v = sub.add_parser("verify", help="check an artifact's digests and versions; report NaN/Inf in the weights")

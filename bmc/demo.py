@@ -1,8 +1,9 @@
 """``bmc demo``: the main job end to end on the embedded GPT-style model.
 
-It compiles the model with the automatic plan for a 2x2 mesh, prints the plan summary, runs the artifact on 4 MPI
-ranks (``mpiexec -n 4 bmc run ...``; in one process with simulated collectives when no ``mpiexec`` is found), then
-compares the logits with onnxruntime and prints a short summary.
+It compiles the model with the automatic plan for a 2x2 mesh, prints the plan summary (and writes it as an HTML
+report, ``bmc-demo-plan.html`` in the temporary folder), runs the artifact on 4 MPI ranks (``mpiexec -n 4 bmc run
+...``; in one process with simulated collectives when no ``mpiexec`` is found), then compares the logits with
+onnxruntime and prints a short summary.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def main(target: str = "llvm", batch: int = 2, seq: int = 16, mesh: str = "2x2")
                               memory_per_device=DEMO_MEMORY_PER_DEVICE)
         compile_s = time.perf_counter() - t0
         plan = json.loads((art / "plan.json").read_text())
+        report = Path(tempfile.gettempdir()) / "bmc-demo-plan.html"
+        from bmc.sharding.htmlreport import plan_html
+
+        report.write_text(plan_html(plan, MODEL.name, f"demo plan on mesh {mesh}"), "utf-8")
         np.savez(inputs, input_ids=ids)
         t0 = time.perf_counter()
         how = _run(art, inputs, outputs, plan)
@@ -53,6 +58,8 @@ def main(target: str = "llvm", batch: int = 2, seq: int = 16, mesh: str = "2x2")
     print(f"  plan for mesh {mesh} ({plan['strategy']}, {solver.get('status', 'n/a')} in "
           f"{solver.get('total_s', 0):.2f} s): {dict(kinds) or 'no collectives'}; peak "
           f"{plan['memory']['peak_bytes_per_device'] / 1e3:.1f} kB/device (budget {DEMO_MEMORY_PER_DEVICE / 1e3:.0f} kB)")
+    print(f"  plan report: {report} (open it in a browser; `bmc show ARTIFACT --html FILE` writes one for any "
+          "artifact)")
     print(f"  compiled for {target} in {compile_s:.2f} s -> artifact {summary['size_bytes'] / 1e3:.0f} kB, "
           f"{summary['mesh']['shape']} mesh, per-rank weights")
     print(f"  ran on {how} in {run_s:.1f} s -> logits {logits.shape}")

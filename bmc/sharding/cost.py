@@ -168,10 +168,16 @@ def roofline_s(op: str, ins: list[TensorType], outs: list[TensorType], attrs: di
 
 def node_compute_s(node: Node, rule: ShardingRule, assign: Assignment, mesh: Mesh, device: DeviceProfile) -> float:
     """Seconds one device spends on ``node`` under strategy ``assign`` (constants are free)."""
+    return node_work(node, rule, assign, mesh, device)[0]
+
+
+def node_work(node: Node, rule: ShardingRule, assign: Assignment, mesh: Mesh,
+              device: DeviceProfile) -> tuple[float, float]:
+    """``(seconds, flops)`` of one device's share of ``node`` under strategy ``assign`` (constants are free)."""
     if node.op == "constant":
-        return 0.0
+        return 0.0, 0.0
     ins, outs = local_types(node, rule, assign, mesh)
-    return roofline_s(node.op, ins, outs, node.attrs, device)
+    return roofline_s(node.op, ins, outs, node.attrs, device), float(OPS[node.op].cost(ins, outs, node.attrs).flops)
 
 
 def node_comm_s(node: Node, rule: ShardingRule, assign: Assignment, mesh: Mesh) -> float:
@@ -195,6 +201,7 @@ class MemoryEstimate:
     weight_bytes: int
     peak_step: int  # node index at which activations peak
     largest: tuple[tuple[str, int], ...]  # the largest tensors per device (name, bytes), largest first
+    live: tuple[int, ...] = ()  # activation bytes live per device while each node runs (its results included)
 
 
 def plan_memory(graph: Graph, plan) -> MemoryEstimate:
@@ -213,9 +220,10 @@ def plan_memory(graph: Graph, plan) -> MemoryEstimate:
     for v in graph.outputs:
         last[id(v)] = len(graph.nodes)
     live = sum(size(v) for v in graph.inputs)
-    peak, step = live, 0
+    peak, step, curve = live, 0, []
     for i, n in enumerate(graph.nodes):
         live += sum(size(v) for v in n.outputs)
+        curve.append(live)
         if live > peak:
             peak, step = live, i
         for v in n.outputs:
@@ -225,7 +233,7 @@ def plan_memory(graph: Graph, plan) -> MemoryEstimate:
             if v.producer is not None and last.get(id(v)) == i:
                 live -= size(v)
     sizes = sorted(((size(v), v.name) for v in graph.values()), key=lambda t: (-t[0], t[1]))[:5]
-    return MemoryEstimate(weights + peak, weights, step, tuple((n, b) for b, n in sizes))
+    return MemoryEstimate(weights + peak, weights, step, tuple((n, b) for b, n in sizes), tuple(curve))
 
 
 @dataclass(frozen=True)
@@ -234,6 +242,7 @@ class PlanCost:
     comm_s: float
     memory: MemoryEstimate
     collectives: int
+    nodes: tuple[tuple[float, float], ...] = ()  # per node of the graph: (seconds, flops) on one device
 
     @property
     def total_s(self) -> float:
@@ -251,9 +260,7 @@ def plan_cost(graph: Graph, plan, device: DeviceProfile) -> PlanCost:
     from bmc.sharding.partition import partition, rule_of
 
     prog = partition(graph, plan)
-    compute = 0.0
-    for i, node in enumerate(graph.nodes):
-        rule = rule_of(node)
-        compute += node_compute_s(node, rule, plan.strategies.get(i, rule.replicated()), plan.mesh, device)
+    nodes = tuple(node_work(node, rule, plan.strategies.get(i, rule.replicated()), plan.mesh, device)
+                  for i, node in enumerate(graph.nodes) for rule in [rule_of(node)])
     comm = sum(c.time_s for c in prog.collectives)
-    return PlanCost(compute, comm, plan_memory(graph, plan), len(prog.collectives))
+    return PlanCost(sum(t for t, _ in nodes), comm, plan_memory(graph, plan), len(prog.collectives), nodes)

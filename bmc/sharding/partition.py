@@ -39,9 +39,11 @@ class Collective:
     node: str  # the ONNX node (source) whose operand needed it, or "output"
     time_s: float
     reduce: str = "sum"  # all_reduce: sum, or max/min after a max/min over split dims
+    at: int = -1  # the global graph's node it runs for (len(nodes): the outputs; -1: the inputs)
 
     def to_json(self) -> dict:
-        out = {"kind": self.kind, "axes": list(self.axes), "bytes": self.bytes, "node": self.node, "value": self.value}
+        out = {"kind": self.kind, "axes": list(self.axes), "bytes": self.bytes, "node": self.node, "value": self.value,
+               "at": self.at, "time_s": self.time_s}
         return out | ({"reduce": self.reduce} if self.kind == "all_reduce" else {})
 
     def describe(self) -> str:
@@ -71,6 +73,7 @@ class _Emitter:
     def __init__(self, mesh: Mesh, name: str, collectives: list[Collective]):
         self.mesh = mesh
         self.collectives = collectives
+        self.at = -1  # the global node being partitioned (Collective.at)
         self.b = GraphBuilder(name)
         self.coord = self.b.input(MESH_COORD, TensorType("int64", (len(mesh.shape),)))
         self._blocks: dict[tuple[str, ...], Value] = {}
@@ -97,7 +100,8 @@ class _Emitter:
         spec = Spec.replicated(x.type.rank)
         step = Step("all_reduce", axes, spec, spec, reduce=reduce)
         self.collectives.append(Collective("all_reduce", axes, step.bytes_per_device(x.type, self.mesh), x.name,
-                                           self.b.source or "local", step.time_s(x.type, self.mesh), reduce))
+                                           self.b.source or "local", step.time_s(x.type, self.mesh), reduce,
+                                           self.at))
         return self.reshard(x, step, x.type)
 
     def reshard(self, x: Value, step: Step, global_type: TensorType) -> Value:
@@ -141,7 +145,7 @@ def partition(graph: Graph, plan: Plan) -> LocalProgram:
             local[(id(v), step.after)] = x
             if step.kind != "local_slice":
                 prog.collectives.append(Collective(step.kind, step.axes, step.bytes_per_device(v.type, mesh), v.name,
-                                                   consumer, step.time_s(v.type, mesh)))
+                                                   consumer, step.time_s(v.type, mesh), at=em.at))
         return x
 
     for v in graph.inputs:
@@ -159,7 +163,7 @@ def partition(graph: Graph, plan: Plan) -> LocalProgram:
         local[(id(v), s)] = x
         prog.param_specs[v.name] = s
     for i, node in enumerate(graph.nodes):
-        em.b.source = node.source
+        em.b.source, em.at = node.source, i
         rule = rule_of(node)
         assign = plan.strategies.get(i, rule.replicated())
         why = rule.check(assign, mesh)
@@ -178,7 +182,7 @@ def partition(graph: Graph, plan: Plan) -> LocalProgram:
                 step = Step("all_reduce", axes, s, s, reduce=reduce)
                 outs[k] = em.reshard(outs[k], step, v.type)
                 prog.collectives.append(Collective("all_reduce", axes, step.bytes_per_device(v.type, mesh), v.name,
-                                                   node.source or node.op, step.time_s(v.type, mesh), reduce))
+                                                   node.source or node.op, step.time_s(v.type, mesh), reduce, i))
         for v, x, s in zip(node.outputs, outs, out_specs):
             want = TensorType(v.type.dtype, s.local_shape(v.type.shape, mesh))
             if x.type != want:
@@ -189,7 +193,7 @@ def partition(graph: Graph, plan: Plan) -> LocalProgram:
             if v.name in plan.forced:  # an annotation the producer cannot make directly: reshard right away
                 get(v, plan.forced[v.name], node.source or node.op)
                 spec_of[id(v)] = plan.forced[v.name]
-    em.b.source = ""
+    em.b.source, em.at = "", len(graph.nodes)
     outs = []
     for v in graph.outputs:
         x = get(v, plan.output_specs.get(v.name, Spec.replicated(v.type.rank)), "output")

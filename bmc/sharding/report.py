@@ -1,8 +1,11 @@
 """The plan as data (``plan.json``) and as a readable table.
 
 Keys (stable, for other tools): ``mesh`` {axes, shape}; ``values`` {name: {shape, dtype, spec, origin}};
-``collectives`` [{kind, axes, bytes (per device), node (ONNX node), value}]; ``memory`` {peak_bytes_per_device,
-budget_bytes, weight_bytes_per_device}; ``cost`` {total_s, compute_s, comm_s, device}; ``solver`` when a search ran.
+``nodes`` [{name (ONNX node), op, inputs, outputs (value names), compute_s, flops (one device's share)}] in graph
+order; ``collectives`` [{kind, axes, bytes (per device), node (ONNX node), value, at (index into ``nodes``: the node
+it runs for; ``len(nodes)`` the outputs, -1 the inputs), time_s}]; ``memory`` {peak_bytes_per_device, budget_bytes,
+weight_bytes_per_device, live_bytes (activations live per device while each node runs)}; ``cost`` {total_s,
+compute_s, comm_s, device}; ``solver`` when a search ran. ``bmc.sharding.htmlreport`` renders it as one HTML page.
 """
 
 from __future__ import annotations
@@ -15,12 +18,16 @@ def plan_json(prog: LocalProgram, cost, budget_bytes: int | None = None, device:
     plan, graph = prog.plan, prog.global_graph
     values = {v.name: {"shape": list(v.type.shape), "dtype": v.type.dtype, "spec": str(plan.specs[v.name]),
                        "origin": plan.origins.get(v.name, "default")} for v in graph.values()}
+    nodes = [{"name": n.source, "op": n.op, "inputs": [v.name for v in n.inputs],
+              "outputs": [v.name for v in n.outputs], "compute_s": t, "flops": flops}
+             for n, (t, flops) in zip(graph.nodes, cost.nodes)]
     return {
         "mesh": {"axes": list(plan.mesh.names), "shape": list(plan.mesh.shape)},
         "values": values,
+        "nodes": nodes,
         "collectives": [c.to_json() for c in prog.collectives],
         "memory": {"peak_bytes_per_device": cost.memory.peak_bytes, "weight_bytes_per_device": cost.memory.weight_bytes,
-                   "budget_bytes": budget_bytes},
+                   "budget_bytes": budget_bytes, "live_bytes": list(cost.memory.live)},
         "cost": {"total_s": cost.total_s, "compute_s": cost.compute_s, "comm_s": cost.comm_s, "device": device},
     }
 

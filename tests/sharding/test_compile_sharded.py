@@ -1,8 +1,11 @@
 """The sharded compile path: ``bmc compile --mesh ... --strategy/--shard`` writes the local SPMD program with the
 mesh, rank map, per-rank weights and plan; ``bmc.load(path, simulate=True)`` runs every rank with the TVM-compiled
-program and simulated collectives and matches onnxruntime; ``bmc plan --json`` writes the documented keys."""
+program and simulated collectives and matches onnxruntime; ``bmc plan --json`` writes the documented keys, and
+``bmc plan/show --html`` the report."""
 
 import json
+import re
+import shutil
 import os
 import subprocess
 import sys
@@ -75,6 +78,39 @@ def test_plan_json_has_the_documented_keys(tmp_path):
                             "--strategy", "dp+megatron", "--input-shape", "batch=2", "--input-shape", "seq=16"],
                            capture_output=True, text=True, env=env, timeout=120)
     assert "all_reduce" in table.stdout and "bytes/device" in table.stdout
+
+
+def test_html_reports_of_a_plan_and_of_an_artifact(sharded_gpt2, tmp_path):
+    """``bmc plan --html`` and ``bmc show --html`` write the same one-file report (from plan.json); a damaged
+    plan.json or an unwritable path is a clear error and leaves no file."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "bmc"]
+    out = tmp_path / "plan.html"
+    r = subprocess.run([*cmd, "plan", str(FIXTURES / "gpt2_dynamo.onnx"), "--mesh", "2x2", "--strategy",
+                        "dp+megatron", "--input-shape", "batch=2", "--input-shape", "seq=16", "--html", str(out)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"wrote {out}", r.stderr
+    shown = tmp_path / "artifact.html"
+    r = subprocess.run([*cmd, "show", str(sharded_gpt2), "--html", str(shown)], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((sharded_gpt2 / "plan.json").read_text())
+    for page in (out.read_text(), shown.read_text()):
+        embedded = re.search(r"<script type='application/json' id='bmc-plan'>(.*?)</script>", page, re.S).group(1)
+        assert json.loads(embedded)["collectives"] == plan["collectives"]
+        kinds = [c["kind"] for c in plan["collectives"]]
+        assert kinds.count("all_reduce") == 4 and f"Collectives ({len(kinds)})" in page
+        assert page.count("<tr class=coll>") == 4  # the four all-reduces, each on its node's row (the logits'
+        # all-gathers are for the outputs)
+    damaged = Path(shutil.copytree(sharded_gpt2, tmp_path / "damaged.bmc"))
+    (damaged / "plan.json").write_text((damaged / "plan.json").read_text().replace("all_reduce", "all_gather"))
+    r = subprocess.run([*cmd, "show", str(damaged), "--html", str(tmp_path / "d.html")], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 6 and "plan.json is corrupted" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([*cmd, "show", str(sharded_gpt2), "--html", str(tmp_path / "no" / "such" / "r.html")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "--html" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact.html", "damaged.bmc", "plan.html"]
 
 
 def test_shard_flag_naming_a_missing_tensor_is_a_usage_error(tmp_path):
