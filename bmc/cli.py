@@ -76,7 +76,9 @@ def _human(n: float) -> str:
 
 
 def _fmt(entry: dict) -> str:
-    return f"{entry['name']}: {entry['dtype']}[{','.join(map(str, entry['shape']))}]"
+    split = f" split {entry['spec']} (a rank's block [{','.join(map(str, entry['local_shape']))}])" \
+        if "spec" in entry else ""
+    return f"{entry['name']}: {entry['dtype']}[{','.join(map(str, entry['shape']))}]{split}"
 
 
 # --- commands ------------------------------------------------------------------------------------------------------
@@ -115,15 +117,11 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def parse_shards(values) -> dict:
-    """``--shard NAME=SPEC`` flags → {name: Spec}; a malformed one is a usage error with the grammar."""
+def parse_shards(values, flag: str = "--shard") -> dict:
+    """``--shard NAME=SPEC`` (or ``flag``) flags → {name: Spec}; a malformed one is a usage error with the grammar."""
     from bmc.sharding.spec import parse_spec_flag
 
-    out = {}
-    for text in values or []:
-        name, spec = parse_spec_flag(text)
-        out[name] = spec
-    return out
+    return dict(parse_spec_flag(text, flag) for text in values or [])
 
 
 def _plan_options(args) -> dict:
@@ -139,6 +137,8 @@ def _plan_options(args) -> dict:
         out["mesh_bandwidth"] = args.mesh_bandwidth
     if args.time_limit:
         out["time_limit_s"] = args.time_limit
+    if args.output_shard:
+        out["output_shards"] = parse_shards(args.output_shard, "--output-shard")
     return out
 
 
@@ -166,6 +166,9 @@ def _add_plan_flags(p) -> None:
     p.add_argument("--mesh-bandwidth", metavar="AXIS=BW[@LAT],...",
                    help="link bandwidth/latency per mesh axis, e.g. x=45GB,y=400GB@7us")
     p.add_argument("--time-limit", type=float, metavar="S", help="solver time limit in seconds (default 20)")
+    p.add_argument("--output-shard", action="append", metavar="NAME=SPEC",
+                   help="leave a model output split on the mesh, e.g. logits=[{x},{},{y}]: each rank returns its "
+                        "block (bmc run still writes the whole output; repeatable)")
 
 
 def _tune_options(args) -> dict:
@@ -274,6 +277,8 @@ def cmd_run(args) -> int:
             model = load(args.artifact, device=args.device, simulate=args.simulate, threads=args.threads,
                          collectives=args.collectives)
         outputs = model.run(inputs)
+        if model.mpi is not None:  # outputs left split (--output-shard) are assembled on rank 0
+            outputs = model.gather_outputs(outputs)
         error = None
         if rank in (None, 0):
             try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -80,15 +80,17 @@ def plan_model(model, *, mesh, shard: Mapping | None = None, strategy: str | Non
 
 def plan_graph(graph: Graph, *, mesh, shard: Mapping | None = None, strategy: str | None = None,
                device: str = "h100", memory_per_device: int | None = None, mesh_bandwidth: str | None = None,
-               time_limit_s: float = 20.0, warn=None):
+               time_limit_s: float = 20.0, output_shards: Mapping | None = None, warn=None):
     """Plan and partition an imported graph: ``(local program, plan.json dict)``.
 
     ``strategy`` is ``auto`` (the ILP search; the default on a mesh of several devices), or a named manual plan whose
     annotations ``shard`` extends (``shard`` wins), completed by propagation. Every plan is priced by one cost model
-    (``device`` profile; mesh links from ``mesh_bandwidth`` or the 8-GPUs-per-node defaults)."""
+    (``device`` profile; mesh links from ``mesh_bandwidth`` or the 8-GPUs-per-node defaults). ``output_shards``
+    (``{output name: spec}``) leaves those outputs split on the mesh: each device returns its block instead of the
+    whole value (no gather at the end; the search prices that)."""
     from bmc.sharding.cost import plan_cost
     from bmc.sharding.partition import partition
-    from bmc.sharding.propagate import propagate
+    from bmc.sharding.propagate import propagate, resolve_output_specs
     from bmc.sharding.report import plan_json
 
     if isinstance(mesh, str):
@@ -100,12 +102,13 @@ def plan_graph(graph: Graph, *, mesh, shard: Mapping | None = None, strategy: st
         raise UsageError(f"unknown strategy {strategy!r}", where="--strategy", fix=f"use one of {STRATEGIES}")
     profile, mesh = _cost_model(mesh, device, mesh_bandwidth)
     budget = memory_per_device or profile.memory_bytes
+    output_specs = resolve_output_specs(graph, mesh, output_shards or {})
     stats = None
     if strategy == "auto":
         from bmc.sharding.auto import auto_plan
 
         plan, stats = auto_plan(graph, mesh, shard or {}, device=profile, memory_per_device=budget,
-                                time_limit_s=time_limit_s)
+                                time_limit_s=time_limit_s, output_specs=output_specs)
         for w in stats.get("warnings", []):
             (warn or _warn)(w)
     else:
@@ -119,6 +122,7 @@ def plan_graph(graph: Graph, *, mesh, shard: Mapping | None = None, strategy: st
                 raise UsageError(str(e), where="--strategy", fix="use a mesh with two axes, e.g. --mesh 2x2") from None
         annotations.update(shard or {})
         plan = propagate(graph, mesh, annotations)
+        plan.output_specs = output_specs
     prog = partition(graph, plan)
     verify_graph(prog.graph)
     data = plan_json(prog, plan_cost(graph, plan, profile), budget, profile.name)
@@ -160,7 +164,7 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
     out = _check_output_path(model, output)
     spec = TargetSpec.parse(target, tuple(cuda_archs))
     mesh = _mesh(mesh)
-    _check_pipeline_flags(mesh, stages, microbatches)
+    _check_pipeline_flags(mesh, stages, microbatches, plan_options)
     if spec.kind == "cuda":  # FAILURES.md 30: a missing toolkit is reported before any work
         from bmc.codegen.cuda import find_toolkit
 
@@ -189,7 +193,8 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
         extra = None
     else:
         (p,), (c,) = planned, programs
-        pipeline, signature, exports, extra = None, signature_of(p.graph, graph.output_names), c.built.export, c.extra
+        pipeline, exports, extra = None, c.built.export, c.extra
+        signature = _split_outputs(signature_of(p.graph, graph.output_names), graph, p)
         weights = dict(enumerate(c.weights)) if p.sharded else c.weights[0]
     t0 = time.perf_counter()
     path = write_artifact(
@@ -210,8 +215,11 @@ def _mesh(mesh):
     return Mesh.parse(mesh) if isinstance(mesh, str) else mesh if mesh is not None else Mesh.parse("1")
 
 
-def _check_pipeline_flags(mesh, stages: int | str, microbatches: int) -> None:
-    """Refuse bad --stages / --microbatches before any work."""
+def _check_pipeline_flags(mesh, stages: int | str, microbatches: int, plan_options: Mapping) -> None:
+    """Refuse bad --stages / --microbatches (and --output-shard with stages) before any work."""
+    if stages != 1 and plan_options.get("output_shards"):
+        raise UsageError("--output-shard is for a single program; a pipeline's outputs come back whole",
+                         where="--output-shard", fix="leave out --stages or --output-shard")
     if stages != "auto" and not isinstance(stages, int):
         raise UsageError(f"--stages {stages!r} is neither a number nor 'auto'", where="--stages",
                          fix="use --stages N (N >= 1) or --stages auto")
@@ -233,15 +241,32 @@ class _Planned:
     mesh: Any
     sharded: bool
     plan_text: str | None
+    output_specs: dict = field(default_factory=dict)  # output value name → Spec, those left split (--output-shard)
 
 
 def _plan(graph: Graph, mesh, shard: Mapping, strategy: str | None, plan_options: Mapping) -> _Planned:
-    if not (mesh.size > 1 or shard):
+    if not (mesh.size > 1 or shard or plan_options.get("output_shards")):
         return _Planned(graph, single_device_plan(graph), mesh, False, None)
     from bmc.sharding.report import format_plan
 
     prog, plan = plan_graph(graph, mesh=mesh, shard=shard, strategy=strategy, **plan_options)
-    return _Planned(prog.graph, plan, mesh, True, format_plan(prog, plan))
+    split = {k: s for k, s in prog.plan.output_specs.items() if not s.is_replicated()}
+    return _Planned(prog.graph, plan, mesh, True, format_plan(prog, plan), split)
+
+
+def _split_outputs(signature: dict, graph: Graph, p: _Planned) -> dict:
+    """The signature of a program whose outputs ``p.output_specs`` stay split: such an output's entry keeps the
+    global ``shape`` and adds its ``spec``, ``local_shape`` (the program's) and ``blocks`` (per rank, where its
+    block starts in each dim), so the runtime can place blocks without the sharding code."""
+    for entry, v in zip(signature["outputs"], graph.outputs):
+        spec = p.output_specs.get(v.name)
+        if spec is None:
+            continue
+        local = entry["shape"]
+        entry.update(shape=list(v.type.shape), spec=str(spec), local_shape=local,
+                     blocks=[[spec.block_index(d, p.mesh, p.mesh.coordinate(r)) * n for d, n in enumerate(local)]
+                             for r in range(p.mesh.size)])
+    return signature
 
 
 @dataclass
@@ -307,7 +332,7 @@ def plan_pipeline(graph: Graph, *, mesh, stages: int, microbatches: int = 1, sha
     from bmc.sharding.pipeline import split_stages, stage_mesh
 
     mesh = _mesh(mesh)
-    _check_pipeline_flags(mesh, stages, microbatches)
+    _check_pipeline_flags(mesh, stages, microbatches, plan_options)
     shard = shard or {}
     profile, linked = _cost_model(mesh, plan_options.get("device", "h100"), plan_options.get("mesh_bandwidth"))
     sub = stage_mesh(linked, stages)
@@ -344,7 +369,7 @@ def plan_pipeline_model(model, *, mesh, stages: int | str, microbatches: int = 1
     """Import ``model`` and plan it in pipeline stages (``bmc plan --stages``), without code generation:
     ``(plan.json dict, text)``."""
     mesh = _mesh(mesh)
-    _check_pipeline_flags(mesh, stages, microbatches)
+    _check_pipeline_flags(mesh, stages, microbatches, plan_options)
     graph = import_graph(model, input_shapes, dtype)
     _, _, plan, text = _planned_stages(model, graph, mesh=mesh, stages=stages, microbatches=microbatches,
                                        shard=shard, strategy=strategy, dtype=dtype, plan_options=plan_options)

@@ -18,12 +18,15 @@ A multi-device artifact runs in one of two ways:
   its own weights file, registers the collectives (native C++ when built, else mpi4py; ``collectives=``) and builds
   its VM. ``model(**inputs)`` is called on every rank with the *global* inputs either on rank 0 only (the other ranks
   call ``model()`` with no inputs: rank 0's are broadcast) or on every rank (used as given, no broadcast); it returns
-  the *global* outputs on every rank (the program ends with replicated outputs). A failure that every rank sees (bad
+  the *global* outputs on every rank (the program ends with replicated outputs), except an output compiled to stay
+  split (``--output-shard``): each rank gets its own block (``model.output_slices`` says where it lies;
+  ``model.gather_outputs`` assembles the whole on one rank). A failure that every rank sees (bad
   inputs, a damaged weights file) raises the same error on every rank; a failure of one rank during the run prints
   ``[rank k] ...`` and aborts the whole job (``MPI_Abort``), because the other ranks are inside collectives.
   ``model.mpi`` holds the rank, mesh coordinate, communicators and the collectives implementation;
   ``model.stats["bytes_read"]`` the bytes this rank read from the artifact (its weights file, the program and plan).
-* **simulated** (``simulate=True``): every rank in this process, one thread each, collectives in numpy.
+* **simulated** (``simulate=True``): every rank in this process, one thread each, collectives in numpy; split
+  outputs come back whole, their blocks put in place.
 """
 
 from __future__ import annotations
@@ -102,6 +105,37 @@ class Model:
     def output_names(self) -> list[str]:
         return [o["name"] for o in self._outputs]
 
+    @property
+    def output_slices(self) -> dict[str, tuple[slice, ...]]:
+        """Where each output this process returns lies in the model's whole output: all of it, except an output left
+        split (``--output-shard``) under MPI: this rank's block."""
+        rank = self.mpi.rank if self.mpi is not None else None
+        return {o["name"]: _block(o, rank) if rank is not None and "blocks" in o else
+                tuple(slice(0, n) for n in o["shape"]) for o in self._outputs}
+
+    def gather_outputs(self, outputs: Mapping[str, np.ndarray], root: int = 0) -> dict[str, np.ndarray] | None:
+        """The whole outputs from every rank's ``run`` result: under MPI, called on every rank, the blocks of split
+        outputs go to rank ``root`` (point to point, one rank per distinct block), which returns them all whole;
+        the other ranks return None. Without MPI the outputs are already whole: returned as given."""
+        if self.mpi is None:
+            return dict(outputs)
+        ctx, out = self.mpi, dict(outputs) if self.mpi.rank == root else None
+        for k, o in enumerate(self._outputs):
+            if "blocks" not in o:
+                continue
+            if out is not None:
+                whole = np.empty(o["shape"], outputs[o["name"]].dtype)
+            for r in _block_owners(o):
+                if ctx.rank == root:
+                    block = outputs[o["name"]] if r == root else ctx.recv_arrays(
+                        r, [(o["name"], o["dtype"], o["local_shape"])])[o["name"]]
+                    whole[_block(o, r)] = block
+                elif ctx.rank == r:
+                    ctx.send_arrays(root, [outputs[o["name"]]], f"sending output {o['name']!r} to rank {root}")
+            if out is not None:
+                out[o["name"]] = whole
+        return out
+
     def __call__(self, *args: Any, **kwargs: Any):
         """Inputs by position (signature order) and/or by name; one output → array, else a tuple."""
         names = self.input_names
@@ -166,14 +200,17 @@ class Model:
                 return call_rank(0)
             from bmc.runtime.simulate import run_ranks
 
-            return run_ranks(rank_map, call_rank)[0]  # outputs are replicated: rank 0 has them all
+            per_rank = run_ranks(rank_map, call_rank)
+            return [_assembled(o, [outs[k] for outs in per_rank]) if "blocks" in o else per_rank[0][k]
+                    for k, o in enumerate(self._outputs)]  # replicated outputs: rank 0 has them whole
         except ExecutionError:
             raise
         except Exception as e:  # noqa: BLE001  (TVM raises many types; inputs were already checked)
             raise ExecutionError(f"the program failed: {e}", where=str(self._path)) from e
 
     def _execute_mpi(self, inputs: dict[str, Any]) -> list[np.ndarray]:
-        """This rank's part of an MPI run: agree on the inputs, run the program, return the (replicated) outputs."""
+        """This rank's part of an MPI run: agree on the inputs, run the program, return its outputs (replicated ones
+        whole, split ones this rank's block)."""
         given = self._agreed_inputs(inputs)
         ctx = self.mpi
         coord = np.array(ctx.coord, dtype=np.int64)  # the one implicit input is the device's mesh coordinate
@@ -255,6 +292,27 @@ class Model:
 
 _LOADED: dict[str, str] = {}  # program path -> sha256 of the library this process loaded from it
 _LOADED_LOCK = threading.Lock()
+
+
+def _block(output: dict, rank: int) -> tuple[slice, ...]:
+    """Rank ``rank``'s block of a split output (its signature entry: ``blocks``, ``local_shape``)."""
+    return tuple(slice(b, b + n) for b, n in zip(output["blocks"][rank], output["local_shape"]))
+
+
+def _block_owners(output: dict) -> list[int]:
+    """The first rank holding each distinct block of a split output (the others hold replicas of those)."""
+    first: dict[tuple, int] = {}
+    for r, b in enumerate(output["blocks"]):
+        first.setdefault(tuple(b), r)
+    return sorted(first.values())
+
+
+def _assembled(output: dict, blocks: list[np.ndarray]) -> np.ndarray:
+    """A split output whole, from every rank's block."""
+    whole = np.empty(output["shape"], blocks[0].dtype)
+    for r in _block_owners(output):
+        whole[_block(output, r)] = blocks[r]
+    return whole
 
 
 def load_program(program: Path, sha256: str):

@@ -46,13 +46,14 @@ def manual_plans(graph: Graph, mesh: Mesh, annotations: Mapping[str, Spec | str]
 def auto_plan(graph: Graph, mesh: Mesh, annotations: Mapping[str, Spec | str] | None = None, *,
               device: DeviceProfile | str | None = None, memory_per_device: float | None = None,
               time_limit_s: float = 20.0, dedup: bool = True, merge: bool = True, check_manual: bool = True,
-              save_problem: str | None = None) -> tuple[Plan, dict]:
+              save_problem: str | None = None, output_specs: Mapping[str, Spec] | None = None) -> tuple[Plan, dict]:
     """The automatic plan and its statistics (solver, shrinking, cost). ``memory_per_device`` defaults to the
-    device's memory; ``check_manual`` also prices the manual plans and keeps a cheaper one that fits."""
+    device's memory; ``check_manual`` also prices the manual plans and keeps a cheaper one that fits;
+    ``output_specs`` lays the graph outputs out (by value name; default replicated)."""
     dev = _device(device)
     budget = dev.memory_bytes if memory_per_device is None else memory_per_device
     plan, stats = search_plan(graph, mesh, annotations, dev, budget, time_limit_s=time_limit_s, merge=merge,
-                              dedup=dedup, save_problem=save_problem)
+                              dedup=dedup, save_problem=save_problem, output_specs=output_specs)
     stats["device"] = dev.name
     if not check_manual:
         return plan, stats
@@ -60,6 +61,7 @@ def auto_plan(graph: Graph, mesh: Mesh, annotations: Mapping[str, Spec | str] | 
     stats["ilp_cost"] = best.to_json()
     stats["chosen"] = "ilp"
     for name, p in manual_plans(graph, mesh, annotations).items():
+        p.output_specs = dict(output_specs or {})
         c = plan_cost(graph, p, dev)
         if c.memory.peak_bytes <= budget and c.total_s < best.total_s * (1 - 1e-9):
             plan, best, stats["chosen"] = p, c, name

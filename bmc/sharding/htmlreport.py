@@ -153,6 +153,10 @@ def _cards(data: dict, mesh: Mesh) -> list[str]:
              _card(str(len(data["collectives"])), "collectives (" + _bytes(sum(c["bytes"]
                                                                              for c in data["collectives"]))
                    + " a device)")]
+    if data.get("output_specs"):
+        cards.append(_card(", ".join(f"<code>{_e(k)}</code>" for k in data["output_specs"]),
+                           "outputs left split (--output-shard): " + "; ".join(
+                               f"{_e(k)} {_e(s)}" for k, s in data["output_specs"].items())))
     solver = data.get("solver")
     if solver:
         cards.append(_card(_e(str(solver.get("status", "?"))),

@@ -158,13 +158,14 @@ def build_problem(st: Structure, device: DeviceProfile, budget_bytes: float | No
             o = v.producer.outputs.index(v)
             srcs = [st.specs(p, s)[1][o] for s in range(size[st.klass[st.root[p]]])]
             add_pair(p, i, srcs, req, v.type)
-    for v in graph.outputs:  # outputs end replicated
+    for v in graph.outputs:  # outputs end in their requested layout (replicated unless --output-shard)
         if v.producer is None or v.producer.op == "constant":
             continue
         p = index[id(v.producer)]
         o = v.producer.outputs.index(v)
         c = st.klass[st.root[p]]
-        cost[c] += [rcost(st.specs(p, s)[1][o], Spec.replicated(v.type.rank), v.type) for s in range(size[c])]
+        want = st.output_specs.get(v.name, Spec.replicated(v.type.rank))
+        cost[c] += [rcost(st.specs(p, s)[1][o], want, v.type) for s in range(size[c])]
     steps = _memory_steps(st, size)
     pnodes = []
     for c, roots in enumerate(st.classes):

@@ -47,6 +47,33 @@ def resolve_annotations(graph: Graph, mesh: Mesh, annotations: Mapping[str, Spec
     return out
 
 
+def resolve_output_specs(graph: Graph, mesh: Mesh, specs: Mapping[str, Spec | str]) -> dict[str, Spec]:
+    """``--output-shard`` layouts by output value name: the model's output names (``Graph.output_names``), parsed
+    and validated; an output may be split but not partial."""
+    names = dict(zip(graph.output_names or [v.name for v in graph.outputs], graph.outputs))
+    out = {}
+    for name, spec in specs.items():
+        where = f"--output-shard {name}"
+        if name not in names:
+            near = difflib.get_close_matches(name, list(names), n=5, cutoff=0.5)
+            raise UsageError(f"--output-shard names {name!r}, which is not an output of the model "
+                             f"(outputs: {', '.join(names)})", where="--output-shard",
+                             fix=("did you mean " + ", ".join(map(repr, near)) + "?") if near else
+                             "name one of the model's outputs")
+        v = names[name]
+        try:
+            s = Spec.parse(spec) if isinstance(spec, str) else spec
+            s.validate(v.type.shape, mesh)
+        except SpecError as e:
+            raise UsageError(f"output {name!r} {v.type} cannot be laid out so: {e}", where=where,
+                             fix="pick mesh axes whose sizes divide the dims they split") from None
+        if s.partial:
+            raise UsageError(f"output layout {s} for {name!r} is partial; outputs are split or whole, never pending "
+                             "sums", where=where, fix="leave out the partial{...} part")
+        out[v.name] = s
+    return out
+
+
 def assignment_from_specs(rule: ShardingRule, specs: list[Spec | None], mesh: Mesh,
                           order: list[int] | None = None) -> Assignment:
     """Factor axes implied by the known specs of the rule's operands then results (``order`` says which tensors

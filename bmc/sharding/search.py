@@ -40,11 +40,11 @@ def _gb(b: float) -> str:
 
 def search_plan(graph: Graph, mesh: Mesh, annotations: Mapping[str, Spec | str] | None, device: DeviceProfile,
                 budget_bytes: float | None, *, time_limit_s: float = 20.0, merge: bool = True, dedup: bool = True,
-                save_problem: str | None = None) -> tuple[Plan, dict]:
+                save_problem: str | None = None, output_specs: Mapping[str, Spec] | None = None) -> tuple[Plan, dict]:
     """Analyze, build, solve, and turn the choice into a plan; raises PlanningError (FAILURES.md 25) when no plan
-    fits the memory budget."""
+    fits the memory budget. ``output_specs``: the graph outputs' layouts (by value name; default replicated)."""
     t0 = time.perf_counter()
-    st = analyze(graph, mesh, annotations, merge=merge, dedup=dedup)
+    st = analyze(graph, mesh, annotations, merge=merge, dedup=dedup, output_specs=output_specs)
     t1 = time.perf_counter()
     problem = build_problem(st, device, budget_bytes, time_limit_s)
     t2 = time.perf_counter()

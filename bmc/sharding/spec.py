@@ -130,13 +130,13 @@ def _axes(text: str, whole: str) -> tuple[str, ...]:
     return names
 
 
-def parse_spec_flag(text: str) -> tuple[str, Spec]:
-    """``--shard NAME=SPEC`` (split on the first '=' followed by '[')."""
+def parse_spec_flag(text: str, flag: str = "--shard") -> tuple[str, Spec]:
+    """``--shard NAME=SPEC`` (or another ``flag`` of that form; split on the first '=' followed by '[')."""
     m = re.fullmatch(r"(.+?)=(\[.*)", text.strip(), re.S)
     if not m:
-        raise UsageError(f"malformed --shard value {text!r}", where="--shard", fix=f"write NAME=SPEC with SPEC as "
+        raise UsageError(f"malformed {flag} value {text!r}", where=flag, fix=f"write NAME=SPEC with SPEC as "
                          f"{SPEC_GRAMMAR}")
     try:
         return m.group(1), Spec.parse(m.group(2))
     except SpecError as e:
-        raise UsageError(str(e), where=f"--shard {text}") from None
+        raise UsageError(str(e), where=f"{flag} {text}") from None

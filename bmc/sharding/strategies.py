@@ -87,6 +87,7 @@ class Structure:
     allowed: list[list[bool]]  # class → strategy allowed by the annotations
     first_use: dict[str, tuple[int, int]]  # param / annotated input → (node, operand) whose required spec it takes
     stats: dict = field(default_factory=dict)
+    output_specs: dict[str, Spec] = field(default_factory=dict)  # graph outputs' requested layouts (else replicated)
     _spec_cache: dict = field(default_factory=dict, repr=False)
 
     def specs(self, n: int, s: int) -> tuple[list[Spec], list[Spec]]:
@@ -119,7 +120,7 @@ def _follow_operand(node: Node, rule: ShardingRule, touched: set[str]) -> int | 
 
 
 def analyze(graph: Graph, mesh: Mesh, annotations: Mapping[str, Spec | str] | None = None, *, merge: bool = True,
-            dedup: bool = True) -> Structure:
+            dedup: bool = True, output_specs: Mapping[str, Spec] | None = None) -> Structure:
     t0 = time.perf_counter()
     ann = resolve_annotations(graph, mesh, annotations or {})
     nodes = graph.nodes
@@ -146,7 +147,8 @@ def analyze(graph: Graph, mesh: Mesh, annotations: Mapping[str, Spec | str] | No
             if keys[i] not in strat_cache:
                 strat_cache[keys[i]] = enumerate_strategies(rules[i], mesh)
             strategies[i] = strat_cache[keys[i]]
-    st = Structure(graph, mesh, ann, rules, root, strategies, {}, {}, [], [], {}, rules_key=keys)
+    st = Structure(graph, mesh, ann, rules, root, strategies, {}, {}, [], [], {}, rules_key=keys,
+                   output_specs=dict(output_specs or {}))
     # derive every follower's assignment from its root's strategies, in node order
     derive_cache: dict = {}
     for i, n in enumerate(nodes):
@@ -350,4 +352,4 @@ def plan_from_choice(st: Structure, choice: tuple[int, ...]) -> Plan:
     for name in st.annotations:
         if name in specs:
             origins[name] = "annotation"
-    return Plan(mesh, specs, strategies, origins)
+    return Plan(mesh, specs, strategies, origins, output_specs=dict(st.output_specs))
