@@ -253,8 +253,12 @@ class Model:
             bad = [r for r, s in enumerate(states) if s == b"e" and r != 0]
             if states[0] != b"e" and bad:  # a non-root rank passed bad inputs: every rank says so
                 ctx.agree(error)
-            given = ctx.bcast_arrays(arrays, error)
+            given = self._distributed(arrays, error)
         return given
+
+    def _distributed(self, arrays: dict | None, error: BaseException | None) -> dict[str, np.ndarray]:
+        """Rank 0's checked inputs on every rank (or rank 0's error raised on every rank)."""
+        return self.mpi.bcast_arrays(arrays, error)
 
     def _check_inputs(self, inputs: dict[str, Any]) -> list[np.ndarray]:
         """Arrays in signature order, or one ``ExecutionError`` listing every problem with expected vs got."""

@@ -1,18 +1,21 @@
 """Running a pipeline artifact: one program per stage, each on the ranks of its submesh, microbatches flowing through.
 
-A pipeline artifact (``manifest["pipeline"]``, format 2; made by ``bmc compile --stages S [--microbatches K]``)
-holds one program per stage. Each stage is loaded as an ordinary artifact of its own (:func:`stage_manifest`: its
-program, submesh, signature and its ranks' weights), so everything a single program has — verification, packed
-weights, collectives, simulation — works per stage unchanged.
+A pipeline artifact (``manifest["pipeline"]``, format 3, or 2 from an older bmc; made by ``bmc compile --stages S
+[--microbatches K]``) holds one program per stage. Each stage is loaded as an ordinary artifact of its own
+(:func:`stage_manifest`: its program, submesh, signature and its ranks' weights), so everything a single program
+has — verification, packed weights, collectives, simulation — works per stage unchanged.
 
 The schedule is GPipe's, forward only: the inputs' first dim is split into K microbatches; the ranks of stage s run
 microbatch k as soon as it arrives from stage s - 1 and send on what later stages need, so stage s works on
 microbatch k while stage s + 1 works on k - 1. A send completes before the stage starts its next microbatch (MPI
 need not move a large message while neither rank is inside an MPI call; the next stage is normally waiting for it
 already, so this costs the copy). Rank i of a stage receives from rank i of the previous stage
-(every stage ends with replicated results, so any of its ranks holds all of them). The graph inputs reach every rank
-at the start (as a single program's do); the last stage's first rank broadcasts the outputs (the values
-``pipeline.outputs`` names), stacked along the first dim, to every rank at the end.
+(every stage ends with replicated results, so any of its ranks holds all of them). A stage's ranks get only the
+graph inputs its program reads: rank 0 (which holds them) sends them to the stage's first rank, which broadcasts
+them inside its stage. At the end the first rank of each stage that makes graph outputs (the values
+``pipeline.outputs`` names) broadcasts them, stacked along the first dim, to every rank (rank 0 those that are
+graph inputs returned as they are): outputs made early do not travel the chain. (Format 2 artifacts, made before
+this, also send their early outputs along the chain; this runtime takes them from the stage that made them too.)
 
 * **under MPI** every rank loads only its stage (its program, its weights) on a communicator of the stage's ranks;
   a load failure on any rank is the same error on every rank; a failure during a run aborts the job (as for a single
@@ -80,6 +83,20 @@ class PipelineModel(Model):
         # per stage: (name, dtype, shape) of what it receives from the stage before it
         self._received = [[], *([(n, made[n]["dtype"], made[n]["shape"]) for n in st["sends"]]
                                 for st in self._entries[:-1])]
+        # per stage: the graph inputs its program reads
+        self._reads = [[i["name"] for i in self._all_inputs
+                        if i["name"] in {j["name"] for j in st["signature"]["inputs"]}] for st in self._entries]
+        # where each output comes from at the end: (world rank, value names, stage or None: graph inputs on rank 0)
+        inputs = {i["name"] for i in self._all_inputs}
+        maker = {}
+        for s, st in enumerate(self._entries):
+            for o in st["signature"]["outputs"]:
+                maker.setdefault(o["name"], s)
+        by_source: dict = {}
+        for n in dict.fromkeys(self._made):
+            by_source.setdefault(None if n in inputs else maker[n], []).append(n)
+        self._sources = [(0 if s is None else self._entries[s]["ranks"][0], names, s)
+                         for s, names in sorted(by_source.items(), key=lambda kv: -1 if kv[0] is None else kv[0])]
 
     def _microbatches(self, given: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         k = self.microbatches
@@ -103,12 +120,35 @@ class PipelineModel(Model):
             parts.append([env[n] for n in self._made])
         return self._stacked(parts)
 
+    def _distributed(self, arrays: dict | None, error: BaseException | None) -> dict[str, np.ndarray]:
+        """Rank 0's checked inputs, each stage getting those its program reads (rank 0 keeps them all); rank 0's
+        error is raised on every rank."""
+        ctx, s = self.mpi, self._stage
+        ctx.agree(error)
+        first = self._entries[s]["ranks"][0]
+        spec = {i["name"]: i for i in self._all_inputs}
+        held = None
+        if ctx.rank == 0:
+            for t, st in enumerate(self._entries):
+                if t != s and self._reads[t]:
+                    ctx.send_arrays(st["ranks"][0], [arrays[n] for n in self._reads[t]],
+                                    what=f"sending stage {t} its inputs")
+            held = arrays
+        elif ctx.rank == first and self._reads[s]:
+            held = ctx.recv_arrays(0, [(n, spec[n]["dtype"], spec[n]["shape"]) for n in self._reads[s]])
+        stage = self.stages[0].mpi
+        mine = stage.bcast_arrays({n: held[n] for n in self._reads[s]} if stage.rank == 0 else None, None,
+                                  what="input") if self._reads[s] else {}
+        return arrays if ctx.rank == 0 else mine
+
     def _execute_mpi(self, inputs: dict[str, Any]) -> list[np.ndarray]:
         ctx = self.mpi
         given = self._agreed_inputs(inputs)
+        self.stats["input_bytes"] = sum(a.nbytes for a in given.values())
         s, last = self._stage, len(self._entries) - 1
         local = self._entries[s]["ranks"].index(ctx.rank)
         model = self.stages[0]
+        mine = next((names for _, names, t in self._sources if t == s), [])  # the graph outputs this stage makes
         parts = []
         try:
             for env in self._microbatches(given):
@@ -118,14 +158,16 @@ class PipelineModel(Model):
                 if s < last:
                     ctx.send_arrays(self._entries[s + 1]["ranks"][local], [env[n] for n in self._entries[s]["sends"]],
                                     what=f"stage {s} sending to stage {s + 1}")
-                else:
-                    parts.append([env[n] for n in self._made])
+                parts.append([env[n] for n in mine])
         except BmcError as e:
             self._abort(e)
-        root = self._entries[last]["ranks"][0]
-        outs = dict(zip(self.output_names, self._stacked(parts))) if ctx.rank == root else None
-        got = ctx.bcast_arrays(outs, None, root=root, what="output")
-        return [got[n] for n in self.output_names]
+        got = {}
+        for root, names, t in self._sources:  # each stage's outputs from its first rank, in stage order
+            held = None
+            if ctx.rank == root:
+                held = {n: given[n] for n in names} if t is None else dict(zip(names, self._stacked(parts)))
+            got.update(ctx.bcast_arrays(held, None, root=root, what="output"))
+        return [got[n] for n in self._made]
 
 
 def load_pipeline(path: Path, manifest: dict, ctx, *, device: str, threads: int | None,

@@ -4,7 +4,9 @@
 axis, the slow one between nodes, divided by S (``--mesh 4x8 --stages 4``: four stages, each on a 1×8 submesh of
 one node). Each stage is then an ordinary program, planned (ILP, propagation) and partitioned on its submesh. A
 stage's ranks receive what it needs of its predecessor's results from the ranks at the same place of the previous
-submesh, and pass on what later stages need; the graph inputs are with every rank.
+submesh, and pass on what later stages need; each stage gets the graph inputs it reads from the rank that holds
+them, and the graph outputs go from the stage that makes them straight to every rank (not along the chain: a
+decoder's key/value caches made by the first stages would otherwise cross every later cut).
 
 The cut minimises the pipeline's bottleneck: the largest stage time, a stage's time being its nodes' roofline time
 (the cost model's) plus sending its boundary values over the first axis' link (α + bytes/bandwidth). It is a
@@ -29,15 +31,15 @@ from bmc.sharding.mesh import Mesh, MeshAxis
 
 @dataclass
 class Stage:
-    """One stage: its nodes ``[start, end)`` of the whole graph, as a standalone ``graph`` whose outputs are
-    ``sends`` (what later stages or the graph's outputs need, made here or received) — received values are outputs
-    only through ``forwards`` (the runtime passes them on without the program)."""
+    """One stage: its nodes ``[start, end)`` of the whole graph, as a standalone ``graph`` whose outputs
+    (``makes``) are the values made here that later stages read, and the graph outputs made here; ``sends`` is what
+    its ranks pass to the next stage (made here or received: the runtime forwards received values itself)."""
 
     index: int
     start: int
     end: int
     graph: Graph
-    makes: list[str]  # this stage's program outputs: values made here that a later stage or the graph output needs
+    makes: list[str]  # this stage's program outputs: values made here that a later stage reads, graph outputs made here
     sends: list[str]  # what its ranks pass to the next stage (made here or received), empty for the last
     compute_s: float
     send_bytes: int
@@ -124,15 +126,14 @@ def _first_read_bytes(graph: Graph) -> np.ndarray:
 
 
 def _crossing_bytes(graph: Graph) -> np.ndarray:
-    """``out[c]``: the bytes of the values made by nodes before ``c`` that nodes from ``c`` on, or the graph's
-    outputs, read (what a cut before node ``c`` sends). Graph inputs and constants are not sent."""
+    """``out[c]``: the bytes of the values made by nodes before ``c`` that nodes from ``c`` on read (what a cut
+    before node ``c`` sends). Graph inputs, constants and graph outputs (sent from their stage to every rank at the
+    end, wherever the cuts are) are not sent along the chain."""
     n = len(graph.nodes)
     last: dict[int, int] = {}
     for k, node in enumerate(graph.nodes):
         for v in node.inputs:
             last[id(v)] = k
-    for v in graph.outputs:
-        last[id(v)] = n
     delta = np.zeros(n + 2)
     for k, node in enumerate(graph.nodes):
         if node.op == "constant":
@@ -151,7 +152,7 @@ def _stages(graph: Graph, bounds: list[tuple[int, int]], prefix: np.ndarray) -> 
     nodes = graph.nodes
     stage_of = {id(v): s for s, (a, b) in enumerate(bounds) for node in nodes[a:b] for v in node.outputs}
     constant = {id(v): node for node in nodes if node.op == "constant" for v in node.outputs}
-    later: list[set[int]] = [set() for _ in bounds]  # per stage: ids of values read by a later stage or the output
+    later: list[set[int]] = [set() for _ in bounds]  # per stage: ids of values it passes on (a later stage reads)
     for s, (a, b) in enumerate(bounds):
         for node in nodes[a:b]:
             for v in node.inputs:
@@ -160,11 +161,6 @@ def _stages(graph: Graph, bounds: list[tuple[int, int]], prefix: np.ndarray) -> 
                     for q in range(p, s):
                         later[q].add(id(v))
     final = len(bounds) - 1
-    for v in graph.outputs:
-        p = stage_of.get(id(v))
-        if p is not None:
-            for q in range(p, final):
-                later[q].add(id(v))
     values = {id(v): v for node in nodes for v in node.outputs}
     position = {id(v): k for k, node in enumerate(nodes) for v in node.outputs}
     out = []
@@ -172,8 +168,8 @@ def _stages(graph: Graph, bounds: list[tuple[int, int]], prefix: np.ndarray) -> 
         own = nodes[a:b]
         needed_constants = _borrowed_constants(own, constant, stage_of, s)
         passed = sorted(later[s], key=position.__getitem__)
-        outputs = [values[i] for i in passed if stage_of[i] == s] if s < final else \
-            [v for v in graph.outputs if stage_of.get(id(v)) == s]
+        outputs = [values[i] for i in passed if stage_of[i] == s] + [v for v in graph.outputs
+                                                                      if stage_of.get(id(v)) == s]
         sub = extract(graph, needed_constants + own, _unique(outputs), f"{graph.name}.stage{s}")
         sends = [values[i].name for i in passed] if s < final else []
         out.append(Stage(s, a, b, sub, [v.name for v in sub.outputs], sends, float(prefix[b] - prefix[a]),

@@ -644,9 +644,24 @@ def test_a_bfloat16_pipeline_passes_16_bit_values_between_stages(tmp_path):
         assert float(np.max(np.abs(got["logits"] - want))) <= 1e-2 * float(np.max(np.abs(want)))
 
 
-def test_values_made_early_travel_the_whole_pipeline(tmp_path):
-    """3 stages on 3 ranks: an output made by stage 0 passes through stage 1 to the last stage (rank to rank), a
-    graph input returned as is and one read only by the last layers; equal to onnxruntime."""
+STAGE_INPUTS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import bmc
+    artifact, inputs, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    model = bmc.load(artifact)
+    got = model.run(dict(np.load(inputs)) if model.mpi.rank == 0 else {})
+    if model.mpi.rank == 0:
+        np.savez(out + ".npz", **got)
+    with open(f"{out}.r{model.mpi.rank}.json", "w") as f:
+        json.dump({"input_bytes": model.stats["input_bytes"], "stage": model.stats["stage"]}, f)
+""")
+
+
+def test_outputs_and_inputs_go_straight_to_where_they_are_needed(tmp_path):
+    """3 stages on 3 ranks: outputs made by stage 0 (one of them read later, one not), a graph input returned as is
+    and one read only by the last layers; equal to onnxruntime on every rank, and each rank but rank 0 held only the
+    graph inputs its stage reads."""
     import onnxruntime as ort
 
     import bmc
@@ -658,6 +673,22 @@ def test_values_made_early_travel_the_whole_pipeline(tmp_path):
               "bias": rng.standard_normal((4, 16)).astype(np.float32)}
     bmc.compile(model, tmp_path / "p.bmc", mesh="3", stages=3, input_shapes={"b": 4})
     np.savez(tmp_path / "in.npz", **inputs)
+    want = ort.InferenceSession(str(model)).run(None, inputs)
     r = bmc_run(3, tmp_path / "p.bmc", tmp_path / "in.npz", tmp_path / "out.npz")
     assert r.returncode == 0, r.stdout + r.stderr
-    _check(tmp_path / "out.npz", ort.InferenceSession(str(model)).run(None, inputs))
+    _check(tmp_path / "out.npz", want)
+    script = tmp_path / "stage_inputs.py"
+    script.write_text(STAGE_INPUTS_SCRIPT)
+    r = mpirun(3, [sys.executable, str(script), str(tmp_path / "p.bmc"), str(tmp_path / "in.npz"),
+                   str(tmp_path / "api")])
+    assert r.returncode == 0, r.stdout + r.stderr
+    _check(tmp_path / "api.npz", want)
+    stages = json.loads((tmp_path / "p.bmc" / "manifest.json").read_text())["pipeline"]["stages"]
+    held = []
+    for rank in range(3):
+        d = json.loads((tmp_path / f"api.r{rank}.json").read_text())
+        reads = {i["name"] for i in stages[d["stage"]]["signature"]["inputs"]} & set(inputs)
+        held.append(d["input_bytes"])
+        assert d["input_bytes"] == (sum(a.nbytes for a in inputs.values()) if rank == 0 else
+                                    sum(inputs[n].nbytes for n in reads))
+    assert min(held) < max(held)  # some stage reads fewer inputs than rank 0 holds

@@ -45,7 +45,7 @@ def test_a_pipeline_matches_onnxruntime(tmp_path, model, mesh, stages, microbatc
     for name, got in outs.items():
         _close(got, data[f"output:{name}"])
     manifest = m.manifest
-    assert manifest["format_version"] == 2 and sorted(manifest["programs"]) == [f"stage{i}" for i in range(stages)]
+    assert manifest["format_version"] == 3 and sorted(manifest["programs"]) == [f"stage{i}" for i in range(stages)]
     per_stage = int(mesh) // stages
     assert [st["ranks"] for st in manifest["pipeline"]["stages"]] == [
         list(range(i * per_stage, (i + 1) * per_stage)) for i in range(stages)]
@@ -148,8 +148,8 @@ def test_stages_auto_compiles_the_chosen_pipeline(tmp_path):
 
 
 def _branchy(path: Path) -> Path:
-    """Outputs made early (read later too), at the end, and a graph input returned as is; an input read only by
-    the last layers; a constant read by every layer."""
+    """Outputs made early (``y0``, read later too; ``t0``, read by no later layer), at the end, and a graph input
+    returned as is; an input read only by the last layers; a constant read by every layer."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -167,15 +167,16 @@ def _branchy(path: Path) -> Path:
     graph = helper.make_graph(nodes, "branchy", [vi("x", TensorProto.FLOAT, ["b", 16]),
                                                  vi("bias", TensorProto.FLOAT, ["b", 16])],
                               [vi("y0", TensorProto.FLOAT, None), vi(x, TensorProto.FLOAT, None),
-                               vi("bias", TensorProto.FLOAT, None)], inits)
+                               vi("bias", TensorProto.FLOAT, None), vi("t0", TensorProto.FLOAT, None)], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
 
 
 @pytest.mark.parametrize("stages,microbatches", [(2, 2), (3, 1)])
 def test_outputs_made_early_and_inputs_read_late_cross_the_stages(tmp_path, stages, microbatches):
-    """A graph output made by the first stage (and read by later ones), the last stage's output, a graph input
-    returned as an output and an input only the last layers read: every stage count gives onnxruntime's outputs."""
+    """Graph outputs made by the first stage (one read by later ones, one not: it is not sent along the chain), the
+    last stage's output, a graph input returned as an output and an input only the last layers read: every stage
+    count gives onnxruntime's outputs."""
     import onnxruntime as ort
 
     model = _branchy(tmp_path / "m.onnx")
@@ -187,9 +188,11 @@ def test_outputs_made_early_and_inputs_read_late_cross_the_stages(tmp_path, stag
                           input_shapes={"b": 4})
     assert len(summary["stages"]) == stages
     m = bmc.load(tmp_path / "p.bmc", simulate=True)
-    assert m.output_names == ["y0", "y5", "bias"]  # the model's names (the input returned as is keeps its name)
+    assert m.output_names == ["y0", "y5", "bias", "t0"]  # the model's names (an input returned keeps its name)
     got = m(**inputs)
     for g, w in zip(got, want):
         _close(g, w)
+    first = m.manifest["pipeline"]["stages"][0]
+    assert "t0" in [o["name"] for o in first["signature"]["outputs"]] and "t0" not in first["sends"]
     single = bmc.compile(model, tmp_path / "one.bmc", input_shapes={"b": 4})
-    assert single["output"] and bmc.load(tmp_path / "one.bmc").output_names == ["y0", "y5", "bias"]
+    assert single["output"] and bmc.load(tmp_path / "one.bmc").output_names == ["y0", "y5", "bias", "t0"]
