@@ -22,6 +22,9 @@
 (e) pipeline parallelism: the MLP stack of (b) (with a dynamic token dim) compiled with ``--mesh 2 --stages 2``,
     run with ``--microbatches`` microbatches (default 4; GPipe's forward schedule: stage 1 works on microbatch k
     while stage 0 works on k + 1) and with one (no overlap: the stages take turns), run like (b).
+(f) outputs left split: a language-model head (TOKENS x 768 activations times a 768 x 32768 vocabulary weight),
+    Megatron's column-parallel split of the vocabulary on 2 ranks, its logits gathered whole on every rank (the
+    default) or left split (``--output-shard logits=[{},{x}]``: each rank returns its half); 2 ranks each way.
 """
 
 from __future__ import annotations
@@ -232,6 +235,39 @@ def run_pipeline(tmp: Path, layers: int, tokens: int, iters: int, microbatches: 
     return res
 
 
+# ------------------------------------------------------------------------------------------ (f) split outputs
+
+HEAD_D, VOCAB = 768, 32768
+
+
+def run_output_layout(tmp: Path, tokens: int, iters: int) -> dict:
+    """The vocabulary projection on 2 ranks, its logits gathered on every rank vs left split."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import bmc
+
+    w = (np.random.default_rng(0).standard_normal((HEAD_D, VOCAB)) * 0.02).astype(np.float32)
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["logits"])], "head",
+                              [vi("x", TensorProto.FLOAT, [tokens, HEAD_D])],
+                              [vi("logits", TensorProto.FLOAT, [tokens, VOCAB])], [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp / "head.onnx"))
+    whole, split = tmp / "head_whole.bmc", tmp / "head_split.bmc"
+    bmc.compile(tmp / "head.onnx", whole, mesh="2", strategy="megatron")
+    bmc.compile(tmp / "head.onnx", split, mesh="2", strategy="megatron", output_shards={"logits": "[{}, {x}]"})
+    res: dict = {"tokens": tokens, "d": HEAD_D, "vocab": VOCAB, "logits_bytes": tokens * VOCAB * 4,
+                 "flops": 2 * tokens * HEAD_D * VOCAB}
+    for name, art in (("whole", whole), ("split", split)):
+        res[f"collectives_{name}"] = [c["kind"] for c in json.loads((art / "plan.json").read_text())["collectives"]]
+    res["2 ranks, logits gathered"], y_whole = timed_run(tmp / "head-whole.json", 2, whole, iters)
+    res["2 ranks, logits left split"], y_split = timed_run(tmp / "head-split.json", 2, split, iters)
+    res["gathered_over_split_time"] = (res["2 ranks, logits gathered"]["median_s"]
+                                       / res["2 ranks, logits left split"]["median_s"])
+    res["max_abs_diff_rank0_block"] = float(np.max(np.abs(y_split - y_whole[:, :VOCAB // 2])))
+    return res
+
+
 # ------------------------------------------------------------------------------------------ (d) context parallel
 
 ROWS, MEMORY, HEADS, HEAD_DIM = 8, 16384, 8, 64
@@ -390,7 +426,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--microbatches", type=int, default=4)
-    ap.add_argument("--skip", action="append", default=[], choices=("a", "b", "c", "d", "e"))
+    ap.add_argument("--skip", action="append", default=[], choices=("a", "b", "c", "d", "e", "f"))
     args = ap.parse_args()
     if args.worker == "collectives":
         worker_collectives(args.out, args.quick)
@@ -460,6 +496,16 @@ def main() -> int:
             t = pp["2 ranks, 1 microbatch"]["median_s"]
             print(f"  {'2 ranks, 1 microbatch':<32}{t * 1e3:>10.1f} ms{gflop / t:>10.1f} GFLOP/s  (no overlap: "
                   f"{pp['speedup_1_microbatch']:.2f}x, max |diff| {pp['max_abs_diff_1_microbatch_vs_single']:.2e})")
+        if "f" not in args.skip:
+            ol = run_output_layout(tmp, args.tokens, iters)
+            results["split_outputs"] = ol
+            print(f"\n(f) split outputs: logits [{ol['tokens']}, {ol['vocab']}] ({_human(ol['logits_bytes'])}), the "
+                  f"vocabulary split over 2 ranks, median of {iters} steps")
+            for name in ("2 ranks, logits gathered", "2 ranks, logits left split"):
+                print(f"  {name:<32}{ol[name]['median_s'] * 1e3:>10.1f} ms")
+            print(f"  gathered / split time: {ol['gathered_over_split_time']:.2f}x (collectives: "
+                  f"{ol['collectives_whole'] or 'none'} vs {ol['collectives_split'] or 'none'}; rank 0's block max "
+                  f"|diff| {ol['max_abs_diff_rank0_block']:.2e})")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nwrote {RESULTS}")

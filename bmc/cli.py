@@ -139,6 +139,8 @@ def _plan_options(args) -> dict:
         out["time_limit_s"] = args.time_limit
     if args.output_shard:
         out["output_shards"] = parse_shards(args.output_shard, "--output-shard")
+    if args.input_shard:
+        out["input_shards"] = parse_shards(args.input_shard, "--input-shard")
     return out
 
 
@@ -166,6 +168,9 @@ def _add_plan_flags(p) -> None:
     p.add_argument("--mesh-bandwidth", metavar="AXIS=BW[@LAT],...",
                    help="link bandwidth/latency per mesh axis, e.g. x=45GB,y=400GB@7us")
     p.add_argument("--time-limit", type=float, metavar="S", help="solver time limit in seconds (default 20)")
+    p.add_argument("--input-shard", action="append", metavar="NAME=SPEC",
+                   help="feed a model input as blocks, e.g. past_key=[{},{y},{},{}]: under MPI each rank may pass "
+                        "just its block (or the whole input; repeatable)")
     p.add_argument("--output-shard", action="append", metavar="NAME=SPEC",
                    help="leave a model output split on the mesh, e.g. logits=[{x},{},{y}]: each rank returns its "
                         "block (bmc run still writes the whole output; repeatable)")

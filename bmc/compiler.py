@@ -80,17 +80,20 @@ def plan_model(model, *, mesh, shard: Mapping | None = None, strategy: str | Non
 
 def plan_graph(graph: Graph, *, mesh, shard: Mapping | None = None, strategy: str | None = None,
                device: str = "h100", memory_per_device: int | None = None, mesh_bandwidth: str | None = None,
-               time_limit_s: float = 20.0, output_shards: Mapping | None = None, warn=None):
+               time_limit_s: float = 20.0, output_shards: Mapping | None = None, input_shards: Mapping | None = None,
+               warn=None):
     """Plan and partition an imported graph: ``(local program, plan.json dict)``.
 
     ``strategy`` is ``auto`` (the ILP search; the default on a mesh of several devices), or a named manual plan whose
     annotations ``shard`` extends (``shard`` wins), completed by propagation. Every plan is priced by one cost model
     (``device`` profile; mesh links from ``mesh_bandwidth`` or the 8-GPUs-per-node defaults). ``output_shards``
     (``{output name: spec}``) leaves those outputs split on the mesh: each device returns its block instead of the
-    whole value (no gather at the end; the search prices that)."""
+    whole value (no gather at the end; the search prices that). ``input_shards`` (``{input name: spec}``) has those
+    inputs fed as each device's block (an annotation too: the plan takes them in that layout)."""
     from bmc.sharding.cost import plan_cost
     from bmc.sharding.partition import partition
-    from bmc.sharding.propagate import propagate, resolve_output_specs
+    from bmc.sharding.propagate import propagate, resolve_io_specs
+    from bmc.sharding.spec import Spec
     from bmc.sharding.report import plan_json
 
     if isinstance(mesh, str):
@@ -102,7 +105,15 @@ def plan_graph(graph: Graph, *, mesh, shard: Mapping | None = None, strategy: st
         raise UsageError(f"unknown strategy {strategy!r}", where="--strategy", fix=f"use one of {STRATEGIES}")
     profile, mesh = _cost_model(mesh, device, mesh_bandwidth)
     budget = memory_per_device or profile.memory_bytes
-    output_specs = resolve_output_specs(graph, mesh, output_shards or {})
+    output_specs = resolve_io_specs(graph, mesh, output_shards or {}, "output")
+    input_specs = resolve_io_specs(graph, mesh, input_shards or {}, "input")
+    shard = dict(shard or {})
+    for name, spec in input_specs.items():
+        given = shard.get(name)
+        if given is not None and (Spec.parse(given) if isinstance(given, str) else given) != spec:
+            raise UsageError(f"input {name!r} has --shard {given} and --input-shard {spec}", where="--input-shard",
+                             fix="give the input one layout (--input-shard alone is enough)")
+        shard[name] = spec
     stats = None
     if strategy == "auto":
         from bmc.sharding.auto import auto_plan
@@ -123,6 +134,7 @@ def plan_graph(graph: Graph, *, mesh, shard: Mapping | None = None, strategy: st
         annotations.update(shard or {})
         plan = propagate(graph, mesh, annotations)
         plan.output_specs = output_specs
+    plan.input_specs = input_specs
     prog = partition(graph, plan)
     verify_graph(prog.graph)
     data = plan_json(prog, plan_cost(graph, plan, profile), budget, profile.name)
@@ -194,7 +206,7 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
     else:
         (p,), (c,) = planned, programs
         pipeline, exports, extra = None, c.built.export, c.extra
-        signature = _split_outputs(signature_of(p.graph, graph.output_names), graph, p)
+        signature = _split_io(signature_of(p.graph, graph.output_names), graph, p)
         weights = dict(enumerate(c.weights)) if p.sharded else c.weights[0]
     t0 = time.perf_counter()
     path = write_artifact(
@@ -216,10 +228,11 @@ def _mesh(mesh):
 
 
 def _check_pipeline_flags(mesh, stages: int | str, microbatches: int, plan_options: Mapping) -> None:
-    """Refuse bad --stages / --microbatches (and --output-shard with stages) before any work."""
-    if stages != 1 and plan_options.get("output_shards"):
-        raise UsageError("--output-shard is for a single program; a pipeline's outputs come back whole",
-                         where="--output-shard", fix="leave out --stages or --output-shard")
+    """Refuse bad --stages / --microbatches (and --input-shard / --output-shard with stages) before any work."""
+    for kind in ("input", "output"):
+        if stages != 1 and plan_options.get(f"{kind}_shards"):
+            raise UsageError(f"--{kind}-shard is for a single program; a pipeline's {kind}s are whole",
+                             where=f"--{kind}-shard", fix=f"leave out --stages or --{kind}-shard")
     if stages != "auto" and not isinstance(stages, int):
         raise UsageError(f"--stages {stages!r} is neither a number nor 'auto'", where="--stages",
                          fix="use --stages N (N >= 1) or --stages auto")
@@ -241,25 +254,27 @@ class _Planned:
     mesh: Any
     sharded: bool
     plan_text: str | None
-    output_specs: dict = field(default_factory=dict)  # output value name → Spec, those left split (--output-shard)
+    split: dict = field(default_factory=dict)  # input/output value name → Spec: fed or returned as blocks
 
 
 def _plan(graph: Graph, mesh, shard: Mapping, strategy: str | None, plan_options: Mapping) -> _Planned:
-    if not (mesh.size > 1 or shard or plan_options.get("output_shards")):
+    if not (mesh.size > 1 or shard or plan_options.get("output_shards") or plan_options.get("input_shards")):
         return _Planned(graph, single_device_plan(graph), mesh, False, None)
     from bmc.sharding.report import format_plan
 
     prog, plan = plan_graph(graph, mesh=mesh, shard=shard, strategy=strategy, **plan_options)
-    split = {k: s for k, s in prog.plan.output_specs.items() if not s.is_replicated()}
+    split = {k: s for k, s in {**prog.plan.input_specs, **prog.plan.output_specs}.items() if not s.is_replicated()}
     return _Planned(prog.graph, plan, mesh, True, format_plan(prog, plan), split)
 
 
-def _split_outputs(signature: dict, graph: Graph, p: _Planned) -> dict:
-    """The signature of a program whose outputs ``p.output_specs`` stay split: such an output's entry keeps the
-    global ``shape`` and adds its ``spec``, ``local_shape`` (the program's) and ``blocks`` (per rank, where its
-    block starts in each dim), so the runtime can place blocks without the sharding code."""
-    for entry, v in zip(signature["outputs"], graph.outputs):
-        spec = p.output_specs.get(v.name)
+def _split_io(signature: dict, graph: Graph, p: _Planned) -> dict:
+    """The signature of a program with inputs fed and outputs returned as blocks (``p.split``): such an entry keeps
+    the global ``shape`` and adds its ``spec``, ``local_shape`` (the program's) and ``blocks`` (per rank, where its
+    block starts in each dim), so the runtime can place and cut blocks without the sharding code."""
+    inputs = {v.name: v for v in graph.inputs}
+    for entry, v in [(e, inputs.get(e["name"])) for e in signature["inputs"]] + list(zip(signature["outputs"],
+                                                                                         graph.outputs)):
+        spec = p.split.get(v.name) if v is not None else None
         if spec is None:
             continue
         local = entry["shape"]

@@ -26,8 +26,9 @@ stage's signature lists its ranks' weights) and ``mesh`` the whole mesh.
 Format 3 (written only for the artifacts that need it; the others keep the older numbers): a pipeline's graph
 outputs leave the stage that makes them straight for every rank (a stage's program outputs include them; ``sends``
 no longer carries them along the chain, so a format-2 runtime would not find them), and an output left split on the
-mesh (``--output-shard``) has, in ``signature.outputs``, its global ``shape`` plus ``spec``, ``local_shape`` (what
-the program returns) and ``blocks`` (per rank, where its block starts in each dim).
+mesh (``--output-shard``), or an input fed as blocks (``--input-shard``), has in the signature its global ``shape``
+plus ``spec``, ``local_shape`` (what the program returns or takes) and ``blocks`` (per rank, where its block starts
+in each dim).
 
 Guarantees:
 
@@ -124,22 +125,23 @@ def signature_problems(signature) -> list[str]:
             shape = item.get("shape")
             if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
                 problems.append(f"signature.{kind} {name!r}: shape {shape!r} is not a list of non-negative ints")
-            elif kind == "outputs" and "blocks" in item and not _blocks_fit(item, shape):
-                problems.append(f"signature.outputs {name!r}: blocks {item.get('blocks')!r} of local shape "
+            elif kind != "params" and "blocks" in item and not _blocks_fit(item, shape):
+                problems.append(f"signature.{kind} {name!r}: blocks {item.get('blocks')!r} of local shape "
                                 f"{item.get('local_shape')!r} do not lie inside its shape {shape}")
     return problems
 
 
 def _blocks_fit(item: dict, shape: list[int]) -> bool:
-    """A split output's ``blocks`` (per rank, its block's start in each dim) and ``local_shape`` lie in ``shape``."""
+    """A split input's or output's ``blocks`` (per rank, its block's start in each dim) and ``local_shape`` lie in
+    ``shape``."""
     local, blocks = item.get("local_shape"), item.get("blocks")
     ints = (lambda xs: isinstance(xs, list) and len(xs) == len(shape) and all(type(x) is int and x >= 0 for x in xs))
     return ints(local) and isinstance(blocks, list) and bool(blocks) and all(
         ints(b) and all(o + n <= d for o, n, d in zip(b, local, shape)) for b in blocks)
 
 
-def _split_outputs(signature: dict) -> bool:
-    return any("blocks" in o for o in signature.get("outputs", []))
+def _split_io(signature: dict) -> bool:
+    return any("blocks" in e for kind in ("inputs", "outputs") for e in signature.get(kind, []))
 
 
 # --- writing -------------------------------------------------------------------------------------------------------
@@ -209,7 +211,7 @@ def write_artifact(output, *, signature: dict,
         for rel in (*program_files.values(), PLAN):
             files[rel] = file_digest(tmp / rel)
         manifest = {
-            "format": FORMAT, "format_version": 3 if pipeline or _split_outputs(signature) else 1,
+            "format": FORMAT, "format_version": 3 if pipeline or _split_io(signature) else 1,
             **installed_versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "target": dict(target), "mesh": {"shape": list(mesh["shape"]), "axes": list(mesh["axes"])},
@@ -343,9 +345,9 @@ def read_manifest(path) -> dict:
     bad = [f"{k} (expected {t.__name__})" for k, t in _REQUIRED.items() if not isinstance(manifest.get(k), t)]
     bad += signature_problems(manifest.get("signature"))
     if not bad:
-        bad += [f"signature.outputs {o['name']!r}: {len(o['blocks'])} blocks for {manifest['world_size']} ranks"
-                for o in manifest["signature"]["outputs"] if len(o.get("blocks", [None] * manifest["world_size"]))
-                != manifest["world_size"]]
+        bad += [f"signature.{kind} {e['name']!r}: {len(e['blocks'])} blocks for {manifest['world_size']} ranks"
+                for kind in ("inputs", "outputs") for e in manifest["signature"][kind]
+                if len(e.get("blocks", [None] * manifest["world_size"])) != manifest["world_size"]]
     if bad:
         raise ArtifactError("manifest.json is missing or has malformed keys: " + "; ".join(bad), where=where,
                             fix="the artifact is damaged; recompile the model")

@@ -20,7 +20,9 @@ A multi-device artifact runs in one of two ways:
   call ``model()`` with no inputs: rank 0's are broadcast) or on every rank (used as given, no broadcast); it returns
   the *global* outputs on every rank (the program ends with replicated outputs), except an output compiled to stay
   split (``--output-shard``): each rank gets its own block (``model.output_slices`` says where it lies;
-  ``model.gather_outputs`` assembles the whole on one rank). A failure that every rank sees (bad
+  ``model.gather_outputs`` assembles the whole on one rank); an input compiled to be fed as blocks
+  (``--input-shard``) may be passed whole or, when every rank passes inputs, as each rank's own block
+  (``model.input_slices``), so a split output can be fed back without a gather. A failure that every rank sees (bad
   inputs, a damaged weights file) raises the same error on every rank; a failure of one rank during the run prints
   ``[rank k] ...`` and aborts the whole job (``MPI_Abort``), because the other ranks are inside collectives.
   ``model.mpi`` holds the rank, mesh coordinate, communicators and the collectives implementation;
@@ -109,9 +111,18 @@ class Model:
     def output_slices(self) -> dict[str, tuple[slice, ...]]:
         """Where each output this process returns lies in the model's whole output: all of it, except an output left
         split (``--output-shard``) under MPI: this rank's block."""
+        return self._slices(self._outputs)
+
+    @property
+    def input_slices(self) -> dict[str, tuple[slice, ...]]:
+        """Which part of each whole input this process's program reads: all of it, except an input fed as blocks
+        (``--input-shard``) under MPI: this rank's block (what it may pass instead of the whole input)."""
+        return self._slices(self._inputs)
+
+    def _slices(self, entries: list[dict]) -> dict[str, tuple[slice, ...]]:
         rank = self.mpi.rank if self.mpi is not None else None
-        return {o["name"]: _block(o, rank) if rank is not None and "blocks" in o else
-                tuple(slice(0, n) for n in o["shape"]) for o in self._outputs}
+        return {e["name"]: _block(e, rank) if rank is not None and "blocks" in e else
+                tuple(slice(0, n) for n in e["shape"]) for e in entries}
 
     def gather_outputs(self, outputs: Mapping[str, np.ndarray], root: int = 0) -> dict[str, np.ndarray] | None:
         """The whole outputs from every rank's ``run`` result: under MPI, called on every rank, the blocks of split
@@ -120,20 +131,16 @@ class Model:
         if self.mpi is None:
             return dict(outputs)
         ctx, out = self.mpi, dict(outputs) if self.mpi.rank == root else None
-        for k, o in enumerate(self._outputs):
-            if "blocks" not in o:
-                continue
-            if out is not None:
-                whole = np.empty(o["shape"], outputs[o["name"]].dtype)
-            for r in _block_owners(o):
+        for o in self._outputs:
+            name, blocks = o["name"], {}
+            for r in _block_owners(o) if "blocks" in o else []:
                 if ctx.rank == root:
-                    block = outputs[o["name"]] if r == root else ctx.recv_arrays(
-                        r, [(o["name"], o["dtype"], o["local_shape"])])[o["name"]]
-                    whole[_block(o, r)] = block
+                    blocks[r] = outputs[name] if r == root else \
+                        ctx.recv_arrays(r, [(name, o["dtype"], o["local_shape"])])[name]
                 elif ctx.rank == r:
-                    ctx.send_arrays(root, [outputs[o["name"]]], f"sending output {o['name']!r} to rank {root}")
-            if out is not None:
-                out[o["name"]] = whole
+                    ctx.send_arrays(root, [outputs[name]], f"sending output {name!r} to rank {root}")
+            if out is not None and blocks:
+                out[name] = _assembled(o, blocks)
         return out
 
     def __call__(self, *args: Any, **kwargs: Any):
@@ -191,7 +198,8 @@ class Model:
 
         def call_rank(rank: int) -> list[np.ndarray]:
             main, params = self._ranks[rank]
-            arrays = [given[i["name"]] if i["name"] in given else np.array(rank_map[rank], dtype=np.int64)
+            arrays = [_own(i, given[i["name"]], rank) if i["name"] in given else
+                      np.array(rank_map[rank], dtype=np.int64)
                       for i in self._all_inputs]  # the one implicit input is the device's mesh coordinate
             return self._returned(main(*self._filled(rank, arrays), *params))
 
@@ -216,7 +224,8 @@ class Model:
         coord = np.array(ctx.coord, dtype=np.int64)  # the one implicit input is the device's mesh coordinate
         main, params = self._ranks[0]
         try:
-            args = self._filled(0, [given[i["name"]] if i["name"] in given else coord for i in self._all_inputs])
+            args = self._filled(0, [_own(i, given[i["name"]], ctx.rank) if i["name"] in given else coord
+                                    for i in self._all_inputs])
             return self._returned(main(*args, *params))
         except BaseException as e:  # noqa: BLE001  (the other ranks wait in collectives: end the whole job)
             self._abort(e)
@@ -239,7 +248,7 @@ class Model:
         error, arrays = None, None
         if inputs:
             try:
-                arrays = dict(zip(self.input_names, self._check_inputs(inputs)))
+                arrays = dict(zip(self.input_names, self._check_inputs(inputs, blocks=True)))
             except ExecutionError as e:
                 error = e
         # who holds inputs: every rank (use them as given) or rank 0 (broadcast); one small all-gather decides
@@ -253,6 +262,14 @@ class Model:
             bad = [r for r, s in enumerate(states) if s == b"e" and r != 0]
             if states[0] != b"e" and bad:  # a non-root rank passed bad inputs: every rank says so
                 ctx.agree(error)
+            if ctx.rank == 0 and error is None:  # a block of rank 0's cannot stand for the others' blocks
+                blocks = [i["name"] for i in self._inputs if "blocks" in i and
+                          list(arrays[i["name"]].shape) != list(i["shape"])]
+                if blocks:
+                    error = ExecutionError(f"input(s) {', '.join(map(repr, blocks))} given as rank 0's block, with "
+                                           "the other ranks passing no inputs", where=str(self._path),
+                                           fix="pass the whole input on rank 0, or every rank's own block on "
+                                               "every rank (model.input_slices)")
             given = self._distributed(arrays, error)
         return given
 
@@ -260,8 +277,9 @@ class Model:
         """Rank 0's checked inputs on every rank (or rank 0's error raised on every rank)."""
         return self.mpi.bcast_arrays(arrays, error)
 
-    def _check_inputs(self, inputs: dict[str, Any]) -> list[np.ndarray]:
-        """Arrays in signature order, or one ``ExecutionError`` listing every problem with expected vs got."""
+    def _check_inputs(self, inputs: dict[str, Any], blocks: bool = False) -> list[np.ndarray]:
+        """Arrays in signature order, or one ``ExecutionError`` listing every problem with expected vs got; with
+        ``blocks`` (under MPI) an input fed as blocks may also be this rank's block."""
         names = self.input_names
         problems = []
         unknown = [n for n in inputs if n not in names]
@@ -279,7 +297,10 @@ class Model:
             if not isinstance(value, np.ndarray) and arr.dtype != want and np.can_cast(arr.dtype, want, "same_kind"):
                 arr = arr.astype(want)  # Python scalars and lists take the declared dtype when that loses no kind
             expected, got = _fmt(spec["dtype"], spec["shape"]), _fmt(str(arr.dtype), arr.shape)
-            if arr.dtype != want or list(arr.shape) != list(spec["shape"]):
+            shapes = [list(spec["shape"])] + ([spec["local_shape"]] if blocks and "blocks" in spec else [])
+            if arr.dtype != want or list(arr.shape) not in shapes:
+                if len(shapes) > 1:
+                    expected += f" (or this rank's block {_fmt(spec['dtype'], spec['local_shape'])})"
                 problems.append(f"input {spec['name']!r}: expected {expected}, got {got}")
             arrays.append(np.require(arr, requirements="C"))  # keeps 0-d inputs 0-d
         if problems:
@@ -303,6 +324,14 @@ def _block(output: dict, rank: int) -> tuple[slice, ...]:
     return tuple(slice(b, b + n) for b, n in zip(output["blocks"][rank], output["local_shape"]))
 
 
+def _own(entry: dict, array: np.ndarray, rank: int) -> np.ndarray:
+    """What rank ``rank``'s program reads of an input: the array, or its block of an input fed as blocks (unless the
+    array already is the block)."""
+    if "blocks" not in entry or list(array.shape) == entry["local_shape"]:
+        return array
+    return array[_block(entry, rank)]
+
+
 def _block_owners(output: dict) -> list[int]:
     """The first rank holding each distinct block of a split output (the others hold replicas of those)."""
     first: dict[tuple, int] = {}
@@ -311,10 +340,11 @@ def _block_owners(output: dict) -> list[int]:
     return sorted(first.values())
 
 
-def _assembled(output: dict, blocks: list[np.ndarray]) -> np.ndarray:
-    """A split output whole, from every rank's block."""
-    whole = np.empty(output["shape"], blocks[0].dtype)
-    for r in _block_owners(output):
+def _assembled(output: dict, blocks) -> np.ndarray:
+    """A split output whole, from ``blocks[rank]`` of (at least) each distinct block's first rank."""
+    owners = _block_owners(output)
+    whole = np.empty(output["shape"], blocks[owners[0]].dtype)
+    for r in owners:
         whole[_block(output, r)] = blocks[r]
     return whole
 

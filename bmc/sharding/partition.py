@@ -149,6 +149,12 @@ def partition(graph: Graph, plan: Plan) -> LocalProgram:
         return x
 
     for v in graph.inputs:
+        fed = plan.input_specs.get(v.name)
+        if fed is not None:  # fed as each device's block: the program's input is the local type
+            s = _checked(fed, v, mesh)
+            spec_of[id(v)] = s
+            local[(id(v), s)] = em.b.input(v.name, v.type.with_shape(s.local_shape(v.type.shape, mesh)))
+            continue
         x = em.b.input(v.name, v.type)
         spec_of[id(v)] = Spec.replicated(v.type.rank)
         local[(id(v), spec_of[id(v)])] = x

@@ -20,4 +20,5 @@ class Plan:
     strategies: dict[int, Assignment]  # node index → factor assignment
     origins: dict[str, str] = field(default_factory=dict)  # value name → where its spec came from
     output_specs: dict[str, Spec] = field(default_factory=dict)  # graph outputs' final layout (default replicated)
+    input_specs: dict[str, Spec] = field(default_factory=dict)  # graph inputs fed as blocks (default: fed whole)
     forced: dict[str, Spec] = field(default_factory=dict)  # annotated values their producer cannot make directly

@@ -47,28 +47,31 @@ def resolve_annotations(graph: Graph, mesh: Mesh, annotations: Mapping[str, Spec
     return out
 
 
-def resolve_output_specs(graph: Graph, mesh: Mesh, specs: Mapping[str, Spec | str]) -> dict[str, Spec]:
-    """``--output-shard`` layouts by output value name: the model's output names (``Graph.output_names``), parsed
-    and validated; an output may be split but not partial."""
-    names = dict(zip(graph.output_names or [v.name for v in graph.outputs], graph.outputs))
+def resolve_io_specs(graph: Graph, mesh: Mesh, specs: Mapping[str, Spec | str], kind: str) -> dict[str, Spec]:
+    """``--input-shard`` / ``--output-shard`` layouts (``kind`` "input" or "output") by value name: the model's
+    input or output names (outputs: ``Graph.output_names``), parsed and validated; split, never partial."""
+    flag = f"--{kind}-shard"
+    values = graph.inputs if kind == "input" else graph.outputs
+    names = dict(zip([v.name for v in values] if kind == "input" else graph.output_names or [v.name for v in values],
+                     values))
     out = {}
     for name, spec in specs.items():
-        where = f"--output-shard {name}"
+        where = f"{flag} {name}"
         if name not in names:
             near = difflib.get_close_matches(name, list(names), n=5, cutoff=0.5)
-            raise UsageError(f"--output-shard names {name!r}, which is not an output of the model "
-                             f"(outputs: {', '.join(names)})", where="--output-shard",
+            raise UsageError(f"{flag} names {name!r}, which is not an {kind} of the model "
+                             f"({kind}s: {', '.join(names)})", where=flag,
                              fix=("did you mean " + ", ".join(map(repr, near)) + "?") if near else
-                             "name one of the model's outputs")
+                             f"name one of the model's {kind}s")
         v = names[name]
         try:
             s = Spec.parse(spec) if isinstance(spec, str) else spec
             s.validate(v.type.shape, mesh)
         except SpecError as e:
-            raise UsageError(f"output {name!r} {v.type} cannot be laid out so: {e}", where=where,
+            raise UsageError(f"{kind} {name!r} {v.type} cannot be laid out so: {e}", where=where,
                              fix="pick mesh axes whose sizes divide the dims they split") from None
         if s.partial:
-            raise UsageError(f"output layout {s} for {name!r} is partial; outputs are split or whole, never pending "
+            raise UsageError(f"{kind} layout {s} for {name!r} is partial; {kind}s are split or whole, never pending "
                              "sums", where=where, fix="leave out the partial{...} part")
         out[v.name] = s
     return out

@@ -16,7 +16,7 @@ from bmc.ir.graph import Graph
 from bmc.ir.types import np_dtype
 from bmc.ops import get_op
 from bmc.ops.collective import GROUP_REFERENCE
-from bmc.sharding.layout import ShardTensor, coordinates, replica_mismatch, unshard
+from bmc.sharding.layout import ShardTensor, coordinates, replica_mismatch, shard, unshard
 from bmc.sharding.partition import MESH_COORD, LocalProgram
 from bmc.sharding.spec import Spec
 
@@ -72,9 +72,12 @@ def simulate(prog: LocalProgram, inputs: Mapping[str, np.ndarray]) -> SimResult:
     coords = coordinates(mesh)
     envs: dict[tuple[int, ...], dict[int, np.ndarray]] = {c: {} for c in coords}
     for v in graph.inputs:
+        fed = prog.plan.input_specs.get(v.name)  # an input fed as blocks: each device gets its own
         for c in coords:
-            envs[c][id(v)] = (np.array(c, dtype=np.int64) if v.name == MESH_COORD
-                              else np.asarray(inputs[v.name]).astype(np_dtype(v.type.dtype), copy=False))
+            envs[c][id(v)] = (np.array(c, dtype=np.int64) if v.name == MESH_COORD else
+                              shard(np.asarray(inputs[v.name]).astype(np_dtype(v.type.dtype)), fed, mesh, c)
+                              if fed is not None else
+                              np.asarray(inputs[v.name]).astype(np_dtype(v.type.dtype), copy=False))
     for p in graph.params:
         data = graph.weights[p.name]
         for c in coords:

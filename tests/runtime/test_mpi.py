@@ -229,6 +229,76 @@ def test_split_outputs_under_mpi_each_rank_its_block(workdir):
     _check(workdir / "split_out.npz", [want])
 
 
+FED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import bmc
+    from bmc.errors import ExecutionError
+    xattn, loop, data_path, out = sys.argv[1:5]
+    data = dict(np.load(data_path))
+    res = {}
+    model = bmc.load(xattn)
+    rank = model.mpi.rank
+    names = ("x", "memory", "memory_mask")
+    own = {n: data[n][model.input_slices[n]] for n in names}           # every rank passes its own blocks
+    res["blocks"] = model.run(own)["hidden"].tolist()
+    res["whole"] = model.run({n: data[n] for n in names} if rank == 0 else {})["hidden"].tolist()
+    try:                                                                # rank 0's block alone: refused everywhere
+        model.run(own if rank == 0 else {})
+        res["error"] = None
+    except ExecutionError as e:
+        res["error"] = str(e)
+    double = bmc.load(loop)                                             # y = 2x, x fed and y returned as blocks
+    x = data["loop_x"][double.input_slices["x"]]
+    for _ in range(3):
+        x = double.run({"x": x})["y"]                                   # each rank's block, fed straight back
+    res["loop"] = x.tolist()
+    res["loop_slices"] = [[s.start, s.stop] for s in double.output_slices["y"]]
+    with open(f"{out}.r{rank}.json", "w") as f:
+        json.dump(res, f)
+""")
+
+
+def test_inputs_fed_as_blocks_under_mpi(tmp_path):
+    """2 real ranks: the cross-attention fixture with its memory fed as blocks gives onnxruntime's output whether
+    every rank passes just its blocks or rank 0 passes the whole inputs; rank 0 passing only its block is one error
+    on every rank; and an output left split fed back as a split input (``y = 2x``, three steps) never leaves its
+    rank (the plan has no collective)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import bmc
+
+    data = dict(np.load(FIXTURES / "xattn_dynamo.npz"))
+    bmc.compile(FIXTURES / "xattn_dynamo.onnx", tmp_path / "xattn.bmc", mesh="2",
+                input_shards={"memory": "[{},{x},{}]", "memory_mask": "[{},{x}]"},
+                input_shapes={"batch": 2, "seq": 48})
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["y"])], "double",
+                              [vi("x", TensorProto.FLOAT, [4, 8])], [vi("y", TensorProto.FLOAT, [4, 8])],
+                              [numpy_helper.from_array(np.float32(2.0), "two")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "double.onnx"))
+    bmc.compile(tmp_path / "double.onnx", tmp_path / "double.bmc", mesh="2", input_shards={"x": "[{x}, {}]"},
+                output_shards={"y": "[{x}, {}]"})
+    assert json.loads((tmp_path / "double.bmc" / "plan.json").read_text())["collectives"] == []
+    data["loop_x"] = np.arange(32, dtype=np.float32).reshape(4, 8)
+    np.savez(tmp_path / "data.npz", **data)
+    script = tmp_path / "fed.py"
+    script.write_text(FED_SCRIPT)
+    r = mpirun(2, [sys.executable, str(script), str(tmp_path / "xattn.bmc"), str(tmp_path / "double.bmc"),
+                   str(tmp_path / "data.npz"), str(tmp_path / "fed")])
+    assert r.returncode == 0, r.stdout + r.stderr
+    want = data["output:hidden"]
+    for rank in range(2):
+        res = json.loads((tmp_path / f"fed.r{rank}.json").read_text())
+        for key in ("blocks", "whole"):
+            assert float(np.max(np.abs(np.array(res[key]) - want))) <= 1e-5 * float(np.max(np.abs(want))), key
+        assert "given as rank 0's block" in res["error"] and "[rank 0]" in res["error"]
+        rows = slice(*res["loop_slices"][0])
+        np.testing.assert_array_equal(np.array(res["loop"]), 8 * data["loop_x"][rows])
+        assert res["loop_slices"][0] == [2 * rank, 2 * rank + 2]
+
+
 COLLECTIVES_SCRIPT = textwrap.dedent("""
     # every collective kind on leading and inner dims, on a 2x2 mesh, against GROUP_REFERENCE
     import json, sys

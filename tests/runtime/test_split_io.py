@@ -1,7 +1,7 @@
-"""Outputs left split on the mesh (``--output-shard NAME=SPEC``): the plan ends without gathering them, the
-manifest says which block each rank holds, an in-process run assembles them whole (against onnxruntime), and bad
-requests are usage errors naming the flag. The real-MPI side (each rank's block, ``gather_outputs``, ``bmc run``)
-is in ``test_mpi.py``."""
+"""Outputs left split on the mesh (``--output-shard NAME=SPEC``) and inputs fed as blocks (``--input-shard``): the
+plan neither gathers the outputs nor slices the inputs, the manifest says which block each rank holds, an in-process
+run takes whole inputs and gives whole outputs (against onnxruntime), and bad requests are usage errors naming the
+flag. The real-MPI side (each rank's blocks in and out, ``gather_outputs``, ``bmc run``) is in ``test_mpi.py``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 import bmc
 from bmc.compiler import plan_model
-from bmc.errors import UsageError
+from bmc.errors import ExecutionError, UsageError
 from bmc.sharding.layout import shard
 from bmc.sharding.mesh import Mesh
 from bmc.sharding.spec import Spec
@@ -63,23 +63,59 @@ def test_the_search_prices_the_gather_it_no_longer_needs():
     assert split["cost"]["total_s"] <= whole["cost"]["total_s"] * (1 + 1e-6)
 
 
-@pytest.mark.parametrize("request_, match", [
-    ({"logit": "[{}, {}, {y}]"}, "did you mean 'logits'"),
-    ({"logits": "[{}, {}, {y}] partial{x}"}, "partial"),
-    ({"logits": "[{x,y}, {}, {}]"}, "not divisible"),
-    ({"logits": "[{}, {z}, {}]"}, "axis z"),
+def test_inputs_fed_as_blocks_match_onnxruntime(tmp_path):
+    """Context parallelism with the memory fed as blocks (``--input-shard memory=[{},{x},{}] memory_mask=[{},{x}]``)
+    on 4 devices: the program's inputs are the 12-token blocks, nothing slices or gathers the memory, and the
+    simulated run (whole inputs, each device given its block) matches onnxruntime."""
+    data = np.load(FIXTURES / "xattn_dynamo.npz")
+    shards = {"memory": "[{},{x},{}]", "memory_mask": "[{},{x}]"}
+    out = tmp_path / "xattn.bmc"
+    bmc.compile(FIXTURES / "xattn_dynamo.onnx", out, mesh="4", input_shards=shards,
+                input_shapes={"batch": 2, "seq": 48})
+    manifest = json.loads((out / "manifest.json").read_text())
+    entries = {e["name"]: e for e in manifest["signature"]["inputs"]}
+    assert entries["memory"]["shape"] == [2, 48, 32] and entries["memory"]["local_shape"] == [2, 12, 32]
+    assert [b[1] for b in entries["memory_mask"]["blocks"]] == [0, 12, 24, 36] and "blocks" not in entries["x"]
+    assert manifest["format_version"] == 3
+    plan = json.loads((out / "plan.json").read_text())
+    assert [(c["kind"], c.get("reduce")) for c in plan["collectives"]] == [
+        ("all_reduce", "max"), ("all_reduce", "sum"), ("all_reduce", "sum")]
+    model = bmc.load(out, simulate=True)
+    got = model(**{k: data[k] for k in ("x", "memory", "memory_mask")})
+    want = data["output:hidden"]
+    assert float(np.max(np.abs(got - want))) <= 1e-5 * float(np.max(np.abs(want)))
+    with pytest.raises(ExecutionError, match=r"expected float32\[2,48,32\], got float32\[2,12,32\]"):
+        model(x=data["x"], memory=data["memory"][:, :12], memory_mask=data["memory_mask"])  # in process: whole
+
+
+@pytest.mark.parametrize("kind, request_, match", [
+    ("output", {"logit": "[{}, {}, {y}]"}, "did you mean 'logits'"),
+    ("output", {"logits": "[{}, {}, {y}] partial{x}"}, "partial"),
+    ("output", {"logits": "[{x,y}, {}, {}]"}, "not divisible"),
+    ("output", {"logits": "[{}, {z}, {}]"}, "axis z"),
+    ("input", {"input_id": "[{x}, {}]"}, "did you mean 'input_ids'"),
+    ("input", {"logits": "[{x}, {}, {}]"}, "not an input"),
 ])
-def test_bad_output_shards_are_usage_errors(request_, match):
+def test_bad_shards_are_usage_errors(kind, request_, match):
     with pytest.raises(UsageError, match=match) as e:
-        plan_model(FIXTURES / "gpt2_dynamo.onnx", mesh="2x2", input_shapes=SHAPES, output_shards=request_)
-    assert e.value.where.startswith("--output-shard")
+        plan_model(FIXTURES / "gpt2_dynamo.onnx", mesh="2x2", input_shapes=SHAPES, **{f"{kind}_shards": request_})
+    assert e.value.where.startswith(f"--{kind}-shard")
 
 
-def test_output_shards_and_stages_do_not_mix(tmp_path):
+def test_an_input_with_two_layouts_is_a_usage_error():
+    with pytest.raises(UsageError, match="one layout") as e:
+        plan_model(FIXTURES / "gpt2_dynamo.onnx", mesh="2x2", input_shapes=SHAPES, shard={"input_ids": "[{y}, {}]"},
+                   input_shards={"input_ids": "[{x}, {}]"})
+    assert e.value.where == "--input-shard"
+
+
+@pytest.mark.parametrize("kind, name, spec", [("output", "logits", "[{}, {}, {y}]"),
+                                              ("input", "input_ids", "[{x}, {}]")])
+def test_split_io_and_stages_do_not_mix(tmp_path, kind, name, spec):
     with pytest.raises(UsageError, match="pipeline") as e:
         bmc.compile(FIXTURES / "gpt2_dynamo.onnx", tmp_path / "x.bmc", mesh="2x2", stages=2, input_shapes=SHAPES,
-                    output_shards={"logits": "[{}, {}, {y}]"})
-    assert e.value.where == "--output-shard" and not (tmp_path / "x.bmc").exists()
+                    **{f"{kind}_shards": {name: spec}})
+    assert e.value.where == f"--{kind}-shard" and not (tmp_path / "x.bmc").exists()
 
 
 def test_the_cli_flag(tmp_path):
