@@ -153,10 +153,12 @@ def _cards(data: dict, mesh: Mesh) -> list[str]:
              _card(str(len(data["collectives"])), "collectives (" + _bytes(sum(c["bytes"]
                                                                              for c in data["collectives"]))
                    + " a device)")]
-    if data.get("output_specs"):
-        cards.append(_card(", ".join(f"<code>{_e(k)}</code>" for k in data["output_specs"]),
-                           "outputs left split (--output-shard): " + "; ".join(
-                               f"{_e(k)} {_e(s)}" for k, s in data["output_specs"].items())))
+    for kind in ("input", "output"):
+        specs = data.get(f"{kind}_specs")
+        if specs:
+            cards.append(_card(", ".join(f"<code>{_e(k)}</code>" for k in specs),
+                               f"{kind}s as blocks (--{kind}-shard): "
+                               + "; ".join(f"{_e(k)} {_e(s)}" for k, s in specs.items())))
     solver = data.get("solver")
     if solver:
         cards.append(_card(_e(str(solver.get("status", "?"))),

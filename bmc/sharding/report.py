@@ -5,7 +5,7 @@ Keys (stable, for other tools): ``mesh`` {axes, shape}; ``values`` {name: {shape
 order; ``collectives`` [{kind, axes, bytes (per device), node (ONNX node), value, at (index into ``nodes``: the node
 it runs for; ``len(nodes)`` the outputs, -1 the inputs), time_s}]; ``memory`` {peak_bytes_per_device, budget_bytes,
 weight_bytes_per_device, live_bytes (activations live per device while each node runs)}; ``cost`` {total_s,
-compute_s, comm_s, device}; ``solver`` when a search ran; ``output_specs`` {value: spec} for outputs left split. ``bmc.sharding.htmlreport`` renders it as one HTML page.
+compute_s, comm_s, device}; ``solver`` when a search ran; ``input_specs`` / ``output_specs`` {value: spec} for inputs fed and outputs returned as blocks. ``bmc.sharding.htmlreport`` renders it as one HTML page.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def plan_json(prog: LocalProgram, cost, budget_bytes: int | None = None, device:
         "memory": {"peak_bytes_per_device": cost.memory.peak_bytes, "weight_bytes_per_device": cost.memory.weight_bytes,
                    "budget_bytes": budget_bytes, "live_bytes": list(cost.memory.live)},
         "cost": {"total_s": cost.total_s, "compute_s": cost.compute_s, "comm_s": cost.comm_s, "device": device},
-    } | ({"output_specs": {k: str(s) for k, s in plan.output_specs.items()}} if plan.output_specs else {})
+    } | {key: {k: str(s) for k, s in specs.items()}
+         for key, specs in (("input_specs", plan.input_specs), ("output_specs", plan.output_specs)) if specs}
 
 
 def format_plan(prog: LocalProgram, data: dict, top: int = 15) -> str:

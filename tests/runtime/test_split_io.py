@@ -17,6 +17,7 @@ import pytest
 import bmc
 from bmc.compiler import plan_model
 from bmc.errors import ExecutionError, UsageError
+from bmc.sharding.htmlreport import plan_html
 from bmc.sharding.layout import shard
 from bmc.sharding.mesh import Mesh
 from bmc.sharding.spec import Spec
@@ -80,6 +81,8 @@ def test_inputs_fed_as_blocks_match_onnxruntime(tmp_path):
     plan = json.loads((out / "plan.json").read_text())
     assert [(c["kind"], c.get("reduce")) for c in plan["collectives"]] == [
         ("all_reduce", "max"), ("all_reduce", "sum"), ("all_reduce", "sum")]
+    assert plan["input_specs"] == {"memory": "[{}, {x}, {}]", "memory_mask": "[{}, {x}]"}
+    assert "inputs as blocks (--input-shard)" in plan_html(plan, "xattn")
     model = bmc.load(out, simulate=True)
     got = model(**{k: data[k] for k in ("x", "memory", "memory_mask")})
     want = data["output:hidden"]
