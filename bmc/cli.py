@@ -422,8 +422,76 @@ def cmd_verify(args) -> int:
             print(f"  {name}: {nan} NaN, {inf} Inf")
     else:
         print("weights: all finite")
+    if args.inputs:
+        return _verify_numerics(path, manifest, args)
     print("OK")
     return 0
+
+
+def _verify_numerics(path: Path, manifest: dict, args) -> int:
+    """``bmc verify --inputs``: the artifact's outputs against the reference interpreter on the source model, and
+    where they part (FAILURES.md 49, 50)."""
+    from bmc.compiler import import_graph, plan_graph
+    from bmc.runtime.artifact import file_digest
+    from bmc.runtime.executor import load
+    from bmc.sharding.mesh import Mesh
+    from bmc.testing.localize import check_outputs, first_divergence, first_nonfinite
+    from bmc.testing.reference import run_reference
+
+    if not args.model:
+        raise UsageError("--inputs needs the model the artifact was compiled from", where="--model",
+                         fix="add --model MODEL.onnx")
+    model_path = Path(args.model)
+    if not model_path.is_file():
+        raise UsageError(f"no such file {args.model!r}", where="--model", fix="pass the source .onnx file")
+    source = manifest.get("source") or {}
+    if source.get("sha256") and file_digest(model_path)["sha256"] != source["sha256"]:
+        raise UsageError(f"{args.model} is not the model this artifact was compiled from ({source.get('model')}, "
+                         f"sha256 {source['sha256'][:16]}...)", where="--model", fix="pass the source .onnx file")
+    inputs = _read_npz(Path(args.inputs))
+    options = manifest.get("options") or {}
+    dtype = options.get("dtype", "float32")
+    tolerance = args.tolerance or (1e-4 if dtype == "float32" else 1e-2)
+    model = load(path, simulate=manifest["world_size"] > 1)
+    got = model.run(inputs)
+    shapes = {i["name"]: tuple(i["shape"]) for i in manifest["signature"]["inputs"] if i["name"] in model.input_names}
+    graph = import_graph(model_path, shapes)
+    reference = run_reference(graph, inputs, keep=True)
+    names = graph.output_names or [v.name for v in graph.outputs]
+    checks = check_outputs(got, {n: reference[v.name] for n, v in zip(names, graph.outputs)}, tolerance)
+    print(f"outputs vs the single-device reference ({model_path.name}, numpy), tolerance {tolerance:g} x "
+          "max(1, max |reference|):")
+    for c in checks:
+        extra = f", {c.nonfinite} NaN/Inf where the reference is finite" if c.nonfinite else ""
+        print(f"  {c.name:<32} max abs error {c.max_abs:.3e} ({c.relative:.2e} of scale {c.scale:.3g}){extra}: "
+              f"{'OK' if c.ok else 'MISMATCH'}")
+    made = first_nonfinite(graph, reference)
+    if made is not None:
+        print(f"the model itself makes NaN/Inf first at node #{made.index} {made.node} ({made.op}), value "
+              f"{made.value!r}, on these inputs")
+    if all(c.ok for c in checks):
+        print("OK")
+        return 0
+    if "pipeline" in manifest or options.get("stages", 1) != 1 or manifest["world_size"] == 1 or dtype != "float32":
+        why = ("a pipeline" if "pipeline" in manifest else "one device" if manifest["world_size"] == 1
+               else f"{dtype}")
+        print(f"(the search for the first differing tensor runs on float32 single programs over a mesh; this artifact "
+              f"is {why}: the difference is in its compiled kernels or weights)")
+        return 1
+    mesh = Mesh.parse("x".join(map(str, manifest["mesh"]["shape"])), ",".join(manifest["mesh"]["axes"]))
+    plan_options = {k: v for k, v in options.items() if k not in ("dtype", "strategy", "shard", "stages",
+                                                                    "microbatches")}
+    prog, _ = plan_graph(graph, mesh=mesh, shard=options.get("shard") or None, strategy=options.get("strategy"),
+                         warn=lambda _m: None, **plan_options)
+    found = first_divergence(prog, inputs, reference, tolerance)
+    if found is None:
+        print("the sharded program, planned again and run on the simulator, matches the reference at every tensor: "
+              "the difference is in the compiled kernels or the artifact's weights")
+    else:
+        where = f" (first on device {list(found.device)})" if found.device is not None else ""
+        print(f"first tensor that differs in the sharded program: {found.value!r}, made by node #{found.index} "
+              f"{found.node} ({found.op}): error {found.error:.3e} of its scale{where}")
+    return 1
 
 
 def weight_nonfinite(path: Path, manifest: dict, chunk: int = 1 << 22) -> dict[str, tuple[int, int]]:
@@ -525,6 +593,12 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check an artifact's digests and versions; report NaN/Inf in the weights")
     v.add_argument("artifact")
     v.add_argument("--skip-versions", action="store_true", help="do not compare TVM/tvm-ffi versions")
+    v.add_argument("--inputs", metavar="NPZ", help="also run the artifact (every rank in this process) on these inputs "
+                   "and compare each output with the single-device reference of --model; on a mismatch, name the "
+                   "first tensor of the sharded program that differs, and the first node making NaN/Inf")
+    v.add_argument("--model", help="with --inputs: the .onnx file the artifact was compiled from")
+    v.add_argument("--tolerance", type=float, metavar="T", help="with --inputs: max abs error allowed, over "
+                   "max(1, max |reference|) (default 1e-4; 1e-2 for float16/bfloat16 artifacts)")
     v.set_defaults(func=cmd_verify)
 
     t = sub.add_parser("tune", help="tuning for a device elsewhere: measure exported candidates, import the times")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,10 +207,14 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
         pipeline, exports, extra = None, c.built.export, c.extra
         signature = _split_io(signature_of(p.graph, graph.output_names), graph, p)
         weights = dict(enumerate(c.weights)) if p.sharded else c.weights[0]
+    options = {"dtype": dtype, "strategy": strategy, "shard": {k: str(v) for k, v in (shard or {}).items()},
+               "stages": stages, "microbatches": microbatches} | {
+        k: ({n: str(s) for n, s in v.items()} if k.endswith("_shards") else v) for k, v in plan_options.items()}
     t0 = time.perf_counter()
     path = write_artifact(
         out, signature=signature, weights=weights, export_library=exports, target=spec.to_json(),
-        source=_source_info(model), plan=plan, extra=extra or None, mesh=mesh.to_json(), pipeline=pipeline)
+        source=_source_info(model), plan=plan, extra={**(extra or {}), "options": options}, mesh=mesh.to_json(),
+        pipeline=pipeline)
     timings["package_s"] = time.perf_counter() - t0
     return {"output": str(path), "target": spec.to_json(), "nodes": sum(len(p.graph.nodes) for p in planned),
             "ops": _merged_counts(p.graph.op_counts() for p in planned), "plan_text": plan_text,
@@ -527,10 +530,7 @@ def _merged_counts(counts) -> dict[str, int]:
 
 def _source_info(model) -> dict:
     if isinstance(model, (str, Path)):
-        p = Path(model)
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return {"model": p.name, "sha256": h.hexdigest()}
+        from bmc.runtime.artifact import file_digest
+
+        return {"model": Path(model).name, "sha256": file_digest(Path(model))["sha256"]}
     return {"model": "<in-memory>"}

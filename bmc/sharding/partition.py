@@ -58,6 +58,8 @@ class LocalProgram:
     global_graph: Graph
     collectives: list[Collective] = field(default_factory=list)
     param_specs: dict[str, Spec] = field(default_factory=dict)
+    produced: dict[str, tuple[Value, Spec]] = field(default_factory=dict)  # global value name → its local value as
+    # its node made it, and that value's spec (what the divergence search compares; local names can differ)
 
 
 def rule_of(node: Node) -> ShardingRule:
@@ -196,6 +198,7 @@ def partition(graph: Graph, plan: Plan) -> LocalProgram:
                                     f"(spec {s})", where=_where(node))
             spec_of[id(v)] = s
             local[(id(v), s)] = x
+            prog.produced[v.name] = (x, s)
             if v.name in plan.forced:  # an annotation the producer cannot make directly: reshard right away
                 get(v, plan.forced[v.name], node.source or node.op)
                 spec_of[id(v)] = plan.forced[v.name]

@@ -70,6 +70,22 @@ def run_lockstep(graph: Graph, envs: dict[tuple[int, ...], dict[int, np.ndarray]
 def simulate(prog: LocalProgram, inputs: Mapping[str, np.ndarray]) -> SimResult:
     mesh, graph = prog.mesh, prog.graph
     coords = coordinates(mesh)
+    envs = feed(prog, inputs)
+    moved = run_lockstep(graph, envs)
+    result = SimResult({}, moved)
+    for gv, lv in zip(prog.global_graph.outputs, graph.outputs):
+        spec = prog.plan.output_specs.get(gv.name, Spec.replicated(gv.type.rank))
+        shards = {c: envs[c][id(lv)] for c in coords}
+        result.replica_error = max(result.replica_error, replica_mismatch(shards, spec, mesh))
+        result.outputs[gv.name] = unshard(shards, spec, mesh)
+    return result
+
+
+def feed(prog: LocalProgram, inputs: Mapping[str, np.ndarray]) -> dict[tuple[int, ...], dict[int, np.ndarray]]:
+    """Every device's environment before the run: its inputs (its block of those fed as blocks, its mesh
+    coordinate) and its weights, keyed by ``id`` of the local program's values."""
+    mesh, graph = prog.mesh, prog.graph
+    coords = coordinates(mesh)
     envs: dict[tuple[int, ...], dict[int, np.ndarray]] = {c: {} for c in coords}
     for v in graph.inputs:
         fed = prog.plan.input_specs.get(v.name)  # an input fed as blocks: each device gets its own
@@ -82,11 +98,4 @@ def simulate(prog: LocalProgram, inputs: Mapping[str, np.ndarray]) -> SimResult:
         data = graph.weights[p.name]
         for c in coords:
             envs[c][id(p)] = data.at(c).numpy() if isinstance(data, ShardTensor) else data.numpy()
-    moved = run_lockstep(graph, envs)
-    result = SimResult({}, moved)
-    for gv, lv in zip(prog.global_graph.outputs, graph.outputs):
-        spec = prog.plan.output_specs.get(gv.name, Spec.replicated(gv.type.rank))
-        shards = {c: envs[c][id(lv)] for c in coords}
-        result.replica_error = max(result.replica_error, replica_mismatch(shards, spec, mesh))
-        result.outputs[gv.name] = unshard(shards, spec, mesh)
-    return result
+    return envs
