@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bmc.errors import BmcError, InternalError, UsageError
+from bmc.errors import BmcError, InternalError, UsageError, human_bytes
 
 _SHAPE_GRAMMAR = "NAME=D1,D2,... or NAME=D1xD2x... with positive integers, e.g. input_ids=1,128"
 
@@ -67,14 +67,6 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
 def _fmt(entry: dict) -> str:
     split = f" split {entry['spec']} (a rank's block [{','.join(map(str, entry['local_shape']))}])" \
         if "spec" in entry else ""
@@ -113,7 +105,7 @@ def cmd_compile(args) -> int:
     size = summary.get("size_bytes", _size(output))
     if summary.get("plan_text"):
         print(summary["plan_text"], end="\n\n")
-    print(f"wrote {output} (target {target}, {_human(size)}, {elapsed:.1f} s)")
+    print(f"wrote {output} (target {target}, {human_bytes(size)}, {elapsed:.1f} s)")
     return 0
 
 
@@ -402,7 +394,7 @@ def cmd_show(args) -> int:
         print(f"params     {len(sig['params'])} tensors")
     print("files")
     for rel, info in m["files"].items():
-        print(f"  {rel:<32} {_human(info['size']):>10}  sha256 {info['sha256'][:16]}")
+        print(f"  {rel:<32} {human_bytes(info['size']):>10}  sha256 {info['sha256'][:16]}")
     return 0
 
 

@@ -207,14 +207,18 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
         pipeline, exports, extra = None, c.built.export, c.extra
         signature = _split_io(signature_of(p.graph, graph.output_names), graph, p)
         weights = dict(enumerate(c.weights)) if p.sharded else c.weights[0]
+    from bmc.sharding.cost import parse_device
+
+    profile = parse_device(plan_options.get("device", "h100"))
+    peak = max(_priced(p, profile)[1] for p in planned)  # the runtime's memory pre-flight (FAILURES.md 45)
     options = {"dtype": dtype, "strategy": strategy, "shard": {k: str(v) for k, v in (shard or {}).items()},
                "stages": stages, "microbatches": microbatches} | {
         k: ({n: str(s) for n, s in v.items()} if k.endswith("_shards") else v) for k, v in plan_options.items()}
     t0 = time.perf_counter()
     path = write_artifact(
         out, signature=signature, weights=weights, export_library=exports, target=spec.to_json(),
-        source=_source_info(model), plan=plan, extra={**(extra or {}), "options": options}, mesh=mesh.to_json(),
-        pipeline=pipeline)
+        source=_source_info(model), plan=plan, mesh=mesh.to_json(), pipeline=pipeline,
+        extra={**(extra or {}), "options": options, "memory": {"peak_bytes_per_device": int(peak)}})
     timings["package_s"] = time.perf_counter() - t0
     return {"output": str(path), "target": spec.to_json(), "nodes": sum(len(p.graph.nodes) for p in planned),
             "ops": _merged_counts(p.graph.op_counts() for p in planned), "plan_text": plan_text,

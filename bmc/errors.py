@@ -76,3 +76,12 @@ class InternalError(BmcError):
 
     exit_code = 70
     category = "internal error (a bug in bmc; please report it with the traceback below)"
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` → ``1.5 KiB``: sizes in messages and reports."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover

@@ -44,7 +44,7 @@ import numpy as np
 import tvm
 import tvm.runtime.vm  # noqa: F401  (runtime-only TVM does not import it with `import tvm`)
 
-from bmc.errors import ArtifactError, BmcError, ExecutionError, UsageError
+from bmc.errors import ArtifactError, BmcError, ExecutionError, UsageError, human_bytes
 from bmc.ir.types import np_dtype
 from bmc.runtime.artifact import HashingReader, verify_artifact
 from bmc.runtime.kernels import pack_params
@@ -484,6 +484,7 @@ def _load_local(path: Path, manifest: dict, *, device: str, threads: int | None)
         raise ArtifactError("manifest.json names no program 'main' or misses a rank's weights", where=str(path),
                             fix="the artifact is damaged; recompile the model")
     dev = _device(device, manifest["target"], str(path))
+    check_memory(manifest, dev, world, str(path))  # every simulated rank's memory is this process's
     _register_kernels(path, manifest, threads)
     if world > 1:
         from bmc.runtime.simulate import register_simulated_collectives
@@ -498,6 +499,41 @@ def _load_local(path: Path, manifest: dict, *, device: str, threads: int | None)
                             fix="recompile the model for this machine") from e
     ranks = [(mains[r], _load_weights(path, manifest, dev, r)) for r in range(world)]
     return Model(path, manifest, ranks, dev)
+
+
+def check_memory(manifest: dict, dev, sharing: int, where: str) -> None:
+    """FAILURES.md 45: refuse to load when the plan's peak per device (``manifest.memory``: weights plus the live
+    activations, a lower bound of what the program uses) exceeds this device's free memory over the ``sharing``
+    ranks that load onto it. The free memory is ``BMC_AVAILABLE_MEMORY`` bytes when set, else the device's (on the
+    CPU, MemAvailable); ``BMC_MEMORY_CHECK=0`` skips the check."""
+    need = (manifest.get("memory") or {}).get("peak_bytes_per_device")
+    if not need or os.environ.get("BMC_MEMORY_CHECK", "1").strip() == "0":
+        return
+    free = _free_memory(dev)
+    if not free:  # not known here: nothing to check against
+        return
+    share = free // max(1, sharing)
+    if need > share:
+        shared = f" shared by {sharing} ranks" if sharing > 1 else ""
+        raise ExecutionError(f"the plan needs {human_bytes(need)} a device (its peak: weights plus live "
+                             f"activations) but this {dev} has {human_bytes(free)} free{shared}",
+                             where=where, fix="run on more devices (compile for a larger --mesh, or with "
+                                              "--memory-per-device so the plan fits), put fewer ranks on a host, or "
+                                              "set BMC_MEMORY_CHECK=0 to try anyway")
+
+
+def _free_memory(dev) -> int | None:
+    """Free bytes of ``dev``: ``BMC_AVAILABLE_MEMORY`` when set; the CPU's MemAvailable (Linux); a GPU's free memory."""
+    given = os.environ.get("BMC_AVAILABLE_MEMORY", "").strip()
+    try:
+        if given:
+            return int(given)
+        if dev.dlpack_device_type() == tvm.cpu(0).dlpack_device_type():
+            with open("/proc/meminfo") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        return int(dev.available_global_memory or 0)
+    except (OSError, StopIteration, TypeError, ValueError):
+        return None
 
 
 def _register_kernels(path: Path, manifest: dict, threads: int | None) -> None:
@@ -555,6 +591,14 @@ def _load_mpi(path: Path, manifest: dict, ctx, *, device: str, threads: int | No
         elif manifest["target"].get("kind") == "cuda":  # an explicit device: maybe the same on every rank
             gpu = (int(device.partition(":")[2] or 0), ctx.local_size > 1)
         dev = _device(device, manifest["target"], str(path))
+        sharing = ctx.local_size  # the ranks of this host share its memory (on the CPU) or this rank's GPU
+        if gpu is not None and not gpu[1]:
+            sharing = 1
+        elif "gpu" in stats:  # round robin over the host's GPUs
+            from bmc.runtime.cuda import device_count
+
+            sharing = len(range(gpu[0], ctx.local_size, device_count()))
+        check_memory(manifest, dev, sharing, str(path))
         try:
             allowed = os.sched_getaffinity(0)
         except (AttributeError, OSError):

@@ -20,6 +20,7 @@ import html
 import json
 from math import prod
 
+from bmc.errors import human_bytes as _bytes
 from bmc.ir.types import TensorType
 from bmc.sharding.mesh import Mesh
 from bmc.sharding.spec import Spec
@@ -375,14 +376,6 @@ def _card(big: str, small: str) -> str:
 def _mesh_text(mesh: dict) -> str:
     return "x".join(map(str, mesh["shape"])) + " (" + ", ".join(
         f"{_e(a)}={s}" for a, s in zip(mesh["axes"], mesh["shape"])) + ")"
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def _secs(s: float) -> str:

@@ -277,3 +277,27 @@ def test_aligned_inputs_are_read_in_place_and_left_unchanged(tmp_path, build_art
     _close(y2, kept.astype(np.float64) @ w)
     y1.setflags(write=False)  # DLPack cannot say read-only: such an array is copied
     assert np.array_equal(model(y1), y2) and 0 in model._arguments[0]
+
+
+# --- FAILURES.md 45: a plan bigger than the free memory is refused before anything is loaded ------------------------
+
+def test_a_plan_bigger_than_the_free_memory_is_refused(tmp_path, monkeypatch):
+    """The manifest records the plan's peak per device (weights plus live activations: at least the weights);
+    loading compares it with the free memory (here ``BMC_AVAILABLE_MEMORY``; MemAvailable on the CPU otherwise),
+    over the simulated ranks that share this process, and refuses with both sizes; ``BMC_MEMORY_CHECK=0`` skips."""
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "models"
+    out = bmc.compile(fixtures / "gpt2_dynamo.onnx", tmp_path / "g.bmc", mesh="2", strategy="megatron",
+                      input_shapes={"batch": 2, "seq": 16})["output"]
+    manifest = json.loads((Path(out) / "manifest.json").read_text())
+    peak = manifest["memory"]["peak_bytes_per_device"]
+    plan = json.loads((Path(out) / "plan.json").read_text())
+    assert peak == plan["memory"]["peak_bytes_per_device"] > plan["memory"]["weight_bytes_per_device"] > 0
+    monkeypatch.setenv("BMC_AVAILABLE_MEMORY", str(2 * peak - 1))  # one device fits, the 2 simulated ranks do not
+    with pytest.raises(ExecutionError, match=r"needs .* a device .* free shared by 2 ranks") as e:
+        load(out, simulate=True)
+    assert "BMC_MEMORY_CHECK=0" in e.value.fix
+    monkeypatch.setenv("BMC_MEMORY_CHECK", "0")
+    assert load(out, simulate=True).output_names == ["logits"]
+    monkeypatch.delenv("BMC_MEMORY_CHECK")
+    monkeypatch.setenv("BMC_AVAILABLE_MEMORY", str(2 * peak))
+    assert load(out, simulate=True).output_names == ["logits"]

@@ -487,6 +487,13 @@ def test_damaged_weights_of_one_rank_fail_every_rank(compiled, tmp_path):  # FAI
     assert time.monotonic() - start < 60
 
 
+def test_too_little_memory_fails_on_every_rank_before_loading(compiled, workdir):  # FAILURES.md 45
+    artifact, inputs, _ = compiled("gpt2", "1x2")
+    r = bmc_run(2, artifact, inputs, workdir / "x.npz", timeout=60, BMC_AVAILABLE_MEMORY="1000")
+    assert r.returncode == 7, r.stdout + r.stderr
+    assert r.stderr.count("the plan needs") == 1 and "shared by 2 ranks" in r.stderr and "MPI_Abort" not in r.stderr
+
+
 def test_a_rank_raising_aborts_every_rank_promptly(compiled, workdir):  # FAILURES.md 43
     artifact, inputs, _ = compiled("gpt2", "2x2")
     start = time.monotonic()
