@@ -94,14 +94,21 @@ def tune_and_apply(mod: tvm.IRModule, target, trials: int, db_dir: Path | None =
     folder, kernels found, newly tuned, found in the database, measurements added, the cost model, kernels given
     a database schedule, seconds. A kernel counts as tuned once its workload is in the database (a later compile
     with more ``trials`` does not re-tune it; use a fresh ``db_dir`` for that)."""
+    from bmc.runtime.kernels import cache_lock
+
+    target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
+    db_dir = Path(db_dir) if db_dir is not None else default_db_dir(target)
+    with cache_lock(db_dir):  # FAILURES.md 32: compiles tuning into one database take turns
+        return _tune_and_apply(mod, target, trials, db_dir, seed, record)
+
+
+def _tune_and_apply(mod: tvm.IRModule, target, trials: int, db_dir: Path, seed: int, record: dict | None):
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.relax_integration import (
         extract_tasks,
         extracted_tasks_to_tune_contexts,
     )
 
-    target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
-    db_dir = Path(db_dir) if db_dir is not None else default_db_dir(target)
     db = open_database(db_dir)
     t0 = time.perf_counter()
     tasks = [t for t in extract_tasks(mod, target) if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled")]
@@ -316,9 +323,8 @@ def import_timings(folder: Path, db_dir: Path | None = None) -> dict:
     """Put the times ``bmc tune measure`` wrote (``timings.json``) into the tuning database: per kernel, the
     fastest candidate when it beats the kernel's default schedule (else nothing: the default stays). Returns a
     report: per kernel the default's and the best candidate's median seconds and what was chosen."""
-    from tvm.s_tir import meta_schedule as ms
-
     from bmc.errors import UsageError
+    from bmc.runtime.kernels import cache_lock
     from bmc.runtime.measure import best_per_kernel
 
     folder = Path(folder)
@@ -333,8 +339,18 @@ def import_timings(folder: Path, db_dir: Path | None = None) -> dict:
     records = {record_digest(r): r for r in open_database(folder / "search").get_all_tuning_records()}
     target = tvm.target.Target(manifest["target"])  # str(Target) is its JSON config, host included
     db_dir = Path(db_dir) if db_dir is not None else default_db_dir(manifest["target"])
-    db = open_database(db_dir)
     report = best_per_kernel(manifest, timings)
+    with cache_lock(db_dir):
+        _commit_best(report, records, open_database(db_dir), target, folder)
+    return {"db": str(db_dir), "device": timings.get("device"), "kernels": report}
+
+
+def _commit_best(report: list[dict], records: dict, db, target, folder: Path) -> None:
+    """Each kernel's measured best into ``db`` where it beats the default schedule (``report`` gets ``chosen``)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from bmc.errors import UsageError
+
     for k in report:
         k["chosen"] = "tuned" if k["best_s"] is not None and (k["default_s"] is None
                                                               or k["best_s"] < k["default_s"]) else "default"
@@ -345,7 +361,6 @@ def import_timings(folder: Path, db_dir: Path | None = None) -> dict:
                                  where=str(folder), fix="measure the folder as it was exported, then import")
             wl = db.commit_workload(rec.workload.mod)
             db.commit_tuning_record(ms.database.TuningRecord(rec.trace, wl, [k["best_s"]], target, rec.args_info))
-    return {"db": str(db_dir), "device": timings.get("device"), "kernels": report}
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -27,7 +27,9 @@ This module imports numpy and tvm-ffi only (it is on the runtime side: no codege
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import glob
 import hashlib
 import os
@@ -570,6 +572,20 @@ def cache_dir() -> Path:
     return Path(base)
 
 
+@contextlib.contextmanager
+def cache_lock(folder: Path):
+    """Hold the exclusive lock of a cache folder (FAILURES.md 32: concurrent compiles and builds into one cache take
+    turns): ``flock`` on ``folder/.lock``, released when the block ends or the process dies."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def native_library_path(target: str = "bmc_cpu_kernels", env_var: str = "BMC_NATIVE_LIB") -> Path | None:
     """The kernel library ``lib<target>.so`` to load, or None: ``$<env_var>``, the package, the build cache, then
     ``<repo>/build/native``."""
@@ -606,15 +622,17 @@ def build_native(dest: Path | None = None, *, quiet: bool = True, target: str = 
                                       if (Path(sys.executable).parent / "ninja").exists() else None)
     if ninja:
         configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
-    for cmd in (configure, [cmake, "--build", str(build), "--target", target]):
-        proc = subprocess.run(cmd, capture_output=quiet, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stdout or '')[-3000:]}\n{(proc.stderr or '')[-3000:]}")
-    lib = build / f"lib{target}.so"
-    final = dest / lib.name
-    tmp = dest / f".{lib.name}.{os.getpid()}"
-    shutil.copy2(lib, tmp)
-    os.replace(tmp, final)  # atomic: a concurrent loader sees the old file or the new one
+    with cache_lock(dest):  # one build at a time in the shared build folder
+        for cmd in (configure, [cmake, "--build", str(build), "--target", target]):
+            proc = subprocess.run(cmd, capture_output=quiet, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stdout or '')[-3000:]}\n"
+                                   f"{(proc.stderr or '')[-3000:]}")
+        lib = build / f"lib{target}.so"
+        final = dest / lib.name
+        tmp = dest / f".{lib.name}.{os.getpid()}"
+        shutil.copy2(lib, tmp)
+        os.replace(tmp, final)  # atomic: a concurrent loader sees the old file or the new one
     return final
 
 

@@ -102,3 +102,32 @@ def test_mpi_world_size_needs_initialized_mpi(native_lib, loaded):
     assert proc.returncode == 0, proc.stderr[-4000:]
     before, after, expected = map(int, proc.stdout.split())
     assert (before, after) == (-1, expected)
+
+
+LOCK_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from bmc.runtime.kernels import cache_lock
+    folder, log, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    with cache_lock(folder):
+        with open(log, "a") as f:
+            f.write(f"start {name}\\n")
+        time.sleep(0.4)
+        with open(log, "a") as f:
+            f.write(f"end {name}\\n")
+""")
+
+
+def test_builds_and_tuning_into_one_cache_take_turns(tmp_path):  # FAILURES.md 32
+    """Three processes holding the lock of one cache folder (what a native build and a tuning database take) run
+    their critical sections one at a time, never interleaved."""
+    script = tmp_path / "lock.py"
+    script.write_text(LOCK_SCRIPT)
+    log = tmp_path / "log.txt"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache"), str(log), str(i)], env=env)
+             for i in range(3)]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0, 0]
+    lines = log.read_text().split()
+    pairs = list(zip(lines[0::4], lines[1::4], lines[2::4], lines[3::4]))
+    assert len(pairs) == 3 and all(a == "start" and c == "end" and b == d for a, b, c, d in pairs)
