@@ -140,6 +140,10 @@ def plan_graph(graph: Graph, *, mesh, shard: Mapping | None = None, strategy: st
     data["strategy"] = strategy or "propagation"
     if stats is not None:
         data["solver"] = stats
+    if data["idle_axes"] and len(data["idle_axes"]) == sum(a.size > 1 for a in mesh.axes):  # FAILURES.md 22
+        (warn or _warn)(f"the plan splits nothing over mesh {mesh}: every device holds every tensor whole and "
+                        f"repeats the same work (the model is too small for this mesh, or splitting costs more than "
+                        f"it saves); a smaller --mesh, a larger batch or --strategy dp would use the devices")
     return prog, data
 
 

@@ -142,8 +142,11 @@ def _cards(data: dict, mesh: Mesh) -> list[str]:
     cost, mem = data["cost"], data["memory"]
     total = cost["total_s"] or 1e-30
     budget = mem.get("budget_bytes")
+    idle = data.get("idle_axes")
     cards = [_card(f"{mesh} ({mesh.size} devices)", "mesh: " + ", ".join(f"{n}={s}" for n, s in zip(mesh.names,
-                                                                                                 mesh.shape))),
+                                                                                                 mesh.shape))
+                   + (f"; {', '.join(map(_e, idle))} split nothing (its devices repeat the others' work)"
+                      if idle else "")),
              _card(_e(data.get("strategy", "?")), "strategy"),
              _card(_secs(cost["total_s"]), f"estimated time ({cost['compute_s'] / total:.0%} compute, "
                                            f"{cost['comm_s'] / total:.0%} communication; profile "

@@ -2,7 +2,8 @@
 
 Keys (stable, for other tools): ``mesh`` {axes, shape}; ``values`` {name: {shape, dtype, spec, origin}};
 ``nodes`` [{name (ONNX node), op, inputs, outputs (value names), compute_s, flops (one device's share)}] in graph
-order; ``collectives`` [{kind, axes, bytes (per device), node (ONNX node), value, at (index into ``nodes``: the node
+order; ``idle_axes`` the mesh axes (of more than one device) that split no tensor, whose devices repeat each
+other's work; ``collectives`` [{kind, axes, bytes (per device), node (ONNX node), value, at (index into ``nodes``: the node
 it runs for; ``len(nodes)`` the outputs, -1 the inputs), time_s}]; ``memory`` {peak_bytes_per_device, budget_bytes,
 weight_bytes_per_device, live_bytes (activations live per device while each node runs)}; ``cost`` {total_s,
 compute_s, comm_s, device}; ``solver`` when a search ran; ``input_specs`` / ``output_specs`` {value: spec} for inputs fed and outputs returned as blocks. ``bmc.sharding.htmlreport`` renders it as one HTML page.
@@ -18,11 +19,14 @@ def plan_json(prog: LocalProgram, cost, budget_bytes: int | None = None, device:
     plan, graph = prog.plan, prog.global_graph
     values = {v.name: {"shape": list(v.type.shape), "dtype": v.type.dtype, "spec": str(plan.specs[v.name]),
                        "origin": plan.origins.get(v.name, "default")} for v in graph.values()}
+    used = {a for s in plan.specs.values() for a in s.axes()} | {a for s in plan.output_specs.values()
+                                                                 for a in s.axes()}
     nodes = [{"name": n.source, "op": n.op, "inputs": [v.name for v in n.inputs],
               "outputs": [v.name for v in n.outputs], "compute_s": t, "flops": flops}
              for n, (t, flops) in zip(graph.nodes, cost.nodes)]
     return {
         "mesh": {"axes": list(plan.mesh.names), "shape": list(plan.mesh.shape)},
+        "idle_axes": [a.name for a in plan.mesh.axes if a.size > 1 and a.name not in used],
         "values": values,
         "nodes": nodes,
         "collectives": [c.to_json() for c in prog.collectives],
@@ -42,7 +46,10 @@ def format_plan(prog: LocalProgram, data: dict, top: int = 15) -> str:
         local = spec.local_shape(v.type.shape, mesh)
         rows.append((v.type.with_shape(local).nbytes, v.name, str(v.type), str(spec), local))
     rows.sort(key=lambda r: (-r[0], r[1]))
-    out = [f"mesh {mesh} (axes {', '.join(mesh.names)}), {len(prog.global_graph.nodes)} nodes",
+    idle = data.get("idle_axes") or []
+    idle = f"; {'axis' if len(idle) == 1 else 'axes'} {', '.join(idle)} split{'s' if len(idle) == 1 else ''} " \
+        "nothing" if idle else ""
+    out = [f"mesh {mesh} (axes {', '.join(mesh.names)}), {len(prog.global_graph.nodes)} nodes{idle}",
            "", f"{'tensor':40} {'global':22} {'spec':22} {'local shape':18} {'bytes/device':>12}"]
     for nbytes, name, ty, spec, local in rows[:top]:
         out.append(f"{name[:40]:40} {ty[:22]:22} {spec[:22]:22} {str(list(local))[:18]:18} {nbytes:>12,}")

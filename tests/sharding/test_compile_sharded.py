@@ -146,3 +146,23 @@ def test_context_parallel_cross_attention_matches_onnxruntime(tmp_path, name, dt
     got = bmc.load(out, simulate=True)(**{k: data[k] for k in ("x", "memory", "memory_mask")})
     want = data["output:hidden"]
     assert float(np.max(np.abs(got - want))) <= (1e-5 if dtype == "float32" else 1e-2) * float(np.max(np.abs(want)))
+
+
+def test_a_mesh_the_plan_does_not_use_is_reported(capsys):  # FAILURES.md 22
+    """Axes that split no tensor are listed in plan.json (``idle_axes``) and the table; a plan that splits nothing at
+    all on a mesh of several devices is a warning (not an error): every device would repeat the same work."""
+    from bmc.compiler import plan_model
+    from bmc.sharding.report import format_plan
+
+    warnings = []
+    _, prog, data = plan_model(FIXTURES / "gpt2_dynamo.onnx", mesh="4", strategy="replicate",
+                               input_shapes={"batch": 2, "seq": 16}, warn=warnings.append)
+    assert data["idle_axes"] == ["x"] and len(warnings) == 1 and "splits nothing over mesh 4" in warnings[0]
+    assert "axis x splits nothing" in format_plan(prog, data)
+    warnings.clear()
+    _, _, data = plan_model(FIXTURES / "gpt2_dynamo.onnx", mesh="2x2", strategy="megatron",
+                            input_shapes={"batch": 2, "seq": 16}, warn=warnings.append)
+    assert data["idle_axes"] == ["x"] and warnings == []  # one axis idle by choice: reported, no warning
+    _, _, data = plan_model(FIXTURES / "gpt2_dynamo.onnx", mesh="2x2", strategy="dp+megatron",
+                            input_shapes={"batch": 2, "seq": 16}, warn=warnings.append)
+    assert data["idle_axes"] == [] and warnings == []
