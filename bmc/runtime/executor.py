@@ -532,7 +532,7 @@ def _free_memory(dev) -> int | None:
             with open("/proc/meminfo") as f:
                 return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
         return int(dev.available_global_memory or 0)
-    except (OSError, StopIteration, TypeError, ValueError):
+    except Exception:  # noqa: BLE001  (no such query here, e.g. a runtime-only TVM: the free memory is unknown)
         return None
 
 
