@@ -14,7 +14,8 @@ Patterns:
   * refinement   — reshape: compound factors from the common refinement of input and output shapes;
   * restructured — tensors of one rank that share untouched dims and change others (concat, split, slice, pad,
     tile, pooling, collectives): each changed dim gets its own replicate factor per tensor;
-  * window/gather specials — matmul, conv, gather (vocab split with a ``local`` hook), gather_elements, gather_nd.
+  * window/gather specials — matmul, conv, gather (vocab split with a ``local`` hook), gather_elements, gather_nd,
+    scatter_elements and scatter_nd (the dims every write spans pass).
 
 A compound dim is one contiguous block layout only when every factor major to a split factor is split completely;
 ``ShardingRule.check`` enforces that together with divisibility and replicate factors.
@@ -509,8 +510,42 @@ def gather_nd_rule(ins, outs, attrs) -> ShardingRule:
 pool_rule = changed_axes_rule(_spatial_axes)  # max_pool, avg_pool: N and C pass, spatial dims replicate
 
 
+def scatter_elements_rule(ins, outs, attrs) -> ShardingRule:
+    """ScatterElements writes ``updates[p]`` at ``p`` with ``p[axis]`` replaced by ``indices[p]``: a dim other than
+    ``axis`` where indices (and updates) span the whole data dim passes, shared by data, indices, updates and
+    result (each block's writes land in its own block: a key/value cache updated at one position splits over
+    heads); ``axis`` and partial dims replicate."""
+    data, idx = ins[0].shape, ins[1].shape
+    axis = normalize_axis(attrs["axis"], len(data))
+    fs = _Factors()
+    d_dims, i_dims = [], []
+    for k, (ds, is_) in enumerate(zip(data, idx)):
+        if k != axis and ds == is_:
+            f = fs.new(f"d{k}", ds)
+            d_dims.append((f,))
+            i_dims.append((f,))
+        else:
+            d_dims.append((fs.new(f"data{k}", ds, "replicate"),))
+            i_dims.append((fs.new(f"idx{k}", is_, "replicate"),))
+    return fs.rule([d_dims, i_dims, i_dims], [d_dims])
+
+
+def scatter_nd_rule(ins, outs, attrs) -> ShardingRule:
+    """data [K..., R...], indices [I..., k], updates [I..., R...]: the trailing data dims R pass (shared by data,
+    updates and result: every write is a whole slice of them); the indexed dims K, the update dims I and the index
+    depth replicate (writes land anywhere along K)."""
+    data, idx = ins[0].shape, ins[1].shape
+    depth = idx[-1]
+    fs = _Factors()
+    indexed = [(fs.new(f"k{k}", s, "replicate"),) for k, s in enumerate(data[:depth])]
+    rest = [(fs.new(f"r{k}", s),) for k, s in enumerate(data[depth:])]
+    inner = [(fs.new(f"i{k}", s, "replicate"),) for k, s in enumerate(idx[:-1])]
+    depth_dim = (fs.new("depth", depth, "replicate"),)
+    return fs.rule([indexed + rest, inner + [depth_dim], inner + rest], [indexed + rest])
+
+
 def replicated_rule(ins, outs, attrs) -> ShardingRule:
-    """Nothing may be split: constants, scatters, and collectives (which only appear after partitioning)."""
+    """Nothing may be split: constants and collectives (which only appear after partitioning)."""
     fs = _Factors()
 
     def dims(t, k):
@@ -557,8 +592,8 @@ RULES: dict[str, RuleBuilder] = {
     "gather_elements": gather_elements_rule,
     "gather_nd": gather_nd_rule,
     "constant": replicated_rule,
-    "scatter_elements": replicated_rule,  # writes land anywhere along the scattered dims: kept whole
-    "scatter_nd": replicated_rule,
+    "scatter_elements": scatter_elements_rule,
+    "scatter_nd": scatter_nd_rule,
     "conv": conv_rule,
     "max_pool": pool_rule,
     "avg_pool": pool_rule,
