@@ -299,6 +299,55 @@ def test_inputs_fed_as_blocks_under_mpi(tmp_path):
         assert res["loop_slices"][0] == [2 * rank, 2 * rank + 2]
 
 
+DECODE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import bmc
+    artifact, data_path, out = sys.argv[1:4]
+    data = np.load(data_path)
+    model = bmc.load(artifact)
+    rank = model.mpi.rank
+    shape = data["output:k_cache"].shape
+    k = v = np.zeros(shape, np.float32)[model.input_slices["k_cache"]]  # this rank's heads only
+    errors = []
+    for i in range(5):
+        got = model.run({"x": data[f"x{i}"], "pos": np.array([i]), "k_cache": k, "v_cache": v})
+        k, v = got["k_cache_out"], got["v_cache_out"]
+        errors.append(float(np.max(np.abs(got["y"] - data[f"output:y{i}"]))))
+    whole = model.gather_outputs(got)
+    res = {"errors": errors, "block": list(k.shape)}
+    if rank == 0:
+        res["k"] = float(np.max(np.abs(whole["k_cache_out"] - data["output:k_cache"])))
+        res["v"] = float(np.max(np.abs(whole["v_cache_out"] - data["output:v_cache"])))
+    with open(f"{out}.r{rank}.json", "w") as f:
+        json.dump(res, f)
+""")
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_a_decoding_loop_keeps_each_ranks_heads_of_the_cache(tmp_path, exporter):
+    """The exported decoding step (``tests/fixtures/decoding``) on 2 real ranks, Megatron over the heads: each rank
+    starts from its own half of an empty cache and feeds back the half it gets, five steps; every step's output
+    equals onnxruntime's on both ranks and the caches gathered at the end equal its caches."""
+    import bmc
+
+    heads = "[{}, {x}, {}, {}]"
+    decoding = ROOT / "tests" / "fixtures" / "decoding"
+    bmc.compile(decoding / f"decstep_{exporter}.onnx", tmp_path / "dec.bmc", mesh="2", strategy="megatron",
+                input_shards={"k_cache": heads, "v_cache": heads},
+                output_shards={"k_cache_out": heads, "v_cache_out": heads})
+    script = tmp_path / "decode.py"
+    script.write_text(DECODE_SCRIPT)
+    r = mpirun(2, [sys.executable, str(script), str(tmp_path / "dec.bmc"), str(decoding / f"decstep_{exporter}.npz"),
+                   str(tmp_path / "dec")])
+    assert r.returncode == 0, r.stdout + r.stderr
+    for rank in range(2):
+        res = json.loads((tmp_path / f"dec.r{rank}.json").read_text())
+        assert res["block"] == [2, 2, 16, 8] and max(res["errors"]) <= 1e-5, res
+    res = json.loads((tmp_path / "dec.r0.json").read_text())
+    assert res["k"] <= 1e-6 and res["v"] <= 1e-6
+
+
 COLLECTIVES_SCRIPT = textwrap.dedent("""
     # every collective kind on leading and inner dims, on a 2x2 mesh, against GROUP_REFERENCE
     import json, sys

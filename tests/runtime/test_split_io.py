@@ -24,6 +24,7 @@ from bmc.sharding.spec import Spec
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "models"
+DECODING = ROOT / "tests" / "fixtures" / "decoding"  # scripts/export_decoder_step.py
 SHAPES = {"batch": 2, "seq": 16}
 
 
@@ -166,3 +167,27 @@ def test_a_key_value_cache_split_over_heads_stays_split(tmp_path):
         np.testing.assert_array_equal(out["cache_out"], want)
         np.testing.assert_allclose(out["summary"], want.sum(axis=2), rtol=1e-6)
         cache = out["cache_out"]
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_a_decoding_loop_with_its_cache_split_over_heads_matches_onnxruntime(tmp_path, exporter):
+    """A decoding step exported by PyTorch with an explicit fixed-size key/value cache (``decstep_*``, made by
+    ``scripts/export_decoder_step.py``): Megatron over 2 devices with the caches fed and returned as blocks over the
+    heads. The only collective is the output projection's all-reduce of the step's one token (the caches never
+    move); five steps, each fed the caches the one before returned, give onnxruntime's outputs and caches."""
+    data = np.load(DECODING / f"decstep_{exporter}.npz")
+    heads = "[{}, {x}, {}, {}]"
+    out = tmp_path / "dec.bmc"
+    bmc.compile(DECODING / f"decstep_{exporter}.onnx", out, mesh="2", strategy="megatron",
+                input_shards={"k_cache": heads, "v_cache": heads},
+                output_shards={"k_cache_out": heads, "v_cache_out": heads})
+    plan = json.loads((out / "plan.json").read_text())
+    assert [(c["kind"], c["value"]) for c in plan["collectives"]] == [("all_reduce", "y")]
+    model = bmc.load(out, simulate=True)
+    k = v = np.zeros(data["output:k_cache"].shape, np.float32)
+    for i in range(5):
+        got = model.run({"x": data[f"x{i}"], "pos": np.array([i]), "k_cache": k, "v_cache": v})
+        k, v = got["k_cache_out"], got["v_cache_out"]
+        assert float(np.max(np.abs(got["y"] - data[f"output:y{i}"]))) <= 1e-5, i
+    np.testing.assert_allclose(k, data["output:k_cache"], atol=1e-6)
+    np.testing.assert_allclose(v, data["output:v_cache"], atol=1e-6)
