@@ -22,6 +22,10 @@
 (e) pipeline parallelism: the MLP stack of (b) (with a dynamic token dim) compiled with ``--mesh 2 --stages 2``,
     run with ``--microbatches`` microbatches (default 4; GPipe's forward schedule: stage 1 works on microbatch k
     while stage 0 works on k + 1) and with one (no overlap: the stages take turns), run like (b).
+(g) a decoding step with its key/value cache split over the heads: one attention layer (d=1024, 16 heads of 64,
+    a 2048-position cache of 2 x 8 MB written at the step's position with ScatterElements), Megatron on 2 ranks,
+    the caches passed whole and returned whole every step (sliced in the program, all-gathered at its end) vs
+    passed and returned as each rank's heads (``--input-shard``/``--output-shard``); and on 1 rank.
 (f) outputs left split: a language-model head (TOKENS x 768 activations times a 768 x 32768 vocabulary weight),
     Megatron's column-parallel split of the vocabulary on 2 ranks, its logits gathered whole on every rank (the
     default) or left split (``--output-shard logits=[{},{x}]``: each rank returns its half); 2 ranks each way.
@@ -151,8 +155,8 @@ def worker_model(artifact: str, out: str, iters: int, threads: int | None) -> No
     model = bmc.load(artifact, threads=threads)
     rank = model.mpi.rank if model.mpi is not None else 0
     rng = np.random.default_rng(1)
-    inputs = {i["name"]: rng.standard_normal(i["shape"]).astype(np.float32) for i in model.signature["inputs"]
-              if i["name"] in model.input_names}
+    inputs = {i["name"]: rng.standard_normal(i["shape"]).astype(np.float32) if i["dtype"] == "float32" else
+              np.zeros(i["shape"], i["dtype"]) for i in model.signature["inputs"] if i["name"] in model.input_names}
     for _ in range(2):
         y = model.run(inputs)
     times = []
@@ -265,6 +269,75 @@ def run_output_layout(tmp: Path, tokens: int, iters: int) -> dict:
     res["gathered_over_split_time"] = (res["2 ranks, logits gathered"]["median_s"]
                                        / res["2 ranks, logits left split"]["median_s"])
     res["max_abs_diff_rank0_block"] = float(np.max(np.abs(y_split - y_whole[:, :VOCAB // 2])))
+    return res
+
+
+# ------------------------------------------------------------------------------------------ (g) decoding step
+
+DEC_D, DEC_HEADS, DEC_LENGTH = 1024, 16, 2048
+
+
+def make_decoder_step(path: Path) -> None:
+    """One attention layer of a decoding step with its cache as inputs and outputs (the structure of
+    ``scripts/export_decoder_step.py``'s export, at a benchmark's size)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    hd = DEC_D // DEC_HEADS
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((DEC_D, DEC_D)) * 0.02).astype(np.float32), f"w{n}")
+             for n in "qkvo"]
+    inits += [numpy_helper.from_array(np.array(s, np.int64), n) for n, s in
+              (("heads_shape", [1, 1, DEC_HEADS, hd]), ("pos_shape", [1, 1, 1, 1]),
+               ("idx_shape", [1, DEC_HEADS, 1, hd]), ("out_shape", [1, 1, DEC_D]))]
+    inits += [numpy_helper.from_array(np.arange(DEC_LENGTH, dtype=np.int64).reshape(1, 1, 1, -1), "positions"),
+              numpy_helper.from_array(np.float32(1 / np.sqrt(hd)), "scale"),
+              numpy_helper.from_array(np.float32(-1e30), "masked")]
+    n = helper.make_node
+    nodes = []
+    for t in "qkv":
+        nodes += [n("MatMul", ["x", f"w{t}"], [f"{t}_lin"]), n("Reshape", [f"{t}_lin", "heads_shape"], [f"{t}_4d"]),
+                  n("Transpose", [f"{t}_4d"], [t], perm=[0, 2, 1, 3])]
+    nodes += [n("Reshape", ["pos", "pos_shape"], ["pos_4d"]), n("Expand", ["pos_4d", "idx_shape"], ["idx"]),
+              n("ScatterElements", ["k_cache", "idx", "k"], ["k_cache_out"], axis=2),
+              n("ScatterElements", ["v_cache", "idx", "v"], ["v_cache_out"], axis=2),
+              n("Transpose", ["k_cache_out"], ["kt"], perm=[0, 1, 3, 2]), n("MatMul", ["q", "kt"], ["qk"]),
+              n("Mul", ["qk", "scale"], ["scores"]), n("Greater", ["positions", "pos_4d"], ["future"]),
+              n("Where", ["future", "masked", "scores"], ["masked_scores"]),
+              n("Softmax", ["masked_scores"], ["p"], axis=-1), n("MatMul", ["p", "v_cache_out"], ["attn"]),
+              n("Transpose", ["attn"], ["attn_t"], perm=[0, 2, 1, 3]),
+              n("Reshape", ["attn_t", "out_shape"], ["merged"]), n("MatMul", ["merged", "wo"], ["y"])]
+    vi = helper.make_tensor_value_info
+    cache = [1, DEC_HEADS, DEC_LENGTH, hd]
+    graph = helper.make_graph(nodes, "decoder_step",
+                              [vi("x", TensorProto.FLOAT, [1, 1, DEC_D]), vi("pos", TensorProto.INT64, [1]),
+                               vi("k_cache", TensorProto.FLOAT, cache), vi("v_cache", TensorProto.FLOAT, cache)],
+                              [vi("y", TensorProto.FLOAT, [1, 1, DEC_D]), vi("k_cache_out", TensorProto.FLOAT, cache),
+                               vi("v_cache_out", TensorProto.FLOAT, cache)], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def run_decoding(tmp: Path, iters: int) -> dict:
+    """The decoding step on 1 rank, and on 2 ranks with the caches whole in and out vs as each rank's heads."""
+    import bmc
+
+    make_decoder_step(tmp / "dec.onnx")
+    heads = "[{}, {x}, {}, {}]"
+    arts = {"1 rank": tmp / "dec_1.bmc", "2 ranks, caches whole": tmp / "dec_whole.bmc",
+            "2 ranks, caches split over heads": tmp / "dec_split.bmc"}
+    bmc.compile(tmp / "dec.onnx", arts["1 rank"])
+    bmc.compile(tmp / "dec.onnx", arts["2 ranks, caches whole"], mesh="2", strategy="megatron")
+    bmc.compile(tmp / "dec.onnx", arts["2 ranks, caches split over heads"], mesh="2", strategy="megatron",
+                input_shards={"k_cache": heads, "v_cache": heads},
+                output_shards={"k_cache_out": heads, "v_cache_out": heads})
+    res: dict = {"d": DEC_D, "heads": DEC_HEADS, "length": DEC_LENGTH, "cache_bytes": 2 * DEC_LENGTH * DEC_D * 4}
+    for name, art in arts.items():
+        if name != "1 rank":
+            res[f"collectives, {name}"] = [f"{c['kind']} {c['value']} {c['bytes']}" for c in
+                                           json.loads((art / "plan.json").read_text())["collectives"]]
+        res[name], _ = timed_run(tmp / f"dec-{len(res)}.json", 1 if name == "1 rank" else 2, art, iters)
+    res["whole_over_split_time"] = (res["2 ranks, caches whole"]["median_s"]
+                                    / res["2 ranks, caches split over heads"]["median_s"])
     return res
 
 
@@ -426,7 +499,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--microbatches", type=int, default=4)
-    ap.add_argument("--skip", action="append", default=[], choices=("a", "b", "c", "d", "e", "f"))
+    ap.add_argument("--skip", action="append", default=[], choices=("a", "b", "c", "d", "e", "f", "g"))
     args = ap.parse_args()
     if args.worker == "collectives":
         worker_collectives(args.out, args.quick)
@@ -506,6 +579,14 @@ def main() -> int:
             print(f"  gathered / split time: {ol['gathered_over_split_time']:.2f}x (collectives: "
                   f"{ol['collectives_whole'] or 'none'} vs {ol['collectives_split'] or 'none'}; rank 0's block max "
                   f"|diff| {ol['max_abs_diff_rank0_block']:.2e})")
+        if "g" not in args.skip:
+            dec = run_decoding(tmp, max(iters, 10))
+            results["decoding"] = dec
+            print(f"\n(g) decoding step: d={DEC_D}, {DEC_HEADS} heads, a {DEC_LENGTH}-position key/value cache "
+                  f"({_human(dec['cache_bytes'])}), median step")
+            for name in ("1 rank", "2 ranks, caches whole", "2 ranks, caches split over heads"):
+                print(f"  {name:<36}{dec[name]['median_s'] * 1e3:>10.2f} ms")
+            print(f"  caches whole / split over heads: {dec['whole_over_split_time']:.2f}x")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nwrote {RESULTS}")
