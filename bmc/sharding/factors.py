@@ -473,12 +473,10 @@ def gather_vocab_local(ctx, node, inputs, assignment, rule):
     return ctx.emit("where", [mask, rows, ctx.constant(0, data.type.dtype)])
 
 
-def gather_elements_rule(ins, outs, attrs) -> ShardingRule:
-    """take_along_axis: the data dim along ``axis`` replicates; the index dim there passes (shared with the
-    result); other dims pass where data and indices agree in size, and replicate otherwise."""
-    data, idx = ins[0].shape, ins[1].shape
-    axis = normalize_axis(attrs["axis"], len(data))
-    fs = _Factors()
+def _along_axis(fs: _Factors, data, idx, axis: int, idx_axis: str) -> tuple[list, list]:
+    """Data and index dims of an op along ``axis`` (gather_elements, scatter_elements): a dim other than ``axis``
+    where both have the same size passes, one factor shared; the others replicate, except the index's ``axis`` dim,
+    which is of kind ``idx_axis``."""
     d_dims, i_dims = [], []
     for k, (ds, is_) in enumerate(zip(data, idx)):
         if k != axis and ds == is_:
@@ -487,7 +485,15 @@ def gather_elements_rule(ins, outs, attrs) -> ShardingRule:
             i_dims.append((f,))
         else:
             d_dims.append((fs.new(f"data{k}", ds, "replicate"),))
-            i_dims.append((fs.new(f"idx{k}", is_, "replicate" if k != axis else "pass"),))
+            i_dims.append((fs.new(f"idx{k}", is_, "replicate" if k != axis else idx_axis),))
+    return d_dims, i_dims
+
+
+def gather_elements_rule(ins, outs, attrs) -> ShardingRule:
+    """take_along_axis: the data dim along ``axis`` replicates; the index dim there passes (shared with the
+    result); other dims pass where data and indices agree in size, and replicate otherwise."""
+    fs = _Factors()
+    d_dims, i_dims = _along_axis(fs, ins[0].shape, ins[1].shape, normalize_axis(attrs["axis"], ins[0].rank), "pass")
     return fs.rule([d_dims, i_dims], [i_dims])
 
 
@@ -515,18 +521,9 @@ def scatter_elements_rule(ins, outs, attrs) -> ShardingRule:
     ``axis`` where indices (and updates) span the whole data dim passes, shared by data, indices, updates and
     result (each block's writes land in its own block: a key/value cache updated at one position splits over
     heads); ``axis`` and partial dims replicate."""
-    data, idx = ins[0].shape, ins[1].shape
-    axis = normalize_axis(attrs["axis"], len(data))
     fs = _Factors()
-    d_dims, i_dims = [], []
-    for k, (ds, is_) in enumerate(zip(data, idx)):
-        if k != axis and ds == is_:
-            f = fs.new(f"d{k}", ds)
-            d_dims.append((f,))
-            i_dims.append((f,))
-        else:
-            d_dims.append((fs.new(f"data{k}", ds, "replicate"),))
-            i_dims.append((fs.new(f"idx{k}", is_, "replicate"),))
+    d_dims, i_dims = _along_axis(fs, ins[0].shape, ins[1].shape, normalize_axis(attrs["axis"], ins[0].rank),
+                                 "replicate")
     return fs.rule([d_dims, i_dims, i_dims], [d_dims])
 
 
