@@ -7,6 +7,7 @@ import numpy as np
 
 R = np.random.default_rng(1234)
 _R2 = np.random.default_rng(5)  # for cases added later, so the earlier cases keep their inputs
+_R3 = np.random.default_rng(6)  # for cases inserted among the first ones, so the later ones keep theirs
 
 
 def f32(*shape, lo=-2.0, hi=2.0):
@@ -66,10 +67,12 @@ CASES += [
     ("scatter_elements", [f32(3, 4), np.array([[0, 0, 2, 1]], np.int64), f32(1, 4)], {"axis": 0, "reduction": "add"}),
     ("scatter_nd", [f32(4, 3), np.array([[2], [0]], np.int64), f32(2, 3)], {"reduction": "none"}),
     ("scatter_nd", [f32(2, 3, 4), np.array([[1, 2], [0, -1], [1, 2]], np.int64), f32(3, 4)], {"reduction": "max"}),
-    # a key/value cache [length, heads, dim] written at position 3, and one [batch, heads, length, dim] at 5
-    ("scatter_nd", [f32(6, 4, 2), np.array([[3]], np.int64), f32(1, 4, 2)], {"reduction": "none"}),
-    ("scatter_elements", [f32(2, 4, 6, 2), np.full((2, 4, 1, 2), 5, np.int64), f32(2, 4, 1, 2)],
-     {"axis": 2, "reduction": "none"}),
+    # a key/value cache [length, heads, dim] written at position 3, and one [batch, heads, length, dim] at 5 (data
+    # from their own generator: the cases after them keep their inputs)
+    ("scatter_nd", [_R3.uniform(-2, 2, (6, 4, 2)).astype(np.float32), np.array([[3]], np.int64),
+                    _R3.uniform(-2, 2, (1, 4, 2)).astype(np.float32)], {"reduction": "none"}),
+    ("scatter_elements", [_R3.uniform(-2, 2, (2, 4, 6, 2)).astype(np.float32), np.full((2, 4, 1, 2), 5, np.int64),
+                          _R3.uniform(-2, 2, (2, 4, 1, 2)).astype(np.float32)], {"axis": 2, "reduction": "none"}),
     ("topk", [f32(4, 3, 2)], {"k": 2, "axis": 0, "largest": False}),
     ("softmax", [f32(2, 3, 5)], {"axis": -1}),
     ("log_softmax", [f32(2, 3, 5)], {"axis": 1}),
