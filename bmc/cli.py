@@ -464,7 +464,8 @@ def _verify_numerics(path: Path, manifest: dict, args) -> int:
     if all(c.ok for c in checks):
         print("OK")
         return 0
-    if "pipeline" in manifest or options.get("stages", 1) != 1 or manifest["world_size"] == 1 or dtype != "float32":
+    if "pipeline" in manifest or manifest["world_size"] == 1 or dtype != "float32":  # (--stages auto may have
+        # chosen one program: that is planned again like any)
         why = ("a pipeline" if "pipeline" in manifest else "one device" if manifest["world_size"] == 1
                else f"{dtype}")
         print(f"(the search for the first differing tensor runs on float32 single programs over a mesh; this artifact "
