@@ -288,9 +288,8 @@ def _split_io(signature: dict, graph: Graph, p: _Planned) -> dict:
         spec = p.split.get(v.name) if v is not None else None
         if spec is None:
             continue
-        local = entry["shape"]
-        entry.update(shape=list(v.type.shape), spec=str(spec), local_shape=local,
-                     blocks=[[spec.block_index(d, p.mesh, p.mesh.coordinate(r)) * n for d, n in enumerate(local)]
+        entry.update(shape=list(v.type.shape), spec=str(spec), local_shape=entry["shape"],
+                     blocks=[[s.start for s in spec.block_slices(v.type.shape, p.mesh, p.mesh.coordinate(r))]
                              for r in range(p.mesh.size)])
     return signature
 

@@ -326,10 +326,8 @@ def _blocks(shape: tuple[int, ...], spec: Spec, mesh: Mesh) -> str:
         cells = []
         for j in range(n_cols):
             coord = mesh.coordinate(r * n_cols + j)  # ranks are row-major over the mesh
-            ranges = []
-            for d, size in enumerate(shape):
-                k, b = spec.num_shards(d, mesh), spec.block_index(d, mesh, coord)
-                ranges.append(":" if k == 1 else f"{b * size // k}:{(b + 1) * size // k}")
+            ranges = [":" if spec.num_shards(d, mesh) == 1 else f"{s.start}:{s.stop}"
+                      for d, s in enumerate(spec.block_slices(shape, mesh, coord))]
             part = ",".join(f"{a}={coord[mesh.names.index(a)]}" for a in spec.partial)
             text = "[" + ", ".join(ranges) + "]" + (f" partial sum {part}" if part else "")
             cells.append(f"<td style='background:{_block_colour(text)}' title='device {list(coord)}'>"

@@ -24,13 +24,7 @@ def coordinates(mesh: Mesh) -> list[tuple[int, ...]]:
 def shard(array: np.ndarray, spec: Spec, mesh: Mesh, coord: tuple[int, ...]) -> np.ndarray:
     """The block of ``array`` that the device at ``coord`` holds under ``spec`` (partial axes: device 0 along each
     partial axis holds the value, the others zeros — one valid decomposition of a sum)."""
-    index = []
-    for dim, size in enumerate(array.shape):
-        n = spec.num_shards(dim, mesh)
-        b = spec.block_index(dim, mesh, coord)
-        chunk = size // n
-        index.append(slice(b * chunk, (b + 1) * chunk))
-    local = np.require(array[tuple(index)], requirements="C").copy()
+    local = np.require(array[spec.block_slices(array.shape, mesh, coord)], requirements="C").copy()
     if any(coord[mesh.names.index(a)] for a in spec.partial):
         local[...] = 0
     return local
@@ -46,8 +40,7 @@ def unshard(shards: Mapping[tuple[int, ...], np.ndarray], spec: Spec, mesh: Mesh
     for coord, local in shards.items():
         if any(coord[i] for i in replica_axes):
             continue
-        index = tuple(slice(spec.block_index(i, mesh, coord) * n, (spec.block_index(i, mesh, coord) + 1) * n)
-                      for i, n in enumerate(local.shape))
+        index = spec.block_slices(shape, mesh, coord)
         if spec.partial:
             out[index] += local
         else:

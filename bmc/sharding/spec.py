@@ -110,6 +110,15 @@ class Spec:
             idx = idx * mesh.shape[k] + coord[k]
         return idx
 
+    def block_slices(self, shape: tuple[int, ...], mesh: Mesh, coord: tuple[int, ...]) -> tuple[slice, ...]:
+        """Where the block the device at ``coord`` holds lies in a tensor of global ``shape``."""
+        out = []
+        for dim, size in enumerate(shape):
+            chunk = size // self.num_shards(dim, mesh)
+            b = self.block_index(dim, mesh, coord)
+            out.append(slice(b * chunk, (b + 1) * chunk))
+        return tuple(out)
+
     # ---- derived specs ------------------------------------------------------------------------------------------
     def with_dim(self, dim: int, axes: tuple[str, ...]) -> "Spec":
         return Spec(self.dims[:dim] + (tuple(axes),) + self.dims[dim + 1:], self.partial)
