@@ -25,7 +25,10 @@
 (g) a decoding step with its key/value cache split over the heads: one attention layer (d=1024, 16 heads of 64,
     a 2048-position cache of 2 x 8 MB written at the step's position with ScatterElements), Megatron on 2 ranks,
     the caches passed whole and returned whole every step (sliced in the program, all-gathered at its end) vs
-    passed and returned as each rank's heads (``--input-shard``/``--output-shard``); and on 1 rank.
+    passed and returned as each rank's heads (``--input-shard``/``--output-shard``); and on 1 rank. Each variant
+    also with its caches donated (``--donate``: the ScatterElements writes the one new position into the cache it
+    was given instead of copying the whole cache). Every step feeds back the caches the step before returned; the
+    same loop in onnxruntime (its default threads) for reference.
 (f) outputs left split: a language-model head (TOKENS x 768 activations times a 768 x 32768 vocabulary weight),
     Megatron's column-parallel split of the vocabulary on 2 ranks, its logits gathered whole on every rank (the
     default) or left split (``--output-shard logits=[{},{x}]``: each rank returns its half); 2 ranks each way.
@@ -157,14 +160,22 @@ def worker_model(artifact: str, out: str, iters: int, threads: int | None) -> No
     rng = np.random.default_rng(1)
     inputs = {i["name"]: rng.standard_normal(i["shape"]).astype(np.float32) if i["dtype"] == "float32" else
               np.zeros(i["shape"], i["dtype"]) for i in model.signature["inputs"] if i["name"] in model.input_names}
-    for _ in range(2):
+    # an output named NAME_out (a decoding step's cache) is fed back as input NAME, as a decoding loop does
+    feed = {o: o[:-len("_out")] for o in model.output_names if o.endswith("_out") and o[:-len("_out")] in inputs}
+
+    def step():
         y = model.run(inputs)
+        inputs.update({i: y[o] for o, i in feed.items()})
+        return y
+
+    for _ in range(2):
+        y = step()
     times = []
     for _ in range(iters):
         if model.mpi is not None:
             model.mpi.world.Barrier()
         t0 = time.perf_counter()
-        y = model.run(inputs)
+        y = step()
         times.append(time.perf_counter() - t0)
     if rank == 0:
         np.save(out + ".npy", next(iter(y.values())))
@@ -318,27 +329,51 @@ def make_decoder_step(path: Path) -> None:
 
 
 def run_decoding(tmp: Path, iters: int) -> dict:
-    """The decoding step on 1 rank, and on 2 ranks with the caches whole in and out vs as each rank's heads."""
+    """The decoding step on 1 rank, and on 2 ranks with the caches whole in and out vs as each rank's heads; 1 rank
+    and the split caches also with the caches donated."""
     import bmc
 
     make_decoder_step(tmp / "dec.onnx")
     heads = "[{}, {x}, {}, {}]"
-    arts = {"1 rank": tmp / "dec_1.bmc", "2 ranks, caches whole": tmp / "dec_whole.bmc",
-            "2 ranks, caches split over heads": tmp / "dec_split.bmc"}
-    bmc.compile(tmp / "dec.onnx", arts["1 rank"])
-    bmc.compile(tmp / "dec.onnx", arts["2 ranks, caches whole"], mesh="2", strategy="megatron")
-    bmc.compile(tmp / "dec.onnx", arts["2 ranks, caches split over heads"], mesh="2", strategy="megatron",
-                input_shards={"k_cache": heads, "v_cache": heads},
-                output_shards={"k_cache_out": heads, "v_cache_out": heads})
+    split = dict(mesh="2", strategy="megatron", input_shards={"k_cache": heads, "v_cache": heads},
+                 output_shards={"k_cache_out": heads, "v_cache_out": heads})
+    donated = {"donate": ["k_cache", "v_cache"]}
+    variants = {"1 rank": {}, "1 rank, caches donated": donated,
+                "2 ranks, caches whole": dict(mesh="2", strategy="megatron"),
+                "2 ranks, caches split over heads": split,
+                "2 ranks, caches split over heads, donated": {**split, **donated}}
     res: dict = {"d": DEC_D, "heads": DEC_HEADS, "length": DEC_LENGTH, "cache_bytes": 2 * DEC_LENGTH * DEC_D * 4}
-    for name, art in arts.items():
-        if name != "1 rank":
+    for k, (name, options) in enumerate(variants.items()):
+        art = tmp / f"dec_{k}.bmc"
+        bmc.compile(tmp / "dec.onnx", art, **options)
+        if name.startswith("2 ranks"):
             res[f"collectives, {name}"] = [f"{c['kind']} {c['value']} {c['bytes']}" for c in
                                            json.loads((art / "plan.json").read_text())["collectives"]]
-        res[name], _ = timed_run(tmp / f"dec-{len(res)}.json", 1 if name == "1 rank" else 2, art, iters)
-    res["whole_over_split_time"] = (res["2 ranks, caches whole"]["median_s"]
-                                    / res["2 ranks, caches split over heads"]["median_s"])
+        res[name], _ = timed_run(tmp / f"dec-{k}.json", 1 if name.startswith("1 rank") else 2, art, iters)
+    res["onnxruntime, 1 process"] = _ort_decoding(tmp / "dec.onnx", iters)
+    t = {name: res[name]["median_s"] for name in [*variants, "onnxruntime, 1 process"]}
+    res["onnxruntime_over_donated_time_1_rank"] = t["onnxruntime, 1 process"] / t["1 rank, caches donated"]
+    res["whole_over_split_time"] = t["2 ranks, caches whole"] / t["2 ranks, caches split over heads"]
+    res["copied_over_donated_time_1_rank"] = t["1 rank"] / t["1 rank, caches donated"]
+    res["copied_over_donated_time_2_ranks"] = (t["2 ranks, caches split over heads"]
+                                               / t["2 ranks, caches split over heads, donated"])
     return res
+
+
+def _ort_decoding(path: Path, iters: int) -> dict:
+    """The decoding loop of :func:`worker_model` in onnxruntime: median and min step time."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    cache = np.zeros((1, DEC_HEADS, DEC_LENGTH, DEC_D // DEC_HEADS), np.float32)
+    inputs = {"x": np.random.default_rng(1).standard_normal((1, 1, DEC_D)).astype(np.float32),
+              "pos": np.zeros(1, np.int64), "k_cache": cache, "v_cache": cache.copy()}
+    times = []
+    for i in range(iters + 2):
+        t0 = time.perf_counter()
+        _, inputs["k_cache"], inputs["v_cache"] = sess.run(None, inputs)
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times[2:]), "min_s": min(times[2:])}
 
 
 # ------------------------------------------------------------------------------------------ (d) context parallel
@@ -584,9 +619,13 @@ def main() -> int:
             results["decoding"] = dec
             print(f"\n(g) decoding step: d={DEC_D}, {DEC_HEADS} heads, a {DEC_LENGTH}-position key/value cache "
                   f"({_human(dec['cache_bytes'])}), median step")
-            for name in ("1 rank", "2 ranks, caches whole", "2 ranks, caches split over heads"):
-                print(f"  {name:<36}{dec[name]['median_s'] * 1e3:>10.2f} ms")
-            print(f"  caches whole / split over heads: {dec['whole_over_split_time']:.2f}x")
+            for name in ("onnxruntime, 1 process", "1 rank", "1 rank, caches donated", "2 ranks, caches whole",
+                         "2 ranks, caches split over heads", "2 ranks, caches split over heads, donated"):
+                print(f"  {name:<44}{dec[name]['median_s'] * 1e3:>10.2f} ms")
+            print(f"  caches whole / split over heads: {dec['whole_over_split_time']:.2f}x; caches copied / donated: "
+                  f"{dec['copied_over_donated_time_1_rank']:.2f}x on 1 rank, "
+                  f"{dec['copied_over_donated_time_2_ranks']:.2f}x on 2 ranks (split); onnxruntime / bmc donated "
+                  f"(1 rank): {dec['onnxruntime_over_donated_time_1_rank']:.2f}x")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nwrote {RESULTS}")

@@ -70,7 +70,9 @@ def _size(path: Path) -> int:
 def _fmt(entry: dict) -> str:
     split = f" split {entry['spec']} (a rank's block [{','.join(map(str, entry['local_shape']))}])" \
         if "spec" in entry else ""
-    return f"{entry['name']}: {entry['dtype']}[{','.join(map(str, entry['shape']))}]{split}"
+    donated = " donated (written in place)" if entry.get("donated") else \
+        f" (the buffer of input {entry['aliases']})" if "aliases" in entry else ""
+    return f"{entry['name']}: {entry['dtype']}[{','.join(map(str, entry['shape']))}]{split}{donated}"
 
 
 # --- commands ------------------------------------------------------------------------------------------------------
@@ -94,6 +96,7 @@ def cmd_compile(args) -> int:
                             **({"dtype": args.dtype} if args.dtype != "float32" else {}),
                             **({"stages": args.stages} if args.stages != 1 else {}),
                             **({"microbatches": args.microbatches} if args.microbatches != 1 else {}),
+                            **({"donate": args.donate} if args.donate else {}),
                             **_tune_options(args),
                             **_plan_options(args))
     elapsed = time.perf_counter() - start
@@ -445,7 +448,7 @@ def _verify_numerics(path: Path, manifest: dict, args) -> int:
     dtype = options.get("dtype", "float32")
     tolerance = args.tolerance or (1e-4 if dtype == "float32" else 1e-2)
     model = load(path, simulate=manifest["world_size"] > 1)
-    got = model.run(inputs)
+    got = model.run({k: v.copy() for k, v in inputs.items()})  # (a donated input is written over)
     shapes = {i["name"]: tuple(i["shape"]) for i in manifest["signature"]["inputs"] if i["name"] in model.input_names}
     graph = import_graph(model_path, shapes)
     reference = run_reference(graph, inputs, keep=True)
@@ -546,6 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shard", action="append", metavar="NAME=SPEC",
                    help="sharding annotation for an input, weight or intermediate tensor, e.g. w=[{},{y}]")
     _add_plan_flags(c)
+    c.add_argument("--donate", action="append", metavar="NAME",
+                   help="let the program write over this input (a name or pattern, e.g. 'past_key_values.*'; "
+                        "repeatable): a scatter that alone reads it updates it in place, and the output it makes is "
+                        "the input's own array (a key/value cache step copies only the new token)")
     c.add_argument("--dump-dir", help="write the IR after every pass into this folder")
     c.set_defaults(func=cmd_compile)
 

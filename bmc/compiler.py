@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,25 +168,29 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
                   dump_dir: str | Path | None = None, mesh=None, shard: Mapping | None = None,
                   strategy: str | None = None, dtype: str = "float32", tune_trials: int = 0,
                   tune_db: str | Path | None = None, tune_export: str | Path | None = None,
-                  stages: int | str = 1, microbatches: int = 1, **plan_options) -> dict:
+                  stages: int | str = 1, microbatches: int = 1, donate: Sequence[str] = (),
+                  **plan_options) -> dict:
     """Compile ``model`` (path, bytes or ModelProto) into the artifact at ``output``; returns a summary dict.
     With a mesh of more than one device (or ``shard`` annotations) the program is the partitioned SPMD program and
     every rank gets its own weight shards. ``stages`` > 1 cuts the model into pipeline stages, each planned on its
     submesh (:mod:`bmc.sharding.pipeline`), run ``microbatches`` at a time (the inputs' first dim split evenly);
-    ``"auto"`` picks the number of stages (:func:`search_stages`)."""
+    ``"auto"`` picks the number of stages (:func:`search_stages`). ``donate`` (input names or ``fnmatch`` patterns)
+    lets the program write over those inputs: a scatter that is such an input's only reader updates it in place and
+    its output is the input's buffer (:mod:`bmc.codegen.inplace`; the runtime returns the caller's array)."""
     from bmc.codegen.targets import TargetSpec
     from bmc.runtime.artifact import write_artifact
 
     out = _check_output_path(model, output)
     spec = TargetSpec.parse(target, tuple(cuda_archs))
     mesh = _mesh(mesh)
-    _check_pipeline_flags(mesh, stages, microbatches, plan_options)
+    _check_pipeline_flags(mesh, stages, microbatches, plan_options, donate)
     if spec.kind == "cuda":  # FAILURES.md 30: a missing toolkit is reported before any work
         from bmc.codegen.cuda import find_toolkit
 
         find_toolkit()
     t0 = time.perf_counter()
     graph = import_graph(model, input_shapes, dtype, dump_dir)
+    donate = resolve_donated(graph, donate)
     if stages != 1:
         pipe, planned, plan, plan_text = _planned_stages(model, graph, mesh=mesh, stages=stages,
                                                          microbatches=microbatches, shard=shard, strategy=strategy,
@@ -195,7 +200,7 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
         plan, plan_text = planned[0].plan, planned[0].plan_text
     timings = {"import_and_plan_s": time.perf_counter() - t0}
     programs = [_build(p, spec, tune_trials=tune_trials, tune_db=tune_db, tune_export=tune_export,
-                       timings=timings) for p in planned]
+                       timings=timings, donate=donate) for p in planned]
     if pipe is not None:
         pipeline = {"stages": [{"program": f"stage{st.index}", "ranks": ranks, "mesh": p.mesh.to_json(),
                                 "signature": signature_of(p.graph), "nodes": [st.start, st.end], "sends": st.sends,
@@ -209,14 +214,15 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
     else:
         (p,), (c,) = planned, programs
         pipeline, exports, extra = None, c.built.export, c.extra
-        signature = _split_io(signature_of(p.graph, graph.output_names), graph, p)
+        signature = _donated(_split_io(signature_of(p.graph, graph.output_names), graph, p), p.graph,
+                             c.built.donated)
         weights = dict(enumerate(c.weights)) if p.sharded else c.weights[0]
     from bmc.sharding.cost import parse_device
 
     profile = parse_device(plan_options.get("device", "h100"))
     peak = max(_priced(p, profile)[1] for p in planned)  # the runtime's memory pre-flight (FAILURES.md 45)
     options = {"dtype": dtype, "strategy": strategy, "shard": {k: str(v) for k, v in (shard or {}).items()},
-               "stages": stages, "microbatches": microbatches} | {
+               "stages": stages, "microbatches": microbatches, "donate": list(donate)} | {
         k: ({n: str(s) for n, s in v.items()} if k.endswith("_shards") else v) for k, v in plan_options.items()}
     t0 = time.perf_counter()
     path = write_artifact(
@@ -238,12 +244,16 @@ def _mesh(mesh):
     return Mesh.parse(mesh) if isinstance(mesh, str) else mesh if mesh is not None else Mesh.parse("1")
 
 
-def _check_pipeline_flags(mesh, stages: int | str, microbatches: int, plan_options: Mapping) -> None:
-    """Refuse bad --stages / --microbatches (and --input-shard / --output-shard with stages) before any work."""
+def _check_pipeline_flags(mesh, stages: int | str, microbatches: int, plan_options: Mapping, donate=()) -> None:
+    """Refuse bad --stages / --microbatches (and --input-shard / --output-shard / --donate with stages) before any
+    work."""
     for kind in ("input", "output"):
         if stages != 1 and plan_options.get(f"{kind}_shards"):
             raise UsageError(f"--{kind}-shard is for a single program; a pipeline's {kind}s are whole",
                              where=f"--{kind}-shard", fix=f"leave out --stages or --{kind}-shard")
+    if stages != 1 and donate:
+        raise UsageError("--donate is for a single program; a pipeline's inputs travel between stages",
+                         where="--donate", fix="leave out --stages or --donate")
     if stages != "auto" and not isinstance(stages, int):
         raise UsageError(f"--stages {stages!r} is neither a number nor 'auto'", where="--stages",
                          fix="use --stages N (N >= 1) or --stages auto")
@@ -303,11 +313,42 @@ class _Compiled:
     extra: dict
 
 
-def _build(p: _Planned, spec, *, tune_trials: int, tune_db, tune_export, timings: dict) -> _Compiled:
+def resolve_donated(graph: Graph, donate: Sequence[str]) -> list[str]:
+    """``--donate`` names or ``fnmatch`` patterns → the input names they match, in input order; one that matches
+    none is a usage error naming the inputs."""
+    import fnmatch
+
+    names = [v.name for v in graph.inputs]
+    for pattern in donate:
+        if not fnmatch.filter(names, pattern):
+            near = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
+            raise UsageError(f"--donate {pattern!r} matches no input of the model (inputs: {', '.join(names)})",
+                             where="--donate", fix=("did you mean " + ", ".join(map(repr, near)) + "?") if near
+                             else "name an input, or a pattern such as 'past_key_values.*'")
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in donate)]
+
+
+def _donated(signature: dict, program: Graph, donated) -> dict:
+    """The signature with the donated inputs a scatter writes in place (``donated: true``) and the outputs that are
+    their buffers (``aliases``: the input's name); a donated input that cannot be written over is a warning."""
+    for name, why in donated.unused.items():
+        _warn(f"--donate {name}: not written in place: {why}")
+    written = set(donated.updates.values())
+    for entry in signature["inputs"]:
+        if entry["name"] in written:
+            entry["donated"] = True
+    for entry, v in zip(signature["outputs"], program.outputs):
+        if v.name in donated.aliases:
+            entry["aliases"] = donated.aliases[v.name]
+    return signature
+
+
+def _build(p: _Planned, spec, *, tune_trials: int, tune_db, tune_export, timings: dict, donate=()) -> _Compiled:
     from bmc.codegen.build import build
 
     program = p.graph
-    built = build(program, spec, tune_trials=tune_trials, tune_db=tune_db, tune_export=tune_export)
+    built = build(program, spec, tune_trials=tune_trials, tune_db=tune_db, tune_export=tune_export, donate=donate,
+                  sharded=p.sharded)
     for k, v in built.timings.items():
         timings[k] = timings.get(k, 0.0) + v
     extra = {"kernels": built.kernels} if built.kernels else {}

@@ -220,6 +220,18 @@ def compile_fixtures(out: Path, archs: tuple[str, ...]) -> list[dict]:
     return rows
 
 
+def compile_decoding(out: Path, archs: tuple[str, ...]) -> dict:
+    """The exported decoding step (``tests/fixtures/decoding``) with its caches donated (``--donate``): the check
+    runs five steps on the GPU with the in-place cache kernels."""
+    import bmc
+
+    t0 = time.perf_counter()
+    bmc.compile(FIXTURES / "decoding" / "decstep_dynamo.onnx", out / "decoding" / "decstep_dynamo-donate",
+                target="cuda", cuda_archs=archs, donate=["k_cache", "v_cache"])
+    print(f"  decstep_dynamo-donate  {time.perf_counter() - t0:.1f} s", flush=True)
+    return {"artifact": "decstep_dynamo-donate", "fixture": "decstep_dynamo"}
+
+
 def copy_runtime(out: Path, toolkit) -> dict:
     import tvm
     from importlib import metadata
@@ -344,13 +356,15 @@ def main(argv=None) -> int:
     shutil.copytree(REPO / "bmc", out / "src" / "bmc", ignore=shutil.ignore_patterns("__pycache__", "lib"))
     rows = compile_models(out, tuple(args.archs), args.models)
     fixtures = compile_fixtures(out, tuple(args.archs)) if not args.no_fixtures else []
+    decoding = compile_decoding(out, tuple(args.archs)) if not args.no_fixtures else None
     if not args.no_bench:
         subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "prepare", "--out", str(out / "bench"),
                         *(["--tune-db", str(args.tune_db.resolve())] if args.tune_db else [])], check=True)
     tuning = export_tuning(out / "tune", tuple(args.archs), args.tune_trials) if args.tune_trials > 0 else None
     total = _size(out)
     manifest = {"created_s": round(time.perf_counter() - t0, 1), "archs": args.archs, "wheels": wheel_names,
-                **runtime, "nvcc": toolkit.version, "models": rows, "fixtures": fixtures, "tuning": tuning,
+                **runtime, "nvcc": toolkit.version, "models": rows, "fixtures": fixtures,
+                "decoding": decoding, "tuning": tuning,
                 "bytes": total}
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"{out}: {total / 2**20:.1f} MiB in {manifest['created_s']} s", flush=True)

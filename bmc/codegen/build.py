@@ -23,6 +23,7 @@ class Built:
     timings: dict[str, float] = field(default_factory=dict)
     kernels: dict = field(default_factory=dict)  # per-target kernel info (e.g. compiled CUDA images)
     device_code: object = field(default=None, repr=False)  # cuda: bmc.codegen.cuda.CudaBuild (the nvcc images)
+    donated: object = None  # bmc.codegen.inplace.Donated: the donated inputs written in place, and why not others
 
     @property
     def packed_weights(self) -> dict:
@@ -91,20 +92,25 @@ def _tuning(target: TargetSpec, tvm_target, trials: int, db: Path | str | None, 
 
 
 def build(graph: Graph, target: TargetSpec, *, threads: int | None = None, tune_trials: int = 0,
-          tune_db: Path | str | None = None, tune_export: Path | str | None = None) -> Built:
+          tune_db: Path | str | None = None, tune_export: Path | str | None = None, donate=(),
+          sharded: bool = False) -> Built:
     """Compile ``graph`` for ``target``. llvm: ``threads`` sizes the BLAS/TVM thread pools of this process (the
     in-process VM that tests build right after; an artifact's loader sizes its own), ``None`` keeps the default.
     ``tune_trials > 0`` tunes the TVM kernels with MetaSchedule (:mod:`bmc.codegen.tune`; cuda: on this machine's
     GPU), reusing and extending the JSON database in ``tune_db`` (default ``~/.cache/bmc/tuning/<target hash>/``);
     with ``tune_export`` the candidates are written there instead, to be measured on another machine
     (``bmc tune measure``) and imported into the database (``bmc tune import``); ``tune_db`` alone applies the
-    database's schedules."""
+    database's schedules. ``donate`` names inputs the program may write over (:mod:`bmc.codegen.inplace`;
+    ``sharded``: ``graph`` is a partitioned program, for the reasons given when one cannot be)."""
+    from bmc.codegen.inplace import donated_updates
+
+    donated = donated_updates(graph, donate, sharded)
     timings: dict[str, float] = {}
     cpu_record: dict = {}
     cuda_record: dict = {}
     t0 = time.perf_counter()
     lowered_kernels: set[str] = set()
-    mod = to_relax(graph, target.kind, lowered_kernels)
+    mod = to_relax(graph, target.kind, lowered_kernels, donated.updates)
     if target.kind == "llvm" and lowered_kernels:  # (a pass that replaces all of a kernel's calls drops it)
         cpu_record["requires"] = sorted(lowered_kernels)
     timings["to_relax_s"] = time.perf_counter() - t0
@@ -140,9 +146,9 @@ def build(graph: Graph, target: TargetSpec, *, threads: int | None = None, tune_
         from bmc.codegen.cpu import simd_features
 
         return Built(ex, target, timings, {"cpu": {"mcpu": target.mcpu, "features": simd_features(tvm_target),
-                                                   **cpu_record}})
+                                                   **cpu_record}}, donated=donated)
     if lowered_kernels:
         cuda_record["requires"] = sorted(set(cuda_record.get("requires", [])) | lowered_kernels)
     device_code = cuda.compile_executable(ex, target.archs, toolkit)
     timings["nvcc_s"] = sum(img.nvcc_s for img in device_code.images)
-    return Built(ex, target, timings, {"cuda": {**device_code.info(), **cuda_record}}, device_code)
+    return Built(ex, target, timings, {"cuda": {**device_code.info(), **cuda_record}}, device_code, donated)

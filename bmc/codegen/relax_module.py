@@ -18,10 +18,11 @@ class LowerContext:
     """What a lowering sees: the block builder, and the target kind (``"llvm"``, ``"cuda"``, or ``None`` for
     portable Relax) for the few ops that call a library kernel on one target; ``kernels`` collects those calls."""
 
-    def __init__(self, bb: relax.BlockBuilder, target_kind: str | None = None):
+    def __init__(self, bb: relax.BlockBuilder, target_kind: str | None = None, in_place=()):
         self.bb = bb
         self.target_kind = target_kind
         self.kernels: set[str] = set()
+        self.in_place = in_place  # nodes that write into their donated data input (bmc.codegen.inplace)
 
     def emit(self, expr):
         return self.bb.emit(expr)
@@ -39,14 +40,16 @@ def _where(node: Node) -> str:
     return f"node {node.source!r} ({node.op})" if node.source else f"node {node.op}"
 
 
-def to_relax(graph: Graph, target_kind: str | None = None, kernels: set | None = None) -> tvm.IRModule:
-    """The Relax module of ``graph``; library kernels its lowerings call for ``target_kind`` go into ``kernels``."""
+def to_relax(graph: Graph, target_kind: str | None = None, kernels: set | None = None,
+             in_place=()) -> tvm.IRModule:
+    """The Relax module of ``graph``; library kernels its lowerings call for ``target_kind`` go into ``kernels``;
+    the nodes in ``in_place`` write into their first input (a donated graph input: ``bmc.codegen.inplace``)."""
     lowerings = load_all()
     missing = sorted({n.op for n in graph.nodes if n.op not in lowerings})
     if missing:
         raise CompileError(f"no Relax lowering for op(s) {', '.join(missing)}", where=f"graph {graph.name}")
     bb = relax.BlockBuilder()
-    ctx = LowerContext(bb, target_kind)
+    ctx = LowerContext(bb, target_kind, in_place)
     params = [_var(v) for v in graph.inputs + graph.params]
     env: dict[Value, relax.Expr] = dict(zip(graph.inputs + graph.params, params))
     with bb.function("main", params, attrs={"num_input": len(graph.inputs), "global_symbol": "main"}):

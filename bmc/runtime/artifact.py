@@ -30,6 +30,10 @@ mesh (``--output-shard``), or an input fed as blocks (``--input-shard``), has in
 plus ``spec``, ``local_shape`` (what the program returns or takes) and ``blocks`` (per rank, where its block starts
 in each dim).
 
+Format 4 (written only for artifacts with donated inputs, ``--donate``): the program writes over an input marked
+``"donated": true`` in the signature, and an output with ``"aliases": NAME`` is that input's buffer. A format-3
+runtime would let the program overwrite its caller's arrays without knowing, so it refuses these.
+
 Guarantees:
 
 - Writing is atomic: everything is built in ``.<name>.tmp-<pid>-<random>`` next to the output and renamed into place
@@ -64,7 +68,7 @@ from bmc.ir.types import DTYPES
 from bmc.runtime.safetensors import write_safetensors
 
 FORMAT = "bmc-artifact"
-FORMAT_VERSION = 3  # the newest format (see above); an artifact is written with the oldest number that describes it
+FORMAT_VERSION = 4  # the newest format (see above); an artifact is written with the oldest number that describes it
 MIN_FORMAT_VERSION = 1  # oldest format this bmc still loads
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
@@ -128,6 +132,24 @@ def signature_problems(signature) -> list[str]:
             elif kind != "params" and "blocks" in item and not _blocks_fit(item, shape):
                 problems.append(f"signature.{kind} {name!r}: blocks {item.get('blocks')!r} of local shape "
                                 f"{item.get('local_shape')!r} do not lie inside its shape {shape}")
+    if not problems:
+        problems += _alias_problems(signature)
+    return problems
+
+
+def _alias_problems(signature: dict) -> list[str]:
+    """An output that is a donated input's buffer (``aliases``) must name a donated input of its dtype and shape."""
+    inputs = {i["name"]: i for i in signature["inputs"]}
+    problems = [f"signature.inputs {i['name']!r}: donated {i['donated']!r} is not true" for i in inputs.values()
+                if "donated" in i and i["donated"] is not True]
+    for o in signature["outputs"]:
+        if "aliases" not in o:
+            continue
+        i = inputs.get(o["aliases"]) if isinstance(o["aliases"], str) else None
+        if i is None or i.get("donated") is not True or i["dtype"] != o["dtype"] or \
+                i.get("local_shape", i["shape"]) != o.get("local_shape", o["shape"]):
+            problems.append(f"signature.outputs {o['name']!r}: aliases {o['aliases']!r}, which is not a donated input "
+                            "of its dtype and shape")
     return problems
 
 
@@ -142,6 +164,13 @@ def _blocks_fit(item: dict, shape: list[int]) -> bool:
 
 def _split_io(signature: dict) -> bool:
     return any("blocks" in e for kind in ("inputs", "outputs") for e in signature.get(kind, []))
+
+
+def _format_version(signature: dict, pipeline) -> int:
+    """The oldest format number that describes an artifact (see the module's docstring)."""
+    if any(i.get("donated") for i in signature.get("inputs", [])):
+        return 4
+    return 3 if pipeline or _split_io(signature) else 1
 
 
 # --- writing -------------------------------------------------------------------------------------------------------
@@ -211,7 +240,7 @@ def write_artifact(output, *, signature: dict,
         for rel in (*program_files.values(), PLAN):
             files[rel] = file_digest(tmp / rel)
         manifest = {
-            "format": FORMAT, "format_version": 3 if pipeline or _split_io(signature) else 1,
+            "format": FORMAT, "format_version": _format_version(signature, pipeline),
             **installed_versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "target": dict(target), "mesh": {"shape": list(mesh["shape"]), "axes": list(mesh["axes"])},

@@ -87,6 +87,10 @@ class Model:
             owned = [False] * len(self._outputs)
         self._owned = [bool(own) and np.dtype(np_dtype(o["dtype"])).kind in _NUMPY_KINDS
                        for own, o in zip(owned, self._outputs)]
+        # donated inputs (``--donate``) the program writes over, and per output the input whose buffer it is
+        self._donated = [bool(i.get("donated")) for i in self._all_inputs]
+        index = {i["name"]: k for k, i in enumerate(self._all_inputs)}
+        self._aliases = [index.get(o.get("aliases")) for o in self._outputs]
         self._lock = threading.Lock()  # calls take turns: they share those tensors
 
     @property
@@ -166,29 +170,45 @@ class Model:
         with self._lock:
             return self._execute_locked(inputs)
 
-    def _filled(self, rank: int, arrays: list[np.ndarray]) -> list:
-        """This rank's input tensors holding ``arrays`` (signature order, implicit inputs included). On the CPU an
-        array in writable, C-ordered, 64-byte-aligned memory (what TVM's kernels assume; the outputs this class
-        returns are) is read in place, so a decoding loop that feeds its key/value cache back copies nothing; any
-        other array is copied into a tensor kept for the next call."""
+    def _filled(self, rank: int, arrays: list[np.ndarray], private: bool = False) -> tuple[list, list[bool]]:
+        """This rank's input tensors holding ``arrays`` (signature order, implicit inputs included), and which of them
+        are the arrays themselves. On the CPU an array in writable, C-ordered, 64-byte-aligned memory (what TVM's
+        kernels assume; the outputs this class returns are) is read in place, so a decoding loop that feeds its
+        key/value cache back copies nothing; any other array is copied into a tensor kept for the next call. A
+        donated input is written over: in place only when no other input shares its memory, and never when
+        ``private`` (simulated ranks, which share the caller's arrays)."""
         kept = self._arguments.setdefault(rank, {})
-        tensors = []
+        tensors, in_place = [], []
         for i, (a, spec) in enumerate(zip(arrays, self._all_inputs)):
             if (self._in_place and a.dtype.kind in _NUMPY_KINDS and a.ctypes.data % _ALIGNMENT == 0
-                    and a.flags.c_contiguous and a.flags.writeable):
+                    and a.flags.c_contiguous and a.flags.writeable and not (self._donated[i] and (private or any(
+                        np.may_share_memory(a, b) for j, b in enumerate(arrays) if j != i)))):
                 tensors.append(tvm.runtime.from_dlpack(a))
+                in_place.append(True)
                 continue
             t = kept.get(i)
             if t is None:
                 t = kept[i] = tvm.runtime.empty(a.shape, spec["dtype"], self._device)
             t.copyfrom(a)
             tensors.append(t)
-        return tensors
+            in_place.append(False)
+        return tensors, in_place
 
-    def _returned(self, tensors) -> list[np.ndarray]:
+    def _returned(self, rank: int, tensors, arrays: list[np.ndarray], in_place: list[bool]) -> list[np.ndarray]:
         """The program's outputs as numpy arrays: views of those it allocated afresh, copies of the others (a view
-        of an input or a weight, a constant of the program, a repeated output)."""
-        return [np.from_dlpack(t) if own else t.numpy() for t, own in zip(tensors, self._owned)]
+        of an input or a weight, a constant of the program, a repeated output). An output that is a donated input's
+        buffer is the caller's array when the program wrote into it; on the CPU otherwise a view of the tensor that
+        held the input, which this rank then stops keeping (the caller owns it now)."""
+        out = []
+        for t, own, j in zip(tensors, self._owned, self._aliases):
+            if j is not None and in_place[j]:
+                out.append(arrays[j])
+            elif j is not None and self._in_place:
+                out.append(np.from_dlpack(t))
+                self._arguments[rank].pop(j, None)
+            else:
+                out.append(np.from_dlpack(t) if own else t.numpy())
+        return out
 
     def _execute_locked(self, inputs: dict[str, Any]) -> list[np.ndarray]:
         if self.mpi is not None:
@@ -201,7 +221,8 @@ class Model:
             arrays = [_own(i, given[i["name"]], rank) if i["name"] in given else
                       np.array(rank_map[rank], dtype=np.int64)
                       for i in self._all_inputs]  # the one implicit input is the device's mesh coordinate
-            return self._returned(main(*self._filled(rank, arrays), *params))
+            tensors, in_place = self._filled(rank, arrays, private=len(self._ranks) > 1)
+            return self._returned(rank, main(*tensors, *params), arrays, in_place)
 
         try:
             if len(self._ranks) == 1:
@@ -224,9 +245,9 @@ class Model:
         coord = np.array(ctx.coord, dtype=np.int64)  # the one implicit input is the device's mesh coordinate
         main, params = self._ranks[0]
         try:
-            args = self._filled(0, [_own(i, given[i["name"]], ctx.rank) if i["name"] in given else coord
-                                    for i in self._all_inputs])
-            return self._returned(main(*args, *params))
+            arrays = [_own(i, given[i["name"]], ctx.rank) if i["name"] in given else coord for i in self._all_inputs]
+            tensors, in_place = self._filled(0, arrays)
+            return self._returned(0, main(*tensors, *params), arrays, in_place)
         except BaseException as e:  # noqa: BLE001  (the other ranks wait in collectives: end the whole job)
             self._abort(e)
 

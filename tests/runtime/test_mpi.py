@@ -309,13 +309,14 @@ DECODE_SCRIPT = textwrap.dedent("""
     rank = model.mpi.rank
     shape = data["output:k_cache"].shape
     k = v = np.zeros(shape, np.float32)[model.input_slices["k_cache"]]  # this rank's heads only
-    errors = []
+    errors, same = [], []
     for i in range(5):
         got = model.run({"x": data[f"x{i}"], "pos": np.array([i]), "k_cache": k, "v_cache": v})
+        same.append(got["k_cache_out"] is k and got["v_cache_out"] is v)  # donated: written in place
         k, v = got["k_cache_out"], got["v_cache_out"]
         errors.append(float(np.max(np.abs(got["y"] - data[f"output:y{i}"]))))
     whole = model.gather_outputs(got)
-    res = {"errors": errors, "block": list(k.shape)}
+    res = {"errors": errors, "block": list(k.shape), "same": same}
     if rank == 0:
         res["k"] = float(np.max(np.abs(whole["k_cache_out"] - data["output:k_cache"])))
         res["v"] = float(np.max(np.abs(whole["v_cache_out"] - data["output:v_cache"])))
@@ -324,18 +325,21 @@ DECODE_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
-def test_a_decoding_loop_keeps_each_ranks_heads_of_the_cache(tmp_path, exporter):
+@pytest.mark.parametrize("exporter, donate", [("legacy", False), ("dynamo", False), ("dynamo", True)])
+def test_a_decoding_loop_keeps_each_ranks_heads_of_the_cache(tmp_path, exporter, donate):
     """The exported decoding step (``tests/fixtures/decoding``) on 2 real ranks, Megatron over the heads: each rank
     starts from its own half of an empty cache and feeds back the half it gets, five steps; every step's output
-    equals onnxruntime's on both ranks and the caches gathered at the end equal its caches."""
+    equals onnxruntime's on both ranks and the caches gathered at the end equal its caches. With the caches donated
+    (``--donate``) each step from the second on writes into the arrays it was given (the first step's one zeros
+    array, passed as both caches, is copied)."""
     import bmc
 
     heads = "[{}, {x}, {}, {}]"
     decoding = ROOT / "tests" / "fixtures" / "decoding"
     bmc.compile(decoding / f"decstep_{exporter}.onnx", tmp_path / "dec.bmc", mesh="2", strategy="megatron",
                 input_shards={"k_cache": heads, "v_cache": heads},
-                output_shards={"k_cache_out": heads, "v_cache_out": heads})
+                output_shards={"k_cache_out": heads, "v_cache_out": heads},
+                donate=["k_cache", "v_cache"] if donate else ())
     script = tmp_path / "decode.py"
     script.write_text(DECODE_SCRIPT)
     r = mpirun(2, [sys.executable, str(script), str(tmp_path / "dec.bmc"), str(decoding / f"decstep_{exporter}.npz"),
@@ -344,6 +348,7 @@ def test_a_decoding_loop_keeps_each_ranks_heads_of_the_cache(tmp_path, exporter)
     for rank in range(2):
         res = json.loads((tmp_path / f"dec.r{rank}.json").read_text())
         assert res["block"] == [2, 2, 16, 8] and max(res["errors"]) <= 1e-5, res
+        assert res["same"] == [False] + [donate] * 4, res
     res = json.loads((tmp_path / "dec.r0.json").read_text())
     assert res["k"] <= 1e-6 and res["v"] <= 1e-6
 

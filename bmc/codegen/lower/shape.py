@@ -91,8 +91,21 @@ def _positive(ctx, idx, dt, sizes):
 _SCATTER_REDUCTION = {"none": "update", "add": "add", "mul": "mul", "max": "max", "min": "min"}
 
 
+def _in_place_scatter(ctx, node, args):
+    """The scatter written into its donated data input: only the updates' elements move."""
+    from tvm import relax
+
+    from bmc.codegen.inplace import scatter_kernel
+
+    gv = ctx.bb.add_func(scatter_kernel(node), f"{node.op}_in_place")
+    t = node.inputs[0].type
+    return relax.call_tir_inplace(gv, list(args), [0], relax.TensorType(list(t.shape), t.dtype))
+
+
 @lowering("scatter_elements")
 def _scatter_elements(ctx, node, args):
+    if node in ctx.in_place:
+        return _in_place_scatter(ctx, node, args)
     axis = node.attrs["axis"] % node.inputs[0].type.rank
     idx = _positive(ctx, args[1], node.inputs[1].type.dtype, node.inputs[0].type.shape[axis])
     return _R.scatter_elements(args[0], idx, args[2], axis=axis, reduction=_SCATTER_REDUCTION[node.attrs["reduction"]])
@@ -100,6 +113,8 @@ def _scatter_elements(ctx, node, args):
 
 @lowering("scatter_nd")
 def _scatter_nd(ctx, node, args):
+    if node in ctx.in_place:
+        return _in_place_scatter(ctx, node, args)
     k = node.inputs[1].type.shape[-1]
     idx = _positive(ctx, args[1], node.inputs[1].type.dtype, node.inputs[0].type.shape[:k])
     if node.inputs[1].type.dtype != "int64":

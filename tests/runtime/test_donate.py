@@ -1,0 +1,266 @@
+"""Donated inputs (``--donate``): a scatter that is a donated input's only reader writes into the input's buffer, and
+the output it makes is the caller's array. Numerics against onnxruntime, the aliasing itself (``is``), the cases that
+cannot run in place (a warning, and the program still right), the artifact's checks, the CLI flag, a CUDA build.
+The real-MPI decoding loop with a donated cache is in ``test_mpi.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import bmc
+from bmc.codegen.inplace import donated_updates
+from bmc.compiler import import_graph
+from bmc.errors import ArtifactError, UsageError
+
+ROOT = Path(__file__).resolve().parents[2]
+DECODING = ROOT / "tests" / "fixtures" / "decoding"  # scripts/export_decoder_step.py
+vi = helper.make_tensor_value_info
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a`` in 64-byte-aligned memory (what the runtime reads in place)."""
+    raw = np.empty(a.nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def _model(nodes, inputs, outputs, inits=()) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _scatter_elements(shape, idx_shape, axis):
+    return _model([helper.make_node("ScatterElements", ["data", "idx", "upd"], ["out"], axis=axis)],
+                  [vi("data", TensorProto.FLOAT, shape), vi("idx", TensorProto.INT64, idx_shape),
+                   vi("upd", TensorProto.FLOAT, idx_shape)], [vi("out", TensorProto.FLOAT, shape)])
+
+
+def _scatter_nd(shape, idx_shape, upd_shape):
+    return _model([helper.make_node("ScatterND", ["data", "idx", "upd"], ["out"])],
+                  [vi("data", TensorProto.FLOAT, shape), vi("idx", TensorProto.INT64, idx_shape),
+                   vi("upd", TensorProto.FLOAT, upd_shape)], [vi("out", TensorProto.FLOAT, shape)])
+
+
+CASES = {
+    # a cache [b, h, len, d] written at one position of each row, with negative positions among them
+    "elements-axis2": (_scatter_elements([2, 4, 8, 3], [2, 4, 1, 3], 2),
+                       lambda r: r.choice([1, -2, 5, -8], size=(2, 4, 1, 3))),
+    "elements-axis0": (_scatter_elements([6, 5], [2, 5], 0), lambda r: np.array([[0, 1, 2, 3, 4], [-1, 5, -6, 2, 0]])),
+    "nd-rows": (_scatter_nd([8, 3], [2, 1], [2, 3]), lambda r: np.array([[1], [-2]])),
+    "nd-elements": (_scatter_nd([4, 5], [3, 2], [3]), lambda r: np.array([[0, 0], [3, -1], [-2, 2]])),
+    "nd-one-element": (_scatter_nd([4, 5], [2], []), lambda r: np.array([2, 3])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_scatters_written_in_place_match_onnxruntime(tmp_path, case):
+    """Each in-place kernel (``bmc.codegen.inplace.scatter_kernel``) gives onnxruntime's output, and the output is
+    the caller's own array, now holding it."""
+    import onnxruntime as ort
+
+    model, indices = CASES[case]
+    rng = np.random.default_rng(0)
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    data = rng.standard_normal(shapes["data"]).astype(np.float32)
+    idx = np.asarray(indices(rng), np.int64).reshape(shapes["idx"])
+    upd = rng.standard_normal(shapes["upd"]).astype(np.float32)
+    (want,) = ort.InferenceSession(model.SerializeToString()).run(None, {"data": data, "idx": idx, "upd": upd})
+    bmc.compile(model, tmp_path / "m.bmc", donate=["data"])
+    m = bmc.load(tmp_path / "m.bmc")
+    assert m.signature["inputs"][0]["donated"] and m.signature["outputs"][0]["aliases"] == "data"
+    assert m.manifest["format_version"] == 4
+    given = _aligned(data)
+    out = m(given, idx, upd)
+    np.testing.assert_array_equal(out, want)
+    assert out is given
+
+
+def test_an_index_out_of_range_writes_nothing(tmp_path):
+    """ONNX leaves an out-of-range index undefined; in place it must not write past the buffer: it writes nothing."""
+    bmc.compile(_scatter_elements([3, 4], [1, 4], 0), tmp_path / "m.bmc", donate=["data"])
+    data = _aligned(np.zeros((3, 4), np.float32))
+    out = bmc.load(tmp_path / "m.bmc")(data, np.array([[0, 3, -4, 2]]), np.ones((1, 4), np.float32))
+    np.testing.assert_array_equal(out, [[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]])
+
+
+def test_a_decoding_loop_with_a_donated_cache_matches_onnxruntime(tmp_path):
+    """The exported decoding step (both caches donated): five steps equal onnxruntime's outputs and caches, and from
+    the first step on the caches returned are the arrays passed in (the first step's zeros were copied: numpy's
+    allocation is not 64-byte aligned in general, so the runtime may not write into it; it hands back its own)."""
+    data = np.load(DECODING / "decstep_dynamo.npz")
+    out = tmp_path / "dec.bmc"
+    bmc.compile(DECODING / "decstep_dynamo.onnx", out, donate=["*_cache"])
+    m = bmc.load(out)
+    assert [o.get("aliases") for o in m.signature["outputs"]] == [None, "k_cache", "v_cache"]
+    k = np.zeros(data["output:k_cache"].shape, np.float32)
+    v = np.zeros_like(k)
+    for i in range(5):
+        got = m.run({"x": data[f"x{i}"], "pos": np.array([i]), "k_cache": k, "v_cache": v})
+        if i > 0:
+            assert got["k_cache_out"] is k and got["v_cache_out"] is v, i
+        k, v = got["k_cache_out"], got["v_cache_out"]
+        assert float(np.max(np.abs(got["y"] - data[f"output:y{i}"]))) <= 1e-5, i
+    np.testing.assert_allclose(k, data["output:k_cache"], atol=1e-6)
+    np.testing.assert_allclose(v, data["output:v_cache"], atol=1e-6)
+
+
+def test_inputs_the_program_cannot_write_into_are_copied(tmp_path):
+    """A read-only array, and one array passed as both caches, are not written into (the runtime copies them), and
+    the results are still right; the caller's arrays keep their values."""
+    data = np.load(DECODING / "decstep_dynamo.npz")
+    bmc.compile(DECODING / "decstep_dynamo.onnx", tmp_path / "dec.bmc", donate=["k_cache", "v_cache"])
+    m = bmc.load(tmp_path / "dec.bmc")
+    inputs = {"x": data["x0"], "pos": np.array([0])}
+    zeros = _aligned(np.zeros(data["output:k_cache"].shape, np.float32))
+    shared = m.run({**inputs, "k_cache": zeros, "v_cache": zeros})  # one array for both: neither is written
+    assert not zeros.any()
+    frozen = _aligned(np.zeros_like(zeros))
+    frozen.flags.writeable = False
+    ro = m.run({**inputs, "k_cache": frozen, "v_cache": _aligned(np.zeros_like(zeros))})
+    assert not frozen.any()
+    for got in (shared, ro):
+        assert float(np.max(np.abs(got["y"] - data["output:y0"]))) <= 1e-5
+        assert got["k_cache_out"][:, :, 0].any() and not got["k_cache_out"][:, :, 1:].any()
+
+
+def test_a_sharded_program_writes_each_devices_block_in_place(tmp_path):
+    """Megatron on 2 simulated devices with the caches fed and returned as head blocks and donated: the in-place
+    kernels run on each device's block, and five steps equal onnxruntime (simulated ranks never write into the
+    caller's arrays: they share them)."""
+    data = np.load(DECODING / "decstep_legacy.npz")
+    heads = "[{}, {x}, {}, {}]"
+    out = tmp_path / "dec.bmc"
+    bmc.compile(DECODING / "decstep_legacy.onnx", out, mesh="2", strategy="megatron", donate=["k_cache", "v_cache"],
+                input_shards={"k_cache": heads, "v_cache": heads},
+                output_shards={"k_cache_out": heads, "v_cache_out": heads})
+    m = bmc.load(out, simulate=True)
+    assert [o.get("aliases") for o in m.signature["outputs"]] == [None, "k_cache", "v_cache"]
+    k = v = _aligned(np.zeros(data["output:k_cache"].shape, np.float32))
+    for i in range(5):
+        got = m.run({"x": data[f"x{i}"], "pos": np.array([i]), "k_cache": k, "v_cache": v})
+        k, v = got["k_cache_out"], got["v_cache_out"]
+        assert float(np.max(np.abs(got["y"] - data[f"output:y{i}"]))) <= 1e-5, i
+    np.testing.assert_allclose(k, data["output:k_cache"], atol=1e-6)
+
+
+def _graph(nodes, inputs, outputs, inits=()):
+    return import_graph(_model(nodes, inputs, outputs, inits))
+
+
+CACHE = vi("cache", TensorProto.FLOAT, [4, 3])
+ROW = [vi("idx", TensorProto.INT64, [1, 3]), vi("new", TensorProto.FLOAT, [1, 3])]
+
+
+@pytest.mark.parametrize("nodes, outputs, reason", [
+    ([helper.make_node("ScatterElements", ["cache", "idx", "new"], ["out"]),
+      helper.make_node("ReduceSum", ["cache"], ["total"], keepdims=0)],
+     ["out", "total"], "read by 2 nodes"),
+    ([helper.make_node("ScatterElements", ["cache", "idx", "new"], ["out"], reduction="add")],
+     ["out"], "reduction='add'"),
+    ([helper.make_node("Relu", ["cache"], ["out"])], ["out"], "only reader is a relu node"),
+    ([helper.make_node("Relu", ["new"], ["out"])], ["out"], "nothing reads it"),
+])
+def test_why_a_donated_input_is_not_written_in_place(nodes, outputs, reason):
+    shapes = {"out": [1, 3] if nodes[0].input[0] == "new" else [4, 3], "total": []}
+    graph = _graph(nodes, [CACHE, *ROW], [vi(o, TensorProto.FLOAT, shapes[o]) for o in outputs])
+    got = donated_updates(graph, ["cache"])
+    assert not got.updates and not got.aliases and reason in got.unused["cache"], got.unused
+
+
+def test_an_input_that_is_also_an_output_is_not_written_in_place():
+    """(The ONNX importer makes such an output a copy; a graph built directly can return the input itself.)"""
+    from bmc.ir.types import TensorType
+    from bmc.ops.builder import GraphBuilder
+
+    b = GraphBuilder("g")
+    cache = b.input("cache", TensorType("float32", (4, 3)))
+    idx, new = b.input("idx", TensorType("int64", (1, 3))), b.input("new", TensorType("float32", (1, 3)))
+    out = b.emit1("scatter_elements", [cache, idx, new], "out", axis=0, reduction="none")
+    got = donated_updates(b.finish([out, cache]), ["cache"])
+    assert not got.updates and "returned as an output" in got.unused["cache"]
+
+
+def test_a_donated_input_that_cannot_be_written_is_a_warning_and_still_right(tmp_path, capsys):
+    """The cache also read by a ReduceSum: a warning says why, nothing is donated (format 1), the outputs are right
+    and the caller's array is untouched."""
+    model = _model([helper.make_node("ScatterElements", ["cache", "idx", "new"], ["out"]),
+                    helper.make_node("ReduceSum", ["cache"], ["total"], keepdims=0)], [CACHE, *ROW],
+                   [vi("out", TensorProto.FLOAT, [4, 3]), vi("total", TensorProto.FLOAT, [])])
+    bmc.compile(model, tmp_path / "m.bmc", donate=["cache"])
+    assert "--donate cache: not written in place: it is read by 2 nodes" in capsys.readouterr().err
+    m = bmc.load(tmp_path / "m.bmc")
+    assert m.manifest["format_version"] == 1 and "donated" not in m.signature["inputs"][0]
+    cache = _aligned(np.arange(12, dtype=np.float32).reshape(4, 3))
+    out, total = m(cache, np.array([[1, 2, 3]]), np.ones((1, 3), np.float32))
+    assert total == 66  # the sum of the cache as given
+    np.testing.assert_array_equal(cache, np.arange(12).reshape(4, 3))
+    assert out[1, 0] == 1 and out[2, 1] == 1 and out[3, 2] == 1
+
+
+def test_a_split_input_read_whole_says_to_feed_blocks(tmp_path, capsys):
+    """On 2 devices with the cache split over heads but fed whole, each device cuts its block first: the warning
+    names --input-shard as the fix."""
+    bmc.compile(DECODING / "decstep_legacy.onnx", tmp_path / "dec.bmc", mesh="2", strategy="megatron",
+                shard={"k_cache": "[{}, {x}, {}, {}]"}, donate=["k_cache"])
+    err = capsys.readouterr().err
+    assert "--donate k_cache: not written in place" in err and "--input-shard" in err, err
+
+
+@pytest.mark.parametrize("donate, options, match", [
+    (["kv_*"], {}, "matches no input"),
+    (["k_cach"], {}, "did you mean 'k_cache'"),
+    (["k_cache"], {"mesh": "2", "stages": 2}, "for a single program"),
+])
+def test_bad_donations_are_usage_errors(tmp_path, donate, options, match):
+    with pytest.raises(UsageError, match=match) as info:
+        bmc.compile(DECODING / "decstep_legacy.onnx", tmp_path / "m.bmc", donate=donate, **options)
+    assert info.value.where == "--donate"
+    assert not (tmp_path / "m.bmc").exists()
+
+
+def test_an_alias_of_an_input_not_donated_is_refused_at_load(tmp_path):
+    bmc.compile(_scatter_nd([8, 3], [2, 1], [2, 3]), tmp_path / "m.bmc", donate=["data"])
+    path = tmp_path / "m.bmc" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["signature"]["inputs"][0]["donated"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="aliases 'data', which is not a donated input"):
+        bmc.load(tmp_path / "m.bmc")
+
+
+def test_the_cli_flag(tmp_path):
+    onnx.save(_scatter_nd([8, 3], [2, 1], [2, 3]), str(tmp_path / "m.onnx"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "bmc", "compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.bmc")]
+    r = subprocess.run([*base, "--donate", "dat"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "did you mean 'data'" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([*base, "--donate", "d*"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "m.bmc" / "manifest.json").read_text())
+    assert manifest["signature"]["outputs"][0]["aliases"] == "data" and manifest["options"]["donate"] == ["data"]
+
+
+@pytest.mark.cuda
+def test_the_in_place_kernels_compile_for_sm90(tmp_path):
+    from bmc.codegen import cuda
+    from bmc.errors import CompileError
+
+    try:
+        cuda.find_toolkit()
+    except CompileError as e:
+        pytest.skip(f"no CUDA toolkit: {e.what}")
+    bmc.compile(DECODING / "decstep_dynamo.onnx", tmp_path / "dec.bmc", target="cuda", donate=["*_cache"])
+    manifest = json.loads((tmp_path / "dec.bmc" / "manifest.json").read_text())
+    names = [k["name"] for k in manifest["kernels"]["cuda"]["kernels"]]
+    assert any("in_place" in n for n in names), names
