@@ -476,7 +476,7 @@ def _verify_numerics(path: Path, manifest: dict, args) -> int:
         return 1
     mesh = Mesh.parse("x".join(map(str, manifest["mesh"]["shape"])), ",".join(manifest["mesh"]["axes"]))
     plan_options = {k: v for k, v in options.items() if k not in ("dtype", "strategy", "shard", "stages",
-                                                                    "microbatches")}
+                                                                    "microbatches", "donate")}
     prog, _ = plan_graph(graph, mesh=mesh, shard=options.get("shard") or None, strategy=options.get("strategy"),
                          warn=lambda _m: None, **plan_options)
     found = first_divergence(prog, inputs, reference, tolerance)

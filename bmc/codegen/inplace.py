@@ -9,8 +9,9 @@ reader runs in place on it (``relax.call_tir_inplace`` of a kernel that writes t
 output it makes *is* the input's buffer.
 
 :func:`donated_updates` decides, on the program to be built (the partitioned one when sharded), which scatters run in
-place and why a donated input cannot; :func:`scatter_kernel` makes the kernel. Only scatters without a reduction run
-in place (with one, repeated indices would race in a parallel loop); an index out of range writes nothing.
+place and why a donated input cannot; :func:`scatter_kernel` makes the kernel, which every scatter without a reduction
+uses (into a copy of the data when not in place). Only scatters without a reduction run in place (with one, repeated
+indices would race in a parallel loop); an index out of range writes nothing.
 """
 
 from __future__ import annotations
@@ -66,44 +67,49 @@ def donated_updates(graph: Graph, donate, sharded: bool = False) -> Donated:
     return out
 
 
-def scatter_kernel(node: Node):
-    """The TIR kernel that writes ``node``'s updates into its data argument and nothing else: arguments (data,
-    indices, updates), data written in place. Negative indices count from the end; out-of-range ones write nothing."""
+def scatter_kernel(node: Node, in_place: bool = True):
+    """The TIR kernel of a scatter without a reduction: arguments (data, indices, updates), data written in place;
+    or, not ``in_place``, (data, indices, updates, out) with data copied into out first. Negative indices count from
+    the end; out-of-range ones write nothing. (A separate copy kernel would not do: Relax turns an identity copy into
+    a view of its input, and the scatter would then write into that.)"""
     from tvm.script import from_source
 
     data, idx, upd = (v.type for v in node.inputs)
-    loops = [f"i{k}" for k in range(len(upd.shape))]
-    vs = [f"v{k}" for k in range(len(upd.shape))]
-    it = idx.dtype
+    it, target = idx.dtype, "data" if in_place else "out"
 
     def positive(at: str, n: int) -> str:
         return f"T.if_then_else({at} < T.{it}(0), {at} + T.{it}({n}), {at})"
 
+    def block(name: str, shape, body: str) -> list[str]:
+        """``body`` (in terms of v0, v1, ...) over every index of ``shape``, in one spatial block."""
+        shape = shape or (1,)  # (0-d: one iteration; a function that is one bare block is left unscheduled)
+        vs = ", ".join(f"v{k}" for k in range(len(shape)))
+        loops = ", ".join(f"i{k}" for k in range(len(shape)))
+        return [f"    for {loops} in T.grid({', '.join(map(str, shape))}):",
+                f'        with T.sblock("{name}"):',
+                f"            {vs} = T.axis.remap(\"{'S' * len(shape)}\", [{loops}])",
+                f"            {body}"]
+
+    vs = [f"v{k}" for k in range(len(upd.shape))]
     if node.op == "scatter_elements":
         axis = node.attrs["axis"] % data.rank
         at = f"idx[{', '.join(vs)}]"
         targets = [positive(at, data.shape[axis]) if k == axis else v for k, v in enumerate(vs)]
-        checks = [targets[axis]]
-        bounds = [data.shape[axis]]
+        checks, bounds = [targets[axis]], [data.shape[axis]]
     else:  # scatter_nd: updates[p..., q...] goes to data[indices[p..., :], q...]
         depth, batch = idx.shape[-1], len(idx.shape) - 1
         checks = [positive(f"idx[{', '.join(vs[:batch] + [str(j)])}]", data.shape[j]) for j in range(depth)]
         targets = checks + vs[batch:]
         bounds = list(data.shape[:depth])
     guard = " and ".join(f"T.{it}(0) <= {t} and {t} < T.{it}({n})" for t, n in zip(checks, bounds))
-    store = f"data[{', '.join(targets)}] = upd[{', '.join(vs) or '()'}]"
-    if not vs:  # 0-d updates (scatter_nd of one whole-data index tuple): no loop
-        body = [f"    if {guard}:", f"        {store}"]
-    else:
-        body = [f"    for {', '.join(loops)} in T.grid({', '.join(map(str, upd.shape))}):",
-                '        with T.sblock("scatter"):',
-                f"            {', '.join(vs)} = T.axis.remap(\"{'S' * len(vs)}\", [{', '.join(loops)}])",
-                f"            if {guard}:",
-                f"                {store}"]
+    store = f"{target}[{', '.join(targets)}] = upd[{', '.join(vs) or '()'}]"
+    every = ", ".join(f"v{k}" for k in range(data.rank))
+    out = "" if in_place else f", out: T.Buffer({tuple(data.shape)}, \"{data.dtype}\")"
     source = "\n".join([
         "@T.prim_func(s_tir=True)",
-        f"def {node.op}_in_place(data: T.Buffer({tuple(data.shape)}, \"{data.dtype}\"), "
-        f"idx: T.Buffer({tuple(idx.shape)}, \"{it}\"), upd: T.Buffer({tuple(upd.shape)}, \"{upd.dtype}\")):",
+        f"def {node.op}{'_in_place' if in_place else ''}(data: T.Buffer({tuple(data.shape)}, \"{data.dtype}\"), "
+        f"idx: T.Buffer({tuple(idx.shape)}, \"{it}\"), upd: T.Buffer({tuple(upd.shape)}, \"{upd.dtype}\"){out}):",
         '    T.func_attr({"tirx.noalias": True})',
-        *body])
+        *([] if in_place else block("copy", data.shape, f"out[{every}] = data[{every}]")),
+        *block("scatter", upd.shape, f"if {guard}:\n{' ' * 16}{store}")])
     return from_source(source)

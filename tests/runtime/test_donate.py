@@ -252,7 +252,10 @@ def test_the_cli_flag(tmp_path):
 
 
 @pytest.mark.cuda
-def test_the_in_place_kernels_compile_for_sm90(tmp_path):
+@pytest.mark.parametrize("donate", [False, True])
+def test_the_scatter_kernels_compile_for_sm90(tmp_path, donate):
+    """Every scatter case, in place or into a copy, becomes GPU kernels (a kernel left unscheduled would be compiled
+    for the host and read device memory there), and so does the decoding step."""
     from bmc.codegen import cuda
     from bmc.errors import CompileError
 
@@ -260,7 +263,15 @@ def test_the_in_place_kernels_compile_for_sm90(tmp_path):
         cuda.find_toolkit()
     except CompileError as e:
         pytest.skip(f"no CUDA toolkit: {e.what}")
-    bmc.compile(DECODING / "decstep_dynamo.onnx", tmp_path / "dec.bmc", target="cuda", donate=["*_cache"])
+    suffix = "_in_place" if donate else ""
+    for case, (model, _) in sorted(CASES.items()):
+        bmc.compile(model, tmp_path / f"{case}.bmc", target="cuda", donate=["data"] if donate else ())
+        manifest = json.loads((tmp_path / f"{case}.bmc" / "manifest.json").read_text())
+        names = [k["name"] for k in manifest["kernels"]["cuda"]["kernels"]]
+        assert any(n.startswith(f"scatter_{case.split('-')[0]}{suffix}_kernel") for n in names), (case, names)
+    bmc.compile(DECODING / "decstep_dynamo.onnx", tmp_path / "dec.bmc", target="cuda",
+                donate=["*_cache"] if donate else ())
     manifest = json.loads((tmp_path / "dec.bmc" / "manifest.json").read_text())
     names = [k["name"] for k in manifest["kernels"]["cuda"]["kernels"]]
-    assert any("in_place" in n for n in names), names
+    # (the two caches' scatters are one function; into a copy it is two kernels: the copy, then the scatter)
+    assert sum(n.startswith(f"scatter_elements{suffix}_kernel") for n in names) == (1 if donate else 2), names

@@ -88,24 +88,30 @@ def _positive(ctx, idx, dt, sizes):
     return ctx.emit(_R.where(negative, ctx.emit(_R.add(idx, const(np.asarray(sizes, dtype=np.dtype(dt))))), idx))
 
 
-_SCATTER_REDUCTION = {"none": "update", "add": "add", "mul": "mul", "max": "max", "min": "min"}
+_SCATTER_REDUCTION = {"add": "add", "mul": "mul", "max": "max", "min": "min"}
 
 
-def _in_place_scatter(ctx, node, args):
-    """The scatter written into its donated data input: only the updates' elements move."""
+def _scatter(ctx, node, args):
+    """A scatter without a reduction is bmc's kernel (:func:`bmc.codegen.inplace.scatter_kernel`): written into a
+    donated input's own buffer, or into a copy of the data. (TVM's scatters also copy, but leave a pragma that LLVM
+    warns about on every compile.)"""
     from tvm import relax
 
     from bmc.codegen.inplace import scatter_kernel
 
-    gv = ctx.bb.add_func(scatter_kernel(node), f"{node.op}_in_place")
     t = node.inputs[0].type
-    return relax.call_tir_inplace(gv, list(args), [0], relax.TensorType(list(t.shape), t.dtype))
+    ty = relax.TensorType(list(t.shape), t.dtype)
+    in_place = node in ctx.in_place
+    gv = ctx.bb.add_func(scatter_kernel(node, in_place), node.op + ("_in_place" if in_place else ""))
+    if in_place:
+        return relax.call_tir_inplace(gv, list(args), [0], ty)
+    return relax.call_tir(gv, list(args), ty)
 
 
 @lowering("scatter_elements")
 def _scatter_elements(ctx, node, args):
-    if node in ctx.in_place:
-        return _in_place_scatter(ctx, node, args)
+    if node.attrs["reduction"] == "none":
+        return _scatter(ctx, node, args)
     axis = node.attrs["axis"] % node.inputs[0].type.rank
     idx = _positive(ctx, args[1], node.inputs[1].type.dtype, node.inputs[0].type.shape[axis])
     return _R.scatter_elements(args[0], idx, args[2], axis=axis, reduction=_SCATTER_REDUCTION[node.attrs["reduction"]])
@@ -113,8 +119,8 @@ def _scatter_elements(ctx, node, args):
 
 @lowering("scatter_nd")
 def _scatter_nd(ctx, node, args):
-    if node in ctx.in_place:
-        return _in_place_scatter(ctx, node, args)
+    if node.attrs["reduction"] == "none":
+        return _scatter(ctx, node, args)
     k = node.inputs[1].type.shape[-1]
     idx = _positive(ctx, args[1], node.inputs[1].type.dtype, node.inputs[0].type.shape[:k])
     if node.inputs[1].type.dtype != "int64":
