@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 import bmc
@@ -84,6 +86,52 @@ def test_scatters_written_in_place_match_onnxruntime(tmp_path, case):
     out = m(given, idx, upd)
     np.testing.assert_array_equal(out, want)
     assert out is given
+
+
+@st.composite
+def _scatter_case(draw):
+    """A ScatterElements or ScatterND of random shape with distinct targets (repeated ones are undefined in ONNX),
+    negative indices among them, as (model, inputs)."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    shape = draw(st.lists(st.integers(1, 5), min_size=1, max_size=4))
+    if draw(st.booleans()):
+        axis = draw(st.integers(-len(shape), len(shape) - 1))
+        upd_shape = [draw(st.integers(1, n)) for n in shape]
+        n = shape[axis]
+        upd_shape[axis] = draw(st.integers(1, n))
+        # per line along the axis, distinct positions: the first entries of a permutation of the axis
+        perm = np.argsort(rng.random((*upd_shape[:axis % len(shape)], n, *upd_shape[axis % len(shape) + 1:])),
+                          axis=axis)
+        idx = np.take(perm, np.arange(upd_shape[axis]), axis=axis)
+        idx = np.where(rng.random(idx.shape) < 0.5, idx - n, idx)
+        model = _scatter_elements(shape, list(idx.shape), axis)
+    else:
+        depth = draw(st.integers(1, len(shape)))
+        cells = int(np.prod(shape[:depth]))
+        count = draw(st.integers(1, min(cells, 6)))
+        flat = rng.choice(cells, size=count, replace=False)
+        idx = np.stack(np.unravel_index(flat, shape[:depth]), axis=-1)
+        idx = np.where(rng.random(idx.shape) < 0.5, idx - np.array(shape[:depth]), idx)
+        upd_shape = [count, *shape[depth:]]
+        model = _scatter_nd(shape, list(idx.shape), upd_shape)
+    data = rng.standard_normal(shape).astype(np.float32)
+    return model, {"data": data, "idx": idx.astype(np.int64), "upd": rng.standard_normal(upd_shape).astype(np.float32)}
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(case=_scatter_case(), donate=st.booleans())
+def test_random_scatters_match_onnxruntime(tmp_path_factory, case, donate):
+    """bmc's scatter kernels, in place or into a copy, on random shapes, axes, depths and (negative) indices."""
+    import onnxruntime as ort
+
+    model, inputs = case
+    (want,) = ort.InferenceSession(model.SerializeToString()).run(None, inputs)
+    out = tmp_path_factory.mktemp("scatter") / "m.bmc"
+    bmc.compile(model, out, donate=["data"] if donate else ())
+    fed = {**inputs, "data": _aligned(inputs["data"])}
+    got = bmc.load(out).run(fed)["out"]
+    np.testing.assert_array_equal(got, want)
+    assert (got is fed["data"]) == donate
 
 
 def test_an_index_out_of_range_writes_nothing(tmp_path):
