@@ -28,7 +28,8 @@
     passed and returned as each rank's heads (``--input-shard``/``--output-shard``); and on 1 rank. Each variant
     also with its caches donated (``--donate``: the ScatterElements writes the one new position into the cache it
     was given instead of copying the whole cache). Every step feeds back the caches the step before returned; the
-    same loop in onnxruntime (its default threads) for reference.
+    same loop in onnxruntime (its default threads) for reference; and on 1 rank in bfloat16 (``--dtype``) with the
+    caches float32 vs bfloat16 (``--dtype-io``) and donated.
 (f) outputs left split: a language-model head (TOKENS x 768 activations times a 768 x 32768 vocabulary weight),
     Megatron's column-parallel split of the vocabulary on 2 ranks, its logits gathered whole on every rank (the
     default) or left split (``--output-shard logits=[{},{x}]``: each rank returns its half); 2 ranks each way.
@@ -154,12 +155,14 @@ def worker_model(artifact: str, out: str, iters: int, threads: int | None) -> No
     """Time ``iters`` runs of the artifact on random float32 inputs (after 2 warm-up runs); rank 0 writes the
     times and saves the first output."""
     import bmc
+    from bmc.ir.types import np_dtype
 
     model = bmc.load(artifact, threads=threads)
     rank = model.mpi.rank if model.mpi is not None else 0
     rng = np.random.default_rng(1)
     inputs = {i["name"]: rng.standard_normal(i["shape"]).astype(np.float32) if i["dtype"] == "float32" else
-              np.zeros(i["shape"], i["dtype"]) for i in model.signature["inputs"] if i["name"] in model.input_names}
+              np.zeros(i["shape"], np_dtype(i["dtype"])) for i in model.signature["inputs"]
+              if i["name"] in model.input_names}
     # an output named NAME_out (a decoding step's cache) is fed back as input NAME, as a decoding loop does
     feed = {o: o[:-len("_out")] for o in model.output_names if o.endswith("_out") and o[:-len("_out")] in inputs}
 
@@ -338,7 +341,9 @@ def run_decoding(tmp: Path, iters: int) -> dict:
     split = dict(mesh="2", strategy="megatron", input_shards={"k_cache": heads, "v_cache": heads},
                  output_shards={"k_cache_out": heads, "v_cache_out": heads})
     donated = {"donate": ["k_cache", "v_cache"]}
-    variants = {"1 rank": {}, "1 rank, caches donated": donated,
+    bf16 = {"dtype": "bfloat16", "dtype_io": ["k_cache*", "v_cache*"]}
+    variants = {"1 rank": {}, "1 rank, caches donated": donated, "1 rank, bfloat16": {"dtype": "bfloat16"},
+                "1 rank, bfloat16, caches bfloat16 and donated": {**bf16, **donated},
                 "2 ranks, caches whole": dict(mesh="2", strategy="megatron"),
                 "2 ranks, caches split over heads": split,
                 "2 ranks, caches split over heads, donated": {**split, **donated}}
@@ -355,6 +360,8 @@ def run_decoding(tmp: Path, iters: int) -> dict:
     res["onnxruntime_over_donated_time_1_rank"] = t["onnxruntime, 1 process"] / t["1 rank, caches donated"]
     res["whole_over_split_time"] = t["2 ranks, caches whole"] / t["2 ranks, caches split over heads"]
     res["copied_over_donated_time_1_rank"] = t["1 rank"] / t["1 rank, caches donated"]
+    res["bfloat16_over_bfloat16_caches_donated_time"] = (t["1 rank, bfloat16"]
+                                                          / t["1 rank, bfloat16, caches bfloat16 and donated"])
     res["copied_over_donated_time_2_ranks"] = (t["2 ranks, caches split over heads"]
                                                / t["2 ranks, caches split over heads, donated"])
     return res
@@ -619,13 +626,15 @@ def main() -> int:
             results["decoding"] = dec
             print(f"\n(g) decoding step: d={DEC_D}, {DEC_HEADS} heads, a {DEC_LENGTH}-position key/value cache "
                   f"({_human(dec['cache_bytes'])}), median step")
-            for name in ("onnxruntime, 1 process", "1 rank", "1 rank, caches donated", "2 ranks, caches whole",
+            for name in ("onnxruntime, 1 process", "1 rank", "1 rank, caches donated", "1 rank, bfloat16",
+                         "1 rank, bfloat16, caches bfloat16 and donated", "2 ranks, caches whole",
                          "2 ranks, caches split over heads", "2 ranks, caches split over heads, donated"):
-                print(f"  {name:<44}{dec[name]['median_s'] * 1e3:>10.2f} ms")
+                print(f"  {name:<48}{dec[name]['median_s'] * 1e3:>10.2f} ms")
             print(f"  caches whole / split over heads: {dec['whole_over_split_time']:.2f}x; caches copied / donated: "
                   f"{dec['copied_over_donated_time_1_rank']:.2f}x on 1 rank, "
                   f"{dec['copied_over_donated_time_2_ranks']:.2f}x on 2 ranks (split); onnxruntime / bmc donated "
-                  f"(1 rank): {dec['onnxruntime_over_donated_time_1_rank']:.2f}x")
+                  f"(1 rank): {dec['onnxruntime_over_donated_time_1_rank']:.2f}x; bfloat16 with float32 caches / "
+                  f"with bfloat16 caches donated: {dec['bfloat16_over_bfloat16_caches_donated_time']:.2f}x")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nwrote {RESULTS}")

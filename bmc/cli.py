@@ -97,6 +97,7 @@ def cmd_compile(args) -> int:
                             **({"stages": args.stages} if args.stages != 1 else {}),
                             **({"microbatches": args.microbatches} if args.microbatches != 1 else {}),
                             **({"donate": args.donate} if args.donate else {}),
+                            **({"dtype_io": args.dtype_io} if args.dtype_io else {}),
                             **_tune_options(args),
                             **_plan_options(args))
     elapsed = time.perf_counter() - start
@@ -476,7 +477,7 @@ def _verify_numerics(path: Path, manifest: dict, args) -> int:
         return 1
     mesh = Mesh.parse("x".join(map(str, manifest["mesh"]["shape"])), ",".join(manifest["mesh"]["axes"]))
     plan_options = {k: v for k, v in options.items() if k not in ("dtype", "strategy", "shard", "stages",
-                                                                    "microbatches", "donate")}
+                                                                    "microbatches", "donate", "dtype_io")}
     prog, _ = plan_graph(graph, mesh=mesh, shard=options.get("shard") or None, strategy=options.get("strategy"),
                          warn=lambda _m: None, **plan_options)
     found = first_divergence(prog, inputs, reference, tolerance)
@@ -543,7 +544,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "into DIR instead of measuring them here (for a GPU this machine lacks: `bmc tune measure DIR` "
                    "there, then `bmc tune import DIR` here)")
     c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-                   help="run a float32 model in this precision (weights converted; inputs/outputs stay float32)")
+                   help="run a float32 model in this precision (weights converted; inputs/outputs stay float32 "
+                        "unless named by --dtype-io)")
+    c.add_argument("--dtype-io", action="append", metavar="NAME",
+                   help="with --dtype: pass this float32 input or output in that precision too (a name or pattern, "
+                        "e.g. 'past_key_values.*'; repeatable): a key/value cache then takes half the bytes")
     c.add_argument("--mesh", default="1", help="device mesh, e.g. 8x8 (SIZE[xSIZE...]; default 1)")
     c.add_argument("--mesh-axes", help="names of the mesh axes, e.g. dp,tp (default x,y,z,w)")
     c.add_argument("--shard", action="append", metavar="NAME=SPEC",

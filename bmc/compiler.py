@@ -53,16 +53,18 @@ def _check_output_path(model, output) -> Path:
 STRATEGIES = ("auto", "replicate", "dp", "megatron", "dp+megatron")
 
 
-def import_graph(model, input_shapes=None, dtype: str = "float32", dump_dir: str | Path | None = None) -> Graph:
-    """ONNX → verified bmc IR, in ``dtype`` (float32 models can run in float16/bfloat16)."""
+def import_graph(model, input_shapes=None, dtype: str = "float32", dump_dir: str | Path | None = None,
+                 dtype_io=()) -> Graph:
+    """ONNX → verified bmc IR, in ``dtype`` (float32 models can run in float16/bfloat16; the inputs and outputs
+    ``dtype_io`` names are then passed in ``dtype`` too, the others stay float32)."""
     from bmc.frontend.onnx import import_model
     from bmc.ir.passes import Pass
     from bmc.ops.fusion import fuse_attention
     from bmc.ops.precision import convert_float32
 
     passes = [Pass("fuse_attention", fuse_attention)]
-    if dtype != "float32":
-        passes.append(Pass(f"convert_to_{dtype}", lambda g: convert_float32(g, dtype)))
+    if dtype != "float32" or dtype_io:
+        passes.append(Pass(f"convert_to_{dtype}", lambda g: convert_float32(g, dtype, dtype_io)))
     imported = import_model(model, input_shapes)
     graph = run_passes(imported, passes, verify=verify_graph, dump_dir=dump_dir)
     graph.output_names = imported.output_names  # (passes keep the outputs' order)
@@ -169,27 +171,28 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
                   strategy: str | None = None, dtype: str = "float32", tune_trials: int = 0,
                   tune_db: str | Path | None = None, tune_export: str | Path | None = None,
                   stages: int | str = 1, microbatches: int = 1, donate: Sequence[str] = (),
-                  **plan_options) -> dict:
+                  dtype_io: Sequence[str] = (), **plan_options) -> dict:
     """Compile ``model`` (path, bytes or ModelProto) into the artifact at ``output``; returns a summary dict.
     With a mesh of more than one device (or ``shard`` annotations) the program is the partitioned SPMD program and
     every rank gets its own weight shards. ``stages`` > 1 cuts the model into pipeline stages, each planned on its
     submesh (:mod:`bmc.sharding.pipeline`), run ``microbatches`` at a time (the inputs' first dim split evenly);
     ``"auto"`` picks the number of stages (:func:`search_stages`). ``donate`` (input names or ``fnmatch`` patterns)
     lets the program write over those inputs: a scatter that is such an input's only reader updates it in place and
-    its output is the input's buffer (:mod:`bmc.codegen.inplace`; the runtime returns the caller's array)."""
+    its output is the input's buffer (:mod:`bmc.codegen.inplace`; the runtime returns the caller's array).
+    ``dtype_io`` (names or patterns of float32 inputs and outputs) passes those in ``dtype`` instead of float32."""
     from bmc.codegen.targets import TargetSpec
     from bmc.runtime.artifact import write_artifact
 
     out = _check_output_path(model, output)
     spec = TargetSpec.parse(target, tuple(cuda_archs))
     mesh = _mesh(mesh)
-    _check_pipeline_flags(mesh, stages, microbatches, plan_options, donate)
+    _check_pipeline_flags(mesh, stages, microbatches, plan_options, donate, dtype_io)
     if spec.kind == "cuda":  # FAILURES.md 30: a missing toolkit is reported before any work
         from bmc.codegen.cuda import find_toolkit
 
         find_toolkit()
     t0 = time.perf_counter()
-    graph = import_graph(model, input_shapes, dtype, dump_dir)
+    graph = import_graph(model, input_shapes, dtype, dump_dir, dtype_io)
     donate = resolve_donated(graph, donate)
     if stages != 1:
         pipe, planned, plan, plan_text = _planned_stages(model, graph, mesh=mesh, stages=stages,
@@ -222,7 +225,8 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
     profile = parse_device(plan_options.get("device", "h100"))
     peak = max(_priced(p, profile)[1] for p in planned)  # the runtime's memory pre-flight (FAILURES.md 45)
     options = {"dtype": dtype, "strategy": strategy, "shard": {k: str(v) for k, v in (shard or {}).items()},
-               "stages": stages, "microbatches": microbatches, "donate": list(donate)} | {
+               "stages": stages, "microbatches": microbatches, "donate": list(donate),
+               "dtype_io": list(dtype_io)} | {
         k: ({n: str(s) for n, s in v.items()} if k.endswith("_shards") else v) for k, v in plan_options.items()}
     t0 = time.perf_counter()
     path = write_artifact(
@@ -244,16 +248,18 @@ def _mesh(mesh):
     return Mesh.parse(mesh) if isinstance(mesh, str) else mesh if mesh is not None else Mesh.parse("1")
 
 
-def _check_pipeline_flags(mesh, stages: int | str, microbatches: int, plan_options: Mapping, donate=()) -> None:
-    """Refuse bad --stages / --microbatches (and --input-shard / --output-shard / --donate with stages) before any
-    work."""
+def _check_pipeline_flags(mesh, stages: int | str, microbatches: int, plan_options: Mapping, donate=(),
+                          dtype_io=()) -> None:
+    """Refuse bad --stages / --microbatches (and --input-shard / --output-shard / --donate / --dtype-io with stages)
+    before any work."""
     for kind in ("input", "output"):
         if stages != 1 and plan_options.get(f"{kind}_shards"):
             raise UsageError(f"--{kind}-shard is for a single program; a pipeline's {kind}s are whole",
                              where=f"--{kind}-shard", fix=f"leave out --stages or --{kind}-shard")
-    if stages != 1 and donate:
-        raise UsageError("--donate is for a single program; a pipeline's inputs travel between stages",
-                         where="--donate", fix="leave out --stages or --donate")
+    for flag, given in (("--donate", donate), ("--dtype-io", dtype_io)):
+        if stages != 1 and given:
+            raise UsageError(f"{flag} is for a single program; a pipeline's inputs and outputs are float32 and "
+                             "travel between stages", where=flag, fix=f"leave out --stages or {flag}")
     if stages != "auto" and not isinstance(stages, int):
         raise UsageError(f"--stages {stages!r} is neither a number nor 'auto'", where="--stages",
                          fix="use --stages N (N >= 1) or --stages auto")

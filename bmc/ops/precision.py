@@ -16,6 +16,8 @@ stream of a float32 model in float32; Megatron-LM's ``fp32_residual_connection``
   that overflow ``dtype`` and only ``mul`` readers (a QDQ model's int32 bias codes, folded to float at import, times
   their scale) is kept, and those products are computed in float32 (QDQ GPT-2 in float16: ``inf`` before).
   Other constants are clamped to ``dtype``'s range (attention-mask fills of -3.4e38: finite, as in float32).
+- **Inputs and outputs stay float32, unless named by ``io``** (``--dtype-io``): those are passed in ``dtype`` (a key/value
+  cache: half the bytes in and out, no cast of the whole cache each step, and ``--donate`` can then write it in place).
 - **Outputs are not rounded before their cast back**: an output cast carries ``excess_precision`` and takes the
   float32 result of the last op's lowering (a matmul's accumulator, a norm computed in float32) as it is (XLA's
   "excess precision"). A model's own casts still round.
@@ -77,15 +79,44 @@ def _saturated(value, dtype: str) -> np.ndarray:
     return np.where(np.isfinite(a), np.clip(a, -top, top), a).astype(np_dtype(dtype))
 
 
-def convert_float32(graph: Graph, dtype: str) -> Graph:
+def io_values(graph: Graph, patterns) -> set[int]:
+    """ids of the float32 inputs and outputs (by the model's names) that ``patterns`` (``--dtype-io`` names or
+    ``fnmatch`` patterns) match; one that matches no float32 input or output is a usage error."""
+    import difflib
+    import fnmatch
+
+    named = [(v.name, v) for v in graph.inputs] + list(zip(graph.output_names or [v.name for v in graph.outputs],
+                                                           graph.outputs))
+    floats = [(n, v) for n, v in named if v.type.dtype == "float32"]
+    out = set()
+    for pattern in patterns:
+        hit = [v for n, v in floats if fnmatch.fnmatchcase(n, pattern)]
+        if not hit:
+            near = difflib.get_close_matches(pattern, [n for n, _ in floats], n=5, cutoff=0.5)
+            raise UsageError(f"--dtype-io {pattern!r} matches no float32 input or output of the model (they are: "
+                             f"{', '.join(n for n, _ in floats) or 'none'})", where="--dtype-io",
+                             fix=("did you mean " + ", ".join(map(repr, near)) + "?") if near else
+                             "name a float32 input or output, or a pattern such as 'present.*'")
+        out.update(id(v) for v in hit)
+    return out
+
+
+def convert_float32(graph: Graph, dtype: str, io=()) -> Graph:
+    """``graph`` computing in ``dtype`` (see the module's docstring); ``io``: ``--dtype-io`` names or patterns of the
+    inputs and outputs passed in ``dtype`` too."""
     if dtype == "float32":
+        if io:
+            raise UsageError("--dtype-io passes inputs and outputs in the --dtype precision, and --dtype is float32",
+                             where="--dtype-io", fix="add --dtype bfloat16 (or float16), or leave out --dtype-io")
         return graph
     if dtype not in REDUCED:
         raise UsageError(f"unknown dtype {dtype!r}", where="--dtype", fix="use float32, float16 or bfloat16")
+    reduced_io = io_values(graph, io)
     b = GraphBuilder(graph.name)
     env: dict[int, Value] = {}
     narrowed: dict[int, Value] = {}  # a float32 residual value rounded to dtype, made once for its other readers
-    cast_back = {id(v) for v in graph.outputs if v.type.dtype == "float32"}  # their names go to the final casts
+    # the outputs each made in the precision it is returned in: float32, or dtype for those named by ``io``
+    target = {id(v): dtype if id(v) in reduced_io else "float32" for v in graph.outputs if v.type.dtype == "float32"}
     residual = residual_adds(graph)
     users = graph.users()
     wide_constants = {id(n.outputs[0]) for n in graph.nodes
@@ -107,7 +138,8 @@ def convert_float32(graph: Graph, dtype: str) -> Graph:
         return x
 
     for v in graph.inputs:
-        env[id(v)] = narrow(v, b.input(v.name, v.type))
+        env[id(v)] = b.input(v.name, v.type.with_dtype(dtype)) if id(v) in reduced_io else narrow(v, b.input(v.name,
+                                                                                                              v.type))
     for p in graph.params:
         data = graph.weights[p.name]
         env[id(p)] = b.param(p.name, CastTensor(data, dtype) if p.type.dtype == "float32" else data)
@@ -123,13 +155,14 @@ def convert_float32(graph: Graph, dtype: str) -> Graph:
         # a residual add, or a norm of the residual stream, computes in float32
         wide_add = id(node.outputs[0]) in residual or wide_mul
         wide_norm = node.op in NORMS and id(node.inputs[0]) in residual
-        names = [f"{v.name}.{dtype}" if id(v) in cast_back and not wide_add else v.name for v in node.outputs]
+        made = "float32" if wide_add else dtype  # (a wide norm's outputs are cast to dtype below)
+        names = [f"{v.name}.{made}" if target.get(id(v), made) != made else v.name for v in node.outputs]
         outs = b.emit(node.op, [read(v, wide_add or wide_norm) for v in node.inputs],
                       names=[n + ".float32" for n in names] if wide_norm else names, **attrs)
         if wide_norm:  # its readers (a matmul, the next layer) take it in dtype
             outs = [b.emit1("cast", [o], n, dtype=dtype) for o, n in zip(outs, names)]
         env.update({id(v): o for v, o in zip(node.outputs, outs)})
     b.source = ""
-    outputs = [b.emit1("cast", [env[id(v)]], v.name, dtype="float32", excess_precision=True)
-               if id(v) in cast_back and env[id(v)].type.dtype != "float32" else env[id(v)] for v in graph.outputs]
+    outputs = [b.emit1("cast", [env[id(v)]], v.name, dtype=target[id(v)], excess_precision=target[id(v)] == "float32")
+               if id(v) in target and env[id(v)].type.dtype != target[id(v)] else env[id(v)] for v in graph.outputs]
     return b.finish(outputs)

@@ -51,8 +51,9 @@ from bmc.runtime.kernels import pack_params
 from bmc.runtime.safetensors import SafetensorsFile
 
 
-#: numpy dtype kinds that cross DLPack both ways (bool, ints, floats; not ml_dtypes' bfloat16, kind "V")
-_NUMPY_KINDS = "biuf"
+#: numpy dtype kinds that cross DLPack both ways (bool, ints, floats); ml_dtypes' bfloat16 and float8 (kind "V")
+#: cross as unsigned integers of their size, viewed back on the other side (:func:`_to_tvm`, :func:`_to_numpy`)
+_NUMPY_KINDS = "biufV"
 #: the data alignment TVM's kernels assume of every tensor argument (tvm.runtime.from_dlpack checks it)
 _ALIGNMENT = 64
 
@@ -183,7 +184,7 @@ class Model:
             if (self._in_place and a.dtype.kind in _NUMPY_KINDS and a.ctypes.data % _ALIGNMENT == 0
                     and a.flags.c_contiguous and a.flags.writeable and not (self._donated[i] and (private or any(
                         np.may_share_memory(a, b) for j, b in enumerate(arrays) if j != i)))):
-                tensors.append(tvm.runtime.from_dlpack(a))
+                tensors.append(_to_tvm(a, spec["dtype"]))
                 in_place.append(True)
                 continue
             t = kept.get(i)
@@ -204,10 +205,10 @@ class Model:
             if j is not None and in_place[j]:
                 out.append(arrays[j])
             elif j is not None and self._in_place:
-                out.append(np.from_dlpack(t))
+                out.append(_to_numpy(t))
                 self._arguments[rank].pop(j, None)
             else:
-                out.append(np.from_dlpack(t) if own else t.numpy())
+                out.append(_to_numpy(t) if own else t.numpy())
         return out
 
     def _execute_locked(self, inputs: dict[str, Any]) -> list[np.ndarray]:
@@ -338,6 +339,22 @@ class Model:
 
 _LOADED: dict[str, str] = {}  # program path -> sha256 of the library this process loaded from it
 _LOADED_LOCK = threading.Lock()
+
+
+def _to_tvm(a: np.ndarray, dtype: str):
+    """A TVM tensor on ``a``'s memory (no copy). numpy's DLPack refuses ml_dtypes' types: those cross as unsigned
+    integers of their size and are viewed as ``dtype`` in TVM."""
+    if a.dtype.kind != "V":
+        return tvm.runtime.from_dlpack(a)
+    return tvm.runtime.from_dlpack(a.view(f"u{a.dtype.itemsize}"))._create_view(a.shape, dtype)
+
+
+def _to_numpy(t) -> np.ndarray:
+    """A numpy array on ``t``'s memory (no copy); ml_dtypes' types by way of an unsigned integer view."""
+    dtype = np.dtype(np_dtype(str(t.dtype)))
+    if dtype.kind != "V":
+        return np.from_dlpack(t)
+    return np.from_dlpack(t._create_view(t.shape, f"uint{8 * dtype.itemsize}")).view(dtype)
 
 
 def _block(output: dict, rank: int) -> tuple[slice, ...]:

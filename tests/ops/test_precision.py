@@ -1,8 +1,10 @@
 """``--dtype`` conversion (bmc.ops.precision): which values keep float32."""
 
 import numpy as np
+import pytest
 
-from bmc.ir.types import TensorType
+from bmc.errors import UsageError
+from bmc.ir.types import TensorType, np_dtype
 from bmc.ops.builder import GraphBuilder
 from bmc.ops.precision import convert_float32, residual_adds
 from bmc.testing.reference import run_reference
@@ -50,3 +52,36 @@ def test_residual_stream_stays_float32():
     want, got = run_reference(graph, feeds), run_reference(low, feeds)
     for name in want:
         assert float(np.abs(got[name] - want[name]).max()) <= 1e-2 * float(np.abs(want[name]).max()), name
+
+
+def test_inputs_and_outputs_named_by_dtype_io_are_passed_in_dtype():
+    """``--dtype-io``: the named input enters in bfloat16 without a cast, the named outputs leave in bfloat16 (the
+    residual one, computed in float32, rounded on its way out; the others made in bfloat16, not cast at all); the
+    rest keeps float32, and the values stay within bfloat16's error of float32's."""
+    graph, rng = _block()
+    graph.output_names = ["out_h2", "out_probs", "out_rot"]
+    low = convert_float32(graph, "bfloat16", ["x", "out_h2", "out_r*"])
+    assert [(v.name, v.type.dtype) for v in low.inputs] == [("x", "bfloat16"), ("mask", "float32")]
+    assert [v.type.dtype for v in low.outputs] == ["bfloat16", "float32", "bfloat16"]
+    assert [v.name for v in low.outputs] == [v.name for v in graph.outputs]
+    assert not any(n.op == "cast" and n.inputs[0] is low.inputs[0] and n.attrs["dtype"] == "bfloat16"
+                   for n in low.nodes)
+    assert low.outputs[0].producer.op == "cast" and low.outputs[2].producer.op == "add"
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    want = run_reference(graph, {"x": x, "mask": np.zeros((4, 16), np.float32)})
+    got = run_reference(low, {"x": x.astype(np_dtype("bfloat16")), "mask": np.zeros((4, 16), np.float32)})
+    for name in want:
+        err = np.abs(np.asarray(got[name], np.float32) - want[name]).max()
+        assert float(err) <= 1e-2 * float(np.abs(want[name]).max()), name
+
+
+@pytest.mark.parametrize("dtype, io, match", [
+    ("float32", ["x"], "--dtype is float32"),
+    ("bfloat16", ["y"], "matches no float32 input or output"),
+    ("bfloat16", ["residul2"], "did you mean .residual2."),
+])
+def test_bad_dtype_io(dtype, io, match):
+    graph, _ = _block()
+    with pytest.raises(UsageError, match=match) as info:
+        convert_float32(graph, dtype, io)
+    assert info.value.where == "--dtype-io"
