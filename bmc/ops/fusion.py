@@ -1,4 +1,5 @@
-"""Graph fusions that make one op of a composition the importer leaves spelled out.
+"""Graph fusions that make one op of a composition the importer leaves spelled out: attention, and a scatter along a
+middle dim that the dynamo exporter spells with two transposes (:func:`untranspose_scatters`).
 
 :func:`fuse_attention` finds scaled dot-product attention as every exporter writes it (PyTorch's eager and dynamo
 exporters, for GPT-2, BERT, Llama, OPT, ViT, Falcon, BLOOM, T5 and the Llama-likes)::
@@ -218,3 +219,58 @@ def fuse_attention(graph: Graph) -> Graph:
         return graph
     graph.nodes = [m for n in graph.nodes for m in fused.get(id(n), [n])]
     return eliminate_dead_code(graph)
+
+
+def untranspose_scatters(graph: Graph) -> Graph:
+    """``transpose(scatter_nd(transpose(x, P), idx [n, 1], u), P⁻¹)`` → ``scatter_elements(x, idx', u', axis=P[0])``.
+
+    This is how PyTorch's dynamo exporter writes ``cache.index_copy(dim, pos, new)`` (a static key/value cache, as
+    Hugging Face's ``StaticCache`` updates it): ``index_put`` on the moved-to-front dim. Two transposes of the whole
+    cache a step become none, and the scatter can then write into a donated cache (``--donate``). ``u'`` is ``u``
+    moved back (``transpose(u, P⁻¹)``), ``idx'`` the positions broadcast over it along ``P[0]``. Only when each
+    intermediate has that one reader and the scatter has no reduction."""
+    users = graph.users()
+    outputs = set(map(id, graph.outputs))
+
+    def sole(v: Value) -> Node | None:
+        readers = users.get(v, [])
+        return readers[0] if len(readers) == 1 and id(v) not in outputs else None
+
+    replaced: dict[int, list[Node]] = {}
+    dropped: set[int] = set()
+    for t1 in graph.nodes:
+        if t1.op != "transpose":
+            continue
+        scatter = sole(t1.outputs[0])
+        if scatter is None or scatter.op != "scatter_nd" or scatter.inputs[0] is not t1.outputs[0] \
+                or scatter.attrs["reduction"] != "none":
+            continue
+        t2 = sole(scatter.outputs[0])
+        perm = tuple(t1.attrs["perm"])
+        inverse = tuple(int(i) for i in np.argsort(perm))
+        idx, upd = scatter.inputs[1], scatter.inputs[2]
+        if t2 is None or t2.op != "transpose" or tuple(t2.attrs["perm"]) != inverse or idx.type.rank != 2 \
+                or idx.type.shape[-1] != 1:
+            continue
+        x, axis, result = t1.inputs[0], perm[0], t2.outputs[0]
+        tag, made = result.name, []
+
+        def emit(op: str, inputs: list[Value], ty: TensorType, **attrs) -> Value:
+            out = Value(f"{tag}.{len(made)}", ty)
+            made.append(Node(op, inputs, [out], attrs, scatter.source))
+            return out
+
+        shape = tuple(upd.type.shape[i] for i in inverse)  # u moved back: the position dim at `axis`
+        moved = upd if inverse == tuple(range(len(inverse))) else emit(
+            "transpose", [upd], upd.type.with_shape(shape), perm=inverse)
+        line = tuple(idx.type.shape[0] if d == axis else 1 for d in range(len(shape)))
+        where = emit("broadcast_to", [emit("reshape", [idx], idx.type.with_shape(line), shape=line)],
+                     idx.type.with_shape(shape), shape=shape)
+        made.append(Node("scatter_elements", [x, where, moved], [result], {"axis": axis, "reduction": "none"},
+                         scatter.source))
+        replaced[id(t2)] = made
+        dropped.update((id(t1), id(scatter)))
+    if not replaced:
+        return graph
+    graph.nodes = [m for n in graph.nodes if id(n) not in dropped for m in replaced.get(id(n), [n])]
+    return graph

@@ -188,6 +188,97 @@ def test_a_bfloat16_cache_passed_and_donated(tmp_path):
         assert float(np.abs(got.astype(np.float32) - want).max()) <= 1e-2 * float(np.abs(want).max()), name
 
 
+LLAMA_CACHES = [f"{kv}_cache_{i}" for i in range(2) for kv in "kv"]
+
+
+def _llama_steps(artifact, data, dtype=np.float32, **load) -> tuple[list[np.ndarray], dict, bool]:
+    """Five steps of the exported Llama step from empty caches: (each step's logits, the last caches, whether every
+    step from the second on returned the very cache arrays it was given)."""
+    m = bmc.load(artifact, **load)
+    caches = {c: _aligned(np.zeros(data[f"output:{c}"].shape, dtype)) for c in LLAMA_CACHES}
+    logits, same = [], True
+    for i in range(5):
+        got = m.run({"ids": data[f"ids{i}"], "pos": np.array([i]), **caches})
+        same &= i == 0 or all(got[c + "_out"] is caches[c] for c in LLAMA_CACHES)
+        caches = {c: got[c + "_out"] for c in LLAMA_CACHES}
+        logits.append(got["logits"])
+    return logits, caches, same
+
+
+def _relative(got, want) -> float:
+    return float(np.abs(np.asarray(got, np.float32) - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_an_exported_llama_step_with_donated_caches_matches_onnxruntime(tmp_path, exporter):
+    """A 2-layer Llama-shaped decoding step (grouped-query attention, rotary embeddings, per-layer caches written
+    with ``index_copy``: ScatterElements from the legacy exporter, transpose + ScatterND + transpose from dynamo,
+    which :func:`bmc.ops.fusion.untranspose_scatters` makes one ScatterElements) with all four caches donated: five
+    steps equal onnxruntime, each cache written in place; also on 2 simulated devices with the caches split over the
+    key/value heads."""
+    data = np.load(DECODING / f"llamastep_{exporter}.npz")
+    bmc.compile(DECODING / f"llamastep_{exporter}.onnx", tmp_path / "one.bmc", donate=["*_cache_*"])
+    logits, caches, same = _llama_steps(tmp_path / "one.bmc", data)
+    assert same
+    heads = "[{}, {x}, {}, {}]"
+    bmc.compile(DECODING / f"llamastep_{exporter}.onnx", tmp_path / "two.bmc", mesh="2", strategy="megatron",
+                donate=["*_cache_*"], input_shards={c: heads for c in LLAMA_CACHES},
+                output_shards={c + "_out": heads for c in LLAMA_CACHES})
+    plan = json.loads((tmp_path / "two.bmc" / "plan.json").read_text())
+    assert not any("cache" in c["value"] for c in plan["collectives"]), plan["collectives"]
+    split_logits, split_caches, _ = _llama_steps(tmp_path / "two.bmc", data, simulate=True)
+    for run_logits, run_caches in ((logits, caches), (split_logits, split_caches)):
+        for i, got in enumerate(run_logits):
+            assert _relative(got, data[f"output:logits{i}"]) <= 1e-5, i
+        for c in LLAMA_CACHES:
+            np.testing.assert_allclose(run_caches[c], data[f"output:{c}"], atol=1e-5)
+
+
+def test_untranspose_scatters_leaves_the_reference_unchanged():
+    """The dynamo export's cache updates become one ScatterElements each, no transpose of a cache is left, and the
+    reference interpreter gives the same logits and caches before and after the rewrite."""
+    from bmc.frontend.onnx import import_model
+    from bmc.ops.fusion import untranspose_scatters
+    from bmc.testing.reference import run_reference
+
+    data = np.load(DECODING / "llamastep_dynamo.npz")
+    graph = import_model(str(DECODING / "llamastep_dynamo.onnx"))
+    feeds = {"ids": data["ids0"], "pos": np.array([3]),
+             **{c: np.random.default_rng(0).standard_normal(data[f"output:{c}"].shape).astype(np.float32)
+                for c in LLAMA_CACHES}}
+    want = run_reference(graph, feeds)
+    assert graph.op_counts()["scatter_nd"] == 4
+    after = untranspose_scatters(graph)
+    counts = after.op_counts()
+    assert counts["scatter_elements"] == 4 and "scatter_nd" not in counts
+    assert not any(n.op == "transpose" and n.inputs[0].name in LLAMA_CACHES for n in after.nodes)
+    got = run_reference(after, feeds)
+    for v in after.outputs:
+        np.testing.assert_array_equal(got[v.name], want[v.name])
+
+
+def test_sixteen_bit_llama_caches_passed_in_their_precision(tmp_path):
+    """``--dtype-io`` moves only where the cache is rounded: a bfloat16 step with bfloat16 caches in and out (and
+    donated) gives exactly the logits of the same step with float32 caches; float16 stays within 1e-2 of
+    onnxruntime's float32."""
+    import ml_dtypes
+
+    data = np.load(DECODING / "llamastep_dynamo.npz")
+    model = DECODING / "llamastep_dynamo.onnx"
+    bmc.compile(model, tmp_path / "bf.bmc", dtype="bfloat16")
+    bmc.compile(model, tmp_path / "bf_io.bmc", dtype="bfloat16", dtype_io=["*_cache_*"], donate=["*_cache_*"])
+    bmc.compile(model, tmp_path / "fp_io.bmc", dtype="float16", dtype_io=["*_cache_*"], donate=["*_cache_*"])
+    plain, _, _ = _llama_steps(tmp_path / "bf.bmc", data)
+    narrow, caches, same = _llama_steps(tmp_path / "bf_io.bmc", data, ml_dtypes.bfloat16)
+    assert same and all(a.dtype == ml_dtypes.bfloat16 for a in caches.values())
+    for a, b in zip(plain, narrow):
+        np.testing.assert_array_equal(a, b)
+    half, _, same = _llama_steps(tmp_path / "fp_io.bmc", data, np.float16)
+    assert same
+    for i, got in enumerate(half):
+        assert _relative(got, data[f"output:logits{i}"]) <= 1e-2, i
+
+
 def test_inputs_the_program_cannot_write_into_are_copied(tmp_path):
     """A read-only array, and one array passed as both caches, are not written into (the runtime copies them), and
     the results are still right; the caller's arrays keep their values."""
