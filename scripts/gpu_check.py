@@ -17,8 +17,9 @@ kernel (``BMC_CUDA_ATTENTION=fused``, ``cpp/cuda_attention.cuh``): the same boun
 their distance from the same build without it; ``attention kernel`` calls that kernel directly on the shapes
 of its CPU emulator tests (``bmc.testing.attention_cases``) and a causal mask.
 The two-rank artifacts run under ``mpiexec -n 2 python -m bmc run`` on the one GPU (host-staged collectives) and must
-match onnxruntime and the one-rank run. ``decstep_dynamo-donate`` runs five steps of the exported decoding step with
-its caches donated (the in-place cache kernels) against onnxruntime's outputs and caches. ``nccl`` is a one-rank smoke test of the NCCL path (a single GPU cannot
+match onnxruntime and the one-rank run. ``decstep_dynamo-donate`` and ``llamastep_dynamo-donate`` run five steps of
+the exported decoding steps with their caches donated (the in-place cache kernels) against onnxruntime's outputs and
+caches. ``nccl`` is a one-rank smoke test of the NCCL path (a single GPU cannot
 host an NCCL group of two).
 
 ``tune/`` (if prepared) holds MetaSchedule candidates for the 1.3B-shaped layer's TVM kernels, sampled and compiled
@@ -258,8 +259,10 @@ def check_fixture(root: Path, row: dict, dry: bool, repeat: int, outputs: dict) 
 
 
 def check_decoding(root: Path, row: dict, dry: bool, repeat: int) -> dict:
-    """The decoding step with donated caches (in-place cache kernels on the GPU): five steps from empty caches, each
-    fed the caches the one before returned, against onnxruntime's outputs and final caches."""
+    """A decoding step with donated caches (in-place cache kernels on the GPU): five steps from empty caches, each
+    fed the caches the one before returned, against onnxruntime's outputs and final caches (the fixture's npz: the
+    step's input ``x<i>`` or token ids ``ids<i>``, its output ``y<i>`` or ``logits<i>``; the caches are the inputs
+    named ``*cache*``, returned as ``<name>_out``)."""
     import numpy as np
 
     path = root / "decoding" / row["artifact"]
@@ -275,15 +278,16 @@ def check_decoding(root: Path, row: dict, dry: bool, repeat: int) -> dict:
 
     data = np.load(FIXTURES.parent / "decoding" / f"{row['fixture']}.npz")
     model = bmc.load(path)
-    k = np.zeros(data["output:k_cache"].shape, np.float32)
-    v = np.zeros_like(k)
+    token, out = ("ids", "logits") if "ids0" in data.files else ("x", "y")
+    caches = {i: np.zeros(data[f"output:{i}"].shape, np.float32) for i in model.input_names if "cache" in i}
     errs = []
     for i in range(5):
-        got = model.run({"x": data[f"x{i}"], "pos": np.array([i]), "k_cache": k, "v_cache": v})
-        k, v = got["k_cache_out"], got["v_cache_out"]
-        errs.append(float(np.abs(got["y"] - data[f"output:y{i}"]).max()))
-    errs += [float(np.abs(k - data["output:k_cache"]).max()), float(np.abs(v - data["output:v_cache"]).max())]
-    step = {"x": data["x4"], "pos": np.array([4]), "k_cache": k, "v_cache": v}
+        got = model.run({token: data[f"{token}{i}"], "pos": np.array([i]), **caches})
+        caches = {c: got[f"{c}_out"] for c in caches}
+        want = data[f"output:{out}{i}"]
+        errs.append(float(np.abs(got[out] - want).max()) / max(1.0, float(np.abs(want).max())))
+    errs += [float(np.abs(a - data[f"output:{c}"]).max()) for c, a in caches.items()]
+    step = {token: data[f"{token}4"], "pos": np.array([4]), **caches}
     res["e2e_ms"] = timed(lambda: model.run(step), tvm.cuda(0).sync, 3, repeat)
     res["err"] = max(errs)
     res["status"] = "PASS" if res["err"] <= 1e-5 else "FAIL"
@@ -449,12 +453,12 @@ def main(argv=None) -> int:
             traceback.print_exc()
             rows.append({"model": row["artifact"], "status": f"ERROR {type(e).__name__}: {str(e)[:300]}"})
         failed += rows[-1]["status"] != ("dry-run ok" if args.dry_run else "PASS")
-    if meta.get("decoding") and not args.models:
+    for row in meta.get("decoding") or [] if not args.models else []:
         try:
-            rows.append(check_decoding(root, meta["decoding"], args.dry_run, args.repeat))
+            rows.append(check_decoding(root, row, args.dry_run, args.repeat))
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
-            rows.append({"model": meta["decoding"]["artifact"], "status": f"ERROR {type(e).__name__}: {str(e)[:300]}"})
+            rows.append({"model": row["artifact"], "status": f"ERROR {type(e).__name__}: {str(e)[:300]}"})
         failed += rows[-1]["status"] != ("dry-run ok" if args.dry_run else "PASS")
     if (root / "tune" / "manifest.json").exists() and not args.models:
         try:

@@ -220,16 +220,22 @@ def compile_fixtures(out: Path, archs: tuple[str, ...]) -> list[dict]:
     return rows
 
 
-def compile_decoding(out: Path, archs: tuple[str, ...]) -> dict:
-    """The exported decoding step (``tests/fixtures/decoding``) with its caches donated (``--donate``): the check
-    runs five steps on the GPU with the in-place cache kernels."""
+def compile_decoding(out: Path, archs: tuple[str, ...]) -> list[dict]:
+    """The exported decoding steps (``tests/fixtures/decoding``: one attention layer, and a 2-layer Llama-shaped
+    step) with their caches donated (``--donate``): the check runs five steps of each on the GPU with the in-place
+    cache kernels."""
     import bmc
 
-    t0 = time.perf_counter()
-    bmc.compile(FIXTURES / "decoding" / "decstep_dynamo.onnx", out / "decoding" / "decstep_dynamo-donate",
-                target="cuda", cuda_archs=archs, donate=["k_cache", "v_cache"])
-    print(f"  decstep_dynamo-donate  {time.perf_counter() - t0:.1f} s", flush=True)
-    return {"artifact": "decstep_dynamo-donate", "fixture": "decstep_dynamo"}
+    rows = []
+    (out / "decoding").mkdir()
+    for fixture in ("decstep_dynamo", "llamastep_dynamo"):
+        t0 = time.perf_counter()
+        tag = f"{fixture}-donate"
+        bmc.compile(FIXTURES / "decoding" / f"{fixture}.onnx", out / "decoding" / tag, target="cuda",
+                    cuda_archs=archs, donate=["*cache*"])
+        print(f"  {tag:22s} {time.perf_counter() - t0:.1f} s", flush=True)
+        rows.append({"artifact": tag, "fixture": fixture})
+    return rows
 
 
 def copy_runtime(out: Path, toolkit) -> dict:
@@ -356,7 +362,7 @@ def main(argv=None) -> int:
     shutil.copytree(REPO / "bmc", out / "src" / "bmc", ignore=shutil.ignore_patterns("__pycache__", "lib"))
     rows = compile_models(out, tuple(args.archs), args.models)
     fixtures = compile_fixtures(out, tuple(args.archs)) if not args.no_fixtures else []
-    decoding = compile_decoding(out, tuple(args.archs)) if not args.no_fixtures else None
+    decoding = compile_decoding(out, tuple(args.archs)) if not args.no_fixtures else []
     if not args.no_bench:
         subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "prepare", "--out", str(out / "bench"),
                         *(["--tune-db", str(args.tune_db.resolve())] if args.tune_db else [])], check=True)
