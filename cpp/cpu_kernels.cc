@@ -56,7 +56,9 @@
  * out)``: float32 ``softmax(scale * q @ kt + bias) @ v`` of ``q [..., M, D]``, ``kt [..., D, N]`` (or ``k [..., N,
  * D]`` with transpose_k), ``v [..., N, E]`` (one batch shape) and a bias broadcasting to ``[..., M, N]``, a block
  * of query rows at a time so the score matrix is never stored; keys a causal mask hides from a whole block are
- * skipped. 6 x 16 AVX2 register tiles, else plain loops. ``cpu_attention[_bias]_lse(..., out, lse)`` also store
+ * skipped. 6 x 16 AVX2 register tiles, else plain loops. The keys and values may also be float16 or bfloat16 (both
+ * the same; a 16-bit key/value cache): each thread widens a batch index's into float32 once, in cache, so a 16-bit
+ * cache is read from memory in 16 bits. ``cpu_attention[_bias]_lse(..., out, lse)`` also store
  * each row's log-sum-exp of the scores (float32 ``[..., M]``; -inf for a row of -inf): attention to a block of
  * the keys, which context parallelism combines with the other blocks'.
  *
@@ -1743,7 +1745,7 @@ __attribute__((target("avx2,fma"))) float ExpShiftedAvx2(float* x, int64_t n, fl
 }
 
 struct Attention {
-  const float *q, *kt, *v, *bias;  // bias: nullptr for none
+  const float *q, *kt, *v, *bias;  // bias: nullptr for none; kt and v nullptr when they are 16-bit (below)
   float *out, *lse;  // lse: nullptr for none
   float scale;
   int64_t m, n, d, e;  // q [B, m, d], kt [B, d, n] (k [B, n, d] when transpose_k), v [B, n, e], out [B, m, e]
@@ -1751,6 +1753,8 @@ struct Attention {
   std::vector<int64_t> batch, bias_batch_stride;  // per batch dim: its size, the bias' stride (0: broadcast)
   int64_t bias_row_stride = 0, bias_col_stride = 0;
   int64_t block = 0;  // query rows a block
+  const uint16_t *kt16 = nullptr, *v16 = nullptr;  // 16-bit keys and values (float16, or bfloat16 when bf16)
+  bool bf16 = false;
 };
 
 constexpr int kLanes = 8;  // partial maxima and sums a row (float reductions vectorize only in independent lanes)
@@ -1859,9 +1863,11 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
                    const ffi::TensorView* bias, double scale, bool transpose_k, const ffi::TensorView& out,
                    const ffi::TensorView* lse = nullptr) {
   DLDataType f32{kDLFloat, 32, 1};
+  const DLDataType kv = kt.dtype();  // float32, or float16/bfloat16 keys and values
+  const bool narrow = kv.bits == 16 && (kv.code == kDLFloat || kv.code == kDLBfloat);
   CheckOperand(q, f32, "q");
-  CheckOperand(kt, f32, "kt");
-  CheckOperand(v, f32, "v");
+  CheckOperand(kt, narrow ? kv : f32, "kt");
+  CheckOperand(v, narrow ? kv : f32, "v");
   CheckOperand(out, f32, "out");
   if (bias != nullptr) CheckOperand(*bias, f32, "bias");
   if (lse != nullptr) CheckOperand(*lse, f32, "lse");
@@ -1869,9 +1875,15 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
   if (rank < 2 || kt.ndim() != rank || v.ndim() != rank || out.ndim() != rank) {
     TVM_FFI_THROW(ValueError) << "cpu_attention: q, kt, v and out must have one rank >= 2";
   }
-  Attention p{Data<float>(q), Data<float>(kt), Data<float>(v), bias ? Data<float>(*bias) : nullptr,
-              Data<float>(out), lse ? Data<float>(*lse) : nullptr, static_cast<float>(scale), Dim(q, -2), Dim(kt, transpose_k ? -2 : -1), Dim(q, -1),
-              Dim(v, -1), transpose_k, {}, {}};
+  Attention p{Data<float>(q), narrow ? nullptr : Data<float>(kt), narrow ? nullptr : Data<float>(v),
+              bias ? Data<float>(*bias) : nullptr, Data<float>(out), lse ? Data<float>(*lse) : nullptr,
+              static_cast<float>(scale), Dim(q, -2), Dim(kt, transpose_k ? -2 : -1), Dim(q, -1), Dim(v, -1),
+              transpose_k, {}, {}};
+  if (narrow) {
+    p.kt16 = Data<uint16_t>(kt);
+    p.v16 = Data<uint16_t>(v);
+    p.bf16 = kv.code == kDLBfloat;
+  }
   for (int i = 0; i < rank - 2; ++i) {
     p.batch.push_back(Dim(q, i));
     if (Dim(kt, i) != Dim(q, i) || Dim(v, i) != Dim(q, i) || Dim(out, i) != Dim(q, i)) {
@@ -1925,15 +1937,25 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
     // a thread's items are consecutive: the keys and values of a batch index are packed once per thread, when
     // enough query rows reuse them (a decoding step's few rows read them once, in place)
     const bool pack = std::min(p.m, (end - begin) * p.block) >= kPackRows;
-    std::vector<float> kt_panels, v_panels;
+    std::vector<float> kt_panels, v_panels, kt_wide, v_wide;
     if (pack) {
       kt_panels.resize(static_cast<size_t>(p.d * whole(p.n)));
       v_panels.resize(static_cast<size_t>(p.n * whole(p.e)));
     }
+    if (p.kt16 != nullptr) {  // 16-bit keys and values: a batch index's widened here, once, while in cache
+      kt_wide.resize(static_cast<size_t>(p.d * p.n));
+      v_wide.resize(static_cast<size_t>(p.n * p.e));
+    }
     const size_t nb = p.batch.size();
-    for (int64_t item = begin, packed = -1; item < end; ++item) {
+    for (int64_t item = begin, packed = -1, widened = -1; item < end; ++item) {
       const int64_t b = item / blocks, i0 = item % blocks * p.block;
-      const float *kt = p.kt + b * p.d * p.n, *v = p.v + b * p.n * p.e;
+      if (p.kt16 != nullptr && b != widened) {
+        Convert(p.kt16 + b * p.d * p.n, kt_wide.data(), p.d * p.n, p.bf16);
+        Convert(p.v16 + b * p.n * p.e, v_wide.data(), p.n * p.e, p.bf16);
+        widened = b;
+      }
+      const float *kt = p.kt16 != nullptr ? kt_wide.data() : p.kt + b * p.d * p.n,
+                  *v = p.kt16 != nullptr ? v_wide.data() : p.v + b * p.n * p.e;
       if (pack && b != packed) {
         if (p.transpose_k) {
           PackPanelsTransposed(kt, p.d, p.n, kt_panels.data());

@@ -47,12 +47,12 @@ import tvm.runtime.vm  # noqa: F401  (runtime-only TVM does not import it with `
 from bmc.errors import ArtifactError, BmcError, ExecutionError, UsageError, human_bytes
 from bmc.ir.types import np_dtype
 from bmc.runtime.artifact import HashingReader, verify_artifact
-from bmc.runtime.kernels import pack_params
+from bmc.runtime.kernels import host_array, pack_params
 from bmc.runtime.safetensors import SafetensorsFile
 
 
 #: numpy dtype kinds that cross DLPack both ways (bool, ints, floats); ml_dtypes' bfloat16 and float8 (kind "V")
-#: cross as unsigned integers of their size, viewed back on the other side (:func:`_to_tvm`, :func:`_to_numpy`)
+#: cross as unsigned integers of their size, viewed back on the other side (:func:`_to_tvm`, ``kernels.host_array``)
 _NUMPY_KINDS = "biufV"
 #: the data alignment TVM's kernels assume of every tensor argument (tvm.runtime.from_dlpack checks it)
 _ALIGNMENT = 64
@@ -205,10 +205,10 @@ class Model:
             if j is not None and in_place[j]:
                 out.append(arrays[j])
             elif j is not None and self._in_place:
-                out.append(_to_numpy(t))
+                out.append(host_array(t))
                 self._arguments[rank].pop(j, None)
             else:
-                out.append(_to_numpy(t) if own else t.numpy())
+                out.append(host_array(t) if own else t.numpy())
         return out
 
     def _execute_locked(self, inputs: dict[str, Any]) -> list[np.ndarray]:
@@ -347,14 +347,6 @@ def _to_tvm(a: np.ndarray, dtype: str):
     if a.dtype.kind != "V":
         return tvm.runtime.from_dlpack(a)
     return tvm.runtime.from_dlpack(a.view(f"u{a.dtype.itemsize}"))._create_view(a.shape, dtype)
-
-
-def _to_numpy(t) -> np.ndarray:
-    """A numpy array on ``t``'s memory (no copy); ml_dtypes' types by way of an unsigned integer view."""
-    dtype = np.dtype(np_dtype(str(t.dtype)))
-    if dtype.kind != "V":
-        return np.from_dlpack(t)
-    return np.from_dlpack(t._create_view(t.shape, f"uint{8 * dtype.itemsize}")).view(dtype)
 
 
 def _block(output: dict, rank: int) -> tuple[slice, ...]:

@@ -262,17 +262,14 @@ def set_num_threads(threads: int | None = None) -> int:
 # ------------------------------------------------------------------------------------------ numpy kernel
 
 def host_array(t) -> np.ndarray:
-    """A zero-copy numpy view of a CPU tensor; bfloat16 (which DLPack gives numpy no type for) through its data
-    pointer, as ml_dtypes' bfloat16."""
-    if str(t.dtype) != "bfloat16":
+    """A zero-copy numpy view of a CPU tensor that keeps it alive; ml_dtypes' types (bfloat16), for which numpy's
+    DLPack has no type, by way of an unsigned integer view of their size."""
+    from bmc.ir.types import np_dtype
+
+    dtype = np.dtype(np_dtype(str(t.dtype)))
+    if dtype.kind != "V":
         return np.from_dlpack(t)
-    import ctypes
-
-    import ml_dtypes
-
-    shape = tuple(int(d) for d in t.shape)
-    raw = (ctypes.c_uint16 * int(np.prod(shape, dtype=np.int64))).from_address(t.data_ptr())
-    return np.ctypeslib.as_array(raw).view(ml_dtypes.bfloat16).reshape(shape)
+    return np.from_dlpack(t._create_view(t.shape, f"uint{8 * dtype.itemsize}")).view(dtype)
 
 
 def _matmul_numpy(a, b, trans_a, trans_b, out) -> None:
@@ -409,7 +406,7 @@ def _attention_numpy(q, kt, v, *rest, lse=None) -> None:
     """``bmc.cpu.attention[_bias]`` in numpy: the scores of every head at once (the memory the native kernel
     saves), a max-shifted softmax, one batched GEMM."""
     *bias, scale, transpose_k, out = rest
-    k = np.from_dlpack(kt)
+    k = host_array(kt).astype(np.float32, copy=False)  # (16-bit keys and values are widened, as the kernel does)
     s = np.matmul(np.from_dlpack(q), np.swapaxes(k, -1, -2) if transpose_k else k) * np.float32(scale)
     if bias:
         s += np.from_dlpack(bias[0])
@@ -420,7 +417,7 @@ def _attention_numpy(q, kt, v, *rest, lse=None) -> None:
         s /= total
         if lse is not None:
             np.from_dlpack(lse)[...] = np.where(m == -np.inf, -np.inf, m + np.log(total))[..., 0]
-    np.matmul(s, np.from_dlpack(v), out=np.from_dlpack(out))
+    np.matmul(s, host_array(v).astype(np.float32, copy=False), out=np.from_dlpack(out))
 
 
 def _attention_lse_numpy(q, kt, v, *rest) -> None:

@@ -1078,6 +1078,37 @@ def test_attention_kernel_matches_reference(impl, batch, m, n, d, e, bias_shape,
         np.testing.assert_allclose(outs[1], want[1], rtol=0, atol=1e-5 * max(1.0, float(np.abs(want[1]).max())))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("transpose_k", [False, True], ids=["kt", "k"])
+@pytest.mark.parametrize("m", [1, 40], ids=["decoding", "packed"])
+def test_attention_kernel_reads_16_bit_keys_and_values(impl, dtype, transpose_k, m):
+    """Keys and values in float16/bfloat16 (a 16-bit cache, read as it is): exactly the float32 kernel's result on
+    the widened keys and values (the kernel widens each batch index's once, then runs the float32 code), for few
+    query rows (dot products in place) and for many (packed panels)."""
+    import tvm_ffi
+
+    from bmc.ir.types import np_dtype
+    from bmc.runtime import kernels as K
+
+    def tensor(x):  # (ml_dtypes' bfloat16 crosses DLPack as uint16, viewed back as bfloat16)
+        if x.dtype.kind != "V":
+            return tvm_ffi.from_dlpack(x)
+        return tvm_ffi.from_dlpack(x.view(np.uint16))._create_view(x.shape, str(x.dtype))
+
+    rng = np.random.default_rng(5)
+    batch, n, d, e = (2, 3), 37, 16, 8
+    q = rng.standard_normal(batch + (m, d), np.float32)
+    k = (rng.standard_normal(batch + ((n, d) if transpose_k else (d, n))) * 2).astype(np_dtype(dtype))
+    v = rng.standard_normal(batch + (n, e)).astype(np_dtype(dtype))
+    bias = np.where(rng.random((m, n)) < 0.2, np.float32(-3.4e38), np.float32(0)).astype(np.float32)
+    K.register_cpu_kernels(native=impl == "native")
+    kernel = tvm_ffi.get_global_func(K.ATTENTION_BIAS_KERNEL)
+    got, want = (np.zeros(batch + (m, e), np.float32) for _ in range(2))
+    kernel(*[tensor(x) for x in (q, k, v, bias)], 0.25, transpose_k, tensor(got))
+    kernel(*[tensor(x.astype(np.float32)) for x in (q, k, v, bias)], 0.25, transpose_k, tensor(want))
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("fill", [-3.4e38, -np.inf])
 def test_attention_kernel_skips_masked_keys_exactly(impl, fill):
     """A causal mask: each block of query rows skips the keys masked for all of them (half the work); a row

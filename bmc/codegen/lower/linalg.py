@@ -126,8 +126,8 @@ def _fused_cuda_attention(node) -> bool:
 
 @lowering("attention")
 def _attention(ctx, node, args):
-    """On the CPU a call of the fused float32 kernel ``bmc.cpu.attention[_bias]`` (no score matrix; 16-bit operands
-    widened to float32 for it and the result rounded back); on CUDA in
+    """On the CPU a call of the fused float32 kernel ``bmc.cpu.attention[_bias]`` (no score matrix; 16-bit keys and
+    values read as they are, q and the bias widened to float32 for it and the result rounded back); on CUDA in
     float16/bfloat16 (head dims 16 to 128), when ``BMC_CUDA_ATTENTION=fused``, the tensor-core kernel
     ``bmc.cuda.attention[_bias]``; elsewhere the composition the op was fused from, lowered as its ops would be
     (so the CUDA pipeline's softmax and cuBLAS rewrites see what they saw before). With ``lse`` the CPU kernel is
@@ -154,8 +154,11 @@ def _attention(ctx, node, args):
                                                                    K.ATTENTION_BIAS_LSE_KERNEL])[lse][len(args) > 3]
         ctx.kernels.add(kernel)
         batch = list(node.inputs[0].type.shape[:-2])
-        narrow = out.dtype != "float32"  # 16-bit attention: the float32 kernel on widened operands (no scores)
-        args = [ctx.emit(relax.op.astype(a, "float32")) if narrow else a for a in args]
+        # 16-bit attention: the float32 kernel (no scores) on a widened q and bias; it reads 16-bit keys and values
+        # itself, widening each head's in cache (a 16-bit cache is read from memory once, in 16 bits)
+        narrow = out.dtype != "float32"
+        args = [ctx.emit(relax.op.astype(a, "float32")) if narrow and i not in (1, 2) else a
+                for i, a in enumerate(args)]
         for i in (1, 2):  # a multi-query key/value: the kernel takes q's batch dims (a copy per head)
             shape = node.inputs[i].type.shape
             if list(shape[:-2]) != batch:
