@@ -49,8 +49,8 @@ def donated_updates(graph: Graph, donate, sharded: bool = False) -> Donated:
             out.unused[name] = "nothing reads it"
         elif len(readers) > 1 or readers[0].inputs.count(v) > 1:
             ops = ", ".join(sorted({n.op for n in readers}))
-            out.unused[name] = f"it is read by {len(readers)} nodes ({ops}); only an input read by one scatter alone " \
-                               "can be written over"
+            what = f"{len(readers)} nodes ({ops})" if len(readers) > 1 else f"one {ops} node more than once"
+            out.unused[name] = f"it is read by {what}; only an input read by one scatter alone can be written over"
         elif readers[0].op not in IN_PLACE_OPS or readers[0].inputs[0] is not v:
             node = readers[0]
             hint = (" (the plan splits it, so the program cuts this device's block: add --input-shard for it to feed "

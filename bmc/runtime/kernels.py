@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bmc.ir.types import np_dtype
+
 MATMUL_KERNEL = "bmc.cpu.matmul"
 #: ``bmc.cpu.conv2d(x, w, stride_h, stride_w, pad_top, pad_left, pad_bottom, pad_right, dil_h, dil_w, groups, out)``
 CONV2D_KERNEL = "bmc.cpu.conv2d"
@@ -264,8 +266,6 @@ def set_num_threads(threads: int | None = None) -> int:
 def host_array(t) -> np.ndarray:
     """A zero-copy numpy view of a CPU tensor that keeps it alive; ml_dtypes' types (bfloat16), for which numpy's
     DLPack has no type, by way of an unsigned integer view of their size."""
-    from bmc.ir.types import np_dtype
-
     dtype = np.dtype(np_dtype(str(t.dtype)))
     if dtype.kind != "V":
         return np.from_dlpack(t)
