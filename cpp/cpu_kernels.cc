@@ -57,8 +57,8 @@
  * D]`` with transpose_k), ``v [..., N, E]`` (one batch shape) and a bias broadcasting to ``[..., M, N]``, a block
  * of query rows at a time so the score matrix is never stored; keys a causal mask hides from a whole block are
  * skipped. 6 x 16 AVX2 register tiles, else plain loops. The keys and values may also be float16 or bfloat16 (both
- * the same; a 16-bit key/value cache): each thread widens a batch index's into float32 once, in cache, so a 16-bit
- * cache is read from memory in 16 bits. ``cpu_attention[_bias]_lse(..., out, lse)`` also store
+ * the same; a 16-bit key/value cache): a few query rows with the key as rows (a decoding step) read them in place,
+ * 8 widened in registers at a time; otherwise each thread widens a batch index's into float32 once, in cache. ``cpu_attention[_bias]_lse(..., out, lse)`` also store
  * each row's log-sum-exp of the scores (float32 ``[..., M]``; -inf for a row of -inf): attention to a block of
  * the keys, which context parallelism combines with the other blocks'.
  *
@@ -1859,6 +1859,87 @@ void AttentionBlockBaseline(const Attention& p, int64_t b, int64_t bias_offset, 
   AttentionBlockBody<false>(p, b, bias_offset, i0, rows, kt, k_rows, v, s, lds);
 }
 
+/*! \brief 8 16-bit values (bfloat16 when \a bf16, else float16) as float32. */
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 Widen8(const uint16_t* x, bool bf16) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
+
+/*! \brief ``s[j] = q . k[j]`` for the \a n 16-bit rows of ``k [n, d]``. */
+__attribute__((target("avx2,fma,f16c"))) void ScoresRow16Avx2(const float* q, const uint16_t* k, int64_t n,
+                                                            int64_t d, bool bf16, float* s) {
+  for (int64_t j = 0; j < n; ++j, k += d) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), Widen8(k + i, bf16), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), Widen8(k + i + 8, bf16), acc1);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
+    float dot = 0.0f;
+    for (float l : lanes) dot += l;
+    for (; i < d; ++i) dot += q[i] * HalfToFloat(k[i], bf16);
+    s[j] = dot;
+  }
+}
+
+void ScoresRow16Plain(const float* q, const uint16_t* k, int64_t n, int64_t d, bool bf16, float* s) {
+  for (int64_t j = 0; j < n; ++j, k += d) {
+    float dot = 0.0f;
+    for (int64_t i = 0; i < d; ++i) dot += q[i] * HalfToFloat(k[i], bf16);
+    s[j] = dot;
+  }
+}
+
+/*! \brief ``o = sum_j p[j] * v[j]`` over the \a n 16-bit rows of ``v [n, e]``. */
+__attribute__((target("avx2,fma,f16c"))) void WeightedRows16Avx2(const float* p, const uint16_t* v, int64_t n,
+                                                               int64_t e, bool bf16, float* o) {
+  std::fill(o, o + e, 0.0f);
+  for (int64_t j = 0; j < n; ++j, v += e) {
+    const __m256 w = _mm256_set1_ps(p[j]);
+    int64_t i = 0;
+    for (; i + 8 <= e; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(w, Widen8(v + i, bf16), _mm256_loadu_ps(o + i)));
+    for (; i < e; ++i) o[i] += p[j] * HalfToFloat(v[i], bf16);
+  }
+}
+
+void WeightedRows16Plain(const float* p, const uint16_t* v, int64_t n, int64_t e, bool bf16, float* o) {
+  std::fill(o, o + e, 0.0f);
+  for (int64_t j = 0; j < n; ++j, v += e) {
+    for (int64_t i = 0; i < e; ++i) o[i] += p[j] * HalfToFloat(v[i], bf16);
+  }
+}
+
+/*! \brief The few-row block of 16-bit keys ``k [n, d]`` (transpose_k) and values: dot products with the key rows
+ *  and the probabilities times the value rows, both read in 16 bits where they lie (a decoding step's one pass over
+ *  its 16-bit cache, nothing widened into memory). */
+template <bool kAvx2>
+__attribute__((always_inline)) inline void AttentionRows16Body(const Attention& p, int64_t b, int64_t bias_offset,
+                                                              int64_t i0, int64_t rows, float* s, int64_t lds) {
+  const int64_t n = KeysNeeded(p, bias_offset, i0, rows);
+  const uint16_t *k = p.kt16 + b * p.n * p.d, *v = p.v16 + b * p.n * p.e;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* q = p.q + (b * p.m + i0 + i) * p.d;
+    float* o = p.out + (b * p.m + i0 + i) * p.e;
+    (kAvx2 ? ScoresRow16Avx2 : ScoresRow16Plain)(q, k, n, p.d, p.bf16, s + i * lds);
+    SoftmaxRow<kAvx2>(s + i * lds, n, p.scale,
+                      p.bias == nullptr ? nullptr : p.bias + bias_offset + (i0 + i) * p.bias_row_stride,
+                      p.bias_col_stride, p.lse == nullptr ? nullptr : p.lse + b * p.m + i0 + i);
+    (kAvx2 ? WeightedRows16Avx2 : WeightedRows16Plain)(s + i * lds, v, n, p.e, p.bf16, o);
+  }
+}
+
+__attribute__((target("avx2,fma"))) void AttentionRows16Avx2(const Attention& p, int64_t b, int64_t bias_offset,
+                                                              int64_t i0, int64_t rows, float* s, int64_t lds) {
+  AttentionRows16Body<true>(p, b, bias_offset, i0, rows, s, lds);
+}
+
+void AttentionRows16Baseline(const Attention& p, int64_t b, int64_t bias_offset, int64_t i0, int64_t rows, float* s,
+                             int64_t lds) {
+  AttentionRows16Body<false>(p, b, bias_offset, i0, rows, s, lds);
+}
+
 void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ffi::TensorView& v,
                    const ffi::TensorView* bias, double scale, bool transpose_k, const ffi::TensorView& out,
                    const ffi::TensorView* lse = nullptr) {
@@ -1927,10 +2008,13 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
   const int64_t blocks = (p.m + p.block - 1) / p.block;
   // BMC_CPU_NO_AVX2: the baseline loops (what CPUs without AVX2 run; the tests take them this way)
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const auto run = avx2 && std::getenv("BMC_CPU_NO_AVX2") == nullptr ? AttentionBlockAvx2 : AttentionBlockBaseline;
+  static const bool f16c = avx2 && __builtin_cpu_supports("f16c");
+  const bool wide = avx2 && std::getenv("BMC_CPU_NO_AVX2") == nullptr;
+  const auto run = wide ? AttentionBlockAvx2 : AttentionBlockBaseline;
+  const auto run16 = wide && f16c ? AttentionRows16Avx2 : AttentionRows16Baseline;
   constexpr int64_t kThreadWork = int64_t{1} << 19;  // multiply-adds a thread is worth (starting one ~50 us)
   const int64_t work = count * p.m * p.n * (p.d + p.e);
-  ParallelRows(count * blocks, [&p, blocks, run](int64_t begin, int64_t end) {
+  ParallelRows(count * blocks, [&p, blocks, run, run16](int64_t begin, int64_t end) {
     const auto whole = [](int64_t x) { return (x + kGemmCols - 1) / kGemmCols * kGemmCols; };
     const int64_t lds = whole(p.n) + kGemmCols;  // rows of scores not 4 KiB apart
     std::vector<float> scores(static_cast<size_t>(p.block * lds));
@@ -1942,13 +2026,25 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
       kt_panels.resize(static_cast<size_t>(p.d * whole(p.n)));
       v_panels.resize(static_cast<size_t>(p.n * whole(p.e)));
     }
-    if (p.kt16 != nullptr) {  // 16-bit keys and values: a batch index's widened here, once, while in cache
+    // 16-bit keys and values: read in place by the few-row path when the key comes as rows (a decoding step),
+    // else a batch index's widened here, once, while in cache
+    const bool direct = p.kt16 != nullptr && !pack && p.transpose_k;
+    if (p.kt16 != nullptr && !direct) {
       kt_wide.resize(static_cast<size_t>(p.d * p.n));
       v_wide.resize(static_cast<size_t>(p.n * p.e));
     }
     const size_t nb = p.batch.size();
     for (int64_t item = begin, packed = -1, widened = -1; item < end; ++item) {
       const int64_t b = item / blocks, i0 = item % blocks * p.block;
+      int64_t bias_offset = 0;
+      for (int64_t i = static_cast<int64_t>(nb) - 1, rest = b; i >= 0; --i) {
+        bias_offset += rest % p.batch[i] * (p.bias_batch_stride.empty() ? 0 : p.bias_batch_stride[i]);
+        rest /= p.batch[i];
+      }
+      if (direct) {
+        run16(p, b, bias_offset, i0, std::min(p.block, p.m - i0), scores.data(), lds);
+        continue;
+      }
       if (p.kt16 != nullptr && b != widened) {
         Convert(p.kt16 + b * p.d * p.n, kt_wide.data(), p.d * p.n, p.bf16);
         Convert(p.v16 + b * p.n * p.e, v_wide.data(), p.n * p.e, p.bf16);
@@ -1967,11 +2063,6 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
       }
       const Operand16 kt_op = pack ? Operand16::Packed(kt_panels.data(), p.d) : Operand16::Plain(kt, p.n);
       const Operand16 v_op = pack ? Operand16::Packed(v_panels.data(), p.n) : Operand16::Plain(v, p.e);
-      int64_t bias_offset = 0;
-      for (int64_t i = static_cast<int64_t>(nb) - 1, rest = b; i >= 0; --i) {
-        bias_offset += rest % p.batch[i] * (p.bias_batch_stride.empty() ? 0 : p.bias_batch_stride[i]);
-        rest /= p.batch[i];
-      }
       run(p, b, bias_offset, i0, std::min(p.block, p.m - i0), kt_op, !pack && p.transpose_k ? kt : nullptr, v_op,
           scores.data(), lds);
     }
