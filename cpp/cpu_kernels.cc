@@ -1859,10 +1859,21 @@ void AttentionBlockBaseline(const Attention& p, int64_t b, int64_t bias_offset, 
   AttentionBlockBody<false>(p, b, bias_offset, i0, rows, kt, k_rows, v, s, lds);
 }
 
+/*! \brief 8 consecutive values of b as float32: float, bfloat16 (the top half of a float32), float16 (F16C). */
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 Load8(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 Load8(const Bf16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 Load8(const F16* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 /*! \brief 8 16-bit values (bfloat16 when \a bf16, else float16) as float32. */
 __attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 Widen8(const uint16_t* x, bool bf16) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
-  return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+  return bf16 ? Load8(reinterpret_cast<const Bf16*>(x)) : Load8(reinterpret_cast<const F16*>(x));
 }
 
 /*! \brief ``s[j] = q . k[j]`` for the \a n 16-bit rows of ``k [n, d]``. */
@@ -2086,17 +2097,6 @@ PackedIsa PanelIsa() {
 // BLAS packs the weight into its panel layout on every call first (OpenBLAS' sgemm_itcopy was 64% of a GPT-2
 // decoding step), which triples the memory traffic. These kernels read b where it lies, once.
 
-/*! \brief 8 consecutive values of b as float32: float, bfloat16 (the top half of a float32), float16 (F16C). */
-__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 Load8(const float* p) {
-  return _mm256_loadu_ps(p);
-}
-__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 Load8(const Bf16* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 Load8(const F16* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
 __attribute__((target("avx2,fma,f16c"), always_inline)) inline float Load1(const float* p) { return *p; }
 __attribute__((target("avx2,fma,f16c"), always_inline)) inline float Load1(const Bf16* p) {
   uint32_t u = uint32_t(p->bits) << 16;
