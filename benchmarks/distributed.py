@@ -30,6 +30,10 @@
     was given instead of copying the whole cache). Every step feeds back the caches the step before returned; the
     same loop in onnxruntime (its default threads) for reference; and on 1 rank in bfloat16 (``--dtype``) with the
     caches float32 vs bfloat16 (``--dtype-io``) and donated.
+(h) the decoding step of (g) with grouped-query attention: 4 key/value heads for the 16 query heads (caches of
+    4 heads, donated), on 1 rank: the heads repeated as Hugging Face's ``repeat_kv`` exports it (unsqueeze, expand,
+    reshape; bmc's attention reads each shared head in place) vs as a Gather (the same copy in a spelling bmc does
+    not read through: what each step cost before), and onnxruntime on the first.
 (f) outputs left split: a language-model head (TOKENS x 768 activations times a 768 x 32768 vocabulary weight),
     Megatron's column-parallel split of the vocabulary on 2 ranks, its logits gathered whole on every rank (the
     default) or left split (``--output-shard logits=[{},{x}]``: each rank returns its half); 2 ranks each way.
@@ -288,41 +292,58 @@ def run_output_layout(tmp: Path, tokens: int, iters: int) -> dict:
 
 # ------------------------------------------------------------------------------------------ (g) decoding step
 
-DEC_D, DEC_HEADS, DEC_LENGTH = 1024, 16, 2048
+DEC_D, DEC_HEADS, DEC_LENGTH, DEC_KV_HEADS = 1024, 16, 2048, 4
 
 
-def make_decoder_step(path: Path) -> None:
+def make_decoder_step(path: Path, kv_heads: int = DEC_HEADS, repeat: str = "expand") -> None:
     """One attention layer of a decoding step with its cache as inputs and outputs (the structure of
-    ``scripts/export_decoder_step.py``'s export, at a benchmark's size)."""
+    ``scripts/export_decoder_step.py``'s export, at a benchmark's size). With fewer ``kv_heads`` than heads
+    (grouped-query attention) the caches hold ``kv_heads`` heads, each read by consecutive query heads: repeated
+    to every query head as Hugging Face's ``repeat_kv`` exports it (``repeat="expand"``: Unsqueeze, Expand,
+    Reshape) or as a Gather of head ``i // group`` (``repeat="gather"``: the same copy, in a spelling bmc does
+    not read through)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    hd = DEC_D // DEC_HEADS
+    hd, group = DEC_D // DEC_HEADS, DEC_HEADS // kv_heads
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array((rng.standard_normal((DEC_D, DEC_D)) * 0.02).astype(np.float32), f"w{n}")
-             for n in "qkvo"]
+    inits = [numpy_helper.from_array((rng.standard_normal((DEC_D, DEC_D if t in "qo" else kv_heads * hd)) * 0.02)
+                                     .astype(np.float32), f"w{t}") for t in "qkvo"]
     inits += [numpy_helper.from_array(np.array(s, np.int64), n) for n, s in
-              (("heads_shape", [1, 1, DEC_HEADS, hd]), ("pos_shape", [1, 1, 1, 1]),
-               ("idx_shape", [1, DEC_HEADS, 1, hd]), ("out_shape", [1, 1, DEC_D]))]
+              (("heads_shape", [1, 1, DEC_HEADS, hd]), ("kv_heads_shape", [1, 1, kv_heads, hd]),
+               ("pos_shape", [1, 1, 1, 1]), ("idx_shape", [1, kv_heads, 1, hd]), ("out_shape", [1, 1, DEC_D]),
+               ("unsqueeze_axes", [2]), ("grouped_shape", [1, kv_heads, group, DEC_LENGTH, hd]),
+               ("repeated_shape", [1, DEC_HEADS, DEC_LENGTH, hd]),
+               ("head_of", np.arange(DEC_HEADS) // group))]
     inits += [numpy_helper.from_array(np.arange(DEC_LENGTH, dtype=np.int64).reshape(1, 1, 1, -1), "positions"),
               numpy_helper.from_array(np.float32(1 / np.sqrt(hd)), "scale"),
               numpy_helper.from_array(np.float32(-1e30), "masked")]
     n = helper.make_node
     nodes = []
     for t in "qkv":
-        nodes += [n("MatMul", ["x", f"w{t}"], [f"{t}_lin"]), n("Reshape", [f"{t}_lin", "heads_shape"], [f"{t}_4d"]),
+        shape = "heads_shape" if t == "q" else "kv_heads_shape"
+        nodes += [n("MatMul", ["x", f"w{t}"], [f"{t}_lin"]), n("Reshape", [f"{t}_lin", shape], [f"{t}_4d"]),
                   n("Transpose", [f"{t}_4d"], [t], perm=[0, 2, 1, 3])]
     nodes += [n("Reshape", ["pos", "pos_shape"], ["pos_4d"]), n("Expand", ["pos_4d", "idx_shape"], ["idx"]),
               n("ScatterElements", ["k_cache", "idx", "k"], ["k_cache_out"], axis=2),
-              n("ScatterElements", ["v_cache", "idx", "v"], ["v_cache_out"], axis=2),
-              n("Transpose", ["k_cache_out"], ["kt"], perm=[0, 1, 3, 2]), n("MatMul", ["q", "kt"], ["qk"]),
+              n("ScatterElements", ["v_cache", "idx", "v"], ["v_cache_out"], axis=2)]
+    for t in "kv":
+        if group == 1:
+            nodes.append(n("Identity", [f"{t}_cache_out"], [f"{t}_all"]))
+        elif repeat == "gather":
+            nodes.append(n("Gather", [f"{t}_cache_out", "head_of"], [f"{t}_all"], axis=1))
+        else:
+            nodes += [n("Unsqueeze", [f"{t}_cache_out", "unsqueeze_axes"], [f"{t}_5d"]),
+                      n("Expand", [f"{t}_5d", "grouped_shape"], [f"{t}_grouped"]),
+                      n("Reshape", [f"{t}_grouped", "repeated_shape"], [f"{t}_all"])]
+    nodes += [n("Transpose", ["k_all"], ["kt"], perm=[0, 1, 3, 2]), n("MatMul", ["q", "kt"], ["qk"]),
               n("Mul", ["qk", "scale"], ["scores"]), n("Greater", ["positions", "pos_4d"], ["future"]),
               n("Where", ["future", "masked", "scores"], ["masked_scores"]),
-              n("Softmax", ["masked_scores"], ["p"], axis=-1), n("MatMul", ["p", "v_cache_out"], ["attn"]),
+              n("Softmax", ["masked_scores"], ["p"], axis=-1), n("MatMul", ["p", "v_all"], ["attn"]),
               n("Transpose", ["attn"], ["attn_t"], perm=[0, 2, 1, 3]),
               n("Reshape", ["attn_t", "out_shape"], ["merged"]), n("MatMul", ["merged", "wo"], ["y"])]
     vi = helper.make_tensor_value_info
-    cache = [1, DEC_HEADS, DEC_LENGTH, hd]
+    cache = [1, kv_heads, DEC_LENGTH, hd]
     graph = helper.make_graph(nodes, "decoder_step",
                               [vi("x", TensorProto.FLOAT, [1, 1, DEC_D]), vi("pos", TensorProto.INT64, [1]),
                                vi("k_cache", TensorProto.FLOAT, cache), vi("v_cache", TensorProto.FLOAT, cache)],
@@ -367,12 +388,36 @@ def run_decoding(tmp: Path, iters: int) -> dict:
     return res
 
 
-def _ort_decoding(path: Path, iters: int) -> dict:
+def run_grouped_decoding(tmp: Path, iters: int) -> dict:
+    """(h) The decoding step of (g) with grouped-query attention (DEC_KV_HEADS key/value heads, each read by
+    DEC_HEADS / DEC_KV_HEADS query heads) on 1 rank, its caches donated: the heads repeated as ``repeat_kv`` exports
+    it (bmc's attention reads the shared heads: no copy) vs as a Gather (the same copy, a spelling bmc does not
+    read through: what every step cost before), and onnxruntime on the first. Equal outputs are checked."""
+    import bmc
+
+    res: dict = {"heads": DEC_HEADS, "kv_heads": DEC_KV_HEADS, "length": DEC_LENGTH,
+                 "cache_bytes": 2 * DEC_LENGTH * DEC_KV_HEADS * (DEC_D // DEC_HEADS) * 4}
+    outs = {}
+    for repeat in ("expand", "gather"):
+        make_decoder_step(tmp / f"gqa_{repeat}.onnx", DEC_KV_HEADS, repeat)
+        art = tmp / f"gqa_{repeat}.bmc"
+        bmc.compile(tmp / f"gqa_{repeat}.onnx", art, donate=["k_cache", "v_cache"])
+        name = {"expand": "1 rank, shared heads read", "gather": "1 rank, heads copied (Gather)"}[repeat]
+        res[name], outs[repeat] = timed_run(tmp / f"gqa-{repeat}.json", 1, art, iters)
+    res["max_abs_diff_shared_vs_copied"] = float(np.max(np.abs(outs["expand"] - outs["gather"])))
+    res["onnxruntime, 1 process"] = _ort_decoding(tmp / "gqa_expand.onnx", iters, DEC_KV_HEADS)
+    t = {k: v["median_s"] for k, v in res.items() if isinstance(v, dict)}
+    res["copied_over_shared_time"] = t["1 rank, heads copied (Gather)"] / t["1 rank, shared heads read"]
+    res["onnxruntime_over_shared_time"] = t["onnxruntime, 1 process"] / t["1 rank, shared heads read"]
+    return res
+
+
+def _ort_decoding(path: Path, iters: int, kv_heads: int = DEC_HEADS) -> dict:
     """The decoding loop of :func:`worker_model` in onnxruntime: median and min step time."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    cache = np.zeros((1, DEC_HEADS, DEC_LENGTH, DEC_D // DEC_HEADS), np.float32)
+    cache = np.zeros((1, kv_heads, DEC_LENGTH, DEC_D // DEC_HEADS), np.float32)
     inputs = {"x": np.random.default_rng(1).standard_normal((1, 1, DEC_D)).astype(np.float32),
               "pos": np.zeros(1, np.int64), "k_cache": cache, "v_cache": cache.copy()}
     times = []
@@ -541,7 +586,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--microbatches", type=int, default=4)
-    ap.add_argument("--skip", action="append", default=[], choices=("a", "b", "c", "d", "e", "f", "g"))
+    ap.add_argument("--skip", action="append", default=[], choices=("a", "b", "c", "d", "e", "f", "g", "h"))
     args = ap.parse_args()
     if args.worker == "collectives":
         worker_collectives(args.out, args.quick)
@@ -557,6 +602,8 @@ def main() -> int:
     iters = 3 if args.quick else args.iters
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                                  "platform": platform.platform()}, "mpiexec": MPIEXEC}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
     with tempfile.TemporaryDirectory(prefix="bmc-dist-") as tmp_s:
         tmp = Path(tmp_s)
         if "a" not in args.skip:
@@ -635,6 +682,19 @@ def main() -> int:
                   f"{dec['copied_over_donated_time_2_ranks']:.2f}x on 2 ranks (split); onnxruntime / bmc donated "
                   f"(1 rank): {dec['onnxruntime_over_donated_time_1_rank']:.2f}x; bfloat16 with float32 caches / "
                   f"with bfloat16 caches donated: {dec['bfloat16_over_bfloat16_caches_donated_time']:.2f}x")
+        if "h" not in args.skip:
+            gqa = run_grouped_decoding(tmp, max(iters, 10))
+            results["grouped_decoding"] = gqa
+            print(f"\n(h) grouped-query decoding step: {gqa['heads']} query heads over {gqa['kv_heads']} key/value "
+                  f"heads, caches of {_human(gqa['cache_bytes'])} donated, median step")
+            for name in ("onnxruntime, 1 process", "1 rank, shared heads read", "1 rank, heads copied (Gather)"):
+                print(f"  {name:<48}{gqa[name]['median_s'] * 1e3:>10.2f} ms")
+            print(f"  heads copied / shared: {gqa['copied_over_shared_time']:.2f}x; onnxruntime / bmc shared: "
+                  f"{gqa['onnxruntime_over_shared_time']:.2f}x (max |diff| {gqa['max_abs_diff_shared_vs_copied']:.1e})")
+    # with --skip, the sections not run keep the results last recorded; measured_at: each section's commit
+    kept = json.loads(RESULTS.read_text()) if args.skip and RESULTS.exists() else {}
+    measured = kept.pop("measured_at", {}) | {k: commit for k in results if k not in ("machine", "mpiexec")}
+    results = kept | results | {"measured_at": measured}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nwrote {RESULTS}")

@@ -54,7 +54,9 @@
  *
  * ``cpu_attention(q, k, v, scale, transpose_k, out)`` / ``cpu_attention_bias(q, k, v, bias, scale, transpose_k,
  * out)``: float32 ``softmax(scale * q @ kt + bias) @ v`` of ``q [..., M, D]``, ``kt [..., D, N]`` (or ``k [..., N,
- * D]`` with transpose_k), ``v [..., N, E]`` (one batch shape) and a bias broadcasting to ``[..., M, N]``, a block
+ * D]`` with transpose_k), ``v [..., N, E]`` (k's and v's batch dims divide q's: 1 for multi-query, a divisor for
+ * grouped-query attention, query index i reading key/value index i / group) and a bias broadcasting to ``[..., M,
+ * N]``, a block
  * of query rows at a time so the score matrix is never stored; keys a causal mask hides from a whole block are
  * skipped. 6 x 16 AVX2 register tiles, else plain loops. The keys and values may also be float16 or bfloat16 (both
  * the same; a 16-bit key/value cache): a few query rows with the key as rows (a decoding step) read them in place,
@@ -1750,7 +1752,8 @@ struct Attention {
   float scale;
   int64_t m, n, d, e;  // q [B, m, d], kt [B, d, n] (k [B, n, d] when transpose_k), v [B, n, e], out [B, m, e]
   bool transpose_k;
-  std::vector<int64_t> batch, bias_batch_stride;  // per batch dim: its size, the bias' stride (0: broadcast)
+  std::vector<int64_t> batch, bias_batch_stride;  // per batch dim: q's size, the bias' stride (0: broadcast)
+  std::vector<int64_t> group;  // per batch dim: q's indices per key/value index (q's size / k's and v's)
   int64_t bias_row_stride = 0, bias_col_stride = 0;
   int64_t block = 0;  // query rows a block
   const uint16_t *kt16 = nullptr, *v16 = nullptr;  // 16-bit keys and values (float16, or bfloat16 when bf16)
@@ -1926,10 +1929,11 @@ void WeightedRows16Plain(const float* p, const uint16_t* v, int64_t n, int64_t e
  *  and the probabilities times the value rows, both read in 16 bits where they lie (a decoding step's one pass over
  *  its 16-bit cache, nothing widened into memory). */
 template <bool kAvx2>
-__attribute__((always_inline)) inline void AttentionRows16Body(const Attention& p, int64_t b, int64_t bias_offset,
-                                                              int64_t i0, int64_t rows, float* s, int64_t lds) {
+__attribute__((always_inline)) inline void AttentionRows16Body(const Attention& p, int64_t b, int64_t kb,
+                                                              int64_t bias_offset, int64_t i0, int64_t rows, float* s,
+                                                              int64_t lds) {
   const int64_t n = KeysNeeded(p, bias_offset, i0, rows);
-  const uint16_t *k = p.kt16 + b * p.n * p.d, *v = p.v16 + b * p.n * p.e;
+  const uint16_t *k = p.kt16 + kb * p.n * p.d, *v = p.v16 + kb * p.n * p.e;
   for (int64_t i = 0; i < rows; ++i) {
     const float* q = p.q + (b * p.m + i0 + i) * p.d;
     float* o = p.out + (b * p.m + i0 + i) * p.e;
@@ -1941,14 +1945,15 @@ __attribute__((always_inline)) inline void AttentionRows16Body(const Attention& 
   }
 }
 
-__attribute__((target("avx2,fma"))) void AttentionRows16Avx2(const Attention& p, int64_t b, int64_t bias_offset,
-                                                              int64_t i0, int64_t rows, float* s, int64_t lds) {
-  AttentionRows16Body<true>(p, b, bias_offset, i0, rows, s, lds);
+__attribute__((target("avx2,fma"))) void AttentionRows16Avx2(const Attention& p, int64_t b, int64_t kb,
+                                                              int64_t bias_offset, int64_t i0, int64_t rows, float* s,
+                                                              int64_t lds) {
+  AttentionRows16Body<true>(p, b, kb, bias_offset, i0, rows, s, lds);
 }
 
-void AttentionRows16Baseline(const Attention& p, int64_t b, int64_t bias_offset, int64_t i0, int64_t rows, float* s,
-                             int64_t lds) {
-  AttentionRows16Body<false>(p, b, bias_offset, i0, rows, s, lds);
+void AttentionRows16Baseline(const Attention& p, int64_t b, int64_t kb, int64_t bias_offset, int64_t i0,
+                             int64_t rows, float* s, int64_t lds) {
+  AttentionRows16Body<false>(p, b, kb, bias_offset, i0, rows, s, lds);
 }
 
 void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ffi::TensorView& v,
@@ -1978,9 +1983,12 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
   }
   for (int i = 0; i < rank - 2; ++i) {
     p.batch.push_back(Dim(q, i));
-    if (Dim(kt, i) != Dim(q, i) || Dim(v, i) != Dim(q, i) || Dim(out, i) != Dim(q, i)) {
-      TVM_FFI_THROW(ValueError) << "cpu_attention: q, kt, v and out must have the same batch dims";
+    const int64_t kv = Dim(kt, i);
+    if (kv != Dim(v, i) || Dim(out, i) != Dim(q, i) || (kv != Dim(q, i) && (kv <= 0 || Dim(q, i) % kv != 0))) {
+      TVM_FFI_THROW(ValueError) << "cpu_attention: q and out must have the same batch dims, and kt's and v's (one "
+                                   "shape) must divide them";
     }
+    p.group.push_back(kv == Dim(q, i) ? 1 : Dim(q, i) / kv);
   }
   if (Dim(kt, transpose_k ? -1 : -2) != p.d || Dim(v, -2) != p.n || Dim(out, -2) != p.m || Dim(out, -1) != p.e) {
     TVM_FFI_THROW(ValueError) << "cpu_attention: expected q [..., M, D], kt [..., D, N] (k [..., N, D] with "
@@ -2047,30 +2055,33 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
     const size_t nb = p.batch.size();
     for (int64_t item = begin, packed = -1, widened = -1; item < end; ++item) {
       const int64_t b = item / blocks, i0 = item % blocks * p.block;
-      int64_t bias_offset = 0;
-      for (int64_t i = static_cast<int64_t>(nb) - 1, rest = b; i >= 0; --i) {
-        bias_offset += rest % p.batch[i] * (p.bias_batch_stride.empty() ? 0 : p.bias_batch_stride[i]);
+      int64_t bias_offset = 0, kb = 0;  // kb: the key/value batch index (consecutive query heads may share one)
+      for (int64_t i = static_cast<int64_t>(nb) - 1, rest = b, kv_stride = 1; i >= 0; --i) {
+        const int64_t index = rest % p.batch[i];
+        bias_offset += index * (p.bias_batch_stride.empty() ? 0 : p.bias_batch_stride[i]);
+        kb += index / p.group[i] * kv_stride;
+        kv_stride *= p.batch[i] / p.group[i];
         rest /= p.batch[i];
       }
       if (direct) {
-        run16(p, b, bias_offset, i0, std::min(p.block, p.m - i0), scores.data(), lds);
+        run16(p, b, kb, bias_offset, i0, std::min(p.block, p.m - i0), scores.data(), lds);
         continue;
       }
-      if (p.kt16 != nullptr && b != widened) {
-        Convert(p.kt16 + b * p.d * p.n, kt_wide.data(), p.d * p.n, p.bf16);
-        Convert(p.v16 + b * p.n * p.e, v_wide.data(), p.n * p.e, p.bf16);
-        widened = b;
+      if (p.kt16 != nullptr && kb != widened) {
+        Convert(p.kt16 + kb * p.d * p.n, kt_wide.data(), p.d * p.n, p.bf16);
+        Convert(p.v16 + kb * p.n * p.e, v_wide.data(), p.n * p.e, p.bf16);
+        widened = kb;
       }
-      const float *kt = p.kt16 != nullptr ? kt_wide.data() : p.kt + b * p.d * p.n,
-                  *v = p.kt16 != nullptr ? v_wide.data() : p.v + b * p.n * p.e;
-      if (pack && b != packed) {
+      const float *kt = p.kt16 != nullptr ? kt_wide.data() : p.kt + kb * p.d * p.n,
+                  *v = p.kt16 != nullptr ? v_wide.data() : p.v + kb * p.n * p.e;
+      if (pack && kb != packed) {
         if (p.transpose_k) {
           PackPanelsTransposed(kt, p.d, p.n, kt_panels.data());
         } else {
           PackPanels(kt, p.n, p.d, p.n, kt_panels.data());
         }
         PackPanels(v, p.e, p.n, p.e, v_panels.data());
-        packed = b;
+        packed = kb;
       }
       const Operand16 kt_op = pack ? Operand16::Packed(kt_panels.data(), p.d) : Operand16::Plain(kt, p.n);
       const Operand16 v_op = pack ? Operand16::Packed(v_panels.data(), p.n) : Operand16::Plain(v, p.e);

@@ -91,14 +91,14 @@ __device__ __forceinline__ void Attention(const Params& p, unsigned char* smem) 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int r = lane >> 1, h = lane & 1;  // this lane's row of the warp's 16, and column parity
 
-  // which rows of which batch index; k/v/bias offsets of that batch index (they may broadcast)
+  // which rows of which batch index; k/v/bias offsets of that batch index (they may broadcast or be grouped)
   const int64_t tile = blockIdx.x % p.m_tiles;
   int64_t b = blockIdx.x / p.m_tiles, rest = b, k_off = 0, v_off = 0, bias_off = 0;
   for (int i = kBatchDims - 1; i >= 0; --i) {
     int64_t idx = rest % p.batch[i];
     rest /= p.batch[i];
-    k_off += idx * p.k_stride[i];
-    v_off += idx * p.v_stride[i];
+    k_off += idx / p.k_group[i] * p.k_stride[i];
+    v_off += idx / p.v_group[i] * p.v_stride[i];
     bias_off += idx * p.bias_stride[i];
   }
   const int64_t m0 = tile * kRows;

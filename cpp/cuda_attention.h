@@ -6,7 +6,8 @@
  *
  * ``out = softmax(scale * q @ k^T + bias) @ v`` for float16/bfloat16 ``q [..., M, D]``, ``k [..., N, D]`` (or ``kt
  * [..., D, N]``), ``v [..., N, D]``, an optional ``bias`` broadcasting to the scores ``[..., M, N]``, and D = 16, 32,
- * 64 or 128. ``k``/``v`` batch dims may be 1 where ``q``'s are not (multi-query attention). Every tensor is contiguous.
+ * 64 or 128. ``k``/``v`` batch dims divide ``q``'s: 1 (multi-query attention) or a divisor (grouped-query: query
+ * index i reads key/value index i / group). Every tensor is contiguous.
  */
 #ifndef BMC_CPP_CUDA_ATTENTION_H_
 #define BMC_CPP_CUDA_ATTENTION_H_
@@ -33,6 +34,8 @@ struct Params {
   int64_t m, n;                   // query rows, keys
   int64_t m_tiles;                // ceil(m / kRows): grid.x = m_tiles * prod(batch)
   int64_t batch[kBatchDims];      // q's (and out's) batch dims
+  int64_t k_group[kBatchDims];    // q's indices per k / v index (q's dim / theirs)
+  int64_t v_group[kBatchDims];
   int64_t k_stride[kBatchDims];   // elements between batch indices of k / v / bias (0: broadcast)
   int64_t v_stride[kBatchDims];
   int64_t bias_stride[kBatchDims];
@@ -124,9 +127,11 @@ inline std::string MakeParams(const int64_t* q, int q_rank, const int64_t* k, in
   for (int slot = kBatchDims - 1, i = nb - 1; slot >= 0; --slot, --i) {
     int64_t qd = i >= 0 ? q[i] : 1, kdim = i >= 0 ? k[i] : 1, vdim = i >= 0 ? v[i] : 1;
     int64_t bdim = bias_dims[slot];
-    if ((kdim != qd && kdim != 1) || (vdim != qd && vdim != 1)) return "k/v batch dims must be q's or 1";
+    if (kdim <= 0 || vdim <= 0 || qd % kdim != 0 || qd % vdim != 0) return "k/v batch dims must divide q's";
     if (bias_rank >= 0 && bdim != qd && bdim != 1) return "bias does not broadcast to the scores";
     p->batch[slot] = qd;
+    p->k_group[slot] = qd / kdim;
+    p->v_group[slot] = qd / vdim;
     p->k_stride[slot] = kdim == 1 ? 0 : ks;
     p->v_stride[slot] = vdim == 1 ? 0 : vs;
     p->bias_stride[slot] = bdim == 1 ? 0 : bs;

@@ -73,6 +73,37 @@ def _batch_reshape(node: Node | None) -> bool:
     return len(i) >= 2 and len(o) >= 2 and i[-2:] == o[-2:]
 
 
+def _shared_heads(x: Value, emit) -> Value:
+    """The smaller key or value ``x`` was copied from, when ``x`` only repeats its batch indices: ``repeat_kv`` of
+    grouped-query models (``k[:, :, None].expand(b, h, g, n, d).reshape(b, h * g, n, d)``: an unsqueeze, an expand
+    or tile, a reshape, repeating each head ``g`` times), or an expand of dims of 1 (one key/value head broadcast
+    to every query head); the attention reads that one (its batch dims divide q's) and no copy is made."""
+    while x.producer is not None and x.producer.op in ("reshape", "broadcast_to", "tile"):
+        node, shape = x.producer, x.type.shape
+        if node.op != "reshape":  # every query head reading one key/value head
+            src = node.inputs[0].type.shape
+            if len(src) != len(shape) or src[-2:] != shape[-2:] or any(a not in (1, b) for a, b in zip(src, shape)):
+                break
+            x = node.inputs[0]
+            continue
+        rep = node.inputs[0].producer
+        if rep is None or rep.op not in ("broadcast_to", "tile"):
+            break
+        wide, narrow = rep.outputs[0].type.shape, rep.inputs[0].type.shape  # [.., h, g, n, d], [.., h, 1, n, d]
+        rank = len(shape)
+        dims = [j for j in range(rank - 2) if len(wide) == rank + 1 and wide[:j] + (wide[j] * wide[j + 1],)
+                + wide[j + 2:] == shape and narrow == wide[:j + 1] + (1,) + wide[j + 2:]]
+        if not dims or rep.op == "tile" and tuple(rep.attrs["repeats"]) != tuple(
+                wide[j] if j == dims[0] + 1 else 1 for j in range(rank + 1)):
+            break
+        j = dims[0]
+        heads = shape[:j] + (wide[j],) + shape[j + 1:]
+        source = rep.inputs[0].producer
+        x = source.inputs[0] if source is not None and source.op == "reshape" and \
+            source.inputs[0].type.shape == heads else emit("reshape", [rep.inputs[0]], heads, shape=heads)
+    return x
+
+
 def fuse_attention(graph: Graph) -> Graph:
     users = graph.users()
     outputs = set(map(id, graph.outputs))
@@ -200,6 +231,7 @@ def fuse_attention(graph: Graph) -> Graph:
         if not (q.type.shape[:-2] == frame and key.type.rank == v.type.rank == q.type.rank
                 and all(d in (1, b) for b, d in zip(frame * 2, key.type.shape[:-2] + v.type.shape[:-2]))):
             continue
+        key, v = (_shared_heads(x, emit) for x in (key, v))
         bias = operands[3:]
         if len(bias) == 2:
             bias = [emit("add", bias, broadcast_shapes(bias[0].type.shape, bias[1].type.shape))]

@@ -149,10 +149,10 @@ def _infer_attention(ins, attrs):
     kt = key_dims(k.shape, attrs) if k.rank >= 2 else k.shape
     ok = (q.rank >= 2 and k.rank == q.rank and v.rank == q.rank and q.dtype in FLOAT_DTYPES
           and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[-1] == kt[-2] and kt[-1] == v.shape[-2]
-          and all(b in (1, a) for a, b in zip(q.shape[:-2] * 2, kt[:-2] + v.shape[:-2])))
+          and all(b == a or (b > 0 and a % b == 0) for a, b in zip(q.shape[:-2] * 2, kt[:-2] + v.shape[:-2])))
     if not ok:
         raise OpError(f"attention takes float q [..., M, D], kt [..., D, N] (k [..., N, D] with transpose_k) and "
-                      f"v [..., N, E] whose batch dims are q's or 1, got {q}, {k} and {v}")
+                      f"v [..., N, E] whose batch dims divide q's (q's, a group's or 1), got {q}, {k} and {v}")
     scores = q.shape[:-1] + (kt[-1],)
     if len(ins) > 3:
         bias = ins[3]
@@ -169,7 +169,7 @@ def _attention(ins, attrs):
     def run(op, args, **kw):
         return OPS[op].reference(args, OPS[op].check_attrs(kw))[0]
 
-    q, k, v = ins[:3]
+    q, k, v = (grouped(x, ins[0].shape[:-2]) for x in ins[:3])
     s = run("matmul", [q, np.swapaxes(k, -1, -2) if attrs["transpose_k"] else k])
     if attrs["scale"] != 1.0:
         s = run("mul", [s, np.asarray(attrs["scale"], s.dtype)])
@@ -177,6 +177,16 @@ def _attention(ins, attrs):
         s = run("add", [s, ins[3]])
     out = run("matmul", [run("softmax", [s], axis=-1), v])
     return [out, log_sum_exp(s)] if attrs["lse"] else [out]
+
+
+def grouped(x: np.ndarray, batch: tuple[int, ...]) -> np.ndarray:
+    """A key or value with grouped batch dims (a divisor of q's, not 1) repeated to q's: index ``i`` of q's dim
+    reads index ``i // (q's size / x's size)`` (``repeat_interleave``, how grouped-query models share a key/value
+    head among consecutive query heads); dims of 1 are left to broadcast."""
+    for axis, (a, b) in enumerate(zip(batch, x.shape[:-2])):
+        if b not in (1, a):
+            x = np.repeat(x, a // b, axis=axis)
+    return x
 
 
 def log_sum_exp(s: np.ndarray) -> np.ndarray:
@@ -198,7 +208,8 @@ register(OpDef("attention", "linalg", (3, 4),
                {"scale": Attr("float", 1.0), "transpose_k": Attr("bool", False), "lse": Attr("bool", False)},
                _infer_attention, _attention, _attention_cost,
                doc="softmax(scale * q @ kt + bias, axis=-1) @ v of q [..., M, D], kt [..., D, N] (or k [..., N, D] "
-                   "with transpose_k), v [..., N, E] (batch dims q's, or 1 in k and v: multi-query) and an optional "
+                   "with transpose_k), v [..., N, E] (k's and v's batch dims divide q's: 1 is multi-query, another "
+                   "divisor grouped-query attention, query head i reading key/value head i // group) and an optional "
                    "bias broadcasting to the scores [..., M, N]; made by fusing that composition (bmc.ops.fusion), "
                    "computed without the [M, N] scores where a kernel exists; with lse a second result, float32 "
                    "[..., M]: the log-sum-exp of each row of the scores (-inf for a row of -inf)"))

@@ -406,8 +406,16 @@ def _attention_numpy(q, kt, v, *rest, lse=None) -> None:
     """``bmc.cpu.attention[_bias]`` in numpy: the scores of every head at once (the memory the native kernel
     saves), a max-shifted softmax, one batched GEMM."""
     *bias, scale, transpose_k, out = rest
-    k = host_array(kt).astype(np.float32, copy=False)  # (16-bit keys and values are widened, as the kernel does)
-    s = np.matmul(np.from_dlpack(q), np.swapaxes(k, -1, -2) if transpose_k else k) * np.float32(scale)
+    q = np.from_dlpack(q)
+
+    def whole(x):  # 16-bit keys and values widened, as the kernel does; grouped batch dims repeated to q's
+        x = host_array(x).astype(np.float32, copy=False)
+        for axis, (a, b) in enumerate(zip(q.shape[:-2], x.shape[:-2])):
+            x = np.repeat(x, a // b, axis=axis)
+        return x
+
+    k = whole(kt)
+    s = np.matmul(q, np.swapaxes(k, -1, -2) if transpose_k else k) * np.float32(scale)
     if bias:
         s += np.from_dlpack(bias[0])
     m = s.max(axis=-1, keepdims=True)
@@ -417,7 +425,7 @@ def _attention_numpy(q, kt, v, *rest, lse=None) -> None:
         s /= total
         if lse is not None:
             np.from_dlpack(lse)[...] = np.where(m == -np.inf, -np.inf, m + np.log(total))[..., 0]
-    np.matmul(s, host_array(v).astype(np.float32, copy=False), out=np.from_dlpack(out))
+    np.matmul(s, whole(v), out=np.from_dlpack(out))
 
 
 def _attention_lse_numpy(q, kt, v, *rest) -> None:

@@ -69,6 +69,32 @@ def broadcast_dims(fs: _Factors, shapes: Sequence[tuple[int, ...]], out_shape: t
     return operands, tuple((f,) for f in ids)
 
 
+def grouped_dims(fs: _Factors, shapes: Sequence[tuple[int, ...]], batch: tuple[int, ...],
+                 prefix: str = "b") -> tuple[list[Dims], Dims]:
+    """Batch dims ``batch`` and operands' dims that divide them (attention's keys and values against q): a dim of
+    the same size shares the factor, a 1 has none, and a group's (``h`` under ``h * g``: query head ``i`` reads
+    key/value head ``i // g``) is the major of the two factors the big dim is then made of (``h``, then ``g``
+    within a group), so splitting the key/value heads splits the query heads in the same blocks, and splitting
+    within the groups leaves the keys and values whole. Two different groupings of one dim may not be split."""
+    operands: list[list[tuple[int, ...]]] = [[] for _ in shapes]
+    result = []
+    for i, size in enumerate(batch):
+        groups = {s[i] for s in shapes} - {1, size}
+        if len(groups) > 1:
+            result.append((fs.new(f"{prefix}{i}", size, "replicate"),))
+            for dims, s in zip(operands, shapes):
+                dims.append(result[-1] if s[i] == size else () if s[i] == 1
+                            else (fs.new(f"{prefix}{i}.{s[i]}", s[i], "replicate"),))
+            continue
+        heads = next(iter(groups), size)
+        major = fs.new(f"{prefix}{i}", heads)
+        whole = (major,) if heads == size else (major, fs.new(f"{prefix}{i}.group", size // heads))
+        result.append(whole)
+        for dims, s in zip(operands, shapes):
+            dims.append(whole if s[i] == size else () if s[i] == 1 else (major,))
+    return [tuple(d) for d in operands], tuple(result)
+
+
 def same_shape_dims(fs: _Factors, shape: tuple[int, ...], replicate: Sequence[int] = ()) -> Dims:
     """One factor per dim; the dims in ``replicate`` may not be split."""
     return tuple((fs.new(f"d{i}", d, "replicate" if i in replicate else "pass"),) for i, d in enumerate(shape))
@@ -229,7 +255,8 @@ def matmul_float8_rule(ins, outs, attrs) -> ShardingRule:
 
 def attention_rule(ins, outs, attrs) -> ShardingRule:
     """softmax(q @ kt + bias) @ v (the key stored as kt, or as k with ``transpose_k``): the batch dims (where k and v
-    have them: a multi-query k/v of 1 head has none), q's rows M and v's columns E pass; the head dim D may not be
+    have them: a multi-query k/v of 1 head has none, a grouped-query one the major factor, :func:`grouped_dims`),
+    q's rows M and v's columns E pass; the head dim D may not be
     split. The keys N are a reduction (context parallelism): each device attends to its block of the keys, and the
     ``local`` hook weighs its rows by their share of the softmax's denominator (:func:`_key_split_attention`), which
     leaves partial sums. The bias broadcasts against the scores [..., M, N]. With ``lse`` (the op that hook emits,
@@ -237,7 +264,7 @@ def attention_rule(ins, outs, attrs) -> ShardingRule:
     q, k, v = (t.shape for t in ins[:3])
     kt = key_dims(k, attrs)
     fs = _Factors()
-    (k_batch, v_batch), batch = broadcast_dims(fs, [k[:-2], v[:-2]], q[:-2], "b")  # multi-query: k, v dims of 1
+    (k_batch, v_batch), batch = grouped_dims(fs, [k[:-2], v[:-2]], q[:-2])  # multi-/grouped-query: k, v dims of 1/h
     m, d = fs.new("m", q[-2]), fs.new("d", q[-1], "replicate")
     n, e = fs.new("n", kt[-1], "replicate" if attrs["lse"] else "reduction"), fs.new("e", v[-1])
     key = ((n,), (d,)) if attrs["transpose_k"] else ((d,), (n,))

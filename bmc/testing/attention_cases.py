@@ -14,8 +14,8 @@ import numpy as np
 TOL = {"bf16": 8e-3, "f16": 2e-3}
 
 #: name → (dtype, q shape, k shape, v shape, bias shape or None, transpose_k, scale): rows and keys that are not
-#: multiples of the tiles (64), fewer keys than a tile, broadcast k/v (multi-query) and biases, kt or k, every
-#: head dim (16 to 128) and both 16-bit types
+#: multiples of the tiles (64), fewer keys than a tile, broadcast k/v (multi-query), grouped k/v (grouped-query:
+#: query head i reads key/value head i // group) and biases, kt or k, every head dim (16 to 128) and both 16-bit types
 CASES = {
     "one-partial-tile": ("bf16", (1, 7, 64), (1, 5, 64), (1, 5, 64), None, True, 0.125),
     "rows-and-keys-ragged": ("bf16", (1, 70, 64), (1, 130, 64), (1, 130, 64), (70, 130), True, 0.125),
@@ -25,6 +25,8 @@ CASES = {
     "f16-kt-no-bias": ("f16", (3, 65, 64), (3, 64, 66), (3, 66, 64), None, False, 1.0),
     "d16-vit-rows": ("bf16", (2, 2, 17, 16), (2, 2, 17, 16), (2, 2, 17, 16), None, True, 0.25),
     "d32-f16-mask": ("f16", (1, 3, 80, 32), (1, 3, 80, 32), (1, 3, 80, 32), (1, 1, 80, 80), True, 0.177),
+    "grouped-decode": ("bf16", (2, 8, 1, 64), (2, 2, 90, 64), (2, 2, 90, 64), (2, 1, 1, 90), True, 0.125),
+    "f16-grouped-kt-rows": ("f16", (1, 6, 70, 32), (1, 3, 32, 70), (1, 3, 70, 32), (70, 70), False, 0.177),
 }
 
 
@@ -57,6 +59,9 @@ def causal_bias(dtype: str, m: int, n: int) -> np.ndarray:
 
 
 def reference(q, k, v, bias, transpose_k: bool, scale: float) -> np.ndarray:
+    from bmc.ops.linalg import grouped
+
+    k, v = (grouped(x, q.shape[:-2]) for x in (k, v))
     kt = np.swapaxes(k, -1, -2) if transpose_k else k
     s = (q.astype(np.float32) @ kt.astype(np.float32)) * np.float32(scale)
     if bias is not None:

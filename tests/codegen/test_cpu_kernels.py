@@ -1114,6 +1114,42 @@ def test_attention_kernel_reads_16_bit_keys_and_values(impl, dtype, transpose_k,
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("kv_batch", [(2, 3), (1, 3), (2, 1)], ids=["grouped", "grouped-batch-1", "multi-query"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("transpose_k", [False, True], ids=["kt", "k"])
+@pytest.mark.parametrize("m", [1, 40], ids=["decoding", "packed"])
+def test_attention_kernel_reads_grouped_keys_and_values(impl, kv_batch, dtype, transpose_k, m):
+    """Keys and values whose batch dims divide q's ``(2, 6)`` (query head i reads key/value head i // group; a dim
+    of 1 is read by every index) give exactly what the kernel gives on keys and values repeated to q's batch dims
+    (``np.repeat``, what the exporters' ``repeat_kv`` copies), on every path: few rows in place, packed panels, and
+    16-bit keys and values."""
+    import tvm_ffi
+
+    from bmc.ir.types import np_dtype
+    from bmc.runtime import kernels as K
+
+    def tensor(x):
+        if x.dtype.kind != "V":
+            return tvm_ffi.from_dlpack(x)
+        return tvm_ffi.from_dlpack(x.view(np.uint16))._create_view(x.shape, str(x.dtype))
+
+    rng = np.random.default_rng(11)
+    batch, n, d, e = (2, 6), 23, 16, 8
+    q = rng.standard_normal(batch + (m, d), np.float32)
+    k = rng.standard_normal(kv_batch + ((n, d) if transpose_k else (d, n))).astype(np_dtype(dtype))
+    v = rng.standard_normal(kv_batch + (n, e)).astype(np_dtype(dtype))
+    bias = np.where(rng.random((m, n)) < 0.2, np.float32(-3.4e38), np.float32(0)).astype(np.float32)
+    whole = [np.ascontiguousarray(np.repeat(np.repeat(x, batch[0] // x.shape[0], 0), batch[1] // x.shape[1], 1))
+             for x in (k, v)]
+    K.register_cpu_kernels(native=impl == "native")
+    kernel = tvm_ffi.get_global_func(K.ATTENTION_BIAS_KERNEL)
+    got, want = (np.full(batch + (m, e), np.nan, np.float32) for _ in range(2))
+    kernel(*[tensor(x) for x in (q, k, v, bias)], 0.25, transpose_k, tensor(got))
+    kernel(*[tensor(x) for x in (q, *whole, bias)], 0.25, transpose_k, tensor(want))
+    assert np.isfinite(want).all()
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("fill", [-3.4e38, -np.inf])
 def test_attention_kernel_skips_masked_keys_exactly(impl, fill):
     """A causal mask: each block of query rows skips the keys masked for all of them (half the work); a row
@@ -1157,6 +1193,8 @@ def test_attention_baseline_loops_match(native_lib, monkeypatch):
     for dtype in ("float16", "bfloat16"):
         for transpose_k in (False, True):
             test_attention_kernel_reads_16_bit_keys_and_values("native", dtype, transpose_k, 1)
+            test_attention_kernel_reads_grouped_keys_and_values("native", (2, 3), "bfloat16" if dtype == "bfloat16"
+                                                                else "float32", transpose_k, 1)
 
 
 def test_attention_kernel_propagates_nan_and_rejects_bad_shapes(native_lib, monkeypatch):
@@ -1173,8 +1211,11 @@ def test_attention_kernel_propagates_nan_and_rejects_bad_shapes(native_lib, monk
     fn(*[tvm_ffi.from_dlpack(x) for x in (q, kt, v)], 1.0, False, tvm_ffi.from_dlpack(out))
     assert np.isnan(out[1, 2]).all() and not np.isnan(np.delete(out.reshape(8, 2), 6, axis=0)).any()
     np.testing.assert_allclose(out[0], 1.0)
-    with pytest.raises(Exception, match="same batch dims"):
+    with pytest.raises(Exception, match="one shape"):  # k's and v's batch dims differ
         fn(*[tvm_ffi.from_dlpack(x) for x in (q, kt[:1], v)], 1.0, False, tvm_ffi.from_dlpack(out))
+    with pytest.raises(Exception, match="must divide"):  # 3 key/value heads for 2 query heads
+        fn(*[tvm_ffi.from_dlpack(np.ones((3,) + x.shape[1:], np.float32)) if i else tvm_ffi.from_dlpack(x)
+             for i, x in enumerate((q, kt, v))], 1.0, False, tvm_ffi.from_dlpack(out))
     with pytest.raises(Exception, match="does not broadcast"):
         tvm_ffi.get_global_func(ATTENTION_BIAS_KERNEL)(
             *[tvm_ffi.from_dlpack(x) for x in (q, kt, v, np.zeros((3, 5), np.float32))], 1.0, False,

@@ -200,6 +200,22 @@ CASES += [("encode_float", [_FLOATS], {"format": f, "saturate": s})
 CASES += [("encode_float", [_FLOATS], {"format": "float8e8m0", "saturate": s, "round_mode": r})
           for s in (True, False) for r in ("up", "down", "nearest")]
 
+# grouped-query attention: 4 query heads over 2 key/value heads (head i reads i // 2), a causal mask broadcast over
+# heads; 6 heads over 3 with a batch of 1 broadcast (k [N, D]; its log-sum-exp too); a decoding step (1 row)
+_R4 = np.random.default_rng(8)
+
+
+def _normal(*shape):
+    return _R4.standard_normal(shape).astype(np.float32)
+
+
+CASES += [("attention", [_normal(2, 4, 7, 8), _normal(2, 2, 8, 19), _normal(2, 2, 19, 6),
+                         np.where(np.tril(np.ones((7, 19), bool), 12), 0, -np.inf).astype(np.float32)],
+           {"scale": 0.4}),
+          ("attention", [_normal(2, 6, 5, 8), _normal(1, 3, 11, 8), _normal(1, 3, 11, 4)],
+           {"transpose_k": True, "lse": True}),
+          ("attention", [_normal(2, 4, 1, 8), _normal(2, 2, 33, 8), _normal(2, 2, 33, 5)], {"transpose_k": True})]
+
 # reduced precision: the lowering computes normalizations in float32 for bfloat16 (TVM's kernels take f32/f16 only)
 try:
     import ml_dtypes
@@ -216,5 +232,9 @@ try:
                                   ("gelu", [(3, 8)], {"approximate": "tanh"}), ("add", [(3, 8), (8,)], {}),
                                   ("attention", [(2, 5, 8), (2, 8, 9), (2, 9, 4), (5, 9)], {"scale": 0.35}),
                                   ("attention", [(2, 5, 8), (2, 8, 9), (2, 9, 4)], {"lse": True})]]
+    # a grouped-query decoding step: 16-bit keys and values read in place (own inputs: the cases above keep theirs)
+    LOW_PRECISION_CASES += [("attention", [_normal(2, 4, 1, 8).astype(t), _normal(2, 2, 9, 8).astype(t),
+                                           _normal(2, 2, 9, 4).astype(t)], {"transpose_k": True})
+                            for t in (np.float16, ml_dtypes.bfloat16)]
 except ImportError:  # pragma: no cover
     LOW_PRECISION_CASES = []

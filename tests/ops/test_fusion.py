@@ -16,6 +16,9 @@ LAYERS = {"xattn_legacy": 1, "xattn_dynamo": 1}  # attention layers: 2 in the ot
 # fixtures whose attention is left spelled out, and why
 # two biases are added to each other first: equal up to rounding (bmc/ops/fusion.py)
 TWO_BIASES = {"t5enc_dynamo", "bloom_dynamo", "deberta_dynamo"}
+# key/value heads the fused attention reads: the Llama exports' repeat_kv copies are dropped (2 heads for q's 4;
+# llama_dynamo23's ONNX Attention body scales the repeated key after the copy, so it stays), Falcon's one head
+KV_HEADS = {"llama_legacy": 2, "llama_dynamo": 2, "falcon_dynamo": 1}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -29,6 +32,9 @@ def test_fixture_attention_is_fused_and_the_reference_is_unchanged(name):
     layers = LAYERS.get(name, 2)
     assert counts.get("attention", 0) == layers
     assert counts.get("softmax", 0) == plain.op_counts()["softmax"] - layers
+    for node in (n for n in fused.nodes if n.op == "attention"):
+        q, k, v = (x.type.shape for x in node.inputs[:3])
+        assert k[1] == v[1] == KV_HEADS.get(name, q[1])
     after = run_reference(fused, inputs)
     for key, want in before.items():
         if name in TWO_BIASES:
@@ -134,6 +140,61 @@ def test_multi_query_and_two_biases_fuse_and_compile(spelling):
     assert [n.op for n in fused.nodes] == (["attention"] if spelling == "multi_query" else ["add", "attention"])
     np.testing.assert_allclose(run_reference(fused, feeds)["out"], want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(run_compiled(fused, feeds)["out"], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spelling", ["expand", "tile", "expand-5d-input", "one-head-expanded"])
+def test_repeated_key_value_heads_are_read_shared(spelling):
+    """Grouped-query attention as the exporters write Llama's ``repeat_kv`` (2 key/value heads for 6 query heads):
+    ``k[:, :, None]`` (a reshape), an expand (or a tile), a reshape to q's heads; the fused op reads the 2 heads
+    themselves (query head i reads i // 3), the copies are gone, and both the reference and the compiled native
+    kernel equal the composition. One head expanded to every query head (multi-query) is read the same way."""
+    from bmc.testing.compiled import run_compiled
+
+    b = GraphBuilder("gqa")
+    heads, kv, n, d = 6, 1 if spelling == "one-head-expanded" else 2, 7, 8
+    q = b.input("q", TensorType("float32", (2, heads, 4, d)))
+
+    def repeat_kv(name):
+        if spelling == "one-head-expanded":
+            x = b.input(name, TensorType("float32", (2, 1, n, d)))
+            return b.emit1("broadcast_to", [x], shape=(2, heads, n, d))
+        if spelling == "expand-5d-input":  # no reshape above the expand to read instead: one is made
+            x = b.input(name, TensorType("float32", (2, kv, 1, n, d)))
+        else:
+            x = b.emit1("reshape", [b.input(name, TensorType("float32", (2, kv, n, d)))], shape=(2, kv, 1, n, d))
+        g = heads // kv
+        x = b.emit1("tile", [x], repeats=(1, 1, g, 1, 1)) if spelling == "tile" else \
+            b.emit1("broadcast_to", [x], shape=(2, kv, g, n, d))
+        return b.emit1("reshape", [x], shape=(2, heads, n, d))
+
+    k, v = repeat_kv("k"), repeat_kv("v")
+    s = b.emit1("mul", [b.emit1("matmul", [q, b.emit1("transpose", [k], perm=(0, 1, 3, 2))]),
+                        b.constant(np.float32(d ** -0.5))])
+    graph = b.finish([b.emit1("matmul", [b.emit1("softmax", [s], axis=-1), v], "out")])
+    rng = np.random.default_rng(5)
+    feeds = {x.name: rng.standard_normal(x.type.shape).astype(np.float32) for x in graph.inputs}
+    want = run_reference(graph, feeds)["out"]
+    fused = fuse_attention(graph)
+    assert not {"tile", "broadcast_to"} & set(fused.op_counts())
+    (att,) = [n for n in fused.nodes if n.op == "attention"]
+    assert att.inputs[1].type.shape == att.inputs[2].type.shape == (2, kv, n, d) and att.attrs["transpose_k"]
+    np.testing.assert_array_equal(run_reference(fused, feeds)["out"], want)
+    np.testing.assert_allclose(run_compiled(fused, feeds)["out"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_repeat_that_is_not_of_whole_heads_stays():
+    """Tiling the heads (head i reads i % 2, not i // 3: ``k.repeat(1, 3, 1, 1)``) is not grouped-query sharing:
+    the copy stays and the attention reads it."""
+    b = GraphBuilder("tiled")
+    q = b.input("q", TensorType("float32", (2, 6, 4, 8)))
+    k, v = (b.emit1("reshape", [b.emit1("tile", [b.emit1("reshape", [b.input(n, TensorType("float32", (2, 2, 7, 8)))],
+                                                          shape=(2, 1, 2, 7, 8))], repeats=(1, 3, 1, 1, 1))],
+                    shape=(2, 6, 7, 8)) for n in "kv")
+    s = b.emit1("matmul", [q, b.emit1("transpose", [k], perm=(0, 1, 3, 2))])
+    graph = b.finish([b.emit1("matmul", [b.emit1("softmax", [s], axis=-1), v], "out")])
+    fused = fuse_attention(graph)
+    (att,) = [n for n in fused.nodes if n.op == "attention"]
+    assert att.inputs[1].type.shape == (2, 6, 7, 8) and fused.op_counts()["tile"] == 2
 
 
 def test_regrouped_batch_dims_fuse_and_compile():

@@ -203,6 +203,29 @@ def test_attention_over_split_keys_is_a_partial_sum(spelling):
     assert lse.factors[keys].kind == "replicate"
 
 
+@pytest.mark.parametrize("kv_shape", [(2, 2), (1, 2), (2, 1)], ids=["grouped", "grouped-batch-1", "multi-query"])
+def test_grouped_query_attention_splits_heads_in_blocks(kv_shape):
+    """4 query heads over 2 key/value heads (head i reads i // 2): q's head dim is two factors, the key/value heads
+    and the position within a group, and k/v have the first only. Splitting the key/value heads splits q's heads in
+    the same blocks (no key/value is gathered), splitting within the groups leaves k and v whole; every valid
+    strategy on 2x2 (with the keys too) equals the reference."""
+    rng = np.random.default_rng(9)
+    q = rng.standard_normal((2, 4, 6, 8)).astype(np.float32)
+    k, v = (rng.standard_normal(kv_shape + s).astype(np.float32) for s in ((12, 8), (12, 5)))
+    bias = np.where(np.tril(np.ones((6, 12), bool), 6), 0, -np.inf).astype(np.float32)
+    attrs = {"scale": 0.3, "transpose_k": True}
+    rule = rule_of("attention", [q, k, v, bias], attrs)
+    heads = [i for i, f in enumerate(rule.factors) if f.name.startswith("b1")]
+    assert rule.operands[0][1] == tuple(heads) and rule.operands[1][1] == rule.operands[2][1] == \
+        {1: (), 2: tuple(heads[:1])}[kv_shape[1]]
+    mesh = Mesh.parse("2x2")
+    assignments = all_valid_assignments(rule, mesh)
+    assert any(a[heads[0]] for a in assignments) and any(a[heads[-1]] for a in assignments)
+    with np.errstate(invalid="ignore"):
+        for assignment in assignments:
+            check_rule("attention", [q, k, v, bias], attrs, mesh, assignment)
+
+
 def test_mean_over_a_split_dim_is_a_scaled_partial_sum():
     x = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
     attrs = {"axes": (1,), "keepdims": False}

@@ -215,7 +215,7 @@ def cross_attention_graph(b=2, m=3, n=16, heads=4, kv_heads=4, d=8, e=16, mask=T
     return g.finish([g.emit1("matmul", [merged, w["wo"]], "y")]), feeds
 
 
-@pytest.mark.parametrize("kv_heads", [4, 1], ids=["mha", "multi-query"])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "grouped-query", "multi-query"])
 @pytest.mark.parametrize("mesh_text", ["4", "2x2"])
 def test_context_parallel_attention_over_a_split_memory(mesh_text, kv_heads):
     """Context parallelism: the memory's sequence dim split over x, so each device attends to its block of the

@@ -139,6 +139,7 @@ def _attention(ctx, node, args):
 
     out = node.outputs[0].type
     scale, lse = node.attrs["scale"], node.attrs["lse"]
+    batch = node.inputs[0].type.shape[:-2]
     if ctx.target_kind == "cuda" and not lse and _fused_cuda_attention(node):
         from bmc.runtime.cuda import ATTENTION_BIAS_KERNEL, ATTENTION_KERNEL
 
@@ -153,16 +154,14 @@ def _attention(ctx, node, args):
         kernel = ([K.ATTENTION_KERNEL, K.ATTENTION_BIAS_KERNEL], [K.ATTENTION_LSE_KERNEL,
                                                                    K.ATTENTION_BIAS_LSE_KERNEL])[lse][len(args) > 3]
         ctx.kernels.add(kernel)
-        batch = list(node.inputs[0].type.shape[:-2])
         # 16-bit attention: the float32 kernel (no scores) on a widened q and bias; it reads 16-bit keys and values
         # itself, widening each head's in cache (a 16-bit cache is read from memory once, in 16 bits)
         narrow = out.dtype != "float32"
         args = [ctx.emit(relax.op.astype(a, "float32")) if narrow and i not in (1, 2) else a
                 for i, a in enumerate(args)]
-        for i in (1, 2):  # a multi-query key/value: the kernel takes q's batch dims (a copy per head)
-            shape = node.inputs[i].type.shape
-            if list(shape[:-2]) != batch:
-                args[i] = ctx.emit(relax.op.broadcast_to(args[i], batch + list(shape[-2:])))
+        k_batch, v_batch = (node.inputs[i].type.shape[:-2] for i in (1, 2))
+        if k_batch != v_batch:  # the kernel takes keys and values of one batch shape (dividing q's): repeat both
+            args[1:3] = [_grouped(ctx, args[i], node.inputs[i].type.shape, batch, full=True) for i in (1, 2)]
         scalars = [relax.expr.prim_value(float(scale)), relax.expr.prim_value(int(node.attrs["transpose_k"]))]
         result = relax.TensorType(list(out.shape), "float32")
         if lse:
@@ -172,7 +171,7 @@ def _attention(ctx, node, args):
             return [ctx.emit(relax.op.astype(o, out.dtype)) if narrow else o, rows]
         call = relax.call_dps_packed(kernel, args + scalars, out_ty=result)
         return relax.op.astype(ctx.emit(call), out.dtype) if narrow else call
-    q, kt, v = args[:3]
+    q, (kt, v) = args[0], (_grouped(ctx, args[i], node.inputs[i].type.shape, batch) for i in (1, 2))
     if node.attrs["transpose_k"]:
         rank = node.inputs[1].type.rank
         kt = ctx.emit(relax.op.permute_dims(kt, list(range(rank - 2)) + [rank - 1, rank - 2]))
@@ -185,6 +184,15 @@ def _attention(ctx, node, args):
         return _softmax_lse(ctx, node, s, v)
     p = ctx.emit(in_float32(lambda c, n, a: relax.op.nn.softmax(a[0], axis=-1))(ctx, node, [s]))
     return _matmul(ctx, node, [p, v])
+
+
+def _grouped(ctx, x, shape: tuple[int, ...], batch: tuple[int, ...], full: bool = False):
+    """A key or value repeated along each batch dim that groups q's (neither q's size nor 1) to q's size: query index
+    i reads i // group (``bmc.ops.linalg.grouped``); dims of 1 are left to broadcast unless ``full``."""
+    for axis, (a, b) in enumerate(zip(batch, shape[:-2])):
+        if b != a and (full or b != 1):
+            x = ctx.emit(relax.op.repeat(x, a // b, axis=axis))
+    return x
 
 
 def _softmax_lse(ctx, node, s, v):
