@@ -311,10 +311,12 @@ def make_decoder_step(path: Path, kv_heads: int = DEC_HEADS, repeat: str = "expa
                                      .astype(np.float32), f"w{t}") for t in "qkvo"]
     inits += [numpy_helper.from_array(np.array(s, np.int64), n) for n, s in
               (("heads_shape", [1, 1, DEC_HEADS, hd]), ("kv_heads_shape", [1, 1, kv_heads, hd]),
-               ("pos_shape", [1, 1, 1, 1]), ("idx_shape", [1, kv_heads, 1, hd]), ("out_shape", [1, 1, DEC_D]),
-               ("unsqueeze_axes", [2]), ("grouped_shape", [1, kv_heads, group, DEC_LENGTH, hd]),
-               ("repeated_shape", [1, DEC_HEADS, DEC_LENGTH, hd]),
-               ("head_of", np.arange(DEC_HEADS) // group))]
+               ("pos_shape", [1, 1, 1, 1]), ("idx_shape", [1, kv_heads, 1, hd]), ("out_shape", [1, 1, DEC_D]))]
+    if group > 1:
+        inits += [numpy_helper.from_array(np.array(s, np.int64), n) for n, s in (
+            [("head_of", np.arange(DEC_HEADS) // group)] if repeat == "gather" else
+            [("unsqueeze_axes", [2]), ("grouped_shape", [1, kv_heads, group, DEC_LENGTH, hd]),
+             ("repeated_shape", [1, DEC_HEADS, DEC_LENGTH, hd])])]
     inits += [numpy_helper.from_array(np.arange(DEC_LENGTH, dtype=np.int64).reshape(1, 1, 1, -1), "positions"),
               numpy_helper.from_array(np.float32(1 / np.sqrt(hd)), "scale"),
               numpy_helper.from_array(np.float32(-1e30), "masked")]
@@ -693,7 +695,8 @@ def main() -> int:
                   f"{gqa['onnxruntime_over_shared_time']:.2f}x (max |diff| {gqa['max_abs_diff_shared_vs_copied']:.1e})")
     # with --skip, the sections not run keep the results last recorded; measured_at: each section's commit
     kept = json.loads(RESULTS.read_text()) if args.skip and RESULTS.exists() else {}
-    measured = kept.pop("measured_at", {}) | {k: commit for k in results if k not in ("machine", "mpiexec")}
+    measured = ({k: "an earlier run" for k in kept if k not in ("machine", "mpiexec", "measured_at")}
+                | kept.pop("measured_at", {}) | {k: commit for k in results if k not in ("machine", "mpiexec")})
     results = kept | results | {"measured_at": measured}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")

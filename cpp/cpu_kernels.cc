@@ -1956,6 +1956,11 @@ void AttentionRows16Baseline(const Attention& p, int64_t b, int64_t kb, int64_t 
   AttentionRows16Body<false>(p, b, kb, bias_offset, i0, rows, s, lds);
 }
 
+constexpr int64_t kFewRows = 8;  // query rows of consecutive batch indices that share keys and values, together
+
+void AttentionFewRows(const Attention& p, int64_t b, int64_t run, int64_t kb, const int64_t* bias_offsets, float* s,
+                      int64_t lds);
+
 void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ffi::TensorView& v,
                    const ffi::TensorView* bias, double scale, bool transpose_k, const ffi::TensorView& out,
                    const ffi::TensorView* lse = nullptr) {
@@ -2033,13 +2038,17 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
   const auto run16 = wide && f16c ? AttentionRows16Avx2 : AttentionRows16Baseline;
   constexpr int64_t kThreadWork = int64_t{1} << 19;  // multiply-adds a thread is worth (starting one ~50 us)
   const int64_t work = count * p.m * p.n * (p.d + p.e);
-  ParallelRows(count * blocks, [&p, blocks, run, run16](int64_t begin, int64_t end) {
+  ParallelRows(count * blocks, [&p, blocks, run, run16, wide](int64_t begin, int64_t end) {
     const auto whole = [](int64_t x) { return (x + kGemmCols - 1) / kGemmCols * kGemmCols; };
     const int64_t lds = whole(p.n) + kGemmCols;  // rows of scores not 4 KiB apart
-    std::vector<float> scores(static_cast<size_t>(p.block * lds));
+    std::vector<float> scores(static_cast<size_t>(std::max(p.block, kFewRows) * lds));
     // a thread's items are consecutive: the keys and values of a batch index are packed once per thread, when
     // enough query rows reuse them (a decoding step's few rows read them once, in place)
     const bool pack = std::min(p.m, (end - begin) * p.block) >= kPackRows;
+    // AVX2 and few rows with the key as rows (a decoding step): the rows of consecutive batch indices that read
+    // one key/value index (a grouped-query head's query heads) attend together, each key and value row read once
+    // for all of them, in place (16-bit ones widened in registers)
+    const bool few = wide && f16c && !pack && p.transpose_k && blocks == 1;
     std::vector<float> kt_panels, v_panels, kt_wide, v_wide;
     if (pack) {
       kt_panels.resize(static_cast<size_t>(p.d * whole(p.n)));
@@ -2047,21 +2056,33 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
     }
     // 16-bit keys and values: read in place by the few-row path when the key comes as rows (a decoding step),
     // else a batch index's widened here, once, while in cache
-    const bool direct = p.kt16 != nullptr && !pack && p.transpose_k;
-    if (p.kt16 != nullptr && !direct) {
+    const bool direct = p.kt16 != nullptr && !pack && p.transpose_k && !few;
+    if (p.kt16 != nullptr && !direct && !few) {
       kt_wide.resize(static_cast<size_t>(p.d * p.n));
       v_wide.resize(static_cast<size_t>(p.n * p.e));
     }
-    const size_t nb = p.batch.size();
-    for (int64_t item = begin, packed = -1, widened = -1; item < end; ++item) {
-      const int64_t b = item / blocks, i0 = item % blocks * p.block;
-      int64_t bias_offset = 0, kb = 0;  // kb: the key/value batch index (consecutive query heads may share one)
-      for (int64_t i = static_cast<int64_t>(nb) - 1, rest = b, kv_stride = 1; i >= 0; --i) {
+    const auto locate = [&p](int64_t b, int64_t* bias_offset) {  // batch index b's bias offset and key/value index
+      int64_t kb = 0;
+      *bias_offset = 0;
+      for (int64_t i = static_cast<int64_t>(p.batch.size()) - 1, rest = b, kv_stride = 1; i >= 0; --i) {
         const int64_t index = rest % p.batch[i];
-        bias_offset += index * (p.bias_batch_stride.empty() ? 0 : p.bias_batch_stride[i]);
+        *bias_offset += index * (p.bias_batch_stride.empty() ? 0 : p.bias_batch_stride[i]);
         kb += index / p.group[i] * kv_stride;
         kv_stride *= p.batch[i] / p.group[i];
         rest /= p.batch[i];
+      }
+      return kb;
+    };
+    for (int64_t item = begin, packed = -1, widened = -1; item < end; ++item) {
+      const int64_t b = item / blocks, i0 = item % blocks * p.block;
+      int64_t bias_offset = 0;
+      const int64_t kb = locate(b, &bias_offset);  // consecutive query heads may share one key/value head
+      if (few) {  // (one block a batch index: item is b)
+        int64_t offsets[kFewRows] = {bias_offset}, run = 1, next = 0;
+        while (item + run < end && (run + 1) * p.m <= kFewRows && locate(b + run, &next) == kb) offsets[run++] = next;
+        AttentionFewRows(p, b, run, kb, offsets, scores.data(), lds);
+        item += run - 1;
+        continue;
       }
       if (direct) {
         run16(p, b, kb, bias_offset, i0, std::min(p.block, p.m - i0), scores.data(), lds);
@@ -2320,6 +2341,48 @@ bool SkinnyGemm(bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_
     }
   }, threads);
   return true;
+}
+
+/*! \brief Attention of the rows of \a run consecutive batch indices from \a b that all read key/value index \a kb
+ *  (keys as rows ``k [n, d]``; \a bias_offsets: each index's bias offset): scores of up to 3 rows x 4 keys a tile
+ *  (DotTileAvx2), the softmax row by row, then ``p @ v`` by the skinny GEMMs' row streams (AxpyRows). Each row's
+ *  arithmetic is the same whichever rows it is computed with. */
+template <typename TB>
+__attribute__((target("avx2,fma,f16c"))) void AttentionFewRowsT(const Attention& p, int64_t b, int64_t run,
+                                                               const TB* k, const TB* v, const int64_t* bias_offsets,
+                                                               float* s, int64_t lds) {
+  const int64_t rows = run * p.m, d = p.d;
+  int64_t n = 0;
+  for (int64_t r = 0; r < run; ++r) n = std::max(n, KeysNeeded(p, bias_offsets[r], 0, p.m));
+  const float* q = p.q + b * p.m * d;
+  for (int64_t j = 0; j < n; j += 4) {
+    const int64_t nr = std::min<int64_t>(4, n - j);
+    int64_t i = 0;
+    for (; i + 3 <= rows; i += 3) DotTileAvx2<3, TB>(q + i * d, d, k + j * d, d, s + i * lds + j, lds, d, nr);
+    if (rows - i == 2) DotTileAvx2<2, TB>(q + i * d, d, k + j * d, d, s + i * lds + j, lds, d, nr);
+    if (rows - i == 1) DotTileAvx2<1, TB>(q + i * d, d, k + j * d, d, s + i * lds + j, lds, d, nr);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* bias = p.bias == nullptr ? nullptr : p.bias + bias_offsets[r / p.m] + r % p.m * p.bias_row_stride;
+    SoftmaxRow<true>(s + r * lds, n, p.scale, bias, p.bias_col_stride, p.lse == nullptr ? nullptr : p.lse + b * p.m + r);
+  }
+  float* out = p.out + b * p.m * p.e;
+  std::fill(out, out + rows * p.e, 0.0f);
+  AxpyRows<kSkinnyStreams, TB>(s, lds, rows, v, p.e, out, p.e, p.e, n);
+}
+
+void AttentionFewRows(const Attention& p, int64_t b, int64_t run, int64_t kb, const int64_t* bias_offsets, float* s,
+                      int64_t lds) {
+  const int64_t kv = kb * p.n;
+  if (p.kt16 == nullptr) {
+    AttentionFewRowsT<float>(p, b, run, p.kt + kv * p.d, p.v + kv * p.e, bias_offsets, s, lds);
+  } else if (p.bf16) {
+    AttentionFewRowsT<Bf16>(p, b, run, reinterpret_cast<const Bf16*>(p.kt16) + kv * p.d,
+                            reinterpret_cast<const Bf16*>(p.v16) + kv * p.e, bias_offsets, s, lds);
+  } else {
+    AttentionFewRowsT<F16>(p, b, run, reinterpret_cast<const F16*>(p.kt16) + kv * p.d,
+                           reinterpret_cast<const F16*>(p.v16) + kv * p.e, bias_offsets, s, lds);
+  }
 }
 
 // ---- float32 GEMM on panels of b -------------------------------------------------------------------------------

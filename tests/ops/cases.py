@@ -215,6 +215,15 @@ CASES += [("attention", [_normal(2, 4, 7, 8), _normal(2, 2, 8, 19), _normal(2, 2
           ("attention", [_normal(2, 6, 5, 8), _normal(1, 3, 11, 8), _normal(1, 3, 11, 4)],
            {"transpose_k": True, "lse": True}),
           ("attention", [_normal(2, 4, 1, 8), _normal(2, 2, 33, 8), _normal(2, 2, 33, 5)], {"transpose_k": True})]
+# float64: the composition (what GPUs run; no CPU kernel), its query heads folded into rows of one product per
+# key/value head: grouped with a per-head bias and the log-sum-exp, one head, and a grouped dim that is not the last
+CASES += [("attention", [_normal(2, 4, 3, 8).astype(np.float64), _normal(2, 2, 8, 9).astype(np.float64),
+                         _normal(2, 2, 9, 5).astype(np.float64), _normal(4, 3, 9).astype(np.float64)],
+           {"scale": 0.4, "lse": True}),
+          ("attention", [_normal(2, 4, 3, 8).astype(np.float64), _normal(2, 1, 9, 8).astype(np.float64),
+                         _normal(2, 1, 9, 5).astype(np.float64)], {"transpose_k": True}),
+          ("attention", [_normal(4, 2, 3, 8).astype(np.float64), _normal(2, 2, 9, 8).astype(np.float64),
+                         _normal(2, 2, 9, 5).astype(np.float64)], {"transpose_k": True})]
 
 # reduced precision: the lowering computes normalizations in float32 for bfloat16 (TVM's kernels take f32/f16 only)
 try:

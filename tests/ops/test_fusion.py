@@ -148,6 +148,7 @@ def test_repeated_key_value_heads_are_read_shared(spelling):
     ``k[:, :, None]`` (a reshape), an expand (or a tile), a reshape to q's heads; the fused op reads the 2 heads
     themselves (query head i reads i // 3), the copies are gone, and both the reference and the compiled native
     kernel equal the composition. One head expanded to every query head (multi-query) is read the same way."""
+    from bmc.codegen.relax_module import to_relax
     from bmc.testing.compiled import run_compiled
 
     b = GraphBuilder("gqa")
@@ -180,6 +181,9 @@ def test_repeated_key_value_heads_are_read_shared(spelling):
     assert att.inputs[1].type.shape == att.inputs[2].type.shape == (2, kv, n, d) and att.attrs["transpose_k"]
     np.testing.assert_array_equal(run_reference(fused, feeds)["out"], want)
     np.testing.assert_allclose(run_compiled(fused, feeds)["out"], want, rtol=1e-5, atol=1e-5)
+    # the GPU's composition: each key/value head's query heads are rows of one product with it, nothing repeated
+    script = to_relax(fused, "cuda").script()
+    assert "R.repeat" not in script and f"R.reshape(q, R.shape([2, {kv}, {heads // kv * 4}, {d}]))" in script
 
 
 def test_a_repeat_that_is_not_of_whole_heads_stays():

@@ -171,19 +171,37 @@ def _attention(ctx, node, args):
             return [ctx.emit(relax.op.astype(o, out.dtype)) if narrow else o, rows]
         call = relax.call_dps_packed(kernel, args + scalars, out_ty=result)
         return relax.op.astype(ctx.emit(call), out.dtype) if narrow else call
-    q, (kt, v) = args[0], (_grouped(ctx, args[i], node.inputs[i].type.shape, batch) for i in (1, 2))
+    (m, d), (n, e) = node.inputs[0].type.shape[-2:], node.inputs[2].type.shape[-2:]
+    heads = {node.inputs[i].type.shape[len(batch) - 1] for i in (1, 2)} if batch else set()
+    folded = batch  # q's batch dims as the products see them
+    q = args[0]
+    if len(heads) == 1 and heads != {batch[-1]}:
+        # the last batch dim grouped (or one key/value head): each key/value head's query heads are rows of one
+        # product with it (q [.., h * g, m, d] viewed as [.., h, g * m, d]), so k and v are not repeated
+        folded = batch[:-1] + (heads.pop(),)
+        q = ctx.emit(relax.op.reshape(q, [*folded, batch[-1] // folded[-1] * m, d]))
+    kt, v = (_grouped(ctx, args[i], node.inputs[i].type.shape, folded) for i in (1, 2))
     if node.attrs["transpose_k"]:
         rank = node.inputs[1].type.rank
         kt = ctx.emit(relax.op.permute_dims(kt, list(range(rank - 2)) + [rank - 1, rank - 2]))
     s = ctx.emit(_matmul(ctx, node, [q, kt]))
+    if folded != batch:
+        s = ctx.emit(relax.op.reshape(s, [*batch, m, n]))
     if scale != 1.0:
         s = ctx.emit(relax.op.multiply(s, const(np.asarray(scale, np_dtype(out.dtype)))))
     if len(args) > 3:
         s = ctx.emit(relax.op.add(s, args[3]))
+
+    def times_v(p):
+        if folded == batch:
+            return _matmul(ctx, node, [p, v])
+        p = ctx.emit(relax.op.reshape(p, [*folded, batch[-1] // folded[-1] * m, n]))
+        return relax.op.reshape(ctx.emit(_matmul(ctx, node, [p, v])), [*batch, m, e])
+
     if lse:
-        return _softmax_lse(ctx, node, s, v)
+        return _softmax_lse(ctx, node, s, times_v)
     p = ctx.emit(in_float32(lambda c, n, a: relax.op.nn.softmax(a[0], axis=-1))(ctx, node, [s]))
-    return _matmul(ctx, node, [p, v])
+    return times_v(p)
 
 
 def _grouped(ctx, x, shape: tuple[int, ...], batch: tuple[int, ...], full: bool = False):
@@ -195,8 +213,8 @@ def _grouped(ctx, x, shape: tuple[int, ...], batch: tuple[int, ...], full: bool 
     return x
 
 
-def _softmax_lse(ctx, node, s, v):
-    """``[softmax(s) @ v, logsumexp(s)]`` about each row's max (0 for a row of -inf, whose sum is then 0 and its
+def _softmax_lse(ctx, node, s, times_v):
+    """``[times_v(softmax(s)), logsumexp(s)]`` (``times_v``: the product with v) about each row's max (0 for a row of -inf, whose sum is then 0 and its
     log-sum-exp -inf), 16-bit scores in float32; the log-sum-exp is float32."""
     from bmc.codegen.lower import const
     from bmc.ir.types import np_dtype
@@ -211,5 +229,4 @@ def _softmax_lse(ctx, node, s, v):
     p = ctx.emit(relax.op.divide(e, total))
     p = ctx.emit(relax.op.astype(p, dtype)) if wide != dtype else p
     rows = ctx.emit(relax.op.squeeze(ctx.emit(relax.op.add(ctx.emit(relax.op.log(total)), top)), axis=[-1]))
-    return [ctx.emit(_matmul(ctx, node, [p, v])), ctx.emit(relax.op.astype(rows, "float32")) if wide != "float32"
-            else rows]
+    return [ctx.emit(times_v(p)), ctx.emit(relax.op.astype(rows, "float32")) if wide != "float32" else rows]
