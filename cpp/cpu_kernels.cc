@@ -56,13 +56,15 @@
  * out)``: float32 ``softmax(scale * q @ kt + bias) @ v`` of ``q [..., M, D]``, ``kt [..., D, N]`` (or ``k [..., N,
  * D]`` with transpose_k), ``v [..., N, E]`` (k's and v's batch dims divide q's: 1 for multi-query, a divisor for
  * grouped-query attention, query index i reading key/value index i / group) and a bias broadcasting to ``[..., M,
- * N]``, a block
- * of query rows at a time so the score matrix is never stored; keys a causal mask hides from a whole block are
- * skipped. 6 x 16 AVX2 register tiles, else plain loops. The keys and values may also be float16 or bfloat16 (both
- * the same; a 16-bit key/value cache): a few query rows with the key as rows (a decoding step) read them in place,
- * 8 widened in registers at a time; otherwise each thread widens a batch index's into float32 once, in cache. ``cpu_attention[_bias]_lse(..., out, lse)`` also store
- * each row's log-sum-exp of the scores (float32 ``[..., M]``; -inf for a row of -inf): attention to a block of
- * the keys, which context parallelism combines with the other blocks'.
+ * N]``, a block of query rows at a time so the score matrix is never stored; keys a causal mask hides from a whole
+ * block are skipped. 6 x 16 AVX2 register tiles, else plain loops. A few query rows with the key as rows (a
+ * decoding step) take the skinny GEMMs' tiles instead, together with the rows of the next batch indices that read
+ * the same keys and values (a grouped-query head's query heads; up to 8 rows), which are then read once for all.
+ * The keys and values may also be float16 or bfloat16 (both the same; a 16-bit key/value cache): those few rows
+ * read them in place, 8 widened in registers at a time; otherwise each thread widens a batch index's into float32
+ * once, in cache. ``cpu_attention[_bias]_lse(..., out, lse)`` also store each row's log-sum-exp of the scores
+ * (float32 ``[..., M]``; -inf for a row of -inf): attention to a block of the keys, which context parallelism
+ * combines with the other blocks'.
  *
  * The BLAS is not linked: Python finds the OpenBLAS that numpy's wheel ships (already loaded into the process) and
  * calls ``blas_bind(path, sgemm, dgemm, int64)`` with its symbol names (``scipy_cblas_sgemm64_`` ...,
@@ -1874,92 +1876,34 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 Load8(cons
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-/*! \brief 8 16-bit values (bfloat16 when \a bf16, else float16) as float32. */
-__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 Widen8(const uint16_t* x, bool bf16) {
-  return bf16 ? Load8(reinterpret_cast<const Bf16*>(x)) : Load8(reinterpret_cast<const F16*>(x));
-}
-
-/*! \brief ``s[j] = q . k[j]`` for the \a n 16-bit rows of ``k [n, d]``. */
-__attribute__((target("avx2,fma,f16c"))) void ScoresRow16Avx2(const float* q, const uint16_t* k, int64_t n,
-                                                            int64_t d, bool bf16, float* s) {
-  for (int64_t j = 0; j < n; ++j, k += d) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= d; i += 16) {
-      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), Widen8(k + i, bf16), acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), Widen8(k + i + 8, bf16), acc1);
-    }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
-    float dot = 0.0f;
-    for (float l : lanes) dot += l;
-    for (; i < d; ++i) dot += q[i] * HalfToFloat(k[i], bf16);
-    s[j] = dot;
-  }
-}
-
-void ScoresRow16Plain(const float* q, const uint16_t* k, int64_t n, int64_t d, bool bf16, float* s) {
-  for (int64_t j = 0; j < n; ++j, k += d) {
-    float dot = 0.0f;
-    for (int64_t i = 0; i < d; ++i) dot += q[i] * HalfToFloat(k[i], bf16);
-    s[j] = dot;
-  }
-}
-
-/*! \brief ``o = sum_j p[j] * v[j]`` over the \a n 16-bit rows of ``v [n, e]``. */
-__attribute__((target("avx2,fma,f16c"))) void WeightedRows16Avx2(const float* p, const uint16_t* v, int64_t n,
-                                                               int64_t e, bool bf16, float* o) {
-  std::fill(o, o + e, 0.0f);
-  for (int64_t j = 0; j < n; ++j, v += e) {
-    const __m256 w = _mm256_set1_ps(p[j]);
-    int64_t i = 0;
-    for (; i + 8 <= e; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(w, Widen8(v + i, bf16), _mm256_loadu_ps(o + i)));
-    for (; i < e; ++i) o[i] += p[j] * HalfToFloat(v[i], bf16);
-  }
-}
-
-void WeightedRows16Plain(const float* p, const uint16_t* v, int64_t n, int64_t e, bool bf16, float* o) {
-  std::fill(o, o + e, 0.0f);
-  for (int64_t j = 0; j < n; ++j, v += e) {
-    for (int64_t i = 0; i < e; ++i) o[i] += p[j] * HalfToFloat(v[i], bf16);
-  }
-}
-
-/*! \brief The few-row block of 16-bit keys ``k [n, d]`` (transpose_k) and values: dot products with the key rows
- *  and the probabilities times the value rows, both read in 16 bits where they lie (a decoding step's one pass over
- *  its 16-bit cache, nothing widened into memory). */
-template <bool kAvx2>
-__attribute__((always_inline)) inline void AttentionRows16Body(const Attention& p, int64_t b, int64_t kb,
-                                                              int64_t bias_offset, int64_t i0, int64_t rows, float* s,
-                                                              int64_t lds) {
+/*! \brief The few-row block of 16-bit keys ``k [n, d]`` (transpose_k) and values without AVX2: dot products with
+ *  the key rows and the probabilities times the value rows, both read in 16 bits where they lie (with AVX2,
+ *  AttentionFewRows). */
+void AttentionRows16Baseline(const Attention& p, int64_t b, int64_t kb, int64_t bias_offset, int64_t i0,
+                             int64_t rows, float* s) {
   const int64_t n = KeysNeeded(p, bias_offset, i0, rows);
   const uint16_t *k = p.kt16 + kb * p.n * p.d, *v = p.v16 + kb * p.n * p.e;
   for (int64_t i = 0; i < rows; ++i) {
     const float* q = p.q + (b * p.m + i0 + i) * p.d;
     float* o = p.out + (b * p.m + i0 + i) * p.e;
-    (kAvx2 ? ScoresRow16Avx2 : ScoresRow16Plain)(q, k, n, p.d, p.bf16, s + i * lds);
-    SoftmaxRow<kAvx2>(s + i * lds, n, p.scale,
-                      p.bias == nullptr ? nullptr : p.bias + bias_offset + (i0 + i) * p.bias_row_stride,
+    for (int64_t j = 0; j < n; ++j) {
+      float dot = 0.0f;
+      for (int64_t c = 0; c < p.d; ++c) dot += q[c] * HalfToFloat(k[j * p.d + c], p.bf16);
+      s[j] = dot;
+    }
+    SoftmaxRow<false>(s, n, p.scale, p.bias == nullptr ? nullptr : p.bias + bias_offset + (i0 + i) * p.bias_row_stride,
                       p.bias_col_stride, p.lse == nullptr ? nullptr : p.lse + b * p.m + i0 + i);
-    (kAvx2 ? WeightedRows16Avx2 : WeightedRows16Plain)(s + i * lds, v, n, p.e, p.bf16, o);
+    std::fill(o, o + p.e, 0.0f);
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t c = 0; c < p.e; ++c) o[c] += s[j] * HalfToFloat(v[j * p.e + c], p.bf16);
+    }
   }
-}
-
-__attribute__((target("avx2,fma"))) void AttentionRows16Avx2(const Attention& p, int64_t b, int64_t kb,
-                                                              int64_t bias_offset, int64_t i0, int64_t rows, float* s,
-                                                              int64_t lds) {
-  AttentionRows16Body<true>(p, b, kb, bias_offset, i0, rows, s, lds);
-}
-
-void AttentionRows16Baseline(const Attention& p, int64_t b, int64_t kb, int64_t bias_offset, int64_t i0,
-                             int64_t rows, float* s, int64_t lds) {
-  AttentionRows16Body<false>(p, b, kb, bias_offset, i0, rows, s, lds);
 }
 
 constexpr int64_t kFewRows = 8;  // query rows of consecutive batch indices that share keys and values, together
 
-void AttentionFewRows(const Attention& p, int64_t b, int64_t run, int64_t kb, const int64_t* bias_offsets, float* s,
-                      int64_t lds);
+void AttentionFewRows(const Attention& p, int64_t b, int64_t i0, int64_t rows, int64_t together, int64_t kb,
+                      const int64_t* bias_offsets, float* s, int64_t lds);
 
 void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ffi::TensorView& v,
                    const ffi::TensorView* bias, double scale, bool transpose_k, const ffi::TensorView& out,
@@ -2035,28 +1979,27 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
   static const bool f16c = avx2 && __builtin_cpu_supports("f16c");
   const bool wide = avx2 && std::getenv("BMC_CPU_NO_AVX2") == nullptr;
   const auto run = wide ? AttentionBlockAvx2 : AttentionBlockBaseline;
-  const auto run16 = wide && f16c ? AttentionRows16Avx2 : AttentionRows16Baseline;
   constexpr int64_t kThreadWork = int64_t{1} << 19;  // multiply-adds a thread is worth (starting one ~50 us)
   const int64_t work = count * p.m * p.n * (p.d + p.e);
-  ParallelRows(count * blocks, [&p, blocks, run, run16, wide](int64_t begin, int64_t end) {
+  ParallelRows(count * blocks, [&p, blocks, run, wide](int64_t begin, int64_t end) {
     const auto whole = [](int64_t x) { return (x + kGemmCols - 1) / kGemmCols * kGemmCols; };
     const int64_t lds = whole(p.n) + kGemmCols;  // rows of scores not 4 KiB apart
     std::vector<float> scores(static_cast<size_t>(std::max(p.block, kFewRows) * lds));
     // a thread's items are consecutive: the keys and values of a batch index are packed once per thread, when
     // enough query rows reuse them (a decoding step's few rows read them once, in place)
     const bool pack = std::min(p.m, (end - begin) * p.block) >= kPackRows;
-    // AVX2 and few rows with the key as rows (a decoding step): the rows of consecutive batch indices that read
-    // one key/value index (a grouped-query head's query heads) attend together, each key and value row read once
-    // for all of them, in place (16-bit ones widened in registers)
-    const bool few = wide && f16c && !pack && p.transpose_k && blocks == 1;
+    // AVX2 and few rows with the key as rows (a decoding step): the skinny GEMMs' tiles, with the rows of the next
+    // batch indices that read the same key/value index (a grouped-query head's query heads) when a batch index is
+    // one block, each key and value row read once for all of them, in place (16-bit ones widened in registers)
+    const bool few = wide && f16c && !pack && p.transpose_k;
     std::vector<float> kt_panels, v_panels, kt_wide, v_wide;
     if (pack) {
       kt_panels.resize(static_cast<size_t>(p.d * whole(p.n)));
       v_panels.resize(static_cast<size_t>(p.n * whole(p.e)));
     }
-    // 16-bit keys and values: read in place by the few-row path when the key comes as rows (a decoding step),
+    // 16-bit keys and values: read in place by the few-row paths when the key comes as rows (a decoding step),
     // else a batch index's widened here, once, while in cache
-    const bool direct = p.kt16 != nullptr && !pack && p.transpose_k && !few;
+    const bool direct = p.kt16 != nullptr && !pack && p.transpose_k && !few;  // (without AVX2)
     if (p.kt16 != nullptr && !direct && !few) {
       kt_wide.resize(static_cast<size_t>(p.d * p.n));
       v_wide.resize(static_cast<size_t>(p.n * p.e));
@@ -2077,15 +2020,19 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
       const int64_t b = item / blocks, i0 = item % blocks * p.block;
       int64_t bias_offset = 0;
       const int64_t kb = locate(b, &bias_offset);  // consecutive query heads may share one key/value head
-      if (few) {  // (one block a batch index: item is b)
-        int64_t offsets[kFewRows] = {bias_offset}, run = 1, next = 0;
-        while (item + run < end && (run + 1) * p.m <= kFewRows && locate(b + run, &next) == kb) offsets[run++] = next;
-        AttentionFewRows(p, b, run, kb, offsets, scores.data(), lds);
-        item += run - 1;
+      const int64_t rows = std::min(p.block, p.m - i0);
+      if (few) {
+        int64_t offsets[kFewRows] = {bias_offset}, together = 1, next = 0;
+        while (blocks == 1 && item + together < end && (together + 1) * p.m <= kFewRows &&
+               locate(b + together, &next) == kb) {
+          offsets[together++] = next;
+        }
+        AttentionFewRows(p, b, i0, rows, together, kb, offsets, scores.data(), lds);
+        item += together - 1;
         continue;
       }
       if (direct) {
-        run16(p, b, kb, bias_offset, i0, std::min(p.block, p.m - i0), scores.data(), lds);
+        AttentionRows16Baseline(p, b, kb, bias_offset, i0, rows, scores.data());
         continue;
       }
       if (p.kt16 != nullptr && kb != widened) {
@@ -2106,8 +2053,7 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
       }
       const Operand16 kt_op = pack ? Operand16::Packed(kt_panels.data(), p.d) : Operand16::Plain(kt, p.n);
       const Operand16 v_op = pack ? Operand16::Packed(v_panels.data(), p.n) : Operand16::Plain(v, p.e);
-      run(p, b, bias_offset, i0, std::min(p.block, p.m - i0), kt_op, !pack && p.transpose_k ? kt : nullptr, v_op,
-          scores.data(), lds);
+      run(p, b, bias_offset, i0, rows, kt_op, !pack && p.transpose_k ? kt : nullptr, v_op, scores.data(), lds);
     }
   }, work / kThreadWork + 1);
 }
@@ -2343,18 +2289,20 @@ bool SkinnyGemm(bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_
   return true;
 }
 
-/*! \brief Attention of the rows of \a run consecutive batch indices from \a b that all read key/value index \a kb
- *  (keys as rows ``k [n, d]``; \a bias_offsets: each index's bias offset): scores of up to 3 rows x 4 keys a tile
- *  (DotTileAvx2), the softmax row by row, then ``p @ v`` by the skinny GEMMs' row streams (AxpyRows). Each row's
- *  arithmetic is the same whichever rows it is computed with. */
+/*! \brief Attention of rows [i0, i0 + \a rows) of \a together consecutive batch indices from \a b (all of their
+ *  rows when more than one) that read key/value index \a kb (keys as rows ``k [n, d]``; \a bias_offsets: each
+ *  index's bias offset): scores of up to 3 rows x 4 keys a tile (DotTileAvx2), the softmax row by row, then
+ *  ``p @ v`` by the skinny GEMMs' row streams (AxpyRows). Each row's arithmetic is the same whichever rows it is
+ *  computed with. */
 template <typename TB>
-__attribute__((target("avx2,fma,f16c"))) void AttentionFewRowsT(const Attention& p, int64_t b, int64_t run,
-                                                               const TB* k, const TB* v, const int64_t* bias_offsets,
-                                                               float* s, int64_t lds) {
-  const int64_t rows = run * p.m, d = p.d;
+__attribute__((target("avx2,fma,f16c"))) void AttentionFewRowsT(const Attention& p, int64_t b, int64_t i0,
+                                                               int64_t per_index, int64_t together, const TB* k,
+                                                               const TB* v, const int64_t* bias_offsets, float* s,
+                                                               int64_t lds) {
+  const int64_t rows = together * per_index, d = p.d;
   int64_t n = 0;
-  for (int64_t r = 0; r < run; ++r) n = std::max(n, KeysNeeded(p, bias_offsets[r], 0, p.m));
-  const float* q = p.q + b * p.m * d;
+  for (int64_t r = 0; r < together; ++r) n = std::max(n, KeysNeeded(p, bias_offsets[r], i0, per_index));
+  const float* q = p.q + (b * p.m + i0) * d;
   for (int64_t j = 0; j < n; j += 4) {
     const int64_t nr = std::min<int64_t>(4, n - j);
     int64_t i = 0;
@@ -2363,24 +2311,26 @@ __attribute__((target("avx2,fma,f16c"))) void AttentionFewRowsT(const Attention&
     if (rows - i == 1) DotTileAvx2<1, TB>(q + i * d, d, k + j * d, d, s + i * lds + j, lds, d, nr);
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const float* bias = p.bias == nullptr ? nullptr : p.bias + bias_offsets[r / p.m] + r % p.m * p.bias_row_stride;
-    SoftmaxRow<true>(s + r * lds, n, p.scale, bias, p.bias_col_stride, p.lse == nullptr ? nullptr : p.lse + b * p.m + r);
+    const float* bias = p.bias == nullptr ? nullptr
+                                          : p.bias + bias_offsets[r / per_index] + (i0 + r % per_index) * p.bias_row_stride;
+    SoftmaxRow<true>(s + r * lds, n, p.scale, bias, p.bias_col_stride,
+                     p.lse == nullptr ? nullptr : p.lse + b * p.m + i0 + r);
   }
-  float* out = p.out + b * p.m * p.e;
+  float* out = p.out + (b * p.m + i0) * p.e;
   std::fill(out, out + rows * p.e, 0.0f);
   AxpyRows<kSkinnyStreams, TB>(s, lds, rows, v, p.e, out, p.e, p.e, n);
 }
 
-void AttentionFewRows(const Attention& p, int64_t b, int64_t run, int64_t kb, const int64_t* bias_offsets, float* s,
-                      int64_t lds) {
+void AttentionFewRows(const Attention& p, int64_t b, int64_t i0, int64_t rows, int64_t together, int64_t kb,
+                      const int64_t* bias_offsets, float* s, int64_t lds) {
   const int64_t kv = kb * p.n;
   if (p.kt16 == nullptr) {
-    AttentionFewRowsT<float>(p, b, run, p.kt + kv * p.d, p.v + kv * p.e, bias_offsets, s, lds);
+    AttentionFewRowsT<float>(p, b, i0, rows, together, p.kt + kv * p.d, p.v + kv * p.e, bias_offsets, s, lds);
   } else if (p.bf16) {
-    AttentionFewRowsT<Bf16>(p, b, run, reinterpret_cast<const Bf16*>(p.kt16) + kv * p.d,
+    AttentionFewRowsT<Bf16>(p, b, i0, rows, together, reinterpret_cast<const Bf16*>(p.kt16) + kv * p.d,
                             reinterpret_cast<const Bf16*>(p.v16) + kv * p.e, bias_offsets, s, lds);
   } else {
-    AttentionFewRowsT<F16>(p, b, run, reinterpret_cast<const F16*>(p.kt16) + kv * p.d,
+    AttentionFewRowsT<F16>(p, b, i0, rows, together, reinterpret_cast<const F16*>(p.kt16) + kv * p.d,
                            reinterpret_cast<const F16*>(p.v16) + kv * p.e, bias_offsets, s, lds);
   }
 }

@@ -12,7 +12,12 @@ exporters, for GPT-2, BERT, Llama, OPT, ViT, Falcon, BLOOM, T5 and the Llama-lik
     o = matmul(p, v)             v [..., N, E]
 
 and replaces it by one ``attention(q, kt, v[, bias]) {scale}``, when every intermediate has that single reader
-and kt's and v's batch dims are q's or 1 (multi-query attention, as Falcon's export broadcasts one key head). Two
+and kt's and v's batch dims are q's or 1 (multi-query attention, as Falcon's export broadcasts one key head).
+Grouped-query models (Llama 2 70B and 3, Mistral, Qwen) copy each key/value head to the query heads that share it
+before the product (``repeat_kv``: an unsqueeze, an expand or tile, a reshape); the fused op reads the shared heads
+instead (its key/value batch dims may divide q's: query head i reads head i // group), so no copy of the keys and
+values (a whole cache, each decoding step) is made; an expand of one head to every query head is dropped the same
+way (:func:`_shared_heads`). Two
 biases become one ``add`` of the two before the attention: ``(s + b1) + b2`` is ``s + (b1 + b2)`` up to rounding
 where both are nonzero (a mask's 0 leaves the bias exact; where it hides a key, either sum is a huge negative).
 A ``kt`` that is a transpose of the last two dims of ``k [..., N, D]`` (a key or key cache kept as ``[batch, heads,

@@ -1037,6 +1037,7 @@ ATTENTION_CASES = [  # (batch, M, N, D, E, bias shape or None): tiles are 6 rows
     ((1,), 600, 300, 33, 40, None),         # several row blocks (218 rows each), no bias
     ((2,), 5, 1, 3, 2, (2, 5, 1)),          # one key; the bias broadcast over keys (stride 0)
     ((3,), 1, 40, 8, 8, (1, 40)),           # one query row (decoding)
+    ((2,), 10, 7000, 8, 4, (10, 7000)),     # few rows, many keys: two blocks of a batch index (6 rows, then 4)
 ]
 
 
