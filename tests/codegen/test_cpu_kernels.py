@@ -1079,6 +1079,15 @@ def test_attention_kernel_matches_reference(impl, batch, m, n, d, e, bias_shape,
         np.testing.assert_allclose(outs[1], want[1], rtol=0, atol=1e-5 * max(1.0, float(np.abs(want[1]).max())))
 
 
+def _tensor(x):
+    """``x`` as a TVM tensor (ml_dtypes' bfloat16 crosses DLPack as uint16, viewed back as bfloat16)."""
+    import tvm_ffi
+
+    if x.dtype.kind != "V":
+        return tvm_ffi.from_dlpack(x)
+    return tvm_ffi.from_dlpack(x.view(np.uint16))._create_view(x.shape, str(x.dtype))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("transpose_k", [False, True], ids=["kt", "k"])
 @pytest.mark.parametrize("m", [1, 40], ids=["decoding", "packed"])
@@ -1093,11 +1102,6 @@ def test_attention_kernel_reads_16_bit_keys_and_values(impl, dtype, transpose_k,
     from bmc.ir.types import np_dtype
     from bmc.runtime import kernels as K
 
-    def tensor(x):  # (ml_dtypes' bfloat16 crosses DLPack as uint16, viewed back as bfloat16)
-        if x.dtype.kind != "V":
-            return tvm_ffi.from_dlpack(x)
-        return tvm_ffi.from_dlpack(x.view(np.uint16))._create_view(x.shape, str(x.dtype))
-
     rng = np.random.default_rng(5)
     batch, n, d, e = (2, 3), 37, 16, 8
     q = rng.standard_normal(batch + (m, d), np.float32)
@@ -1107,8 +1111,8 @@ def test_attention_kernel_reads_16_bit_keys_and_values(impl, dtype, transpose_k,
     K.register_cpu_kernels(native=impl == "native")
     kernel = tvm_ffi.get_global_func(K.ATTENTION_BIAS_KERNEL)
     got, want = (np.zeros(batch + (m, e), np.float32) for _ in range(2))
-    kernel(*[tensor(x) for x in (q, k, v, bias)], 0.25, transpose_k, tensor(got))
-    kernel(*[tensor(x.astype(np.float32)) for x in (q, k, v, bias)], 0.25, transpose_k, tensor(want))
+    kernel(*[_tensor(x) for x in (q, k, v, bias)], 0.25, transpose_k, _tensor(got))
+    kernel(*[_tensor(x.astype(np.float32)) for x in (q, k, v, bias)], 0.25, transpose_k, _tensor(want))
     if impl == "native" and m == 1 and transpose_k and os.environ.get("BMC_CPU_NO_AVX2"):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(np.abs(want).max()))
     else:
@@ -1129,11 +1133,6 @@ def test_attention_kernel_reads_grouped_keys_and_values(impl, kv_batch, dtype, t
     from bmc.ir.types import np_dtype
     from bmc.runtime import kernels as K
 
-    def tensor(x):
-        if x.dtype.kind != "V":
-            return tvm_ffi.from_dlpack(x)
-        return tvm_ffi.from_dlpack(x.view(np.uint16))._create_view(x.shape, str(x.dtype))
-
     rng = np.random.default_rng(11)
     batch, n, d, e = (2, 6), 23, 16, 8
     q = rng.standard_normal(batch + (m, d), np.float32)
@@ -1145,8 +1144,8 @@ def test_attention_kernel_reads_grouped_keys_and_values(impl, kv_batch, dtype, t
     K.register_cpu_kernels(native=impl == "native")
     kernel = tvm_ffi.get_global_func(K.ATTENTION_BIAS_KERNEL)
     got, want = (np.full(batch + (m, e), np.nan, np.float32) for _ in range(2))
-    kernel(*[tensor(x) for x in (q, k, v, bias)], 0.25, transpose_k, tensor(got))
-    kernel(*[tensor(x) for x in (q, *whole, bias)], 0.25, transpose_k, tensor(want))
+    kernel(*[_tensor(x) for x in (q, k, v, bias)], 0.25, transpose_k, _tensor(got))
+    kernel(*[_tensor(x) for x in (q, *whole, bias)], 0.25, transpose_k, _tensor(want))
     assert np.isfinite(want).all()
     np.testing.assert_array_equal(got, want)
 
