@@ -2311,8 +2311,9 @@ __attribute__((target("avx2,fma,f16c"))) void AttentionFewRowsT(const Attention&
     if (rows - i == 1) DotTileAvx2<1, TB>(q + i * d, d, k + j * d, d, s + i * lds + j, lds, d, nr);
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const float* bias = p.bias == nullptr ? nullptr
-                                          : p.bias + bias_offsets[r / per_index] + (i0 + r % per_index) * p.bias_row_stride;
+    const float* bias = p.bias == nullptr
+                            ? nullptr
+                            : p.bias + bias_offsets[r / per_index] + (i0 + r % per_index) * p.bias_row_stride;
     SoftmaxRow<true>(s + r * lds, n, p.scale, bias, p.bias_col_stride,
                      p.lse == nullptr ? nullptr : p.lse + b * p.m + i0 + r);
   }

@@ -59,9 +59,9 @@ def causal_bias(dtype: str, m: int, n: int) -> np.ndarray:
 
 
 def reference(q, k, v, bias, transpose_k: bool, scale: float) -> np.ndarray:
-    from bmc.ops.linalg import grouped
-
-    k, v = (grouped(x, q.shape[:-2]) for x in (k, v))
+    for axis, (a, b) in enumerate(zip(q.shape[:-2], k.shape[:-2])):  # grouped heads: query head i reads i // group
+        if b not in (1, a):
+            k, v = (np.repeat(x, a // b, axis=axis) for x in (k, v))
     kt = np.swapaxes(k, -1, -2) if transpose_k else k
     s = (q.astype(np.float32) @ kt.astype(np.float32)) * np.float32(scale)
     if bias is not None:

@@ -214,8 +214,8 @@ def _grouped(ctx, x, shape: tuple[int, ...], batch: tuple[int, ...], full: bool 
 
 
 def _softmax_lse(ctx, node, s, times_v):
-    """``[times_v(softmax(s)), logsumexp(s)]`` (``times_v``: the product with v) about each row's max (0 for a row of -inf, whose sum is then 0 and its
-    log-sum-exp -inf), 16-bit scores in float32; the log-sum-exp is float32."""
+    """``[times_v(softmax(s)), logsumexp(s)]`` (``times_v``: the product with v) about each row's max (0 for a row
+    of -inf, whose sum is then 0 and its log-sum-exp -inf), 16-bit scores in float32; the log-sum-exp is float32."""
     from bmc.codegen.lower import const
     from bmc.ir.types import np_dtype
 
