@@ -82,9 +82,24 @@ def _shared_heads(x: Value, emit) -> Value:
     """The smaller key or value ``x`` was copied from, when ``x`` only repeats its batch indices: ``repeat_kv`` of
     grouped-query models (``k[:, :, None].expand(b, h, g, n, d).reshape(b, h * g, n, d)``: an unsqueeze, an expand
     or tile, a reshape, repeating each head ``g`` times), or an expand of dims of 1 (one key/value head broadcast
-    to every query head); the attention reads that one (its batch dims divide q's) and no copy is made."""
+    to every query head); the attention reads that one (its batch dims divide q's) and no copy is made. A scaling by
+    a constant scalar or a swap of the last two dims after the copy (ONNX's ``Attention`` body scales the repeated
+    key, transposed) is applied to the smaller tensor instead, as is a reshape there and back."""
+    node = x.producer
+    if node is not None and (node.op in ("mul", "div") and _scalar(node.inputs[1].producer) is not None or
+                             node.op == "transpose" and node.attrs["perm"] == _last_two_swapped(x.type.rank)):
+        src = node.inputs[0]
+        shared = _shared_heads(src, emit)
+        if shared is src:
+            return x
+        shape = shared.type.shape[:-2] + x.type.shape[-2:]
+        return emit(node.op, [shared] + node.inputs[1:], shape, **node.attrs)
     while x.producer is not None and x.producer.op in ("reshape", "broadcast_to", "tile"):
         node, shape = x.producer, x.type.shape
+        inner = node.inputs[0].producer
+        if node.op == "reshape" and inner is not None and inner.op == "reshape" and inner.inputs[0].type.shape == shape:
+            x = inner.inputs[0]  # a reshape there and back
+            continue
         if node.op != "reshape":  # every query head reading one key/value head
             src = node.inputs[0].type.shape
             if len(src) != len(shape) or src[-2:] != shape[-2:] or any(a not in (1, b) for a, b in zip(src, shape)):

@@ -17,8 +17,9 @@ LAYERS = {"xattn_legacy": 1, "xattn_dynamo": 1}  # attention layers: 2 in the ot
 # two biases are added to each other first: equal up to rounding (bmc/ops/fusion.py)
 TWO_BIASES = {"t5enc_dynamo", "bloom_dynamo", "deberta_dynamo"}
 # key/value heads the fused attention reads: the Llama exports' repeat_kv copies are dropped (2 heads for q's 4;
-# llama_dynamo23's ONNX Attention body scales the repeated key after the copy, so it stays), Falcon's one head
-KV_HEADS = {"llama_legacy": 2, "llama_dynamo": 2, "falcon_dynamo": 1}
+# llama_dynamo23's ONNX Attention body scales and transposes the repeated key: done to the 2 heads instead),
+# Falcon's one
+KV_HEADS = {"llama_legacy": 2, "llama_dynamo": 2, "llama_dynamo23": 2, "falcon_dynamo": 1}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -142,12 +143,14 @@ def test_multi_query_and_two_biases_fuse_and_compile(spelling):
     np.testing.assert_allclose(run_compiled(fused, feeds)["out"], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("spelling", ["expand", "tile", "expand-5d-input", "one-head-expanded"])
+@pytest.mark.parametrize("spelling", ["expand", "tile", "expand-5d-input", "one-head-expanded", "onnx-attention"])
 def test_repeated_key_value_heads_are_read_shared(spelling):
     """Grouped-query attention as the exporters write Llama's ``repeat_kv`` (2 key/value heads for 6 query heads):
     ``k[:, :, None]`` (a reshape), an expand (or a tile), a reshape to q's heads; the fused op reads the 2 heads
     themselves (query head i reads i // 3), the copies are gone, and both the reference and the compiled native
-    kernel equal the composition. One head expanded to every query head (multi-query) is read the same way."""
+    kernel equal the composition. One head expanded to every query head (multi-query) is read the same way, and
+    so is ONNX's ``Attention`` body (a reshape there and back after the copy, then the key transposed and scaled:
+    both done to the 2 heads instead)."""
     from bmc.codegen.relax_module import to_relax
     from bmc.testing.compiled import run_compiled
 
@@ -169,8 +172,14 @@ def test_repeated_key_value_heads_are_read_shared(spelling):
         return b.emit1("reshape", [x], shape=(2, heads, n, d))
 
     k, v = repeat_kv("k"), repeat_kv("v")
-    s = b.emit1("mul", [b.emit1("matmul", [q, b.emit1("transpose", [k], perm=(0, 1, 3, 2))]),
-                        b.constant(np.float32(d ** -0.5))])
+    if spelling == "onnx-attention":
+        k = b.emit1("reshape", [b.emit1("reshape", [k], shape=(2, heads, 1, n, d))], shape=(2, heads, n, d))
+        root = b.constant(np.float32(d ** -0.25))
+        kt = b.emit1("mul", [b.emit1("transpose", [k], perm=(0, 1, 3, 2)), root])
+        s = b.emit1("matmul", [b.emit1("mul", [q, root]), kt])
+    else:
+        s = b.emit1("mul", [b.emit1("matmul", [q, b.emit1("transpose", [k], perm=(0, 1, 3, 2))]),
+                            b.constant(np.float32(d ** -0.5))])
     graph = b.finish([b.emit1("matmul", [b.emit1("softmax", [s], axis=-1), v], "out")])
     rng = np.random.default_rng(5)
     feeds = {x.name: rng.standard_normal(x.type.shape).astype(np.float32) for x in graph.inputs}
@@ -178,12 +187,14 @@ def test_repeated_key_value_heads_are_read_shared(spelling):
     fused = fuse_attention(graph)
     assert not {"tile", "broadcast_to"} & set(fused.op_counts())
     (att,) = [n for n in fused.nodes if n.op == "attention"]
-    assert att.inputs[1].type.shape == att.inputs[2].type.shape == (2, kv, n, d) and att.attrs["transpose_k"]
+    transposed = spelling != "onnx-attention"
+    assert att.inputs[1].type.shape == ((2, kv, n, d) if transposed else (2, kv, d, n))
+    assert att.inputs[2].type.shape == (2, kv, n, d) and att.attrs["transpose_k"] == transposed
     np.testing.assert_array_equal(run_reference(fused, feeds)["out"], want)
     np.testing.assert_allclose(run_compiled(fused, feeds)["out"], want, rtol=1e-5, atol=1e-5)
     # the GPU's composition: each key/value head's query heads are rows of one product with it, nothing repeated
     script = to_relax(fused, "cuda").script()
-    assert "R.repeat" not in script and f"R.reshape(q, R.shape([2, {kv}, {heads // kv * 4}, {d}]))" in script
+    assert "R.repeat" not in script and f"R.shape([2, {kv}, {heads // kv * 4}, {d}])" in script
 
 
 def test_a_repeat_that_is_not_of_whole_heads_stays():
