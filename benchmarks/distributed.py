@@ -573,6 +573,11 @@ def _print_scaling(res: dict, gflop: float, label: str) -> None:
           f"{res['parallel_efficiency'] * 100:.0f}%  (max |diff| {res['max_abs_diff_sharded_vs_single']:.2e})")
 
 
+def _print_steps(res: dict, names) -> None:
+    for name in names:
+        print(f"  {name:<48}{res[name]['median_s'] * 1e3:>10.2f} ms")
+
+
 def _human(n: int) -> str:
     return f"{n >> 20} MB" if n >= 1 << 20 else f"{n >> 10} KB"
 
@@ -675,10 +680,9 @@ def main() -> int:
             results["decoding"] = dec
             print(f"\n(g) decoding step: d={DEC_D}, {DEC_HEADS} heads, a {DEC_LENGTH}-position key/value cache "
                   f"({_human(dec['cache_bytes'])}), median step")
-            for name in ("onnxruntime, 1 process", "1 rank", "1 rank, caches donated", "1 rank, bfloat16",
-                         "1 rank, bfloat16, caches bfloat16 and donated", "2 ranks, caches whole",
-                         "2 ranks, caches split over heads", "2 ranks, caches split over heads, donated"):
-                print(f"  {name:<48}{dec[name]['median_s'] * 1e3:>10.2f} ms")
+            _print_steps(dec, ("onnxruntime, 1 process", "1 rank", "1 rank, caches donated", "1 rank, bfloat16",
+                               "1 rank, bfloat16, caches bfloat16 and donated", "2 ranks, caches whole",
+                               "2 ranks, caches split over heads", "2 ranks, caches split over heads, donated"))
             print(f"  caches whole / split over heads: {dec['whole_over_split_time']:.2f}x; caches copied / donated: "
                   f"{dec['copied_over_donated_time_1_rank']:.2f}x on 1 rank, "
                   f"{dec['copied_over_donated_time_2_ranks']:.2f}x on 2 ranks (split); onnxruntime / bmc donated "
@@ -689,8 +693,7 @@ def main() -> int:
             results["grouped_decoding"] = gqa
             print(f"\n(h) grouped-query decoding step: {gqa['heads']} query heads over {gqa['kv_heads']} key/value "
                   f"heads, caches of {_human(gqa['cache_bytes'])} donated, median step")
-            for name in ("onnxruntime, 1 process", "1 rank, shared heads read", "1 rank, heads copied (Gather)"):
-                print(f"  {name:<48}{gqa[name]['median_s'] * 1e3:>10.2f} ms")
+            _print_steps(gqa, ("onnxruntime, 1 process", "1 rank, shared heads read", "1 rank, heads copied (Gather)"))
             print(f"  heads copied / shared: {gqa['copied_over_shared_time']:.2f}x; onnxruntime / bmc shared: "
                   f"{gqa['onnxruntime_over_shared_time']:.2f}x (max |diff| {gqa['max_abs_diff_shared_vs_copied']:.1e})")
     # with --skip, the sections not run keep the results last recorded; measured_at: each section's commit
