@@ -59,10 +59,11 @@ def import_graph(model, input_shapes=None, dtype: str = "float32", dump_dir: str
     ``dtype_io`` names are then passed in ``dtype`` too, the others stay float32)."""
     from bmc.frontend.onnx import import_model
     from bmc.ir.passes import Pass
-    from bmc.ops.fusion import fuse_attention, untranspose_scatters
+    from bmc.ops.fusion import fuse_attention, fuse_gathered_matmuls, untranspose_scatters
     from bmc.ops.precision import convert_float32
 
-    passes = [Pass("untranspose_scatters", untranspose_scatters), Pass("fuse_attention", fuse_attention)]
+    passes = [Pass("untranspose_scatters", untranspose_scatters), Pass("fuse_attention", fuse_attention),
+              Pass("fuse_gathered_matmuls", fuse_gathered_matmuls)]
     if dtype != "float32" or dtype_io:
         passes.append(Pass(f"convert_to_{dtype}", lambda g: convert_float32(g, dtype, dtype_io)))
     imported = import_model(model, input_shapes)

@@ -2844,6 +2844,65 @@ void CpuMatmul(ffi::TensorView a, ffi::TensorView b, int64_t trans_a, int64_t tr
   }
 }
 
+/*! \brief out[s] = x[s] @ w[idx[s]] (w[idx[s]].T with \a trans) of float32 x [S, K], w [E, K, N] ([E, N, K]) and
+ *  int32/int64 idx [S] (a mixture of experts' expert layer): the rows routed to each expert gathered into one block
+ *  (a counting sort), one GEMM per expert with its weight where it lies, the results put back in their rows; a row
+ *  whose index lies outside [0, E) is zero (rows routed to another device's experts). */
+void CpuGatherMatmul(ffi::TensorView x, ffi::TensorView w, ffi::TensorView idx, int64_t trans, ffi::TensorView out) {
+  const DLDataType f32{kDLFloat, 32, 1};
+  CheckOperand(x, f32, "x");
+  CheckOperand(w, f32, "w");
+  CheckOperand(out, f32, "out");
+  const DLDataType it = idx.dtype();
+  if (it.code != kDLInt || (it.bits != 32 && it.bits != 64) || it.lanes != 1 ||
+      idx.device().device_type != kDLCPU || !idx.IsContiguous()) {
+    TVM_FFI_THROW(TypeError) << "cpu_gather_matmul: the indices must be int32 or int64 on the CPU";
+  }
+  if (x.ndim() != 2 || w.ndim() != 3 || idx.ndim() != 1 || out.ndim() != 2) {
+    TVM_FFI_THROW(ValueError) << "cpu_gather_matmul: x must be [S, K], w [E, K, N] or [E, N, K], idx [S]";
+  }
+  const int64_t s = Dim(x, 0), k = Dim(x, 1), e = Dim(w, 0), n = trans ? Dim(w, 1) : Dim(w, 2);
+  if ((trans ? Dim(w, 2) : Dim(w, 1)) != k || Dim(idx, 0) != s || Dim(out, 0) != s || Dim(out, 1) != n) {
+    TVM_FFI_THROW(ValueError) << "cpu_gather_matmul: shapes do not fit x [" << s << ", " << k << "] and out ["
+                              << s << ", " << n << "]";
+  }
+  std::vector<int64_t> expert(s), start(e + 1, 0), order(s);
+  for (int64_t r = 0; r < s; ++r) {
+    const int64_t v = it.bits == 64 ? Data<int64_t>(idx)[r] : Data<int32_t>(idx)[r];
+    expert[r] = v >= 0 && v < e ? v : -1;
+    if (expert[r] >= 0) ++start[expert[r] + 1];
+  }
+  for (int64_t j = 0; j < e; ++j) start[j + 1] += start[j];
+  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  const float* X = Data<float>(x);
+  const float* W = Data<float>(w);
+  float* C = Data<float>(out);
+  for (int64_t r = 0; r < s; ++r) {
+    if (expert[r] >= 0) {
+      order[next[expert[r]]++] = r;
+    } else {
+      std::fill(C + r * n, C + (r + 1) * n, 0.0f);
+    }
+  }
+  const int64_t routed = start[e];
+  if (routed == 0 || n == 0) return;
+  float* xs = Scratch(0, routed * k);
+  float* cs = Scratch(2, routed * n);
+  for (int64_t i = 0; i < routed; ++i) std::copy(X + order[i] * k, X + (order[i] + 1) * k, xs + i * k);
+  const Blas& blas = GetBlas();
+  for (int64_t j = 0; j < e; ++j) {
+    const int64_t rows = start[j + 1] - start[j];
+    if (rows == 0) continue;
+    if (k == 0) {
+      std::fill(cs + start[j] * n, cs + start[j + 1] * n, 0.0f);
+      continue;
+    }
+    Gemm<float>(blas, false, trans != 0, rows, n, k, xs + start[j] * k, k, W + j * k * n, trans ? k : n,
+                cs + start[j] * n, n);
+  }
+  for (int64_t i = 0; i < routed; ++i) std::copy(cs + i * n, cs + (i + 1) * n, C + order[i] * n);
+}
+
 /*! \brief \a out [ceil(N / 32), K, 32] = the weight \a w [K, N] (or, with \a trans, [N, K]) in panels: float32,
  *  or float16/bfloat16 kept 16-bit (the panel GEMM widens a slice of a panel as it uses it). */
 void CpuPackWeight(ffi::TensorView w, int64_t trans, ffi::TensorView out) {
@@ -3035,6 +3094,7 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_packed, bmc::native::CpuMatmulPacked);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_nbits, bmc::native::CpuMatmulNBits);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_nbits_zp, bmc::native::CpuMatmulNBitsZp);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_float8, bmc::native::CpuMatmulFloat8);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_gather_matmul, bmc::native::CpuGatherMatmul);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_integer, bmc::native::CpuMatmulInteger);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_pack_int8_weight, bmc::native::CpuPackInt8Weight);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_integer_packed, bmc::native::CpuMatmulIntegerPacked);

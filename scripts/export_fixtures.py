@@ -52,7 +52,7 @@ LEGACY_OPSET = 17
 EXPORTERS = ("legacy", "dynamo", "dynamo23")
 # dynamo23: the dynamo exporter at opset 23 with PyTorch's SDPA attention, which it writes as ONNX ``Attention``
 # (and RMSNorm as ``RMSNormalization``): what a current exporter emits for an LLM. One model is enough.
-EXPORTER_MODELS = {"dynamo23": ("llama",), "legacy": ("gpt2", "bert", "llama", "opt", "vit", "xattn")}  # others: all
+EXPORTER_MODELS = {"dynamo23": ("llama",), "legacy": ("gpt2", "bert", "llama", "opt", "vit", "xattn", "mixtral")}  # others: all
 
 
 # --------------------------------------------------------------------------
@@ -133,6 +133,21 @@ def build_llama(gen):
         use_cache=False, attn_implementation="eager", tie_word_embeddings=False,
     )
     model = transformers.LlamaForCausalLM(cfg)
+    return (CausalLMLogits(model), {"input_ids": _token_inputs(gen)}, "logits",
+            {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
+
+
+def build_mixtral(gen):
+    # a sparse mixture of experts (4 experts, 2 per token). transformers' default experts loop over the experts
+    # that got tokens (data-dependent shapes, which neither exporter can write statically); "batched_mm" gathers
+    # each token's experts' weights and multiplies them batched, which both exporters write as Gather + MatMul
+    cfg = transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAXPOS,
+        num_local_experts=4, num_experts_per_tok=2, use_cache=False, attn_implementation="eager",
+        tie_word_embeddings=False, experts_implementation="batched_mm",
+    )
+    model = transformers.MixtralForCausalLM(cfg)
     return (CausalLMLogits(model), {"input_ids": _token_inputs(gen)}, "logits",
             {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
 
@@ -253,6 +268,7 @@ MODELS = {
     "gpt2": build_gpt2,
     "bert": build_bert,
     "llama": build_llama,
+    "mixtral": build_mixtral,
     "opt": build_opt,
     "vit": build_vit,
     "falcon": build_falcon,

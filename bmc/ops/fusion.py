@@ -1,5 +1,6 @@
-"""Graph fusions that make one op of a composition the importer leaves spelled out: attention, and a scatter along a
-middle dim that the dynamo exporter spells with two transposes (:func:`untranspose_scatters`).
+"""Graph fusions that make one op of a composition the importer leaves spelled out: attention, a mixture of experts'
+products by gathered weights (:func:`fuse_gathered_matmuls`), and a scatter along a middle dim that the dynamo
+exporter spells with two transposes (:func:`untranspose_scatters`).
 
 :func:`fuse_attention` finds scaled dot-product attention as every exporter writes it (PyTorch's eager and dynamo
 exporters, for GPT-2, BERT, Llama, OPT, ViT, Falcon, BLOOM, T5 and the Llama-likes)::
@@ -47,7 +48,7 @@ import numpy as np
 
 from bmc.ir.graph import Graph, Node, Value
 from bmc.ir.passes import eliminate_dead_code
-from bmc.ir.types import TensorType, dtype_of, np_dtype
+from bmc.ir.types import FLOAT_DTYPES, TensorType, dtype_of, np_dtype
 from bmc.ops.registry import OPS, broadcast_shapes
 
 
@@ -326,3 +327,81 @@ def untranspose_scatters(graph: Graph) -> Graph:
         return graph
     graph.nodes = [m for n in graph.nodes if id(n) not in dropped for m in replaced.get(id(n), [n])]
     return graph
+
+
+def _nonnegative(v: Value) -> bool:
+    """Whether ``v`` holds indices no lower than 0 by construction: topk's or argmax's, through reshapes."""
+    while v.producer is not None and v.producer.op == "reshape":
+        v = v.producer.inputs[0]
+    p = v.producer
+    return p is not None and (p.op in ("argmax", "argmin") or (p.op == "topk" and v is p.outputs[1]))
+
+
+def fuse_gathered_matmuls(graph: Graph) -> Graph:
+    """``matmul(gather(w, idx), x)`` → ``gather_matmul``: a mixture of experts as its batched form is exported.
+
+    Hugging Face's ``batched_mm`` experts (what both PyTorch exporters can write: the default loop over the experts
+    that got tokens has data-dependent shapes) gather every routed row's expert weight and multiply batched::
+
+        g = gather(w [E, N, K], idx [...], axis=0)          (or gather_nd(w, idx[..., None]))   g [..., N, K]
+        y = matmul(g, x [..., K, 1])                         y [..., N, 1]
+        (or w [E, K, N]: y = matmul(x [..., 1, K], g [..., K, N]))
+
+    which copies ``N * K`` weights per row (Mixtral 8x7B: 235 MB a routed token). The fused op reads each row's
+    expert weight where it lies. An index the gather would count from the end (negative) is wrapped first, unless
+    it comes from topk or argmax; only when the gathered weights have no other reader."""
+    users = graph.users()
+    outputs = set(map(id, graph.outputs))
+    replaced: dict[int, list[Node]] = {}
+    indices: dict[tuple[int, int], Value] = {}  # (id(idx), experts) -> the flat, wrapped indices
+    for mm in graph.nodes:
+        if mm.op != "matmul" or mm.inputs[0].type.dtype not in FLOAT_DTYPES:
+            continue
+        for side in (0, 1):
+            g = mm.inputs[side].producer
+            if g is None or g.op not in ("gather", "gather_nd") or id(g.outputs[0]) in outputs \
+                    or users.get(g.outputs[0], []) != [mm]:
+                continue
+            w, idx = g.inputs
+            if g.op == "gather" and g.attrs["axis"] in (0, -w.type.rank):
+                batch = idx.type.shape
+            elif g.op == "gather_nd" and g.attrs["batch_dims"] == 0 and idx.type.shape[-1:] == (1,):
+                batch = idx.type.shape[:-1]
+            else:
+                continue
+            x, out = mm.inputs[1 - side], mm.outputs[0]
+            if w.type.rank != 3 or not batch:
+                continue
+            k = w.type.shape[2 if side == 0 else 1]
+            if x.type.shape != batch + ((k, 1) if side == 0 else (1, k)) or out.type.shape[:len(batch)] != batch:
+                continue
+            rows = int(np.prod(batch))
+            made: list[Node] = []
+            tag = out.name
+
+            def emit(op: str, inputs: list[Value], ty: TensorType, **attrs) -> Value:
+                v = Value(f"{tag}.{len(made)}", ty)
+                made.append(Node(op, inputs, [v], attrs, mm.source))
+                return v
+
+            flat = indices.get((id(idx), w.type.shape[0]))
+            if flat is None:  # (one for all the products it routes: an expert layer's two share it)
+                flat = emit("reshape", [idx], idx.type.with_shape((rows,)), shape=(rows,))
+                if not _nonnegative(idx):
+                    it = flat.type
+                    zero = emit("constant", [], TensorType(it.dtype, ()), value=np.zeros((), np_dtype(it.dtype)))
+                    size = emit("constant", [], TensorType(it.dtype, ()),
+                                value=np.asarray(w.type.shape[0], np_dtype(it.dtype)))
+                    flat = emit("where", [emit("less", [flat, zero], TensorType("bool", (rows,))),
+                                          emit("add", [flat, size], it), flat], it)
+                indices[(id(idx), w.type.shape[0])] = flat
+            xs = emit("reshape", [x], x.type.with_shape((rows, k)), shape=(rows, k))
+            n = w.type.shape[1 if side == 0 else 2]
+            y = emit("gather_matmul", [xs, w, flat], out.type.with_shape((rows, n)), transpose_w=side == 0)
+            made.append(Node("reshape", [y], [out], {"shape": out.type.shape}, mm.source))
+            replaced[id(mm)] = made
+            break
+    if not replaced:
+        return graph
+    graph.nodes = [m for n in graph.nodes for m in replaced.get(id(n), [n])]
+    return eliminate_dead_code(graph)

@@ -2,7 +2,8 @@
 matmul_nbits, a matmul by a block-quantized 4-bit weight; matmul_integer, the exact int32 product of 8-bit
 operands (the weight transposed, ``[N, K]``, as both quantized matmuls store it); attention, the fused
 ``softmax(scale * q @ kt + bias) @ v`` (and, with ``lse``, each row's log-sum-exp of the scores, with which the
-results of attention over disjoint key blocks combine: context parallelism, ``bmc.sharding.factors``)."""
+results of attention over disjoint key blocks combine: context parallelism, ``bmc.sharding.factors``);
+gather_matmul, each row times the weight its index picks (a mixture of experts' expert layers)."""
 
 from __future__ import annotations
 
@@ -213,3 +214,42 @@ register(OpDef("attention", "linalg", (3, 4),
                    "bias broadcasting to the scores [..., M, N]; made by fusing that composition (bmc.ops.fusion), "
                    "computed without the [M, N] scores where a kernel exists; with lse a second result, float32 "
                    "[..., M]: the log-sum-exp of each row of the scores (-inf for a row of -inf)"))
+
+
+def _infer_gather_matmul(ins, attrs):
+    x, w, idx = ins
+    ok = (x.rank == 2 and w.rank == 3 and idx.rank == 1 and idx.shape[0] == x.shape[0] and x.dtype == w.dtype
+          and x.dtype in FLOAT_DTYPES and idx.dtype in ("int32", "int64")
+          and x.shape[1] == w.shape[2 if attrs["transpose_w"] else 1])
+    if not ok:
+        raise OpError(f"gather_matmul takes float x [S, K], w [E, K, N] (or [E, N, K] with transpose_w) of x's dtype "
+                      f"and int32/int64 indices [S], got {x}, {w} and {idx}")
+    return [TensorType(x.dtype, (x.shape[0], w.shape[1 if attrs["transpose_w"] else 2]))]
+
+
+def _gather_matmul(ins, attrs):
+    """The composition the op replaces, matmul by the gathered weights (so fusing changes no reference result), 64
+    rows at a time; a row whose index lies outside [0, E) is zero."""
+    x, w, idx = ins
+    valid = (idx >= 0) & (idx < w.shape[0])
+    picked = np.where(valid, idx, 0)
+    out = np.zeros((x.shape[0], w.shape[1 if attrs["transpose_w"] else 2]), x.dtype)
+    for r in range(0, x.shape[0], 64):
+        g, xr = w[picked[r:r + 64]], x[r:r + 64]
+        pair = [g, xr[:, :, None]] if attrs["transpose_w"] else [xr[:, None, :], g]
+        out[r:r + 64] = _matmul(pair, {})[0].reshape(len(xr), -1)
+    return [np.where(valid[:, None], out, np.zeros((), x.dtype))]
+
+
+def _gather_matmul_cost(ins, outs, attrs):
+    x, w, idx = ins
+    experts = min(w.shape[0], x.shape[0])  # the weights of at most one expert a row are read
+    return Cost(2 * x.shape[1] * outs[0].numel,
+                x.nbytes + idx.nbytes + outs[0].nbytes + w.nbytes * experts // w.shape[0])
+
+
+register(OpDef("gather_matmul", "linalg", (3, 3), {"transpose_w": Attr("bool", False)}, _infer_gather_matmul,
+               _gather_matmul, _gather_matmul_cost,
+               doc="row s of x [S, K] times the weight its index picks, x[s] @ w[idx[s]] of w [E, K, N] (w[idx[s]].T "
+                   "of w [E, N, K] with transpose_w); a row whose index lies outside [0, E) is zero: a mixture of "
+                   "experts' expert layers without the gathered [S, K, N] weights (bmc.ops.fusion)"))

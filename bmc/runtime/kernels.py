@@ -70,6 +70,10 @@ ATTENTION_BIAS_LSE_KERNEL = "bmc.cpu.attention_bias_lse"
 #: scale).T`` of float8 codes ``[N, K]`` whose 256 values are ``table`` (the format's mantissa bits and bias let the
 #: native kernel decode most codes arithmetically) and a scale per row of the codes, or one (the ``matmul_float8`` op)
 MATMUL_FLOAT8_KERNEL = "bmc.cpu.matmul_float8"
+#: ``bmc.cpu.gather_matmul(x, w, idx, transpose_w, out)``: float32 ``out[s] = x[s] @ w[idx[s]]`` (``w[idx[s]].T``)
+#: of x ``[S, K]``, w ``[E, K, N]`` (``[E, N, K]``), a row with an index outside ``[0, E)`` zero (the
+#: ``gather_matmul`` op: a mixture of experts' expert layers, one GEMM per expert with its rows)
+GATHER_MATMUL_KERNEL = "bmc.cpu.gather_matmul"
 #: ``bmc.cpu.matmul_packed(a, wp, n, out)``: ``a [..., M, K] @ w`` with the weight ``w [K, N]`` packed once, when
 #: the model is loaded, by ``bmc.cpu.pack_weight(w, trans, wp)`` into panels ``[ceil(N / 32), K, 32]`` of its dtype
 #: (``trans``: w is stored ``[N, K]``): float32, or float16/bfloat16 with a float32 or 16-bit result; see
@@ -93,7 +97,7 @@ TVM_SPIN_COUNT = int(os.environ.get("BMC_TVM_SPIN_COUNT", "0"))
 #: every kernel name an llvm artifact may require, with what ``register_cpu_kernels`` installs for it
 CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, CONV2D_FUSED_KERNEL, MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL,
                MATMUL_INTEGER_KERNEL, ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL, ATTENTION_LSE_KERNEL,
-               ATTENTION_BIAS_LSE_KERNEL, MATMUL_FLOAT8_KERNEL,
+               ATTENTION_BIAS_LSE_KERNEL, MATMUL_FLOAT8_KERNEL, GATHER_MATMUL_KERNEL,
                MATMUL_PACKED_KERNEL, PACK_WEIGHT_KERNEL, MATMUL_INTEGER_PACKED_KERNEL, PACK_INT8_WEIGHT_KERNEL)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -402,6 +406,15 @@ def _matmul_integer_packed_numpy(a, bp, a_zp, b_zp, n, out) -> None:
                      zb.astype(np.float64) - (128 if zb.dtype == np.uint8 else 0), np.from_dlpack(out))
 
 
+def _gather_matmul_numpy(x, w, idx, transpose_w, out) -> None:
+    """``bmc.cpu.gather_matmul`` in numpy: one product per expert with rows."""
+    X, W, I, C = (np.from_dlpack(t) for t in (x, w, idx, out))
+    C[...] = 0
+    for e in np.unique(I[(I >= 0) & (I < W.shape[0])]):
+        rows = np.flatnonzero(I == e)
+        C[rows] = X[rows] @ (W[e].T if transpose_w else W[e])
+
+
 def _attention_numpy(q, kt, v, *rest, lse=None) -> None:
     """``bmc.cpu.attention[_bias]`` in numpy: the scores of every head at once (the memory the native kernel
     saves), a max-shifted softmax, one batched GEMM."""
@@ -538,6 +551,7 @@ _NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", CONV2D_KERNEL: "cpu_conv2d", CON
                    MATMUL_INTEGER_KERNEL: "cpu_matmul_integer", ATTENTION_KERNEL: "cpu_attention",
                    ATTENTION_BIAS_KERNEL: "cpu_attention_bias", ATTENTION_LSE_KERNEL: "cpu_attention_lse",
                    ATTENTION_BIAS_LSE_KERNEL: "cpu_attention_bias_lse", MATMUL_FLOAT8_KERNEL: "cpu_matmul_float8",
+                   GATHER_MATMUL_KERNEL: "cpu_gather_matmul",
                    MATMUL_PACKED_KERNEL: "cpu_matmul_packed", PACK_WEIGHT_KERNEL: "cpu_pack_weight",
                    MATMUL_INTEGER_PACKED_KERNEL: "cpu_matmul_integer_packed",
                    PACK_INT8_WEIGHT_KERNEL: "cpu_pack_int8_weight"}
@@ -546,6 +560,7 @@ _NUMPY_KERNELS = {MATMUL_KERNEL: _matmul_numpy, CONV2D_KERNEL: _conv2d_numpy, CO
                   MATMUL_INTEGER_KERNEL: _matmul_integer_numpy, ATTENTION_KERNEL: _attention_numpy,
                   ATTENTION_BIAS_KERNEL: _attention_numpy, ATTENTION_LSE_KERNEL: _attention_lse_numpy,
                   ATTENTION_BIAS_LSE_KERNEL: _attention_lse_numpy, MATMUL_FLOAT8_KERNEL: _matmul_float8_numpy,
+                  GATHER_MATMUL_KERNEL: _gather_matmul_numpy,
                   MATMUL_PACKED_KERNEL: _matmul_packed_numpy, PACK_WEIGHT_KERNEL: _pack_weight_numpy,
                   MATMUL_INTEGER_PACKED_KERNEL: _matmul_integer_packed_numpy,
                   PACK_INT8_WEIGHT_KERNEL: _pack_int8_weight_numpy}

@@ -14,7 +14,8 @@ Patterns:
   * refinement   — reshape: compound factors from the common refinement of input and output shapes;
   * restructured — tensors of one rank that share untouched dims and change others (concat, split, slice, pad,
     tile, pooling, collectives): each changed dim gets its own replicate factor per tensor;
-  * window/gather specials — matmul, conv, gather (vocab split with a ``local`` hook), gather_elements, gather_nd,
+  * window/gather specials — matmul, conv, gather (vocab split with a ``local`` hook), gather_matmul (experts split
+    with one), gather_elements, gather_nd,
     scatter_elements and scatter_nd (the dims every write spans pass).
 
 A compound dim is one contiguous block layout only when every factor major to a split factor is split completely;
@@ -214,6 +215,34 @@ def matmul_rule(ins, outs, attrs) -> ShardingRule:
     a_dims = a_batch + ((m,) if m else ()) + ((k,),)
     b_dims = b_batch + ((k,),) + ((n,) if n else ())
     return fs.rule([a_dims, b_dims], [batch + ((m,) if m else ()) + ((n,) if n else ())])
+
+
+def gather_matmul_rule(ins, outs, attrs) -> ShardingRule:
+    """x [S, K], w [E, K, N] ([E, N, K] with transpose_w), idx [S] -> [S, N]: rows and N pass, K is a reduction,
+    and so are the experts E (expert parallelism): a device holding a block of the experts computes the rows routed
+    to them (:func:`gather_matmul_local`) and leaves the others zero, so the sum over the blocks is the product."""
+    (s, k), (e, n) = ins[0].shape, (ins[1].shape[0], outs[0].shape[1])
+    fs = _Factors()
+    rows, kf, nf = fs.new("s", s), fs.new("k", k, "reduction"), fs.new("n", n)
+    ef = fs.new("experts", e, "reduction")
+    w = ((ef,), (nf,), (kf,)) if attrs["transpose_w"] else ((ef,), (kf,), (nf,))
+    return fs.rule([((rows,), (kf,)), w, ((rows,),)], [((rows,), (nf,))], gather_matmul_local)
+
+
+def gather_matmul_local(ctx, node, inputs, assignment, rule):
+    """One device's product on its block [offset, offset + chunk) of the experts: the indices shifted by the offset
+    (the op leaves rows whose index falls outside its weights zero)."""
+    x, w, idx = inputs
+    axes = assignment[rule.operands[1][0][0]]
+    if not axes:
+        return ctx.emit("gather_matmul", [x, w, idx], **node.attrs)
+    itype = idx.type.dtype
+    block = ctx.block_index(axes)
+    if itype != "int64":
+        block = ctx.emit("cast", [block], dtype=itype)[0]
+    (offset,) = ctx.emit("mul", [block, ctx.constant(w.type.shape[0], itype)])
+    (local,) = ctx.emit("sub", [idx, offset])
+    return ctx.emit("gather_matmul", [x, w, local], **node.attrs)
 
 
 def matmul_nbits_rule(ins, outs, attrs) -> ShardingRule:
@@ -613,6 +642,7 @@ RULES: dict[str, RuleBuilder] = {
     "unpack_int4": unpack_int4_rule,
     "matmul_float8": matmul_float8_rule,
     "gather": gather_rule,
+    "gather_matmul": gather_matmul_rule,
     "gather_elements": gather_elements_rule,
     "gather_nd": gather_nd_rule,
     "constant": replicated_rule,

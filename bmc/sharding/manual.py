@@ -6,7 +6,9 @@ order, a matmul whose right operand is a weight (a parameter, possibly through t
 when its activation is whole and *row-parallel* when its activation is already split by an earlier
 column-parallel matmul. A column-parallel matmul whose result is cut by a ``split`` (GPT-2's fused QKV) is left
 whole and the split's outputs are split instead, so every layer needs exactly one all-reduce after attention and
-one after the MLP.
+one after the MLP. A mixture of experts (``gather_matmul``) is split by its experts instead (expert parallelism,
+as Megatron-LM runs MoE layers: one all-reduce after the expert layer, ``partition._elide_routed_reduces``), and
+its router's matmul (whose logits a ``topk`` picks from) is left whole.
 """
 
 from __future__ import annotations
@@ -62,7 +64,13 @@ def megatron(graph: Graph, axis: str, batch_axis: str | None = None) -> dict[str
         return (node.inputs[1], (0, 1)) if id(node.inputs[1]) in derived and node.inputs[1].producer else None
 
     for node in graph.nodes:
+        if node.op == "gather_matmul" and id(node.inputs[1]) in params:  # expert parallel: each device its experts
+            w = node.inputs[1]
+            out[w.name] = Spec(((axis,),) + ((),) * (w.type.rank - 1))
+            continue
         src = weight_matmul(node)
+        if src is not None and _routes(node.output, users):  # a router's few logits: left whole
+            src = None
         if src is None:
             if any(id(v) in split_act for v in node.inputs) and node.op not in ("layer_norm", "rms_norm"):
                 split_act.update(id(v) for v in node.outputs)
@@ -99,14 +107,25 @@ def _through(perm: tuple[int, ...], dim: int, axis: str) -> Spec:
 def _feeds_split(v: Value, users: dict[int, list[Node]]) -> Node | None:
     """The split node that cuts ``v``'s last dim, looking through elementwise ops (a bias add; a quantized matmul's
     cast and scale, a quantize-dequantize pair) and reshapes."""
+    return _reached(v, users, lambda n, x: n.op == "split" and n.attrs["axis"] % x.type.rank == x.type.rank - 1)
+
+
+def _routes(v: Value, users: dict[int, list[Node]]) -> bool:
+    """Whether ``v`` is a mixture of experts' router logits: a topk picks the experts from them (after a softmax)."""
+    return _reached(v, users, lambda n, x: n.op == "topk", through=("softmax",)) is not None
+
+
+def _reached(v: Value, users: dict[int, list[Node]], found, through: tuple[str, ...] = ()) -> Node | None:
+    """The first reader ``n`` (of ``v`` or of what is computed from it by reshapes, elementwise ops and the ops
+    ``through``) for which ``found(n, its operand)`` holds."""
     frontier, seen = [v], {id(v)}
     for _ in range(24):  # (a QDQ model quantizes and dequantizes twice on the way: 19 ops)
         nxt = []
         for x in frontier:
             for n in users.get(id(x), []):
-                if n.op == "split" and n.attrs["axis"] % x.type.rank == x.type.rank - 1:
+                if found(n, x):
                     return n
-                if n.op == "reshape" or get_op(n.op).family == "elementwise":
+                if n.op == "reshape" or n.op in through or get_op(n.op).family == "elementwise":
                     nxt.extend(o for o in n.outputs if id(o) not in seen)
                     seen.update(id(o) for o in n.outputs)
         frontier = nxt

@@ -79,6 +79,7 @@ class _Emitter:
         self.b = GraphBuilder(name)
         self.coord = self.b.input(MESH_COORD, TensorType("int64", (len(mesh.shape),)))
         self._blocks: dict[tuple[str, ...], Value] = {}
+        self.reshards: dict[int, Collective] = {}  # id(a collective's local result) -> its record
 
     def emit(self, op, inputs, names=(), **attrs):
         return self.b.emit(op, list(inputs), names, **attrs)
@@ -148,6 +149,7 @@ def partition(graph: Graph, plan: Plan) -> LocalProgram:
             if step.kind != "local_slice":
                 prog.collectives.append(Collective(step.kind, step.axes, step.bytes_per_device(v.type, mesh), v.name,
                                                    consumer, step.time_s(v.type, mesh), at=em.at))
+                em.reshards[id(x)] = prog.collectives[-1]
         return x
 
     for v in graph.inputs:
@@ -213,8 +215,79 @@ def partition(graph: Graph, plan: Plan) -> LocalProgram:
             x.name = v.name
         outs.append(x)
     em.b.finish(outs)
+    _elide_routed_reduces(prog, em)
     eliminate_dead_code(prog.graph)
     return prog
+
+
+def _routing(index: Value, em: _Emitter) -> tuple | None:
+    """(global indices, mesh axes, block size) of the indices an expert-split ``gather_matmul`` reads: the
+    ``sub(idx, block_index(axes) * chunk)`` its local hook made (``factors.gather_matmul_local``); None otherwise."""
+    p = index.producer
+    if p is None or p.op != "sub" or p.inputs[1].producer is None or p.inputs[1].producer.op != "mul":
+        return None
+    block, chunk = p.inputs[1].producer.inputs
+    if block.producer is not None and block.producer.op == "cast":
+        block = block.producer.inputs[0]
+    axes = next((a for a, v in em._blocks.items() if v is block), None)
+    if axes is None or chunk.producer is None or chunk.producer.op != "constant":
+        return None
+    return id(p.inputs[0]), axes, int(chunk.producer.attrs["value"])
+
+
+def _row_wise(node: Node, v: Value, rows: int) -> bool:
+    """Whether row ``r`` of ``node``'s results depends on row ``r`` of ``v`` alone (and on other operands)."""
+    out = node.outputs[0].type.shape
+    if not out or out[0] != rows or v.type.shape[:1] != (rows,):
+        return False
+    if OPS[node.op].family == "elementwise" or node.op == "reshape":
+        return True
+    if node.op in ("slice", "split"):
+        axes = node.attrs["axes"] if node.op == "slice" else (node.attrs["axis"],)
+        return all(a % v.type.rank != 0 for a in axes)
+    return node.op == "transpose" and node.attrs["perm"][0] == 0
+
+
+def _elide_routed_reduces(prog: LocalProgram, em: _Emitter) -> None:
+    """Expert parallelism with one all-reduce an expert layer, not two.
+
+    With the experts split, a device's ``gather_matmul`` computes the rows routed to its experts and leaves the
+    others zero: a partial sum, all-reduced before the activation that follows. But when every use of the reduced
+    value, through row-wise ops (the activation, the gate's product, a split), is the next product routed by the
+    same indices over the same axes, that product reads only the rows routed to this device's experts, which are
+    already exact: the all-reduce is dropped (with its record). The layer's output is still all-reduced."""
+    graph = prog.graph
+    users = graph.users()
+    outputs = set(map(id, graph.outputs))
+    for node in list(graph.nodes):
+        if node.op != "all_reduce" or node.attrs["reduce"] != "sum" or id(node.outputs[0]) not in em.reshards:
+            continue
+        src = node.inputs[0].producer
+        routing = _routing(src.inputs[2], em) if src is not None and src.op == "gather_matmul" else None
+        if routing is None or tuple(node.attrs["axes"]) != tuple(prog.mesh.names.index(a) for a in routing[1]):
+            continue
+        rows, pending, seen, ok = node.outputs[0].type.shape[0], [node.outputs[0]], set(), True
+        while pending and ok:
+            v = pending.pop()
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            ok = id(v) not in outputs
+            for r in users.get(v, []) if ok else ():
+                if r.op == "gather_matmul" and r.inputs[0] is v and r.inputs[2] is not v \
+                        and _routing(r.inputs[2], em) == routing:
+                    continue
+                if not _row_wise(r, v, rows):
+                    ok = False
+                    break
+                pending.extend(r.outputs)
+        if not ok:
+            continue
+        for r in users.get(node.outputs[0], []):
+            r.inputs = [node.inputs[0] if x is node.outputs[0] else x for x in r.inputs]
+        graph.nodes.remove(node)
+        record = em.reshards.pop(id(node.outputs[0]))
+        prog.collectives[:] = [c for c in prog.collectives if c is not record]
 
 
 def _local_attrs(node: Node, out_specs: list[Spec], mesh: Mesh) -> dict:

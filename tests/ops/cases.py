@@ -245,5 +245,24 @@ try:
     LOW_PRECISION_CASES += [("attention", [_normal(2, 4, 1, 8).astype(t), _normal(2, 2, 9, 8).astype(t),
                                            _normal(2, 2, 9, 4).astype(t)], {"transpose_k": True})
                             for t in (np.float16, ml_dtypes.bfloat16)]
+    LOW_PRECISION_CASES += [("gather_matmul", [_normal(5, 8).astype(t), _normal(3, 6, 8).astype(t),
+                                               np.array([2, 0, 2, 5, 1], np.int64)], {"transpose_w": True})
+                            for t in (np.float16, ml_dtypes.bfloat16)]
 except ImportError:  # pragma: no cover
     LOW_PRECISION_CASES = []
+
+# gather_matmul (a mixture of experts' expert layers): 7 rows over 4 experts, every expert routed; 6 rows over two
+# of them and indices outside [0, E) (zero rows), the weight stored [E, N, K] (transpose_w), int32 indices; a
+# decoding step's one row; float64
+_R5 = np.random.default_rng(7)
+CASES += [("gather_matmul", [_R5.standard_normal((7, 5)).astype(np.float32),
+                             _R5.standard_normal((4, 5, 6)).astype(np.float32),
+                             np.array([0, 2, 1, 0, 3, 2, 2], np.int64)], {}),
+          ("gather_matmul", [_R5.standard_normal((6, 5)).astype(np.float32),
+                             _R5.standard_normal((4, 6, 5)).astype(np.float32),
+                             np.array([3, -1, 0, 4, 3, 0], np.int32)], {"transpose_w": True}),
+          ("gather_matmul", [_R5.standard_normal((1, 8)).astype(np.float32),
+                             _R5.standard_normal((4, 12, 8)).astype(np.float32), np.array([2], np.int64)],
+           {"transpose_w": True}),
+          ("gather_matmul", [_R5.standard_normal((4, 5)), _R5.standard_normal((2, 5, 3)),
+                             np.array([1, 1, 0, 1], np.int64)], {})]  # float64

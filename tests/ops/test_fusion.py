@@ -18,8 +18,9 @@ LAYERS = {"xattn_legacy": 1, "xattn_dynamo": 1}  # attention layers: 2 in the ot
 TWO_BIASES = {"t5enc_dynamo", "bloom_dynamo", "deberta_dynamo"}
 # key/value heads the fused attention reads: the Llama exports' repeat_kv copies are dropped (2 heads for q's 4;
 # llama_dynamo23's ONNX Attention body scales and transposes the repeated key: done to the 2 heads instead),
-# Falcon's one
-KV_HEADS = {"llama_legacy": 2, "llama_dynamo": 2, "llama_dynamo23": 2, "falcon_dynamo": 1}
+# Falcon's one; Mixtral's grouped-query attention as Llama's
+KV_HEADS = {"llama_legacy": 2, "llama_dynamo": 2, "llama_dynamo23": 2, "falcon_dynamo": 1, "mixtral_legacy": 2,
+            "mixtral_dynamo": 2}
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -68,8 +68,9 @@ def test_float16_and_bfloat16_lowerings(op, inputs, attrs):
     bfloat16 attention's scores of up to ~10, where bfloat16's spacing is 0.06, and its probabilities) and was
     itself up to 6e-3 off on these cases (1.3e-2 on others)."""
     graph = single_op_graph(op, inputs, attrs)
-    wide = single_op_graph(op, [x.astype(np.float32) for x in inputs], attrs)
-    want = run_reference(wide, {f"in{i}": x.astype(np.float32) for i, x in enumerate(inputs)})
+    widened = [x.astype(np.float32) if x.dtype.kind in "fV" else x for x in inputs]  # (not indices)
+    wide = single_op_graph(op, widened, attrs)
+    want = run_reference(wide, {f"in{i}": x for i, x in enumerate(widened)})
     got = run_compiled(graph, {f"in{i}": x for i, x in enumerate(inputs)})
     for v, w in zip(graph.outputs, wide.outputs):
         _assert_matches(got[v.name], want[w.name].astype(got[v.name].dtype),
@@ -98,7 +99,7 @@ def test_pow_by_a_constant_two_or_three_is_products(dtype, exponent):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol, equal_nan=True)
 
 
-LIBRARY_KERNEL_OPS = ("matmul_nbits", "matmul_integer", "attention")  # a CPU library kernel, a composition elsewhere
+LIBRARY_KERNEL_OPS = ("matmul_nbits", "matmul_integer", "attention", "gather_matmul")  # a CPU library kernel, a composition elsewhere
 
 
 @pytest.mark.parametrize("op,inputs,attrs", [c for c in CASES if c[0] in LIBRARY_KERNEL_OPS],

@@ -230,3 +230,39 @@ def _softmax_lse(ctx, node, s, times_v):
     p = ctx.emit(relax.op.astype(p, dtype)) if wide != dtype else p
     rows = ctx.emit(relax.op.squeeze(ctx.emit(relax.op.add(ctx.emit(relax.op.log(total)), top)), axis=[-1]))
     return [ctx.emit(times_v(p)), ctx.emit(relax.op.astype(rows, "float32")) if wide != "float32" else rows]
+
+
+@lowering("gather_matmul")
+def _gather_matmul(ctx, node, args):
+    """On the CPU in float32 a call of ``bmc.cpu.gather_matmul`` (the rows of each expert gathered, one GEMM with its
+    weight where it lies); elsewhere one kernel whose row ``s`` reads weight ``idx[s]`` (a row with an index
+    outside the weights sums zeros), accumulating 16-bit operands in float32."""
+    from tvm import te, tirx
+
+    x, w, idx = args
+    out = node.outputs[0].type
+    transpose = node.attrs["transpose_w"]
+    if ctx.target_kind == "llvm" and out.dtype == "float32":
+        from bmc.runtime.kernels import GATHER_MATMUL_KERNEL
+
+        ctx.kernels.add(GATHER_MATMUL_KERNEL)
+        return relax.call_dps_packed(GATHER_MATMUL_KERNEL, [x, w, idx, relax.expr.prim_value(int(transpose))],
+                                     out_ty=relax.TensorType(list(out.shape), out.dtype))
+    acc = "float32" if out.dtype in ACCUMULATE_IN_FLOAT32 else out.dtype
+
+    def compute(x, w, idx):
+        k = te.reduce_axis((0, x.shape[1]), name="k")
+        experts = tirx.const(int(w.shape[0]), idx.dtype)
+
+        def row(s, n):
+            e = idx[s]
+            valid = tirx.all(e >= tirx.const(0, idx.dtype), e < experts)
+            e = tirx.if_then_else(valid, e, tirx.const(0, idx.dtype))
+            weight = w[e, n, k] if transpose else w[e, k, n]
+            term = x[s, k].astype(acc) * weight.astype(acc)
+            return te.sum(tirx.if_then_else(valid, term, tirx.const(0, acc)), axis=k)
+
+        y = te.compute((x.shape[0], w.shape[1] if transpose else w.shape[2]), row, name="gather_matmul")
+        return y if acc == out.dtype else te.compute(y.shape, lambda *i: y(*i).astype(out.dtype), name="narrow")
+
+    return ctx.bb.emit_te(compute, x, w, idx, primfunc_name_hint="gather_matmul")
