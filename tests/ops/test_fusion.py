@@ -288,3 +288,68 @@ def test_sdpa_zeroing_of_masked_rows_fuses():
     assert not want[1, 2].any() and np.isfinite(want).all()
     np.testing.assert_allclose(run_compiled(fused, feeds)["out"], want, rtol=1e-5, atol=1e-5)
     assert "attention" not in fuse_attention(_sdpa_graph(probs_read=True)).op_counts()
+
+
+# ---- gathered expert weights (fuse_gathered_matmuls) -----------------------------------------------------------
+
+def _experts_graph(*, transposed=True, nd=False, extra_reader=False, routed_by_topk=False):
+    """Hugging Face's batched experts: each row's expert weight gathered, then a batched product with the row."""
+    b = GraphBuilder("moe")
+    rows, experts, n, k = 6, 4, 5, 3
+    w = b.input("w", TensorType("float32", (experts, n, k) if transposed else (experts, k, n)))
+    x = b.input("x", TensorType("float32", (rows, k, 1) if transposed else (rows, 1, k)))
+    if routed_by_topk:
+        logits = b.input("logits", TensorType("float32", (rows // 2, experts)))
+        idx = b.emit1("reshape", [b.emit("topk", [logits], k=2)[1]], shape=(rows,))
+    else:
+        idx = b.input("idx", TensorType("int64", (rows,)))
+    if nd:
+        g = b.emit1("gather_nd", [w, b.emit1("reshape", [idx], shape=(rows, 1))], batch_dims=0)
+    else:
+        g = b.emit1("gather", [w, idx], axis=0)
+    y = b.emit1("matmul", [g, x] if transposed else [x, g])
+    graph = b.finish([y, g] if extra_reader else [y])
+    r = np.random.default_rng(3)
+    feeds = {v.name: r.standard_normal(v.type.shape).astype(np.float32) for v in graph.inputs if v.name != "idx"}
+    if not routed_by_topk:
+        feeds["idx"] = np.array([2, -1, 0, 2, -4, 3], np.int64)  # negative: counted from the end, as Gather does
+    return graph, feeds
+
+
+@pytest.mark.parametrize("nd", [False, True], ids=["gather", "gather_nd"])
+@pytest.mark.parametrize("transposed", [True, False], ids=["w[E,N,K]", "w[E,K,N]"])
+def test_gathered_expert_weights_become_one_gather_matmul(transposed, nd):
+    from bmc.ops.fusion import fuse_gathered_matmuls
+
+    graph, feeds = _experts_graph(transposed=transposed, nd=nd)
+    before = run_reference(graph, feeds)
+    fused = fuse_gathered_matmuls(graph)
+    counts = fused.op_counts()
+    assert counts["gather_matmul"] == 1 and "gather" not in counts and "gather_nd" not in counts
+    assert counts["where"] == 1  # the negative indices wrapped
+    (node,) = [n for n in fused.nodes if n.op == "gather_matmul"]
+    assert node.attrs["transpose_w"] == transposed and node.inputs[1].name == "w"  # the weights where they lie
+    after = run_reference(fused, feeds)
+    for key, want in before.items():
+        np.testing.assert_array_equal(after[key], want)  # the fused reference runs the replaced matmul
+
+
+def test_topk_indices_are_not_wrapped_and_a_gather_read_elsewhere_stays():
+    from bmc.ops.fusion import fuse_gathered_matmuls
+
+    graph, feeds = _experts_graph(routed_by_topk=True)
+    fused = fuse_gathered_matmuls(graph)
+    assert fused.op_counts()["gather_matmul"] == 1 and "where" not in fused.op_counts()
+    graph, _ = _experts_graph(extra_reader=True)  # the gathered weights are an output too: nothing to save
+    assert "gather_matmul" not in fuse_gathered_matmuls(graph).op_counts()
+
+
+@pytest.mark.parametrize("name", ["mixtral_legacy", "mixtral_dynamo"])
+def test_mixtral_experts_read_their_weights_in_place(name):
+    """Both exporters' Mixtral (batched_mm experts): each layer's two expert products are gather_matmuls sharing
+    one index vector (topk's: not wrapped); no [rows, N, K] copy of the weights is left."""
+    inputs, _ = load_case(name)
+    fused = import_graph(FIXTURES / f"{name}.onnx", {k: v.shape for k, v in inputs.items()})
+    products = [n for n in fused.nodes if n.op == "gather_matmul"]
+    assert len(products) == 4 and len({id(n.inputs[2]) for n in products}) == 2
+    assert all(n.inputs[0].type.rank < 3 for n in fused.nodes if n.op in ("gather", "gather_nd"))  # embeddings

@@ -690,6 +690,24 @@ def test_quantized_model_tensor_parallel_on_two_ranks(tmp_path, native_lib, name
     _check(tmp_path / "out.npz", sess.run(None, {"input_ids": ids}))
 
 
+def test_expert_parallel_mixture_of_experts_on_two_ranks(tmp_path, native_lib):
+    """The Mixtral fixture (4 experts, 2 a token) with Megatron's layout on 2 real ranks: attention tensor parallel,
+    each rank holding 2 of each layer's 4 experts and computing the rows routed to them; 2 all-reduces a layer.
+    Equal to onnxruntime."""
+    import bmc
+
+    data = np.load(FIXTURES / "mixtral_dynamo.npz")
+    bmc.compile(FIXTURES / "mixtral_dynamo.onnx", tmp_path / "ep.bmc", mesh="2", strategy="megatron",
+                input_shapes={"input_ids": data["input_ids"].shape})
+    plan = json.loads((tmp_path / "ep.bmc" / "plan.json").read_text())
+    assert [c["kind"] for c in plan["collectives"] if c["node"] != "output"] == ["all_reduce"] * 4
+    np.savez(tmp_path / "in.npz", input_ids=data["input_ids"])
+    r = bmc_run(2, tmp_path / "ep.bmc", tmp_path / "in.npz", tmp_path / "out.npz", "--collectives", "native",
+                BMC_MPI_NATIVE_LIB=native_lib)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _check(tmp_path / "out.npz", [data["output:logits"]])
+
+
 @pytest.mark.parametrize("collectives", ["native", "python"])
 def test_context_parallel_attention_on_two_ranks(tmp_path, native_lib, collectives):
     """The cross-attention fixture with its memory split over 2 real ranks (``--shard``): each rank attends to

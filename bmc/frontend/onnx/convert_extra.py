@@ -3,7 +3,8 @@
 Activations (Elu, Selu, Celu, ThresholdedRelu, HardSwish, Softsign, PRelu, Shrink, Mish, Swish), hyperbolic and
 tangent functions with closed forms (Sinh, Cosh, Tan, Asinh, Acosh, Atanh), integer and fmod Mod, L1/log-sum
 reductions, Lp/instance/group/mean-variance normalization, DepthToSpace/SpaceToDepth, Hardmax, OneHot, EyeLike,
-Einsum (no repeated index within one operand), NegativeLogLikelihoodLoss and SoftmaxCrossEntropyLoss.
+Einsum (no repeated index within one operand), NegativeLogLikelihoodLoss and SoftmaxCrossEntropyLoss; onnxruntime's
+mixture-of-experts layer ``com.microsoft::MoE``.
 """
 
 from __future__ import annotations
@@ -516,3 +517,76 @@ def _softmax_cross_entropy(ctx: Context, node):
     loss = _nll(ctx, logp, ctx.operand(1), ctx.optional(2), ctx.text("reduction", "mean"),
                 ctx.attr("ignore_index", None))
     return [loss, logp]
+
+
+@converter("com.microsoft::MoE")
+def _moe(ctx: Context, node):
+    """onnxruntime's mixture-of-experts layer (what onnxruntime-genai's model builder writes for Mixtral-like
+    models): each token's top ``k`` experts by the softmax of its router logits (their probabilities renormalized
+    over the k with ``normalize_routing_weights``), each expert ``fc2(act(fc1 x + b1)) + b2`` with weights stored
+    ``[E, out, in]``, weighted and summed. ``activation_type`` relu, gelu (its tanh approximation, as onnxruntime
+    computes it), silu, identity, or swiglu: fc1's rows interleaved gate, linear (``swiglu_fusion=1``), ``gate *
+    sigmoid(alpha * gate) * (linear + beta)``, ``swiglu_limit`` clamping the gate from above and the linear part
+    both ways. The expert products are ``gather_matmul``s: the weights read where they lie, one GEMM per expert,
+    split by experts for expert parallelism."""
+    x, logits, w1, w2 = ctx.operand(0), ctx.operand(1), ctx.operand(2), ctx.operand(4)
+    if ctx.has(6) or ctx.has(7):
+        raise ConvertError("MoE with fc3 weights is not supported",
+                           fix="fuse the gate into fc1 (activation_type swiglu, swiglu_fusion=1), as onnxruntime's "
+                               "CPU kernel requires too")
+    if ctx.attr("use_sparse_mixer", 0):
+        raise ConvertError("MoE with use_sparse_mixer=1 is not supported", fix="route by the softmax's top k")
+    act, k = ctx.text("activation_type", "relu"), ctx.attr("k", 1)
+    xt, lt, w1t, w2t = (ctx.type(v) for v in (x, logits, w1, w2))
+    _float_input(ctx, x, "MoE")
+    hidden, tokens = xt.shape[-1], prod(xt.shape[:-1])
+    experts, inner = w2t.shape[0], w2t.shape[-1]
+    width = 2 * inner if act == "swiglu" else inner
+    expected = {"router_probs": (lt, (tokens, experts)), "fc1_experts_weights": (w1t, (experts, width, hidden)),
+                "fc2_experts_weights": (w2t, (experts, hidden, inner))}
+    for name, (t, shape) in expected.items():
+        if t.shape != shape or t.dtype != xt.dtype:
+            raise ConvertError(f"MoE input {name} is {t}, expected {xt.dtype}{list(shape)} (input {xt}, "
+                               f"{experts} experts of {inner} {act} units)")
+    if act == "swiglu" and ctx.attr("swiglu_fusion", 0) != 1:
+        raise ConvertError("MoE swiglu with swiglu_fusion != 1 is not supported",
+                           fix="interleave the gate and linear rows of fc1 (swiglu_fusion=1)")
+    if act not in ("relu", "gelu", "silu", "identity", "swiglu"):
+        raise ConvertError(f"MoE activation_type {act!r} is not supported",
+                           fix="bmc takes relu, gelu, silu, identity and swiglu")
+    if not 1 <= k <= experts:
+        raise ConvertError(f"MoE k={k} is not between 1 and the {experts} experts")
+    rows = tokens * k
+    x2 = ctx.emit1("reshape", [x], shape=(tokens, hidden))
+    top, idx = ctx.emit("topk", [ctx.emit1("softmax", [logits], axis=-1)], k=k)
+    if ctx.attr("normalize_routing_weights", 0):
+        top = ctx.emit1("div", [top, ctx.emit1("reduce_sum", [top], axes=(-1,), keepdims=True)])
+    ids = ctx.emit1("reshape", [idx], shape=(rows,))
+    each = ctx.emit1("broadcast_to", [ctx.emit1("reshape", [x2], shape=(tokens, 1, hidden))],
+                     shape=(tokens, k, hidden))
+
+    def layer(a, w, bias):
+        y = ctx.emit1("gather_matmul", [a, w, ids], transpose_w=True)
+        return y if bias is None else ctx.emit1("add", [y, ctx.emit1("gather", [bias, ids], axis=0)])
+
+    h = layer(ctx.emit1("reshape", [each], shape=(rows, hidden)), w1, ctx.optional(3))
+    if act == "relu":
+        h = ctx.emit1("relu", [h])
+    elif act == "gelu":
+        h = ctx.emit1("gelu", [h], approximate="tanh")
+    elif act == "silu":
+        h = ctx.emit1("mul", [h, ctx.emit1("sigmoid", [h])])
+    elif act == "swiglu":
+        gate, linear = (ctx.emit1("slice", [h], starts=(s,), ends=(width,), axes=(1,), steps=(2,)) for s in (0, 1))
+        limit = ctx.attr("swiglu_limit")
+        if limit is not None:
+            gate = ctx.emit1("minimum", [gate, _s(ctx, gate, limit)])
+            linear = ctx.emit1("clip", [linear], min=-limit, max=limit)
+        alpha, beta = ctx.attr("activation_alpha", 1.0), ctx.attr("activation_beta", 0.0)
+        scaled = gate if alpha == 1.0 else ctx.emit1("mul", [gate, _s(ctx, gate, alpha)])
+        linear = linear if beta == 0.0 else ctx.emit1("add", [linear, _s(ctx, linear, beta)])
+        h = ctx.emit1("mul", [ctx.emit1("mul", [gate, ctx.emit1("sigmoid", [scaled])]), linear])
+    y = layer(h, w2, ctx.optional(5))
+    y = ctx.emit1("mul", [y, ctx.emit1("reshape", [top], shape=(rows, 1))])
+    y = ctx.emit1("reduce_sum", [ctx.emit1("reshape", [y], shape=(tokens, k, hidden))], axes=(1,), keepdims=False)
+    return [ctx.emit1("reshape", [y], shape=xt.shape)]
