@@ -34,6 +34,10 @@
     4 heads, donated), on 1 rank: the heads repeated as Hugging Face's ``repeat_kv`` exports it (unsqueeze, expand,
     reshape; bmc's attention reads each shared head in place) vs as a Gather (the same copy in a spelling bmc does
     not read through: what each step cost before), and onnxruntime on the first.
+(i) expert parallelism: a stack of Mixtral-shaped expert layers (``benchmarks/moe.py``'s ``hf`` form: 8 experts, 2 a
+    token, d=1024, ffn=1024, MOE_LAYERS layers, MOE_TOKENS tokens), compiled for 1 device and for a mesh of 2 with
+    Megatron's layout (each rank holds 4 of each layer's 8 experts and computes the tokens routed to them; one
+    all-reduce a layer), run like (b).
 (f) outputs left split: a language-model head (TOKENS x 768 activations times a 768 x 32768 vocabulary weight),
     Megatron's column-parallel split of the vocabulary on 2 ranks, its logits gathered whole on every rank (the
     default) or left split (``--output-shard logits=[{},{x}]``: each rank returns its half); 2 ranks each way.
@@ -484,6 +488,27 @@ def run_context(tmp: Path, iters: int) -> dict:
             "flops": flops} | scaling(tmp, "xattn", single, cp, iters)
 
 
+# ------------------------------------------------------------------------------------------ (i) experts
+
+MOE_LAYERS, MOE_TOKENS, MOE_EXPERTS = 2, 256, 8
+
+
+def run_experts(tmp: Path, iters: int) -> dict:
+    import onnx
+
+    import bmc
+    from benchmarks.moe import hf_moe, moe_weights
+
+    onnx_path = tmp / "moe.onnx"
+    onnx.save(hf_moe(moe_weights(MOE_LAYERS, D, D, MOE_EXPERTS)), onnx_path)
+    single, ep = tmp / "moe_1.bmc", tmp / "moe_2.bmc"
+    bmc.compile(onnx_path, single, input_shapes={"M": MOE_TOKENS})
+    bmc.compile(onnx_path, ep, input_shapes={"M": MOE_TOKENS}, mesh="2", strategy="megatron")
+    flops = MOE_LAYERS * MOE_TOKENS * (2 * D * MOE_EXPERTS + 2 * 3 * 2 * D * D)  # router + 2 experts of 3 matmuls
+    return {"layers": MOE_LAYERS, "tokens": MOE_TOKENS, "experts": MOE_EXPERTS, "topk": 2, "d": D, "ffn": D,
+            "flops": flops} | scaling(tmp, "moe", single, ep, iters)
+
+
 # ------------------------------------------------------------------------------------------ (c) torch
 
 TORCH_SCRIPT = r"""
@@ -593,7 +618,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--microbatches", type=int, default=4)
-    ap.add_argument("--skip", action="append", default=[], choices=("a", "b", "c", "d", "e", "f", "g", "h"))
+    ap.add_argument("--skip", action="append", default=[], choices=("a", "b", "c", "d", "e", "f", "g", "h", "i"))
     args = ap.parse_args()
     if args.worker == "collectives":
         worker_collectives(args.out, args.quick)
@@ -696,6 +721,14 @@ def main() -> int:
             _print_steps(gqa, ("onnxruntime, 1 process", "1 rank, shared heads read", "1 rank, heads copied (Gather)"))
             print(f"  heads copied / shared: {gqa['copied_over_shared_time']:.2f}x; onnxruntime / bmc shared: "
                   f"{gqa['onnxruntime_over_shared_time']:.2f}x (max |diff| {gqa['max_abs_diff_shared_vs_copied']:.1e})")
+        if "i" not in args.skip:
+            moe = run_experts(tmp, iters)
+            results["expert_parallel"] = moe
+            gflop = moe["flops"] / 1e9
+            print(f"\n(i) expert parallelism: {moe['layers']} layers of {moe['experts']} experts (2 a token, d={D}), "
+                  f"{moe['tokens']} tokens ({gflop:.1f} GFLOP/step), median of {iters} steps; collectives: "
+                  f"{', '.join(moe['collectives_in_plan'])}")
+            _print_scaling(moe, gflop, "2 ranks (experts split)")
     # with --skip, the sections not run keep the results last recorded; measured_at: each section's commit
     kept = json.loads(RESULTS.read_text()) if args.skip and RESULTS.exists() else {}
     measured = ({k: "an earlier run" for k in kept if k not in ("machine", "mpiexec", "measured_at")}

@@ -160,11 +160,13 @@ def compile_models(out: Path, archs: tuple[str, ...], names: list[str]) -> list[
 
 FIXTURES = REPO / "tests" / "fixtures"
 #: (folder, fixture, dtype, mesh): every model fixture in float32; reduced precision and two ranks on a few (GPT-2
-#: Megatron, the cross-attention block context-parallel); an int8 (QDQ) and an int4 (MatMulNBits) quantized fixture
+#: Megatron, the cross-attention block context-parallel, Mixtral's experts split over the ranks); an int8 (QDQ) and
+#: an int4 (MatMulNBits) quantized fixture
 FIXTURE_BUILDS = [("models", p.stem, "float32", "1") for p in sorted((FIXTURES / "models").glob("*.onnx"))] + [
     ("models", "gpt2_dynamo", "bfloat16", "1"), ("models", "llama_dynamo", "bfloat16", "1"),
     ("models", "bert_dynamo", "float16", "1"), ("models", "vit_dynamo", "bfloat16", "1"),
     ("models", "gpt2_dynamo", "float32", "2"), ("models", "xattn_dynamo", "float32", "2"),
+    ("models", "mixtral_dynamo", "bfloat16", "1"), ("models", "mixtral_dynamo", "float32", "2"),
     ("quantized", "gpt2_qdq", "float32", "1"),
     ("quantized", "llama_nbits", "float32", "1")]
 #: reduced-precision builds again with the fused attention kernel (``BMC_CUDA_ATTENTION=fused``; tag ``-fa``)
