@@ -18,7 +18,8 @@ seeded random weights) in two forms with the same weights:
 
 For each row count M (tokens; M = 1 a decoding step, which reads 2 of the 8 experts' weights): the median latency of
 bmc on ``hf``, onnxruntime on ``hf`` and onnxruntime's ``MoE``, the ratios, and bmc's max abs error against
-onnxruntime relative to max |onnxruntime|. Prints a table and writes ``benchmarks/results/moe.json``.
+onnxruntime relative to max |onnxruntime|; and bmc's ``--dtype bfloat16`` compile of ``hf`` (its time and error; a
+token whose top 2 experts change in bfloat16 differs by far more than a rounding). Prints a table and writes ``benchmarks/results/moe.json``.
 """
 
 from __future__ import annotations
@@ -165,14 +166,18 @@ def run(args) -> dict:
         bmc.compile(work / "hf.onnx", artifact, input_shapes={"M": m})
         compile_s = time.perf_counter() - t0
         model = bmc.load(artifact)
+        bmc.compile(work / "hf.onnx", work / f"hf-{m}-bf16.bmc", input_shapes={"M": m}, dtype="bfloat16")
+        bf16 = bmc.load(work / f"hf-{m}-bf16.bmc")
         want = sessions["hf"].run(None, {"x": x})[0]
         fused = sessions["ort"].run(None, {"x": x})[0]
         got = model(x=x)
         times = {form: _median_s(lambda s=s: s.run(None, {"x": x}), args.budget) for form, s in sessions.items()}
         bmc_s = _median_s(lambda: model(x=x), args.budget)
+        bf16_s = _median_s(lambda: bf16(x=x), args.budget)
         scale = float(np.max(np.abs(want)))
         rows.append({"rows": m, "bmc_s": bmc_s, "onnxruntime_s": times["hf"], "onnxruntime_moe_s": times["ort"],
                      "ratio": bmc_s / times["hf"], "ratio_moe": bmc_s / times["ort"], "compile_s": compile_s,
+                     "bmc_bf16_s": bf16_s, "bf16_rel_error": float(np.max(np.abs(bf16(x=x) - want))) / scale,
                      "rel_error": float(np.max(np.abs(got - want))) / scale,
                      "ort_moe_rel_error": float(np.max(np.abs(fused - want))) / scale})
         print(f"[M={m}] bmc {bmc_s * 1e3:.2f} ms, onnxruntime {times['hf'] * 1e3:.2f} ms, onnxruntime MoE "
@@ -184,11 +189,12 @@ def run(args) -> dict:
 
 
 def table(report: dict) -> str:
-    lines = [f"{'M':>4} {'bmc ms':>8} {'ort ms':>8} {'ort MoE ms':>11} {'bmc/ort':>8} {'bmc/MoE':>8} {'rel err':>8}"]
+    lines = [f"{'M':>4} {'bmc ms':>8} {'ort ms':>8} {'ort MoE ms':>11} {'bmc/ort':>8} {'bmc/MoE':>8} {'rel err':>8} "
+             f"{'bmc bf16 ms':>12} {'bf16 err':>9}"]
     for r in report["rows"]:
         lines.append(f"{r['rows']:>4} {r['bmc_s'] * 1e3:>8.2f} {r['onnxruntime_s'] * 1e3:>8.2f} "
                      f"{r['onnxruntime_moe_s'] * 1e3:>11.2f} {r['ratio']:>7.2f}x {r['ratio_moe']:>7.2f}x "
-                     f"{r['rel_error']:>8.1e}")
+                     f"{r['rel_error']:>8.1e} {r['bmc_bf16_s'] * 1e3:>12.2f} {r['bf16_rel_error']:>9.1e}")
     return "\n".join(lines)
 
 

@@ -2844,15 +2844,19 @@ void CpuMatmul(ffi::TensorView a, ffi::TensorView b, int64_t trans_a, int64_t tr
   }
 }
 
-/*! \brief out[s] = x[s] @ w[idx[s]] (w[idx[s]].T with \a trans) of float32 x [S, K], w [E, K, N] ([E, N, K]) and
- *  int32/int64 idx [S] (a mixture of experts' expert layer): the rows routed to each expert gathered into one block
- *  (a counting sort), one GEMM per expert with its weight where it lies, the results put back in their rows; a row
- *  whose index lies outside [0, E) is zero (rows routed to another device's experts). */
+/*! \brief out[s] = x[s] @ w[idx[s]] (w[idx[s]].T with \a trans) of x [S, K], w [E, K, N] ([E, N, K]) and int32/int64
+ *  idx [S] (a mixture of experts' expert layer): the rows routed to each expert gathered into one block (a counting
+ *  sort), one GEMM per expert with its weight where it lies, the results put back in their rows; a row whose index
+ *  lies outside [0, E) is zero (rows routed to another device's experts). float32, or float16/bfloat16 x, w and
+ *  out: the rows widened, float32 accumulation, each result rounded once; an expert's 16-bit weight read as it is
+ *  by the few-row kernels, widened for more rows. */
 void CpuGatherMatmul(ffi::TensorView x, ffi::TensorView w, ffi::TensorView idx, int64_t trans, ffi::TensorView out) {
   const DLDataType f32{kDLFloat, 32, 1};
-  CheckOperand(x, f32, "x");
-  CheckOperand(w, f32, "w");
-  CheckOperand(out, f32, "out");
+  const bool half = IsHalf(x.dtype()), bf16 = x.dtype().code == kDLBfloat;
+  const DLDataType dt = half ? x.dtype() : f32;
+  CheckOperand(x, dt, "x");
+  CheckOperand(w, dt, "w");
+  CheckOperand(out, dt, "out");
   const DLDataType it = idx.dtype();
   if (it.code != kDLInt || (it.bits != 32 && it.bits != 64) || it.lanes != 1 ||
       idx.device().device_type != kDLCPU || !idx.IsContiguous()) {
@@ -2874,33 +2878,57 @@ void CpuGatherMatmul(ffi::TensorView x, ffi::TensorView w, ffi::TensorView idx, 
   }
   for (int64_t j = 0; j < e; ++j) start[j + 1] += start[j];
   std::vector<int64_t> next(start.begin(), start.end() - 1);
-  const float* X = Data<float>(x);
-  const float* W = Data<float>(w);
-  float* C = Data<float>(out);
+  const int64_t size = half ? 2 : 4;  // bytes a value (+0.0 is all zero bits in every type here)
+  char* C = static_cast<char*>(out.data_ptr());
   for (int64_t r = 0; r < s; ++r) {
     if (expert[r] >= 0) {
       order[next[expert[r]]++] = r;
     } else {
-      std::fill(C + r * n, C + (r + 1) * n, 0.0f);
+      std::memset(C + r * n * size, 0, n * size);
     }
   }
   const int64_t routed = start[e];
   if (routed == 0 || n == 0) return;
   float* xs = Scratch(0, routed * k);
   float* cs = Scratch(2, routed * n);
-  for (int64_t i = 0; i < routed; ++i) std::copy(X + order[i] * k, X + (order[i] + 1) * k, xs + i * k);
+  for (int64_t i = 0; i < routed; ++i) {
+    if (half) {
+      Convert(Data<uint16_t>(x) + order[i] * k, xs + i * k, k, bf16);
+    } else {
+      std::copy(Data<float>(x) + order[i] * k, Data<float>(x) + (order[i] + 1) * k, xs + i * k);
+    }
+  }
   const Blas& blas = GetBlas();
+  const int64_t ldb = trans ? k : n;
   for (int64_t j = 0; j < e; ++j) {
     const int64_t rows = start[j + 1] - start[j];
+    float* c = cs + start[j] * n;
     if (rows == 0) continue;
     if (k == 0) {
-      std::fill(cs + start[j] * n, cs + start[j + 1] * n, 0.0f);
+      std::fill(c, c + rows * n, 0.0f);
       continue;
     }
-    Gemm<float>(blas, false, trans != 0, rows, n, k, xs + start[j] * k, k, W + j * k * n, trans ? k : n,
-                cs + start[j] * n, n);
+    const float* a = xs + start[j] * k;
+    if (!half) {
+      Gemm<float>(blas, false, trans != 0, rows, n, k, a, k, Data<float>(w) + j * k * n, ldb, c, n);
+      continue;
+    }
+    const uint16_t* wj = Data<uint16_t>(w) + j * k * n;
+    const bool done = bf16 ? SkinnyGemm(trans != 0, rows, n, k, a, k, reinterpret_cast<const Bf16*>(wj), ldb, c, n)
+                           : SkinnyGemm(trans != 0, rows, n, k, a, k, reinterpret_cast<const F16*>(wj), ldb, c, n);
+    if (!done) {
+      float* wide = Scratch(1, k * n);
+      ConvertAll(wj, wide, k * n, bf16);
+      Gemm<float>(blas, false, trans != 0, rows, n, k, a, k, wide, ldb, c, n);
+    }
   }
-  for (int64_t i = 0; i < routed; ++i) std::copy(cs + i * n, cs + (i + 1) * n, C + order[i] * n);
+  for (int64_t i = 0; i < routed; ++i) {
+    if (half) {
+      Convert(cs + i * n, reinterpret_cast<uint16_t*>(C) + order[i] * n, n, bf16);
+    } else {
+      std::copy(cs + i * n, cs + (i + 1) * n, reinterpret_cast<float*>(C) + order[i] * n);
+    }
+  }
 }
 
 /*! \brief \a out [ceil(N / 32), K, 32] = the weight \a w [K, N] (or, with \a trans, [N, K]) in panels: float32,

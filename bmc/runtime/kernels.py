@@ -70,7 +70,8 @@ ATTENTION_BIAS_LSE_KERNEL = "bmc.cpu.attention_bias_lse"
 #: scale).T`` of float8 codes ``[N, K]`` whose 256 values are ``table`` (the format's mantissa bits and bias let the
 #: native kernel decode most codes arithmetically) and a scale per row of the codes, or one (the ``matmul_float8`` op)
 MATMUL_FLOAT8_KERNEL = "bmc.cpu.matmul_float8"
-#: ``bmc.cpu.gather_matmul(x, w, idx, transpose_w, out)``: float32 ``out[s] = x[s] @ w[idx[s]]`` (``w[idx[s]].T``)
+#: ``bmc.cpu.gather_matmul(x, w, idx, transpose_w, out)``: ``out[s] = x[s] @ w[idx[s]]`` (``w[idx[s]].T``; float32, or
+#: float16/bfloat16 accumulated in float32)
 #: of x ``[S, K]``, w ``[E, K, N]`` (``[E, N, K]``), a row with an index outside ``[0, E)`` zero (the
 #: ``gather_matmul`` op: a mixture of experts' expert layers, one GEMM per expert with its rows)
 GATHER_MATMUL_KERNEL = "bmc.cpu.gather_matmul"
@@ -408,11 +409,13 @@ def _matmul_integer_packed_numpy(a, bp, a_zp, b_zp, n, out) -> None:
 
 def _gather_matmul_numpy(x, w, idx, transpose_w, out) -> None:
     """``bmc.cpu.gather_matmul`` in numpy: one product per expert with rows."""
-    X, W, I, C = (np.from_dlpack(t) for t in (x, w, idx, out))
-    C[...] = 0
+    X, W = (host_array(t).astype(np.float32, copy=False) for t in (x, w))  # (16-bit: widened)
+    I, out = np.from_dlpack(idx), host_array(out)
+    C = np.zeros(out.shape, np.float32)
     for e in np.unique(I[(I >= 0) & (I < W.shape[0])]):
         rows = np.flatnonzero(I == e)
         C[rows] = X[rows] @ (W[e].T if transpose_w else W[e])
+    out[...] = C.astype(out.dtype)
 
 
 def _attention_numpy(q, kt, v, *rest, lse=None) -> None:

@@ -1273,27 +1273,32 @@ GATHER_MATMUL_CASES = [  # (rows, experts, K, N): a decoding step's routed rows,
     (2, 8, 64, 96), (64, 4, 48, 70), (7, 16, 33, 5), (5, 3, 0, 4)]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("transpose_w", [False, True], ids=["w[E,K,N]", "w[E,N,K]"])
 @pytest.mark.parametrize("rows,experts,k,n", GATHER_MATMUL_CASES,
                          ids=[f"{s}x{e}x{k}x{n}" for s, e, k, n in GATHER_MATMUL_CASES])
-def test_gather_matmul_kernel_matches_reference(impl, rows, experts, k, n, transpose_w):
-    """``bmc.cpu.gather_matmul`` (rows grouped by expert, one GEMM each) against float64 products row by row; indices
-    outside [0, E) (another device's experts) give zero rows; int32 and int64 indices. 1e-5 of max |ref|."""
-    import tvm_ffi
+def test_gather_matmul_kernel_matches_reference(impl, rows, experts, k, n, transpose_w, dtype):
+    """``bmc.cpu.gather_matmul`` (rows grouped by expert, one GEMM each) against float64 products row by row of the
+    (16-bit: widened) operands; indices outside [0, E) (another device's experts) give zero rows; int32 and int64
+    indices. float32 1e-5 of max |ref|; 16-bit: the float32 result rounded once (two units in the last place)."""
+    import ml_dtypes
+    import tvm
 
     from bmc.runtime.kernels import GATHER_MATMUL_KERNEL, register_cpu_kernels
 
     register_cpu_kernels(native=impl == "native", threads=2)
     rng = np.random.default_rng(rows * experts + k)
-    x = rng.standard_normal((rows, k), np.float32)
-    w = rng.standard_normal((experts, n, k) if transpose_w else (experts, k, n), np.float32)
+    t = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
+    x = rng.standard_normal((rows, k)).astype(t)
+    w = rng.standard_normal((experts, n, k) if transpose_w else (experts, k, n)).astype(t)
     idx = rng.integers(-2, experts + 2, rows)
     ref = np.zeros((rows, n))
     for s, e in enumerate(idx):
         if 0 <= e < experts:
-            ref[s] = x[s].astype(np.float64) @ (w[e].T if transpose_w else w[e])
-    kernel = tvm_ffi.get_global_func(GATHER_MATMUL_KERNEL)
+            ref[s] = x[s].astype(np.float64) @ (w[e].T if transpose_w else w[e]).astype(np.float64)
+    kernel = tvm.get_global_func(GATHER_MATMUL_KERNEL)
+    tol = {"float32": 1e-5, "bfloat16": 8e-3, "float16": 1e-3}[dtype] * max(1.0, float(np.abs(ref).max()))
     for itype in (np.int64, np.int32):
-        out = np.full((rows, n), np.nan, np.float32)
-        kernel(*[tvm_ffi.from_dlpack(a) for a in (x, w, idx.astype(itype))], int(transpose_w), tvm_ffi.from_dlpack(out))
-        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+        out = np.full((rows, n), np.nan, t)
+        kernel(*[_tensor(a) for a in (x, w, idx.astype(itype))], int(transpose_w), _tensor(out))
+        np.testing.assert_allclose(out.astype(np.float64), ref, rtol=0, atol=tol)

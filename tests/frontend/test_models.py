@@ -95,7 +95,7 @@ def test_other_input_shapes_are_bound_from_symbols(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("name", ["gpt2_dynamo", "bert_legacy", "llama_dynamo", "opt_legacy", "vit_dynamo",
-                                  "llama_dynamo23", "falcon_dynamo", "bloom_dynamo", "t5enc_dynamo"])
+                                  "llama_dynamo23", "falcon_dynamo", "bloom_dynamo", "t5enc_dynamo", "mixtral_dynamo"])
 def test_reduced_precision_matches_onnxruntime(name, dtype):
     """--dtype: the float32 model runs in float16/bfloat16 (float32 accumulation); relative error <= 1e-2."""
     from bmc.compiler import import_graph

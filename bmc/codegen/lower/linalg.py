@@ -234,15 +234,15 @@ def _softmax_lse(ctx, node, s, times_v):
 
 @lowering("gather_matmul")
 def _gather_matmul(ctx, node, args):
-    """On the CPU in float32 a call of ``bmc.cpu.gather_matmul`` (the rows of each expert gathered, one GEMM with its
-    weight where it lies); elsewhere one kernel whose row ``s`` reads weight ``idx[s]`` (a row with an index
+    """On the CPU a call of ``bmc.cpu.gather_matmul`` (float32 or 16-bit: the rows of each expert gathered, one GEMM
+    with its weight where it lies); elsewhere one kernel whose row ``s`` reads weight ``idx[s]`` (a row with an index
     outside the weights sums zeros), accumulating 16-bit operands in float32."""
     from tvm import te, tirx
 
     x, w, idx = args
     out = node.outputs[0].type
     transpose = node.attrs["transpose_w"]
-    if ctx.target_kind == "llvm" and out.dtype == "float32":
+    if ctx.target_kind == "llvm" and out.dtype in ("float32", "float16", "bfloat16"):
         from bmc.runtime.kernels import GATHER_MATMUL_KERNEL
 
         ctx.kernels.add(GATHER_MATMUL_KERNEL)

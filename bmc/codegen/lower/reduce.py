@@ -36,17 +36,25 @@ def _reduce(ctx, node, args):
 _WIDER = {"float16": "float32", "bfloat16": "float32", "float32": "float64"}
 
 
+def _compared(ctx, node, x):
+    """``x`` as TVM's sorts and arg-reductions can compare it: bfloat16 widened to float32 (exactly; TVM's own
+    bfloat16 topk ranked wrong values and its argmax did not compile)."""
+    return ctx.emit(_R.astype(x, "float32")) if node.inputs[0].type.dtype == "bfloat16" else x
+
+
 @lowering("topk")
 def _topk(ctx, node, args):
-    both = ctx.emit(_R.topk(args[0], k=node.attrs["k"], axis=node.attrs["axis"], ret_type="both",
-                            largest=node.attrs["largest"], dtype="int64"))
-    return [ctx.emit(relax.TupleGetItem(both, i)) for i in range(2)]
+    both = ctx.emit(_R.topk(_compared(ctx, node, args[0]), k=node.attrs["k"], axis=node.attrs["axis"],
+                            ret_type="both", largest=node.attrs["largest"], dtype="int64"))
+    values, indices = (ctx.emit(relax.TupleGetItem(both, i)) for i in range(2))
+    dtype = node.outputs[0].type.dtype
+    return [values if ctx.dtype_of(values) == dtype else ctx.emit(_R.astype(values, dtype)), indices]
 
 
 @lowering("argmax", "argmin")
 def _arg(ctx, node, args):
     fn = _R.argmax if node.op == "argmax" else _R.argmin
-    out = ctx.emit(fn(args[0], axis=node.attrs["axis"], keepdims=node.attrs["keepdims"]))
+    out = ctx.emit(fn(_compared(ctx, node, args[0]), axis=node.attrs["axis"], keepdims=node.attrs["keepdims"]))
     return out if ctx.dtype_of(out) == "int64" else _R.astype(out, "int64")
 
 
