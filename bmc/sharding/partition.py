@@ -60,6 +60,8 @@ class LocalProgram:
     param_specs: dict[str, Spec] = field(default_factory=dict)
     produced: dict[str, tuple[Value, Spec]] = field(default_factory=dict)  # global value name → its local value as
     # its node made it, and that value's spec (what the divergence search compares; local names can differ)
+    routed_rows: set[int] = field(default_factory=set)  # ids of local values exact only on the rows routed to the
+    # device's experts (read unreduced: ``_elide_routed_reduces``), which the divergence search cannot compare
 
 
 def rule_of(node: Node) -> ShardingRule:
@@ -286,6 +288,7 @@ def _elide_routed_reduces(prog: LocalProgram, em: _Emitter) -> None:
         for r in users.get(node.outputs[0], []):
             r.inputs = [node.inputs[0] if x is node.outputs[0] else x for x in r.inputs]
         graph.nodes.remove(node)
+        prog.routed_rows.update(seen)
         record = em.reshards.pop(id(node.outputs[0]))
         prog.collectives[:] = [c for c in prog.collectives if c is not record]
 
