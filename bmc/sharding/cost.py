@@ -177,7 +177,12 @@ def node_work(node: Node, rule: ShardingRule, assign: Assignment, mesh: Mesh,
     if node.op == "constant":
         return 0.0, 0.0
     ins, outs = local_types(node, rule, assign, mesh)
-    return roofline_s(node.op, ins, outs, node.attrs, device), float(OPS[node.op].cost(ins, outs, node.attrs).flops)
+    seconds, flops = roofline_s(node.op, ins, outs, node.attrs, device), float(OPS[node.op].cost(ins, outs,
+                                                                                                node.attrs).flops)
+    if node.op == "gather_matmul":  # a device holding a block of the experts computes the rows routed to them:
+        share = ins[1].shape[0] / node.inputs[1].type.shape[0]  # with balanced routing, the block's share
+        seconds, flops = seconds * share, flops * share
+    return seconds, flops
 
 
 def node_comm_s(node: Node, rule: ShardingRule, assign: Assignment, mesh: Mesh) -> float:

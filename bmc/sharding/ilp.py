@@ -4,8 +4,9 @@ HiGHS (``scipy.optimize.milp``, time-limited, deterministic).
 * **Problem** (a value: JSON in, JSON out): a node (class) has a cost per strategy (compute of every node it stands
   for, resharding inside its groups, gathering graph outputs, edges between copies of itself) and weight bytes per
   strategy; an edge between two classes has a resharding-cost matrix (``reshard_cost`` of the producer's result spec
-  into the consumer's required spec, summed over every graph edge it stands for); memory steps bound weights + live
-  activations per device.
+  into the consumer's required spec, summed over every graph edge it stands for; an expert layer's two products get
+  an edge crediting the all-reduce the partitioner drops when both split their experts alike); memory steps bound
+  weights + live activations per device.
 * **ILP**: one-hot binaries ``x[c, s]``; an edge matrix, compressed to its distinct rows/columns (separable
   matrices fold into node costs), gets continuous ``z[p, q]`` with row sums = producer groups and column sums =
   consumer groups (exact for one-hot ``x``); ``W`` = Σ weight bytes; for each distinct live set
@@ -158,6 +159,21 @@ def build_problem(st: Structure, device: DeviceProfile, budget_bytes: float | No
             o = v.producer.outputs.index(v)
             srcs = [st.specs(p, s)[1][o] for s in range(size[st.klass[st.root[p]]])]
             add_pair(p, i, srcs, req, v.type)
+    for i1, i2 in _routed_pairs(graph):  # expert layers: the all-reduce between their products is not run
+        c1, c2 = st.klass[st.root[i1]], st.klass[st.root[i2]]
+        e1, e2 = (next(f for f, fac in enumerate(st.rules[i].factors) if fac.name == "experts") for i in (i1, i2))
+        y = nodes[i1].outputs[0]
+        m = np.zeros((size[c1], size[c2]))
+        for s1 in range(size[c1]):
+            out, axes = st.specs(i1, s1)[1][0], st.assign[i1][s1][e1]
+            if axes and set(out.partial) == set(axes):  # partial over the experts' axes alone
+                saved = rcost(out, Spec(out.dims), y.type)
+                m[s1] = [-saved if st.assign[i2][s2][e2] == axes else 0.0 for s2 in range(size[c2])]
+        if c1 == c2:  # copies of one class: one strategy decides both
+            cost[c1] += np.diag(m)
+        elif m.any():
+            m, (cu, cv) = (m, (c1, c2)) if c1 < c2 else (m.T, (c2, c1))
+            edges[(cu, cv)] = edges[(cu, cv)] + m if (cu, cv) in edges else m
     for v in graph.outputs:  # outputs end in their requested layout (replicated unless --output-shard)
         if v.producer is None or v.producer.op == "constant":
             continue
@@ -178,6 +194,25 @@ def build_problem(st: Structure, device: DeviceProfile, budget_bytes: float | No
                    for (u, v), m in sorted(edges.items()))
     return Problem(tuple(pnodes), pedges, steps, None if budget_bytes is None else float(budget_bytes),
                    float(time_limit_s), str(mesh))
+
+
+def _routed_pairs(graph) -> list[tuple[int, int]]:
+    """(first, second) node indices of the expert layers whose first product's result reaches, through row-wise ops
+    only, the second product routed by the same indices (``partition.routed_region``): when both split their
+    experts over the same axes, the partitioner drops the all-reduce of the first's partial result
+    (``partition._elide_routed_reduces``), so the problem credits the reshard it charges for it on the edges
+    between them."""
+    from bmc.sharding.partition import routed_region
+
+    users = graph.users()
+    outputs = set(map(id, graph.outputs))
+    index = {id(n): i for i, n in enumerate(graph.nodes)}
+    pairs = []
+    for i, n in enumerate(graph.nodes):
+        if n.op == "gather_matmul":
+            found = routed_region(n.outputs[0], users, outputs, lambda r, n=n: r.inputs[2] is n.inputs[2])
+            pairs += [(i, index[id(end)]) for end in (found[1] if found else ())]
+    return pairs
 
 
 def _unique(specs: list[Spec]) -> tuple[list[Spec], list[int]]:

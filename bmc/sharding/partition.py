@@ -250,6 +250,28 @@ def _row_wise(node: Node, v: Value, rows: int) -> bool:
     return node.op == "transpose" and node.attrs["perm"][0] == 0
 
 
+def routed_region(v: Value, users: dict, outputs: set[int], same_routing) -> tuple[set[int], list[Node]] | None:
+    """The ids of ``v`` and the values computed from it by row-wise ops, and the ``gather_matmul`` nodes they end in,
+    when every one of them is read only by row-wise ops or, as its rows, by a ``gather_matmul`` for which
+    ``same_routing(node)`` holds (none is a graph output); None otherwise."""
+    rows, pending, seen, ends = v.type.shape[0], [v], set(), []
+    while pending:
+        x = pending.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if id(x) in outputs:
+            return None
+        for r in users.get(x, []):
+            if r.op == "gather_matmul" and r.inputs[0] is x and r.inputs[2] is not x and same_routing(r):
+                ends.append(r)
+                continue
+            if not _row_wise(r, x, rows):
+                return None
+            pending.extend(r.outputs)
+    return seen, ends
+
+
 def _elide_routed_reduces(prog: LocalProgram, em: _Emitter) -> None:
     """Expert parallelism with one all-reduce an expert layer, not two.
 
@@ -257,7 +279,8 @@ def _elide_routed_reduces(prog: LocalProgram, em: _Emitter) -> None:
     others zero: a partial sum, all-reduced before the activation that follows. But when every use of the reduced
     value, through row-wise ops (the activation, the gate's product, a split), is the next product routed by the
     same indices over the same axes, that product reads only the rows routed to this device's experts, which are
-    already exact: the all-reduce is dropped (with its record). The layer's output is still all-reduced."""
+    already exact: the all-reduce is dropped (with its record). The layer's output is still all-reduced. (The
+    automatic search prices the same pairs: ``bmc.sharding.ilp``.)"""
     graph = prog.graph
     users = graph.users()
     outputs = set(map(id, graph.outputs))
@@ -268,27 +291,13 @@ def _elide_routed_reduces(prog: LocalProgram, em: _Emitter) -> None:
         routing = _routing(src.inputs[2], em) if src is not None and src.op == "gather_matmul" else None
         if routing is None or tuple(node.attrs["axes"]) != tuple(prog.mesh.names.index(a) for a in routing[1]):
             continue
-        rows, pending, seen, ok = node.outputs[0].type.shape[0], [node.outputs[0]], set(), True
-        while pending and ok:
-            v = pending.pop()
-            if id(v) in seen:
-                continue
-            seen.add(id(v))
-            ok = id(v) not in outputs
-            for r in users.get(v, []) if ok else ():
-                if r.op == "gather_matmul" and r.inputs[0] is v and r.inputs[2] is not v \
-                        and _routing(r.inputs[2], em) == routing:
-                    continue
-                if not _row_wise(r, v, rows):
-                    ok = False
-                    break
-                pending.extend(r.outputs)
-        if not ok:
+        found = routed_region(node.outputs[0], users, outputs, lambda r: _routing(r.inputs[2], em) == routing)
+        if found is None:
             continue
         for r in users.get(node.outputs[0], []):
             r.inputs = [node.inputs[0] if x is node.outputs[0] else x for x in r.inputs]
         graph.nodes.remove(node)
-        prog.routed_rows.update(seen)
+        prog.routed_rows.update(found[0])
         record = em.reshards.pop(id(node.outputs[0]))
         prog.collectives[:] = [c for c in prog.collectives if c is not record]
 

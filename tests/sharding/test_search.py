@@ -289,3 +289,46 @@ def test_compare_strategies_prices_every_plan_the_same_way():
     assert set(costs) == {"replicate", "dp", "megatron", "dp+megatron", "auto"}
     assert costs["auto"].total_s <= min(c.total_s for k, c in costs.items() if k != "auto") * (1 + 1e-9)
     assert costs["replicate"].comm_s == 0
+
+
+def _expert_layers(hidden=64, tokens=64):
+    """2 Mixtral-shaped expert layers (``benchmarks/moe.py``'s exported form, 8 experts, 2 a token), fused."""
+    import importlib.util
+
+    from bmc.compiler import import_graph
+
+    spec = importlib.util.spec_from_file_location("bmc_benchmarks_moe", FIXTURES.parents[2] / "benchmarks" / "moe.py")
+    moe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(moe)
+    return import_graph(moe.hf_moe(moe.moe_weights(2, hidden, hidden, 8)), {"M": tokens})
+
+
+@pytest.mark.parametrize("credit", [True, False], ids=["priced", "unpriced"])
+def test_the_search_prices_expert_parallelism_as_partitioned(credit, monkeypatch):
+    """The experts split (annotations): the partitioner drops the all-reduce between each layer's two products, and
+    the ILP's objective is the partitioned plan's cost because it credits that all-reduce (without the credit it
+    overprices the plan by it). Unconstrained but short of memory, the search splits every expert weight by experts
+    itself: one all-reduce per layer, equal to the reference."""
+    from bmc.sharding.spec import Spec
+    from bmc.testing.reference import run_reference
+
+    if not credit:
+        monkeypatch.setattr(ilp, "_routed_pairs", lambda graph: [])
+    graph = _expert_layers()
+    mesh = with_links(Mesh.parse("2"))
+    experts = [n.inputs[1].name for n in graph.nodes if n.op == "gather_matmul"]
+    split = Spec((("x",), (), ()))
+    plan, stats = auto_plan(graph, mesh, {w: split for w in experts}, check_manual=False)
+    cost = plan_cost(graph, plan, H100)
+    assert [c.kind for c in partition(graph, plan).collectives if c.node != "output"] == ["all_reduce"] * 2
+    assert (abs(stats["objective_s"] - cost.total_s) <= 1e-9 * cost.total_s) == credit
+    if credit:
+        weights = graph.weight_bytes()
+        peak = plan_cost(graph, manual_plans(graph, mesh)["replicate"], H100).memory.peak_bytes
+        plan, stats = auto_plan(graph, mesh, memory_per_device=peak - 0.4 * weights, check_manual=False)
+        assert all(plan.specs[w] == split for w in experts)
+        prog = partition(graph, plan)
+        assert [c.kind for c in prog.collectives] == ["all_reduce"] * 2
+        x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+        want = run_reference(graph, {"x": x})["y"]
+        assert float(np.max(np.abs(simulate(prog, {"x": x}).outputs["y"] - want))) <= 1e-5 * float(np.abs(want).max())
