@@ -131,7 +131,7 @@ def plan_graph(graph: Graph, *, mesh, shard: Mapping | None = None, strategy: st
             from bmc.sharding.manual import named_strategy
 
             try:
-                annotations = named_strategy(graph, strategy, mesh.names)
+                annotations = named_strategy(graph, strategy, mesh)
             except ValueError as e:
                 raise UsageError(str(e), where="--strategy", fix="use a mesh with two axes, e.g. --mesh 2x2") from None
         annotations.update(shard or {})

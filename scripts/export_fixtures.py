@@ -152,6 +152,35 @@ def build_mixtral(gen):
             {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
 
 
+def build_qwenmoe(gen):
+    # Qwen2-MoE's layout: routed experts plus a shared expert scaled by a per-token sigmoid gate ([1, H] weight)
+    cfg = transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=MAXPOS, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+        mlp_only_layers=[], use_cache=False, attn_implementation="eager", tie_word_embeddings=False,
+        experts_implementation="batched_mm",
+    )
+    model = transformers.Qwen2MoeForCausalLM(cfg)
+    return (CausalLMLogits(model), {"input_ids": _token_inputs(gen)}, "logits",
+            {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
+
+
+def build_dsv3(gen):
+    # DeepSeek-V3's layout: multi-head latent attention, a dense first layer, then routed experts with a sigmoid
+    # router (its scores' bias picks the experts, the unbiased scores weight them) and a shared expert
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=MAXPOS, n_routed_experts=4,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, use_cache=False,
+        attn_implementation="eager", tie_word_embeddings=False, experts_implementation="batched_mm",
+    )
+    model = transformers.DeepseekV3ForCausalLM(cfg)
+    return (CausalLMLogits(model), {"input_ids": _token_inputs(gen)}, "logits",
+            {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
+
+
 def build_opt(gen):
     cfg = transformers.OPTConfig(
         vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
@@ -269,6 +298,8 @@ MODELS = {
     "bert": build_bert,
     "llama": build_llama,
     "mixtral": build_mixtral,
+    "qwenmoe": build_qwenmoe,
+    "dsv3": build_dsv3,
     "opt": build_opt,
     "vit": build_vit,
     "falcon": build_falcon,

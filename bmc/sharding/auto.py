@@ -35,7 +35,7 @@ def manual_plans(graph: Graph, mesh: Mesh, annotations: Mapping[str, Spec | str]
     for name in MANUAL:
         if name == "dp+megatron" and len(mesh.shape) < 2:
             continue
-        ann = {**named_strategy(graph, name, mesh.names), **(annotations or {})}
+        ann = {**named_strategy(graph, name, mesh), **(annotations or {})}
         try:
             out[name] = propagate(graph, mesh, ann)
         except UsageError:  # the strategy does not fit this model on this mesh (a batch of 2 over 4 devices)

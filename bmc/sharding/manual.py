@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from bmc.ir.graph import Graph, Node, Value
 from bmc.ops import get_op
+from bmc.sharding.mesh import Mesh
 from bmc.sharding.spec import Spec
 
 
@@ -35,8 +36,10 @@ def data_parallel(graph: Graph, axis: str) -> dict[str, Spec]:
     return {v.name: Spec(((axis,),) + ((),) * (v.type.rank - 1)) for v in graph.inputs if v.type.rank}
 
 
-def megatron(graph: Graph, axis: str, batch_axis: str | None = None) -> dict[str, Spec]:
-    """Megatron annotations over ``axis``; activations it annotates keep their batch dim on ``batch_axis``."""
+def megatron(graph: Graph, axis: str, batch_axis: str | None = None, size: int = 1) -> dict[str, Spec]:
+    """Megatron annotations over ``axis`` (of ``size`` devices); activations it annotates keep their batch dim on
+    ``batch_axis``. A weight whose output features do not divide by ``size`` (a per-token gate ``[1, H]``) is left
+    whole."""
     params = {id(p) for p in graph.params}
     users: dict[int, list[Node]] = {}
     derived = set(params)  # values computed from parameters and constants alone (a dequantized weight)
@@ -64,13 +67,14 @@ def megatron(graph: Graph, axis: str, batch_axis: str | None = None) -> dict[str
         return (node.inputs[1], (0, 1)) if id(node.inputs[1]) in derived and node.inputs[1].producer else None
 
     for node in graph.nodes:
-        if node.op == "gather_matmul" and id(node.inputs[1]) in params:  # expert parallel: each device its experts
-            w = node.inputs[1]
-            out[w.name] = Spec(((axis,),) + ((),) * (w.type.rank - 1))
+        w = node.inputs[1] if node.op == "gather_matmul" else None
+        if w is not None and id(w) in params and w.type.shape[0] % size == 0:  # expert parallel: each device its
+            out[w.name] = Spec(((axis,),) + ((),) * (w.type.rank - 1))  # experts
             continue
         src = weight_matmul(node)
-        if src is not None and _routes(node.output, users):  # a router's few logits: left whole
-            src = None
+        if src is not None and (_routes(node.output, users) or (id(node.inputs[0]) not in split_act
+                                                                 and node.output.type.shape[-1] % size)):
+            src = None  # left whole: a router's logits (a topk picks from them), too few features (a gate [1, H])
         if src is None:
             if any(id(v) in split_act for v in node.inputs) and node.op not in ("layer_norm", "rms_norm"):
                 split_act.update(id(v) for v in node.outputs)
@@ -132,17 +136,18 @@ def _reached(v: Value, users: dict[int, list[Node]], found, through: tuple[str, 
     return None
 
 
-def named_strategy(graph: Graph, name: str, mesh_names: tuple[str, ...]) -> dict[str, Spec]:
+def named_strategy(graph: Graph, name: str, mesh: Mesh) -> dict[str, Spec]:
     """Annotations of a named manual strategy: replicate | dp | megatron | dp+megatron (dp on the first mesh axis,
     Megatron on the last)."""
+    first, last = mesh.axes[0], mesh.axes[-1]
     if name == "replicate":
         return {}
     if name == "dp":
-        return data_parallel(graph, mesh_names[0])
+        return data_parallel(graph, first.name)
     if name == "megatron":
-        return megatron(graph, mesh_names[-1])
+        return megatron(graph, last.name, size=last.size)
     if name == "dp+megatron":
-        if len(mesh_names) < 2:
+        if len(mesh.axes) < 2:
             raise ValueError("dp+megatron needs a mesh with two axes")
-        return {**megatron(graph, mesh_names[-1], mesh_names[0]), **data_parallel(graph, mesh_names[0])}
+        return {**megatron(graph, last.name, first.name, last.size), **data_parallel(graph, first.name)}
     raise ValueError(f"unknown strategy {name!r}")

@@ -20,7 +20,7 @@ TWO_BIASES = {"t5enc_dynamo", "bloom_dynamo", "deberta_dynamo"}
 # llama_dynamo23's ONNX Attention body scales and transposes the repeated key: done to the 2 heads instead),
 # Falcon's one; Mixtral's grouped-query attention as Llama's
 KV_HEADS = {"llama_legacy": 2, "llama_dynamo": 2, "llama_dynamo23": 2, "falcon_dynamo": 1, "mixtral_legacy": 2,
-            "mixtral_dynamo": 2}
+            "mixtral_dynamo": 2, "qwenmoe_dynamo": 2}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -344,12 +344,15 @@ def test_topk_indices_are_not_wrapped_and_a_gather_read_elsewhere_stays():
     assert "gather_matmul" not in fuse_gathered_matmuls(graph).op_counts()
 
 
-@pytest.mark.parametrize("name", ["mixtral_legacy", "mixtral_dynamo"])
-def test_mixtral_experts_read_their_weights_in_place(name):
-    """Both exporters' Mixtral (batched_mm experts): each layer's two expert products are gather_matmuls sharing
-    one index vector (topk's: not wrapped); no [rows, N, K] copy of the weights is left."""
+@pytest.mark.parametrize("name, layers", [("mixtral_legacy", 2), ("mixtral_dynamo", 2), ("qwenmoe_dynamo", 2),
+                                          ("dsv3_dynamo", 1)])
+def test_expert_layers_read_their_weights_in_place(name, layers):
+    """The MoE fixtures (batched_mm experts; DeepSeek-V3's first layer is dense): each expert layer's two products
+    are gather_matmuls sharing one index vector (topk's: not wrapped); no [rows, N, K] copy of the weights is
+    left."""
     inputs, _ = load_case(name)
     fused = import_graph(FIXTURES / f"{name}.onnx", {k: v.shape for k, v in inputs.items()})
     products = [n for n in fused.nodes if n.op == "gather_matmul"]
-    assert len(products) == 4 and len({id(n.inputs[2]) for n in products}) == 2
+    assert len(products) == 2 * layers and len({id(n.inputs[2]) for n in products}) == layers
+    assert "where" not in {n.op for n in fused.nodes if n.outputs[0] in {p.inputs[2] for p in products}}
     assert all(n.inputs[0].type.rank < 3 for n in fused.nodes if n.op in ("gather", "gather_nd"))  # embeddings
