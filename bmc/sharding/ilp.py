@@ -25,6 +25,7 @@ import numpy as np
 from bmc.ir.graph import Value
 from bmc.ir.types import TensorType
 from bmc.sharding.cost import DeviceProfile, local_bytes, node_comm_s, node_compute_s
+from bmc.sharding.partition import routed_region
 from bmc.sharding.reshard import reshard_cost
 from bmc.sharding.rules import Assignment, ShardingRule
 from bmc.sharding.spec import Spec
@@ -202,8 +203,6 @@ def _routed_pairs(graph) -> list[tuple[int, int]]:
     experts over the same axes, the partitioner drops the all-reduce of the first's partial result
     (``partition._elide_routed_reduces``), so the problem credits the reshard it charges for it on the edges
     between them."""
-    from bmc.sharding.partition import routed_region
-
     users = graph.users()
     outputs = set(map(id, graph.outputs))
     index = {id(n): i for i, n in enumerate(graph.nodes)}
