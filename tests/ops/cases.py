@@ -248,7 +248,7 @@ try:
     LOW_PRECISION_CASES += [("gather_matmul", [_normal(5, 8).astype(t), _normal(3, 6, 8).astype(t),
                                                np.array([2, 0, 2, 5, 1], np.int64)], {"transpose_w": True})
                             for t in (np.float16, ml_dtypes.bfloat16)]
-    # selections: a router's top-k (TVM's own sort took bfloat16's bits for other numbers), arg max/min, max/min
+    # selections: a router's top-k (TVM's own topk ranked bfloat16 values wrongly), arg max/min, max/min
     LOW_PRECISION_CASES += [(op, [_normal(6, 9).astype(t)], attrs) for t in (np.float16, ml_dtypes.bfloat16)
                             for op, attrs in [("topk", {"k": 3}), ("topk", {"k": 2, "axis": 0, "largest": False}),
                                               ("argmax", {"axis": 1, "keepdims": False}),
