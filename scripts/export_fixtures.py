@@ -99,6 +99,12 @@ def _token_inputs(gen):
     return ids
 
 
+def _causal_lm(model, gen):
+    """A causal LM's builder result: token ids in, logits out, batch and sequence dynamic."""
+    return (CausalLMLogits(model), {"input_ids": _token_inputs(gen)}, "logits",
+            {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
+
+
 def build_gpt2(gen):
     cfg = transformers.GPT2Config(
         vocab_size=VOCAB, n_positions=MAXPOS, n_embd=32, n_layer=2, n_head=2,
@@ -107,8 +113,7 @@ def build_gpt2(gen):
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
     model = transformers.GPT2LMHeadModel(cfg)
-    return (CausalLMLogits(model), {"input_ids": _token_inputs(gen)}, "logits",
-            {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
+    return _causal_lm(model, gen)
 
 
 def build_bert(gen):
@@ -133,8 +138,7 @@ def build_llama(gen):
         use_cache=False, attn_implementation="eager", tie_word_embeddings=False,
     )
     model = transformers.LlamaForCausalLM(cfg)
-    return (CausalLMLogits(model), {"input_ids": _token_inputs(gen)}, "logits",
-            {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
+    return _causal_lm(model, gen)
 
 
 def build_mixtral(gen):
@@ -148,8 +152,7 @@ def build_mixtral(gen):
         tie_word_embeddings=False, experts_implementation="batched_mm",
     )
     model = transformers.MixtralForCausalLM(cfg)
-    return (CausalLMLogits(model), {"input_ids": _token_inputs(gen)}, "logits",
-            {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
+    return _causal_lm(model, gen)
 
 
 def build_qwenmoe(gen):
@@ -162,8 +165,7 @@ def build_qwenmoe(gen):
         experts_implementation="batched_mm",
     )
     model = transformers.Qwen2MoeForCausalLM(cfg)
-    return (CausalLMLogits(model), {"input_ids": _token_inputs(gen)}, "logits",
-            {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
+    return _causal_lm(model, gen)
 
 
 def build_dsv3(gen):
@@ -177,8 +179,7 @@ def build_dsv3(gen):
         attn_implementation="eager", tie_word_embeddings=False, experts_implementation="batched_mm",
     )
     model = transformers.DeepseekV3ForCausalLM(cfg)
-    return (CausalLMLogits(model), {"input_ids": _token_inputs(gen)}, "logits",
-            {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
+    return _causal_lm(model, gen)
 
 
 def build_opt(gen):
@@ -189,8 +190,7 @@ def build_opt(gen):
         pad_token_id=1,
     )
     model = transformers.OPTForCausalLM(cfg)
-    return (CausalLMLogits(model), {"input_ids": _token_inputs(gen)}, "logits",
-            {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
+    return _causal_lm(model, gen)
 
 
 def build_vit(gen):
@@ -212,8 +212,7 @@ def build_falcon(gen):
         use_cache=False, attn_implementation="eager", hidden_dropout=0.0, attention_dropout=0.0,
     )
     model = transformers.FalconForCausalLM(cfg)
-    return (CausalLMLogits(model), {"input_ids": _token_inputs(gen)}, "logits",
-            {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
+    return _causal_lm(model, gen)
 
 
 def build_bloom(gen):
@@ -223,8 +222,7 @@ def build_bloom(gen):
         hidden_dropout=0.0, attention_dropout=0.0,
     )
     model = transformers.BloomForCausalLM(cfg)
-    return (CausalLMLogits(model), {"input_ids": _token_inputs(gen)}, "logits",
-            {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
+    return _causal_lm(model, gen)
 
 
 def _padded_ids(gen):
