@@ -214,7 +214,8 @@ def scaling(tmp: Path, tag: str, single: Path, sharded: Path, iters: int) -> dic
     parallel efficiency and the sharded output's max |diff| from the single-device one."""
     plan = json.loads((sharded / "plan.json").read_text())
     res: dict = {"collectives_in_plan": [c["kind"] + (f"({c['reduce']})" if c.get("reduce", "sum") != "sum" else "")
-                                         for c in plan.get("collectives", [])]}
+                                         for c in plan.get("collectives", [])],
+                "collective_bytes_per_device": sum(c["bytes"] for c in plan.get("collectives", []))}
     runs = {"1 rank, 1 thread": (1, single, 1),
             "1 rank, 2 threads": (1, single, 2),
             "2 ranks, 1 thread each": (2, sharded, None)}
@@ -727,7 +728,7 @@ def main() -> int:
             gflop = moe["flops"] / 1e9
             print(f"\n(i) expert parallelism: {moe['layers']} layers of {moe['experts']} experts (2 a token, d={D}), "
                   f"{moe['tokens']} tokens ({gflop:.1f} GFLOP/step), median of {iters} steps; collectives: "
-                  f"{', '.join(moe['collectives_in_plan'])}")
+                  f"{', '.join(moe['collectives_in_plan'])} ({_human(moe['collective_bytes_per_device'])} a device)")
             _print_scaling(moe, gflop, "2 ranks (experts split)")
     # with --skip, the sections not run keep the results last recorded; measured_at: each section's commit
     kept = json.loads(RESULTS.read_text()) if args.skip and RESULTS.exists() else {}

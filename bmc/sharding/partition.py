@@ -74,14 +74,13 @@ def rule_of(node: Node) -> ShardingRule:
 class _Emitter:
     """The LocalContext that rules' ``local`` hooks see, plus the reshard emission."""
 
-    def __init__(self, mesh: Mesh, name: str, collectives: list[Collective]):
+    def __init__(self, mesh: Mesh, name: str):
         self.mesh = mesh
-        self.collectives = collectives
         self.at = -1  # the global node being partitioned (Collective.at)
         self.b = GraphBuilder(name)
         self.coord = self.b.input(MESH_COORD, TensorType("int64", (len(mesh.shape),)))
         self._blocks: dict[tuple[str, ...], Value] = {}
-        self.reshards: dict[int, Collective] = {}  # id(a collective's local result) -> its record
+        self.records: dict[int, Collective] = {}  # id(a collective's local result) -> its record
 
     def emit(self, op, inputs, names=(), **attrs):
         return self.b.emit(op, list(inputs), names, **attrs)
@@ -103,11 +102,18 @@ class _Emitter:
     def all_reduce(self, x: Value, axes: tuple[str, ...], reduce: str) -> Value:
         """A hook's own all-reduce, accounted like the reshards (its value is local: replicated on its own type)."""
         spec = Spec.replicated(x.type.rank)
-        step = Step("all_reduce", axes, spec, spec, reduce=reduce)
-        self.collectives.append(Collective("all_reduce", axes, step.bytes_per_device(x.type, self.mesh), x.name,
-                                           self.b.source or "local", step.time_s(x.type, self.mesh), reduce,
-                                           self.at))
-        return self.reshard(x, step, x.type)
+        return self.collective(x, Step("all_reduce", axes, spec, spec, reduce=reduce), x.type, x.name,
+                               self.b.source or "local")
+
+    def collective(self, x: Value, step: Step, global_type: TensorType, value: str, consumer: str) -> Value:
+        """``step`` (not a local slice) applied to ``x``, a block of the global value ``value``, and recorded; over a
+        group of one device it is ``x`` itself, with nothing run or recorded."""
+        if step.group_size(self.mesh) == 1:
+            return x
+        y = self.reshard(x, step, global_type)
+        self.records[id(y)] = Collective(step.kind, step.axes, step.bytes_per_device(global_type, self.mesh), value,
+                                         consumer, step.time_s(global_type, self.mesh), step.reduce, self.at)
+        return y
 
     def reshard(self, x: Value, step: Step, global_type: TensorType) -> Value:
         axes = tuple(self.mesh.names.index(a) for a in step.axes)
@@ -129,8 +135,8 @@ class _Emitter:
 
 def partition(graph: Graph, plan: Plan) -> LocalProgram:
     mesh = plan.mesh
-    em = _Emitter(mesh, graph.name, [])
-    prog = LocalProgram(em.b.graph, mesh, plan, graph, em.collectives)
+    em = _Emitter(mesh, graph.name)
+    prog = LocalProgram(em.b.graph, mesh, plan, graph)
     local: dict[tuple[int, Spec], Value] = {}  # (global value id, spec) → local value holding it in that spec
     spec_of: dict[int, Spec] = {}
 
@@ -146,12 +152,11 @@ def partition(graph: Graph, plan: Plan) -> LocalProgram:
             if (id(v), step.after) in local:
                 x = local[(id(v), step.after)]
                 continue
-            x = em.reshard(x, step, v.type)
+            if step.kind == "local_slice":
+                x = em.reshard(x, step, v.type) if step.group_size(mesh) > 1 else x
+            else:
+                x = em.collective(x, step, v.type, v.name, consumer)
             local[(id(v), step.after)] = x
-            if step.kind != "local_slice":
-                prog.collectives.append(Collective(step.kind, step.axes, step.bytes_per_device(v.type, mesh), v.name,
-                                                   consumer, step.time_s(v.type, mesh), at=em.at))
-                em.reshards[id(x)] = prog.collectives[-1]
         return x
 
     for v in graph.inputs:
@@ -191,10 +196,8 @@ def partition(graph: Graph, plan: Plan) -> LocalProgram:
         for reduce, axes in rule.combined(assign):  # a max/min over split dims: combine the shards right away
             outs = list(outs)
             for k, (v, s) in enumerate(zip(node.outputs, out_specs)):
-                step = Step("all_reduce", axes, s, s, reduce=reduce)
-                outs[k] = em.reshard(outs[k], step, v.type)
-                prog.collectives.append(Collective("all_reduce", axes, step.bytes_per_device(v.type, mesh), v.name,
-                                                   node.source or node.op, step.time_s(v.type, mesh), reduce, i))
+                outs[k] = em.collective(outs[k], Step("all_reduce", axes, s, s, reduce=reduce), v.type, v.name,
+                                        node.source or node.op)
         for v, x, s in zip(node.outputs, outs, out_specs):
             want = TensorType(v.type.dtype, s.local_shape(v.type.shape, mesh))
             if x.type != want:
@@ -218,7 +221,9 @@ def partition(graph: Graph, plan: Plan) -> LocalProgram:
         outs.append(x)
     em.b.finish(outs)
     _elide_routed_reduces(prog, em)
+    _sink_reduces(prog, em)
     eliminate_dead_code(prog.graph)
+    prog.collectives[:] = [em.records[id(n.outputs[0])] for n in prog.graph.nodes if id(n.outputs[0]) in em.records]
     return prog
 
 
@@ -285,7 +290,7 @@ def _elide_routed_reduces(prog: LocalProgram, em: _Emitter) -> None:
     users = graph.users()
     outputs = set(map(id, graph.outputs))
     for node in list(graph.nodes):
-        if node.op != "all_reduce" or node.attrs["reduce"] != "sum" or id(node.outputs[0]) not in em.reshards:
+        if node.op != "all_reduce" or node.attrs["reduce"] != "sum" or id(node.outputs[0]) not in em.records:
             continue
         src = node.inputs[0].producer
         routing = _routing(src.inputs[2], em) if src is not None and src.op == "gather_matmul" else None
@@ -298,8 +303,136 @@ def _elide_routed_reduces(prog: LocalProgram, em: _Emitter) -> None:
             r.inputs = [node.inputs[0] if x is node.outputs[0] else x for x in r.inputs]
         graph.nodes.remove(node)
         prog.routed_rows.update(found[0])
-        record = em.reshards.pop(id(node.outputs[0]))
-        prog.collectives[:] = [c for c in prog.collectives if c is not record]
+        del em.records[id(node.outputs[0])]
+
+
+#: ops linear in each listed operand alone while their other operands are fixed: ``f(Σ x_i) = Σ f(x_i)``
+LINEAR_IN = {"neg": (0,), "reshape": (0,), "transpose": (0,), "slice": (0,), "gather": (0,), "reduce_sum": (0,),
+             "reduce_mean": (0,), "mul": (0, 1), "div": (0,), "matmul": (0, 1)}
+
+
+def _varying(prog: LocalProgram) -> dict[int, frozenset[int]]:
+    """The mesh axes (indices) along which each local value may differ between devices (JAX's "varying manual
+    axes"): an input fed as blocks and a parameter along the axes of their specs, the coordinate along all, one of
+    its entries along its own; an all-reduce or all-gather over some axes makes its result the same along them, a
+    reduce-scatter or all-to-all split along them; any other op's results differ wherever an operand does."""
+    mesh, graph = prog.mesh, prog.graph
+    index = {a: k for k, a in enumerate(mesh.names)}
+
+    def along(spec: Spec | None) -> frozenset[int]:
+        return frozenset(index[a] for a in spec.axes()) if spec is not None else frozenset()
+
+    vary = {id(v): frozenset(range(len(mesh.shape))) if v.name == MESH_COORD else along(prog.plan.input_specs.get(
+        v.name)) for v in graph.inputs}
+    vary.update((id(v), along(prog.param_specs.get(v.name))) for v in graph.params)
+    for node in graph.nodes:
+        ins = frozenset().union(*(vary[id(x)] for x in node.inputs))
+        if node.op in ("all_reduce", "all_gather"):
+            ins -= set(node.attrs["axes"])
+        elif node.op in ("reduce_scatter", "all_to_all"):
+            ins |= set(node.attrs["axes"])
+        elif node.op == "gather" and node.inputs[0].name == MESH_COORD and node.inputs[1].producer is not None \
+                and node.inputs[1].producer.op == "constant":
+            ins = frozenset({int(node.inputs[1].producer.attrs["value"])})
+        vary.update((id(v), ins) for v in node.outputs)
+    return vary
+
+
+def _linear_path(r: Node, users: dict, outputs: set[int], vary: dict) -> list[Node]:
+    """The nodes an all-reduce ``r`` could move past: from its result on, each the only reader of the value before
+    it (reading it once) and linear in it (``LINEAR_IN``) with every other operand the same along the reduced axes;
+    it ends at a graph output."""
+    axes, path, cur = set(r.attrs["axes"]), [], r.outputs[0]
+    while len(users.get(cur, [])) == 1:
+        u = users[cur][0]
+        slots = [k for k, x in enumerate(u.inputs) if x is cur]
+        if len(slots) != 1 or slots[0] not in LINEAR_IN.get(u.op, ()) or len(u.outputs) != 1 or \
+                any(vary[id(x)] & axes for x in u.inputs if x is not cur):
+            break
+        path.append(u)
+        cur = u.outputs[0]
+        if id(cur) in outputs:
+            break
+    return path
+
+
+def _sink_reduces(prog: LocalProgram, em: _Emitter) -> None:
+    """Pending sums through linear ops (GSPMD's and DTensor's partial values), when that saves communication:
+
+    * two all-reduces over the same axes whose results, each through linear ops, are added (or subtracted) become
+      one, after the add: a Qwen or DeepSeek MoE's routed and shared experts, a parallel residual's attention and
+      MLP;
+    * an all-reduce whose result shrinks through linear ops moves past them to where the tensor is smallest: a
+      Mixtral expert layer reduces its tokens' ``k`` rows after their weighted sum, not before.
+
+    Each move is ``Σ f(x_i) = f(Σ x_i)`` (``_linear_path``), so the values it passes become partial sums: their
+    specs say so (the divergence search sums them), and the collectives' records follow the moves."""
+    graph = prog.graph
+    names = {id(x): g for g, (x, _) in prog.produced.items()}
+    at = {v.name: i for i, n in enumerate(prog.global_graph.nodes) for v in n.outputs}
+    while True:  # a round's moves touch disjoint paths; a merge's reduce may then move on in the next
+        users, outputs, vary = graph.users(), set(map(id, graph.outputs)), _varying(prog)
+        paths = {id(r): _linear_path(r, users, outputs, vary) for r in graph.nodes
+                 if r.op == "all_reduce" and r.attrs["reduce"] == "sum" and id(r.outputs[0]) in em.records
+                 and id(r.outputs[0]) not in outputs}
+        by_end = {id(p[-1].outputs[0] if p else r.outputs[0]): r for r in graph.nodes if id(r) in paths
+                  for p in [paths[id(r)]]}
+        moves = []
+        for node in graph.nodes:  # merges first: each saves a whole collective
+            ends = [by_end.get(id(x)) for x in node.inputs]
+            if node.op in ("add", "sub") and all(ends) and ends[0] is not ends[1] and \
+                    ends[0].attrs["axes"] == ends[1].attrs["axes"] and all(len(users[x]) == 1 for x in node.inputs):
+                moves.append((ends, node))
+        for r in graph.nodes if not moves else ():
+            sizes = [u.outputs[0].type.nbytes for u in paths.get(id(r), ())]
+            if sizes and min(sizes) < r.outputs[0].type.nbytes:
+                moves.append(([r], paths[id(r)][sizes.index(min(sizes))]))
+        if not moves:
+            return
+        for reduces, last in moves:
+            for r in reduces:
+                _move_reduce(prog, em, r, last, users, names)
+            _reduce_after(prog, em, reduces[0], last, users, names, at)
+
+
+def _move_reduce(prog: LocalProgram, em: _Emitter, r: Node, last: Node, users: dict, names: dict) -> None:
+    """Remove all-reduce ``r``: its reader reads its operand, and every value from there to ``last``'s result
+    becomes a partial sum over its axes."""
+    axes = tuple(prog.mesh.names[k] for k in r.attrs["axes"])
+    cur, src = r.outputs[0], r.inputs[0]
+    (u,) = users[cur]
+    u.inputs = [src if x is cur else x for x in u.inputs]
+    prog.graph.nodes.remove(r)
+    del em.records[id(cur)]
+    while True:
+        v = u.outputs[0]
+        if id(v) in names:
+            x, spec = prog.produced[names[id(v)]]
+            prog.produced[names[id(v)]] = (x, spec.with_partial(tuple(sorted(set(spec.partial) | set(axes)))))
+        if u is last:
+            return
+        (u,) = users[v]
+
+
+def _reduce_after(prog: LocalProgram, em: _Emitter, r: Node, last: Node, users: dict, names: dict, at: dict) -> None:
+    """An all-reduce like ``r`` of ``last``'s result, for its readers, and its record."""
+    v = last.outputs[0]
+    out = Value(em.b.names(f"{v.name}.reduced"), v.type)
+    for u in users[v]:
+        u.inputs = [out if x is v else x for x in u.inputs]
+    if v in prog.graph.outputs:  # the program's outputs keep the model's names
+        out.name, v.name = v.name, em.b.names(f"{v.name}.partial")
+        prog.graph.outputs = [out if x is v else x for x in prog.graph.outputs]
+    prog.graph.nodes.insert(prog.graph.nodes.index(last) + 1, Node("all_reduce", [v], [out], dict(r.attrs),
+                                                                   last.source))
+    axes = tuple(prog.mesh.names[k] for k in r.attrs["axes"])
+    spec = Spec.replicated(v.type.rank)
+    step = Step("all_reduce", axes, spec, spec)
+    value = names.get(id(v), v.name)
+    readers = users[v]
+    em.records[id(out)] = Collective("all_reduce", axes, step.bytes_per_device(v.type, prog.mesh), value,
+                                     readers[0].source or readers[0].op if readers else "output",
+                                     step.time_s(v.type, prog.mesh), at=at.get(value, -1))
 
 
 def _local_attrs(node: Node, out_specs: list[Spec], mesh: Mesh) -> dict:

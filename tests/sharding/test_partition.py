@@ -313,7 +313,8 @@ def test_megatron_with_expert_parallel_matches_onnxruntime(name, mesh_text):
     """dp+megatron on mixtures of experts (Megatron-LM's layout): attention tensor parallel, each expert layer
     split by its experts over the last axis (1 of 4 experts a device on 1x4, 2 on 2x2), the router left whole (and
     Qwen's per-token shared-expert gate, a [1, H] weight); only the second product of each expert layer is
-    all-reduced. Mixtral: one all-reduce after attention and one after the expert layer, per layer."""
+    all-reduced, after the tokens' k rows are summed (and, in Qwen and DeepSeek, added to the shared expert's partial
+    sum): one all-reduce after attention and one after the expert layer, per layer."""
     from bmc.compiler import import_graph
 
     data = np.load(FIXTURES / f"{name}.npz")
@@ -325,8 +326,82 @@ def test_megatron_with_expert_parallel_matches_onnxruntime(name, mesh_text):
     assert all(prog.param_specs[n.inputs[1].name] == Spec((("y",), (), ())) for n in products)
     res = simulate(prog, inputs)
     assert_close(res.outputs["logits"], data["output:logits"])
-    reduced = [c.value for c in prog.collectives if c.value in {n.outputs[0].name for n in products}]
-    assert len(reduced) == len(products) // 2  # the second products' partial sums
-    if name.startswith("mixtral"):
-        reduces = [c for c in prog.collectives if c.kind == "all_reduce"]
-        assert len(reduces) == 2 * 2 and all(c.axes == ("y",) for c in reduces)
+    reduces = [c for c in prog.collectives if c.kind == "all_reduce"]
+    assert not {c.value for c in reduces} & {n.outputs[0].name for n in products}
+    assert all(c.axes == ("y",) for c in reduces)
+    if not name.startswith("dsv3"):  # (its first layer is dense, its attention latent)
+        assert len(reduces) == 2 * 2 and {graph.value(c.value).type.shape for c in reduces} <= {(2, 16, 64), (32, 64)}
+
+
+# ---- pending sums through linear ops -----------------------------------------------------------------------------
+
+def parallel_residual_graph(*, bias=False, seed=0):
+    """x + mlp(x) + mlp'(x), each a column- then row-parallel pair (GPT-J's parallel attention and MLP, Qwen-MoE's
+    routed and shared experts); ``bias``: the second products add a bias (not linear: the sums cannot merge)."""
+    b = GraphBuilder("parallel")
+    rows, h, f = 8, 8, 16
+    x = b.input("x", TensorType("float32", (rows, h)))
+    branches = []
+    for k in range(2):
+        w1 = b.input(f"w1_{k}", TensorType("float32", (h, f)))
+        w2 = b.input(f"w2_{k}", TensorType("float32", (f, h)))
+        y = b.emit1("matmul", [b.emit1("gelu", [b.emit1("matmul", [x, w1])]), w2])
+        if bias:
+            y = b.emit1("add", [y, b.input(f"b_{k}", TensorType("float32", (h,)))])
+        branches.append(y)
+    gate = b.emit1("sigmoid", [b.emit1("reduce_mean", [x], axes=(1,), keepdims=True)])
+    graph = b.finish([b.emit1("add", [x, b.emit1("sub", [branches[0], b.emit1("mul", [gate, branches[1]])])])])
+    r = np.random.default_rng(seed)
+    return graph, {v.name: r.standard_normal(v.type.shape).astype(np.float32) for v in graph.inputs}
+
+
+@pytest.mark.parametrize("mesh_text", ["2", "2x2"])
+@pytest.mark.parametrize("bias", [False, True], ids=["merged", "biased"])
+def test_partial_sums_of_parallel_branches_are_reduced_once(bias, mesh_text):
+    """Two row-parallel products whose partial sums are combined linearly (one gated by a per-row value that every
+    device of the axis holds) are all-reduced once, after the combination; a bias after each product keeps both
+    all-reduces. Equal to the reference, with the partial intermediates compared as sums."""
+    graph, feeds = parallel_residual_graph(bias=bias)
+    mesh = Mesh.parse(mesh_text)
+    tp = mesh.names[-1]
+    ann = {f"w1_{k}": Spec(((), (tp,))) for k in range(2)} | {f"w2_{k}": Spec(((tp,), ())) for k in range(2)}
+    if len(mesh.shape) == 2:
+        ann["x"] = Spec((("x",), ()))
+    prog = partition(graph, propagate(graph, mesh, ann))
+    res = simulate(prog, feeds)
+    assert_close(res.outputs[graph.outputs[0].name], run_reference(graph, feeds)[graph.outputs[0].name])
+    reduces = [c for c in prog.collectives if c.kind == "all_reduce"]
+    assert len(reduces) == (2 if bias else 1) and all(c.axes == (tp,) for c in reduces)
+    if not bias:
+        assert reduces[0].value == graph.nodes[-2].outputs[0].name  # the sub, before the residual add
+    assert res.collective_bytes == [c.bytes for c in prog.collectives]
+    assert first_divergence(prog, feeds, run_reference(graph, feeds, keep=True), 1e-5) is None
+
+
+@pytest.mark.parametrize("weights", ["whole", "split"])
+def test_a_partial_sum_is_reduced_where_it_is_smallest(weights):
+    """A Mixtral-style combine: each token's k = 4 rows of a row-parallel product, weighted and summed. The partial
+    sum is all-reduced after the sum (a quarter of the bytes, into the output) when every device holds the same
+    weights; weights that differ along the axis (each device its block of the tokens) keep it before them (a
+    reduce-scatter into those blocks)."""
+    b = GraphBuilder("combine")
+    tokens, k, h, f = 4, 4, 8, 16
+    a = b.input("a", TensorType("float32", (tokens * k, f)))
+    w = b.input("w", TensorType("float32", (f, h)))
+    p = b.input("p", TensorType("float32", (tokens, k, 1)))
+    rows = b.emit1("reshape", [b.emit1("matmul", [a, w])], shape=(tokens, k, h))
+    graph = b.finish([b.emit1("reduce_sum", [b.emit1("mul", [rows, p])], axes=(1,), keepdims=False)])
+    r = np.random.default_rng(1)
+    feeds = {v.name: r.standard_normal(v.type.shape).astype(np.float32) for v in graph.inputs}
+    ann = {"a": Spec(((), ("x",))), "w": Spec((("x",), ()))}
+    if weights == "split":
+        ann["p"] = Spec((("x",), (), ()))
+    prog = partition(graph, propagate(graph, Mesh.parse("2"), ann))
+    res = simulate(prog, feeds)
+    assert_close(res.outputs[graph.outputs[0].name], run_reference(graph, feeds)[graph.outputs[0].name])
+    reduce = prog.collectives[0]  # (then, split, the output's all-gather)
+    full = tokens * k * h * 4  # bytes of the product; an all-reduce sends 2 (n - 1) / n of them, a scatter half that
+    assert (reduce.kind, reduce.bytes) == (("all_reduce", full // k) if weights == "whole" else
+                                           ("reduce_scatter", full // 2))
+    assert res.collective_bytes == [c.bytes for c in prog.collectives]
+    assert first_divergence(prog, feeds, run_reference(graph, feeds, keep=True), 1e-5) is None
