@@ -378,6 +378,73 @@ def test_partial_sums_of_parallel_branches_are_reduced_once(bias, mesh_text):
     assert first_divergence(prog, feeds, run_reference(graph, feeds, keep=True), 1e-5) is None
 
 
+@st.composite
+def linear_branches(draw):
+    """Two products ``x @ w`` (whose contraction random specs may split: partial sums), each through a random chain
+    of linear ops (reshape, transpose, neg, a product with or a division by a broadcast operand, a sum over a dim,
+    a slice), added or subtracted where their shapes allow, then maybe a tanh; random specs on every input."""
+    mesh = draw(meshes())
+    rows, k, cols = 4, 12, 6
+    g = GraphBuilder("linear")
+    x = g.input("x", TensorType("float32", (rows, k)))
+    ends = []
+    for branch in range(2):
+        y = g.emit1("matmul", [x, g.input(f"w{branch}", TensorType("float32", (k, cols)))])
+        for step in range(draw(st.integers(0, 3))):
+            op = draw(st.sampled_from(["neg", "transpose", "reshape", "mul", "div", "reduce_sum", "slice"] if branch
+                                      == 0 else ["neg", "mul", "div"]))
+            r, c = y.type.shape
+            if op in ("mul", "div"):
+                shape = draw(st.sampled_from([(1, c), (r, 1), (r, c)]))
+                operand = g.input(f"{op[0]}{branch}_{step}", TensorType("float32", shape))
+                y = g.emit1(op, [operand, y] if op == "mul" and draw(st.booleans()) else [y, operand])
+            elif op == "neg":
+                y = g.emit1("neg", [y])
+            elif op == "transpose":
+                y = g.emit1("transpose", [y], perm=(1, 0))
+            elif op == "reshape":
+                y = g.emit1("reshape", [y], shape=(c, r))
+            elif op == "reduce_sum":
+                y = g.emit1("reduce_sum", [y], axes=(draw(st.integers(0, 1)),), keepdims=True)
+            elif c > 1:
+                y = g.emit1("slice", [y], starts=(0,), ends=(c // 2,), axes=(1,), steps=(1,))
+        ends.append(y)
+    a, b = (e.type.shape for e in ends)
+    if all(p == q or 1 in (p, q) for p, q in zip(a, b)):
+        ends = [g.emit1(draw(st.sampled_from(["add", "sub"])), ends)]
+    if draw(st.booleans()):
+        ends[0] = g.emit1("tanh", [ends[0]])
+    graph = g.finish(ends)
+    annotations = {v.name: draw(random_spec(v.type.shape, mesh)) for v in graph.inputs if draw(st.booleans())}
+    r = np.random.default_rng(draw(st.integers(0, 2**16)))
+    feeds = {v.name: r.standard_normal(v.type.shape).astype(np.float32) for v in graph.inputs}
+    feeds |= {n: np.abs(a) + 0.5 for n, a in feeds.items() if n.startswith("d")}
+    return graph, mesh, annotations, feeds
+
+
+@settings(settings.get_profile(PROFILE))
+@given(linear_branches())
+def test_moving_reduces_past_linear_ops_keeps_the_values(case):
+    """Random partial sums through random linear ops on random meshes: equal to the reference, every intermediate
+    equal as a sum of its shards, bytes as recorded, and never more collectives or bytes than without the moves."""
+    from bmc.sharding import partition as partitioner
+
+    graph, mesh, annotations, feeds = case
+    plan = propagate(graph, mesh, annotations)
+    prog = partition(graph, plan)
+    res = simulate(prog, feeds)
+    ref = run_reference(graph, feeds, keep=True)
+    for v in graph.outputs:
+        assert_close(res.outputs[v.name], ref[v.name])
+    assert res.collective_bytes == [c.bytes for c in prog.collectives]
+    assert first_divergence(prog, feeds, ref, 1e-4) is None
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(partitioner, "_sink_reduces", lambda prog, em: None)
+        unmoved = partition(graph, plan).collectives
+    assert len(prog.collectives) <= len(unmoved)
+    assert sum(c.bytes for c in prog.collectives) <= sum(c.bytes for c in unmoved)
+
+
 @pytest.mark.parametrize("weights", ["whole", "split"])
 def test_a_partial_sum_is_reduced_where_it_is_smallest(weights):
     """A Mixtral-style combine: each token's k = 4 rows of a row-parallel product, weighted and summed. The partial
