@@ -1,14 +1,15 @@
-"""Automatic sharding at scale: plan GPT-3 175B (and a 1.3B model, GPT-2 small) for an 8x8 H100 mesh.
+"""Automatic sharding at scale: plan GPT-3 175B (and a 1.3B model, GPT-2 small, Mixtral 8x22B) for an 8x8 H100 mesh.
 
-The models are GPT-2-structured ONNX graphs (``benchmarks.models``' layer code) whose float16 weights are external
+The models are GPT-2-structured ONNX graphs (``benchmarks.models``' layer code; Mixtral's MLPs are mixtures of
+experts as the exporters write them, ``benchmarks/moe.py``'s ``hf`` form) whose float16 weights are external
 data in a *sparse* file of the right size: the importer checks offsets against the file size, nothing reads it, so
 a 350 GB model costs a few MB of disk and memory. Each model is planned with layer deduplication on and off in the
 same run; the table reports plan time (import + search + plan), solver time, peak RSS, the estimated time split,
 peak memory per device against the 80 GB budget and where tensor parallelism went (which mesh axis splits the
 weights of the matmuls).
 
-    python -m benchmarks.search                 # all three models, JSON in benchmarks/results/search.json
-    python -m benchmarks.search --models gpt2   # one model; --no-dedup-175b skips the slow 175B run without dedup
+    python -m benchmarks.search                 # all four models, JSON in benchmarks/results/search.json
+    python -m benchmarks.search --models gpt2-small   # one model; --no-dedup-175b skips the slow 175B run without dedup
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ MODELS = {
     "gpt3-175b": (96, 12288, 96, 49152, 8, 2048, 51200),
     "gpt-1.3b": (24, 2048, 16, 8192, 8, 2048, 51200),
     "gpt2-small": (12, 768, 12, 3072, 8, 1024, 50304),
+    # Mixtral 8x22B's shapes (multi-head attention where it has 8 key/value heads: 3% more parameters)
+    "mixtral-8x22b": (56, 6144, 48, 16384, 8, 2048, 32768),
 }
+EXPERTS = {"mixtral-8x22b": (8, 2)}  # experts, experts a token: a mixture of experts in place of each MLP
 ALIGN = 4096
 
 
@@ -87,6 +91,41 @@ def _block_separate_qkv(b: _Builder, x: str, i: int) -> str:
     return b.op("Add", [x, fc2], f"{name}.residual_2")
 
 
+def _block_moe(b: _Builder, x: str, i: int, experts: int, topk: int) -> str:
+    """Attention, then Hugging Face's batched mixture of experts as the exporters write it (``benchmarks/moe.py``'s
+    ``hf`` form: softmax router, top-k renormalized, every routed row's expert weights gathered for a batched
+    product, SwiGLU, the k rows weighted and summed); bmc fuses each gather + product into a ``gather_matmul``."""
+    cfg, name = b.cfg, f"h.{i}"
+    h, f = cfg.hidden, cfg.ffn
+    x = b.op("Add", [x, separate_qkv_attention(b, b.layer_norm(x, f"{name}.ln_1"), f"{name}.attn", causal=True,
+                                                names=("q_proj", "k_proj", "v_proj", "o_proj"))],
+             f"{name}.residual_1")
+    c = {k: b.shared(f"moe.{k}", np.array(v, np.int64)) for k, v in (
+        ("k", [topk]), ("flat", [-1]), ("tile", [1, topk, 1]), ("rows_h", [-1, h]), ("rows_2f", [-1, 2 * f]),
+        ("rows_1", [-1, 1]), ("tok_k_h", [-1, topk, h]), ("ax1", [1]), ("ax2", [2]), ("split", [f, f]),
+        ("out", [cfg.batch, cfg.seq, h]))}
+    m = f"{name}.moe"
+    rows = b.op("Reshape", [b.layer_norm(x, f"{name}.ln_2"), c["rows_h"]], f"{m}.rows")
+    probs = b.op("Softmax", [b.op("MatMul", [rows, b.weight(f"{m}.router", (h, experts))], f"{m}.logits")],
+                 f"{m}.probs", axis=-1)
+    top, idx = b.op("TopK", [probs, c["k"]], f"{m}.topk", n_out=2, axis=-1)
+    scores = b.op("Div", [top, b.op("ReduceSum", [top, c["ax1"]], f"{m}.topsum", keepdims=1)], f"{m}.scores")
+    ids = b.op("Reshape", [idx, c["flat"]], f"{m}.ids")
+    xs = b.op("Reshape", [b.op("Tile", [b.op("Unsqueeze", [rows, c["ax1"]], f"{m}.x1"), c["tile"]], f"{m}.xk"),
+                          c["rows_h"]], f"{m}.xs")
+    w1 = b.op("Gather", [b.weight(f"{m}.gate_up", (experts, 2 * f, h)), ids], f"{m}.w1", axis=0)
+    gu = b.op("Reshape", [b.op("MatMul", [w1, b.op("Unsqueeze", [xs, c["ax2"]], f"{m}.xcol")], f"{m}.h"),
+                          c["rows_2f"]], f"{m}.h2")
+    g, u = b.op("Split", [gu, c["split"]], f"{m}.split", n_out=2, axis=1)
+    act = b.op("Mul", [b.op("Mul", [g, b.op("Sigmoid", [g], f"{m}.sg")], f"{m}.silu"), u], f"{m}.act")
+    w2 = b.op("Gather", [b.weight(f"{m}.down", (experts, h, f)), ids], f"{m}.w2", axis=0)
+    o = b.op("Reshape", [b.op("MatMul", [w2, b.op("Unsqueeze", [act, c["ax2"]], f"{m}.acol")], f"{m}.o"),
+                         c["rows_h"]], f"{m}.o2")
+    weighted = b.op("Mul", [o, b.op("Reshape", [scores, c["rows_1"]], f"{m}.s1")], f"{m}.weighted")
+    y = b.op("ReduceSum", [b.op("Reshape", [weighted, c["tok_k_h"]], f"{m}.ok"), c["ax1"]], f"{m}.sum", keepdims=0)
+    return b.op("Add", [x, b.op("Reshape", [y, c["out"]], f"{m}.out")], f"{name}.residual_2")
+
+
 def write_model(folder: Path, name: str, qkv: str = "separate") -> tuple[Path, int]:
     """The ONNX file and its sparse weight file; returns (path, parameter count)."""
     layers, hidden, heads, ffn, batch, seq, vocab = MODELS[name]
@@ -97,7 +136,7 @@ def write_model(folder: Path, name: str, qkv: str = "separate") -> tuple[Path, i
     x = b.op("Add", [b.op("Gather", [wte, "input_ids"], "embed.tokens", axis=0), wpe], "embed.add_positions")
     block = _block_separate_qkv if qkv == "separate" else _block
     for i in range(layers):
-        x = block(b, x, i)
+        x = _block_moe(b, x, i, *EXPERTS[name]) if name in EXPERTS else block(b, x, i)
     x = b.layer_norm(x, "ln_f")
     b.op("MatMul", [x, b.weight("lm_head.weight", (hidden, vocab))], "logits")
     graph = helper.make_graph(
@@ -134,18 +173,28 @@ def tensor_parallel_axes(graph, plan) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def expert_layouts(graph, plan) -> dict[str, int]:
+    """How the expert weights (a ``gather_matmul``'s) are split: spec → count (``[{y}, {}, {}]``: experts over y,
+    expert parallelism)."""
+    out: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "gather_matmul" and node.inputs[1].name in plan.specs:
+            key = str(plan.specs[node.inputs[1].name])
+            out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def plan_one(path: Path, mesh_text: str, device: str, budget: float, dedup: bool, time_limit_s: float,
              price: bool) -> dict:
-    """Import, plan (auto), and describe the plan. Timed: import + search; pricing runs after the clock stops."""
-    from bmc.compiler import verify_graph
-    from bmc.frontend.onnx import import_model
+    """Import (with ``bmc compile``'s fusions), plan (auto), and describe the plan. Timed: import + search; pricing
+    runs after the clock stops."""
+    from bmc.compiler import import_graph
     from bmc.sharding.auto import auto_plan
     from bmc.sharding.cost import DEVICES, plan_cost, with_links
     from bmc.sharding.mesh import Mesh
 
     t0 = time.perf_counter()
-    graph = import_model(path)
-    verify_graph(graph)
+    graph = import_graph(path)
     t_import = time.perf_counter() - t0
     mesh = with_links(Mesh.parse(mesh_text))
     plan, stats = auto_plan(graph, mesh, device=device, memory_per_device=budget, time_limit_s=time_limit_s,
@@ -158,6 +207,8 @@ def plan_one(path: Path, mesh_text: str, device: str, budget: float, dedup: bool
            "repeated_layers": stats["repeated_layers"], "objective_s": stats["objective_s"],
            "ilp_peak_bytes": stats["peak_bytes_estimate"], "tensor_parallel": tensor_parallel_axes(graph, plan),
            "input_spec": {v.name: str(plan.specs[v.name]) for v in graph.inputs}, "warnings": stats["warnings"]}
+    if any(n.op == "gather_matmul" for n in graph.nodes):
+        row["experts"] = expert_layouts(graph, plan)
     if price:
         c = plan_cost(graph, plan, DEVICES[device])
         row.update({"cost": c.to_json(), "fits": c.memory.peak_bytes <= budget})
@@ -208,7 +259,7 @@ def _line(name: str, r: dict) -> str:
             f"  {r['status']:10} vars {r['variables']:7}  est {c.get('total_s', 0) * 1e3:8.2f} ms "
             f"(comm {c.get('comm_s', 0) * 1e3:7.2f})  peak {c.get('peak_bytes_per_device', 0) / 1e9:6.1f} GB "
             f"fits={r.get('fits')}  RSS {r['peak_rss_bytes'] / 2**30:4.2f} GiB  TP {r['tensor_parallel']} "
-            f"in {r['input_spec']}")
+            f"in {r['input_spec']}" + (f"  experts {r['experts']}" if "experts" in r else ""))
 
 
 if __name__ == "__main__":

@@ -28,8 +28,16 @@ SHORT_TO_DTYPE = {short: name for name, (short, _) in _DTYPES.items()}
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
 INT_DTYPES = frozenset({"int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64"})
 
-# Shapes larger than this many elements are refused before anything is allocated (FAILURES.md 7).
+# A stored tensor (initializer) of more elements is refused before anything is allocated (FAILURES.md 7).
 MAX_ELEMENTS = 1 << 40
+# No tensor type may have more: an intermediate the importer infers may be far larger than anything stored, and the
+# fusions remove it (a batched mixture of experts gathers every routed row's expert weights: 6.6e12 elements for
+# 16k tokens of Mixtral 8x22B, a `gather_matmul` after fusion), but int64 offsets into it must stay far from overflow.
+MAX_TYPE_ELEMENTS = 1 << 56
+
+
+class ShapeError(ValueError):
+    """A shape no tensor may have (negative, or more than ``MAX_TYPE_ELEMENTS`` elements)."""
 
 
 def np_dtype(dtype: str) -> np.dtype:
@@ -65,9 +73,9 @@ class TensorType:
             raise ValueError(f"unknown dtype {self.dtype!r}; known: {', '.join(DTYPES)}")
         shape = tuple(int(d) for d in self.shape)
         if any(d < 0 for d in shape):
-            raise ValueError(f"negative dimension in shape {shape}")
-        if prod(shape) > MAX_ELEMENTS:
-            raise ValueError(f"shape {shape} has {prod(shape)} elements, more than the limit of {MAX_ELEMENTS}")
+            raise ShapeError(f"negative dimension in shape {shape}")
+        if prod(shape) > MAX_TYPE_ELEMENTS:
+            raise ShapeError(f"shape {shape} has {prod(shape)} elements, more than the limit of {MAX_TYPE_ELEMENTS}")
         object.__setattr__(self, "shape", shape)
 
     @property

@@ -131,6 +131,35 @@ def test_absurd_sizes_rejected_before_allocation():
         import_model(m)
 
 
+def test_an_intermediate_of_absurd_size_names_its_node():
+    shape = numpy_helper.from_array(np.array([1 << 29, 1 << 28], np.int64), "shape")
+    m = make_model([helper.make_node("Expand", ["x", "shape"], ["y"], name="too_big")], [vi("x", shape=(1, 1))],
+                   [vi("y", shape=None)], [shape])
+    with pytest.raises(ModelError, match=r"more than the limit") as e:
+        import_model(m)
+    assert "too_big" in str(e.value)
+
+
+def test_a_batched_mixture_of_experts_far_larger_than_memory_imports_fused():
+    """The exporters' batched experts gather every routed row's expert weights: at 2^29 tokens (2 experts a token)
+    an intermediate of 2^43 elements, beyond what a stored tensor may have. It is never allocated: the import
+    infers it and the fusion turns each gather + product into a ``gather_matmul``, whose result is 2^36."""
+    import importlib.util
+
+    from bmc.compiler import import_graph
+    from bmc.ir.types import MAX_ELEMENTS
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "moe.py"
+    spec = importlib.util.spec_from_file_location("bmc_benchmarks_moe", path)
+    moe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(moe)
+    model = moe.hf_moe(moe.moe_weights(1, 64, 64, 2))
+    assert max(v.type.numel for v in import_model(model, {"M": 1 << 29}).values()) > MAX_ELEMENTS
+    graph = import_graph(model, {"M": 1 << 29})
+    assert graph.op_counts()["gather_matmul"] == 2
+    assert max(v.type.numel for v in graph.values()) <= MAX_ELEMENTS
+
+
 # 8, 9, 10 ---------------------------------------------------------------------------------------------------------
 W_SHAPE = (3, 1024)  # large enough to stay a lazily loaded weight, not a folded constant
 W_DATA = np.arange(3 * 1024, dtype=np.float32)

@@ -21,7 +21,7 @@ from bmc.frontend.onnx.functions import DEFAULT_DOMAINS, MAX_DEPTH, Functions
 from bmc.ir.graph import Graph, Value
 from bmc.ir.passes import eliminate_dead_code
 from bmc.ir.tensor import ArrayTensor, FillTensor, MappedTensor, Tensor
-from bmc.ir.types import FLOAT_DTYPES, TensorType, dtype_of
+from bmc.ir.types import FLOAT_DTYPES, ShapeError, TensorType, dtype_of
 from bmc.ops import OpError, get_op
 from bmc.ops.builder import GraphBuilder
 
@@ -319,7 +319,7 @@ def _convert(ctx: Context, node: onnx.NodeProto, where: str) -> None:
         outs = CONVERTERS[op_key(node)](ctx, node)
     except ConvertError as e:
         raise ModelError(str(e), where=where, fix=e.fix) from None
-    except OpError as e:
+    except (OpError, ShapeError) as e:
         raise ModelError(str(e), where=where, fix="check the bound input shapes (--input-shape) and the node's "
                          "attributes") from None
     fresh = {id(v) for n in b.graph.nodes[first_new:] for v in n.outputs}
