@@ -189,12 +189,13 @@ def plan_one(path: Path, mesh_text: str, device: str, budget: float, dedup: bool
     """Import (with ``bmc compile``'s fusions), plan (auto), and describe the plan. Timed: import + search; pricing
     runs after the clock stops."""
     from bmc.compiler import import_graph
+    from bmc.ops.fusion import split_fused_products
     from bmc.sharding.auto import auto_plan
     from bmc.sharding.cost import DEVICES, plan_cost, with_links
     from bmc.sharding.mesh import Mesh
 
     t0 = time.perf_counter()
-    graph = import_graph(path)
+    graph = split_fused_products(import_graph(path))  # (as `bmc compile` does on a mesh of several devices)
     t_import = time.perf_counter() - t0
     mesh = with_links(Mesh.parse(mesh_text))
     plan, stats = auto_plan(graph, mesh, device=device, memory_per_device=budget, time_limit_s=time_limit_s,

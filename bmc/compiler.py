@@ -107,6 +107,7 @@ def plan_graph(graph: Graph, *, mesh, shard: Mapping | None = None, strategy: st
     if strategy and strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {strategy!r}", where="--strategy", fix=f"use one of {STRATEGIES}")
     profile, mesh = _cost_model(mesh, device, mesh_bandwidth)
+    _split_fused(graph, mesh, shard)
     budget = memory_per_device or profile.memory_bytes
     output_specs = resolve_io_specs(graph, mesh, output_shards or {}, "output")
     input_specs = resolve_io_specs(graph, mesh, input_shards or {}, "input")
@@ -149,6 +150,15 @@ def plan_graph(graph: Graph, *, mesh, shard: Mapping | None = None, strategy: st
                         f"repeats the same work (the model is too small for this mesh, or splitting costs more than "
                         f"it saves); a smaller --mesh, a larger batch or --strategy dp would use the devices")
     return prog, data
+
+
+def _split_fused(graph: Graph, mesh, shard: Mapping | None) -> None:
+    """On a mesh of several devices, a fused projection read in parts becomes one product a part, so that each can
+    split like any projection (``bmc.ops.fusion.split_fused_products``; annotated tensors are left alone)."""
+    if mesh.size > 1:
+        from bmc.ops.fusion import split_fused_products
+
+        split_fused_products(graph, keep=set(shard or {}))
 
 
 def _cost_model(mesh, device: str, mesh_bandwidth: str | Mapping | None):
@@ -407,6 +417,7 @@ def plan_pipeline(graph: Graph, *, mesh, stages: int, microbatches: int = 1, sha
     mesh = _mesh(mesh)
     _check_pipeline_flags(mesh, stages, microbatches, plan_options)
     shard = shard or {}
+    _split_fused(graph, mesh, shard)  # (before the cut: the stages' nodes are the cut's)
     profile, linked = _cost_model(mesh, plan_options.get("device", "h100"), plan_options.get("mesh_bandwidth"))
     sub = stage_mesh(linked, stages)
     # a stage's submesh keeps the whole mesh's links (its first axis stays a between-node axis)

@@ -405,3 +405,110 @@ def fuse_gathered_matmuls(graph: Graph) -> Graph:
         return graph
     graph.nodes = [m for n in graph.nodes for m in replaced.get(id(n), [n])]
     return eliminate_dead_code(graph)
+
+
+def _column_blocks(v: Value, users: dict, outputs: set[int]) -> list[tuple[int, int, list[Value]]] | None:
+    """How ``v`` (its last dim N) is read, when it is read only in column blocks: ``(start, stop, [the values
+    holding block [start, stop)])`` by start, blocks disjoint and each a split's part or a slice of the last dim
+    alone; None otherwise (or for a single block)."""
+    n, rank = v.type.shape[-1], v.type.rank
+    blocks: dict[tuple[int, int], list[Value]] = {}
+    if id(v) in outputs or not users.get(v):
+        return None
+    for u in users[v]:
+        if u.op == "split" and u.attrs["axis"] % rank == rank - 1:
+            edges = np.cumsum((0,) + tuple(u.attrs["sizes"]))
+            for a, b, part in zip(edges[:-1], edges[1:], u.outputs):
+                blocks.setdefault((int(a), int(b)), []).append(part)
+        elif u.op == "slice" and len(u.attrs["axes"]) == 1 and u.attrs["axes"][0] % rank == rank - 1 \
+                and u.attrs["steps"] == (1,):
+            a, b, _ = slice(u.attrs["starts"][0], u.attrs["ends"][0]).indices(n)
+            blocks.setdefault((a, max(a, b)), []).append(u.outputs[0])
+        else:
+            return None
+    spans = sorted(blocks)
+    if len(spans) < 2 or any(b0 > a1 for (_, b0), (a1, _) in zip(spans, spans[1:])) or any(a == b for a, b in spans):
+        return None
+    return [(a, b, blocks[(a, b)]) for a, b in spans]
+
+
+def split_fused_products(graph: Graph, keep=frozenset()) -> Graph:
+    """A product by a weight whose result is read only in column blocks → one product per block, by that block of
+    the weight (run before sharding: ``bmc.compiler.plan_graph`` on a mesh of several devices).
+
+    Exporters keep fused projections: GPT-2's ``c_attn`` (Q, K and V in one ``[H, 3H]`` weight, then a split),
+    Phi-3's ``qkv_proj`` and ``gate_up_proj``, and Hugging Face's batched experts' ``gate_up_proj`` (``[E, 2F, H]``,
+    then a chunk into gate and up)::
+
+        y = matmul(x, w [K, N]) | gather_matmul(x, w [E, K, N] | [E, N, K], idx)
+        y = add(y, b [N])                     optional
+        y = reshape(y, ...)                   any number, the last one's last dim N (so a row stays a row)
+        parts = split(y, axis=-1) | slice(y, axis=-1) ...   disjoint column blocks
+
+    A mesh splits a weight in contiguous blocks, which for a fused one cross its parts' boundaries: splitting the
+    columns (Megatron's column-parallel layout) leaves a device one or two parts, not a block of each, so the split
+    needs the columns whole first (a gather or an all-to-all a layer), and Megatron left GPT-2's fused weight whole
+    on every device. One product per part splits like any projection. Exact: every column of the result is the same
+    dot product. Weights, biases and values named in ``keep`` (annotated ones) are left alone; the parts' weights are
+    views of the fused one, cut when the artifact is written."""
+    from bmc.ir.graph import NameAllocator
+    from bmc.ir.tensor import MappedTensor
+
+    users = graph.users()
+    outputs = set(map(id, graph.outputs))
+    params = {id(p) for p in graph.params}
+    names = NameAllocator(v.name for v in graph.values())
+    cuts: dict[tuple[int, int, int], Value] = {}
+    replaced: dict[int, list[Node]] = {}
+    dropped: set[int] = set()
+
+    def cut(x: Value, axis: int, a: int, b: int) -> Value:
+        """Parameter ``x``'s block ``[a, b)`` of dim ``axis``."""
+        if (id(x), a, b) not in cuts:
+            ty = x.type.with_shape(x.type.shape[:axis] + (b - a,) + x.type.shape[axis + 1:])
+            index = (slice(None),) * axis + (slice(a, b),)
+            q = cuts[(id(x), a, b)] = Value(names(f"{x.name}.cols{a}_{b}"), ty)
+            graph.params.append(q)
+            graph.weights[q.name] = MappedTensor(graph.weights[x.name], lambda arr, i=index: arr[i], ty,
+                                                 f"columns {a}:{b}")
+        return cuts[(id(x), a, b)]
+
+    for p in graph.nodes:
+        w = p.inputs[1] if p.op in ("matmul", "gather_matmul") else None
+        if w is None or id(w) not in params or w.type.rank != (2 if p.op == "matmul" else 3):
+            continue
+        col = 1 if p.op == "matmul" or p.attrs["transpose_w"] else 2
+        v, n, bias, chain = p.outputs[0], p.outputs[0].type.shape[-1], None, []
+        while id(v) not in outputs and len(users.get(v, [])) == 1:
+            u = users[v][0]
+            other = u.inputs[1] if u.op == "add" and u.inputs[0] is v else u.inputs[0]
+            if u.op == "add" and bias is None and not chain and id(other) in params and other.type.shape == (n,):
+                bias = (u, other)
+            elif u.op == "reshape":
+                chain.append(u)
+            else:
+                break
+            v = u.outputs[0]
+        blocks = _column_blocks(v, users, outputs) if v.type.shape[-1:] == (n,) else None
+        between = [p] + chain + ([bias[0]] if bias else [])
+        if blocks is None or {w.name, bias[1].name if bias else None} & set(keep) or \
+                any(x.outputs[0].name in keep or id(x) in dropped for x in between):
+            continue
+        made: list[Node] = []
+        for a, b, parts in blocks:
+            y = Value(names(f"{p.outputs[0].name}.cols{a}_{b}"), p.outputs[0].type.with_shape(
+                p.outputs[0].type.shape[:-1] + (b - a,)))
+            made.append(Node(p.op, [p.inputs[0], cut(w, col, a, b)] + p.inputs[2:], [y], dict(p.attrs), p.source))
+            if bias is not None:
+                z = Value(names(f"{bias[0].outputs[0].name}.cols{a}_{b}"), y.type)
+                made.append(Node("add", [y, cut(bias[1], 0, a, b)], [z], {}, bias[0].source))
+                y = z
+            for part in parts:  # (reshaped as the reshapes between reshaped the whole: rows stay rows)
+                made.append(Node("reshape", [y], [part], {"shape": part.type.shape}, p.source))
+        dropped.update(id(x) for x in between + users[v])
+        replaced[id(p)] = made
+    if not replaced:
+        return graph
+    graph.nodes = [m for nd in graph.nodes if id(nd) in replaced or id(nd) not in dropped
+                   for m in replaced.get(id(nd), [nd])]
+    return eliminate_dead_code(graph)

@@ -4,9 +4,10 @@ Megatron tensor parallel (column-parallel then row-parallel weight matmuls), and
 Megatron is found from the graph's structure, not from names (exporters rename weights): walking the nodes in
 order, a matmul whose right operand is a weight (a parameter, possibly through transposes) is *column-parallel*
 when its activation is whole and *row-parallel* when its activation is already split by an earlier
-column-parallel matmul. A column-parallel matmul whose result is cut by a ``split`` (GPT-2's fused QKV) is left
-whole and the split's outputs are split instead, so every layer needs exactly one all-reduce after attention and
-one after the MLP. A mixture of experts (``gather_matmul``) is split by its experts instead (expert parallelism,
+column-parallel matmul. A column-parallel matmul whose result is cut by a ``split`` (GPT-2's fused QKV, unless
+``bmc.ops.fusion.split_fused_products`` made it one product a part) is left whole and the split's outputs are
+split instead, so every layer needs exactly one all-reduce after attention and one after the MLP; so is one whose
+result is cut into heads too few to divide by the axis (the attention would gather them back). A mixture of experts (``gather_matmul``) is split by its experts instead (expert parallelism,
 as Megatron-LM runs MoE layers: one all-reduce after the expert layer, ``partition._elide_routed_reduces``), and
 its router's matmul (whose logits a ``topk`` picks from) is left whole.
 """
@@ -90,9 +91,11 @@ def megatron(graph: Graph, axis: str, batch_axis: str | None = None, size: int =
                 out[v.name] = Spec(batch + ((),) * (v.type.rank - 2) + ((axis,),))
                 split_act.add(id(v))
             continue
+        split_act.add(id(node.output))
+        if not _heads_divide(node.output, users, size):  # computed whole, read by the next weight matmul as split
+            continue  # (its activation sliced on each device, free): a head is never cut
         # column-parallel: split the output features
         out[param.name] = _stored_nk(param, 0, axis) if perm is None else _through(perm, 1, axis)
-        split_act.add(id(node.output))
     return out
 
 
@@ -112,6 +115,15 @@ def _feeds_split(v: Value, users: dict[int, list[Node]]) -> Node | None:
     """The split node that cuts ``v``'s last dim, looking through elementwise ops (a bias add; a quantized matmul's
     cast and scale, a quantize-dequantize pair) and reshapes."""
     return _reached(v, users, lambda n, x: n.op == "split" and n.attrs["axis"] % x.type.rank == x.type.rank - 1)
+
+
+def _heads_divide(v: Value, users: dict[int, list[Node]], size: int) -> bool:
+    """Unless ``v``'s features are cut into heads (a reshape of its last dim into ``[..., heads, d]``) whose
+    number does not divide by ``size``."""
+    n = v.type.shape[-1]
+    cut = _reached(v, users, lambda node, x: node.op == "reshape" and x.type.shape[-1] == n
+                   and node.outputs[0].type.shape[-1] not in (n, 1) and n % node.outputs[0].type.shape[-1] == 0)
+    return cut is None or (n // cut.outputs[0].type.shape[-1]) % size == 0
 
 
 def _routes(v: Value, users: dict[int, list[Node]]) -> bool:

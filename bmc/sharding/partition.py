@@ -81,6 +81,7 @@ class _Emitter:
         self.coord = self.b.input(MESH_COORD, TensorType("int64", (len(mesh.shape),)))
         self._blocks: dict[tuple[str, ...], Value] = {}
         self.records: dict[int, Collective] = {}  # id(a collective's local result) -> its record
+        self.slices: dict[int, tuple[str, ...]] = {}  # id(a local slice's result) -> the mesh axes of its block
 
     def emit(self, op, inputs, names=(), **attrs):
         return self.b.emit(op, list(inputs), names, **attrs)
@@ -130,7 +131,9 @@ class _Emitter:
         chunk = x.type.shape[step.dim] // n
         offset = self.b.emit1("mul", [self.block_index(step.axes), self.b.constant(np.array(chunk, np.int64))])
         idx = self.b.emit1("add", [self.b.constant(np.arange(chunk, dtype=np.int64)), offset])
-        return self.b.emit1("gather", [x, idx], axis=step.dim)
+        out = self.b.emit1("gather", [x, idx], axis=step.dim)
+        self.slices[id(out)] = step.axes
+        return out
 
 
 def partition(graph: Graph, plan: Plan) -> LocalProgram:
@@ -362,6 +365,9 @@ def _sink_reduces(prog: LocalProgram, em: _Emitter) -> None:
     * two all-reduces over the same axes whose results, each through linear ops, are added (or subtracted) become
       one, after the add: a Qwen or DeepSeek MoE's routed and shared experts, a parallel residual's attention and
       MLP;
+    * an all-reduce whose result, through linear ops, is cut to this device's block over the same axes (a local
+      slice) becomes one reduce-scatter there: half the bytes (the plan kept the sum whole where a follower of its
+      producer could not take the split, then split it at the next node);
     * an all-reduce whose result shrinks through linear ops moves past them to where the tensor is smallest: a
       Mixtral expert layer reduces its tokens' ``k`` rows after their weighted sum, not before.
 
@@ -377,41 +383,48 @@ def _sink_reduces(prog: LocalProgram, em: _Emitter) -> None:
                  and id(r.outputs[0]) not in outputs}
         by_end = {id(p[-1].outputs[0] if p else r.outputs[0]): r for r in graph.nodes if id(r) in paths
                   for p in [paths[id(r)]]}
-        moves = []
+        moves = []  # (all-reduces, the nodes each passes, the last node, whether the move ends in a reduce-scatter)
         for node in graph.nodes:  # merges first: each saves a whole collective
             ends = [by_end.get(id(x)) for x in node.inputs]
             if node.op in ("add", "sub") and all(ends) and ends[0] is not ends[1] and \
                     ends[0].attrs["axes"] == ends[1].attrs["axes"] and all(len(users[x]) == 1 for x in node.inputs):
-                moves.append((ends, node))
+                moves.append((ends, [paths[id(r)] + [node] for r in ends], node, False))
         for r in graph.nodes if not moves else ():
-            sizes = [u.outputs[0].type.nbytes for u in paths.get(id(r), ())]
+            path = paths.get(id(r))
+            if path is None:
+                continue
+            end = path[-1].outputs[0] if path else r.outputs[0]
+            sliced = users[end][0] if len(users[end]) == 1 and id(end) not in outputs else None
+            if sliced is not None and sliced.inputs[0] is end and em.slices.get(id(sliced.outputs[0])) == tuple(
+                    prog.mesh.names[k] for k in r.attrs["axes"]):
+                moves.append(([r], [path], sliced, True))  # with the block taken after it: a reduce-scatter
+                continue
+            sizes = [u.outputs[0].type.nbytes for u in path]
             if sizes and min(sizes) < r.outputs[0].type.nbytes:
-                moves.append(([r], paths[id(r)][sizes.index(min(sizes))]))
+                k = sizes.index(min(sizes))
+                moves.append(([r], [path[:k + 1]], path[k], False))
         if not moves:
             return
-        for reduces, last in moves:
-            for r in reduces:
-                _move_reduce(prog, em, r, last, users, names)
-            _reduce_after(prog, em, reduces[0], last, users, names, at)
+        for reduces, through, last, scatter in moves:
+            for r, nodes in zip(reduces, through):
+                _move_reduce(prog, em, r, nodes, users, names)
+            (_scatter_at if scatter else _reduce_after)(prog, em, reduces[0], last, users, names, at)
 
 
-def _move_reduce(prog: LocalProgram, em: _Emitter, r: Node, last: Node, users: dict, names: dict) -> None:
-    """Remove all-reduce ``r``: its reader reads its operand, and every value from there to ``last``'s result
-    becomes a partial sum over its axes."""
+def _move_reduce(prog: LocalProgram, em: _Emitter, r: Node, through: list[Node], users: dict, names: dict) -> None:
+    """Remove all-reduce ``r``: its reader reads its operand, and the results of ``through`` (the nodes from that
+    reader on) become partial sums over its axes."""
     axes = tuple(prog.mesh.names[k] for k in r.attrs["axes"])
     cur, src = r.outputs[0], r.inputs[0]
     (u,) = users[cur]
     u.inputs = [src if x is cur else x for x in u.inputs]
     prog.graph.nodes.remove(r)
     del em.records[id(cur)]
-    while True:
-        v = u.outputs[0]
+    for node in through:
+        v = node.outputs[0]
         if id(v) in names:
             x, spec = prog.produced[names[id(v)]]
             prog.produced[names[id(v)]] = (x, spec.with_partial(tuple(sorted(set(spec.partial) | set(axes)))))
-        if u is last:
-            return
-        (u,) = users[v]
 
 
 def _reduce_after(prog: LocalProgram, em: _Emitter, r: Node, last: Node, users: dict, names: dict, at: dict) -> None:
@@ -433,6 +446,25 @@ def _reduce_after(prog: LocalProgram, em: _Emitter, r: Node, last: Node, users: 
     em.records[id(out)] = Collective("all_reduce", axes, step.bytes_per_device(v.type, prog.mesh), value,
                                      readers[0].source or readers[0].op if readers else "output",
                                      step.time_s(v.type, prog.mesh), at=at.get(value, -1))
+
+
+def _scatter_at(prog: LocalProgram, em: _Emitter, r: Node, sliced: Node, users: dict, names: dict,
+                at: dict) -> None:
+    """All-reduce ``r``, moved down its path to the local slice ``sliced`` over the same axes, and that slice: one
+    reduce-scatter, which sends half the bytes and leaves each device its block."""
+    v, axes = sliced.inputs[0], em.slices.pop(id(sliced.outputs[0]))
+    node = Node("reduce_scatter", [v], sliced.outputs, {"axes": r.attrs["axes"], "group_size": r.attrs["group_size"],
+                                                        "dim": sliced.attrs["axis"]}, sliced.source)
+    prog.graph.nodes[prog.graph.nodes.index(sliced)] = node
+    spec = Spec.replicated(v.type.rank)
+    step = Step("reduce_scatter", axes, spec.with_partial(axes), spec.with_dim(sliced.attrs["axis"], axes),
+                dim=sliced.attrs["axis"])
+    value = names.get(id(sliced.outputs[0]), names.get(id(v), v.name))
+    readers = users[sliced.outputs[0]]
+    em.records[id(sliced.outputs[0])] = Collective(
+        "reduce_scatter", axes, step.bytes_per_device(v.type, prog.mesh), value,
+        readers[0].source or readers[0].op if readers else "output", step.time_s(v.type, prog.mesh),
+        at=at.get(value, -1))
 
 
 def _local_attrs(node: Node, out_specs: list[Spec], mesh: Mesh) -> dict:

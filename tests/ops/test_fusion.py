@@ -356,3 +356,54 @@ def test_expert_layers_read_their_weights_in_place(name, layers):
     assert len(products) == 2 * layers and len({id(n.inputs[2]) for n in products}) == layers
     assert "where" not in {n.op for n in fused.nodes if n.outputs[0] in {p.inputs[2] for p in products}}
     assert all(n.inputs[0].type.rank < 3 for n in fused.nodes if n.op in ("gather", "gather_nd"))  # embeddings
+
+
+# ---- fused projections -------------------------------------------------------------------------------------------
+
+FUSED = {"gpt2_legacy": ("split", 2), "gpt2_dynamo": ("split", 2), "mixtral_legacy": ("slice", 4),
+         "mixtral_dynamo": ("split", 2), "qwenmoe_dynamo": ("split", 2), "dsv3_dynamo": ("split", 3)}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_fused_projections_become_one_product_a_part(name):
+    """GPT-2's fused QKV, the batched experts' gate_up and DeepSeek-V3's latent projections: every split (or pair
+    of slices) of a product by a weight goes, each part its own product by its block of the weight (a view, equal
+    to the fused weight's columns), with the reference unchanged."""
+    from bmc.ops.fusion import split_fused_products
+
+    inputs, _ = load_case(name)
+    graph = import_graph(FIXTURES / f"{name}.onnx", {k: v.shape for k, v in inputs.items()})
+    before, counts = run_reference(graph, inputs), graph.op_counts()
+    weights = {p.name: graph.weights[p.name] for p in graph.params}
+    graph = split_fused_products(graph)
+    op, gone = FUSED[name]
+    assert graph.op_counts().get(op, 0) == counts[op] - gone
+    cuts = [p for p in graph.params if p.name not in weights]
+    assert cuts and all(graph.weights[p.name].describe().startswith("columns") for p in cuts)
+    for p in cuts:
+        base, cols = p.name.rsplit(".cols", 1)
+        a, b = map(int, cols.split("_"))
+        whole = weights[base].numpy()
+        axis = next(d for d, (m, n) in enumerate(zip(p.type.shape, whole.shape)) if m != n)
+        np.testing.assert_array_equal(graph.weights[p.name].numpy(), np.take(whole, np.arange(a, b), axis=axis))
+    after = run_reference(graph, inputs)
+    for key, want in before.items():
+        np.testing.assert_allclose(after[key], want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_product_read_whole_or_annotated_stays_fused():
+    from bmc.ops.fusion import split_fused_products
+
+    b = GraphBuilder()
+    x = b.input("x", TensorType("float32", (4, 8)))
+    w = b.param("w", np.arange(8 * 6, dtype=np.float32).reshape(8, 6))
+    y = b.emit1("matmul", [x, w])
+    first, second = b.emit("split", [y], axis=1, sizes=(3, 3))
+    graph = b.finish([first, second])
+    assert split_fused_products(graph, keep={"w"}).op_counts()["matmul"] == 1  # annotated: left as written
+    assert split_fused_products(graph).op_counts()["matmul"] == 2
+    b = GraphBuilder()
+    x = b.input("x", TensorType("float32", (4, 8)))
+    y = b.emit1("matmul", [x, b.param("w", np.ones((8, 6), np.float32))])
+    graph = b.finish(b.emit("split", [y], axis=1, sizes=(3, 3)) + [b.emit1("tanh", [y])])
+    assert split_fused_products(graph).op_counts()["matmul"] == 1  # the whole result is read too

@@ -333,6 +333,33 @@ def test_megatron_with_expert_parallel_matches_onnxruntime(name, mesh_text):
         assert len(reduces) == 2 * 2 and {graph.value(c.value).type.shape for c in reduces} <= {(2, 16, 64), (32, 64)}
 
 
+@pytest.mark.parametrize("mesh_text, heads_split", [("2", True), ("4", False)])
+def test_megatron_splits_gpt2s_fused_qkv_by_heads(mesh_text, heads_split, monkeypatch):
+    """Planned on a mesh, GPT-2's fused QKV is one product a part (``split_fused_products``), so Megatron splits
+    the Q, K and V weights column-parallel: a device holds its heads' third of each, less than the fused weight
+    whole, with the same collectives (one all-reduce after attention, one after the MLP). Its 2 heads do not
+    divide by 4: there the projections stay whole and attention runs on every device, as before. Equal to
+    onnxruntime."""
+    from bmc.compiler import plan_model
+    from bmc.ops import fusion
+
+    _, inputs, outputs = fixture("gpt2_dynamo")
+    shapes = {k: v.shape for k, v in inputs.items()}
+    graph, prog, data = plan_model(FIXTURES / "gpt2_dynamo.onnx", mesh=mesh_text, strategy="megatron",
+                                   input_shapes=shapes)
+    cuts = {k: s for k, s in prog.param_specs.items() if "c_attn" in k}
+    assert len(cuts) == 2 * 3 * 2 and all(".cols" in k for k in cuts)  # 2 layers, q/k/v, weight and bias
+    assert all((s.axes() == ("x",)) == heads_split for s in cuts.values())
+    assert_close(simulate(prog, inputs).outputs["logits"], outputs["logits"])
+    monkeypatch.setattr(fusion, "split_fused_products", lambda g, keep=(): g)
+    _, fused, fused_data = plan_model(FIXTURES / "gpt2_dynamo.onnx", mesh=mesh_text, strategy="megatron",
+                                      input_shapes=shapes)
+    assert [(c.kind, c.bytes) for c in prog.collectives] == [(c.kind, c.bytes) for c in fused.collectives]
+    assert [c.kind for c in prog.collectives].count("all_reduce") == 2 * 2
+    mine, theirs = (d["memory"]["weight_bytes_per_device"] for d in (data, fused_data))
+    assert mine < theirs if heads_split else mine == theirs
+
+
 # ---- pending sums through linear ops -----------------------------------------------------------------------------
 
 def parallel_residual_graph(*, bias=False, seed=0):
@@ -376,6 +403,35 @@ def test_partial_sums_of_parallel_branches_are_reduced_once(bias, mesh_text):
         assert reduces[0].value == graph.nodes[-2].outputs[0].name  # the sub, before the residual add
     assert res.collective_bytes == [c.bytes for c in prog.collectives]
     assert first_divergence(prog, feeds, run_reference(graph, feeds, keep=True), 1e-5) is None
+
+
+def test_an_all_reduce_then_a_block_of_it_is_a_reduce_scatter():
+    """A row-parallel product's partial sum, kept whole by the node after it (as an ILP's follower of the product
+    keeps it) and cut to each device's rows by the next (a local slice): the all-reduce moves down to the slice
+    and the two become one reduce-scatter (half the bytes). Equal to the reference, intermediates summed."""
+    from bmc.sharding.partition import rule_of
+
+    b = GraphBuilder("scatter")
+    a = b.input("a", TensorType("float32", (8, 16)))
+    w = b.input("w", TensorType("float32", (16, 6)))
+    p = b.input("p", TensorType("float32", (8, 6)))
+    y = b.emit1("reshape", [b.emit1("matmul", [a, w])], shape=(8, 6, 1))
+    graph = b.finish([b.emit1("mul", [b.emit1("reshape", [y], shape=(8, 6)), p])])
+    plan = propagate(graph, Mesh.parse("4"), {"a": Spec(((), ("x",))), "w": Spec((("x",), ())),
+                                              "p": Spec((("x",), ()))})
+    for i, node in enumerate(graph.nodes):  # the reshapes whole, the product partial, the mul split by rows
+        plan.strategies[i] = tuple(("x",) if (node.op, f.name) in (("matmul", "k"), ("mul", "d0")) else ()
+                                   for f in rule_of(node).factors)
+    prog = partition(graph, plan)
+    third = 3 * 8 * 6 * 4 // 4  # (n - 1) / n of the product's bytes (an all-reduce: twice that)
+    assert [(c.kind, c.bytes) for c in prog.collectives] == [("reduce_scatter", third), ("all_gather", third)]
+    r = np.random.default_rng(2)
+    feeds = {v.name: r.standard_normal(v.type.shape).astype(np.float32) for v in graph.inputs}
+    res = simulate(prog, feeds)
+    ref = run_reference(graph, feeds, keep=True)
+    assert_close(res.outputs[graph.outputs[0].name], ref[graph.outputs[0].name])
+    assert res.collective_bytes == [c.bytes for c in prog.collectives]
+    assert first_divergence(prog, feeds, ref, 1e-5) is None
 
 
 @st.composite
