@@ -449,8 +449,8 @@ def split_fused_products(graph: Graph, keep=frozenset()) -> Graph:
     columns (Megatron's column-parallel layout) leaves a device one or two parts, not a block of each, so the split
     needs the columns whole first (a gather or an all-to-all a layer), and Megatron left GPT-2's fused weight whole
     on every device. One product per part splits like any projection. Exact: every column of the result is the same
-    dot product. Weights, biases and values named in ``keep`` (annotated ones) are left alone; the parts' weights are
-    views of the fused one, cut when the artifact is written."""
+    dot product. Weights, biases and values named in ``keep`` (annotated ones), and weights read elsewhere too, are
+    left alone; the parts' weights are views of the fused one, cut when the artifact is written."""
     from bmc.ir.graph import NameAllocator
     from bmc.ir.tensor import MappedTensor
 
@@ -491,9 +491,10 @@ def split_fused_products(graph: Graph, keep=frozenset()) -> Graph:
             v = u.outputs[0]
         blocks = _column_blocks(v, users, outputs) if v.type.shape[-1:] == (n,) else None
         between = [p] + chain + ([bias[0]] if bias else [])
-        if blocks is None or {w.name, bias[1].name if bias else None} & set(keep) or \
+        fused = [w] + ([bias[1]] if bias else [])
+        if blocks is None or any(x.name in keep or len(users[x]) > 1 for x in fused) or \
                 any(x.outputs[0].name in keep or id(x) in dropped for x in between):
-            continue
+            continue  # (a weight read elsewhere too would be stored twice)
         made: list[Node] = []
         for a, b, parts in blocks:
             y = Value(names(f"{p.outputs[0].name}.cols{a}_{b}"), p.outputs[0].type.with_shape(

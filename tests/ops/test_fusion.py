@@ -407,3 +407,9 @@ def test_a_product_read_whole_or_annotated_stays_fused():
     y = b.emit1("matmul", [x, b.param("w", np.ones((8, 6), np.float32))])
     graph = b.finish(b.emit("split", [y], axis=1, sizes=(3, 3)) + [b.emit1("tanh", [y])])
     assert split_fused_products(graph).op_counts()["matmul"] == 1  # the whole result is read too
+    b = GraphBuilder()
+    x = b.input("x", TensorType("float32", (4, 8)))
+    w = b.param("w", np.ones((8, 6), np.float32))
+    graph = b.finish(b.emit("split", [b.emit1("matmul", [x, w])], axis=1, sizes=(3, 3))
+                     + [b.emit1("matmul", [b.emit1("neg", [x]), w])])
+    assert split_fused_products(graph).op_counts()["matmul"] == 2  # the weight is read elsewhere: not stored twice
