@@ -438,14 +438,9 @@ def _reduce_after(prog: LocalProgram, em: _Emitter, r: Node, last: Node, users: 
         prog.graph.outputs = [out if x is v else x for x in prog.graph.outputs]
     prog.graph.nodes.insert(prog.graph.nodes.index(last) + 1, Node("all_reduce", [v], [out], dict(r.attrs),
                                                                    last.source))
-    axes = tuple(prog.mesh.names[k] for k in r.attrs["axes"])
     spec = Spec.replicated(v.type.rank)
-    step = Step("all_reduce", axes, spec, spec)
-    value = names.get(id(v), v.name)
-    readers = users[v]
-    em.records[id(out)] = Collective("all_reduce", axes, step.bytes_per_device(v.type, prog.mesh), value,
-                                     readers[0].source or readers[0].op if readers else "output",
-                                     step.time_s(v.type, prog.mesh), at=at.get(value, -1))
+    step = Step("all_reduce", tuple(prog.mesh.names[k] for k in r.attrs["axes"]), spec, spec)
+    _record(prog, em, out, step, v.type, names.get(id(v), v.name), users[v], at)
 
 
 def _scatter_at(prog: LocalProgram, em: _Emitter, r: Node, sliced: Node, users: dict, names: dict,
@@ -459,12 +454,17 @@ def _scatter_at(prog: LocalProgram, em: _Emitter, r: Node, sliced: Node, users: 
     spec = Spec.replicated(v.type.rank)
     step = Step("reduce_scatter", axes, spec.with_partial(axes), spec.with_dim(sliced.attrs["axis"], axes),
                 dim=sliced.attrs["axis"])
-    value = names.get(id(sliced.outputs[0]), names.get(id(v), v.name))
-    readers = users[sliced.outputs[0]]
-    em.records[id(sliced.outputs[0])] = Collective(
-        "reduce_scatter", axes, step.bytes_per_device(v.type, prog.mesh), value,
-        readers[0].source or readers[0].op if readers else "output", step.time_s(v.type, prog.mesh),
-        at=at.get(value, -1))
+    out = sliced.outputs[0]
+    _record(prog, em, out, step, v.type, names.get(id(out), names.get(id(v), v.name)), users[out], at)
+
+
+def _record(prog: LocalProgram, em: _Emitter, out: Value, step: Step, local: TensorType, value: str,
+            readers: list[Node], at: dict) -> None:
+    """The record of a collective a move made: ``step`` on a local tensor of type ``local`` (the block of global
+    value ``value``), its result ``out`` read by ``readers``."""
+    em.records[id(out)] = Collective(step.kind, step.axes, step.bytes_per_device(local, prog.mesh), value,
+                                     readers[0].source or readers[0].op if readers else "output",
+                                     step.time_s(local, prog.mesh), at=at.get(value, -1))
 
 
 def _local_attrs(node: Node, out_specs: list[Spec], mesh: Mesh) -> dict:
