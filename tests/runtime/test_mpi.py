@@ -690,17 +690,20 @@ def test_quantized_model_tensor_parallel_on_two_ranks(tmp_path, native_lib, name
     _check(tmp_path / "out.npz", sess.run(None, {"input_ids": ids}))
 
 
-def test_expert_parallel_mixture_of_experts_on_two_ranks(tmp_path, native_lib):
-    """The Mixtral fixture (4 experts, 2 a token) with Megatron's layout on 2 real ranks: attention tensor parallel,
-    each rank holding 2 of each layer's 4 experts and computing the rows routed to them; 2 all-reduces a layer.
-    Equal to onnxruntime."""
+@pytest.mark.parametrize("name", ["mixtral_dynamo", "qwenmoe_dynamo"])
+def test_expert_parallel_mixture_of_experts_on_two_ranks(tmp_path, native_lib, name):
+    """The Mixtral and Qwen2-MoE fixtures (4 experts, 2 a token; Qwen: and a gated shared expert) with Megatron's
+    layout on 2 real ranks: attention tensor parallel, each rank holding 2 of each layer's 4 experts and computing
+    the rows routed to them; 2 all-reduces a layer, each of one row a token (the expert layer's after the tokens'
+    rows are summed, with the shared expert's). Equal to onnxruntime."""
     import bmc
 
-    data = np.load(FIXTURES / "mixtral_dynamo.npz")
-    bmc.compile(FIXTURES / "mixtral_dynamo.onnx", tmp_path / "ep.bmc", mesh="2", strategy="megatron",
+    data = np.load(FIXTURES / f"{name}.npz")
+    bmc.compile(FIXTURES / f"{name}.onnx", tmp_path / "ep.bmc", mesh="2", strategy="megatron",
                 input_shapes={"input_ids": data["input_ids"].shape})
     plan = json.loads((tmp_path / "ep.bmc" / "plan.json").read_text())
-    assert [c["kind"] for c in plan["collectives"] if c["node"] != "output"] == ["all_reduce"] * 4
+    reduces = [(c["kind"], c["bytes"]) for c in plan["collectives"] if c["node"] != "output"]
+    assert reduces == [("all_reduce", data["input_ids"].size * 64 * 4)] * 4  # hidden 64, float32, 2 (n-1)/n = 1
     np.savez(tmp_path / "in.npz", input_ids=data["input_ids"])
     r = bmc_run(2, tmp_path / "ep.bmc", tmp_path / "in.npz", tmp_path / "out.npz", "--collectives", "native",
                 BMC_MPI_NATIVE_LIB=native_lib)
