@@ -7,9 +7,10 @@ when its activation is whole and *row-parallel* when its activation is already s
 column-parallel matmul. A column-parallel matmul whose result is cut by a ``split`` (GPT-2's fused QKV, unless
 ``bmc.ops.fusion.split_fused_products`` made it one product a part) is left whole and the split's outputs are
 split instead, so every layer needs exactly one all-reduce after attention and one after the MLP; so is one whose
-result is cut into heads too few to divide by the axis (the attention would gather them back). A mixture of experts (``gather_matmul``) is split by its experts instead (expert parallelism,
-as Megatron-LM runs MoE layers: one all-reduce after the expert layer, ``partition._elide_routed_reduces``), and
-its router's matmul (whose logits a ``topk`` picks from) is left whole.
+result is cut into heads too few to divide by the axis (the attention would gather them back). A mixture of
+experts (``gather_matmul``) is split by its experts instead (expert parallelism, as Megatron-LM runs MoE layers:
+one all-reduce after the expert layer, ``partition._elide_routed_reduces``), and its router's matmul (whose logits
+a ``topk`` picks from) is left whole.
 """
 
 from __future__ import annotations
@@ -118,8 +119,8 @@ def _feeds_split(v: Value, users: dict[int, list[Node]]) -> Node | None:
 
 
 def _heads_divide(v: Value, users: dict[int, list[Node]], size: int) -> bool:
-    """Unless ``v``'s features are cut into heads (a reshape of its last dim into ``[..., heads, d]``) whose
-    number does not divide by ``size``."""
+    """False when a reshape cuts ``v``'s features into ``[..., heads, d]`` with ``heads`` not divisible by
+    ``size`` (split by columns, attention would gather them back); True otherwise."""
     n = v.type.shape[-1]
     cut = _reached(v, users, lambda node, x: node.op == "reshape" and x.type.shape[-1] == n
                    and node.outputs[0].type.shape[-1] not in (n, 1) and n % node.outputs[0].type.shape[-1] == 0)
