@@ -7,7 +7,9 @@ when its activation is whole and *row-parallel* when its activation is already s
 column-parallel matmul. A column-parallel matmul whose result is cut by a ``split`` (GPT-2's fused QKV, unless
 ``bmc.ops.fusion.split_fused_products`` made it one product a part) is left whole and the split's outputs are
 split instead, so every layer needs exactly one all-reduce after attention and one after the MLP; so is one whose
-result is cut into heads too few to divide by the axis (the attention would gather them back). A mixture of
+result is cut into heads too few to divide by the axis (the attention would gather them back), and one whose
+features are read across before any head reshape or weight matmul (normalized, sliced: a latent attention's
+low-rank projections) stays whole together with the next. A mixture of
 experts (``gather_matmul``) is split by its experts instead (expert parallelism, as Megatron-LM runs MoE layers:
 one all-reduce after the expert layer, ``partition._elide_routed_reduces``), and its router's matmul (whose logits
 a ``topk`` picks from) is left whole.
@@ -92,6 +94,8 @@ def megatron(graph: Graph, axis: str, batch_axis: str | None = None, size: int =
                 out[v.name] = Spec(batch + ((),) * (v.type.rank - 2) + ((axis,),))
                 split_act.add(id(v))
             continue
+        if _features_read_across(node.output, users):  # left whole, as are the next matmul's features
+            continue
         split_act.add(id(node.output))
         if not _heads_divide(node.output, users, size):  # computed whole, read by the next weight matmul as split
             continue  # (its activation sliced on each device, free): a head is never cut
@@ -125,6 +129,26 @@ def _heads_divide(v: Value, users: dict[int, list[Node]], size: int) -> bool:
     cut = _reached(v, users, lambda node, x: node.op == "reshape" and x.type.shape[-1] == n
                    and node.outputs[0].type.shape[-1] not in (n, 1) and n % node.outputs[0].type.shape[-1] == 0)
     return cut is None or (n // cut.outputs[0].type.shape[-1]) % size == 0
+
+
+def _features_read_across(v: Value, users: dict[int, list[Node]]) -> bool:
+    """Whether ``v``'s features (its last dim), before any weight matmul or reshape into heads, are read across:
+    normalized, reduced, sliced, split or concatenated along the last dim (a multi-head latent attention's low-rank
+    projections: an RMSNorm of the latent, a rotary embedding of the shared key). Split by columns, each of those
+    would need an all-reduce or an all-gather; Megatron-LM keeps such projections whole."""
+    frontier, seen = [v], {id(v)}
+    while frontier:
+        x = frontier.pop()
+        rank = x.type.rank
+        for n in users.get(id(x), []):
+            along = n.attrs.get("axes", (n.attrs["axis"],) if "axis" in n.attrs else ())
+            if n.op not in ("matmul", "attention") and any(a % rank == rank - 1 for a in along):
+                return True
+            keeps = n.op == "reshape" and n.outputs[0].type.shape[-1] == x.type.shape[-1]
+            if keeps or get_op(n.op).family == "elementwise":
+                frontier.extend(o for o in n.outputs if id(o) not in seen)
+                seen.update(id(o) for o in n.outputs)
+    return False
 
 
 def _routes(v: Value, users: dict[int, list[Node]]) -> bool:
