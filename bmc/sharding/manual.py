@@ -141,9 +141,10 @@ def _features_read_across(v: Value, users: dict[int, list[Node]]) -> bool:
         x = frontier.pop()
         rank = x.type.rank
         for n in users.get(id(x), []):
-            along = n.attrs.get("axes", (n.attrs["axis"],) if "axis" in n.attrs else ())
-            if n.op not in ("matmul", "attention") and any(a % rank == rank - 1 for a in along):
-                return True
+            along = n.attrs.get("axes", (n.attrs.get("axis"),))
+            along = () if along is None or None in along else {a % rank for a in along}
+            if n.op not in ("matmul", "attention") and rank - 1 in along and len(along) < rank:
+                return True  # (a reduction over every dim, a quantizer's max, is one number: no reason)
             keeps = n.op == "reshape" and n.outputs[0].type.shape[-1] == x.type.shape[-1]
             if keeps or get_op(n.op).family == "elementwise":
                 frontier.extend(o for o in n.outputs if id(o) not in seen)
