@@ -136,20 +136,14 @@ def _features_read_across(v: Value, users: dict[int, list[Node]]) -> bool:
     normalized, reduced, sliced, split or concatenated along the last dim (a multi-head latent attention's low-rank
     projections: an RMSNorm of the latent, a rotary embedding of the shared key). Split by columns, each of those
     would need an all-reduce or an all-gather; Megatron-LM keeps such projections whole."""
-    frontier, seen = [v], {id(v)}
-    while frontier:
-        x = frontier.pop()
+    def across(n: Node, x: Value) -> bool:
         rank = x.type.rank
-        for n in users.get(id(x), []):
-            along = n.attrs.get("axes", (n.attrs.get("axis"),))
-            along = () if along is None or None in along else {a % rank for a in along}
-            if n.op not in ("matmul", "attention") and rank - 1 in along and len(along) < rank:
-                return True  # (a reduction over every dim, a quantizer's max, is one number: no reason)
-            keeps = n.op == "reshape" and n.outputs[0].type.shape[-1] == x.type.shape[-1]
-            if keeps or get_op(n.op).family == "elementwise":
-                frontier.extend(o for o in n.outputs if id(o) not in seen)
-                seen.update(id(o) for o in n.outputs)
-    return False
+        along = n.attrs.get("axes", (n.attrs.get("axis"),))
+        along = () if along is None or None in along else {a % rank for a in along}
+        # (a reduction over every dim, a quantizer's max, is one number: no reason)
+        return n.op not in ("matmul", "attention") and rank - 1 in along and len(along) < rank
+
+    return _reached(v, users, across, keep_features=True) is not None
 
 
 def _routes(v: Value, users: dict[int, list[Node]]) -> bool:
@@ -157,9 +151,11 @@ def _routes(v: Value, users: dict[int, list[Node]]) -> bool:
     return _reached(v, users, lambda n, x: n.op == "topk", through=("softmax",)) is not None
 
 
-def _reached(v: Value, users: dict[int, list[Node]], found, through: tuple[str, ...] = ()) -> Node | None:
+def _reached(v: Value, users: dict[int, list[Node]], found, through: tuple[str, ...] = (),
+             keep_features: bool = False) -> Node | None:
     """The first reader ``n`` (of ``v`` or of what is computed from it by reshapes, elementwise ops and the ops
-    ``through``) for which ``found(n, its operand)`` holds."""
+    ``through``; with ``keep_features``, only reshapes that keep the last dim) for which ``found(n, its operand)``
+    holds."""
     frontier, seen = [v], {id(v)}
     for _ in range(24):  # (a QDQ model quantizes and dequantizes twice on the way: 19 ops)
         nxt = []
@@ -167,7 +163,9 @@ def _reached(v: Value, users: dict[int, list[Node]], found, through: tuple[str, 
             for n in users.get(id(x), []):
                 if found(n, x):
                     return n
-                if n.op == "reshape" or n.op in through or get_op(n.op).family == "elementwise":
+                kept = not keep_features or n.outputs[0].type.shape[-1:] == x.type.shape[-1:]
+                reshaped = n.op == "reshape" and kept
+                if reshaped or n.op in through or get_op(n.op).family == "elementwise":
                     nxt.extend(o for o in n.outputs if id(o) not in seen)
                     seen.update(id(o) for o in n.outputs)
         frontier = nxt
