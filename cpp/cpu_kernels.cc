@@ -64,7 +64,9 @@
  * read them in place, 8 widened in registers at a time; otherwise each thread widens a batch index's into float32
  * once, in cache. ``cpu_attention[_bias]_lse(..., out, lse)`` also store each row's log-sum-exp of the scores
  * (float32 ``[..., M]``; -inf for a row of -inf): attention to a block of the keys, which context parallelism
- * combines with the other blocks'.
+ * combines with the other blocks'. ``cpu_attention_softcap[_lse](q, k, v, bias, scale, softcap, transpose_k, out[,
+ * lse])``: the scaled scores soft-capped before the bias, ``softcap * tanh(s / softcap)`` (Gemma 2; the bias may be a
+ * scalar 0).
  *
  * The BLAS is not linked: Python finds the OpenBLAS that numpy's wheel ships (already loaded into the process) and
  * calls ``blas_bind(path, sgemm, dgemm, int64)`` with its symbol names (``scipy_cblas_sgemm64_`` ...,
@@ -1713,27 +1715,30 @@ __attribute__((always_inline)) inline float ExpNonPositive(float x) {
   return p * scale;
 }
 
+/*! \brief ExpNonPositive of eight lanes (a NaN stays NaN: maxps returns its second operand when one is NaN). */
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 ExpNonPositive8(__m256 v) {
+  v = _mm256_max_ps(_mm256_set1_ps(-87.3f), v);
+  const __m256 fn = _mm256_floor_ps(_mm256_fmadd_ps(v, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  const __m256 r = _mm256_fmadd_ps(fn, _mm256_set1_ps(2.12194440e-4f),
+                                   _mm256_fmadd_ps(fn, _mm256_set1_ps(-0.693359375f), v));
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fn), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
 /*! \brief ``x[j] = exp(x[j] - shift)`` over a row, returning the sum: ExpNonPositive eight lanes at a time. */
 __attribute__((target("avx2,fma"))) float ExpShiftedAvx2(float* x, int64_t n, float shift) {
-  const __m256 lo = _mm256_set1_ps(-87.3f), log2e = _mm256_set1_ps(1.44269504088896341f);
-  const __m256 half = _mm256_set1_ps(0.5f), c1 = _mm256_set1_ps(-0.693359375f), c2 = _mm256_set1_ps(2.12194440e-4f);
-  const __m256 sh = _mm256_set1_ps(shift), one = _mm256_set1_ps(1.0f);
+  const __m256 sh = _mm256_set1_ps(shift);
   __m256 sum = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    // a NaN v stays NaN: maxps returns its second operand when one is NaN
-    const __m256 v = _mm256_max_ps(lo, _mm256_sub_ps(_mm256_loadu_ps(x + j), sh));
-    const __m256 fn = _mm256_floor_ps(_mm256_fmadd_ps(v, log2e, half));
-    const __m256 r = _mm256_fmadd_ps(fn, c2, _mm256_fmadd_ps(fn, c1, v));
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), one);
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fn), _mm256_set1_epi32(127)), 23);
-    const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    const __m256 y = ExpNonPositive8(_mm256_sub_ps(_mm256_loadu_ps(x + j), sh));
     _mm256_storeu_ps(x + j, y);
     sum = _mm256_add_ps(sum, y);
   }
@@ -1748,6 +1753,21 @@ __attribute__((target("avx2,fma"))) float ExpShiftedAvx2(float* x, int64_t n, fl
   return total;
 }
 
+/*! \brief ``x[j] = cap * tanh(x[j] * scale / cap)`` over a row: tanh(t) = sign(t) (1 - e) / (1 + e) with
+ *  e = exp(-2 |t|), eight lanes at a time (an absolute error of a few ulps of cap; NaN stays NaN). */
+__attribute__((target("avx2,fma"))) void SoftcapRowAvx2(float* x, int64_t n, float scale, float cap) {
+  const __m256 sc = _mm256_set1_ps(scale), c = _mm256_set1_ps(cap), one = _mm256_set1_ps(1.0f);
+  const __m256 sign = _mm256_set1_ps(-0.0f), minus2 = _mm256_set1_ps(-2.0f);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 t = _mm256_div_ps(_mm256_mul_ps(_mm256_loadu_ps(x + j), sc), c);
+    const __m256 e = ExpNonPositive8(_mm256_mul_ps(minus2, _mm256_andnot_ps(sign, t)));
+    const __m256 th = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+    _mm256_storeu_ps(x + j, _mm256_mul_ps(c, _mm256_or_ps(th, _mm256_and_ps(sign, t))));
+  }
+  for (; j < n; ++j) x[j] = cap * std::tanh(x[j] * scale / cap);
+}
+
 struct Attention {
   const float *q, *kt, *v, *bias;  // bias: nullptr for none; kt and v nullptr when they are 16-bit (below)
   float *out, *lse;  // lse: nullptr for none
@@ -1760,15 +1780,25 @@ struct Attention {
   int64_t block = 0;  // query rows a block
   const uint16_t *kt16 = nullptr, *v16 = nullptr;  // 16-bit keys and values (float16, or bfloat16 when bf16)
   bool bf16 = false;
+  float softcap = 0.0f;  // > 0: the scaled scores are soft-capped, softcap * tanh(s / softcap)
 };
 
 constexpr int kLanes = 8;  // partial maxima and sums a row (float reductions vectorize only in independent lanes)
 
-/*! \brief One row of scores: ``x = x * scale + bias`` (bias stride 0 or 1, or none), then the softmax in place;
- *  the row's log-sum-exp into \a lse unless it is null. */
+/*! \brief One row of scores: ``x = x * scale + bias`` (bias stride 0 or 1, or none; with a \a softcap,
+ *  ``softcap * tanh(x * scale / softcap) + bias``), then the softmax in place; the row's log-sum-exp into \a lse
+ *  unless it is null. */
 template <bool kAvx2>
 __attribute__((always_inline)) inline void SoftmaxRow(float* x, int64_t n, float scale, const float* bias,
-                                                      int64_t bias_stride, float* lse) {
+                                                      int64_t bias_stride, float* lse, float softcap) {
+  if (softcap > 0.0f) {
+    if constexpr (kAvx2) {
+      SoftcapRowAvx2(x, n, scale, softcap);
+    } else {
+      for (int64_t j = 0; j < n; ++j) x[j] = softcap * std::tanh(x[j] * scale / softcap);
+    }
+    scale = 1.0f;
+  }
   float mx[kLanes];
   std::fill(mx, mx + kLanes, -INFINITY);
   const int64_t whole = n / kLanes * kLanes;
@@ -1847,7 +1877,7 @@ __attribute__((always_inline)) inline void AttentionBlockBody(const Attention& p
   for (int64_t i = 0; i < rows; ++i) {
     SoftmaxRow<kAvx2>(s + i * lds, n, p.scale,
                       p.bias == nullptr ? nullptr : p.bias + bias_offset + (i0 + i) * p.bias_row_stride,
-                      p.bias_col_stride, p.lse == nullptr ? nullptr : p.lse + b * p.m + i0 + i);
+                      p.bias_col_stride, p.lse == nullptr ? nullptr : p.lse + b * p.m + i0 + i, p.softcap);
   }
   SmallGemm<kAvx2>(rows, p.e, n, s, lds, v, p.out + (b * p.m + i0) * p.e, p.e);
 }
@@ -1892,7 +1922,7 @@ void AttentionRows16Baseline(const Attention& p, int64_t b, int64_t kb, int64_t 
       s[j] = dot;
     }
     SoftmaxRow<false>(s, n, p.scale, p.bias == nullptr ? nullptr : p.bias + bias_offset + (i0 + i) * p.bias_row_stride,
-                      p.bias_col_stride, p.lse == nullptr ? nullptr : p.lse + b * p.m + i0 + i);
+                      p.bias_col_stride, p.lse == nullptr ? nullptr : p.lse + b * p.m + i0 + i, p.softcap);
     std::fill(o, o + p.e, 0.0f);
     for (int64_t j = 0; j < n; ++j) {
       for (int64_t c = 0; c < p.e; ++c) o[c] += s[j] * HalfToFloat(v[j * p.e + c], p.bf16);
@@ -1907,7 +1937,7 @@ void AttentionFewRows(const Attention& p, int64_t b, int64_t i0, int64_t rows, i
 
 void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ffi::TensorView& v,
                    const ffi::TensorView* bias, double scale, bool transpose_k, const ffi::TensorView& out,
-                   const ffi::TensorView* lse = nullptr) {
+                   const ffi::TensorView* lse = nullptr, double softcap = 0.0) {
   DLDataType f32{kDLFloat, 32, 1};
   const DLDataType kv = kt.dtype();  // float32, or float16/bfloat16 keys and values
   const bool narrow = kv.bits == 16 && (kv.code == kDLFloat || kv.code == kDLBfloat);
@@ -1925,6 +1955,8 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
               bias ? Data<float>(*bias) : nullptr, Data<float>(out), lse ? Data<float>(*lse) : nullptr,
               static_cast<float>(scale), Dim(q, -2), Dim(kt, transpose_k ? -2 : -1), Dim(q, -1), Dim(v, -1),
               transpose_k, {}, {}};
+  if (!(softcap >= 0.0)) TVM_FFI_THROW(ValueError) << "cpu_attention: softcap must be >= 0, got " << softcap;
+  p.softcap = static_cast<float>(softcap);
   if (narrow) {
     p.kt16 = Data<uint16_t>(kt);
     p.v16 = Data<uint16_t>(v);
@@ -2315,7 +2347,7 @@ __attribute__((target("avx2,fma,f16c"))) void AttentionFewRowsT(const Attention&
                             ? nullptr
                             : p.bias + bias_offsets[r / per_index] + (i0 + r % per_index) * p.bias_row_stride;
     SoftmaxRow<true>(s + r * lds, n, p.scale, bias, p.bias_col_stride,
-                     p.lse == nullptr ? nullptr : p.lse + b * p.m + i0 + r);
+                     p.lse == nullptr ? nullptr : p.lse + b * p.m + i0 + r, p.softcap);
   }
   float* out = p.out + (b * p.m + i0) * p.e;
   std::fill(out, out + rows * p.e, 0.0f);
@@ -3104,6 +3136,17 @@ void CpuAttentionBiasLse(ffi::TensorView q, ffi::TensorView k, ffi::TensorView v
   AttentionImpl(q, k, v, &bias, scale, transpose_k != 0, out, &lse);
 }
 
+void CpuAttentionSoftcap(ffi::TensorView q, ffi::TensorView k, ffi::TensorView v, ffi::TensorView bias, double scale,
+                         double softcap, int64_t transpose_k, ffi::TensorView out) {
+  AttentionImpl(q, k, v, &bias, scale, transpose_k != 0, out, nullptr, softcap);
+}
+
+void CpuAttentionSoftcapLse(ffi::TensorView q, ffi::TensorView k, ffi::TensorView v, ffi::TensorView bias,
+                            double scale, double softcap, int64_t transpose_k, ffi::TensorView out,
+                            ffi::TensorView lse) {
+  AttentionImpl(q, k, v, &bias, scale, transpose_k != 0, out, &lse, softcap);
+}
+
 /*! \brief Threads of the 4-bit and integer matmuls (BLAS sizes its own pool). */
 void SetKernelThreads(int64_t n) { kernel_threads.store(static_cast<int>(std::max<int64_t>(1, n))); }
 
@@ -3130,4 +3173,6 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_attention, bmc::native::CpuAttention);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_attention_bias, bmc::native::CpuAttentionBias);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_attention_lse, bmc::native::CpuAttentionLse);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_attention_bias_lse, bmc::native::CpuAttentionBiasLse);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_attention_softcap, bmc::native::CpuAttentionSoftcap);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_attention_softcap_lse, bmc::native::CpuAttentionSoftcapLse);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(set_kernel_threads, bmc::native::SetKernelThreads);

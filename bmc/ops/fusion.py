@@ -7,6 +7,7 @@ exporters, for GPT-2, BERT, Llama, OPT, ViT, Falcon, BLOOM, T5 and the Llama-lik
 
     s = matmul(q, kt)            q [..., M, D], kt [..., D, N] (the key already transposed)
     s = mul(s, c) | div(s, c)    optional: a scalar constant
+    s = mul(tanh(div(s, c)), c)  optional: soft-capping by a positive scalar constant (Gemma 2)
     s = add(s, bias)             optional, up to twice (T5: a position bias, then the mask): broadcasting to s;
                                  where(mask, lowest, s) counts as adding where(mask, lowest, 0) (MPT, DeBERTa)
     p = softmax(s, axis=-1)
@@ -195,6 +196,16 @@ def fuse_attention(graph: Graph) -> Graph:
                 s, top, regrouped = reshape.inputs[0], reshape, True
                 continue
             break
+        softcap = 0.0
+        cap = producer(s, top, "mul")  # Gemma 2: c * tanh(s / c) between the scaling and the mask
+        if cap is not None:
+            for th, c in ((cap.inputs[0], _scalar(cap.inputs[1].producer)),
+                          (cap.inputs[1], _scalar(cap.inputs[0].producer))):
+                tanh = producer(th, cap, "tanh")
+                div = producer(tanh.inputs[0], tanh, "div") if tanh is not None else None
+                if div is not None and c is not None and c > 0 and _scalar(div.inputs[1].producer) == c:
+                    s, top, softcap = div.inputs[0], div, c
+                    break
         mul = producer(s, top, "mul", "div")
         if mul is not None:
             a, b = mul.inputs
@@ -258,7 +269,7 @@ def fuse_attention(graph: Graph) -> Graph:
             bias = [emit("add", bias, broadcast_shapes(bias[0].type.shape, bias[1].type.shape))]
         result = out_mm.outputs[0]
         shape = frame + result.type.shape[-2:]
-        attrs = OPS["attention"].check_attrs({"scale": scale, "transpose_k": transpose_k})
+        attrs = OPS["attention"].check_attrs({"scale": scale, "transpose_k": transpose_k, "softcap": softcap})
         last = ("attention", [q, key, v] + bias, attrs)
         if zeroed is not None:  # where(isnan(o), 0, o)
             o = emit(*last[:2], shape, **attrs)

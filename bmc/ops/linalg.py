@@ -174,6 +174,9 @@ def _attention(ins, attrs):
     s = run("matmul", [q, np.swapaxes(k, -1, -2) if attrs["transpose_k"] else k])
     if attrs["scale"] != 1.0:
         s = run("mul", [s, np.asarray(attrs["scale"], s.dtype)])
+    if attrs.get("softcap"):  # (attrs as check_attrs fills them; direct callers may leave it out)
+        cap = np.asarray(attrs["softcap"], s.dtype)
+        s = run("mul", [run("tanh", [run("div", [s, cap])]), cap])
     if len(ins) > 3:
         s = run("add", [s, ins[3]])
     out = run("matmul", [run("softmax", [s], axis=-1), v])
@@ -202,18 +205,21 @@ def log_sum_exp(s: np.ndarray) -> np.ndarray:
 def _attention_cost(ins, outs, attrs):
     q, k, v = ins[:3]
     scores = q.numel // q.shape[-1] * key_dims(k.shape, attrs)[-1]
-    return Cost(2 * scores * (q.shape[-1] + v.shape[-1]) + 7 * scores, bytes_moved(ins, outs))
+    return Cost(2 * scores * (q.shape[-1] + v.shape[-1]) + (7 + 3 * bool(attrs.get("softcap"))) * scores,
+                bytes_moved(ins, outs))
 
 
 register(OpDef("attention", "linalg", (3, 4),
-               {"scale": Attr("float", 1.0), "transpose_k": Attr("bool", False), "lse": Attr("bool", False)},
+               {"scale": Attr("float", 1.0), "transpose_k": Attr("bool", False), "lse": Attr("bool", False),
+                "softcap": Attr("float", 0.0)},
                _infer_attention, _attention, _attention_cost,
                doc="softmax(scale * q @ kt + bias, axis=-1) @ v of q [..., M, D], kt [..., D, N] (or k [..., N, D] "
                    "with transpose_k), v [..., N, E] (k's and v's batch dims divide q's: 1 is multi-query, another "
                    "divisor grouped-query attention, query head i reading key/value head i // group) and an optional "
                    "bias broadcasting to the scores [..., M, N]; made by fusing that composition (bmc.ops.fusion), "
                    "computed without the [M, N] scores where a kernel exists; with lse a second result, float32 "
-                   "[..., M]: the log-sum-exp of each row of the scores (-inf for a row of -inf)"))
+                   "[..., M]: the log-sum-exp of each row of the scores (-inf for a row of -inf); a nonzero softcap c caps "
+                   "the scaled scores before the bias, c * tanh(s / c) (Gemma 2's attention logit soft-capping)"))
 
 
 def _infer_gather_matmul(ins, attrs):

@@ -66,6 +66,11 @@ ATTENTION_BIAS_KERNEL = "bmc.cpu.attention_bias"
 #: ``[..., M]`` (the ``attention`` op with ``lse``: attention to a block of the keys, for context parallelism)
 ATTENTION_LSE_KERNEL = "bmc.cpu.attention_lse"
 ATTENTION_BIAS_LSE_KERNEL = "bmc.cpu.attention_bias_lse"
+#: ``bmc.cpu.attention_softcap(q, k, v, bias, scale, softcap, transpose_k, out)`` and ``..._softcap_lse(..., out,
+#: lse)``: the same with the scaled scores soft-capped before the bias, ``softcap * tanh(s / softcap)`` (the bias a
+#: scalar 0 for none)
+ATTENTION_SOFTCAP_KERNEL = "bmc.cpu.attention_softcap"
+ATTENTION_SOFTCAP_LSE_KERNEL = "bmc.cpu.attention_softcap_lse"
 #: ``bmc.cpu.matmul_float8(a, codes, table, scale, mantissa_bits, bias, out)``: float32 ``a @ (table[codes] *
 #: scale).T`` of float8 codes ``[N, K]`` whose 256 values are ``table`` (the format's mantissa bits and bias let the
 #: native kernel decode most codes arithmetically) and a scale per row of the codes, or one (the ``matmul_float8`` op)
@@ -98,8 +103,8 @@ TVM_SPIN_COUNT = int(os.environ.get("BMC_TVM_SPIN_COUNT", "0"))
 #: every kernel name an llvm artifact may require, with what ``register_cpu_kernels`` installs for it
 CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, CONV2D_FUSED_KERNEL, MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL,
                MATMUL_INTEGER_KERNEL, ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL, ATTENTION_LSE_KERNEL,
-               ATTENTION_BIAS_LSE_KERNEL, MATMUL_FLOAT8_KERNEL, GATHER_MATMUL_KERNEL,
-               MATMUL_PACKED_KERNEL, PACK_WEIGHT_KERNEL, MATMUL_INTEGER_PACKED_KERNEL, PACK_INT8_WEIGHT_KERNEL)
+               ATTENTION_BIAS_LSE_KERNEL, ATTENTION_SOFTCAP_KERNEL, ATTENTION_SOFTCAP_LSE_KERNEL,
+               MATMUL_FLOAT8_KERNEL, GATHER_MATMUL_KERNEL, MATMUL_PACKED_KERNEL, PACK_WEIGHT_KERNEL, MATMUL_INTEGER_PACKED_KERNEL, PACK_INT8_WEIGHT_KERNEL)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -418,7 +423,7 @@ def _gather_matmul_numpy(x, w, idx, transpose_w, out) -> None:
     out[...] = C.astype(out.dtype)
 
 
-def _attention_numpy(q, kt, v, *rest, lse=None) -> None:
+def _attention_numpy(q, kt, v, *rest, lse=None, softcap=0.0) -> None:
     """``bmc.cpu.attention[_bias]`` in numpy: the scores of every head at once (the memory the native kernel
     saves), a max-shifted softmax, one batched GEMM."""
     *bias, scale, transpose_k, out = rest
@@ -432,6 +437,8 @@ def _attention_numpy(q, kt, v, *rest, lse=None) -> None:
 
     k = whole(kt)
     s = np.matmul(q, np.swapaxes(k, -1, -2) if transpose_k else k) * np.float32(scale)
+    if softcap:
+        s = np.tanh(s / np.float32(softcap)) * np.float32(softcap)
     if bias:
         s += np.from_dlpack(bias[0])
     m = s.max(axis=-1, keepdims=True)
@@ -447,6 +454,11 @@ def _attention_numpy(q, kt, v, *rest, lse=None) -> None:
 def _attention_lse_numpy(q, kt, v, *rest) -> None:
     """``bmc.cpu.attention[_bias]_lse`` in numpy."""
     _attention_numpy(q, kt, v, *rest[:-1], lse=rest[-1])
+
+
+def _attention_softcap_numpy(q, k, v, bias, scale, softcap, transpose_k, out, lse=None) -> None:
+    """``bmc.cpu.attention_softcap[_lse]`` in numpy."""
+    _attention_numpy(q, k, v, bias, scale, transpose_k, out, lse=lse, softcap=softcap)
 
 
 _SCRATCH = threading.local()  # per thread: the im2col buffer of the last conv2d, reused (no page faults per call)
@@ -553,7 +565,8 @@ _NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", CONV2D_KERNEL: "cpu_conv2d", CON
                    MATMUL_NBITS_KERNEL: "cpu_matmul_nbits", MATMUL_NBITS_ZP_KERNEL: "cpu_matmul_nbits_zp",
                    MATMUL_INTEGER_KERNEL: "cpu_matmul_integer", ATTENTION_KERNEL: "cpu_attention",
                    ATTENTION_BIAS_KERNEL: "cpu_attention_bias", ATTENTION_LSE_KERNEL: "cpu_attention_lse",
-                   ATTENTION_BIAS_LSE_KERNEL: "cpu_attention_bias_lse", MATMUL_FLOAT8_KERNEL: "cpu_matmul_float8",
+                   ATTENTION_BIAS_LSE_KERNEL: "cpu_attention_bias_lse", ATTENTION_SOFTCAP_KERNEL: "cpu_attention_softcap",
+                   ATTENTION_SOFTCAP_LSE_KERNEL: "cpu_attention_softcap_lse", MATMUL_FLOAT8_KERNEL: "cpu_matmul_float8",
                    GATHER_MATMUL_KERNEL: "cpu_gather_matmul",
                    MATMUL_PACKED_KERNEL: "cpu_matmul_packed", PACK_WEIGHT_KERNEL: "cpu_pack_weight",
                    MATMUL_INTEGER_PACKED_KERNEL: "cpu_matmul_integer_packed",
@@ -562,7 +575,8 @@ _NUMPY_KERNELS = {MATMUL_KERNEL: _matmul_numpy, CONV2D_KERNEL: _conv2d_numpy, CO
                   MATMUL_NBITS_KERNEL: _matmul_nbits_numpy, MATMUL_NBITS_ZP_KERNEL: _matmul_nbits_numpy,
                   MATMUL_INTEGER_KERNEL: _matmul_integer_numpy, ATTENTION_KERNEL: _attention_numpy,
                   ATTENTION_BIAS_KERNEL: _attention_numpy, ATTENTION_LSE_KERNEL: _attention_lse_numpy,
-                  ATTENTION_BIAS_LSE_KERNEL: _attention_lse_numpy, MATMUL_FLOAT8_KERNEL: _matmul_float8_numpy,
+                  ATTENTION_BIAS_LSE_KERNEL: _attention_lse_numpy, ATTENTION_SOFTCAP_KERNEL: _attention_softcap_numpy,
+                  ATTENTION_SOFTCAP_LSE_KERNEL: _attention_softcap_numpy, MATMUL_FLOAT8_KERNEL: _matmul_float8_numpy,
                   GATHER_MATMUL_KERNEL: _gather_matmul_numpy,
                   MATMUL_PACKED_KERNEL: _matmul_packed_numpy, PACK_WEIGHT_KERNEL: _pack_weight_numpy,
                   MATMUL_INTEGER_PACKED_KERNEL: _matmul_integer_packed_numpy,

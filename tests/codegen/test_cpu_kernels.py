@@ -1079,6 +1079,45 @@ def test_attention_kernel_matches_reference(impl, batch, m, n, d, e, bias_shape,
         np.testing.assert_allclose(outs[1], want[1], rtol=0, atol=1e-5 * max(1.0, float(np.abs(want[1]).max())))
 
 
+SOFTCAP_CASES = [  # (batch, M, N, D, E, bias shape: () is the scalar 0 the lowering passes for none)
+    ((2, 3), 7, 19, 5, 6, (2, 1, 7, 19)),  # tails, bias broadcast over heads
+    ((4,), 128, 128, 64, 64, ()),          # packed panels, no bias
+    ((3,), 1, 40, 8, 8, (1, 40)),          # one query row (decoding: the few-row tiles with k)
+]
+
+
+@pytest.mark.parametrize("lse", [False, True], ids=["", "lse"])
+@pytest.mark.parametrize("transpose_k", [False, True], ids=["kt", "k"])
+@pytest.mark.parametrize("batch,m,n,d,e,bias_shape", SOFTCAP_CASES,
+                         ids=[f"{b}x{m}x{n}x{d}x{e}-{s}" for b, m, n, d, e, s in SOFTCAP_CASES])
+def test_attention_kernel_soft_caps_the_scores(impl, batch, m, n, d, e, bias_shape, transpose_k, lse):
+    """``bmc.cpu.attention_softcap[_lse]`` (Gemma 2): the scaled scores capped to ``c * tanh(s / c)`` before the
+    bias, against the op's reference (the composition ``mul, div, tanh, mul, add, softmax, matmul``) within 1e-5
+    of max |ref|; c = 4 against scores of a few units to ~20, so the tanh runs from linear to saturated. The
+    log-sum-exp is that of the capped scores."""
+    import tvm_ffi
+
+    from bmc.ops import get_op
+    from bmc.runtime import kernels as K
+
+    rng = np.random.default_rng(m * n + 1)
+    q, kt = rng.standard_normal(batch + (m, d), np.float32), rng.standard_normal(batch + (d, n), np.float32) * 3
+    v = rng.standard_normal(batch + (n, e), np.float32)
+    bias = rng.standard_normal(bias_shape, np.float32) if bias_shape else np.zeros((), np.float32)
+    if bias_shape:
+        bias[..., 1:2] = np.float32(-3.4e38)
+    args = [q, np.ascontiguousarray(np.swapaxes(kt, -1, -2)) if transpose_k else kt, v, bias]
+    outs = [np.full(batch + (m, e), np.nan, np.float32)] + ([np.full(batch + (m,), np.nan, np.float32)] if lse else [])
+    K.register_cpu_kernels(native=impl == "native")
+    tvm_ffi.get_global_func(K.ATTENTION_SOFTCAP_LSE_KERNEL if lse else K.ATTENTION_SOFTCAP_KERNEL)(
+        *[tvm_ffi.from_dlpack(x) for x in args], 0.3, 4.0, transpose_k, *[tvm_ffi.from_dlpack(x) for x in outs])
+    want = get_op("attention").reference(args, {"scale": 0.3, "transpose_k": transpose_k, "lse": lse,
+                                                "softcap": 4.0})
+    np.testing.assert_allclose(outs[0], want[0], rtol=0, atol=1e-5 * float(np.abs(want[0]).max()))
+    if lse:
+        np.testing.assert_allclose(outs[1], want[1], rtol=0, atol=1e-5 * max(1.0, float(np.abs(want[1]).max())))
+
+
 def _tensor(x):
     """``x`` as a TVM tensor (ml_dtypes' bfloat16 crosses DLPack as uint16, viewed back as bfloat16)."""
     import tvm_ffi
@@ -1190,6 +1229,8 @@ def test_attention_baseline_loops_match(native_lib, monkeypatch):
             test_attention_kernel_matches_reference("native", *case, transpose_k, lse=transpose_k)
     for fill in (-3.4e38, -np.inf):
         test_attention_kernel_skips_masked_keys_exactly("native", fill)
+    for case in SOFTCAP_CASES:
+        test_attention_kernel_soft_caps_the_scores("native", *case, True, lse=True)
     for dtype in ("float16", "bfloat16"):
         for transpose_k in (False, True):
             test_attention_kernel_reads_16_bit_keys_and_values("native", dtype, transpose_k, 1)

@@ -133,6 +133,9 @@ CASES += [
     ("attention", [f32(4, 13, 8), f32(4, 8, 33), f32(4, 33, 17)], {}),
     ("attention", [f32(2, 20, 8), f32(2, 33, 8), f32(2, 33, 5), f32(20, 33)], {"transpose_k": True}),  # k [N, D]
     ("attention", [f32(2, 1, 8), f32(2, 33, 8), f32(2, 33, 5)], {"transpose_k": True, "scale": 0.5}),  # decoding
+    # soft-capped scores (Gemma 2), with a bias and without one (the kernel then gets a scalar 0)
+    ("attention", [f32(2, 20, 8), f32(2, 33, 8), f32(2, 33, 5), f32(20, 33)], {"transpose_k": True, "softcap": 1.5}),
+    ("attention", [f32(4, 13, 8), f32(4, 8, 33), f32(4, 33, 17)], {"scale": 2.0, "softcap": 3.0, "lse": True}),
     ("pad", [f32(2, 3)], {"pads": (1, 0, 0, 2), "mode": "constant", "value": 1.5}),
     ("pad", [f32(3, 4)], {"pads": (1, 1, 1, 1), "mode": "reflect", "value": 0.0}),
     ("pad", [f32(3, 4)], {"pads": (0, 2, 1, 0), "mode": "edge", "value": 0.0}),
@@ -223,7 +226,10 @@ CASES += [("attention", [_normal(2, 4, 3, 8).astype(np.float64), _normal(2, 2, 8
           ("attention", [_normal(2, 4, 3, 8).astype(np.float64), _normal(2, 1, 9, 8).astype(np.float64),
                          _normal(2, 1, 9, 5).astype(np.float64)], {"transpose_k": True}),
           ("attention", [_normal(4, 2, 3, 8).astype(np.float64), _normal(2, 2, 9, 8).astype(np.float64),
-                         _normal(2, 2, 9, 5).astype(np.float64)], {"transpose_k": True})]
+                         _normal(2, 2, 9, 5).astype(np.float64)], {"transpose_k": True}),
+          ("attention", [_normal(2, 4, 3, 8).astype(np.float64), _normal(2, 2, 8, 9).astype(np.float64),
+                         _normal(2, 2, 9, 5).astype(np.float64), _normal(4, 3, 9).astype(np.float64)],
+           {"scale": 2.0, "softcap": 1.5})]
 
 # reduced precision: the lowering computes normalizations in float32 for bfloat16 (TVM's kernels take f32/f16 only)
 try:
@@ -240,7 +246,8 @@ try:
                                   ("rms_norm", [(3, 8), (8,)], {"axis": -1, "epsilon": 1e-5}),
                                   ("gelu", [(3, 8)], {"approximate": "tanh"}), ("add", [(3, 8), (8,)], {}),
                                   ("attention", [(2, 5, 8), (2, 8, 9), (2, 9, 4), (5, 9)], {"scale": 0.35}),
-                                  ("attention", [(2, 5, 8), (2, 8, 9), (2, 9, 4)], {"lse": True})]]
+                                  ("attention", [(2, 5, 8), (2, 8, 9), (2, 9, 4)], {"lse": True}),
+                                  ("attention", [(2, 5, 8), (2, 8, 9), (2, 9, 4), (5, 9)], {"softcap": 0.5})]]
     # a grouped-query decoding step: 16-bit keys and values read in place (own inputs: the cases above keep theirs)
     LOW_PRECISION_CASES += [("attention", [_normal(2, 4, 1, 8).astype(t), _normal(2, 2, 9, 8).astype(t),
                                            _normal(2, 2, 9, 4).astype(t)], {"transpose_k": True})
