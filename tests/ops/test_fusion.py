@@ -20,7 +20,9 @@ TWO_BIASES = {"t5enc_dynamo", "bloom_dynamo", "deberta_dynamo"}
 # llama_dynamo23's ONNX Attention body scales and transposes the repeated key: done to the 2 heads instead),
 # Falcon's one; Mixtral's grouped-query attention as Llama's
 KV_HEADS = {"llama_legacy": 2, "llama_dynamo": 2, "llama_dynamo23": 2, "falcon_dynamo": 1, "mixtral_legacy": 2,
-            "mixtral_dynamo": 2, "qwenmoe_dynamo": 2}
+            "mixtral_dynamo": 2, "qwenmoe_dynamo": 2, "gemma2_dynamo": 2, "phi3_dynamo": 2,
+            "olmo2_dynamo": 2}
+SOFTCAP = {"gemma2_dynamo": 50.0}  # Gemma 2's attention logit soft-capping
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -37,6 +39,7 @@ def test_fixture_attention_is_fused_and_the_reference_is_unchanged(name):
     for node in (n for n in fused.nodes if n.op == "attention"):
         q, k, v = (x.type.shape for x in node.inputs[:3])
         assert k[1] == v[1] == KV_HEADS.get(name, q[1])
+        assert node.attrs["softcap"] == SOFTCAP.get(name, 0.0)
     after = run_reference(fused, inputs)
     for key, want in before.items():
         if name in TWO_BIASES:
@@ -46,7 +49,7 @@ def test_fixture_attention_is_fused_and_the_reference_is_unchanged(name):
 
 
 def _scores_graph(*, scale_op="mul", bias=True, extra_reader=False, batch_q=(2, 3), batch_k=(2, 3), batch_v=(2, 3),
-                  rows_zeroed=None, position_bias=False):
+                  rows_zeroed=None, position_bias=False, softcap=None):
     b = GraphBuilder("attn")
     q = b.input("q", TensorType("float32", batch_q + (4, 8)))
     kt = b.input("kt", TensorType("float32", batch_k + (8, 6)))
@@ -54,6 +57,10 @@ def _scores_graph(*, scale_op="mul", bias=True, extra_reader=False, batch_q=(2, 
     s = b.emit1("matmul", [q, kt])
     if scale_op:
         s = b.emit1(scale_op, [s, b.constant(np.float32(0.5))])
+    if softcap is not None:  # Gemma 2: c * tanh(s / c), the inner and outer constants given apart
+        inner, outer = softcap
+        s = b.emit1("mul", [b.constant(np.float32(outer)),
+                            b.emit1("tanh", [b.emit1("div", [s, b.constant(np.float32(inner))])])])
     if position_bias:  # T5: a position bias per head, then the mask
         s = b.emit1("add", [s, b.input("position", TensorType("float32", (1, 3, 4, 6)))])
     if bias:
@@ -78,6 +85,24 @@ def test_spellings_that_fuse(scale_op, bias):
     assert node.op == "attention" and len(node.inputs) == (4 if bias else 3)
     assert node.attrs["scale"] == {"mul": 0.5, "div": 2.0, None: 1.0}[scale_op]
     np.testing.assert_allclose(run_reference(fused, feeds)["out"], want, rtol=1e-6, atol=1e-7)
+
+
+def test_soft_capped_scores_fuse_and_compile():
+    """``c * tanh(s / c)`` between the scaling and the mask becomes the op's ``softcap``: the same reference, and
+    the compiled CPU kernel within float32 rounding; other constants inside and outside are not a soft cap (and
+    not a scale either), so nothing fuses."""
+    from bmc.testing.compiled import run_compiled
+
+    graph = _scores_graph(softcap=(1.5, 1.5))
+    rng = np.random.default_rng(2)
+    feeds = {v.name: (rng.standard_normal(v.type.shape) * 3).astype(np.float32) for v in graph.inputs}
+    want = run_reference(graph, feeds)["out"]
+    (node,) = fuse_attention(graph).nodes
+    assert node.op == "attention" and node.attrs["softcap"] == 1.5 and node.attrs["scale"] == 0.5
+    fused = fuse_attention(_scores_graph(softcap=(1.5, 1.5)))
+    np.testing.assert_array_equal(run_reference(fused, feeds)["out"], want)
+    np.testing.assert_allclose(run_compiled(fused, feeds)["out"], want, rtol=1e-5, atol=1e-5)
+    assert "attention" not in fuse_attention(_scores_graph(softcap=(1.5, 2.0))).op_counts()
 
 
 def test_a_transposed_key_is_read_in_place():

@@ -336,6 +336,33 @@ def test_megatron_with_expert_parallel_matches_onnxruntime(name, mesh_text):
         assert [c.kind for c in prog.collectives if c.node != "output"] == ["all_reduce"] * 4
 
 
+@pytest.mark.parametrize("name", ["gemma2_dynamo", "phi3_dynamo", "neox_dynamo", "olmo2_dynamo"])
+def test_megatron_on_decoders_unlike_llama_matches_onnxruntime(name):
+    """dp+megatron on 2x2 for decoders whose layers differ from Llama's: Gemma 2's soft-capped (fused) attention
+    and norms after each sublayer, Phi-3's fused QKV and gate/up
+    projections cut by slices (split into one product a part first, as a compile does), GPT-NeoX's partial rotary
+    embedding with parallel attention and MLP, and OLMo 2's RMSNorm over the whole query and key projections
+    (those projections then stay whole: a norm across heads). Each is one all-reduce after attention and one
+    after the MLP per layer, over y, of the batch's half of the activations, no other collective inside the
+    model, and matches onnxruntime."""
+    from bmc.compiler import import_graph
+    from bmc.ops.fusion import split_fused_products
+
+    data = np.load(FIXTURES / f"{name}.npz")
+    inputs = {k: data[k] for k in data.files if not k.startswith("output:")}
+    graph = split_fused_products(import_graph(FIXTURES / f"{name}.onnx", {k: v.shape for k, v in inputs.items()}))
+    mesh = Mesh.parse("2x2")
+    prog = partition(graph, propagate(graph, mesh, named_strategy(graph, "dp+megatron", mesh)))
+    res = simulate(prog, inputs)
+    assert_close(res.outputs["logits"], data["output:logits"])
+    assert [c.kind for c in prog.collectives if c.node != "output"] == ["all_reduce"] * 4
+    assert all(c.axes == ("y",) and graph.value(c.value).type.shape == (2, 16, 32)
+               for c in prog.collectives if c.node != "output")
+    assert res.collective_bytes == [c.bytes for c in prog.collectives]
+    whole = [p.name for p in graph.params if p.type.rank == 2 and prog.param_specs[p.name].is_replicated()]
+    assert len(whole) == 1 + (4 if name.startswith("olmo2") else 0)  # the embedding; OLMo 2's q and k projections
+
+
 @pytest.mark.parametrize("mesh_text, heads_split", [("2", True), ("4", False)])
 def test_megatron_splits_gpt2s_fused_qkv_by_heads(mesh_text, heads_split, monkeypatch):
     """Planned on a mesh, GPT-2's fused QKV is one product a part (``split_fused_products``), so Megatron splits
