@@ -218,8 +218,9 @@ register(OpDef("attention", "linalg", (3, 4),
                    "divisor grouped-query attention, query head i reading key/value head i // group) and an optional "
                    "bias broadcasting to the scores [..., M, N]; made by fusing that composition (bmc.ops.fusion), "
                    "computed without the [M, N] scores where a kernel exists; with lse a second result, float32 "
-                   "[..., M]: the log-sum-exp of each row of the scores (-inf for a row of -inf); a nonzero softcap c caps "
-                   "the scaled scores before the bias, c * tanh(s / c) (Gemma 2's attention logit soft-capping)"))
+                   "[..., M]: the log-sum-exp of each row of the scores (-inf for a row of -inf); a nonzero softcap "
+                   "c caps the scaled scores before the bias, c * tanh(s / c) (Gemma 2's attention logit "
+                   "soft-capping)"))
 
 
 def _infer_gather_matmul(ins, attrs):

@@ -104,7 +104,8 @@ TVM_SPIN_COUNT = int(os.environ.get("BMC_TVM_SPIN_COUNT", "0"))
 CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, CONV2D_FUSED_KERNEL, MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL,
                MATMUL_INTEGER_KERNEL, ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL, ATTENTION_LSE_KERNEL,
                ATTENTION_BIAS_LSE_KERNEL, ATTENTION_SOFTCAP_KERNEL, ATTENTION_SOFTCAP_LSE_KERNEL,
-               MATMUL_FLOAT8_KERNEL, GATHER_MATMUL_KERNEL, MATMUL_PACKED_KERNEL, PACK_WEIGHT_KERNEL, MATMUL_INTEGER_PACKED_KERNEL, PACK_INT8_WEIGHT_KERNEL)
+               MATMUL_FLOAT8_KERNEL, GATHER_MATMUL_KERNEL, MATMUL_PACKED_KERNEL, PACK_WEIGHT_KERNEL,
+               MATMUL_INTEGER_PACKED_KERNEL, PACK_INT8_WEIGHT_KERNEL)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -565,7 +566,8 @@ _NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", CONV2D_KERNEL: "cpu_conv2d", CON
                    MATMUL_NBITS_KERNEL: "cpu_matmul_nbits", MATMUL_NBITS_ZP_KERNEL: "cpu_matmul_nbits_zp",
                    MATMUL_INTEGER_KERNEL: "cpu_matmul_integer", ATTENTION_KERNEL: "cpu_attention",
                    ATTENTION_BIAS_KERNEL: "cpu_attention_bias", ATTENTION_LSE_KERNEL: "cpu_attention_lse",
-                   ATTENTION_BIAS_LSE_KERNEL: "cpu_attention_bias_lse", ATTENTION_SOFTCAP_KERNEL: "cpu_attention_softcap",
+                   ATTENTION_BIAS_LSE_KERNEL: "cpu_attention_bias_lse",
+                   ATTENTION_SOFTCAP_KERNEL: "cpu_attention_softcap",
                    ATTENTION_SOFTCAP_LSE_KERNEL: "cpu_attention_softcap_lse", MATMUL_FLOAT8_KERNEL: "cpu_matmul_float8",
                    GATHER_MATMUL_KERNEL: "cpu_gather_matmul",
                    MATMUL_PACKED_KERNEL: "cpu_matmul_packed", PACK_WEIGHT_KERNEL: "cpu_pack_weight",
