@@ -3,7 +3,8 @@
 process, same thread count.
 
     python benchmarks/attention.py                       # GPT-2-small heads (12 x 64), causal, seq 128, 512, 2048,
-                                                         # and one decoding step (1 query, 2048 keys)
+                                                         # one decoding step (1 query, 2048 keys), and seq 2048
+                                                         # with a sliding window of 256 keys
     python benchmarks/attention.py --seqs 256,1024 --decode 4096 --json /tmp/a.json
 
 The model is the attention core as the PyTorch exporters write it (``softmax(q @ k.T * 0.125 + causal_mask) @
@@ -14,7 +15,10 @@ matmuls around TVM's softmax, what bmc did before). Per sequence length: median 
 fused build given its inputs in 64-byte-aligned memory ("in place": read where they are, as a decoding loop feeding
 bmc's own key/value outputs back gets; numpy's own arrays are copied into the program's tensors), the ratios, the
 score bytes the unfused program writes and reads, and the max abs error of both bmc builds against onnxruntime
-relative to max |onnxruntime|. Prints a table and writes ``benchmarks/results/attention.json``.
+relative to max |onnxruntime|. ``--windows`` adds prefills of the longest ``--seqs`` with a causal sliding window
+(each query sees itself and the ``window - 1`` keys before it: Mistral's, Gemma's local layers): the mask is still
+a constant, and the fused kernel computes only the keys a block of query rows sees. Prints a table and writes
+``benchmarks/results/attention.json``.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ HEADS, HEAD_DIM = 12, 64
 from benchmarks.quantized import _median_s, run_main  # noqa: E402 (after the path set-up)
 
 
-def attention_core(batch: int, seq: int, queries: int):
-    """The last ``queries`` positions of a causal attention over ``seq`` keys."""
+def attention_core(batch: int, seq: int, queries: int, window: int | None = None):
+    """The last ``queries`` positions of a causal attention over ``seq`` keys (each seeing the last ``window``
+    keys up to itself, when given)."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
@@ -44,6 +49,8 @@ def attention_core(batch: int, seq: int, queries: int):
     inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, [batch, HEADS, queries, HEAD_DIM])]
     inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("k", "v")]
     visible = np.tril(np.ones((queries, seq), bool), seq - queries)
+    if window is not None:
+        visible &= ~np.tril(np.ones((queries, seq), bool), seq - queries - window)
     mask = np.where(visible, 0, np.finfo(np.float32).min).astype(np.float32)
     inits = [numpy_helper.from_array(mask[None, None], "mask"),
              numpy_helper.from_array(np.array(HEAD_DIM ** -0.5, np.float32), "scale")]
@@ -85,18 +92,20 @@ def run(args) -> dict:
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # bmc runs in this process too
     rows = []
-    for seq, queries in [(s, s) for s in args.seqs] + [(s, 1) for s in args.decode]:
-        path = work / f"attention-{seq}-{queries}.onnx"
-        onnx.save(attention_core(args.batch, seq, queries), path)
+    cases = [(s, s, None) for s in args.seqs] + [(s, 1, None) for s in args.decode] + \
+        [(max(args.seqs), max(args.seqs), w) for w in args.windows]
+    for seq, queries, window in cases:
+        path = work / f"attention-{seq}-{queries}-{window}.onnx"
+        onnx.save(attention_core(args.batch, seq, queries, window), path)
         rng = np.random.default_rng(seq)
         feeds = {n: rng.standard_normal((args.batch, HEADS, queries if n == "q" else seq, HEAD_DIM), dtype=np.float32)
                  for n in "qkv"}
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         want = sess.run(None, feeds)[0]
-        row = {"seq": seq, "queries": queries, "onnxruntime_s": _median_s(lambda: sess.run(None, feeds), args.budget),
+        row = {"seq": seq, "queries": queries, "window": window, "onnxruntime_s": _median_s(lambda: sess.run(None, feeds), args.budget),
                "scores_bytes": 4 * args.batch * HEADS * queries * seq}
         for name, fused in (("fused", True), ("unfused", False)):
-            artifact = work / f"attention-{seq}-{queries}-{name}.bmc"
+            artifact = work / f"attention-{seq}-{queries}-{window}-{name}.bmc"
             if fused:
                 bmc.compile(path, artifact)
             else:  # the same compile with the fusion pass made a no-op
@@ -115,7 +124,7 @@ def run(args) -> dict:
         row["fused_vs_onnxruntime"] = row["fused_s"] / row["onnxruntime_s"]
         row["fused_in_place_vs_onnxruntime"] = row["fused_in_place_s"] / row["onnxruntime_s"]
         rows.append(row)
-        print(f"[seq {seq}, {queries} queries] fused {row['fused_s'] * 1e3:.2f} ms, unfused {row['unfused_s'] * 1e3:.2f} ms, "
+        print(f"[seq {seq}, {queries} queries, window {window}] fused {row['fused_s'] * 1e3:.2f} ms, unfused {row['unfused_s'] * 1e3:.2f} ms, "
               f"onnxruntime {row['onnxruntime_s'] * 1e3:.2f} ms", file=sys.stderr)
     return {"config": {"batch": args.batch, "heads": HEADS, "head_dim": HEAD_DIM, "threads": args.threads},
             "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
@@ -123,10 +132,10 @@ def run(args) -> dict:
 
 
 def table(report: dict) -> str:
-    lines = [f"{'seq':>5} {'queries':>7} {'fused ms':>9} {'in place':>9} {'unfused ms':>10} {'ort ms':>9} "
+    lines = [f"{'seq':>5} {'queries':>7} {'window':>6} {'fused ms':>9} {'in place':>9} {'unfused ms':>10} {'ort ms':>9} "
              f"{'fused/unfused':>13} {'fused/ort':>9} {'in place/ort':>12} {'scores MiB':>10} {'rel err':>8}"]
     for r in report["rows"]:
-        lines.append(f"{r['seq']:>5} {r['queries']:>7} {r['fused_s'] * 1e3:>9.2f} {r['fused_in_place_s'] * 1e3:>9.2f} "
+        lines.append(f"{r['seq']:>5} {r['queries']:>7} {str(r.get('window') or '-'):>6} {r['fused_s'] * 1e3:>9.2f} {r['fused_in_place_s'] * 1e3:>9.2f} "
                      f"{r['unfused_s'] * 1e3:>10.2f} {r['onnxruntime_s'] * 1e3:>9.2f} {r['fused_vs_unfused']:>12.2f}x "
                      f"{r['fused_vs_onnxruntime']:>8.2f}x {r['fused_in_place_vs_onnxruntime']:>11.2f}x "
                      f"{r['scores_bytes'] / 2**20:>10.1f} {r['fused_rel_error']:>8.1e}")
@@ -138,6 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--seqs", type=lambda s: [int(v) for v in s.split(",")], default=[128, 512, 2048])
     p.add_argument("--decode", type=lambda s: [int(v) for v in s.split(",") if v], default=[2048],
                    help="key counts of decoding steps (one query), comma-separated; '' for none")
+    p.add_argument("--windows", type=lambda s: [int(v) for v in s.split(",") if v], default=[256],
+                   help="sliding windows for prefills of the longest --seqs, comma-separated; '' for none")
     p.add_argument("--batch", type=int, default=1)
     return run_main(p, argv, DEFAULT_JSON, run, table)
 

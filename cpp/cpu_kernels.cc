@@ -1649,6 +1649,10 @@ struct Operand16 {
 
   static Operand16 Plain(const float* b, int64_t ldb) { return {b, ldb, kGemmCols}; }
   static Operand16 Packed(const float* panels, int64_t k) { return {panels, kGemmCols, kGemmCols * k}; }
+  /*! \brief The operand from column \a j (a multiple of 16) on. */
+  Operand16 FromColumn(int64_t j) const { return {data + j / kGemmCols * group_stride, ldb, group_stride}; }
+  /*! \brief The operand from row \a i on. */
+  Operand16 FromRow(int64_t i) const { return {data + i * ldb, ldb, group_stride}; }
 };
 
 /*! \brief ``c [m, n] = a [m, k] @ b [k, n]``, tile by tile, a group of 16 columns of b at a time. */
@@ -1768,6 +1772,11 @@ __attribute__((target("avx2,fma"))) void SoftcapRowAvx2(float* x, int64_t n, flo
   for (; j < n; ++j) x[j] = cap * std::tanh(x[j] * scale / cap);
 }
 
+struct KeyRange {
+  int64_t first, end;  // keys [first, end)
+  int64_t size() const { return end - first; }
+};
+
 struct Attention {
   const float *q, *kt, *v, *bias;  // bias: nullptr for none; kt and v nullptr when they are 16-bit (below)
   float *out, *lse;  // lse: nullptr for none
@@ -1781,6 +1790,9 @@ struct Attention {
   const uint16_t *kt16 = nullptr, *v16 = nullptr;  // 16-bit keys and values (float16, or bfloat16 when bf16)
   bool bf16 = false;
   float softcap = 0.0f;  // > 0: the scaled scores are soft-capped, softcap * tanh(s / softcap)
+  // a bias varying along the keys: per row of it as stored, its first unmasked key and one past its last (first
+  // == n: masked everywhere), found once per call rather than once per head
+  std::vector<KeyRange> bias_rows;
 };
 
 constexpr int kLanes = 8;  // partial maxima and sums a row (float reductions vectorize only in independent lanes)
@@ -1839,23 +1851,35 @@ __attribute__((always_inline)) inline void SoftmaxRow(float* x, int64_t n, float
 
 constexpr float kMasked = -1e30f;  // a bias at or below this gives a key no weight (exp underflows to 0)
 
-/*! \brief The keys rows [i0, i0 + rows) need: one past the last key any of them does not mask, when each row
- *  has an unmasked key (a causal mask: i0 + rows). Keys past it would get weight 0 (their probabilities
- *  underflow), so they are skipped: half the work of a causal attention. A fully masked row attends to every key
- *  alike (the reference's softmax of equal values), so then nothing is skipped. */
-inline int64_t KeysNeeded(const Attention& p, int64_t bias_offset, int64_t i0, int64_t rows) {
-  if (p.bias == nullptr || p.bias_col_stride == 0) return p.n;
-  int64_t needed = 0;
+/*! \brief The keys rows [i0, i0 + rows) need, when each row has an unmasked key: from the first key any of them
+ *  does not mask (rounded down to a multiple of 16, the GEMMs' column groups) to one past the last (a causal mask:
+ *  [0, i0 + rows); a sliding window of w keys: from about i0 - w). Keys outside would get weight 0 (their
+ *  probabilities underflow), so they are skipped: half the work of a causal attention, all but the window of a
+ *  long sliding-window one. A fully masked row attends to every key alike (the reference's softmax of equal
+ *  values), so then nothing is skipped. */
+inline KeyRange KeysNeeded(const Attention& p, int64_t bias_offset, int64_t i0, int64_t rows) {
+  if (p.bias_rows.empty()) return {0, p.n};
+  int64_t begin = p.n, end = 0;
   for (int64_t i = 0; i < rows; ++i) {
-    const float* bias = p.bias + bias_offset + (i0 + i) * p.bias_row_stride;
-    int64_t first = 0;
-    while (first < p.n && bias[first] <= kMasked) ++first;
-    if (first == p.n) return p.n;  // this row is masked everywhere
-    int64_t j = p.n;  // one past its last unmasked key, or `needed` if that is further
-    while (j > needed && bias[j - 1] <= kMasked) --j;
-    needed = j;
+    const KeyRange row = p.bias_rows[(bias_offset + (i0 + i) * p.bias_row_stride) / p.n];
+    if (row.first == p.n) return {0, p.n};  // this row is masked everywhere
+    begin = std::min(begin, row.first);
+    end = std::max(end, row.end);
   }
-  return needed;
+  return {begin - begin % kGemmCols, end};
+}
+
+/*! \brief Attention::bias_rows of a bias of \a count elements varying along the keys (stored rows of n). */
+std::vector<KeyRange> BiasRows(const float* bias, int64_t count, int64_t n) {
+  std::vector<KeyRange> rows(static_cast<size_t>(count / n));
+  for (size_t r = 0; r < rows.size(); ++r) {
+    const float* row = bias + static_cast<int64_t>(r) * n;
+    int64_t first = 0, end = n;
+    while (first < n && row[first] <= kMasked) ++first;
+    while (end > first && row[end - 1] <= kMasked) --end;
+    rows[r] = {first, end};
+  }
+  return rows;
 }
 
 /*! \brief Rows [i0, i0 + rows) of batch index \a b: scores into \a s (row stride \a lds), then the output.
@@ -1865,21 +1889,24 @@ __attribute__((always_inline)) inline void AttentionBlockBody(const Attention& p
                                                               int64_t i0, int64_t rows, Operand16 kt,
                                                               const float* k_rows, Operand16 v, float* s,
                                                               int64_t lds) {
-  const int64_t n = KeysNeeded(p, bias_offset, i0, rows);
+  const KeyRange keys = KeysNeeded(p, bias_offset, i0, rows);
+  const int64_t n = keys.size();
   const float* q = p.q + (b * p.m + i0) * p.d;
   if (k_rows != nullptr) {  // few rows and an untransposed key: a dot product per score, both read in place
+    const float* k = k_rows + keys.first * p.d;
     for (int64_t i = 0; i < rows; ++i) {
-      for (int64_t j = 0; j < n; ++j) s[i * lds + j] = Dot(q + i * p.d, k_rows + j * p.d, p.d);
+      for (int64_t j = 0; j < n; ++j) s[i * lds + j] = Dot(q + i * p.d, k + j * p.d, p.d);
     }
   } else {
-    SmallGemm<kAvx2>(rows, n, p.d, q, p.d, kt, s, lds);
+    SmallGemm<kAvx2>(rows, n, p.d, q, p.d, kt.FromColumn(keys.first), s, lds);
   }
   for (int64_t i = 0; i < rows; ++i) {
     SoftmaxRow<kAvx2>(s + i * lds, n, p.scale,
-                      p.bias == nullptr ? nullptr : p.bias + bias_offset + (i0 + i) * p.bias_row_stride,
+                      p.bias == nullptr ? nullptr : p.bias + bias_offset + (i0 + i) * p.bias_row_stride +
+                                                        keys.first * p.bias_col_stride,
                       p.bias_col_stride, p.lse == nullptr ? nullptr : p.lse + b * p.m + i0 + i, p.softcap);
   }
-  SmallGemm<kAvx2>(rows, p.e, n, s, lds, v, p.out + (b * p.m + i0) * p.e, p.e);
+  SmallGemm<kAvx2>(rows, p.e, n, s, lds, v.FromRow(keys.first), p.out + (b * p.m + i0) * p.e, p.e);
 }
 
 __attribute__((target("avx2,fma"))) void AttentionBlockAvx2(const Attention& p, int64_t b, int64_t bias_offset,
@@ -1911,8 +1938,9 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 Load8(cons
  *  AttentionFewRows). */
 void AttentionRows16Baseline(const Attention& p, int64_t b, int64_t kb, int64_t bias_offset, int64_t i0,
                              int64_t rows, float* s) {
-  const int64_t n = KeysNeeded(p, bias_offset, i0, rows);
-  const uint16_t *k = p.kt16 + kb * p.n * p.d, *v = p.v16 + kb * p.n * p.e;
+  const KeyRange keys = KeysNeeded(p, bias_offset, i0, rows);
+  const int64_t n = keys.size();
+  const uint16_t *k = p.kt16 + (kb * p.n + keys.first) * p.d, *v = p.v16 + (kb * p.n + keys.first) * p.e;
   for (int64_t i = 0; i < rows; ++i) {
     const float* q = p.q + (b * p.m + i0 + i) * p.d;
     float* o = p.out + (b * p.m + i0 + i) * p.e;
@@ -1921,7 +1949,9 @@ void AttentionRows16Baseline(const Attention& p, int64_t b, int64_t kb, int64_t 
       for (int64_t c = 0; c < p.d; ++c) dot += q[c] * HalfToFloat(k[j * p.d + c], p.bf16);
       s[j] = dot;
     }
-    SoftmaxRow<false>(s, n, p.scale, p.bias == nullptr ? nullptr : p.bias + bias_offset + (i0 + i) * p.bias_row_stride,
+    SoftmaxRow<false>(s, n, p.scale,
+                      p.bias == nullptr ? nullptr : p.bias + bias_offset + (i0 + i) * p.bias_row_stride +
+                                                        keys.first * p.bias_col_stride,
                       p.bias_col_stride, p.lse == nullptr ? nullptr : p.lse + b * p.m + i0 + i, p.softcap);
     std::fill(o, o + p.e, 0.0f);
     for (int64_t j = 0; j < n; ++j) {
@@ -1999,6 +2029,7 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
     p.bias_batch_stride.assign(stride.begin(), stride.end() - 2);
     p.bias_row_stride = stride[rank - 2];
     p.bias_col_stride = stride[rank - 1];
+    if (p.bias_col_stride == 1 && p.n > 0) p.bias_rows = BiasRows(p.bias, bias->numel(), p.n);
   }
   const int64_t count = Prod(p.batch);
   if (count == 0 || p.m == 0 || p.e == 0) return;
@@ -2332,8 +2363,14 @@ __attribute__((target("avx2,fma,f16c"))) void AttentionFewRowsT(const Attention&
                                                                const TB* v, const int64_t* bias_offsets, float* s,
                                                                int64_t lds) {
   const int64_t rows = together * per_index, d = p.d;
-  int64_t n = 0;
-  for (int64_t r = 0; r < together; ++r) n = std::max(n, KeysNeeded(p, bias_offsets[r], i0, per_index));
+  KeyRange keys{p.n, 0};
+  for (int64_t r = 0; r < together; ++r) {
+    const KeyRange own = KeysNeeded(p, bias_offsets[r], i0, per_index);
+    keys = {std::min(keys.first, own.first), std::max(keys.end, own.end)};
+  }
+  const int64_t n = keys.size();
+  k += keys.first * d;
+  v += keys.first * p.e;
   const float* q = p.q + (b * p.m + i0) * d;
   for (int64_t j = 0; j < n; j += 4) {
     const int64_t nr = std::min<int64_t>(4, n - j);
@@ -2345,7 +2382,8 @@ __attribute__((target("avx2,fma,f16c"))) void AttentionFewRowsT(const Attention&
   for (int64_t r = 0; r < rows; ++r) {
     const float* bias = p.bias == nullptr
                             ? nullptr
-                            : p.bias + bias_offsets[r / per_index] + (i0 + r % per_index) * p.bias_row_stride;
+                            : p.bias + bias_offsets[r / per_index] + (i0 + r % per_index) * p.bias_row_stride +
+                                  keys.first * p.bias_col_stride;
     SoftmaxRow<true>(s + r * lds, n, p.scale, bias, p.bias_col_stride,
                      p.lse == nullptr ? nullptr : p.lse + b * p.m + i0 + r, p.softcap);
   }

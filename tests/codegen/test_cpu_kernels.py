@@ -1120,6 +1120,7 @@ def test_attention_kernel_soft_caps_the_scores(impl, batch, m, n, d, e, bias_sha
 
 def _tensor(x):
     """``x`` as a TVM tensor (ml_dtypes' bfloat16 crosses DLPack as uint16, viewed back as bfloat16)."""
+    import tvm  # noqa: F401  (gives tvm_ffi's tensors _create_view)
     import tvm_ffi
 
     if x.dtype.kind != "V":
@@ -1220,6 +1221,35 @@ def test_attention_kernel_skips_masked_keys_exactly(impl, fill):
         np.testing.assert_allclose(out[:, 5], v.mean(axis=1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("m,dtype", [(300, "float32"), (1, "float32"), (1, "bfloat16"), (3, "float16")],
+                         ids=["packed", "decoding", "decoding-bf16", "rows-f16"])
+def test_attention_kernel_skips_keys_outside_a_sliding_window(impl, m, dtype):
+    """A causal sliding window of 37 keys (Mistral's, Gemma's local layers) over 300: each block of query rows
+    computes only the keys from the first one any of its rows sees (rounded down to 16) to the last; the rest get
+    no weight either way, so the result is the reference's (2e-6 of max |ref|), on every path (packed panels for
+    many rows, the few-row tiles and 16-bit keys and values read in place for a decoding step's rows at the end)
+    and for two query heads sharing a key/value head."""
+    import tvm_ffi
+
+    from bmc.ir.types import np_dtype
+    from bmc.ops import get_op
+    from bmc.runtime.kernels import ATTENTION_BIAS_KERNEL, register_cpu_kernels
+
+    register_cpu_kernels(native=impl == "native")
+    rng = np.random.default_rng(8)
+    n, window = 300, 37
+    q = rng.standard_normal((2, m, 16), np.float32)
+    k, v = (rng.standard_normal((1, n, c)).astype(np_dtype(dtype)) for c in (16, 8))
+    rows = np.arange(n - m, n)[:, None]  # the last m positions
+    cols = np.arange(n)[None, :]
+    bias = np.where((cols <= rows) & (cols > rows - window), 0, np.float32(-3.4e38)).astype(np.float32)
+    out = np.full((2, m, 8), np.nan, np.float32)
+    tvm_ffi.get_global_func(ATTENTION_BIAS_KERNEL)(*[_tensor(x) for x in (q, k, v, bias)], 0.5, True, _tensor(out))
+    want = get_op("attention").reference([q, k.astype(np.float32), v.astype(np.float32), bias],
+                                         {"scale": 0.5, "transpose_k": True, "lse": False})[0]
+    np.testing.assert_allclose(out, want, rtol=0, atol=2e-6 * float(np.abs(want).max()))
+
+
 def test_attention_baseline_loops_match(native_lib, monkeypatch):
     """The native kernel's loops for CPUs without AVX2 (``BMC_CPU_NO_AVX2`` makes this one take them)."""
     monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
@@ -1231,6 +1261,8 @@ def test_attention_baseline_loops_match(native_lib, monkeypatch):
         test_attention_kernel_skips_masked_keys_exactly("native", fill)
     for case in SOFTCAP_CASES:
         test_attention_kernel_soft_caps_the_scores("native", *case, True, lse=True)
+    for m, dtype in ((300, "float32"), (1, "bfloat16")):
+        test_attention_kernel_skips_keys_outside_a_sliding_window("native", m, dtype)
     for dtype in ("float16", "bfloat16"):
         for transpose_k in (False, True):
             test_attention_kernel_reads_16_bit_keys_and_values("native", dtype, transpose_k, 1)
