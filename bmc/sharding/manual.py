@@ -94,7 +94,7 @@ def megatron(graph: Graph, axis: str, batch_axis: str | None = None, size: int =
                 out[v.name] = Spec(batch + ((),) * (v.type.rank - 2) + ((axis,),))
                 split_act.add(id(v))
             continue
-        if _features_read_across(node.output, users):  # left whole, as are the next matmul's features
+        if _features_read_across(node.output, users, weight_matmul):  # left whole (and the next one row-split)
             continue
         split_act.add(id(node.output))
         if not _heads_divide(node.output, users, size):  # computed whole, read by the next weight matmul as split
@@ -131,18 +131,23 @@ def _heads_divide(v: Value, users: dict[int, list[Node]], size: int) -> bool:
     return cut is None or (n // cut.outputs[0].type.shape[-1]) % size == 0
 
 
-def _features_read_across(v: Value, users: dict[int, list[Node]]) -> bool:
+def _features_read_across(v: Value, users: dict[int, list[Node]], projection) -> bool:
     """Whether ``v``'s features (its last dim), before any weight matmul or reshape into heads, are read across:
-    normalized, reduced, sliced, split or concatenated along the last dim (a multi-head latent attention's low-rank
-    projections: an RMSNorm of the latent, a rotary embedding of the shared key). Split by columns, each of those
-    would need an all-reduce or an all-gather; Megatron-LM keeps such projections whole."""
+    sliced, split or concatenated along the last dim (a rotary embedding of a multi-head latent attention's shared
+    key), or normalized (reduced along it) on the way, as they are, into another projection (``projection(node)``:
+    the latent's RMSNorm before its up-projection). Split by columns, each of those would need an all-gather or an
+    all-reduce before a row-parallel product; Megatron-LM keeps such projections whole. Features normalized and
+    then split into heads (OLMo 2's RMSNorm over all query heads) stay split: their statistic is an all-reduce of
+    one number a row, where whole they would cost the projection on every device."""
     def across(n: Node, x: Value) -> bool:
         rank = x.type.rank
         along = n.attrs.get("axes", (n.attrs.get("axis"),))
         along = () if along is None or None in along else {a % rank for a in along}
         # (a reduction over every dim, a quantizer's max, is one number: no reason)
-        return n.op not in ("matmul", "attention") and rank - 1 in along and len(along) < rank
+        return n.op not in ("matmul", "attention") and rank - 1 in along and len(along) < rank and (
+            get_op(n.op).family != "reduce" or projected)
 
+    projected = _reached(v, users, lambda n, x: projection(n), keep_features=True) is not None
     return _reached(v, users, across, keep_features=True) is not None
 
 
