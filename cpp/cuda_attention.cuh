@@ -136,24 +136,28 @@ __device__ __forceinline__ void Attention(const Params& p, unsigned char* smem) 
   for (int j = 0; j < kFrags; ++j) wmma::fill_fragment(o[j], 0.0f);
   float row_max = -INFINITY, row_sum = 0.0f;
 
-  // The keys this block needs: one past the last key any of its rows does not mask (a causal mask: the diagonal),
-  // unless a row is masked everywhere (it attends to every key alike, as the composition's softmax does). Keys
-  // past it would get weight 0, so their tiles are skipped: half the work of a causal attention.
-  int64_t n_end = p.n;
+  // The keys this block needs: from the first key any of its rows does not mask (a sliding window: about m0 -
+  // window) to one past the last (a causal mask: the diagonal), unless a row is masked everywhere (it attends to
+  // every key alike, as the composition's softmax does). Keys outside would get weight 0, so their tiles are
+  // skipped: half the work of a causal attention, all but the window's of a long sliding-window one.
+  int64_t n_begin = 0, n_end = p.n;
   if (p.bias != nullptr && p.bias_n_stride != 0) {
-    int* needed = reinterpret_cast<int*>(smem + L::kStats) + kWarps * 16;
-    if (threadIdx.x == 0) *needed = 0;
+    int* needed = reinterpret_cast<int*>(smem + L::kStats) + kWarps * 16;  // [one past the last, the first]
+    if (threadIdx.x == 0) needed[0] = 0, needed[1] = static_cast<int>(p.n);
     __syncthreads();
     if (h == 0 && bias != nullptr) {
-      int64_t j = p.n;
+      int64_t j = p.n, f = 0;
       while (j > 0 && Num<T>::Load(bias[(j - 1) * p.bias_n_stride]) <= Num<T>::kMasked) --j;
+      while (f < j && Num<T>::Load(bias[f * p.bias_n_stride]) <= Num<T>::kMasked) ++f;
       atomicMax(needed, static_cast<int>(j == 0 ? p.n : j));
+      atomicMin(needed + 1, static_cast<int>(j == 0 ? 0 : f));
     }
     __syncthreads();
-    n_end = *needed;
+    n_end = needed[0];
+    n_begin = needed[1] / kKeys * kKeys;
   }
 
-  for (int64_t n0 = 0; n0 < n_end; n0 += kKeys) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kKeys) {
     __syncthreads();  // every warp is done with the previous K/V tiles (and with the Q tile)
     if (p.transpose_k) {
       LoadRows<T, D>(ks, L::kLdT, k, n0, p.n, kKeys);

@@ -66,9 +66,10 @@ struct Layout {
   static constexpr size_t kVBytes = RoundUp(size_t(kKeys) * kLdT * 2);
   static constexpr size_t kP = kV + kVBytes;
   static constexpr size_t kPBytes = RoundUp(size_t(kWarps) * 16 * kLdP * 2);
-  // per warp: 16 floats (the rescale factors, then 1 / sum); then one int (the keys the block needs)
+  // per warp: 16 floats (the rescale factors, then 1 / sum); then two ints (the keys the block needs: one past
+  // the last, the first)
   static constexpr size_t kStats = kP + kPBytes;
-  static constexpr size_t kBytes = kStats + RoundUp(size_t(kWarps) * 16 * 4 + 4);
+  static constexpr size_t kBytes = kStats + RoundUp(size_t(kWarps) * 16 * 4 + 8);
   static_assert(size_t(kWarps) * 16 * kLdO * 4 <= kKBytes + kVBytes, "output staging must fit the K/V tiles");
   static_assert(16 * kLdP * 2 >= 256 * 4, "the row probe must fit a warp's probability tile");
 };

@@ -26,7 +26,7 @@ import pytest
 from bmc.errors import CompileError
 from bmc.ir.types import TensorType
 from bmc.ops.builder import GraphBuilder
-from bmc.testing.attention_cases import CASES, TOL, causal_bias, make_case, reference, rel_error
+from bmc.testing.attention_cases import CASES, TOL, causal_bias, lowest, make_case, reference, rel_error
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,6 +91,26 @@ def test_keys_past_a_causal_mask_are_skipped(emulator, tmp_path, dtype):
     first = got[..., :64, :]
     assert np.isfinite(first).all() and np.isnan(got[..., 64:, :]).all()
     assert np.abs(first - want[..., :64, :]).max() / np.abs(want).max() <= TOL[dtype]
+    full = _run(emulator, tmp_path / "plain", dtype, q, k, v, bias, True, 0.177)
+    assert rel_error(full, want) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_keys_before_a_sliding_window_are_skipped(emulator, tmp_path, dtype):
+    """A causal window of 40 keys over 200 (Mistral's, Gemma's local layers): the third block of 64 query rows
+    sees keys from 89 on, so it starts at the second tile of keys, and the fourth at the third. Observable as
+    above: v rows 0-63 set to NaN leave rows 128-199 finite and equal to the reference, rows 0-127 (which need
+    that tile) NaN."""
+    m = n = 200
+    q, k, v, _ = make_case(dtype, (1, 2, m, 32), (1, 2, n, 32), (1, 2, n, 32), None)
+    i, j = np.arange(m)[:, None], np.arange(n)[None, :]
+    bias = np.where((j <= i) & (j > i - 40), 0.0, lowest(dtype)).astype(q.dtype)
+    want = reference(q, k, v, bias, True, 0.177)
+    v_nan = v.copy()
+    v_nan[..., :64, :] = np.nan
+    got = _run(emulator, tmp_path, dtype, q, k, v_nan, bias, True, 0.177)
+    assert np.isfinite(got[..., 128:, :]).all() and np.isnan(got[..., :128, :]).all()
+    assert np.abs(got[..., 128:, :] - want[..., 128:, :]).max() / np.abs(want).max() <= TOL[dtype]
     full = _run(emulator, tmp_path / "plain", dtype, q, k, v, bias, True, 0.177)
     assert rel_error(full, want) <= TOL[dtype]
 

@@ -1,7 +1,7 @@
 /*!
  * \file cuda_emulator.h
  * \brief Runs bmc's hand-written CUDA kernels on the CPU, for tests on machines without a GPU: the subset of CUDA
- *        they use (1-D blocks, dynamic shared memory, __syncthreads/__syncwarp, __shfl_xor_sync, atomicMax, WMMA
+ *        they use (1-D blocks, dynamic shared memory, __syncthreads/__syncwarp, __shfl_xor_sync, atomicMax/Min, WMMA
  *        16x16x16, 16-bit floats), with every CUDA thread a fiber (ucontext) of one OS thread. Include it before the kernel.
  *
  * It is an extra check beside the real GPU run (scripts/gpu_check.sh), built to expose the bugs a GPU shows only
@@ -219,6 +219,11 @@ inline float __shfl_xor_sync(unsigned, float v, int mask) { return emu::ShuffleX
 inline int atomicMax(int* p, int v) {  // fibers never interleave inside a call: atomic as it is
   int old = *p;
   *p = std::max(old, v);
+  return old;
+}
+inline int atomicMin(int* p, int v) {
+  int old = *p;
+  *p = std::min(old, v);
   return old;
 }
 inline uint4 BmcLoad16(const void* p) {
