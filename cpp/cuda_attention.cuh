@@ -198,6 +198,7 @@ __device__ __forceinline__ void Attention(const Params& p, unsigned char* smem) 
     for (int c = 0; c < kKeys / 2; ++c) {
       int64_t key = n0 + h + 2 * c;
       float x = t[2 * c] * p.scale;
+      if (p.softcap > 0.0f) x = p.softcap * tanhf(x / p.softcap);
       if (key >= p.n) {
         x = -INFINITY;
       } else if (bias != nullptr) {

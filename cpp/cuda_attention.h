@@ -4,9 +4,9 @@
  *        fill them. Included by the kernel (``cuda_attention.cuh``, device code), the launcher
  *        (``cuda_kernels.cc``) and the CPU emulation test (``tests/native/attention_emulated.cc``); plain C++.
  *
- * ``out = softmax(scale * q @ k^T + bias) @ v`` for float16/bfloat16 ``q [..., M, D]``, ``k [..., N, D]`` (or ``kt
- * [..., D, N]``), ``v [..., N, D]``, an optional ``bias`` broadcasting to the scores ``[..., M, N]``, and D = 16, 32,
- * 64 or 128. ``k``/``v`` batch dims divide ``q``'s: 1 (multi-query attention) or a divisor (grouped-query: query
+ * ``out = softmax(scale * q @ k^T + bias) @ v`` (the scaled scores optionally soft-capped before the bias) for
+ * float16/bfloat16 ``q [..., M, D]``, ``k [..., N, D]`` (or ``kt [..., D, N]``), ``v [..., N, D]``, an optional
+ * ``bias`` broadcasting to the scores ``[..., M, N]``, and D = 16, 32, 64 or 128. ``k``/``v`` batch dims divide ``q``'s: 1 (multi-query attention) or a divisor (grouped-query: query
  * index i reads key/value index i / group). Every tensor is contiguous.
  */
 #ifndef BMC_CPP_CUDA_ATTENTION_H_
@@ -41,6 +41,7 @@ struct Params {
   int64_t bias_stride[kBatchDims];
   int64_t bias_m_stride, bias_n_stride;
   float scale;
+  float softcap;    // > 0: the scaled scores soft-capped, softcap * tanh(s / softcap), before the bias
   int transpose_k;  // 1: k is [N, D]; 0: kt [D, N]
 };
 

@@ -15,7 +15,9 @@
  * entry points and enum values used below are part of cuBLAS' and CUDA's stable C ABI.
  *
  * ``cuda_attention[_bias](q, k, v, [bias,] scale, transpose_k, out)``: fused float16/bfloat16 attention
- * (``cuda_attention.cuh``, head dim 16, 32, 64 or 128) without the score matrix. Its kernels are compiled by nvcc when this
+ * (``cuda_attention.cuh``, head dim 16, 32, 64 or 128) without the score matrix;
+ * ``cuda_attention_softcap(q, k, v, bias, scale, softcap, transpose_k, out)`` with the scaled scores soft-capped
+ * before the bias (the bias may be a scalar 0). Its kernels are compiled by nvcc when this
  * library is built (CMakeLists.txt) and embedded here as a fatbin; they are loaded into each device's context with
  * the driver API (``libcuda.so.1``, which TVM's CUDA runtime has loaded already) on first use.
  * ``cuda_attention_image_bytes()`` is 0 when the library was built without nvcc.
@@ -352,7 +354,7 @@ void* AttentionFunction(Cublas& c, int device, int which) {
 std::vector<int64_t> Dims(const ffi::TensorView& t) { return std::vector<int64_t>(t.shape().begin(), t.shape().end()); }
 
 void Attention(ffi::TensorView q, ffi::TensorView k, ffi::TensorView v, const ffi::TensorView* bias, double scale,
-               int64_t transpose_k, ffi::TensorView out) {
+               int64_t transpose_k, ffi::TensorView out, double softcap = 0.0) {
   Cublas* c = bound.load(std::memory_order_acquire);
   if (c == nullptr) TVM_FFI_THROW(RuntimeError) << "cuda_attention: call cublas_bind first";
   DLDataType dt = q.dtype();
@@ -380,6 +382,8 @@ void Attention(ffi::TensorView q, ffi::TensorView k, ffi::TensorView v, const ff
   p.bias = bias ? Data(*bias) : nullptr;
   p.out = Data(out);
   p.scale = static_cast<float>(scale);
+  if (!(softcap >= 0.0)) TVM_FFI_THROW(ValueError) << "cuda_attention: softcap must be >= 0, got " << softcap;
+  p.softcap = static_cast<float>(softcap);
   for (const void* ptr : {p.q, p.k, p.v, static_cast<const void*>(p.out)}) {  // the kernel's 16-byte accesses
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
       TVM_FFI_THROW(ValueError) << "cuda_attention: q, k, v and out must be 16-byte aligned";
@@ -408,11 +412,17 @@ void CudaAttentionBias(ffi::TensorView q, ffi::TensorView k, ffi::TensorView v, 
   Attention(q, k, v, &bias, scale, transpose_k, out);
 }
 
+void CudaAttentionSoftcap(ffi::TensorView q, ffi::TensorView k, ffi::TensorView v, ffi::TensorView bias,
+                          double scale, double softcap, int64_t transpose_k, ffi::TensorView out) {
+  Attention(q, k, v, &bias, scale, transpose_k, out, softcap);
+}
+
 }  // namespace native
 }  // namespace bmc
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cuda_attention, bmc::native::CudaAttention);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cuda_attention_bias, bmc::native::CudaAttentionBias);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cuda_attention_softcap, bmc::native::CudaAttentionSoftcap);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cuda_attention_image_bytes, bmc::native::CudaAttentionImageBytes);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cublas_bind, bmc::native::CublasBind);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cublas_bound, bmc::native::CublasBound);

@@ -297,33 +297,44 @@ def check_decoding(root: Path, row: dict, dry: bool, repeat: int) -> dict:
 def attention_kernel(dry: bool) -> dict:
     """``bmc.cuda.attention[_bias]`` called directly on CUDA tensors over the CPU emulator tests' cases
     (``bmc.testing.attention_cases``: ragged tiles, kt, multi-query, broadcast masks, every head dim, both 16-bit
-    types) plus a causal mask, against numpy. PASS: every case within its tolerance."""
+    types) plus causal masks and soft-capped scores, against numpy. PASS: every case within its tolerance."""
     import numpy as np
     import tvm
 
     from bmc.runtime import cuda
     from bmc.testing import attention_cases as ac
 
-    row = {"model": f"attention kernel ({len(ac.CASES) + 2} cases)"}
+    row = {"model": f"attention kernel ({len(ac.CASES) + 4} cases)"}
     if not cuda.fused_attention_available():
         return {**row, "status": "FAIL: the kernel library has no attention kernels"}
     if dry:
         return {**row, "status": "dry-run ok"}
-    cuda.register_kernels([cuda.ATTENTION_KERNEL, cuda.ATTENTION_BIAS_KERNEL])
+    cuda.register_kernels([cuda.ATTENTION_KERNEL, cuda.ATTENTION_BIAS_KERNEL, cuda.ATTENTION_SOFTCAP_KERNEL])
     dev = tvm.cuda(0)
     cases = dict(ac.CASES)
     cases["causal-d128"] = ("bf16", (1, 2, 200, 128), (1, 2, 200, 128), (1, 2, 200, 128), "causal", True, 0.088)
     cases["f16-causal-kv-cache"] = ("f16", (2, 4, 70, 64), (2, 4, 300, 64), (2, 4, 300, 64), "causal", True, 0.125)
+    # soft-capped (Gemma 2): c * tanh(s / c) of the scaled scores before the bias, with c = 2
+    cases["softcap-grouped-decode"] = ac.CASES["grouped-decode"] + (2.0,)
+    cases["softcap-causal-f16"] = ("f16", (1, 2, 130, 64), (1, 2, 130, 64), (1, 2, 130, 64), "causal", True, 0.125,
+                                   2.0)
     worst, failed = 0.0, []
-    for name, (dtype, qs, ks, vs, bs, transpose_k, scale) in cases.items():
+    for name, (dtype, qs, ks, vs, bs, transpose_k, scale, *softcap) in cases.items():
         q, k, v, bias = ac.make_case(dtype, qs, ks, vs, None if bs == "causal" else bs)
         if bs == "causal":
             bias = ac.causal_bias(dtype, qs[-2], ks[-2])
+        softcap = softcap[0] if softcap else 0.0
+        if softcap and bias is None:
+            bias = np.zeros((), q.dtype)
         args = [tvm.runtime.tensor(a, dev) for a in (q, k, v, bias) if a is not None]
         out = tvm.runtime.empty(q.shape, str(q.dtype), dev)
-        kernel = cuda.ATTENTION_BIAS_KERNEL if bias is not None else cuda.ATTENTION_KERNEL
-        tvm.get_global_func(kernel)(*args, float(scale), int(transpose_k), out)
-        err = ac.rel_error(out.numpy().astype(np.float32), ac.reference(q, k, v, bias, transpose_k, scale))
+        if softcap:
+            tvm.get_global_func(cuda.ATTENTION_SOFTCAP_KERNEL)(*args, float(scale), float(softcap), int(transpose_k),
+                                                                out)
+        else:
+            kernel = cuda.ATTENTION_BIAS_KERNEL if bias is not None else cuda.ATTENTION_KERNEL
+            tvm.get_global_func(kernel)(*args, float(scale), int(transpose_k), out)
+        err = ac.rel_error(out.numpy().astype(np.float32), ac.reference(q, k, v, bias, transpose_k, scale, softcap))
         worst = max(worst, err)
         if not err <= ac.TOL[dtype]:
             failed.append(f"{name} {err:.1e}")

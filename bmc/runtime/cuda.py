@@ -36,10 +36,13 @@ MATMUL_KERNEL = "bmc.cuda.matmul"
 #: fused float16/bfloat16 attention on tensor cores (``cpp/cuda_attention.cuh``; the ``attention`` op)
 ATTENTION_KERNEL = "bmc.cuda.attention"
 ATTENTION_BIAS_KERNEL = "bmc.cuda.attention_bias"
+#: ``bmc.cuda.attention_softcap(q, k, v, bias, scale, softcap, transpose_k, out)``: the same with the scaled scores
+#: soft-capped before the bias, ``softcap * tanh(s / softcap)`` (the bias a scalar 0 for none)
+ATTENTION_SOFTCAP_KERNEL = "bmc.cuda.attention_softcap"
 #: every kernel name a CUDA artifact may require (its manifest's ``kernels.cuda.requires``)
-CUDA_KERNELS = (MATMUL_KERNEL, ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL)
+CUDA_KERNELS = (MATMUL_KERNEL, ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL, ATTENTION_SOFTCAP_KERNEL)
 _SYMBOLS = {MATMUL_KERNEL: "cuda_matmul", ATTENTION_KERNEL: "cuda_attention",
-            ATTENTION_BIAS_KERNEL: "cuda_attention_bias"}
+            ATTENTION_BIAS_KERNEL: "cuda_attention_bias", ATTENTION_SOFTCAP_KERNEL: "cuda_attention_softcap"}
 _STATE: dict = {}
 
 
@@ -159,7 +162,8 @@ def register_kernels(required=None) -> dict:
 
     enable()
     lib = _kernel_library()
-    if {ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL} & set(required or ()) and not fused_attention_available():
+    if {ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL, ATTENTION_SOFTCAP_KERNEL} & set(required or ()) and \
+            not fused_attention_available():
         raise RuntimeError(f"the program calls the fused attention kernels, but {lib} was built without them "
                            "(no nvcc at install): reinstall bmc with the CUDA toolkit on PATH, or recompile "
                            "without BMC_CUDA_ATTENTION=fused")

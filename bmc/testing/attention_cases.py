@@ -58,12 +58,14 @@ def causal_bias(dtype: str, m: int, n: int) -> np.ndarray:
     return np.where(np.tril(np.ones((m, n), bool), n - m), 0.0, lowest(dtype)).astype(np_dtype(dtype))
 
 
-def reference(q, k, v, bias, transpose_k: bool, scale: float) -> np.ndarray:
+def reference(q, k, v, bias, transpose_k: bool, scale: float, softcap: float = 0.0) -> np.ndarray:
     for axis, (a, b) in enumerate(zip(q.shape[:-2], k.shape[:-2])):  # grouped heads: query head i reads i // group
         if b not in (1, a):
             k, v = (np.repeat(x, a // b, axis=axis) for x in (k, v))
     kt = np.swapaxes(k, -1, -2) if transpose_k else k
     s = (q.astype(np.float32) @ kt.astype(np.float32)) * np.float32(scale)
+    if softcap:
+        s = np.float32(softcap) * np.tanh(s / np.float32(softcap))
     if bias is not None:
         s = s + bias.astype(np.float32)
     s = s - s.max(-1, keepdims=True)

@@ -47,7 +47,7 @@ def emulator(tmp_path_factory):
     return _compile_emulator(tmp_path_factory.mktemp("emu"))
 
 
-def _run(exe: Path, work: Path, dtype, q, k, v, bias, transpose_k, scale, reverse=False):
+def _run(exe: Path, work: Path, dtype, q, k, v, bias, transpose_k, scale, reverse=False, softcap=0.0):
     work.mkdir(parents=True, exist_ok=True)
     for name, a in (("q", q), ("k", k), ("v", v), ("bias", bias)):
         if a is not None:
@@ -56,8 +56,8 @@ def _run(exe: Path, work: Path, dtype, q, k, v, bias, transpose_k, scale, revers
     def dims(a):
         return "-1" if a is None else f"{a.ndim} " + " ".join(map(str, a.shape))
 
-    (work / "case.txt").write_text(f"{dtype} {int(reverse)} {int(transpose_k)} {scale!r} {dims(q)} {dims(k)} "
-                                   f"{dims(v)} {dims(bias)}\n")
+    (work / "case.txt").write_text(f"{dtype} {int(reverse)} {int(transpose_k)} {scale!r} {softcap!r} {dims(q)} "
+                                   f"{dims(k)} {dims(v)} {dims(bias)}\n")
     proc = subprocess.run([str(exe), str(work)], capture_output=True, text=True, timeout=300)
     if proc.returncode:
         return proc
@@ -113,6 +113,19 @@ def test_keys_before_a_sliding_window_are_skipped(emulator, tmp_path, dtype):
     assert np.abs(got[..., 128:, :] - want[..., 128:, :]).max() / np.abs(want).max() <= TOL[dtype]
     full = _run(emulator, tmp_path / "plain", dtype, q, k, v, bias, True, 0.177)
     assert rel_error(full, want) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("case", ["grouped-decode", "d128-padding-mask", "f16-kt-no-bias"])
+def test_soft_capped_scores(emulator, tmp_path, case):
+    """Gemma 2's soft-capping, ``c * tanh(s / c)`` of the scaled scores before the bias, with c = 2 against
+    scores of up to ~20 (so the tanh saturates): equal to the composition within the case's tolerance."""
+    dtype, qs, ks, vs, bs, transpose_k, scale = CASES[case]
+    q, k, v, bias = make_case(dtype, qs, ks, vs, bs)
+    got = _run(emulator, tmp_path, dtype, q, k, v, bias, transpose_k, scale, softcap=2.0)
+    assert isinstance(got, np.ndarray), got.stderr
+    want = reference(q, k, v, bias, transpose_k, scale, softcap=2.0)
+    assert rel_error(want, reference(q, k, v, bias, transpose_k, scale)) > 10 * TOL[dtype]  # the cap matters
+    assert np.isfinite(got).all() and rel_error(got, want) <= TOL[dtype]
 
 
 def test_a_fully_masked_row_averages_v_as_softmax_does(emulator, tmp_path):
@@ -176,20 +189,25 @@ def test_library_embeds_the_kernels_for_sm80_and_sm90():
     assert [e["arch"] for e in images if e["kind"] == "ptx"] == ["compute_90"]
 
 
-def _attention_graph(dtype="bfloat16", hd=64):
+def _attention_graph(dtype="bfloat16", hd=64, softcap=None):
     b = GraphBuilder("attn")
     q, k, v = (b.input(n, TensorType(dtype, (2, 4, 128, hd))) for n in "qkv")
     mask = b.input("mask", TensorType(dtype, (128, 128)))
     s = b.emit1("matmul", [q, b.emit1("transpose", [k], perm=(0, 1, 3, 2))])
-    s = b.emit1("add", [b.emit1("mul", [s, b.constant(0.125, dtype=dtype)]), mask])
+    s = b.emit1("mul", [s, b.constant(0.125, dtype=dtype)])
+    if softcap:  # Gemma 2: c * tanh(s / c)
+        c = b.constant(softcap, dtype=dtype)
+        s = b.emit1("mul", [b.emit1("tanh", [b.emit1("div", [s, c])]), c])
+    s = b.emit1("add", [s, mask])
     return b.finish([b.emit1("matmul", [b.emit1("softmax", [s], axis=-1), v], "y")])
 
 
 @pytest.mark.cuda
 def test_codegen_calls_the_kernel_when_asked(monkeypatch):
     """``BMC_CUDA_ATTENTION=fused``: the attention op becomes one call of ``bmc.cuda.attention_bias`` (listed in
-    the manifest's requires; no softmax kernel left); by default, and for a head dim the kernel lacks, the
-    composition (cuBLAS + bmc's softmax kernel); a bad value is a clear error."""
+    the manifest's requires; no softmax kernel left; soft-capped scores ``bmc.cuda.attention_softcap``); by
+    default, and for a head dim the kernel lacks, the composition (cuBLAS + bmc's softmax kernel); a bad value is a
+    clear error."""
     from bmc.codegen import cuda
     from bmc.codegen.build import build
     from bmc.codegen.targets import TargetSpec
@@ -210,6 +228,8 @@ def test_codegen_calls_the_kernel_when_asked(monkeypatch):
     monkeypatch.setenv("BMC_CUDA_ATTENTION", "fused")
     requires, names = compiled()
     assert "bmc.cuda.attention_bias" in requires and not any("softmax" in n for n in names), names
+    requires, names = compiled(softcap=30.0)
+    assert "bmc.cuda.attention_softcap" in requires and not any("softmax" in n for n in names), names
     requires, names = compiled(hd=48)
     assert "bmc.cuda.attention_bias" not in requires and any("softmax" in n for n in names)
     monkeypatch.setenv("BMC_CUDA_ATTENTION", "flash")

@@ -4,7 +4,7 @@
  *        ``attention_emulated <dir>`` reads ``case.txt`` and the raw 16-bit ``q.bin k.bin v.bin [bias.bin]`` there
  *        and writes ``out.bin``; tests/codegen/test_cuda_attention.py compares it with numpy.
  *
- * case.txt: ``<bf16|f16> <reverse 0|1> <transpose_k 0|1> <scale>`` then, for q, k, v and bias, ``<rank> <dims...>``
+ * case.txt: ``<bf16|f16> <reverse 0|1> <transpose_k 0|1> <scale> <softcap>`` then, for q, k, v and bias, ``<rank> <dims...>``
  * (bias rank -1: none). Exit 2 with the reason on stderr when the shapes do not fit the kernel.
  */
 #include "cuda_emulator.h"
@@ -50,8 +50,8 @@ int main(int argc, char** argv) {
     std::ifstream spec(dir + "/case.txt");
     std::string dtype;
     int reverse = 0, transpose_k = 0, qr, kr, vr, br;
-    float scale = 1.0f;
-    spec >> dtype >> reverse >> transpose_k >> scale;
+    float scale = 1.0f, softcap = 0.0f;
+    spec >> dtype >> reverse >> transpose_k >> scale >> softcap;
     auto qs = Shape(spec, &qr), ks = Shape(spec, &kr), vs = Shape(spec, &vr), bs = Shape(spec, &br);
     if (!spec) throw std::runtime_error("bad case.txt");
     Params p{};
@@ -69,6 +69,7 @@ int main(int argc, char** argv) {
     p.bias = br >= 0 ? bias.data() : nullptr;
     p.out = out.data();
     p.scale = scale;
+    p.softcap = softcap;
     int64_t d = qs.back();
     unsigned grid = static_cast<unsigned>(p.m_tiles * static_cast<int64_t>(Count(qs) / (p.m * d)));
     bool bf16 = dtype == "bf16";

@@ -113,7 +113,7 @@ def _fused_cuda_attention(node) -> bool:
                            fix="set BMC_CUDA_ATTENTION to fused or composition (the default)")
     q, v = node.inputs[0].type, node.inputs[2].type
     if choice != "fused" or q.dtype not in ("float16", "bfloat16") or q.rank > 6 or q.shape[-1] not in (16, 32, 64, 128) \
-            or v.shape[-1] != q.shape[-1] or node.attrs["softcap"]:
+            or v.shape[-1] != q.shape[-1]:
         return False
     from bmc.runtime.cuda import fused_attention_available
 
@@ -128,32 +128,39 @@ def _fused_cuda_attention(node) -> bool:
 def _attention(ctx, node, args):
     """On the CPU a call of the fused float32 kernel ``bmc.cpu.attention[_bias]`` (no score matrix; 16-bit keys and
     values read as they are, q and the bias widened to float32 for it and the result rounded back); on CUDA in
-    float16/bfloat16 (head dims 16 to 128, no softcap), when ``BMC_CUDA_ATTENTION=fused``, the tensor-core kernel
+    float16/bfloat16 (head dims 16 to 128), when ``BMC_CUDA_ATTENTION=fused``, the tensor-core kernel
     ``bmc.cuda.attention[_bias]``; elsewhere the composition the op was fused from, lowered as its ops would be
     (so the CUDA pipeline's softmax and cuBLAS rewrites see what they saw before). With ``lse`` the CPU kernel is
-    ``bmc.cpu.attention[_bias]_lse``; with a softcap ``bmc.cpu.attention_softcap[_lse]`` (the bias a scalar zero
-    when the op has none). The composition computes the softmax in float32 from the row max and
-    sum it also returns the log-sum-exp from (the CUDA kernel has no ``lse``)."""
+    ``bmc.cpu.attention[_bias]_lse``; with a softcap ``bmc.cpu.attention_softcap[_lse]`` and
+    ``bmc.cuda.attention_softcap`` (the bias a scalar zero when the op has none). The composition computes the
+    softmax in float32 from the row max and sum it also returns the log-sum-exp from (the CUDA kernel has no
+    ``lse``)."""
     from bmc.codegen.lower import const
     from bmc.codegen.lower.reduce import in_float32
     from bmc.ir.types import np_dtype
 
     out = node.outputs[0].type
-    scale, lse = node.attrs["scale"], node.attrs["lse"]
+    scale, lse, softcap = node.attrs["scale"], node.attrs["lse"], node.attrs["softcap"]
     batch = node.inputs[0].type.shape[:-2]
-    if ctx.target_kind == "cuda" and not lse and _fused_cuda_attention(node):
-        from bmc.runtime.cuda import ATTENTION_BIAS_KERNEL, ATTENTION_KERNEL
+    # the kernels' scalars; a softcap kernel always takes a bias (a scalar 0 for none)
+    scalars = [relax.expr.prim_value(float(scale))] + ([relax.expr.prim_value(float(softcap))] if softcap else []) \
+        + [relax.expr.prim_value(int(node.attrs["transpose_k"]))]
 
-        kernel = ATTENTION_BIAS_KERNEL if len(args) > 3 else ATTENTION_KERNEL
+    def kernel_args():
+        return list(args) + ([const(np.zeros((), np_dtype(out.dtype)))] if softcap and len(args) == 3 else [])
+
+    if ctx.target_kind == "cuda" and not lse and _fused_cuda_attention(node):
+        from bmc.runtime import cuda as C
+
+        kernel = C.ATTENTION_SOFTCAP_KERNEL if softcap else C.ATTENTION_BIAS_KERNEL if len(args) > 3 \
+            else C.ATTENTION_KERNEL
         ctx.kernels.add(kernel)
-        scalars = [relax.expr.prim_value(float(scale)), relax.expr.prim_value(int(node.attrs["transpose_k"]))]
-        return relax.call_dps_packed(kernel, list(args) + scalars,
+        return relax.call_dps_packed(kernel, kernel_args() + scalars,
                                      out_ty=relax.TensorType(list(out.shape), out.dtype))
     if ctx.target_kind == "llvm" and out.dtype in ("float32", "float16", "bfloat16"):
         from bmc.runtime import kernels as K
 
-        softcap = node.attrs["softcap"]
-        if softcap:  # one kernel pair, the bias a scalar zero when there is none
+        if softcap:
             kernel = K.ATTENTION_SOFTCAP_LSE_KERNEL if lse else K.ATTENTION_SOFTCAP_KERNEL
         else:
             kernel = ([K.ATTENTION_KERNEL, K.ATTENTION_BIAS_KERNEL], [K.ATTENTION_LSE_KERNEL,
@@ -163,12 +170,10 @@ def _attention(ctx, node, args):
         # itself, widening each head's in cache (a 16-bit cache is read from memory once, in 16 bits)
         narrow = out.dtype != "float32"
         args = [ctx.emit(relax.op.astype(a, "float32")) if narrow and i not in (1, 2) else a
-                for i, a in enumerate(args)] + ([const(np.zeros((), np.float32))] if softcap and len(args) == 3 else [])
+                for i, a in enumerate(kernel_args())]
         k_batch, v_batch = (node.inputs[i].type.shape[:-2] for i in (1, 2))
         if k_batch != v_batch:  # the kernel takes keys and values of one batch shape (dividing q's): repeat both
             args[1:3] = [_grouped(ctx, args[i], node.inputs[i].type.shape, batch, full=True) for i in (1, 2)]
-        scalars = [relax.expr.prim_value(float(scale))] + ([relax.expr.prim_value(float(softcap))] if softcap else []) \
-            + [relax.expr.prim_value(int(node.attrs["transpose_k"]))]
         result = relax.TensorType(list(out.shape), "float32")
         if lse:
             both = ctx.emit(relax.call_dps_packed(kernel, args + scalars, out_ty=[
