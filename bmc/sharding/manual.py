@@ -94,7 +94,7 @@ def megatron(graph: Graph, axis: str, batch_axis: str | None = None, size: int =
                 out[v.name] = Spec(batch + ((),) * (v.type.rank - 2) + ((axis,),))
                 split_act.add(id(v))
             continue
-        if _features_read_across(node.output, users, weight_matmul):  # left whole (and the next one row-split)
+        if _features_read_across(node.output, users, weight_matmul):  # left whole, as are the next one's features
             continue
         split_act.add(id(node.output))
         if not _heads_divide(node.output, users, size):  # computed whole, read by the next weight matmul as split
@@ -139,6 +139,8 @@ def _features_read_across(v: Value, users: dict[int, list[Node]], projection) ->
     all-reduce before a row-parallel product; Megatron-LM keeps such projections whole. Features normalized and
     then split into heads (OLMo 2's RMSNorm over all query heads) stay split: their statistic is an all-reduce of
     one number a row, where whole they would cost the projection on every device."""
+    projected = _reached(v, users, lambda n, x: projection(n), keep_features=True) is not None
+
     def across(n: Node, x: Value) -> bool:
         rank = x.type.rank
         along = n.attrs.get("axes", (n.attrs.get("axis"),))
@@ -147,7 +149,6 @@ def _features_read_across(v: Value, users: dict[int, list[Node]], projection) ->
         return n.op not in ("matmul", "attention") and rank - 1 in along and len(along) < rank and (
             get_op(n.op).family != "reduce" or projected)
 
-    projected = _reached(v, users, lambda n, x: projection(n), keep_features=True) is not None
     return _reached(v, users, across, keep_features=True) is not None
 
 
