@@ -44,6 +44,7 @@ class _Factors:
 
     def __init__(self):
         self.factors: list[Factor] = []
+        self.grouped: list[tuple[int, int]] = []
 
     def new(self, name: str, size: int, kind: str = "pass", combine: str = "sum") -> int:
         self.factors.append(Factor(name, int(size), kind, combine))
@@ -52,7 +53,7 @@ class _Factors:
     def rule(self, operands: Sequence[Sequence[DimFactors]], results: Sequence[Sequence[DimFactors]],
              local=None, inner=None) -> ShardingRule:
         return ShardingRule(tuple(self.factors), tuple(tuple(tuple(d) for d in op) for op in operands),
-                            tuple(tuple(tuple(d) for d in r) for r in results), local, inner)
+                            tuple(tuple(tuple(d) for d in r) for r in results), local, inner, tuple(self.grouped))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -74,9 +75,11 @@ def grouped_dims(fs: _Factors, shapes: Sequence[tuple[int, ...]], batch: tuple[i
                  prefix: str = "b") -> tuple[list[Dims], Dims]:
     """Batch dims ``batch`` and operands' dims that divide them (attention's keys and values against q): a dim of
     the same size shares the factor, a 1 has none, and a group's (``h`` under ``h * g``: query head ``i`` reads
-    key/value head ``i // g``) is the major of the two factors the big dim is then made of (``h``, then ``g``
-    within a group), so splitting the key/value heads splits the query heads in the same blocks, and splitting
-    within the groups leaves the keys and values whole. Two different groupings of one dim may not be split."""
+    key/value head ``i // g``) is a factor of its own, the inner of a grouped pair with the big dim's
+    (``ShardingRule.grouped``): splitting the query heads splits the key/value heads in the same blocks as far as
+    they go; split further (more devices than key/value heads), each device's query block reads one key/value head,
+    which the rule's ``local`` hook takes from its block (:func:`attention_local`). Two different groupings of one
+    dim may not be split."""
     operands: list[list[tuple[int, ...]]] = [[] for _ in shapes]
     result = []
     for i, size in enumerate(batch):
@@ -87,12 +90,13 @@ def grouped_dims(fs: _Factors, shapes: Sequence[tuple[int, ...]], batch: tuple[i
                 dims.append(result[-1] if s[i] == size else () if s[i] == 1
                             else (fs.new(f"{prefix}{i}.{s[i]}", s[i], "replicate"),))
             continue
-        heads = next(iter(groups), size)
-        major = fs.new(f"{prefix}{i}", heads)
-        whole = (major,) if heads == size else (major, fs.new(f"{prefix}{i}.group", size // heads))
-        result.append(whole)
+        whole = fs.new(f"{prefix}{i}", size)
+        result.append((whole,))
+        if groups:
+            heads = fs.new(f"{prefix}{i}.kv", next(iter(groups)))
+            fs.grouped.append((whole, heads))
         for dims, s in zip(operands, shapes):
-            dims.append(whole if s[i] == size else () if s[i] == 1 else (major,))
+            dims.append((whole,) if s[i] == size else () if s[i] == 1 else (heads,))
     return [tuple(d) for d in operands], tuple(result)
 
 
@@ -284,8 +288,8 @@ def matmul_float8_rule(ins, outs, attrs) -> ShardingRule:
 
 def attention_rule(ins, outs, attrs) -> ShardingRule:
     """softmax(q @ kt + bias) @ v (the key stored as kt, or as k with ``transpose_k``): the batch dims (where k and v
-    have them: a multi-query k/v of 1 head has none, a grouped-query one the major factor, :func:`grouped_dims`),
-    q's rows M and v's columns E pass; the head dim D may not be
+    have them: a multi-query k/v of 1 head has none, a grouped-query one a factor grouped under q's,
+    :func:`grouped_dims`), q's rows M and v's columns E pass; the head dim D may not be
     split. The keys N are a reduction (context parallelism): each device attends to its block of the keys, and the
     ``local`` hook weighs its rows by their share of the softmax's denominator (:func:`_key_split_attention`), which
     leaves partial sums. The bias broadcasts against the scores [..., M, N]. With ``lse`` (the op that hook emits,
@@ -304,14 +308,40 @@ def attention_rule(ins, outs, attrs) -> ShardingRule:
         operands.append(tuple(scores[off + j] if size == shape[off + j] else () for j, size in enumerate(bias)))
     results = [batch + ((m,), (e,))] + ([batch + ((m,),)] if attrs["lse"] else [])
     if attrs["lse"]:
-        return fs.rule(operands, results)
+        return fs.rule(operands, results, attention_local)
     rows = TensorType("float32", q[:-1])
 
     def inner(assignment):  # the hook's two all-reduces of a float32 value per row: the max, then the sum
         spec = Spec(tuple(tuple(a for f in dim for a in assignment[f]) for dim in batch + ((m,),)))
         return [(assignment[n], rows, spec)] * 2 if assignment[n] else []
 
-    return fs.rule(operands, results, _key_split_attention, inner)
+    return fs.rule(operands, results, attention_local, inner)
+
+
+def attention_local(ctx, node, inputs, assignment, rule):
+    """One device's attention: the key/value heads its query heads read (:func:`_shared_heads`), then over its
+    block of the keys (:func:`_key_split_attention`)."""
+    return _key_split_attention(ctx, node, _shared_heads(ctx, inputs, assignment, rule), assignment, rule)
+
+
+def _shared_heads(ctx, inputs, assignment, rule):
+    """q, k, v (and the bias) with k and v cut to the one key/value head this device's query heads read, where its
+    query heads are split more ways than its key/value heads (a grouped pair's extra axes, ``nested_axes``): query
+    block ``e`` of the ``n_e`` within the local key/value block reads local head ``e // (n / kv)`` (``n``: the
+    query heads' ways, ``kv``: the key/value heads)."""
+    inputs = list(inputs)
+    for outer, inner in rule.grouped:
+        extra = assignment[outer][len(assignment[inner]):]
+        if not extra:
+            continue
+        n = prod(ctx.mesh.axis(a).size for a in assignment[outer])
+        per_head = n // rule.factors[inner].size
+        table = ctx.constant(np.arange(n // prod(ctx.mesh.axis(a).size for a in assignment[inner])) // per_head)
+        (index,) = ctx.emit("gather", [table, ctx.emit("reshape", [ctx.block_index(extra)], shape=(1,))[0]], axis=0)
+        for k in (1, 2):
+            if (inner,) in rule.operands[k]:
+                (inputs[k],) = ctx.emit("gather", [inputs[k], index], axis=rule.operands[k].index((inner,)))
+    return inputs
 
 
 def _key_split_attention(ctx, node, inputs, assignment, rule):

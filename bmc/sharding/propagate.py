@@ -83,6 +83,7 @@ def assignment_from_specs(rule: ShardingRule, specs: list[Spec | None], mesh: Me
     speak first), dropping anything the rule does not allow (replicate factors, reused axes, indivisible sizes)."""
     assign: list[tuple[str, ...] | None] = [None] * len(rule.factors)
     taken: set[str] = set()
+    outer_of = {inner: outer for outer, inner in rule.grouped}  # a grouped inner factor's axes split its outer
     tensors = list(rule.operands) + list(rule.results)
     for k in order or range(len(tensors)):
         dims, spec = tensors[k], specs[k]
@@ -94,13 +95,14 @@ def assignment_from_specs(rule: ShardingRule, specs: list[Spec | None], mesh: Me
                 size, got = rule.factors[f].size, []  # factors before it are split completely (block layout)
                 while remaining and size % (prod(mesh.axis(a).size for a in got + [remaining[0]])) == 0:
                     got.append(remaining.pop(0))
-                if assign[f] is None and got and rule.factors[f].kind != "replicate" \
+                target = outer_of.get(f, f)
+                if assign[target] is None and got and rule.factors[f].kind != "replicate" \
                         and not taken.intersection(got):
-                    assign[f] = tuple(got)
+                    assign[target] = tuple(got)
                     taken.update(got)
                 if prod(mesh.axis(a).size for a in got) != size:
                     break
-    result = tuple(a or () for a in assign)
+    result = rule.complete(tuple(a or () for a in assign), mesh)
     return result if rule.check(result, mesh) is None else _drop_invalid(rule, result, mesh)
 
 
@@ -111,6 +113,7 @@ def _drop_invalid(rule: ShardingRule, assign: Assignment, mesh: Mesh) -> Assignm
         if rule.check(tuple(a), mesh) is None:
             break
         a[f] = ()
+        a = list(rule.complete(tuple(a), mesh))
     return tuple(a)
 
 

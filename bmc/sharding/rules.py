@@ -19,6 +19,13 @@ and the result specs. Most ops run unchanged on their local shards (``shape``-va
 local result shape); a rule whose local program differs (an embedding split over its vocabulary) supplies ``local``.
 A ``local`` hook may run all-reduces of its own (attention over a block of the keys combines its rows' log-sum-exps
 with the other blocks'); it declares them in ``inner`` so that the cost model prices them.
+
+*Grouped* factor pairs ``(outer, inner)``: index ``i`` of the outer factor reads index ``i // (outer / inner size)``
+of the inner one (grouped-query attention: query heads over their key/value heads). The inner factor is never
+assigned on its own: it takes the longest major prefix of the outer's axes that divides it (``complete``), so a
+device's inner block holds what its outer block reads. When the outer is split more ways than the inner has
+indices, the extra axes must each give an outer block exactly one inner index, which the rule's ``local`` hook
+picks from its block (vLLM's duplicated key/value heads, without storing the duplicates).
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ class ShardingRule:
     results: tuple[tuple[DimFactors, ...], ...]
     local: LocalFn | None = field(default=None, compare=False)
     inner: InnerFn | None = field(default=None, compare=False)
+    grouped: tuple[tuple[int, int], ...] = ()  # (outer, inner) factor pairs, see the module docstring
 
     def __post_init__(self):
         n = len(self.factors)
@@ -121,9 +129,18 @@ class ShardingRule:
         """Why ``assignment`` is not a valid strategy for this rule on ``mesh`` (None when it is)."""
         if len(assignment) != len(self.factors):
             return f"{len(assignment)} factor assignments for {len(self.factors)} factors"
-        used = [a for axes in assignment for a in axes]
+        derived = {i for _, i in self.grouped}
+        used = [a for f, axes in enumerate(assignment) if f not in derived for a in axes]
         if len(used) != len(set(used)):
             return "a mesh axis splits two factors"
+        for outer, inner in self.grouped:
+            want = self.nested_axes(outer, inner, assignment[outer], mesh)
+            o, i = self.factors[outer], self.factors[inner]
+            if want is None:
+                return (f"factor {o.name} (size {o.size}) split {prod(mesh.axis(a).size for a in assignment[outer])} "
+                        f"ways would cut a group of the {i.size} {i.name} it reads")
+            if assignment[inner] != want:
+                return f"factor {i.name} takes {want or 'no axes'} of {o.name}'s, not {assignment[inner]}"
         for f, axes in zip(self.factors, assignment):
             if not axes:
                 continue
@@ -153,6 +170,35 @@ class ShardingRule:
 
     def replicated(self) -> Assignment:
         return ((),) * len(self.factors)
+
+    # ---- grouped factor pairs ----------------------------------------------------------------------------------
+    def splittable(self) -> list[int]:
+        """The factors a strategy assigns axes to directly (inner factors of grouped pairs are derived)."""
+        derived = {i for _, i in self.grouped}
+        return [f for f, fac in enumerate(self.factors) if fac.kind != "replicate" and fac.size > 1 and f not in derived]
+
+    def nested_axes(self, outer: int, inner: int, axes: tuple[str, ...], mesh: Mesh) -> tuple[str, ...] | None:
+        """The axes of the inner factor when the outer takes ``axes``: all of them when they divide it; else, when
+        the inner's size divides their product (each outer block reads one inner index), the longest major prefix
+        that divides it; None when an outer block would read part of a group."""
+        size, n = self.factors[inner].size, prod(mesh.axis(a).size for a in axes)
+        if size % n == 0:
+            return tuple(axes)
+        if n % size:
+            return None
+        k = len(axes)
+        while size % prod(mesh.axis(a).size for a in axes[:k]):
+            k -= 1
+        return tuple(axes[:k])
+
+    def complete(self, assignment: Assignment, mesh: Mesh) -> Assignment:
+        """``assignment`` with every grouped pair's inner factor given its derived axes (none where invalid)."""
+        if not self.grouped:
+            return assignment
+        a = list(assignment)
+        for outer, inner in self.grouped:
+            a[inner] = self.nested_axes(outer, inner, a[outer], mesh) or ()
+        return tuple(a)
 
 
 

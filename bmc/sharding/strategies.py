@@ -40,14 +40,14 @@ ORIGIN = "auto (ILP)"
 def enumerate_strategies(rule: ShardingRule, mesh: Mesh, cap: int = MAX_STRATEGIES) -> list[Assignment]:
     """Every valid assignment of mesh axes to the rule's factors (replicated first, fewer axes first)."""
     axes = [a.name for a in mesh.axes if a.size > 1]
-    splittable = [i for i, f in enumerate(rule.factors) if f.kind != "replicate" and f.size > 1]
+    splittable = rule.splittable()
     found: dict[Assignment, tuple] = {}
     for choice in itertools.product([None] + splittable, repeat=len(axes)):
         parts: list[list[str]] = [[] for _ in rule.factors]
         for axis, f in zip(axes, choice):
             if f is not None:
                 parts[f].append(axis)
-        a = tuple(tuple(p) for p in parts)
+        a = rule.complete(tuple(tuple(p) for p in parts), mesh)
         if a not in found and rule.check(a, mesh) is None:
             found[a] = (sum(c is not None for c in choice), tuple(-1 if c is None else c for c in choice))
     return sorted(found, key=lambda a: found[a])[:cap]

@@ -92,7 +92,7 @@ def invalid_reason(rule: ShardingRule, assignment: Assignment, mesh: Mesh) -> st
 def random_assignments(rule: ShardingRule, mesh: Mesh, rng: np.random.Generator, n: int) -> list[Assignment]:
     """Up to ``n`` distinct valid strategies, each splitting at least one factor: every mesh axis, in a random
     order, goes to a random splittable factor or to none. Fewer come back when fewer exist (or are found)."""
-    splittable = [i for i, f in enumerate(rule.factors) if f.kind != "replicate" and f.size > 1]
+    splittable = rule.splittable()
     found: list[Assignment] = []
     if not splittable:
         return found
@@ -106,7 +106,7 @@ def random_assignments(rule: ShardingRule, mesh: Mesh, rng: np.random.Generator,
             pick = int(rng.integers(-1, len(splittable)))
             if pick >= 0:
                 chosen[splittable[pick]].append(a)
-        assignment = tuple(tuple(c) for c in chosen)
+        assignment = rule.complete(tuple(tuple(c) for c in chosen), mesh)
         if any(assignment) and assignment not in found and invalid_reason(rule, assignment, mesh) is None:
             found.append(assignment)
     return found
@@ -222,7 +222,7 @@ def _short(attrs: dict) -> str:
 
 def all_valid_assignments(rule: ShardingRule, mesh: Mesh) -> list[Assignment]:
     """Every valid strategy (each mesh axis to one splittable factor or none, in every order); for small rules."""
-    splittable = [i for i, f in enumerate(rule.factors) if f.kind != "replicate"]
+    splittable = rule.splittable()
     out = set()
     for order in itertools.permutations(mesh.names):
         for picks in itertools.product([None] + splittable, repeat=len(order)):
@@ -230,7 +230,7 @@ def all_valid_assignments(rule: ShardingRule, mesh: Mesh) -> list[Assignment]:
             for a, p in zip(order, picks):
                 if p is not None:
                     chosen[p].append(a)
-            assignment = tuple(tuple(c) for c in chosen)
+            assignment = rule.complete(tuple(tuple(c) for c in chosen), mesh)
             if invalid_reason(rule, assignment, mesh) is None:
                 out.add(assignment)
     return sorted(out)

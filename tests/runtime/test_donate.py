@@ -215,7 +215,8 @@ def test_an_exported_llama_step_with_donated_caches_matches_onnxruntime(tmp_path
     with ``index_copy``: ScatterElements from the legacy exporter, transpose + ScatterND + transpose from dynamo,
     which :func:`bmc.ops.fusion.untranspose_scatters` makes one ScatterElements) with all four caches donated: five
     steps equal onnxruntime, each cache written in place; also on 2 simulated devices with the caches split over the
-    key/value heads."""
+    key/value heads, and on 4 with each device's query head reading its one key/value head from the whole caches
+    (only the sublayers' all-reduces, nothing gathered)."""
     data = np.load(DECODING / f"llamastep_{exporter}.npz")
     bmc.compile(DECODING / f"llamastep_{exporter}.onnx", tmp_path / "one.bmc", donate=["*_cache_*"])
     logits, caches, same = _llama_steps(tmp_path / "one.bmc", data)
@@ -227,7 +228,12 @@ def test_an_exported_llama_step_with_donated_caches_matches_onnxruntime(tmp_path
     plan = json.loads((tmp_path / "two.bmc" / "plan.json").read_text())
     assert not any("cache" in c["value"] for c in plan["collectives"]), plan["collectives"]
     split_logits, split_caches, _ = _llama_steps(tmp_path / "two.bmc", data, simulate=True)
-    for run_logits, run_caches in ((logits, caches), (split_logits, split_caches)):
+    bmc.compile(DECODING / f"llamastep_{exporter}.onnx", tmp_path / "four.bmc", mesh="4", strategy="megatron",
+                donate=["*_cache_*"])
+    plan = json.loads((tmp_path / "four.bmc" / "plan.json").read_text())
+    assert [c["kind"] for c in plan["collectives"] if c["value"] != "logits"] == ["all_reduce"] * 4
+    four = _llama_steps(tmp_path / "four.bmc", data, simulate=True)[:2]
+    for run_logits, run_caches in ((logits, caches), (split_logits, split_caches), four):
         for i, got in enumerate(run_logits):
             assert _relative(got, data[f"output:logits{i}"]) <= 1e-5, i
         for c in LLAMA_CACHES:

@@ -204,26 +204,56 @@ def test_attention_over_split_keys_is_a_partial_sum(spelling):
 
 
 @pytest.mark.parametrize("kv_shape", [(2, 2), (1, 2), (2, 1)], ids=["grouped", "grouped-batch-1", "multi-query"])
-def test_grouped_query_attention_splits_heads_in_blocks(kv_shape):
-    """4 query heads over 2 key/value heads (head i reads i // 2): q's head dim is two factors, the key/value heads
-    and the position within a group, and k/v have the first only. Splitting the key/value heads splits q's heads in
-    the same blocks (no key/value is gathered), splitting within the groups leaves k and v whole; every valid
-    strategy on 2x2 (with the keys too) equals the reference."""
+@pytest.mark.parametrize("mesh_text", ["2x2", "4"])
+def test_grouped_query_attention_splits_heads_in_blocks(kv_shape, mesh_text):
+    """4 query heads over 2 key/value heads (head i reads i // 2): q's head dim and k/v's are a grouped pair of
+    factors. Splitting the query heads splits the key/value heads in the same blocks as far as they go (2 ways);
+    split 4 ways, each device's query head reads one key/value head, which the local program takes from its block
+    (whole on a mesh of 4). Every valid strategy (with the keys too) equals the reference."""
     rng = np.random.default_rng(9)
     q = rng.standard_normal((2, 4, 6, 8)).astype(np.float32)
     k, v = (rng.standard_normal(kv_shape + s).astype(np.float32) for s in ((12, 8), (12, 5)))
     bias = np.where(np.tril(np.ones((6, 12), bool), 6), 0, -np.inf).astype(np.float32)
     attrs = {"scale": 0.3, "transpose_k": True}
     rule = rule_of("attention", [q, k, v, bias], attrs)
-    heads = [i for i, f in enumerate(rule.factors) if f.name.startswith("b1")]
-    assert rule.operands[0][1] == tuple(heads) and rule.operands[1][1] == rule.operands[2][1] == \
-        {1: (), 2: tuple(heads[:1])}[kv_shape[1]]
-    mesh = Mesh.parse("2x2")
+    (heads,) = rule.operands[0][1]
+    kv = {1: (), 2: (heads + 1,)}[kv_shape[1]]
+    assert rule.operands[1][1] == rule.operands[2][1] == kv
+    assert rule.grouped == ((heads, heads + 1),) if kv else rule.grouped == ()
+    mesh = Mesh.parse(mesh_text)
     assignments = all_valid_assignments(rule, mesh)
-    assert any(a[heads[0]] for a in assignments) and any(a[heads[-1]] for a in assignments)
+    if kv:
+        assert all(a[kv[0]] == rule.nested_axes(heads, kv[0], a[heads], mesh) for a in assignments)
+        if mesh_text == "4":  # q's heads 4 ways, k and v whole
+            assert ((), ("x",)) in {(a[kv[0]], a[heads]) for a in assignments}
+        else:  # 4 ways over (x, y): k and v 2 ways over x; over y alone: 2 ways, the same blocks
+            assert {(a[heads], a[kv[0]]) for a in assignments if a[heads]} >= {(("x", "y"), ("x",)), (("y",), ("y",))}
     with np.errstate(invalid="ignore"):
         for assignment in assignments:
             check_rule("attention", [q, k, v, bias], attrs, mesh, assignment)
+
+
+@pytest.mark.parametrize("mesh_text", ["2x4", "4x2"])
+def test_grouped_query_heads_split_beyond_their_key_value_heads(mesh_text):
+    """8 query heads over 2 key/value heads on 8 devices: over (x, y) the key/value heads take the major axis when
+    its size divides them (2x4: x), else none (4x2: whole), and each device's query head finds its one key/value
+    head in its block; equal to the reference, with the lse variant too. 6 query heads over 3 split 2 ways would
+    cut a group (3 heads each, reading key/value heads 0, 0 and 1) and is refused."""
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((8, 3, 4)).astype(np.float32)
+    k, v = rng.standard_normal((2, 5, 4)).astype(np.float32), rng.standard_normal((2, 5, 3)).astype(np.float32)
+    attrs = {"transpose_k": True}
+    mesh = Mesh.parse(mesh_text)
+    for lse in (False, True):
+        rule = rule_of("attention", [q, k, v], attrs | {"lse": lse})
+        (outer, inner), = rule.grouped
+        assignment = rule.complete(tuple(("x", "y") if f == outer else () for f in range(len(rule.factors))), mesh)
+        assert assignment[inner] == {"2x4": ("x",), "4x2": ()}[mesh_text]
+        check_rule("attention", [q, k, v], attrs | {"lse": lse}, mesh, assignment)
+    rule = rule_of("attention", [q[:6], k[:1].repeat(3, 0), v[:1].repeat(3, 0)], attrs)
+    (outer, inner), = rule.grouped
+    two = rule.complete(tuple(("x",) if f == outer else () for f in range(len(rule.factors))), Mesh.parse("2"))
+    assert "would cut a group" in rule.check(two, Mesh.parse("2"))
 
 
 def test_mean_over_a_split_dim_is_a_scaled_partial_sum():

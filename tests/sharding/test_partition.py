@@ -152,10 +152,10 @@ def test_megatron_on_real_models_matches_onnxruntime(name, mesh_text):
     assert len(reduces) == 2 * layers  # forward Megatron: one after attention, one after the MLP, per layer
     if mesh_text == "2x2":  # batch split over x: each all-reduce carries b/2 * s * h floats
         assert all(c.axes == ("y",) and c.bytes == int(2 * (2 - 1) / 2 * (b // 2) * s * h * 4) for c in reduces)
-        # anything else inside the model is mask-sized (BERT's attention mask: one value per token), never an
-        # activation
-        others = [c for c in prog.collectives if c.node != "output" and c.kind != "all_reduce"]
-        assert all(c.bytes <= b * s * 4 for c in others), others
+    # anything else inside the model is mask-sized (BERT's attention mask: one value per token), never an
+    # activation
+    others = [c for c in prog.collectives if c.node != "output" and c.kind != "all_reduce"]
+    assert all(c.bytes <= b * s * 4 for c in others), others
 
 
 def test_unknown_annotation_lists_near_matches():
@@ -363,6 +363,32 @@ def test_megatron_on_decoders_unlike_llama_matches_onnxruntime(name):
     assert res.collective_bytes == [c.bytes for c in prog.collectives]
     whole = [p.name for p in graph.params if p.type.rank == 2 and prog.param_specs[p.name].is_replicated()]
     assert len(whole) == 1  # the embedding
+
+
+@pytest.mark.parametrize("mesh_text", ["1x4", "2x4"])
+@pytest.mark.parametrize("name", ["llama_dynamo", "llama_legacy"])
+def test_megatron_splits_query_heads_beyond_the_key_value_heads(name, mesh_text):
+    """Llama's fused attention reads 2 key/value heads for its 4 query heads. Split 4 ways, the key/value
+    projections stay whole (their 2 heads do not divide by 4) and each device's query head reads its key/value
+    head from them: attention runs on a quarter of the heads with nothing gathered (before, q was all-gathered and
+    every device computed attention whole). One all-reduce after attention, one after the MLP; equal to
+    onnxruntime."""
+    from bmc.compiler import import_graph
+    from bmc.ops.fusion import split_fused_products
+
+    data = np.load(FIXTURES / f"{name}.npz")
+    inputs = {k: data[k] for k in data.files if not k.startswith("output:")}
+    graph = split_fused_products(import_graph(FIXTURES / f"{name}.onnx", {k: v.shape for k, v in inputs.items()}))
+    attention = [n for n in graph.nodes if n.op == "attention"]
+    assert [(n.inputs[0].type.shape[1], n.inputs[1].type.shape[1]) for n in attention] == [(4, 2)] * 2
+    mesh = Mesh.parse(mesh_text)
+    plan = propagate(graph, mesh, named_strategy(graph, "dp+megatron", mesh))
+    assert all(plan.specs[n.inputs[0].name].dims[1] == ("y",) for n in attention)
+    prog = partition(graph, plan)
+    res = simulate(prog, inputs)
+    assert_close(res.outputs["logits"], data["output:logits"])
+    inside = [c for c in prog.collectives if c.node != "output"]
+    assert [c.kind for c in inside] == ["all_reduce"] * 4 and all(c.axes == ("y",) for c in inside)
 
 
 @pytest.mark.parametrize("mesh_text, heads_split", [("2", True), ("4", False)])
