@@ -6,8 +6,10 @@
 #   scripts/gpu_check.sh --dry-run       # no GPU needed (with a stub libcuda.so.1 on LD_LIBRARY_PATH)
 #
 # Needs the carried folder .gpu/ written by `python scripts/prepare_gpu_check.py` on the build machine
-# (device run tool: carry=[".gpu"]). Installs nothing system-wide: the carried wheels (tvm-ffi, mpich, mpi4py) are
-# unpacked into a temp dir. Results: a table on stdout, JSON in $OUT (or .gpu/out): gpu_check.json, gpu.json.
+# (device run tool: carry=[".gpu"]): its bundle.tar.xz is unpacked into a temp dir first (an unpacked folder, e.g.
+# BMC_GPU_DIR=.gpu-build, is used as it is). Installs nothing system-wide: the carried wheels (tvm-ffi, mpich,
+# mpi4py) are unpacked into the temp dir too. Results: a table on stdout, JSON in $OUT (or .gpu/out):
+# gpu_check.json, gpu.json.
 # Exit status: 0 all PASS, 1 a model failed, 2 setup problem.
 set -euo pipefail
 
@@ -21,6 +23,12 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,c
 
 deps=$(mktemp -d "${TMPDIR:-/tmp}/bmc-gpu-deps.XXXXXX")
 trap 'rm -rf "$deps"' EXIT
+if [ -f "$gpu/bundle.tar.xz" ]; then  # packed (prepare_gpu_check.py: xz halves what is carried)
+  "$py" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
+    "$gpu/bundle.tar.xz" "$deps/gpu" || { echo "cannot unpack $gpu/bundle.tar.xz" >&2; exit 2; }
+  ln -s "$gpu/MANIFEST.json" "$gpu/wheels" "$deps/gpu/"
+  gpu=$deps/gpu
+fi
 tag=$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 [ "$tag" = cp312 ] || echo "warning: the carried wheels are cp312; this python is $tag" >&2
 # a wheel is a zip: unpacking it onto sys.path is an install (works without pip); mpich's programs and libmpi sit

@@ -1,9 +1,13 @@
 """Prepare ``.gpu/``: everything ``scripts/gpu_check.sh`` needs on a lent GPU machine that has no TVM and no network.
 
-    python scripts/prepare_gpu_check.py                 # writes .gpu/ (about 30 MiB), then dry-runs the check here
+    python scripts/prepare_gpu_check.py                 # writes .gpu/ (about 24 MiB), then dry-runs the check here
     python scripts/prepare_gpu_check.py --out DIR --archs sm_90 sm_80 --no-verify
 
-Contents of the folder:
+The folder is built unpacked in ``.gpu-build/`` and carried packed in ``.gpu/``: ``MANIFEST.json``, ``wheels/`` (zips
+already) and ``bundle.tar.xz``, the rest (xz halves it: 47 MiB to 24 with the wheels), which ``gpu_check.sh``
+unpacks into a temp dir first. The device tool carries 64 MiB with the repository.
+
+Contents of the unpacked folder:
 
 - ``wheels/``: the cp312 ``apache-tvm-ffi`` wheel (the GPU machine runs Python 3.12; downloaded once with
   ``pip download``, or passed with ``--ffi-wheel``).
@@ -342,25 +346,63 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def dry_run(out: Path) -> int:
-    """Run gpu_check.py --dry-run here, as the GPU machine would (runtime-only TVM from the folder) but against a
-    stub driver: checks imports, manifests, library loading without nvcc, VM construction and the reference files."""
+BUNDLE = "bundle.tar.xz"
+UNPACKED = ("MANIFEST.json", "wheels")  # carried as they are (the wheels are zips already)
+
+
+def pack(tree: Path, carried: Path) -> int:
+    """Write the carried folder: ``tree``'s manifest and wheels as they are, everything else in one xz tarball;
+    its size in bytes."""
+    import tarfile
+
+    if carried.exists():
+        shutil.rmtree(carried)
+    carried.mkdir(parents=True)
+    for name in UNPACKED:
+        (shutil.copytree if (tree / name).is_dir() else shutil.copy2)(tree / name, carried / name)
+    with tarfile.open(carried / BUNDLE, "w:xz", preset=6) as tar:
+        for item in sorted(tree.iterdir()):
+            if item.name not in UNPACKED:
+                tar.add(item, arcname=item.name)
+    return _size(carried)
+
+
+def unpack(carried: Path, into: Path) -> Path:
+    """What ``gpu_check.sh`` does with a carried folder before the check: the bundle extracted, the manifest and
+    wheels beside it; the unpacked root."""
+    import tarfile
+
+    with tarfile.open(carried / BUNDLE) as tar:
+        tar.extractall(into, filter="data")
+    for name in UNPACKED:
+        (into / name).symlink_to(carried / name)
+    return into
+
+
+def dry_run(carried: Path) -> int:
+    """Run gpu_check.py --dry-run here on the carried folder unpacked, as the GPU machine would (runtime-only TVM
+    from the folder) but against a stub driver: checks imports, manifests, library loading without nvcc, VM
+    construction and the reference files."""
     from bmc.codegen import cuda
 
     with tempfile.TemporaryDirectory(prefix="bmc-gpu-dry-") as tmp:
+        out = unpack(carried, Path(tmp) / "gpu")
         stub = cuda.write_stub_libcuda(Path(tmp))
         env = {k: v for k, v in os.environ.items() if k not in ("CUDA_PATH", "CUDA_HOME")}
         env.update(PYTHONPATH=f"{out / 'site'}{os.pathsep}{out / 'src'}", TVM_USE_RUNTIME_LIB="1",
                    LD_LIBRARY_PATH=str(stub.parent), PATH=f"{tmp}{os.pathsep}{env.get('PATH', '')}")
         (Path(tmp) / "nvcc").write_text("#!/bin/sh\necho 'nvcc must not run at load time' >&2\nexit 1\n")
         (Path(tmp) / "nvcc").chmod(0o755)
+        (Path(tmp) / "out").mkdir()
         return subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--root", str(out),
-                               "--dry-run"], env=env, cwd=tmp).returncode
+                               "--dry-run", "--json", str(Path(tmp) / "out" / "gpu_check.json")], env=env,
+                              cwd=tmp).returncode
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=REPO / ".gpu")
+    ap.add_argument("--out", type=Path, default=REPO / ".gpu", help="the carried folder (packed)")
+    ap.add_argument("--tree", type=Path, default=REPO / ".gpu-build", help="where the folder is built unpacked")
     ap.add_argument("--archs", nargs="+", default=["sm_90"])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--ffi-wheel", type=Path, help="a local cp312 apache-tvm-ffi wheel (skips pip download)")
@@ -376,7 +418,7 @@ def main(argv=None) -> int:
     from bmc.codegen import cuda
 
     toolkit = cuda.find_toolkit()
-    out: Path = args.out.resolve()
+    out: Path = args.tree.resolve()
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -392,19 +434,21 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "prepare", "--out", str(out / "bench"),
                         *(["--tune-db", str(args.tune_db.resolve())] if args.tune_db else [])], check=True)
     tuning = export_tuning(out / "tune", tuple(args.archs), args.tune_trials) if args.tune_trials > 0 else None
-    total, limit = _size(out), CARRY_BYTES - MARGIN_BYTES - _repository_bytes()
     manifest = {"created_s": round(time.perf_counter() - t0, 1), "archs": args.archs, "wheels": wheel_names,
                 **runtime, "nvcc": toolkit.version, "models": rows, "fixtures": fixtures,
                 "decoding": decoding, "tuning": tuning,
-                "bytes": total}
+                "bytes": _size(out)}
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    print(f"{out}: {total / 2**20:.1f} MiB in {manifest['created_s']} s", flush=True)
+    carried = args.out.resolve()
+    total, limit = pack(out, carried), CARRY_BYTES - MARGIN_BYTES - _repository_bytes()
+    print(f"{out}: {manifest['bytes'] / 2**20:.1f} MiB in {manifest['created_s']} s; packed into {carried}: "
+          f"{total / 2**20:.1f} MiB of {limit / 2**20:.1f} MiB", flush=True)
     if total > limit:
         print(f"error: {total / 2**20:.1f} MiB is over the {limit / 2**20:.1f} MiB left of the device tool's "
               f"{CARRY_BYTES / 2**20:.0f} MiB by the repository ({_repository_bytes() / 2**20:.1f} MiB)",
               file=sys.stderr)
         return 1
-    return 0 if args.no_verify else dry_run(out)
+    return 0 if args.no_verify else dry_run(carried)
 
 
 if __name__ == "__main__":

@@ -414,3 +414,29 @@ def test_tuning_candidates_for_a_gpu_elsewhere(tmp_path, capsys):
     assert main(["tune", "measure", str(tmp_path / "cands")]) != 0
     err = capsys.readouterr().err  # no driver here; a driver without a GPU says "no GPU"
     assert ("libcuda.so.1" in err or "no GPU" in err) and "Traceback" not in err, err
+
+
+def test_gpu_check_folder_is_carried_packed_and_unpacks_to_the_tree(tmp_path):
+    """``scripts/prepare_gpu_check.py`` carries its folder packed (the manifest and the wheels as they are, the rest
+    in one xz tarball: half the bytes under the device tool's 64 MiB); unpacked as the check does, it is the tree
+    again, file for file, with a library's mode kept."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "prepare_gpu_check.py"
+    spec = importlib.util.spec_from_file_location("prepare_gpu_check", script)
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    tree = tmp_path / "tree"
+    files = {"MANIFEST.json": b"{}", "wheels/x-1-py3-none-any.whl": b"PK" + bytes(100),
+             "site/tvm/lib/libtvm_runtime.so": bytes(range(256)) * 400, "fixtures/a/manifest.json": b"{\"a\": 1}"}
+    for name, data in files.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_bytes(data)
+    (tree / "site/tvm/lib/libtvm_runtime.so").chmod(0o755)
+    size = prep.pack(tree, tmp_path / "carried")
+    assert sorted(p.name for p in (tmp_path / "carried").iterdir()) == ["MANIFEST.json", prep.BUNDLE, "wheels"]
+    assert size < sum(map(len, files.values())) / 4  # the library's repeated bytes compress
+    back = prep.unpack(tmp_path / "carried", tmp_path / "unpacked")
+    walked = [Path(d) / f for d, _, names in os.walk(back, followlinks=True) for f in names]  # wheels: a link
+    assert {str(p.relative_to(back)): p.read_bytes() for p in walked} == files
+    assert (back / "site/tvm/lib/libtvm_runtime.so").stat().st_mode & 0o100
