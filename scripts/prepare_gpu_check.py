@@ -174,7 +174,9 @@ FIXTURES = REPO / "tests" / "fixtures"
 #: (folder, fixture, dtype, mesh): the dynamo exporter's model fixtures in float32 (the legacy exporter's run the
 #: same kernels), but the mixtures of experts (large artifacts: Mixtral only, in bfloat16 and split by experts over
 #: two ranks), so that the folder and the repository fit the device tool's 64 MiB; reduced precision and two ranks on
-#: a few (GPT-2 Megatron, the cross-attention block context-parallel); an int8 (QDQ) and an int4 (MatMulNBits)
+#: a few (GPT-2 Megatron, the cross-attention block context-parallel; Gemma 2 in float16: 1.4e-2 from onnxruntime
+#: in bfloat16 on the CPU, over the check's bound, and its heads of 8 too small for the fused kernel; Llama by
+#: Megatron on 4 ranks, each query head reading its one key/value head); an int8 (QDQ) and an int4 (MatMulNBits)
 #: quantized fixture
 MOE = ("mixtral", "qwenmoe", "dsv3")
 #: fixtures whose CUDA kernels other builds already run: llama_dynamo23 (ONNX's Attention, inlined and fused, is
@@ -185,7 +187,9 @@ FIXTURE_BUILDS = [("models", p.stem, "float32", "1") for p in sorted((FIXTURES /
                   if not p.stem.startswith(MOE + SAME_KERNELS)] + [
     ("models", "gpt2_dynamo", "bfloat16", "1"), ("models", "llama_dynamo", "bfloat16", "1"),
     ("models", "bert_dynamo", "float16", "1"), ("models", "vit_dynamo", "bfloat16", "1"),
+    ("models", "gemma2_dynamo", "float16", "1"),
     ("models", "gpt2_dynamo", "float32", "2"), ("models", "xattn_dynamo", "float32", "2"),
+    ("models", "llama_dynamo", "float32", "4"),
     ("models", "mixtral_dynamo", "bfloat16", "1"), ("models", "mixtral_dynamo", "float32", "2"),
     ("quantized", "gpt2_qdq", "float32", "1"),
     ("quantized", "llama_nbits", "float32", "1")]
@@ -230,8 +234,7 @@ def compile_fixtures(out: Path, archs: tuple[str, ...]) -> list[dict]:
         info = {"num_kernels": sum(p["num_kernels"] for p in programs),
                 "requires": [r for p in programs for r in p.get("requires", [])],
                 "matmul": {"blas": sum(p.get("matmul", {}).get("blas", 0) for p in programs)}}
-        if attention == "fused" and "bmc.cuda.attention_bias" not in info.get("requires", []) \
-                and "bmc.cuda.attention" not in info.get("requires", []):
+        if attention == "fused" and not any(r.startswith("bmc.cuda.attention") for r in info["requires"]):
             raise RuntimeError(f"{tag}: the fused attention kernel was not used")
         rows.append({"artifact": tag, "folder": folder, "fixture": name, "dtype": dtype, "world": int(mesh),
                      "attention": attention, "build_s": round(time.perf_counter() - t0, 2),
