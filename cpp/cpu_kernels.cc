@@ -57,9 +57,10 @@
  * D]`` with transpose_k), ``v [..., N, E]`` (k's and v's batch dims divide q's: 1 for multi-query, a divisor for
  * grouped-query attention, query index i reading key/value index i / group) and a bias broadcasting to ``[..., M,
  * N]``, a block of query rows at a time so the score matrix is never stored; keys a causal mask hides from a whole
- * block are skipped. 6 x 16 AVX2 register tiles, else plain loops. A few query rows with the key as rows (a
- * decoding step) take the skinny GEMMs' tiles instead, together with the rows of the next batch indices that read
- * the same keys and values (a grouped-query head's query heads; up to 8 rows), which are then read once for all.
+ * block are skipped. 12 x 16 AVX-512 or 6 x 16 AVX2 register tiles, else plain loops. A few query rows with the key
+ * as rows (a decoding step) take the skinny GEMMs' tiles instead, together with the rows of the next batch indices
+ * that read the same keys and values (a grouped-query head's query heads; up to 8 rows), which are then read once
+ * for all.
  * The keys and values may also be float16 or bfloat16 (both the same; a 16-bit key/value cache): those few rows
  * read them in place, 8 widened in registers at a time; otherwise each thread widens a batch index's into float32
  * once, in cache. ``cpu_attention[_bias]_lse(..., out, lse)`` also store each row's log-sum-exp of the scores
@@ -1597,6 +1598,24 @@ __attribute__((target("avx2,fma"))) void GemmTileAvx2(const float* a, int64_t ld
   }
 }
 
+/*! \brief The same product in 16-wide registers, one a row: up to 12 rows (12 accumulators). Full-width on Zen 5
+ *  and Intel, where it is up to twice the AVX2 tile's multiply-adds a cycle (Zen 4 splits it in two halves). */
+template <int MR>
+__attribute__((target("avx512f"))) void GemmTileAvx512(const float* a, int64_t lda, const float* b, int64_t ldb,
+                                                        float* c, int64_t ldc, int64_t k, int64_t nc) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << nc) - 1);  // nc <= 16
+  __m512 acc[MR];
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < k; ++p) {
+    const __m512 bp = _mm512_maskz_loadu_ps(mask, b + p * ldb);
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + p]), bp, acc[r]);
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(c + r * ldc, mask, acc[r]);
+}
+
 /*! \brief The same tile in plain loops (CPUs without AVX2). */
 template <int MR>
 __attribute__((always_inline)) inline void GemmTilePlain(const float* a, int64_t lda, const float* b, int64_t ldb,
@@ -1655,49 +1674,49 @@ struct Operand16 {
   Operand16 FromRow(int64_t i) const { return {data + i * ldb, ldb, group_stride}; }
 };
 
+/*! \brief The instruction set of attention's small GEMMs (its softmax runs AVX2 code for both wide ones). */
+enum class TileIsa { kPlain, kAvx2, kAvx512 };
+
+/*! \brief Rows of a tile: 12 AVX-512 accumulators of 16 columns, or 6 rows of two AVX2 ones. */
+constexpr int TileRows(TileIsa isa) { return isa == TileIsa::kAvx512 ? 12 : kGemmRows; }
+
+template <TileIsa kIsa, int MR>
+__attribute__((always_inline)) inline void Tile(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                                                int64_t ldc, int64_t k, int64_t nc) {
+  if constexpr (kIsa == TileIsa::kAvx512) {
+    GemmTileAvx512<MR>(a, lda, b, ldb, c, ldc, k, nc);
+  } else if constexpr (kIsa == TileIsa::kAvx2) {
+    GemmTileAvx2<MR>(a, lda, b, ldb, c, ldc, k, nc);
+  } else {
+    GemmTilePlain<MR>(a, lda, b, ldb, c, ldc, k, nc);
+  }
+}
+
+/*! \brief The last \a left < MR rows, as one tile of that many. */
+template <TileIsa kIsa, int MR>
+__attribute__((always_inline)) inline void TailTile(int64_t left, const float* a, int64_t lda, const float* b,
+                                                    int64_t ldb, float* c, int64_t ldc, int64_t k, int64_t nc) {
+  if constexpr (MR > 1) {
+    if (left == MR - 1) {
+      Tile<kIsa, MR - 1>(a, lda, b, ldb, c, ldc, k, nc);
+    } else {
+      TailTile<kIsa, MR - 1>(left, a, lda, b, ldb, c, ldc, k, nc);
+    }
+  }
+}
+
 /*! \brief ``c [m, n] = a [m, k] @ b [k, n]``, tile by tile, a group of 16 columns of b at a time. */
-template <bool kAvx2>
+template <TileIsa kIsa>
 __attribute__((always_inline)) inline void SmallGemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                                                      Operand16 b, float* c, int64_t ldc) {
-#define BMC_TILE(MR)                                                                       \
-  if constexpr (kAvx2) {                                                                   \
-    GemmTileAvx2<MR>(a + i * lda, lda, group, b.ldb, c + i * ldc + j0, ldc, k, nc);      \
-  } else {                                                                                 \
-    GemmTilePlain<MR>(a + i * lda, lda, group, b.ldb, c + i * ldc + j0, ldc, k, nc);     \
-  }
+  constexpr int kRows = TileRows(kIsa);
   for (int64_t j0 = 0; j0 < n; j0 += kGemmCols) {
     const int64_t nc = std::min<int64_t>(kGemmCols, n - j0);
     const float* group = b.data + j0 / kGemmCols * b.group_stride;
     int64_t i = 0;
-    for (; i + kGemmRows <= m; i += kGemmRows) {
-      BMC_TILE(6)
-    }
-    switch (m - i) {
-      case 5: {
-        BMC_TILE(5)
-        break;
-      }
-      case 4: {
-        BMC_TILE(4)
-        break;
-      }
-      case 3: {
-        BMC_TILE(3)
-        break;
-      }
-      case 2: {
-        BMC_TILE(2)
-        break;
-      }
-      case 1: {
-        BMC_TILE(1)
-        break;
-      }
-      default:
-        break;
-    }
+    for (; i + kRows <= m; i += kRows) Tile<kIsa, kRows>(a + i * lda, lda, group, b.ldb, c + i * ldc + j0, ldc, k, nc);
+    if (i < m) TailTile<kIsa, kRows>(m - i, a + i * lda, lda, group, b.ldb, c + i * ldc + j0, ldc, k, nc);
   }
-#undef BMC_TILE
 }
 
 /*! \brief exp(x) for x ≤ 0 and NaN (Cephes' expf: 2^n e^r, |r| ≤ ln2/2, degree-5 polynomial; ~1 ulp); branch-free
@@ -1884,7 +1903,7 @@ std::vector<KeyRange> BiasRows(const float* bias, int64_t count, int64_t n) {
 
 /*! \brief Rows [i0, i0 + rows) of batch index \a b: scores into \a s (row stride \a lds), then the output.
  *  \a kt and \a v are batch index b's, packed by PackPanels. */
-template <bool kAvx2>
+template <TileIsa kIsa>
 __attribute__((always_inline)) inline void AttentionBlockBody(const Attention& p, int64_t b, int64_t bias_offset,
                                                               int64_t i0, int64_t rows, Operand16 kt,
                                                               const float* k_rows, Operand16 v, float* s,
@@ -1898,27 +1917,34 @@ __attribute__((always_inline)) inline void AttentionBlockBody(const Attention& p
       for (int64_t j = 0; j < n; ++j) s[i * lds + j] = Dot(q + i * p.d, k + j * p.d, p.d);
     }
   } else {
-    SmallGemm<kAvx2>(rows, n, p.d, q, p.d, kt.FromColumn(keys.first), s, lds);
+    SmallGemm<kIsa>(rows, n, p.d, q, p.d, kt.FromColumn(keys.first), s, lds);
   }
   for (int64_t i = 0; i < rows; ++i) {
-    SoftmaxRow<kAvx2>(s + i * lds, n, p.scale,
+    SoftmaxRow<kIsa != TileIsa::kPlain>(s + i * lds, n, p.scale,
                       p.bias == nullptr ? nullptr : p.bias + bias_offset + (i0 + i) * p.bias_row_stride +
                                                         keys.first * p.bias_col_stride,
                       p.bias_col_stride, p.lse == nullptr ? nullptr : p.lse + b * p.m + i0 + i, p.softcap);
   }
-  SmallGemm<kAvx2>(rows, p.e, n, s, lds, v.FromRow(keys.first), p.out + (b * p.m + i0) * p.e, p.e);
+  SmallGemm<kIsa>(rows, p.e, n, s, lds, v.FromRow(keys.first), p.out + (b * p.m + i0) * p.e, p.e);
+}
+
+__attribute__((target("avx512f,avx2,fma"))) void AttentionBlockAvx512(const Attention& p, int64_t b,
+                                                                       int64_t bias_offset, int64_t i0, int64_t rows,
+                                                                       Operand16 kt, const float* k_rows, Operand16 v,
+                                                                       float* s, int64_t lds) {
+  AttentionBlockBody<TileIsa::kAvx512>(p, b, bias_offset, i0, rows, kt, k_rows, v, s, lds);
 }
 
 __attribute__((target("avx2,fma"))) void AttentionBlockAvx2(const Attention& p, int64_t b, int64_t bias_offset,
                                                              int64_t i0, int64_t rows, Operand16 kt,
                                                              const float* k_rows, Operand16 v, float* s,
                                                              int64_t lds) {
-  AttentionBlockBody<true>(p, b, bias_offset, i0, rows, kt, k_rows, v, s, lds);
+  AttentionBlockBody<TileIsa::kAvx2>(p, b, bias_offset, i0, rows, kt, k_rows, v, s, lds);
 }
 
 void AttentionBlockBaseline(const Attention& p, int64_t b, int64_t bias_offset, int64_t i0, int64_t rows,
                             Operand16 kt, const float* k_rows, Operand16 v, float* s, int64_t lds) {
-  AttentionBlockBody<false>(p, b, bias_offset, i0, rows, kt, k_rows, v, s, lds);
+  AttentionBlockBody<TileIsa::kPlain>(p, b, bias_offset, i0, rows, kt, k_rows, v, s, lds);
 }
 
 /*! \brief 8 consecutive values of b as float32: float, bfloat16 (the top half of a float32), float16 (F16C). */
@@ -2034,14 +2060,17 @@ void AttentionImpl(const ffi::TensorView& q, const ffi::TensorView& kt, const ff
   const int64_t count = Prod(p.batch);
   if (count == 0 || p.m == 0 || p.e == 0) return;
   if (p.n == 0) TVM_FFI_THROW(ValueError) << "cpu_attention: no keys (a softmax over nothing)";
-  p.block = std::max<int64_t>(1, std::min<int64_t>(p.m, kAttentionScores / p.n));
-  p.block = std::max<int64_t>(kGemmRows, p.block / kGemmRows * kGemmRows);
-  const int64_t blocks = (p.m + p.block - 1) / p.block;
-  // BMC_CPU_NO_AVX2: the baseline loops (what CPUs without AVX2 run; the tests take them this way)
+  // BMC_CPU_NO_AVX512 / BMC_CPU_NO_AVX2: the narrower tiles, as older CPUs run them (the tests take them this way)
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   static const bool f16c = avx2 && __builtin_cpu_supports("f16c");
+  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f");
   const bool wide = avx2 && std::getenv("BMC_CPU_NO_AVX2") == nullptr;
-  const auto run = wide ? AttentionBlockAvx2 : AttentionBlockBaseline;
+  const bool widest = wide && avx512 && std::getenv("BMC_CPU_NO_AVX512") == nullptr;
+  const auto run = widest ? AttentionBlockAvx512 : wide ? AttentionBlockAvx2 : AttentionBlockBaseline;
+  const int64_t tile = widest ? TileRows(TileIsa::kAvx512) : kGemmRows;  // a block: whole tiles of query rows
+  p.block = std::max<int64_t>(1, std::min<int64_t>(p.m, kAttentionScores / p.n));
+  p.block = std::max<int64_t>(tile, p.block / tile * tile);
+  const int64_t blocks = (p.m + p.block - 1) / p.block;
   constexpr int64_t kThreadWork = int64_t{1} << 19;  // multiply-adds a thread is worth (starting one ~50 us)
   const int64_t work = count * p.m * p.n * (p.d + p.e);
   ParallelRows(count * blocks, [&p, blocks, run, wide](int64_t begin, int64_t end) {

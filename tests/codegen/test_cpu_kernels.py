@@ -1031,13 +1031,15 @@ def test_small_depthwise_and_integer_convs_stay_in_tvm():
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
 
 
-ATTENTION_CASES = [  # (batch, M, N, D, E, bias shape or None): tiles are 6 rows x 16 columns; blocks 65536 scores
+ATTENTION_CASES = [  # (batch, M, N, D, E, bias shape or None): tiles are 12 (AVX-512) or 6 rows x 16 columns;
+    # blocks 65536 scores
     ((2, 3), 7, 19, 5, 6, (2, 1, 7, 19)),   # tails everywhere, bias broadcast over heads
     ((4,), 128, 128, 64, 64, (128, 128)),   # whole tiles, a 2-D bias (every batch index)
     ((1,), 600, 300, 33, 40, None),         # several row blocks (218 rows each), no bias
     ((2,), 5, 1, 3, 2, (2, 5, 1)),          # one key; the bias broadcast over keys (stride 0)
     ((3,), 1, 40, 8, 8, (1, 40)),           # one query row (decoding)
     ((2,), 10, 7000, 8, 4, (10, 7000)),     # few rows, many keys: two blocks of a batch index (6 rows, then 4)
+    ((1,), 20, 7000, 8, 4, (20, 7000)),     # the same with AVX-512 tiles (12 rows, then 8)
 ]
 
 
@@ -1250,10 +1252,18 @@ def test_attention_kernel_skips_keys_outside_a_sliding_window(impl, m, dtype):
     np.testing.assert_allclose(out, want, rtol=0, atol=2e-6 * float(np.abs(want).max()))
 
 
-def test_attention_baseline_loops_match(native_lib, monkeypatch):
-    """The native kernel's loops for CPUs without AVX2 (``BMC_CPU_NO_AVX2`` makes this one take them)."""
+@pytest.mark.parametrize("isa", ["avx2", "plain"])
+def test_attention_narrower_tiles_match(native_lib, monkeypatch, isa):
+    """The native kernel's AVX2 tiles (what CPUs without AVX-512 run; ``BMC_CPU_NO_AVX512`` makes this one take
+    them; the other tests run the AVX-512 tiles where the host has them) and its loops for CPUs without AVX2
+    (``BMC_CPU_NO_AVX2``)."""
+    from bmc.runtime import kernels
+
+    if isa == "avx2" and "avx2" not in (kernels.host_cpu_features() or set()):
+        pytest.skip("this CPU has no AVX2")
     monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
-    monkeypatch.setenv("BMC_CPU_NO_AVX2", "1")
+    for var, value in PANEL_ISAS[isa].items():
+        monkeypatch.setenv(var, value)
     for case in ATTENTION_CASES:
         for transpose_k in (False, True):
             test_attention_kernel_matches_reference("native", *case, transpose_k, lse=transpose_k)
