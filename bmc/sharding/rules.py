@@ -25,7 +25,7 @@ of the inner one (grouped-query attention: query heads over their key/value head
 assigned on its own: it takes the longest major prefix of the outer's axes that divides it (``complete``), so a
 device's inner block holds what its outer block reads. When the outer is split more ways than the inner has
 indices, the extra axes must each give an outer block exactly one inner index, which the rule's ``local`` hook
-picks from its block (vLLM's duplicated key/value heads, without storing the duplicates).
+picks from its block (what vLLM's key/value heads duplicated to the tensor-parallel degree compute).
 """
 
 from __future__ import annotations
@@ -175,7 +175,8 @@ class ShardingRule:
     def splittable(self) -> list[int]:
         """The factors a strategy assigns axes to directly (inner factors of grouped pairs are derived)."""
         derived = {i for _, i in self.grouped}
-        return [f for f, fac in enumerate(self.factors) if fac.kind != "replicate" and fac.size > 1 and f not in derived]
+        return [f for f, fac in enumerate(self.factors)
+                if fac.kind != "replicate" and fac.size > 1 and f not in derived]
 
     def nested_axes(self, outer: int, inner: int, axes: tuple[str, ...], mesh: Mesh) -> tuple[str, ...] | None:
         """The axes of the inner factor when the outer takes ``axes``: all of them when they divide it; else, when

@@ -219,7 +219,7 @@ def test_grouped_query_attention_splits_heads_in_blocks(kv_shape, mesh_text):
     (heads,) = rule.operands[0][1]
     kv = {1: (), 2: (heads + 1,)}[kv_shape[1]]
     assert rule.operands[1][1] == rule.operands[2][1] == kv
-    assert rule.grouped == ((heads, heads + 1),) if kv else rule.grouped == ()
+    assert rule.grouped == (((heads, heads + 1),) if kv else ())
     mesh = Mesh.parse(mesh_text)
     assignments = all_valid_assignments(rule, mesh)
     if kv:
