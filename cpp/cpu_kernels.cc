@@ -1920,10 +1920,10 @@ __attribute__((always_inline)) inline void AttentionBlockBody(const Attention& p
     SmallGemm<kIsa>(rows, n, p.d, q, p.d, kt.FromColumn(keys.first), s, lds);
   }
   for (int64_t i = 0; i < rows; ++i) {
-    SoftmaxRow<kIsa != TileIsa::kPlain>(s + i * lds, n, p.scale,
-                      p.bias == nullptr ? nullptr : p.bias + bias_offset + (i0 + i) * p.bias_row_stride +
-                                                        keys.first * p.bias_col_stride,
-                      p.bias_col_stride, p.lse == nullptr ? nullptr : p.lse + b * p.m + i0 + i, p.softcap);
+    const float* bias = p.bias == nullptr ? nullptr : p.bias + bias_offset + (i0 + i) * p.bias_row_stride +
+                                                          keys.first * p.bias_col_stride;
+    SoftmaxRow<kIsa != TileIsa::kPlain>(s + i * lds, n, p.scale, bias, p.bias_col_stride,
+                                        p.lse == nullptr ? nullptr : p.lse + b * p.m + i0 + i, p.softcap);
   }
   SmallGemm<kIsa>(rows, p.e, n, s, lds, v.FromRow(keys.first), p.out + (b * p.m + i0) * p.e, p.e);
 }
