@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tvm
+from tvm import relax
 
 from bmc.codegen.relax_module import to_relax
+from bmc.codegen.rewrite import owned_outputs
 from bmc.codegen.targets import TargetSpec
 from bmc.errors import BmcError, CompileError
 from bmc.ir.graph import Graph
@@ -128,8 +130,10 @@ def build(graph: Graph, target: TargetSpec, *, threads: int | None = None, tune_
             tune = _tuning(target, tvm_target, tune_trials, tune_db, tune_export, cuda_record)
             with tvm_target:
                 mod = gpu_pipeline(tvm_target, cuda_record, tune)(mod)
+                lowering = tvm.transform.Sequential([relax.get_default_pipeline(tvm_target),
+                                                     owned_outputs(cuda_record)])
             with cuda.codegen_env():
-                ex = tvm.compile(mod, target=tvm_target)
+                ex = tvm.compile(mod, target=tvm_target, relax_pipeline=lowering)
     except BmcError:
         raise
     except Exception as e:  # noqa: BLE001  (TVM raises TVMError/ValueError/...)

@@ -7,8 +7,10 @@
 ``load`` verifies the artifact (format, TVM/tvm-ffi versions, sizes, every digest but the weights') before the library
 is loaded; the weights are read once, straight to the device, and hashed as they stream in: the model comes back only
 if their digest matched. They stay on the device for every call. Inputs are checked against the
-signature before anything runs (FAILURES.md 44). This module imports only numpy, tvm and bmc's runtime-side modules,
-never the frontend, codegen or sharding (a test enforces it).
+signature before anything runs (FAILURES.md 44). Inputs are numpy arrays or any DLPack tensor (torch, CuPy, JAX,
+TVM); outputs are numpy arrays, or TVM tensors left on the model's GPU (``run(outputs=...)``: by default when an input
+was given on that GPU), so a GPU decoding loop keeps its cache on the GPU. This module imports only numpy, tvm and
+bmc's runtime-side modules, never the frontend, codegen or sharding (a test enforces it).
 
 A multi-device artifact runs in one of two ways:
 
@@ -43,6 +45,7 @@ from typing import Any, Mapping
 import numpy as np
 import tvm
 import tvm.runtime.vm  # noqa: F401  (runtime-only TVM does not import it with `import tvm`)
+import tvm_ffi
 
 from bmc.errors import ArtifactError, BmcError, ExecutionError, UsageError, human_bytes
 from bmc.ir.types import np_dtype
@@ -56,6 +59,10 @@ from bmc.runtime.safetensors import SafetensorsFile
 _NUMPY_KINDS = "biufV"
 #: the data alignment TVM's kernels assume of every tensor argument (tvm.runtime.from_dlpack checks it)
 _ALIGNMENT = 64
+#: DLPack device types (dlpack.h) that :func:`_imported` treats specially
+_DL_CPU, _DL_CUDA, _DL_ROCM = 1, 2, 10
+#: what ``Model.run(outputs=...)`` accepts
+_OUTPUT_KINDS = ("auto", "numpy", "device")
 
 
 def _fmt(dtype: str, shape) -> str:
@@ -81,13 +88,14 @@ class Model:
         # decoding step with 6 MiB key/value inputs)
         self._arguments: dict[int, dict[int, Any]] = {}
         # on the CPU, an input array is read in place and an output the call allocates afresh
-        # (``kernels.cpu.owned_outputs``, recorded by the compiler) is returned as a numpy view, not copied
+        # (``kernels.<target>.owned_outputs``, recorded by the compiler) is returned as a numpy view, not copied;
+        # with outputs left on the device (``run(outputs=...)``) such an output is returned as its tensor
         self._in_place = device.dlpack_device_type() == tvm.cpu(0).dlpack_device_type()
-        owned = ((manifest.get("kernels") or {}).get("cpu") or {}).get("owned_outputs") or []
-        if not self._in_place or len(owned) != len(self._outputs):
-            owned = [False] * len(self._outputs)
-        self._owned = [bool(own) and np.dtype(np_dtype(o["dtype"])).kind in _NUMPY_KINDS
-                       for own, o in zip(owned, self._outputs)]
+        fresh = next((k.get("owned_outputs") for k in (manifest.get("kernels") or {}).values()
+                      if isinstance(k, dict) and k.get("owned_outputs")), None) or []
+        self._fresh = [bool(f) for f in fresh] if len(fresh) == len(self._outputs) else [False] * len(self._outputs)
+        self._owned = [f and self._in_place and np.dtype(np_dtype(o["dtype"])).kind in _NUMPY_KINDS
+                       for f, o in zip(self._fresh, self._outputs)]
         # donated inputs (``--donate``) the program writes over, and per output the input whose buffer it is
         self._donated = [bool(i.get("donated")) for i in self._all_inputs]
         index = {i["name"]: k for k, i in enumerate(self._all_inputs)}
@@ -140,10 +148,10 @@ class Model:
             name, blocks = o["name"], {}
             for r in _block_owners(o) if "blocks" in o else []:
                 if ctx.rank == root:
-                    blocks[r] = outputs[name] if r == root else \
+                    blocks[r] = _host(outputs[name]) if r == root else \
                         ctx.recv_arrays(r, [(name, o["dtype"], o["local_shape"])])[name]
                 elif ctx.rank == r:
-                    ctx.send_arrays(root, [outputs[name]], f"sending output {name!r} to rank {root}")
+                    ctx.send_arrays(root, [_host(outputs[name])], f"sending output {name!r} to rank {root}")
             if out is not None and blocks:
                 out[name] = _assembled(o, blocks)
         return out
@@ -163,28 +171,62 @@ class Model:
         outs = self._execute(inputs)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
-    def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Run with ``{input name: array}``; returns ``{output name: array}`` in signature order."""
-        return dict(zip(self.output_names, self._execute(dict(inputs))))
+    #: whether ``run(outputs="device")`` can leave outputs on the device (a pipeline's stages exchange host arrays)
+    _device_outputs = True
 
-    def _execute(self, inputs: dict[str, Any]) -> list[np.ndarray]:
+    def run(self, inputs: Mapping[str, Any], *, outputs: str = "auto") -> dict[str, Any]:
+        """Run with ``{input name: array}``; returns ``{output name: array}`` in signature order.
+
+        An input is a numpy array (or anything ``np.asarray`` takes) or any DLPack tensor (torch, CuPy, JAX, TVM),
+        read without a copy where the program can (see :meth:`_filled`). ``outputs``: ``"numpy"`` returns numpy
+        arrays; ``"device"`` returns TVM tensors on the model's device (DLPack producers: ``torch.from_dlpack(t)``
+        shares their memory), so a GPU decoding loop that feeds its cache back moves nothing over PCIe; ``"auto"``
+        (what calling the model does) is ``"device"`` when the model runs on a GPU and an input was given as a
+        tensor on that GPU, else ``"numpy"``. Simulated ranks always return numpy arrays."""
+        if outputs not in _OUTPUT_KINDS or (outputs == "device" and not self._device_outputs):
+            can = _OUTPUT_KINDS if self._device_outputs else ("auto", "numpy")
+            raise UsageError(f"outputs={outputs!r} is not one of {', '.join(map(repr, can))}" +
+                             ("" if self._device_outputs else " for a pipeline artifact"),
+                             where=str(self._path), fix="pass outputs='numpy' or 'auto'")
+        return dict(zip(self.output_names, self._execute(dict(inputs), outputs)))
+
+    def _execute(self, inputs: dict[str, Any], outputs: str = "auto") -> list:
         with self._lock:
-            return self._execute_locked(inputs)
+            return self._execute_locked(inputs, outputs)
 
-    def _filled(self, rank: int, arrays: list[np.ndarray], private: bool = False) -> tuple[list, list[bool]]:
-        """This rank's input tensors holding ``arrays`` (signature order, implicit inputs included), and which of them
-        are the arrays themselves. On the CPU an array in writable, C-ordered, 64-byte-aligned memory (what TVM's
-        kernels assume; the outputs this class returns are) is read in place, so a decoding loop that feeds its
-        key/value cache back copies nothing; any other array is copied into a tensor kept for the next call. A
-        donated input is written over: in place only when no other input shares its memory, and never when
-        ``private`` (simulated ranks, which share the caller's arrays)."""
+    def _device_mode(self, outputs: str, arrays: list) -> bool:
+        """Whether this call returns device tensors (see :meth:`run`)."""
+        if outputs == "auto":
+            return not self._in_place and any(not isinstance(a, np.ndarray) and a.device == self._device
+                                              for a in arrays)
+        return outputs == "device"
+
+    def _readable(self, i: int, arrays: list, private: bool) -> bool:
+        """Whether the program may take input ``i`` as it is: memory on this model's device, C-ordered and aligned as
+        TVM's kernels assume (a numpy array also writable and of a type DLPack carries); a donated input only when no
+        other input shares its memory, and never when ``private``."""
+        a = arrays[i]
+        if isinstance(a, np.ndarray):
+            ok = (self._in_place and a.dtype.kind in _NUMPY_KINDS and a.ctypes.data % _ALIGNMENT == 0
+                  and a.flags.c_contiguous and a.flags.writeable)
+        else:
+            ok = a.device == self._device and a.is_contiguous() and a.data_ptr() % _ALIGNMENT == 0
+        return ok and not (self._donated[i] and (private or any(_overlap(a, b) for j, b in enumerate(arrays)
+                                                                 if j != i)))
+
+    def _filled(self, rank: int, arrays: list, private: bool = False) -> tuple[list, list[bool]]:
+        """This rank's input tensors holding ``arrays`` (signature order, implicit inputs included: numpy arrays, or
+        TVM tensors on a device), and which of them are the arrays themselves. An array in memory the program can
+        read (:meth:`_readable`: on the CPU writable, C-ordered, 64-byte-aligned memory, as the outputs this class
+        returns are; on a GPU a tensor already there) is read in place, so a decoding loop that feeds its key/value
+        cache back copies nothing; any other array is copied into a tensor kept for the next call. A donated input
+        is written over: in place only when no other input shares its memory, and never when ``private``
+        (simulated ranks, which share the caller's arrays)."""
         kept = self._arguments.setdefault(rank, {})
         tensors, in_place = [], []
         for i, (a, spec) in enumerate(zip(arrays, self._all_inputs)):
-            if (self._in_place and a.dtype.kind in _NUMPY_KINDS and a.ctypes.data % _ALIGNMENT == 0
-                    and a.flags.c_contiguous and a.flags.writeable and not (self._donated[i] and (private or any(
-                        np.may_share_memory(a, b) for j, b in enumerate(arrays) if j != i)))):
-                tensors.append(_to_tvm(a, spec["dtype"]))
+            if self._readable(i, arrays, private):
+                tensors.append(_to_tvm(a, spec["dtype"]) if isinstance(a, np.ndarray) else a)
                 in_place.append(True)
                 continue
             t = kept.get(i)
@@ -195,35 +237,40 @@ class Model:
             in_place.append(False)
         return tensors, in_place
 
-    def _returned(self, rank: int, tensors, arrays: list[np.ndarray], in_place: list[bool]) -> list[np.ndarray]:
-        """The program's outputs as numpy arrays: views of those it allocated afresh, copies of the others (a view
-        of an input or a weight, a constant of the program, a repeated output). An output that is a donated input's
-        buffer is the caller's array when the program wrote into it; on the CPU otherwise a view of the tensor that
-        held the input, which this rank then stops keeping (the caller owns it now)."""
+    def _returned(self, rank: int, tensors, arrays: list, in_place: list[bool], device: bool = False) -> list:
+        """The program's outputs as numpy arrays, or with ``device`` as tensors on the model's device: those the call
+        allocated afresh as they are (numpy: views), the others copied (a view of an input or a weight, a constant
+        of the program, a repeated output). An output that is a donated input's buffer is the caller's array when
+        the program wrote into it; on the CPU (or with ``device``) otherwise the tensor that held the input, which
+        this rank then stops keeping (the caller owns it now)."""
         out = []
-        for t, own, j in zip(tensors, self._owned, self._aliases):
-            if j is not None and in_place[j]:
-                out.append(arrays[j])
-            elif j is not None and self._in_place:
-                out.append(host_array(t))
+        for t, o, fresh, own, j in zip(tensors, self._outputs, self._fresh, self._owned, self._aliases):
+            if j is not None and in_place[j]:  # the caller's memory, written by the program
+                a = arrays[j]
+                out.append((_to_tvm(a, o["dtype"]) if isinstance(a, np.ndarray) else a) if device else _host(a))
+            elif j is not None and (device or self._in_place):
+                out.append(t if device else host_array(t))
                 self._arguments[rank].pop(j, None)
+            elif device:
+                out.append(t if fresh else t.copyto(self._device))
             else:
                 out.append(host_array(t) if own else t.numpy())
         return out
 
-    def _execute_locked(self, inputs: dict[str, Any]) -> list[np.ndarray]:
+    def _execute_locked(self, inputs: dict[str, Any], outputs: str = "auto") -> list:
         if self.mpi is not None:
-            return self._execute_mpi(inputs)
+            return self._execute_mpi(inputs, outputs)
         given = dict(zip(self.input_names, self._check_inputs(inputs)))
         rank_map = self._manifest["rank_map"]
+        device = len(self._ranks) == 1 and self._device_mode(outputs, list(given.values()))
 
-        def call_rank(rank: int) -> list[np.ndarray]:
+        def call_rank(rank: int) -> list:
             main, params = self._ranks[rank]
             arrays = [_own(i, given[i["name"]], rank) if i["name"] in given else
                       np.array(rank_map[rank], dtype=np.int64)
                       for i in self._all_inputs]  # the one implicit input is the device's mesh coordinate
             tensors, in_place = self._filled(rank, arrays, private=len(self._ranks) > 1)
-            return self._returned(rank, main(*tensors, *params), arrays, in_place)
+            return self._returned(rank, main(*tensors, *params), arrays, in_place, device)
 
         try:
             if len(self._ranks) == 1:
@@ -238,7 +285,7 @@ class Model:
         except Exception as e:  # noqa: BLE001  (TVM raises many types; inputs were already checked)
             raise ExecutionError(f"the program failed: {e}", where=str(self._path)) from e
 
-    def _execute_mpi(self, inputs: dict[str, Any]) -> list[np.ndarray]:
+    def _execute_mpi(self, inputs: dict[str, Any], outputs: str = "auto") -> list:
         """This rank's part of an MPI run: agree on the inputs, run the program, return its outputs (replicated ones
         whole, split ones this rank's block)."""
         given = self._agreed_inputs(inputs)
@@ -248,7 +295,8 @@ class Model:
         try:
             arrays = [_own(i, given[i["name"]], ctx.rank) if i["name"] in given else coord for i in self._all_inputs]
             tensors, in_place = self._filled(0, arrays)
-            return self._returned(0, main(*tensors, *params), arrays, in_place)
+            return self._returned(0, main(*tensors, *params), arrays, in_place,
+                                  self._device_mode(outputs, list(given.values())))
         except BaseException as e:  # noqa: BLE001  (the other ranks wait in collectives: end the whole job)
             self._abort(e)
 
@@ -292,7 +340,7 @@ class Model:
                                            "the other ranks passing no inputs", where=str(self._path),
                                            fix="pass the whole input on rank 0, or every rank's own block on "
                                                "every rank (model.input_slices)")
-            given = self._distributed(arrays, error)
+            given = self._distributed(arrays if arrays is None else {n: _host(a) for n, a in arrays.items()}, error)
         return given
 
     def _distributed(self, arrays: dict | None, error: BaseException | None) -> dict[str, np.ndarray]:
@@ -315,16 +363,28 @@ class Model:
             if spec["name"] not in inputs:
                 continue
             value, want = inputs[spec["name"]], np_dtype(spec["dtype"])
-            arr = np.asarray(value)
-            if not isinstance(value, np.ndarray) and arr.dtype != want and np.can_cast(arr.dtype, want, "same_kind"):
-                arr = arr.astype(want)  # Python scalars and lists take the declared dtype when that loses no kind
+            if hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
+                try:
+                    arr = _imported(value, self._device_outputs)
+                except Exception as e:  # noqa: BLE001  (producers raise many types: BufferError, RuntimeError, ...)
+                    problems.append(f"input {spec['name']!r}: its {type(value).__name__} cannot be read through "
+                                    f"DLPack ({e})")
+                    continue
+            else:
+                arr = np.asarray(value)
+                if (not isinstance(value, np.ndarray) and arr.dtype != want
+                        and np.can_cast(arr.dtype, want, "same_kind")):
+                    arr = arr.astype(want)  # Python scalars and lists take the declared dtype when that loses no kind
             expected, got = _fmt(spec["dtype"], spec["shape"]), _fmt(str(arr.dtype), arr.shape)
             shapes = [list(spec["shape"])] + ([spec["local_shape"]] if blocks and "blocks" in spec else [])
-            if arr.dtype != want or list(arr.shape) not in shapes:
+            if str(arr.dtype) != str(np.dtype(want)) or list(arr.shape) not in shapes:
                 if len(shapes) > 1:
                     expected += f" (or this rank's block {_fmt(spec['dtype'], spec['local_shape'])})"
                 problems.append(f"input {spec['name']!r}: expected {expected}, got {got}")
-            arrays.append(np.require(arr, requirements="C"))  # keeps 0-d inputs 0-d
+            elif not isinstance(arr, np.ndarray) and not arr.is_contiguous():
+                problems.append(f"input {spec['name']!r}: a strided view on {arr.device}; pass a contiguous tensor "
+                                "(torch: x.contiguous())")
+            arrays.append(np.require(arr, requirements="C") if isinstance(arr, np.ndarray) else arr)  # keeps 0-d
         if problems:
             real = ", ".join(f"{i['name']}: {_fmt(i['dtype'], i['shape'])}" for i in self._inputs)
             raise ExecutionError("bad inputs: " + "; ".join(problems), where=str(self._path),
@@ -349,6 +409,40 @@ def _to_tvm(a: np.ndarray, dtype: str):
     return tvm.runtime.from_dlpack(a.view(f"u{a.dtype.itemsize}"))._create_view(a.shape, dtype)
 
 
+def _imported(value, device: bool = True):
+    """A DLPack tensor (torch, CuPy, JAX, TVM) without a copy: in host memory as a numpy array (ml_dtypes' types for
+    bfloat16 and the float8s), on a device as a TVM tensor (or, unless ``device``, copied to a numpy array). A GPU
+    producer is asked to order its pending work before the legacy default stream, where bmc's kernels run (the
+    array API's stream 1 on CUDA, 0 on ROCm)."""
+    kind, _ = value.__dlpack_device__()
+    stream = {_DL_CUDA: 1, _DL_ROCM: 0}.get(int(kind))
+    try:
+        capsule = value.__dlpack__(stream=stream)
+    except TypeError:  # a producer older than the stream keyword
+        capsule = value.__dlpack__()
+    t = tvm_ffi.from_dlpack(capsule)
+    if int(kind) == _DL_CPU:
+        return host_array(t)
+    return t if device else t.numpy()
+
+
+def _host(a):
+    """``a`` as a numpy array (a device tensor copied to the host)."""
+    return a if isinstance(a, np.ndarray) else a.numpy()
+
+
+def _overlap(a, b) -> bool:
+    """Whether two input arrays (numpy arrays or device tensors) may share memory."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.may_share_memory(a, b)
+
+    def span(t) -> tuple[int, int]:
+        return t.data_ptr(), t.data_ptr() + t.numel() * np.dtype(np_dtype(str(t.dtype))).itemsize
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a.device == b.device and a0 < b1 and b0 < a1
+
+
 def _block(output: dict, rank: int) -> tuple[slice, ...]:
     """Rank ``rank``'s block of a split output (its signature entry: ``blocks``, ``local_shape``)."""
     return tuple(slice(b, b + n) for b, n in zip(output["blocks"][rank], output["local_shape"]))
@@ -359,7 +453,7 @@ def _own(entry: dict, array: np.ndarray, rank: int) -> np.ndarray:
     array already is the block)."""
     if "blocks" not in entry or list(array.shape) == entry["local_shape"]:
         return array
-    return array[_block(entry, rank)]
+    return _host(array)[_block(entry, rank)]
 
 
 def _block_owners(output: dict) -> list[int]:

@@ -68,7 +68,10 @@ def _check(manifest: dict, where: str) -> None:
 
 
 class PipelineModel(Model):
-    """A loaded pipeline artifact; called like :class:`bmc.runtime.executor.Model`."""
+    """A loaded pipeline artifact; called like :class:`bmc.runtime.executor.Model` (its stages exchange host arrays:
+    inputs on a device are copied to the host, outputs are numpy arrays)."""
+
+    _device_outputs = False
 
     def __init__(self, path: Path, manifest: dict, stages: list[Model], device, *, mpi=None, stage: int = 0,
                  stats: dict | None = None):
@@ -109,7 +112,7 @@ class PipelineModel(Model):
     def _run_stage(self, model: Model, env: dict[str, Any]) -> None:
         env.update(model.run({n: env[n] for n in model.input_names}))
 
-    def _execute_locked(self, inputs: dict[str, Any]) -> list[np.ndarray]:
+    def _execute_locked(self, inputs: dict[str, Any], outputs: str = "auto") -> list[np.ndarray]:
         if self.mpi is not None:
             return self._execute_mpi(inputs)
         given = dict(zip(self.input_names, self._check_inputs(inputs)))
@@ -141,7 +144,7 @@ class PipelineModel(Model):
                                   what="input") if self._reads[s] else {}
         return arrays if ctx.rank == 0 else mine
 
-    def _execute_mpi(self, inputs: dict[str, Any]) -> list[np.ndarray]:
+    def _execute_mpi(self, inputs: dict[str, Any], outputs: str = "auto") -> list[np.ndarray]:
         ctx = self.mpi
         given = self._agreed_inputs(inputs)
         self.stats["input_bytes"] = sum(a.nbytes for a in given.values())

@@ -163,6 +163,27 @@ def test_a_decoding_loop_with_a_donated_cache_matches_onnxruntime(tmp_path):
     np.testing.assert_allclose(v, data["output:v_cache"], atol=1e-6)
 
 
+def test_a_decoding_loop_on_device_tensors_writes_the_callers_caches(tmp_path):
+    """The same loop with the caches as TVM tensors (DLPack) and ``outputs="device"``, as a GPU loop keeps them on
+    its GPU: every step writes into the very memory passed and returns tensors on it, fed back as they are; five
+    steps equal onnxruntime's."""
+    import tvm
+
+    data = np.load(DECODING / "decstep_dynamo.npz")
+    bmc.compile(DECODING / "decstep_dynamo.onnx", tmp_path / "dec.bmc", donate=["*_cache"])
+    m = bmc.load(tmp_path / "dec.bmc")
+    shape = data["output:k_cache"].shape
+    k, v = (tvm.runtime.empty(shape, "float32", tvm.cpu()).copyfrom(np.zeros(shape, np.float32)) for _ in "kv")
+    memory = (k.data_ptr(), v.data_ptr())
+    for i in range(5):
+        got = m.run({"x": data[f"x{i}"], "pos": np.array([i]), "k_cache": k, "v_cache": v}, outputs="device")
+        k, v = got["k_cache_out"], got["v_cache_out"]
+        assert isinstance(got["y"], tvm.runtime.Tensor) and (k.data_ptr(), v.data_ptr()) == memory, i
+        assert float(np.max(np.abs(got["y"].numpy() - data[f"output:y{i}"]))) <= 1e-5, i
+    np.testing.assert_allclose(k.numpy(), data["output:k_cache"], atol=1e-6)
+    np.testing.assert_allclose(v.numpy(), data["output:v_cache"], atol=1e-6)
+
+
 def test_a_bfloat16_cache_passed_and_donated(tmp_path):
     """The decoding step run in bfloat16 with its caches passed in bfloat16 too (``--dtype-io``) and donated: the
     caches are ml_dtypes arrays written in place (no float32 copy of them anywhere), and five steps stay within

@@ -279,6 +279,100 @@ def test_aligned_inputs_are_read_in_place_and_left_unchanged(tmp_path, build_art
     assert np.array_equal(model(y1), y2) and 0 in model._arguments[0]
 
 
+# --- DLPack inputs, outputs left on the device ------------------------------------------------------------------
+class _Producer:
+    """A DLPack producer with nothing else (no ``__array__``), recording the stream each export was asked for."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.streams = array, []
+
+    def __dlpack__(self, *, stream=None):
+        self.streams.append(stream)
+        return self.array.__dlpack__()
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
+
+
+class _Refusing(_Producer):
+    def __dlpack__(self, *, stream=None):
+        raise BufferError("Can't export tensors that require gradient, use tensor.detach()")
+
+
+def test_dlpack_inputs_from_any_producer_give_the_numpy_result(tiny_artifact):
+    """A TVM tensor, a strided TVM view and a bare DLPack producer are read like the numpy array they hold (the
+    producer asked for host memory's stream, None), and return numpy arrays on the CPU."""
+    import tvm
+    import tvm_ffi
+
+    model = load(tiny_artifact)
+    x = _x()
+    want = model(x)
+    tensor = tvm.runtime.empty(x.shape, "float32", tvm.cpu()).copyfrom(x)
+    wide = np.zeros((2, 6), np.float32)
+    wide[:, ::2] = x
+    producer = _Producer(x.copy())
+    for given in (tensor, tvm_ffi.from_dlpack(wide[:, ::2]), producer):
+        got = model(given)
+        assert all(isinstance(g, np.ndarray) and np.array_equal(g, w) for g, w in zip(got, want)), type(given)
+    assert producer.streams == [None]
+
+
+@pytest.mark.parametrize("given, message", [
+    (lambda x: _Producer(x.astype(np.float64)), "input 'x': expected float32\\[2,3\\], got float64\\[2,3\\]"),
+    (lambda x: _Producer(x[:1]), "input 'x': expected float32\\[2,3\\], got float32\\[1,3\\]"),
+    (lambda x: _Refusing(x), "input 'x': its _Refusing cannot be read through DLPack \\(Can't export tensors that"),
+])
+def test_bad_dlpack_inputs_are_refused_with_their_name(tiny_artifact, given, message):
+    with pytest.raises(ExecutionError, match=message):
+        load(tiny_artifact)(given(_x()))
+
+
+def test_a_bfloat16_dlpack_input_needs_no_numpy_type(tmp_path, build_artifact):
+    """A bfloat16 tensor from a DLPack producer (numpy has no bfloat16: torch's would not pass ``np.asarray``) is
+    read as it is and gives the ml_dtypes array's result."""
+    import ml_dtypes
+    import tvm
+
+    b = GraphBuilder("double")
+    x = b.input("x", TensorType("bfloat16", (4, 8)))
+    model = load(build_artifact(b.finish([b.emit1("add", [x, x], "y")]), tmp_path / "double.bmc"))
+    host = np.random.default_rng(7).standard_normal((4, 8)).astype(ml_dtypes.bfloat16)
+    tensor = tvm.runtime.empty(host.shape, "bfloat16", tvm.cpu()).copyfrom(host)
+    got = model(tensor)
+    assert got.dtype == ml_dtypes.bfloat16 and np.array_equal(got, model(host))
+    assert np.array_equal(got.astype(np.float32), 2 * host.astype(np.float32))
+
+
+def test_outputs_left_on_the_device_are_tensors_the_caller_owns(tmp_path):
+    """``run(outputs="device")`` returns TVM tensors (here on the CPU): the product the call allocated as it is, the
+    other kinds copied, so writing into every output changes neither the weights nor a later call; the values are
+    the numpy run's. ``"auto"`` on the CPU is numpy; an unknown kind is a usage error."""
+    import tvm
+
+    from bmc.compiler import compile_model
+
+    onnx_model, w = _aliasing_onnx()
+    model = load(compile_model(onnx_model, tmp_path / "alias.bmc")["output"])
+    x = np.random.default_rng(4).standard_normal((4, 8)).astype(np.float32)
+    want = model.run({"x": x.copy()})
+    first = model.run({"x": x.copy()}, outputs="device")
+    assert all(isinstance(t, tvm.runtime.Tensor) and t.device == tvm.cpu(0) for t in first.values())
+    for name, t in first.items():
+        assert np.array_equal(t.numpy(), want[name]), name
+    views = {n: np.from_dlpack(t) for n, t in first.items()}
+    assert not np.shares_memory(views["again"], views["product"])
+    for v in views.values():
+        v[...] = 7.0
+    second = model.run({"x": x.copy()}, outputs="device")
+    for name, t in second.items():
+        assert np.array_equal(t.numpy(), want[name]), name
+    assert np.all(views["product"] == 7.0)  # the earlier product is still the caller's
+    assert all(isinstance(a, np.ndarray) for a in model.run({"x": x}, outputs="auto").values())
+    with pytest.raises(UsageError, match="outputs='gpu' is not one of 'auto', 'numpy', 'device'"):
+        model.run({"x": x}, outputs="gpu")
+
+
 # --- FAILURES.md 45: a plan bigger than the free memory is refused before anything is loaded ------------------------
 
 def test_a_plan_bigger_than_the_free_memory_is_refused(tmp_path, monkeypatch):

@@ -303,18 +303,23 @@ DECODE_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
     import bmc
-    artifact, data_path, out = sys.argv[1:4]
+    artifact, data_path, out, outputs = sys.argv[1:5]
     data = np.load(data_path)
     model = bmc.load(artifact)
     rank = model.mpi.rank
     shape = data["output:k_cache"].shape
     k = v = np.zeros(shape, np.float32)[model.input_slices["k_cache"]]  # this rank's heads only
+    if outputs == "device":  # TVM tensors (DLPack), kept as tensors from step to step
+        import tvm
+        k, v = (tvm.runtime.empty(k.shape, "float32", tvm.cpu()).copyfrom(k) for _ in "kv")
+    memory = lambda t: t.ctypes.data if isinstance(t, np.ndarray) else t.data_ptr()
     errors, same = [], []
     for i in range(5):
-        got = model.run({"x": data[f"x{i}"], "pos": np.array([i]), "k_cache": k, "v_cache": v})
-        same.append(got["k_cache_out"] is k and got["v_cache_out"] is v)  # donated: written in place
+        got = model.run({"x": data[f"x{i}"], "pos": np.array([i]), "k_cache": k, "v_cache": v}, outputs=outputs)
+        same.append(memory(got["k_cache_out"]) == memory(k) and memory(got["v_cache_out"]) == memory(v))
         k, v = got["k_cache_out"], got["v_cache_out"]
-        errors.append(float(np.max(np.abs(got["y"] - data[f"output:y{i}"]))))
+        y = np.asarray(got["y"].numpy() if outputs == "device" else got["y"])
+        errors.append(float(np.max(np.abs(y - data[f"output:y{i}"]))))
     whole = model.gather_outputs(got)
     res = {"errors": errors, "block": list(k.shape), "same": same}
     if rank == 0:
@@ -325,13 +330,16 @@ DECODE_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("exporter, donate", [("legacy", False), ("dynamo", False), ("dynamo", True)])
-def test_a_decoding_loop_keeps_each_ranks_heads_of_the_cache(tmp_path, exporter, donate):
+@pytest.mark.parametrize("exporter, donate, outputs", [("legacy", False, "auto"), ("dynamo", False, "auto"),
+                                                        ("dynamo", True, "auto"), ("dynamo", True, "device")])
+def test_a_decoding_loop_keeps_each_ranks_heads_of_the_cache(tmp_path, exporter, donate, outputs):
     """The exported decoding step (``tests/fixtures/decoding``) on 2 real ranks, Megatron over the heads: each rank
     starts from its own half of an empty cache and feeds back the half it gets, five steps; every step's output
     equals onnxruntime's on both ranks and the caches gathered at the end equal its caches. With the caches donated
     (``--donate``) each step from the second on writes into the arrays it was given (the first step's one zeros
-    array, passed as both caches, is copied)."""
+    array, passed as both caches, is copied). With the caches passed as TVM tensors and ``outputs="device"`` (a GPU
+    loop's form) each step writes into the memory passed, the first included (TVM's allocations are aligned), and
+    ``gather_outputs`` takes the tensors."""
     import bmc
 
     heads = "[{}, {x}, {}, {}]"
@@ -343,12 +351,12 @@ def test_a_decoding_loop_keeps_each_ranks_heads_of_the_cache(tmp_path, exporter,
     script = tmp_path / "decode.py"
     script.write_text(DECODE_SCRIPT)
     r = mpirun(2, [sys.executable, str(script), str(tmp_path / "dec.bmc"), str(decoding / f"decstep_{exporter}.npz"),
-                   str(tmp_path / "dec")])
+                   str(tmp_path / "dec"), outputs])
     assert r.returncode == 0, r.stdout + r.stderr
     for rank in range(2):
         res = json.loads((tmp_path / f"dec.r{rank}.json").read_text())
         assert res["block"] == [2, 2, 16, 8] and max(res["errors"]) <= 1e-5, res
-        assert res["same"] == [False] + [donate] * 4, res
+        assert res["same"] == [outputs == "device"] + [donate] * 4, res
     res = json.loads((tmp_path / "dec.r0.json").read_text())
     assert res["k"] <= 1e-6 and res["v"] <= 1e-6
 
