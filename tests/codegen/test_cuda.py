@@ -163,6 +163,12 @@ def test_reload_needs_no_compiler(built, tmp_path, cuda_kernels_lib):
     assert nvcc_called and proc.returncode != 0
 
 
+def test_outputs_the_program_allocates_are_recorded(built):
+    """Both outputs of the CUDA program are its own fresh tensors (``kernels.cuda.owned_outputs``): a call that leaves
+    its outputs on the GPU (``run(outputs="device")``) returns them without a device copy."""
+    assert built[0].kernels["cuda"]["owned_outputs"] == [True, True]
+
+
 def test_missing_toolkit_is_a_clear_compile_error(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
