@@ -21,7 +21,8 @@ match onnxruntime and the one-rank run. ``decstep_dynamo-donate`` and ``llamaste
 the exported decoding steps with their caches donated (the in-place cache kernels) against onnxruntime's outputs and
 caches, first with numpy caches (``e2e_ms``: a step moving them over PCIe both ways), then with the caches in GPU
 memory (torch's tensors by DLPack when torch is there) and the outputs left there (``device_io_ms``; the caches must
-come back in the memory passed). ``nccl`` is a one-rank smoke test of the NCCL path (a single GPU cannot
+come back in the memory passed), and a second load sharing the first's weights (``share_weights``) must hold none of
+its own and give the same step. ``nccl`` is a one-rank smoke test of the NCCL path (a single GPU cannot
 host an NCCL group of two).
 
 ``tune/`` (if prepared) holds MetaSchedule candidates for the 1.3B-shaped layer's TVM kernels, sampled and compiled
@@ -314,8 +315,14 @@ def check_decoding(root: Path, row: dict, dry: bool, repeat: int) -> dict:
     in_place = all(t.data_ptr() == memory[c] for c, t in on_gpu.items())
     step = {token: data[f"{token}4"], "pos": np.array([4]), **on_gpu}
     res["device_io_ms"] = timed(lambda: model.run(step, outputs="device"), tvm.cuda(0).sync, 3, repeat)
+    # a second load of the same artifact sharing the first's weights on the GPU (one copy): same output
+    again = bmc.load(path, share_weights=model)
+    shared = again.stats["shared_bytes"] == sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
+                                                for p in model.signature["params"])
+    errs.append(float(np.abs(again.run(step, outputs="numpy")[out] - model.run(step, outputs="numpy")[out]).max()))
     res["err"] = max(errs)
-    res["status"] = "PASS" if res["err"] <= 1e-5 and in_place else "FAIL" if in_place else "FAIL (caches copied)"
+    res["status"] = ("FAIL (caches copied)" if not in_place else "FAIL (weights not shared)" if not shared else
+                     "PASS" if res["err"] <= 1e-5 else "FAIL")
     return res
 
 

@@ -15,7 +15,9 @@ Manifest keys (``format_version`` 1): ``format`` ("bmc-artifact"), ``format_vers
 coordinate), ``signature`` (``{"inputs", "outputs", "params"}``, each a list of ``{"name", "dtype", "shape"}``; the
 program takes inputs then params in this order and returns a tuple of the outputs), ``programs`` (name → file),
 ``weights`` (rank as a string → file), ``source`` (where the model came from), ``files`` (every file but the
-manifest → ``{"sha256", "size"}``), plus any keys the caller adds through ``extra``.
+manifest → ``{"sha256", "size"}``; a weights file's entry also ``"tensors"``: name → SHA-256 of that tensor's bytes,
+what ``load(share_weights=...)`` matches weights by; an artifact without them shares nothing), plus any keys the
+caller adds through ``extra``.
 
 Format 2 adds pipeline artifacts (written as 2 only when they are one, so older bmc versions still read the
 others): ``pipeline`` = ``{"stages": [...], "microbatches": K, "outputs": [...]}``, each stage ``{"program",
@@ -500,6 +502,18 @@ class HashingReader:
             done += n
         self._hasher.submit(self._hash.update, view)
         self._pos += done
+
+    def skip(self, n: int, chunk: int = 1 << 24) -> None:
+        """Read (and hash) the next ``n`` bytes without keeping them, ``chunk`` bytes at a time (at most two chunks
+        held while the hash catches up)."""
+        pending = None
+        while n > 0:
+            buf = bytearray(min(n, chunk))
+            self.readinto(buf)
+            n -= len(buf)
+            if pending is not None:
+                pending.result()
+            pending = self._hasher.submit(lambda: None)  # done once this chunk is hashed (one worker, in order)
 
     def finish(self) -> None:
         """Check that the whole file was read and that its digest is the manifest's (else ArtifactError)."""

@@ -102,6 +102,16 @@ class Model:
         self._aliases = [index.get(o.get("aliases")) for o in self._outputs]
         self._lock = threading.Lock()  # calls take turns: they share those tensors
 
+    def _shareable(self, rank: int) -> dict:
+        """This model's loaded weights of rank ``rank`` (under MPI: this process's rank, else none) by
+        :func:`_weight_keys`, for another model to use (``load(share_weights=...)``)."""
+        if self.mpi is not None:
+            mine = rank == self.mpi.rank
+            rank, held = self.mpi.rank, self._ranks[0][1] if mine else []
+        else:
+            held = self._ranks[rank][1] if rank < len(self._ranks) else []
+        return {k: t for k, t in zip(_weight_keys(self._manifest, rank), held) if k is not None}
+
     @property
     def manifest(self) -> dict:
         """The artifact's manifest (versions, target, signature, digests)."""
@@ -516,11 +526,34 @@ def _device(device: str, target: dict, where: str):
     return dev
 
 
-def _load_weights(path: Path, manifest: dict, dev, rank: int = 0, *, staged: bool | None = None) -> list:
+def _weight_keys(manifest: dict, rank: int) -> list[tuple | None]:
+    """Per weight of rank ``rank``'s program (signature order), what makes two loaded weights interchangeable: the
+    SHA-256 of its bytes (recorded per tensor when the artifact was written), dtype, shape and the form the program
+    reads it in (packed into panels for bmc's CPU kernels, and how, or as stored); None in an artifact written
+    before per-tensor digests."""
+    digests = (manifest["files"].get(manifest["weights"].get(str(rank), "")) or {}).get("tensors") or {}
+    cpu = (manifest.get("kernels") or {}).get("cpu") or {}
+    panels, int8 = cpu.get("packed_weights") or {}, set(cpu.get("packed_int8_weights") or ())
+    return [(digests[n], p["dtype"], tuple(p["shape"]),
+             ("panels", bool(panels[n])) if n in panels else "int8" if n in int8 else None) if n in digests else None
+            for p in manifest["signature"]["params"] for n in [p["name"]]]
+
+
+def _reused(manifest: dict, rank: int, shared: dict) -> dict[str, Any]:
+    """Rank ``rank``'s weights (by name) that ``shared`` (:meth:`Model._shareable`) already holds as needed."""
+    return {p["name"]: shared[k] for p, k in zip(manifest["signature"]["params"], _weight_keys(manifest, rank))
+            if k is not None and k in shared}
+
+
+def _load_weights(path: Path, manifest: dict, dev, rank: int = 0, *, staged: bool | None = None,
+                  shared: dict | None = None) -> list:
     """Rank ``rank``'s weights on ``dev``, in signature order. The file is read once, front to back, straight into
     the device tensors (on the CPU) or through a host buffer (``staged``, default: off the CPU), hashed on the way,
     and the tensors are returned only once its SHA-256 matched the manifest's; a weight the program reads packed
-    (``kernels.cpu.packed_weights``, ``packed_int8_weights``) is packed then, one weight at a time."""
+    (``kernels.cpu.packed_weights``, ``packed_int8_weights``) is packed then, one weight at a time. A weight that
+    ``shared`` (another model's loaded weights, :meth:`Model._shareable`) holds in the same form is that tensor:
+    its bytes are read and hashed but not kept."""
+    reuse = _reused(manifest, rank, shared) if shared else {}
     rel = manifest["weights"][str(rank)]
     file = path / rel
     st = SafetensorsFile(file)
@@ -539,6 +572,9 @@ def _load_weights(path: Path, manifest: dict, dev, rank: int = 0, *, staged: boo
     with HashingReader(path, rel, manifest["files"][rel]) as reader:
         reader.readinto(bytearray(st.data_start))  # the header: hashed, already parsed
         for name, dtype, shape, nbytes in st.layout():
+            if name in reuse:
+                reader.skip(nbytes)
+                continue
             if nbytes == 0:
                 tensors[name] = tvm.runtime.empty(shape, dtype, dev)
                 continue
@@ -552,12 +588,14 @@ def _load_weights(path: Path, manifest: dict, dev, rank: int = 0, *, staged: boo
             tensors[name] = raw._create_view(shape, dtype)
         reader.finish()
     names = [spec["name"] for spec in manifest["signature"]["params"]]
-    weights = [tensors.pop(name) for name in names]
-    return pack_params((manifest.get("kernels") or {}).get("cpu"), names, weights)
+    own = [n for n in names if n not in reuse]
+    loaded = dict(zip(own, pack_params((manifest.get("kernels") or {}).get("cpu"), own,
+                                       [tensors.pop(n) for n in own])))
+    return [reuse[n] if n in reuse else loaded[n] for n in names]
 
 
 def load(path, *, device: str | None = None, simulate: bool = False, threads: int | None = None,
-         mpi: bool | None = None, collectives: str | None = None) -> Model:
+         mpi: bool | None = None, collectives: str | None = None, share_weights: Model | None = None) -> Model:
     """Verify the artifact at ``path``, then load its program and weights onto ``device`` (``cpu``, ``cuda[:N]``;
     default: the artifact's target, and under MPI each rank takes a GPU by its rank on the host).
 
@@ -567,7 +605,12 @@ def load(path, *, device: str | None = None, simulate: bool = False, threads: in
     ``threads`` sizes the CPU thread pools (default: BMC_NUM_THREADS, TVM_NUM_THREADS, OMP_NUM_THREADS, then the CPUs
     this process may use, divided among the MPI ranks on this host). ``collectives``: ``"native"``, ``"python"`` or
     ``None`` (native when built, else Python; ``BMC_COLLECTIVES``); for a CUDA artifact ``"nccl"``, ``"host"``
-    (host-staged MPI) or ``None`` (NCCL when every rank has a GPU of its own and NCCL loads, else host-staged)."""
+    (host-staged MPI) or ``None`` (NCCL when every rank has a GPU of its own and NCCL loads, else host-staged).
+
+    ``share_weights``: a model already loaded on the same device (and, under MPI, by this rank) whose weights this one
+    uses wherever they are the same bytes in the same form (e.g. a prefill and a decoding program compiled from one
+    model for two sequence lengths with the same plan): one copy on the device; ``model.stats["shared_bytes"]``
+    says how much was shared."""
     path = Path(path)
     if simulate or mpi is False:
         manifest = verify_artifact(path, hash_weights=False)  # hashed as read
@@ -592,23 +635,40 @@ def load(path, *, device: str | None = None, simulate: bool = False, threads: in
         else:
             ctx = MPIContext(MPI, manifest, str(path))
     device = device or ("cuda" if manifest["target"].get("kind") == "cuda" else "cpu")
+    if share_weights is not None and (not isinstance(share_weights, Model) or "pipeline" in manifest):
+        raise UsageError("share_weights takes a loaded bmc model, and a pipeline artifact cannot use it",
+                         where=str(path), fix="load the two artifacts without share_weights")
     if "pipeline" in manifest:
         from bmc.runtime.pipeline import load_pipeline
 
         return load_pipeline(path, manifest, ctx, device=device, threads=threads, collectives=collectives)
     if ctx is not None:
-        return _load_mpi(path, manifest, ctx, device=device, threads=threads, collectives=collectives)
-    return _load_local(path, manifest, device=device, threads=threads)
+        return _load_mpi(path, manifest, ctx, device=device, threads=threads, collectives=collectives,
+                         share=share_weights)
+    return _load_local(path, manifest, device=device, threads=threads, share=share_weights)
 
 
-def _load_local(path: Path, manifest: dict, *, device: str, threads: int | None) -> Model:
+def _sharing(share: Model | None, dev, rank: int, where: str) -> dict:
+    """What ``share`` offers rank ``rank`` loading onto ``dev`` (:meth:`Model._shareable`); a model on another
+    device is a usage error."""
+    if share is None:
+        return {}
+    if share._device != dev:
+        raise UsageError(f"share_weights is a model on {share._device}, this one loads onto {dev}", where=where,
+                         fix="load both on the same device (device=...)")
+    return share._shareable(rank)
+
+
+def _load_local(path: Path, manifest: dict, *, device: str, threads: int | None, share: Model | None = None) -> Model:
     """Every rank of ``manifest`` in this process (one, or all of them simulated)."""
     world = manifest["world_size"]
     if "main" not in manifest["programs"] or any(str(r) not in manifest["weights"] for r in range(world)):
         raise ArtifactError("manifest.json names no program 'main' or misses a rank's weights", where=str(path),
                             fix="the artifact is damaged; recompile the model")
     dev = _device(device, manifest["target"], str(path))
-    check_memory(manifest, dev, world, str(path))  # every simulated rank's memory is this process's
+    shared = [_sharing(share, dev, r, str(path)) for r in range(world)]
+    check_memory(manifest, dev, world, str(path),  # every simulated rank's memory is this process's
+                 reused=sum(_shared_bytes(manifest, r, shared[r]) for r in range(world)))
     _register_kernels(path, manifest, threads)
     if world > 1:
         from bmc.runtime.simulate import register_simulated_collectives
@@ -621,18 +681,28 @@ def _load_local(path: Path, manifest: dict, *, device: str, threads: int | None)
     except Exception as e:  # noqa: BLE001  (TVM raises many types)
         raise ArtifactError(f"TVM could not load the program: {e}", where=str(program),
                             fix="recompile the model for this machine") from e
-    ranks = [(mains[r], _load_weights(path, manifest, dev, r)) for r in range(world)]
-    return Model(path, manifest, ranks, dev)
+    ranks = [(mains[r], _load_weights(path, manifest, dev, r, shared=shared[r])) for r in range(world)]
+    stats = {"shared_bytes": sum(_shared_bytes(manifest, r, shared[r]) for r in range(world))} if share else None
+    return Model(path, manifest, ranks, dev, stats=stats)
 
 
-def check_memory(manifest: dict, dev, sharing: int, where: str) -> None:
+def _shared_bytes(manifest: dict, rank: int, shared: dict) -> int:
+    """The bytes of rank ``rank``'s weights (as stored) that ``shared`` holds already."""
+    reused = _reused(manifest, rank, shared) if shared else {}
+    return sum(int(np.prod(p["shape"])) * np.dtype(np_dtype(p["dtype"])).itemsize
+               for p in manifest["signature"]["params"] if p["name"] in reused)
+
+
+def check_memory(manifest: dict, dev, sharing: int, where: str, reused: int = 0) -> None:
     """FAILURES.md 45: refuse to load when the plan's peak per device (``manifest.memory``: weights plus the live
-    activations, a lower bound of what the program uses) exceeds this device's free memory over the ``sharing``
-    ranks that load onto it. The free memory is ``BMC_AVAILABLE_MEMORY`` bytes when set, else the device's (on the
-    CPU, MemAvailable); ``BMC_MEMORY_CHECK=0`` skips the check."""
+    activations, a lower bound of what the program uses), less the ``reused`` bytes of weights another model already
+    holds, exceeds this device's free memory over the ``sharing`` ranks that load onto it. The free memory is
+    ``BMC_AVAILABLE_MEMORY`` bytes when set, else the device's (on the CPU, MemAvailable); ``BMC_MEMORY_CHECK=0``
+    skips the check."""
     need = (manifest.get("memory") or {}).get("peak_bytes_per_device")
     if not need or os.environ.get("BMC_MEMORY_CHECK", "1").strip() == "0":
         return
+    need = max(0, need - reused // max(1, sharing))
     free = _free_memory(dev)
     if not free:  # not known here: nothing to check against
         return
@@ -682,7 +752,8 @@ def _register_kernels(path: Path, manifest: dict, threads: int | None) -> None:
             raise ArtifactError(str(e), where=str(path), fix="recompile the model on this machine") from e
 
 
-def _load_mpi(path: Path, manifest: dict, ctx, *, device: str, threads: int | None, collectives: str | None) -> Model:
+def _load_mpi(path: Path, manifest: dict, ctx, *, device: str, threads: int | None, collectives: str | None,
+              share: Model | None = None) -> Model:
     """MPI mode: this rank verifies and loads only its own files; every step ends with an agreement, so a failure on
     one rank becomes the same error on every rank instead of a hang."""
     from bmc.runtime.artifact import PLAN, check_library_versions, verify_file
@@ -692,7 +763,7 @@ def _load_mpi(path: Path, manifest: dict, ctx, *, device: str, threads: int | No
     weights = manifest["weights"].get(str(rank), "")
     mine = [PLAN, manifest["programs"].get("main", ""), weights]
     stats = {"rank": rank, "coord": list(ctx.coord), "bytes_read": 0}
-    error = None
+    error, shared = None, {}
     try:
         check_library_versions(manifest, str(path))
         if not all(mine):
@@ -715,6 +786,8 @@ def _load_mpi(path: Path, manifest: dict, ctx, *, device: str, threads: int | No
         elif manifest["target"].get("kind") == "cuda":  # an explicit device: maybe the same on every rank
             gpu = (int(device.partition(":")[2] or 0), ctx.local_size > 1)
         dev = _device(device, manifest["target"], str(path))
+        shared = _sharing(share, dev, rank, str(path))
+        stats["shared_bytes"] = _shared_bytes(manifest, rank, shared)
         sharing = ctx.local_size  # the ranks of this host share its memory (on the CPU) or this rank's GPU
         if gpu is not None and not gpu[1]:
             sharing = 1
@@ -722,7 +795,7 @@ def _load_mpi(path: Path, manifest: dict, ctx, *, device: str, threads: int | No
             from bmc.runtime.cuda import device_count
 
             sharing = len(range(gpu[0], ctx.local_size, device_count()))
-        check_memory(manifest, dev, sharing, str(path))
+        check_memory(manifest, dev, sharing, str(path), reused=stats["shared_bytes"] * sharing)
         try:
             allowed = os.sched_getaffinity(0)
         except (AttributeError, OSError):
@@ -750,7 +823,7 @@ def _load_mpi(path: Path, manifest: dict, ctx, *, device: str, threads: int | No
     try:
         lib = load_program(program, manifest["files"][manifest["programs"]["main"]]["sha256"])
         main = tvm.runtime.vm.VirtualMachine(lib, dev)["main"]
-        params = _load_weights(path, manifest, dev, rank)
+        params = _load_weights(path, manifest, dev, rank, shared=shared)
     except BmcError as e:
         error = e
     except Exception as e:  # noqa: BLE001  (TVM raises many types)

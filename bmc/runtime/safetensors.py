@@ -75,15 +75,18 @@ def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, str, tuple[
 
     ``tensors`` is iterated twice (header first, then data), so pass a list of descriptors, not a generator.
     A provider returning a different dtype or shape than declared is a bug in the caller (``InternalError``).
-    Returns ``{"size": bytes, "sha256": hex}`` of the written file, computed while writing.
+    Returns ``{"size": bytes, "sha256": hex, "tensors": {name: hex}}``: the written file's size and SHA-256, and each
+    tensor's SHA-256 (of its bytes), computed while writing.
     """
     entries = list(tensors)
     header = build_header(((n, d, tuple(s)) for n, d, s, _ in entries), metadata)
     digest = hashlib.sha256(header)
     size = len(header)
+    each = {}
     with open(path, "wb") as f:
         f.write(header)
         for name, dtype, shape, source in entries:
+            each[name] = hashlib.sha256()
             arr = source() if callable(source) else source
             arr = np.asarray(arr)
             if arr.dtype != np_dtype(dtype) or arr.shape != tuple(shape):
@@ -93,10 +96,11 @@ def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, str, tuple[
                 raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
                 f.write(raw)
                 digest.update(raw)
+                each[name].update(raw)
                 size += raw.nbytes
                 del raw
             del arr  # drop this tensor before the next provider runs
-    return {"size": size, "sha256": digest.hexdigest()}
+    return {"size": size, "sha256": digest.hexdigest(), "tensors": {n: h.hexdigest() for n, h in each.items()}}
 
 
 class SafetensorsFile:

@@ -361,6 +361,39 @@ def test_a_decoding_loop_keeps_each_ranks_heads_of_the_cache(tmp_path, exporter,
     assert res["k"] <= 1e-6 and res["v"] <= 1e-6
 
 
+SHARE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import bmc
+    long, short, out = sys.argv[1:4]
+    first = bmc.load(long)
+    second = bmc.load(short, share_weights=first)
+    ids = np.arange(4).reshape(1, 4)
+    same = bool(np.array_equal(second(input_ids=ids), bmc.load(short)(input_ids=ids)))
+    held = sum(int(np.prod(p["shape"])) * 4 for p in second.signature["params"])
+    with open(f"{out}.r{first.mpi.rank}.json", "w") as f:
+        json.dump({"shared": second.stats["shared_bytes"], "held": held, "same": same}, f)
+""")
+
+
+def test_each_rank_shares_its_own_weights_between_two_programs(tmp_path):
+    """Llama by Megatron on 2 real ranks, compiled for 2 × 16 and 1 × 4 tokens: each rank's short program uses the
+    long one's weights of that rank (all of them) and gives what it gives loaded alone."""
+    import bmc
+
+    for name, shapes in (("long", {"batch": 2, "seq": 16}), ("short", {"batch": 1, "seq": 4})):
+        bmc.compile(FIXTURES / "llama_dynamo.onnx", tmp_path / f"{name}.bmc", mesh="2", strategy="megatron",
+                    input_shapes=shapes)
+    script = tmp_path / "share.py"
+    script.write_text(SHARE_SCRIPT)
+    r = mpirun(2, [sys.executable, str(script), str(tmp_path / "long.bmc"), str(tmp_path / "short.bmc"),
+                   str(tmp_path / "share")])
+    assert r.returncode == 0, r.stdout + r.stderr
+    for rank in range(2):
+        res = json.loads((tmp_path / f"share.r{rank}.json").read_text())
+        assert res["same"] and res["shared"] == res["held"] > 0, res
+
+
 COLLECTIVES_SCRIPT = textwrap.dedent("""
     # every collective kind on leading and inner dims, on a 2x2 mesh, against GROUP_REFERENCE
     import json, sys
