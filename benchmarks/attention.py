@@ -18,7 +18,9 @@ score bytes the unfused program writes and reads, and the max abs error of both 
 relative to max |onnxruntime|. ``--windows`` adds prefills of the longest ``--seqs`` with a causal sliding window
 (each query sees itself and the ``window - 1`` keys before it: Mistral's, Gemma's local layers): the mask is still
 a constant, and the fused kernel computes only the keys a block of query rows sees. Prints a table and writes
-``benchmarks/results/attention.json``.
+``benchmarks/results/attention.json``. ``--sinks`` times GPT-OSS's form instead (a sink logit per head in every
+row's softmax; the fused build is the kernel's log-sum-exp form times ``sigmoid(lse - sink)``) and writes
+``benchmarks/results/attention_sinks.json``.
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ HEADS, HEAD_DIM = 12, 64
 from benchmarks.quantized import _median_s, run_main  # noqa: E402 (after the path set-up)
 
 
-def attention_core(batch: int, seq: int, queries: int, window: int | None = None):
+def attention_core(batch: int, seq: int, queries: int, window: int | None = None, sinks: bool = False):
     """The last ``queries`` positions of a causal attention over ``seq`` keys (each seeing the last ``window``
-    keys up to itself, when given)."""
+    keys up to itself, when given); with ``sinks`` GPT-OSS's form: a learned logit per head concatenated to every
+    row of the scores, the row's max taken off, the softmax, the sink's column dropped."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
@@ -60,9 +63,21 @@ def attention_core(batch: int, seq: int, queries: int, window: int | None = None
              helper.make_node("Add", ["scaled", "mask"], ["masked"]),
              helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
              helper.make_node("MatMul", ["probs", "v"], ["out"])]
+    if sinks:
+        sink = np.random.default_rng(0).standard_normal((1, HEADS, 1, 1)).astype(np.float32)
+        inits += [numpy_helper.from_array(sink, "sink"), numpy_helper.from_array(
+            np.array([batch, HEADS, queries, 1], np.int64), "rows"),
+            numpy_helper.from_array(np.array([-1], np.int64), "last"),
+            *(numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("zero", 0), ("minus1", -1)))]
+        nodes[4:5] = [helper.make_node("Expand", ["sink", "rows"], ["sinks"]),
+                      helper.make_node("Concat", ["masked", "sinks"], ["joined"], axis=-1),
+                      helper.make_node("ReduceMax", ["joined", "last"], ["top"], keepdims=1),
+                      helper.make_node("Sub", ["joined", "top"], ["shifted"]),
+                      helper.make_node("Softmax", ["shifted"], ["all_probs"], axis=-1),
+                      helper.make_node("Slice", ["all_probs", "zero", "minus1", "last"], ["probs"])]
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [batch, HEADS, queries, HEAD_DIM])
     graph = helper.make_graph(nodes, "attention", inputs, [out], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
 def _aligned(a):
@@ -96,7 +111,7 @@ def run(args) -> dict:
         [(max(args.seqs), max(args.seqs), w) for w in args.windows]
     for seq, queries, window in cases:
         path = work / f"attention-{seq}-{queries}-{window}.onnx"
-        onnx.save(attention_core(args.batch, seq, queries, window), path)
+        onnx.save(attention_core(args.batch, seq, queries, window, args.sinks), path)
         rng = np.random.default_rng(seq)
         feeds = {n: rng.standard_normal((args.batch, HEADS, queries if n == "q" else seq, HEAD_DIM), dtype=np.float32)
                  for n in "qkv"}
@@ -126,7 +141,8 @@ def run(args) -> dict:
         rows.append(row)
         print(f"[seq {seq}, {queries} queries, window {window}] fused {row['fused_s'] * 1e3:.2f} ms, unfused {row['unfused_s'] * 1e3:.2f} ms, "
               f"onnxruntime {row['onnxruntime_s'] * 1e3:.2f} ms", file=sys.stderr)
-    return {"config": {"batch": args.batch, "heads": HEADS, "head_dim": HEAD_DIM, "threads": args.threads},
+    return {"config": {"batch": args.batch, "heads": HEADS, "head_dim": HEAD_DIM, "threads": args.threads,
+                       "sinks": args.sinks},
             "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
             "versions": {"onnxruntime": ort.__version__, "bmc": bmc.__version__}, "rows": rows}
 
@@ -150,7 +166,10 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=lambda s: [int(v) for v in s.split(",") if v], default=[256],
                    help="sliding windows for prefills of the longest --seqs, comma-separated; '' for none")
     p.add_argument("--batch", type=int, default=1)
-    return run_main(p, argv, DEFAULT_JSON, run, table)
+    p.add_argument("--sinks", action="store_true", help="GPT-OSS's attention with a sink per head (writes "
+                   "attention_sinks.json unless --json)")
+    sinks = "--sinks" in (argv if argv is not None else sys.argv[1:])
+    return run_main(p, argv, DEFAULT_JSON.with_name("attention_sinks.json") if sinks else DEFAULT_JSON, run, table)
 
 
 if __name__ == "__main__":

@@ -219,6 +219,14 @@ def build_olmo2(gen):
     return _causal_lm(transformers.Olmo2ForCausalLM(cfg), gen)
 
 
+def build_gptoss(gen):
+    # GPT-OSS: a learned sink per head (one more logit in every row's softmax, its probability dropped), sliding
+    # windows of 8 on every other layer, experts with biases and a clamped SwiGLU
+    cfg = transformers.GptOssConfig(head_dim=8, sliding_window=8, num_local_experts=4, num_experts_per_tok=2,
+                                    experts_implementation="batched_mm", **_DECODER)
+    return _causal_lm(transformers.GptOssForCausalLM(cfg), gen)
+
+
 def build_opt(gen):
     cfg = transformers.OPTConfig(
         vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
@@ -339,6 +347,7 @@ MODELS = {
     "phi3": build_phi3,
     "neox": build_neox,
     "olmo2": build_olmo2,
+    "gptoss": build_gptoss,
     "opt": build_opt,
     "vit": build_vit,
     "falcon": build_falcon,

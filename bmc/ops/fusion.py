@@ -10,7 +10,8 @@ exporters, for GPT-2, BERT, Llama, OPT, ViT, Falcon, BLOOM, T5 and the Llama-lik
     s = mul(tanh(div(s, c)), c)  optional: soft-capping by a positive scalar constant (Gemma 2)
     s = add(s, bias)             optional, up to twice (T5: a position bias, then the mask): broadcasting to s;
                                  where(mask, lowest, s) counts as adding where(mask, lowest, 0) (MPT, DeBERTa)
-    p = softmax(s, axis=-1)
+    p = softmax(s, axis=-1)      or GPT-OSS's sinks: softmax(concat(s, sink) [- its row max], -1)[..., :N] with
+                                 sink [..., M, 1] (a logit per head, one more column of every row)
     o = matmul(p, v)             v [..., N, E]
 
 and replaces it by one ``attention(q, kt, v[, bias]) {scale}``, when every intermediate has that single reader
@@ -78,6 +79,18 @@ def _batch_reshape(node: Node | None) -> bool:
         return False
     i, o = node.inputs[0].type.shape, node.outputs[0].type.shape
     return len(i) >= 2 and len(o) >= 2 and i[-2:] == o[-2:]
+
+
+def _all_but_last_column(node: Node | None) -> bool:
+    """A slice keeping all of the last dim but its last entry: ``p[..., :-1]``."""
+    if node is None or node.op != "slice" or len(node.attrs["axes"]) != 1:
+        return False
+    shape = node.inputs[0].type.shape
+    size = shape[-1]
+    start, end = node.attrs["starts"][0], node.attrs["ends"][0]
+    start, end = (x + size if x < 0 else x for x in (start, end))
+    return (node.attrs["axes"][0] % len(shape) == len(shape) - 1 and tuple(node.attrs["steps"]) == (1,)
+            and start == 0 and min(end, size) == size - 1)
 
 
 def _shared_heads(x: Value, emit) -> Value:
@@ -160,7 +173,23 @@ def fuse_attention(graph: Graph) -> Graph:
             continue
         probs = node.outputs[0]
         frame = probs.type.shape[:-2]  # the fused op works in the softmax's batch dims
-        zeroed = nan_zeroed(probs)
+        start, sink, sink_shift = node, None, False  # the node the chain of the scores feeds, and GPT-OSS's sink
+        cut = single_reader(probs)
+        if _all_but_last_column(cut):  # softmax(concat(s, sink) [- its row max])[..., :-1]
+            x = node.inputs[0]
+            sub = producer(x, node, "sub")
+            top = sub.inputs[1].producer if sub is not None else None
+            if (top is not None and top.op == "reduce_max" and top.inputs[0] is sub.inputs[0]
+                    and only_reader(sub.inputs[1], sub) and top.attrs["keepdims"]
+                    and tuple(a % x.type.rank for a in top.attrs["axes"]) == (x.type.rank - 1,)
+                    and id(sub.inputs[0]) not in outputs and len(users.get(sub.inputs[0], [])) == 2):
+                x, sink_shift = sub.inputs[0], True
+            cat = x.producer
+            if (cat is not None and cat.op == "concat" and len(cat.inputs) == 2
+                    and cat.attrs["axis"] % x.type.rank == x.type.rank - 1 and cat.inputs[1].type.shape[-1] == 1
+                    and (sink_shift or only_reader(x, node))):
+                start, sink, probs = cat, cat.inputs[1], cut.outputs[0]
+        zeroed = nan_zeroed(probs) if sink is None else None
         if zeroed is not None:
             probs = zeroed.outputs[0]
         out_mm, p = single_reader(probs), probs
@@ -169,7 +198,7 @@ def fuse_attention(graph: Graph) -> Graph:
             out_mm = single_reader(p)
         if out_mm is None or out_mm.op != "matmul" or out_mm.inputs[0] is not p:
             continue
-        s, top, biases, scale, regrouped = node.inputs[0], node, [], 1.0, False
+        s, top, biases, scale, regrouped = start.inputs[0], start, [], 1.0, False
         while True:  # up from the softmax: up to two biases (T5: position bias, then mask) and one batch reshape
             add = producer(s, top, "add") if len(biases) < 2 else None
             if add is not None:
@@ -269,8 +298,9 @@ def fuse_attention(graph: Graph) -> Graph:
             bias = [emit("add", bias, broadcast_shapes(bias[0].type.shape, bias[1].type.shape))]
         result = out_mm.outputs[0]
         shape = frame + result.type.shape[-2:]
-        attrs = OPS["attention"].check_attrs({"scale": scale, "transpose_k": transpose_k, "softcap": softcap})
-        last = ("attention", [q, key, v] + bias, attrs)
+        attrs = OPS["attention"].check_attrs({"scale": scale, "transpose_k": transpose_k, "softcap": softcap,
+                                              "sink": sink is not None, "sink_shift": sink_shift})
+        last = ("attention", [q, key, v] + bias + ([sink] if sink is not None else []), attrs)
         if zeroed is not None:  # where(isnan(o), 0, o)
             o = emit(*last[:2], shape, **attrs)
             zero = emit("constant", [], (), value=np.zeros((), np_dtype(o.type.dtype)))

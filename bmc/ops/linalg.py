@@ -155,11 +155,22 @@ def _infer_attention(ins, attrs):
         raise OpError(f"attention takes float q [..., M, D], kt [..., D, N] (k [..., N, D] with transpose_k) and "
                       f"v [..., N, E] whose batch dims divide q's (q's, a group's or 1), got {q}, {k} and {v}")
     scores = q.shape[:-1] + (kt[-1],)
-    if len(ins) > 3:
+    if len(ins) > 3 + attrs["sink"]:
         bias = ins[3]
         if bias.dtype != q.dtype or bias.rank > len(scores) or broadcast_shapes(bias.shape, scores) != scores:
             raise OpError(f"attention: the bias must be {q.dtype} and broadcast to the scores {list(scores)}, "
                           f"got {bias}")
+    if len(ins) > 4 + attrs["sink"]:
+        raise OpError(f"attention takes q, k, v, an optional bias{' and the sink' if attrs['sink'] else ''}: "
+                      f"{len(ins)} operands given")
+    if attrs["sink"]:
+        sink, rows = ins[-1], q.shape[:-1] + (1,)
+        if len(ins) == 3 or attrs["lse"] or sink.dtype != q.dtype or sink.rank > len(rows) \
+                or broadcast_shapes(sink.shape, rows) != rows:
+            raise OpError(f"attention: the sink operand (last, with sink) must be {q.dtype} and broadcast to the "
+                          f"rows {list(rows)}, and lse cannot be asked with it, got {sink}")
+    elif attrs["sink_shift"]:
+        raise OpError("attention: sink_shift needs sink")
     out = TensorType(q.dtype, q.shape[:-1] + (v.shape[-1],))
     return [out, TensorType("float32", q.shape[:-1])] if attrs["lse"] else [out]
 
@@ -177,8 +188,13 @@ def _attention(ins, attrs):
     if attrs.get("softcap"):  # (attrs as check_attrs fills them; direct callers may leave it out)
         cap = np.asarray(attrs["softcap"], s.dtype)
         s = run("mul", [run("tanh", [run("div", [s, cap])]), cap])
-    if len(ins) > 3:
+    if len(ins) > 3 + attrs.get("sink", False):
         s = run("add", [s, ins[3]])
+    if attrs.get("sink"):  # the sink's logit is one more column of the softmax, left out of the product
+        s = run("concat", [s, np.broadcast_to(ins[-1], s.shape[:-1] + (1,))], axis=-1)
+        if attrs.get("sink_shift"):
+            s = run("sub", [s, run("reduce_max", [s], axes=(-1,), keepdims=True)])
+        return [run("matmul", [run("softmax", [s], axis=-1)[..., :-1], v])]
     out = run("matmul", [run("softmax", [s], axis=-1), v])
     return [out, log_sum_exp(s)] if attrs["lse"] else [out]
 
@@ -209,9 +225,9 @@ def _attention_cost(ins, outs, attrs):
                 bytes_moved(ins, outs))
 
 
-register(OpDef("attention", "linalg", (3, 4),
+register(OpDef("attention", "linalg", (3, 5),
                {"scale": Attr("float", 1.0), "transpose_k": Attr("bool", False), "lse": Attr("bool", False),
-                "softcap": Attr("float", 0.0)},
+                "softcap": Attr("float", 0.0), "sink": Attr("bool", False), "sink_shift": Attr("bool", False)},
                _infer_attention, _attention, _attention_cost,
                doc="softmax(scale * q @ kt + bias, axis=-1) @ v of q [..., M, D], kt [..., D, N] (or k [..., N, D] "
                    "with transpose_k), v [..., N, E] (k's and v's batch dims divide q's: 1 is multi-query, another "
@@ -220,7 +236,10 @@ register(OpDef("attention", "linalg", (3, 4),
                    "computed without the [M, N] scores where a kernel exists; with lse a second result, float32 "
                    "[..., M]: the log-sum-exp of each row of the scores (-inf for a row of -inf); a nonzero softcap "
                    "c caps the scaled scores before the bias, c * tanh(s / c) (Gemma 2's attention logit "
-                   "soft-capping)"))
+                   "soft-capping); with sink a last operand broadcasting to the rows [..., M, 1] is one more logit "
+                   "of each row's softmax whose probability multiplies nothing (GPT-OSS's attention sinks: "
+                   "softmax(concat(s, sink))[..., :N] @ v; sink_shift: the concatenated row less its max first, as "
+                   "GPT-OSS writes it, which changes only the reference's rounding)"))
 
 
 def _infer_gather_matmul(ins, attrs):

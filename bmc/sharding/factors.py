@@ -302,10 +302,10 @@ def attention_rule(ins, outs, attrs) -> ShardingRule:
     n, e = fs.new("n", kt[-1], "replicate" if attrs["lse"] else "reduction"), fs.new("e", v[-1])
     key = ((n,), (d,)) if attrs["transpose_k"] else ((d,), (n,))
     operands = [batch + ((m,), (d,)), k_batch + key, v_batch + ((n,), (e,))]
-    if len(ins) > 3:
-        scores, shape, bias = batch + ((m,), (n,)), q[:-1] + (kt[-1],), ins[3].shape
-        off = len(shape) - len(bias)
-        operands.append(tuple(scores[off + j] if size == shape[off + j] else () for j, size in enumerate(bias)))
+    scores, shape = batch + ((m,), (n,)), q[:-1] + (kt[-1],)
+    for extra in ins[3:]:  # the bias, then the sink (rows [..., M, 1]: its dim of 1 takes no factor)
+        off = len(shape) - extra.rank
+        operands.append(tuple(scores[off + j] if size == shape[off + j] else () for j, size in enumerate(extra.shape)))
     results = [batch + ((m,), (e,))] + ([batch + ((m,),)] if attrs["lse"] else [])
     if attrs["lse"]:
         return fs.rule(operands, results, attention_local)
@@ -353,10 +353,21 @@ def _key_split_attention(ctx, node, inputs, assignment, rule):
     if not axes:
         return ctx.emit("attention", inputs, **node.attrs)
     name = node.outputs[0].name
-    o, lse = ctx.emit("attention", inputs, names=(f"{name}.block", f"{name}.lse"), **(node.attrs | {"lse": True}))
-    shifted = ctx.emit("sub", [lse, ctx.all_reduce(lse, axes, "max")])[0]
+    sink = inputs[-1] if node.attrs["sink"] else None  # one more term of every row's denominator, counted once
+    o, lse = ctx.emit("attention", inputs[:len(inputs) - (sink is not None)], names=(f"{name}.block", f"{name}.lse"),
+                      **(node.attrs | {"lse": True, "sink": False, "sink_shift": False}))
+    top = ctx.all_reduce(lse, axes, "max")
+    if sink is not None:
+        rows = lse.type.shape
+        sink = ctx.emit("reshape", [ctx.emit("broadcast_to", [sink], shape=rows + (1,))[0]], shape=rows)[0]
+        sink = sink if sink.type.dtype == "float32" else ctx.emit("cast", [sink], dtype="float32")[0]
+        top = ctx.emit("maximum", [top, sink])[0]
+    shifted = ctx.emit("sub", [lse, top])[0]
     weight = ctx.emit("exp", [shifted], names=(f"{name}.weight",))[0]
-    share = ctx.emit("div", [weight, ctx.all_reduce(weight, axes, "sum")])[0]
+    total = ctx.all_reduce(weight, axes, "sum")
+    if sink is not None:
+        total = ctx.emit("add", [total, ctx.emit("exp", [ctx.emit("sub", [sink, top])[0]])[0]])[0]
+    share = ctx.emit("div", [weight, total])[0]
     column = o.type.shape[:-1] + (1,)
     share = ctx.emit("reshape", [share], shape=column)[0]
     zero = ctx.emit("equal", [ctx.emit("reshape", [weight], shape=column)[0], ctx.constant(0.0, "float32")])[0]

@@ -116,6 +116,20 @@ def test_unsupported_attribute_names_node_and_attribute():
         import_model(m)
 
 
+def test_a_size_computed_from_input_values_names_the_input():
+    """A split whose sizes are summed from an input's values (a mixture's tokens per expert): data-dependent, so
+    the error names the input and says to export it statically, not to bind shapes (every shape is bound)."""
+    nodes = [helper.make_node("ReduceSum", ["counts", "axis0"], ["sizes"], keepdims=0),
+             helper.make_node("Split", ["x", "sizes"], ["a", "b"], name="split_by_counts", axis=1)]
+    axis0 = numpy_helper.from_array(np.array([0], np.int64), "axis0")
+    m = make_model(nodes, [vi("x", shape=(2, 6)), vi("counts", TensorProto.INT64, (3, 2))],
+                   [vi("a", shape=None), vi("b", shape=None)], [axis0], opset=18)
+    with pytest.raises(ModelError, match="'split_by_counts'.*computed at run time from the values of graph input "
+                                         "'counts'") as info:
+        import_model(m)
+    assert "export the model so that this is a constant" in str(info.value)
+
+
 # 6, 7 -------------------------------------------------------------------------------------------------------------
 def test_initializer_byte_length_mismatch():
     w = raw_tensor("w", (3, 4), b"\x00" * 40)  # needs 48 bytes

@@ -231,6 +231,18 @@ CASES += [("attention", [_normal(2, 4, 3, 8).astype(np.float64), _normal(2, 2, 8
                          _normal(2, 2, 9, 5).astype(np.float64), _normal(4, 3, 9).astype(np.float64)],
            {"scale": 2.0, "softcap": 1.5})]
 
+# attention sinks (GPT-OSS: a logit per head beside every row's scores): grouped with the causal mask (a row masked
+# everywhere: output 0), shifted by the row max as GPT-OSS writes it; multi-query without a bias; float64 (the
+# composition GPUs run)
+_SINK = _normal(1, 4, 1, 1) * 2
+CASES += [("attention", [_normal(2, 4, 7, 8), _normal(2, 2, 19, 8), _normal(2, 2, 19, 6), _MASKED_ROWS, _SINK],
+           {"scale": 0.4, "transpose_k": True, "sink": True, "sink_shift": True}),
+          ("attention", [_normal(2, 4, 3, 8), _normal(2, 1, 8, 9), _normal(2, 1, 9, 5), _normal(2, 4, 3, 1)],
+           {"sink": True}),
+          ("attention", [_normal(2, 4, 7, 8).astype(np.float64), _normal(2, 2, 19, 8).astype(np.float64),
+                         _normal(2, 2, 19, 6).astype(np.float64), _MASKED_ROWS.astype(np.float64),
+                         _SINK.astype(np.float64)], {"transpose_k": True, "sink": True})]
+
 # reduced precision: the lowering computes normalizations in float32 for bfloat16 (TVM's kernels take f32/f16 only)
 try:
     import ml_dtypes
@@ -247,7 +259,8 @@ try:
                                   ("gelu", [(3, 8)], {"approximate": "tanh"}), ("add", [(3, 8), (8,)], {}),
                                   ("attention", [(2, 5, 8), (2, 8, 9), (2, 9, 4), (5, 9)], {"scale": 0.35}),
                                   ("attention", [(2, 5, 8), (2, 8, 9), (2, 9, 4)], {"lse": True}),
-                                  ("attention", [(2, 5, 8), (2, 8, 9), (2, 9, 4), (5, 9)], {"softcap": 0.5})]]
+                                  ("attention", [(2, 5, 8), (2, 8, 9), (2, 9, 4), (5, 9)], {"softcap": 0.5}),
+                                  ("attention", [(2, 5, 8), (2, 8, 9), (2, 9, 4), (2, 5, 1)], {"sink": True})]]
     # a grouped-query decoding step: 16-bit keys and values read in place (own inputs: the cases above keep theirs)
     LOW_PRECISION_CASES += [("attention", [_normal(2, 4, 1, 8).astype(t), _normal(2, 2, 9, 8).astype(t),
                                            _normal(2, 2, 9, 4).astype(t)], {"transpose_k": True})

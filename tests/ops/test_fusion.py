@@ -21,7 +21,7 @@ TWO_BIASES = {"t5enc_dynamo", "bloom_dynamo", "deberta_dynamo"}
 # Falcon's one; Mixtral's grouped-query attention as Llama's
 KV_HEADS = {"llama_legacy": 2, "llama_dynamo": 2, "llama_dynamo23": 2, "falcon_dynamo": 1, "mixtral_legacy": 2,
             "mixtral_dynamo": 2, "qwenmoe_dynamo": 2, "gemma2_dynamo": 2, "phi3_dynamo": 2,
-            "olmo2_dynamo": 2}
+            "olmo2_dynamo": 2, "gptoss_dynamo": 2}
 SOFTCAP = {"gemma2_dynamo": 50.0}  # Gemma 2's attention logit soft-capping
 
 
@@ -103,6 +103,44 @@ def test_soft_capped_scores_fuse_and_compile():
     np.testing.assert_array_equal(run_reference(fused, feeds)["out"], want)
     np.testing.assert_allclose(run_compiled(fused, feeds)["out"], want, rtol=1e-5, atol=1e-5)
     assert "attention" not in fuse_attention(_scores_graph(softcap=(1.5, 2.0))).op_counts()
+
+
+def _sinks_graph(*, shift: bool, first: int = 0, last: int = -1):
+    """GPT-OSS's attention: ``softmax(concat(s, sink) [- its row max])[..., first:last] @ v``."""
+    b = GraphBuilder("sinks")
+    q = b.input("q", TensorType("float32", (2, 4, 5, 8)))
+    kt = b.input("kt", TensorType("float32", (2, 4, 8, 6)))
+    v = b.input("v", TensorType("float32", (2, 4, 6, 3)))
+    s = b.emit1("mul", [b.emit1("matmul", [q, kt]), b.constant(np.float32(0.5))])
+    s = b.emit1("add", [s, b.input("mask", TensorType("float32", (1, 1, 5, 6)))])
+    c = b.emit1("concat", [s, b.input("sink", TensorType("float32", (2, 4, 5, 1)))], axis=-1)
+    if shift:
+        c = b.emit1("sub", [c, b.emit1("reduce_max", [c], axes=(-1,), keepdims=True)])
+    p = b.emit1("slice", [b.emit1("softmax", [c], axis=-1)], starts=(first,), ends=(last,), axes=(3,), steps=(1,))
+    return b.finish([b.emit1("matmul", [p, v], "out")])
+
+
+@pytest.mark.parametrize("shift", [True, False], ids=["shifted", "plain"])
+def test_attention_sinks_fuse_and_compile(shift):
+    """The sink's column of the softmax dropped before ``@ v`` (with or without the row max taken off first) is the
+    op's ``sink`` operand: the same reference bit for bit, the compiled CPU kernel (its log-sum-exp form) within
+    float32 rounding, a row masked everywhere 0; a slice keeping another column than the sink's does not fuse."""
+    from bmc.testing.compiled import run_compiled
+
+    rng = np.random.default_rng(4)
+    graph = _sinks_graph(shift=shift)
+    feeds = {v.name: (rng.standard_normal(v.type.shape) * 2).astype(np.float32) for v in graph.inputs}
+    feeds["mask"] = np.where(np.tril(np.ones((5, 6), bool), 1), 0, -np.inf).astype(np.float32).reshape(1, 1, 5, 6)
+    feeds["mask"][..., 3, :] = -np.inf
+    want = run_reference(graph, feeds)["out"]
+    assert np.all(want[:, :, 3] == 0)
+    fused = fuse_attention(_sinks_graph(shift=shift))
+    (node,) = fused.nodes
+    assert node.op == "attention" and len(node.inputs) == 5 and node.attrs["sink"]
+    assert node.attrs["sink_shift"] == shift and node.attrs["scale"] == 0.5
+    np.testing.assert_array_equal(run_reference(fused, feeds)["out"], want)
+    np.testing.assert_allclose(run_compiled(fused, feeds)["out"], want, rtol=1e-5, atol=1e-6)
+    assert "attention" not in fuse_attention(_sinks_graph(shift=shift, first=1, last=7)).op_counts()
 
 
 def test_a_transposed_key_is_read_in_place():

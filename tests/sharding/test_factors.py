@@ -203,6 +203,31 @@ def test_attention_over_split_keys_is_a_partial_sum(spelling):
     assert lse.factors[keys].kind == "replicate"
 
 
+@pytest.mark.parametrize("shift", [False, True], ids=["sink", "sink-shifted"])
+def test_attention_sinks_under_every_strategy(shift):
+    """GPT-OSS's attention sinks (one more logit per head in every row's softmax): every valid strategy on 2x2, the
+    heads split (the sink with them) or the keys (the sink counted once, in the combination of the blocks), equals
+    the reference, a causal -inf mask and a row masked everywhere (whose output is 0: its probability all goes to
+    the sink) included."""
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((2, 4, 6, 8)).astype(np.float32)
+    k, v = rng.standard_normal((2, 2, 12, 8)).astype(np.float32), rng.standard_normal((2, 2, 12, 5)).astype(np.float32)
+    bias = np.where(np.tril(np.ones((6, 12), bool), 6), 0, -np.inf).astype(np.float32)
+    bias[1] = -np.inf
+    sink = rng.standard_normal((1, 4, 1, 1)).astype(np.float32) * 3
+    attrs = {"scale": 0.3, "transpose_k": True, "sink": True, "sink_shift": shift}
+    (ref,) = OPS["attention"].reference([q, k, v, bias, sink], OPS["attention"].check_attrs(attrs))
+    assert np.all(ref[:, :, 1] == 0) and np.isfinite(ref).all()
+    rule = rule_of("attention", [q, k, v, bias, sink], attrs)
+    keys = [f.name for f in rule.factors].index("n")
+    mesh = Mesh.parse("2x2")
+    assignments = all_valid_assignments(rule, mesh)
+    assert sum(bool(a[keys]) for a in assignments) >= 8 and len(assignments) > 20
+    with np.errstate(invalid="ignore"):  # a block of keys all masked in a row: NaN there, weighted 0
+        for assignment in assignments:
+            check_rule("attention", [q, k, v, bias, sink], attrs, mesh, assignment)
+
+
 @pytest.mark.parametrize("kv_shape", [(2, 2), (1, 2), (2, 1)], ids=["grouped", "grouped-batch-1", "multi-query"])
 @pytest.mark.parametrize("mesh_text", ["2x2", "4"])
 def test_grouped_query_attention_splits_heads_in_blocks(kv_shape, mesh_text):

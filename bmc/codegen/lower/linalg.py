@@ -134,12 +134,16 @@ def _attention(ctx, node, args):
     ``bmc.cpu.attention[_bias]_lse``; with a softcap ``bmc.cpu.attention_softcap[_lse]`` and
     ``bmc.cuda.attention_softcap`` (the bias a scalar zero when the op has none). The composition computes the
     softmax in float32 from the row max and sum it also returns the log-sum-exp from (the CUDA kernel has no
-    ``lse``)."""
+    ``lse``). With a sink, :func:`_attention_with_sink` on the CPU; elsewhere the composition, the sink one more
+    column of the softmax."""
     from bmc.codegen.lower import const
     from bmc.codegen.lower.reduce import in_float32
     from bmc.ir.types import np_dtype
 
     out = node.outputs[0].type
+    sink = node.attrs["sink"]
+    if sink and ctx.target_kind == "llvm" and out.dtype in ("float32", "float16", "bfloat16"):
+        return _attention_with_sink(ctx, node, args)
     scale, lse, softcap = node.attrs["scale"], node.attrs["lse"], node.attrs["softcap"]
     batch = node.inputs[0].type.shape[:-2]
     # the kernels' scalars; a softcap kernel always takes a bias (a scalar 0 for none)
@@ -149,7 +153,7 @@ def _attention(ctx, node, args):
     def kernel_args():
         return list(args) + ([const(np.zeros((), np_dtype(out.dtype)))] if softcap and len(args) == 3 else [])
 
-    if ctx.target_kind == "cuda" and not lse and _fused_cuda_attention(node):
+    if ctx.target_kind == "cuda" and not lse and not sink and _fused_cuda_attention(node):
         from bmc.runtime import cuda as C
 
         kernel = C.ATTENTION_SOFTCAP_KERNEL if softcap else C.ATTENTION_BIAS_KERNEL if len(args) > 3 \
@@ -203,8 +207,10 @@ def _attention(ctx, node, args):
     if node.attrs["softcap"]:
         cap = const(np.asarray(node.attrs["softcap"], np_dtype(out.dtype)))
         s = ctx.emit(relax.op.multiply(ctx.emit(relax.op.tanh(ctx.emit(relax.op.divide(s, cap)))), cap))
-    if len(args) > 3:
+    if len(args) > 3 + sink:
         s = ctx.emit(relax.op.add(s, args[3]))
+    if sink:  # the sink's logit one more column of each row's softmax, left out of the product
+        s = ctx.emit(relax.op.concat([s, ctx.emit(relax.op.broadcast_to(args[-1], [*batch, m, 1]))], axis=-1))
 
     def times_v(p):
         if folded == batch:
@@ -215,7 +221,34 @@ def _attention(ctx, node, args):
     if lse:
         return _softmax_lse(ctx, node, s, times_v)
     p = ctx.emit(in_float32(lambda c, n, a: relax.op.nn.softmax(a[0], axis=-1))(ctx, node, [s]))
+    if sink:
+        p = ctx.emit(relax.op.strided_slice(p, axes=[-1], begin=[0], end=[n]))
     return times_v(p)
+
+
+def _attention_with_sink(ctx, node, args):
+    """Attention with a sink (GPT-OSS) on the CPU: the fused kernel without it, with each row's log-sum-exp ``l``
+    (``bmc.cpu.attention*_lse``), times ``sigmoid(l - sink)``, the share of the row's denominator its keys keep
+    beside ``exp(sink)``, in float32; a row with no key left (``l = -inf``) is 0, as its probabilities are. (Other
+    targets run the composition with the sink's column in the softmax: TVM 0.27's CUDA codegen cannot vectorize
+    this ``where``.)"""
+    from bmc.codegen.lower import const
+    from bmc.ir.graph import Node, Value
+    from bmc.ir.types import TensorType
+
+    out = node.outputs[0]
+    rows = TensorType("float32", out.type.shape[:-1])
+    plain = Node("attention", node.inputs[:-1], [out, Value(f"{out.name}.lse", rows)],
+                 node.attrs | {"lse": True, "sink": False, "sink_shift": False}, node.source)
+    o, lse = _attention(ctx, plain, args[:-1])
+    sink = args[-1] if node.inputs[-1].type.dtype == "float32" else ctx.emit(relax.op.astype(args[-1], "float32"))
+    kept = ctx.emit(relax.op.sigmoid(ctx.emit(relax.op.subtract(
+        ctx.emit(relax.op.reshape(lse, [*rows.shape, 1])), sink))))
+    wide = o if out.type.dtype == "float32" else ctx.emit(relax.op.astype(o, "float32"))
+    zero = const(np.zeros((), np.float32))
+    y = ctx.emit(relax.op.where(ctx.emit(relax.op.equal(kept, zero)), zero,
+                                ctx.emit(relax.op.multiply(wide, kept))))
+    return y if out.type.dtype == "float32" else relax.op.astype(y, out.type.dtype)
 
 
 def _grouped(ctx, x, shape: tuple[int, ...], batch: tuple[int, ...], full: bool = False):

@@ -106,8 +106,28 @@ class Context:
         x = self.known(self.operand(idx))
         if x is not None:
             return x
+        source = self._input_read(self.operand(idx))
         raise ConvertError(f"input {idx} ({what}) must be a compile-time constant, but {self.node.input[idx]!r} is "
-                           "computed at run time", fix="bind the input shapes with --input-shape so it can be folded")
+                           "computed at run time" + (f" from the values of graph input {source!r}" if source else ""),
+                           fix="bmc compiles static shapes: export the model so that this is a constant (a size "
+                               "that depends on the data, such as the tokens each expert of a mixture gets, cannot "
+                               "be; Hugging Face mixtures export statically with experts_implementation="
+                               "'batched_mm')" if source else "bind the input shapes with --input-shape so it can "
+                                                             "be folded")
+
+    def _input_read(self, x: Operand) -> str | None:
+        """The name of a graph input whose values ``x`` is computed from, if any (every shape is bound by the time
+        ops are converted, so such a value is data-dependent)."""
+        weights, seen, stack = self.builder.graph.weights, set(), [x]
+        while stack:
+            v = stack.pop()
+            if not isinstance(v, Value) or id(v) in seen:
+                continue
+            seen.add(id(v))
+            if v.producer is None and v.name not in weights:
+                return v.name
+            stack.extend(v.producer.inputs if v.producer is not None else ())
+        return None
 
     def weight_layout(self, x: Operand, layout: str, fn: Callable[[np.ndarray], np.ndarray],
                       type_: TensorType) -> Value | None:

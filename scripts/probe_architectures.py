@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""A sweep over Hugging Face decoder architectures: tiny random models exported to ONNX, then run through bmc.
+
+Two steps, in two venvs (torch stays out of the project's):
+
+    /work/export-venv/bin/python scripts/probe_architectures.py export DIR [MODEL_TYPE ...]
+    .venv/bin/python scripts/probe_architectures.py check DIR
+
+``export`` builds each ``model_type`` (default: ``ARCHITECTURES``) from its default config shrunk by ``SMALL``
+(every key the config has), perturbs its weights, exports it with the dynamo exporter (batch and sequence dynamic)
+and stores onnxruntime's outputs beside it (``DIR/<type>.onnx``, ``.npz``). ``check`` compiles each for one device
+(compared with onnxruntime) and for Megatron on 1x4, dp+Megatron on 2x2 and the automatic plan on 2x2 (run on the
+simulator), and prints the error, the collectives of each plan, and how many attention ops were fused. Nothing is
+downloaded; models that fail to build or export are listed with the reason. Not a test (the export venv is not
+CI's): a sweep to run when transformers gains architectures.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ARCHITECTURES = [
+    "qwen3", "qwen3_moe", "gemma3_text", "gpt_oss", "olmo3", "smollm3", "glm4", "glm4_moe", "cohere2", "granite",
+    "granitemoe", "starcoder2", "stablelm", "mistral", "ernie4_5", "exaone4", "minimax_m2", "hunyuan_v1_dense",
+    "seed_oss", "apertus", "arcee", "phimoe", "jetmoe", "nemotron", "helium", "internlm3", "bitnet", "olmoe",
+]
+SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, moe_intermediate_size=32,
+             num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+             shared_expert_intermediate_size=64, sliding_window=8, use_cache=False, tie_word_embeddings=False,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2, first_k_dense_replace=1, n_group=1, topk_group=1,
+             moe_num_experts=4, num_shared_experts=1, n_shared_experts=1, decoder_sparse_step=1)
+
+
+def export(out: Path, names: list[str]) -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import export_fixtures as ef
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        try:
+            defaults = AutoConfig.for_model(name).to_dict()
+            cfg = AutoConfig.for_model(name, **{k: v for k, v in SMALL.items() if k in defaults},
+                                       experts_implementation="batched_mm")
+            torch.manual_seed(ef.SEED)
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * 0.02)
+            wrapper, inputs, out_name, dyn = ef._causal_lm(model, torch.Generator().manual_seed(ef.SEED))
+            with torch.no_grad():
+                ref = wrapper(*inputs.values()).numpy()
+            path = out / f"{name}.onnx"
+            ef.export_dynamo(wrapper, inputs, out_name, dyn, path)
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            feed = {i.name: inputs[i.name].numpy() for i in sess.get_inputs()}
+            outs = sess.run(None, feed)
+            np.savez(out / f"{name}.npz", **feed, **{f"output:{o.name}": v for o, v in zip(sess.get_outputs(), outs)})
+            print(f"{name}: exported, onnxruntime vs torch {float(np.abs(outs[0] - ref).max()):.1e}", flush=True)
+        except Exception as e:  # noqa: BLE001  (a sweep: report and go on)
+            print(f"{name}: FAILED to build or export: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+
+
+def check(folder: Path) -> None:
+    import numpy as np
+
+    import bmc
+    from bmc.compiler import import_graph
+
+    plans = [("1 device", {}), ("megatron 1x4", {"mesh": "1x4", "strategy": "megatron"}),
+             ("dp+megatron 2x2", {"mesh": "2x2", "strategy": "dp+megatron"}), ("auto 2x2", {"mesh": "2x2"})]
+    for path in sorted(folder.glob("*.onnx")):
+        data = np.load(path.with_suffix(".npz"))
+        inputs = {k: data[k] for k in data.files if not k.startswith("output:")}
+        shapes = {"batch": 2, "seq": 16}
+        try:
+            ops = import_graph(path, input_shapes=shapes).op_counts()
+            print(f"{path.stem}: attention fused {ops.get('attention', 0)}, softmax left {ops.get('softmax', 0)}")
+        except Exception as e:  # noqa: BLE001
+            print(f"{path.stem}: FAILED to import: {str(e).splitlines()[0][:300]}")
+            continue
+        for tag, options in plans:
+            t0 = time.perf_counter()
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    bmc.compile(path, f"{tmp}/m.bmc", input_shapes=shapes, **options)
+                    got = bmc.load(f"{tmp}/m.bmc", simulate=bool(options)).run(inputs)
+                    plan = json.loads(Path(f"{tmp}/m.bmc/plan.json").read_text())
+                err = max(float(np.abs(got[k[7:]].astype(np.float64) - data[k]).max() / max(1.0, np.abs(data[k]).max()))
+                          for k in data.files if k.startswith("output:"))
+                kinds: dict[str, int] = {}
+                for c in plan.get("collectives", []):
+                    kinds[c["kind"]] = kinds.get(c["kind"], 0) + 1
+                print(f"  {tag:16} {'OK ' if err <= 1e-4 else 'BAD'} {err:.1e} {kinds} "
+                      f"{time.perf_counter() - t0:.0f} s", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"  {tag:16} FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] not in ("export", "check"):
+        sys.exit(__doc__)
+    if sys.argv[1] == "export":
+        export(Path(sys.argv[2]), sys.argv[3:] or ARCHITECTURES)
+    else:
+        check(Path(sys.argv[2]))
