@@ -36,6 +36,13 @@ SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_l
              moe_num_experts=4, num_shared_experts=1, n_shared_experts=1, decoder_sparse_step=1)
 
 
+ENCODERS = [
+    "modernbert", "eurobert", "nomic_bert", "roberta", "xlm_roberta", "electra", "mpnet", "ernie", "funnel",
+    "big_bird", "longformer", "nystromformer", "fnet", "squeezebert", "convbert", "mobilebert", "rembert",
+    "roformer", "data2vec-text", "camembert", "ibert", "mra", "yoso", "xmod", "megatron-bert", "canine", "luke",
+]
+
+
 def export(out: Path, names: list[str]) -> None:
     import os
 
@@ -44,22 +51,33 @@ def export(out: Path, names: list[str]) -> None:
     import numpy as np
     import onnxruntime as ort
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     import export_fixtures as ef
 
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
         try:
+            encoder = name in ENCODERS
             defaults = AutoConfig.for_model(name).to_dict()
             cfg = AutoConfig.for_model(name, **{k: v for k, v in SMALL.items() if k in defaults},
-                                       experts_implementation="batched_mm")
+                                       **({} if encoder else {"experts_implementation": "batched_mm"}))
             torch.manual_seed(ef.SEED)
-            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+            model = (AutoModel if encoder else AutoModelForCausalLM).from_config(cfg, attn_implementation="eager")
+            model = model.eval()
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(torch.randn_like(p) * 0.02)
-            wrapper, inputs, out_name, dyn = ef._causal_lm(model, torch.Generator().manual_seed(ef.SEED))
+            gen = torch.Generator().manual_seed(ef.SEED)
+            if encoder:  # token ids and a mask with the second row padded, the last hidden state out
+                ids = ef._token_inputs(gen)
+                mask = torch.ones_like(ids)
+                mask[1, ef.SEQ - 4:] = 0
+                wrapper, inputs, out_name = ef.EncoderHidden(model), {"input_ids": ids, "attention_mask": mask}, \
+                    "last_hidden_state"
+                dyn = {n: {0: "batch", 1: "seq"} for n in ("input_ids", "attention_mask", out_name)}
+            else:
+                wrapper, inputs, out_name, dyn = ef._causal_lm(model, gen)
             with torch.no_grad():
                 ref = wrapper(*inputs.values()).numpy()
             path = out / f"{name}.onnx"
@@ -113,6 +131,6 @@ if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] not in ("export", "check"):
         sys.exit(__doc__)
     if sys.argv[1] == "export":
-        export(Path(sys.argv[2]), sys.argv[3:] or ARCHITECTURES)
+        export(Path(sys.argv[2]), sys.argv[3:] or ARCHITECTURES + ENCODERS)
     else:
         check(Path(sys.argv[2]))

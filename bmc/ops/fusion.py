@@ -448,20 +448,22 @@ def fuse_gathered_matmuls(graph: Graph) -> Graph:
     return eliminate_dead_code(graph)
 
 
-def _column_blocks(v: Value, users: dict, outputs: set[int]) -> list[tuple[int, int, list[Value]]] | None:
-    """How ``v`` (its last dim N) is read, when it is read only in column blocks: ``(start, stop, [the values
-    holding block [start, stop)])`` by start, blocks disjoint and each a split's part or a slice of the last dim
+def _column_blocks(v: Value, users: dict, outputs: set[int], axis: int = -1) -> list[tuple[int, int, list[Value]]] | None:
+    """How ``v`` is read, when it is read only in blocks of dim ``axis`` (default: the last): ``(start, stop, [the
+    values holding block [start, stop)])`` by start, blocks disjoint and each a split's part or a slice of that dim
     alone; None otherwise (or for a single block)."""
-    n, rank = v.type.shape[-1], v.type.rank
+    rank = v.type.rank
+    axis %= rank
+    n = v.type.shape[axis]
     blocks: dict[tuple[int, int], list[Value]] = {}
     if id(v) in outputs or not users.get(v):
         return None
     for u in users[v]:
-        if u.op == "split" and u.attrs["axis"] % rank == rank - 1:
+        if u.op == "split" and u.attrs["axis"] % rank == axis:
             edges = np.cumsum((0,) + tuple(u.attrs["sizes"]))
             for a, b, part in zip(edges[:-1], edges[1:], u.outputs):
                 blocks.setdefault((int(a), int(b)), []).append(part)
-        elif u.op == "slice" and len(u.attrs["axes"]) == 1 and u.attrs["axes"][0] % rank == rank - 1 \
+        elif u.op == "slice" and len(u.attrs["axes"]) == 1 and u.attrs["axes"][0] % rank == axis \
                 and u.attrs["steps"] == (1,):
             a, b, _ = slice(u.attrs["starts"][0], u.attrs["ends"][0]).indices(n)
             blocks.setdefault((a, max(a, b)), []).append(u.outputs[0])
@@ -483,8 +485,9 @@ def split_fused_products(graph: Graph, keep=frozenset()) -> Graph:
 
         y = matmul(x, w [K, N]) | gather_matmul(x, w [E, K, N] | [E, N, K], idx)
         y = add(y, b [N])                     optional
-        y = reshape(y, ...)                   any number, the last one's last dim N (so a row stays a row)
-        parts = split(y, axis=-1) | slice(y, axis=-1) ...   disjoint column blocks
+        y = reshape(y, ...)                   any number, the last one's last dim N (so a row stays a row), or
+                                              the last one cutting N into [P, ...] (ModernBERT's [3, heads, d])
+        parts = split(y, axis=-1) | slice(y, axis=-1) ...   disjoint column blocks (of P: whole parts)
 
     A mesh splits a weight in contiguous blocks, which for a fused one cross its parts' boundaries: splitting the
     columns (Megatron's column-parallel layout) leaves a device one or two parts, not a block of each, so the split
@@ -530,7 +533,15 @@ def split_fused_products(graph: Graph, keep=frozenset()) -> Graph:
             else:
                 break
             v = u.outputs[0]
-        blocks = _column_blocks(v, users, outputs) if v.type.shape[-1:] == (n,) else None
+        rows = p.outputs[0].type.shape[:-1]
+        if v.type.shape[-1:] == (n,):
+            blocks = _column_blocks(v, users, outputs)
+        elif v.type.rank > len(rows) + 1 and v.type.shape[:len(rows)] == rows:  # the columns cut as [parts, ...]
+            unit = int(np.prod(v.type.shape[len(rows) + 1:]))  # (ModernBERT's view(b, s, 3, h, d), then unbind)
+            blocks = [(a * unit, b * unit, parts) for a, b, parts in
+                      _column_blocks(v, users, outputs, len(rows)) or []] or None
+        else:
+            blocks = None
         between = [p] + chain + ([bias[0]] if bias else [])
         fused = [w] + ([bias[1]] if bias else [])
         if blocks is None or any(x.name in keep or len(users[x]) > 1 for x in fused) or \

@@ -476,3 +476,27 @@ def test_a_product_read_whole_or_annotated_stays_fused():
     graph = b.finish(b.emit("split", [b.emit1("matmul", [x, w])], axis=1, sizes=(3, 3))
                      + [b.emit1("matmul", [b.emit1("neg", [x]), w])])
     assert split_fused_products(graph).op_counts()["matmul"] == 2  # the weight is read elsewhere: not stored twice
+
+
+@pytest.mark.parametrize("major", [True, False], ids=["parts-major", "parts-per-head"])
+def test_columns_cut_into_parts_by_a_reshape_split_by_part(major):
+    """ModernBERT's ``Wqkv(x).view(b, s, 3, h, d).unbind(2)``: slices of the parts dim of a reshape that cuts the
+    columns as ``[3, h, d]`` are column blocks, one product a part, the same reference; cut as ``[h, 3, d]``
+    (BLOOM's per-head interleaving) a part is no column block and nothing is split."""
+    from bmc.ops.fusion import split_fused_products
+
+    rng = np.random.default_rng(5)
+    b = GraphBuilder()
+    x = b.input("x", TensorType("float32", (2, 5, 8)))
+    y = b.emit1("matmul", [x, b.param("w", rng.standard_normal((8, 24)).astype(np.float32))])
+    y = b.emit1("reshape", [y], shape=(2, 5, 3, 2, 4) if major else (2, 5, 2, 3, 4))
+    axis = 2 if major else 3
+    parts = [b.emit1("reshape", [b.emit1("slice", [y], starts=(i,), ends=(i + 1,), axes=(axis,), steps=(1,))],
+                     shape=(2, 5, 2, 4) if major else (2, 5, 2, 4)) for i in range(3)]
+    graph = b.finish(parts)
+    feeds = {"x": rng.standard_normal((2, 5, 8)).astype(np.float32)}
+    want = run_reference(graph, feeds)
+    split = split_fused_products(graph)
+    assert split.op_counts()["matmul"] == (3 if major else 1)
+    for key, got in run_reference(split, feeds).items():
+        np.testing.assert_allclose(got, want[key], rtol=1e-6, atol=1e-6)
