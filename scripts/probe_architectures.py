@@ -43,6 +43,15 @@ ENCODERS = [
 ]
 
 
+VISION = [
+    "vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit", "siglip_vision_model", "ijepa", "vit_msn",
+    "data2vec-vision", "swinv2", "convnextv2", "dinov3_convnext", "efficientnet", "mobilevit", "mobilevitv2", "levit",
+    "pvt_v2", "segformer", "hiera", "regnet", "resnet", "mobilenet_v2", "poolformer", "focalnet", "vitdet", "cvt",
+]
+IMAGE = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=128, num_channels=3)
+
+
 def export(out: Path, names: list[str]) -> None:
     import os
 
@@ -58,18 +67,26 @@ def export(out: Path, names: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
         try:
-            encoder = name in ENCODERS
+            encoder, vision = name in ENCODERS, name in VISION
             defaults = AutoConfig.for_model(name).to_dict()
-            cfg = AutoConfig.for_model(name, **{k: v for k, v in SMALL.items() if k in defaults},
-                                       **({} if encoder else {"experts_implementation": "batched_mm"}))
+            small = IMAGE if vision else SMALL
+            cfg = AutoConfig.for_model(name, **{k: v for k, v in small.items() if k in defaults},
+                                       **({} if encoder or vision else {"experts_implementation": "batched_mm"}))
             torch.manual_seed(ef.SEED)
-            model = (AutoModel if encoder else AutoModelForCausalLM).from_config(cfg, attn_implementation="eager")
+            model = (AutoModel if encoder or vision else AutoModelForCausalLM).from_config(
+                cfg, attn_implementation="eager")
             model = model.eval()
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(torch.randn_like(p) * 0.02)
             gen = torch.Generator().manual_seed(ef.SEED)
-            if encoder:  # token ids and a mask with the second row padded, the last hidden state out
+            if vision:  # 2 images of 32 x 32 (or the config's size), the last hidden state out
+                size = getattr(cfg, "image_size", 32)
+                size = size if isinstance(size, int) else 32
+                pixels = torch.randn(2, 3, size, size, generator=gen)
+                wrapper, inputs, out_name = ef.VisionHidden(model), {"pixel_values": pixels}, "last_hidden_state"
+                dyn = {"pixel_values": {0: "batch"}, out_name: {0: "batch"}}
+            elif encoder:  # token ids and a mask with the second row padded, the last hidden state out
                 ids = ef._token_inputs(gen)
                 mask = torch.ones_like(ids)
                 mask[1, ef.SEQ - 4:] = 0
@@ -102,7 +119,7 @@ def check(folder: Path) -> None:
     for path in sorted(folder.glob("*.onnx")):
         data = np.load(path.with_suffix(".npz"))
         inputs = {k: data[k] for k in data.files if not k.startswith("output:")}
-        shapes = {"batch": 2, "seq": 16}
+        shapes = {"batch": 2, "seq": 16} if "input_ids" in inputs else {"batch": 2}
         try:
             ops = import_graph(path, input_shapes=shapes).op_counts()
             print(f"{path.stem}: attention fused {ops.get('attention', 0)}, softmax left {ops.get('softmax', 0)}")
@@ -131,6 +148,6 @@ if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] not in ("export", "check"):
         sys.exit(__doc__)
     if sys.argv[1] == "export":
-        export(Path(sys.argv[2]), sys.argv[3:] or ARCHITECTURES + ENCODERS)
+        export(Path(sys.argv[2]), sys.argv[3:] or ARCHITECTURES + ENCODERS + VISION)
     else:
         check(Path(sys.argv[2]))

@@ -120,3 +120,20 @@ def test_lowerings_without_the_cpu_kernels_match_reference(op, inputs, attrs):
     want = run_reference(graph, {f"in{i}": x for i, x in enumerate(inputs)})
     for g, v in zip(got, graph.outputs):
         _assert_matches(g.numpy(), want[v.name])
+
+
+@pytest.mark.parametrize("op", ["reduce_mean", "reduce_sum", "reduce_max", "reduce_prod"])
+@pytest.mark.parametrize("axes", [(2, 3), (1,)], ids=["spatial-1x1", "middle"])
+def test_reductions_over_single_elements_fused_with_their_readers(op, axes):
+    """A reduction whose axes all have one element, read by a broadcast product and an add (FocalNet's spatial mean
+    of a 1 x 1 map, then its gates): TVM 0.27's schedules inlined those readers into the degenerate reduction block
+    and the mean came out as garbage (2.9 off on values of 6); bmc lowers it as the reshape it is."""
+    shape = (2, 384, 1, 1) if axes == (2, 3) else (2, 1, 384)
+    rng = np.random.default_rng(3)
+    b = GraphBuilder("degenerate")
+    x = b.input("x", TensorType("float32", shape))
+    s = b.input("s", TensorType("float32", (2,) + (1,) * (len(shape) - 1)))
+    m = b.emit1(op, [x], axes=axes, keepdims=True)
+    graph = b.finish([b.emit1("add", [x, b.emit1("mul", [m, s])], "y")])
+    feeds = {v.name: rng.standard_normal(v.type.shape).astype(np.float32) for v in graph.inputs}
+    np.testing.assert_allclose(run_compiled(graph, feeds)["y"], run_reference(graph, feeds)["y"], rtol=1e-6, atol=1e-6)

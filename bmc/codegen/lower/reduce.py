@@ -16,8 +16,14 @@ _REDUCE = {"reduce_sum": _R.sum, "reduce_mean": _R.mean, "reduce_max": _R.max, "
 
 @lowering(*_REDUCE)
 def _reduce(ctx, node, args):
+    """``relax.sum``/``mean``/``max``/``min``/``prod``; over axes that all have one element, a reshape (each result
+    is its one element; TVM 0.27's schedules inlined the consumers of such a degenerate ``mean`` into its reduction
+    block, wrongly: FocalNet's spatial mean over a 1 x 1 map came out as garbage)."""
     axes = node.attrs["axes"]
     axes = None if axes is None else list(axes)
+    x, out = node.inputs[0].type, node.outputs[0].type
+    if all(x.shape[a] == 1 for a in (range(x.rank) if axes is None else axes)) and out.dtype == x.dtype:
+        return _R.reshape(args[0], list(out.shape))
     dtype = node.inputs[0].type.dtype
     if dtype == "bool":  # TVM has no min/max identity for bool: reduce as int8
         x = ctx.emit(_R.astype(args[0], "int8"))
