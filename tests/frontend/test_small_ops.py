@@ -84,3 +84,30 @@ def test_max_pool_indices_match_the_onnx_reference(attrs, storage_order):
     got = backend.prepare(model).run([x])
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("equation, shapes, matmuls", [
+    ("bhlk,bhtk->bhlt", [(2, 3, 5, 4), (2, 3, 6, 4)], 1),  # CvT's attention scores
+    ("bhlt,bhtv->bhlv", [(2, 3, 5, 6), (2, 3, 6, 4)], 1),
+    ("bij,bjk->bki", [(2, 3, 4), (2, 4, 5)], 1),  # the output transposed
+    ("bij,xjk->bxik", [(2, 3, 4), (1, 4, 5)], 1),  # an output index of each operand's batch
+    ("bhij,bjk->bhik", [(2, 1, 3, 4), (2, 4, 5)], 1),
+    ("...ij,...jk->...ik", [(2, 3, 4, 5), (3, 5, 2)], 1),  # ellipsis, broadcast batch
+    ("aij,jk->ik", [(3, 2, 4), (4, 5)], 1),  # 'a' summed in the first operand alone
+    ("ijk,jkl->il", [(2, 3, 4), (3, 4, 5)], 1),  # two contracted indices flattened
+    ("ij,j->i", [(3, 4), (4,)], 1),
+    ("i,i->", [(4,), (4,)], 1),
+    ("ij,kl->ijkl", [(2, 3), (4, 5)], 0),  # nothing contracted: products
+])
+def test_two_operand_einsum_is_one_matmul(equation, shapes, matmuls):
+    """A contraction of two operands becomes one batched matmul (so attention written with einsum fuses, and no
+    [.., M, N, K] product is materialized), equal to numpy's einsum; an outer product stays elementwise."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shapes[0]).astype(np.float32)
+    w = rng.standard_normal(shapes[1]).astype(np.float32)
+    model = _model([helper.make_node("Einsum", ["x", "w"], ["y"], equation=equation)], x,
+                   [numpy_helper.from_array(w, "w")], opset=12)
+    assert import_model(model).op_counts().get("matmul", 0) == matmuls
+    np.testing.assert_allclose(backend.prepare(model).run([x])[0], np.einsum(equation, x, w), rtol=1e-5, atol=1e-5)

@@ -449,6 +449,10 @@ def _einsum(ctx: Context, node):
     missing = [c for c in out if c not in sizes]
     if missing:
         raise ConvertError(f"Einsum output indices {missing} appear in no operand")
+    if len(ops) == 2:
+        product = _einsum_matmul(ctx, ops, terms, out, sizes)
+        if product is not None:
+            return [product]
     order = out + "".join(sorted(c for c in sizes if c not in out))
     acc = None
     for x, t in zip(ops, terms):
@@ -466,6 +470,51 @@ def _einsum(ctx: Context, node):
     if ctx.type(acc).shape != want:
         acc = ctx.emit1("broadcast_to", [acc], shape=want)
     return [acc]
+
+
+def _einsum_matmul(ctx: Context, ops, terms: list[str], out: str, sizes: dict[str, int]):
+    """A two-operand contraction as one (batched) matmul: ``a [batch, m, k] @ b [batch, k, n]``, the indices of
+    each group flattened (the batch ones kept apart, so size-1 dims broadcast), then reshaped and transposed to
+    ``out`` (CvT's ``bhlk,bhtk->bhlt``: the attention scores, which then fuse as attention); an index of one operand
+    alone that is not in the output is summed over first. None when nothing is contracted or a contracted index
+    has two sizes (the general path: products and a sum)."""
+    (ta, tb), (a, b) = terms, ops
+    k = [c for c in ta if c in tb and c not in out]
+    shape_a, shape_b = ctx.type(a).shape, ctx.type(b).shape
+    if not k or any(shape_a[ta.index(c)] != shape_b[tb.index(c)] for c in k):
+        return None
+    terms, ops = [ta, tb], [a, b]
+    for i in range(2):
+        t, other = terms[i], terms[1 - i]
+        alone = tuple(j for j, c in enumerate(t) if c not in other and c not in out)
+        if alone:
+            ops[i] = ctx.emit1("reduce_sum", [ops[i]], axes=alone, keepdims=False)
+            terms[i] = "".join(c for j, c in enumerate(t) if j not in alone)
+    (ta, tb), (a, b) = terms, ops
+    batch = [c for c in out if c in ta and c in tb]
+    m = [c for c in out if c in ta and c not in tb]
+    n = [c for c in out if c in tb and c not in ta]
+
+    def arranged(x, t, groups):
+        """``x`` (indices ``t``) transposed to the order of ``groups`` and reshaped to [batch..., each group]."""
+        want = [c for g in groups for c in g]
+        if want != list(t):
+            x = ctx.emit1("transpose", [x], perm=tuple(t.index(c) for c in want))
+        shape = ctx.type(x).shape
+        lead = shape[:len(groups[0])]
+        flat = lead + tuple(int(np.prod([shape[want.index(c)] for c in g], dtype=np.int64)) for g in groups[1:])
+        return x if flat == shape else ctx.emit1("reshape", [x], shape=flat)
+
+    y = ctx.emit1("matmul", [arranged(a, ta, [batch, m, k]), arranged(b, tb, [batch, k, n])])
+    lead = ctx.type(y).shape[:len(batch)]
+    full = lead + tuple(sizes[c] for c in m + n)
+    if ctx.type(y).shape != full:
+        y = ctx.emit1("reshape", [y], shape=full)
+    got = batch + m + n
+    if got != list(out):
+        y = ctx.emit1("transpose", [y], perm=tuple(got.index(c) for c in out))
+    want = tuple(sizes[c] for c in out)
+    return y if ctx.type(y).shape == want else ctx.emit1("broadcast_to", [y], shape=want)
 
 
 # ---- losses -----------------------------------------------------------------------------------------------------
