@@ -48,6 +48,12 @@ VISION = [
     "data2vec-vision", "swinv2", "convnextv2", "dinov3_convnext", "efficientnet", "mobilevit", "mobilevitv2", "levit",
     "pvt_v2", "segformer", "hiera", "regnet", "resnet", "mobilenet_v2", "poolformer", "focalnet", "vitdet", "cvt",
 ]
+SEQ2SEQ = ["t5", "bart", "mbart", "marian", "pegasus", "m2m_100", "mt5", "umt5", "blenderbot", "led", "plbart",
+           "t5gemma", "nllb-moe", "switch_transformers"]
+SEQ2SEQ_SMALL = dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
+                     encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                     encoder_ffn_dim=128, decoder_ffn_dim=128, decoder_start_token_id=0, num_experts=4,
+                     expert_capacity=64)
 IMAGE = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
              intermediate_size=128, num_channels=3)
 
@@ -60,27 +66,45 @@ def export(out: Path, names: list[str]) -> None:
     import numpy as np
     import onnxruntime as ort
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    class Seq2SeqLogits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, decoder_input_ids):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              decoder_input_ids=decoder_input_ids, use_cache=False).logits
 
     import export_fixtures as ef
 
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
         try:
-            encoder, vision = name in ENCODERS, name in VISION
+            encoder, vision, seq2seq = name in ENCODERS, name in VISION, name in SEQ2SEQ
             defaults = AutoConfig.for_model(name).to_dict()
-            small = IMAGE if vision else SMALL
+            small = IMAGE if vision else {**SMALL, **SEQ2SEQ_SMALL} if seq2seq else SMALL
             cfg = AutoConfig.for_model(name, **{k: v for k, v in small.items() if k in defaults},
                                        **({} if encoder or vision else {"experts_implementation": "batched_mm"}))
             torch.manual_seed(ef.SEED)
-            model = (AutoModel if encoder or vision else AutoModelForCausalLM).from_config(
-                cfg, attn_implementation="eager")
+            auto = AutoModel if encoder or vision else AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+            model = auto.from_config(cfg, attn_implementation="eager")
             model = model.eval()
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(torch.randn_like(p) * 0.02)
             gen = torch.Generator().manual_seed(ef.SEED)
-            if vision:  # 2 images of 32 x 32 (or the config's size), the last hidden state out
+            if seq2seq:  # source ids with the second row padded and 8 target ids: the decoder's logits
+                ids = ef._token_inputs(gen)
+                mask = torch.ones_like(ids)
+                mask[1, ef.SEQ - 4:] = 0
+                target = torch.randint(0, ef.VOCAB, (ef.BATCH, 8), generator=gen)
+                wrapper, out_name = Seq2SeqLogits(model), "logits"
+                inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": target}
+                dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                       "decoder_input_ids": {0: "batch", 1: "target"}, out_name: {0: "batch", 1: "target"}}
+            elif vision:  # 2 images of 32 x 32 (or the config's size), the last hidden state out
                 size = getattr(cfg, "image_size", 32)
                 size = size if isinstance(size, int) else 32
                 pixels = torch.randn(2, 3, size, size, generator=gen)
@@ -119,7 +143,8 @@ def check(folder: Path) -> None:
     for path in sorted(folder.glob("*.onnx")):
         data = np.load(path.with_suffix(".npz"))
         inputs = {k: data[k] for k in data.files if not k.startswith("output:")}
-        shapes = {"batch": 2, "seq": 16} if "input_ids" in inputs else {"batch": 2}
+        shapes = {"batch": 2, "seq": 16, "target": 8} if "decoder_input_ids" in inputs else \
+            {"batch": 2, "seq": 16} if "input_ids" in inputs else {"batch": 2}
         try:
             ops = import_graph(path, input_shapes=shapes).op_counts()
             print(f"{path.stem}: attention fused {ops.get('attention', 0)}, softmax left {ops.get('softmax', 0)}")
@@ -148,6 +173,6 @@ if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] not in ("export", "check"):
         sys.exit(__doc__)
     if sys.argv[1] == "export":
-        export(Path(sys.argv[2]), sys.argv[3:] or ARCHITECTURES + ENCODERS + VISION)
+        export(Path(sys.argv[2]), sys.argv[3:] or ARCHITECTURES + ENCODERS + VISION + SEQ2SEQ)
     else:
         check(Path(sys.argv[2]))
