@@ -542,7 +542,8 @@ def _device_name(dry: bool) -> str:
 def print_table(rows: list[dict]) -> None:
     cols = [("model", "{}"), ("kernels", "{}"), ("cublas", "{}"), ("sass", "{}"), ("load_s", "{:.3f}"),
             ("device_ms", "{:.3f}"), ("e2e_ms", "{:.3f}"), ("device_io_ms", "{:.3f}"), ("err_direct", "{:.2e}"),
-            ("err_bmc", "{:.2e}"), ("err", "{:.2e}"), ("vs_1rank", "{:.2e}"), ("vs_composition", "{:.2e}"), ("status", "{}")]
+            ("err_bmc", "{:.2e}"), ("err", "{:.2e}"), ("vs_1rank", "{:.2e}"), ("vs_composition", "{:.2e}"),
+            ("status", "{}")]
     cells = [[c for c, _ in cols]]
     for r in rows:
         cells.append([fmt.format(r[c]) if c in r and r[c] is not None else "-" for c, fmt in cols])

@@ -448,7 +448,8 @@ def fuse_gathered_matmuls(graph: Graph) -> Graph:
     return eliminate_dead_code(graph)
 
 
-def _column_blocks(v: Value, users: dict, outputs: set[int], axis: int = -1) -> list[tuple[int, int, list[Value]]] | None:
+def _column_blocks(v: Value, users: dict, outputs: set[int],
+                   axis: int = -1) -> list[tuple[int, int, list[Value]]] | None:
     """How ``v`` is read, when it is read only in blocks of dim ``axis`` (default: the last): ``(start, stop, [the
     values holding block [start, stop)])`` by start, blocks disjoint and each a split's part or a slice of that dim
     alone; None otherwise (or for a single block)."""
