@@ -112,4 +112,6 @@ def scatter_kernel(node: Node, in_place: bool = True):
         '    T.func_attr({"tirx.noalias": True})',
         *([] if in_place else block("copy", data.shape, f"out[{every}] = data[{every}]")),
         *block("scatter", upd.shape, f"if {guard}:\n{' ' * 16}{store}")])
-    return from_source(source)
+    # no global symbol of its own: the module names it after its GlobalVar, so scatters of two shapes (two
+    # functions, scatter_elements and scatter_elements1) do not both export "scatter_elements" (Qwen3-Next)
+    return from_source(source).without_attr("global_symbol")

@@ -88,6 +88,8 @@ def megatron(graph: Graph, axis: str, batch_axis: str | None = None, size: int =
             out[param.name] = _stored_nk(param, 1, axis) if perm is None else _through(perm, 0, axis)
             continue
         fused = _feeds_split(node.output, users)
+        if fused is not None and any(v.type.shape[-1] % size for v in fused.outputs):
+            continue  # a part narrower than the axis (Qwen3-Next's per-head gates): all of it left whole
         if fused is not None:  # fused QKV: keep the matmul whole, split each part of the split instead
             for v in fused.outputs:
                 batch = ((batch_axis,) if batch_axis else (),)

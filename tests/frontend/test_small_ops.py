@@ -111,3 +111,14 @@ def test_two_operand_einsum_is_one_matmul(equation, shapes, matmuls):
                    [numpy_helper.from_array(w, "w")], opset=12)
     assert import_model(model).op_counts().get("matmul", 0) == matmuls
     np.testing.assert_allclose(backend.prepare(model).run([x])[0], np.einsum(equation, x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_negative_constant_pads_crop():
+    """ONNX Pad's negative pads remove elements (RWKV's time shift, ``ZeroPad2d((0, 0, 1, -1))``): a slice, then the
+    positive pads."""
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    pads = [0, 1, -1, 0, -1, 2]  # [begins..., ends...]
+    model = _model([helper.make_node("Pad", ["x", "pads"], ["y"], mode="constant")], x,
+                   [helper.make_tensor("pads", TensorProto.INT64, [6], pads)])
+    got = backend.prepare(model).run([x])[0]
+    np.testing.assert_array_equal(got, np.pad(x[:, :-1, 1:], ((0, 0), (1, 0), (0, 2))))

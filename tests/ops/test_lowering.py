@@ -137,3 +137,25 @@ def test_reductions_over_single_elements_fused_with_their_readers(op, axes):
     graph = b.finish([b.emit1("add", [x, b.emit1("mul", [m, s])], "y")])
     feeds = {v.name: rng.standard_normal(v.type.shape).astype(np.float32) for v in graph.inputs}
     np.testing.assert_allclose(run_compiled(graph, feeds)["y"], run_reference(graph, feeds)["y"], rtol=1e-6, atol=1e-6)
+
+
+def test_two_scatters_of_different_shapes_compile_together():
+    """bmc's scatter kernel is a TVMScript function named after the op: two of different shapes in one program
+    (Qwen3-Next's recurrent state updates) exported the same global symbol twice and TVM refused the module."""
+    rng = np.random.default_rng(4)
+    b = GraphBuilder("scatters")
+    outs = []
+    for k, (rows, cols) in enumerate(((4, 6), (3, 5))):
+        data = b.input(f"data{k}", TensorType("float32", (rows, cols)))
+        idx = b.input(f"idx{k}", TensorType("int64", (1, cols)))
+        upd = b.input(f"upd{k}", TensorType("float32", (1, cols)))
+        outs.append(b.emit1("scatter_elements", [data, idx, upd], f"y{k}", axis=0))
+    graph = b.finish(outs)
+    feeds = {}
+    for k, (rows, cols) in enumerate(((4, 6), (3, 5))):
+        feeds[f"data{k}"] = rng.standard_normal((rows, cols)).astype(np.float32)
+        feeds[f"idx{k}"] = rng.integers(0, rows, (1, cols)).astype(np.int64)
+        feeds[f"upd{k}"] = rng.standard_normal((1, cols)).astype(np.float32)
+    got, want = run_compiled(graph, feeds), run_reference(graph, feeds)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])

@@ -418,6 +418,29 @@ def test_megatron_splits_gpt2s_fused_qkv_by_heads(mesh_text, heads_split, monkey
     assert mine < theirs if heads_split else mine == theirs
 
 
+def test_megatron_leaves_a_fused_product_whole_when_a_part_is_narrower_than_the_axis():
+    """A product split into parts one of which has fewer columns than devices (Qwen3-Next's per-head gates beside
+    its projections, 2 columns on 4 devices): Megatron used to annotate each part split over the axis, a usage error
+    on a valid model; it now leaves that product whole, and the plan equals the reference. (Planned from the
+    graph as written: ``plan_graph`` would first make it one product a part.)"""
+    rng = np.random.default_rng(0)
+    b = GraphBuilder("gates")
+    x = b.input("x", TensorType("float32", (2, 5, 8)))
+    y = b.emit1("matmul", [x, b.param("w", rng.standard_normal((8, 12)).astype(np.float32))])
+    wide, narrow = b.emit("split", [y], axis=-1, sizes=(10, 2))  # 12 columns divide by 4; the parts do not
+    out = b.emit1("matmul", [wide, b.param("w2", rng.standard_normal((10, 8)).astype(np.float32))])
+    graph = b.finish([out, b.emit1("tanh", [narrow], "gate")])
+    mesh = Mesh.parse("4")
+    specs = named_strategy(graph, "megatron", mesh)
+    assert not any(name.startswith("split") for name in specs), specs
+    prog = partition(graph, propagate(graph, mesh, specs))
+    feeds = {"x": rng.standard_normal((2, 5, 8)).astype(np.float32)}
+    want = run_reference(graph, feeds)
+    got = simulate(prog, feeds).outputs
+    for key in want:
+        assert_close(got[key], want[key])
+
+
 # ---- pending sums through linear ops -----------------------------------------------------------------------------
 
 def parallel_residual_graph(*, bias=False, seed=0):

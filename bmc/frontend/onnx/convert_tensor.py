@@ -211,6 +211,15 @@ def _pad(ctx: Context, node):
             pads = full
     if mode == "wrap":
         return [_wrap_pad(ctx, x, pads)]
+    if mode == "constant" and any(p < 0 for p in pads):  # a negative pad crops (RWKV's time shift): slice, then pad
+        shape = ctx.type(x).shape
+        cut = [a for a in range(rank) if pads[a] < 0 or pads[a + rank] < 0]
+        x = ctx.emit1("slice", [x], starts=tuple(max(0, -pads[a]) for a in cut),
+                      ends=tuple(shape[a] - max(0, -pads[a + rank]) for a in cut), axes=tuple(cut),
+                      steps=(1,) * len(cut))
+        pads = [max(0, p) for p in pads]
+        if not any(pads):
+            return [x]
     return [ctx.emit1("pad", [x], pads=tuple(pads), mode=mode, value=value)]
 
 
