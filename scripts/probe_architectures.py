@@ -27,6 +27,8 @@ ARCHITECTURES = [
     "qwen3", "qwen3_moe", "gemma3_text", "gpt_oss", "olmo3", "smollm3", "glm4", "glm4_moe", "cohere2", "granite",
     "granitemoe", "starcoder2", "stablelm", "mistral", "ernie4_5", "exaone4", "minimax_m2", "hunyuan_v1_dense",
     "seed_oss", "apertus", "arcee", "phimoe", "jetmoe", "nemotron", "helium", "internlm3", "bitnet", "olmoe",
+    "mamba", "falcon_mamba", "jamba", "bamba", "falcon_h1", "nemotron_h", "granitemoehybrid", "recurrent_gemma",
+    "rwkv", "xlstm", "lfm2", "qwen3_next", "diffllama", "doge",
 ]
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=64, moe_intermediate_size=32,
