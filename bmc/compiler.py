@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import time
 from dataclasses import dataclass, field
@@ -108,48 +109,80 @@ def plan_graph(graph: Graph, *, mesh, shard: Mapping | None = None, strategy: st
         raise UsageError(f"unknown strategy {strategy!r}", where="--strategy", fix=f"use one of {STRATEGIES}")
     profile, mesh = _cost_model(mesh, device, mesh_bandwidth)
     _split_fused(graph, mesh, shard)
-    budget = memory_per_device or profile.memory_bytes
-    output_specs = resolve_io_specs(graph, mesh, output_shards or {}, "output")
-    input_specs = resolve_io_specs(graph, mesh, input_shards or {}, "input")
-    shard = dict(shard or {})
-    for name, spec in input_specs.items():
-        given = shard.get(name)
-        if given is not None and (Spec.parse(given) if isinstance(given, str) else given) != spec:
-            raise UsageError(f"input {name!r} has --shard {given} and --input-shard {spec}", where="--input-shard",
-                             fix="give the input one layout (--input-shard alone is enough)")
-        shard[name] = spec
-    stats = None
-    if strategy == "auto":
-        from bmc.sharding.auto import auto_plan
+    mesh, view = _plan_mesh(graph, mesh, [*(shard or {}).values(), *(output_shards or {}).values(),
+                                          *(input_shards or {}).values()])
+    with _view_hint(mesh, view):
+        budget = memory_per_device or profile.memory_bytes
+        output_specs = resolve_io_specs(graph, mesh, output_shards or {}, "output")
+        input_specs = resolve_io_specs(graph, mesh, input_shards or {}, "input")
+        shard = dict(shard or {})
+        for name, spec in input_specs.items():
+            given = shard.get(name)
+            if given is not None and (Spec.parse(given) if isinstance(given, str) else given).onto(mesh) != spec:
+                raise UsageError(f"input {name!r} has --shard {given} and --input-shard {spec}", where="--input-shard",
+                                 fix="give the input one layout (--input-shard alone is enough)")
+            shard[name] = spec
+        stats = None
+        if strategy == "auto":
+            from bmc.sharding.auto import auto_plan
 
-        plan, stats = auto_plan(graph, mesh, shard or {}, device=profile, memory_per_device=budget,
-                                time_limit_s=time_limit_s, output_specs=output_specs)
-        for w in stats.get("warnings", []):
-            (warn or _warn)(w)
-    else:
-        annotations = {}
-        if strategy:
-            from bmc.sharding.manual import named_strategy
+            plan, stats = auto_plan(graph, mesh, shard or {}, device=profile, memory_per_device=budget,
+                                    time_limit_s=time_limit_s, output_specs=output_specs)
+            for w in stats.get("warnings", []):
+                (warn or _warn)(w)
+        else:
+            from bmc.sharding.manual import manual_plan
 
-            try:
-                annotations = named_strategy(graph, strategy, mesh)
-            except ValueError as e:
-                raise UsageError(str(e), where="--strategy", fix="use a mesh with two axes, e.g. --mesh 2x2") from None
-        annotations.update(shard or {})
-        plan = propagate(graph, mesh, annotations)
-        plan.output_specs = output_specs
-    plan.input_specs = input_specs
-    prog = partition(graph, plan)
-    verify_graph(prog.graph)
-    data = plan_json(prog, plan_cost(graph, plan, profile), budget, profile.name)
-    data["strategy"] = strategy or "propagation"
-    if stats is not None:
-        data["solver"] = stats
-    if data["idle_axes"] and len(data["idle_axes"]) == sum(a.size > 1 for a in mesh.axes):  # FAILURES.md 22
-        (warn or _warn)(f"the plan splits nothing over mesh {mesh}: every device holds every tensor whole and "
-                        f"repeats the same work (the model is too small for this mesh, or splitting costs more than "
-                        f"it saves); a smaller --mesh, a larger batch or --strategy dp would use the devices")
-    return prog, data
+            if strategy:
+                plan = manual_plan(graph, strategy, mesh, shard, output_specs, profile)
+            else:
+                plan = propagate(graph, mesh, shard)
+                plan.output_specs = output_specs
+        plan.input_specs = input_specs
+        prog = partition(graph, plan)
+        verify_graph(prog.graph)
+        data = plan_json(prog, plan_cost(graph, plan, profile), budget, profile.name)
+        data["strategy"] = strategy or "propagation"
+        if stats is not None:
+            data["solver"] = stats
+        if data["idle_axes"] and len(data["idle_axes"]) == sum(a.size > 1 for a in plan.mesh.axes):  # FAILURES.md 22
+            (warn or _warn)(f"the plan splits nothing over mesh {mesh}: every device holds every tensor whole "
+                            f"and repeats the same work (the model is too small for this mesh, or splitting costs "
+                            f"more than it saves); a smaller --mesh, a larger batch or --strategy dp would use the "
+                            f"devices")
+        return prog, data
+
+
+def _plan_mesh(graph: Graph, mesh, specs: list):
+    """``(mesh to plan on, Megatron's view)``: the view (``manual.megatron_view``: the last axis cut for key/value
+    heads fewer than its devices) is planned on where one of ``specs`` names one of its parts. (Otherwise Megatron's
+    plans are made on both and the faster is kept, ``manual.manual_plan``; the search stays on the mesh: on a view
+    of one more axis it takes ~10x longer.)"""
+    from bmc.sharding.manual import strategy_mesh
+    from bmc.sharding.spec import Spec, SpecError
+
+    view = strategy_mesh(graph, "megatron", mesh)
+    named = set()
+    for s in specs:
+        try:
+            named.update((Spec.parse(s) if isinstance(s, str) else s).axes())
+        except SpecError:  # reported where the spec is read
+            pass
+    return (view if named & (set(view.names) - set(mesh.names)) else mesh), view
+
+
+@contextlib.contextmanager
+def _view_hint(mesh, view):
+    """A spec that does not divide a dim, reported with the parts of Megatron's view it could name instead."""
+    try:
+        yield
+    except UsageError as e:
+        if view is mesh or "not divisible" not in e.what:
+            raise
+        parts = "; ".join(f"{a} is also {' x '.join(f'{p} ({view.axis(p).size})' for p in ps)}, major first"
+                          for a, ps in view.parts().items())
+        raise UsageError(e.what, where=e.where,
+                         fix=f"{e.fix}; {parts}: a key/value head's dim splits over the major part") from None
 
 
 def _split_fused(graph: Graph, mesh, shard: Mapping | None) -> None:
@@ -242,7 +275,8 @@ def compile_model(model, output, *, target: str = "llvm", cuda_archs: Sequence[s
     t0 = time.perf_counter()
     path = write_artifact(
         out, signature=signature, weights=weights, export_library=exports, target=spec.to_json(),
-        source=_source_info(model), plan=plan, mesh=mesh.to_json(), pipeline=pipeline,
+        source=_source_info(model), plan=plan, mesh=(mesh if pipe is not None else planned[0].mesh).to_json(),
+        pipeline=pipeline,
         extra={**(extra or {}), "options": options, "memory": {"peak_bytes_per_device": int(peak)}})
     timings["package_s"] = time.perf_counter() - t0
     return {"output": str(path), "target": spec.to_json(), "nodes": sum(len(p.graph.nodes) for p in planned),
@@ -302,7 +336,7 @@ def _plan(graph: Graph, mesh, shard: Mapping, strategy: str | None, plan_options
 
     prog, plan = plan_graph(graph, mesh=mesh, shard=shard, strategy=strategy, **plan_options)
     split = {k: s for k, s in {**prog.plan.input_specs, **prog.plan.output_specs}.items() if not s.is_replicated()}
-    return _Planned(prog.graph, plan, mesh, True, format_plan(prog, plan), split)
+    return _Planned(prog.graph, plan, prog.plan.mesh, True, format_plan(prog, plan), split)
 
 
 def _split_io(signature: dict, graph: Graph, p: _Planned) -> dict:

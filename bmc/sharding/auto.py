@@ -13,10 +13,9 @@ from typing import Mapping
 from bmc.errors import UsageError
 from bmc.ir.graph import Graph
 from bmc.sharding.cost import DEFAULT_DEVICE, DEVICES, DeviceProfile, PlanCost, plan_cost
-from bmc.sharding.manual import named_strategy
+from bmc.sharding.manual import manual_plan
 from bmc.sharding.mesh import Mesh
 from bmc.sharding.plan import Plan
-from bmc.sharding.propagate import propagate
 from bmc.sharding.search import search_plan
 from bmc.sharding.spec import Spec
 
@@ -29,15 +28,17 @@ def _device(device: DeviceProfile | str | None) -> DeviceProfile:
     return DEVICES[device] if isinstance(device, str) else device
 
 
-def manual_plans(graph: Graph, mesh: Mesh, annotations: Mapping[str, Spec | str] | None = None) -> dict[str, Plan]:
-    """The named manual plans that apply to this mesh (user annotations win over each strategy's)."""
+def manual_plans(graph: Graph, mesh: Mesh, annotations: Mapping[str, Spec | str] | None = None,
+                 output_specs: Mapping[str, Spec] | None = None,
+                 device: DeviceProfile | None = None) -> dict[str, Plan]:
+    """The named manual plans that apply to this mesh (user annotations win over each strategy's; Megatron's on
+    its view of the mesh where that is no slower, ``manual.manual_plan``)."""
     out = {}
     for name in MANUAL:
-        if name == "dp+megatron" and len(mesh.shape) < 2:
+        if name == "dp+megatron" and len({a.part_of or a.name for a in mesh.axes}) < 2:
             continue
-        ann = {**named_strategy(graph, name, mesh), **(annotations or {})}
         try:
-            out[name] = propagate(graph, mesh, ann)
+            out[name] = manual_plan(graph, name, mesh, annotations, output_specs, _device(device))
         except UsageError:  # the strategy does not fit this model on this mesh (a batch of 2 over 4 devices)
             continue
     return out
@@ -60,8 +61,7 @@ def auto_plan(graph: Graph, mesh: Mesh, annotations: Mapping[str, Spec | str] | 
     best = plan_cost(graph, plan, dev)
     stats["ilp_cost"] = best.to_json()
     stats["chosen"] = "ilp"
-    for name, p in manual_plans(graph, mesh, annotations).items():
-        p.output_specs = dict(output_specs or {})
+    for name, p in manual_plans(graph, mesh, annotations, output_specs, dev).items():
         c = plan_cost(graph, p, dev)
         if c.memory.peak_bytes <= budget and c.total_s < best.total_s * (1 - 1e-9):
             plan, best, stats["chosen"] = p, c, name
@@ -77,7 +77,7 @@ def compare_strategies(graph: Graph, mesh: Mesh, annotations: Mapping[str, Spec 
                        time_limit_s: float = 20.0) -> dict[str, PlanCost]:
     """Price replicate / dp / megatron / dp+megatron and the ILP plan alone (``auto``) with the same function."""
     dev = _device(device)
-    out = {name: plan_cost(graph, p, dev) for name, p in manual_plans(graph, mesh, annotations).items()}
+    out = {name: plan_cost(graph, p, dev) for name, p in manual_plans(graph, mesh, annotations, device=dev).items()}
     plan, _ = auto_plan(graph, mesh, annotations, device=dev, memory_per_device=memory_per_device,
                         time_limit_s=time_limit_s, check_manual=False)
     out["auto"] = plan_cost(graph, plan, dev)

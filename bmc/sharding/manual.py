@@ -13,13 +13,25 @@ low-rank projections) stays whole together with the next. A mixture of
 experts (``gather_matmul``) is split by its experts instead (expert parallelism, as Megatron-LM runs MoE layers:
 one all-reduce after the expert layer, ``partition._elide_routed_reduces``), and its router's matmul (whose logits
 a ``topk`` picks from) is left whole.
+
+Grouped-query attention with fewer key/value heads than Megatron's axis has devices is planned on a view of the
+mesh (:func:`megatron_view`): the axis cut into a major part of one device a key/value head and a minor rest, the
+key/value projections split over the major part (each device holds the one head its query heads read, as vLLM
+does) and everything else over both. :func:`manual_plan` keeps the view only where the cost model finds it no
+slower than the mesh itself (a key/value output returned whole would be gathered on the view).
 """
 
 from __future__ import annotations
 
+from math import gcd, prod
+from typing import Mapping
+
+from bmc.errors import UsageError
 from bmc.ir.graph import Graph, Node, Value
 from bmc.ops import get_op
-from bmc.sharding.mesh import Mesh
+from bmc.sharding.mesh import MAX_RANK, Mesh
+from bmc.sharding.plan import Plan
+from bmc.sharding.propagate import propagate
 from bmc.sharding.spec import Spec
 
 
@@ -35,15 +47,18 @@ def weight_source(v: Value) -> tuple[Value, tuple[int, ...]] | None:
     return v, perm
 
 
-def data_parallel(graph: Graph, axis: str) -> dict[str, Spec]:
-    """Split dim 0 (the batch) of every graph input over ``axis``."""
-    return {v.name: Spec(((axis,),) + ((),) * (v.type.rank - 1)) for v in graph.inputs if v.type.rank}
+def data_parallel(graph: Graph, axes: tuple[str, ...]) -> dict[str, Spec]:
+    """Split dim 0 (the batch) of every graph input over ``axes``."""
+    return {v.name: Spec((tuple(axes),) + ((),) * (v.type.rank - 1)) for v in graph.inputs if v.type.rank}
 
 
-def megatron(graph: Graph, axis: str, batch_axis: str | None = None, size: int = 1) -> dict[str, Spec]:
-    """Megatron annotations over ``axis`` (of ``size`` devices); activations it annotates keep their batch dim on
-    ``batch_axis``. A weight whose output features do not divide by ``size`` (a per-token gate ``[1, H]``) is left
-    whole."""
+def megatron(graph: Graph, mesh: Mesh, axis: str, batch_axis: str | None = None) -> dict[str, Spec]:
+    """Megatron annotations over ``axis`` of ``mesh`` (over its parts, major first, where ``mesh`` is a view that cuts
+    it: :func:`megatron_view`); activations it annotates keep their batch dim on ``batch_axis``. A weight whose
+    output features do not divide by the axis's size (a per-token gate ``[1, H]``) is left whole; one whose heads
+    are fewer splits over the longest major run of the parts that divides them, or stays whole."""
+    axes = mesh.parts().get(axis, (axis,))
+    size = prod(mesh.axis(a).size for a in axes)
     params = {id(p) for p in graph.params}
     users: dict[int, list[Node]] = {}
     derived = set(params)  # values computed from parameters and constants alone (a dequantized weight)
@@ -73,7 +88,7 @@ def megatron(graph: Graph, axis: str, batch_axis: str | None = None, size: int =
     for node in graph.nodes:
         w = node.inputs[1] if node.op == "gather_matmul" else None
         if w is not None and id(w) in params and w.type.shape[0] % size == 0:  # expert parallel: each device its
-            out[w.name] = Spec(((axis,),) + ((),) * (w.type.rank - 1))  # experts
+            out[w.name] = Spec((axes,) + ((),) * (w.type.rank - 1))  # experts
             continue
         src = weight_matmul(node)
         if src is not None and (_routes(node.output, users) or (id(node.inputs[0]) not in split_act
@@ -85,7 +100,7 @@ def megatron(graph: Graph, axis: str, batch_axis: str | None = None, size: int =
             continue
         param, perm = src
         if id(node.inputs[0]) in split_act:  # row-parallel: split the contraction dim; the result is a partial sum
-            out[param.name] = _stored_nk(param, 1, axis) if perm is None else _through(perm, 0, axis)
+            out[param.name] = _stored_nk(param, 1, axes) if perm is None else _through(perm, 0, axes)
             continue
         fused = _feeds_split(node.output, users)
         if fused is not None and any(v.type.shape[-1] % size for v in fused.outputs):
@@ -93,28 +108,29 @@ def megatron(graph: Graph, axis: str, batch_axis: str | None = None, size: int =
         if fused is not None:  # fused QKV: keep the matmul whole, split each part of the split instead
             for v in fused.outputs:
                 batch = ((batch_axis,) if batch_axis else (),)
-                out[v.name] = Spec(batch + ((),) * (v.type.rank - 2) + ((axis,),))
+                out[v.name] = Spec(batch + ((),) * (v.type.rank - 2) + (axes,))
                 split_act.add(id(v))
             continue
         if _features_read_across(node.output, users, weight_matmul):  # left whole, as are the next one's features
             continue
         split_act.add(id(node.output))
-        if not _heads_divide(node.output, users, size):  # computed whole, read by the next weight matmul as split
-            continue  # (its activation sliced on each device, free): a head is never cut
+        cut = _head_axes(node.output, users, axes, mesh)
+        if not cut:  # computed whole, read by the next weight matmul as split (its activation sliced on each
+            continue  # device, free): a head is never cut
         # column-parallel: split the output features
-        out[param.name] = _stored_nk(param, 0, axis) if perm is None else _through(perm, 1, axis)
+        out[param.name] = _stored_nk(param, 0, cut) if perm is None else _through(perm, 1, cut)
     return out
 
 
-def _stored_nk(param: Value, dim: int, axis: str) -> Spec:
+def _stored_nk(param: Value, dim: int, axes: tuple[str, ...]) -> Spec:
     """Spec of a weight stored with N as dim 0 and K (or its blocks) as dim 1, split on ``dim``."""
-    return Spec(tuple((axis,) if d == dim else () for d in range(param.type.rank)))
+    return Spec(tuple(axes if d == dim else () for d in range(param.type.rank)))
 
 
-def _through(perm: tuple[int, ...], dim: int, axis: str) -> Spec:
+def _through(perm: tuple[int, ...], dim: int, axes: tuple[str, ...]) -> Spec:
     """Spec of a 2-D parameter whose transposed view (by ``perm``) is split on ``dim``."""
     dims = [(), ()]
-    dims[perm[dim]] = (axis,)
+    dims[perm[dim]] = axes
     return Spec(tuple(dims))
 
 
@@ -124,13 +140,24 @@ def _feeds_split(v: Value, users: dict[int, list[Node]]) -> Node | None:
     return _reached(v, users, lambda n, x: n.op == "split" and n.attrs["axis"] % x.type.rank == x.type.rank - 1)
 
 
-def _heads_divide(v: Value, users: dict[int, list[Node]], size: int) -> bool:
-    """False when a reshape cuts ``v``'s features into ``[..., heads, d]`` with ``heads`` not divisible by
-    ``size`` (split by columns, attention would gather them back); True otherwise."""
+def _head_axes(v: Value, users: dict[int, list[Node]], axes: tuple[str, ...], mesh: Mesh) -> tuple[str, ...]:
+    """The axes ``v``'s features split over: all of ``axes`` unless a reshape cuts them into ``[..., heads, d]``
+    with ``heads`` not divisible by their devices (split by columns, attention would gather them back); then the
+    longest major run of them that divides ``heads`` (empty: whole)."""
     n = v.type.shape[-1]
+
+    def head_dim(shape, rank):  # [..., heads, d] with d < n, or one head [b, s, 1, n] from [b, s, n] (multi-query)
+        return shape[-1] if shape[-1] not in (n, 1) and n % shape[-1] == 0 else \
+            n if len(shape) == rank + 1 >= 4 and shape[-2:] == (1, n) else None
+
     cut = _reached(v, users, lambda node, x: node.op == "reshape" and x.type.shape[-1] == n
-                   and node.outputs[0].type.shape[-1] not in (n, 1) and n % node.outputs[0].type.shape[-1] == 0)
-    return cut is None or (n // cut.outputs[0].type.shape[-1]) % size == 0
+                   and head_dim(node.outputs[0].type.shape, x.type.rank) is not None)
+    if cut is None:
+        return axes
+    heads, k = n // head_dim(cut.outputs[0].type.shape, cut.inputs[0].type.rank), len(axes)
+    while heads % prod(mesh.axis(a).size for a in axes[:k]):
+        k -= 1
+    return axes[:k]
 
 
 def _features_read_across(v: Value, users: dict[int, list[Node]], projection) -> bool:
@@ -180,18 +207,65 @@ def _reached(v: Value, users: dict[int, list[Node]], found, through: tuple[str, 
     return None
 
 
+def megatron_view(graph: Graph, mesh: Mesh, axis: str) -> Mesh:
+    """The mesh Megatron plans ``axis`` on: ``mesh``, or, where grouped-query attention has fewer key/value heads
+    ``kv`` than the axis has devices ``n`` (``kv`` divides ``n`` and ``n`` the query heads), the view that cuts the
+    axis into ``kv`` (major) by ``n / kv`` (``Mesh.split_axis``). Its key/value projections (and caches) then split
+    over the major part: each device holds the one key/value head its query heads read, duplicated on ``n / kv``
+    devices, as vLLM does, instead of all of them. With several such counts, the major part is their gcd."""
+    n = mesh.axis(axis).size
+    counts = set()
+    for node in graph.nodes:
+        if node.op == "attention" and node.inputs[1].type.rank >= 3:  # q [..., h, m, d], k [..., kv, n, d]
+            heads, kv = node.inputs[0].type.shape[-3], node.inputs[1].type.shape[-3]
+            if 1 < kv < n and n % kv == 0 and heads % n == 0:
+                counts.add(kv)
+    major = gcd(*counts) if counts else 1
+    return mesh.split_axis(axis, major) if major > 1 else mesh
+
+
+def strategy_mesh(graph: Graph, name: str, mesh: Mesh) -> Mesh:
+    """The mesh (or view of it) a named strategy plans on: Megatron's may cut the last axis (:func:`megatron_view`);
+    a view is kept as it is."""
+    if name in ("megatron", "dp+megatron") and not mesh.parts() and len(mesh.axes) < MAX_RANK:
+        return megatron_view(graph, mesh, mesh.axes[-1].name)
+    return mesh
+
+
+def manual_plan(graph: Graph, name: str, mesh: Mesh, annotations: Mapping[str, Spec | str] | None = None,
+                output_specs: Mapping[str, Spec] | None = None, device=None) -> Plan:
+    """The plan of a named strategy on ``mesh``, completed by propagation; ``annotations`` (on ``mesh``'s axes)
+    win over the strategy's and ``output_specs`` lay the outputs out. Where :func:`strategy_mesh` gives a view,
+    the plan on it is priced against the plan on ``mesh`` (``cost.plan_cost`` with ``device``) and kept unless it
+    is slower: it computes less, but a whole output (a cache returned whole) built from values split over a part
+    costs a gather the plan on the mesh does not have."""
+    from bmc.sharding.cost import DEFAULT_DEVICE, DEVICES, plan_cost
+
+    plans = []
+    for m in dict.fromkeys((strategy_mesh(graph, name, mesh), mesh)):
+        p = propagate(graph, m, {**named_strategy(graph, name, m), **(annotations or {})})
+        p.output_specs = {k: s.onto(m) for k, s in (output_specs or {}).items()}
+        plans.append(p)
+    if len(plans) == 1:
+        return plans[0]
+    view, plain = (plan_cost(graph, p, device or DEVICES[DEFAULT_DEVICE]).total_s for p in plans)
+    return plans[0] if view <= plain * (1 + 1e-9) else plans[1]
+
+
 def named_strategy(graph: Graph, name: str, mesh: Mesh) -> dict[str, Spec]:
-    """Annotations of a named manual strategy: replicate | dp | megatron | dp+megatron (dp on the first mesh axis,
-    Megatron on the last)."""
-    first, last = mesh.axes[0], mesh.axes[-1]
+    """Annotations of a named manual strategy on ``mesh`` (or on the view :func:`strategy_mesh` gives):
+    replicate | dp | megatron | dp+megatron (dp on the first mesh axis, Megatron on the last)."""
+    first, last = (a.part_of or a.name for a in (mesh.axes[0], mesh.axes[-1]))
     if name == "replicate":
         return {}
     if name == "dp":
-        return data_parallel(graph, first.name)
+        return data_parallel(graph, mesh.parts().get(first, (first,)))
     if name == "megatron":
-        return megatron(graph, last.name, size=last.size)
+        return megatron(graph, mesh, last)
     if name == "dp+megatron":
-        if len(mesh.axes) < 2:
-            raise ValueError("dp+megatron needs a mesh with two axes")
-        return {**megatron(graph, last.name, first.name, last.size), **data_parallel(graph, first.name)}
-    raise ValueError(f"unknown strategy {name!r}")
+        if first == last:
+            raise UsageError("dp+megatron needs a mesh with two axes", where="--strategy",
+                             fix="use a mesh with two axes, e.g. --mesh 2x2")
+        return {**megatron(graph, mesh, last, first), **data_parallel(graph, (first,))}
+    raise UsageError(f"unknown strategy {name!r}", where="--strategy",
+                     fix="use replicate, dp, megatron, dp+megatron or auto")

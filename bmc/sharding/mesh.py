@@ -2,6 +2,13 @@
 
 Text form: ``8x8`` (axes named x, y, z, w by default), ``--mesh-axes dp,tp`` renames them. A mesh is a frozen
 value: it is printed, parsed, hashed and serialized, never bound to devices (the runtime maps ranks onto it).
+
+A *view* of a mesh cuts one axis into two (:meth:`Mesh.split_axis`: ``tp`` of 4 as ``tp_0`` of 2, major, and
+``tp_1`` of 2), as Shardy's sub-axes ``tp:(1)2`` and ``tp:(2)2`` do: the ranks and their order stay, and a tensor
+split over ``(tp_0, tp_1)`` is laid out as one split over ``tp``; a plan on the view may also split a tensor over
+the major part alone (Megatron's key/value heads when they are fewer than the devices, ``manual.megatron_view``).
+Each part remembers the axis it came from (``MeshAxis.part_of``), so specs written for the mesh carry over
+(``Spec.onto``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ class MeshAxis:
     size: int
     latency_s: float = 10e-6  # α: per-collective start-up cost
     bandwidth_Bps: float = 100e9  # 1/β: bytes per second per device on this axis
+    part_of: str | None = None  # in a view of a mesh: the axis this one is a part of
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,29 @@ class Mesh:
                 return a
         raise KeyError(name)
 
+    def split_axis(self, name: str, major: int) -> "Mesh":
+        """The view with axis ``name`` cut into a major part of ``major`` devices and a minor part of the rest (links
+        as the axis's; the parts are named ``NAME_0`` and ``NAME_1``, with more underscores where those are taken)."""
+        a = self.axis(name)
+        if a.size % major or not 1 < major < a.size:
+            raise ValueError(f"cannot split mesh axis {name} of {a.size} devices into a major part of {major}")
+        sep = "_"
+        while {f"{name}{sep}0", f"{name}{sep}1"} & set(self.names):
+            sep += "_"
+        origin = a.part_of or name
+        parts = (MeshAxis(f"{name}{sep}0", major, a.latency_s, a.bandwidth_Bps, origin),
+                 MeshAxis(f"{name}{sep}1", a.size // major, a.latency_s, a.bandwidth_Bps, origin))
+        k = self.names.index(name)
+        return Mesh(self.axes[:k] + parts + self.axes[k + 1:])
+
+    def parts(self) -> dict[str, tuple[str, ...]]:
+        """The axes of the mesh this view was made from that it cut, each with its parts (major first)."""
+        out: dict[str, tuple[str, ...]] = {}
+        for a in self.axes:
+            if a.part_of is not None:
+                out[a.part_of] = out.get(a.part_of, ()) + (a.name,)
+        return out
+
     def coordinate(self, rank: int) -> tuple[int, ...]:
         """Row-major mesh coordinate of a rank (the last axis varies fastest)."""
         coord = []
@@ -91,4 +122,6 @@ class Mesh:
         return "x".join(map(str, self.shape))
 
     def to_json(self) -> dict:
-        return {"shape": list(self.shape), "axes": list(self.names)}
+        parts = self.parts()
+        return {"shape": list(self.shape), "axes": list(self.names)} | (
+            {"parts": {k: list(v) for k, v in parts.items()}} if parts else {})

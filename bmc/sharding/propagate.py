@@ -34,7 +34,7 @@ def resolve_annotations(graph: Graph, mesh: Mesh, annotations: Mapping[str, Spec
                              fix=("did you mean " + ", ".join(map(repr, near)) + "?") if near else
                              "use the ONNX tensor names of inputs, weights or node outputs")
         try:
-            s = Spec.parse(spec) if isinstance(spec, str) else spec
+            s = (Spec.parse(spec) if isinstance(spec, str) else spec).onto(mesh)
             s.validate(values[name].type.shape, mesh)
         except SpecError as e:
             raise UsageError(f"annotation for tensor {name!r} {values[name].type} cannot be used: {e}",
@@ -65,7 +65,7 @@ def resolve_io_specs(graph: Graph, mesh: Mesh, specs: Mapping[str, Spec | str], 
                              f"name one of the model's {kind}s")
         v = names[name]
         try:
-            s = Spec.parse(spec) if isinstance(spec, str) else spec
+            s = (Spec.parse(spec) if isinstance(spec, str) else spec).onto(mesh)
             s.validate(v.type.shape, mesh)
         except SpecError as e:
             raise UsageError(f"{kind} {name!r} {v.type} cannot be laid out so: {e}", where=where,

@@ -25,7 +25,8 @@ def plan_json(prog: LocalProgram, cost, budget_bytes: int | None = None, device:
               "outputs": [v.name for v in n.outputs], "compute_s": t, "flops": flops}
              for n, (t, flops) in zip(graph.nodes, cost.nodes)]
     return {
-        "mesh": {"axes": list(plan.mesh.names), "shape": list(plan.mesh.shape)},
+        "mesh": {"axes": list(plan.mesh.names), "shape": list(plan.mesh.shape)} | (
+            {"parts": {k: list(v) for k, v in plan.mesh.parts().items()}} if plan.mesh.parts() else {}),
         "idle_axes": [a.name for a in plan.mesh.axes if a.size > 1 and a.name not in used],
         "values": values,
         "nodes": nodes,
@@ -49,7 +50,8 @@ def format_plan(prog: LocalProgram, data: dict, top: int = 15) -> str:
     idle = data.get("idle_axes") or []
     idle = f"; {'axis' if len(idle) == 1 else 'axes'} {', '.join(idle)} split{'s' if len(idle) == 1 else ''} " \
         "nothing" if idle else ""
-    out = [f"mesh {mesh} (axes {', '.join(mesh.names)}), {len(prog.global_graph.nodes)} nodes{idle}",
+    view = "".join(f"; {a} cut into {' x '.join(p)} (major first)" for a, p in mesh.parts().items())
+    out = [f"mesh {mesh} (axes {', '.join(mesh.names)}{view}), {len(prog.global_graph.nodes)} nodes{idle}",
            "", f"{'tensor':40} {'global':22} {'spec':22} {'local shape':18} {'bytes/device':>12}"]
     for nbytes, name, ty, spec, local in rows[:top]:
         out.append(f"{name[:40]:40} {ty[:22]:22} {spec[:22]:22} {str(list(local))[:18]:18} {nbytes:>12,}")

@@ -126,6 +126,18 @@ class Spec:
     def with_partial(self, partial: tuple[str, ...]) -> "Spec":
         return Spec(self.dims, tuple(partial))
 
+    def onto(self, mesh: Mesh) -> "Spec":
+        """This spec on ``mesh``, a view that may cut the axes it names into parts (``Mesh.split_axis``): each such
+        axis becomes its parts, major first, which lays every tensor out as before."""
+        parts = mesh.parts()
+        if not parts:
+            return self
+
+        def sub(axes):
+            return tuple(b for a in axes for b in parts.get(a, (a,)))
+
+        return Spec(tuple(sub(d) for d in self.dims), sub(self.partial))
+
     def __str__(self) -> str:
         body = ", ".join("{" + ",".join(d) + "}" for d in self.dims)
         return f"[{body}]" + (" partial{" + ",".join(self.partial) + "}" if self.partial else "")

@@ -303,28 +303,28 @@ DECODE_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
     import bmc
-    artifact, data_path, out, outputs = sys.argv[1:5]
+    artifact, data_path, out, outputs, fed, made = sys.argv[1:7]  # the step's other input and output
     data = np.load(data_path)
     model = bmc.load(artifact)
     rank = model.mpi.rank
-    shape = data["output:k_cache"].shape
-    k = v = np.zeros(shape, np.float32)[model.input_slices["k_cache"]]  # this rank's heads only
+    caches = [n for n in model.input_names if "cache" in n]
+    zeros = np.zeros(data[f"output:{caches[0]}"].shape, np.float32)  # one array for all: the first step copies it
+    state = {c: zeros[model.input_slices[c]] for c in caches}  # this rank's heads only
     if outputs == "device":  # TVM tensors (DLPack), kept as tensors from step to step
         import tvm
-        k, v = (tvm.runtime.empty(k.shape, "float32", tvm.cpu()).copyfrom(k) for _ in "kv")
+        state = {c: tvm.runtime.empty(a.shape, "float32", tvm.cpu()).copyfrom(a) for c, a in state.items()}
     memory = lambda t: t.ctypes.data if isinstance(t, np.ndarray) else t.data_ptr()
     errors, same = [], []
     for i in range(5):
-        got = model.run({"x": data[f"x{i}"], "pos": np.array([i]), "k_cache": k, "v_cache": v}, outputs=outputs)
-        same.append(memory(got["k_cache_out"]) == memory(k) and memory(got["v_cache_out"]) == memory(v))
-        k, v = got["k_cache_out"], got["v_cache_out"]
-        y = np.asarray(got["y"].numpy() if outputs == "device" else got["y"])
-        errors.append(float(np.max(np.abs(y - data[f"output:y{i}"]))))
+        got = model.run({fed: data[f"{fed}{i}"], "pos": np.array([i]), **state}, outputs=outputs)
+        same.append(all(memory(got[c + "_out"]) == memory(state[c]) for c in caches))
+        state = {c: got[c + "_out"] for c in caches}
+        y = np.asarray(got[made].numpy() if outputs == "device" else got[made])
+        errors.append(float(np.max(np.abs(y - data[f"output:{made}{i}"]))))
     whole = model.gather_outputs(got)
-    res = {"errors": errors, "block": list(k.shape), "same": same}
+    res = {"errors": errors, "block": list(state[caches[0]].shape), "same": same}
     if rank == 0:
-        res["k"] = float(np.max(np.abs(whole["k_cache_out"] - data["output:k_cache"])))
-        res["v"] = float(np.max(np.abs(whole["v_cache_out"] - data["output:v_cache"])))
+        res["caches"] = max(float(np.max(np.abs(whole[c + "_out"] - data[f"output:{c}"]))) for c in caches)
     with open(f"{out}.r{rank}.json", "w") as f:
         json.dump(res, f)
 """)
@@ -351,14 +351,43 @@ def test_a_decoding_loop_keeps_each_ranks_heads_of_the_cache(tmp_path, exporter,
     script = tmp_path / "decode.py"
     script.write_text(DECODE_SCRIPT)
     r = mpirun(2, [sys.executable, str(script), str(tmp_path / "dec.bmc"), str(decoding / f"decstep_{exporter}.npz"),
-                   str(tmp_path / "dec"), outputs])
+                   str(tmp_path / "dec"), outputs, "x", "y"])
     assert r.returncode == 0, r.stdout + r.stderr
     for rank in range(2):
         res = json.loads((tmp_path / f"dec.r{rank}.json").read_text())
         assert res["block"] == [2, 2, 16, 8] and max(res["errors"]) <= 1e-5, res
         assert res["same"] == [outputs == "device"] + [donate] * 4, res
-    res = json.loads((tmp_path / "dec.r0.json").read_text())
-    assert res["k"] <= 1e-6 and res["v"] <= 1e-6
+    assert json.loads((tmp_path / "dec.r0.json").read_text())["caches"] <= 1e-6
+
+
+def test_a_grouped_query_decoding_loop_holds_one_key_value_head_a_rank(tmp_path):
+    """The exported Llama step (4 query heads over 2 key/value heads) on 4 real ranks by Megatron: the mesh of 4 is
+    planned as its view x_0 × x_1 (2 × 2), the key/value projections and the donated caches split over x_0, so
+    each rank holds the one key/value head its query head reads (duplicated on 2 ranks, as vLLM does) where a
+    plan on the mesh itself would keep both on every rank; five steps equal onnxruntime on every rank, the
+    caches gathered at the end equal its caches, and nothing but the sublayers' all-reduces (and the logits'
+    gather) is communicated."""
+    import bmc
+
+    heads = "[{}, {x_0}, {}, {}]"
+    caches = [f"{kv}_cache_{i}" for i in range(2) for kv in "kv"]
+    decoding = ROOT / "tests" / "fixtures" / "decoding"
+    bmc.compile(decoding / "llamastep_dynamo.onnx", tmp_path / "dec.bmc", mesh="4", strategy="megatron",
+                input_shards={c: heads for c in caches}, output_shards={c + "_out": heads for c in caches},
+                donate=caches)
+    plan = json.loads((tmp_path / "dec.bmc" / "plan.json").read_text())
+    assert plan["mesh"] == {"axes": ["x_0", "x_1"], "shape": [2, 2], "parts": {"x": ["x_0", "x_1"]}}
+    assert [c["kind"] for c in plan["collectives"] if c["value"] != "logits"] == ["all_reduce"] * 4
+    script = tmp_path / "decode.py"
+    script.write_text(DECODE_SCRIPT)
+    r = mpirun(4, [sys.executable, str(script), str(tmp_path / "dec.bmc"), str(decoding / "llamastep_dynamo.npz"),
+                   str(tmp_path / "dec"), "auto", "ids", "logits"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    for rank in range(4):
+        res = json.loads((tmp_path / f"dec.r{rank}.json").read_text())
+        assert res["block"] == [2, 1, 16, 8] and max(res["errors"]) <= 1e-5, res
+        assert res["same"] == [False] + [True] * 4, res
+    assert json.loads((tmp_path / "dec.r0.json").read_text())["caches"] <= 1e-5
 
 
 SHARE_SCRIPT = textwrap.dedent("""

@@ -189,10 +189,11 @@ def test_provenance_is_recorded():
     assert collections.Counter(o.split(" ")[0] for o in plan.origins.values())["default"] >= 1
 
 
-def cross_attention_graph(b=2, m=3, n=16, heads=4, kv_heads=4, d=8, e=16, mask=True, seed=0):
+def cross_attention_graph(b=2, m=3, n=16, heads=4, kv_heads=4, d=8, e=16, mask=True, seed=0, keys_out=False):
     """Rows of a decoder ``x [b, m, e]`` attending to a long memory ``[b, n, e]`` (``kv_heads`` key/value heads:
     1 is multi-query), with a padding mask ``[b, 1, 1, n]`` (0 or -inf) and an output projection; returns the
-    graph and its inputs (batch 0's last 5 keys masked: a block of them entirely on 4 devices)."""
+    graph and its inputs (batch 0's last 5 keys masked: a block of them entirely on 4 devices). ``keys_out``:
+    the keys' heads are an output too, ``keys`` (a cache a decoder returns)."""
     rng = np.random.default_rng(seed)
     g = GraphBuilder()
     x, mem = g.input("x", TensorType("float32", (b, m, e))), g.input("memory", TensorType("float32", (b, n, e)))
@@ -200,11 +201,12 @@ def cross_attention_graph(b=2, m=3, n=16, heads=4, kv_heads=4, d=8, e=16, mask=T
          for k, s in (("wq", (e, heads * d)), ("wk", (e, kv_heads * d)), ("wv", (e, kv_heads * d)),
                       ("wo", (heads * d, e)))}
 
-    def heads_of(t, w, h, rows):
+    def heads_of(t, w, h, rows, name=None):
         return g.emit1("transpose", [g.emit1("reshape", [g.emit1("matmul", [t, w])], shape=(b, rows, h, d))],
-                       perm=(0, 2, 1, 3))
+                       name, perm=(0, 2, 1, 3))
 
-    operands = [heads_of(x, w["wq"], heads, m), heads_of(mem, w["wk"], kv_heads, n), heads_of(mem, w["wv"], kv_heads, n)]
+    operands = [heads_of(x, w["wq"], heads, m), heads_of(mem, w["wk"], kv_heads, n, "keys" if keys_out else None),
+                heads_of(mem, w["wv"], kv_heads, n)]
     feeds = {"x": rng.standard_normal((b, m, e)).astype(np.float32),
              "memory": rng.standard_normal((b, n, e)).astype(np.float32)}
     if mask:
@@ -213,7 +215,7 @@ def cross_attention_graph(b=2, m=3, n=16, heads=4, kv_heads=4, d=8, e=16, mask=T
         feeds["mask"][0, ..., n - 5:] = -np.inf
     a = g.emit1("attention", operands, scale=d ** -0.5, transpose_k=True)
     merged = g.emit1("reshape", [g.emit1("transpose", [a], perm=(0, 2, 1, 3))], shape=(b, m, heads * d))
-    return g.finish([g.emit1("matmul", [merged, w["wo"]], "y")]), feeds
+    return g.finish([g.emit1("matmul", [merged, w["wo"]], "y")] + operands[1:2] * keys_out), feeds
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "grouped-query", "multi-query"])
@@ -239,6 +241,63 @@ def test_context_parallel_attention_over_a_split_memory(mesh_text, kv_heads):
     ring = 2 * (keys - 1) / keys * local_batch * 4 * 3 * 4  # of (batch x heads x query rows) floats
     assert reduces[:2] == [("max", int(ring)), ("sum", int(ring))]
     assert len(reduces) == 3  # and the partial output's
+
+
+@pytest.mark.parametrize("heads, kv_heads, mesh_text, view", [
+    (4, 2, "4", {"x": (2, 2)}), (8, 2, "2x4", {"y": (2, 2)}), (8, 4, "8", {"x": (4, 2)}), (4, 4, "4", {}),
+    (4, 1, "4", {})], ids=["2-of-4", "2-of-2x4", "4-of-8", "mha", "multi-query"])
+def test_megatron_views_the_mesh_for_fewer_key_value_heads(heads, kv_heads, mesh_text, view):
+    """Grouped-query attention with fewer key/value heads than Megatron's axis has devices (2 over 4): the axis is
+    planned as its view, a major part of as many devices as key/value heads by the rest, and the key/value
+    projections split over the major part (each device computes and holds the one head its query heads read),
+    where on the mesh itself they stay whole; still one all-reduce, equal to the reference, and cheaper by the cost
+    model (less compute, fewer weight bytes). With as many heads as devices, or one, the mesh is kept."""
+    from bmc.sharding.cost import DEVICES, plan_cost
+    from bmc.sharding.manual import manual_plan
+
+    graph, feeds = cross_attention_graph(heads=heads, kv_heads=kv_heads, b=2)
+    mesh = Mesh.parse(mesh_text)
+    name = "dp+megatron" if len(mesh.axes) == 2 else "megatron"
+    plan = manual_plan(graph, name, mesh)
+    last = mesh.names[-1]
+    if not view:
+        assert plan.mesh == mesh
+    else:
+        major, minor = view[last]
+        assert plan.mesh.shape == mesh.shape[:-1] + (major, minor)
+        assert plan.mesh.parts() == {last: (f"{last}_0", f"{last}_1")}
+        for w in ("wk", "wv"):
+            assert plan.specs[w] == Spec(((), (f"{last}_0",)))
+        assert plan.specs["wq"] == Spec(((), (f"{last}_0", f"{last}_1")))
+        on_mesh = propagate(graph, mesh, named_strategy(graph, name, mesh))
+        assert on_mesh.specs["wk"] == Spec(((), ()))
+        viewed, plain = (plan_cost(graph, p, DEVICES["h100"]) for p in (plan, on_mesh))
+        assert viewed.total_s < plain.total_s and viewed.memory.weight_bytes < plain.memory.weight_bytes
+    prog = partition(graph, plan)
+    assert [c.kind for c in prog.collectives] == ["all_reduce"] + ["all_gather"] * (name == "dp+megatron")  # (dp:
+    # the batch of y gathered at the end)
+    assert_close(simulate(prog, feeds).outputs["y"], run_reference(graph, feeds)["y"])
+
+
+def test_a_whole_key_output_keeps_megatron_on_the_mesh_unless_laid_out_on_the_view():
+    """The keys' heads returned as an output (a decoder's cache): returned whole, the view would gather them, so
+    Megatron stays on the mesh (keys computed whole, nothing but the all-reduce); returned split over the view's
+    major part (``--output-shard keys=[{}, {x_0}, {}, {}]``) each device returns its one head, again with only the
+    all-reduce; split over the whole axis, which 2 heads cannot be, the error names the view's parts."""
+    from bmc.compiler import plan_graph
+    from bmc.sharding.manual import manual_plan
+
+    graph, feeds = cross_attention_graph(kv_heads=2, keys_out=True)
+    ref = run_reference(graph, feeds)
+    assert manual_plan(graph, "megatron", Mesh.parse("4")).mesh == Mesh.parse("4")
+    prog, data = plan_graph(graph, mesh="4", strategy="megatron", output_shards={"keys": "[{}, {x_0}, {}, {}]"})
+    assert data["mesh"] == {"axes": ["x_0", "x_1"], "shape": [2, 2], "parts": {"x": ["x_0", "x_1"]}}
+    assert [c.kind for c in prog.collectives] == ["all_reduce"]
+    res = simulate(prog, feeds)
+    assert_close(res.outputs["y"], ref["y"])
+    assert_close(res.outputs["keys"], ref["keys"])
+    with pytest.raises(UsageError, match=r"(?s)not divisible by 4.*x is also x_0 \(2\) x x_1 \(2\)"):
+        plan_graph(graph, mesh="4", strategy="megatron", output_shards={"keys": "[{}, {x}, {}, {}]"})
 
 
 @pytest.mark.parametrize("kv_heads, split", [(1, "n"), (8, "b1")], ids=["multi-query", "mha"])
