@@ -179,10 +179,8 @@ def _view_hint(mesh, view):
     except UsageError as e:
         if view is mesh or "not divisible" not in e.what:
             raise
-        parts = "; ".join(f"{a} is also {' x '.join(f'{p} ({view.axis(p).size})' for p in ps)}, major first"
-                          for a, ps in view.parts().items())
-        raise UsageError(e.what, where=e.where,
-                         fix=f"{e.fix}; {parts}: a key/value head's dim splits over the major part") from None
+        raise UsageError(e.what, where=e.where, fix=f"{e.fix}; Megatron's view of the mesh has "
+                         f"{view.describe_parts()}: a key/value head's dim splits over the major part") from None
 
 
 def _split_fused(graph: Graph, mesh, shard: Mapping | None) -> None:

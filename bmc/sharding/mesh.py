@@ -110,6 +110,11 @@ class Mesh:
                 out[a.part_of] = out.get(a.part_of, ()) + (a.name,)
         return out
 
+    def describe_parts(self) -> str:
+        """The axes this view cuts, in words: ``x as x_0 (2, major) by x_1 (2)``."""
+        return "; ".join(f"{a} as " + " by ".join(f"{p} ({self.axis(p).size}{', major' if i == 0 else ''})"
+                                                  for i, p in enumerate(ps)) for a, ps in self.parts().items())
+
     def coordinate(self, rank: int) -> tuple[int, ...]:
         """Row-major mesh coordinate of a rank (the last axis varies fastest)."""
         coord = []

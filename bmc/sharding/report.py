@@ -50,7 +50,7 @@ def format_plan(prog: LocalProgram, data: dict, top: int = 15) -> str:
     idle = data.get("idle_axes") or []
     idle = f"; {'axis' if len(idle) == 1 else 'axes'} {', '.join(idle)} split{'s' if len(idle) == 1 else ''} " \
         "nothing" if idle else ""
-    view = "".join(f"; {a} cut into {' x '.join(p)} (major first)" for a, p in mesh.parts().items())
+    view = f"; viewed with {mesh.describe_parts()}" if mesh.parts() else ""
     out = [f"mesh {mesh} (axes {', '.join(mesh.names)}{view}), {len(prog.global_graph.nodes)} nodes{idle}",
            "", f"{'tensor':40} {'global':22} {'spec':22} {'local shape':18} {'bytes/device':>12}"]
     for nbytes, name, ty, spec, local in rows[:top]:

@@ -296,7 +296,7 @@ def test_a_whole_key_output_keeps_megatron_on_the_mesh_unless_laid_out_on_the_vi
     res = simulate(prog, feeds)
     assert_close(res.outputs["y"], ref["y"])
     assert_close(res.outputs["keys"], ref["keys"])
-    with pytest.raises(UsageError, match=r"(?s)not divisible by 4.*x is also x_0 \(2\) x x_1 \(2\)"):
+    with pytest.raises(UsageError, match=r"(?s)not divisible by 4.*view of the mesh has x as x_0 \(2, major\) by x_1 \(2\)"):
         plan_graph(graph, mesh="4", strategy="megatron", output_shards={"keys": "[{}, {x}, {}, {}]"})
 
 
