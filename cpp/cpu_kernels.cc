@@ -14,7 +14,9 @@
  * ``cpu_pack_weight(w, trans, out)`` / ``cpu_matmul_packed(a, wp, n, out)``: a float32 weight packed once, when the
  * model is loaded, into the panel GEMM's layout ``[ceil(N / 32), K, 32]``, and ``a [..., M, K] @`` it; a
  * float16/bfloat16 weight is packed so too but stays 16-bit (each slice of a panel is widened as the GEMM takes it:
- * one contiguous conversion instead of gathering the panel from the weight every call).
+ * one contiguous conversion instead of gathering the panel from the weight every call). On CPUs with AVX512_BF16
+ * a bfloat16 product is not widened at all: each slice's rows are interleaved in pairs (PairRows) and 12 x 32
+ * tiles of ``vdpbf16ps`` (two products a lane an instruction, float32 sums) read bfloat16 a as it is.
  *
  * ``cpu_matmul_nbits(a, codes, scales, out)`` / ``cpu_matmul_nbits_zp(a, codes, scales, zero_points, out)``: float32
  * ``a [M, K] @ W.T`` with ``W [N, K]`` given as 4-bit codes ``[N, blocks, block/2]`` (two a byte, low nibble first)
@@ -2465,8 +2467,17 @@ struct PanelGemm {
   const uint16_t* b16 = nullptr;   // b is 16-bit (bfloat16 when bf16, else float16), widened as it is packed
   const uint16_t* bp16 = nullptr;  // packed 16-bit panels (cpu_pack_weight of a 16-bit weight), widened per slice
   bool bf16 = false;
+  const uint16_t* a16 = nullptr;   // bfloat16 a (with bfloat16 b, b16 or bp16): the dot-product tiles (Bf16Dot) on
+                                   // b's slices paired as they are, not widened
   const Epilogue* ep = nullptr;    // applied to each block of c after its last pass over k
 };
+
+/*! rief Whether the bfloat16 dot-product tiles run (AVX512_BF16's ``vdpbf16ps``: 32 products into 16 float32
+ *  sums an instruction, twice the float32 FMA's; BMC_CPU_NO_BF16_DOT widens both operands instead). */
+bool Bf16Dot() {
+  static const bool have = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  return have && PanelIsa() == PackedIsa::kAvx512 && std::getenv("BMC_CPU_NO_BF16_DOT") == nullptr;
+}
 
 /*! \brief dst[0:n] = src[0:n] for n <= kPackPanel: a whole panel row as a fixed-size copy the compiler inlines
  *  (a call of libc's memcpy per 128-byte row was 5% of ResNet-50). */
@@ -2603,6 +2614,73 @@ __attribute__((target("avx512f"))) inline void PackedTile512(const float* a, int
   }
 }
 
+/*! \brief A [depth, kPackPanel] slice of 16-bit panel as the dot-product tiles read it: rows 2q and 2q + 1
+ *  interleaved, [ceil(depth / 2), kPackPanel, 2] (an odd depth's last pair completed with zeros). */
+__attribute__((target("avx512f,avx512bw"))) void PairRows(const uint16_t* rows, int64_t depth, uint16_t* out) {
+  alignas(64) static const uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                               8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                               24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  static_assert(kPackPanel == 32, "a panel row is one zmm of 16-bit values");
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
+  for (int64_t p = 0; p < depth; p += 2) {
+    const __m512i r0 = _mm512_loadu_si512(rows + p * kPackPanel);
+    const __m512i r1 = p + 1 < depth ? _mm512_loadu_si512(rows + (p + 1) * kPackPanel) : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + p * kPackPanel, _mm512_permutex2var_epi16(r0, lo, r1));
+    _mm512_storeu_si512(out + p * kPackPanel + kPackPanel, _mm512_permutex2var_epi16(r0, hi, r1));
+  }
+}
+
+/*! \brief c[MR x 16 NV] (= or +=) bfloat16 a[MR, :depth] @ a paired slice (PairRows) with ``vdpbf16ps``: per pair
+ *  of k, a row's two values broadcast as one 32-bit lane, each lane of b holding the pair of its column; float32
+ *  sums (an odd depth's last value paired with a zero, never with what follows it in a). */
+template <int MR, int NV>
+__attribute__((target("avx512f,avx512bf16"))) inline void PairedTile512(const uint16_t* a, int64_t lda,
+                                                                       const uint16_t* bp, int64_t depth, float* c,
+                                                                       int64_t ldc, __mmask16 m0, __mmask16 m1,
+                                                                       bool accumulate) {
+  static_assert(NV == 1 || NV == 2);
+  __m512 acc[MR][NV];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  }
+  const int64_t pairs = (depth + 1) / 2;
+  for (int64_t q = 0; q < pairs; ++q) {
+    const bool last = 2 * q + 1 == depth;  // an odd depth's last value: its pair's other half is zero
+    __m512i b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(bp + q * 2 * kPackPanel + 32 * v);
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      uint32_t pair = a[i * lda + 2 * q];
+      if (!last) std::memcpy(&pair, a + i * lda + 2 * q, 4);
+      const __m512bh ai = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], ai, reinterpret_cast<__m512bh>(b[v]));
+    }
+  }
+  const __mmask16 masks[2] = {m0, m1};
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    float* ci = c + i * ldc;
+    for (int v = 0; v < NV; ++v) {
+      if (accumulate) acc[i][v] = _mm512_add_ps(acc[i][v], _mm512_maskz_loadu_ps(masks[v], ci + 16 * v));
+      _mm512_mask_storeu_ps(ci + 16 * v, masks[v], acc[i][v]);
+    }
+  }
+}
+
+template <int MR, int NV>
+inline void Tile512(const float* a, int64_t lda, const float* bp, int64_t depth, float* c, int64_t ldc,
+                    __mmask16 m0, __mmask16 m1, bool accumulate) {
+  PackedTile512<MR, NV>(a, lda, bp, depth, c, ldc, m0, m1, accumulate);
+}
+
+template <int MR, int NV>
+inline void Tile512(const uint16_t* a, int64_t lda, const uint16_t* bp, int64_t depth, float* c, int64_t ldc,
+                    __mmask16 m0, __mmask16 m1, bool accumulate) {
+  PairedTile512<MR, NV>(a, lda, bp, depth, c, ldc, m0, m1, accumulate);
+}
+
 /*! \brief c[MR x cols] (= or +=) a[MR, :depth] @ half a panel (16 columns, \a cols of them real) with AVX2. */
 template <int MR>
 __attribute__((target("avx2,fma"))) inline void PackedTile256(const float* a, int64_t lda, const float* bp,
@@ -2648,9 +2726,10 @@ template <PackedIsa Isa>
 void PackedRows(const float* a, int64_t lda, int64_t rows, const float* bp, int64_t depth, float* c, int64_t ldc,
                 int64_t cols, bool accumulate);
 
-template <>
-void PackedRows<PackedIsa::kAvx512>(const float* a, int64_t lda, int64_t rows, const float* bp, int64_t depth,
-                                    float* c, int64_t ldc, int64_t cols, bool accumulate) {
+/*! \brief The AVX-512 rows of PackedRows: float32 a and panels, or bfloat16 a and paired panels (PairRows). */
+template <typename T>
+void Rows512(const T* a, int64_t lda, int64_t rows, const T* bp, int64_t depth, float* c, int64_t ldc, int64_t cols,
+             bool accumulate) {
   const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
   const __mmask16 m1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
   // 12-row tiles; a remainder under 8 rows shares the last 12 with it as two tiles of 7-10 rows (a tile of few rows
@@ -2659,14 +2738,14 @@ void PackedRows<PackedIsa::kAvx512>(const float* a, int64_t lda, int64_t rows, c
   const auto run = [&](auto nv) {
     constexpr int kNv = decltype(nv)::value;
     for (int64_t t = 0; t < full; ++t) {
-      PackedTile512<12, kNv>(a + 12 * t * lda, lda, bp, depth, c + 12 * t * ldc, ldc, m0, m1, accumulate);
+      Tile512<12, kNv>(a + 12 * t * lda, lda, bp, depth, c + 12 * t * ldc, ldc, m0, m1, accumulate);
     }
     const auto tile = [&](int64_t i, int64_t r) {
-      const float* ai = a + i * lda;
+      const T* ai = a + i * lda;
       float* ci = c + i * ldc;
       switch (r) {
 #define BMC_TILE512(R) \
-  case R: PackedTile512<R, kNv>(ai, lda, bp, depth, ci, ldc, m0, m1, accumulate); break;
+  case R: Tile512<R, kNv>(ai, lda, bp, depth, ci, ldc, m0, m1, accumulate); break;
         BMC_TILE512(1) BMC_TILE512(2) BMC_TILE512(3) BMC_TILE512(4) BMC_TILE512(5) BMC_TILE512(6)
         BMC_TILE512(7) BMC_TILE512(8) BMC_TILE512(9) BMC_TILE512(10) BMC_TILE512(11)
 #undef BMC_TILE512
@@ -2686,6 +2765,12 @@ void PackedRows<PackedIsa::kAvx512>(const float* a, int64_t lda, int64_t rows, c
   } else {
     run(std::integral_constant<int, 1>{});
   }
+}
+
+template <>
+void PackedRows<PackedIsa::kAvx512>(const float* a, int64_t lda, int64_t rows, const float* bp, int64_t depth,
+                                    float* c, int64_t ldc, int64_t cols, bool accumulate) {
+  Rows512(a, lda, rows, bp, depth, c, ldc, cols, accumulate);
 }
 
 template <>
@@ -2715,6 +2800,23 @@ void PackedRows<PackedIsa::kPlain>(const float* a, int64_t lda, int64_t rows, co
   PackedTilePlain(a, lda, rows, bp, depth, c, ldc, cols, accumulate);
 }
 
+/*! \brief Rows \a d ... d + depth of 16-bit panel \a j of b as [depth, kPackPanel]: in place when b is packed,
+ *  else gathered from b (zero-padded) into \a buffer. */
+const uint16_t* Slice16(const PanelGemm& g, int64_t j, int64_t d, int64_t depth, std::vector<uint16_t>& buffer) {
+  if (g.bp16 != nullptr) return g.bp16 + (j * g.k + d) * kPackPanel;
+  const int64_t c0 = j * kPackPanel, cols = std::min(kPackPanel, g.n - c0);
+  buffer.assign(static_cast<size_t>(depth * kPackPanel), 0);
+  for (int64_t p = 0; p < depth; ++p) {
+    uint16_t* row = buffer.data() + p * kPackPanel;
+    if (g.tb) {
+      for (int64_t q = 0; q < cols; ++q) row[q] = g.b16[(c0 + q) * g.ldb + d + p];
+    } else {
+      std::memcpy(row, g.b16 + (d + p) * g.ldb + c0, sizeof(uint16_t) * cols);
+    }
+  }
+  return buffer.data();
+}
+
 /*! \brief c = a @ b on panels (see above). The threads split the panels (contiguous ranges; or, with fewer
  *  panels than threads, the rows, in whole register tiles). A thread runs its rows in blocks of kPackedRowBytes of
  *  a (kept in its L2 across its panels) when b is packed, and packs each of its panels once otherwise. */
@@ -2725,20 +2827,31 @@ void PanelGemmRun(const PanelGemm& g) {
   const int64_t block = std::max<int64_t>(1, kPackedRowBytes / (4 * std::max<int64_t>(depth, 1)) / 12) * 12;
   const auto body = [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
     thread_local std::vector<float> buffer;
-    const auto run = [&](int64_t b0, int64_t b1, int64_t j, const float* panel, int64_t d) {
-      const int64_t cols = std::min(kPackPanel, g.n - j * kPackPanel);
+    const auto run = [&](int64_t b0, int64_t b1, int64_t j, const auto* panel, int64_t d) {
+      const int64_t cols = std::min(kPackPanel, g.n - j * kPackPanel), depth = std::min(kPackedDepth, g.k - d);
       float* c = g.c + b0 * g.ldc + j * kPackPanel;
       if (g.k == 0) {
         for (int64_t i = 0; i < b1 - b0; ++i) std::fill(c + i * g.ldc, c + i * g.ldc + cols, 0.0f);
+      } else if constexpr (std::is_same_v<std::decay_t<decltype(*panel)>, uint16_t>) {  // paired bfloat16
+        Rows512(g.a16 + b0 * g.lda + d, g.lda, b1 - b0, panel, depth, c, g.ldc, cols, d > 0);
       } else {
-        PackedRows<Isa>(g.a + b0 * g.lda + d, g.lda, b1 - b0, panel, std::min(kPackedDepth, g.k - d), c, g.ldc,
-                        cols, d > 0);
+        PackedRows<Isa>(g.a + b0 * g.lda + d, g.lda, b1 - b0, panel, depth, c, g.ldc, cols, d > 0);
       }
       if (g.ep != nullptr && d + kPackedDepth >= g.k) {  // the block's sums are final (and still in cache)
         ApplyEpilogue(*g.ep, g.c, g.ldc, b0, b1 - b0, j * kPackPanel, cols);
       }
     };
     for (int64_t d = 0; d < std::max<int64_t>(g.k, 1); d += kPackedDepth) {
+      if (g.a16 != nullptr) {  // bfloat16 dot products on each slice of b's panels, paired
+        thread_local std::vector<uint16_t> pairs, gathered;
+        const int64_t depth = std::min(kPackedDepth, g.k - d);
+        for (int64_t j = j0; j < j1; ++j) {
+          pairs.resize(static_cast<size_t>((depth + 1) / 2 * 2 * kPackPanel));
+          PairRows(Slice16(g, j, d, depth, gathered), depth, pairs.data());
+          for (int64_t b0 = r0; b0 < r1; b0 += block) run(b0, std::min(r1, b0 + block), j, pairs.data(), d);
+        }
+        continue;
+      }
       if (g.bp16 != nullptr) {  // a contiguous [depth, 32] slice of 16-bit panel: one vector conversion
         const int64_t depth = std::min(kPackedDepth, g.k - d);
         for (int64_t j = j0; j < j1; ++j) {
@@ -2874,11 +2987,12 @@ bool HalfPanels(const Blas& blas, const ffi::TensorView& a, const ffi::TensorVie
       return true;
     }
   }
-  if (PanelIsa() != PackedIsa::kPlain) {  // the panel GEMM widens b's panels as it packs them
+  if (PanelIsa() != PackedIsa::kPlain) {  // the panel GEMM widens b's panels as it packs them (or pairs them)
     float* c = narrow ? Scratch(2, m * n) : Data<float>(out);
     PanelGemm g{wa, k, nullptr, nullptr, tb ? k : n, tb, c, n, m, n, k};
     g.b16 = wb;
     g.bf16 = bf16;
+    if (bf16 && Bf16Dot()) g.a16 = Data<uint16_t>(a);
     RunPanelGemm(g);
     if (narrow) ConvertAll(c, Data<uint16_t>(out), m * n, bf16);
     return true;
@@ -3091,13 +3205,14 @@ void CpuMatmulPacked(ffi::TensorView a, ffi::TensorView wp, int64_t n, ffi::Tens
     RunPanelGemm(PanelGemm{Data<float>(a), k, Data<float>(wp), nullptr, 0, false, Data<float>(out), n, m, n, k});
     return;
   }
-  const bool bf16 = wp.dtype().code == kDLBfloat;
-  float* wa = Scratch(0, m * k);
-  ConvertAll(Data<uint16_t>(a), wa, m * k, bf16);
+  const bool bf16 = wp.dtype().code == kDLBfloat, dot = bf16 && k > 0 && Bf16Dot();
+  float* wa = dot ? nullptr : Scratch(0, m * k);
+  if (!dot) ConvertAll(Data<uint16_t>(a), wa, m * k, bf16);
   float* c = narrow ? Scratch(2, m * n) : Data<float>(out);
   PanelGemm g{wa, k, nullptr, nullptr, 0, false, c, n, m, n, k};
   g.bp16 = Data<uint16_t>(wp);
   g.bf16 = bf16;
+  if (dot) g.a16 = Data<uint16_t>(a);
   RunPanelGemm(g);
   if (narrow) ConvertAll(c, Data<uint16_t>(out), m * n, bf16);
 }

@@ -338,12 +338,14 @@ def test_matmul_weights_are_packed_once_at_load(native_lib, monkeypatch, tmp_pat
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("isa", ["avx512", "avx512-widened", "avx2"])
 def test_16_bit_weights_pack_into_16_bit_panels(native_lib, monkeypatch, isa, dtype):
     """``pack_weight`` of a float16/bfloat16 weight keeps it 16-bit in the panel layout (equal to the numpy
-    fallback's); ``matmul_packed`` of 16-bit a and panels equals the float32 product of the 16-bit values (float32
-    result: 1e-5 of max |ref|; 16-bit result: that product rounded once, within one 16-bit step), and the numpy
-    fallback agrees; K over 4096 runs in passes."""
+    fallback's); ``matmul_packed`` of 16-bit a and panels, and ``matmul`` of 16-bit a and b as stored (b packed
+    per call), equal the float32 product of the 16-bit values (float32 result: 1e-5 of max |ref|; 16-bit result:
+    that product rounded once, within one 16-bit step), and the numpy fallback agrees; K over 4096 runs in passes
+    (4099: an odd last pass). bfloat16 runs the ``vdpbf16ps`` tiles on CPUs with AVX512_BF16 (``avx512``) and
+    widens both operands to float32 without them (``avx512-widened``: ``BMC_CPU_NO_BF16_DOT``)."""
     import ml_dtypes
     import tvm
     import tvm_ffi
@@ -351,10 +353,10 @@ def test_16_bit_weights_pack_into_16_bit_panels(native_lib, monkeypatch, isa, dt
     from bmc.runtime import kernels
 
     have = kernels.host_cpu_features() or set()
-    if isa == "avx512" and "avx512f" not in have or "avx2" not in have:
+    if isa.startswith("avx512") and "avx512f" not in have or "avx2" not in have:
         pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
-    for var, value in PANEL_ISAS[isa].items():
+    for var, value in {**PANEL_ISAS.get(isa, {}), **({"BMC_CPU_NO_BF16_DOT": "1"} if "widened" in isa else {})}.items():
         monkeypatch.setenv(var, value)
     kernels.register_cpu_kernels(native=True, threads=2)
     npdt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
@@ -366,7 +368,8 @@ def test_16_bit_weights_pack_into_16_bit_panels(native_lib, monkeypatch, isa, dt
         kernels.host_array(t)[...] = array
         return t
 
-    for m, k, n, trans in ((37, 300, 70, False), (12, 64, 32, True), (9, 4100, 33, True), (100, 7, 15, False)):
+    for m, k, n, trans in ((37, 300, 70, False), (12, 64, 32, True), (9, 4100, 33, True), (100, 7, 15, False),
+                           (26, 4099, 40, False), (13, 1, 17, True)):
         w = rng.standard_normal((n, k) if trans else (k, n)).astype(npdt)
         a = rng.standard_normal((m, k)).astype(npdt)
         ref = a.astype(np.float64) @ (w.T if trans else w).astype(np.float64)
@@ -378,8 +381,10 @@ def test_16_bit_weights_pack_into_16_bit_panels(native_lib, monkeypatch, isa, dt
         np.testing.assert_array_equal(kernels.host_array(packed).view(np.uint16),
                                       kernels.host_array(layout).view(np.uint16))
         scale = float(np.abs(ref).max())
+        unpacked = tvm_ffi.get_global_func(kernels.MATMUL_KERNEL)
         for out_dtype in ("float32", dtype):
-            for run in (tvm_ffi.get_global_func(kernels.MATMUL_PACKED_KERNEL), kernels._matmul_packed_numpy):
+            for run in (lambda a, p, n, o: unpacked(a, stored, False, trans, o),
+                        tvm_ffi.get_global_func(kernels.MATMUL_PACKED_KERNEL), kernels._matmul_packed_numpy):
                 out = tensor(np.full((m, n), 7, np.float32).astype(npdt if out_dtype == dtype else np.float32),
                              out_dtype)
                 run(at, packed, n, out)
