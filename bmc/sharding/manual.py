@@ -26,7 +26,7 @@ from __future__ import annotations
 from math import gcd, prod
 from typing import Mapping
 
-from bmc.errors import UsageError
+from bmc.errors import PlanningError, UsageError
 from bmc.ir.graph import Graph, Node, Value
 from bmc.ops import get_op
 from bmc.sharding.mesh import MAX_RANK, Mesh
@@ -243,7 +243,12 @@ def manual_plan(graph: Graph, name: str, mesh: Mesh, annotations: Mapping[str, S
 
     plans = []
     for m in dict.fromkeys((strategy_mesh(graph, name, mesh), mesh)):
-        p = propagate(graph, m, {**named_strategy(graph, name, m), **(annotations or {})})
+        try:
+            p = propagate(graph, m, {**named_strategy(graph, name, m), **(annotations or {})})
+        except PlanningError:
+            if m == mesh:
+                raise
+            continue  # (the view's layout conflicts with the user's annotations: the mesh's plan is the one)
         p.output_specs = {k: s.onto(m) for k, s in (output_specs or {}).items()}
         plans.append(p)
     if len(plans) == 1:

@@ -1,6 +1,6 @@
 """The plan as data (``plan.json``) and as a readable table.
 
-Keys (stable, for other tools): ``mesh`` {axes, shape}; ``values`` {name: {shape, dtype, spec, origin}};
+Keys (stable, for other tools): ``mesh`` {shape, axes, parts (a view's cut axes: {axis: [major, minor]}, see ``mesh.py``)}; ``values`` {name: {shape, dtype, spec, origin}};
 ``nodes`` [{name (ONNX node), op, inputs, outputs (value names), compute_s, flops (one device's share)}] in graph
 order; ``idle_axes`` the mesh axes (of more than one device) that split no tensor, whose devices repeat each
 other's work; ``collectives`` [{kind, axes, bytes (per device), node (ONNX node), value, at (index into ``nodes``: the node
@@ -25,8 +25,7 @@ def plan_json(prog: LocalProgram, cost, budget_bytes: int | None = None, device:
               "outputs": [v.name for v in n.outputs], "compute_s": t, "flops": flops}
              for n, (t, flops) in zip(graph.nodes, cost.nodes)]
     return {
-        "mesh": {"axes": list(plan.mesh.names), "shape": list(plan.mesh.shape)} | (
-            {"parts": {k: list(v) for k, v in plan.mesh.parts().items()}} if plan.mesh.parts() else {}),
+        "mesh": plan.mesh.to_json(),
         "idle_axes": [a.name for a in plan.mesh.axes if a.size > 1 and a.name not in used],
         "values": values,
         "nodes": nodes,
