@@ -1,6 +1,7 @@
 """The plan as data (``plan.json``) and as a readable table.
 
-Keys (stable, for other tools): ``mesh`` {shape, axes, parts (a view's cut axes: {axis: [major, minor]}, see ``mesh.py``)}; ``values`` {name: {shape, dtype, spec, origin}};
+Keys (stable, for other tools): ``mesh`` {shape, axes, parts (only on a view: {cut axis: [major, minor]},
+``mesh.py``)}; ``values`` {name: {shape, dtype, spec, origin}};
 ``nodes`` [{name (ONNX node), op, inputs, outputs (value names), compute_s, flops (one device's share)}] in graph
 order; ``idle_axes`` the mesh axes (of more than one device) that split no tensor, whose devices repeat each
 other's work; ``collectives`` [{kind, axes, bytes (per device), node (ONNX node), value, at (index into ``nodes``: the node
