@@ -41,7 +41,7 @@ from tvm import relax
 from bmc.codegen.rewrite import (bound_fusion, counting_pass, owned_outputs, rewrite_functions,
                                  split_full_reductions, split_slices, static_shape, use_counts, vector_lanes)
 from bmc.runtime.kernels import (CONV2D_FUSED_KERNEL, CONV2D_KERNEL, MATMUL_INTEGER_KERNEL, MATMUL_INTEGER_PACKED_KERNEL,
-                                 MATMUL_KERNEL, MATMUL_PACKED_KERNEL, PACK_INT8_WEIGHT_KERNEL, PACK_PANEL,
+                                 MATMUL_KERNEL, MATMUL_PACKED_KERNEL, MINMAX_KERNEL, PACK_INT8_WEIGHT_KERNEL, PACK_PANEL,
                                  PACK_WEIGHT_KERNEL, SKINNY_ROWS, pack_weights_enabled, packed_int8_shape)
 
 #: result dtypes the BLAS kernel handles (sgemm, dgemm); anything else stays a TVM kernel
@@ -415,6 +415,18 @@ def _kernels_called(mod: tvm.IRModule) -> set[str]:
     return found
 
 
+def _required(record: dict | None, kernel: str) -> tvm.transform.Pass:
+    """Module pass adding ``kernel`` to ``record["requires"]`` when the module calls it."""
+
+    @tvm.transform.module_pass(opt_level=0, name="BmcRequired")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if record is not None and kernel in _kernels_called(mod):
+            record["requires"] = sorted(set(record.get("requires", [])) | {kernel})
+        return mod
+
+    return _pass
+
+
 def _packed_use(value, w: relax.Var, weights: set):
     """How ``value`` reads the weight ``w`` if it can read it packed: ``("float32", trans_b)`` as the right operand
     of a ``bmc.cpu.matmul`` with a not transposed, float32 or (more than ``SKINNY_ROWS`` rows of a: the few-row
@@ -758,7 +770,8 @@ def cpu_pipeline(target, record: dict | None = None, *, offload: bool = True, of
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight as dl
 
-    passes = [relax.transform.DecomposeOpsForInference(), split_slices(record), split_full_reductions(record)]
+    passes = [relax.transform.DecomposeOpsForInference(), split_slices(record),
+              split_full_reductions(record, native=offload), _required(record, MINMAX_KERNEL)]
     if offload:
         passes += [offload_matmul(record, conv=offload_conv, mixed=HALF_MIXED), fuse_conv_epilogues(record),
                    prepack_weights(record)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter
@@ -165,6 +166,9 @@ _OPAQUE = 8  # TVM's OpPatternKind kOpaque: FuseOps never fuses such a call with
 #: a max/min over every axis of at least this many elements is split into row reductions (below, one thread is
 #: as fast)
 MIN_SPLIT_REDUCTION = 1 << 16
+#: a float32 max/min over every axis of at least this many elements is ``bmc.cpu.minmax``'s (fewer: a call costs
+#: about what TVM's serial loop does)
+MIN_NATIVE_EXTREMES = 1 << 12
 
 
 @relax.expr_functor.mutator
@@ -172,31 +176,55 @@ class _SplitFullReductions(relax.PyExprMutator):
     """``max``/``min`` over every axis of a large tensor → the same over the rows of ``[P, n / P]``, then over the P
     partial results. TVM's schedules run a reduction to one value on one thread (a ``DynamicQuantizeLinear``'s max
     and min over ``[128, 3072]`` were 14% of an int8 MLP's time); the rows run in parallel. Exact: max and min do
-    not round."""
+    not round. With ``native`` (the CPU kernels offloaded), a float32 tensor's max and min are instead one call of
+    ``bmc.cpu.minmax``, shared by the max and the min of the same tensor: one vectorized pass over it, where
+    TVM's row reductions were serial chains of scalar max/min (still 16-18% of that MLP)."""
 
-    def __init__(self, mod=None):
+    def __init__(self, mod=None, native: bool = False):
         super().__init__(mod)
         self.count = 0  # (counting_pass also sets self.uses, which this rewrite does not need)
+        self.native = native
+        self.extremes: dict = {}  # float32 tensor → its minmax call (per function: Vars are not shared)
+
+    def _native(self, x, widened, call, index: int):
+        """``min`` (index 0) or ``max`` (1) of float32 ``x`` from its ``bmc.cpu.minmax`` call."""
+        from bmc.runtime.kernels import MINMAX_KERNEL
+
+        emit = self.builder_.emit
+        if x not in self.extremes:
+            self.extremes[x] = emit(relax.call_dps_packed(MINMAX_KERNEL, [x], out_ty=relax.TensorType([2],
+                                                                                                      "float32")))
+        value = emit(relax.op.take(self.extremes[x], relax.const(index, "int64"), axis=0))
+        if widened is not None:
+            value = emit(relax.op.astype(value, widened.attrs.dtype))
+        rank = len(static_shape(call.args[0].ty))
+        return relax.op.reshape(value, [1] * rank) if call.attrs.keepdims else value
 
     def visit_call_(self, call: relax.Call):  # noqa: N802 (TVM's visitor naming)
         call = super().visit_call_(call)
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name in ("relax.max", "relax.min")):
             return call
         shape = static_shape(call.args[0].ty)
-        if not shape or math.prod(shape) < MIN_SPLIT_REDUCTION:
+        if not shape or math.prod(shape) < (MIN_NATIVE_EXTREMES if self.native else MIN_SPLIT_REDUCTION):
             return call
         axes = call.attrs.axis
         if axes is not None and sorted(int(a) % len(shape) for a in axes) != list(range(len(shape))):
             return call
         n = math.prod(shape)
         rows = math.gcd(n, 256)
-        if rows < 16:
-            return call
         op = relax.op.max if call.op.name == "relax.max" else relax.op.min
         emit = self.builder_.emit
         x = call.args[0]
         widened = self.lookup_binding(x) if isinstance(x, relax.Var) else None
-        if isinstance(widened, relax.Call) and widened.op.same_as(tvm.ir.Op.get("relax.astype")):
+        widened = widened if isinstance(widened, relax.Call) and widened.op.same_as(
+            tvm.ir.Op.get("relax.astype")) else None
+        source = x if widened is None else widened.args[0]
+        if self.native and str(source.ty.dtype) == "float32":
+            self.count += 1
+            return self._native(source, widened, call, int(call.op.name == "relax.max"))
+        if rows < 16 or n < MIN_SPLIT_REDUCTION:
+            return call
+        if widened is not None:
             # a float32 max is lowered on its values widened to float64 (bmc.codegen.lower.reduce): reshape the
             # narrow tensor (a view) and widen inside the partial reductions, where FuseOps fuses the cast; the
             # reshape of the wide one was a kernel writing a float64 copy, once for the max and once for the min
@@ -211,10 +239,12 @@ class _SplitFullReductions(relax.PyExprMutator):
         return op(part, axis=[0])
 
 
-def split_full_reductions(record: dict | None = None) -> tvm.transform.Pass:
-    """Module pass: large max/min reductions to one value become parallel row reductions
-    (:class:`_SplitFullReductions`); ``record["split_reductions"]`` counts them."""
-    return counting_pass("BmcSplitFullReductions", _SplitFullReductions, record, "split_reductions")
+def split_full_reductions(record: dict | None = None, native: bool = False) -> tvm.transform.Pass:
+    """Module pass: large max/min reductions to one value become parallel row reductions, or with ``native``
+    ``bmc.cpu.minmax`` calls for float32 (:class:`_SplitFullReductions`); ``record["split_reductions"]`` counts
+    them."""
+    return counting_pass("BmcSplitFullReductions", functools.partial(_SplitFullReductions, native=native), record,
+                         "split_reductions")
 
 
 def _call_depths(func: tvm.tirx.PrimFunc) -> tuple[int, list[int]]:

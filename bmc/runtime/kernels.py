@@ -96,6 +96,8 @@ SKINNY_ROWS = 8
 #: (:func:`packed_int8_shape`; a uint8 weight is flipped to int8, its zero point says which it was)
 MATMUL_INTEGER_PACKED_KERNEL = "bmc.cpu.matmul_integer_packed"
 PACK_INT8_WEIGHT_KERNEL = "bmc.cpu.pack_int8_weight"
+#: ``minmax(x, out)``: ``out [2] = [min(x), max(x)]`` of a float32 tensor in one pass (NaN in x: both NaN)
+MINMAX_KERNEL = "bmc.cpu.minmax"
 #: rows of ``bt`` per panel of a packed 8-bit weight
 INT8_PANEL = 16
 #: default TVM_THREAD_POOL_SPIN_COUNT (see set_num_threads); 0: idle TVM workers sleep at once
@@ -105,7 +107,7 @@ CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, CONV2D_FUSED_KERNEL, MATMUL_NBITS_K
                MATMUL_INTEGER_KERNEL, ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL, ATTENTION_LSE_KERNEL,
                ATTENTION_BIAS_LSE_KERNEL, ATTENTION_SOFTCAP_KERNEL, ATTENTION_SOFTCAP_LSE_KERNEL,
                MATMUL_FLOAT8_KERNEL, GATHER_MATMUL_KERNEL, MATMUL_PACKED_KERNEL, PACK_WEIGHT_KERNEL,
-               MATMUL_INTEGER_PACKED_KERNEL, PACK_INT8_WEIGHT_KERNEL)
+               MATMUL_INTEGER_PACKED_KERNEL, PACK_INT8_WEIGHT_KERNEL, MINMAX_KERNEL)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -391,6 +393,12 @@ def _matmul_integer_numpy(a, bt, a_zp, b_zp, out) -> None:
                      np.from_dlpack(b_zp).astype(np.float64), np.from_dlpack(out))
 
 
+def _minmax_numpy(x, out) -> None:
+    """``bmc.cpu.minmax`` in numpy (an empty x: +inf and -inf, the identities)."""
+    X = np.from_dlpack(x)
+    np.from_dlpack(out)[...] = (X.min(), X.max()) if X.size else (np.inf, -np.inf)
+
+
 def _pack_int8_weight_numpy(bt, out) -> None:
     """``bmc.cpu.pack_int8_weight`` in numpy (see :func:`packed_int8_shape`)."""
     B, P = np.from_dlpack(bt), np.from_dlpack(out)
@@ -572,7 +580,7 @@ _NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", CONV2D_KERNEL: "cpu_conv2d", CON
                    GATHER_MATMUL_KERNEL: "cpu_gather_matmul",
                    MATMUL_PACKED_KERNEL: "cpu_matmul_packed", PACK_WEIGHT_KERNEL: "cpu_pack_weight",
                    MATMUL_INTEGER_PACKED_KERNEL: "cpu_matmul_integer_packed",
-                   PACK_INT8_WEIGHT_KERNEL: "cpu_pack_int8_weight"}
+                   PACK_INT8_WEIGHT_KERNEL: "cpu_pack_int8_weight", MINMAX_KERNEL: "cpu_minmax"}
 _NUMPY_KERNELS = {MATMUL_KERNEL: _matmul_numpy, CONV2D_KERNEL: _conv2d_numpy, CONV2D_FUSED_KERNEL: _conv2d_fused_numpy,
                   MATMUL_NBITS_KERNEL: _matmul_nbits_numpy, MATMUL_NBITS_ZP_KERNEL: _matmul_nbits_numpy,
                   MATMUL_INTEGER_KERNEL: _matmul_integer_numpy, ATTENTION_KERNEL: _attention_numpy,
@@ -582,7 +590,7 @@ _NUMPY_KERNELS = {MATMUL_KERNEL: _matmul_numpy, CONV2D_KERNEL: _conv2d_numpy, CO
                   GATHER_MATMUL_KERNEL: _gather_matmul_numpy,
                   MATMUL_PACKED_KERNEL: _matmul_packed_numpy, PACK_WEIGHT_KERNEL: _pack_weight_numpy,
                   MATMUL_INTEGER_PACKED_KERNEL: _matmul_integer_packed_numpy,
-                  PACK_INT8_WEIGHT_KERNEL: _pack_int8_weight_numpy}
+                  PACK_INT8_WEIGHT_KERNEL: _pack_int8_weight_numpy, MINMAX_KERNEL: _minmax_numpy}
 
 
 # ------------------------------------------------------------------------------------------ native library

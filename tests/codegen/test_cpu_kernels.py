@@ -432,6 +432,80 @@ def test_16_bit_weights_are_packed_at_load_only_for_many_rows(native_lib, monkey
     register_cpu_kernels(native=False)
 
 
+@pytest.mark.parametrize("impl", ["avx512", "plain", "numpy"])
+def test_minmax_kernel(native_lib, monkeypatch, impl):
+    """``bmc.cpu.minmax``: one pass for a float32 tensor's min and max, equal to numpy's on lengths with every tail
+    of the 16- and 32-lane loops and several threads' chunks; only -inf gives -inf and -inf (the infinite
+    identities, where TVM's reductions start from the finite extremes); a NaN anywhere makes both NaN; an empty
+    tensor gives +inf and -inf."""
+    import tvm_ffi
+
+    from bmc.runtime import kernels
+
+    if impl == "avx512" and "avx512f" not in (kernels.host_cpu_features() or set()):
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
+    if impl == "plain":
+        monkeypatch.setenv("BMC_CPU_NO_AVX512", "1")
+    kernels.register_cpu_kernels(native=impl != "numpy", threads=2)
+    fn = tvm_ffi.get_global_func(kernels.MINMAX_KERNEL)
+    rng = np.random.default_rng(3)
+
+    def minmax(x):
+        out = np.full(2, 7, np.float32)
+        fn(tvm_ffi.from_dlpack(x), tvm_ffi.from_dlpack(out))
+        return out
+
+    for n in (1, 15, 16, 17, 31, 33, 4099, 1 << 16, (1 << 18) + 5):
+        x = (rng.standard_normal(n) * 100).astype(np.float32)
+        np.testing.assert_array_equal(minmax(x), [x.min(), x.max()])
+        x[n // 2] = np.nan
+        assert np.isnan(minmax(x)).all(), n
+    np.testing.assert_array_equal(minmax(np.full((3, 40), -np.inf, np.float32)), [-np.inf, -np.inf])
+    np.testing.assert_array_equal(minmax(np.zeros(0, np.float32)), [np.inf, -np.inf])
+    kernels.register_cpu_kernels(native=False)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "numpy"])
+def test_whole_tensor_extremes_run_as_one_minmax_call(native_lib, monkeypatch, tmp_path, native):
+    """A max and a min over all of one float32 tensor (ONNX ReduceMax/ReduceMin, and DynamicQuantizeLinear's
+    range) compile to one ``bmc.cpu.minmax`` call, recorded as required; the results equal numpy's, -inf for a
+    tensor of -inf (the lowering's float64 widening gave that before), and DynamicQuantizeLinear equals
+    onnxruntime."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from bmc.compiler import compile_model
+    from bmc.runtime.executor import load
+    from bmc.runtime.kernels import MINMAX_KERNEL, register_cpu_kernels
+
+    monkeypatch.setenv("BMC_NATIVE_LIB", str(native_lib))
+    register_cpu_kernels(native=native, threads=2)
+    nodes = [helper.make_node("ReduceMax", ["x"], ["hi"], keepdims=0), helper.make_node("ReduceMin", ["x"], ["lo"]),
+             helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "scale", "zp"])]
+    outs = [helper.make_tensor_value_info("hi", TensorProto.FLOAT, []),
+            helper.make_tensor_value_info("lo", TensorProto.FLOAT, [1, 1]),
+            helper.make_tensor_value_info("q", TensorProto.UINT8, [64, 128]),
+            helper.make_tensor_value_info("scale", TensorProto.FLOAT, []),
+            helper.make_tensor_value_info("zp", TensorProto.UINT8, [])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 128])], outs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    compile_model(model, tmp_path / "m.bmc")
+    cpu = json.loads((tmp_path / "m.bmc" / "manifest.json").read_text())["kernels"]["cpu"]
+    assert MINMAX_KERNEL in cpu["requires"], cpu
+    m = load(tmp_path / "m.bmc")
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
+    got = m.run({"x": x})
+    assert got["hi"] == x.max() and got["lo"].shape == (1, 1) and got["lo"][0, 0] == x.min()
+    for name, want in zip(["q", "scale", "zp"], sess.run(["q", "scale", "zp"], {"x": x})[0:3]):
+        np.testing.assert_array_equal(got[name], want, err_msg=name)
+    got = m.run({"x": np.full((64, 128), -np.inf, np.float32)})
+    assert got["hi"] == -np.inf and got["lo"][0, 0] == -np.inf
+    register_cpu_kernels(native=False)
+
+
 def test_int8_weights_are_packed_once_at_load(native_lib, monkeypatch, tmp_path):
     """An 8-bit weight read only as MatMulInteger's B (int8, or uint8 with a zero point per column) is packed when
     the program is loaded (in memory, from an artifact, and per shard on a 1x2 mesh of simulated ranks), and the
