@@ -2585,6 +2585,22 @@ void PackPanelF32(const PanelGemm& g, int64_t j, int64_t d0, int64_t depth, floa
   }
 }
 
+/*! \brief c[MR x 16 NV] (= or +=) a register tile's sums, the columns masked by \a m0 / \a m1. */
+template <int MR, int NV>
+__attribute__((target("avx512f"), always_inline)) inline void StoreTile512(__m512 (&acc)[MR][NV], float* c,
+                                                                          int64_t ldc, __mmask16 m0, __mmask16 m1,
+                                                                          bool accumulate) {
+  const __mmask16 masks[2] = {m0, m1};
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    float* ci = c + i * ldc;
+    for (int v = 0; v < NV; ++v) {
+      if (accumulate) acc[i][v] = _mm512_add_ps(acc[i][v], _mm512_maskz_loadu_ps(masks[v], ci + 16 * v));
+      _mm512_mask_storeu_ps(ci + 16 * v, masks[v], acc[i][v]);
+    }
+  }
+}
+
 /*! \brief c[MR x 16 NV] (= or +=) a[MR, k0:k1] @ the first 16 NV columns of panel[k0:k1] with AVX-512 (NV = 1:
  *  a last panel of at most 16 columns, whose zero half is not multiplied); \a m0/\a m1 mask the stored columns. */
 template <int MR, int NV>
@@ -2606,15 +2622,7 @@ __attribute__((target("avx512f"))) inline void PackedTile512(const float* a, int
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ai, b[v], acc[i][v]);
     }
   }
-  const __mmask16 masks[2] = {m0, m1};
-#pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i) {
-    float* ci = c + i * ldc;
-    for (int v = 0; v < NV; ++v) {
-      if (accumulate) acc[i][v] = _mm512_add_ps(acc[i][v], _mm512_maskz_loadu_ps(masks[v], ci + 16 * v));
-      _mm512_mask_storeu_ps(ci + 16 * v, masks[v], acc[i][v]);
-    }
-  }
+  StoreTile512<MR, NV>(acc, c, ldc, m0, m1, accumulate);
 }
 
 /*! \brief A [depth, kPackPanel] slice of 16-bit panel as the dot-product tiles read it: rows 2q and 2q + 1
@@ -2661,15 +2669,7 @@ __attribute__((target("avx512f,avx512bf16"))) inline void PairedTile512(const ui
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], ai, reinterpret_cast<__m512bh>(b[v]));
     }
   }
-  const __mmask16 masks[2] = {m0, m1};
-#pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i) {
-    float* ci = c + i * ldc;
-    for (int v = 0; v < NV; ++v) {
-      if (accumulate) acc[i][v] = _mm512_add_ps(acc[i][v], _mm512_maskz_loadu_ps(masks[v], ci + 16 * v));
-      _mm512_mask_storeu_ps(ci + 16 * v, masks[v], acc[i][v]);
-    }
-  }
+  StoreTile512<MR, NV>(acc, c, ldc, m0, m1, accumulate);
 }
 
 template <int MR, int NV>
