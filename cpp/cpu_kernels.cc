@@ -2977,8 +2977,10 @@ bool HalfPanels(const Blas& blas, const ffi::TensorView& a, const ffi::TensorVie
   if (ta || !B.batch.empty() || b.ndim() < 2) return false;
   int64_t m = Prod(A.batch) * A.rows, k = A.cols, n = tb ? B.rows : B.cols;
   if ((tb ? B.cols : B.rows) != k || out.numel() != m * n || m == 0 || n == 0 || k == 0) return false;
-  float* wa = Scratch(0, m * k);
-  ConvertAll(Data<uint16_t>(a), wa, m * k, bf16);
+  // (the bfloat16 dot-product tiles read a as it is: no float32 copy of it)
+  const bool dot = bf16 && m > kSkinnyRows && Bf16Dot();  // (Bf16Dot implies the AVX-512 panel tiles)
+  float* wa = dot ? nullptr : Scratch(0, m * k);
+  if (!dot) ConvertAll(Data<uint16_t>(a), wa, m * k, bf16);
   const uint16_t* wb = Data<uint16_t>(b);
   bool narrow = IsHalf(out.dtype());
   if (m <= kSkinnyRows) {  // a decoding step: the few-row kernels read b's 16-bit values themselves
@@ -2995,7 +2997,7 @@ bool HalfPanels(const Blas& blas, const ffi::TensorView& a, const ffi::TensorVie
     PanelGemm g{wa, k, nullptr, nullptr, tb ? k : n, tb, c, n, m, n, k};
     g.b16 = wb;
     g.bf16 = bf16;
-    if (bf16 && Bf16Dot()) g.a16 = Data<uint16_t>(a);
+    if (dot) g.a16 = Data<uint16_t>(a);
     RunPanelGemm(g);
     if (narrow) ConvertAll(c, Data<uint16_t>(out), m * n, bf16);
     return true;
