@@ -20,7 +20,8 @@ Two things make bmc's llvm code fast, and both live here so the choices are made
    add and a ReLU becomes ``bmc.cpu.conv2d_fused``, which applies them as it stores each block of the output
    (:func:`fuse_conv_epilogues`).
 2. **Schedules.** After fusion every PrimFunc gets a schedule from ordered rules (dlight style, fallback last):
-   dlight's CPU ``Reduction`` (softmax, layer/RMS norm: parallel rows, vectorized injective parts), then
+   bmc's row reductions (softmax, layer/RMS norm: reductions ``rfactor``-ed into vector lanes, injective parts
+   vectorized, threads only for large blocks), dlight's CPU ``Reduction`` where rows are of odd length, then
    :class:`ParallelFallback` (inline what can be inlined, parallelize the leading spatial loops over the thread
    pool, vectorize the innermost loop at the host's SIMD width). TVM's default llvm pipeline schedules nothing, so
    without these every kernel runs on one core, scalar.
