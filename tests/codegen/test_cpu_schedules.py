@@ -9,6 +9,7 @@ recomputed the row's max and sum once per column (O(n²), and racing on one buff
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,3 +128,34 @@ def test_the_check_catches_tvms_reduction_rule_on_one_row():
     _, func = _scheduled((1, 4096), "softmax", [Reduction()])
     runs, size = _executions(func)["T_softmax_maxelem"]
     assert runs == 4096 * size
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "models"
+
+
+@pytest.mark.parametrize("model", ["gpt2_dynamo", "llama_dynamo", "light_shufflenet"])
+def test_no_kernel_of_a_model_recomputes_a_block(model):
+    """Every TVM kernel of a model as the llvm pipeline schedules it, decoders at one token (where TVM's own rule
+    recomputed each norm's statistics per feature) and a CNN with a classifier's softmax."""
+    import onnx
+    import tvm
+
+    from bmc.codegen.build import to_relax
+    from bmc.codegen.cpu import cpu_pipeline
+    from bmc.codegen.targets import TargetSpec
+    from bmc.compiler import import_graph
+
+    if model.startswith("light_"):
+        graph = import_graph(Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / f"{model}.onnx")
+    else:
+        with np.load(FIXTURES / f"{model}.npz") as data:
+            ids = [k for k in data.files if not k.startswith("output")]
+        graph = import_graph(FIXTURES / f"{model}.onnx", {k: (1, 1) for k in ids})
+    target = TargetSpec.parse("llvm").tvm_target()
+    with target:
+        mod = cpu_pipeline(target, {})(to_relax(graph, "llvm", set(), {}))
+    kernels = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert kernels
+    recomputed = {(k, name): (runs, size) for k, f in kernels.items() for name, (runs, size) in _executions(f).items()
+                  if runs > 2 * size}
+    assert not recomputed
