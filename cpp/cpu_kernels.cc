@@ -311,6 +311,14 @@ bool PanelConv(int64_t m, int64_t n, int64_t k, const float* a, const float* b, 
 void PadImage(const float* x, int64_t c, int64_t h, int64_t w, int64_t pt, int64_t pl, int64_t hp, int64_t wp,
               float* out);
 
+/*! \brief The geometry of a 2-D convolution (NCHW input, OIHW weight). */
+struct ConvShape {
+  int64_t n, c, h, w, m, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, oh, ow;
+};
+/*! \brief A depthwise convolution (one input channel a group, \a s.m / \a s.c output channels each), direct:
+ *  each output row summed tap by tap in registers from a zero-padded copy of its input plane, then \a ep. */
+void DepthwiseConv(const ConvShape& s, const float* x, const float* w, float* out, const Epilogue& ep);
+
 /*! \brief NCHW x OIHW cross-correlation as im2col + one GEMM per image and group: the column matrix
  *  ``[C * KH * KW, OH * OW]`` is written tap by tap from the unpadded input (the border zero-filled) into a
  *  per-thread scratch buffer; a 1x1, stride-1, unpadded convolution multiplies the input itself. */
@@ -334,6 +342,10 @@ void Conv2dImpl(const Blas& blas, const ffi::TensorView& tx, const ffi::TensorVi
   const int64_t mg = m / g, k = cg * kh * kw, pixels = oh * ow;
   const bool direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pl == 0 && pb == 0 && pr == 0;
   if constexpr (sizeof(T) == 4) {  // float32: the panel GEMM packs its panels of the columns from the image itself
+    if (cg == 1 && g > 1) {  // depthwise: a GEMM of one row (or a few) a group would waste its tiles
+      DepthwiseConv({n, c, h, wd, m, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, oh, ow}, x, w, out, ep);
+      return;
+    }
     const int64_t hp = h + pt + pb, wp = wd + pl + pr;
     thread_local std::vector<float> padded;  // a padded image: every tap's rows are plain copies
     bool done = true;
@@ -706,23 +718,104 @@ void ParallelRows(int64_t n, Fn fn, int64_t max_threads = INT64_MAX) {
   for (auto& w : workers) w.join();
 }
 
+/*! \brief out [hp, wp] = the plane x [h, w] at row \a pt, column \a pl, in a zero border. */
+inline void PadPlane(const float* x, int64_t h, int64_t w, int64_t pt, int64_t pl, int64_t hp, int64_t wp,
+                     float* out) {
+  std::fill(out, out + pt * wp, 0.0f);
+  for (int64_t r = 0; r < h; ++r) {
+    float* row = out + (pt + r) * wp;
+    std::fill(row, row + pl, 0.0f);
+    std::memcpy(row + pl, x + r * w, sizeof(float) * w);
+    std::fill(row + pl + w, row + wp, 0.0f);
+  }
+  std::fill(out + (pt + h) * wp, out + hp * wp, 0.0f);
+}
+
 /*! \brief out [c, h + pt + pb, w + pl + pr] = x [c, h, w] with a zero border, channels split over the threads. */
 void PadImage(const float* x, int64_t c, int64_t h, int64_t w, int64_t pt, int64_t pl, int64_t hp, int64_t wp,
               float* out) {
   ParallelRows(c, [=](int64_t c0, int64_t c1) {
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      float* o = out + ch * hp * wp;
-      const float* in = x + ch * h * w;
-      std::fill(o, o + pt * wp, 0.0f);
-      for (int64_t r = 0; r < h; ++r) {
-        float* row = o + (pt + r) * wp;
-        std::fill(row, row + pl, 0.0f);
-        std::memcpy(row + pl, in + r * w, sizeof(float) * w);
-        std::fill(row + pl + w, row + wp, 0.0f);
-      }
-      std::fill(o + (pt + h) * wp, o + hp * wp, 0.0f);
-    }
+    for (int64_t ch = c0; ch < c1; ++ch) PadPlane(x + ch * h * w, h, w, pt, pl, hp, wp, out + ch * hp * wp);
   }, c * hp * wp / (int64_t{1} << 16) + 1);
+}
+
+constexpr int64_t kDepthwiseChunk = 64;  // outputs summed in registers at a time
+
+/*! \brief \a out [len] = sum over the taps t of \a wt [t] * \a src [t][0, len): 64 outputs at a time in four
+ *  16-lane vectors (GCC's vector extension: zmm registers in the AVX-512 clone, halves or quarters in the others),
+ *  summed over every tap before they are stored. Reads up to ``kDepthwiseChunk - 1`` floats past each tap's \a len.
+ *  (Written as a plain loop over a 64-float array, GCC unrolled the taps and left the sums scalar.) */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void DepthwiseTaps(const float* const* src, const float* wt, int64_t taps, int64_t len, float* out) {
+  typedef float Vec __attribute__((vector_size(64)));
+  const auto load = [](const float* p) {
+    Vec v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  };
+  for (int64_t o0 = 0; o0 < len; o0 += kDepthwiseChunk) {
+    Vec acc[4] = {};
+    for (int64_t t = 0; t < taps; ++t) {
+      const float wv = wt[t];
+      const float* in = src[t] + o0;
+      acc[0] += wv * load(in);
+      acc[1] += wv * load(in + 16);
+      acc[2] += wv * load(in + 32);
+      acc[3] += wv * load(in + 48);
+    }
+    std::memcpy(out + o0, acc, sizeof(float) * static_cast<size_t>(std::min(kDepthwiseChunk, len - o0)));
+  }
+}
+
+/*! Each input plane is zero-padded and cut into ``sh * sw`` phases (the rows ``y = a mod sh`` and columns ``x = b mod
+ *  sw`` of the padded plane, each ``hq x wq``), so that every tap reads one phase at stride 1: output (r, c) of tap
+ *  (i, j) is phase ``(i dh mod sh, j dw mod sw)`` at ``(r + i dh / sh, c + j dw / sw)``. Laid out flat, a tap is then
+ *  one contiguous stream over ``oh`` rows of ``wq`` ("wide" rows: their last ``wq - ow`` outputs are dropped), and
+ *  :func:`DepthwiseTaps` sums the streams in registers; small maps (7 x 7) waste only the few dropped columns. */
+void DepthwiseConv(const ConvShape& s, const float* x, const float* w, float* out, const Epilogue& ep) {
+  const int64_t hp = s.h + s.pt + s.pb, wp = s.w + s.pl + s.pr, mult = s.m / s.c, pixels = s.oh * s.ow;
+  const int64_t hq = (hp + s.sh - 1) / s.sh, wq = (wp + s.sw - 1) / s.sw, taps = s.kh * s.kw;
+  const int64_t phase = hq * wq + kDepthwiseChunk + s.kw * s.dw;  // a phase and what the last chunk reads past it
+  const int64_t wide = s.oh * wq;
+  ParallelRows(s.n * s.m, [&](int64_t p0, int64_t p1) {
+    thread_local std::vector<float> buf;  // padded plane, its phases, the wide output
+    buf.resize(static_cast<size_t>(hp * wp + s.sh * s.sw * phase + wide));
+    float* padded = buf.data();
+    float* phases = padded + hp * wp;
+    float* wide_out = phases + s.sh * s.sw * phase;
+    const bool strided = s.sh > 1 || s.sw > 1;
+    std::vector<const float*> src(static_cast<size_t>(taps));
+    int64_t ready = -1;  // the input plane whose phases are in buf
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / s.m, oc = p % s.m, in = b * s.c + oc / mult;
+      if (in != ready) {
+        PadPlane(x + in * s.h * s.w, s.h, s.w, s.pt, s.pl, hp, wp, strided ? padded : phases);
+        if (strided) {
+          std::fill(phases, phases + s.sh * s.sw * phase, 0.0f);
+          for (int64_t y = 0; y < hp; ++y) {
+            const float* row = padded + y * wp;
+            for (int64_t b0 = 0; b0 < s.sw; ++b0) {
+              float* dst = phases + ((y % s.sh) * s.sw + b0) * phase + (y / s.sh) * wq;
+              for (int64_t xx = b0; xx < wp; xx += s.sw) *dst++ = row[xx];
+            }
+          }
+        }
+        ready = in;
+      }
+      for (int64_t i = 0; i < s.kh; ++i) {
+        for (int64_t j = 0; j < s.kw; ++j) {
+          const int64_t ri = i * s.dh, cj = j * s.dw;
+          src[i * s.kw + j] = phases + ((ri % s.sh) * s.sw + cj % s.sw) * phase + (ri / s.sh) * wq + cj / s.sw;
+        }
+      }
+      float* o = out + p * pixels;
+      DepthwiseTaps(src.data(), w + oc * taps, taps, wide, wq == s.ow ? o : wide_out);
+      if (wq != s.ow) {
+        for (int64_t r = 0; r < s.oh; ++r) std::memcpy(o + r * s.ow, wide_out + r * wq, sizeof(float) * s.ow);
+      }
+      if (ep.Active()) ApplyEpilogue(ep.From(oc, p * pixels), o, pixels, 0, 1, 0, pixels);
+    }
+  }, s.n * s.m * pixels * taps / (int64_t{1} << 15) + 1);
 }
 
 // ---- 16-bit floats ---------------------------------------------------------------------------------------------

@@ -94,7 +94,11 @@ def choose_conv2d(x: tuple[int, ...] | None, w: tuple[int, ...] | None, out: tup
         return "tvm"
     macs = math.prod(out) * math.prod(w[1:])
     mg, kg = w[0] // max(groups, 1), math.prod(w[1:])
-    if macs < MIN_CONV_MACS or mg < MIN_CONV_GROUP_M or kg < MIN_CONV_GROUP_K:
+    if macs < MIN_CONV_MACS:
+        return "tvm"
+    if groups > 1 and w[1] == 1 and dtype == "float32":
+        return "blas"  # depthwise: the native kernel's direct loop (float32 only; float64 would be a GEMM a group)
+    if mg < MIN_CONV_GROUP_M or kg < MIN_CONV_GROUP_K:
         return "tvm"
     return "blas"
 

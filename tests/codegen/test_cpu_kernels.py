@@ -891,6 +891,16 @@ CONV_CASES = [  # (x shape, w shape, strides, pads (top, left, bottom, right), d
 ]
 
 
+DEPTHWISE_CASES = [  # one input channel a group: bmc.cpu.conv2d's direct depthwise loop (float32)
+    ((1, 32, 16, 16), (32, 1, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 32),   # 3x3 "same" (MobileNet)
+    ((2, 48, 31, 29), (48, 1, 3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 48),   # stride 2, odd sizes, batch 2: 4 phases
+    ((1, 16, 20, 20), (16, 1, 7, 7), (1, 1), (3, 3, 3, 3), (1, 1), 16),   # 7x7 (ConvNeXt)
+    ((1, 8, 19, 70), (16, 1, 3, 5), (1, 2), (0, 2, 1, 1), (2, 1), 8),     # 2 outputs a channel, dilated, 2 chunks
+    ((1, 96, 30, 30), (96, 1, 3, 3), (3, 3), (1, 1, 1, 1), (1, 1), 96),   # stride 3: 9 phases
+    ((1, 64, 7, 7), (64, 1, 5, 5), (1, 1), (2, 2, 2, 2), (1, 1), 64),     # a 7x7 map: rows of 11, 7 kept
+]
+
+
 def _conv_graph(x_shape, w_shape, strides, pads, dilations, groups, dtype="float32"):
     b = GraphBuilder("conv")
     x = b.input("x", TensorType(dtype, x_shape))
@@ -918,9 +928,26 @@ def test_offloaded_conv2d_matches_reference(impl, dtype, case):
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * float(np.max(np.abs(ref))))
 
 
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=[f"{c[1][2]}x{c[1][3]}s{c[2]}m{c[1][0] // c[5]}"
+                                                       .replace(" ", "") for c in DEPTHWISE_CASES])
+def test_depthwise_conv2d_matches_reference(impl, case):
+    from bmc.ops import OPS
+
+    x_shape, w_shape, strides, pads, dilations, groups = case
+    rng = np.random.default_rng(4)
+    x, w = rng.standard_normal(x_shape).astype("float32"), rng.standard_normal(w_shape).astype("float32")
+    built, got = _run(_conv_graph(*case), [x, w], native=impl == "native")
+    rec = built.kernels["cpu"]
+    assert rec["conv2d"]["blas"] == 1 and rec["requires"] == ["bmc.cpu.conv2d"], rec
+    (ref,) = OPS["conv"].reference([x, w], {"strides": strides, "pads": pads, "dilations": dilations,
+                                            "group": groups})
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[5], CONV_CASES[7]],
-                         ids=["3x3", "1x1", "dilated", "grouped"])
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[5], CONV_CASES[7], DEPTHWISE_CASES[1]],
+                         ids=["3x3", "1x1", "dilated", "grouped", "depthwise"])
 def test_half_conv2d_is_offloaded_in_float32(impl, dtype, case):
     """A float16/bfloat16 convolution (float32 accumulation) goes to the kernel too, which widens x and w to float32:
     equal to the float32 convolution of the same values rounded to the dtype (1 unit of its last place)."""
@@ -942,7 +969,7 @@ def test_half_conv2d_is_offloaded_in_float32(impl, dtype, case):
     np.testing.assert_allclose(got.astype(np.float32), ref, rtol=ulp, atol=ulp * 1e-2 * float(np.abs(ref).max()))
 
 
-@pytest.mark.parametrize("case", CONV_CASES[:1] + CONV_CASES[5:])
+@pytest.mark.parametrize("case", CONV_CASES[:1] + CONV_CASES[5:] + DEPTHWISE_CASES[3:4])
 def test_conv2d_numpy_kernel_matches_reference(case):
     """The kernel itself (no compile), allocating its output, against the op's numpy reference."""
     from bmc.ops import OPS
@@ -957,7 +984,8 @@ def test_conv2d_numpy_kernel_matches_reference(case):
                                atol=1e-5 * float(np.max(np.abs(ref))))
 
 
-EPILOGUE_CASES = CONV_CASES + [((1, 64, 16, 16), (8, 64, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1)]  # 1x1, 8 rows
+EPILOGUE_CASES = CONV_CASES + [((1, 64, 16, 16), (8, 64, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # 1x1, 8 rows
+                                DEPTHWISE_CASES[1], DEPTHWISE_CASES[3]]
 
 
 @pytest.mark.parametrize("case", EPILOGUE_CASES, ids=[f"{c[1][2]}x{c[1][3]}s{c[2]}p{c[3]}g{c[5]}o{c[1][0]}"
@@ -1095,10 +1123,12 @@ def test_small_depthwise_and_integer_convs_stay_in_tvm():
 
     assert choose_conv2d((1, 4, 8, 8), (4, 4, 3, 3), (1, 4, 8, 8), 1, "float32") == "tvm"  # 9k MACs: tiny
     assert choose_conv2d((1, 64, 56, 56), (64, 64, 3, 3), (1, 64, 56, 56), 1, "float32") == "blas"
-    assert choose_conv2d((1, 64, 56, 56), (64, 1, 3, 3), (1, 64, 56, 56), 64, "float32") == "tvm"  # depthwise
+    assert choose_conv2d((1, 64, 56, 56), (64, 1, 3, 3), (1, 64, 56, 56), 64, "float32") == "blas"  # depthwise
+    assert choose_conv2d((1, 64, 56, 56), (64, 1, 3, 3), (1, 64, 56, 56), 64, "float64") == "tvm"
+    assert choose_conv2d((1, 64, 56, 56), (128, 2, 3, 3), (1, 64, 56, 56), 64, "float32") == "tvm"  # 2 a group
     assert choose_conv2d((1, 64, 56, 56), (64, 64, 3, 3), (1, 64, 56, 56), 1, "float16") == "tvm"
     rng = np.random.default_rng(2)
-    case = ((1, 32, 16, 16), (32, 1, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 32)  # depthwise: stays in TVM
+    case = ((1, 8, 8, 8), (8, 1, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 8)  # a tiny depthwise: stays in TVM
     x, w = rng.standard_normal(case[0]).astype("float32"), rng.standard_normal(case[1]).astype("float32")
     built, got = _run(_conv_graph(*case), [x, w], native=False)
     assert built.kernels["cpu"]["conv2d"] == {"blas": 0, "tvm": 1, "shapes": {}}
@@ -1106,7 +1136,7 @@ def test_small_depthwise_and_integer_convs_stay_in_tvm():
     from bmc.ops import OPS
 
     (ref,) = OPS["conv"].reference([x, w], {"strides": (1, 1), "pads": (1, 1, 1, 1), "dilations": (1, 1),
-                                            "group": 32})
+                                            "group": 8})
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
 
 
