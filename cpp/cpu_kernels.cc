@@ -315,8 +315,8 @@ void PadImage(const float* x, int64_t c, int64_t h, int64_t w, int64_t pt, int64
 struct ConvShape {
   int64_t n, c, h, w, m, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, oh, ow;
 };
-/*! \brief A depthwise convolution (one input channel a group, \a s.m / \a s.c output channels each), direct:
- *  each output row summed tap by tap in registers from a zero-padded copy of its input plane, then \a ep. */
+/*! \brief A depthwise convolution (one input channel a group, \a s.m / \a s.c output channels each), direct: each
+ *  output plane's taps summed in registers over the stride phases of its zero-padded input plane, then \a ep. */
 void DepthwiseConv(const ConvShape& s, const float* x, const float* w, float* out, const Epilogue& ep);
 
 /*! \brief NCHW x OIHW cross-correlation as im2col + one GEMM per image and group: the column matrix
@@ -790,6 +790,7 @@ void DepthwiseConv(const ConvShape& s, const float* x, const float* w, float* ou
       const int64_t b = p / s.m, oc = p % s.m, in = b * s.c + oc / mult;
       if (in != ready) {
         PadPlane(x + in * s.h * s.w, s.h, s.w, s.pt, s.pl, hp, wp, strided ? padded : phases);
+        if (!strided) std::fill(phases + hp * wp, phases + phase, 0.0f);  // what dropped outputs read: finite
         if (strided) {
           std::fill(phases, phases + s.sh * s.sw * phase, 0.0f);
           for (int64_t y = 0; y < hp; ++y) {
