@@ -99,6 +99,7 @@
 #include <cstring>
 #include <cstdint>
 #include <memory>
+#include <exception>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -606,8 +607,9 @@ float Dot(const float* x, const float* y, int64_t k) {
   return s;
 }
 
-/*! \brief Worker threads kept between kernel calls. Starting and joining a thread costs ~36 us on the test VM, and
- *  waking one asleep on a condition variable ~45 us (its vCPU halts), against ~1 us while it is awake; a decoding
+/*! \brief Worker threads kept between kernel calls, where TVM's pool cannot be used (RunOnTvmPool: no TVM runtime
+ *  in the process, ``BMC_KERNEL_POOL=own``, a forked child). Starting and joining a thread costs ~36 us on the
+ *  test VM, and waking one asleep on a condition variable ~45 us (its vCPU halts), against ~1 us while it is awake; a decoding
  *  step makes dozens of kernel calls. So a worker, and the caller waiting for the workers, stay awake (a pause
  *  loop) for kSpinMicros before they sleep: a step's next call usually comes within that, and a longer wait
  *  would take a core from TVM's or the BLAS' threads. One call at a time uses the pool (another caller, or a task
@@ -697,6 +699,63 @@ class KernelPool {
   std::atomic<uint64_t> published_{0};  // generation_, readable without the lock
 };
 
+/*! \brief TVM's ``TVMBackendParallelLaunch`` (``tvm/runtime/c_backend_api.h``), found in the process (the TVM
+ *  runtime that loaded this library), unless ``BMC_KERNEL_POOL=own`` or in a forked child (KernelPool then):
+ *  bmc's kernels run on TVM's thread pool,
+ *  so that two pools do not spin against each other on the same cores between a model's TVM and native kernels
+ *  (2 cores: MobileNetV2 -22%, ShuffleNet -13..21%, ViT and ConvNeXt -7%; see ParallelRows). */
+struct TvmParallelEnv {
+  void* sync_handle;
+  int32_t num_task;
+};
+using TvmParallelLambda = int (*)(int task_id, TvmParallelEnv* penv, void* cdata);
+using TvmParallelLaunch = int (*)(TvmParallelLambda flambda, void* cdata, int num_task);
+
+TvmParallelLaunch TvmPool() {
+  static const pid_t pid = getpid();  // a forked child has none of TVM's workers, which its copy would wait for
+  static const TvmParallelLaunch launch = [] {
+    const char* env = std::getenv("BMC_KERNEL_POOL");
+    if (env != nullptr && std::string(env) == "own") return TvmParallelLaunch(nullptr);
+    return reinterpret_cast<TvmParallelLaunch>(dlsym(RTLD_DEFAULT, "TVMBackendParallelLaunch"));
+  }();
+  return getpid() == pid ? launch : nullptr;
+}
+
+thread_local bool on_tvm_pool = false;  // this thread runs a part of RunOnTvmPool (a nested call runs alone)
+
+/*! \brief task(t) for t in [0, count) on TVM's pool: its tasks take the parts in turn (it may have more or fewer
+ *  threads than \a count); an exception of a part is rethrown here, not through TVM's C frames. False: no pool,
+ *  or called from one of its parts. */
+template <typename Task>
+bool RunOnTvmPool(int64_t count, const Task& task) {
+  const TvmParallelLaunch launch = TvmPool();
+  if (launch == nullptr || on_tvm_pool) return false;
+  struct Closure {
+    const Task* task;
+    int64_t count;
+    std::mutex mu;
+    std::exception_ptr error;
+  } closure{&task, count, {}, nullptr};
+  const auto lambda = [](int id, TvmParallelEnv* env, void* data) -> int {
+    auto* c = static_cast<Closure*>(data);
+    const bool outer = on_tvm_pool;
+    on_tvm_pool = true;
+    for (int64_t t = id; t < c->count; t += std::max<int32_t>(env->num_task, 1)) {
+      try {
+        (*c->task)(t);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(c->mu);
+        if (!c->error) c->error = std::current_exception();
+      }
+    }
+    on_tvm_pool = outer;
+    return 0;
+  };
+  if (launch(lambda, &closure, 0) != 0) return false;  // 0 tasks: all of the pool's threads
+  if (closure.error) std::rethrow_exception(closure.error);
+  return true;
+}
+
 /*! \brief fn(begin, end) over [0, n) in contiguous chunks, one per thread (the caller's thread takes the first),
  *  on at most \a max_threads threads (KernelPool's). */
 template <typename Fn>
@@ -707,10 +766,11 @@ void ParallelRows(int64_t n, Fn fn, int64_t max_threads = INT64_MAX) {
     const int64_t begin = t * chunk, end = std::min(n, begin + chunk);
     if (begin < end) fn(begin, end);
   };
-  if (threads == 1) {
+  if (threads == 1 || on_tvm_pool) {  // (on the pool already: the other threads run the sibling parts)
     fn(0, n);
     return;
   }
+  if (RunOnTvmPool(threads, part)) return;
   if (KernelPool::Get()->Run(threads, part)) return;
   std::vector<std::thread> workers;
   for (int64_t t = 1; t < threads; ++t) workers.emplace_back(part, t);

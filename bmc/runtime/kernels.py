@@ -100,8 +100,9 @@ PACK_INT8_WEIGHT_KERNEL = "bmc.cpu.pack_int8_weight"
 MINMAX_KERNEL = "bmc.cpu.minmax"
 #: rows of ``bt`` per panel of a packed 8-bit weight
 INT8_PANEL = 16
-#: default TVM_THREAD_POOL_SPIN_COUNT (see set_num_threads); 0: idle TVM workers sleep at once
-TVM_SPIN_COUNT = int(os.environ.get("BMC_TVM_SPIN_COUNT", "0"))
+#: default TVM_THREAD_POOL_SPIN_COUNT (see set_num_threads): how many times an idle TVM worker yields before it
+#: sleeps (waking a sleeping one costs ~45 us on the test VM; bmc's native kernels run on TVM's pool too)
+TVM_SPIN_COUNT = int(os.environ.get("BMC_TVM_SPIN_COUNT", "10000"))
 #: every kernel name an llvm artifact may require, with what ``register_cpu_kernels`` installs for it
 CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, CONV2D_FUSED_KERNEL, MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL,
                MATMUL_INTEGER_KERNEL, ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL, ATTENTION_LSE_KERNEL,
@@ -257,9 +258,10 @@ def set_num_threads(threads: int | None = None) -> int:
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")
     os.environ["TVM_NUM_THREADS"] = str(n)
-    # TVM's pool workers spin after each parallel kernel; OpenBLAS' threads run the next GEMM meanwhile and the
-    # two fight for the cores (GPT-2 small, 2 threads: 2.7 s median spinning vs 0.20 s without). Read when the
-    # pool is (re)created; a user's setting wins.
+    # TVM's pool workers yield for a while after each parallel kernel before they sleep. bmc's native kernels run
+    # on the same pool (``cpp/cpu_kernels.cc``, RunOnTvmPool), so only OpenBLAS (float64 and transposed-a
+    # products) can fight them for the cores: that made GPT-2 small 2.7 s against 0.20 s when its GEMMs were
+    # OpenBLAS', with TVM's default spin. Read when the pool is (re)created; a user's setting wins.
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(TVM_SPIN_COUNT))
     _blas_call("set_threads", ctypes.c_int(n))
     if "native_module" in _STATE:

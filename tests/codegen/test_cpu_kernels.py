@@ -650,6 +650,37 @@ def test_kernel_threads_serve_concurrent_callers_and_forked_children(native_lib,
     register_cpu_kernels(native=False)
 
 
+POOL_SCRIPT = """
+import os, numpy as np, tvm_ffi
+from bmc.ir.types import TensorType
+from bmc.ops.builder import GraphBuilder
+from bmc.runtime.kernels import MATMUL_KERNEL, register_cpu_kernels
+from bmc.testing.compiled import CompiledGraph
+register_cpu_kernels(native=True, threads=2)
+b = GraphBuilder("add")
+x = b.input("x", TensorType("float32", (1 << 20,)))
+graph = b.finish([b.emit1("add", [x, x])])
+CompiledGraph(graph)({"x": np.ones(1 << 20, np.float32)})  # a parallel TVM kernel: TVM's pool exists now
+before = len(os.listdir("/proc/self/task"))
+a, out = np.ones((512, 512), np.float32), np.zeros((512, 512), np.float32)
+tvm_ffi.get_global_func(MATMUL_KERNEL)(*map(tvm_ffi.from_dlpack, (a, a)), False, False, tvm_ffi.from_dlpack(out))
+print(before, len(os.listdir("/proc/self/task")), float(out.min()), float(out.max()))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+@pytest.mark.parametrize("pool", ["tvm", "own"])
+def test_native_kernels_run_on_tvms_thread_pool(native_lib, pool):
+    """bmc's kernels run their threads on TVM's pool (TVMBackendParallelLaunch), so no second set of workers
+    spins against TVM's on the same cores; ``BMC_KERNEL_POOL=own`` keeps bmc's own pool (one more thread)."""
+    env = {**os.environ, "BMC_NATIVE_LIB": str(native_lib), "BMC_KERNEL_POOL": pool}
+    done = subprocess.run([sys.executable, "-c", POOL_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    before, after, low, high = done.stdout.split()
+    assert float(low) == float(high) == 512.0
+    assert int(after) - int(before) == (0 if pool == "tvm" else 1)
+
+
 INTEGER_CASES = [  # (A shape, N, zero points per row): K across the 64-byte steps and tails, M and N across tiles;
     # up to 16 rows dot products, more (and every weight packed at load) the packed panels (16 columns, 4 bytes of K
     # at a time: K % 4 tails; tiles of 8 rows, the rest in one tile)
