@@ -757,7 +757,7 @@ bool RunOnTvmPool(int64_t count, const Task& task) {
 }
 
 /*! \brief fn(begin, end) over [0, n) in contiguous chunks, one per thread (the caller's thread takes the first),
- *  on at most \a max_threads threads (KernelPool's). */
+ *  on at most \a max_threads threads: TVM's pool's (RunOnTvmPool), else KernelPool's. */
 template <typename Fn>
 void ParallelRows(int64_t n, Fn fn, int64_t max_threads = INT64_MAX) {
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({kernel_threads.load(), n, max_threads}));
