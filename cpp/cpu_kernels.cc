@@ -53,6 +53,8 @@
  * sums are stored as ``relu?(sum * scale[channel] + shift[channel] + residual)`` (an empty scale, shift or residual
  * is left out): a bias or a folded batch norm, a residual add and a ReLU applied by the panel GEMM to each block
  * of the output while it is in cache, instead of by a TVM kernel reading the whole output again.
+ * ``cpu_conv2d_fused_act(x, w, scale, shift, residual, act, lo, hi, stride_h, ..., groups, out)``: the same with
+ * another activation: ``act`` 0 none, 1 ``min(max(v, lo), hi)`` (ReLU6, any Clip), 2 SiLU ``v * sigmoid(v)``.
  *
  * ``cpu_minmax(x, out)``: ``out [2] = [min(x), max(x)]`` of a float32 tensor in one pass (NaN in x: both NaN; AVX-512,
  * else plain loops), for DynamicQuantizeLinear's range and any max/min of a whole float32 tensor.
@@ -273,35 +275,164 @@ struct ConvCols {
   int64_t c, h, w, kh, kw, sh, sw, dh, dw, oh, ow;
 };
 
-/*! \brief What a GEMM does to its sums as it stores them: ``c = relu?(c * scale[row] + shift[row] + residual)``,
- *  each part optional (a convolution's bias or folded batch norm, a residual add, a ReLU). */
+/*! \brief exp(x) for x ≤ 0 and NaN (Cephes' expf: 2^n e^r, |r| ≤ ln2/2, degree-5 polynomial; ~1 ulp); branch-free
+ *  so that loops over it vectorize. Below -87.3 (2^-126) the result is 2^-126 instead of smaller. */
+__attribute__((always_inline)) inline float ExpNonPositive(float x) {
+  x = std::max(x, -87.3f);  // keeps NaN
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+/*! \brief ExpNonPositive of eight lanes (a NaN stays NaN: maxps returns its second operand when one is NaN). */
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 ExpNonPositive8(__m256 v) {
+  v = _mm256_max_ps(_mm256_set1_ps(-87.3f), v);
+  const __m256 fn = _mm256_floor_ps(_mm256_fmadd_ps(v, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  const __m256 r = _mm256_fmadd_ps(fn, _mm256_set1_ps(2.12194440e-4f),
+                                   _mm256_fmadd_ps(fn, _mm256_set1_ps(-0.693359375f), v));
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fn), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/*! \brief ``x[j] = x[j] * sigmoid(x[j])`` over a row: ``(v >= 0 ? v : v e^v) / (1 + e^-|v|)``, which cannot
+ *  overflow, with e^v taken as 0 below -87.3 (where ExpNonPositive stops: v e^v would be subnormal there, and
+ *  subnormals slow every later kernel down); eight lanes at a time with AVX2, else plain code. */
+__attribute__((target("avx2,fma"))) void SiluRowAvx2(float* x, int64_t n) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  const __m256 floor = _mm256_set1_ps(-87.3f);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j), a = _mm256_or_ps(v, sign);  // -|v|
+    const __m256 e = _mm256_and_ps(ExpNonPositive8(a), _mm256_cmp_ps(a, floor, _CMP_GE_OQ));
+    const __m256 num = _mm256_blendv_ps(_mm256_mul_ps(v, e), v, _mm256_cmp_ps(v, zero, _CMP_GE_OQ));
+    _mm256_storeu_ps(x + j, _mm256_div_ps(num, _mm256_add_ps(one, e)));
+  }
+  for (; j < n; ++j) {
+    const float v = x[j], a = -std::fabs(v), e = a < -87.3f ? 0.0f : ExpNonPositive(a);
+    x[j] = (v >= 0.0f ? v : v * e) / (1.0f + e);
+  }
+}
+
+/*! \brief SiluRowAvx2 sixteen lanes at a time, the tail masked, and 1 / (1 + e) as a 14-bit reciprocal and a
+ *  Newton step (a relative error of ~2^-27 instead of a division's latency). */
+__attribute__((target("avx512f"))) void SiluRowAvx512(float* x, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f), floor = _mm512_set1_ps(-87.3f);
+  const __m512i sign = _mm512_set1_epi32(INT32_MIN), bias = _mm512_set1_epi32(127);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 live = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(live, x + j);
+    const __m512 a = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));  // -|v|
+    // ExpNonPositive of a, where a >= -87.3 (else 0; a NaN fails the test too)
+    const __mmask16 in_range = _mm512_cmp_ps_mask(a, floor, _CMP_GE_OQ);
+    const __m512 fn = _mm512_roundscale_ps(_mm512_fmadd_ps(a, _mm512_set1_ps(1.44269504088896341f),
+                                                           _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF);
+    const __m512 r = _mm512_fmadd_ps(fn, _mm512_set1_ps(2.12194440e-4f),
+                                     _mm512_fmadd_ps(fn, _mm512_set1_ps(-0.693359375f), a));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), one);
+    const __m512i e2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fn), bias), 23);
+    const __m512 e = _mm512_maskz_mul_ps(in_range, p, _mm512_castsi512_ps(e2));
+    const __m512 d = _mm512_add_ps(one, e);
+    __m512 rcp = _mm512_rcp14_ps(d);
+    rcp = _mm512_mul_ps(rcp, _mm512_fnmadd_ps(d, rcp, two));
+    const __m512 num = _mm512_mask_mul_ps(v, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), v, e);
+    _mm512_mask_storeu_ps(x + j, live, _mm512_mul_ps(num, rcp));
+  }
+}
+
+/*! \brief ``x[j] = x[j] * sigmoid(x[j])`` over a row (SiluRowAvx512, SiluRowAvx2, else plain code). */
+void SiluRow(float* x, int64_t n) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx512) {
+    SiluRowAvx512(x, n);
+    return;
+  }
+  if (avx2) {
+    SiluRowAvx2(x, n);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = x[j], a = -std::fabs(v), e = a < -87.3f ? 0.0f : ExpNonPositive(a);
+    x[j] = (v >= 0.0f ? v : v * e) / (1.0f + e);
+  }
+}
+
+/*! \brief The activation an Epilogue ends with. */
+enum class Activation : int64_t {
+  kNone = 0,
+  kClamp = 1,  // min(max(v, lo), hi): ReLU (lo 0, hi inf), ReLU6 (0, 6), any Clip
+  kSilu = 2,   // v * sigmoid(v) (SiLU, Swish)
+};
+
+/*! \brief What a GEMM does to its sums as it stores them: ``c = act(c * scale[row] + shift[row] + residual)``,
+ *  each part optional (a convolution's bias or folded batch norm, a residual add, an activation). */
 struct Epilogue {
   const float* scale = nullptr;     // per row of c (an output channel), or none
   const float* shift = nullptr;     // per row of c, or none
   const float* residual = nullptr;  // laid out as c (row stride ldr), or none
   int64_t ldr = 0;
-  bool relu = false;
+  Activation act = Activation::kNone;
+  float lo = -INFINITY, hi = INFINITY;  // kClamp's bounds
 
-  bool Active() const { return scale != nullptr || shift != nullptr || residual != nullptr || relu; }
+  bool Active() const {
+    return scale != nullptr || shift != nullptr || residual != nullptr || act != Activation::kNone;
+  }
   /*! \brief The epilogue of the rows from \a row on (the residual's from \a at on). */
   Epilogue From(int64_t row, int64_t at) const {
-    return {scale ? scale + row : nullptr, shift ? shift + row : nullptr, residual ? residual + at : nullptr, ldr,
-            relu};
+    Epilogue e = *this;
+    e.scale = scale ? scale + row : nullptr;
+    e.shift = shift ? shift + row : nullptr;
+    e.residual = residual ? residual + at : nullptr;
+    return e;
   }
 };
+
+/*! \brief ``c[j] = act(c[j] * s + t + r[j])`` over one row of \a n (\a r may be null): one pass per part over a row
+ *  that is in cache, each a loop GCC vectorizes (the SiLU's: SiluRow). */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void EpilogueRow(float* c, int64_t n, float s, float t, const float* r, Activation act, float lo, float hi) {
+  if (s != 1.0f || t != 0.0f) {
+    for (int64_t j = 0; j < n; ++j) c[j] = c[j] * s + t;
+  }
+  if (r != nullptr) {
+    for (int64_t j = 0; j < n; ++j) c[j] += r[j];
+  }
+  if (act == Activation::kClamp) {
+    for (int64_t j = 0; j < n; ++j) c[j] = std::min(std::max(c[j], lo), hi);  // NaN stays NaN
+  } else if (act == Activation::kSilu) {
+    SiluRow(c, n);
+  }
+}
 
 /*! \brief Applies \a e to rows [r0, r0 + rows) and columns [c0, c0 + cols) of \a c (row stride \a ldc). */
 inline void ApplyEpilogue(const Epilogue& e, float* c, int64_t ldc, int64_t r0, int64_t rows, int64_t c0,
                           int64_t cols) {
   for (int64_t i = r0; i < r0 + rows; ++i) {
-    float* ci = c + i * ldc + c0;
-    const float s = e.scale ? e.scale[i] : 1.0f, t = e.shift ? e.shift[i] : 0.0f;
-    const float* ri = e.residual ? e.residual + i * e.ldr + c0 : nullptr;
-    for (int64_t j = 0; j < cols; ++j) {
-      float v = ci[j] * s + t;
-      if (ri != nullptr) v += ri[j];
-      ci[j] = e.relu ? std::max(v, 0.0f) : v;
-    }
+    EpilogueRow(c + i * ldc + c0, cols, e.scale ? e.scale[i] : 1.0f, e.shift ? e.shift[i] : 0.0f,
+                e.residual ? e.residual + i * e.ldr + c0 : nullptr, e.act, e.lo, e.hi);
   }
 }
 
@@ -1895,42 +2026,6 @@ __attribute__((always_inline)) inline void SmallGemm(int64_t m, int64_t n, int64
   }
 }
 
-/*! \brief exp(x) for x ≤ 0 and NaN (Cephes' expf: 2^n e^r, |r| ≤ ln2/2, degree-5 polynomial; ~1 ulp); branch-free
- *  so that loops over it vectorize. Below -87.3 (2^-126) the result is 2^-126 instead of smaller. */
-__attribute__((always_inline)) inline float ExpNonPositive(float x) {
-  x = std::max(x, -87.3f);  // keeps NaN
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-/*! \brief ExpNonPositive of eight lanes (a NaN stays NaN: maxps returns its second operand when one is NaN). */
-__attribute__((target("avx2,fma"), always_inline)) inline __m256 ExpNonPositive8(__m256 v) {
-  v = _mm256_max_ps(_mm256_set1_ps(-87.3f), v);
-  const __m256 fn = _mm256_floor_ps(_mm256_fmadd_ps(v, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  const __m256 r = _mm256_fmadd_ps(fn, _mm256_set1_ps(2.12194440e-4f),
-                                   _mm256_fmadd_ps(fn, _mm256_set1_ps(-0.693359375f), v));
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fn), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 /*! \brief ``x[j] = exp(x[j] - shift)`` over a row, returning the sum: ExpNonPositive eight lanes at a time. */
 __attribute__((target("avx2,fma"))) float ExpShiftedAvx2(float* x, int64_t n, float shift) {
   const __m256 sh = _mm256_set1_ps(shift);
@@ -3425,9 +3520,10 @@ void CpuConv2d(ffi::TensorView x, ffi::TensorView w, int64_t sh, int64_t sw, int
   }
 }
 
-void CpuConv2dFused(ffi::TensorView x, ffi::TensorView w, ffi::TensorView scale, ffi::TensorView shift,
-                    ffi::TensorView residual, bool relu, int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb,
-                    int64_t pr, int64_t dh, int64_t dw, int64_t groups, ffi::TensorView out) {
+/*! \brief cpu_conv2d_fused and cpu_conv2d_fused_act: the operands checked, \a ep completed with them, the conv. */
+void Conv2dFused(const char* what, ffi::TensorView x, ffi::TensorView w, ffi::TensorView scale,
+                 ffi::TensorView shift, ffi::TensorView residual, Epilogue ep, int64_t sh, int64_t sw, int64_t pt,
+                 int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw, int64_t groups, ffi::TensorView out) {
   const DLDataType f32{kDLFloat, 32, 1};
   for (const auto& [t, name] : {std::pair{&x, "x"}, {&w, "w"}, {&scale, "scale"}, {&shift, "shift"},
                                 {&residual, "residual"}, {&out, "out"}}) {
@@ -3436,21 +3532,44 @@ void CpuConv2dFused(ffi::TensorView x, ffi::TensorView w, ffi::TensorView scale,
   const int64_t m = out.ndim() == 4 ? Dim(out, 1) : 0;
   for (const auto& [t, name] : {std::pair{&scale, "scale"}, {&shift, "shift"}}) {
     if (t->numel() != 0 && (t->ndim() != 1 || t->numel() != m)) {
-      TVM_FFI_THROW(ValueError) << "cpu_conv2d_fused: " << name << " must be [" << m << "] (one per output channel) "
-                                   "or empty";
+      TVM_FFI_THROW(ValueError) << what << ": " << name << " must be [" << m << "] (one per output channel) or empty";
     }
   }
   if (residual.numel() != 0 && residual.numel() != out.numel()) {
-    TVM_FFI_THROW(ValueError) << "cpu_conv2d_fused: residual must have out's shape or be empty";
+    TVM_FFI_THROW(ValueError) << what << ": residual must have out's shape or be empty";
   }
-  Epilogue ep;
   ep.scale = scale.numel() ? Data<float>(scale) : nullptr;
   ep.shift = shift.numel() ? Data<float>(shift) : nullptr;
   ep.residual = residual.numel() ? Data<float>(residual) : nullptr;
   ep.ldr = out.ndim() == 4 ? Dim(out, 2) * Dim(out, 3) : 0;
-  ep.relu = relu;
   Conv2dImpl<float>(GetBlas(), x, w, sh, sw, pt, pl, pb, pr, dh, dw, groups, out, Data<float>(x), Data<float>(w),
                     Data<float>(out), ep);
+}
+
+void CpuConv2dFused(ffi::TensorView x, ffi::TensorView w, ffi::TensorView scale, ffi::TensorView shift,
+                    ffi::TensorView residual, bool relu, int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb,
+                    int64_t pr, int64_t dh, int64_t dw, int64_t groups, ffi::TensorView out) {
+  Epilogue ep;
+  if (relu) {
+    ep.act = Activation::kClamp;
+    ep.lo = 0.0f;
+  }
+  Conv2dFused("cpu_conv2d_fused", x, w, scale, shift, residual, ep, sh, sw, pt, pl, pb, pr, dh, dw, groups, out);
+}
+
+void CpuConv2dFusedAct(ffi::TensorView x, ffi::TensorView w, ffi::TensorView scale, ffi::TensorView shift,
+                       ffi::TensorView residual, int64_t act, double lo, double hi, int64_t sh, int64_t sw,
+                       int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw, int64_t groups,
+                       ffi::TensorView out) {
+  if (act < 0 || act > static_cast<int64_t>(Activation::kSilu)) {
+    TVM_FFI_THROW(ValueError) << "cpu_conv2d_fused_act: unknown activation " << act << " (0 none, 1 clamp, 2 silu)";
+  }
+  Epilogue ep;
+  ep.act = static_cast<Activation>(act);
+  ep.lo = static_cast<float>(lo);
+  ep.hi = static_cast<float>(hi);
+  Conv2dFused("cpu_conv2d_fused_act", x, w, scale, shift, residual, ep, sh, sw, pt, pl, pb, pr, dh, dw, groups,
+              out);
 }
 
 void CpuMatmulNBits(ffi::TensorView a, ffi::TensorView codes, ffi::TensorView scales, ffi::TensorView out) {
@@ -3578,6 +3697,7 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul, bmc::native::CpuMatmul);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_conv2d, bmc::native::CpuConv2d);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_minmax, bmc::native::CpuMinMax);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_conv2d_fused, bmc::native::CpuConv2dFused);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_conv2d_fused_act, bmc::native::CpuConv2dFusedAct);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_pack_weight, bmc::native::CpuPackWeight);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_packed, bmc::native::CpuMatmulPacked);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul_nbits, bmc::native::CpuMatmulNBits);

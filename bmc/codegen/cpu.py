@@ -41,9 +41,10 @@ from tvm import relax
 
 from bmc.codegen.rewrite import (bound_fusion, counting_pass, owned_outputs, rewrite_functions,
                                  split_full_reductions, split_slices, static_shape, use_counts, vector_lanes)
-from bmc.runtime.kernels import (CONV2D_FUSED_KERNEL, CONV2D_KERNEL, MATMUL_INTEGER_KERNEL, MATMUL_INTEGER_PACKED_KERNEL,
-                                 MATMUL_KERNEL, MATMUL_PACKED_KERNEL, MINMAX_KERNEL, PACK_INT8_WEIGHT_KERNEL, PACK_PANEL,
-                                 PACK_WEIGHT_KERNEL, SKINNY_ROWS, pack_weights_enabled, packed_int8_shape)
+from bmc.runtime.kernels import (CONV2D_FUSED_ACT_KERNEL, CONV2D_FUSED_KERNEL, CONV2D_KERNEL, CONV_ACTIVATIONS,
+                                 MATMUL_INTEGER_KERNEL, MATMUL_INTEGER_PACKED_KERNEL, MATMUL_KERNEL, MATMUL_PACKED_KERNEL,
+                                 MINMAX_KERNEL, PACK_INT8_WEIGHT_KERNEL, PACK_PANEL, PACK_WEIGHT_KERNEL, SKINNY_ROWS,
+                                 pack_weights_enabled, packed_int8_shape)
 
 #: result dtypes the BLAS kernel handles (sgemm, dgemm); anything else stays a TVM kernel
 BLAS_DTYPES = ("float32", "float64")
@@ -255,12 +256,35 @@ def offload_matmul(record: dict | None = None, *, conv: bool = True, kernel: str
 _EPILOGUE_OPS = ("relax.add", "relax.subtract", "relax.multiply")
 
 
+def _scalar_constant(expr, bound: dict) -> float | None:
+    """The value of a one-element float32 constant (or a var bound to one), else None."""
+    expr = bound.get(expr, expr)
+    if isinstance(expr, tvm.ir.expr.Constant) and str(expr.ty.dtype) == "float32" and expr.value.numpy().size == 1:
+        return float(expr.value.numpy().reshape(()))
+    return None
+
+
+def _silu_of(var, users: dict, bound: dict, uses: dict):
+    """The binding of ``var * sigmoid(var)`` when ``var`` is read by exactly that and its sigmoid (read once), else
+    None: a SiLU (Swish) as exporters write it."""
+    if uses[var] != 2 or len(users.get(var, [])) != 2:
+        return None
+    for sig, mul in (users[var], users[var][::-1]):
+        s, m = bound[sig], bound[mul]
+        if (isinstance(s, relax.Call) and s.op == tvm.ir.Op.get("relax.sigmoid") and s.args[0].same_as(var)
+                and isinstance(m, relax.Call) and m.op == tvm.ir.Op.get("relax.multiply") and uses[sig] == 1
+                and any(m.args[i].same_as(var) and m.args[1 - i].same_as(sig) for i in (0, 1))):
+            return sig, mul
+    return None
+
+
 def _epilogue_chains(func: relax.Function) -> dict:
     """Per ``bmc.cpu.conv2d`` call of float32 ``func`` that feeds a chain ``(add | subtract | multiply by a value
-    broadcast along the channels)* → add of a tensor of the output's shape? → relu?``, each link the only use of
-    the one before: ``{the chain's last var: (conv operands, [(op, operand)], residual or None, relu)}``. Where two
-    chains meet (a residual block's add of two conv branches), the earlier conv's takes the add and the later one's
-    ends before it."""
+    broadcast along the channels)* → add of a tensor of the output's shape? → activation?``, each link the only use
+    of the one before: ``{the chain's last var: (conv operands, [(op, operand)], residual or None, activation)}``,
+    the activation ``None``, ``("clamp", lo, hi)`` (a ReLU, or a maximum and/or a minimum with scalar constants: a
+    Clip, ReLU6) or ``("silu",)`` (``v * sigmoid(v)``). Where two chains meet (a residual block's add of two conv
+    branches), the earlier conv's takes the add and the later one's ends before it."""
     bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
     uses = use_counts(func)
     users: dict = {}
@@ -274,17 +298,27 @@ def _epilogue_chains(func: relax.Function) -> dict:
             continue
         shape = static_shape(value.ty)
         channels = shape[1]
-        links, residual, relu, cur = [], None, False, var
-        while not relu and uses[cur] == 1 and len(users.get(cur, [])) == 1:
+        links, residual, clamp, cur = [], None, None, var
+        while uses[cur] == 1 and len(users.get(cur, [])) == 1:
             nxt = users[cur][0]
             call = bound[nxt]
             if nxt in claimed or not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)):
                 break
             name = call.op.name
-            if name == "relax.nn.relu":
-                relu = True
-            elif name not in _EPILOGUE_OPS or residual is not None or len(call.args) != 2:
-                break
+            if name in ("relax.nn.relu", "relax.maximum", "relax.minimum"):
+                limit = 0.0 if name == "relax.nn.relu" else (
+                    _scalar_constant(call.args[1], bound) if call.args[0].same_as(cur) else
+                    _scalar_constant(call.args[0], bound))
+                side = 1 if name == "relax.minimum" else 0
+                bounds = [-np.inf, np.inf] if clamp is None else list(clamp)
+                if limit is None or bounds[side] != (np.inf if side else -np.inf):
+                    break
+                bounds[side] = limit
+                if bounds[0] > bounds[1]:  # min then max of crossed bounds is not the kernel's clamp
+                    break
+                clamp = bounds
+            elif clamp is not None or name not in _EPILOGUE_OPS or residual is not None or len(call.args) != 2:
+                break  # nothing but the rest of a clamp follows an activation
             else:
                 a, b = call.args
                 other = b if a.same_as(cur) else a if name != "relax.subtract" and b.same_as(cur) else None
@@ -300,8 +334,13 @@ def _epilogue_chains(func: relax.Function) -> dict:
                     break
             cur = nxt
             claimed.add(cur)
+        activation = None if clamp is None else ("clamp", *clamp)
+        silu = _silu_of(cur, users, bound, uses) if clamp is None else None
+        if silu is not None and not claimed.intersection(silu):
+            activation, cur = ("silu",), silu[1]
+            claimed.update(silu)
         if cur is not var:
-            chains[cur] = (ops, links, residual, relu)
+            chains[cur] = (ops, links, residual, activation)
     return chains
 
 
@@ -315,6 +354,7 @@ class _ConvEpilogues(relax.PyExprMutator):
         super().__init__(mod)
         self.chains: dict = {}
         self.count = 0
+        self.kernels: set = set()  # the fused kernels called
 
     def _scale_shift(self, links, channels: int):
         """The links as ``(scale, shift)`` per channel (None: 1 or 0): numbers when every operand is a constant
@@ -348,23 +388,30 @@ class _ConvEpilogues(relax.PyExprMutator):
     def visit_var_binding_(self, binding):  # noqa: N802 (TVM's visitor naming)
         if binding.var not in self.chains:
             return super().visit_var_binding_(binding)
-        ops, links, residual, relu = self.chains[binding.var]
+        ops, links, residual, activation = self.chains[binding.var]
         scale, shift = self._scale_shift(links, static_shape(binding.var.ty)[1])
         empty = relax.const(np.zeros(0, "float32"))
         x, w, *conv = (self.visit_expr(a) for a in ops)
         args = [x, w, scale if scale is not None else empty, shift if shift is not None else empty,
-                self.visit_expr(residual) if residual is not None else empty, relax.expr.prim_value(int(relu)),
-                *conv]
-        call = relax.call_dps_packed(CONV2D_FUSED_KERNEL, args, out_ty=binding.var.ty)
+                self.visit_expr(residual) if residual is not None else empty]
+        if activation is None or activation == ("clamp", 0.0, np.inf):  # what the older kernel can do
+            kernel, args = CONV2D_FUSED_KERNEL, [*args, relax.expr.prim_value(int(activation is not None))]
+        else:
+            lo, hi = (float(v) for v in activation[1:]) if activation[0] == "clamp" else (-np.inf, np.inf)
+            kernel, args = CONV2D_FUSED_ACT_KERNEL, [*args, relax.expr.prim_value(CONV_ACTIVATIONS[activation[0]]),
+                                                     relax.expr.prim_value(lo), relax.expr.prim_value(hi)]
+        call = relax.call_dps_packed(kernel, [*args, *conv], out_ty=binding.var.ty)
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(call)))
+        self.kernels.add(kernel)
         self.count += 1
 
 
 def fuse_conv_epilogues(record: dict | None = None) -> tvm.transform.Pass:
     """Module pass (after :func:`offload_matmul`): a float32 ``bmc.cpu.conv2d`` whose result goes through a bias or
-    batch norm (per-channel adds, subtracts and multiplies), a residual add and/or a ReLU becomes
-    ``bmc.cpu.conv2d_fused``, which applies them as the GEMM stores each block of the output (ResNet-50: no TVM
-    kernel rereads a conv's output); ``record["conv2d"]["fused"]`` counts them."""
+    batch norm (per-channel adds, subtracts and multiplies), a residual add and/or an activation (ReLU, a clamp,
+    SiLU) becomes ``bmc.cpu.conv2d_fused`` (``..._act`` for other activations than a ReLU), which applies them as
+    the GEMM stores each block of the output (ResNet-50, MobileNetV2, EfficientNet: no TVM kernel rereads a conv's
+    output); ``record["conv2d"]["fused"]`` counts them."""
 
     @tvm.transform.module_pass(opt_level=0, name="BmcFuseConvEpilogues")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -377,7 +424,7 @@ def fuse_conv_epilogues(record: dict | None = None) -> tvm.transform.Pass:
         if record is not None and mutator.count:
             conv = record.setdefault("conv2d", {})
             conv["fused"] = mutator.count
-            requires = set(record.get("requires", [])) | {CONV2D_FUSED_KERNEL}
+            requires = set(record.get("requires", [])) | mutator.kernels
             if mutator.count == conv.get("blas"):  # no plain conv call is left
                 requires.discard(CONV2D_KERNEL)
             record["requires"] = sorted(requires)

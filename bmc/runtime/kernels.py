@@ -2,8 +2,8 @@
 
 An llvm artifact may call ``bmc.cpu.matmul(a, b, trans_a, trans_b, out)`` and ``bmc.cpu.conv2d(x, w, strides...,
 pads..., dilations..., groups, out)`` (the codegen offloads float32/float64 matmuls and large 2-D convolutions to
-bmc's GEMM or BLAS, see ``bmc/codegen/cpu.py``; ``bmc.cpu.conv2d_fused`` also applies a bias, batch norm, residual
-add and ReLU), and the quantized matmuls ``bmc.cpu.matmul_nbits[_zp]`` (4-bit weights) and
+bmc's GEMM or BLAS, see ``bmc/codegen/cpu.py``; ``bmc.cpu.conv2d_fused[_act]`` also applies a bias, batch norm, residual
+add and ReLU, Clip or SiLU), and the quantized matmuls ``bmc.cpu.matmul_nbits[_zp]`` (4-bit weights) and
 ``bmc.cpu.matmul_integer`` (8-bit integer products), and ``bmc.cpu.attention[_bias]`` (fused attention); the
 manifest lists the names under ``kernels.cpu.requires``. The TVM VM resolves packed-function names when it is
 constructed, so the runtime calls
@@ -50,6 +50,12 @@ CONV2D_KERNEL = "bmc.cpu.conv2d"
 #: result is stored as ``relu?(conv * scale[c] + shift[c] + residual)``; an empty (``[0]``) scale, shift or
 #: residual is left out (a conv's bias or batch norm, a residual add and a ReLU applied as the GEMM stores)
 CONV2D_FUSED_KERNEL = "bmc.cpu.conv2d_fused"
+#: ``bmc.cpu.conv2d_fused_act(x, w, scale, shift, residual, act, lo, hi, stride_h, ..., groups, out)``: the same
+#: with another activation than a ReLU: ``act`` is one of :data:`CONV_ACTIVATIONS` (a clamp to ``[lo, hi]``: ReLU6,
+#: any Clip; SiLU ``v * sigmoid(v)``)
+CONV2D_FUSED_ACT_KERNEL = "bmc.cpu.conv2d_fused_act"
+#: the activation codes of ``bmc.cpu.conv2d_fused_act``
+CONV_ACTIVATIONS = {"none": 0, "clamp": 1, "silu": 2}
 #: ``bmc.cpu.matmul_nbits(a, codes, scales, out)`` and ``..._zp(a, codes, scales, zero_points, out)``: float32
 #: ``a @ W.T`` with W given as 4-bit codes ``[N, blocks, block/2]`` (the ``matmul_nbits`` op)
 MATMUL_NBITS_KERNEL = "bmc.cpu.matmul_nbits"
@@ -104,9 +110,9 @@ INT8_PANEL = 16
 #: sleeps (waking a sleeping one costs ~45 us on the test VM; bmc's native kernels run on TVM's pool too)
 TVM_SPIN_COUNT = int(os.environ.get("BMC_TVM_SPIN_COUNT", "10000"))
 #: every kernel name an llvm artifact may require, with what ``register_cpu_kernels`` installs for it
-CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, CONV2D_FUSED_KERNEL, MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL,
-               MATMUL_INTEGER_KERNEL, ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL, ATTENTION_LSE_KERNEL,
-               ATTENTION_BIAS_LSE_KERNEL, ATTENTION_SOFTCAP_KERNEL, ATTENTION_SOFTCAP_LSE_KERNEL,
+CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, CONV2D_FUSED_KERNEL, CONV2D_FUSED_ACT_KERNEL, MATMUL_NBITS_KERNEL,
+               MATMUL_NBITS_ZP_KERNEL, MATMUL_INTEGER_KERNEL, ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL,
+               ATTENTION_LSE_KERNEL, ATTENTION_BIAS_LSE_KERNEL, ATTENTION_SOFTCAP_KERNEL, ATTENTION_SOFTCAP_LSE_KERNEL,
                MATMUL_FLOAT8_KERNEL, GATHER_MATMUL_KERNEL, MATMUL_PACKED_KERNEL, PACK_WEIGHT_KERNEL,
                MATMUL_INTEGER_PACKED_KERNEL, PACK_INT8_WEIGHT_KERNEL, MINMAX_KERNEL)
 
@@ -558,6 +564,14 @@ def _conv2d_numpy(x, w, stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, d
 
 def _conv2d_fused_numpy(x, w, scale, shift, residual, relu, *conv) -> None:
     """``bmc.cpu.conv2d_fused``: ``bmc.cpu.conv2d``, then the epilogue on the output in place."""
+    _conv2d_fused_act_numpy(x, w, scale, shift, residual, CONV_ACTIVATIONS["clamp" if relu else "none"], 0.0,
+                            np.inf, *conv)
+
+
+def _conv2d_fused_act_numpy(x, w, scale, shift, residual, act, lo, hi, *conv) -> None:
+    """``bmc.cpu.conv2d_fused_act``: ``bmc.cpu.conv2d``, then the epilogue on the output in place."""
+    if act not in CONV_ACTIVATIONS.values():
+        raise ValueError(f"bmc.cpu.conv2d_fused_act: unknown activation {act} ({CONV_ACTIVATIONS})")
     _conv2d_numpy(x, w, *conv)
     y = np.from_dlpack(conv[-1])
     scale, shift, residual = (host_array(t) for t in (scale, shift, residual))
@@ -567,12 +581,16 @@ def _conv2d_fused_numpy(x, w, scale, shift, residual, relu, *conv) -> None:
         y += shift.reshape(-1, 1, 1)
     if residual.size:
         y += residual
-    if relu:
-        np.maximum(y, 0, out=y)
+    if act == CONV_ACTIVATIONS["clamp"]:
+        np.minimum(np.maximum(y, np.float32(lo), out=y), np.float32(hi), out=y)
+    elif act == CONV_ACTIVATIONS["silu"]:
+        with np.errstate(over="ignore"):
+            y *= 1 / (1 + np.exp(-y))
 
 
 #: the native library's function behind each kernel name, and the numpy implementation of the same contract
 _NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", CONV2D_KERNEL: "cpu_conv2d", CONV2D_FUSED_KERNEL: "cpu_conv2d_fused",
+                   CONV2D_FUSED_ACT_KERNEL: "cpu_conv2d_fused_act",
                    MATMUL_NBITS_KERNEL: "cpu_matmul_nbits", MATMUL_NBITS_ZP_KERNEL: "cpu_matmul_nbits_zp",
                    MATMUL_INTEGER_KERNEL: "cpu_matmul_integer", ATTENTION_KERNEL: "cpu_attention",
                    ATTENTION_BIAS_KERNEL: "cpu_attention_bias", ATTENTION_LSE_KERNEL: "cpu_attention_lse",
@@ -584,6 +602,7 @@ _NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", CONV2D_KERNEL: "cpu_conv2d", CON
                    MATMUL_INTEGER_PACKED_KERNEL: "cpu_matmul_integer_packed",
                    PACK_INT8_WEIGHT_KERNEL: "cpu_pack_int8_weight", MINMAX_KERNEL: "cpu_minmax"}
 _NUMPY_KERNELS = {MATMUL_KERNEL: _matmul_numpy, CONV2D_KERNEL: _conv2d_numpy, CONV2D_FUSED_KERNEL: _conv2d_fused_numpy,
+                  CONV2D_FUSED_ACT_KERNEL: _conv2d_fused_act_numpy,
                   MATMUL_NBITS_KERNEL: _matmul_nbits_numpy, MATMUL_NBITS_ZP_KERNEL: _matmul_nbits_numpy,
                   MATMUL_INTEGER_KERNEL: _matmul_integer_numpy, ATTENTION_KERNEL: _attention_numpy,
                   ATTENTION_BIAS_KERNEL: _attention_numpy, ATTENTION_LSE_KERNEL: _attention_lse_numpy,

@@ -1050,6 +1050,130 @@ def test_conv_epilogue_is_fused_into_the_kernel(impl, case):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
 
 
+#: activations a conv epilogue ends with: (name, how the graph writes it, numpy reference); every clamp reaches
+#: both of its bounds on these convs' outputs (a standard deviation of ~12 to ~100)
+CONV_ACTIVATION_CASES = [
+    ("relu6", lambda b, y: b.emit1("clip", [y], min=0.0, max=6.0), lambda v: np.clip(v, 0, 6)),
+    ("clip_tensors", lambda b, y: b.emit1("minimum", [b.emit1("maximum", [y, b.constant(np.float32(-7.5))]),
+                                                      b.constant(np.float32(5.25))]), lambda v: np.clip(v, -7.5, 5.25)),
+    ("max_only", lambda b, y: b.emit1("maximum", [b.constant(np.float32(-2.0)), y]), lambda v: np.maximum(v, -2)),
+    ("min_only", lambda b, y: b.emit1("minimum", [y, b.constant(np.float32(3.0))]), lambda v: np.minimum(v, 3)),
+    ("crossed", lambda b, y: b.emit1("maximum", [b.emit1("minimum", [y, b.constant(np.float32(-1.0))]),
+                                                 b.constant(np.float32(2.0))]),  # all 2: only the minimum fuses
+     lambda v: np.maximum(np.minimum(v, -1), 2)),
+    ("silu", lambda b, y: b.emit1("mul", [y, b.emit1("sigmoid", [y])]), lambda v: v / (1 + np.exp(-v))),
+    ("silu_swapped", lambda b, y: b.emit1("mul", [b.emit1("sigmoid", [y]), y]), lambda v: v / (1 + np.exp(-v))),
+]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["bn", "bn_residual"])
+@pytest.mark.parametrize("case", [CONV_CASES[0], EPILOGUE_CASES[-3], DEPTHWISE_CASES[1]],
+                         ids=["3x3", "1x1_8rows", "depthwise"])
+@pytest.mark.parametrize("act", CONV_ACTIVATION_CASES, ids=[a[0] for a in CONV_ACTIVATION_CASES])
+def test_conv_activation_is_fused_into_the_kernel(impl, act, case, residual):
+    """A clamp (ReLU6, an opset-11 Clip's maximum and minimum with scalar constants, either alone) or a SiLU
+    (``v * sigmoid(v)``, as exporters write it) after a conv's batch norm (and residual add) becomes one
+    ``bmc.cpu.conv2d_fused_act`` call, on the GEMM, the im2col + BLAS and the depthwise paths."""
+    from bmc.ops import OPS
+
+    name, write, reference = act
+    x_shape, w_shape, strides, pads, dilations, groups = case
+    attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": groups}
+    rng = np.random.default_rng(8)
+    x, w = rng.standard_normal(x_shape).astype("float32"), rng.standard_normal(w_shape).astype("float32")
+    (conv,) = OPS["conv"].reference([x, w], attrs)
+    c = w_shape[0]
+    s, t = rng.uniform(0.5, 2, (c, 1, 1)).astype("float32"), rng.standard_normal((c, 1, 1)).astype("float32")
+    r = rng.standard_normal(conv.shape).astype("float32")
+    b = GraphBuilder("conv_activation")
+    xv, wv = b.input("x", TensorType("float32", x.shape)), b.input("w", TensorType("float32", w.shape))
+    y = b.emit1("add", [b.emit1("mul", [b.emit1("conv", [xv, wv], **attrs), b.param("s", s)]), b.param("t", t)])
+    if residual:
+        y = b.emit1("add", [y, b.input("r", TensorType("float32", r.shape))])
+    y = write(b, y)
+    arrays = [x, w, r, s, t] if residual else [x, w, s, t]
+    built, got = _run(b.finish([y]), arrays, native=impl == "native")
+    rec = built.kernels["cpu"]
+    assert rec["conv2d"]["fused"] == 1 and rec["requires"] == ["bmc.cpu.conv2d_fused_act"], rec
+    ref = reference((conv * s + t + (r if residual else 0)).astype("float64"))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
+
+
+def test_fused_silu_is_accurate_over_the_whole_range(impl):
+    """The native SiLU (an exp polynomial of -|v|) against float64 over [-100, 100] and tiny values: a 1x1 conv with
+    an identity weight passes x through exactly."""
+    values = np.concatenate([np.linspace(-100, 100, 2001), [0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0, 1e-3, -1e-3]])
+    c = 4
+    x = np.resize(values, (1, c, 1, (values.size + c - 1) // c)).astype("float32")
+    b = GraphBuilder("silu_range")
+    y = b.emit1("conv", [b.input("x", TensorType("float32", x.shape)), b.param("w", np.eye(c, dtype="float32")
+                                                                                .reshape(c, c, 1, 1))],
+                strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1)
+    y = b.emit1("mul", [y, b.emit1("sigmoid", [y])])
+    import tvm
+    from tvm import relax
+
+    from bmc.codegen.cpu import fuse_conv_epilogues, offload_matmul
+    from bmc.codegen.relax_module import to_relax
+    from bmc.runtime.kernels import register_cpu_kernels
+
+    register_cpu_kernels(native=impl == "native")
+    mod = relax.transform.DeadCodeElimination()(fuse_conv_epilogues()(offload_matmul(conv=True)(
+        to_relax(b.finish([y]), "llvm"))))
+    ex = relax.build(mod, tvm.target.Target("llvm"))
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(
+        np.eye(c, dtype="float32").reshape(c, c, 1, 1)))[0].numpy()
+    v = x.astype("float64")
+    ref = v / (1 + np.exp(-v))
+    np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("graph", ["sigmoid_read_twice", "sigmoid_of_another", "per_channel_max", "clamp_then_add"])
+def test_conv_activation_stops_where_it_is_not_one(graph):
+    """What looks like an activation but is not one ends the chain before it: a sigmoid also read elsewhere, ``v *
+    sigmoid(u)`` of another value, a maximum with a tensor, and an add after a clamp (the clamp is fused, the add
+    stays)."""
+    from bmc.ops import OPS
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1, 16, 10, 10)).astype("float32")
+    w = rng.standard_normal((32, 16, 3, 3)).astype("float32")
+    other = rng.standard_normal((1, 32, 10, 10)).astype("float32")
+    attrs = {"strides": (1, 1), "pads": (1, 1, 1, 1), "dilations": (1, 1), "group": 1}
+    b = GraphBuilder(graph)
+    xv, ov = b.input("x", TensorType("float32", x.shape)), b.input("o", TensorType("float32", other.shape))
+    y = b.emit1("conv", [xv, b.param("w", w)], **attrs)
+    (conv,) = OPS["conv"].reference([x, w], attrs)
+    sig = 1 / (1 + np.exp(-conv.astype("float64")))
+    if graph == "sigmoid_read_twice":
+        sy = b.emit1("sigmoid", [y])
+        outs, refs, fused = [b.emit1("mul", [y, sy]), sy], [conv * sig, sig], None
+    elif graph == "sigmoid_of_another":
+        osig = 1 / (1 + np.exp(-other.astype("float64")))
+        outs, refs, fused = [b.emit1("mul", [y, b.emit1("sigmoid", [ov])])], [conv * osig], None
+    elif graph == "per_channel_max":
+        bound = rng.standard_normal((32, 1, 1)).astype("float32")
+        outs, refs, fused = [b.emit1("maximum", [y, b.constant(bound)])], [np.maximum(conv, bound)], None
+    else:
+        outs = [b.emit1("add", [b.emit1("clip", [y], min=0.0, max=6.0), ov])]
+        refs, fused = [np.clip(conv, 0, 6) + other], "bmc.cpu.conv2d_fused_act"
+    import tvm
+    from tvm import relax
+
+    from bmc.codegen.build import build
+    from bmc.codegen.targets import TargetSpec
+
+    built = build(b.finish(outs), TargetSpec.parse("llvm"))
+    rec = built.kernels["cpu"]
+    assert rec["conv2d"].get("fused", 0) == (fused is not None), rec
+    assert rec["requires"] == [fused or "bmc.cpu.conv2d"], rec
+    vm = relax.VirtualMachine(built.executable, tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(other), tvm.runtime.tensor(w))
+    assert len(got) == len(refs)
+    for out, ref in zip(got, refs):
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
+
+
 def test_conv_epilogue_of_constants_is_folded_at_compile_time():
     """A batch norm whose statistics are constants (ResNet-50 from onnx's test data builds its weights with
     ConstantOfShape): scale and shift become numbers in the fused call, with no kernel left to compute them."""
