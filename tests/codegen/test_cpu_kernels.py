@@ -928,7 +928,10 @@ DEPTHWISE_CASES = [  # one input channel a group: bmc.cpu.conv2d's direct depthw
     ((1, 16, 20, 20), (16, 1, 7, 7), (1, 1), (3, 3, 3, 3), (1, 1), 16),   # 7x7 (ConvNeXt)
     ((1, 8, 19, 70), (16, 1, 3, 5), (1, 2), (0, 2, 1, 1), (2, 1), 8),     # 2 outputs a channel, dilated, 2 chunks
     ((1, 96, 30, 30), (96, 1, 3, 3), (3, 3), (1, 1, 1, 1), (1, 1), 96),   # stride 3: 9 phases
-    ((1, 64, 7, 7), (64, 1, 5, 5), (1, 1), (2, 2, 2, 2), (1, 1), 64),     # a 7x7 map: rows of 11, 7 kept
+    ((1, 64, 7, 7), (64, 1, 5, 5), (1, 1), (2, 2, 2, 2), (1, 1), 64),     # a 7x7 map: channels in vector lanes
+    ((4, 40, 15, 15), (40, 1, 3, 3), (2, 2), (2, 1, 1, 2), (2, 2), 40),   # lanes: 16 + 16 + 8, strided, dilated
+    ((1, 24, 14, 14), (24, 1, 7, 7), (1, 1), (3, 3, 3, 3), (1, 1), 24),   # lanes: a 14x14 map of 7x7 taps
+    ((1, 64, 8, 8), (128, 1, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 64),    # a small map, 2 outputs a channel: planes
 ]
 
 
@@ -1016,7 +1019,8 @@ def test_conv2d_numpy_kernel_matches_reference(case):
 
 
 EPILOGUE_CASES = CONV_CASES + [((1, 64, 16, 16), (8, 64, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # 1x1, 8 rows
-                                DEPTHWISE_CASES[1], DEPTHWISE_CASES[3]]
+                                ((3, 1344, 1, 1), (56, 1344, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # one pixel
+                                DEPTHWISE_CASES[1], DEPTHWISE_CASES[3], DEPTHWISE_CASES[6]]
 
 
 @pytest.mark.parametrize("case", EPILOGUE_CASES, ids=[f"{c[1][2]}x{c[1][3]}s{c[2]}p{c[3]}g{c[5]}o{c[1][0]}"
@@ -1067,8 +1071,8 @@ CONV_ACTIVATION_CASES = [
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["bn", "bn_residual"])
-@pytest.mark.parametrize("case", [CONV_CASES[0], EPILOGUE_CASES[-3], DEPTHWISE_CASES[1]],
-                         ids=["3x3", "1x1_8rows", "depthwise"])
+@pytest.mark.parametrize("case", [CONV_CASES[0], EPILOGUE_CASES[-5], EPILOGUE_CASES[-4], DEPTHWISE_CASES[1],
+                                  DEPTHWISE_CASES[5]], ids=["3x3", "1x1_8rows", "one_pixel", "depthwise", "dw_lanes"])
 @pytest.mark.parametrize("act", CONV_ACTIVATION_CASES, ids=[a[0] for a in CONV_ACTIVATION_CASES])
 def test_conv_activation_is_fused_into_the_kernel(impl, act, case, residual):
     """A clamp (ReLU6, an opset-11 Clip's maximum and minimum with scalar constants, either alone) or a SiLU
