@@ -37,6 +37,10 @@ NO_PASSING_CASE: dict[str, str] = {
     "com.microsoft::MatMulNBits": "onnxruntime's op, not ONNX's (tests/frontend/test_quantized.py checks it against "
                                   "onnxruntime)",
     "com.microsoft::MoE": "onnxruntime's op, not ONNX's (tests/frontend/test_moe.py checks it against onnxruntime)",
+    **{f"com.microsoft::{op}": "onnxruntime's op, not ONNX's (tests/frontend/test_qoperator.py checks it against "
+                               "onnxruntime)"
+       for op in ("QLinearAdd", "QLinearMul", "QLinearLeakyRelu", "QLinearSigmoid", "QLinearGlobalAveragePool",
+                  "QLinearAveragePool", "QLinearConcat", "QLinearSoftmax", "QLinearWhere", "QGemm")},
 }
 
 # The default suite's subset: for each supported op (sorted), the passing case with the fewest nodes (then the

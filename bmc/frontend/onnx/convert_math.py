@@ -284,15 +284,18 @@ def _topk(ctx: Context, node):
 
 @converter("Softmax", "LogSoftmax")
 def _softmax(ctx: Context, node):
-    op = "softmax" if node.op_type == "Softmax" else "log_softmax"
-    x = ctx.operand(0)
+    return [softmax(ctx, ctx.operand(0), "softmax" if node.op_type == "Softmax" else "log_softmax", ctx.opset)]
+
+
+def softmax(ctx: Context, x, op: str, opset: int):
+    """``op`` (softmax, log_softmax) of ``x`` along the node's ``axis`` with the semantics of ``opset``."""
     shape = ctx.type(x).shape
-    if ctx.opset >= 13:
-        return [ctx.emit1(op, [x], axis=ctx.attr("axis", -1))]
+    if opset >= 13:
+        return ctx.emit1(op, [x], axis=ctx.attr("axis", -1))
     axis = ctx.attr("axis", 1) % max(len(shape), 1)  # before opset 13: coerce to 2-D at axis
     outer = int(np.prod(shape[:axis]))
     flat = ctx.emit1("reshape", [x], shape=(outer, int(np.prod(shape[axis:]))))
-    return [ctx.emit1("reshape", [ctx.emit1(op, [flat], axis=1)], shape=shape)]
+    return ctx.emit1("reshape", [ctx.emit1(op, [flat], axis=1)], shape=shape)
 
 
 @converter("LayerNormalization")

@@ -54,8 +54,14 @@ def conv(ctx: Context, x, w, bias):
 
 @converter("MaxPool", "AveragePool")
 def _pool(ctx: Context, node):
-    indices = node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1] != ""
-    x = ctx.operand(0)
+    return pool(ctx, ctx.operand(0), node.op_type)
+
+
+def pool(ctx: Context, x, op_type: str) -> list:
+    """The node's ``MaxPool`` (with its indices when the node has a second output) or ``AveragePool`` of ``x``
+    (its kernel_shape/strides/dilations/pads/ceil_mode/count_include_pad attributes)."""
+    node = ctx.node
+    indices = op_type == "MaxPool" and len(node.output) > 1 and node.output[1] != ""
     xs = ctx.type(x).shape
     nd = len(xs) - 2
     kernel = tuple(ctx.attr("kernel_shape"))
@@ -63,7 +69,7 @@ def _pool(ctx: Context, node):
     dilations = tuple(ctx.attr("dilations", [1] * nd))
     pads = _auto_pads(ctx, xs[2:], kernel, strides, dilations)
     ceil = bool(ctx.attr("ceil_mode", 0))
-    if node.op_type == "MaxPool":
+    if op_type == "MaxPool":
         y = ctx.emit1("max_pool", [x], kernel=kernel, strides=strides, pads=pads, dilations=dilations,
                       ceil_mode=ceil)
         if not indices:

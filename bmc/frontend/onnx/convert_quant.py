@@ -1,6 +1,9 @@
 """Converters for ONNX linear quantization: QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear, the integer
-matmul/conv ops (MatMulInteger, ConvInteger, QLinearMatMul, QLinearConv) and onnxruntime's weight-only
-``com.microsoft::MatMulNBits``.
+matmul/conv ops (MatMulInteger, ConvInteger, QLinearMatMul, QLinearConv), onnxruntime's weight-only
+``com.microsoft::MatMulNBits`` and the rest of its quantizer's QOperator format (``com.microsoft::QLinearAdd``,
+``QLinearMul``, ``QLinearLeakyRelu``, ``QLinearSigmoid``, ``QLinearGlobalAveragePool``, ``QLinearAveragePool``,
+``QLinearConcat``, ``QLinearSoftmax``, ``QLinearWhere``, ``QGemm``: each its float op between a dequantization of
+its per-tensor quantized inputs and a quantization of its output).
 
 Quantized ops become float arithmetic the rest of bmc already shards, lowers and checks, with two exceptions that
 read the integer codes themselves: a matmul by a 4-bit block-quantized weight is the IR's ``matmul_nbits``, and
@@ -23,7 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bmc.frontend.onnx.convert_nn import conv
+from bmc.frontend.onnx.convert_math import softmax
+from bmc.frontend.onnx.convert_nn import conv, pool
 from bmc.frontend.onnx.importer import Context, ConvertError, Operand, converter
 from bmc.frontend.onnx.loader import CARRIER, INT_RANGES, NARROW, coded, to_dtype
 from bmc.ir.graph import Value
@@ -257,8 +261,8 @@ def _dynamic_quantize(ctx: Context, node):
 
 
 def _integer_operands(ctx: Context, a_idx: int, b_idx: int, a_zp_idx: int, b_zp_idx: int,
-                      convolution: bool) -> tuple[Operand, Operand]:
-    """The two 8-bit operands minus their zero points, as float64. A 1-D zero point is per row of A (matmul) and
+                      convolution: bool, dtype: str = "float64") -> tuple[Operand, Operand]:
+    """The two 8-bit operands minus their zero points, as ``dtype``. A 1-D zero point is per row of A (matmul) and
     per column of B, or per output channel of a convolution weight."""
     a, b = ctx.operand(a_idx), ctx.operand(b_idx)
     for x, what in ((a, "input A"), (b, "input B")):
@@ -273,7 +277,7 @@ def _integer_operands(ctx: Context, a_idx: int, b_idx: int, a_zp_idx: int, b_zp_
             a_zp = ctx.emit1("reshape", [a_zp], shape=(ctx.type(a_zp).shape[0], 1))  # per row of A
     if b_zp is not None and convolution and ctx.type(b_zp).rank == 1 and ctx.type(b_zp).shape[0] > 1:
         b_zp = ctx.emit1("reshape", [b_zp], shape=(b_shape[0],) + (1,) * (len(b_shape) - 1))
-    return _shifted(ctx, a, a_zp, "float64"), _shifted(ctx, b, b_zp, "float64")
+    return _shifted(ctx, a, a_zp, dtype), _shifted(ctx, b, b_zp, dtype)
 
 
 def _requantize(ctx: Context, acc: Operand, a_scale: Operand, b_scale: Operand, y_scale: Operand,
@@ -327,23 +331,202 @@ def _qlinear_matmul(ctx: Context, node):
     return [_requantize(ctx, acc, ctx.operand(1), ctx.operand(4), ctx.operand(6), y_zp, out, channel_shape=None)]
 
 
+#: the most multiply-adds of two zero-point-shifted 8-bit values (each at most 255 in size) whose every partial sum
+#: float32 holds exactly (below 2^24)
+EXACT_FLOAT32_TERMS = (1 << 24) // (255 * 255)
+
+
+def _integer_conv(ctx: Context, x_idx: int, w_idx: int, x_zp_idx: int, w_zp_idx: int) -> Operand:
+    """The exact accumulator (float64) of an integer convolution's zero-point-shifted operands. A pointwise one
+    (1x1, stride 1, unpadded, one group) is the IR's ``matmul_integer`` of the pixels as rows by the weight (the
+    native VNNI kernel on the CPU); one with at most :data:`EXACT_FLOAT32_TERMS` terms a sum (depthwise, a first
+    layer's few channels) a float32 convolution, exact; the rest float64."""
+    x, w = ctx.operand(x_idx), ctx.operand(w_idx)
+    xt, wt = ctx.type(x), ctx.type(w)
+    x_zp, w_zp = ctx.optional(x_zp_idx), ctx.optional(w_zp_idx)
+    rank = xt.rank
+    nd = rank - 2
+    pointwise = (rank >= 3 and wt.shape[2:] == (1,) * nd and ctx.attr("group", 1) == 1
+                 and tuple(ctx.attr("strides", [1] * nd)) == (1,) * nd and not any(ctx.attr("pads", [0]))
+                 and ctx.attr("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID"))
+    scalar_x_zp = x_zp is None or ctx.type(x_zp).numel == 1
+    if pointwise and scalar_x_zp and xt.dtype in INT8 and wt.dtype in INT8:
+        n, c, spatial, m = xt.shape[0], xt.shape[1], xt.shape[2:], wt.shape[0]
+        rows = ctx.emit1("reshape", [ctx.emit1("transpose", [x], perm=(0, *range(2, rank), 1))],
+                         shape=(n * int(np.prod(spatial)), c))  # [N * pixels, C]
+        bt = ctx.weight_layout(w, "2d", lambda a: a.reshape(a.shape[0], -1), TensorType(wt.dtype, (m, c)))
+        zps = [np.zeros((), np_dtype(xt.dtype)) if x_zp is None else _scalar(ctx, x_zp, "input zero point"),
+               np.zeros((), np_dtype(wt.dtype)) if w_zp is None else
+               w_zp if ctx.type(w_zp).numel in (1, m) and ctx.type(w_zp).rank <= 1 else None]
+        if zps[1] is not None:
+            acc = ctx.emit1("matmul_integer", [rows, bt if bt is not None else
+                                               ctx.emit1("reshape", [w], shape=(m, c))] + zps)
+            acc = ctx.emit1("reshape", [acc], shape=(n, *spatial, m))
+            return _as(ctx, ctx.emit1("transpose", [acc], perm=(0, rank - 1, *range(1, rank - 1))), "float64")
+    terms = int(np.prod(wt.shape[1:]))
+    dtype = "float32" if terms <= EXACT_FLOAT32_TERMS else "float64"
+    xs, ws = _integer_operands(ctx, x_idx, w_idx, x_zp_idx, w_zp_idx, convolution=True, dtype=dtype)
+    return _as(ctx, conv(ctx, xs, ws, None), "float64")
+
+
 @converter("ConvInteger")
 def _conv_integer(ctx: Context, node):
-    x, w = _integer_operands(ctx, 0, 1, 2, 3, convolution=True)
-    return [ctx.emit1("cast", [conv(ctx, x, w, None)], dtype="int32")]
+    return [ctx.emit1("cast", [_integer_conv(ctx, 0, 1, 2, 3)], dtype="int32")]
 
 
 @converter("QLinearConv")
 def _qlinear_conv(ctx: Context, node):
-    x, w = _integer_operands(ctx, 0, 3, 2, 5, convolution=True)
+    w = ctx.operand(3)
     bias = ctx.optional(8)
-    acc = conv(ctx, x, w, None if bias is None else _as(ctx, bias, "float64"))
+    acc = _integer_conv(ctx, 0, 3, 2, 5)
+    if bias is not None:
+        acc = ctx.emit1("add", [acc, ctx.emit1("reshape", [_as(ctx, bias, "float64")],
+                                               shape=(ctx.type(w).shape[0],) + (1,) * (ctx.type(acc).rank - 2))])
     y_zp = ctx.optional(7)
     out = ctx.type(y_zp).dtype if y_zp is not None else ctx.type(ctx.operand(0)).dtype
     rank = ctx.type(acc).rank
     return [_requantize(ctx, acc, ctx.operand(1), ctx.operand(4), ctx.operand(6), y_zp, out,
                         channel_shape=(ctx.type(w).shape[0],) + (1,) * (rank - 2))]
 
+
+
+# ---- onnxruntime's QOperator format (com.microsoft) ---------------------------------------------------------------
+
+def _scalar(ctx: Context, p: Operand, what: str) -> Operand:
+    if ctx.type(p).numel != 1:
+        raise ConvertError(f"the {what} has shape {ctx.type(p).shape}; this op quantizes per tensor (one value)")
+    return p if ctx.type(p).rank == 0 else ctx.emit1("reshape", [p], shape=())
+
+
+def _shifted_input(ctx: Context, x_idx: int, zp_idx: int) -> Operand:
+    """float32 ``x - zero_point`` of a per-tensor quantized 8-bit input (no zero point: 0)."""
+    x = ctx.operand(x_idx)
+    if ctx.type(x).dtype not in INT8:
+        raise ConvertError(f"input {ctx.node.input[x_idx]!r} must be uint8 or int8, got {ctx.type(x).dtype}")
+    zp = ctx.optional(zp_idx)
+    return _shifted(ctx, x, None if zp is None else _scalar(ctx, zp, "zero point"), "float32")
+
+
+def _scale(ctx: Context, idx: int) -> Operand:
+    return _as(ctx, _scalar(ctx, ctx.operand(idx), "scale"), "float32")
+
+
+def _dequantized(ctx: Context, x_idx: int, scale_idx: int, zp_idx: int) -> Operand:
+    """float32 ``scale * (x - zero_point)`` of a per-tensor quantized 8-bit input (no zero point: 0)."""
+    return ctx.emit1("mul", [_shifted_input(ctx, x_idx, zp_idx), _scale(ctx, scale_idx)])
+
+
+def _quantized(ctx: Context, y: Operand, scale_idx: int | None, zp_idx: int, like: Operand,
+               zp_first: bool = True) -> Operand:
+    """``saturate(round(y / scale + zero_point))`` (``scale_idx`` None: y is already in units of the output's scale)
+    in the zero point's type (no zero point: 0, in ``like``'s). The zero point is added before rounding as
+    onnxruntime's arithmetic kernels of these ops do; ``zp_first=False``: after, as QuantizeLinear and its
+    table-driven kernels (LeakyRelu, Sigmoid, Concat, Where) do. The two differ at ties."""
+    zp = ctx.optional(zp_idx)
+    if scale_idx is not None:
+        y = ctx.emit1("div", [y, _scale(ctx, scale_idx)])
+    if zp is not None and zp_first:
+        y = ctx.emit1("add", [y, _as(ctx, _scalar(ctx, zp, "zero point"), "float32")])
+    y = ctx.emit1("round", [y])
+    if zp is not None and not zp_first:
+        y = ctx.emit1("add", [y, _as(ctx, _scalar(ctx, zp, "zero point"), "float32")])
+    return _saturate(ctx, y, ctx.type(zp if zp is not None else like).dtype)
+
+
+@converter("com.microsoft::QLinearAdd", "com.microsoft::QLinearMul")
+def _qlinear_binary(ctx: Context, node):
+    """As onnxruntime computes them, each ratio of scales in float32: ``(a - a_zp) a_scale / c_scale + (b - b_zp)
+    b_scale / c_scale + c_zp`` and ``(a - a_zp) (b - b_zp) (a_scale b_scale / c_scale) + c_zp``, then rounded."""
+    a, b, c_scale = _shifted_input(ctx, 0, 2), _shifted_input(ctx, 3, 5), _scale(ctx, 6)
+    if node.op_type == "QLinearMul":
+        ratio = ctx.emit1("div", [ctx.emit1("mul", [_scale(ctx, 1), _scale(ctx, 4)]), c_scale])
+        y = ctx.emit1("mul", [ctx.emit1("mul", [a, b]), ratio])
+    else:
+        y = ctx.emit1("add", [ctx.emit1("mul", [a, ctx.emit1("div", [_scale(ctx, 1), c_scale])]),
+                              ctx.emit1("mul", [b, ctx.emit1("div", [_scale(ctx, 4), c_scale])])])
+    return [_quantized(ctx, y, None, 7, ctx.operand(0))]
+
+
+@converter("com.microsoft::QLinearLeakyRelu", "com.microsoft::QLinearSigmoid")
+def _qlinear_activation(ctx: Context, node):
+    x = _dequantized(ctx, 0, 1, 2)
+    y = (ctx.emit1("leaky_relu", [x], alpha=float(ctx.attr("alpha", 0.01))) if node.op_type == "QLinearLeakyRelu"
+         else ctx.emit1("sigmoid", [x]))
+    return [_quantized(ctx, y, 3, 4, ctx.operand(0), zp_first=False)]
+
+
+def _channels_moved(ctx: Context, x: Operand, first: bool) -> Operand:
+    """``x`` with its channels (axis 1) moved last (``first=False``: from last back to 1)."""
+    rank = ctx.type(x).rank
+    perm = (0, rank - 1, *range(1, rank - 1)) if first else (0, *range(2, rank), 1)
+    return ctx.emit1("transpose", [x], perm=perm)
+
+
+@converter("com.microsoft::QLinearGlobalAveragePool", "com.microsoft::QLinearAveragePool")
+def _qlinear_average_pool(ctx: Context, node):
+    x = _dequantized(ctx, 0, 1, 2)
+    last = bool(ctx.attr("channels_last", 0))
+    if last:
+        x = _channels_moved(ctx, x, first=True)
+    if node.op_type == "QLinearGlobalAveragePool":
+        y = ctx.emit1("reduce_mean", [x], axes=tuple(range(2, ctx.type(x).rank)), keepdims=True)
+    else:
+        (y,) = pool(ctx, x, "AveragePool")
+    if last:
+        y = _channels_moved(ctx, y, first=False)
+    return [_quantized(ctx, y, 3, 4, ctx.operand(0))]
+
+
+@converter("com.microsoft::QLinearConcat")
+def _qlinear_concat(ctx: Context, node):
+    if len(node.input) < 5 or (len(node.input) - 2) % 3:
+        raise ConvertError(f"QLinearConcat takes Y_scale, Y_zero_point, then (tensor, scale, zero point) for each "
+                           f"input; got {len(node.input)} inputs")
+    parts = [_dequantized(ctx, i, i + 1, i + 2) for i in range(2, len(node.input), 3)]
+    return [_quantized(ctx, ctx.emit1("concat", parts, axis=ctx.attr("axis")), 0, 1, ctx.operand(2), zp_first=False)]
+
+
+@converter("com.microsoft::QLinearSoftmax")
+def _qlinear_softmax(ctx: Context, node):
+    y = softmax(ctx, _dequantized(ctx, 0, 1, 2), "softmax", ctx.attr("opset", ctx.opset))
+    return [_quantized(ctx, y, 3, 4, ctx.operand(0))]
+
+
+@converter("com.microsoft::QLinearWhere")
+def _qlinear_where(ctx: Context, node):
+    y = ctx.emit1("where", [ctx.operand(0), _dequantized(ctx, 1, 2, 3), _dequantized(ctx, 4, 5, 6)])
+    return [_quantized(ctx, y, 7, 8, ctx.operand(1), zp_first=False)]
+
+
+@converter("com.microsoft::QGemm")
+def _qgemm(ctx: Context, node):
+    """``alpha * (A - a_zp) (B - b_zp) a_scale b_scale + C a_scale b_scale alpha`` (C int32, B's scale and zero
+    point per tensor or per column), quantized by ``y_scale``/``y_zero_point`` when given, else float32. Computed
+    on the dequantized operands in float32 (B, a weight, stays 8-bit in the artifact)."""
+    trans_a, trans_b, alpha = bool(ctx.attr("transA", 0)), bool(ctx.attr("transB", 0)), float(ctx.attr("alpha", 1.0))
+    a, b = _dequantized(ctx, 0, 1, 2), ctx.operand(3)
+    if ctx.type(b).dtype not in INT8 or ctx.type(b).rank != 2:
+        raise ConvertError(f"B must be a 2-D uint8 or int8 tensor, got {ctx.type(b).dtype}{list(ctx.type(b).shape)}")
+    n = ctx.type(b).shape[0 if trans_b else 1]
+    b_scale, b_zp = ctx.operand(4), ctx.optional(5)
+    for p, what in ((b_scale, "b_scale"), (b_zp, "b_zero_point")):
+        if p is not None and ctx.type(p).numel not in (1, n):
+            raise ConvertError(f"{what} has shape {ctx.type(p).shape}: one value, or one per column of B ({n})")
+    column = (n, 1) if trans_b else (n,)  # per column of B: along its rows when B is stored transposed
+    b_scale, b_zp = (None if p is None else _scalar(ctx, p, "") if ctx.type(p).numel == 1 else
+                     ctx.emit1("reshape", [p], shape=column) for p in (b_scale, b_zp))
+    bf = ctx.emit1("mul", [_shifted(ctx, b, b_zp, "float32"), _as(ctx, b_scale, "float32")])
+    y = ctx.emit1("matmul", [ctx.emit1("transpose", [a], perm=(1, 0)) if trans_a else a,
+                             ctx.emit1("transpose", [bf], perm=(1, 0)) if trans_b else bf])
+    if alpha != 1.0:
+        y = ctx.emit1("mul", [y, np.float32(alpha)])
+    c = ctx.optional(6)
+    if c is not None:  # int32 at scale alpha * a_scale * b_scale (per column of Y)
+        unit = ctx.emit1("mul", [_as(ctx, _scalar(ctx, ctx.operand(1), "scale"), "float32"),
+                                 _as(ctx, ctx.operand(4), "float32")])
+        y = ctx.emit1("add", [y, ctx.emit1("mul", [_as(ctx, c, "float32"),
+                                                   ctx.emit1("mul", [unit, np.float32(alpha)])])])
+    return [y if ctx.optional(7) is None else _quantized(ctx, y, 7, 8, ctx.operand(0))]
 
 
 @converter("com.microsoft::MatMulNBits")
