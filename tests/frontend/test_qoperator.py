@@ -162,9 +162,12 @@ def test_qlinear_conv_paths(case):
     _assert_within_one_unit(*_run_both([node], {"x": x}, inits, opset=10))
 
 
-def test_cnn_quantized_by_onnxruntime_matches_it(tmp_path):
+@pytest.mark.parametrize("fmt", ["QOperator", "QDQ"])
+def test_cnn_quantized_by_onnxruntime_matches_it(tmp_path, fmt):
     """A small CNN (a 3x3 conv, a depthwise conv, pointwise convs, a residual add, LeakyRelu, global pooling,
-    a concat, a Gemm, a softmax) quantized statically by onnxruntime's quantizer in the QOperator format."""
+    a concat, a Gemm, a softmax) quantized statically by onnxruntime's quantizer in the QOperator format, and in
+    the QDQ format, whose pointwise and depthwise convolutions bmc computes on the codes (``matmul_integer``, an
+    exact float32 convolution) as onnxruntime's fused QLinearConv does."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     rng = np.random.default_rng(7)
@@ -206,12 +209,18 @@ def test_cnn_quantized_by_onnxruntime_matches_it(tmp_path):
         def get_next(self):
             return {"x": self.left.pop()} if self.left else None
 
-    quantize_static(str(src), str(dst), Calibration(), quant_format=QuantFormat.QOperator, per_channel=True,
+    quantize_static(str(src), str(dst), Calibration(), quant_format=getattr(QuantFormat, fmt), per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     model = onnx.load(dst)
     ops = {n.op_type for n in model.graph.node}
-    assert {"QLinearConv", "QLinearAdd", "QLinearLeakyRelu", "QLinearGlobalAveragePool", "QLinearConcat",
-            "QGemm"} <= ops, ops
+    if fmt == "QOperator":
+        assert {"QLinearConv", "QLinearAdd", "QLinearLeakyRelu", "QLinearGlobalAveragePool", "QLinearConcat",
+                "QGemm"} <= ops, ops
+    from bmc.frontend.onnx import import_model
+
+    imported = [node.op for node in import_model(model).nodes]
+    # the pointwise convs pw and ex; in QDQ the Gemm too (QGemm runs on dequantized operands)
+    assert imported.count("matmul_integer") == (2 if fmt == "QOperator" else 3), imported
     x = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
     ref = ort.InferenceSession(dst.read_bytes(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = backend.prepare(model).run([x])[0]

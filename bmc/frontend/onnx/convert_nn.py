@@ -33,7 +33,15 @@ def _auto_pads(ctx: Context, spatial, kernel, strides, dilations) -> tuple[int, 
 
 @converter("Conv")
 def _conv(ctx: Context, node):
-    return [conv(ctx, ctx.operand(0), ctx.operand(1), ctx.optional(2))]
+    on_codes = ctx.weight_convs.get(node.input[1])  # a QDQ convolution: on the 8-bit codes, where exact and fast
+    y = on_codes(node.input[0]) if on_codes is not None else None
+    if y is None:
+        return [conv(ctx, ctx.operand(0), ctx.operand(1), ctx.optional(2))]
+    bias = ctx.optional(2)
+    if bias is not None:
+        y = ctx.emit1("add", [y, ctx.emit1("reshape", [bias], shape=(ctx.type(bias).numel,)
+                                           + (1,) * (ctx.type(y).rank - 2))])
+    return [y]
 
 
 def conv(ctx: Context, x, w, bias):

@@ -131,6 +131,8 @@ def _offer_matmul_integer(ctx: Context, node, x: Operand, scale: Operand, zp: Op
     per_tensor = ctx.type(scale).numel == 1 and (zp is None or ctx.type(zp).numel == 1)
     if per_tensor:
         ctx.dequantized[node.output[0]] = (x, scale, zp)
+    if t.rank >= 3 and ctx.weight(x) is not None and (per_tensor or axis % t.rank == 0):
+        _offer_conv_integer(ctx, node, x, scale, zp, per_tensor)
     if t.rank != 2 or ctx.weight(x) is None:
         return
 
@@ -150,6 +152,29 @@ def _offer_matmul_integer(ctx: Context, node, x: Operand, scale: Operand, zp: Op
         return ctx.emit1("mul", [_as(ctx, acc, "float32"), factor])
 
     ctx.weight_matmuls[node.output[0]] = matmul
+
+
+def _offer_conv_integer(ctx: Context, node, w: Operand, scale: Operand, zp: Operand | None,
+                        per_tensor: bool) -> None:
+    """The QDQ form of a convolution (a per-tensor dequantized input, a weight dequantized per tensor or per output
+    channel) is ``s_x * s_w * (the convolution of the codes)``: computed on the codes where :func:`_exact_conv`
+    has an exact, fast form (pointwise, few terms a sum), so it rounds as onnxruntime's fused QLinearConv does."""
+    m = ctx.type(w).shape[0]
+
+    def convolve(x_name: str) -> Operand | None:
+        src = ctx.dequantized.get(x_name)
+        if src is None:
+            return None
+        codes, x_scale, x_zp = src
+        acc = _exact_conv(ctx, codes, w, x_zp, zp, "float32")
+        if acc is None:
+            return None
+        w_scale = _scalar(ctx, scale, "scale") if per_tensor else ctx.emit1(
+            "reshape", [scale], shape=(m,) + (1,) * (ctx.type(acc).rank - 2))
+        return ctx.emit1("mul", [acc, ctx.emit1("mul", [_as(ctx, _scalar(ctx, x_scale, "scale"), "float32"),
+                                                        _as(ctx, w_scale, "float32")])])
+
+    ctx.weight_convs[node.output[0]] = convolve
 
 
 def _offer_matmul_float8(ctx: Context, node, codes: Operand, scale: Operand, axis: int, fmt: str) -> None:
@@ -261,8 +286,8 @@ def _dynamic_quantize(ctx: Context, node):
 
 
 def _integer_operands(ctx: Context, a_idx: int, b_idx: int, a_zp_idx: int, b_zp_idx: int,
-                      convolution: bool, dtype: str = "float64") -> tuple[Operand, Operand]:
-    """The two 8-bit operands minus their zero points, as ``dtype``. A 1-D zero point is per row of A (matmul) and
+                      convolution: bool) -> tuple[Operand, Operand]:
+    """The two 8-bit operands minus their zero points, as float64. A 1-D zero point is per row of A (matmul) and
     per column of B, or per output channel of a convolution weight."""
     a, b = ctx.operand(a_idx), ctx.operand(b_idx)
     for x, what in ((a, "input A"), (b, "input B")):
@@ -277,7 +302,7 @@ def _integer_operands(ctx: Context, a_idx: int, b_idx: int, a_zp_idx: int, b_zp_
             a_zp = ctx.emit1("reshape", [a_zp], shape=(ctx.type(a_zp).shape[0], 1))  # per row of A
     if b_zp is not None and convolution and ctx.type(b_zp).rank == 1 and ctx.type(b_zp).shape[0] > 1:
         b_zp = ctx.emit1("reshape", [b_zp], shape=(b_shape[0],) + (1,) * (len(b_shape) - 1))
-    return _shifted(ctx, a, a_zp, dtype), _shifted(ctx, b, b_zp, dtype)
+    return _shifted(ctx, a, a_zp, "float64"), _shifted(ctx, b, b_zp, "float64")
 
 
 def _requantize(ctx: Context, acc: Operand, a_scale: Operand, b_scale: Operand, y_scale: Operand,
@@ -336,37 +361,50 @@ def _qlinear_matmul(ctx: Context, node):
 EXACT_FLOAT32_TERMS = (1 << 24) // (255 * 255)
 
 
-def _integer_conv(ctx: Context, x_idx: int, w_idx: int, x_zp_idx: int, w_zp_idx: int) -> Operand:
-    """The exact accumulator (float64) of an integer convolution's zero-point-shifted operands. A pointwise one
-    (1x1, stride 1, unpadded, one group) is the IR's ``matmul_integer`` of the pixels as rows by the weight (the
-    native VNNI kernel on the CPU); one with at most :data:`EXACT_FLOAT32_TERMS` terms a sum (depthwise, a first
-    layer's few channels) a float32 convolution, exact; the rest float64."""
-    x, w = ctx.operand(x_idx), ctx.operand(w_idx)
+def _exact_conv(ctx: Context, x: Operand, w: Operand, x_zp: Operand | None, w_zp: Operand | None,
+                dtype: str) -> Operand | None:
+    """The node's convolution of 8-bit ``x`` and ``w`` minus their zero points (x's one value, w's one or one per
+    output channel; None: 0), exact, in ``dtype``, where a fast exact form exists: a pointwise one (1x1, stride 1,
+    unpadded, one group) is the IR's ``matmul_integer`` of the pixels as rows by the weight (the native VNNI kernel
+    on the CPU), one of at most :data:`EXACT_FLOAT32_TERMS` terms a sum (depthwise, a first layer's few channels) a
+    float32 convolution. Else None."""
     xt, wt = ctx.type(x), ctx.type(w)
-    x_zp, w_zp = ctx.optional(x_zp_idx), ctx.optional(w_zp_idx)
-    rank = xt.rank
+    if xt.dtype not in INT8 or wt.dtype not in INT8 or (x_zp is not None and ctx.type(x_zp).numel != 1):
+        return None
+    rank, m = xt.rank, wt.shape[0]
+    if w_zp is not None and (ctx.type(w_zp).numel not in (1, m) or ctx.type(w_zp).rank > 1):
+        return None
     nd = rank - 2
+    x_zp = None if x_zp is None else _scalar(ctx, x_zp, "input zero point")
     pointwise = (rank >= 3 and wt.shape[2:] == (1,) * nd and ctx.attr("group", 1) == 1
                  and tuple(ctx.attr("strides", [1] * nd)) == (1,) * nd and not any(ctx.attr("pads", [0]))
                  and ctx.attr("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID"))
-    scalar_x_zp = x_zp is None or ctx.type(x_zp).numel == 1
-    if pointwise and scalar_x_zp and xt.dtype in INT8 and wt.dtype in INT8:
-        n, c, spatial, m = xt.shape[0], xt.shape[1], xt.shape[2:], wt.shape[0]
+    if pointwise:
+        n, c, spatial = xt.shape[0], xt.shape[1], xt.shape[2:]
         rows = ctx.emit1("reshape", [ctx.emit1("transpose", [x], perm=(0, *range(2, rank), 1))],
                          shape=(n * int(np.prod(spatial)), c))  # [N * pixels, C]
         bt = ctx.weight_layout(w, "2d", lambda a: a.reshape(a.shape[0], -1), TensorType(wt.dtype, (m, c)))
-        zps = [np.zeros((), np_dtype(xt.dtype)) if x_zp is None else _scalar(ctx, x_zp, "input zero point"),
-               np.zeros((), np_dtype(wt.dtype)) if w_zp is None else
-               w_zp if ctx.type(w_zp).numel in (1, m) and ctx.type(w_zp).rank <= 1 else None]
-        if zps[1] is not None:
-            acc = ctx.emit1("matmul_integer", [rows, bt if bt is not None else
-                                               ctx.emit1("reshape", [w], shape=(m, c))] + zps)
-            acc = ctx.emit1("reshape", [acc], shape=(n, *spatial, m))
-            return _as(ctx, ctx.emit1("transpose", [acc], perm=(0, rank - 1, *range(1, rank - 1))), "float64")
-    terms = int(np.prod(wt.shape[1:]))
-    dtype = "float32" if terms <= EXACT_FLOAT32_TERMS else "float64"
-    xs, ws = _integer_operands(ctx, x_idx, w_idx, x_zp_idx, w_zp_idx, convolution=True, dtype=dtype)
-    return _as(ctx, conv(ctx, xs, ws, None), "float64")
+        zps = [np.zeros((), np_dtype(dt)) if zp is None else zp for zp, dt in ((x_zp, xt.dtype), (w_zp, wt.dtype))]
+        acc = ctx.emit1("matmul_integer", [rows, bt if bt is not None else
+                                           ctx.emit1("reshape", [w], shape=(m, c))] + zps)
+        acc = ctx.emit1("reshape", [acc], shape=(n, *spatial, m))
+        return _as(ctx, ctx.emit1("transpose", [acc], perm=(0, rank - 1, *range(1, rank - 1))), dtype)
+    if int(np.prod(wt.shape[1:])) > EXACT_FLOAT32_TERMS:
+        return None
+    if w_zp is not None and ctx.type(w_zp).numel > 1:
+        w_zp = ctx.emit1("reshape", [w_zp], shape=(m,) + (1,) * (rank - 1))
+    return _as(ctx, conv(ctx, _shifted(ctx, x, x_zp, "float32"), _shifted(ctx, w, w_zp, "float32"), None), dtype)
+
+
+def _integer_conv(ctx: Context, x_idx: int, w_idx: int, x_zp_idx: int, w_zp_idx: int) -> Operand:
+    """The exact accumulator (float64) of an integer convolution's zero-point-shifted operands: :func:`_exact_conv`,
+    else a float64 convolution (exact too, and slow)."""
+    acc = _exact_conv(ctx, ctx.operand(x_idx), ctx.operand(w_idx), ctx.optional(x_zp_idx), ctx.optional(w_zp_idx),
+                      "float64")
+    if acc is not None:
+        return acc
+    xs, ws = _integer_operands(ctx, x_idx, w_idx, x_zp_idx, w_zp_idx, convolution=True)
+    return conv(ctx, xs, ws, None)
 
 
 @converter("ConvInteger")

@@ -65,6 +65,9 @@ class Context:
     # ONNX tensor name of a dequantized weight -> how to multiply by it better than by its values: called with A, A's
     # ONNX name and whether the weight is used transposed (Gemm's transB); None declines
     weight_matmuls: dict[str, Callable[[Operand, str, bool], Operand | None]] = field(default_factory=dict)
+    # ONNX tensor name of a dequantized 8-bit convolution weight -> the node's convolution by it computed on the
+    # codes, called with the input's ONNX name; None declines
+    weight_convs: dict[str, Callable[[str], Operand | None]] = field(default_factory=dict)
     # ONNX tensor name of a per-tensor 8-bit DequantizeLinear's output -> (codes, scale, zero point or None)
     dequantized: dict[str, tuple[Operand, Operand, Operand | None]] = field(default_factory=dict)
     node: onnx.NodeProto | None = None
