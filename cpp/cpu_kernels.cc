@@ -54,7 +54,8 @@
  * is left out): a bias or a folded batch norm, a residual add and a ReLU applied by the panel GEMM to each block
  * of the output while it is in cache, instead of by a TVM kernel reading the whole output again.
  * ``cpu_conv2d_fused_act(x, w, scale, shift, residual, act, lo, hi, stride_h, ..., groups, out)``: the same with
- * another activation: ``act`` 0 none, 1 ``min(max(v, lo), hi)`` (ReLU6, any Clip), 2 SiLU ``v * sigmoid(v)``.
+ * another activation: ``act`` 0 none, 1 ``min(max(v, lo), hi)`` (ReLU6, any Clip), 2 SiLU ``v * sigmoid(v)``, 3
+ * HardSwish ``v * min(max(v / 6 + 1/2, 0), 1)``.
  *
  * ``cpu_minmax(x, out)``: ``out [2] = [min(x), max(x)]`` of a float32 tensor in one pass (NaN in x: both NaN; AVX-512,
  * else plain loops), for DynamicQuantizeLinear's range and any max/min of a whole float32 tensor.
@@ -389,6 +390,7 @@ enum class Activation : int64_t {
   kNone = 0,
   kClamp = 1,  // min(max(v, lo), hi): ReLU (lo 0, hi inf), ReLU6 (0, 6), any Clip
   kSilu = 2,   // v * sigmoid(v) (SiLU, Swish)
+  kHardSwish = 3,  // v * min(max(v / 6 + 1/2, 0), 1) (MobileNetV3)
 };
 
 /*! \brief What a GEMM does to its sums as it stores them: ``c = act(c * scale[row] + shift[row] + residual)``,
@@ -428,6 +430,8 @@ void EpilogueRow(float* c, int64_t n, float s, float t, const float* r, Activati
     for (int64_t j = 0; j < n; ++j) c[j] = std::min(std::max(c[j], lo), hi);  // NaN stays NaN
   } else if (act == Activation::kSilu) {
     SiluRow(c, n);
+  } else if (act == Activation::kHardSwish) {
+    for (int64_t j = 0; j < n; ++j) c[j] *= std::min(std::max(c[j] * (1.0f / 6.0f) + 0.5f, 0.0f), 1.0f);
   }
 }
 
@@ -3662,8 +3666,9 @@ void CpuConv2dFusedAct(ffi::TensorView x, ffi::TensorView w, ffi::TensorView sca
                        ffi::TensorView residual, int64_t act, double lo, double hi, int64_t sh, int64_t sw,
                        int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t dh, int64_t dw, int64_t groups,
                        ffi::TensorView out) {
-  if (act < 0 || act > static_cast<int64_t>(Activation::kSilu)) {
-    TVM_FFI_THROW(ValueError) << "cpu_conv2d_fused_act: unknown activation " << act << " (0 none, 1 clamp, 2 silu)";
+  if (act < 0 || act > static_cast<int64_t>(Activation::kHardSwish)) {
+    TVM_FFI_THROW(ValueError) << "cpu_conv2d_fused_act: unknown activation " << act
+                              << " (0 none, 1 clamp, 2 silu, 3 hardswish)";
   }
   Epilogue ep;
   ep.act = static_cast<Activation>(act);

@@ -278,12 +278,41 @@ def _silu_of(var, users: dict, bound: dict, uses: dict):
     return None
 
 
+def _hardswish_of(var, users: dict, bound: dict, uses: dict):
+    """The bindings of ``var * min(max(var * (1/6) + 0.5, 0), 1)`` (how the importer writes ONNX's HardSwish) when
+    ``var`` is read by exactly its first multiply and the last, each step read once, else None."""
+    if uses[var] != 2 or len(users.get(var, [])) != 2:
+        return None
+    expected = (("relax.multiply", 1 / 6), ("relax.add", 0.5), ("relax.maximum", 0.0), ("relax.minimum", 1.0))
+    for first, last in (users[var], users[var][::-1]):
+        chain, cur, nxt = [], var, first
+        for op, value in expected:
+            call = bound[nxt]
+            if not (isinstance(call, relax.Call) and call.op == tvm.ir.Op.get(op) and call.args[0].same_as(cur)):
+                break
+            constant = _scalar_constant(call.args[1], bound)
+            if constant is None or not np.isclose(constant, value, rtol=1e-6, atol=0):
+                break
+            chain.append(nxt)
+            cur = nxt
+            if len(chain) < len(expected):
+                if uses[cur] != 1 or len(users.get(cur, [])) != 1:
+                    break
+                nxt = users[cur][0]
+        else:
+            m = bound[last]
+            if (uses[cur] == 1 and isinstance(m, relax.Call) and m.op == tvm.ir.Op.get("relax.multiply")
+                    and any(m.args[i].same_as(var) and m.args[1 - i].same_as(cur) for i in (0, 1))):
+                return (*chain, last)
+    return None
+
+
 def _epilogue_chains(func: relax.Function) -> dict:
     """Per ``bmc.cpu.conv2d`` call of float32 ``func`` that feeds a chain ``(add | subtract | multiply by a value
     broadcast along the channels)* → add of a tensor of the output's shape? → activation?``, each link the only use
     of the one before: ``{the chain's last var: (conv operands, [(op, operand)], residual or None, activation)}``,
     the activation ``None``, ``("clamp", lo, hi)`` (a ReLU, or a maximum and/or a minimum with scalar constants: a
-    Clip, ReLU6) or ``("silu",)`` (``v * sigmoid(v)``). Where two chains meet (a residual block's add of two conv
+    Clip, ReLU6), ``("silu",)`` (``v * sigmoid(v)``) or ``("hardswish",)``. Where two chains meet (a residual block's add of two conv
     branches), the earlier conv's takes the add and the later one's ends before it."""
     bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
     uses = use_counts(func)
@@ -335,10 +364,11 @@ def _epilogue_chains(func: relax.Function) -> dict:
             cur = nxt
             claimed.add(cur)
         activation = None if clamp is None else ("clamp", *clamp)
-        silu = _silu_of(cur, users, bound, uses) if clamp is None else None
-        if silu is not None and not claimed.intersection(silu):
-            activation, cur = ("silu",), silu[1]
-            claimed.update(silu)
+        for name, match in (("silu", _silu_of), ("hardswish", _hardswish_of)):
+            found = match(cur, users, bound, uses) if activation is None else None
+            if found is not None and not claimed.intersection(found):
+                activation, cur = (name,), found[-1]
+                claimed.update(found)
         if cur is not var:
             chains[cur] = (ops, links, residual, activation)
     return chains
@@ -409,7 +439,7 @@ class _ConvEpilogues(relax.PyExprMutator):
 def fuse_conv_epilogues(record: dict | None = None) -> tvm.transform.Pass:
     """Module pass (after :func:`offload_matmul`): a float32 ``bmc.cpu.conv2d`` whose result goes through a bias or
     batch norm (per-channel adds, subtracts and multiplies), a residual add and/or an activation (ReLU, a clamp,
-    SiLU) becomes ``bmc.cpu.conv2d_fused`` (``..._act`` for other activations than a ReLU), which applies them as
+    SiLU, HardSwish) becomes ``bmc.cpu.conv2d_fused`` (``..._act`` for other activations than a ReLU), which applies them as
     the GEMM stores each block of the output (ResNet-50, MobileNetV2, EfficientNet: no TVM kernel rereads a conv's
     output); ``record["conv2d"]["fused"]`` counts them."""
 

@@ -52,10 +52,10 @@ CONV2D_KERNEL = "bmc.cpu.conv2d"
 CONV2D_FUSED_KERNEL = "bmc.cpu.conv2d_fused"
 #: ``bmc.cpu.conv2d_fused_act(x, w, scale, shift, residual, act, lo, hi, stride_h, ..., groups, out)``: the same
 #: with another activation than a ReLU: ``act`` is one of :data:`CONV_ACTIVATIONS` (a clamp to ``[lo, hi]``: ReLU6,
-#: any Clip; SiLU ``v * sigmoid(v)``)
+#: any Clip; SiLU ``v * sigmoid(v)``; HardSwish ``v * min(max(v / 6 + 1/2, 0), 1)``)
 CONV2D_FUSED_ACT_KERNEL = "bmc.cpu.conv2d_fused_act"
 #: the activation codes of ``bmc.cpu.conv2d_fused_act``
-CONV_ACTIVATIONS = {"none": 0, "clamp": 1, "silu": 2}
+CONV_ACTIVATIONS = {"none": 0, "clamp": 1, "silu": 2, "hardswish": 3}
 #: ``bmc.cpu.matmul_nbits(a, codes, scales, out)`` and ``..._zp(a, codes, scales, zero_points, out)``: float32
 #: ``a @ W.T`` with W given as 4-bit codes ``[N, blocks, block/2]`` (the ``matmul_nbits`` op)
 MATMUL_NBITS_KERNEL = "bmc.cpu.matmul_nbits"
@@ -586,6 +586,8 @@ def _conv2d_fused_act_numpy(x, w, scale, shift, residual, act, lo, hi, *conv) ->
     elif act == CONV_ACTIVATIONS["silu"]:
         with np.errstate(over="ignore"):
             y *= 1 / (1 + np.exp(-y))
+    elif act == CONV_ACTIVATIONS["hardswish"]:
+        y *= np.clip(y * np.float32(1 / 6) + np.float32(0.5), 0, 1)
 
 
 #: the native library's function behind each kernel name, and the numpy implementation of the same contract

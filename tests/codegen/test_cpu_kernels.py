@@ -1067,6 +1067,9 @@ CONV_ACTIVATION_CASES = [
      lambda v: np.maximum(np.minimum(v, -1), 2)),
     ("silu", lambda b, y: b.emit1("mul", [y, b.emit1("sigmoid", [y])]), lambda v: v / (1 + np.exp(-v))),
     ("silu_swapped", lambda b, y: b.emit1("mul", [b.emit1("sigmoid", [y]), y]), lambda v: v / (1 + np.exp(-v))),
+    ("hardswish", lambda b, y: b.emit1("mul", [y, b.emit1("clip", [b.emit1("add", [b.emit1(  # as the importer writes it
+        "mul", [y, b.constant(np.float32(1 / 6))]), b.constant(np.float32(0.5))])], min=0.0, max=1.0)]),
+     lambda v: v * np.clip(v / 6 + 0.5, 0, 1)),
 ]
 
 
@@ -1132,11 +1135,12 @@ def test_fused_silu_is_accurate_over_the_whole_range(impl):
     np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-30)
 
 
-@pytest.mark.parametrize("graph", ["sigmoid_read_twice", "sigmoid_of_another", "per_channel_max", "clamp_then_add"])
+@pytest.mark.parametrize("graph", ["sigmoid_read_twice", "sigmoid_of_another", "per_channel_max", "clamp_then_add",
+                                   "hard_sigmoid_gate"])
 def test_conv_activation_stops_where_it_is_not_one(graph):
     """What looks like an activation but is not one ends the chain before it: a sigmoid also read elsewhere, ``v *
-    sigmoid(u)`` of another value, a maximum with a tensor, and an add after a clamp (the clamp is fused, the add
-    stays)."""
+    sigmoid(u)`` of another value, a maximum with a tensor, an add after a clamp (the clamp is fused, the add
+    stays), and ``v * hard_sigmoid(v)`` with HardSigmoid's default slope 0.2 instead of HardSwish's 1/6."""
     from bmc.ops import OPS
 
     rng = np.random.default_rng(9)
@@ -1158,6 +1162,10 @@ def test_conv_activation_stops_where_it_is_not_one(graph):
     elif graph == "per_channel_max":
         bound = rng.standard_normal((32, 1, 1)).astype("float32")
         outs, refs, fused = [b.emit1("maximum", [y, b.constant(bound)])], [np.maximum(conv, bound)], None
+    elif graph == "hard_sigmoid_gate":
+        gate = b.emit1("clip", [b.emit1("add", [b.emit1("mul", [y, b.constant(np.float32(0.2))]),
+                                                b.constant(np.float32(0.5))])], min=0.0, max=1.0)
+        outs, refs, fused = [b.emit1("mul", [y, gate])], [conv * np.clip(conv * 0.2 + 0.5, 0, 1)], None
     else:
         outs = [b.emit1("add", [b.emit1("clip", [y], min=0.0, max=6.0), ov])]
         refs, fused = [np.clip(conv, 0, 6) + other], "bmc.cpu.conv2d_fused_act"
