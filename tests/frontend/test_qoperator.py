@@ -125,14 +125,19 @@ def test_qgemm(trans_b, per_column, bias, quantized):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-#: (x shape, w shape, group, pads, strides): the three paths of an integer convolution
+#: (x shape, w shape, group, pads, strides): the paths of an integer convolution
 INTEGER_CONVS = [((2, 40, 6, 7), (24, 40, 1, 1), 1, (0, 0, 0, 0), (1, 1)),    # pointwise: matmul_integer
                  ((1, 32, 9, 9), (32, 1, 3, 3), 32, (1, 1, 1, 1), (2, 2)),    # depthwise, 9 terms: float32, exact
                  ((1, 3, 11, 11), (8, 3, 3, 3), 1, (1, 0, 1, 0), (1, 1)),     # 27 terms: float32
-                 ((1, 64, 6, 6), (16, 64, 3, 3), 1, (1, 1, 1, 1), (1, 1))]    # 576 terms: float64
+                 ((2, 64, 7, 6), (16, 64, 3, 3), 1, (1, 2, 0, 1), (2, 1)),    # 576 terms: im2col + matmul_integer
+                 ((1, 320, 8, 8), (16, 320, 1, 1), 1, (0, 0, 0, 0), (2, 2)),  # strided 1x1: im2col of one tap
+                 ((1, 64, 6, 6), (32, 16, 3, 3), 4, (1, 1, 1, 1), (1, 1)),    # grouped, 144 terms: float32
+                 ((1, 128, 6, 6), (32, 64, 3, 3), 2, (1, 1, 1, 1), (1, 1))]   # grouped, 576 terms: float64
+IDS = ["pointwise", "depthwise", "first_layer", "im2col", "strided_1x1", "grouped", "grouped_float64"]
+PATHS = ["matmul_integer", "float32", "float32", "matmul_integer", "matmul_integer", "float32", "float64"]
 
 
-@pytest.mark.parametrize("case", INTEGER_CONVS, ids=["pointwise", "depthwise", "first_layer", "float64"])
+@pytest.mark.parametrize("case", INTEGER_CONVS, ids=IDS)
 def test_conv_integer_is_exact(case):
     """ConvInteger's int32 sums equal onnxruntime's exactly on every path, with extreme values (all 255 against
     zero point 0: the largest terms) in part of the input."""
@@ -145,9 +150,17 @@ def test_conv_integer_is_exact(case):
                             strides=list(strides))
     got, ref = _run_both([node], {"x": x}, inits, TensorProto.INT32, opset=10)
     np.testing.assert_array_equal(got, ref)
+    from bmc.frontend.onnx import import_model
+
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", U8, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, None)], inits)
+    nodes = import_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)])).nodes
+    paths = {"matmul_integer" if n.op == "matmul_integer" else n.inputs[0].type.dtype for n in nodes
+             if n.op in ("matmul_integer", "conv")}
+    assert paths == {PATHS[INTEGER_CONVS.index(case)]}, paths
 
 
-@pytest.mark.parametrize("case", INTEGER_CONVS, ids=["pointwise", "depthwise", "first_layer", "float64"])
+@pytest.mark.parametrize("case", INTEGER_CONVS, ids=IDS)
 def test_qlinear_conv_paths(case):
     x_shape, w_shape, group, pads, strides = case
     rng = np.random.default_rng(6)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from bmc.frontend.onnx.convert_math import softmax
-from bmc.frontend.onnx.convert_nn import conv, pool
+from bmc.frontend.onnx.convert_nn import _auto_pads, conv, pool
 from bmc.frontend.onnx.importer import Context, ConvertError, Operand, converter
 from bmc.frontend.onnx.loader import CARRIER, INT_RANGES, NARROW, coded, to_dtype
 from bmc.ir.graph import Value
@@ -364,41 +364,63 @@ EXACT_FLOAT32_TERMS = (1 << 24) // (255 * 255)
 def _exact_conv(ctx: Context, x: Operand, w: Operand, x_zp: Operand | None, w_zp: Operand | None,
                 dtype: str) -> Operand | None:
     """The node's convolution of 8-bit ``x`` and ``w`` minus their zero points (x's one value, w's one or one per
-    output channel; None: 0), exact, in ``dtype``, where a fast exact form exists: a pointwise one (1x1, stride 1,
-    unpadded, one group) is the IR's ``matmul_integer`` of the pixels as rows by the weight (the native VNNI kernel
-    on the CPU), one of at most :data:`EXACT_FLOAT32_TERMS` terms a sum (depthwise, a first layer's few channels) a
-    float32 convolution. Else None."""
+    output channel; None: 0), exact, in ``dtype``, where a fast exact form exists, else None:
+
+    - one of at most :data:`EXACT_FLOAT32_TERMS` terms a sum (depthwise, a first layer's few channels), not
+      pointwise: a float32 convolution of the shifted codes (every partial sum below 2^24);
+    - else one group: the IR's ``matmul_integer`` (the native VNNI kernel on the CPU) of the pixels as rows by the
+      weight ``[M, taps x C]``: a pointwise one's rows are the image's pixels (channels last), a 2-D one's the
+      im2col of its taps, each a strided slice of the image (channels last, padded with x's zero point).
+    """
     xt, wt = ctx.type(x), ctx.type(w)
     if xt.dtype not in INT8 or wt.dtype not in INT8 or (x_zp is not None and ctx.type(x_zp).numel != 1):
         return None
     rank, m = xt.rank, wt.shape[0]
     if w_zp is not None and (ctx.type(w_zp).numel not in (1, m) or ctx.type(w_zp).rank > 1):
         return None
-    nd = rank - 2
+    nd, spatial, kernel = rank - 2, xt.shape[2:], wt.shape[2:]
+    zp_value = 0 if x_zp is None else ctx.known(x_zp)  # what the padding must hold: a shifted 0
     x_zp = None if x_zp is None else _scalar(ctx, x_zp, "input zero point")
-    pointwise = (rank >= 3 and wt.shape[2:] == (1,) * nd and ctx.attr("group", 1) == 1
-                 and tuple(ctx.attr("strides", [1] * nd)) == (1,) * nd and not any(ctx.attr("pads", [0]))
-                 and ctx.attr("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID"))
-    if pointwise:
-        n, c, spatial = xt.shape[0], xt.shape[1], xt.shape[2:]
-        rows = ctx.emit1("reshape", [ctx.emit1("transpose", [x], perm=(0, *range(2, rank), 1))],
-                         shape=(n * int(np.prod(spatial)), c))  # [N * pixels, C]
-        bt = ctx.weight_layout(w, "2d", lambda a: a.reshape(a.shape[0], -1), TensorType(wt.dtype, (m, c)))
-        zps = [np.zeros((), np_dtype(dt)) if zp is None else zp for zp, dt in ((x_zp, xt.dtype), (w_zp, wt.dtype))]
-        acc = ctx.emit1("matmul_integer", [rows, bt if bt is not None else
-                                           ctx.emit1("reshape", [w], shape=(m, c))] + zps)
-        acc = ctx.emit1("reshape", [acc], shape=(n, *spatial, m))
-        return _as(ctx, ctx.emit1("transpose", [acc], perm=(0, rank - 1, *range(1, rank - 1))), dtype)
-    if int(np.prod(wt.shape[1:])) > EXACT_FLOAT32_TERMS:
+    strides, dilations = tuple(ctx.attr("strides", [1] * nd)), tuple(ctx.attr("dilations", [1] * nd))
+    pads = _auto_pads(ctx, spatial, kernel, strides, dilations)
+    pointwise = kernel == (1,) * nd and strides == (1,) * nd and not any(pads)
+    if not pointwise and int(np.prod(wt.shape[1:])) <= EXACT_FLOAT32_TERMS:
+        if w_zp is not None and ctx.type(w_zp).numel > 1:
+            w_zp = ctx.emit1("reshape", [w_zp], shape=(m,) + (1,) * (rank - 1))
+        return _as(ctx, conv(ctx, _shifted(ctx, x, x_zp, "float32"), _shifted(ctx, w, w_zp, "float32"), None), dtype)
+    if ctx.attr("group", 1) != 1 or not (pointwise or (rank == 4 and zp_value is not None)):
         return None
-    if w_zp is not None and ctx.type(w_zp).numel > 1:
-        w_zp = ctx.emit1("reshape", [w_zp], shape=(m,) + (1,) * (rank - 1))
-    return _as(ctx, conv(ctx, _shifted(ctx, x, x_zp, "float32"), _shifted(ctx, w, w_zp, "float32"), None), dtype)
+    n, c = xt.shape[:2]
+    image = ctx.emit1("transpose", [x], perm=(0, *range(2, rank), 1))  # channels last
+    if pointwise:
+        out, taps = spatial, [image]
+    else:
+        if any(pads):
+            image = ctx.emit1("pad", [image], pads=(0, *pads[:2], 0, 0, *pads[2:], 0), mode="constant",
+                              value=float(np.asarray(zp_value)))
+        out = tuple((d + pads[i] + pads[i + 2] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+                    for i, d in enumerate(spatial))
+        taps = [ctx.emit1("slice", [image], starts=(i * dilations[0], j * dilations[1]),
+                          ends=(i * dilations[0] + (out[0] - 1) * strides[0] + 1,
+                                j * dilations[1] + (out[1] - 1) * strides[1] + 1), axes=(1, 2), steps=strides)
+                for i in range(kernel[0]) for j in range(kernel[1])]
+    k = c * int(np.prod(kernel))
+    rows = ctx.emit1("reshape", [taps[0] if len(taps) == 1 else ctx.emit1("concat", taps, axis=rank - 1)],
+                     shape=(n * int(np.prod(out)), k))  # [N * pixels, taps x C]
+    layout = (0, *range(2, rank), 1)  # the weight's taps, then its channels, as the rows' columns
+    bt = ctx.weight_layout(w, "taps", lambda a: np.ascontiguousarray(a.transpose(layout)).reshape(a.shape[0], -1),
+                           TensorType(wt.dtype, (m, k)))
+    if bt is None:
+        bt = ctx.emit1("reshape", [ctx.emit1("transpose", [w], perm=layout)], shape=(m, k))
+    zps = [np.zeros((), np_dtype(dt)) if zp is None else zp for zp, dt in ((x_zp, xt.dtype), (w_zp, wt.dtype))]
+    acc = ctx.emit1("reshape", [ctx.emit1("matmul_integer", [rows, bt] + zps)], shape=(n, *out, m))
+    return _as(ctx, ctx.emit1("transpose", [acc], perm=(0, rank - 1, *range(1, rank - 1))), dtype)
 
 
 def _integer_conv(ctx: Context, x_idx: int, w_idx: int, x_zp_idx: int, w_zp_idx: int) -> Operand:
     """The exact accumulator (float64) of an integer convolution's zero-point-shifted operands: :func:`_exact_conv`,
-    else a float64 convolution (exact too, and slow)."""
+    else (grouped, 1-D/3-D with taps, an input zero point only known at run time) a float64 convolution (exact
+    too, and slow)."""
     acc = _exact_conv(ctx, ctx.operand(x_idx), ctx.operand(w_idx), ctx.optional(x_zp_idx), ctx.optional(w_zp_idx),
                       "float64")
     if acc is not None:
