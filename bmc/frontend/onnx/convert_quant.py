@@ -397,7 +397,7 @@ def _exact_conv(ctx: Context, x: Operand, w: Operand, x_zp: Operand | None, w_zp
     else:
         if any(pads):
             image = ctx.emit1("pad", [image], pads=(0, *pads[:2], 0, 0, *pads[2:], 0), mode="constant",
-                              value=float(np.asarray(zp_value)))
+                              value=float(np.asarray(zp_value).reshape(-1)[0]))
         out = tuple((d + pads[i] + pads[i + 2] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
                     for i, d in enumerate(spatial))
         taps = [ctx.emit1("slice", [image], starts=(i * dilations[0], j * dilations[1]),
@@ -447,7 +447,6 @@ def _qlinear_conv(ctx: Context, node):
     rank = ctx.type(acc).rank
     return [_requantize(ctx, acc, ctx.operand(1), ctx.operand(4), ctx.operand(6), y_zp, out,
                         channel_shape=(ctx.type(w).shape[0],) + (1,) * (rank - 2))]
-
 
 
 # ---- onnxruntime's QOperator format (com.microsoft) ---------------------------------------------------------------
@@ -573,8 +572,9 @@ def _qgemm(ctx: Context, node):
         if p is not None and ctx.type(p).numel not in (1, n):
             raise ConvertError(f"{what} has shape {ctx.type(p).shape}: one value, or one per column of B ({n})")
     column = (n, 1) if trans_b else (n,)  # per column of B: along its rows when B is stored transposed
-    b_scale, b_zp = (None if p is None else _scalar(ctx, p, "") if ctx.type(p).numel == 1 else
-                     ctx.emit1("reshape", [p], shape=column) for p in (b_scale, b_zp))
+    b_scale, b_zp = (None if p is None else _scalar(ctx, p, what) if ctx.type(p).numel == 1 else
+                     ctx.emit1("reshape", [p], shape=column)
+                     for p, what in ((b_scale, "b_scale"), (b_zp, "b_zero_point")))
     bf = ctx.emit1("mul", [_shifted(ctx, b, b_zp, "float32"), _as(ctx, b_scale, "float32")])
     y = ctx.emit1("matmul", [ctx.emit1("transpose", [a], perm=(1, 0)) if trans_a else a,
                              ctx.emit1("transpose", [bf], perm=(1, 0)) if trans_b else bf])
