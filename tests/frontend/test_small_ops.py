@@ -122,3 +122,21 @@ def test_negative_constant_pads_crop():
                    [helper.make_tensor("pads", TensorProto.INT64, [6], pads)])
     got = backend.prepare(model).run([x])[0]
     np.testing.assert_array_equal(got, np.pad(x[:, :-1, 1:], ((0, 0), (1, 0), (0, 2))))
+
+
+@pytest.mark.parametrize("dtype, elem", [(np.uint8, TensorProto.UINT8), (np.int8, TensorProto.INT8),
+                                         (np.int16, TensorProto.INT16)])
+def test_integer_max_pool_is_exact(dtype, elem):
+    """MaxPool of 8/16-bit integers (an int8 CNN's) runs through float32 on the CPU, which holds every value
+    exactly: equal to numpy's, extremes and padded borders included."""
+    info = np.iinfo(dtype)
+    x = np.random.default_rng(0).integers(info.min, info.max + 1, size=(2, 3, 9, 10)).astype(dtype)
+    x[0, 0, :2, :2] = info.min  # a window of minima at the padded corner: the padding must not win
+    x[1, 2, -1, -1] = info.max
+    model = _model([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2],
+                                     pads=[1, 1, 1, 1])], x, [], elem=elem)
+    got = backend.prepare(model).run([x])[0]
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=info.min)
+    ref = np.stack([padded[:, :, i:i + 9:2, j:j + 10:2] for i in range(3) for j in range(3)]).max(axis=0)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, ref)

@@ -43,6 +43,13 @@ def _pool(ctx, node, args):
     kw = dict(pool_size=list(node.attrs["kernel"]), strides=strides, padding=pads, dilation=dil,
               ceil_mode=node.attrs["ceil_mode"])
     if node.op == "max_pool":
-        return (_R.nn.max_pool1d, _R.nn.max_pool2d, _R.nn.max_pool3d)[nd - 1](args[0], **kw)
+        x, dtype = args[0], node.inputs[0].type.dtype
+        # 8- and 16-bit integers (an int8 CNN's pooling) through float32, which holds them exactly: TVM's CPU loop
+        # of the same schedule ran 5x slower on uint8 (822 vs 155 µs for 64 x 112 x 112, 3x3 stride 2)
+        widen = ctx.target_kind == "llvm" and dtype in ("uint8", "int8", "uint16", "int16")
+        if widen:
+            x = ctx.emit(_R.astype(x, "float32"))
+        y = (_R.nn.max_pool1d, _R.nn.max_pool2d, _R.nn.max_pool3d)[nd - 1](x, **kw)
+        return _R.astype(ctx.emit(y), dtype) if widen else y
     return (_R.nn.avg_pool1d, _R.nn.avg_pool2d, _R.nn.avg_pool3d)[nd - 1](
         args[0], count_include_pad=node.attrs["count_include_pad"], **kw)
