@@ -1023,6 +1023,18 @@ EPILOGUE_CASES = CONV_CASES + [((1, 64, 16, 16), (8, 64, 1, 1), (1, 1), (0, 0, 0
                                 DEPTHWISE_CASES[1], DEPTHWISE_CASES[3], DEPTHWISE_CASES[6]]
 
 
+def _epilogue_case(case, seed: int):
+    """A conv case's attributes, its random generator after drawing x and w, x, w, and the reference conv."""
+    from bmc.ops import OPS
+
+    x_shape, w_shape, strides, pads, dilations, groups = case
+    attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": groups}
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal(x_shape).astype("float32"), rng.standard_normal(w_shape).astype("float32")
+    (conv,) = OPS["conv"].reference([x, w], attrs)
+    return attrs, rng, x, w, conv
+
+
 @pytest.mark.parametrize("case", EPILOGUE_CASES, ids=[f"{c[1][2]}x{c[1][3]}s{c[2]}p{c[3]}g{c[5]}o{c[1][0]}"
                                                       .replace(" ", "") for c in EPILOGUE_CASES])
 def test_conv_epilogue_is_fused_into_the_kernel(impl, case):
@@ -1031,14 +1043,8 @@ def test_conv_epilogue_is_fused_into_the_kernel(impl, case):
     stores each block (or after the im2col + BLAS path: 1x1 with <= 8 output channels, and the numpy kernel).
     The scale and shift are computed by the program from parameters (here), or at compile time from constants
     (:func:`test_conv_epilogue_of_constants_is_folded_at_compile_time`)."""
-    from bmc.ops import OPS
-
-    x_shape, w_shape, strides, pads, dilations, groups = case
-    attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": groups}
-    rng = np.random.default_rng(3)
-    x, w = rng.standard_normal(x_shape).astype("float32"), rng.standard_normal(w_shape).astype("float32")
-    (conv,) = OPS["conv"].reference([x, w], attrs)
-    c = w_shape[0]
+    attrs, rng, x, w, conv = _epilogue_case(case, seed=3)
+    c = w.shape[0]
     s, m = rng.uniform(0.5, 2, (c, 1, 1)).astype("float32"), rng.standard_normal((1, c, 1, 1)).astype("float32")
     bias, residual = rng.standard_normal((c, 1, 1)).astype("float32"), rng.standard_normal(conv.shape).astype("float32")
     b = GraphBuilder("conv_epilogue")
@@ -1081,15 +1087,9 @@ def test_conv_activation_is_fused_into_the_kernel(impl, act, case, residual):
     """A clamp (ReLU6, an opset-11 Clip's maximum and minimum with scalar constants, either alone) or a SiLU
     (``v * sigmoid(v)``, as exporters write it) after a conv's batch norm (and residual add) becomes one
     ``bmc.cpu.conv2d_fused_act`` call, on the GEMM, the im2col + BLAS and the depthwise paths."""
-    from bmc.ops import OPS
-
     name, write, reference = act
-    x_shape, w_shape, strides, pads, dilations, groups = case
-    attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": groups}
-    rng = np.random.default_rng(8)
-    x, w = rng.standard_normal(x_shape).astype("float32"), rng.standard_normal(w_shape).astype("float32")
-    (conv,) = OPS["conv"].reference([x, w], attrs)
-    c = w_shape[0]
+    attrs, rng, x, w, conv = _epilogue_case(case, seed=8)
+    c = w.shape[0]
     s, t = rng.uniform(0.5, 2, (c, 1, 1)).astype("float32"), rng.standard_normal((c, 1, 1)).astype("float32")
     r = rng.standard_normal(conv.shape).astype("float32")
     b = GraphBuilder("conv_activation")
