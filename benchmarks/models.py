@@ -1,10 +1,11 @@
 """Benchmark models built with the ONNX helper API (no torch): random weights from a fixed seed.
 
-    from benchmarks.models import gpt2_like, bert_like, resnet50_path
+    from benchmarks.models import gpt2_like, bert_like, resnet50_path, resnext50_path
     path = gpt2_like("benchmarks/.cache/gpt2.onnx")                      # GPT-2 small, ~650 MB of weights
     tiny = gpt2_like(tmp / "tiny.onnx", layers=2, hidden=64, heads=4, seq=16, vocab=128)
     bert = bert_like("benchmarks/.cache/bert.onnx")                      # BERT-base, ~420 MB of weights
     resnet = resnet50_path()   # the onnx package's light_resnet50.onnx (weights are ConstantOfShape fills)
+    resnext = resnext50_path("benchmarks/.cache")  # ResNeXt-50 32x4d, grouped 3x3 convolutions, ~100 MB
 
 Weights are stored as ONNX external data (one ``<name>.onnx.data`` file next to the model), so a model of any
 size loads lazily and the ``.onnx`` file itself stays small.
@@ -275,6 +276,59 @@ def resnet50_path() -> Path:
         raise UsageError(f"{path} is missing from this onnx installation", where="resnet50_path",
                          fix="install an onnx wheel that ships backend/test/data/light")
     return path
+
+
+def build_resnext50(groups: int = 32, width: int = 4, seed: int = 0) -> onnx.ModelProto:
+    """ResNeXt-50 (32x4d by default: bottlenecks of 3, 4, 6, 3 blocks whose 3x3 convolutions have ``groups`` groups
+    of ``width`` x 2^stage channels) with each batch norm folded into its conv's bias, as exporters of an eval-mode
+    model write it; input ``x`` float32 [1, 3, 224, 224], output ``logits`` [1, 1000]. He-scaled random weights."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def conv(x: str, cin: int, cout: int, k: int, stride: int = 1, group: int = 1, relu: bool = True) -> str:
+        name = f"conv{len(inits)}"
+        fan_in = cin // group * k * k
+        inits.append(numpy_helper.from_array((rng.standard_normal((cout, cin // group, k, k)) *
+                                              math.sqrt(2.0 / fan_in)).astype(np.float32), f"{name}.w"))
+        inits.append(numpy_helper.from_array((0.1 * rng.standard_normal(cout)).astype(np.float32), f"{name}.b"))
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [name], kernel_shape=[k, k],
+                                      strides=[stride] * 2, pads=[k // 2] * 4, group=group))
+        if not relu:
+            return name
+        nodes.append(helper.make_node("Relu", [name], [f"{name}.relu"]))
+        return f"{name}.relu"
+
+    x = conv("x", 3, 64, 7, 2)
+    nodes.append(helper.make_node("MaxPool", [x], ["pool"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4))
+    x, cin = "pool", 64
+    for stage, blocks in enumerate((3, 4, 6, 3)):
+        planes, mid = 64 << stage, groups * width << stage
+        for i in range(blocks):
+            stride = 2 if i == 0 and stage > 0 else 1
+            y = conv(conv(x, cin, mid, 1), mid, mid, 3, stride, groups)
+            y = conv(y, mid, planes * 4, 1, relu=False)
+            shortcut = conv(x, cin, planes * 4, 1, stride, relu=False) if i == 0 else x
+            out = f"block{stage}_{i}"
+            nodes.append(helper.make_node("Add", [y, shortcut], [f"{out}.sum"]))
+            nodes.append(helper.make_node("Relu", [f"{out}.sum"], [out]))
+            x, cin = out, planes * 4
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"]))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"]))
+    inits.append(numpy_helper.from_array((rng.standard_normal((cin, 1000)) / math.sqrt(cin)).astype(np.float32),
+                                         "fc.w"))
+    nodes.append(helper.make_node("MatMul", ["flat", "fc.w"], ["logits"]))
+    graph = helper.make_graph(nodes, "resnext50", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                 [1, 3, 224, 224])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1000])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+
+
+def resnext50_path(cache_dir) -> Path:
+    """ResNeXt-50 32x4d (:func:`build_resnext50`, seed 0) in ``cache_dir``, written on first use."""
+    path = Path(cache_dir) / f"resnext50_32x4d_seed0_g{GENERATOR_VERSION}.onnx"
+    if path.exists() and Path(f"{path}.data").exists():
+        return path
+    return _save(build_resnext50(), path)
 
 
 def gpt2_like(path, layers: int = 12, hidden: int = 768, heads: int = 12, seq: int = 128, batch: int = 1,

@@ -1,19 +1,22 @@
 #!/usr/bin/env python3
-"""Single-device benchmark: GPT-2-small, BERT-base and ResNet-50 ONNX models through bmc on CPU, against onnxruntime.
+"""Single-device benchmark: GPT-2-small, BERT-base, ResNet-50 and ResNeXt-50 ONNX models through bmc on CPU, against
+onnxruntime.
 
-    python benchmarks/single_device.py --quick          # small transformer configs (+ ResNet-50): a smoke test
-    python benchmarks/single_device.py                  # GPT-2 small, BERT-base (12 x 768, 12 heads, seq 128), ResNet-50
-    python benchmarks/single_device.py --models resnet50 --threads 2 --json /tmp/out.json
+    python benchmarks/single_device.py --quick          # small transformer configs (+ the CNNs): a smoke test
+    python benchmarks/single_device.py                  # GPT-2 small, BERT-base (12 x 768, 12 heads, seq 128), CNNs
+    python benchmarks/single_device.py --models resnet50,resnext50 --threads 2 --json /tmp/out.json
 
-Models (``--models``, comma-separated, default all three):
+Models (``--models``, comma-separated, default all four):
 
 - ``gpt2``     GPT-2-small-shaped decoder (pre-LN, tanh GELU, vocab 50257), ``benchmarks.models.gpt2_like``
 - ``bert``     BERT-base-shaped encoder (post-LN, erf GELU, vocab 30522), ``benchmarks.models.bert_like``
 - ``resnet50`` the onnx package's ``light_resnet50.onnx``, batch 1 x 3 x 224 x 224 (weights are ConstantOfShape
                fills: fine for timing, the output itself says little)
+- ``resnext50`` ResNeXt-50 32x4d (grouped 3x3 convolutions, batch norms folded), ``benchmarks.models.resnext50_path``,
+               input ``x`` 1 x 3 x 224 x 224, seeded He-scaled weights
 
-``--layers/--hidden/--heads/--seq/--vocab/--ffn`` shape both transformers (``--quick``: a tiny config); ResNet-50
-has one size. Per model, each stage in a fresh subprocess so memory and import costs are its own:
+``--layers/--hidden/--heads/--seq/--vocab/--ffn`` shape both transformers (``--quick``: a tiny config); the CNNs
+have one size. Per model, each stage in a fresh subprocess so memory and import costs are its own:
 
 1. ``generate``    the ONNX model (helper API, seeded random weights, external data), cached in ``--cache-dir
 2. ``import``      ``bmc.frontend.onnx.import_model`` time
@@ -60,9 +63,9 @@ DEFAULT_JSON = ROOT / "benchmarks" / "results" / "single_device.json"
 GOALS = {"compile_s": 60.0, "peak_rss_over_weights": 3.0, "matmul_vs_numpy": 0.8, "latency_ratio": 2.0}
 FULL = dict(layers=12, hidden=768, heads=12, seq=128, vocab=50257, budget=20.0, timeout=3600.0)
 QUICK = dict(layers=2, hidden=128, heads=4, seq=32, vocab=1000, budget=2.0, timeout=300.0)
-MODELS = ("gpt2", "bert", "resnet50")
+MODELS = ("gpt2", "bert", "resnet50", "resnext50")
 DEFAULT_VOCAB = {"gpt2": 50257, "bert": 30522}
-RESNET_INPUT = ("gpu_0/data_0", (1, 3, 224, 224))
+CNN_INPUTS = {"resnet50": ("gpu_0/data_0", (1, 3, 224, 224)), "resnext50": ("x", (1, 3, 224, 224))}
 #: (batch, M, K, N): GPT-2 small's matmuls at 128 tokens (QKV, attention output, FFN up, FFN down, LM head) and
 #: the batched attention product (12 heads of 128x64 @ 64x128)
 MATMUL_SHAPES = [(1, 128, 768, 2304), (1, 128, 768, 768), (1, 128, 768, 3072), (1, 128, 3072, 768),
@@ -350,12 +353,16 @@ def skipped(reason: str) -> dict:
 
 def ensure_model(cfg, cache_dir: Path, workdir: Path, threads: int, timeout: float,
                  kind: str = "gpt2") -> tuple[Path, dict]:
-    """The cached model for ``cfg``, generated (in a subprocess) on first use; ResNet-50 ships with onnx."""
-    if kind == "resnet50":
-        from benchmarks.models import resnet50_path
+    """The cached model for ``cfg``, generated (in a subprocess) on first use; ResNet-50 ships with onnx, ResNeXt-50
+    is written here (a second)."""
+    if kind in CNN_INPUTS:
+        from benchmarks.models import resnet50_path, resnext50_path
 
         try:
-            return resnet50_path(), {"ok": True, "cached": True, "generate_s": 0.0}
+            if kind == "resnet50":
+                return resnet50_path(), {"ok": True, "cached": True, "generate_s": 0.0}
+            t0 = time.perf_counter()
+            return resnext50_path(cache_dir), {"ok": True, "generate_s": time.perf_counter() - t0}
         except Exception as err:  # noqa: BLE001 (reported as the stage's failure)
             return Path("-"), {"ok": False, "error": str(err)}
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -383,11 +390,11 @@ def compare(ort_out: Path, bmc_out: Path) -> dict:
 
 
 def model_inputs(kind: str, cfg, path: Path) -> dict:
-    """Seeded inputs for one model: token ids for the transformers, a standard-normal image for ResNet-50."""
+    """Seeded inputs for one model: token ids for the transformers, a standard-normal image for the CNNs."""
     import numpy as np
 
-    if kind == "resnet50":
-        name, shape = RESNET_INPUT
+    if kind in CNN_INPUTS:
+        name, shape = CNN_INPUTS[kind]
         return {name: np.random.default_rng(1).standard_normal(shape, dtype=np.float32)}
     rng = np.random.default_rng(cfg.seed + 1)
     return {"input_ids": rng.integers(0, cfg.vocab, size=(cfg.batch, cfg.seq), dtype=np.int64)}
@@ -438,7 +445,7 @@ def run_benchmark(args, configs: dict) -> dict:
         work = Path(tmp)
         for kind, cfg in configs.items():
             run = run_model(args, kind, cfg, work)
-            models[kind] = {"config": asdict(cfg) if cfg is not None else {"input": list(RESNET_INPUT[1])}, **run,
+            models[kind] = {"config": asdict(cfg) if cfg is not None else {"input": list(CNN_INPUTS[kind][1])}, **run,
                             **summarize(run)}
         if args.matmul:
             shapes = QUICK_MATMUL_SHAPES if args.quick else MATMUL_SHAPES
@@ -576,8 +583,9 @@ def _print_rows(rows) -> None:
 
 
 def _describe(name: str, c: dict) -> str:
-    if name == "resnet50":
-        return f"resnet50 (light_resnet50.onnx) input {'x'.join(map(str, c.get('input', [])))}"
+    if name in CNN_INPUTS:
+        source = "light_resnet50.onnx" if name == "resnet50" else "32x4d, benchmarks.models"
+        return f"{name} ({source}) input {'x'.join(map(str, c.get('input', [])))}"
     return (f"{name} layers={c['layers']} hidden={c['hidden']} heads={c['heads']} ffn={c['ffn']} seq={c['seq']} "
             f"batch={c['batch']} vocab={c['vocab']}")
 
@@ -714,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     configs: dict = {}
     try:
         for kind in args.models:
-            if kind == "resnet50":
+            if kind in CNN_INPUTS:
                 configs[kind] = None
                 continue
             vocab = args.vocab if args.vocab_given or args.quick else DEFAULT_VOCAB[kind]

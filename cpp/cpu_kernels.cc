@@ -46,8 +46,10 @@
  *
  * ``cpu_conv2d(x, w, stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, dil_w, groups, out)``: NCHW x OIHW
  * float32/float64 cross-correlation as one GEMM per image and group: float32 on the panel GEMM, which packs its
- * panels of the column matrix straight from the image; float64 (and CPUs without AVX2) im2col (per image, tap by
- * tap, into a per-thread scratch matrix; none for a 1x1 stride-1 unpadded convolution) + the BLAS.
+ * panels of the column matrix straight from the image (groups too small to keep the threads busy one at a time run
+ * whole a thread); float64 (and CPUs without AVX2) im2col (per image, tap by tap, into a per-thread scratch matrix;
+ * none for a 1x1 stride-1 unpadded convolution) + the BLAS. A float32 convolution of up to 64 output channels a
+ * group (depthwise, ResNeXt's) is direct instead (DirectConv: each output plane's taps summed in registers).
  *
  * ``cpu_conv2d_fused(x, w, scale, shift, residual, relu, stride_h, ..., groups, out)``: float32 ``cpu_conv2d`` whose
  * sums are stored as ``relu?(sum * scale[channel] + shift[channel] + residual)`` (an empty scale, shift or residual
@@ -463,9 +465,19 @@ void PadImage(const float* x, int64_t c, int64_t h, int64_t w, int64_t pt, int64
 struct ConvShape {
   int64_t n, c, h, w, m, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, oh, ow;
 };
-/*! \brief A depthwise convolution (one input channel a group, \a s.m / \a s.c output channels each), direct: each
- *  output plane's taps summed in registers over the stride phases of its zero-padded input plane, then \a ep. */
-void DepthwiseConv(const ConvShape& s, const float* x, const float* w, float* out, const Epilogue& ep);
+/*! \brief A convolution of \a g groups of few channels (a depthwise one's, one input channel a group; ResNeXt's
+ *  four), direct: each output plane's taps summed in registers over the stride phases of its group's zero-padded
+ *  input planes, then \a ep. */
+void DirectConv(const ConvShape& s, int64_t g, const float* x, const float* w, float* out, const Epilogue& ep);
+/*! \brief The most output channels a group that DirectConv takes (``MAX_DIRECT_CONV_GROUP_M`` in bmc/codegen/cpu.py):
+ *  against a GEMM a group (2 threads, 3x3 taps, ResNeXt/RegNet shapes), 4 a group 0.11x the time, 8 0.45-0.58x,
+ *  16 0.56-0.72x, 32 0.75-0.78x, 64 0.92-0.99x, 128 0.99-1.03x (the GEMM packs a few-row panel per group). */
+constexpr int64_t kDirectMaxGroupOutputs = 64;
+
+/*! \brief \a group (gi) for each of \a g groups of \a work multiply-adds each; false if any returned false (then
+ *  none computed anything: PanelConv declines before it starts, and for every group alike). One group at a time,
+ *  each on every thread, or, when a group is too small to keep the threads busy (ResNeXt's), whole groups a thread. */
+bool ConvGroups(int64_t g, int64_t work, const std::function<bool(int64_t)>& group);
 
 /*! \brief NCHW x OIHW cross-correlation as im2col + one GEMM per image and group: the column matrix
  *  ``[C * KH * KW, OH * OW]`` is written tap by tap from the unpadded input (the border zero-filled) into a
@@ -499,8 +511,8 @@ void Conv2dImpl(const Blas& blas, const ffi::TensorView& tx, const ffi::TensorVi
     return;
   }
   if constexpr (sizeof(T) == 4) {  // float32: the panel GEMM packs its panels of the columns from the image itself
-    if (cg == 1 && g > 1) {  // depthwise: a GEMM of one row (or a few) a group would waste its tiles
-      DepthwiseConv({n, c, h, wd, m, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, oh, ow}, x, w, out, ep);
+    if (g > 1 && (cg == 1 || mg <= kDirectMaxGroupOutputs)) {  // a GEMM of few rows a group would waste its tiles
+      DirectConv({n, c, h, wd, m, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, oh, ow}, g, x, w, out, ep);
       return;
     }
     const int64_t hp = h + pt + pb, wp = wd + pl + pr;
@@ -513,13 +525,14 @@ void Conv2dImpl(const Blas& blas, const ffi::TensorView& tx, const ffi::TensorVi
         PadImage(xb, c, h, wd, pt, pl, hp, wp, padded.data());
         xb = padded.data();
       }
-      for (int64_t gi = 0; gi < g && done; ++gi) {
+      const auto group = [&, xb, b](int64_t gi) {
         const ConvCols cols{xb + gi * cg * hp * wp, cg, hp, wp, kh, kw, sh, sw, dh, dw, oh, ow};
         const int64_t first = b * m + gi * mg;
         const Epilogue e = ep.From(gi * mg, first * pixels);
-        done = PanelConv(mg, pixels, k, w + gi * mg * k, direct ? xb + gi * cg * h * wd : nullptr,
+        return PanelConv(mg, pixels, k, w + gi * mg * k, direct ? xb + gi * cg * h * wd : nullptr,
                          direct ? nullptr : &cols, out + first * pixels, e.Active() ? &e : nullptr);
-      }
+      };
+      done = ConvGroups(g, mg * pixels * k, group);
     }
     if (done) return;
   }
@@ -934,6 +947,22 @@ void ParallelRows(int64_t n, Fn fn, int64_t max_threads = INT64_MAX) {
   for (auto& w : workers) w.join();
 }
 
+bool ConvGroups(int64_t g, int64_t work, const std::function<bool(int64_t)>& group) {
+  if (g == 1 || (work >> 19) >= kernel_threads.load()) {  // (PanelGemmRun's threads: one per 2^19 multiply-adds)
+    for (int64_t gi = 0; gi < g; ++gi) {
+      if (!group(gi)) return false;
+    }
+    return true;
+  }
+  std::atomic<bool> all{true};
+  ParallelRows(g, [&](int64_t g0, int64_t g1) {
+    for (int64_t gi = g0; gi < g1; ++gi) {
+      if (!group(gi)) all = false;
+    }
+  }, g * work / (int64_t{1} << 19) + 1);
+  return all;
+}
+
 /*! \brief out [hp, wp] = the plane x [h, w] at row \a pt, column \a pl, in a zero border. */
 inline void PadPlane(const float* x, int64_t h, int64_t w, int64_t pt, int64_t pl, int64_t hp, int64_t wp,
                      float* out) {
@@ -956,13 +985,12 @@ void PadImage(const float* x, int64_t c, int64_t h, int64_t w, int64_t pt, int64
 }
 
 constexpr int64_t kDepthwiseChunk = 64;  // outputs summed in registers at a time
+constexpr int64_t kDirectOutputs = 4;    // output planes DirectTaps sums at once (16 vector registers)
 
-/*! \brief \a out [len] = sum over the taps t of \a wt [t] * \a src [t][0, len): 64 outputs at a time in four
- *  16-lane vectors (GCC's vector extension: zmm registers in the AVX-512 clone, halves or quarters in the others),
- *  summed over every tap before they are stored. Reads up to ``kDepthwiseChunk - 1`` floats past each tap's \a len.
- *  (Written as a plain loop over a 64-float array, GCC unrolled the taps and left the sums scalar.) */
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void DepthwiseTaps(const float* const* src, const float* wt, int64_t taps, int64_t len, float* out) {
+/*! \brief DirectTaps for kOc output planes. */
+template <int kOc>
+__attribute__((always_inline)) inline void DirectTapsOf(const float* const* src, const float* w, int64_t ldw,
+                                                         int64_t terms, int64_t len, float* out, int64_t ldo) {
   typedef float Vec __attribute__((vector_size(64)));
   const auto load = [](const float* p) {
     Vec v;
@@ -970,16 +998,35 @@ void DepthwiseTaps(const float* const* src, const float* wt, int64_t taps, int64
     return v;
   };
   for (int64_t o0 = 0; o0 < len; o0 += kDepthwiseChunk) {
-    Vec acc[4] = {};
-    for (int64_t t = 0; t < taps; ++t) {
-      const float wv = wt[t];
+    Vec acc[kOc][4] = {};
+    for (int64_t t = 0; t < terms; ++t) {
       const float* in = src[t] + o0;
-      acc[0] += wv * load(in);
-      acc[1] += wv * load(in + 16);
-      acc[2] += wv * load(in + 32);
-      acc[3] += wv * load(in + 48);
+      const Vec v[4] = {load(in), load(in + 16), load(in + 32), load(in + 48)};
+      for (int k = 0; k < kOc; ++k) {
+        const float wv = w[k * ldw + t];
+        for (int u = 0; u < 4; ++u) acc[k][u] += wv * v[u];
+      }
     }
-    std::memcpy(out + o0, acc, sizeof(float) * static_cast<size_t>(std::min(kDepthwiseChunk, len - o0)));
+    for (int k = 0; k < kOc; ++k) {
+      std::memcpy(out + k * ldo + o0, acc[k], sizeof(float) * static_cast<size_t>(std::min(kDepthwiseChunk, len - o0)));
+    }
+  }
+}
+
+/*! \brief \a out [oc][len] (plane stride \a ldo) = sum over the terms t of \a w [oc][t] (row stride \a ldw) * \a src
+ *  [t][0, len), for \a oc <= kDirectOutputs output planes: 64 outputs of each at a time in four 16-lane vectors
+ *  (GCC's vector extension: zmm registers in the AVX-512 clone, halves or quarters in the others), every stream's
+ *  vectors loaded once for all the planes, summed over every term before they are stored. Reads up to
+ *  ``kDepthwiseChunk - 1`` floats past each term's \a len. (Written as a plain loop over a 64-float array, GCC
+ *  unrolled the terms and left the sums scalar.) */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void DirectTaps(const float* const* src, const float* w, int64_t ldw, int64_t terms, int64_t len, int64_t oc,
+                float* out, int64_t ldo) {
+  switch (oc) {
+    case 1: DirectTapsOf<1>(src, w, ldw, terms, len, out, ldo); break;
+    case 2: DirectTapsOf<2>(src, w, ldw, terms, len, out, ldo); break;
+    case 3: DirectTapsOf<3>(src, w, ldw, terms, len, out, ldo); break;
+    default: DirectTapsOf<4>(src, w, ldw, terms, len, out, ldo); break;
   }
 }
 
@@ -1006,12 +1053,12 @@ void SplitColumns(const float* row, int64_t w, int64_t sw, float* out, int64_t s
 
 constexpr int64_t kDepthwiseLanes = 16;  // channels a DepthwiseLanes block computes at once, one a vector lane
 
-/*! \brief DepthwiseConv of up to kDepthwiseLanes channels (\a lanes) with one input channel each, the channels in the lanes
- *  of a vector: the planes \a x are transposed into a zero-bordered ``[hp, wp, kDepthwiseLanes]`` image, each output pixel
- *  sums its taps (any stride or dilation) as vectors of all the channels, four pixels of a row at a time (four
- *  independent sums), and the ``[pixels, kDepthwiseLanes]`` result is transposed back into the planes \a out. Nothing is
- *  computed that is dropped, and no phase is copied: for small maps (DepthwiseInLanes), where the per-plane
- *  work and wide rows of DepthwiseConv's own path cost more than the taps. \a buf holds ``(hp wp + taps +
+/*! \brief DirectConv of up to kDepthwiseLanes channels (\a lanes) with one input channel each, the channels in the
+ *  lanes of a vector: the planes \a x are transposed into a zero-bordered ``[hp, wp, kDepthwiseLanes]`` image, each
+ *  output pixel sums its taps (any stride or dilation) as vectors of all the channels, four pixels of a row at a
+ *  time (four independent sums), and the ``[pixels, kDepthwiseLanes]`` result is transposed back into the planes \a
+ *  out. Nothing is computed that is dropped, and no phase is copied: for small maps (DepthwiseInLanes), where the
+ *  per-plane work and wide rows of DirectConv's own path cost more than the taps. \a buf holds ``(hp wp + taps +
  *  pixels) kDepthwiseLanes`` floats. */
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void DepthwiseLanes(const ConvShape& s, const float* x, const float* w, int64_t lanes, float* buf, float* out) {
@@ -1061,24 +1108,26 @@ void DepthwiseLanes(const ConvShape& s, const float* x, const float* w, int64_t 
   }
 }
 
-/*! \brief Whether DepthwiseConv takes DepthwiseLanes: one output channel an input channel, and small output maps,
+/*! \brief Whether DirectConv takes DepthwiseLanes: one input and one output channel a group, and small output maps,
  *  where the per-plane costs (and wide rows) of its own path weigh most. Measured against it (2 threads): 7 x 7
  *  outputs 0.46-0.71x the time, 14 x 14 0.75x with 7 x 7 taps (ConvNeXt), 0.94-1.2x with 3 x 3 and 5 x 5, 28 x 28
  *  and larger 1.1-3x. */
-inline bool DepthwiseInLanes(const ConvShape& s) {
+inline bool DepthwiseInLanes(const ConvShape& s, int64_t g) {
   const int64_t pixels = s.oh * s.ow;
-  return s.m == s.c && (pixels <= 64 || (pixels <= 256 && s.kh * s.kw >= 49));
+  return s.m == s.c && g == s.c && (pixels <= 64 || (pixels <= 256 && s.kh * s.kw >= 49));
 }
 
 /*! Each input plane is zero-padded and cut into ``sh * sw`` phases (the rows ``y = a mod sh`` and columns ``x = b mod
  *  sw`` of the padded plane, each ``hq x wq``), so that every tap reads one phase at stride 1: output (r, c) of tap
  *  (i, j) is phase ``(i dh mod sh, j dw mod sw)`` at ``(r + i dh / sh, c + j dw / sw)``. Laid out flat, a tap is then
  *  one contiguous stream over ``oh`` rows of ``wq`` ("wide" rows: their last ``wq - ow`` outputs are dropped), and
- *  :func:`DepthwiseTaps` sums the streams in registers; small maps (7 x 7) waste only the few dropped columns. */
-void DepthwiseConv(const ConvShape& s, const float* x, const float* w, float* out, const Epilogue& ep) {
-  const int64_t hp = s.h + s.pt + s.pb, wp = s.w + s.pl + s.pr, mult = s.m / s.c, pixels = s.oh * s.ow;
-  if (DepthwiseInLanes(s)) {
-    const int64_t blocks = (s.m + kDepthwiseLanes - 1) / kDepthwiseLanes, taps = s.kh * s.kw;
+ *  :func:`DirectTaps` sums a group's streams (its input planes' taps) into up to four of its output planes at a time
+ *  in registers; small maps (7 x 7) waste only the few dropped columns. A thread takes whole groups. */
+void DirectConv(const ConvShape& s, int64_t g, const float* x, const float* w, float* out, const Epilogue& ep) {
+  const int64_t hp = s.h + s.pt + s.pb, wp = s.w + s.pl + s.pr, pixels = s.oh * s.ow, taps = s.kh * s.kw;
+  const int64_t cg = s.c / g, mg = s.m / g, terms = cg * taps;
+  if (DepthwiseInLanes(s, g)) {
+    const int64_t blocks = (s.m + kDepthwiseLanes - 1) / kDepthwiseLanes;
     ParallelRows(s.n * blocks, [&](int64_t p0, int64_t p1) {
       thread_local std::vector<float> buf;
       buf.resize(static_cast<size_t>((hp * wp + taps + pixels) * kDepthwiseLanes));
@@ -1091,45 +1140,53 @@ void DepthwiseConv(const ConvShape& s, const float* x, const float* w, float* ou
     }, s.n * s.m * pixels * taps / (int64_t{1} << 15) + 1);
     return;
   }
-  const int64_t hq = (hp + s.sh - 1) / s.sh, wq = (wp + s.sw - 1) / s.sw, taps = s.kh * s.kw;
+  const int64_t hq = (hp + s.sh - 1) / s.sh, wq = (wp + s.sw - 1) / s.sw;
   const int64_t phase = hq * wq + kDepthwiseChunk + s.kw * s.dw;  // a phase and what the last chunk reads past it
+  const int64_t planes = s.sh * s.sw * phase;                     // an input plane's phases
   const int64_t wide = s.oh * wq;
-  ParallelRows(s.n * s.m, [&](int64_t p0, int64_t p1) {
-    thread_local std::vector<float> buf;  // padded plane, its phases, the wide output
-    buf.resize(static_cast<size_t>(hp * wp + s.sh * s.sw * phase + wide));
+  const bool strided = s.sh > 1 || s.sw > 1;
+  ParallelRows(s.n * g, [&](int64_t p0, int64_t p1) {
+    thread_local std::vector<float> buf;  // a padded plane, the group's input planes' phases, its wide outputs
+    buf.resize(static_cast<size_t>(hp * wp + cg * planes + kDirectOutputs * wide));
     float* padded = buf.data();
     float* phases = padded + hp * wp;
-    float* wide_out = phases + s.sh * s.sw * phase;
-    const bool strided = s.sh > 1 || s.sw > 1;
-    std::vector<const float*> src(static_cast<size_t>(taps));
-    int64_t ready = -1;  // the input plane whose phases are in buf
+    float* wide_out = phases + cg * planes;
+    std::vector<const float*> src(static_cast<size_t>(terms));
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t b = p / s.m, oc = p % s.m, in = b * s.c + oc / mult;
-      if (in != ready) {
-        PadPlane(x + in * s.h * s.w, s.h, s.w, s.pt, s.pl, hp, wp, strided ? padded : phases);
-        if (!strided) std::fill(phases + hp * wp, phases + phase, 0.0f);  // what dropped outputs read: finite
+      const int64_t b = p / g, gi = p % g;
+      for (int64_t ci = 0; ci < cg; ++ci) {
+        float* ph = phases + ci * planes;
+        PadPlane(x + (b * s.c + gi * cg + ci) * s.h * s.w, s.h, s.w, s.pt, s.pl, hp, wp, strided ? padded : ph);
+        if (!strided) std::fill(ph + hp * wp, ph + phase, 0.0f);  // what dropped outputs read: finite
         if (strided) {
-          std::fill(phases, phases + s.sh * s.sw * phase, 0.0f);
+          std::fill(ph, ph + planes, 0.0f);
           for (int64_t y = 0; y < hp; ++y) {
-            SplitColumns(padded + y * wp, wp, s.sw, phases + (y % s.sh) * s.sw * phase + (y / s.sh) * wq, phase);
+            SplitColumns(padded + y * wp, wp, s.sw, ph + (y % s.sh) * s.sw * phase + (y / s.sh) * wq, phase);
           }
         }
-        ready = in;
-      }
-      for (int64_t i = 0; i < s.kh; ++i) {
-        for (int64_t j = 0; j < s.kw; ++j) {
-          const int64_t ri = i * s.dh, cj = j * s.dw;
-          src[i * s.kw + j] = phases + ((ri % s.sh) * s.sw + cj % s.sw) * phase + (ri / s.sh) * wq + cj / s.sw;
+        for (int64_t i = 0; i < s.kh; ++i) {
+          for (int64_t j = 0; j < s.kw; ++j) {
+            const int64_t ri = i * s.dh, cj = j * s.dw;
+            src[ci * taps + i * s.kw + j] =
+                ph + ((ri % s.sh) * s.sw + cj % s.sw) * phase + (ri / s.sh) * wq + cj / s.sw;
+          }
         }
       }
-      float* o = out + p * pixels;
-      DepthwiseTaps(src.data(), w + oc * taps, taps, wide, wq == s.ow ? o : wide_out);
-      if (wq != s.ow) {
-        for (int64_t r = 0; r < s.oh; ++r) std::memcpy(o + r * s.ow, wide_out + r * wq, sizeof(float) * s.ow);
+      for (int64_t o0 = 0; o0 < mg; o0 += kDirectOutputs) {
+        const int64_t oc = gi * mg + o0, count = std::min(kDirectOutputs, mg - o0);
+        float* o = out + (b * s.m + oc) * pixels;
+        const bool in_place = wq == s.ow;
+        DirectTaps(src.data(), w + oc * terms, terms, terms, wide, count, in_place ? o : wide_out,
+                   in_place ? pixels : wide);
+        for (int64_t k = 0; k < count && !in_place; ++k) {
+          for (int64_t r = 0; r < s.oh; ++r) {
+            std::memcpy(o + k * pixels + r * s.ow, wide_out + k * wide + r * wq, sizeof(float) * s.ow);
+          }
+        }
+        if (ep.Active()) ApplyEpilogue(ep.From(oc, (b * s.m + oc) * pixels), o, pixels, 0, count, 0, pixels);
       }
-      if (ep.Active()) ApplyEpilogue(ep.From(oc, p * pixels), o, pixels, 0, 1, 0, pixels);
     }
-  }, s.n * s.m * pixels * taps / (int64_t{1} << 15) + 1);
+  }, s.n * s.m * pixels * terms / (int64_t{1} << 15) + 1);
 }
 
 // ---- 16-bit floats ---------------------------------------------------------------------------------------------
@@ -2853,13 +2910,24 @@ bool Bf16Dot() {
   return have && PanelIsa() == PackedIsa::kAvx512 && std::getenv("BMC_CPU_NO_BF16_DOT") == nullptr;
 }
 
-/*! \brief dst[0:n] = src[0:n] for n <= kPackPanel: a whole panel row as a fixed-size copy the compiler inlines
- *  (a call of libc's memcpy per 128-byte row was 5% of ResNet-50). */
+/*! \brief dst[0:n] = src[0:n] for n <= kPackPanel, as fixed-size copies the compiler inlines: a whole panel row, or
+ *  two overlapping copies of a power of two (a call of libc's memcpy per 128-byte row was 5% of ResNet-50, and per
+ *  7-pixel run of a 7 x 7 map's panels 18% of ResNeXt's last grouped convolutions). */
 inline void CopyShort(float* dst, const float* src, int64_t n) {
+  const auto ends = [&](auto size) {  // the first and the last `size` floats
+    std::memcpy(dst, src, sizeof(float) * size);
+    std::memcpy(dst + n - size, src + n - size, sizeof(float) * size);
+  };
   if (n == kPackPanel) {
     std::memcpy(dst, src, sizeof(float) * kPackPanel);
+  } else if (n >= 16) {
+    ends(std::integral_constant<int64_t, 16>());
+  } else if (n >= 8) {
+    ends(std::integral_constant<int64_t, 8>());
+  } else if (n >= 4) {
+    ends(std::integral_constant<int64_t, 4>());
   } else {
-    std::memcpy(dst, src, sizeof(float) * n);
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
   }
 }
 

@@ -72,3 +72,20 @@ def test_deterministic_and_sized(tmp_path):
 def test_bad_sizes_are_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="multiple of heads"):
         models.gpt2_like(tmp_path / "bad.onnx", hidden=64, heads=12)
+
+
+def test_resnext50_is_resnext_shaped_and_runs_in_onnxruntime(tmp_path):
+    """ResNeXt-50 32x4d: its 25.0M parameters (batch norms folded into biases), 16 grouped 3x3 convolutions of 32
+    groups, logits that onnxruntime computes finite and that depend on the image."""
+    ort = pytest.importorskip("onnxruntime")
+    path = models.resnext50_path(tmp_path)
+    assert models.resnext50_path(tmp_path) == path  # written once, then found
+    onnx.checker.check_model(str(path), full_check=True)
+    proto = onnx.load(str(path))
+    assert sum(int(np.prod(t.dims)) for t in proto.graph.initializer) == 24_993_792
+    groups = [a.i for n in proto.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
+    assert len(groups) == 53 and sorted(set(groups)) == [1, 32] and groups.count(32) == 16
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 1, 3, 224, 224), dtype=np.float32)
+    a, b = (sess.run(None, {"x": xi})[0] for xi in x)
+    assert a.shape == (1, 1000) and np.isfinite(a).all() and not np.allclose(a, b)

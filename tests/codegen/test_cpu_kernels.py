@@ -935,6 +935,17 @@ DEPTHWISE_CASES = [  # one input channel a group: bmc.cpu.conv2d's direct depthw
 ]
 
 
+GROUPED_CASES = [  # several input channels a group: bmc.cpu.conv2d's direct loop (up to 64 outputs a group, float32)
+    ((1, 32, 12, 12), (32, 4, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 8),    # ResNeXt's 4 channels a group
+    ((2, 9, 23, 21), (15, 3, 3, 3), (2, 1), (1, 0, 2, 1), (1, 2), 3),     # 5 outputs (4 + 1), strided, dilated
+    ((1, 4, 9, 9), (128, 2, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2),      # 64 outputs a group: the most direct
+    ((1, 24, 20, 20), (36, 8, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 3),    # grouped 1x1 (ShuffleNet)
+    ((1, 24, 41, 41), (24, 2, 3, 3), (3, 3), (1, 1, 1, 1), (1, 1), 12),   # stride 3: 9 phases a plane
+    ((1, 64, 7, 7), (64, 32, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2),     # a 7x7 map: wide rows of 9
+    ((1, 4, 9, 9), (130, 2, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2),      # 65 outputs a group: a GEMM a group
+]
+
+
 def _conv_graph(x_shape, w_shape, strides, pads, dilations, groups, dtype="float32"):
     b = GraphBuilder("conv")
     x = b.input("x", TensorType(dtype, x_shape))
@@ -969,6 +980,23 @@ def test_depthwise_conv2d_matches_reference(impl, case):
 
     x_shape, w_shape, strides, pads, dilations, groups = case
     rng = np.random.default_rng(4)
+    x, w = rng.standard_normal(x_shape).astype("float32"), rng.standard_normal(w_shape).astype("float32")
+    built, got = _run(_conv_graph(*case), [x, w], native=impl == "native")
+    rec = built.kernels["cpu"]
+    assert rec["conv2d"]["blas"] == 1 and rec["requires"] == ["bmc.cpu.conv2d"], rec
+    (ref,) = OPS["conv"].reference([x, w], {"strides": strides, "pads": pads, "dilations": dilations,
+                                            "group": groups})
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=[f"{c[1][2]}x{c[1][3]}s{c[2]}c{c[1][1]}m{c[1][0] // c[5]}"
+                                                     .replace(" ", "") for c in GROUPED_CASES])
+def test_grouped_conv2d_matches_reference(impl, case):
+    from bmc.ops import OPS
+
+    x_shape, w_shape, strides, pads, dilations, groups = case
+    rng = np.random.default_rng(6)
     x, w = rng.standard_normal(x_shape).astype("float32"), rng.standard_normal(w_shape).astype("float32")
     built, got = _run(_conv_graph(*case), [x, w], native=impl == "native")
     rec = built.kernels["cpu"]
@@ -1081,7 +1109,8 @@ CONV_ACTIVATION_CASES = [
 
 @pytest.mark.parametrize("residual", [False, True], ids=["bn", "bn_residual"])
 @pytest.mark.parametrize("case", [CONV_CASES[0], EPILOGUE_CASES[-5], EPILOGUE_CASES[-4], DEPTHWISE_CASES[1],
-                                  DEPTHWISE_CASES[5]], ids=["3x3", "1x1_8rows", "one_pixel", "depthwise", "dw_lanes"])
+                                  DEPTHWISE_CASES[5], GROUPED_CASES[1]],
+                         ids=["3x3", "1x1_8rows", "one_pixel", "depthwise", "dw_lanes", "grouped"])
 @pytest.mark.parametrize("act", CONV_ACTIVATION_CASES, ids=[a[0] for a in CONV_ACTIVATION_CASES])
 def test_conv_activation_is_fused_into_the_kernel(impl, act, case, residual):
     """A clamp (ReLU6, an opset-11 Clip's maximum and minimum with scalar constants, either alone) or a SiLU
@@ -1292,7 +1321,8 @@ def test_small_depthwise_and_integer_convs_stay_in_tvm():
     assert choose_conv2d((1, 64, 56, 56), (64, 64, 3, 3), (1, 64, 56, 56), 1, "float32") == "blas"
     assert choose_conv2d((1, 64, 56, 56), (64, 1, 3, 3), (1, 64, 56, 56), 64, "float32") == "blas"  # depthwise
     assert choose_conv2d((1, 64, 56, 56), (64, 1, 3, 3), (1, 64, 56, 56), 64, "float64") == "tvm"
-    assert choose_conv2d((1, 64, 56, 56), (128, 2, 3, 3), (1, 64, 56, 56), 64, "float32") == "tvm"  # 2 a group
+    assert choose_conv2d((1, 64, 56, 56), (128, 2, 3, 3), (1, 64, 56, 56), 64, "float32") == "blas"  # 2 a group
+    assert choose_conv2d((1, 64, 56, 56), (128, 2, 3, 3), (1, 64, 56, 56), 64, "float64") == "tvm"
     assert choose_conv2d((1, 64, 56, 56), (64, 64, 3, 3), (1, 64, 56, 56), 1, "float16") == "tvm"
     rng = np.random.default_rng(2)
     case = ((1, 8, 8, 8), (8, 1, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 8)  # a tiny depthwise: stays in TVM
