@@ -469,10 +469,12 @@ struct ConvShape {
  *  four), direct: each output plane's taps summed in registers over the stride phases of its group's zero-padded
  *  input planes, then \a ep. */
 void DirectConv(const ConvShape& s, int64_t g, const float* x, const float* w, float* out, const Epilogue& ep);
-/*! \brief The most output channels a group that DirectConv takes (``MAX_DIRECT_CONV_GROUP_M`` in bmc/codegen/cpu.py):
- *  against a GEMM a group (2 threads, 3x3 taps, ResNeXt/RegNet shapes), 4 a group 0.11x the time, 8 0.45-0.58x,
- *  16 0.56-0.72x, 32 0.75-0.78x, 64 0.92-0.99x, 128 0.99-1.03x (the GEMM packs a few-row panel per group). */
-constexpr int64_t kDirectMaxGroupOutputs = 64;
+/*! \brief The most output channels (and input channels) a group that DirectConv takes (``MAX_DIRECT_CONV_GROUP_M`` in
+ *  bmc/codegen/cpu.py): against a GEMM a group (2 threads, 3x3 taps, ResNeXt/RegNet shapes, as many input channels
+ *  a group as output ones), 4 a group 0.11x the time, 8 0.45-0.58x, 16 0.56-0.72x, 32 0.75-0.78x, 64 0.92-0.99x,
+ *  128 0.99-1.03x (the GEMM packs a panel of few rows per group). More input channels than that make every output
+ *  chunk read more streams than L2 holds. */
+constexpr int64_t kDirectMaxGroup = 64;
 
 /*! \brief \a group (gi) for each of \a g groups of \a work multiply-adds each; false if any returned false (then
  *  none computed anything: PanelConv declines before it starts, and for every group alike). One group at a time,
@@ -511,7 +513,8 @@ void Conv2dImpl(const Blas& blas, const ffi::TensorView& tx, const ffi::TensorVi
     return;
   }
   if constexpr (sizeof(T) == 4) {  // float32: the panel GEMM packs its panels of the columns from the image itself
-    if (g > 1 && (cg == 1 || mg <= kDirectMaxGroupOutputs)) {  // a GEMM of few rows a group would waste its tiles
+    // few channels a group (depthwise, ResNeXt's): a GEMM of few rows a group would waste its tiles
+    if (g > 1 && (cg == 1 || (mg <= kDirectMaxGroup && cg <= kDirectMaxGroup))) {
       DirectConv({n, c, h, wd, m, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, oh, ow}, g, x, w, out, ep);
       return;
     }

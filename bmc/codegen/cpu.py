@@ -61,9 +61,9 @@ MIN_BLAS_MACS = 512
 #: as the im2col copy and the packed call (~20-40 us of Python) cost more than the GEMM saves. Measured on 2 cores,
 #: 3x3 convs: 18k MACs TVM 21 us vs BLAS 39 us; 147k MACs TVM 102 us vs BLAS 46 us; 2.4M MACs 855 vs 173 us
 MIN_CONV_MACS = 1 << 16
-#: float32 grouped convs of up to this many output channels a group run the native kernel's direct loop (depthwise,
-#: ResNeXt's 4 a group: 0.11x the time of a GEMM a group and 0.37-0.62x onnxruntime's); ``kDirectMaxGroupOutputs``
-#: in cpp/cpu_kernels.cc
+#: float32 grouped convs of up to this many output channels a group go to the native kernel, which runs those of as
+#: many input channels a group or fewer as a direct loop (depthwise, ResNeXt's 4 a group: 0.11x the time of a GEMM a
+#: group and 0.37-0.62x onnxruntime's; ``kDirectMaxGroup`` in cpp/cpu_kernels.cc), the others as a GEMM a group
 MAX_DIRECT_CONV_GROUP_M = 64
 #: per-group GEMM sizes below which a grouped conv stays in TVM (other dtypes; float32 beyond the direct loop)
 MIN_CONV_GROUP_M = 8

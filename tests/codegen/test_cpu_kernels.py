@@ -943,6 +943,7 @@ GROUPED_CASES = [  # several input channels a group: bmc.cpu.conv2d's direct loo
     ((1, 24, 41, 41), (24, 2, 3, 3), (3, 3), (1, 1, 1, 1), (1, 1), 12),   # stride 3: 9 phases a plane
     ((1, 64, 7, 7), (64, 32, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2),     # a 7x7 map: wide rows of 9
     ((1, 4, 9, 9), (130, 2, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2),      # 65 outputs a group: a GEMM a group
+    ((1, 144, 9, 9), (6, 72, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2),     # 72 inputs a group: a GEMM of 3 rows
 ]
 
 
