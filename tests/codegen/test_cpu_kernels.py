@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bmc.ir.types import TensorType
 from bmc.ops.builder import GraphBuilder
@@ -1692,3 +1694,35 @@ def test_gather_matmul_kernel_matches_reference(impl, rows, experts, k, n, trans
         out = np.full((rows, n), np.nan, t)
         kernel(*[_tensor(a) for a in (x, w, idx.astype(itype))], int(transpose_w), _tensor(out))
         np.testing.assert_allclose(out.astype(np.float64), ref, rtol=0, atol=tol)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_native_conv2d_matches_reference_on_random_shapes(data):
+    """``bmc.cpu.conv2d`` called directly on random grouped shapes (depthwise and several channels a group, a channel
+    multiplier, strides and dilations up to 3 and 2, pads wider than the taps, batch 2): every path of the kernel
+    (the direct loop over stride phases or channels in vector lanes, a GEMM a group) against the op's reference."""
+    import tvm
+    import tvm_ffi
+
+    from bmc.ops import OPS
+    from bmc.runtime.kernels import register_cpu_kernels
+
+    draw = data.draw
+    g, cg, mg = draw(st.integers(1, 6)), draw(st.integers(1, 9)), draw(st.sampled_from([1, 2, 3, 4, 5, 8, 66]))
+    kh, kw, sh, sw = draw(st.integers(1, 4)), draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    pads = tuple(draw(st.integers(0, 4)) for _ in range(4))
+    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - pads[0] - pads[2]), 20))
+    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - pads[1] - pads[3]), 20))
+    n = draw(st.integers(1, 2))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    x = rng.standard_normal((n, g * cg, h, w)).astype("float32")
+    wt = rng.standard_normal((g * mg, cg, kh, kw)).astype("float32")
+    (ref,) = OPS["conv"].reference([x, wt], {"strides": (sh, sw), "pads": pads, "dilations": (dh, dw), "group": g})
+    info = register_cpu_kernels(native=True)
+    assert info["impl"] == "native"
+    out = tvm.runtime.tensor(np.full(ref.shape, np.nan, dtype="float32"))
+    tvm_ffi.get_global_func("bmc.cpu.conv2d")(tvm.runtime.tensor(x), tvm.runtime.tensor(wt), sh, sw, *pads, dh, dw, g,
+                                              out)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5 * max(1.0, float(np.max(np.abs(ref)))))
