@@ -57,9 +57,9 @@ HALF_MIXED = (("float16", "float32"), ("bfloat16", "float32"))
 #: 8x8x8 float32 is ~1 us either way, 16x16x16 already favours BLAS (see tests/codegen/test_cpu_kernels.py)
 MIN_BLAS_MACS = 512
 #: 2-D convolutions (float32/float64, NCHW/OIHW) go to im2col + BLAS (``bmc.cpu.conv2d``) from this many
-#: multiply-adds on; below it (and for small groups of other dtypes, see :func:`choose_conv2d`) TVM's loop nest is kept,
-#: as the im2col copy and the packed call (~20-40 us of Python) cost more than the GEMM saves. Measured on 2 cores,
-#: 3x3 convs: 18k MACs TVM 21 us vs BLAS 39 us; 147k MACs TVM 102 us vs BLAS 46 us; 2.4M MACs 855 vs 173 us
+#: multiply-adds on; below it (and for small groups of other dtypes, see :func:`choose_conv2d`) TVM's loop nest is
+#: kept, as the im2col copy and the packed call (~20-40 us of Python) cost more than the GEMM saves. Measured on 2
+#: cores, 3x3 convs: 18k MACs TVM 21 us vs BLAS 39 us; 147k MACs TVM 102 us vs BLAS 46 us; 2.4M MACs 855 vs 173 us
 MIN_CONV_MACS = 1 << 16
 #: float32 grouped convs of up to this many output channels a group go to the native kernel, which runs those of as
 #: many input channels a group or fewer as a direct loop (depthwise, ResNeXt's 4 a group: 0.11x the time of a GEMM a
@@ -101,7 +101,7 @@ def choose_conv2d(x: tuple[int, ...] | None, w: tuple[int, ...] | None, out: tup
     mg, kg = w[0] // max(groups, 1), math.prod(w[1:])
     if macs < MIN_CONV_MACS:
         return "tvm"
-    if groups > 1 and mg <= MAX_DIRECT_CONV_GROUP_M and dtype == "float32":
+    if groups > 1 and (w[1] == 1 or mg <= MAX_DIRECT_CONV_GROUP_M) and dtype == "float32":
         return "blas"  # depthwise or few channels a group: the native kernel's direct loop (float32 only)
     if mg < MIN_CONV_GROUP_M or kg < MIN_CONV_GROUP_K:
         return "tvm"

@@ -1323,6 +1323,7 @@ def test_small_depthwise_and_integer_convs_stay_in_tvm():
     assert choose_conv2d((1, 4, 8, 8), (4, 4, 3, 3), (1, 4, 8, 8), 1, "float32") == "tvm"  # 9k MACs: tiny
     assert choose_conv2d((1, 64, 56, 56), (64, 64, 3, 3), (1, 64, 56, 56), 1, "float32") == "blas"
     assert choose_conv2d((1, 64, 56, 56), (64, 1, 3, 3), (1, 64, 56, 56), 64, "float32") == "blas"  # depthwise
+    assert choose_conv2d((1, 2, 56, 56), (192, 1, 3, 3), (1, 192, 56, 56), 2, "float32") == "blas"  # 96 a channel
     assert choose_conv2d((1, 64, 56, 56), (64, 1, 3, 3), (1, 64, 56, 56), 64, "float64") == "tvm"
     assert choose_conv2d((1, 64, 56, 56), (128, 2, 3, 3), (1, 64, 56, 56), 64, "float32") == "blas"  # 2 a group
     assert choose_conv2d((1, 64, 56, 56), (128, 2, 3, 3), (1, 64, 56, 56), 64, "float64") == "tvm"
