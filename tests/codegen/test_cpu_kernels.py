@@ -1010,6 +1010,38 @@ def test_grouped_conv2d_matches_reference(impl, case):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
 
 
+CONV1D_CASES = [  # (x shape, w shape, strides, pads (begin, end), dilations, groups): as 2-D convs of height 1
+    ((1, 80, 300), (64, 80, 3), (1,), (1, 1), (1,), 1),        # Whisper's first conv
+    ((2, 64, 301), (64, 64, 3), (2,), (1, 1), (1,), 1),        # its second, stride 2, batch 2
+    ((1, 1, 1600), (64, 1, 10), (5,), (0, 0), (1,), 1),        # wav2vec2's first (one input channel, K = 10)
+    ((1, 48, 100), (48, 3, 16), (1,), (8, 7), (1,), 16),       # wav2vec2's positional conv: grouped, asymmetric pads
+    ((1, 64, 400), (64, 1, 5), (1,), (4, 4), (2,), 64),        # depthwise, dilated (Conformer)
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CONV1D_CASES, ids=[f"k{c[1][2]}s{c[2][0]}g{c[5]}" for c in CONV1D_CASES])
+def test_conv1d_runs_as_a_2d_conv_on_the_native_kernel(impl, dtype, case):
+    """A 1-D convolution is a 2-D one of height 1 on the CPU (reshapes, no copies), so the native kernels take it:
+    TVM's conv1d loop nest took 60-100x onnxruntime's time on Whisper's and wav2vec2's front ends."""
+    import ml_dtypes
+
+    from bmc.ops import OPS
+
+    x_shape, w_shape, strides, pads, dilations, groups = case
+    t = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal(x_shape).astype(t), rng.standard_normal(w_shape).astype(t)
+    built, got = _run(_conv_graph(*case, dtype=dtype), [x, w], native=impl == "native")
+    rec = built.kernels["cpu"]
+    assert rec["conv2d"]["blas"] == 1 and rec["conv2d"]["tvm"] == 0 and rec["requires"] == ["bmc.cpu.conv2d"], rec
+    (ref,) = OPS["conv"].reference([x.astype(np.float32), w.astype(np.float32)],
+                                   {"strides": strides, "pads": pads, "dilations": dilations, "group": groups})
+    assert got.shape == ref.shape and got.dtype == t
+    tol = 2.0 ** -7 if dtype == "bfloat16" else 1e-5
+    np.testing.assert_allclose(got.astype(np.float32), ref, rtol=tol, atol=tol * float(np.max(np.abs(ref))))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[5], CONV_CASES[7], DEPTHWISE_CASES[1]],
                          ids=["3x3", "1x1", "dilated", "grouped", "depthwise"])
@@ -1135,6 +1167,39 @@ def test_conv_activation_is_fused_into_the_kernel(impl, act, case, residual):
     rec = built.kernels["cpu"]
     assert rec["conv2d"]["fused"] == 1 and rec["requires"] == ["bmc.cpu.conv2d_fused_act"], rec
     ref = reference((conv * s + t + (r if residual else 0)).astype("float64"))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["bias", "bias_residual"])
+@pytest.mark.parametrize("act", [CONV_ACTIVATION_CASES[0], CONV_ACTIVATION_CASES[5]], ids=["relu6", "silu"])
+@pytest.mark.parametrize("case", [CONV1D_CASES[1], CONV1D_CASES[3]], ids=["dense", "grouped"])
+def test_conv1d_epilogue_is_fused_into_the_kernel(impl, case, act, residual):
+    """A 1-D conv's bias (``[C, 1]``), per-channel scale, residual add and activation fuse into the kernel through
+    the reshape that drops its unit height: one ``bmc.cpu.conv2d_fused_act`` call, its result reshaped back."""
+    from bmc.ops import OPS
+
+    name, write, reference = act
+    x_shape, w_shape, strides, pads, dilations, groups = case
+    attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": groups}
+    rng = np.random.default_rng(9)
+    x, w = rng.standard_normal(x_shape).astype("float32"), rng.standard_normal(w_shape).astype("float32")
+    (conv,) = OPS["conv"].reference([x, w], attrs)
+    c = w.shape[0]
+    bias, s = rng.standard_normal((c, 1)).astype("float32"), rng.uniform(0.5, 2, (1, c, 1)).astype("float32")
+    r = rng.standard_normal(conv.shape).astype("float32")
+    b = GraphBuilder("conv1d_epilogue")
+    xv, wv = b.input("x", TensorType("float32", x.shape)), b.input("w", TensorType("float32", w.shape))
+    y = b.emit1("mul", [b.emit1("add", [b.emit1("conv", [xv, wv], **attrs), b.param("bias", bias)]),
+                        b.param("s", s)])
+    if residual:
+        y = b.emit1("add", [y, b.input("r", TensorType("float32", r.shape))])
+    y = write(b, y)
+    arrays = [x, w, r, bias, s] if residual else [x, w, bias, s]
+    built, got = _run(b.finish([y]), arrays, native=impl == "native")
+    rec = built.kernels["cpu"]
+    assert rec["conv2d"]["fused"] == 1 and rec["requires"] == ["bmc.cpu.conv2d_fused_act"], rec
+    ref = reference(((conv + bias) * s + (r if residual else 0)).astype("float64"))
+    assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
 
 
@@ -1327,6 +1392,7 @@ def test_small_depthwise_and_integer_convs_stay_in_tvm():
     assert choose_conv2d((1, 64, 56, 56), (64, 1, 3, 3), (1, 64, 56, 56), 64, "float64") == "tvm"
     assert choose_conv2d((1, 64, 56, 56), (128, 2, 3, 3), (1, 64, 56, 56), 64, "float32") == "blas"  # 2 a group
     assert choose_conv2d((1, 64, 56, 56), (128, 2, 3, 3), (1, 64, 56, 56), 64, "float64") == "tvm"
+    assert choose_conv2d((1, 1, 112, 112), (32, 1, 3, 3), (1, 32, 112, 112), 1, "float32") == "blas"  # K = 9
     assert choose_conv2d((1, 64, 56, 56), (64, 64, 3, 3), (1, 64, 56, 56), 1, "float16") == "tvm"
     rng = np.random.default_rng(2)
     case = ((1, 8, 8, 8), (8, 1, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 8)  # a tiny depthwise: stays in TVM

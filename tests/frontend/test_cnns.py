@@ -151,3 +151,40 @@ def test_resize_matches_onnxruntime(attrs, scales, sizes):
     (got,) = run_compiled(import_model(model), {"x": x}).values()
     assert got.shape == want.shape
     assert float(np.max(np.abs(got - want))) <= 1e-4 * max(1.0, float(np.max(np.abs(want))))
+
+
+def test_audio_front_end_matches_onnxruntime():
+    """Whisper's and wav2vec2's 1-D convolutions (a 2-D one of height 1 on the CPU's native kernels, bias and GELU
+    after them): two convs with biases and erf GELUs, the second of stride 2, then a grouped positional conv with
+    pads (16 groups) added back as a residual, against onnxruntime."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 80, 200)).astype(np.float32)
+    inits = {"w1": rng.standard_normal((64, 80, 3)) / np.sqrt(240), "b1": 0.1 * rng.standard_normal(64),
+             "w2": rng.standard_normal((64, 64, 3)) / np.sqrt(192), "b2": 0.1 * rng.standard_normal(64),
+             "wp": rng.standard_normal((64, 4, 16)) / 8, "bp": 0.1 * rng.standard_normal(64),
+             "sqrt2": np.sqrt(2.0), "one": 1.0, "half": 0.5}
+    nodes = []
+
+    def gelu(v: str, out: str) -> str:
+        nodes.extend([helper.make_node("Div", [v, "sqrt2"], [f"{out}.d"]), helper.make_node("Erf", [f"{out}.d"],
+                      [f"{out}.e"]), helper.make_node("Add", [f"{out}.e", "one"], [f"{out}.a"]),
+                      helper.make_node("Mul", [v, f"{out}.a"], [f"{out}.m"]),
+                      helper.make_node("Mul", [f"{out}.m", "half"], [out])])
+        return out
+
+    nodes.append(helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1]))
+    nodes.append(helper.make_node("Conv", [gelu("c1", "g1"), "w2", "b2"], ["c2"], pads=[1, 1], strides=[2]))
+    h = gelu("c2", "g2")
+    nodes.append(helper.make_node("Conv", [h, "wp", "bp"], ["p"], pads=[8, 7], group=16))
+    nodes.append(helper.make_node("Add", [h, gelu("p", "gp")], ["y"]))
+    graph = helper.make_graph(nodes, "front_end", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (want,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    (got,) = run_compiled(import_model(model), {"x": x}).values()
+    assert got.shape == want.shape == (1, 64, 100)
+    assert float(np.max(np.abs(got - want))) <= 1e-4 * max(1.0, float(np.max(np.abs(want))))
