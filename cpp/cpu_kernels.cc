@@ -51,6 +51,10 @@
  * none for a 1x1 stride-1 unpadded convolution) + the BLAS. A float32 convolution of up to 64 output channels a
  * group (depthwise, ResNeXt's) is direct instead (DirectConv: each output plane's taps summed in registers).
  *
+ * ``cpu_conv3d(x, w, stride_d, stride_h, stride_w, pad_f, pad_t, pad_l, pad_k, pad_b, pad_r, dil_d, dil_h, dil_w,
+ * groups, out)``: NCDHW x OIDHW float32 (16-bit x and w widened) on the same panel GEMM, its panels packed from the
+ * zero-padded volume (ConvCols with a depth); without AVX2 im2col + the BLAS.
+ *
  * ``cpu_conv2d_fused(x, w, scale, shift, residual, relu, stride_h, ..., groups, out)``: float32 ``cpu_conv2d`` whose
  * sums are stored as ``relu?(sum * scale[channel] + shift[channel] + residual)`` (an empty scale, shift or residual
  * is left out): a bias or a folded batch norm, a residual add and a ReLU applied by the panel GEMM to each block
@@ -272,10 +276,11 @@ inline std::pair<int64_t, int64_t> ValidOutputs(int64_t n_out, int64_t size, int
 
 /*! \brief The column matrix ``[C * KH * KW, OH * OW]`` of one image (and group) of an unpadded 2-D convolution
  *  (a padded one reads a zero-padded copy of its image), described rather than stored: the panel GEMM packs its
- *  panels straight from the image. */
+ *  panels straight from the image. A 3-D convolution's (``[C * KD * KH * KW, OD * OH * OW]``) has a depth too. */
 struct ConvCols {
-  const float* x;  // [c, h, w]
+  const float* x;  // [c, d, h, w]
   int64_t c, h, w, kh, kw, sh, sw, dh, dw, oh, ow;
+  int64_t d = 1, kd = 1, sd = 1, dd = 1, od = 1;  // depth: input, taps, stride, dilation, output
 };
 
 /*! \brief exp(x) for x ≤ 0 and NaN (Cephes' expf: 2^n e^r, |r| ≤ ln2/2, degree-5 polynomial; ~1 ulp); branch-free
@@ -2938,20 +2943,21 @@ inline void CopyShort(float* dst, const float* src, int64_t n) {
  *  the panel's pixels are runs along output rows, and each run of each row (channel, tap) is a copy of a stretch of
  *  an input row (strided when the stride is). */
 void PackConvPanel(const ConvCols& v, int64_t j, int64_t d0, int64_t depth, float* out) {
-  const int64_t q0 = j * kPackPanel, cols = std::min(kPackPanel, v.oh * v.ow - q0);
+  const int64_t plane = v.oh * v.ow, q0 = j * kPackPanel, cols = std::min(kPackPanel, v.od * plane - q0);
   struct Run {
     int64_t q, len, at;  // panel offset, length, offset of its first input value from the tap's origin
   } runs[kPackPanel];
   int64_t count = 0;
   for (int64_t q = 0; q < cols;) {
-    const int64_t row = (q0 + q) / v.ow, col = (q0 + q) % v.ow, len = std::min(cols - q, v.ow - col);
-    runs[count++] = {q, len, row * v.sh * v.w + col * v.sw};
+    const int64_t z = (q0 + q) / plane, row = (q0 + q) % plane / v.ow, col = (q0 + q) % v.ow;
+    const int64_t len = std::min(cols - q, v.ow - col);
+    runs[count++] = {q, len, (z * v.sd * v.h + row * v.sh) * v.w + col * v.sw};
     q += len;
   }
-  const int64_t taps = v.kh * v.kw;
-  int64_t ch = d0 / taps, i = d0 % taps / v.kw, jj = d0 % v.kw;
+  const int64_t taps = v.kd * v.kh * v.kw;
+  int64_t ch = d0 / taps, kz = d0 % taps / (v.kh * v.kw), i = d0 % (v.kh * v.kw) / v.kw, jj = d0 % v.kw;
   for (int64_t p = 0; p < depth; ++p) {
-    const float* origin = v.x + (ch * v.h + i * v.dh) * v.w + jj * v.dw;
+    const float* origin = v.x + ((ch * v.d + kz * v.dd) * v.h + i * v.dh) * v.w + jj * v.dw;
     float* row = out + p * kPackPanel;
     for (int64_t r = 0; r < count; ++r) {
       const Run& run = runs[r];
@@ -2964,7 +2970,10 @@ void PackConvPanel(const ConvCols& v, int64_t j, int64_t d0, int64_t depth, floa
     std::fill(row + cols, row + kPackPanel, 0.0f);
     if (++jj == v.kw) {
       jj = 0;
-      if (++i == v.kh) i = 0, ++ch;
+      if (++i == v.kh) {
+        i = 0;
+        if (++kz == v.kd) kz = 0, ++ch;
+      }
     }
   }
 }
@@ -3696,6 +3705,113 @@ void CpuConv2d(ffi::TensorView x, ffi::TensorView w, int64_t sh, int64_t sw, int
   }
 }
 
+/*! \brief NCDHW x OIDHW float32 cross-correlation (\a st, \a dil: depth, height, width; \a pads: front, top, left,
+ *  back, bottom, right): per image, the volume zero-padded once, then each group's column matrix (a ConvCols with a
+ *  depth) on the panel GEMM, as a 2-D convolution's; a 1x1x1 stride-1 unpadded one multiplies the image itself.
+ *  Without AVX2 (or for a pointwise one of at most 8 output channels a group), im2col + the BLAS. */
+void Conv3dImpl(const ffi::TensorView& tx, const ffi::TensorView& tw, const int64_t (&st)[3],
+                const int64_t (&pads)[6], const int64_t (&dil)[3], int64_t g, const ffi::TensorView& tout,
+                const float* x, const float* w, float* out) {
+  if (tx.ndim() != 5 || tw.ndim() != 5 || tout.ndim() != 5) {
+    TVM_FFI_THROW(ValueError) << "cpu_conv3d: x, w and out must be 5-D (NCDHW, OIDHW)";
+  }
+  const int64_t n = Dim(tx, 0), c = Dim(tx, 1), m = Dim(tw, 0), cg = Dim(tw, 1);
+  int64_t in[3], k3[3], o3[3], p3[3];
+  for (int i = 0; i < 3; ++i) {
+    in[i] = Dim(tx, 2 + i);
+    k3[i] = Dim(tw, 2 + i);
+    p3[i] = in[i] + pads[i] + pads[3 + i];
+    if (st[i] < 1 || dil[i] < 1 || pads[i] < 0 || pads[3 + i] < 0) {
+      TVM_FFI_THROW(ValueError) << "cpu_conv3d: a stride or dilation < 1, or a negative pad";
+    }
+    o3[i] = (p3[i] - dil[i] * (k3[i] - 1) - 1) / st[i] + 1;
+  }
+  if (g < 1 || c != cg * g || m % g != 0) {
+    TVM_FFI_THROW(ValueError) << "cpu_conv3d: channels " << c << " and " << m << " do not fit groups " << g;
+  }
+  if (Dim(tout, 0) != n || Dim(tout, 1) != m || Dim(tout, 2) != o3[0] || Dim(tout, 3) != o3[1] ||
+      Dim(tout, 4) != o3[2]) {
+    TVM_FFI_THROW(ValueError) << "cpu_conv3d: out must be [" << n << ", " << m << ", " << o3[0] << ", " << o3[1]
+                              << ", " << o3[2] << "]";
+  }
+  const int64_t mg = m / g, taps = k3[0] * k3[1] * k3[2], k = cg * taps, pixels = o3[0] * o3[1] * o3[2];
+  const int64_t volume = in[0] * in[1] * in[2], padded_volume = p3[0] * p3[1] * p3[2];
+  const bool direct = taps == 1 && st[0] == 1 && st[1] == 1 && st[2] == 1 &&
+                      std::all_of(pads, pads + 6, [](int64_t v) { return v == 0; });
+  thread_local std::vector<float> padded, scratch;
+  for (int64_t b = 0; b < n; ++b) {
+    const float* xb = x + b * c * volume;
+    if (!direct) {  // the zero-padded volume [c, dp, hp, wp]: every tap's rows are plain copies
+      padded.resize(static_cast<size_t>(c * padded_volume));
+      float* dst = padded.data();
+      ParallelRows(c * p3[0], [&](int64_t q0, int64_t q1) {
+        for (int64_t q = q0; q < q1; ++q) {
+          const int64_t ch = q / p3[0], z = q % p3[0] - pads[0];
+          float* plane = dst + q * p3[1] * p3[2];
+          if (z < 0 || z >= in[0]) {
+            std::fill(plane, plane + p3[1] * p3[2], 0.0f);
+          } else {
+            PadPlane(xb + (ch * in[0] + z) * in[1] * in[2], in[1], in[2], pads[1], pads[2], p3[1], p3[2], plane);
+          }
+        }
+      }, c * padded_volume / (int64_t{1} << 16) + 1);
+      xb = padded.data();
+    }
+    const auto group = [&, xb, b](int64_t gi) {
+      ConvCols cols{xb + gi * cg * padded_volume, cg, p3[1], p3[2], k3[1], k3[2], st[1], st[2], dil[1], dil[2],
+                    o3[1], o3[2]};
+      cols.d = p3[0], cols.kd = k3[0], cols.sd = st[0], cols.dd = dil[0], cols.od = o3[0];
+      return PanelConv(mg, pixels, k, w + gi * mg * k, direct ? xb + gi * cg * volume : nullptr,
+                       direct ? nullptr : &cols, out + (b * m + gi * mg) * pixels, nullptr);
+    };
+    if (ConvGroups(g, mg * pixels * k, group)) continue;
+    const float* col = xb;  // im2col of each group into scratch, then the BLAS
+    if (!direct) scratch.resize(static_cast<size_t>(k * pixels));
+    for (int64_t gi = 0; gi < g; ++gi) {
+      if (!direct) {
+        for (int64_t row = 0; row < k; ++row) {
+          const int64_t ch = gi * cg + row / taps, kz = row % taps / (k3[1] * k3[2]);
+          const int64_t i = row % (k3[1] * k3[2]) / k3[2], j = row % k3[2];
+          float* dst = scratch.data() + row * pixels;
+          for (int64_t z = 0; z < o3[0]; ++z) {
+            for (int64_t r = 0; r < o3[1]; ++r) {
+              const float* src = xb + ((ch * p3[0] + z * st[0] + kz * dil[0]) * p3[1] + r * st[1] + i * dil[1]) *
+                                 p3[2] + j * dil[2];
+              for (int64_t q = 0; q < o3[2]; ++q) *dst++ = src[q * st[2]];
+            }
+          }
+        }
+        col = scratch.data();
+      } else {
+        col = xb + gi * cg * volume;
+      }
+      Gemm<float>(GetBlas(), false, false, mg, pixels, k, w + gi * mg * k, k, col, pixels,
+                  out + (b * m + gi * mg) * pixels, pixels);
+    }
+  }
+}
+
+void CpuConv3d(ffi::TensorView x, ffi::TensorView w, int64_t sd, int64_t sh, int64_t sw, int64_t pf, int64_t pt,
+               int64_t pl, int64_t pk, int64_t pb, int64_t pr, int64_t dd, int64_t dh, int64_t dw, int64_t groups,
+               ffi::TensorView out) {
+  const DLDataType f32{kDLFloat, 32, 1};
+  CheckOperand(out, f32, "out");
+  CheckOperand(x, x.dtype(), "x");
+  CheckOperand(w, x.dtype(), "w");
+  const int64_t st[3] = {sd, sh, sw}, pads[6] = {pf, pt, pl, pk, pb, pr}, dil[3] = {dd, dh, dw};
+  if (IsHalf(x.dtype())) {  // float16/bfloat16 input and weight, float32 result: both widened to float32
+    const bool bf16 = x.dtype().code == kDLBfloat;
+    float* wx = Scratch(0, x.numel());
+    float* ww = Scratch(1, w.numel());
+    ConvertAll(Data<uint16_t>(x), wx, x.numel(), bf16);
+    ConvertAll(Data<uint16_t>(w), ww, w.numel(), bf16);
+    Conv3dImpl(x, w, st, pads, dil, groups, out, wx, ww, Data<float>(out));
+    return;
+  }
+  CheckOperand(x, f32, "x");
+  Conv3dImpl(x, w, st, pads, dil, groups, out, Data<float>(x), Data<float>(w), Data<float>(out));
+}
+
 /*! \brief cpu_conv2d_fused and cpu_conv2d_fused_act: the operands checked, \a ep completed with them, the conv. */
 void Conv2dFused(const char* what, ffi::TensorView x, ffi::TensorView w, ffi::TensorView scale,
                  ffi::TensorView shift, ffi::TensorView residual, Epilogue ep, int64_t sh, int64_t sw, int64_t pt,
@@ -3872,6 +3988,7 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(blas_bind, bmc::native::BlasBind);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(blas_bound, bmc::native::BlasBound);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_matmul, bmc::native::CpuMatmul);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_conv2d, bmc::native::CpuConv2d);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_conv3d, bmc::native::CpuConv3d);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_minmax, bmc::native::CpuMinMax);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_conv2d_fused, bmc::native::CpuConv2dFused);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(cpu_conv2d_fused_act, bmc::native::CpuConv2dFusedAct);

@@ -14,8 +14,10 @@ Two things make bmc's llvm code fast, and both live here so the choices are made
    **Convolution offload.** Likewise a float32/float64 NCHW/OIHW ``relax.nn.conv2d`` becomes
    ``bmc.cpu.conv2d(x, w, stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, dil_w, groups, out)``: im2col plus
    one BLAS GEMM per image (batched over groups), chosen per op by :func:`choose_conv2d` (tiny convs and
-   depthwise-like groups stay in TVM, whose untuned conv loop nest is ~50-100x slower than BLAS on ResNet-50's
-   convs). ``BMC_CPU_CONV=tvm`` keeps every conv in TVM (for before/after measurements). A float32 conv whose
+   small groups of other dtypes stay in TVM, whose untuned conv loop nest is ~50-100x slower than BLAS on ResNet-50's
+   convs); a 1-D conv arrives as a 2-D one of height 1 (``bmc/codegen/lower/nn.py``), and an NCDHW ``conv3d``
+   becomes ``bmc.cpu.conv3d`` (:func:`choose_conv3d`). ``BMC_CPU_CONV=tvm`` keeps every conv in TVM (for
+   before/after measurements). A float32 conv whose
    result then only goes through per-channel adds/subtracts/multiplies (a bias, an inference batch norm), a residual
    add and a ReLU becomes ``bmc.cpu.conv2d_fused``, which applies them as it stores each block of the output
    (:func:`fuse_conv_epilogues`).
@@ -41,7 +43,8 @@ from tvm import relax
 
 from bmc.codegen.rewrite import (bound_fusion, counting_pass, owned_outputs, rewrite_functions,
                                  split_full_reductions, split_slices, static_shape, use_counts, vector_lanes)
-from bmc.runtime.kernels import (CONV2D_FUSED_ACT_KERNEL, CONV2D_FUSED_KERNEL, CONV2D_KERNEL, CONV_ACTIVATIONS,
+from bmc.runtime.kernels import (CONV2D_FUSED_ACT_KERNEL, CONV2D_FUSED_KERNEL, CONV2D_KERNEL, CONV3D_KERNEL,
+                                 CONV_ACTIVATIONS,
                                  MATMUL_INTEGER_KERNEL, MATMUL_INTEGER_PACKED_KERNEL, MATMUL_KERNEL, MATMUL_PACKED_KERNEL,
                                  MINMAX_KERNEL, PACK_INT8_WEIGHT_KERNEL, PACK_PANEL, PACK_WEIGHT_KERNEL, SKINNY_ROWS,
                                  pack_weights_enabled, packed_int8_shape)
@@ -109,6 +112,18 @@ def choose_conv2d(x: tuple[int, ...] | None, w: tuple[int, ...] | None, out: tup
     # on 5 of 6 shapes measured, 2x slower on a 64 x 64 image of one channel)
 
 
+def choose_conv3d(x: tuple[int, ...] | None, w: tuple[int, ...] | None, out: tuple[int, ...] | None, groups: int,
+                  dtype: str) -> str:
+    """``"blas"`` or ``"tvm"`` for one NCDHW/OIDHW float32 3-D convolution: the native kernel's GEMM a group (TVM's
+    loop nest took 60-80x onnxruntime's time) unless it is tiny or its groups are (a depthwise 3-D conv stays)."""
+    if dtype != "float32" or x is None or w is None or out is None or len(w) != 5:
+        return "tvm"
+    mg, kg = w[0] // max(groups, 1), math.prod(w[1:])
+    if math.prod(out) * kg < MIN_CONV_MACS or (groups > 1 and (mg < MIN_CONV_GROUP_M or kg < MIN_CONV_GROUP_K)):
+        return "tvm"
+    return "blas"
+
+
 def _kernel_operands(value, kernel: str) -> list | None:
     """The operands of ``value`` when it is a ``call_dps_packed`` of ``kernel`` (a matmul's ``[a, b, trans_a,
     trans_b]``), else None."""
@@ -132,8 +147,8 @@ class _MatmulOffloader(relax.PyExprMutator):
         self.choices: Counter = Counter()
         self.folded = 0
         self.shapes: Counter = Counter()
-        self.conv_choices: Counter = Counter()
-        self.conv_shapes: Counter = Counter()
+        self.conv_choices: dict[int, Counter] = {2: Counter(), 3: Counter()}  # per spatial rank
+        self.conv_shapes: dict[int, Counter] = {2: Counter(), 3: Counter()}
 
     def _unpermuted(self, expr):
         """(operand, True) when ``expr`` is bound to a permute_dims that ends by swapping the last two axes, else
@@ -172,38 +187,41 @@ class _MatmulOffloader(relax.PyExprMutator):
         return relax.call_dps_packed(self.kernel, list(operands),
                                      out_ty=relax.TensorType(list(static_shape(call.ty)), dtype))
 
-    def _conv2d(self, call: relax.Call):
+    def _conv(self, call: relax.Call, nd: int):
+        """A 2-D (``nd`` 2) or 3-D convolution → ``bmc.cpu.conv2d`` / ``bmc.cpu.conv3d`` where its choice says."""
         x, w = call.args
         a = call.attrs
         out_ty = call.ty
         dtype = str(out_ty.dtype)
         x_shape, w_shape, out_shape = static_shape(x.ty), static_shape(w.ty), static_shape(out_ty)
-        layouts_ok = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) == ("NCHW", "OIHW", "NCHW")
+        layouts = ("NCHW", "OIHW", "NCHW") if nd == 2 else ("NCDHW", "OIDHW", "NCDHW")
+        layouts_ok = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) == layouts
         x_dtype = str(x.ty.dtype)
         same = x_dtype == str(w.ty.dtype) and (x_dtype == dtype or (x_dtype, dtype) in self.mixed)
+        choices, shapes = self.conv_choices[nd], self.conv_shapes[nd]
         if not layouts_ok or not same:  # other out_dtype casts stay in TVM
-            self.conv_choices["tvm"] += 1
+            choices["tvm"] += 1
             return call
         groups = int(a.groups)
-        choice = choose_conv2d(x_shape, w_shape, out_shape, groups, dtype)
-        self.conv_choices[choice] += 1
+        choice = (choose_conv2d if nd == 2 else choose_conv3d)(x_shape, w_shape, out_shape, groups, dtype)
+        choices[choice] += 1
         if choice != "blas":
             return call
         strides = [int(v) for v in a.strides]
         pads = [int(v) for v in a.padding]
-        if len(pads) == 2:
+        if len(pads) == nd:
             pads = pads * 2
         dil = [int(v) for v in a.dilation]
-        self.conv_shapes[f"{x_dtype}{list(x_shape)}*{list(w_shape)} s{strides} p{pads} d{dil} g{groups}"] += 1
+        shapes[f"{x_dtype}{list(x_shape)}*{list(w_shape)} s{strides} p{pads} d{dil} g{groups}"] += 1
         prim = relax.expr.prim_value
         return relax.call_dps_packed(
-            CONV2D_KERNEL, [x, w, *(prim(v) for v in (*strides, *pads, *dil, groups))],
+            CONV2D_KERNEL if nd == 2 else CONV3D_KERNEL, [x, w, *(prim(v) for v in (*strides, *pads, *dil, groups))],
             out_ty=relax.TensorType(list(out_shape), dtype))
 
     def visit_call_(self, call: relax.Call):  # noqa: N802 (TVM's visitor naming)
         call = super().visit_call_(call)
-        if self.conv and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d":
-            return self._conv2d(call)
+        if self.conv and isinstance(call.op, tvm.ir.Op) and call.op.name in ("relax.nn.conv2d", "relax.nn.conv3d"):
+            return self._conv(call, 2 if call.op.name == "relax.nn.conv2d" else 3)
         if self.mixed and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.astype":
             return self._narrowed(call)
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"):
@@ -244,11 +262,14 @@ def offload_matmul(record: dict | None = None, *, conv: bool = True, kernel: str
             blas = offloader.choices.get("blas", 0)
             record["matmul"] = {"blas": blas, "tvm": offloader.choices.get("tvm", 0),
                                 "transposes_folded": offloader.folded, "shapes": dict(offloader.shapes)}
-            conv_blas = offloader.conv_choices.get("blas", 0)
-            if offloader.conv_choices:
-                record["conv2d"] = {"blas": conv_blas, "tvm": offloader.conv_choices.get("tvm", 0),
-                                    "shapes": dict(offloader.conv_shapes)}
-            offloaded = {k for k, n in ((kernel, blas), (CONV2D_KERNEL, conv_blas)) if n}
+            offloaded = {kernel} if blas else set()
+            for nd, conv_kernel in ((2, CONV2D_KERNEL), (3, CONV3D_KERNEL)):
+                choices = offloader.conv_choices[nd]
+                if choices:
+                    record[f"conv{nd}d"] = {"blas": choices.get("blas", 0), "tvm": choices.get("tvm", 0),
+                                            "shapes": dict(offloader.conv_shapes[nd])}
+                if choices.get("blas", 0):
+                    offloaded.add(conv_kernel)
             record["requires"] = sorted(set(record.get("requires", [])) | offloaded)
         # the folded permute_dims are now dead
         return relax.transform.DeadCodeElimination()(mod)

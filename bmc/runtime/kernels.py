@@ -1,8 +1,8 @@
 """CPU library kernels that compiled programs call by name, and the thread settings they run with.
 
-An llvm artifact may call ``bmc.cpu.matmul(a, b, trans_a, trans_b, out)`` and ``bmc.cpu.conv2d(x, w, strides...,
-pads..., dilations..., groups, out)`` (the codegen offloads float32/float64 matmuls and large 2-D convolutions to
-bmc's GEMM or BLAS, see ``bmc/codegen/cpu.py``; ``bmc.cpu.conv2d_fused[_act]`` also applies a bias, batch norm, residual
+An llvm artifact may call ``bmc.cpu.matmul(a, b, trans_a, trans_b, out)``, ``bmc.cpu.conv2d(x, w, strides...,
+pads..., dilations..., groups, out)`` and ``bmc.cpu.conv3d`` (the codegen offloads float32/float64 matmuls and large
+1-D, 2-D and 3-D convolutions to bmc's GEMM or BLAS, see ``bmc/codegen/cpu.py``; ``bmc.cpu.conv2d_fused[_act]`` also applies a bias, batch norm, residual
 add and ReLU, Clip or SiLU), and the quantized matmuls ``bmc.cpu.matmul_nbits[_zp]`` (4-bit weights) and
 ``bmc.cpu.matmul_integer`` (8-bit integer products), and ``bmc.cpu.attention[_bias]`` (fused attention); the
 manifest lists the names under ``kernels.cpu.requires``. The TVM VM resolves packed-function names when it is
@@ -46,6 +46,9 @@ from bmc.ir.types import np_dtype
 MATMUL_KERNEL = "bmc.cpu.matmul"
 #: ``bmc.cpu.conv2d(x, w, stride_h, stride_w, pad_top, pad_left, pad_bottom, pad_right, dil_h, dil_w, groups, out)``
 CONV2D_KERNEL = "bmc.cpu.conv2d"
+#: ``bmc.cpu.conv3d(x, w, stride_d, stride_h, stride_w, pad_front, pad_top, pad_left, pad_back, pad_bottom,
+#: pad_right, dil_d, dil_h, dil_w, groups, out)``: NCDHW x OIDHW, float32 (16-bit x and w widened; float32 out)
+CONV3D_KERNEL = "bmc.cpu.conv3d"
 #: ``bmc.cpu.conv2d_fused(x, w, scale, shift, residual, relu, stride_h, ..., groups, out)``: float32 ``conv2d`` whose
 #: result is stored as ``relu?(conv * scale[c] + shift[c] + residual)``; an empty (``[0]``) scale, shift or
 #: residual is left out (a conv's bias or batch norm, a residual add and a ReLU applied as the GEMM stores)
@@ -110,7 +113,7 @@ INT8_PANEL = 16
 #: sleeps (waking a sleeping one costs ~45 us on the test VM; bmc's native kernels run on TVM's pool too)
 TVM_SPIN_COUNT = int(os.environ.get("BMC_TVM_SPIN_COUNT", "10000"))
 #: every kernel name an llvm artifact may require, with what ``register_cpu_kernels`` installs for it
-CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, CONV2D_FUSED_KERNEL, CONV2D_FUSED_ACT_KERNEL, MATMUL_NBITS_KERNEL,
+CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, CONV3D_KERNEL, CONV2D_FUSED_KERNEL, CONV2D_FUSED_ACT_KERNEL, MATMUL_NBITS_KERNEL,
                MATMUL_NBITS_ZP_KERNEL, MATMUL_INTEGER_KERNEL, ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL,
                ATTENTION_LSE_KERNEL, ATTENTION_BIAS_LSE_KERNEL, ATTENTION_SOFTCAP_KERNEL, ATTENTION_SOFTCAP_LSE_KERNEL,
                MATMUL_FLOAT8_KERNEL, GATHER_MATMUL_KERNEL, MATMUL_PACKED_KERNEL, PACK_WEIGHT_KERNEL,
@@ -562,6 +565,19 @@ def _conv2d_numpy(x, w, stride_h, stride_w, pad_t, pad_l, pad_b, pad_r, dil_h, d
                  out=np.from_dlpack(out))
 
 
+def _conv3d_numpy(x, w, sd, sh, sw, pf, pt, pl, pk, pb, pr, dd, dh, dw, groups, out) -> None:
+    """``bmc.cpu.conv3d``: each output depth slice a sum over the depth taps of :func:`conv2d_numpy` of the
+    (depth-padded) input's slices."""
+    X, W = host_array(x), host_array(w)
+    if X.dtype.itemsize == 2:
+        X, W = X.astype(np.float32), W.astype(np.float32)
+    Y = np.from_dlpack(out)
+    X = np.pad(X, ((0, 0), (0, 0), (pf, pk), (0, 0), (0, 0)))
+    for z in range(Y.shape[2]):
+        Y[:, :, z] = sum(conv2d_numpy(np.ascontiguousarray(X[:, :, z * sd + kz * dd]), np.ascontiguousarray(W[:, :, kz]),
+                                      (sh, sw), (pt, pl, pb, pr), (dh, dw), groups) for kz in range(W.shape[2]))
+
+
 def _conv2d_fused_numpy(x, w, scale, shift, residual, relu, *conv) -> None:
     """``bmc.cpu.conv2d_fused``: ``bmc.cpu.conv2d``, then the epilogue on the output in place."""
     _conv2d_fused_act_numpy(x, w, scale, shift, residual, CONV_ACTIVATIONS["clamp" if relu else "none"], 0.0,
@@ -591,7 +607,8 @@ def _conv2d_fused_act_numpy(x, w, scale, shift, residual, act, lo, hi, *conv) ->
 
 
 #: the native library's function behind each kernel name, and the numpy implementation of the same contract
-_NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", CONV2D_KERNEL: "cpu_conv2d", CONV2D_FUSED_KERNEL: "cpu_conv2d_fused",
+_NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", CONV2D_KERNEL: "cpu_conv2d", CONV3D_KERNEL: "cpu_conv3d",
+                   CONV2D_FUSED_KERNEL: "cpu_conv2d_fused",
                    CONV2D_FUSED_ACT_KERNEL: "cpu_conv2d_fused_act",
                    MATMUL_NBITS_KERNEL: "cpu_matmul_nbits", MATMUL_NBITS_ZP_KERNEL: "cpu_matmul_nbits_zp",
                    MATMUL_INTEGER_KERNEL: "cpu_matmul_integer", ATTENTION_KERNEL: "cpu_attention",
@@ -603,7 +620,8 @@ _NATIVE_SYMBOLS = {MATMUL_KERNEL: "cpu_matmul", CONV2D_KERNEL: "cpu_conv2d", CON
                    MATMUL_PACKED_KERNEL: "cpu_matmul_packed", PACK_WEIGHT_KERNEL: "cpu_pack_weight",
                    MATMUL_INTEGER_PACKED_KERNEL: "cpu_matmul_integer_packed",
                    PACK_INT8_WEIGHT_KERNEL: "cpu_pack_int8_weight", MINMAX_KERNEL: "cpu_minmax"}
-_NUMPY_KERNELS = {MATMUL_KERNEL: _matmul_numpy, CONV2D_KERNEL: _conv2d_numpy, CONV2D_FUSED_KERNEL: _conv2d_fused_numpy,
+_NUMPY_KERNELS = {MATMUL_KERNEL: _matmul_numpy, CONV2D_KERNEL: _conv2d_numpy, CONV3D_KERNEL: _conv3d_numpy,
+                  CONV2D_FUSED_KERNEL: _conv2d_fused_numpy,
                   CONV2D_FUSED_ACT_KERNEL: _conv2d_fused_act_numpy,
                   MATMUL_NBITS_KERNEL: _matmul_nbits_numpy, MATMUL_NBITS_ZP_KERNEL: _matmul_nbits_numpy,
                   MATMUL_INTEGER_KERNEL: _matmul_integer_numpy, ATTENTION_KERNEL: _attention_numpy,

@@ -1019,6 +1019,44 @@ CONV1D_CASES = [  # (x shape, w shape, strides, pads (begin, end), dilations, gr
 ]
 
 
+CONV3D_CASES = [  # (x, w, strides, pads (front, top, left, back, bottom, right), dilations, groups)
+    ((1, 3, 8, 20, 20), (16, 3, 3, 7, 7), (1, 2, 2), (1, 3, 3, 1, 3, 3), (1, 1, 1), 1),  # a video stem
+    ((2, 8, 6, 9, 10), (16, 8, 3, 3, 3), (2, 1, 2), (1, 0, 1, 0, 2, 1), (1, 2, 1), 1),  # strided, dilated, batch 2
+    ((1, 16, 8, 16, 16), (32, 16, 1, 1, 1), (1, 1, 1), (0,) * 6, (1, 1, 1), 1),         # pointwise: the image itself
+    ((1, 16, 8, 16, 16), (4, 16, 1, 1, 1), (1, 1, 1), (0,) * 6, (1, 1, 1), 1),          # 4 outputs: im2col + BLAS
+    ((1, 32, 4, 8, 8), (32, 8, 3, 3, 3), (1, 1, 1), (1,) * 6, (1, 1, 1), 4),             # grouped: a GEMM a group
+    ((1, 3, 16, 32, 32), (64, 3, 2, 16, 16), (2, 16, 16), (0,) * 6, (1, 1, 1), 1),      # VideoMAE's tubelets
+]
+
+
+@pytest.mark.parametrize("isa", ["host", "no_avx2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CONV3D_CASES, ids=[f"k{'x'.join(map(str, c[1][2:]))}s{c[2][0]}g{c[5]}o{c[1][0]}"
+                                                    for c in CONV3D_CASES])
+def test_conv3d_runs_on_the_native_kernel(impl, dtype, case, isa, monkeypatch):
+    """A 3-D convolution is ``bmc.cpu.conv3d``: the panel GEMM on its column matrix (a depth more than a 2-D
+    one's), or without AVX2 (``BMC_CPU_NO_AVX2``) and for a pointwise one of few outputs im2col + the BLAS. TVM's
+    conv3d loop nest took 60-80x onnxruntime's time."""
+    import ml_dtypes
+
+    from bmc.ops import OPS
+
+    if isa == "no_avx2":  # (the numpy kernel has one path either way)
+        monkeypatch.setenv("BMC_CPU_NO_AVX2", "1")
+    x_shape, w_shape, strides, pads, dilations, groups = case
+    t = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    rng = np.random.default_rng(11)
+    x, w = rng.standard_normal(x_shape).astype(t), rng.standard_normal(w_shape).astype(t)
+    built, got = _run(_conv_graph(*case, dtype=dtype), [x, w], native=impl == "native")
+    rec = built.kernels["cpu"]
+    assert rec["conv3d"]["blas"] == 1 and rec["conv3d"]["tvm"] == 0 and rec["requires"] == ["bmc.cpu.conv3d"], rec
+    (ref,) = OPS["conv"].reference([x.astype(np.float32), w.astype(np.float32)],
+                                   {"strides": strides, "pads": pads, "dilations": dilations, "group": groups})
+    assert got.shape == ref.shape and got.dtype == t
+    tol = 2.0 ** -7 if dtype == "bfloat16" else 1e-5
+    np.testing.assert_allclose(got.astype(np.float32), ref, rtol=tol, atol=tol * float(np.max(np.abs(ref))))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("case", CONV1D_CASES, ids=[f"k{c[1][2]}s{c[2][0]}g{c[5]}" for c in CONV1D_CASES])
 def test_conv1d_runs_as_a_2d_conv_on_the_native_kernel(impl, dtype, case):
@@ -1393,6 +1431,12 @@ def test_small_depthwise_and_integer_convs_stay_in_tvm():
     assert choose_conv2d((1, 64, 56, 56), (128, 2, 3, 3), (1, 64, 56, 56), 64, "float32") == "blas"  # 2 a group
     assert choose_conv2d((1, 64, 56, 56), (128, 2, 3, 3), (1, 64, 56, 56), 64, "float64") == "tvm"
     assert choose_conv2d((1, 1, 112, 112), (32, 1, 3, 3), (1, 32, 112, 112), 1, "float32") == "blas"  # K = 9
+    from bmc.codegen.cpu import choose_conv3d
+
+    assert choose_conv3d((1, 64, 8, 28, 28), (64, 64, 3, 3, 3), (1, 64, 8, 28, 28), 1, "float32") == "blas"
+    assert choose_conv3d((1, 64, 8, 28, 28), (64, 1, 3, 3, 3), (1, 64, 8, 28, 28), 64, "float32") == "tvm"
+    assert choose_conv3d((1, 4, 2, 4, 4), (4, 4, 3, 3, 3), (1, 4, 2, 4, 4), 1, "float32") == "tvm"  # tiny
+    assert choose_conv3d((1, 64, 8, 28, 28), (64, 64, 3, 3, 3), (1, 64, 8, 28, 28), 1, "float64") == "tvm"
     assert choose_conv2d((1, 64, 56, 56), (64, 64, 3, 3), (1, 64, 56, 56), 1, "float16") == "tvm"
     rng = np.random.default_rng(2)
     case = ((1, 8, 8, 8), (8, 1, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 8)  # a tiny depthwise: stays in TVM
@@ -1792,4 +1836,30 @@ def test_native_conv2d_matches_reference_on_random_shapes(data):
     out = tvm.runtime.tensor(np.full(ref.shape, np.nan, dtype="float32"))
     tvm_ffi.get_global_func("bmc.cpu.conv2d")(tvm.runtime.tensor(x), tvm.runtime.tensor(wt), sh, sw, *pads, dh, dw, g,
                                               out)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5 * max(1.0, float(np.max(np.abs(ref)))))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_native_conv3d_matches_reference_on_random_shapes(data):
+    """``bmc.cpu.conv3d`` called directly on random shapes (groups, taps up to 3 a dim, strides up to 2, dilation
+    2, pads wider than the taps, batch 2) against the op's reference."""
+    import tvm
+    import tvm_ffi
+
+    from bmc.ops import OPS
+    from bmc.runtime.kernels import register_cpu_kernels
+
+    draw = data.draw
+    g, cg, mg = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.sampled_from([1, 3, 8, 13]))
+    k3, s3, d3 = ([draw(st.integers(lo, hi)) for _ in range(3)] for lo, hi in ((1, 3), (1, 2), (1, 2)))
+    pads = [draw(st.integers(0, 3)) for _ in range(6)]
+    size = [draw(st.integers(max(1, d3[i] * (k3[i] - 1) + 1 - pads[i] - pads[3 + i]), 9)) for i in range(3)]
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    x = rng.standard_normal((draw(st.integers(1, 2)), g * cg, *size)).astype("float32")
+    wt = rng.standard_normal((g * mg, cg, *k3)).astype("float32")
+    (ref,) = OPS["conv"].reference([x, wt], {"strides": s3, "pads": pads, "dilations": d3, "group": g})
+    assert register_cpu_kernels(native=True)["impl"] == "native"
+    out = tvm.runtime.tensor(np.full(ref.shape, np.nan, dtype="float32"))
+    tvm_ffi.get_global_func("bmc.cpu.conv3d")(tvm.runtime.tensor(x), tvm.runtime.tensor(wt), *s3, *pads, *d3, g, out)
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5 * max(1.0, float(np.max(np.abs(ref)))))
