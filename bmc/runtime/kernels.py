@@ -2,8 +2,8 @@
 
 An llvm artifact may call ``bmc.cpu.matmul(a, b, trans_a, trans_b, out)``, ``bmc.cpu.conv2d(x, w, strides...,
 pads..., dilations..., groups, out)`` and ``bmc.cpu.conv3d`` (the codegen offloads float32/float64 matmuls and large
-1-D, 2-D and 3-D convolutions to bmc's GEMM or BLAS, see ``bmc/codegen/cpu.py``; ``bmc.cpu.conv2d_fused[_act]`` also applies a bias, batch norm, residual
-add and ReLU, Clip or SiLU), and the quantized matmuls ``bmc.cpu.matmul_nbits[_zp]`` (4-bit weights) and
+1-D, 2-D and 3-D convolutions to bmc's GEMM or BLAS, see ``bmc/codegen/cpu.py``; ``bmc.cpu.conv2d_fused[_act]``
+also applies a bias, batch norm, residual add and ReLU, Clip or SiLU), and the quantized matmuls ``bmc.cpu.matmul_nbits[_zp]`` (4-bit weights) and
 ``bmc.cpu.matmul_integer`` (8-bit integer products), and ``bmc.cpu.attention[_bias]`` (fused attention); the
 manifest lists the names under ``kernels.cpu.requires``. The TVM VM resolves packed-function names when it is
 constructed, so the runtime calls
@@ -113,8 +113,8 @@ INT8_PANEL = 16
 #: sleeps (waking a sleeping one costs ~45 us on the test VM; bmc's native kernels run on TVM's pool too)
 TVM_SPIN_COUNT = int(os.environ.get("BMC_TVM_SPIN_COUNT", "10000"))
 #: every kernel name an llvm artifact may require, with what ``register_cpu_kernels`` installs for it
-CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, CONV3D_KERNEL, CONV2D_FUSED_KERNEL, CONV2D_FUSED_ACT_KERNEL, MATMUL_NBITS_KERNEL,
-               MATMUL_NBITS_ZP_KERNEL, MATMUL_INTEGER_KERNEL, ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL,
+CPU_KERNELS = (MATMUL_KERNEL, CONV2D_KERNEL, CONV3D_KERNEL, CONV2D_FUSED_KERNEL, CONV2D_FUSED_ACT_KERNEL,
+               MATMUL_NBITS_KERNEL, MATMUL_NBITS_ZP_KERNEL, MATMUL_INTEGER_KERNEL, ATTENTION_KERNEL, ATTENTION_BIAS_KERNEL,
                ATTENTION_LSE_KERNEL, ATTENTION_BIAS_LSE_KERNEL, ATTENTION_SOFTCAP_KERNEL, ATTENTION_SOFTCAP_LSE_KERNEL,
                MATMUL_FLOAT8_KERNEL, GATHER_MATMUL_KERNEL, MATMUL_PACKED_KERNEL, PACK_WEIGHT_KERNEL,
                MATMUL_INTEGER_PACKED_KERNEL, PACK_INT8_WEIGHT_KERNEL, MINMAX_KERNEL)
@@ -574,8 +574,9 @@ def _conv3d_numpy(x, w, sd, sh, sw, pf, pt, pl, pk, pb, pr, dd, dh, dw, groups, 
     Y = np.from_dlpack(out)
     X = np.pad(X, ((0, 0), (0, 0), (pf, pk), (0, 0), (0, 0)))
     for z in range(Y.shape[2]):
-        Y[:, :, z] = sum(conv2d_numpy(np.ascontiguousarray(X[:, :, z * sd + kz * dd]), np.ascontiguousarray(W[:, :, kz]),
-                                      (sh, sw), (pt, pl, pb, pr), (dh, dw), groups) for kz in range(W.shape[2]))
+        Y[:, :, z] = sum(conv2d_numpy(np.ascontiguousarray(X[:, :, z * sd + kz * dd]),
+                                      np.ascontiguousarray(W[:, :, kz]), (sh, sw), (pt, pl, pb, pr), (dh, dw), groups)
+                         for kz in range(W.shape[2]))
 
 
 def _conv2d_fused_numpy(x, w, scale, shift, residual, relu, *conv) -> None:
