@@ -59,6 +59,12 @@ CASES += [
     ("reduce_max", [f32(2, 3, 4)], {"axes": None, "keepdims": False}),
     ("reduce_min", [f32(2, 3, 4)], {"axes": (2,), "keepdims": True}),
     ("reduce_prod", [f32(2, 3, 4, lo=0.5, hi=1.5)], {"axes": (1,), "keepdims": False}),
+    # adjacent axes, lowered as one merged axis (a reshape): a global pool's, an instance norm's, in any order
+    ("reduce_mean", [f32(2, 3, 5, 7)], {"axes": (2, 3), "keepdims": True}),
+    ("reduce_sum", [f32(2, 3, 5, 7)], {"axes": (-2, 1), "keepdims": False}),
+    ("reduce_max", [np.array([[[-np.inf, -np.inf], [-np.inf, -np.inf]], [[1.0, -np.inf], [2.0, 0.5]]],
+                             np.float32)], {"axes": (1, 2), "keepdims": False}),
+    ("reduce_prod", [f32(3, 2, 2, 4, lo=0.5, hi=1.5)], {"axes": (1, 2, 3), "keepdims": True}),
     ("argmax", [f32(2, 3, 4)], {"axis": 1, "keepdims": False}),
     ("argmin", [f32(2, 3, 4)], {"axis": -1, "keepdims": True}),
     ("topk", [f32(2, 3, 6)], {"k": 3, "axis": -1, "largest": True}),

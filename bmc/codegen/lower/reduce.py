@@ -28,15 +28,34 @@ def _reduce(ctx, node, args):
     if dtype == "bool":  # TVM has no min/max identity for bool: reduce as int8
         x = ctx.emit(_R.astype(args[0], "int8"))
         return _R.astype(ctx.emit(_REDUCE[node.op](x, axis=axes, keepdims=node.attrs["keepdims"])), "bool")
+    x_in = args[0]
+    if axes is not None and 2 <= len(axes) < x.rank and sorted(a % x.rank for a in axes) == list(
+            range(min(axes) % x.rank, min(axes) % x.rank + len(axes))):
+        # adjacent axes (a map's height and width: a global pool, an instance norm) merged into one by a reshape (a
+        # view): the CPU's row-reduction schedule vectorizes a reduction over one axis; over two it ran scalar on
+        # one thread (ReduceMean over 64 x 112 x 112 6.6x onnxruntime's time). (Over every axis: see
+        # ``bmc.codegen.rewrite.split_full_reductions``.)
+        a0 = min(axes) % x.rank
+        merged = [*x.shape[:a0], int(np.prod([x.shape[a] for a in range(a0, a0 + len(axes))])),
+                  *x.shape[a0 + len(axes):]]
+        x_in, axes = ctx.emit(_R.reshape(args[0], merged)), [a0]
+        reduced = _reduce_as(ctx, node, x_in, axes, keepdims=True)
+        return _R.reshape(ctx.emit(reduced), list(out.shape))
+    return _reduce_as(ctx, node, x_in, axes, node.attrs["keepdims"])
+
+
+def _reduce_as(ctx, node, x_in, axes, keepdims: bool):
+    """``node``'s reduction of ``x_in`` over ``axes``."""
+    dtype = node.inputs[0].type.dtype
     if node.op in ("reduce_max", "reduce_min") and dtype in _WIDER:
         # topi starts a max from the lowest *finite* value (a min from the highest), so a row of -inf (a fully
         # masked attention row) or an empty reduction gave -3.4e38 where numpy and ONNX give -inf. Reducing in the
         # next wider type is exact, and its extreme finite value overflows to the infinity when cast back. (A TE
         # reducer with an infinite identity is not recognized by TVM's cross-thread reduction: one serial thread.)
-        wide = ctx.emit(_R.astype(args[0], _WIDER[dtype]))
-        out = ctx.emit(_REDUCE[node.op](wide, axis=axes, keepdims=node.attrs["keepdims"]))
+        wide = ctx.emit(_R.astype(x_in, _WIDER[dtype]))
+        out = ctx.emit(_REDUCE[node.op](wide, axis=axes, keepdims=keepdims))
         return _R.astype(out, dtype)
-    return _REDUCE[node.op](args[0], axis=axes, keepdims=node.attrs["keepdims"])
+    return _REDUCE[node.op](x_in, axis=axes, keepdims=keepdims)
 
 
 _WIDER = {"float16": "float32", "bfloat16": "float32", "float32": "float64"}
