@@ -976,30 +976,14 @@ def test_offloaded_conv2d_matches_reference(impl, dtype, case):
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * float(np.max(np.abs(ref))))
 
 
-@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=[f"{c[1][2]}x{c[1][3]}s{c[2]}m{c[1][0] // c[5]}"
-                                                       .replace(" ", "") for c in DEPTHWISE_CASES])
-def test_depthwise_conv2d_matches_reference(impl, case):
+@pytest.mark.parametrize("case", DEPTHWISE_CASES + GROUPED_CASES,
+                         ids=[f"{c[1][2]}x{c[1][3]}s{c[2]}c{c[1][1]}m{c[1][0] // c[5]}".replace(" ", "")
+                              for c in DEPTHWISE_CASES + GROUPED_CASES])
+def test_depthwise_and_grouped_conv2d_match_reference(impl, case):
     from bmc.ops import OPS
 
     x_shape, w_shape, strides, pads, dilations, groups = case
     rng = np.random.default_rng(4)
-    x, w = rng.standard_normal(x_shape).astype("float32"), rng.standard_normal(w_shape).astype("float32")
-    built, got = _run(_conv_graph(*case), [x, w], native=impl == "native")
-    rec = built.kernels["cpu"]
-    assert rec["conv2d"]["blas"] == 1 and rec["requires"] == ["bmc.cpu.conv2d"], rec
-    (ref,) = OPS["conv"].reference([x, w], {"strides": strides, "pads": pads, "dilations": dilations,
-                                            "group": groups})
-    assert got.shape == ref.shape
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
-
-
-@pytest.mark.parametrize("case", GROUPED_CASES, ids=[f"{c[1][2]}x{c[1][3]}s{c[2]}c{c[1][1]}m{c[1][0] // c[5]}"
-                                                     .replace(" ", "") for c in GROUPED_CASES])
-def test_grouped_conv2d_matches_reference(impl, case):
-    from bmc.ops import OPS
-
-    x_shape, w_shape, strides, pads, dilations, groups = case
-    rng = np.random.default_rng(6)
     x, w = rng.standard_normal(x_shape).astype("float32"), rng.standard_normal(w_shape).astype("float32")
     built, got = _run(_conv_graph(*case), [x, w], native=impl == "native")
     rec = built.kernels["cpu"]
@@ -1031,48 +1015,28 @@ CONV3D_CASES = [  # (x, w, strides, pads (front, top, left, back, bottom, right)
 
 @pytest.mark.parametrize("isa", ["host", "no_avx2"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("case", CONV3D_CASES, ids=[f"k{'x'.join(map(str, c[1][2:]))}s{c[2][0]}g{c[5]}o{c[1][0]}"
-                                                    for c in CONV3D_CASES])
-def test_conv3d_runs_on_the_native_kernel(impl, dtype, case, isa, monkeypatch):
-    """A 3-D convolution is ``bmc.cpu.conv3d``: the panel GEMM on its column matrix (a depth more than a 2-D
-    one's), or without AVX2 (``BMC_CPU_NO_AVX2``) and for a pointwise one of few outputs im2col + the BLAS. TVM's
-    conv3d loop nest took 60-80x onnxruntime's time."""
+@pytest.mark.parametrize("case", CONV1D_CASES + CONV3D_CASES,
+                         ids=[f"{len(c[2])}d_k{'x'.join(map(str, c[1][2:]))}s{c[2][0]}g{c[5]}o{c[1][0]}"
+                              for c in CONV1D_CASES + CONV3D_CASES])
+def test_conv1d_and_conv3d_run_on_the_native_kernels(impl, dtype, case, isa, monkeypatch):
+    """A 1-D convolution is a 2-D one of height 1 on the CPU (reshapes, no copies), a 3-D one ``bmc.cpu.conv3d``
+    (the panel GEMM on its column matrix, a depth more than a 2-D one's); without AVX2 (``BMC_CPU_NO_AVX2``), and
+    for a pointwise conv of few outputs, im2col + the BLAS. TVM's conv1d and conv3d loop nests took 60-100x
+    onnxruntime's time (Whisper's and wav2vec2's front ends, video stems)."""
     import ml_dtypes
 
     from bmc.ops import OPS
 
-    if isa == "no_avx2":  # (the numpy kernel has one path either way)
+    if isa == "no_avx2":  # (the numpy kernels have one path either way)
         monkeypatch.setenv("BMC_CPU_NO_AVX2", "1")
-    x_shape, w_shape, strides, pads, dilations, groups = case
-    t = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
-    rng = np.random.default_rng(11)
-    x, w = rng.standard_normal(x_shape).astype(t), rng.standard_normal(w_shape).astype(t)
-    built, got = _run(_conv_graph(*case, dtype=dtype), [x, w], native=impl == "native")
-    rec = built.kernels["cpu"]
-    assert rec["conv3d"]["blas"] == 1 and rec["conv3d"]["tvm"] == 0 and rec["requires"] == ["bmc.cpu.conv3d"], rec
-    (ref,) = OPS["conv"].reference([x.astype(np.float32), w.astype(np.float32)],
-                                   {"strides": strides, "pads": pads, "dilations": dilations, "group": groups})
-    assert got.shape == ref.shape and got.dtype == t
-    tol = 2.0 ** -7 if dtype == "bfloat16" else 1e-5
-    np.testing.assert_allclose(got.astype(np.float32), ref, rtol=tol, atol=tol * float(np.max(np.abs(ref))))
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("case", CONV1D_CASES, ids=[f"k{c[1][2]}s{c[2][0]}g{c[5]}" for c in CONV1D_CASES])
-def test_conv1d_runs_as_a_2d_conv_on_the_native_kernel(impl, dtype, case):
-    """A 1-D convolution is a 2-D one of height 1 on the CPU (reshapes, no copies), so the native kernels take it:
-    TVM's conv1d loop nest took 60-100x onnxruntime's time on Whisper's and wav2vec2's front ends."""
-    import ml_dtypes
-
-    from bmc.ops import OPS
-
     x_shape, w_shape, strides, pads, dilations, groups = case
     t = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
     rng = np.random.default_rng(7)
     x, w = rng.standard_normal(x_shape).astype(t), rng.standard_normal(w_shape).astype(t)
     built, got = _run(_conv_graph(*case, dtype=dtype), [x, w], native=impl == "native")
+    kind = "conv3d" if len(w_shape) == 5 else "conv2d"
     rec = built.kernels["cpu"]
-    assert rec["conv2d"]["blas"] == 1 and rec["conv2d"]["tvm"] == 0 and rec["requires"] == ["bmc.cpu.conv2d"], rec
+    assert rec[kind]["blas"] == 1 and rec[kind]["tvm"] == 0 and rec["requires"] == [f"bmc.cpu.{kind}"], rec
     (ref,) = OPS["conv"].reference([x.astype(np.float32), w.astype(np.float32)],
                                    {"strides": strides, "pads": pads, "dilations": dilations, "group": groups})
     assert got.shape == ref.shape and got.dtype == t
@@ -1182,17 +1146,18 @@ CONV_ACTIVATION_CASES = [
 
 @pytest.mark.parametrize("residual", [False, True], ids=["bn", "bn_residual"])
 @pytest.mark.parametrize("case", [CONV_CASES[0], EPILOGUE_CASES[-5], EPILOGUE_CASES[-4], DEPTHWISE_CASES[1],
-                                  DEPTHWISE_CASES[5], GROUPED_CASES[1]],
-                         ids=["3x3", "1x1_8rows", "one_pixel", "depthwise", "dw_lanes", "grouped"])
+                                  DEPTHWISE_CASES[5], GROUPED_CASES[1], CONV1D_CASES[1]],
+                         ids=["3x3", "1x1_8rows", "one_pixel", "depthwise", "dw_lanes", "grouped", "conv1d"])
 @pytest.mark.parametrize("act", CONV_ACTIVATION_CASES, ids=[a[0] for a in CONV_ACTIVATION_CASES])
 def test_conv_activation_is_fused_into_the_kernel(impl, act, case, residual):
     """A clamp (ReLU6, an opset-11 Clip's maximum and minimum with scalar constants, either alone) or a SiLU
     (``v * sigmoid(v)``, as exporters write it) after a conv's batch norm (and residual add) becomes one
-    ``bmc.cpu.conv2d_fused_act`` call, on the GEMM, the im2col + BLAS and the depthwise paths."""
+    ``bmc.cpu.conv2d_fused_act`` call, on the GEMM, the im2col + BLAS and the depthwise paths, and after a 1-D
+    conv through the reshape that drops its unit height (the call's result reshaped back)."""
     name, write, reference = act
     attrs, rng, x, w, conv = _epilogue_case(case, seed=8)
-    c = w.shape[0]
-    s, t = rng.uniform(0.5, 2, (c, 1, 1)).astype("float32"), rng.standard_normal((c, 1, 1)).astype("float32")
+    channel = (w.shape[0],) + (1,) * (x.ndim - 2)  # [C, 1, 1] (2-D) or [C, 1] (1-D)
+    s, t = rng.uniform(0.5, 2, channel).astype("float32"), rng.standard_normal(channel).astype("float32")
     r = rng.standard_normal(conv.shape).astype("float32")
     b = GraphBuilder("conv_activation")
     xv, wv = b.input("x", TensorType("float32", x.shape)), b.input("w", TensorType("float32", w.shape))
@@ -1205,39 +1170,6 @@ def test_conv_activation_is_fused_into_the_kernel(impl, act, case, residual):
     rec = built.kernels["cpu"]
     assert rec["conv2d"]["fused"] == 1 and rec["requires"] == ["bmc.cpu.conv2d_fused_act"], rec
     ref = reference((conv * s + t + (r if residual else 0)).astype("float64"))
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
-
-
-@pytest.mark.parametrize("residual", [False, True], ids=["bias", "bias_residual"])
-@pytest.mark.parametrize("act", [CONV_ACTIVATION_CASES[0], CONV_ACTIVATION_CASES[5]], ids=["relu6", "silu"])
-@pytest.mark.parametrize("case", [CONV1D_CASES[1], CONV1D_CASES[3]], ids=["dense", "grouped"])
-def test_conv1d_epilogue_is_fused_into_the_kernel(impl, case, act, residual):
-    """A 1-D conv's bias (``[C, 1]``), per-channel scale, residual add and activation fuse into the kernel through
-    the reshape that drops its unit height: one ``bmc.cpu.conv2d_fused_act`` call, its result reshaped back."""
-    from bmc.ops import OPS
-
-    name, write, reference = act
-    x_shape, w_shape, strides, pads, dilations, groups = case
-    attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": groups}
-    rng = np.random.default_rng(9)
-    x, w = rng.standard_normal(x_shape).astype("float32"), rng.standard_normal(w_shape).astype("float32")
-    (conv,) = OPS["conv"].reference([x, w], attrs)
-    c = w.shape[0]
-    bias, s = rng.standard_normal((c, 1)).astype("float32"), rng.uniform(0.5, 2, (1, c, 1)).astype("float32")
-    r = rng.standard_normal(conv.shape).astype("float32")
-    b = GraphBuilder("conv1d_epilogue")
-    xv, wv = b.input("x", TensorType("float32", x.shape)), b.input("w", TensorType("float32", w.shape))
-    y = b.emit1("mul", [b.emit1("add", [b.emit1("conv", [xv, wv], **attrs), b.param("bias", bias)]),
-                        b.param("s", s)])
-    if residual:
-        y = b.emit1("add", [y, b.input("r", TensorType("float32", r.shape))])
-    y = write(b, y)
-    arrays = [x, w, r, bias, s] if residual else [x, w, bias, s]
-    built, got = _run(b.finish([y]), arrays, native=impl == "native")
-    rec = built.kernels["cpu"]
-    assert rec["conv2d"]["fused"] == 1 and rec["requires"] == ["bmc.cpu.conv2d_fused_act"], rec
-    ref = reference(((conv + bias) * s + (r if residual else 0)).astype("float64"))
-    assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
 
 
