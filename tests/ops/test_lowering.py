@@ -159,3 +159,18 @@ def test_two_scatters_of_different_shapes_compile_together():
     got, want = run_compiled(graph, feeds), run_reference(graph, feeds)
     for key in want:
         np.testing.assert_array_equal(got[key], want[key])
+
+
+@pytest.mark.parametrize("axes,merged", [((2, 3), 2), ((-2, 1), 1), ((1, 2, 3), 1)], ids=["hw", "swapped", "chw"])
+def test_adjacent_reduction_axes_merge_into_one_on_the_cpu(axes, merged):
+    """A reduction over adjacent axes (not all of them) reduces one merged axis on the CPU (a reshape before and
+    after), which its row-reduction schedule vectorizes; a GPU keeps the axes as they are."""
+    from bmc.codegen.relax_module import to_relax
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 5, 7)).astype(np.float32)
+    graph = single_op_graph("reduce_mean", [x], {"axes": axes, "keepdims": False})
+    cpu, gpu = to_relax(graph, "llvm").script(), to_relax(graph).script()
+    assert f"R.mean(lv, axis=[{merged}], keepdims=True)" in cpu and "R.reshape" in cpu, cpu
+    assert "R.reshape" not in gpu
+    want = run_reference(graph, {"in0": x})[graph.outputs[0].name]
+    _assert_matches(run_compiled(graph, {"in0": x})[graph.outputs[0].name], want)

@@ -29,15 +29,15 @@ def _reduce(ctx, node, args):
         x = ctx.emit(_R.astype(args[0], "int8"))
         return _R.astype(ctx.emit(_REDUCE[node.op](x, axis=axes, keepdims=node.attrs["keepdims"])), "bool")
     x_in = args[0]
-    if ctx.target_kind == "llvm" and axes is not None and 2 <= len(axes) < x.rank and sorted(
-            a % x.rank for a in axes) == list(range(min(axes) % x.rank, min(axes) % x.rank + len(axes))):
+    norm = None if axes is None else sorted(a % x.rank for a in axes)
+    if ctx.target_kind == "llvm" and norm is not None and 2 <= len(norm) < x.rank \
+            and norm == list(range(norm[0], norm[0] + len(norm))):
         # adjacent axes (a map's height and width: a global pool, an instance norm) merged into one by a reshape (a
         # view): the CPU's row-reduction schedule vectorizes a reduction over one axis; over two it ran scalar on
         # one thread (ReduceMean over 64 x 112 x 112 6.6x onnxruntime's time). (Over every axis: see
         # ``bmc.codegen.rewrite.split_full_reductions``; on a GPU dlight's rules are left as they were measured.)
-        a0 = min(axes) % x.rank
-        merged = [*x.shape[:a0], int(np.prod([x.shape[a] for a in range(a0, a0 + len(axes))])),
-                  *x.shape[a0 + len(axes):]]
+        a0 = norm[0]
+        merged = [*x.shape[:a0], int(np.prod([x.shape[a] for a in norm])), *x.shape[a0 + len(norm):]]
         x_in, axes = ctx.emit(_R.reshape(args[0], merged)), [a0]
         reduced = _reduce_as(ctx, node, x_in, axes, keepdims=True)
         return _R.reshape(ctx.emit(reduced), list(out.shape))
