@@ -28,7 +28,6 @@ def _reduce(ctx, node, args):
     if dtype == "bool":  # TVM has no min/max identity for bool: reduce as int8
         x = ctx.emit(_R.astype(args[0], "int8"))
         return _R.astype(ctx.emit(_REDUCE[node.op](x, axis=axes, keepdims=node.attrs["keepdims"])), "bool")
-    x_in = args[0]
     norm = None if axes is None else sorted(a % x.rank for a in axes)
     if ctx.target_kind == "llvm" and norm is not None and 2 <= len(norm) < x.rank \
             and norm == list(range(norm[0], norm[0] + len(norm))):
@@ -38,10 +37,9 @@ def _reduce(ctx, node, args):
         # ``bmc.codegen.rewrite.split_full_reductions``; on a GPU dlight's rules are left as they were measured.)
         a0 = norm[0]
         merged = [*x.shape[:a0], int(np.prod([x.shape[a] for a in norm])), *x.shape[a0 + len(norm):]]
-        x_in, axes = ctx.emit(_R.reshape(args[0], merged)), [a0]
-        reduced = _reduce_as(ctx, node, x_in, axes, keepdims=True)
+        reduced = _reduce_as(ctx, node, ctx.emit(_R.reshape(args[0], merged)), [a0], keepdims=True)
         return _R.reshape(ctx.emit(reduced), list(out.shape))
-    return _reduce_as(ctx, node, x_in, axes, node.attrs["keepdims"])
+    return _reduce_as(ctx, node, args[0], axes, node.attrs["keepdims"])
 
 
 def _reduce_as(ctx, node, x_in, axes, keepdims: bool):
