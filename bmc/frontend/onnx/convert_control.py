@@ -194,6 +194,8 @@ def _recurrent(ctx: Context, node):
         peep = per_dir(7, d) if kind == "LSTM" and ctx.has(7) else None
         order = range(steps) if (d == 0 and direction != "reverse") else range(steps - 1, -1, -1)
         out = [None] * steps
+        if kind == "GRU" and not ctx.attr("linear_before_reset", 0):  # R_h and Rb_h, sliced once, not every step
+            r_h, rb_h = part(r_t, 2), None if r_bias is None else part(r_bias, 2)
         for t in order:
             xt = e("gather", [projected, np.array(t, np.int64)], axis=0)
             hr = e("matmul", [h, r_t])
@@ -207,9 +209,9 @@ def _recurrent(ctx: Context, node):
                 if ctx.attr("linear_before_reset", 0):  # r * (h R_h + Rb_h)
                     cand = act(g, e("add", [part(xt, 2), e("mul", [reset, part(hr, 2)])]))
                 else:  # (r * h) R_h + Rb_h
-                    rh = e("matmul", [e("mul", [reset, h]), part(r_t, 2)])
-                    if r_bias is not None:
-                        rh = e("add", [rh, part(r_bias, 2)])
+                    rh = e("matmul", [e("mul", [reset, h]), r_h])
+                    if rb_h is not None:
+                        rh = e("add", [rh, rb_h])
                     cand = act(g, e("add", [part(xt, 2), rh]))
                 h = e("add", [e("mul", [e("sub", [np.array(1, np_dtype(dtype)), z]), cand]), e("mul", [z, h])])
             else:
